@@ -1,0 +1,24 @@
+"""flashvit.kernels: one file per fused op, each with Triton kernels, autograd, and a PyTorch reference."""
+
+from flashvit.kernels._dispatch import BACKENDS, HAS_TRITON, INTERPRET, get_backend, use_backend
+from flashvit.kernels.attention import attention, attention_reference, qkv_attention, qkv_attention_reference
+from flashvit.kernels.layernorm import (
+    LayerNorm,
+    add_layer_norm,
+    add_layer_norm_reference,
+    layer_norm,
+    layer_norm_reference,
+)
+from flashvit.kernels.linear import FusedMLP, linear, linear_reference
+from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
+
+# The op modules whose kernels the ahead-of-time compile gate covers.
+OP_MODULES = ("layernorm", "attention", "linear", "patch_embed")
+
+__all__ = [
+    "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
+    "attention", "attention_reference", "qkv_attention", "qkv_attention_reference",
+    "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
+    "FusedMLP", "linear", "linear_reference",
+    "PatchEmbed", "patch_embed", "patch_embed_reference",
+]

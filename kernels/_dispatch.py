@@ -1,0 +1,130 @@
+"""One place that decides, per call, whether an op runs its Triton kernels or its PyTorch reference.
+
+Rules (read at call time):
+  * ``backend=`` argument of an op, else the innermost ``use_backend(...)`` context, else the
+    ``FLASHVIT_BACKEND`` environment variable (``auto`` | ``torch`` | ``triton``), else ``auto``.
+  * ``auto``: CUDA tensors and an importable Triton -> Triton; anything else -> the reference.
+  * ``triton`` forces the kernels; on CPU tensors that needs the Triton interpreter, chosen by
+    ``TRITON_INTERPRET=1`` in the environment *before* flashvit.kernels is imported.
+  * ``torch`` forces the eager PyTorch reference.
+
+Also home to the input checks every public op shares, so each op raises the same clear errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+try:  # Triton ships wheels for Linux only; everything still works on the reference path.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the platform
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# Decided when kernels are decorated, so it is read once at import.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BACKENDS = ("auto", "torch", "triton")
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_backend", default=None)
+
+
+def _check_backend_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown flashvit backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@torch.compiler.assume_constant_result
+def get_backend() -> str:
+    """The backend in force: the innermost ``use_backend`` context, else ``FLASHVIT_BACKEND``, else 'auto'."""
+    name = _override.get()
+    if name is None:
+        name = os.environ.get("FLASHVIT_BACKEND", "auto").strip().lower() or "auto"
+    return _check_backend_name(name)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend inside a ``with`` block: ``with flashvit.use_backend("torch"): ...``."""
+    token = _override.set(_check_backend_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:
+    """True when an op called on ``x`` should launch its Triton kernels."""
+    name = get_backend() if backend is None else _check_backend_name(backend)
+    if name == "torch":
+        return False
+    if name == "auto":
+        return HAS_TRITON and x.is_cuda
+    if not HAS_TRITON:
+        raise RuntimeError("flashvit backend 'triton' was forced but triton is not importable on this machine")
+    if not x.is_cuda and not INTERPRET:
+        raise RuntimeError(
+            f"flashvit backend 'triton' was forced on a {x.device.type} tensor: set TRITON_INTERPRET=1 "
+            "before importing flashvit to run the kernels in the Triton interpreter"
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks shared by every public op: each failure names the argument and what was expected.
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The reference path (CPU fallback and float64 oracle) also accepts float64.
+REFERENCE_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    dtypes: Sequence[torch.dtype] = REFERENCE_DTYPES,
+) -> torch.Tensor:
+    """Raise TypeError/ValueError unless ``t`` is a tensor of an allowed dtype and rank."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {allowed}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
+    """Raise ValueError unless ``t.shape == expected``."""
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(expected)}")
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    """Raise ValueError unless every given (non-None) tensor lives on one device."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
+
+
+def check_triton_dtypes(**tensors: Optional[torch.Tensor]) -> None:
+    """The kernels take fp16/bf16/fp32; float64 runs only on the reference path."""
+    for k, v in tensors.items():
+        if v is not None and v.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{k} has dtype {v.dtype}; the Triton kernels take float16, bfloat16 or float32")

@@ -1,0 +1,144 @@
+"""The reference ViT: shapes, timm parity, presets, bad inputs, a few training steps, no-triton import."""
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import flashvit
+from flashvit.vit.model import MODEL_CONFIGS
+
+timm = pytest.importorskip("timm")
+
+SMALL = dict(img_size=32, num_classes=7)
+
+
+def _timm_pair(name, **kw):
+    torch.manual_seed(0)
+    ref = timm.create_model(name, pretrained=False, **kw).eval()
+    ours = flashvit.create_model(name, **kw).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+@pytest.mark.parametrize("name,kw", [
+    ("vit_tiny_patch16_224", {}),
+    ("vit_small_patch16_224", SMALL),
+    ("deit_tiny_patch16_224", SMALL),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=64, embed_dim=96, depth=2, num_heads=4, num_classes=5)),
+    ("vit_tiny_patch16_224", dict(img_size=(32, 48), in_chans=1, patch_size=8, num_classes=3)),
+])
+def test_timm_state_dict_loads_strictly_and_logits_match(name, kw):
+    ours, ref = _timm_pair(name, **kw)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(2, ref.patch_embed.proj.in_channels, *ref.patch_embed.img_size)
+    with torch.no_grad(), flashvit.use_backend("torch"):
+        a, b = ours(x), ref(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
+def test_forward_backward_shapes_and_grads():
+    m = flashvit.create_model("vit_mnist", drop_path_rate=0.1, attn_drop_rate=0.1, drop_rate=0.1)
+    x = torch.randn(3, 1, 28, 28)
+    out = m(x)
+    assert out.shape == (3, 10)
+    out.sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no grad for {missing}"
+
+
+def test_presets_cover_the_paper_sizes():
+    for size in ("tiny", "small", "base", "large", "huge"):
+        for p in (14, 16, 32):
+            assert f"vit_{size}_patch{p}_224" in MODEL_CONFIGS
+    with torch.device("meta"):
+        m = flashvit.create_model("vit_base_patch16_224")
+    assert sum(p.numel() for p in m.parameters()) == 86_567_656  # ViT-B/16, 1000 classes (timm's count)
+
+
+def test_sinusoidal_position_embedding_is_fixed():
+    m = flashvit.create_model("vit_mnist", pos_embed_learnable=False)
+    assert not m.pos_embed.requires_grad
+    pe = m.pos_embed[0]
+    assert torch.allclose(pe[0, 1::2], torch.ones(16)) and torch.allclose(pe[0, 0::2], torch.zeros(16))
+
+
+@pytest.mark.parametrize("bad,err", [
+    (torch.randn(2, 3, 28, 28), "expected 1 input channels, got 3"),
+    (torch.randn(2, 1, 30, 30), "expected image size (28, 28), got (30, 30)"),
+    (torch.zeros(2, 1, 28, 28, dtype=torch.int64), "floating-point"),
+    (torch.randn(1, 28, 28), "expected images of shape (B, 1, H, W)"),
+])
+def test_bad_inputs_name_the_expected_value(bad, err):
+    m = flashvit.create_model("vit_mnist")
+    with pytest.raises((ValueError, TypeError), match=__import__("re").escape(err)):
+        m(bad)
+
+
+def test_bad_construction():
+    with pytest.raises(ValueError, match="divisible by patch_size 16"):
+        flashvit.create_model("vit_tiny_patch16_224", img_size=40)
+    with pytest.raises(ValueError, match="unknown model 'vit_nope'"):
+        flashvit.create_model("vit_nope")
+    with pytest.raises(ValueError, match="downloads nothing"):
+        flashvit.create_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_seed_preset_loss_falls():
+    torch.manual_seed(0)
+    m = flashvit.create_model("vit_mnist")
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_import_and_build_without_triton():
+    code = textwrap.dedent("""
+        import sys
+        sys.modules['triton'] = None  # make `import triton` fail
+        import torch, flashvit
+        assert not flashvit.HAS_TRITON
+        m = flashvit.create_model('vit_base_patch16_224', img_size=32, depth=1)
+        assert m(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+        print('ok')
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr
+
+
+def test_eager_cpu_not_slower_than_timm():
+    """Our eager path (reference ops) vs timm's eager model, same config, one process."""
+    kw = dict(img_size=64, num_classes=10)
+    ours, ref = _timm_pair("vit_small_patch16_224", **kw)
+    ours.train()
+    ref.train()
+    x = torch.randn(8, 3, 64, 64)
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        m(x).sum().backward()
+
+    def best(m, n=5):
+        step(m)
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            step(m)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    with flashvit.use_backend("torch"):
+        t_ref, t_ours = best(ref), best(ours)
+        t_ours = min(t_ours, best(ours))  # one retry against noise on a busy 2-core box
+    assert t_ours <= 1.15 * t_ref, f"ours {t_ours * 1e3:.1f} ms vs timm {t_ref * 1e3:.1f} ms"

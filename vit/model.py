@@ -1,0 +1,268 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words", with flashvit's fused ops.
+
+Parameter names and shapes are timm's VisionTransformer's, so a timm ``vit_*`` state dict loads with
+``strict=True`` and gives the same logits. Every hot layer calls a flashvit op, which runs its Triton
+kernel on CUDA and eager PyTorch elsewhere (see flashvit.kernels._dispatch).
+
+Per block (pre-norm), with T tokens of width D:
+    y = LN1(x)                                       (B, T, D)
+    a = proj(attention(qkv(y)))                      qkv read in place, no permutes
+    h = x + a ; y = LN2(h)                           one fused add + LayerNorm pass
+    x = fc2(GELU(fc1(y))) + h                        bias/GELU and bias/residual in the GEMM epilogues
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from flashvit.kernels.attention import qkv_attention
+from flashvit.kernels.layernorm import LayerNorm
+from flashvit.kernels.linear import FusedMLP, linear
+from flashvit.kernels.patch_embed import PatchEmbed, patch_embed
+
+
+def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability p (rescaled)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def active(self) -> bool:
+        return self.training and self.drop_prob > 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual-branch scale (timm's ``ls1``/``ls2``, parameter ``gamma``)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``proj``)."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, 3·H·Dh), read in place below
+        o = qkv_attention(qkv, self.num_heads, self.scale,
+                          dropout_p=self.attn_drop.p if self.training else 0.0)  # (B, T, H·Dh)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block (timm's names: norm1, attn, ls1, norm2, mlp, ls2)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 init_values: Optional[float] = None, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = LayerNorm(dim, eps=eps)
+        self.mlp = FusedMLP(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
+        a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        y, x = self.norm2.forward_add(a, x)  # x <- x + a; y = LN2(x)
+        if isinstance(self.ls2, nn.Identity) and not self.drop_path2.active():
+            return self.mlp(y, residual=x)  # residual add in fc2's epilogue
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
+    """The seed's fixed 1-D sinusoidal position embedding, (1, num_tokens, dim)."""
+    pos = torch.arange(num_tokens, dtype=torch.float64)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(num_tokens, dim, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return pe[None].float()
+
+
+class VisionTransformer(nn.Module):
+    """ViT with timm's constructor keywords and parameter names.
+
+    Args mirror ``timm.models.vision_transformer.VisionTransformer``: img_size, patch_size, in_chans,
+    num_classes, global_pool ('token' | 'avg'), embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+    init_values (LayerScale), class_token, reg_tokens, no_embed_class, fc_norm, drop_rate,
+    pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate; plus pos_embed_learnable (False =
+    the fixed sinusoidal embedding of the seed model).
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
+                 num_classes: int = 1000, global_pool: str = "token", embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 init_values: Optional[float] = None, class_token: bool = True, reg_tokens: int = 0,
+                 no_embed_class: bool = False, fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
+                 pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, pos_embed_learnable: bool = True) -> None:
+        super().__init__()
+        img_size = _pair(img_size)
+        if global_pool not in ("token", "avg", ""):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        if img_size[0] % patch_size or img_size[1] % patch_size:
+            raise ValueError(f"img_size {img_size} must be divisible by patch_size {patch_size}")
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = self.num_features = embed_dim
+        self.in_chans = in_chans
+        self.no_embed_class = no_embed_class
+        self.num_reg_tokens = reg_tokens
+        self.num_prefix_tokens = int(class_token) + reg_tokens
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
+        pos_len = num_patches if no_embed_class else num_patches + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, pos_len, embed_dim), requires_grad=pos_embed_learnable)
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear decay rule
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], init_values)
+            for i in range(depth)
+        ])
+        self.norm = LayerNorm(embed_dim, eps=1e-6) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights(pos_embed_learnable)
+
+    @torch.no_grad()
+    def init_weights(self, pos_embed_learnable: bool = True) -> None:
+        """timm's default init: truncated normal(0.02) for Linear weights and pos_embed, zero biases."""
+        if pos_embed_learnable:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        else:
+            self.pos_embed.copy_(sincos_pos_embed(self.pos_embed.shape[1], self.embed_dim))
+        for tok in (self.cls_token, self.reg_token):
+            if tok is not None:
+                nn.init.normal_(tok, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set:
+        return {"pos_embed", "cls_token", "reg_token"}
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        if tuple(x.shape[2:]) != self.patch_embed.img_size:
+            raise ValueError(f"expected image size {self.patch_embed.img_size}, got {tuple(x.shape[2:])} "
+                             f"(the model was built for that size; patch size {self.patch_embed.patch_size[0]})")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, T, D) normalized tokens."""
+        self._check_input(x)
+        x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
+                        self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
+        x = self.pos_drop(x)
+        x = self.blocks(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == "avg":
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        elif self.global_pool == "token":
+            x = x[:, 0]
+        x = self.head_drop(self.fc_norm(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets with timm's names. Widths/depths/heads from the ViT and DeiT papers.
+
+_SIZES: Dict[str, Dict[str, Any]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(embed_dim=1280, depth=32, num_heads=16),
+}
+
+MODEL_CONFIGS: Dict[str, Dict[str, Any]] = {
+    # The seed repository's MNIST model: patch 4, width 32, 3 blocks, 8 heads, MLP 32.
+    "vit_mnist": dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=3,
+                      num_heads=8, mlp_ratio=1.0),
+}
+for _size, _cfg in _SIZES.items():
+    for _p in (14, 16, 32):
+        MODEL_CONFIGS[f"vit_{_size}_patch{_p}_224"] = dict(patch_size=_p, **_cfg)
+    # timm's register-token variants: no class token, pos_embed on patches only, avg pool.
+    MODEL_CONFIGS[f"vit_{_size}_patch16_reg4_gap_256"] = dict(
+        img_size=256, patch_size=16, class_token=False, no_embed_class=True, global_pool="avg", reg_tokens=4,
+        **_cfg)
+for _size in ("tiny", "small", "base"):
+    MODEL_CONFIGS[f"deit_{_size}_patch16_224"] = dict(patch_size=16, **_SIZES[_size])
+
+
+def list_models() -> list:
+    """Names accepted by :func:`create_model`."""
+    return sorted(MODEL_CONFIGS)
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """Build a preset the way ``timm.create_model`` does; keyword arguments override the preset.
+
+    >>> m = create_model("vit_base_patch16_224", num_classes=10, img_size=32, patch_size=4, in_chans=1)
+    """
+    if pretrained:
+        raise ValueError("flashvit downloads nothing: build with pretrained=False and load a state dict "
+                         "(timm's vit_* state dicts load with strict=True)")
+    if model_name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {model_name!r}; known: {', '.join(list_models())}")
+    cfg = dict(MODEL_CONFIGS[model_name])
+    cfg.update(kwargs)
+    return VisionTransformer(**cfg)
