@@ -21,9 +21,23 @@ def device() -> str:
     return DEVICE
 
 
+def pytest_addoption(parser):
+    parser.addoption("--deep", action="store_true", help="long property-fuzzing runs (random seed, 10x examples)")
+
+
 def pytest_configure(config):
+    try:  # property fuzzing: fixed seed and 200 examples per op in CI, `--deep` for longer random runs
+        from hypothesis import HealthCheck, settings
+
+        common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+        settings.register_profile("ci", max_examples=200, derandomize=True, **common)
+        settings.register_profile("deep", max_examples=2000, **common)
+        settings.load_profile("deep" if config.getoption("--deep") else "ci")
+    except ImportError:
+        pass
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 dots, speed); runs in bench/gpu_check.sh")
     config.addinivalue_line("markers", "slow: longer CPU tests")
+    config.addinivalue_line("markers", "aot: ahead-of-time compile gate (CPU-side; compiles for sm_80/sm_90)")
 
 
 def pytest_collection_modifyitems(config, items):
