@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
@@ -145,8 +146,8 @@ def _ln_reduce_kernel(
 def _config(d: int) -> Tuple[int, int, int, int]:
     """(BLOCK_N, ROWS, forward num_warps, backward num_warps) for feature size ``d``.
 
-    Small rows pack several per program (tile ROWS x BLOCK_N >= TILE); ~8 elements per thread per tensor,
-    except a forward 8192-row keeps 16 warps (no spills there; the backward holds more live tiles).
+    Small rows pack several per program (tile ROWS x BLOCK_N >= TILE), ~8 elements per thread per tensor.
+    The forward caps at 16 warps (no spills at 8192); the backward, with more live tiles, goes to 32.
     """
     block_n = max(MIN_BLOCK_N, triton.next_power_of_2(d) if HAS_TRITON else d)
     rows = max(1, TILE // block_n)
@@ -176,9 +177,10 @@ def _row_stride(t2: torch.Tensor) -> int:
 
 
 @functools.cache
-def _num_programs_cap(device: torch.device) -> int:
+def _num_programs_cap(device: torch.device, num_warps: int) -> int:
+    """Backward grid: one wave of resident programs (2 per SM at <= 8 warps, else 1), so none waits for a 2nd."""
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, 16 // num_warps) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: programs run one after another
 
 
@@ -255,7 +257,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dho2 = _rows(dh_out) if dh_out is not None else dy2
     block_n, rows, _, warps = _config(d)
     n_blocks = triton.cdiv(m, rows)
-    g = min(n_blocks, _num_programs_cap(x.device))
+    g = min(n_blocks, _num_programs_cap(x.device, warps))
     rows_per_prog = rows * triton.cdiv(n_blocks, g)
     g = triton.cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, x.device)
@@ -342,6 +344,7 @@ class LayerNormFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dx, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
@@ -360,6 +363,7 @@ class AddLayerNormFn(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, dh_out):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         dh, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, h, weight, bias, mean, rstd, dh_out)

@@ -364,3 +364,30 @@ def test_torch_compile_gpu():
     torch.testing.assert_close(compiled, eager)
     for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
         torch.testing.assert_close(g, g0)
+
+
+def test_custom_ops_compile(device):
+    """Custom ops with fake impls: opcheck passes, and torch.compile(fullgraph=True) traces fwd + bwd unbroken."""
+    x, r, w = randn(3, 5, 40, device=device), randn(3, 5, 40, device=device), randn(40, device=device)
+    torch.library.opcheck(torch.ops.flashvit.add_layer_norm_fwd.default, (x, r, w, None, 1e-5))
+    torch.library.opcheck(torch.ops.flashvit.layer_norm_fwd.default, (x, w, None, 1e-5))
+    _, mean, rstd = torch.ops.flashvit.layer_norm_fwd(x, w, None, 1e-5)
+    torch.library.opcheck(torch.ops.flashvit.layer_norm_bwd.default, (r, x, w, None, mean, rstd, x))
+
+    mod = L.LayerNorm(40, device=device)
+    a, x = _leaves([r, x])
+
+    def block(a, x):
+        y, h = mod.forward_add(a, x)
+        return mod(y) + h
+
+    with flashvit.use_backend(TRITON):
+        eager = block(a, x)
+        eager.sum().backward()
+        g_eager = (a.grad.clone(), x.grad.clone(), mod.weight.grad.clone())
+        a.grad = x.grad = mod.weight.grad = None
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(a, x)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
+        torch.testing.assert_close(g, g0)
