@@ -1,21 +1,380 @@
 """Fused LayerNorm (+ residual add): y = LN(x) and (y, h) = (LN(x + residual), x + residual).
 
-Anatomy (see DESIGN.md): Triton kernels -> launchers -> autograd.Function -> PyTorch reference ->
-public functionals and an ``nn.LayerNorm``-compatible module.
+Anatomy (see DESIGN.md): Triton kernels -> launchers -> torch.library custom ops -> autograd.Function ->
+PyTorch reference -> public functionals and an ``nn.LayerNorm``-compatible module.
+
+Kernels work on a (M, D) view: M = prod(leading dims), rows addressed by a row stride, last dim unit-stride.
+Statistics are fp32; mean and rstd (M,) are saved for the backward. dweight/dbias are reduced
+deterministically: each backward program sums its own contiguous block of rows into a (G, D) fp32 partial,
+then one reduce kernel sums the G partials in a fixed order (no atomics: bit-equal run to run).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import functools
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from flashvit.kernels._aot import AotSpec
-from flashvit.kernels._dispatch import check_same_device, check_tensor
+from flashvit.kernels._dispatch import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    check_same_device,
+    check_tensor,
+    check_triton_dtypes,
+    get_backend,
+    tl,
+    triton,
+    use_triton,
+)
 
-AOT_SPECS: List[AotSpec] = []
+MAX_D = 8192  # one row lives in registers: BLOCK_N = next_pow2(D) <= 8192
+MIN_BLOCK_N = 64  # smaller rows pad to 64 lanes and pack more rows per program
+TILE = 2048  # target elements per program tile (ROWS x BLOCK_N)
+REDUCE_BLOCK_G, REDUCE_BLOCK_N, REDUCE_WARPS, REDUCE_STAGES = 16, 128, 4, 3
+
+if HAS_TRITON:
+    _jit = triton.jit
+else:  # pragma: no cover - no triton on this platform; the kernels are never launched
+
+    def _jit(fn):
+        return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@_jit
+def _ln_fwd_kernel(
+    X, R, W, B, Y, H, Mean, Rstd,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
+    M, N, stride_x, stride_r, stride_y, stride_h, eps,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+    cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_mask = rows < M
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]  # (ROWS, BLOCK_N)
+    r64 = rows.to(tl.int64)[:, None]  # int64: M * stride can pass 2^31
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # h rounds to its storage dtype first, as eager `x + residual` does; LN reads the stored h.
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + r64 * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    mean = tl.sum(x, axis=1) / N  # (ROWS,)
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / N
+    rstd = 1.0 / tl.sqrt(var + eps)  # (ROWS,)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + rows, mean, mask=row_mask)
+    tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@_jit
+def _ln_bwd_kernel(
+    DY, X, W, Mean, Rstd, DHO, DX, DWP, DBP,  # DY, X, DHO, DX: (M, N) row-strided; W: (N,); DWP, DBP: (G, N) fp32
+    M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr,
+):
+    # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    row0 = pid * rows_per_prog
+    for i in range(0, rows_per_prog, ROWS):
+        rows = row0 + i + tl.arange(0, ROWS)  # (ROWS,)
+        row_mask = rows < M
+        mask = row_mask[:, None] & col_mask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,) reloaded: fewer live registers
+        wdy = dy * w[None, :]
+        c1 = tl.sum(xhat * wdy, axis=1) / N  # (ROWS,)
+        c2 = tl.sum(wdy, axis=1) / N
+        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
+            dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    poff = pid.to(tl.int64) * N + cols
+    tl.store(DWP + poff, tl.sum(dw_acc, axis=0), mask=col_mask)
+    tl.store(DBP + poff, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+@_jit
+def _ln_reduce_kernel(
+    P, OUT,  # P: (2, G, N) fp32 partials (dw, db); OUT: (2, N) in the parameter dtype
+    G, N,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    which = tl.program_id(1)  # 0: dweight, 1: dbias
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    base = P + which.to(tl.int64) * G * N
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        m = (g < G)[:, None] & col_mask[None, :]
+        acc += tl.load(base + g.to(tl.int64)[:, None] * N + cols[None, :], mask=m, other=0.0)
+    out = tl.sum(acc, axis=0)
+    tl.store(OUT + which * N + cols, out.to(OUT.dtype.element_ty), mask=col_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configuration: a function of D only, so AOT_SPECS can list every choice.
+
+
+def _config(d: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_N, ROWS, forward num_warps, backward num_warps) for feature size ``d``.
+
+    Small rows pack several per program (tile ROWS x BLOCK_N >= TILE), ~8 elements per thread per tensor.
+    The forward caps at 16 warps (no spills at 8192); the backward, with more live tiles, goes to 32.
+    """
+    block_n = max(MIN_BLOCK_N, triton.next_power_of_2(d) if HAS_TRITON else d)
+    rows = max(1, TILE // block_n)
+    warps = min(max((rows * block_n) // 256, 4), 32)
+    return block_n, rows, min(warps, 16), warps
+
+
+FWD_STAGES = 1  # no loop in the forward
+BWD_STAGES = 2
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests swap it for a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (M, D) with a unit-stride last dim and one row stride (a view when strides allow)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1 and t2.shape[-1] > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _row_stride(t2: torch.Tensor) -> int:
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
+@functools.cache
+def _num_programs_cap(device: torch.device, num_warps: int) -> int:
+    """Backward grid: one wave of resident programs (2 per SM at <= 8 warps, else 1), so none waits for a 2nd."""
+    if device.type == "cuda":
+        return max(1, 16 // num_warps) * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: programs run one after another
+
+
+def _param_dtype(h_dtype: torch.dtype, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.dtype:
+    """Kernels take weight/bias in the LN input's dtype or fp32 (anything else is cast to fp32)."""
+    p = weight if weight is not None else bias
+    if p is None:
+        return h_dtype
+    return p.dtype if p.dtype in (h_dtype, torch.float32) else torch.float32
+
+
+def _params(d: int, dtype: torch.dtype, device: torch.device, weight: Optional[torch.Tensor],
+            bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) as (D,) unit-stride tensors of one dtype; ones/zeros stand in for absent ones."""
+    w = torch.ones(d, dtype=dtype, device=device) if weight is None else weight.to(dtype).contiguous()
+    b = torch.zeros(d, dtype=dtype, device=device) if bias is None else bias.to(dtype).contiguous()
+    return w, b
+
+
+def _h_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
+    return x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], eps: float
+                   ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Launch the forward: returns (y, h or None, mean (M,), rstd (M,)); y and h are contiguous, h's dtype."""
+    d = x.shape[-1]
+    hd = _h_dtype(x, residual)
+    if residual is not None and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
+        x, residual = x.float(), residual.float()  # fp16 + bf16: both to the promoted fp32
+    x2 = _rows(x)
+    m = x2.shape[0]
+    y = _empty(x.shape, hd, x.device)
+    h = _empty(x.shape, hd, x.device) if residual is not None else None
+    mean = _empty((m,), torch.float32, x.device)
+    rstd = _empty((m,), torch.float32, x.device)
+    if m == 0 or d == 0:
+        return y, h, mean, rstd
+    w, b = _params(d, _param_dtype(hd, weight, bias), x.device, weight, bias)
+    r2 = _rows(residual) if residual is not None else x2
+    y2 = y.view(m, d)
+    h2 = h.view(m, d) if h is not None else y2
+    block_n, rows, warps, _ = _config(d)
+    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
+        x2, r2, w, b, y2, h2, mean, rstd,
+        m, d, _row_stride(x2), _row_stride(r2), d, d, eps,
+        BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None, num_warps=warps, num_stages=FWD_STAGES,
+    )
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                   bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                   dh_out: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward of y = LN(x): returns (dx [+ dh_out], dwdb) with dwdb = stack(dweight, dbias), (2, D).
+
+    ``x`` is the LN input (h for the fused add). dx has x's dtype; dwdb has the kernel's parameter dtype
+    (see ``_param_dtype``) and is computed even when weight/bias are absent (callers drop it).
+    """
+    d = x.shape[-1]
+    pd = _param_dtype(x.dtype, weight, bias)
+    x2, dy2 = _rows(x), _rows(dy)
+    m = x2.shape[0]
+    dx = _empty(x.shape, x.dtype, x.device)
+    dwdb = _empty((2, d), pd, x.device)
+    if m == 0 or d == 0:
+        return dx, dwdb.zero_()
+    w, _ = _params(d, pd, x.device, weight, None)
+    dho2 = _rows(dh_out) if dh_out is not None else dy2
+    block_n, rows, _, warps = _config(d)
+    n_blocks = triton.cdiv(m, rows)
+    g = min(n_blocks, _num_programs_cap(x.device, warps))
+    rows_per_prog = rows * triton.cdiv(n_blocks, g)
+    g = triton.cdiv(m, rows_per_prog)
+    partial = _empty((2, g, d), torch.float32, x.device)
+    _ln_bwd_kernel[(g,)](
+        dy2, x2, w, mean, rstd, dho2, dx.view(m, d), partial[0], partial[1],
+        m, d, _row_stride(dy2), _row_stride(x2), _row_stride(dho2), d, rows_per_prog,
+        BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps, num_stages=BWD_STAGES,
+    )
+    _ln_reduce_kernel[(triton.cdiv(d, REDUCE_BLOCK_N), 2)](
+        partial, dwdb, g, d, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_WARPS,
+        num_stages=REDUCE_STAGES,
+    )
+    return dx, dwdb
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), with fake implementations for shapes.
+
+
+def _fake_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashvit::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                       eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, _, mean, rstd = layer_norm_fwd(x, None, weight, bias, eps)
+    return y, mean, rstd
+
+
+@_layer_norm_fwd_op.register_fake
+def _(x, weight, bias, eps):
+    return (x.new_empty(x.shape), *_fake_stats(x))
+
+
+@torch.library.custom_op("flashvit::add_layer_norm_fwd", mutates_args=())
+def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], eps: float
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, h, mean, rstd = layer_norm_fwd(x, residual, weight, bias, eps)
+    return y, h, mean, rstd
+
+
+@_add_layer_norm_fwd_op.register_fake
+def _(x, residual, weight, bias, eps):
+    hd = _h_dtype(x, residual)
+    return (x.new_empty(x.shape, dtype=hd), x.new_empty(x.shape, dtype=hd), *_fake_stats(x))
+
+
+@torch.library.custom_op("flashvit::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                       dh_out: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return layer_norm_bwd(dy, x, weight, bias, mean, rstd, dh_out)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, bias, mean, rstd, dh_out):
+    pd = _param_dtype(x.dtype, weight, bias)
+    d = x.shape[-1]
+    return x.new_empty(x.shape), x.new_empty((2, d), dtype=pd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+
+
+def _param_grads(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                 dwdb: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    gw = dwdb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[ctx.w_index] else None
+    gb = dwdb[1].to(bias.dtype) if bias is not None and ctx.needs_input_grad[ctx.w_index + 1] else None
+    return gw, gb
+
+
+class LayerNormFn(torch.autograd.Function):
+    """y = LN(x) through the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = torch.ops.flashvit.layer_norm_fwd(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.w_index = 1
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        dx, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
+        return (dx, *_param_grads(ctx, weight, bias, dwdb), None)
+
+
+class AddLayerNormFn(torch.autograd.Function):
+    """(y, h) = (LN(x + residual), x + residual) through the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, bias, eps):
+        y, h, mean, rstd = torch.ops.flashvit.add_layer_norm_fwd(x, residual, weight, bias, eps)
+        ctx.save_for_backward(h, weight, bias, mean, rstd)
+        ctx.w_index = 2
+        ctx.dtypes = (x.dtype, residual.dtype)
+        return y, h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, dh_out):
+        h, weight, bias, mean, rstd = ctx.saved_tensors
+        dh, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, h, weight, bias, mean, rstd, dh_out)
+        dx_dtype, dr_dtype = ctx.dtypes
+        dx = dh.to(dx_dtype) if ctx.needs_input_grad[0] else None
+        dr = dh.to(dr_dtype) if ctx.needs_input_grad[1] else None
+        return (dx, dr, *_param_grads(ctx, weight, bias, dwdb), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, validation, dispatch
 
 
 def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float,
@@ -36,6 +395,21 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
         raise ValueError(f"eps must be > 0, got {eps}")
 
 
+def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torch.Tensor]) -> bool:
+    """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
+    if not use_triton(x, backend):
+        return False
+    forced = (backend if backend is not None else get_backend()) == "triton"
+    d = x.shape[-1]
+    dtypes_ok = all(t is None or t.dtype in FLOAT_DTYPES for t in (x, *others.values()))
+    if dtypes_ok and 1 <= d <= MAX_D:
+        return True
+    if forced:
+        check_triton_dtypes(x=x, **others)
+        raise ValueError(f"the LayerNorm kernels take a last dim from 1 to {MAX_D}, got {d}")
+    return False
+
+
 def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                          eps: float = 1e-5) -> torch.Tensor:
     """LayerNorm over the last dim in plain PyTorch (weight/bias cast to x's dtype)."""
@@ -53,16 +427,27 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: Op
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float = 1e-5,
                *, backend: Optional[str] = None) -> torch.Tensor:
-    """LayerNorm over the last dim of ``x`` (any leading shape)."""
+    """LayerNorm over the last dim of ``x`` (any leading shape), fp32 statistics.
+
+    ``weight``/``bias``: (D,) or None, in x's dtype or fp32. Output has x's dtype.
+    ``backend``: None (the dispatch default), 'auto', 'torch' or 'triton'.
+    """
     _validate(x, weight, bias, eps)
+    if _run_triton(x, backend, weight=weight, bias=bias):
+        return LayerNormFn.apply(x, weight, bias, float(eps))
     return layer_norm_reference(x, weight, bias, eps)
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                    bias: Optional[torch.Tensor], eps: float = 1e-5, *,
                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pre-norm fusion: ``h = x + residual``; returns ``(LN(h), h)`` in one pass."""
+    """Pre-norm fusion: ``h = x + residual``; returns ``(LN(h), h)`` in one pass.
+
+    ``h`` (and so ``y``) has the promoted dtype of x and residual; both outputs take gradients.
+    """
     _validate(x, weight, bias, eps, residual)
+    if _run_triton(x, backend, residual=residual, weight=weight, bias=bias):
+        return AddLayerNormFn.apply(x, residual, weight, bias, float(eps))
     return add_layer_norm_reference(x, residual, weight, bias, eps)
 
 
@@ -76,4 +461,70 @@ class LayerNorm(nn.LayerNorm):
 
     def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(LN(x + residual), x + residual)."""
+        if len(self.normalized_shape) != 1:
+            h = x + residual
+            return super().forward(h), h
         return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every launch configuration the launchers can choose (DESIGN.md: the AOT compile gate).
+
+_TT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, torch.dtype]]:
+    """(x, residual, param) dtypes the forward can see after the launcher's casts."""
+    pairs = [(t, t) for t in FLOAT_DTYPES]
+    if with_residual:
+        pairs += [(lo, torch.float32) for lo in _LOW] + [(torch.float32, lo) for lo in _LOW]
+    out = []
+    for xd, rd in pairs:
+        hd = torch.promote_types(xd, rd)
+        for pd in dict.fromkeys((hd, torch.float32)):
+            out.append((xd, rd, pd))
+    return out
+
+
+def _aot_specs() -> List[AotSpec]:
+    specs: List[AotSpec] = []
+    blocks = []
+    b = MIN_BLOCK_N
+    while b <= MAX_D:
+        blocks.append(b)
+        b *= 2
+    fwd_sig_ints: Dict[str, str] = {"M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32",
+                                    "stride_y": "i32", "stride_h": "i32", "eps": "fp32"}
+    for block_n in blocks:
+        _, rows, fwd_warps, bwd_warps = _config(block_n)
+        for has_res in (False, True):
+            for xd, rd, pd in _dtype_combos(has_res):
+                hd = torch.promote_types(xd, rd)
+                sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}",
+                       "Y": f"*{_TT[hd]}", "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", **fwd_sig_ints,
+                       "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr"}
+                specs.append(AotSpec(
+                    _ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, fwd_warps,
+                    FWD_STAGES,
+                    f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}]"))
+        for has_dho in (False, True):
+            for xd, _, pd in _dtype_combos(False):
+                t = _TT[xd]
+                sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32",
+                       "DHO": f"*{t}", "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32",
+                       "stride_dy": "i32", "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32",
+                       "rows_per_prog": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr"}
+                specs.append(AotSpec(
+                    _ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, bwd_warps,
+                    BWD_STAGES,
+                    f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}]"))
+    for pd in FLOAT_DTYPES:
+        sig = {"P": "*fp32", "OUT": f"*{_TT[pd]}", "G": "i32", "N": "i32", "BLOCK_G": "constexpr",
+               "BLOCK_N": "constexpr"}
+        specs.append(AotSpec(_ln_reduce_kernel, sig, {"BLOCK_G": REDUCE_BLOCK_G, "BLOCK_N": REDUCE_BLOCK_N},
+                             REDUCE_WARPS, REDUCE_STAGES, f"ln_reduce[out={_TT[pd]}]"))
+    return specs
+
+
+AOT_SPECS: List[AotSpec] = _aot_specs() if HAS_TRITON else []

@@ -1,0 +1,393 @@
+"""Fused LayerNorm (+ residual add): Triton kernels vs the float64 reference, forward and backward.
+
+On CPU the kernels run in the Triton interpreter (backend='triton' forced); on CUDA they run for real.
+Every output buffer the launchers allocate is NaN-poisoned first, so an unwritten element fails.
+"""
+
+import pytest
+import torch
+from helpers import assert_close_to_ref, max_err, randn
+
+import flashvit
+from flashvit.kernels import layernorm as L
+
+TRITON = "triton"
+pytestmark = pytest.mark.skipif(not flashvit.HAS_TRITON, reason="triton not importable on this platform")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs(monkeypatch):
+    """Launchers allocate through L._empty: hand them NaN-filled buffers."""
+    monkeypatch.setattr(L, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts launcher calls, so a test cannot pass by silently running the reference."""
+    counts = {"fwd": 0, "bwd": 0}
+    fwd, bwd = L.layer_norm_fwd, L.layer_norm_bwd
+
+    def count_fwd(*a, **k):
+        counts["fwd"] += 1
+        return fwd(*a, **k)
+
+    def count_bwd(*a, **k):
+        counts["bwd"] += 1
+        return bwd(*a, **k)
+
+    monkeypatch.setattr(L, "layer_norm_fwd", count_fwd)
+    monkeypatch.setattr(L, "layer_norm_bwd", count_bwd)
+    return counts
+
+
+def _leaves(args, dtype=None):
+    return [None if a is None else a.detach().to(dtype or a.dtype).requires_grad_(True) for a in args]
+
+
+def _fwd_bwd(fn, args, gouts):
+    outs = fn(*args)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, gouts)])
+    return [o.detach() for o in outs], [None if a is None else a.grad for a in args]
+
+
+def _check(name, out, ref64, out_torch, grad, low):
+    """The house rule; ``low``: the inputs were fp16/bf16, so even an fp32 result (e.g. the gradient of an fp32
+    weight) carries their rounding and is held to PyTorch's own error in the same dtypes."""
+    scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+    atol = (1e-3 if low else 2e-5) * scale
+    factor = 3.0 if grad else 2.0
+    assert out.dtype == out_torch.dtype, f"{name}: dtype {out.dtype} != PyTorch's {out_torch.dtype}"
+    if low and out.dtype == torch.float32:
+        assert not torch.isnan(out).any(), f"{name}: NaN in output"
+        err, torch_err = max_err(out, ref64), max_err(out_torch, ref64)
+        assert err <= factor * torch_err + atol, f"{name}: max error {err:.3e} > {factor} x PyTorch's {torch_err:.3e}"
+        return
+    assert_close_to_ref(out, ref64, out_torch, factor=factor, atol=atol, rtol=1e-4, name=name)
+
+
+def _compare(kernel_fn, ref_fn, args, gouts, names):
+    """Kernel vs float64 reference vs PyTorch in the same dtypes: every output and every input gradient."""
+    k_outs, k_grads = _fwd_bwd(kernel_fn, _leaves(args), gouts)
+    r_outs, r_grads = _fwd_bwd(ref_fn, _leaves(args, torch.float64), [g.double() for g in gouts])
+    t_outs, t_grads = _fwd_bwd(ref_fn, _leaves(args), gouts)
+    low = any(a is not None and a.dtype in (torch.float16, torch.bfloat16) for a in args)
+    for i, (k, r, t) in enumerate(zip(k_outs, r_outs, t_outs)):
+        _check(f"out{i}", k, r, t, grad=False, low=low)
+    for name, k, r, t in zip(names, k_grads, r_grads, t_grads):
+        if k is not None:
+            _check(f"d{name}", k, r, t, grad=True, low=low)
+
+
+# (leading shape, D): D over {1, 7, 192, 384, 768, 1000, 1280}, few rows; (2, 3, 37, 192) stands in for
+# (B, H, N, D)-like 4-d activations.
+SHAPES = [((1,), 1), ((3,), 7), ((2, 5), 192), ((3,), 384), ((1, 2), 768), ((2,), 1000), ((1,), 1280),
+          ((2, 3, 37), 192), ((5,), 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,d", SHAPES)
+def test_layer_norm(device, dtype, lead, d, launches):
+    x = randn(*lead, d, dtype=dtype, device=device, scale=2.0) + 0.5
+    w = randn(d, dtype=dtype, device=device)
+    b = randn(d, dtype=dtype, device=device)
+    gy = randn(*lead, d, dtype=dtype, device=device)
+    eps = 1e-5
+
+    _compare(lambda x, w, b: L.layer_norm(x, w, b, eps, backend=TRITON),
+             lambda x, w, b: L.layer_norm_reference(x, w, b, eps), [x, w, b], [gy], "xwb")
+    assert launches == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,d", SHAPES)
+def test_add_layer_norm(device, dtype, lead, d, launches):
+    x = randn(*lead, d, dtype=dtype, device=device)
+    r = randn(*lead, d, dtype=dtype, device=device, scale=3.0)
+    w = randn(d, dtype=dtype, device=device)
+    b = randn(d, dtype=dtype, device=device)
+    gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
+
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
+    assert launches == {"fwd": 1, "bwd": 1}
+
+
+def test_add_layer_norm_only_y_used(device):
+    """h unused downstream: its gradient arrives as zeros/None and d(x) = d(residual) = dx through LN."""
+    x, r = randn(3, 7, 40, device=device, requires_grad=True), randn(3, 7, 40, device=device, requires_grad=True)
+    w, b = randn(40, device=device), randn(40, device=device)
+    y, _ = L.add_layer_norm(x, r, w, b, backend=TRITON)
+    y.square().sum().backward()
+    x64, r64 = x.detach().double().requires_grad_(), r.detach().double().requires_grad_()
+    y64, _ = L.add_layer_norm_reference(x64, r64, w.double(), b.double())
+    y64.square().sum().backward()
+    assert_close_to_ref(x.grad, x64.grad, atol=1e-4, name="dx")
+    assert_close_to_ref(r.grad, r64.grad, atol=1e-4, name="dr")
+
+
+@pytest.mark.parametrize("xd,rd,pd", [
+    (torch.float16, torch.float16, torch.float32),  # autocast: low-precision activations, fp32 parameters
+    (torch.float16, torch.float32, torch.float32),  # fp32 residual stream + fp16 branch output
+    (torch.float32, torch.float16, torch.float32),
+    (torch.float16, torch.bfloat16, torch.float32),  # promoted to fp32 on the host
+    (torch.float32, torch.float32, torch.float16),  # parameters in an odd dtype: cast to fp32
+])
+def test_mixed_dtypes(device, xd, rd, pd, launches):
+    lead, d = (2, 9), 100
+    x, r = randn(*lead, d, dtype=xd, device=device), randn(*lead, d, dtype=rd, device=device)
+    w, b = randn(d, dtype=pd, device=device), randn(d, dtype=pd, device=device)
+    hd = torch.promote_types(xd, rd)
+    gy, gh = randn(*lead, d, dtype=hd, device=device), randn(*lead, d, dtype=hd, device=device)
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+             lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy.to(xd)], "xwb")
+    assert launches == {"fwd": 2, "bwd": 2}
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "bias"])
+def test_optional_weight_bias(device, affine, launches):
+    d = 33
+    x, r = randn(4, d, device=device), randn(4, d, device=device)
+    w = randn(d, device=device) if affine == "weight" else None
+    b = randn(d, device=device) if affine == "bias" else None
+    gy, gh = randn(4, d, device=device), randn(4, d, device=device)
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    assert launches == {"fwd": 1, "bwd": 1}
+
+
+def test_non_contiguous(device, launches):
+    d = 96
+    base = randn(3, 2 * d + 5, 11, device=device)
+    x = base[:, 3:3 + d, :].transpose(1, 2)  # (3, 11, d), last dim stride 11: not unit-stride
+    wide = randn(3, 11, 2 * d, device=device)
+    r = wide[..., ::2]  # (3, 11, d), stride 2
+    sliced = randn(2, 7, d + 9, device=device)[..., 4:4 + d]  # unit-stride last dim, row stride d + 9
+    w, b = randn(2 * d, device=device)[::2], randn(d, device=device)  # strided weight
+    gy = randn(3, d, 11, device=device).transpose(1, 2)  # non-contiguous incoming gradient
+    gh = randn(3, 11, d, device=device)
+    assert not x.is_contiguous() and not r.is_contiguous() and not sliced.is_contiguous()
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+             lambda x, w, b: L.layer_norm_reference(x, w, b), [sliced, w, b], [randn(2, 7, d, device=device)], "xwb")
+    assert launches == {"fwd": 2, "bwd": 2}
+
+
+def test_deterministic_backward(device):
+    """Several programs each reduce their own rows: 20 backward runs give bit-equal gradients."""
+    lead, d = (75,), 192  # 10 row tiles of 8: 4 backward programs, each looping over up to 3 tiles
+    assert L._config(d)[1] == 8
+    x, r = randn(*lead, d, device=device), randn(*lead, d, device=device)
+    w, b = randn(d, device=device), randn(d, device=device)
+    gy, gh = randn(*lead, d, device=device), randn(*lead, d, device=device)
+    first = None
+    for _ in range(20):
+        args = _leaves([x, r, w, b])
+        _, grads = _fwd_bwd(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON), args, [gy, gh])
+        if first is None:
+            first = grads
+            continue
+        for g0, g in zip(first, grads):
+            assert torch.equal(g0, g)
+
+
+def test_empty_rows(device):
+    x = torch.empty(0, 5, 16, device=device, requires_grad=True)
+    w, b = randn(16, device=device, requires_grad=True), randn(16, device=device, requires_grad=True)
+    y = L.layer_norm(x, w, b, backend=TRITON)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_bad_inputs(device):
+    x = randn(2, 3, 8, device=device)
+    w, b = randn(8, device=device), randn(8, device=device)
+    with pytest.raises(ValueError, match=r"weight has shape \(7,\); expected \(8,\)"):
+        L.layer_norm(x, randn(7, device=device), b, backend=TRITON)
+    with pytest.raises(ValueError, match="bias must have 1 dimensions"):
+        L.layer_norm(x, w, randn(1, 8, device=device), backend=TRITON)
+    with pytest.raises(TypeError, match="x has dtype torch.int32"):
+        L.layer_norm(x.to(torch.int32), w, b, backend=TRITON)
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        L.layer_norm(x.double(), w, b, backend=TRITON)  # float64: reference only
+    with pytest.raises(ValueError, match="one device"):
+        L.layer_norm(x, w.to("meta"), b, backend=TRITON)
+    with pytest.raises(ValueError, match="one device"):
+        L.add_layer_norm(x, x.to("meta"), w, b, backend=TRITON)
+    for eps in (0.0, -1e-5, float("nan")):
+        with pytest.raises(ValueError, match="eps must be > 0"):
+            L.layer_norm(x, w, b, eps, backend=TRITON)
+    with pytest.raises(ValueError, match="residual has shape"):
+        L.add_layer_norm(x, x[:, :2], w, b, backend=TRITON)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        L.layer_norm(x.tolist(), w, b, backend=TRITON)
+    wide = torch.empty(1, L.MAX_D + 1, device=device)
+    with pytest.raises(ValueError, match="last dim from 1 to 8192"):
+        L.layer_norm(wide, None, None, backend=TRITON)
+    # Outside the kernels' range with dispatch left to 'auto': the reference takes it, no error.
+    assert torch.allclose(L.layer_norm(x.double(), w.double(), None, backend="auto"),
+                          L.layer_norm_reference(x.double(), w.double(), None))
+
+
+def test_reference_backend_launches_nothing(launches):
+    x, w, b = randn(3, 8), randn(8), randn(8)
+    L.layer_norm(x, w, b, backend="torch")
+    L.add_layer_norm(x, x, w, b, backend="torch")
+    assert launches == {"fwd": 0, "bwd": 0}
+
+
+def test_module_matches_nn_layernorm(device, launches):
+    d = 48
+    ref = torch.nn.LayerNorm(d, eps=1e-6, device=device)
+    with torch.no_grad():
+        ref.weight.copy_(randn(d, device=device))
+        ref.bias.copy_(randn(d, device=device))
+    ours = L.LayerNorm(d, eps=1e-6, device=device)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    assert list(ours.state_dict()) == ["weight", "bias"]
+    ref.load_state_dict(ours.state_dict(), strict=True)
+    x, a = randn(2, 5, d, device=device), randn(2, 5, d, device=device)
+    with flashvit.use_backend(TRITON):
+        y = ours(x)
+        y2, h = ours.forward_add(a, x)
+    assert launches["fwd"] == 2
+    torch.testing.assert_close(y, ref(x), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(h, a + x)
+    torch.testing.assert_close(y2, ref(a + x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{"elementwise_affine": False}, {"bias": False}])
+def test_module_without_affine(device, kw, launches):
+    d = 24
+    ref = torch.nn.LayerNorm(d, device=device, **kw)
+    ours = L.LayerNorm(d, device=device, **kw)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = randn(3, d, device=device, requires_grad=True)
+    gy = randn(3, d, device=device)
+    with flashvit.use_backend(TRITON):
+        y = ours(x)
+    y.backward(gy)
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = ref(x2)
+    y2.backward(gy)
+    assert launches == {"fwd": 1, "bwd": 1}
+    torch.testing.assert_close(y, y2, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    if ours.weight is not None:
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    assert ours.bias is None or ours.bias.grad is not None
+
+
+def test_aot_specs_cover_launch_configs():
+    """Every (D, path, dtype) the launchers can pick has a matching AOT spec; all three kernels are listed."""
+    labels = {s.label() for s in L.AOT_SPECS}
+    assert {s.kernel for s in L.AOT_SPECS} == {L._ln_fwd_kernel, L._ln_bwd_kernel, L._ln_reduce_kernel}
+    for d in (1, 7, 192, 384, 768, 1000, 1280, 4097, 8192):
+        block_n, rows, fwd_warps, bwd_warps = L._config(d)
+        assert block_n >= d and rows * block_n >= L.TILE
+        for t, w in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32")):
+            assert f"ln_fwd[BLOCK_N={block_n},x={t},r={t},w={w},res=1]" in labels
+            assert f"ln_bwd[BLOCK_N={block_n},x={t},w={w},dh=0]" in labels
+    specs = {(s.label(), s.num_warps) for s in L.AOT_SPECS}
+    assert ("ln_fwd[BLOCK_N=1024,x=bf16,r=fp32,w=fp32,res=1]", L._config(768)[2]) in specs
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: bf16, ViT-sized rows, torch.compile.
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [192, 384, 768, 1000, 1280, 8192])
+def test_bf16_gpu(d):
+    lead = (2, 197)
+    dt = torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+             lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w.float(), b.float()], [gy], "xwb")
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_mix_gpu():
+    """The training case: bf16 branch output + fp32 residual stream, fp32 parameters."""
+    lead, d = (4, 197), 768
+    x = randn(*lead, d, dtype=torch.bfloat16, device="cuda")
+    r = randn(*lead, d, device="cuda")
+    w, b = randn(d, device="cuda"), randn(d, device="cuda")
+    gy, gh = randn(*lead, d, device="cuda"), randn(*lead, d, device="cuda")
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+
+
+@pytest.mark.gpu
+def test_deterministic_backward_gpu():
+    lead, d = (64, 197), 768  # 12608 rows: hundreds of backward programs
+    dt = torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, device="cuda"), randn(d, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    first = None
+    for _ in range(20):
+        _, grads = _fwd_bwd(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+                            _leaves([x, r, w, b]), [gy, gh])
+        first = first or grads
+        for g0, g in zip(first, grads):
+            assert torch.equal(g0, g)
+
+
+@pytest.mark.gpu
+def test_torch_compile_gpu():
+    """The custom ops are opaque to torch.compile: fullgraph (no graph break), same numbers as eager."""
+    d = 384
+    mod = L.LayerNorm(d, device="cuda")
+    x, a = randn(3, 50, d, device="cuda", requires_grad=True), randn(3, 50, d, device="cuda", requires_grad=True)
+
+    def block(a, x):
+        y, h = mod.forward_add(a, x)
+        return mod(y) + h
+
+    with flashvit.use_backend(TRITON):
+        eager = block(a, x)
+        eager.sum().backward()
+        g_eager = (a.grad.clone(), x.grad.clone(), mod.weight.grad.clone())
+        a.grad = x.grad = mod.weight.grad = None
+        compiled = torch.compile(block, fullgraph=True)(a, x)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
+        torch.testing.assert_close(g, g0)
+
+
+def test_custom_ops_compile(device):
+    """Custom ops with fake impls: opcheck passes, and torch.compile(fullgraph=True) traces fwd + bwd unbroken."""
+    x, r, w = randn(3, 5, 40, device=device), randn(3, 5, 40, device=device), randn(40, device=device)
+    torch.library.opcheck(torch.ops.flashvit.add_layer_norm_fwd.default, (x, r, w, None, 1e-5))
+    torch.library.opcheck(torch.ops.flashvit.layer_norm_fwd.default, (x, w, None, 1e-5))
+    _, mean, rstd = torch.ops.flashvit.layer_norm_fwd(x, w, None, 1e-5)
+    torch.library.opcheck(torch.ops.flashvit.layer_norm_bwd.default, (r, x, w, None, mean, rstd, x))
+
+    mod = L.LayerNorm(40, device=device)
+    a, x = _leaves([r, x])
+
+    def block(a, x):
+        y, h = mod.forward_add(a, x)
+        return mod(y) + h
+
+    with flashvit.use_backend(TRITON):
+        eager = block(a, x)
+        eager.sum().backward()
+        g_eager = (a.grad.clone(), x.grad.clone(), mod.weight.grad.clone())
+        a.grad = x.grad = mod.weight.grad = None
+        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(a, x)
+        compiled.sum().backward()
+    torch.testing.assert_close(compiled, eager)
+    for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
+        torch.testing.assert_close(g, g0)
