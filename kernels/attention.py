@@ -249,7 +249,12 @@ _FWD_FALLBACK = (32, 32, 4, 1)
 _DKDV_FALLBACK = (32, 32, 4, 1)
 _DQ_FALLBACK = (32, 32, 4, 1)
 _INTERPRET_CONFIG = (32, 32, 4, 1)
-_PRE_BLOCK_M = 64
+
+
+def _pre_block_m(block_d: int) -> int:
+    return min(64, max(16, 4096 // block_d))  # o and dO tiles stay at <= 64 values per thread
+
+
 _SMEM_BUDGET = 144 * 1024  # below sm_80's 163 KiB, leaves room for the layout conversions
 
 
@@ -262,17 +267,18 @@ def _bucket(n: int) -> int:
 
 
 def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) -> bool:
+    """Shared memory for the streamed tiles, and registers per thread for fp32 accumulators + resident tiles."""
     bm, bn, warps, stages = cfg
-    if kind == "fwd":  # q resident; k, v streamed; fp32 acc (BM, BD) in registers
+    if kind == "fwd":  # q resident; k, v streamed; acc (BM, BD) fp32
         smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
-        acc = bm * block_d
-    elif kind == "dkdv":  # k, v resident; q, dO streamed; dk, dv fp32 accumulators
+        regs = bm * block_d * (4 + elsize) // 4
+    elif kind == "dkdv":  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
         smem = elsize * block_d * (2 * bn + 2 * stages * bm) + elsize * bm * bn
-        acc = 2 * bn * block_d
-    else:  # dq: q, dO resident; k, v streamed; dq accumulator
+        regs = 2 * bn * block_d * (4 + elsize) // 4
+    else:  # dq: q, dO resident; k, v streamed; dq (BM, BD) fp32
         smem = elsize * block_d * (2 * bm + 2 * stages * bn) + elsize * bm * bn
-        acc = bm * block_d
-    return smem <= _SMEM_BUDGET and acc // (warps * 32) <= 128
+        regs = bm * block_d * (4 + 2 * elsize) // 4
+    return smem <= _SMEM_BUDGET and regs // (warps * 32) <= 160
 
 
 def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, int, int]]:
@@ -371,7 +377,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _block_d(D)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    rows = _PRE_BLOCK_M if not INTERPRET else _INTERPRET_CONFIG[0]
+    rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
     _attn_bwd_preprocess[(triton.cdiv(NQ, rows) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
@@ -523,7 +529,9 @@ def _check_head_dim(d: int) -> None:
                          f"{MAX_HEAD_DIM}], got {d}")
 
 
-def _resolve_tf32(allow_tf32: Optional[bool]) -> bool:
+def _resolve_tf32(dtype: torch.dtype, allow_tf32: Optional[bool]) -> bool:
+    if dtype != torch.float32:  # only fp32 dots have a precision choice
+        return False
     return bool(torch.backends.cuda.matmul.allow_tf32) if allow_tf32 is None else bool(allow_tf32)
 
 
@@ -559,7 +567,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     if dropout_p == 0.0 and q.dtype != torch.float64 and use_triton(q, backend):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
-        return AttentionFn.apply(q, k, v, scale, bool(causal), _resolve_tf32(allow_tf32))
+        return AttentionFn.apply(q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
     return attention_reference(q, k, v, scale, causal, dropout_p)
 
 
@@ -580,7 +588,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     if dropout_p == 0.0 and qkv.dtype != torch.float64 and use_triton(qkv, backend):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
-        return QkvAttentionFn.apply(qkv, num_heads, scale, _resolve_tf32(allow_tf32))
+        return QkvAttentionFn.apply(qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))
     return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
 
 
@@ -597,48 +605,57 @@ _AOT_CASES = [  # (head_dim, dtype, causal, precision)
 ]
 
 
+def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
+    """Types by argument name; the head-dim strides are 1, as the JIT specializes them on a GPU."""
+    sig: Dict[str, str] = {}
+    consts: Dict[str, object] = {}
+    for name in kern.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET"):
+            sig[name] = ptr
+        elif name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name.startswith("s") and name.rstrip("_g").endswith("d"):
+            sig[name] = "constexpr"
+            consts[name] = 1
+        elif name.endswith("scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
+
+
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
     specs: List[AotSpec] = []
-    fwd_names = list(_attn_fwd.arg_names)
-    dkdv_names = list(_attn_bwd_dkdv.arg_names)
-    dq_names = list(_attn_bwd_dq.arg_names)
-    pre_names = list(_attn_bwd_preprocess.arg_names)
-
-    def named(names: List[str], types: List[str]) -> Dict[str, str]:
-        return dict(zip(names, types))
-
     seen = set()
     for d, dtype, causal, prec in _AOT_CASES:
         ty, bd, es = _TY[dtype], _block_d(d), _ELSIZE[dtype]
-        base = dict(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, PRECISION=prec)
-        ptr = "*" + ty
-        fwd_types = [ptr] * 4 + ["*fp32"] + ["i32"] * 16 + ["i32"] * 4 + ["fp32"] + ["constexpr"] * 6
-        bwd_common = [ptr] * 4 + ["*fp32", "*fp32"]
-        dkdv_types = bwd_common + [ptr, ptr] + ["i32"] * 24 + ["i32"] * 4 + ["fp32", "fp32"] + ["constexpr"] * 6
-        dq_types = bwd_common + [ptr] + ["i32"] * 20 + ["i32"] * 4 + ["fp32", "fp32"] + ["constexpr"] * 6
-        for kind, kern, names, types in (("fwd", _attn_fwd, fwd_names, fwd_types),
-                                         ("dkdv", _attn_bwd_dkdv, dkdv_names, dkdv_types),
-                                         ("dq", _attn_bwd_dq, dq_names, dq_types)):
+        for kind, kern in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+            sig, consts = _aot_signature(kern, "*" + ty)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, PRECISION=prec)
             cfgs = _configs_for(kind, bd, es)
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_CONFIG]
-            first = True
+            first = True  # each case compiles at least one config; each config at least once
             for bm, bn, w, s in cfgs:
-                key = (kind, bm, bn, w, s, ty)
+                key = (kind, bm, bn, w, s)
                 if key in seen and not first:
                     continue
                 seen.add(key)
                 first = False
-                specs.append(AotSpec(kern, named(names, types), dict(base, BLOCK_M=bm, BLOCK_N=bn), w, s,
+                specs.append(AotSpec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                      name=f"attn_{kind}[D={d},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]"))
-        pre_types = [ptr, ptr, "*fp32"] + ["i32"] * 8 + ["i32", "i32"] + ["constexpr"] * 3
         if ("pre", ty, bd) not in seen:
             seen.add(("pre", ty, bd))
-            specs.append(AotSpec(_attn_bwd_preprocess, named(pre_names, pre_types),
-                                 dict(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_PRE_BLOCK_M), 4, 3,
-                                 name=f"attn_bwd_preprocess[D={d},{ty}]"))
+            sig, consts = _aot_signature(_attn_bwd_preprocess, "*" + ty)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_pre_block_m(bd))
+            specs.append(AotSpec(_attn_bwd_preprocess, sig, consts, 4, 3, name=f"attn_bwd_preprocess[D={d},{ty}]"))
     return specs
 
 
