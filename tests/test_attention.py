@@ -83,6 +83,14 @@ def test_attention_different_lengths(Nq, Nkv, causal):
     _check_attention(1, Nq, Nkv, 2, 32, causal, torch.float32)
 
 
+@pytest.mark.parametrize("tiles", [(64, 32, 4, 1), (32, 64, 4, 1), (128, 64, 4, 1)])
+def test_other_tile_shapes(monkeypatch, tiles):
+    # The interpreter runs one fixed config; the GPU autotuner picks others: BLOCK_M != BLOCK_N, causal.
+    monkeypatch.setattr(A, "_INTERPRET_CONFIG", tiles)
+    _check_attention(1, 50, 50, 1, 80, True, torch.float32)
+    _check_attention(1, 70, 33, 1, 16, False, torch.float32)
+
+
 def _check_qkv(B, N, H, D, dtype, pad=0):
     base = randn(B, N, 3 * H * D + pad, dtype=dtype, device=DEVICE)
     qkv = _leaf(base[..., pad:])  # pad > 0: row stride wider than the row, data pointer offset
