@@ -2,20 +2,514 @@
 
 Layouts: ``attention`` takes (B, N, H, D) tensors with any strides; ``qkv_attention`` reads the
 packed qkv Linear output (B, N, 3·H·D) in place and writes (B, N, H·D) for the output projection.
+One set of stride-parameterized kernels serves both: q/k/v are strided views, never copies.
+
+Kernels: forward (online softmax in fp32, exp2 with the scale folded into log2(e)·scale, saves the
+natural-log LSE of the scaled logits, (B, H, Nq) fp32); backward FA2-style: delta = rowsum(dO·O), a dK/dV
+kernel looping over query blocks and a dQ kernel looping over key blocks — no atomics, deterministic.
+Any N is masked; head dims 8..256 (multiples of 8) are padded to BLOCK_D = next power of two and masked.
+Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from flashvit.kernels._aot import AotSpec
-from flashvit.kernels._dispatch import check_same_device, check_tensor
+from flashvit.kernels._dispatch import (
+    HAS_TRITON,
+    INTERPRET,
+    check_same_device,
+    check_tensor,
+    check_triton_dtypes,
+    use_triton,
+)
 
-AOT_SPECS: List[AotSpec] = []
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - non-Linux platforms run the reference path only
+    triton = None
+    tl = None
 
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _attn_fwd(Q, K, V, Out, LSE,
+                  sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
+                  H, N_Q, N_KV, N_BUCKET, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
+        # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
+        # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(N_Q, BLOCK_M)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        Out += b * sob + h * soh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < N_Q
+        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+
+        # Finite start: a fully masked block gives p = exp2(-inf) = 0 instead of NaN.
+        m_i = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = N_KV
+        if CAUSAL:
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+        for start_n in range(0, hi, BLOCK_N):
+            cols = start_n + offs_n
+            n_ok = cols < N_KV
+            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+        tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+
+    @triton.jit
+    def _attn_bwd_preprocess(Out, DO, DELTA,
+                             sob, son, soh, sod, sdb, sdn, sdh, sdd,
+                             H, N_Q,
+                             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        # Out, DO: (B, Nq, H, D) any strides -> DELTA: (B·H, Nq) fp32 = rowsum(dO·Out).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(N_Q, BLOCK_M)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < N_Q
+        mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
+
+    @triton.jit
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                       skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
+                       H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
+        # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(N_KV, BLOCK_N)
+        pid_n = pid % num_n
+        pid_bh = pid // num_n
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        DO += b * sdb + h * sdh
+        DK += b * skb_g + h * skh_g
+        DV += b * svb_g + h * svh_g
+        LSE += pid_bh.to(tl.int64) * N_Q
+        DELTA += pid_bh.to(tl.int64) * N_Q
+
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        n_ok = offs_n < N_KV
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=kv_mask, other=0.0)  # (BN, BD)
+        v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        lo = 0
+        if CAUSAL:
+            lo = (start_n // BLOCK_M) * BLOCK_M
+        for start_m in range(lo, N_Q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            m_ok = offs_m < N_Q
+            qt = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
+                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BM)
+            lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # (BM,)
+            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BN, BM), log2 units
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)  # Pᵀ (BN, BM)
+            do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
+                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
+            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        dk = dk * sm_scale
+        tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    @triton.jit
+    def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                     sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                     sqb_g, sqn_g, sqh_g, sqd_g,
+                     H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(N_Q, BLOCK_M)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        DO += b * sdb + h * sdh
+        DQ += b * sqb_g + h * sqh_g
+        LSE += pid_bh.to(tl.int64) * N_Q
+        DELTA += pid_bh.to(tl.int64) * N_Q
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+        m_ok = offs_m < N_Q
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)  # (BM, BD)
+        do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)  # (BM, BD)
+        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        hi = N_KV
+        if CAUSAL:
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+        for start_n in range(0, hi, BLOCK_N):
+            offs_n = start_n + offs_n0
+            n_ok = offs_n < N_KV
+            kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+            vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
+            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        dq = dq * sm_scale
+        tl.store(DQ + offs_m[:, None] * sqn_g + offs_d[None, :] * sqd_g, dq.to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile configs. (BLOCK_M, BLOCK_N, num_warps, num_stages); chosen for N ≈ 200 (ViT), pruned per
+# (BLOCK_D, element size) so no config overflows shared memory or piles up fp32 accumulators.
+
+_FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
+_DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2)]
+_DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
+# Always-valid fallbacks (the big-D fp32 corner) and the single config run in the interpreter.
+_FWD_FALLBACK = (32, 32, 4, 1)
+_DKDV_FALLBACK = (32, 32, 4, 1)
+_DQ_FALLBACK = (32, 32, 4, 1)
+_INTERPRET_CONFIG = (32, 32, 4, 1)
+
+
+def _pre_block_m(block_d: int) -> int:
+    return min(64, max(16, 4096 // block_d))  # o and dO tiles stay at <= 64 values per thread
+
+
+_SMEM_BUDGET = 144 * 1024  # below sm_80's 163 KiB, leaves room for the layout conversions
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) -> bool:
+    """Shared memory for the streamed tiles, and registers per thread for fp32 accumulators + resident tiles."""
+    bm, bn, warps, stages = cfg
+    if kind == "fwd":  # q resident; k, v streamed; acc (BM, BD) fp32
+        smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
+        regs = bm * block_d * (4 + elsize) // 4
+    elif kind == "dkdv":  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
+        smem = elsize * block_d * (2 * bn + 2 * stages * bm) + elsize * bm * bn
+        regs = 2 * bn * block_d * (4 + elsize) // 4
+    else:  # dq: q, dO resident; k, v streamed; dq (BM, BD) fp32
+        smem = elsize * block_d * (2 * bm + 2 * stages * bn) + elsize * bm * bn
+        regs = bm * block_d * (4 + 2 * elsize) // 4
+    return smem <= _SMEM_BUDGET and regs // (warps * 32) <= 160
+
+
+def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, int, int]]:
+    table = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
+             "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
+    ok = [c for c in table[0] if _fits(kind, c, block_d, elsize)]
+    return ok or [table[1]]
+
+
+def _make_prune(kind: str, ptr_name: str):
+    def prune(configs, named_args, **kwargs):
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        elsize = named_args[ptr_name].element_size()
+        want = set(_configs_for(kind, block_d, elsize))
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+    return prune
+
+
+def _triton_configs(kind: str) -> list:
+    table = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
+             "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
+    allc = list(dict.fromkeys(table[0] + [table[1]]))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in allc]
+
+
+_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
+if HAS_TRITON and not INTERPRET:
+    _attn_fwd_tuned = triton.autotune(_triton_configs("fwd"), key=_KEY,
+                                      prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd)
+    _attn_bwd_dkdv_tuned = triton.autotune(
+        _triton_configs("dkdv"), key=_KEY,
+        prune_configs_by={"early_config_prune": _make_prune("dkdv", "Q")})(_attn_bwd_dkdv)
+    _attn_bwd_dq_tuned = triton.autotune(_triton_configs("dq"), key=_KEY,
+                                         prune_configs_by={"early_config_prune": _make_prune("dq", "Q")})(_attn_bwd_dq)
+
+
+def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
+    """Launch with the autotuner on a GPU, or with the one fixed config in the interpreter."""
+    if INTERPRET:
+        bm, bn, w, s = _INTERPRET_CONFIG
+        rows = bm if kernel is not _attn_bwd_dkdv else bn
+        kernel[(triton.cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                                    num_stages=s)
+        return
+    tuned = globals()[tuned_name]
+    by_n = kernel is _attn_bwd_dkdv
+
+    def grid(meta):
+        return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
+
+    tuned[grid](*args, **consts)
+
+
+def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    return "tf32" if (dtype == torch.float32 and allow_tf32) else "ieee"
+
+
+def _strides(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.stride())
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers on (B, N, H, D) views (any strides). Outputs may be passed in (strided views into a
+# packed buffer, or poisoned tensors in tests); every element is written.
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                  allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
+                  lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
+    B, NQ, H, D = q.shape
+    NKV = k.shape[1]
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
+    _launch(_attn_fwd, "_attn_fwd_tuned", NQ, B * H, args, consts)
+    return out, lse
+
+
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool = False,
+                  dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
+                  dv: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernel launches: preprocess delta, then dK/dV and dQ. Returns (dq, dk, dv)."""
+    B, NQ, H, D = q.shape
+    NKV = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = _block_d(D)
+    delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+    rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
+    _attn_bwd_preprocess[(triton.cdiv(NQ, rows) * B * H,)](
+        o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
+    consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    scale = float(softmax_scale)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
+    _launch(_attn_bwd_dkdv, "_attn_bwd_dkdv_tuned", NKV, B * H,
+            (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+             H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
+    _launch(_attn_bwd_dq, "_attn_bwd_dq_tuned", NQ, B * H,
+            (q, k, v, do, lse, delta, dq, *common, *_strides(dq),
+             H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
+    return dq, dk, dv
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, N, 3·H·D) -> three (B, N, H, D) strided views, no copy."""
+    B, N, C3 = qkv.shape
+    q, k, v = qkv.unflatten(-1, (3, num_heads, C3 // (3 * num_heads))).unbind(2)
+    return q, k, v
+
+
+def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
+                      out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32)."""
+    B, N, C3 = qkv.shape
+    q, k, v = _split_qkv(qkv, num_heads)
+    if out is None:
+        out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+    _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=out.unflatten(-1, (num_heads, -1)))
+    return out, lse
+
+
+def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                      softmax_scale: float, allow_tf32: bool = False,
+                      dqkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient."""
+    q, k, v = _split_qkv(qkv, num_heads)
+    if dqkv is None:
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _split_qkv(dqkv, num_heads)
+    attention_bwd(do.reshape(q.shape), q, k, v, o.unflatten(-1, (num_heads, -1)), lse, softmax_scale, False,
+                  allow_tf32, dq=dq, dk=dk, dv=dv)
+    return dqkv
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile (no graph break), fake impls give the shapes.
+
+@torch.library.custom_op("flashvit::attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, softmax_scale, causal, allow_tf32)
+
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, softmax_scale, causal, allow_tf32):
+    B, N, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashvit::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                      lse: torch.Tensor, softmax_scale: float, causal: bool,
+                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@torch.library.custom_op("flashvit::qkv_attention_fwd", mutates_args=())
+def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float,
+                          allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32)
+
+
+@_qkv_attention_fwd_op.register_fake
+def _(qkv, num_heads, softmax_scale, allow_tf32):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("flashvit::qkv_attention_bwd", mutates_args=())
+def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                          softmax_scale: float, allow_tf32: bool) -> torch.Tensor:
+    return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32)
+
+
+@_qkv_attention_bwd_op.register_fake
+def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+class AttentionFn(torch.autograd.Function):
+    """(B, N, H, D) q, k, v -> (B, N, H, D); backward through the FA2-style kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool):
+        o, lse = torch.ops.flashvit.attention_fwd(q, k, v, softmax_scale, causal, allow_tf32)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.args = (softmax_scale, causal, allow_tf32)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.flashvit.attention_bwd(do, q, k, v, o, lse, *ctx.args)
+        return dq, dk, dv, None, None, None
+
+
+class QkvAttentionFn(torch.autograd.Function):
+    """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool):
+        o, lse = torch.ops.flashvit.qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.args = (num_heads, softmax_scale, allow_tf32)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, o, lse = ctx.saved_tensors
+        return torch.ops.flashvit.qkv_attention_bwd(do, qkv, o, lse, *ctx.args), None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# References, validation and the public functionals.
 
 def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -26,6 +520,19 @@ def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
+
+
+def _check_head_dim(d: int) -> None:
+    """The kernels take head dims 8..256 that are multiples of 8 (the reference takes any)."""
+    if d < 8 or d > MAX_HEAD_DIM or d % 8:
+        raise ValueError(f"flashvit attention kernels need a head dim that is a multiple of 8 in [8, "
+                         f"{MAX_HEAD_DIM}], got {d}")
+
+
+def _resolve_tf32(dtype: torch.dtype, allow_tf32: Optional[bool]) -> bool:
+    if dtype != torch.float32:  # only fp32 dots have a precision choice
+        return False
+    return bool(torch.backends.cuda.matmul.allow_tf32) if allow_tf32 is None else bool(allow_tf32)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
@@ -46,16 +553,110 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Op
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
-              causal: bool = False, *, dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
-    """Exact softmax attention on (B, N, H, D) tensors (any strides); returns (B, N, H, D)."""
+              causal: bool = False, *, dropout_p: float = 0.0, backend: Optional[str] = None,
+              allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """Exact softmax attention on (B, N, H, D) tensors (any strides); returns (B, N, H, D).
+
+    ``softmax_scale`` defaults to D**-0.5; ``causal`` masks key j > query i (top-left aligned).
+    ``allow_tf32`` (fp32 inputs only): tf32 dots when True, full-precision dots when False; None follows
+    ``torch.backends.cuda.matmul.allow_tf32``. ``dropout_p > 0`` and float64 run the PyTorch reference.
+    """
     _validate_qkv(q, k, v)
-    return attention_reference(q, k, v, softmax_scale, causal, dropout_p)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    # Dropout is not fused in the kernels: dropout_p > 0 falls back to SDPA (correct, not fast).
+    if dropout_p == 0.0 and q.dtype != torch.float64 and use_triton(q, backend):
+        check_triton_dtypes(q=q, k=k, v=v)
+        _check_head_dim(q.shape[-1])
+        return AttentionFn.apply(q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
+    return attention_reference(q, k, v, scale, causal, dropout_p)
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None, *,
-                  dropout_p: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
-    """Attention straight from the packed qkv Linear output (B, N, 3·H·D); returns (B, N, H·D)."""
+                  dropout_p: float = 0.0, backend: Optional[str] = None,
+                  allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """Attention straight from the packed qkv Linear output (B, N, 3·H·D); returns (B, N, H·D).
+
+    q, k, v are read in place by strides and the output lands in (B, N, H·D) ready for the projection;
+    the backward writes one packed (B, N, 3·H·D) gradient. Other arguments as in :func:`attention`.
+    """
     check_tensor("qkv", qkv, ndim=3)
     if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv last dim {qkv.shape[-1]} must be divisible by 3 * num_heads = {3 * num_heads}")
-    return qkv_attention_reference(qkv, num_heads, softmax_scale, dropout_p)
+    head_dim = qkv.shape[-1] // (3 * num_heads)
+    scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    # Dropout is not fused in the kernels: dropout_p > 0 falls back to SDPA (correct, not fast).
+    if dropout_p == 0.0 and qkv.dtype != torch.float64 and use_triton(qkv, backend):
+        check_triton_dtypes(qkv=qkv)
+        _check_head_dim(head_dim)
+        return QkvAttentionFn.apply(qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))
+    return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile gate: every config the autotuners (and the interpreter) can pick, in every
+# dtype, over representative head dims (each BLOCK_D class) and both causal settings.
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_ELSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+_AOT_CASES = [  # (head_dim, dtype, causal, precision)
+    (64, torch.bfloat16, False, "ieee"), (80, torch.float16, False, "ieee"), (128, torch.bfloat16, True, "ieee"),
+    (32, torch.float16, False, "ieee"), (256, torch.bfloat16, False, "ieee"), (64, torch.float32, False, "ieee"),
+    (40, torch.float32, True, "tf32"), (256, torch.float32, False, "tf32"),
+]
+
+
+def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
+    """Types by argument name; the head-dim strides are 1, as the JIT specializes them on a GPU."""
+    sig: Dict[str, str] = {}
+    consts: Dict[str, object] = {}
+    for name in kern.arg_names:
+        if name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET"):
+            sig[name] = ptr
+        elif name in _CONSTEXPRS:
+            sig[name] = "constexpr"
+        elif name.startswith("s") and name.rstrip("_g").endswith("d"):
+            sig[name] = "constexpr"
+            consts[name] = 1
+        elif name.endswith("scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
+
+
+def _aot_specs() -> List[AotSpec]:
+    if not HAS_TRITON:
+        return []
+    specs: List[AotSpec] = []
+    seen = set()
+    for d, dtype, causal, prec in _AOT_CASES:
+        ty, bd, es = _TY[dtype], _block_d(d), _ELSIZE[dtype]
+        for kind, kern in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+            sig, consts = _aot_signature(kern, "*" + ty)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, PRECISION=prec)
+            cfgs = _configs_for(kind, bd, es)
+            if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
+                cfgs = cfgs + [_INTERPRET_CONFIG]
+            first = True  # each case compiles at least one config; each config at least once
+            for bm, bn, w, s in cfgs:
+                key = (kind, bm, bn, w, s)
+                if key in seen and not first:
+                    continue
+                seen.add(key)
+                first = False
+                specs.append(AotSpec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
+                                     name=f"attn_{kind}[D={d},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]"))
+        if ("pre", ty, bd) not in seen:
+            seen.add(("pre", ty, bd))
+            sig, consts = _aot_signature(_attn_bwd_preprocess, "*" + ty)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_pre_block_m(bd))
+            specs.append(AotSpec(_attn_bwd_preprocess, sig, consts, 4, 3, name=f"attn_bwd_preprocess[D={d},{ty}]"))
+    return specs
+
+
+AOT_SPECS: List[AotSpec] = _aot_specs()
