@@ -305,6 +305,11 @@ def _resolve_tf32(allow_tf32: Optional[bool]) -> bool:
 # Launchers
 
 
+def _empty(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # every kernel output is allocated here (tests replace it with a NaN-filled allocator)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -365,7 +370,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     N = weight.shape[0]
     act = _ACT_CODE[activation]
     save_z = save_z and act != 0
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = _empty((M, N), x.device, x.dtype)
     path = _choose_path(gemm, x.device, M, N, K)
     if path == "cublas":
         c = torch.matmul(x, weight.t())
@@ -374,7 +379,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         _launch_epilogue(c, bias, residual, act, save_z, y)
         z = c if save_z else x.new_empty(0)
         return y, z
-    z = torch.empty((M, N), device=x.device, dtype=x.dtype) if save_z else None
+    z = _empty((M, N), x.device, x.dtype) if save_z else None
     _launch_gemm(x, weight, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)), M, N, K, y,
                  bias=bias, residual=residual, act=act, z=z, tf32=_resolve_tf32(allow_tf32))
     return y, (z if z is not None else x.new_empty(0))
@@ -384,14 +389,14 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """dZ = dY·act'(z) (or dY itself when act == 0) and fp32 column sums of dZ (deterministic)."""
     M, N = dy.shape
-    dz = torch.empty((M, N), device=dy.device, dtype=dy.dtype) if write_dz else dy
+    dz = _empty((M, N), dy.device, dy.dtype) if write_dz else dy
     if not colsum and not write_dz:
         return dz, None
     bm, bn, w = EPILOGUE_BLOCK
     n_blocks = triton.cdiv(M, bm)
     per_prog = max(1, triton.cdiv(n_blocks, _COLSUM_PROGRAMS))
     progs = max(1, triton.cdiv(n_blocks, per_prog))
-    part = torch.empty((progs, N), device=dy.device, dtype=torch.float32)
+    part = _empty((progs, N), dy.device, torch.float32)
     if M > 0 and N > 0:
         zz = z if z is not None else dy
         _dact_colsum_kernel[(progs, triton.cdiv(N, bn))](
@@ -418,14 +423,14 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
         if _choose_path(gemm, x.device, M, K, N) == "cublas":
             dx = torch.matmul(dz, weight)
         else:  # dX (M, K) = dZ (M, N) · W (N, K)
-            dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+            dx = _empty((M, K), x.device, x.dtype)
             _launch_gemm(dz, weight, (dz.stride(0), dz.stride(1)), (weight.stride(0), weight.stride(1)),
                          M, K, N, dx, tf32=tf32)
     if need_dw:
         if _choose_path(gemm, x.device, N, K, M) == "cublas":
             dw = torch.matmul(dz.t(), x).to(weight.dtype)
         else:  # dW (N, K) = dZᵀ (N, M) · X (M, K)
-            dw = torch.empty((N, K), device=x.device, dtype=weight.dtype)
+            dw = _empty((N, K), x.device, weight.dtype)
             if M == 0:
                 dw.zero_()
             _launch_gemm(dz, x, (dz.stride(1), dz.stride(0)), (x.stride(0), x.stride(1)), N, K, M, dw, tf32=tf32)
