@@ -326,8 +326,9 @@ def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b
             z if z is not None else out, M, N, K, max(16, _next_pow2(M)),
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1))
+    # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
     flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None,
-                 ALLOW_TF32=tf32 and a.dtype == torch.float32)
+                 ALLOW_TF32=tf32 or a.dtype != torch.float32)
     if INTERPRET or not a.is_cuda:
         bm, bn, bk, w, s = INTERPRET_CONFIG
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
@@ -480,9 +481,7 @@ class LinearFn(torch.autograd.Function):
     """2-D y = act(x·Wᵀ + b) + residual on the Triton kernels (x (M, K), residual (M, N))."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, activation, gemm, allow_tf32):
-        # grad mode is off inside forward: ask ctx which inputs will want gradients
-        save_z = any(ctx.needs_input_grad[:3]) and activation is not None
+    def forward(ctx, x, weight, bias, residual, activation, gemm, allow_tf32, save_z):
         y, z = torch.ops.flashvit.linear_fwd(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32)
         ctx.save_for_backward(x, weight, z if save_z else None)
         ctx.activation, ctx.gemm, ctx.allow_tf32 = activation or "", gemm, allow_tf32
@@ -502,7 +501,7 @@ class LinearFn(torch.autograd.Function):
             db = gb if (ctx.has_bias and need_b) else None
         if need_r:
             dres = dy
-        return dx, dw, db, dres, None, None, None
+        return dx, dw, db, dres, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,8 +575,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     r2 = residual.reshape(-1, N) if residual is not None else None
+    # z is saved only when autograd will need it (decided here: grad mode is off inside forward)
+    save_z = activation is not None and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
     with torch.autocast(x.device.type, enabled=False):
-        y = LinearFn.apply(x2, weight, bias, r2, activation, gemm or "", allow_tf32)
+        y = LinearFn.apply(x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
     y = y.reshape(*lead, N)
     return y if late_residual is None else y + late_residual
 
@@ -607,46 +609,60 @@ class FusedMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile gate: every config the launchers/autotuners can pick, for fp16/bf16/fp32.
-# The epilogue flags (bias, GELU kind, residual, save z) do not change the main loop or its shared
-# memory, so each GEMM config is compiled twice per dtype: plain, and with the heaviest epilogue.
+# Ahead-of-time compile gate. At run time Triton specializes strides equal to 1 into constants, so each
+# GEMM spec names the operand layout it stands for: "fwd" (x, Wᵀ), "dx" (dZ, W), "dw" (dZᵀ, X).
+# Coverage: every config of every list, per dtype (and TF32 on/off for fp32), with the heaviest forward
+# epilogue (bias + GELU + residual + save z; the flags do not touch the main loop or its shared memory),
+# plus the backward layouts (plain epilogue) for the first config of each list. Enumerating every
+# epilogue-flag x layout x config product (~300 specs) would take the gate hours of compile time.
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
+                 "dx": ("stride_ak", "stride_bn", "stride_cn"),
+                 "dw": ("stride_am", "stride_bn", "stride_cn")}
+
+
+def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool) -> AotSpec:
+    bm, bn, bk, w, s = cfg
+    sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
+    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                   "stride_rm", "stride_rn", "stride_cm", "stride_cn")})
+    cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, ALLOW_TF32=tf32,
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+    cx.update({n: 1 for n in _UNIT_STRIDES[layout]})
+    sig.update({n: "constexpr" for n in cx})
+    return AotSpec(_gemm_kernel, sig, cx, w, s,
+                   f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
+                   f"{',epi' if epilogue else ''}]")
 
 
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
     specs: List[AotSpec] = []
-    gemm_sig_ints = ["M", "N", "K", "M_KEY", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                     "stride_rm", "stride_rn", "stride_cm", "stride_cn"]
-    gemm_flags = ["HAS_BIAS", "ACT", "HAS_RES", "SAVE_Z", "ALLOW_TF32", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"]
-    epilogues = [dict(HAS_BIAS=False, ACT=0, HAS_RES=False, SAVE_Z=False),
-                 dict(HAS_BIAS=True, ACT=1, HAS_RES=True, SAVE_Z=True)]
     for dt, ty in _TY.items():
-        cfgs = FP32_CONFIGS if dt == torch.float32 else sorted(set(SM80_CONFIGS_16) | set(SM90_CONFIGS_16))
-        tf32s = (False, True) if dt == torch.float32 else (False,)
-        for bm, bn, bk, w, s in cfgs:
-            for tf32 in tf32s:
-                for ep in epilogues:
-                    sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
-                    sig.update({n: "i32" for n in gemm_sig_ints})
-                    sig.update({f: "constexpr" for f in gemm_flags})
-                    cx = dict(ep, ALLOW_TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
-                    specs.append(AotSpec(_gemm_kernel, sig, cx, w, s,
-                                         f"gemm[{ty},{bm}x{bn}x{bk},w{w},s{s},tf32={tf32},act={ep['ACT']}]"))
+        lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
+        seen = set()
+        for tf32 in ((False, True) if dt == torch.float32 else (True,)):  # 16-bit: default precision
+            for cfgs in lists:
+                for cfg in cfgs:
+                    if (cfg, tf32) not in seen:
+                        seen.add((cfg, tf32))
+                        specs.append(_gemm_spec(ty, cfg, "fwd", True, tf32))
+            for cfg in {cfgs[0] for cfgs in lists}:
+                specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
         bm, bn, w = EPILOGUE_BLOCK
-        for act in (0, 1, 2):
+        for act in (1, 2):  # the erf and tanh forms; ACT=0 is a subset of either
             sig = {p: f"*{ty}" for p in ("c_ptr", "bias_ptr", "res_ptr", "y_ptr")}
-            sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_rn", "stride_ym")})
-            sig.update({f: "constexpr" for f in ("HAS_BIAS", "ACT", "HAS_RES", "SAVE_Z", "BLOCK_M", "BLOCK_N")})
-            cx = dict(HAS_BIAS=True, ACT=act, HAS_RES=True, SAVE_Z=act != 0, BLOCK_M=bm, BLOCK_N=bn)
+            sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
+            sig.update({f: "constexpr" for f in ("stride_rn", "HAS_BIAS", "ACT", "HAS_RES", "SAVE_Z", "BLOCK_M",
+                                                 "BLOCK_N")})
+            cx = dict(stride_rn=1, HAS_BIAS=True, ACT=act, HAS_RES=True, SAVE_Z=True, BLOCK_M=bm, BLOCK_N=bn)
             specs.append(AotSpec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]"))
             sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
-            sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_dyn", "stride_zm",
-                                           "stride_dzm")})
-            sig.update({f: "constexpr" for f in ("ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
-            cx = dict(ACT=act, WRITE_DZ=act != 0, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
+            sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})
+            sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
+            cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=True, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
             specs.append(AotSpec(_dact_colsum_kernel, sig, cx, w, 1, f"dact_colsum[{ty},act={act}]"))
     return specs
 
