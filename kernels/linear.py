@@ -211,7 +211,7 @@ FP32_CONFIGS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)]
 INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the interpreter is far too slow
 EPILOGUE_BLOCK = (32, 128, 4)  # elementwise kernels: (BLOCK_M, BLOCK_N, num_warps)
 _COLSUM_PROGRAMS = 64  # row chunks for the db partial sums (fixed -> deterministic)
-_AUTOTUNE_KEY = ["M_KEY", "N", "K"]
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z"]  # the epilogue shifts the best tile
 
 
 def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
@@ -611,10 +611,11 @@ class FusedMLP(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile gate. At run time Triton specializes strides equal to 1 into constants, so each
 # GEMM spec names the operand layout it stands for: "fwd" (x, Wᵀ), "dx" (dZ, W), "dw" (dZᵀ, X).
-# Coverage: every config of every list, per dtype (and TF32 on/off for fp32), with the heaviest forward
-# epilogue (bias + GELU + residual + save z; the flags do not touch the main loop or its shared memory),
-# plus the backward layouts (plain epilogue) for the first config of each list. Enumerating every
-# epilogue-flag x layout x config product (~300 specs) would take the gate hours of compile time.
+# Coverage: every config of every list, per dtype (and TF32 on/off for fp32), in the forward layout,
+# with the heaviest epilogue (bias + GELU + residual + save z) for bf16 and IEEE fp32 and the plain one
+# for fp16 and TF32 (the flags do not touch the main loop or its shared memory), plus the backward
+# layouts for the first config of each list. Every epilogue-flag x layout x config product (~300 specs)
+# would take the gate hours of compile time.
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
@@ -648,7 +649,9 @@ def _aot_specs() -> List[AotSpec]:
                 for cfg in cfgs:
                     if (cfg, tf32) not in seen:
                         seen.add((cfg, tf32))
-                        specs.append(_gemm_spec(ty, cfg, "fwd", True, tf32))
+                        # heaviest epilogue for bf16 and IEEE fp32; the plain one for fp16 and TF32
+                        # (same epilogue code, only the final conversion differs; keeps the gate short)
+                        specs.append(_gemm_spec(ty, cfg, "fwd", ty == "bf16" or (ty == "fp32" and not tf32), tf32))
             for cfg in {cfgs[0] for cfgs in lists}:
                 specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
         bm, bn, w = EPILOGUE_BLOCK
