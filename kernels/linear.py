@@ -2,22 +2,510 @@
 
 Used for every Linear of a ViT block: qkv (bias), proj (bias + residual), fc1 (bias + GELU),
 fc2 (bias + residual).
+
+Anatomy (DESIGN.md §2): Triton kernels -> launchers -> torch.library custom ops -> LinearFn ->
+linear_reference -> linear() -> FusedMLP.
+
+Two GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override):
+  * ``triton``: our tiled GEMM with the epilogue (bias, GELU, residual, saving z) in registers.
+  * ``cublas``: torch.matmul (cuBLAS) + ONE fused Triton elementwise kernel for bias + GELU + residual.
+Override: ``linear(..., gemm="triton"|"cublas"|"auto")``, the ``use_gemm(...)`` context, or the
+``FLASHVIT_GEMM`` environment variable (read at call time).
+
+Backward of GELU: we SAVE the pre-activation z = x·Wᵀ + b (an extra (M, N) store in the forward
+epilogue) instead of recomputing it. Recomputing z is a full second GEMM (2·M·N·K FLOPs) in the
+backward, while the store costs M·N·elt bytes of bandwidth: for ViT-B fc1 (K = 768, bf16, H100) that is
+~1/3 of the forward GEMM's time against ~1× for the recompute. GELU cannot be inverted from its
+output (not monotonic below z ≈ -0.75), so the saved output h cannot stand in. The price is memory:
+z is the size of h, which fc2 keeps anyway, so fc1's saved activations double. z is only written when
+autograd needs it (no extra store at inference).
+dZ = dY·gelu'(z) is one small elementwise kernel that also writes per-row-chunk column sums of dZ
+(db, deterministic, no atomics); dX = dZ·W and dW = dZᵀ·X are then plain GEMMs (the same kernel).
+Fusing gelu'(z) into the GEMM operand loads instead would re-read z in both dX and dW GEMMs
+and redo the erf for every output tile; the elementwise pass reads z once.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+import contextlib
+import contextvars
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flashvit.kernels._aot import AotSpec
-from flashvit.kernels._dispatch import check_same_device, check_tensor
+from flashvit.kernels._dispatch import (
+    HAS_TRITON,
+    INTERPRET,
+    check_same_device,
+    check_tensor,
+    check_triton_dtypes,
+    use_triton,
+)
 
-AOT_SPECS: List[AotSpec] = []
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - platforms without Triton use the reference path only
+    triton = None
+    tl = None
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+_ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2}
+GEMM_PATHS = ("auto", "triton", "cublas")
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
+    def _gemm_kernel(
+        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr,
+        M, N, K, M_KEY,
+        stride_am, stride_ak, stride_bk, stride_bn,
+        stride_rm, stride_rn, stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+        ALLOW_TF32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        # C (M, N) = act(A (M, K) · B (K, N) + bias (N,)) + R (M, N); Z (M, N) = pre-activation.
+        # Forward: A = x, B = Wᵀ (strides of W swapped). Backward: dX = dZ·W, dW = dZᵀ·X.
+        # M_KEY only feeds the autotuning key (M rounded up to a power of two).
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        # grouped ordering: GROUP_M row-tiles share each B column-tile while it sits in L2
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # rows/cols past the edge wrap around for the loads (always in bounds, no M/N masks in the
+        # main loop); they are masked at the store.
+        offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+        offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + (offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak)  # (BM, BK)
+        b_ptrs = b_ptr + (offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn)  # (BK, BN)
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+
+        # epilogue in fp32 registers
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            acc = acc + bias[None, :]
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        rows = offs_m[:, None].to(tl.int64)
+        if SAVE_Z:
+            tl.store(z_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_ptr.dtype.element_ty),
+                     mask=mask)
+        # GELU inline (no jit helpers: the AOT gate counts every module-level jit function)
+        if ACT == 1:
+            y = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACT == 2:
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            y = 0.5 * acc * (2.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0))  # 1 + tanh(u)
+        else:
+            y = acc
+        if HAS_RES:
+            r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            y = y + r.to(tl.float32)
+        tl.store(c_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _epilogue_kernel(
+        c_ptr, bias_ptr, res_ptr, y_ptr,
+        M, N, stride_cm, stride_rm, stride_rn, stride_ym,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # cuBLAS path: C (M, N) = x·Wᵀ from torch.matmul; y = act(C + b) + R in one pass.
+        # With SAVE_Z, z = C + b is written back over C (same element, same program: in place is safe).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        rows = offs_m[:, None].to(tl.int64)
+        c_ptrs = c_ptr + rows * stride_cm + offs_n[None, :]
+        z = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z = z + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if SAVE_Z:
+            tl.store(c_ptrs, z.to(c_ptr.dtype.element_ty), mask=mask)
+        if ACT == 1:
+            y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        elif ACT == 2:
+            u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+            y = 0.5 * z * (2.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0))  # 1 + tanh(u)
+        else:
+            y = z
+        if HAS_RES:
+            y = y + tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                            other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["M", "blocks_per_prog"])
+    def _dact_colsum_kernel(
+        dy_ptr, z_ptr, dz_ptr, part_ptr,
+        M, N, blocks_per_prog, stride_dym, stride_dyn, stride_zm, stride_dzm,
+        ACT: tl.constexpr, WRITE_DZ: tl.constexpr, COLSUM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        # dZ (M, N) = dY · act'(Z); part (P, N) fp32 = column sums of dZ over this program's rows.
+        # Fixed partition of rows per program -> the same sums in the same order every run.
+        pid_p = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = offs_n < N
+        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for i in range(0, blocks_per_prog):
+            offs_m = (pid_p * blocks_per_prog + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask = (offs_m[:, None] < M) & nmask[None, :]
+            rows = offs_m[:, None].to(tl.int64)
+            g = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+            g = g.to(tl.float32)
+            if ACT != 0:
+                z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+                if ACT == 1:  # Φ(z) + z·φ(z)
+                    d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+                else:  # tanh form: ½(1 + t) + ½·z·(1 − t²)·du/dz
+                    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+                    t = 1.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0)
+                    d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+                g = g * d
+            if WRITE_DZ:
+                tl.store(dz_ptr + rows * stride_dzm + offs_n[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
+            if COLSUM:
+                colsum += tl.sum(g, axis=0)
+        if COLSUM:
+            tl.store(part_ptr + pid_p * N + offs_n, colsum, mask=nmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# GEMM configs. (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); GROUP_M = 8 everywhere.
+# Every config keeps its pipelined shared memory <= 160 KiB so it also fits an A100 (163 KiB).
+
+GROUP_M = 8
+SM80_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 4), (128, 64, 32, 4, 4)]
+SM90_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 4, 3), (128, 128, 64, 4, 3)]
+FP32_CONFIGS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)]
+INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the interpreter is far too slow
+EPILOGUE_BLOCK = (32, 128, 4)  # elementwise kernels: (BLOCK_M, BLOCK_N, num_warps)
+_COLSUM_PROGRAMS = 64  # row chunks for the db partial sums (fixed -> deterministic)
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z"]  # the epilogue shifts the best tile
+
+
+def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M},
+                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in cfgs]
+
+
+if HAS_TRITON:
+    # one autotuner per (arch family, operand width); each keeps its own cache of best configs
+    _GEMM_TUNED = {
+        (80, 16): triton.autotune(_triton_configs(SM80_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel),
+        (90, 16): triton.autotune(_triton_configs(SM90_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel),
+        (80, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
+        (90, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
+    }
+
+_autotune = True
+
+
+def set_autotune(enabled: bool) -> None:
+    """Off: every GEMM uses the first config of its arch list (fast compile; tests, debugging)."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+# ---------------------------------------------------------------------------------------------
+# Path table: Triton GEMM with fused epilogue vs cuBLAS + one fused elementwise epilogue kernel.
+# Keyed on (arch family, shape class). ALL ENTRIES ARE PLACEHOLDERS TO BE DECIDED BY THE GPU
+# BENCHMARK (bench: force each path with gemm="triton"/"cublas" and compare); none was measured yet,
+# so every entry starts at our Triton GEMM (the fused-epilogue default).
+
+GEMM_TABLE: Dict[Tuple[int, str], str] = {
+    (80, "skinny"): "triton",  # M < 64 (decode-like, tiny batch): TBD by the GPU benchmark
+    (80, "small"): "triton",   # 2·M·N·K < 2^32 FLOP: TBD by the GPU benchmark
+    (80, "large"): "triton",   # everything else (ViT training shapes): TBD by the GPU benchmark
+    (90, "skinny"): "triton",  # TBD by the GPU benchmark
+    (90, "small"): "triton",   # TBD by the GPU benchmark
+    (90, "large"): "triton",   # TBD by the GPU benchmark
+}
+
+_gemm_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_gemm", default=None)
+
+
+def _check_gemm_name(name: str) -> str:
+    if name not in GEMM_PATHS:
+        raise ValueError(f"unknown GEMM path {name!r}; expected one of {GEMM_PATHS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_gemm(name: str) -> Iterator[None]:
+    """Force the GEMM path ('triton' | 'cublas' | 'auto') for Triton-backend linears in a ``with`` block."""
+    token = _gemm_override.set(_check_gemm_name(name))
+    try:
+        yield
+    finally:
+        _gemm_override.reset(token)
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 80  # interpreter: any list works
+    major, _ = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def shape_class(M: int, N: int, K: int) -> str:
+    """The GEMM_TABLE row a (M, N, K) problem falls in."""
+    if M < 64:
+        return "skinny"
+    if 2 * M * N * K < 2 ** 32:
+        return "small"
+    return "large"
+
+
+def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int) -> str:
+    """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE."""
+    name = gemm or _gemm_override.get() or os.environ.get("FLASHVIT_GEMM", "auto").strip().lower() or "auto"
+    name = _check_gemm_name(name)
+    if name != "auto":
+        return name
+    return GEMM_TABLE.get((_arch(device), shape_class(M, N, K)), "triton")
+
+
+def _resolve_tf32(allow_tf32: Optional[bool]) -> bool:
+    # default: torch's own flag (False unless the user enabled TF32) -> IEEE fp32 dots
+    return bool(torch.backends.cuda.matmul.allow_tf32) if allow_tf32 is None else bool(allow_tf32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _empty(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # every kernel output is allocated here (tests replace it with a NaN-filled allocator)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b_strides: Tuple[int, int],
+                 M: int, N: int, K: int, out: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                 residual: Optional[torch.Tensor] = None, act: int = 0, z: Optional[torch.Tensor] = None,
+                 tf32: bool = False) -> None:
+    """out (M, N) contiguous = act(A·B + bias) + residual, A/B given by base tensor and (row, col) strides."""
+    if M == 0 or N == 0:
+        return
+    res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
+    args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
+            z if z is not None else out, M, N, K, max(16, _next_pow2(M)),
+            a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
+            out.stride(0), out.stride(1))
+    # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
+    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None,
+                 ALLOW_TF32=tf32 or a.dtype != torch.float32)
+    if INTERPRET or not a.is_cuda:
+        bm, bn, bk, w, s = INTERPRET_CONFIG
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=w,
+                           num_stages=s)
+        return
+    arch = _arch(a.device)
+    width = 32 if a.dtype == torch.float32 else 16
+    if _autotune:
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        _GEMM_TUNED[(arch, width)][grid](*args, **flags)
+        return
+    cfgs = FP32_CONFIGS if width == 32 else (SM90_CONFIGS_16 if arch == 90 else SM80_CONFIGS_16)
+    bm, bn, bk, w, s = cfgs[0]
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w,
+                       num_stages=s)
+
+
+def _launch_epilogue(c: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
+                     save_z: bool, y: torch.Tensor) -> None:
+    M, N = c.shape
+    if M == 0 or N == 0:
+        return
+    bm, bn, w = EPILOGUE_BLOCK
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    res = residual if residual is not None else y
+    _epilogue_kernel[grid](c, bias if bias is not None else c, res, y, M, N, c.stride(0),
+                           res.stride(0), res.stride(1), y.stride(0),
+                           HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=save_z,
+                           BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+
+
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+               activation: Optional[str], save_z: bool, gemm: str = "", allow_tf32: Optional[bool] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), weight (N, K), bias (N,), residual (M, N) -> y (M, N), z (M, N) pre-activation or empty."""
+    M, K = x.shape
+    N = weight.shape[0]
+    act = _ACT_CODE[activation]
+    save_z = save_z and act != 0
+    y = _empty((M, N), x.device, x.dtype)
+    path = _choose_path(gemm, x.device, M, N, K)
+    if path == "cublas":
+        c = torch.matmul(x, weight.t())
+        if not c.is_contiguous():
+            c = c.contiguous()
+        _launch_epilogue(c, bias, residual, act, save_z, y)
+        z = c if save_z else x.new_empty(0)
+        return y, z
+    z = _empty((M, N), x.device, x.dtype) if save_z else None
+    _launch_gemm(x, weight, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)), M, N, K, y,
+                 bias=bias, residual=residual, act=act, z=z, tf32=_resolve_tf32(allow_tf32))
+    return y, (z if z is not None else x.new_empty(0))
+
+
+def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz: bool, colsum: bool
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """dZ = dY·act'(z) (or dY itself when act == 0) and fp32 column sums of dZ (deterministic)."""
+    M, N = dy.shape
+    dz = _empty((M, N), dy.device, dy.dtype) if write_dz else dy
+    if not colsum and not write_dz:
+        return dz, None
+    bm, bn, w = EPILOGUE_BLOCK
+    n_blocks = triton.cdiv(M, bm)
+    per_prog = max(1, triton.cdiv(n_blocks, _COLSUM_PROGRAMS))
+    progs = max(1, triton.cdiv(n_blocks, per_prog))
+    part = _empty((progs, N), dy.device, torch.float32)
+    if M > 0 and N > 0:
+        zz = z if z is not None else dy
+        _dact_colsum_kernel[(progs, triton.cdiv(N, bn))](
+            dy, zz, dz, part, M, N, per_prog, dy.stride(0), dy.stride(1), zz.stride(0), dz.stride(0),
+            ACT=act, WRITE_DZ=write_dz, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+    else:
+        part.zero_()
+    return dz, (part.sum(0) if colsum else None)
+
+
+def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor],
+               activation: Optional[str], has_bias: bool, need_dx: bool, need_dw: bool, gemm: str = "",
+               allow_tf32: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy (M, N), x (M, K), weight (N, K), z (M, N) -> dx (M, K), dW (N, K), db (N,) (empty when not needed)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    act = _ACT_CODE[activation]
+    if act != 0 and (z is None or z.shape != dy.shape):
+        raise RuntimeError("linear backward with an activation needs the saved pre-activation z")
+    dz, db = _dact_colsum(dy, z, act, write_dz=act != 0, colsum=has_bias)
+    tf32 = _resolve_tf32(allow_tf32)
+    dx = dw = x.new_empty(0)
+    if need_dx:
+        if _choose_path(gemm, x.device, M, K, N) == "cublas":
+            dx = torch.matmul(dz, weight)
+        else:  # dX (M, K) = dZ (M, N) · W (N, K)
+            dx = _empty((M, K), x.device, x.dtype)
+            _launch_gemm(dz, weight, (dz.stride(0), dz.stride(1)), (weight.stride(0), weight.stride(1)),
+                         M, K, N, dx, tf32=tf32)
+    if need_dw:
+        if _choose_path(gemm, x.device, N, K, M) == "cublas":
+            dw = torch.matmul(dz.t(), x).to(weight.dtype)
+        else:  # dW (N, K) = dZᵀ (N, M) · X (M, K)
+            dw = _empty((N, K), x.device, weight.dtype)
+            if M == 0:
+                dw.zero_()
+            _launch_gemm(dz, x, (dz.stride(1), dz.stride(0)), (x.stride(0), x.stride(1)), N, K, M, dw, tf32=tf32)
+    db_out = db.to(weight.dtype) if db is not None else x.new_empty(0)
+    return dx, dw, db_out
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, no graph break) + autograd
+
+
+@torch.library.custom_op("flashvit::linear_fwd", mutates_args=())
+def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], activation: str, save_z: bool, gemm: str,
+                   allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+    y, z = linear_fwd(x, weight, bias, residual, activation or None, save_z, gemm, allow_tf32)
+    return y, z
+
+
+@_linear_fwd_op.register_fake
+def _(x, weight, bias, residual, activation, save_z, gemm, allow_tf32):
+    M, N = x.shape[0], weight.shape[0]
+    y = x.new_empty((M, N))
+    z = x.new_empty((M, N)) if (save_z and activation) else x.new_empty(0)
+    return y, z
+
+
+@torch.library.custom_op("flashvit::linear_bwd", mutates_args=())
+def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor],
+                   activation: str, has_bias: bool, need_dx: bool, need_dw: bool, gemm: str,
+                   allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dw, db = linear_bwd(dy, x, weight, z, activation or None, has_bias, need_dx, need_dw, gemm, allow_tf32)
+    return dx, dw, db
+
+
+@_linear_bwd_op.register_fake
+def _(dy, x, weight, z, activation, has_bias, need_dx, need_dw, gemm, allow_tf32):
+    M, K = x.shape
+    N = weight.shape[0]
+    dx = x.new_empty((M, K)) if need_dx else x.new_empty(0)
+    dw = weight.new_empty((N, K)) if need_dw else x.new_empty(0)
+    db = weight.new_empty((N,)) if has_bias else x.new_empty(0)
+    return dx, dw, db
+
+
+class LinearFn(torch.autograd.Function):
+    """2-D y = act(x·Wᵀ + b) + residual on the Triton kernels (x (M, K), residual (M, N))."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, activation, gemm, allow_tf32, save_z):
+        y, z = torch.ops.flashvit.linear_fwd(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32)
+        ctx.save_for_backward(x, weight, z if save_z else None)
+        ctx.activation, ctx.gemm, ctx.allow_tf32 = activation or "", gemm, allow_tf32
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, z = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        dx = dw = db = dres = None
+        if need_x or need_w or need_b:
+            gx, gw, gb = torch.ops.flashvit.linear_bwd(dy, x, weight, z, ctx.activation, ctx.has_bias and need_b,
+                                                       need_x, need_w, ctx.gemm, ctx.allow_tf32)
+            dx = gx if need_x else None
+            dw = gw if need_w else None
+            db = gb if (ctx.has_bias and need_b) else None
+        if need_r:
+            dres = dy
+        return dx, dw, db, dres, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, public functional, module
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
@@ -55,10 +543,45 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None, *,
-           backend: Optional[str] = None) -> torch.Tensor:
-    """y = act(x·Wᵀ + b) (+ residual); weight in nn.Linear's (out, in) layout, any leading shape of x."""
+           backend: Optional[str] = None, gemm: Optional[str] = None,
+           allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """y = act(x·Wᵀ + b) (+ residual); weight in nn.Linear's (out, in) layout, any leading shape of x.
+
+    activation: None, "gelu" (exact erf, timm/HF default) or "gelu_tanh".
+    backend: "auto" | "torch" | "triton" (see flashvit.kernels._dispatch).
+    gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "cublas" (torch.matmul + one fused
+    elementwise kernel) or "auto" (GEMM_TABLE); default: use_gemm context, else FLASHVIT_GEMM, else auto.
+    allow_tf32: fp32 inputs only; default torch.backends.cuda.matmul.allow_tf32 (False: IEEE fp32).
+    """
     _validate(x, weight, bias, activation, residual)
-    return linear_reference(x, weight, bias, activation, residual)
+    if gemm is not None:
+        _check_gemm_name(gemm)
+    if not use_triton(x, backend):
+        return linear_reference(x, weight, bias, activation, residual)
+    late_residual = None
+    if torch.is_autocast_enabled(x.device.type):
+        # mirror F.linear under autocast: x, W, b in the autocast dtype
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+        if residual is not None and residual.dtype != dt:
+            residual, late_residual = None, residual  # eager promotes y + residual: do the same
+    check_triton_dtypes(x=x, weight=weight, bias=bias, residual=residual)
+    dtypes = {t.dtype for t in (x, weight, bias, residual) if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"x, weight, bias and residual must share one dtype on the Triton path, got "
+                        f"{sorted(str(d).replace('torch.', '') for d in dtypes)}")
+    K, N = x.shape[-1], weight.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    r2 = residual.reshape(-1, N) if residual is not None else None
+    # z is saved only when autograd will need it (decided here: grad mode is off inside forward)
+    save_z = activation is not None and torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    with torch.autocast(x.device.type, enabled=False):
+        y = LinearFn.apply(x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
+    y = y.reshape(*lead, N)
+    return y if late_residual is None else y + late_residual
 
 
 class FusedMLP(nn.Module):
@@ -83,3 +606,71 @@ class FusedMLP(nn.Module):
             y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
             return y if residual is None else y + residual
         return linear(h, self.fc2.weight, self.fc2.bias, residual=residual)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile gate. At run time Triton specializes strides equal to 1 into constants, so each
+# GEMM spec names the operand layout it stands for: "fwd" (x, Wᵀ), "dx" (dZ, W), "dw" (dZᵀ, X).
+# Coverage: every config of every list, per dtype (and TF32 on/off for fp32), in the forward layout,
+# with the heaviest epilogue (bias + GELU + residual + save z) for bf16 and IEEE fp32 and the plain one
+# for fp16 and TF32 (the flags do not touch the main loop or its shared memory), plus the backward
+# layouts for the first config of each list. Every epilogue-flag x layout x config product (~300 specs)
+# would take the gate hours of compile time.
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
+                 "dx": ("stride_ak", "stride_bn", "stride_cn"),
+                 "dw": ("stride_am", "stride_bn", "stride_cn")}
+
+
+def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool) -> AotSpec:
+    bm, bn, bk, w, s = cfg
+    sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
+    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "stride_am", "stride_ak", "stride_bk", "stride_bn",
+                                   "stride_rm", "stride_rn", "stride_cm", "stride_cn")})
+    cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, ALLOW_TF32=tf32,
+              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+    cx.update({n: 1 for n in _UNIT_STRIDES[layout]})
+    sig.update({n: "constexpr" for n in cx})
+    return AotSpec(_gemm_kernel, sig, cx, w, s,
+                   f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
+                   f"{',epi' if epilogue else ''}]")
+
+
+def _aot_specs() -> List[AotSpec]:
+    if not HAS_TRITON:
+        return []
+    specs: List[AotSpec] = []
+    for dt, ty in _TY.items():
+        lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
+        seen = set()
+        for tf32 in ((False, True) if dt == torch.float32 else (True,)):  # 16-bit: default precision
+            for cfgs in lists:
+                for cfg in cfgs:
+                    if (cfg, tf32) not in seen:
+                        seen.add((cfg, tf32))
+                        # heaviest epilogue for bf16 and IEEE fp32; the plain one for fp16 and TF32
+                        # (same epilogue code, only the final conversion differs; keeps the gate short)
+                        specs.append(_gemm_spec(ty, cfg, "fwd", ty == "bf16" or (ty == "fp32" and not tf32), tf32))
+            for cfg in {cfgs[0] for cfgs in lists}:
+                specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
+        bm, bn, w = EPILOGUE_BLOCK
+        for act in (1, 2):  # the erf and tanh forms; ACT=0 is a subset of either
+            sig = {p: f"*{ty}" for p in ("c_ptr", "bias_ptr", "res_ptr", "y_ptr")}
+            sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
+            sig.update({f: "constexpr" for f in ("stride_rn", "HAS_BIAS", "ACT", "HAS_RES", "SAVE_Z", "BLOCK_M",
+                                                 "BLOCK_N")})
+            cx = dict(stride_rn=1, HAS_BIAS=True, ACT=act, HAS_RES=True, SAVE_Z=True, BLOCK_M=bm, BLOCK_N=bn)
+            specs.append(AotSpec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]"))
+            sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
+            sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})
+            sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
+            cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=True, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
+            specs.append(AotSpec(_dact_colsum_kernel, sig, cx, w, 1, f"dact_colsum[{ty},act={act}]"))
+    return specs
+
+
+AOT_SPECS: List[AotSpec] = _aot_specs()
+
+__all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "LinearFn", "FusedMLP", "use_gemm",
+           "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

@@ -1,0 +1,323 @@
+"""GEMM + bias/GELU/residual epilogues (kernels/linear.py): forward and backward vs a float64 oracle.
+
+CPU: the Triton interpreter with backend="triton" forced, fp32 and fp16 (bf16 dots are garbage in the
+interpreter), shapes picked sparsely from the issue's grid (the interpreter is slow). CUDA: the full grid
+in bf16 (@pytest.mark.gpu) plus everything below on the real kernels.
+"""
+
+import importlib
+import itertools
+
+import pytest
+import torch
+
+from tests.helpers import assert_close_to_ref, poison, randn
+
+L = importlib.import_module("flashvit.kernels.linear")
+linear, linear_reference, FusedMLP = L.linear, L.linear_reference, L.FusedMLP
+
+ON_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_fixed_config(monkeypatch):
+    """Every kernel output starts as NaN; GEMMs use one fixed config per arch (no autotune compile storm)."""
+    def empty_nan(shape, device, dtype):
+        return poison(torch.empty(shape, device=device, dtype=dtype))
+
+    monkeypatch.setattr(L, "_empty", empty_nan)
+    L.set_autotune(False)
+    yield
+    L.set_autotune(True)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts launches of our kernels, to prove the Triton path really ran."""
+    counts = {"gemm": 0, "epilogue": 0, "dact": 0}
+
+    def wrap(name, key):
+        fn = getattr(L, name)
+
+        def counted(*a, **k):
+            counts[key] += 1
+            return fn(*a, **k)
+        monkeypatch.setattr(L, name, counted)
+
+    wrap("_launch_gemm", "gemm")
+    wrap("_launch_epilogue", "epilogue")
+    wrap("_dact_colsum", "dact")
+    return counts
+
+
+def _make(M, K, N, dtype, device, bias, res, lead=None, noncontig=False, scale_w=None):
+    """Fresh inputs; x optionally non-contiguous (a strided view of a wider tensor)."""
+    sw = scale_w if scale_w is not None else K ** -0.5
+    shape = (M,) if lead is None else lead
+    if noncontig:
+        x = randn(*shape, 2 * K, dtype=dtype, device=device)[..., ::2]
+    else:
+        x = randn(*shape, K, dtype=dtype, device=device)
+    w = randn(N, K, dtype=dtype, device=device, scale=sw)
+    b = randn(N, dtype=dtype, device=device) if bias else None
+    r = randn(*shape, N, dtype=dtype, device=device) if res else None
+    return x, w, b, r
+
+
+def _run(fn, x, w, b, r, act, grad_seed=None):
+    """y and grads (x, w, b, r) of fn for a fresh upstream gradient."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, w, b, r)]  # keeps strides
+    y = fn(leaves[0], leaves[1], leaves[2], act, leaves[3])
+    g = randn(*y.shape, dtype=torch.float64, seed=grad_seed).to(device=y.device, dtype=y.dtype)
+    y.backward(g)
+    return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def _check(x, w, b, r, act, gemm="triton", factor_out=2.0):
+    seed = 777
+    y, grads = _run(lambda *a: linear(*a, backend="triton", gemm=gemm), x, w, b, r, act, seed)
+    d = [t.double().cpu() if t is not None else None for t in (x, w, b, r)]
+    y64, g64 = _run(linear_reference, *d, act, seed)
+    yt, gt = (None, [None] * 4)
+    if x.dtype != torch.float32:  # PyTorch itself in the same dtype, for the 2x/3x rule
+        yt, gt = _run(linear_reference, x, w, b, r, act, seed)
+    tol = dict(atol=2e-4, rtol=2e-4) if x.dtype == torch.float32 else dict(atol=1e-3)
+    assert_close_to_ref(y, y64.to(y.device), yt, factor=factor_out, name="y", **tol)
+    for name, g, ref, gtorch in zip(("dx", "dW", "db", "dres"), grads, g64, gt):
+        if ref is None:
+            assert g is None
+            continue
+        assert g is not None, f"{name}: no gradient"
+        assert_close_to_ref(g, ref.to(g.device), gtorch, factor=3.0, name=name, **tol)
+
+
+# (M, K, N, activation, bias, residual, noncontig x): sparse picks from the issue's grid for the
+# interpreter (large (K, N) only with M in {1, 7}).
+CPU_CASES = {
+    torch.float32: [
+        (1, 768, 3072, "gelu", True, False, False),
+        (7, 588, 768, "gelu_tanh", True, True, True),
+        (197, 32, 32, None, False, True, False),
+        (394, 32, 32, "gelu", True, True, True),
+        (7, 192, 768, None, True, False, False),
+        (1, 3072, 768, None, True, True, False),
+    ],
+    torch.float16: [
+        (7, 3072, 768, "gelu", True, True, False),
+        (197, 32, 32, "gelu_tanh", True, False, True),
+        (1, 588, 768, None, False, True, False),
+        (394, 32, 32, None, True, True, False),
+        (7, 192, 768, "gelu", False, False, True),
+    ],
+}
+
+
+@pytest.mark.parametrize("dtype,case", [(dt, c) for dt, cs in CPU_CASES.items() for c in cs],
+                         ids=lambda v: str(v).replace("torch.", "").replace(" ", ""))
+def test_linear_fwd_bwd(dtype, case, device, launches):
+    M, K, N, act, bias, res, nc = case
+    x, w, b, r = _make(M, K, N, dtype, device, bias, res, noncontig=nc)
+    _check(x, w, b, r, act)
+    assert launches["gemm"] == 3, launches  # y, dX, dW all on our GEMM
+    assert launches["dact"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+def test_cublas_path(dtype, act, device, launches):
+    """torch.matmul + one fused epilogue kernel; leading dims (B, T), odd sizes."""
+    x, w, b, r = _make(None, 40, 50, dtype, device, True, True, lead=(3, 5))
+    _check(x, w, b, r, act, gemm="cublas")
+    assert launches["gemm"] == 0 and launches["epilogue"] == 1, launches
+
+
+def test_transposed_x_and_strided_residual(device):
+    x = randn(40, 9, device=device).t()  # (9, 40), strides (1, 9)
+    w = randn(24, 40, device=device, scale=0.2)
+    b = randn(24, device=device)
+    r = randn(24, 9, device=device).t()
+    _check(x, w, b, r, "gelu")
+
+
+def test_gemm_override_env_and_context(device, monkeypatch, launches):
+    x, w, b, _ = _make(5, 16, 8, torch.float32, device, True, False)
+    monkeypatch.setenv("FLASHVIT_GEMM", "cublas")
+    y1 = linear(x, w, b, "gelu", backend="triton")
+    assert launches["epilogue"] == 1 and launches["gemm"] == 0
+    with L.use_gemm("triton"):
+        y2 = linear(x, w, b, "gelu", backend="triton")
+    assert launches["gemm"] == 1
+    monkeypatch.setenv("FLASHVIT_GEMM", "nonsense")
+    with pytest.raises(ValueError, match="GEMM path"):
+        linear(x, w, b, "gelu", backend="triton")
+    torch.testing.assert_close(y1, y2)
+    # auto uses the table, and every table entry is a known path
+    assert set(L.GEMM_TABLE.values()) <= {"triton", "cublas"}
+    assert L._choose_path("auto", torch.device("cpu"), 50432, 3072, 768) == L.GEMM_TABLE[(80, "large")]
+
+
+def test_determinism(device):
+    x, w, b, r = _make(50, 40, 72, torch.float32, device, True, True)
+    runs = 20 if ON_GPU else 6
+    ref = None
+    for _ in range(runs):
+        _, g = _run(lambda *a: linear(*a, backend="triton"), x, w, b, r, "gelu", grad_seed=5)
+        if ref is None:
+            ref = g
+        for a, c in zip(g, ref):
+            assert torch.equal(a, c)
+
+
+def test_no_grad_skips_z_and_partial_grads(device):
+    x, w, b, _ = _make(6, 16, 24, torch.float32, device, True, False)
+    y, z = L.linear_fwd(x, w, b, None, "gelu", save_z=False)
+    assert z.numel() == 0
+    torch.testing.assert_close(y, linear_reference(x, w, b, "gelu"), atol=1e-5, rtol=1e-5)
+    # frozen weight and bias: only dx
+    xg = x.clone().requires_grad_()
+    linear(xg, w, b, "gelu", backend="triton").sum().backward()
+    x64 = x.double().requires_grad_()
+    linear_reference(x64, w.double(), b.double(), "gelu").sum().backward()
+    torch.testing.assert_close(xg.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_rows(device):
+    x = torch.empty(0, 16, device=device)
+    w = randn(8, 16, device=device, requires_grad=True)
+    b = randn(8, device=device, requires_grad=True)
+    y = linear(x, w, b, "gelu", backend="triton")
+    assert y.shape == (0, 8)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_bad_inputs(device):
+    x, w, b, r = _make(4, 16, 8, torch.float32, device, True, True)
+    with pytest.raises(ValueError, match="input features"):
+        linear(x, randn(8, 15, device=device), backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        linear(x.to(torch.int32), w, backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        linear(x, w.to(torch.int64), backend="triton")
+    with pytest.raises(TypeError, match="Triton kernels take"):
+        linear(x.double(), w.double(), backend="triton")
+    with pytest.raises(TypeError, match="share one dtype"):
+        linear(x, w.half(), backend="triton")
+    with pytest.raises(ValueError, match="bias has shape"):
+        linear(x, w, randn(9, device=device), backend="triton")
+    with pytest.raises(ValueError, match="residual has shape"):
+        linear(x, w, b, residual=randn(4, 9, device=device), backend="triton")
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, w, b, activation="relu", backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        linear(x, w.to("meta"), backend="triton")
+    with pytest.raises(ValueError, match="GEMM path"):
+        linear(x, w, gemm="cutlass", backend="triton")
+    if not ON_GPU:
+        with pytest.raises(ValueError, match="one device"):
+            linear(x, w, b.to("meta"))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_fused_mlp_matches_timm(approximate, device):
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(3)
+    ref = timm_layers.Mlp(32, 72, act_layer=lambda: torch.nn.GELU(approximate=approximate)).to(device)
+    mlp = FusedMLP(32, 72, approximate=approximate).to(device)
+    mlp.load_state_dict(ref.state_dict(), strict=True)  # same parameter names
+    x = randn(2, 9, 32, device=device, requires_grad=True)
+    res = randn(2, 9, 32, device=device, requires_grad=True)
+    from flashvit.kernels import use_backend
+
+    with use_backend("triton"):
+        y = mlp(x, residual=res)
+    g = randn(*y.shape, device=device)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    res2 = res.detach().clone().requires_grad_()
+    y2 = ref(x2) + res2
+    y2.backward(g)
+    torch.testing.assert_close(y, y2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.grad, res2.grad)
+    for (n1, p1), (n2, p2) in zip(mlp.named_parameters(), ref.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad, p2.grad, atol=2e-4, rtol=1e-4, msg=n1)
+
+
+def test_reference_backend_on_cpu_is_eager():
+    x, w, b, r = _make(3, 8, 4, torch.float64, "cpu", True, True)
+    torch.testing.assert_close(linear(x, w, b, "gelu", r, backend="torch"),
+                               torch.nn.functional.gelu(x @ w.t() + b) + r)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only
+
+GPU_M = (1, 7, 197, 394)
+GPU_KN = ((32, 32), (192, 768), (768, 3072), (3072, 768), (588, 768))
+GPU_EPI = [(None, True, False), ("gelu", True, False), (None, True, True), ("gelu_tanh", False, True),
+           ("gelu", True, True), (None, False, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,KN", list(itertools.product(GPU_M, GPU_KN)))
+def test_gpu_bf16_grid(M, KN):
+    K, N = KN
+    for i, (act, bias, res) in enumerate(GPU_EPI[(M + K) % 3::3]):
+        x, w, b, r = _make(M, K, N, torch.bfloat16, "cuda", bias, res, noncontig=(i == 1))
+        _check(x, w, b, r, act)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+def test_gpu_vit_mlp_shapes(gemm):
+    """ViT-B fc1 and fc2 at batch 2 (M = 394) in bf16; the Triton path with autotuning on."""
+    L.set_autotune(gemm == "triton")
+    for K, N, act, res in ((768, 3072, "gelu", False), (3072, 768, None, True)):
+        x, w, b, r = _make(None, K, N, torch.bfloat16, "cuda", True, res, lead=(2, 197))
+        _check(x, w, b, r, act, gemm=gemm)
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_tf32_flag():
+    x, w, b, r = _make(197, 588, 768, torch.float32, "cuda", True, True)
+    y64 = linear_reference(*(t.double() for t in (x, w, b)), "gelu", r.double())
+    ieee = linear(x, w, b, "gelu", r, allow_tf32=False)
+    tf32 = linear(x, w, b, "gelu", r, allow_tf32=True)
+    assert (ieee.double() - y64).abs().max() < 1e-4
+    assert (tf32.double() - y64).abs().max() < 5e-2
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    x, w, b, r = _make(None, 192, 768, torch.bfloat16, "cuda", True, True, lead=(2, 197))
+    w.requires_grad_()
+
+    def f(x, w, b, r):
+        return linear(x, w, b, "gelu", r)
+
+    cf = torch.compile(f, fullgraph=True)
+    y = cf(x, w, b, r)
+    y.float().sum().backward()
+    g = w.grad.clone()
+    w.grad = None
+    y2 = f(x, w, b, r)
+    y2.float().sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(g, w.grad)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_mlp_bf16_autocast():
+    timm_layers = pytest.importorskip("timm.layers")
+    ref = timm_layers.Mlp(768, 3072).cuda()
+    mlp = FusedMLP(768, 3072).cuda()
+    mlp.load_state_dict(ref.state_dict())
+    x = randn(2, 197, 768, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = mlp(x, residual=x)
+        y_ref = ref(x) + x
+    assert y.dtype == y_ref.dtype
+    y64 = ref.double()(x.double()) + x.double()
+    assert (y.double() - y64).abs().max() <= 2 * (y_ref.double() - y64).abs().max() + 1e-3
