@@ -29,6 +29,10 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 3
     name: str = ""  # a label for reports, e.g. "ln_fwd[D=768,bf16]"
+    # Specialization hints the JIT derives at run time, e.g. {(i,): [["tt.divisibility", 16]]} for a
+    # 16-byte-aligned pointer or a stride divisible by 16: without them loads are not vectorized and
+    # the reported registers / shared memory differ from the real build.
+    attrs: Optional[Dict[Any, Any]] = None
 
     def label(self) -> str:
         return self.name or getattr(self.kernel, "__name__", str(self.kernel))
@@ -48,7 +52,7 @@ def compile_spec(spec: AotSpec, cc: int) -> Dict[str, Any]:
     from triton.compiler import ASTSource
 
     fn = jit_function(spec.kernel)
-    src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs)
+    src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     k = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),
