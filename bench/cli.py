@@ -260,7 +260,8 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
             lines += eager_vs_timm_lines(rows)
         not_run = [H.label(r) + f" ({r.status})" for r in rows if r.status in ("skipped", "pending")]
         if not_run:
-            lines.append(f"{suite}: not run (budget or timeout): {len(not_run)} rows: " + "; ".join(not_run))
+            more = f"; ... ({len(not_run) - 12} more in {suite}.json)" if len(not_run) > 12 else ""
+            lines.append(f"{suite}: not run (budget or timeout): {len(not_run)} rows: " + "; ".join(not_run[:12]) + more)
         for r in rows:
             if r.status == "error":
                 lines.append(f"{suite}: error: {H.label(r)}: {r.error[:200]}")

@@ -60,6 +60,7 @@ ln -s "$REPO/bench" "$SHIM/flashvit/bench"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1  # Python >= 3.11: no cwd on sys.path, so the repo's own flashvit/ cannot shadow the shim
 export PYTHONUNBUFFERED=1
+export FLASHVIT_IN_GPU_CHECK=1  # tests/test_bench_cli.py skips its own dry run of this script in here
 if [ -z "${FLASHVIT_GIT_COMMIT:-}" ]; then
   FLASHVIT_GIT_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
   export FLASHVIT_GIT_COMMIT
