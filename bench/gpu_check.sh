@@ -14,7 +14,8 @@
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
-# FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git).
+# FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
+# GPU_CHECK_MODEL_MAX (step caps in seconds: 200 / 130 / 180), GPU_CHECK_MODELS (default "b s l").
 set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
@@ -22,7 +23,7 @@ OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
@@ -98,7 +99,7 @@ fi
 if [ "$DRY" = 1 ]; then
   TEST_ARGS=(tests/test_dispatch.py); TEST_MAX=120; RESERVE=100
 else
-  TEST_ARGS=(tests bench); TEST_MAX=200; RESERVE=250
+  TEST_ARGS=(tests bench); TEST_MAX=${GPU_CHECK_TEST_MAX:-200}; RESERVE=250
 fi
 TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
 TESTS_RC=0
@@ -119,11 +120,13 @@ if [ "$DRY" = 1 ]; then
   BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; MODEL_MAX=40; GRACE=20; OPS_EXTRA=(--ops layernorm attention)
   MODEL_EXTRA=(--models s)
 else
-  BENCH_COMMON=(); OPS_MAX=130; MODEL_MAX=180; GRACE=35; OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
-  MODEL_EXTRA=(--models b s l --steps 8)
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-130}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-180}; GRACE=35
+  OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
+  # shellcheck disable=SC2206
+  MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
 fi
 BENCH_RC=0
-OPS_B=$(min "$OPS_MAX" $(( ($(left) - 30) * 45 / 100 )))
+OPS_B=$(min "$OPS_MAX" $(( ($(left) - 30) * 40 / 100 )))
 if [ "$OPS_B" -lt 10 ]; then
   note "skipped: op benchmarks (only $(left)s left)"
 else
@@ -154,6 +157,7 @@ NOTE_ARGS=()
 for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done
 NOTE_ARGS+=(--note "gpu_check: $(( SECONDS - T0 ))s of ${HARD}s; tests rc=$TESTS_RC; files: $(cd "$OUT" && ls | tr '\n' ' ')")
 echo
-timeout -k 5 60 "$PY" -m flashvit.bench report --out "$OUT" --tests-log "$OUT/gpu_tests.log" \
+REPORT_T=$(min 40 "$(left)"); [ "$REPORT_T" -ge 15 ] || REPORT_T=15
+timeout -k 5 "$REPORT_T" "$PY" -m flashvit.bench report --out "$OUT" --tests-log "$OUT/gpu_tests.log" \
   --summary "$OUT/summary.txt" "${NOTE_ARGS[@]}"
 [ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
