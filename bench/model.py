@@ -125,6 +125,13 @@ def flops_per_image(name: str, mode: str, ctx: MCtx) -> float:
 
 def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]:
     def run(row: Row) -> None:
+        try:
+            _run(row)
+        finally:
+            if impl in COMPILED:
+                torch._dynamo.reset()  # drop the compiled graphs and the model their guards hold
+
+    def _run(row: Row) -> None:
         import flashvit
         dev = ctx.device
         row.flops = flops_per_image(name, mode, ctx)

@@ -3,6 +3,8 @@
 Row order is priority order (the budget cuts from the end): first every row that needs no
 torch.compile (ours, eager, SDPA backends, flash-attn), then the torch.compile baselines.
 
+Third-party baselines join when installed: flash-attn (attention), Liger and apex (LayerNorm).
+
 Counts (DESIGN.md §6):
   * LayerNorm bytes: read x (+ residual), write y (+ h = x + residual), plus weight and bias; the
     backward reads dy (+ dh) and x (or h) and writes dx once (residual's grad is the same tensor).
@@ -176,10 +178,14 @@ def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch
     def run(row: Row) -> None:
         if compiled:
             torch._dynamo.reset()  # fresh caches: no recompile limits, no dynamic shapes from earlier rows
-        with context():
-            forward, params = forward_factory()
-            step = make_step(forward, make_args, params, mode, ctx)
-            row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, ctx.device, ctx.warmup_ms, ctx.rep_ms)
+        try:
+            with context():
+                forward, params = forward_factory()
+                step = make_step(forward, make_args, params, mode, ctx)
+                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, ctx.device, ctx.warmup_ms, ctx.rep_ms)
+        finally:
+            if compiled:
+                torch._dynamo.reset()  # drop the compiled graphs (and the tensors their guards hold)
 
     return run
 
@@ -200,6 +206,22 @@ def compile_of(fn: Callable[..., Any]) -> Callable[[], Tuple[Callable[..., Any],
 
 # ---------------------------------------------------------------------------------------------
 # The ops
+
+
+def optional_layernorms() -> List[Tuple[str, Callable[..., torch.Tensor]]]:
+    """Third-party fused LayerNorms, when installed: [(impl label, f(x, w, b, eps))]."""
+    out: List[Tuple[str, Callable[..., torch.Tensor]]] = []
+    try:
+        from liger_kernel.transformers.functional import liger_layer_norm  # type: ignore
+        out.append(("liger", lambda x, w, b, eps: liger_layer_norm(x, w, b, eps)))
+    except Exception:
+        pass
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # type: ignore
+        out.append(("apex", lambda x, w, b, eps: fused_layer_norm_affine(x, w, b, (x.shape[-1],), eps)))
+    except Exception:
+        pass
+    return out
 
 
 def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
@@ -249,6 +271,10 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
                                 unavailable=ctx.triton_reason))
                 main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+                if name == "layer_norm" and ctx.device.type == "cuda":
+                    for label_, f in optional_layernorms():
+                        main.append(Job(mk(label_), timed(const(lambda x, w, b, f=f: f(x, w, b, LN_EPS)), args, mode,
+                                                          ctx)))
                 late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx,
                                                             compiled=True),
                                 unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
