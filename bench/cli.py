@@ -262,9 +262,11 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
         if not_run:
             more = f"; ... ({len(not_run) - 12} more in {suite}.json)" if len(not_run) > 12 else ""
             lines.append(f"{suite}: not run (budget or timeout): {len(not_run)} rows: " + "; ".join(not_run[:12]) + more)
-        for r in rows:
-            if r.status == "error":
-                lines.append(f"{suite}: error: {H.label(r)}: {r.error[:200]}")
+        errors = [r for r in rows if r.status == "error"]
+        for r in errors[:10]:
+            lines.append(f"{suite}: error: {H.label(r)}: {r.error[:200]}")
+        if len(errors) > 10:
+            lines.append(f"{suite}: ... {len(errors) - 10} more errors in {suite}.json")
         png = os.path.join(out, f"{suite}.png")
         if plots and not os.path.exists(png):
             meta = {k: v for k, v in d.items() if k != "rows"}
