@@ -1,0 +1,163 @@
+#!/usr/bin/env bash
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run]
+#
+# On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
+# installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
+#   1. makes flashvit importable without pip: a temporary mirror of the repository whose flashvit/ folder
+#      links kernels/, vit/ and bench/ in as flashvit.kernels, flashvit.vit and flashvit.bench;
+#   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
+#   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
+#   4. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
+#   5. prints a short summary last                                            -> OUTDIR/summary.txt
+# Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
+# the others' time, and whatever did not fit is listed as skipped.
+#
+# --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
+# test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
+# FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
+# GPU_CHECK_MODEL_MAX (step caps in seconds: 200 / 130 / 180), GPU_CHECK_MODELS (default "b s l").
+set -uo pipefail
+
+DRY=${GPU_CHECK_DRY_RUN:-0}
+OUTDIR=""
+for a in "$@"; do
+  case "$a" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -*) echo "unknown option $a" >&2; exit 2 ;;
+    *) OUTDIR=$a ;;
+  esac
+done
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+if [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-240}; else HARD=${GPU_CHECK_SECONDS:-470}; fi
+T0=$SECONDS
+NOTES=()
+left() { echo $(( HARD - (SECONDS - T0) )); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+say() { echo "[gpu_check $(( SECONDS - T0 ))s] $*"; }
+note() { NOTES+=("$*"); say "$*"; }
+
+mkdir -p "$OUTDIR" || exit 2
+OUT=$(cd "$OUTDIR" && pwd -P)
+
+# ---- 1. flashvit importable without pip -------------------------------------------------------------
+SHIM=$(mktemp -d "${TMPDIR:-/tmp}/flashvit-gpu-check.XXXXXX") || exit 2
+trap 'rm -rf "$SHIM"' EXIT
+for e in "$REPO"/* "$REPO"/.[!.]*; do
+  [ -e "$e" ] || continue
+  case "$(basename "$e")" in flashvit|.venv|.git|__pycache__|.pytest_cache) continue ;; esac
+  ln -s "$e" "$SHIM/$(basename "$e")"  # a mirror of the repo root: relative paths in tests still work
+done
+mkdir "$SHIM/flashvit"
+for e in "$REPO"/flashvit/*; do
+  [ "$(basename "$e")" = __pycache__ ] || ln -s "$e" "$SHIM/flashvit/$(basename "$e")"
+done
+ln -s "$REPO/kernels" "$SHIM/flashvit/kernels"
+ln -s "$REPO/vit" "$SHIM/flashvit/vit"
+ln -s "$REPO/bench" "$SHIM/flashvit/bench"
+export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # Python >= 3.11: no cwd on sys.path, so the repo's own flashvit/ cannot shadow the shim
+export PYTHONUNBUFFERED=1
+export FLASHVIT_IN_GPU_CHECK=1  # tests/test_bench_cli.py skips its own dry run of this script in here
+if [ -z "${FLASHVIT_GIT_COMMIT:-}" ]; then
+  FLASHVIT_GIT_COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+  export FLASHVIT_GIT_COMMIT
+fi
+cd "$SHIM" || exit 2
+
+say "repo $REPO -> shim $SHIM; python $PY; dry-run=$DRY; total budget ${HARD}s"
+if ! timeout -k 5 90 "$PY" - "$REPO" "$SHIM" "$DRY" <<'EOF'
+import os, sys
+repo, shim, dry = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+import torch
+import flashvit
+import flashvit.bench
+import flashvit.kernels.layernorm as ln
+real = os.path.realpath(ln.__file__)
+assert ln.__file__.startswith(shim + os.sep), f"flashvit.kernels.layernorm imported from {ln.__file__}, not the shim"
+assert real.startswith(repo + os.sep), f"flashvit.kernels.layernorm resolves to {real}, outside {repo}"
+try:
+    import triton
+    tv = triton.__version__
+except Exception as e:
+    tv = f"not importable ({e})"
+cuda = torch.cuda.is_available()
+print(f"flashvit {flashvit.__version__} from {os.path.dirname(real)}; torch {torch.__version__}, triton {tv}, "
+      f"CUDA {torch.version.cuda}, device: {torch.cuda.get_device_name() if cuda else 'cpu'}")
+if not cuda and not dry:
+    sys.exit("no CUDA device: run with --dry-run on a CPU machine")
+EOF
+then
+  say "setup failed: flashvit is not importable from the shim, or no GPU (see above)"
+  exit 3
+fi
+
+# ---- 2. the test suite on CUDA ------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  TEST_ARGS=(tests/test_dispatch.py); TEST_MAX=120; RESERVE=100
+else
+  TEST_ARGS=(tests bench); TEST_MAX=${GPU_CHECK_TEST_MAX:-200}; RESERVE=250
+fi
+TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
+TESTS_RC=0
+if [ "$TEST_T" -lt 20 ]; then
+  note "skipped: the test suite (only $(left)s left)"
+  TESTS_RC=1
+else
+  say "tests: ${TEST_ARGS[*]} (timeout ${TEST_T}s) -> gpu_tests.log"
+  timeout -k 10 "$TEST_T" "$PY" -m pytest -p no:cacheprovider -v --tb=short --maxfail=10 --durations=15 \
+    -o faulthandler_timeout=100 "${TEST_ARGS[@]}" > "$OUT/gpu_tests.log" 2>&1
+  TESTS_RC=$?
+  [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] && note "tests: killed by the ${TEST_T}s timeout (log is partial)"
+  say "tests: rc=$TESTS_RC: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
+fi
+
+# ---- 3. op benchmarks ----------------------------------------------------------------------------------
+if [ "$DRY" = 1 ]; then
+  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; MODEL_MAX=40; GRACE=20; OPS_EXTRA=(--ops layernorm attention)
+  MODEL_EXTRA=(--models s)
+else
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-130}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-180}; GRACE=35
+  OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
+  # shellcheck disable=SC2206
+  MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
+fi
+BENCH_RC=0
+OPS_B=$(min "$OPS_MAX" $(( ($(left) - 30) * 40 / 100 )))
+if [ "$OPS_B" -lt 10 ]; then
+  note "skipped: op benchmarks (only $(left)s left)"
+else
+  say "ops: budget ${OPS_B}s (timeout $(( OPS_B + GRACE ))s)"
+  timeout -k 10 $(( OPS_B + GRACE )) "$PY" -m flashvit.bench ops --out "$OUT" --budget "$OPS_B" \
+    "${BENCH_COMMON[@]}" "${OPS_EXTRA[@]}" > "$SHIM/.ops.log" 2>&1
+  rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "ops: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
+  grep -E '^ops: ' "$SHIM/.ops.log" | cut -c1-400
+  [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.ops.log"
+fi
+
+# ---- 4. model benchmarks --------------------------------------------------------------------------------
+MODEL_B=$(min "$MODEL_MAX" $(( $(left) - 25 - GRACE )))
+if [ "$MODEL_B" -lt 10 ]; then
+  note "skipped: model benchmarks (only $(left)s left)"
+else
+  say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
+  timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" \
+    --ceilings-from "$OUT/ops.json" "${BENCH_COMMON[@]}" "${MODEL_EXTRA[@]}" > "$SHIM/.model.log" 2>&1
+  rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
+  grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
+  [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
+fi
+
+# ---- 5. summary, printed last ---------------------------------------------------------------------------
+rm -f "$OUT"/.*.tmp
+NOTE_ARGS=()
+for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done
+NOTE_ARGS+=(--note "gpu_check: $(( SECONDS - T0 ))s of ${HARD}s; tests rc=$TESTS_RC; files: $(cd "$OUT" && ls | tr '\n' ' ')")
+echo
+REPORT_T=$(min 40 "$(left)"); [ "$REPORT_T" -ge 15 ] || REPORT_T=15
+timeout -k 5 "$REPORT_T" "$PY" -m flashvit.bench report --out "$OUT" --tests-log "$OUT/gpu_tests.log" \
+  --summary "$OUT/summary.txt" "${NOTE_ARGS[@]}"
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]

@@ -1,0 +1,249 @@
+"""End-to-end ViT benchmarks: training and inference img/s, MFU and peak memory, ours vs timm, one process.
+
+Implementations (same config, same dtype, same batch):
+  flashvit            our model, Triton kernels (backend "triton"; CUDA only)
+  flashvit-eager      our model on its PyTorch reference path (backend "torch")
+  timm                timm's VisionTransformer, eager (the baseline of every speedup)
+  timm+flashvit.patch timm's model with flashvit.patch() swapping in our fused layers
+  compile(timm)       torch.compile(timm model)
+  compile(flashvit)   torch.compile(our model), Triton kernels as opaque custom ops
+
+The model runs in pure ``dtype`` (bf16 on GPU: parameters and activations, no autocast) for every impl.
+A training step is forward + cross-entropy + backward + SGD step. FLOPs per image are counted with
+torch.utils.flop_counter.FlopCounterMode on our eager path (aten ops, SDPA forced to its MATH form so
+every matmul is seen); MFU = img/s x FLOP/img / the run's measured matmul TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from flashvit.bench.harness import Job, Row, dtype_name, time_steps
+
+MODEL_ALIASES = {
+    "s": "vit_small_patch16_224", "vit_s": "vit_small_patch16_224",
+    "b": "vit_base_patch16_224", "vit_b": "vit_base_patch16_224",
+    "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
+}
+DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
+IMPLS = ("flashvit", "flashvit-eager", "timm", "timm+flashvit.patch", "compile(timm)", "compile(flashvit)")
+COMPILED = ("compile(timm)", "compile(flashvit)")
+QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
+NUM_CLASSES = 1000
+
+
+class MCtx:
+    def __init__(self, device: torch.device, dtype: torch.dtype, quick: bool, batch_train: int, batch_infer: int,
+                 warmup: int, iters: int, compile_ok: bool, compile_note: str, peak_tflops: Optional[float]) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.quick = quick
+        self.batch = {"train": batch_train, "infer": batch_infer}
+        self.warmup = warmup
+        self.iters = iters
+        self.compile_ok = compile_ok
+        self.compile_note = compile_note
+        self.peak_tflops = peak_tflops
+        self.overrides: Dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+        self._flops: Dict[Tuple[str, str], float] = {}
+
+
+def resolve(names: Sequence[str]) -> List[str]:
+    import flashvit
+    out = []
+    for n in names:
+        name = MODEL_ALIASES.get(n.lower(), n)
+        if name not in flashvit.list_models():
+            raise ValueError(f"unknown model {n!r}; use s/b/l or one of flashvit.list_models()")
+        out.append(name)
+    return out
+
+
+def _timm() -> Any:
+    try:
+        import timm
+        return timm
+    except Exception:
+        return None
+
+
+def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
+    """A fresh model for ``impl`` on the device, in ctx.dtype (parameters created on the device: fast init)."""
+    import flashvit
+    with torch.device(ctx.device):
+        if impl.startswith("flashvit") or impl == "compile(flashvit)":
+            m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides)
+        else:
+            m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **ctx.overrides)
+    m = m.to(ctx.dtype)
+    if impl == "timm+flashvit.patch":
+        m = flashvit.patch(m) or m
+    return m
+
+
+def backend_for(impl: str) -> str:
+    return {"flashvit": "triton", "compile(flashvit)": "triton", "flashvit-eager": "torch"}.get(impl, "auto")
+
+
+def image_shape(name: str, ctx: MCtx) -> Tuple[int, int, int]:
+    import flashvit
+    cfg = dict(flashvit.vit.MODEL_CONFIGS[name])
+    cfg.update(ctx.overrides)
+    s = cfg.get("img_size", 224)
+    s = (s, s) if isinstance(s, int) else tuple(s)
+    return (cfg.get("in_chans", 3), s[0], s[1])
+
+
+def flops_per_image(name: str, mode: str, ctx: MCtx) -> float:
+    """FLOPs of one image's forward (infer) or forward + backward (train), counted, not hard-coded."""
+    key = (name, mode)
+    if key in ctx._flops:
+        return ctx._flops[key]
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import flashvit
+    b = 2
+    m = build("flashvit-eager", name, ctx)
+    m.train(mode == "train")
+    x = torch.randn(b, *image_shape(name, ctx), device=ctx.device, dtype=ctx.dtype)
+    counter = FlopCounterMode(display=False)
+    with flashvit.use_backend("torch"), sdpa_kernel(SDPBackend.MATH), counter:
+        if mode == "train":
+            m(x).float().sum().backward()
+        else:
+            with torch.no_grad():
+                m(x)
+    ctx._flops[key] = counter.get_total_flops() / b
+    del m
+    return ctx._flops[key]
+
+
+def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]:
+    def run(row: Row) -> None:
+        try:
+            _run(row)
+        finally:
+            if impl in COMPILED:
+                torch._dynamo.reset()  # drop the compiled graphs and the model their guards hold
+
+    def _run(row: Row) -> None:
+        import flashvit
+        dev = ctx.device
+        row.flops = flops_per_image(name, mode, ctx)
+        if impl in COMPILED:
+            torch._dynamo.reset()
+        model = build(impl, name, ctx)
+        fwd = torch.compile(model) if impl in COMPILED else model
+        B = ctx.batch[mode]
+        images = torch.randn(B, *image_shape(name, ctx), device=dev, dtype=ctx.dtype)
+        labels = torch.randint(0, NUM_CLASSES, (B,), device=dev)
+        if mode == "train":
+            model.train()
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+            def step() -> None:
+                loss = F.cross_entropy(fwd(images), labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+
+            def step() -> None:
+                with torch.no_grad():
+                    fwd(images)
+
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        with flashvit.use_backend(backend_for(impl)):
+            t0 = time.perf_counter()
+            step()  # first step: compile / autotune / allocate, outside the timer
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            first = time.perf_counter() - t0
+            row.median_ms, row.p20_ms, row.p80_ms = time_steps(step, dev, ctx.warmup, ctx.iters)
+        row.img_per_s = B / (row.median_ms * 1e-3)
+        if ctx.peak_tflops:
+            row.mfu = 100.0 * row.img_per_s * row.flops / (ctx.peak_tflops * 1e12)
+        if dev.type == "cuda":
+            row.peak_mem_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+        if first > 5:
+            row.note = f"first step {first:.0f} s"
+
+    return run
+
+
+def unavailable(impl: str, ctx: MCtx) -> str:
+    import flashvit
+    from flashvit.bench.ops import triton_unavailable
+    if impl in ("flashvit", "compile(flashvit)") and triton_unavailable(ctx.device):
+        return triton_unavailable(ctx.device)
+    if impl.startswith("timm") or impl == "compile(timm)":
+        if _timm() is None:
+            return "timm not installed"
+    if impl == "timm+flashvit.patch" and not hasattr(flashvit, "patch"):
+        return "flashvit.patch is not in this build"
+    if impl in COMPILED and not ctx.compile_ok:
+        return ctx.compile_note
+    return ""
+
+
+def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] = None) -> List[Job]:
+    """Rows in priority order, for the budget: the first model's eager rows (train, infer), its
+    torch.compile training rows, the other models' eager rows, the first model's compile inference rows,
+    then the other models' compile rows."""
+    impls = list(impls or IMPLS)
+    for i in impls:
+        if i not in IMPLS:
+            raise ValueError(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
+    eager_impls = [i for i in impls if i not in COMPILED]
+    comp_impls = [i for i in impls if i in COMPILED]
+    compile_min_s = 45.0 if ctx.device.type == "cuda" else 10.0
+
+    def jobs(name: str, modes: Sequence[str], which: Sequence[str]) -> List[Job]:
+        out = []
+        for mode in modes:
+            c, h, w = image_shape(name, ctx)
+            sd = {"batch": ctx.batch[mode], "img": h if h == w else f"{h}x{w}"}
+            sd.update({k: v for k, v in ctx.overrides.items() if k != "img_size"})
+            for impl in which:
+                row = Row("model", name, sd, dtype_name(ctx.dtype), mode, impl, baseline=impl == "timm")
+                why = unavailable(impl, ctx)
+                big = "large" in name or "huge" in name
+                out.append(Job(row, run_row(impl, name, mode, ctx), unavailable=why,
+                               min_s=compile_min_s * (2 if big else 1) if impl in COMPILED else (10.0 if big else 0.0)))
+        return out
+
+    first, rest = names[0], list(names[1:])
+    order: List[Job] = []
+    order += jobs(first, ("train", "infer"), eager_impls)
+    order += jobs(first, ("train",), comp_impls)
+    for n in rest:
+        order += jobs(n, ("train", "infer"), eager_impls)
+    order += jobs(first, ("infer",), comp_impls)
+    for n in rest:
+        order += jobs(n, ("train", "infer"), comp_impls)
+    return order
+
+
+def eager_vs_timm_lines(rows: List[Row]) -> List[str]:
+    """'flashvit-eager vs timm eager' per model and mode (the CPU comparison the issue asks for)."""
+    by = {(r.name, r.mode, r.impl): r for r in rows if r.suite == "model"}
+    out = []
+    for (name, mode, impl), r in by.items():
+        if impl != "flashvit-eager":
+            continue
+        t = by.get((name, mode, "timm"))
+        if r.status == "ok" and t is not None and t.status == "ok":
+            out.append(f"flashvit eager vs timm eager, {name} {mode} [{r.shape_str()}]: "
+                       f"{r.img_per_s:.1f} vs {t.img_per_s:.1f} img/s (x{t.median_ms / r.median_ms:.2f})")
+        else:
+            why = r.error or r.note if r.status != "ok" else (t.error or t.note if t is not None else "no timm row")
+            out.append(f"flashvit eager vs timm eager, {name} {mode}: not measured ({why})")
+    return out
+

@@ -1,0 +1,502 @@
+"""Per-op benchmarks: each fused op vs eager PyTorch, torch.compile of the eager path, every SDPA backend.
+
+Row order is priority order (the budget cuts from the end): first every row that needs no
+torch.compile (ours, eager, SDPA backends, flash-attn), then the torch.compile baselines.
+
+Third-party baselines join when installed: flash-attn (attention), Liger and apex (LayerNorm).
+
+Counts (DESIGN.md §6):
+  * LayerNorm bytes: read x (+ residual), write y (+ h = x + residual), plus weight and bias; the
+    backward reads dy (+ dh) and x (or h) and writes dx once (residual's grad is the same tensor).
+  * attention FLOPs: fwd 4·B·H·N²·D. The backward is 2.5x the forward (five N²·D matmuls: the
+    recomputed scores, dV, dP, dQ, dK), so fwd+bwd = 3.5x fwd (flash-attn's convention for bwd).
+  * GEMM FLOPs: 2·M·N·K per GEMM; fwd+bwd = 3x fwd (dX and dW GEMMs).
+  * patch embed FLOPs: 2·B·L·D·(C·p²); fwd+bwd = 2x fwd (images need no grad: only the dW GEMM).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import itertools
+import os
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashvit.bench.harness import Job, Row, dtype_name, time_fn
+
+ATTN_FWD_BWD_FACTOR = 3.5  # fwd (1) + bwd (2.5)
+OPS = ("layernorm", "attention", "mlp", "patch_embed")
+LN_EPS = 1e-6
+
+# Full shapes (the kernel issues'); quick shapes are tiny and odd for CPU smoke runs.
+LN_ROWS = (256, 197)
+LN_DIMS = (384, 768, 1024, 1280)
+ATTN_SHAPES = ((256, 12, 197, 64), (128, 16, 257, 64), (64, 16, 257, 80), (32, 16, 577, 64))  # (B, H, N, D)
+MLP_SHAPES = (("vit_b", 256 * 197, 768, 3072), ("vit_l", 256 * 197, 1024, 4096))  # (name, M, D, hidden)
+PATCH_SHAPES = (("vit_b16", 256, 224, 16, 768), ("vit_h14", 256, 224, 14, 1280))  # (name, B, img, p, D)
+
+QUICK_LN_ROWS = (2, 17)
+QUICK_LN_DIMS = (64, 96)
+QUICK_ATTN_SHAPES = ((2, 3, 17, 16), (1, 2, 33, 40))
+QUICK_MLP_SHAPES = (("tiny", 2 * 17, 64, 256),)
+QUICK_PATCH_SHAPES = (("tiny_p8", 2, 32, 8, 64), ("tiny_p14", 1, 28, 14, 96))
+
+MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
+
+
+class Ctx:
+    """What every op row needs: device, dtype, timer settings, which Triton paths exist."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, warmup_ms: float, rep_ms: float,
+                 compile_ok: bool, compile_note: str, quick: bool) -> None:
+        self.device = device
+        self.dtype = dtype
+        self.warmup_ms = warmup_ms
+        self.rep_ms = rep_ms
+        self.compile_ok = compile_ok
+        self.compile_note = compile_note
+        self.quick = quick
+        self.triton_reason = triton_unavailable(device)
+        self.compile_min_s = 20.0 if device.type == "cuda" else 5.0
+
+
+def triton_unavailable(device: torch.device) -> str:
+    """Why our Triton rows cannot run here ('' when they can)."""
+    from flashvit.kernels import HAS_TRITON
+    if device.type != "cuda":
+        return "no CUDA device (the Triton kernels need a GPU)"
+    if not HAS_TRITON:
+        return "triton is not importable"
+    return ""
+
+
+def kernel_note(op_module: str) -> str:
+    """A note when this build has no Triton kernel for an op (its public function runs the reference)."""
+    try:
+        mod = importlib.import_module(f"flashvit.kernels.{op_module}")
+        return "" if getattr(mod, "AOT_SPECS", None) else "no Triton kernel in this build: times the reference"
+    except Exception as e:
+        return f"import failed: {e}"
+
+
+def gemm_variants() -> List[Tuple[str, Callable[[], Any]]]:
+    """[(label suffix, context factory)] for our linear: each GEMM path when the build exposes a switch."""
+    from flashvit.kernels import linear as lin
+    paths = [p for p in getattr(lin, "GEMM_PATHS", ()) if p != "auto"]
+    if paths and hasattr(lin, "use_gemm"):
+        return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: lin.use_gemm(p))) for p in paths]
+    try:
+        import inspect
+        src = inspect.getsource(lin)
+    except Exception:
+        src = ""
+    if "FLASHVIT_GEMM" in src:
+        return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: env_var("FLASHVIT_GEMM", p)))
+                                                 for p in ("triton", "cublas")]
+    return [("", contextlib.nullcontext)]
+
+
+@contextlib.contextmanager
+def env_var(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a timed step from a forward function
+
+
+def _randn(shape: Sequence[int], ctx: Ctx, scale: float = 1.0, grad: bool = False) -> torch.Tensor:
+    t = (torch.randn(*shape, device=ctx.device, dtype=torch.float32) * scale).to(ctx.dtype)
+    return t.requires_grad_(grad)
+
+
+def _as_tuple(out: Any) -> Tuple[torch.Tensor, ...]:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def n_sets(set_bytes: int, device: torch.device) -> int:
+    """Rotate input sets when that is cheap (small sets); big ones exceed L2 anyway and do_bench flushes it."""
+    if device.type != "cuda":
+        return 1
+    return 3 if set_bytes < 64 * 2**20 else 1
+
+
+def make_step(forward: Callable[..., Any], make_args: Callable[[bool], Tuple[torch.Tensor, ...]],
+              params: Sequence[torch.Tensor], mode: str, ctx: Ctx) -> Callable[[], Any]:
+    """A zero-argument callable running ``forward`` (fwd: under no_grad) or forward + autograd.grad.
+
+    ``make_args(grad)`` returns fresh inputs (those that should get grads have requires_grad when
+    ``grad``); ``params`` are module parameters that also get grads in fwd+bwd.
+    """
+    grad = mode == "fwd+bwd"
+    first = make_args(grad)
+    set_bytes = sum(t.numel() * t.element_size() for t in first)
+    sets = [first] + [make_args(grad) for _ in range(n_sets(set_bytes, ctx.device) - 1)]
+    if not grad:
+        with torch.no_grad():
+            _as_tuple(forward(*first))  # fail fast, outside the timer
+        it = itertools.cycle(sets)
+
+        def fwd() -> None:
+            with torch.no_grad():
+                forward(*next(it))
+
+        return fwd
+    prepared = []
+    for args in sets:
+        targets = [t for t in args if t.requires_grad] + [p for p in params if p.requires_grad]
+        outs = _as_tuple(forward(*args))
+        gos = [torch.randn_like(o) for o in outs]
+        torch.autograd.grad(outs, targets, gos)  # fail fast, outside the timer
+        prepared.append((args, targets, gos))
+    it2 = itertools.cycle(prepared)
+
+    def fwd_bwd() -> None:
+        args, targets, gos = next(it2)
+        torch.autograd.grad(_as_tuple(forward(*args)), targets, gos)
+
+    return fwd_bwd
+
+
+def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]],
+          make_args: Callable[[bool], Tuple[torch.Tensor, ...]], mode: str, ctx: Ctx,
+          context: Callable[[], Any] = contextlib.nullcontext, compiled: bool = False) -> Callable[[Row], None]:
+    """The job body: build the impl (inside ``context``), build the step, time it, fill the row."""
+
+    def run(row: Row) -> None:
+        if compiled:
+            torch._dynamo.reset()  # fresh caches: no recompile limits, no dynamic shapes from earlier rows
+        try:
+            with context():
+                forward, params = forward_factory()
+                step = make_step(forward, make_args, params, mode, ctx)
+                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, ctx.device, ctx.warmup_ms, ctx.rep_ms)
+        finally:
+            if compiled:
+                torch._dynamo.reset()  # drop the compiled graphs (and the tensors their guards hold)
+
+    return run
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return torch.compile(fn, dynamic=False)
+
+
+def const(fn: Callable[..., Any]) -> Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]]:
+    """A forward factory for a plain function (bound now, not at run time: rows are built in loops)."""
+    return lambda: (fn, ())
+
+
+def compile_of(fn: Callable[..., Any]) -> Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]]:
+    """A forward factory that compiles ``fn`` when the row runs (after the dynamo reset)."""
+    return lambda: (_compiled(fn), ())
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops
+
+
+def optional_layernorms() -> List[Tuple[str, Callable[..., torch.Tensor]]]:
+    """Third-party fused LayerNorms, when installed: [(impl label, f(x, w, b, eps))]."""
+    out: List[Tuple[str, Callable[..., torch.Tensor]]] = []
+    try:
+        from liger_kernel.transformers.functional import liger_layer_norm  # type: ignore
+        out.append(("liger", lambda x, w, b, eps: liger_layer_norm(x, w, b, eps)))
+    except Exception:
+        pass
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine  # type: ignore
+        out.append(("apex", lambda x, w, b, eps: fused_layer_norm_affine(x, w, b, (x.shape[-1],), eps)))
+    except Exception:
+        pass
+    return out
+
+
+def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    from flashvit.kernels import add_layer_norm, layer_norm
+    rows, dims = (QUICK_LN_ROWS, QUICK_LN_DIMS) if ctx.quick else (LN_ROWS, LN_DIMS)
+    dt, e = dtype_name(ctx.dtype), torch.empty((), dtype=ctx.dtype).element_size()
+    knote = kernel_note("layernorm")
+    main: List[Job] = []
+    late: List[Job] = []
+    for D in dims:
+        shape = (*rows, D)
+        M = rows[0] * rows[1]
+        sd = {"rows": f"{rows[0]}x{rows[1]}", "D": D}
+
+        def args_ln(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn(shape, ctx, grad=grad), 1 + _randn((D,), ctx, 0.1, grad), _randn((D,), ctx, 0.1, grad))
+
+        def args_add(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn(shape, ctx, grad=grad), _randn(shape, ctx, grad=grad),
+                    1 + _randn((D,), ctx, 0.1, grad), _randn((D,), ctx, 0.1, grad))
+
+        def eager_ln(x, w, b, D=D):
+            return F.layer_norm(x, (D,), w, b, LN_EPS)
+
+        def eager_add(x, r, w, b, D=D):
+            h = x + r
+            return F.layer_norm(h, (D,), w, b, LN_EPS), h
+
+        def ours_ln(x, w, b):
+            return layer_norm(x, w, b, LN_EPS, backend="triton")
+
+        def ours_add(x, r, w, b):
+            return add_layer_norm(x, r, w, b, LN_EPS, backend="triton")
+
+        for name, args, ours, eager, n_in, n_out in (("layer_norm", args_ln, ours_ln, eager_ln, 1, 1),
+                                                    ("add_layer_norm", args_add, ours_add, eager_add, 2, 2)):
+            for mode in ("fwd", "fwd+bwd"):
+                fwd_bytes = (n_in + n_out) * M * D * e + 2 * D * e
+                bwd_bytes = (n_out + 1 + 1) * M * D * e + 4 * D * e  # read dy (+dh) and x/h, write dx; dw, db
+                nbytes = fwd_bytes + (bwd_bytes if mode == "fwd+bwd" else 0)
+
+                def mk(impl: str, baseline: bool = False, note: str = "", name=name, sd=sd, mode=mode,
+                       nbytes=nbytes) -> Row:
+                    return Row("ops", name, dict(sd), dt, mode, impl, baseline=baseline, bytes=float(nbytes),
+                               note=note)
+
+                main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
+                                unavailable=ctx.triton_reason))
+                main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+                if name == "layer_norm" and ctx.device.type == "cuda":
+                    for label_, f in optional_layernorms():
+                        main.append(Job(mk(label_), timed(const(lambda x, w, b, f=f: f(x, w, b, LN_EPS)), args, mode,
+                                                          ctx)))
+                late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx,
+                                                            compiled=True),
+                                unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
+def _sdpa_backends() -> List[Tuple[str, Any]]:
+    try:
+        from torch.nn.attention import SDPBackend
+    except Exception:
+        return []
+    out = []
+    for label_, member in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+                           ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")):
+        if hasattr(SDPBackend, member):
+            out.append((label_, getattr(SDPBackend, member)))
+    return out
+
+
+def _sdpa_context(backend: Any) -> Callable[[], Any]:
+    def ctx_factory():
+        from torch.nn.attention import sdpa_kernel
+        return sdpa_kernel(backend)
+    return ctx_factory
+
+
+def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    from flashvit.kernels import attention, qkv_attention
+    shapes = QUICK_ATTN_SHAPES if ctx.quick else ATTN_SHAPES
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("attention")
+    try:
+        from flash_attn import flash_attn_qkvpacked_func  # type: ignore
+    except Exception:
+        flash_attn_qkvpacked_func = None
+    main: List[Job] = []
+    late: List[Job] = []
+    for B, H, N, D in shapes:
+        sd = {"B": B, "H": H, "N": N, "D": D}
+        fwd_flops = 4.0 * B * H * N * N * D
+
+        def args(grad: bool, B=B, N=N, H=H, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn((B, N, 3 * H * D), ctx, grad=grad),)
+
+        def ours_packed(qkv, H=H):
+            return qkv_attention(qkv, H, backend="triton")
+
+        def ours_bnhd(qkv, B=B, N=N, H=H, D=D):
+            q, k, v = qkv.view(B, N, 3, H, D).unbind(2)  # strided (B, N, H, D) views, no copies
+            return attention(q, k, v, backend="triton").reshape(B, N, H * D)
+
+        def sdpa(qkv, B=B, N=N, H=H, D=D):
+            # timm's layout: permute to (3, B, H, N, D), then transpose + reshape (a copy) back to (B, N, H·D)
+            q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+
+        def fa_packed(qkv, B=B, N=N, H=H, D=D):
+            return flash_attn_qkvpacked_func(qkv.view(B, N, 3, H, D)).reshape(B, N, H * D)
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = fwd_flops * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "attention", dict(sd), dt, mode, impl, baseline=baseline, flops=flops, note=note)
+
+            main.append(Job(mk("flashvit-qkv", note=knote), timed(const(ours_packed), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("flashvit-bnhd", note=knote), timed(const(ours_bnhd), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
+                            timed(const(sdpa), args, mode, ctx)))
+            for label_, backend in _sdpa_backends():
+                why = ""
+                if label_ == "sdpa-math" and B * H * N * N > MATH_MAX_SCORES:
+                    why = f"MATH left out at B·H·N² > 2^{MATH_MAX_SCORES.bit_length() - 1} (slow, N² memory)"
+                main.append(Job(mk(label_), timed(const(sdpa), args, mode, ctx, context=_sdpa_context(backend)),
+                                unavailable=why))
+            fa_why = ""
+            if flash_attn_qkvpacked_func is None:
+                fa_why = "flash-attn not installed"
+            elif ctx.device.type != "cuda" or ctx.dtype not in (torch.float16, torch.bfloat16):
+                fa_why = "flash-attn needs CUDA fp16/bf16"
+            main.append(Job(mk("flash-attn"), timed(const(fa_packed), args, mode, ctx), unavailable=fa_why))
+            late.append(Job(mk("compile(sdpa)"), timed(compile_of(sdpa), args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
+class EagerMLP(nn.Module):
+    """timm's Mlp + the block's residual add, in plain PyTorch: fc2(GELU(fc1(x))) + residual."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x))) + residual
+
+
+def mlp_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    from flashvit.kernels import FusedMLP, linear
+    shapes = QUICK_MLP_SHAPES if ctx.quick else MLP_SHAPES
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("linear")
+    variants = gemm_variants()
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, M, D, Hd in shapes:
+        sd = {"model": label_, "M": M, "D": D, "hidden": Hd}
+
+        def args(grad: bool, M=M, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn((M, D), ctx, grad=grad), _randn((M, D), ctx, grad=grad))
+
+        def eager_module(D=D, Hd=Hd) -> EagerMLP:
+            torch.manual_seed(0)
+            return EagerMLP(D, Hd).to(ctx.device, ctx.dtype)
+
+        def ours_factory(D=D, Hd=Hd, eager_module=eager_module):
+            m = FusedMLP(D, Hd).to(ctx.device, ctx.dtype)
+            m.load_state_dict(eager_module().state_dict())
+            return (lambda x, r: m(x, residual=r)), list(m.parameters())
+
+        def eager_factory(eager_module=eager_module):
+            m = eager_module()
+            return m, list(m.parameters())
+
+        def compile_factory(eager_module=eager_module):
+            m = eager_module()
+            return _compiled(m), list(m.parameters())
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 4.0 * M * D * Hd * (3 if mode == "fwd+bwd" else 1)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "mlp", dict(sd), dt, mode, impl, baseline=baseline, flops=flops, note=note)
+
+            for suffix, vctx in variants:
+                main.append(Job(mk("flashvit" + suffix, note=knote), timed(ours_factory, args, mode, ctx, context=vctx),
+                                unavailable=ctx.triton_reason))
+            main.append(Job(mk("eager", baseline=True), timed(eager_factory, args, mode, ctx)))
+            late.append(Job(mk("compile(eager)"), timed(compile_factory, args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+
+        # The plain GEMM (fc1's shape, no epilogue): our linear vs torch.matmul.
+        gd = {"model": label_, "M": M, "N": Hd, "K": D}
+
+        def gargs(grad: bool, M=M, D=D, Hd=Hd) -> Tuple[torch.Tensor, ...]:
+            return (_randn((M, D), ctx, grad=grad), _randn((Hd, D), ctx, D ** -0.5, grad))
+
+        def ours_gemm(x, w):
+            return linear(x, w, backend="triton")
+
+        def mm(x, w):
+            return torch.matmul(x, w.t())
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 2.0 * M * D * Hd * (3 if mode == "fwd+bwd" else 1)
+            for suffix, vctx in variants:
+                main.append(Job(Row("ops", "gemm", dict(gd), dt, mode, "flashvit" + suffix, flops=flops, note=knote),
+                                timed(const(ours_gemm), gargs, mode, ctx, context=vctx),
+                                unavailable=ctx.triton_reason))
+            main.append(Job(Row("ops", "gemm", dict(gd), dt, mode, "torch.matmul", baseline=True, flops=flops),
+                            timed(const(mm), gargs, mode, ctx)))
+    return main, late
+
+
+def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    from flashvit.kernels import patch_embed
+    shapes = QUICK_PATCH_SHAPES if ctx.quick else PATCH_SHAPES
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("patch_embed")
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, B, img, p, D in shapes:
+        L = (img // p) ** 2
+        sd = {"model": label_, "B": B, "img": img, "patch": p, "D": D}
+
+        def args(grad: bool, B=B, img=img, p=p, D=D, L=L) -> Tuple[torch.Tensor, ...]:
+            return (_randn((B, 3, img, img), ctx), _randn((D, 3, p, p), ctx, 0.02, grad), _randn((D,), ctx, 0.02, grad),
+                    _randn((1, L + 1, D), ctx, 0.02, grad), _randn((1, 1, D), ctx, 0.02, grad))
+
+        def ours(images, w, b, pos, cls):
+            return patch_embed(images, w, b, pos, cls, backend="triton")
+
+        def eager(images, w, b, pos, cls, p=p):
+            x = F.conv2d(images, w, b, stride=p)  # 1. conv
+            x = x.flatten(2).transpose(1, 2)  # 2. flatten, 3. transpose -> (B, L, D)
+            x = torch.cat((cls.expand(x.shape[0], -1, -1), x), dim=1)  # 4. prepend the class token
+            return x + pos  # 5. position embedding
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 2.0 * B * L * D * 3 * p * p * (2 if mode == "fwd+bwd" else 1)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "patch_embed", dict(sd), dt, mode, impl, baseline=baseline, flops=flops, note=note)
+
+            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
+BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
+    "layernorm": layernorm_jobs,
+    "attention": attention_jobs,
+    "mlp": mlp_jobs,
+    "patch_embed": patch_embed_jobs,
+}
+
+
+def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
+    """All rows for ``ops`` (default: every op): the no-compile rows first, then the torch.compile rows."""
+    main: List[Job] = []
+    late: List[Job] = []
+    for op in ops or OPS:
+        if op not in BUILDERS:
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+        m, lt = BUILDERS[op](ctx)
+        main += m
+        late += lt
+    return main + late

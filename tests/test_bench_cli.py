@@ -1,0 +1,279 @@
+"""The benchmark CLI (python -m flashvit.bench), its result files and schema, and gpu_check.sh --dry-run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from flashvit.bench import cli, harness, model, ops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TIMM = harness._version("timm") is not None
+try:
+    import matplotlib  # noqa: F401
+    HAS_MPL = True
+except Exception:
+    HAS_MPL = False
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the CLI times the real paths, never the interpreter
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One CPU run of `python -m flashvit.bench all --quick`, shared by the checks below."""
+    out = tmp_path_factory.mktemp("bench_quick")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "flashvit.bench", "all", "--quick", "--device", "cpu", "--out",
+                          str(out)], cwd=str(out), env=_env(), capture_output=True, text=True, timeout=600)
+    return out, res, time.monotonic() - t0
+
+
+def _load(out, suite):
+    with open(os.path.join(out, f"{suite}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_quick_run_writes_its_files(quick_run):
+    out, res, _ = quick_run
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    names = set(os.listdir(out))
+    assert {"ops.json", "ops.csv", "model.json", "model.csv"} <= names, names
+    if HAS_MPL:
+        assert {"ops.png", "model.png"} <= names
+        for suite in ("ops", "model"):
+            with open(os.path.join(out, f"{suite}.png"), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [n for n in names if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("suite", ["ops", "model"])
+def test_json_schema(quick_run, suite):
+    out, res, _ = quick_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = _load(out, suite)
+    assert d["schema"] == harness.SCHEMA and d["suite"] == suite
+    env = d["env"]
+    for key in ("device", "device_name", "driver", "torch", "triton", "python", "git_commit", "cuda"):
+        assert key in env, key
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__
+    assert isinstance(env["git_commit"], str) and env["git_commit"]
+    assert d["ceilings"]["copy_gbps"] > 0 and d["ceilings"]["matmul_tflops"] > 0
+    assert d["config"]["quick"] is True and d["config"]["dtype"] == "float32"
+    assert d["created"].endswith("+00:00")
+    rows = d["rows"]
+    assert rows and all(set(harness.CSV_FIELDS) <= set(r) for r in rows)
+    assert all(r["status"] in harness.STATUSES and r["status"] != "pending" for r in rows)
+    assert d["counts"]["ok"] == sum(r["status"] == "ok" for r in rows) > 0
+    for r in rows:
+        assert r["shape"] and r["dtype"] == "float32" and r["mode"]
+        if r["status"] == "ok":
+            assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"], r
+            assert (r["flops"] or 0) > 0 or (r["bytes"] or 0) > 0, r
+        else:
+            assert r["median_ms"] is None and (r["note"] or r["error"]), r
+        if r["impl"] in ("flashvit", "flashvit-qkv", "compile(flashvit)"):
+            assert r["status"] == "unavailable" and "CUDA" in r["note"], r  # Triton rows on CPU
+    baselines = [r for r in rows if r["baseline"]]
+    assert baselines and all(r["status"] == "ok" and r["speedup"] == pytest.approx(1.0) for r in baselines)
+    if suite == "ops":
+        assert {r["name"] for r in rows} >= {"layer_norm", "add_layer_norm", "attention", "mlp", "gemm", "patch_embed"}
+        assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+        ok = [r for r in rows if r["status"] == "ok"]
+        assert all(r["tflops"] or r["gbps"] for r in ok)
+    else:
+        assert {r["mode"] for r in rows} == {"train", "infer"}
+
+
+def test_csv_matches_json(quick_run):
+    out, res, _ = quick_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    for suite in ("ops", "model"):
+        with open(os.path.join(out, f"{suite}.csv"), encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            assert reader.fieldnames == harness.CSV_FIELDS
+            csv_rows = list(reader)
+        rows = _load(out, suite)["rows"]
+        assert len(csv_rows) == len(rows)
+        for c, r in zip(csv_rows, rows):
+            assert (c["name"], c["impl"], c["mode"], c["status"]) == (r["name"], r["impl"], r["mode"], r["status"])
+            if r["median_ms"] is not None:
+                assert float(c["median_ms"]) == pytest.approx(r["median_ms"], rel=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TIMM, reason="timm not installed")
+def test_cpu_eager_vs_timm_comparison_in_output(quick_run):
+    out, res, _ = quick_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("flashvit eager vs timm eager")]
+    assert len(lines) == 2 and all("img/s" in ln for ln in lines), res.stdout[-2000:]
+    rows = _load(out, "model")["rows"]
+    for mode in ("train", "infer"):
+        ours = next(r for r in rows if r["impl"] == "flashvit-eager" and r["mode"] == mode)
+        timm = next(r for r in rows if r["impl"] == "timm" and r["mode"] == mode)
+        assert ours["status"] == timm["status"] == "ok"
+        assert ours["flops"] == pytest.approx(timm["flops"]) and ours["flops"] > 0  # counted once per model/mode
+        assert ours["img_per_s"] > 0 and ours["mfu"] > 0 and ours["speedup"] == pytest.approx(
+            timm["median_ms"] / ours["median_ms"])
+
+
+def test_quick_run_is_quick(quick_run):
+    _, res, seconds = quick_run
+    assert res.returncode == 0
+    # ~20-55 s measured on a shared 2-core machine; a generous bound so a loaded CI box does not flake.
+    assert seconds < 240, seconds
+
+
+def test_report_summarises_a_folder(quick_run, tmp_path, capsys):
+    out, res, _ = quick_run
+    assert res.returncode == 0
+    summary = tmp_path / "summary.txt"
+    assert cli.main(["report", "--out", str(out), "--summary", str(summary), "--no-plot", "--note", "hello"]) == 0
+    text = summary.read_text()
+    assert text.startswith("device: ") and "\nops: " in text and "\nmodel: " in text and text.rstrip().endswith("hello")
+    assert "layer_norm" in text and capsys.readouterr().out.strip().endswith("hello")
+    assert cli.main(["report", "--out", str(tmp_path / "empty"), "--no-plot"]) == 1
+
+
+def test_budget_spent_rows_are_skipped_and_listed(tmp_path, capsys):
+    rc = cli.main(["ops", "--quick", "--device", "cpu", "--ops", "layernorm", "--budget", "0", "--out", str(tmp_path),
+                   "--no-plot"])
+    assert rc == 0
+    d = _load(tmp_path, "ops")
+    statuses = {r["status"] for r in d["rows"]}
+    assert statuses <= {"skipped", "unavailable"} and "skipped" in statuses
+    assert d["skipped"] and all("layer_norm" in s for s in d["skipped"])
+    assert "skipped (time budget)" in capsys.readouterr().out
+
+
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path):
+    def ok(row):
+        row.median_ms, row.p20_ms, row.p80_ms = 2.0, 1.5, 2.5
+
+    def fast(row):
+        row.median_ms, row.p20_ms, row.p80_ms = 1.0, 0.9, 1.1
+
+    def boom(row):
+        raise ValueError("kernel exploded")
+
+    def no_kernel(row):
+        raise RuntimeError("No viable backend for scaled_dot_product_attention was found. details")
+
+    def mk(impl, baseline=False):
+        return harness.Row("ops", "toy", {"n": 1}, "float32", "fwd", impl, baseline=baseline, flops=2e9)
+
+    jobs = [harness.Job(mk("a", True), ok), harness.Job(mk("b"), boom), harness.Job(mk("c"), no_kernel),
+            harness.Job(mk("d"), fast), harness.Job(mk("e"), unavailable="not here"),
+            harness.Job(mk("f"), ok, min_s=1e9)]
+    meta = {"ceilings": {"matmul_tflops": 10.0}}
+    lines = []
+    rows = harness.Runner("ops", jobs, meta, str(tmp_path), harness.Budget(None), torch.device("cpu"), lines.append).run()
+    st = {r.impl: r for r in rows}
+    assert [r.status for r in rows] == ["ok", "error", "unavailable", "ok", "unavailable", "ok"]
+    assert "ValueError: kernel exploded" in st["b"].error and st["b"].median_ms is None
+    assert "No viable backend" in st["c"].note
+    assert st["d"].speedup == pytest.approx(2.0) and st["d"].tflops == pytest.approx(2.0)
+    assert st["d"].pct_ceiling == pytest.approx(20.0)
+    assert len(lines) == len(jobs)
+    d = _load(tmp_path, "ops")
+    assert [r["status"] for r in d["rows"]] == [r.status for r in rows]
+    # With a budget, a row that needs more than what is left is skipped, not started.
+    job = harness.Job(mk("g"), ok, min_s=1e9)
+    harness.Runner("ops", [job], meta, None, harness.Budget(100.0), torch.device("cpu"), lines.append).run()
+    assert job.row.status == "skipped" and "budget" in job.row.note
+
+
+def test_deadline_interrupts_a_row():
+    t0 = time.monotonic()
+    with pytest.raises(harness.RowTimeout):
+        with harness.deadline(0.2):
+            while time.monotonic() - t0 < 5:
+                time.sleep(0.01)
+    assert time.monotonic() - t0 < 2
+
+
+def test_counts_and_row_order():
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    jobs = ops.op_jobs(ctx)
+    attn = [j.row for j in jobs if j.row.name == "attention"]
+    for r in attn:
+        B, H, N, D = (r.shape[k] for k in "BHND")
+        assert r.flops == 4 * B * H * N * N * D * (3.5 if r.mode == "fwd+bwd" else 1)
+    ln = next(j.row for j in jobs if j.row.name == "layer_norm" and j.row.mode == "fwd")
+    M = 2 * 17
+    assert ln.bytes == (2 * M * ln.shape["D"] + 2 * ln.shape["D"]) * 4  # read x, write y, weight + bias
+    # torch.compile rows come last (the budget cuts them first).
+    kinds = ["compile" in j.row.impl for j in jobs]
+    assert kinds == sorted(kinds) and any(kinds)
+    assert all(j.unavailable for j in jobs if "compile" in j.row.impl)
+
+
+def test_model_rows_priority_order():
+    ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, True, "", None)
+    jobs = model.model_jobs(ctx, model.resolve(["b", "s"]))
+    order = [(j.row.name.split("_")[1], j.row.mode, j.row.impl in model.COMPILED) for j in jobs]
+    firsts = []
+    for key in order:
+        if not firsts or firsts[-1] != key:
+            firsts.append(key)
+    assert firsts == [("base", "train", False), ("base", "infer", False), ("base", "train", True),
+                      ("small", "train", False), ("small", "infer", False), ("base", "infer", True),
+                      ("small", "train", True), ("small", "infer", True)]
+    assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
+    with pytest.raises(ValueError, match="unknown model"):
+        model.resolve(["vit_nope"])
+
+
+def test_gemm_variants_follow_the_linear_switch(monkeypatch):
+    from flashvit.kernels import linear as lin
+    if not hasattr(lin, "use_gemm"):
+        monkeypatch.setattr(lin, "GEMM_PATHS", ("auto", "triton", "cublas"), raising=False)
+        monkeypatch.setattr(lin, "use_gemm", lambda name: ops.env_var("FLASHVIT_GEMM", name), raising=False)
+    labels = [label for label, _ in ops.gemm_variants()]
+    assert labels[0] == "" and "[gemm=triton]" in labels and "[gemm=cublas]" in labels
+
+
+def test_env_var_context_restores():
+    os.environ["FLASHVIT_TEST_VAR"] = "before"
+    try:
+        with ops.env_var("FLASHVIT_TEST_VAR", "inside"):
+            assert os.environ["FLASHVIT_TEST_VAR"] == "inside"
+        assert os.environ["FLASHVIT_TEST_VAR"] == "before"
+    finally:
+        del os.environ["FLASHVIT_TEST_VAR"]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash + timeout")
+@pytest.mark.skipif(os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
+                    reason="running inside gpu_check.sh, which is the real run of this script")
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "results"
+    env = _env()
+    env.update(PYTHON=sys.executable, GPU_CHECK_SECONDS="400")
+    res = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), str(out), "--dry-run"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    names = sorted(os.listdir(out))
+    expected = {"gpu_tests.log", "ops.json", "ops.csv", "model.json", "model.csv", "summary.txt"}
+    assert expected <= set(names) and len(names) <= 8, names
+    if HAS_MPL:
+        assert {"ops.png", "model.png"} <= set(names)
+    assert "passed" in (out / "gpu_tests.log").read_text()
+    import flashvit
+    assert f"flashvit {flashvit.__version__} from {os.path.join(os.path.realpath(REPO), 'kernels')}" in res.stdout
+    summary = (out / "summary.txt").read_text()
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
+    assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary
