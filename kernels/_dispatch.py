@@ -14,9 +14,8 @@ Also home to the input checks every public op shares, so each op raises the same
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 
@@ -34,7 +33,9 @@ except Exception:  # pragma: no cover - depends on the platform
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "torch", "triton")
-_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_backend", default=None)
+# Innermost ``use_backend`` last. A plain module-level list (not a ContextVar) so that torch.compile
+# guards on it: a compiled model recompiles when the forced backend changes.
+_overrides: List[str] = []
 
 
 def _check_backend_name(name: str) -> str:
@@ -44,22 +45,26 @@ def _check_backend_name(name: str) -> str:
 
 
 @torch.compiler.assume_constant_result
+def _env_backend() -> str:
+    # Read at call time in eager; under torch.compile it is read once per trace.
+    return os.environ.get("FLASHVIT_BACKEND", "auto").strip().lower() or "auto"
+
+
 def get_backend() -> str:
     """The backend in force: the innermost ``use_backend`` context, else ``FLASHVIT_BACKEND``, else 'auto'."""
-    name = _override.get()
-    if name is None:
-        name = os.environ.get("FLASHVIT_BACKEND", "auto").strip().lower() or "auto"
-    return _check_backend_name(name)
+    if _overrides:
+        return _overrides[-1]
+    return _check_backend_name(_env_backend())
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force a backend inside a ``with`` block: ``with flashvit.use_backend("torch"): ...``."""
-    token = _override.set(_check_backend_name(name))
+    _overrides.append(_check_backend_name(name))
     try:
         yield
     finally:
-        _override.reset(token)
+        _overrides.pop()
 
 
 def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:

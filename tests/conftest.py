@@ -32,7 +32,9 @@ def pytest_configure(config):
         common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         settings.register_profile("ci", max_examples=200, derandomize=True, **common)
         settings.register_profile("deep", max_examples=2000, **common)
-        settings.load_profile("deep" if config.getoption("--deep") else "ci")
+        # On a GPU each new shape can mean a fresh kernel compile: fewer examples there (gpu_check budget).
+        settings.register_profile("gpu", max_examples=15, derandomize=True, **common)
+        settings.load_profile("deep" if config.getoption("--deep") else "gpu" if torch.cuda.is_available() else "ci")
     except ImportError:
         pass
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 dots, speed); runs in bench/gpu_check.sh")
