@@ -93,3 +93,22 @@ def test_patched_hf_vit_compiles_fullgraph():
     ref = model(pixel_values=x).logits
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
     torch.testing.assert_close(compiled(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_patched_timm_compiles_fullgraph_on_cuda_triton_path():
+    """On CUDA the patched layers run the Triton custom ops: Dynamo must see them as opaque ops (no break)."""
+    torch.manual_seed(fresh_seed())
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10)
+    model = flashvit.patch(model.cuda().bfloat16().train())
+    x = _inputs((4, 3, 64, 64)).cuda().bfloat16()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    ref_out, ref_grads = _fwd_bwd(model, model, x)
+    out, grads = _fwd_bwd(torch.compile(model, fullgraph=True, backend=BACKEND), model, x)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2 * ref_out.abs().max().item(), rtol=2e-2)
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), atol=2e-2 * scale + 1e-6, rtol=2e-2,
+                                   msg=n)
