@@ -185,6 +185,16 @@ def test_patch_keeps_dtype_and_device_and_shares_parameters():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
+def test_unknown_mlp_class_in_a_timm_vit_is_reported():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, mlp_layer=timm.layers.SwiGLUPacked,
+                              act_layer="silu", **SMALL)
+    flashvit.patch(model)
+    left = model.flashvit_report.left
+    assert [(p, c) for p, c, _ in left] == [("blocks.0.mlp", "GluMlp"), ("blocks.1.mlp", "GluMlp")]
+    assert "GluMlp" in str(model.flashvit_report)  # SwiGLUPacked builds a GluMlp
+    flashvit.unpatch(model)
+
+
 def test_gated_attention_is_left_untouched():
     attn = timm.layers.Attention(16, num_heads=2, gated=True)
     model = nn.Sequential(attn)

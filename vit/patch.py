@@ -376,6 +376,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (_is_layernorm, _decide_layernorm, layernorm),
     ]
 
+    wanted = {"attn": attention, "mlp": mlp, "patch_embed": patch_embed}
+
     def visit(parent: nn.Module, prefix: str) -> None:
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
@@ -388,6 +390,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
                         if why:
                             report.left.append((path, type(child).__name__, why))
                     break
+            else:  # an attention/MLP/patch-embed slot holding a class we do not know: say so
+                if wanted.get(name) and not isinstance(child, (nn.Identity, FusedMLP)):
+                    report.left.append((path, type(child).__name__, "no flashvit replacement for this class"))
             nxt_name, nxt = children[i + 1] if i + 1 < len(children) else ("", None)
             if (new is None and linear_gelu and isinstance(parent, nn.Sequential) and type(child) is nn.Linear
                     and nxt is not None and _gelu_kind(nxt) is not None
