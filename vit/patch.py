@@ -391,7 +391,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
                             report.left.append((path, type(child).__name__, why))
                     break
             else:  # an attention/MLP/patch-embed slot holding a class we do not know: say so
-                if wanted.get(name) and not isinstance(child, (nn.Identity, FusedMLP)):
+                if (wanted.get(name) and not isinstance(child, nn.Identity)
+                        and not type(child).__module__.startswith("flashvit.")):  # ours are fused already
                     report.left.append((path, type(child).__name__, "no flashvit replacement for this class"))
             nxt_name, nxt = children[i + 1] if i + 1 < len(children) else ("", None)
             if (new is None and linear_gelu and isinstance(parent, nn.Sequential) and type(child) is nn.Linear
