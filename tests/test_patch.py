@@ -265,8 +265,9 @@ def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
 
     report = _check_patched_same(model, _images((32, 32)), call=call)
     counts = report.counts()
-    assert counts == {"LayerNorm": 5, "ViTAttention": 2, "ViTMLP": 2, "ViTPatchEmbeddings": 1}, counts
-    assert calls["attention"] == 2 and calls["patch_embed_op"] == 1 and calls["layer_norm"] == 5
+    assert counts == {"LayerNorm": 5, "ViTAttention": 2, "ViTMLP": 2, "ViTPatchEmbeddings": 1, "ViTLayer": 2}, counts
+    assert calls["attention"] == 2 and calls["patch_embed_op"] == 1
+    assert calls["layer_norm"] == 3 and calls["add_layer_norm"] == 2  # layernorm_after fused with the residual
     assert calls["mlp_linear"] == 4
     assert model.config._attn_implementation == impl  # unpatch restored it
 
@@ -275,7 +276,7 @@ def test_hf_attention_function_is_registered_and_used():
     from transformers import AttentionInterface
 
     model = _hf_model().eval()
-    flashvit.patch(model, layernorm=False, mlp=False, patch_embed=False)
+    flashvit.patch(model, layernorm=False, mlp=False, patch_embed=False, residual=False)
     assert model.config._attn_implementation == patch_mod.HF_ATTN_IMPLEMENTATION
     assert AttentionInterface._global_mapping[patch_mod.HF_ATTN_IMPLEMENTATION] is patch_mod._hf_flashvit_attention
     assert set(model.flashvit_report.counts()) == {"ViTAttention"}

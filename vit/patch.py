@@ -47,6 +47,7 @@ _TIMM_ATTENTION = {"timm.layers.attention.Attention"}
 _TIMM_MLP = {"timm.layers.mlp.Mlp"}
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
+_HF_LAYER = {"transformers.models.vit.modeling_vit.ViTLayer"}
 _HF_VIT_ATTENTION = {"transformers.models.vit.modeling_vit.ViTAttention"}
 _HF_MLP = {"transformers.models.vit.modeling_vit.ViTMLP"}
 _HF_PATCH_EMBED = {"transformers.models.vit.modeling_vit.ViTPatchEmbeddings"}
@@ -182,6 +183,23 @@ class _FusedTimmBlock(nn.Module):
                 and _drop_path_inactive(self.drop_path2)):
             return self.mlp(y, residual=x)  # FusedMLP falls back to y + x itself when its dropout is active
         return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+class _FusedHFLayer(nn.Module):
+    """transformers ViTLayer with the residual adds fused (add + layernorm_after in one pass, fc2 + residual)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        a = self.dropout(a)
+        if isinstance(self.layernorm_after, FlashLayerNorm):
+            y, h = self.layernorm_after.forward_add(a, hidden_states)  # h = a + x ; y = LN(h)
+        else:
+            h = a + hidden_states
+            y = self.layernorm_after(h)
+        if isinstance(self.mlp, FusedMLP) and (not self.training or self.dropout.p == 0.0):
+            return self.mlp(y, residual=h)
+        return self.dropout(self.mlp(y)) + h
 
 
 class _FusedLinearGelu(nn.Linear):
@@ -352,7 +370,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
-        residual: timm ``Block``: fuse the residual adds (add + LayerNorm pass, fc2 + residual epilogue).
+        residual: timm ``Block`` / HF ``ViTLayer``: fuse the residual adds (add + LayerNorm in one pass, fc2 +
+            residual in the GEMM epilogue).
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -368,6 +387,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
+        (lambda m: _qualname(m) in _HF_LAYER, lambda m: (_clone_as(m, _FusedHFLayer), None), residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _HF_MLP, _decide_hf_mlp, mlp),
@@ -410,7 +430,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             visit(child, path + ".")
 
     visit(model, "")
-    if _is_layernorm(model) or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK:
+    if _is_layernorm(model) or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _HF_LAYER:
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
     if attention:
