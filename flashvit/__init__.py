@@ -9,8 +9,9 @@
 from flashvit import kernels as ops
 from flashvit.kernels import HAS_TRITON, get_backend, use_backend
 from flashvit.vit import VisionTransformer, create_model, list_models
+from flashvit.vit.patch import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["HAS_TRITON", "VisionTransformer", "__version__", "create_model", "get_backend", "list_models", "ops",
-           "use_backend"]
+__all__ = ["HAS_TRITON", "PatchReport", "VisionTransformer", "__version__", "create_model", "get_backend", "list_models",
+           "ops", "patch", "unpatch", "use_backend"]

@@ -1,0 +1,126 @@
+"""torch.compile(fullgraph=True) of our ViT and of a flashvit-patched timm ViT: one graph, same results.
+
+CPU runs the reference path. ``aot_eager`` traces forward and backward through fake tensors (what the
+fused ops' ``register_fake``/autograd must support) without needing a C++ compiler, so it stays fast.
+"""
+
+import pytest
+import torch
+import torch._dynamo
+
+import flashvit
+from flashvit.kernels import INTERPRET
+from tests.helpers import fresh_seed
+
+timm = pytest.importorskip("timm")
+
+BACKEND = "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _inputs(shape):
+    g = torch.Generator().manual_seed(fresh_seed())
+    return torch.randn(*shape, generator=g)
+
+
+def _fwd_bwd(fn, model, x):
+    model.zero_grad(set_to_none=True)
+    out = fn(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_one_graph_same_result(model, x):
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    torch._dynamo.reset()
+    ref_out, ref_grads = _fwd_bwd(model, model, x)
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    out, grads = _fwd_bwd(compiled, model, x)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert set(grads) == set(ref_grads) and ref_grads
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5),
+    dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5, class_token=False,
+         reg_tokens=2, no_embed_class=True, global_pool="avg", init_values=0.1),
+], ids=["cls", "reg_avg_layerscale"])
+def test_our_vit_compiles_fullgraph(kw):
+    torch.manual_seed(fresh_seed())
+    model = flashvit.create_model("vit_tiny_patch16_224", **kw).train()
+    _assert_one_graph_same_result(model, _inputs((2, 3, 32, 32)))
+
+
+def test_our_vit_compiles_under_a_forced_backend():
+    torch.manual_seed(fresh_seed())
+    model = flashvit.create_model("vit_mnist").eval()
+    x = _inputs((2, 1, 28, 28))
+    with flashvit.use_backend("torch"):
+        ref = model(x)
+        out = torch.compile(model, fullgraph=True, backend=BACKEND)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(img_size=32, depth=2, num_classes=5),
+    dict(img_size=32, depth=2, num_classes=5, qk_norm=True, init_values=0.1, reg_tokens=1),
+], ids=["plain", "qknorm_layerscale_reg"])
+def test_patched_timm_compiles_fullgraph(kw):
+    torch.manual_seed(fresh_seed())
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).train()
+    flashvit.patch(model)
+    assert model.flashvit_report.counts()["Attention"] == 2
+    _assert_one_graph_same_result(model, _inputs((2, 3, 32, 32)))
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
+                    "(CUDA runs the GPU compile case below instead)")
+def test_patched_timm_compiles_fullgraph_with_triton_forced():
+    """The fused custom ops themselves (interpreter) inside one graph: their fake kernels and autograd trace."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
+    model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).train())
+    with flashvit.use_backend("triton"):
+        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
+
+
+def test_patched_hf_vit_compiles_fullgraph():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(fresh_seed())
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                 num_attention_heads=3, intermediate_size=80, num_labels=5)
+    model = flashvit.patch(transformers.ViTForImageClassification(cfg).eval())
+    x = _inputs((2, 3, 32, 32))
+    ref = model(pixel_values=x).logits
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    torch.testing.assert_close(compiled(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_patched_timm_compiles_fullgraph_on_cuda_triton_path():
+    """On CUDA the patched layers run the Triton custom ops: Dynamo must see them as opaque ops (no break)."""
+    torch.manual_seed(fresh_seed())
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=64, depth=2, num_classes=10)
+    model = flashvit.patch(model.cuda().bfloat16().train())
+    x = _inputs((4, 3, 64, 64)).cuda().bfloat16()
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    ref_out, ref_grads = _fwd_bwd(model, model, x)
+    out, grads = _fwd_bwd(torch.compile(model, fullgraph=True, backend=BACKEND), model, x)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=2e-2 * ref_out.abs().max().item(), rtol=2e-2)
+    for n in ref_grads:
+        scale = ref_grads[n].abs().max().item()
+        torch.testing.assert_close(grads[n].float(), ref_grads[n].float(), atol=2e-2 * scale + 1e-6, rtol=2e-2,
+                                   msg=n)

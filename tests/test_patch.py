@@ -1,0 +1,318 @@
+"""flashvit.patch / unpatch on timm, Hugging Face and plain PyTorch models.
+
+Every case: random weights (LayerNorm, LayerScale and q/k-norm parameters too, so a dropped layer shows),
+patched vs unpatched logits and parameter gradients, the fused ops really called, state_dict unchanged
+(same tensors), and unpatch restoring the exact module objects.
+"""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import flashvit
+from flashvit.kernels import INTERPRET
+from tests.helpers import fresh_seed, max_err
+
+# (flashvit.kernels re-exports functions named like some of its submodules: fetch the modules themselves)
+ln_mod = importlib.import_module("flashvit.kernels.layernorm")
+linear_mod = importlib.import_module("flashvit.kernels.linear")
+patch_mod = importlib.import_module("flashvit.vit.patch")
+
+timm = pytest.importorskip("timm")
+
+SMALL = dict(img_size=32, depth=2, num_classes=5)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count calls of the fused ops as the patched modules reach them."""
+    counts = {}
+
+    def wrap(mod, name, key):
+        fn = getattr(mod, name)
+
+        def counted(*a, **k):
+            counts[key] = counts.get(key, 0) + 1
+            return fn(*a, **k)
+
+        monkeypatch.setattr(mod, name, counted)
+
+    for name in ("linear", "qkv_attention", "attention", "patch_embed_op"):
+        wrap(patch_mod, name, name)
+    wrap(linear_mod, "linear", "mlp_linear")
+    wrap(ln_mod, "layer_norm", "layer_norm")
+    wrap(ln_mod, "add_layer_norm", "add_layer_norm")
+    return counts
+
+
+def _randomize(model: nn.Module, scale: float = 0.2) -> nn.Module:
+    """Perturb every parameter (LN weights away from 1, biases away from 0, LayerScale gamma, ...)."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * scale)
+    return model
+
+
+def _images(model_img, batch=2, dtype=torch.float32, device="cpu"):
+    g = torch.Generator().manual_seed(fresh_seed())
+    return torch.randn(batch, 3, *model_img, generator=g).to(device=device, dtype=dtype)
+
+
+def _run(model, x, call=None):
+    model.zero_grad(set_to_none=True)
+    out = model(x) if call is None else call(model, x)
+    g = torch.Generator().manual_seed(0)
+    (out * torch.randn(out.shape, generator=g).to(out)).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
+
+
+def _snapshot(model):
+    return [(n, m) for n, m in model.named_modules()], model.state_dict()
+
+
+def _check_patched_same(model, x, call=None, atol=1e-5, rtol=1e-4, **patch_kw):
+    """Patch ``model`` in place; assert same logits/grads, same state dict, exact unpatch. Returns the report."""
+    mods_before, sd_before = _snapshot(model)
+    ref_out, ref_grads = _run(model, x, call)
+    flashvit.patch(model, **patch_kw)
+    report = model.flashvit_report
+    assert report.replaced, "nothing was replaced"
+    sd = model.state_dict()
+    assert list(sd) == list(sd_before)
+    for k in sd:
+        assert sd[k].data_ptr() == sd_before[k].data_ptr(), f"{k} was copied"
+        assert torch.equal(sd[k], sd_before[k])
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    out, grads = _run(model, x, call)
+    torch.testing.assert_close(out, ref_out, atol=atol * max(1.0, ref_out.abs().max().item()), rtol=rtol)
+    assert set(grads) == set(ref_grads)
+    # one scale for all grads: some are exactly zero in exact math (k_norm.bias: softmax ignores q·b), i.e. noise
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=atol * scale * 10, rtol=rtol * 10, msg=n)
+    flashvit.unpatch(model)
+    mods_after = [(n, m) for n, m in model.named_modules()]
+    assert [n for n, _ in mods_after] == [n for n, _ in mods_before]
+    assert all(a is b for (_, a), (_, b) in zip(mods_after, mods_before)), "unpatch did not restore the originals"
+    assert not hasattr(model, "flashvit_report")
+    out2, _ = _run(model, x, call)
+    torch.testing.assert_close(out2, ref_out, atol=0, rtol=0)
+    return report
+
+
+TIMM_CASES = {
+    "vit_tiny": ("vit_tiny_patch16_224", SMALL),
+    "vit_small": ("vit_small_patch16_224", dict(SMALL, img_size=48)),
+    "deit_tiny": ("deit_tiny_patch16_224", SMALL),
+    "reg4_gap": ("vit_base_patch16_reg4_gap_256", dict(SMALL, embed_dim=64, num_heads=4)),  # no cls, avg pool
+    "qk_norm": ("vit_small_patch16_224", dict(SMALL, qk_norm=True)),
+    "layer_scale": ("vit_tiny_patch16_224", dict(SMALL, init_values=0.1, qkv_bias=False)),
+}
+
+
+@pytest.mark.parametrize("name,kw", list(TIMM_CASES.values()), ids=list(TIMM_CASES))
+def test_timm_patched_matches_unpatched(name, kw, calls):
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    depth = kw["depth"]
+    counts = report.counts()
+    assert counts["Attention"] == depth and counts["Mlp"] == depth and counts["Block"] == depth
+    assert counts["PatchEmbed"] == 1 and not report.left
+    assert calls["patch_embed_op"] == 1 and calls["add_layer_norm"] == depth
+    if kw.get("qk_norm"):  # q/k norms kept: the unpacked attention path, and their LayerNorms fused too
+        assert calls["attention"] == depth and "qkv_attention" not in calls
+        assert counts["LayerNorm"] == 2 * depth + 1 + 2 * depth
+    else:
+        assert calls["qkv_attention"] == depth and "attention" not in calls
+    # qkv and proj GEMMs in Attention; fc1 and fc2 in FusedMLP
+    assert calls["linear"] == 2 * depth and calls["mlp_linear"] == 2 * depth
+
+
+def test_report_is_readable_and_left_parts_are_named():
+    Mlp = timm.layers.Mlp
+    model = nn.Sequential(
+        Mlp(8, 16, act_layer=nn.SiLU),  # not GELU
+        Mlp(8, 16, norm_layer=nn.LayerNorm),  # norm inside the MLP
+        timm.layers.LayerNormFp32(8),  # subclass with its own forward
+        nn.LayerNorm(8),
+    )
+    _randomize(model)
+    before = [m for m in model]
+    x = torch.randn(3, 5, 8)
+    ref = model(x)
+    flashvit.patch(model)
+    text = str(model.flashvit_report)
+    assert "replaced 2 modules" in text  # nn.LayerNorm and the LayerNorm inside Mlp #1
+    assert "SiLU" in text and "norm inside the MLP" in text and "LayerNormFp32" in text
+    assert model[0] is before[0] and model[1] is before[1] and model[2] is before[2]
+    assert isinstance(model[3], flashvit.ops.LayerNorm) and model[3].weight is before[3].weight
+    torch.testing.assert_close(model(x), ref, atol=1e-6, rtol=1e-5)
+    flashvit.unpatch(model)
+    assert all(a is b for a, b in zip(model, before))
+
+
+def test_patch_flags_and_errors():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL)
+    flashvit.patch(model, attention=False, mlp=False, residual=False, patch_embed=False)
+    assert set(model.flashvit_report.counts()) == {"LayerNorm"}
+    assert type(model.blocks[0].attn).__name__ == "Attention"
+    with pytest.raises(ValueError, match="already patched"):
+        flashvit.patch(model)
+    flashvit.unpatch(model)
+    with pytest.raises(ValueError, match="not patched"):
+        flashvit.unpatch(model)
+    with pytest.raises(TypeError, match="nn.Module"):
+        flashvit.patch(lambda x: x)
+
+
+def test_patch_keeps_dtype_and_device_and_shares_parameters():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **SMALL).to(torch.bfloat16)
+    params = {n: p for n, p in model.named_parameters()}
+    flashvit.patch(model)
+    after = dict(model.named_parameters())
+    assert list(after) == list(params) and all(after[n] is params[n] for n in params)
+    assert all(p.dtype == torch.bfloat16 and p.device.type == "cpu" for p in after.values())
+    out = model(_images((32, 32), dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    model.float()  # later casts reach the shared parameters and the originals alike
+    flashvit.unpatch(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_unknown_mlp_class_in_a_timm_vit_is_reported():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, mlp_layer=timm.layers.SwiGLUPacked,
+                              act_layer="silu", **SMALL)
+    flashvit.patch(model)
+    left = model.flashvit_report.left
+    assert [(p, c) for p, c, _ in left] == [("blocks.0.mlp", "GluMlp"), ("blocks.1.mlp", "GluMlp")]
+    assert "GluMlp" in str(model.flashvit_report)  # SwiGLUPacked builds a GluMlp
+    flashvit.unpatch(model)
+
+
+def test_gated_attention_is_left_untouched():
+    attn = timm.layers.Attention(16, num_heads=2, gated=True)
+    model = nn.Sequential(attn)
+    flashvit.patch(model)
+    assert model[0] is attn and "gate" in str(model.flashvit_report)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_timm_attention_mask_and_causal_keep_timm_semantics(causal):
+    torch.manual_seed(fresh_seed())
+    model = _randomize(nn.Sequential(timm.layers.Attention(24, num_heads=3, qkv_bias=True, qk_norm=True,
+                                                           norm_layer=nn.LayerNorm)))
+    x = torch.randn(2, 7, 24)
+    mask = torch.randn(2, 3, 7, 7) if not causal else None
+    ref = model[0](x, attn_mask=mask, is_causal=causal)
+    flashvit.patch(model)
+    out = model[0](x, attn_mask=mask, is_causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_generic_module_linear_gelu_and_layernorm(calls):
+    torch.manual_seed(fresh_seed())
+    model = _randomize(nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 20), nn.GELU(approximate="tanh"),
+                                     nn.Linear(20, 12), nn.GELU(), nn.Linear(12, 3)))
+    x = torch.randn(4, 12)
+    report = _check_patched_same(model, x, linear_gelu=True)
+    assert report.counts() == {"LayerNorm": 1, "Linear": 2}
+    _check_patched_same(model, x)  # without linear_gelu only the LayerNorm
+    assert calls["layer_norm"] == 2
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
+                    "(CUDA runs the bf16 GPU case below instead)")
+def test_timm_patched_with_triton_forced_matches_float64():
+    """The fused kernels (interpreter) in a patched model vs the unpatched model in float64: tight fp32."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
+    model = _randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)).train()
+    oracle = copy.deepcopy(model).double()
+    x = _images((16, 16), batch=2)
+    ref_out, ref_grads = _run(oracle, x.double())
+    flashvit.patch(model)
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x)
+    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert max_err(grads[n], g) <= 1e-4 * scale, n
+
+
+def _hf_model(cls_name="ViTForImageClassification", **kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+               num_attention_heads=3, intermediate_size=80, num_labels=5)
+    cfg.update(kw)
+    torch.manual_seed(fresh_seed())
+    return _randomize(getattr(transformers, cls_name)(transformers.ViTConfig(**cfg)))
+
+
+@pytest.mark.parametrize("cls_name,act", [("ViTForImageClassification", "gelu"), ("ViTModel", "gelu_pytorch_tanh")])
+def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
+    model = _hf_model(cls_name, hidden_act=act).train()
+    impl = model.config._attn_implementation
+
+    def call(m, x):
+        out = m(pixel_values=x)
+        return out.logits if cls_name == "ViTForImageClassification" else out.last_hidden_state
+
+    report = _check_patched_same(model, _images((32, 32)), call=call)
+    counts = report.counts()
+    assert counts == {"LayerNorm": 5, "ViTAttention": 2, "ViTMLP": 2, "ViTPatchEmbeddings": 1, "ViTLayer": 2}, counts
+    assert calls["attention"] == 2 and calls["patch_embed_op"] == 1
+    assert calls["layer_norm"] == 3 and calls["add_layer_norm"] == 2  # layernorm_after fused with the residual
+    assert calls["mlp_linear"] == 4
+    assert model.config._attn_implementation == impl  # unpatch restored it
+
+
+def test_hf_attention_function_is_registered_and_used():
+    from transformers import AttentionInterface
+
+    model = _hf_model().eval()
+    flashvit.patch(model, layernorm=False, mlp=False, patch_embed=False, residual=False)
+    assert model.config._attn_implementation == patch_mod.HF_ATTN_IMPLEMENTATION
+    assert AttentionInterface._global_mapping[patch_mod.HF_ATTN_IMPLEMENTATION] is patch_mod._hf_flashvit_attention
+    assert set(model.flashvit_report.counts()) == {"ViTAttention"}
+    flashvit.unpatch(model)
+
+
+def test_hf_unsupported_activation_is_left():
+    model = _hf_model(hidden_act="relu")
+    flashvit.patch(model)
+    assert "ViTMLP" not in model.flashvit_report.counts()
+    assert any("not exact/tanh GELU" in why for _, _, why in model.flashvit_report.left)
+    flashvit.unpatch(model)
+
+
+def _bf16_rule(out, ref, torch_out, factor, name, atol):
+    err, torch_err = max_err(out, ref), max_err(torch_out, ref)
+    assert err <= factor * torch_err + atol, f"{name}: {err:.3e} > {factor} x {torch_err:.3e} + {atol:.1e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kw", [("vit_small_patch16_224", dict(img_size=64, depth=2, num_classes=10)),
+                                     ("vit_small_patch16_224", dict(img_size=64, depth=2, qk_norm=True,
+                                                                    init_values=0.1, num_classes=10))])
+def test_timm_patched_bf16_on_cuda(name, kw):
+    torch.manual_seed(fresh_seed())
+    base = _randomize(timm.create_model(name, pretrained=False, **kw), scale=0.05).train()
+    x = _images((64, 64), batch=4, device="cuda")
+    oracle = copy.deepcopy(base).cuda().double()
+    ref_out, ref_grads = _run(oracle, x.double())
+    eager = copy.deepcopy(base).cuda().bfloat16()
+    eager_out, eager_grads = _run(eager, x.bfloat16())
+    patched = flashvit.patch(copy.deepcopy(base).cuda().bfloat16())
+    out, grads = _run(patched, x.bfloat16())
+    _bf16_rule(out, ref_out, eager_out, 2, "logits", atol=1e-3 * ref_out.abs().max().item())
+    # one atol for all grads: some are exactly zero in exact math (k_norm.bias), bf16 noise on both sides
+    gscale = max(g.abs().max().item() for g in ref_grads.values())
+    assert set(grads) == set(ref_grads)
+    for n in ref_grads:
+        _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)

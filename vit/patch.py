@@ -1,0 +1,498 @@
+"""Drop-in patcher: swap flashvit's fused layers into timm / Hugging Face / plain PyTorch models, in place.
+
+    model = timm.create_model("vit_base_patch16_224")
+    flashvit.patch(model)            # same object; prints nothing, returns the model
+    print(model.flashvit_report)     # what was replaced, what was left and why
+    flashvit.unpatch(model)          # the exact original module objects again
+
+Rules:
+  * Parameters are shared, never copied: a replacement module holds the very same Parameter (and child
+    module) objects, so ``state_dict()`` keys and values, dtypes, devices and optimizers are unchanged.
+  * A layer is replaced only when the fused op computes the same function; anything else (unknown
+    activation, a norm inside the MLP, a Conv2d MLP, LayerNorm subclasses with their own forward, ...)
+    is left untouched and listed in the report with the reason. Never a silently different function.
+  * Replacements of timm/HF classes are shallow clones into a subclass of the original class whose
+    ``forward`` calls the fused ops, so every other attribute and method (``feat_ratio``, ``fused_attn``,
+    ``set_input_size``, ...) keeps working and ``isinstance`` still holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashvit.kernels.attention import attention, qkv_attention
+from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
+from flashvit.kernels.linear import FusedMLP, linear
+from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
+
+__all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
+
+# transformers treats any name containing "flash" as a flash-attention kernel to fetch from the Hub.
+HF_ATTN_IMPLEMENTATION = "fvit_attention"
+_STATE_ATTR = "_flashvit_patch_state"
+
+
+def _qualname(obj: object) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Classes recognised by name, so neither timm nor transformers has to be importable.
+_TIMM_ATTENTION = {"timm.layers.attention.Attention"}
+_TIMM_MLP = {"timm.layers.mlp.Mlp"}
+_TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
+_TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
+_HF_LAYER = {"transformers.models.vit.modeling_vit.ViTLayer"}
+_HF_VIT_ATTENTION = {"transformers.models.vit.modeling_vit.ViTAttention"}
+_HF_MLP = {"transformers.models.vit.modeling_vit.ViTMLP"}
+_HF_PATCH_EMBED = {"transformers.models.vit.modeling_vit.ViTPatchEmbeddings"}
+# LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
+_PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
+_GELUS = {
+    "timm.layers.activations.GELU": "gelu",
+    "timm.layers.activations.GELUTanh": "gelu_tanh",
+    "transformers.activations.GELUActivation": "gelu",  # erf GELU (python or torch form)
+    "transformers.activations.GELUTanh": "gelu_tanh",
+    "transformers.activations.NewGELUActivation": "gelu_tanh",  # the tanh formula written out
+}
+
+
+def _gelu_kind(act: nn.Module) -> Optional[str]:
+    """'gelu' / 'gelu_tanh' when ``act`` is exactly that GELU, else None."""
+    if type(act) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(act.approximate)
+    return _GELUS.get(_qualname(act))
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What :func:`patch` did: ``replaced`` = (path, old class, new class); ``left`` = (path, class, reason)."""
+
+    replaced: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    left: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    def counts(self) -> Dict[str, int]:
+        """Replaced layers per original class name, e.g. {'LayerNorm': 25, 'Attention': 12}."""
+        out: Dict[str, int] = {}
+        for _, old, _ in self.replaced:
+            out[old] = out.get(old, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"flashvit.patch: replaced {len(self.replaced)} modules, left {len(self.left)}"]
+        for old, n in sorted(self.counts().items()):
+            lines.append(f"  replaced {n:4d} x {old}")
+        reasons: Dict[Tuple[str, str], List[str]] = {}
+        for path, cls, why in self.left:
+            reasons.setdefault((cls, why), []).append(path or "<root>")
+        for (cls, why), paths in reasons.items():
+            shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} in all)" if len(paths) > 3 else "")
+            lines.append(f"  left {cls} at {shown}: {why}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+@dataclasses.dataclass
+class _PatchState:
+    report: PatchReport
+    swaps: List[Tuple[nn.Module, str, nn.Module, nn.Module]]  # (parent, child name, original, replacement)
+    hf_attn_previous: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused forwards, mixed into a clone of the original module (same __dict__, same children).
+
+
+class _FusedTimmAttention(nn.Module):
+    """timm Attention: qkv GEMM -> flash attention read from the packed qkv -> (norm) -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        p = self.attn_drop.p if self.training else 0.0
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, N, 3·H·Dh)
+        plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if attn_mask is not None:
+            # timm's own masked path (SDPA with an additive/bool mask); the fused kernel takes no mask.
+            q, k, v = qkv.view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
+            q, k = self.q_norm(q), self.k_norm(k)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
+                                               scale=self.scale)
+            o = o.transpose(1, 2).reshape(B, N, H * Dh)
+        elif plain and not is_causal:
+            o = qkv_attention(qkv, H, self.scale, dropout_p=p)  # (B, N, H·Dh)
+        else:
+            q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
+            q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
+            o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p).reshape(B, N, H * Dh)
+        o = self.norm(o)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+class _FusedTimmPatchEmbed(nn.Module):
+    """timm PatchEmbed (flatten=True, no dynamic padding): conv + flatten + transpose in one op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, H, W = x.shape
+        if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
+            raise ValueError(f"input size ({H}, {W}) does not match the model's {tuple(self.img_size)}")
+        x = patch_embed_op(x, self.proj.weight, self.proj.bias, None)  # (B, L, D)
+        return self.norm(x)
+
+
+class _FusedHFPatchEmbed(nn.Module):
+    """transformers ViTPatchEmbeddings: projection conv + flatten + transpose in one op."""
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[1] != self.num_channels:
+            raise ValueError(f"expected {self.num_channels} channels in pixel_values, got {pixel_values.shape[1]}")
+        return patch_embed_op(pixel_values, self.projection.weight, self.projection.bias, None)
+
+
+def _drop_path_inactive(m: nn.Module) -> bool:
+    """True when timm's drop_path module is the identity right now (Identity, eval mode, or p == 0)."""
+    if isinstance(m, nn.Identity):
+        return True
+    p = getattr(m, "drop_prob", None)
+    return p is not None and (not m.training or p == 0.0)
+
+
+class _FusedTimmBlock(nn.Module):
+    """timm Block with the residual adds fused: (x + a, LN2(x + a)) in one pass, fc2 + residual in one GEMM."""
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        a = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        if isinstance(self.norm2, FlashLayerNorm):
+            y, x = self.norm2.forward_add(a, x)  # x <- x + a ; y = LN2(x)
+        else:
+            x = x + a
+            y = self.norm2(x)
+        if (isinstance(self.mlp, FusedMLP) and isinstance(self.ls2, nn.Identity)
+                and _drop_path_inactive(self.drop_path2)):
+            return self.mlp(y, residual=x)  # FusedMLP falls back to y + x itself when its dropout is active
+        return x + self.drop_path2(self.ls2(self.mlp(y)))
+
+
+class _FusedHFLayer(nn.Module):
+    """transformers ViTLayer with the residual adds fused (add + layernorm_after in one pass, fc2 + residual)."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
+        a = self.dropout(a)
+        if isinstance(self.layernorm_after, FlashLayerNorm):
+            y, h = self.layernorm_after.forward_add(a, hidden_states)  # h = a + x ; y = LN(h)
+        else:
+            h = a + hidden_states
+            y = self.layernorm_after(h)
+        if isinstance(self.mlp, FusedMLP) and (not self.training or self.dropout.p == 0.0):
+            return self.mlp(y, residual=h)
+        return self.dropout(self.mlp(y)) + h
+
+
+class _FusedLinearGelu(nn.Linear):
+    """nn.Linear whose following GELU (in an nn.Sequential) is folded into the GEMM epilogue."""
+
+    flashvit_activation: str = "gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, activation=self.flashvit_activation)
+
+
+_CLASS_CACHE: Dict[Tuple[type, type], type] = {}
+
+
+def _clone_as(orig: nn.Module, mixin: type) -> nn.Module:
+    """A new module of class (mixin, type(orig)) sharing orig's parameters, buffers, children and attributes."""
+    key = (type(orig), mixin)
+    if key not in _CLASS_CACHE:
+        name = "Flashvit" + type(orig).__name__
+        _CLASS_CACHE[key] = type(name, (mixin, type(orig)), {"__module__": __name__, "__qualname__": name})
+    new = _CLASS_CACHE[key].__new__(_CLASS_CACHE[key])
+    for k, v in orig.__dict__.items():  # own containers, same objects inside
+        new.__dict__[k] = type(v)(v) if isinstance(v, (dict, set, list)) else v
+    return new
+
+
+def _share_layernorm(orig: nn.LayerNorm) -> nn.Module:
+    with torch.device("meta"):
+        new = FlashLayerNorm(orig.normalized_shape, eps=orig.eps, elementwise_affine=orig.elementwise_affine,
+                             bias=orig.bias is not None)
+    new.weight, new.bias = orig.weight, orig.bias  # the same Parameter objects (or None)
+    new.training = orig.training
+    return new
+
+
+def _share_mlp(orig: nn.Module, kind: str, drop1: nn.Module, drop2: nn.Module) -> FusedMLP:
+    fc1, fc2 = orig.fc1, orig.fc2
+    with torch.device("meta"):
+        new = FusedMLP(fc1.in_features, fc1.out_features, fc2.out_features,
+                       approximate="none" if kind == "gelu" else "tanh")
+    new.fc1, new.fc2, new.drop1, new.drop2 = fc1, fc2, drop1, drop2  # shared children
+    new.training = orig.training
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-class decisions: return (replacement, None) or (None, reason-to-leave) or (None, None) = not ours.
+
+Decision = Tuple[Optional[nn.Module], Optional[str]]
+
+
+def _decide_timm_attention(m: nn.Module) -> Decision:
+    if getattr(m, "gate", None) is not None:
+        return None, "gated attention (sigmoid gate) is not fused"
+    if not (isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)):
+        return None, "qkv/proj are not nn.Linear"
+    attn_dim = m.num_heads * m.head_dim
+    if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
+        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
+    return _clone_as(m, _FusedTimmAttention), None
+
+
+def _mlp_reason(m: nn.Module, act_attr: str) -> Tuple[Optional[str], Optional[str]]:
+    if not (type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear):
+        return None, "fc1/fc2 are not nn.Linear (e.g. a 1x1 Conv2d MLP)"
+    kind = _gelu_kind(getattr(m, act_attr))
+    if kind is None:
+        return None, f"activation {_qualname(getattr(m, act_attr))} is not exact/tanh GELU"
+    if not isinstance(getattr(m, "norm", nn.Identity()), nn.Identity):
+        return None, "a norm inside the MLP (scale_mlp_norm) is not fused"
+    return kind, None
+
+
+def _decide_timm_mlp(m: nn.Module) -> Decision:
+    kind, why = _mlp_reason(m, "act")
+    return (None, why) if kind is None else (_share_mlp(m, kind, m.drop1, m.drop2), None)
+
+
+def _decide_hf_mlp(m: nn.Module) -> Decision:
+    kind, why = _mlp_reason(m, "activation_fn")
+    return (None, why) if kind is None else (_share_mlp(m, kind, nn.Dropout(0.0), nn.Dropout(0.0)), None)
+
+
+def _conv_is_patchify(conv: nn.Module) -> Optional[str]:
+    if type(conv) is not nn.Conv2d:
+        return "proj is not an nn.Conv2d"
+    k = tuple(conv.kernel_size)
+    if (k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1)
+            or conv.groups != 1 or conv.padding_mode != "zeros"):
+        return "conv is not a square non-overlapping patchify (kernel == stride, no padding/dilation/groups)"
+    return None
+
+
+def _decide_timm_patch_embed(m: nn.Module) -> Decision:
+    why = _conv_is_patchify(m.proj)
+    if why is None and not m.flatten:
+        why = "output_fmt/flatten=False (NHWC/NCHW output) is not fused"
+    if why is None and m.dynamic_img_pad:
+        why = "dynamic_img_pad is not fused"
+    return (None, why) if why else (_clone_as(m, _FusedTimmPatchEmbed), None)
+
+
+def _decide_hf_patch_embed(m: nn.Module) -> Decision:
+    why = _conv_is_patchify(m.projection)
+    return (None, why) if why else (_clone_as(m, _FusedHFPatchEmbed), None)
+
+
+def _decide_layernorm(m: nn.Module) -> Decision:
+    if isinstance(m, FlashLayerNorm):
+        return None, None
+    if _qualname(m) not in _PLAIN_LAYERNORMS:
+        return None, "LayerNorm subclass with its own forward (e.g. fp32 upcast) is left as is"
+    if len(m.normalized_shape) != 1:
+        return None, f"normalized_shape {tuple(m.normalized_shape)} spans more than the last dim"
+    return _share_layernorm(m), None
+
+
+def _is_layernorm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face attention through transformers' AttentionInterface.
+
+
+def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                           scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                           **kwargs) -> Tuple[torch.Tensor, None]:
+    """transformers attention function: (B, H, N, D) q/k/v -> ((B, N, H, D) output, None).
+
+    Masks, soft-capping, sliding windows, position biases, GQA and cross-length attention go to
+    transformers' own SDPA function (the same function); the plain case runs flashvit's attention.
+    """
+    causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    special = (attention_mask is not None or query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
+               or any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
+    if special:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    o = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling, causal=bool(causal),
+                  dropout_p=dropout)  # strided (B, N, H, D) views in, (B, N, H, D) out
+    return o, None
+
+
+def register_hf_attention() -> None:
+    """Register ``attn_implementation="fvit_attention"`` with transformers' AttentionInterface."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(HF_ATTN_IMPLEMENTATION, _hf_flashvit_attention)
+
+
+# ---------------------------------------------------------------------------------------------
+# patch / unpatch
+
+
+def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp: bool = True,
+          patch_embed: bool = True, residual: bool = True, linear_gelu: bool = False,
+          verbose: bool = False) -> nn.Module:
+    """Swap flashvit's fused layers into ``model`` in place and return the same object.
+
+    Args:
+        attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
+            Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``).
+        layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
+        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``.
+        patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
+            (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
+        residual: timm ``Block`` / HF ``ViTLayer``: fuse the residual adds (add + LayerNorm in one pass, fc2 +
+            residual in the GEMM epilogue).
+        linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
+        verbose: print the report.
+
+    Parameters are shared with the original modules (no copies): ``state_dict()`` is unchanged. The report
+    is ``model.flashvit_report``; :func:`unpatch` restores the original module objects.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"flashvit.patch expects an nn.Module, got {type(model).__name__}")
+    if _STATE_ATTR in model.__dict__:
+        raise ValueError("model is already patched by flashvit; call flashvit.unpatch(model) first")
+    report = PatchReport()
+    state = _PatchState(report=report, swaps=[])
+
+    rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
+        (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
+        (lambda m: _qualname(m) in _HF_LAYER, lambda m: (_clone_as(m, _FusedHFLayer), None), residual),
+        (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
+        (lambda m: _qualname(m) in _HF_MLP, _decide_hf_mlp, mlp),
+        (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
+        (lambda m: _qualname(m) in _HF_PATCH_EMBED, _decide_hf_patch_embed, patch_embed),
+        (_is_layernorm, _decide_layernorm, layernorm),
+    ]
+
+    wanted = {"attn": attention, "mlp": mlp, "patch_embed": patch_embed}
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            path = f"{prefix}{name}"
+            new: Optional[nn.Module] = None
+            for match, decide, enabled in rules:
+                if match(child):
+                    if enabled:
+                        new, why = decide(child)
+                        if why:
+                            report.left.append((path, type(child).__name__, why))
+                    break
+            else:  # an attention/MLP/patch-embed slot holding a class we do not know: say so
+                if (wanted.get(name) and not isinstance(child, nn.Identity)
+                        and not type(child).__module__.startswith("flashvit.")):  # ours are fused already
+                    report.left.append((path, type(child).__name__, "no flashvit replacement for this class"))
+            nxt_name, nxt = children[i + 1] if i + 1 < len(children) else ("", None)
+            if (new is None and linear_gelu and isinstance(parent, nn.Sequential) and type(child) is nn.Linear
+                    and nxt is not None and _gelu_kind(nxt) is not None
+                    and not _has_hooks(child) and not _has_hooks(nxt)):
+                new = _clone_as(child, _FusedLinearGelu)
+                new.flashvit_activation = _gelu_kind(nxt)
+                _swap(state, parent, nxt_name, nxt, nn.Identity(), f"{prefix}{nxt_name}")  # GELU now in the epilogue
+            if new is not None and _has_hooks(child):
+                report.left.append((path, type(child).__name__, "has hooks registered on it"))
+                new = None
+            if new is not None:
+                _swap(state, parent, name, child, new, path)
+                child = new
+            visit(child, path + ".")
+
+    visit(model, "")
+    if _is_layernorm(model) or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _HF_LAYER:
+        report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
+                                                        "patch its parent"))
+    if attention:
+        _patch_hf_attention(model, state)
+    if _qualname(model).startswith("timm.models.vision_transformer.VisionTransformer") and patch_embed:
+        report.notes.append("timm VisionTransformer._pos_embed (cls/register concat + pos_embed add) runs as "
+                            "timm wrote it; only the patch conv is fused")
+    model.__dict__[_STATE_ATTR] = state
+    model.__dict__["flashvit_report"] = report
+    if verbose:
+        print(report)
+    return model
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _swap(state: _PatchState, parent: nn.Module, name: str, orig: nn.Module, new: nn.Module, path: str) -> None:
+    setattr(parent, name, new)
+    state.swaps.append((parent, name, orig, new))
+    if not isinstance(new, nn.Identity):
+        state.report.replaced.append((path, type(orig).__name__, type(new).__name__))
+
+
+def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
+    hf_attn = [n for n, m in model.named_modules() if _qualname(m) in _HF_VIT_ATTENTION]
+    others = [(n, type(m).__name__) for n, m in model.named_modules()
+              if type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
+              and _qualname(m) not in _HF_VIT_ATTENTION]
+    for n, cls in others:
+        state.report.left.append((n, cls, "only transformers' ViT attention is routed to flashvit"))
+    if not hf_attn:
+        return
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        for n in hf_attn:
+            state.report.left.append((n, "ViTAttention", "no PreTrainedModel with a config above it to set "
+                                                          "attn_implementation on; patch the PreTrainedModel"))
+        return
+    register_hf_attention()
+    state.hf_attn_previous = config._attn_implementation
+    model.set_attn_implementation(HF_ATTN_IMPLEMENTATION)
+    if config._attn_implementation != HF_ATTN_IMPLEMENTATION:
+        raise RuntimeError(f"transformers refused attn_implementation={HF_ATTN_IMPLEMENTATION!r} "
+                           f"(kept {config._attn_implementation!r})")
+    for n in hf_attn:
+        state.report.replaced.append((n, "ViTAttention", f"ViTAttention[attn_implementation={HF_ATTN_IMPLEMENTATION}]"))
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: put the exact original module objects back (and the HF attn implementation)."""
+    state: Optional[_PatchState] = model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        raise ValueError("model was not patched by flashvit.patch")
+    for parent, name, orig, new in reversed(state.swaps):
+        if parent._modules.get(name) is not new:
+            raise RuntimeError(f"{type(parent).__name__}.{name} was changed after patching; cannot restore it")
+        orig.training = new.training  # children are shared; only this flag may have drifted
+        setattr(parent, name, orig)
+    if state.hf_attn_previous is not None:
+        model.set_attn_implementation(state.hf_attn_previous)
+    del model.__dict__[_STATE_ATTR]
+    model.__dict__.pop("flashvit_report", None)
+    return model
