@@ -42,3 +42,16 @@ def test_unknown_backend(monkeypatch):
     monkeypatch.setenv("FLASHVIT_BACKEND", "fast")
     with pytest.raises(ValueError, match="unknown flashvit backend 'fast'"):
         flashvit.get_backend()
+
+
+def test_compiled_code_follows_use_backend():
+    # torch.compile guards on the override stack: changing the forced backend recompiles.
+    def f(x):
+        return x + 1 if flashvit.get_backend() == "torch" else x - 1
+
+    cf = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    with flashvit.use_backend("torch"):
+        assert cf(x).tolist() == [1.0, 1.0]
+    with flashvit.use_backend("triton"):
+        assert cf(x).tolist() == [-1.0, -1.0]
