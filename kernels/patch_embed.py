@@ -33,13 +33,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _pe_fwd_kernel(
-        img_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, reg_ptr, out_ptr,
+        img_ptr, koff_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, reg_ptr, out_ptr,
         B, L, GW, D, K, P, NP, NCLS,
-        s_ib, s_ic, s_ih, s_iw,
+        s_ib, s_ih, s_iw,
         HAS_BIAS, HAS_POS, POS_OFF, PREFIX_POS,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
     ):
-        # img (B, C, H, W) any strides; w (D, K) contiguous, K = C*P*P ordered (c, i, j); bias (D,);
+        # img (B, C, H, W) any strides; koff (K,) int64 image offset of k = (c, i, j) within a patch
+        # (a table: no div/mod in the K loop); w (D, K) contiguous; bias (D,);
         # pos (T_pos, D); cls (NCLS, D); reg (NP - NCLS, D); out (B, NP + L, D) contiguous.
         # Programs [0, n_mt * n_nt) do the GEMM tiles (n fastest: neighbours share the image tile in L2);
         # the rest write the B*NP prefix rows.
@@ -59,15 +60,13 @@ if HAS_TRITON:
             gh = l_ // GW
             gw = l_ % GW
             row_off = b.to(tl.int64) * s_ib + (gh * P).to(tl.int64) * s_ih + (gw * P).to(tl.int64) * s_iw  # (BM,)
+            a_rows = img_ptr + row_off  # (BM,) pointers to each patch's top-left pixel
             acc = tl.zeros((BM, BN), dtype=tl.float32)
-            PP = P * P
             for k0 in range(0, K, BK):
                 rk = k0 + tl.arange(0, BK)
                 k_mask = rk < K
-                c = rk // PP
-                r = rk % PP
-                col_off = c.to(tl.int64) * s_ic + (r // P).to(tl.int64) * s_ih + (r % P).to(tl.int64) * s_iw  # (BK,)
-                a = tl.load(img_ptr + row_off[:, None] + col_off[None, :],
+                col_off = tl.load(koff_ptr + rk, mask=k_mask, other=0)  # (BK,)
+                a = tl.load(a_rows[:, None] + col_off[None, :],
                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
                 w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
                             mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN)
@@ -204,7 +203,7 @@ _FWD_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]
 # (BM, BN, BK, ...): dW tile BN (over D) x BK (over K), M step BM.
 _DW_CONFIGS = [(32, 128, 128, 8, 3), (64, 64, 64, 4, 3)]
 # (BM, BK, BD, ...): d image tile BM x BK, D step BD.
-_DX_CONFIGS = [(128, 128, 32, 8, 3), (128, 64, 64, 4, 3)]
+_DX_CONFIGS = [(128, 128, 32, 8, 3), (64, 64, 64, 4, 3)]
 _TOKENS_BLOCK, _TOKENS_WARPS = 1024, 4
 _INTERPRET_FWD = dict(BM=128, BN=32, BK=64)  # big tiles: the interpreter pays per program
 _INTERPRET_DW = dict(BM=128, BN=32, BK=128)
@@ -233,6 +232,25 @@ def _geometry(images: torch.Tensor, weight_shape: Sequence[int]) -> Tuple[int, i
     return B, (H // p) * (W // p), W // p, D, C * p * p, p
 
 
+_KOFF_CACHE: dict = {}
+
+
+def _patch_offsets(images: torch.Tensor, p: int) -> torch.Tensor:
+    """(C*p*p,) int64: offset of pixel (c, i, j) of a patch from its top-left pixel, in images' strides."""
+    C = images.shape[1]
+    _, s_c, s_h, s_w = images.stride()
+    key = (C, p, s_c, s_h, s_w, images.device)
+    t = _KOFF_CACHE.get(key)
+    if t is None:
+        r = torch.arange(p, dtype=torch.int64)
+        t = (torch.arange(C, dtype=torch.int64)[:, None, None] * s_c + r[None, :, None] * s_h
+             + r[None, None, :] * s_w).reshape(-1).to(images.device)
+        if len(_KOFF_CACHE) > 64:
+            _KOFF_CACHE.clear()
+        _KOFF_CACHE[key] = t
+    return t
+
+
 def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     pos_embed: Optional[torch.Tensor], cls_token: Optional[torch.Tensor],
                     reg_tokens: Optional[torch.Tensor], no_embed_class: bool) -> torch.Tensor:
@@ -246,11 +264,11 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         return out
     w2 = weight.reshape(D, K).contiguous()  # (D, K), k = (c, i, j)
     dummy = w2  # never read: every load through it is masked off
-    args = (images, w2, dummy if bias is None else bias.contiguous(),
+    args = (images, _patch_offsets(images, p), w2, dummy if bias is None else bias.contiguous(),
             dummy if pos_embed is None else pos_embed.reshape(-1, D).contiguous(),
             dummy if cls_token is None else cls_token.reshape(-1, D).contiguous(),
             dummy if reg_tokens is None else reg_tokens.reshape(-1, D).contiguous(), out,
-            B, L, GW, D, K, p, NP, ncls, *images.stride(),
+            B, L, GW, D, K, p, NP, ncls, images.stride(0), images.stride(2), images.stride(3),
             int(bias is not None), int(pos_embed is not None), 0 if no_embed_class else NP,
             int(pos_embed is not None and not no_embed_class))
 
@@ -433,9 +451,9 @@ def _aot_specs() -> List[AotSpec]:
         X, P, Y = _TL[x], _TL[p], _TL[torch.promote_types(x, p)]
         ieee = x == torch.float32
         for bm, bn, bk, nw, ns in _FWD_CONFIGS:
-            sig = {"img_ptr": f"*{X}", "w_ptr": f"*{X}", "bias_ptr": f"*{X}", "pos_ptr": f"*{P}",
-                   "cls_ptr": f"*{X}", "reg_ptr": f"*{X}", "out_ptr": f"*{Y}",
-                   **ints("B", "L", "GW", "D", "K", "P", "NP", "NCLS", "s_ib", "s_ic", "s_ih", "s_iw",
+            sig = {"img_ptr": f"*{X}", "koff_ptr": "*i64", "w_ptr": f"*{X}", "bias_ptr": f"*{X}",
+                   "pos_ptr": f"*{P}", "cls_ptr": f"*{X}", "reg_ptr": f"*{X}", "out_ptr": f"*{Y}",
+                   **ints("B", "L", "GW", "D", "K", "P", "NP", "NCLS", "s_ib", "s_ih", "s_iw",
                           "HAS_BIAS", "HAS_POS", "POS_OFF", "PREFIX_POS"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr"}
             specs.append(AotSpec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee), nw, ns,
