@@ -37,7 +37,7 @@ if HAS_TRITON:
         B, L, GW, D, K, P, NP, NCLS,
         s_ib, s_ih, s_iw,
         HAS_BIAS, HAS_POS, POS_OFF, PREFIX_POS,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, VEC: tl.constexpr,
     ):
         # img (B, C, H, W) any strides; koff (K,) int64 image offset of k = (c, i, j) within a patch
         # (a table: no div/mod in the K loop); w (D, K) contiguous; bias (D,);
@@ -60,12 +60,16 @@ if HAS_TRITON:
             gh = l_ // GW
             gw = l_ % GW
             row_off = b.to(tl.int64) * s_ib + (gh * P).to(tl.int64) * s_ih + (gw * P).to(tl.int64) * s_iw  # (BM,)
+            if VEC > 1:  # see _vec(): runs of VEC contiguous, VEC-aligned pixels -> vector loads
+                row_off = tl.multiple_of(row_off, VEC)
             a_rows = img_ptr + row_off  # (BM,) pointers to each patch's top-left pixel
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
                 rk = k0 + tl.arange(0, BK)
                 k_mask = rk < K
                 col_off = tl.load(koff_ptr + rk, mask=k_mask, other=0)  # (BK,)
+                if VEC > 1:
+                    col_off = tl.max_contiguous(tl.multiple_of(col_off, VEC), VEC)
                 a = tl.load(a_rows[:, None] + col_off[None, :],
                             mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
                 w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
@@ -102,7 +106,7 @@ if HAS_TRITON:
         g_ptr, img_ptr, dw_ptr,
         B, L, GW, D, K, P, NP, CHUNK,
         s_ib, s_ic, s_ih, s_iw,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, VEC: tl.constexpr,
     ):
         # g = dOut (B, NP + L, D) contiguous; img (B, C, H, W) any strides;
         # dw partials (SPLIT, D, K) fp32: split s sums patch rows m in [s*CHUNK, (s+1)*CHUNK).
@@ -119,6 +123,8 @@ if HAS_TRITON:
         c = rk // PP
         r = rk % PP
         col_off = c.to(tl.int64) * s_ic + (r // P).to(tl.int64) * s_ih + (r % P).to(tl.int64) * s_iw  # (BK,)
+        if VEC > 1:  # see _vec()
+            col_off = tl.max_contiguous(tl.multiple_of(col_off, VEC), VEC)
         T = NP + L
         m_end = tl.minimum((split + 1) * CHUNK, B * L)
         acc = tl.zeros((BN, BK), dtype=tl.float32)
@@ -129,6 +135,8 @@ if HAS_TRITON:
             l_ = rm % L
             row_off = (b.to(tl.int64) * s_ib + ((l_ // GW) * P).to(tl.int64) * s_ih
                        + ((l_ % GW) * P).to(tl.int64) * s_iw)
+            if VEC > 1:
+                row_off = tl.multiple_of(row_off, VEC)
             a = tl.load(img_ptr + row_off[:, None] + col_off[None, :],
                         mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
             g = tl.load(g_ptr + (b.to(tl.int64) * T + NP + l_)[:, None] * D + rn[None, :],
@@ -199,7 +207,7 @@ if HAS_TRITON:
 # batch); under the interpreter one fixed config (benchmarking there is meaningless and slow).
 
 # (BM, BN, BK, num_warps, num_stages): out tile BM x BN, K step BK.
-_FWD_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4)]
+_FWD_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
 # (BM, BN, BK, ...): dW tile BN (over D) x BK (over K), M step BM.
 _DW_CONFIGS = [(32, 128, 128, 8, 3), (64, 64, 64, 4, 3)]
 # (BM, BK, BD, ...): d image tile BM x BK, D step BD.
@@ -230,6 +238,19 @@ def _geometry(images: torch.Tensor, weight_shape: Sequence[int]) -> Tuple[int, i
     B, C, H, W = images.shape
     D, p = weight_shape[0], weight_shape[-1]
     return B, (H // p) * (W // p), W // p, D, C * p * p, p
+
+
+def _vec(images: torch.Tensor, p: int) -> int:
+    """VEC for 16-bit images whose patch rows are runs of VEC contiguous pixels at offsets that are multiples
+    of VEC (stride(3) == 1, p and the other strides divisible by VEC): the kernels tell the compiler so
+    (multiple_of / max_contiguous) and it issues 16-byte (VEC 8: p = 8, 16, 32) or 4-byte (VEC 2: p = 14)
+    async copies instead of 2-byte gathers. 1 otherwise (channels_last, odd p, fp32, unaligned)."""
+    if images.element_size() != 2 or images.stride(3) != 1:
+        return 1
+    for vec in (8, 2):
+        if p % vec == 0 and all(s % vec == 0 for s in images.stride()[:3]) and images.data_ptr() % (2 * vec) == 0:
+            return vec
+    return 1
 
 
 _KOFF_CACHE: dict = {}
@@ -278,9 +299,9 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
-        _pe_fwd_kernel[grid](*args, **_INTERPRET_FWD, IEEE=ieee)
+        _pe_fwd_kernel[grid](*args, **_INTERPRET_FWD, IEEE=ieee, VEC=_vec(images, p))
     else:
-        _pe_fwd_tuned[grid](*args, IEEE=ieee)
+        _pe_fwd_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, p))
     return out
 
 
@@ -300,9 +321,9 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
-        _pe_bwd_dw_kernel[grid](*args, **_INTERPRET_DW, IEEE=ieee)
+        _pe_bwd_dw_kernel[grid](*args, **_INTERPRET_DW, IEEE=ieee, VEC=_vec(images, patch))
     else:
-        _pe_bwd_dw_tuned[grid](*args, IEEE=ieee)
+        _pe_bwd_dw_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, patch))
     return part[0] if splits == 1 else part.sum(0)
 
 
@@ -450,20 +471,25 @@ def _aot_specs() -> List[AotSpec]:
     for x, p in _DTYPE_COMBOS:
         X, P, Y = _TL[x], _TL[p], _TL[torch.promote_types(x, p)]
         ieee = x == torch.float32
+        vecs = (1,) if ieee else (1, 2, 8)  # _vec() gives 2 or 8 only to 16-bit images
         for bm, bn, bk, nw, ns in _FWD_CONFIGS:
             sig = {"img_ptr": f"*{X}", "koff_ptr": "*i64", "w_ptr": f"*{X}", "bias_ptr": f"*{X}",
                    "pos_ptr": f"*{P}", "cls_ptr": f"*{X}", "reg_ptr": f"*{X}", "out_ptr": f"*{Y}",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "NCLS", "s_ib", "s_ih", "s_iw",
                           "HAS_BIAS", "HAS_POS", "POS_OFF", "PREFIX_POS"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr"}
-            specs.append(AotSpec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee), nw, ns,
-                                 f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns}]"))
+            sig["VEC"] = "constexpr"
+            for vec in vecs:
+                specs.append(AotSpec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
+                                     f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns},v{vec}]"))
         for bm, bn, bk, nw, ns in _DW_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "img_ptr": f"*{X}", "dw_ptr": "*fp32",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "CHUNK", "s_ib", "s_ic", "s_ih", "s_iw"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr"}
-            specs.append(AotSpec(_pe_bwd_dw_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee), nw, ns,
-                                 f"pe_bwd_dw[{Y},{X},{bn}x{bk}x{bm},w{nw}s{ns}]"))
+            sig["VEC"] = "constexpr"
+            for vec in vecs:
+                specs.append(AotSpec(_pe_bwd_dw_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
+                                     f"pe_bwd_dw[{Y},{X},{bn}x{bk}x{bm},w{nw}s{ns},v{vec}]"))
         for bm, bk, bd, nw, ns in _DX_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "w_ptr": f"*{X}", "dx_ptr": f"*{X}",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "s_xb", "s_xc", "s_xh", "s_xw"),
