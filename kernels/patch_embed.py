@@ -39,8 +39,9 @@ if HAS_TRITON:
         HAS_BIAS, HAS_POS, POS_OFF, PREFIX_POS,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, VEC: tl.constexpr,
     ):
-        # img (B, C, H, W) any strides; koff (K,) int64 image offset of k = (c, i, j) within a patch
-        # (a table: no div/mod in the K loop); w (D, K) contiguous; bias (D,);
+        # img (B, C, H, W) any strides; K = C*P*P padded to a multiple of 128 (>= BK): no k masks;
+        # koff (K,) int64 image offset of k = (c, i, j) within a patch (a table: no div/mod in the loop; the
+        # pad repeats real in-patch offsets); w (D, K) contiguous, zero in the pad; bias (D,);
         # pos (T_pos, D); cls (NCLS, D); reg (NP - NCLS, D); out (B, NP + L, D) contiguous.
         # Programs [0, n_mt * n_nt) do the GEMM tiles (n fastest: neighbours share the image tile in L2);
         # the rest write the B*NP prefix rows.
@@ -66,14 +67,12 @@ if HAS_TRITON:
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for k0 in range(0, K, BK):
                 rk = k0 + tl.arange(0, BK)
-                k_mask = rk < K
-                col_off = tl.load(koff_ptr + rk, mask=k_mask, other=0)  # (BK,)
+                col_off = tl.load(koff_ptr + rk)  # (BK,)
                 if VEC > 1:
                     col_off = tl.max_contiguous(tl.multiple_of(col_off, VEC), VEC)
-                a = tl.load(a_rows[:, None] + col_off[None, :],
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
-                w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None],
-                            mask=k_mask[:, None] & n_mask[None, :], other=0.0)  # (BK, BN)
+                a = tl.load(a_rows[:, None] + col_off[None, :], mask=m_mask[:, None], other=0.0)  # (BM, BK)
+                w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + rk[:, None], mask=n_mask[None, :],
+                            other=0.0)  # (BK, BN)
                 if IEEE:
                     acc = tl.dot(a, w, acc=acc, input_precision="ieee")
                 else:
@@ -103,12 +102,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _pe_bwd_dw_kernel(
-        g_ptr, img_ptr, dw_ptr,
+        g_ptr, img_ptr, koff_ptr, dw_ptr,
         B, L, GW, D, K, P, NP, CHUNK,
-        s_ib, s_ic, s_ih, s_iw,
+        s_ib, s_ih, s_iw,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, VEC: tl.constexpr,
     ):
         # g = dOut (B, NP + L, D) contiguous; img (B, C, H, W) any strides;
+        # koff (K,) as in the forward (K padded to a multiple of 128 >= BK: no k masks);
         # dw partials (SPLIT, D, K) fp32: split s sums patch rows m in [s*CHUNK, (s+1)*CHUNK).
         pid = tl.program_id(0)
         split = tl.program_id(1)
@@ -118,11 +118,7 @@ if HAS_TRITON:
         rn = pid_n * BN + tl.arange(0, BN)
         rk = pid_k * BK + tl.arange(0, BK)
         n_mask = rn < D
-        k_mask = rk < K
-        PP = P * P
-        c = rk // PP
-        r = rk % PP
-        col_off = c.to(tl.int64) * s_ic + (r // P).to(tl.int64) * s_ih + (r % P).to(tl.int64) * s_iw  # (BK,)
+        col_off = tl.load(koff_ptr + rk)  # (BK,)
         if VEC > 1:  # see _vec()
             col_off = tl.max_contiguous(tl.multiple_of(col_off, VEC), VEC)
         T = NP + L
@@ -137,8 +133,7 @@ if HAS_TRITON:
                        + ((l_ % GW) * P).to(tl.int64) * s_iw)
             if VEC > 1:
                 row_off = tl.multiple_of(row_off, VEC)
-            a = tl.load(img_ptr + row_off[:, None] + col_off[None, :],
-                        mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+            a = tl.load(img_ptr + row_off[:, None] + col_off[None, :], mask=m_mask[:, None], other=0.0)  # (BM, BK)
             g = tl.load(g_ptr + (b.to(tl.int64) * T + NP + l_)[:, None] * D + rn[None, :],
                         mask=m_mask[:, None] & n_mask[None, :], other=0.0)  # (BM, BN)
             gt = tl.trans(g.to(a.dtype))  # (BN, BM)
@@ -147,7 +142,7 @@ if HAS_TRITON:
             else:
                 acc = tl.dot(gt, a, acc=acc)
         off = split.to(tl.int64) * D * K + rn[:, None].to(tl.int64) * K + rk[None, :]
-        tl.store(dw_ptr + off, acc, mask=n_mask[:, None] & k_mask[None, :])
+        tl.store(dw_ptr + off, acc, mask=n_mask[:, None])
 
     @triton.jit
     def _pe_bwd_dx_kernel(
@@ -254,10 +249,18 @@ def _vec(images: torch.Tensor, p: int) -> int:
 
 
 _KOFF_CACHE: dict = {}
+_K_PAD = 128  # a multiple of every BK, so the K loops need no masks
+assert all(_K_PAD % c[2] == 0 for c in _FWD_CONFIGS + _DW_CONFIGS + [tuple(_INTERPRET_FWD.values()),
+                                                                    tuple(_INTERPRET_DW.values())])
+
+
+def _padded_k(K: int) -> int:
+    return triton.cdiv(K, _K_PAD) * _K_PAD
 
 
 def _patch_offsets(images: torch.Tensor, p: int) -> torch.Tensor:
-    """(C*p*p,) int64: offset of pixel (c, i, j) of a patch from its top-left pixel, in images' strides."""
+    """(KP,) int64: offset of pixel (c, i, j) of a patch from its top-left pixel, in images' strides, for
+    k < K = C*p*p; the pad up to KP = _padded_k(K) repeats the table (real pixels, same VEC runs)."""
     C = images.shape[1]
     _, s_c, s_h, s_w = images.stride()
     key = (C, p, s_c, s_h, s_w, images.device)
@@ -265,7 +268,9 @@ def _patch_offsets(images: torch.Tensor, p: int) -> torch.Tensor:
     if t is None:
         r = torch.arange(p, dtype=torch.int64)
         t = (torch.arange(C, dtype=torch.int64)[:, None, None] * s_c + r[None, :, None] * s_h
-             + r[None, None, :] * s_w).reshape(-1).to(images.device)
+             + r[None, None, :] * s_w).reshape(-1)
+        K = t.numel()
+        t = t.repeat(triton.cdiv(_padded_k(K), K))[:_padded_k(K)].to(images.device)
         if len(_KOFF_CACHE) > 64:
             _KOFF_CACHE.clear()
         _KOFF_CACHE[key] = t
@@ -283,13 +288,15 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     out = torch.empty(B, NP + L, D, dtype=out_dtype, device=images.device)
     if out.numel() == 0:
         return out
-    w2 = weight.reshape(D, K).contiguous()  # (D, K), k = (c, i, j)
+    KP = _padded_k(K)
+    w2 = weight.reshape(D, K)  # (D, K), k = (c, i, j)
+    w2 = w2.contiguous() if KP == K else F.pad(w2, (0, KP - K))  # zero pad: those products vanish
     dummy = w2  # never read: every load through it is masked off
     args = (images, _patch_offsets(images, p), w2, dummy if bias is None else bias.contiguous(),
             dummy if pos_embed is None else pos_embed.reshape(-1, D).contiguous(),
             dummy if cls_token is None else cls_token.reshape(-1, D).contiguous(),
             dummy if reg_tokens is None else reg_tokens.reshape(-1, D).contiguous(), out,
-            B, L, GW, D, K, p, NP, ncls, images.stride(0), images.stride(2), images.stride(3),
+            B, L, GW, D, KP, p, NP, ncls, images.stride(0), images.stride(2), images.stride(3),
             int(bias is not None), int(pos_embed is not None), 0 if no_embed_class else NP,
             int(pos_embed is not None and not no_embed_class))
 
@@ -313,18 +320,20 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
     M = B * L
     splits = max(1, min(_DW_MAX_SPLITS, triton.cdiv(M, DW_ROWS_PER_SPLIT)))
     chunk = max(1, triton.cdiv(M, splits))
-    part = torch.empty(splits, D, K, dtype=torch.float32, device=grad.device)
-    args = (grad, images, part, B, L, GW, D, K, patch, num_prefix, chunk, *images.stride())
+    KP = _padded_k(K)
+    part = torch.empty(splits, D, KP, dtype=torch.float32, device=grad.device)
+    args = (grad, images, _patch_offsets(images, patch), part, B, L, GW, D, KP, patch, num_prefix, chunk,
+            images.stride(0), images.stride(2), images.stride(3))
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BN"]) * triton.cdiv(K, meta["BK"]), splits)
+        return (triton.cdiv(D, meta["BN"]) * triton.cdiv(KP, meta["BK"]), splits)
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
         _pe_bwd_dw_kernel[grid](*args, **_INTERPRET_DW, IEEE=ieee, VEC=_vec(images, patch))
     else:
         _pe_bwd_dw_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, patch))
-    return part[0] if splits == 1 else part.sum(0)
+    return (part[0] if splits == 1 else part.sum(0))[:, :K].contiguous()
 
 
 def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor,
@@ -483,8 +492,8 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(AotSpec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
                                      f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns},v{vec}]"))
         for bm, bn, bk, nw, ns in _DW_CONFIGS:
-            sig = {"g_ptr": f"*{Y}", "img_ptr": f"*{X}", "dw_ptr": "*fp32",
-                   **ints("B", "L", "GW", "D", "K", "P", "NP", "CHUNK", "s_ib", "s_ic", "s_ih", "s_iw"),
+            sig = {"g_ptr": f"*{Y}", "img_ptr": f"*{X}", "koff_ptr": "*i64", "dw_ptr": "*fp32",
+                   **ints("B", "L", "GW", "D", "K", "P", "NP", "CHUNK", "s_ib", "s_ih", "s_iw"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr"}
             sig["VEC"] = "constexpr"
             for vec in vecs:
