@@ -150,9 +150,11 @@ def test_forward_and_grads_vs_float64(case, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["cls_reg_no_embed_class", "no_bias_no_pos", "pos_only_prefix",
-                                     "frozen_images", "fp16_images_fp32_params", "sliced_images"])
+                                     "frozen_images", "fp16_images_fp32_params", "sliced_images", "odd_patch"])
 def test_variants(variant, monkeypatch):
     C, H, W, p, B, D = 2, 24, 40, 8, 2, 24
+    if variant == "odd_patch":
+        C, H, W, p = 3, 15, 25, 5
     kw = dict(ncls=1, nreg=2)
     nec, want = False, None
     if variant == "cls_reg_no_embed_class":
@@ -172,6 +174,25 @@ def test_variants(variant, monkeypatch):
     calls = check_against_reference(inputs, nec, monkeypatch, want)
     if variant == "frozen_images":
         assert "patch_embed_bwd_images" not in calls  # d images only when images require grad
+
+
+def test_vector_hint_choice():
+    """VEC (contiguous, aligned pixel runs the kernels promise the compiler) only where it is true."""
+    img = randn(2, 3, 224, 224, dtype=torch.float16)
+    assert pe._vec(img, 16) == 8 and pe._vec(img, 8) == 8 and pe._vec(img, 14) == 2
+    assert pe._vec(randn(2, 3, 28, 28, dtype=torch.float16), 4) == 2
+    assert pe._vec(randn(2, 3, 35, 35, dtype=torch.float16), 5) == 1  # odd p
+    assert pe._vec(img.to(memory_format=torch.channels_last), 16) == 1
+    assert pe._vec(img.float(), 16) == 1  # fp32 loads stay scalar (FMA dots)
+    assert pe._vec(randn(2, 3, 224, 226, dtype=torch.float16)[..., 1:225], 16) == 1  # storage offset 1
+    assert pe._vec(randn(2, 3, 224, 228, dtype=torch.float16)[..., 2:226], 14) == 2  # 4-byte aligned
+    assert pe._vec(randn(2, 3, 224, 228, dtype=torch.float16)[..., 1:225], 14) == 1
+    K, KP = 3 * 14 * 14, pe._padded_k(3 * 14 * 14)
+    offs = pe._patch_offsets(img, 14)
+    assert KP % 128 == 0 and offs.shape == (KP,)
+    c, i, j = 2, 13, 11
+    assert offs[c * 196 + i * 14 + j] == c * 224 * 224 + i * 224 + j
+    assert int(offs[K:].max()) < 3 * 224 * 224  # the pad reads real pixels of the patch (zero weights)
 
 
 def test_split_dw_is_deterministic(monkeypatch):
@@ -262,10 +283,12 @@ def test_aot_specs_cover_every_kernel_and_config():
 GPU_CASES = [
     # C, H, W, p, B, D, ncls, nreg, no_embed_class, channels_last
     (3, 224, 224, 16, 4, 768, 1, 0, False, False),  # ViT-B/16
-    (3, 224, 224, 14, 2, 1280, 1, 0, False, True),  # ViT-H/14
-    (3, 64, 96, 16, 3, 192, 1, 4, True, False),
-    (1, 28, 28, 4, 5, 64, 1, 0, False, True),
+    (3, 224, 224, 14, 2, 1280, 1, 0, False, False),  # ViT-H/14
+    (3, 224, 224, 16, 2, 768, 1, 0, False, True),
+    (3, 64, 96, 16, 3, 192, 1, 4, True, True),
+    (1, 28, 28, 4, 5, 64, 1, 0, False, False),
     (3, 32, 32, 8, 2, 100, 0, 4, False, False),
+    (3, 30, 45, 5, 3, 72, 1, 1, False, False),
 ]
 
 
