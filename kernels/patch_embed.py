@@ -291,7 +291,7 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     KP = _padded_k(K)
     w2 = weight.reshape(D, K)  # (D, K), k = (c, i, j)
     w2 = w2.contiguous() if KP == K else F.pad(w2, (0, KP - K))  # zero pad: those products vanish
-    dummy = w2  # never read: every load through it is masked off
+    dummy = w2  # stands in for absent tensors; never read (HAS_* flags, masks)
     args = (images, _patch_offsets(images, p), w2, dummy if bias is None else bias.contiguous(),
             dummy if pos_embed is None else pos_embed.reshape(-1, D).contiguous(),
             dummy if cls_token is None else cls_token.reshape(-1, D).contiguous(),
@@ -340,9 +340,7 @@ def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: tor
                            num_prefix: int) -> torch.Tensor:
     """d images (same shape, dtype and memory format as images) = dOut @ W scattered to the patches."""
     B, L, GW, D, K, p = _geometry(images, weight.shape)
-    dx = torch.empty_like(images)
-    if dx.stride() != images.stride() and not dx.is_contiguous():  # pragma: no cover - empty_like is dense
-        dx = torch.empty(images.shape, dtype=images.dtype, device=images.device)
+    dx = torch.empty_like(images)  # dense, in images' memory format (NCHW or channels_last)
     if dx.numel() == 0:
         return dx
     w2 = weight.reshape(D, K).contiguous()
