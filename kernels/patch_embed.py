@@ -207,6 +207,8 @@ _FWD_CONFIGS = [(128, 128, 64, 8, 3), (128, 64, 32, 4, 4)]
 _DW_CONFIGS = [(32, 128, 128, 8, 3), (64, 64, 64, 4, 3)]
 # (BM, BK, BD, ...): d image tile BM x BK, D step BD.
 _DX_CONFIGS = [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)]
+# fp32 images (exact "ieee" FMA dots, for accuracy rather than speed): one fixed, spill-free config each.
+_FP32_CONFIGS = {"fwd": (64, 64, 32, 4, 3), "dw": (32, 64, 64, 4, 2), "dx": (64, 64, 32, 4, 2)}
 _TOKENS_BLOCK, _TOKENS_WARPS = 1024, 4
 _INTERPRET_FWD = dict(BM=128, BN=32, BK=64)  # big tiles: the interpreter pays per program
 _INTERPRET_DW = dict(BM=128, BN=32, BK=128)
@@ -250,8 +252,14 @@ def _vec(images: torch.Tensor, p: int) -> int:
 
 _KOFF_CACHE: dict = {}
 _K_PAD = 128  # a multiple of every BK, so the K loops need no masks
-assert all(_K_PAD % c[2] == 0 for c in _FWD_CONFIGS + _DW_CONFIGS + [tuple(_INTERPRET_FWD.values()),
+assert all(_K_PAD % c[2] == 0 for c in _FWD_CONFIGS + _DW_CONFIGS + [_FP32_CONFIGS["fwd"], _FP32_CONFIGS["dw"],
+                                                                    tuple(_INTERPRET_FWD.values()),
                                                                     tuple(_INTERPRET_DW.values())])
+
+
+def _fixed(kind: str, names: Tuple[str, str, str]) -> dict:
+    c = _FP32_CONFIGS[kind]
+    return dict(zip(names, c[:3]), num_warps=c[3], num_stages=c[4])
 
 
 def _padded_k(K: int) -> int:
@@ -307,6 +315,8 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     ieee = images.dtype == torch.float32
     if INTERPRET:
         _pe_fwd_kernel[grid](*args, **_INTERPRET_FWD, IEEE=ieee, VEC=_vec(images, p))
+    elif ieee:
+        _pe_fwd_kernel[grid](*args, **_fixed("fwd", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
         _pe_fwd_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, p))
     return out
@@ -331,6 +341,8 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
     ieee = images.dtype == torch.float32
     if INTERPRET:
         _pe_bwd_dw_kernel[grid](*args, **_INTERPRET_DW, IEEE=ieee, VEC=_vec(images, patch))
+    elif ieee:
+        _pe_bwd_dw_kernel[grid](*args, **_fixed("dw", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
         _pe_bwd_dw_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, patch))
     return (part[0] if splits == 1 else part.sum(0))[:, :K].contiguous()
@@ -352,6 +364,8 @@ def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: tor
     ieee = images.dtype == torch.float32
     if INTERPRET:
         _pe_bwd_dx_kernel[grid](*args, **_INTERPRET_DX, IEEE=ieee)
+    elif ieee:
+        _pe_bwd_dx_kernel[grid](*args, **_fixed("dx", ("BM", "BK", "BD")), IEEE=True)
     else:
         _pe_bwd_dx_tuned[grid](*args, IEEE=ieee)
     return dx
@@ -496,7 +510,7 @@ def _aot_specs() -> List[AotSpec]:
         X, P, Y = _TL[x], _TL[p], _TL[torch.promote_types(x, p)]
         ieee = x == torch.float32
         vecs = (1,) if ieee else (1, 2, 8)  # _vec() gives 2 or 8 only to 16-bit images
-        for bm, bn, bk, nw, ns in _FWD_CONFIGS:
+        for bm, bn, bk, nw, ns in [_FP32_CONFIGS["fwd"]] if ieee else _FWD_CONFIGS:
             sig = {"img_ptr": f"*{X}", "koff_ptr": "*i64", "w_ptr": f"*{X}", "bias_ptr": f"*{X}",
                    "pos_ptr": f"*{P}", "cls_ptr": f"*{X}", "reg_ptr": f"*{X}", "out_ptr": f"*{Y}",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "NCLS", "s_ib", "s_ih", "s_iw",
@@ -507,7 +521,7 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(_spec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
                                    f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns},v{vec}]",
                                    ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
-        for bm, bn, bk, nw, ns in _DW_CONFIGS:
+        for bm, bn, bk, nw, ns in [_FP32_CONFIGS["dw"]] if ieee else _DW_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "img_ptr": f"*{X}", "koff_ptr": "*i64", "dw_ptr": "*fp32",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "CHUNK", "s_ib", "s_ih", "s_iw"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr",
@@ -516,7 +530,7 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(_spec(_pe_bwd_dw_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
                                    f"pe_bwd_dw[{Y},{X},{bn}x{bk}x{bm},w{nw}s{ns},v{vec}]",
                                    ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
-        for bm, bk, bd, nw, ns in _DX_CONFIGS:
+        for bm, bk, bd, nw, ns in [_FP32_CONFIGS["dx"]] if ieee else _DX_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "w_ptr": f"*{X}", "dx_ptr": f"*{X}",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "s_xb", "s_xc", "s_xh", "s_xw"),
                    "BM": "constexpr", "BK": "constexpr", "BD": "constexpr", "IEEE": "constexpr"}

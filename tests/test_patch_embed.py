@@ -271,10 +271,10 @@ def test_aot_specs_cover_every_kernel_and_config():
         pytest.skip("triton is not importable")
     names = {jit_function(s.kernel).__name__ for s in pe.AOT_SPECS}
     assert names == {"_pe_fwd_kernel", "_pe_bwd_dw_kernel", "_pe_bwd_dx_kernel", "_pe_bwd_tokens_kernel"}
-    n_combos = len(pe._DTYPE_COMBOS)
-    n_vec = sum(1 if x == torch.float32 else 3 for x, _ in pe._DTYPE_COMBOS)  # VEC 1, and 2, 8 for 16-bit
-    assert len(pe.AOT_SPECS) == (n_vec * (len(pe._FWD_CONFIGS) + len(pe._DW_CONFIGS))
-                                 + n_combos * len(pe._DX_CONFIGS) + 3)
+    n32 = sum(x == torch.float32 for x, _ in pe._DTYPE_COMBOS)  # one fixed config per kernel, VEC 1
+    n16 = len(pe._DTYPE_COMBOS) - n32  # the autotune sets, VEC 1, 2 and 8 (not for d images)
+    assert len(pe.AOT_SPECS) == (3 * n32 + n16 * (3 * len(pe._FWD_CONFIGS) + 3 * len(pe._DW_CONFIGS)
+                                                  + len(pe._DX_CONFIGS)) + 3)
 
 
 # ---------------------------------------------------------------------------------------------
