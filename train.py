@@ -50,7 +50,7 @@ COMMON: Dict[str, Any] = dict(
     epochs=12, batch_size=128, eval_batch_size=512, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0,
     label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False, seed=0, max_steps=None,
     workers=None, threads=None, run_dir=None, out_dir="runs", best_path=None, log_path=None, progress=True,
-    profile="auto", synthetic_train=2048, synthetic_test=512,
+    profile="auto", device="auto", synthetic_train=2048, synthetic_test=512,
 )
 # Defaults that change with the profile; `auto` takes `gpu` when CUDA is available.
 PROFILES: Dict[str, Dict[str, Any]] = {
@@ -65,7 +65,7 @@ SEED_KEYS = {"patch_size": "patch_size", "pos_encoding_learnable": "pos_embed_le
              "n_heads": "num_heads", "encoder_blocks": "depth", "mlp_dim": "mlp_dim", "batch_size": "batch_size",
              "lr": "lr", "n_epochs": "epochs", "best_path": "best_path", "log_path": "log_path"}
 CHOICES = {"dataset": DATASETS, "precision": ("auto", "fp32", "bf16", "fp16"), "backend": flashvit.kernels.BACKENDS,
-           "profile": ("auto", "cpu", "gpu")}
+           "profile": ("auto", "cpu", "gpu"), "device": ("auto", "cpu", "cuda")}
 POSITIVE_INT = ("epochs", "batch_size", "eval_batch_size", "depth", "num_heads", "patch_size", "embed_dim",
                 "synthetic_train", "synthetic_test")
 
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--config", help="JSON file of settings (our keys or the seed's hyper_params.json keys)")
     a("--profile", choices=CHOICES["profile"], help="default settings: cpu, gpu, or auto (gpu when CUDA is present)")
+    a("--device", choices=CHOICES["device"], help="auto: CUDA when available (one GPU per process), else CPU")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS,
                    help="auto (default: Fashion-MNIST from /usr/share/datasets, or what --data-dir holds)")
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: the cores available)")
+    g.add_argument("--threads", type=int, help="CPU threads per process (default: the idle cores, at least 1)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="tqdm progress bars")
     g = p.add_argument_group("outputs")
     g.add_argument("--run-dir", help="where this run writes (default: OUT_DIR/<dataset>-<time>)")
@@ -277,6 +278,20 @@ class Dist:
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def default_threads(local_world: int) -> int:
+    """CPU threads per process: the cores not already busy (cores minus the 1-minute load average), at least 1.
+
+    On a shared machine two threads that keep missing each other at every small op's barrier are far slower
+    than one (measured on a 2-core box at load 9: 16 img/s with 2 threads, 106 img/s with 1).
+    """
+    cores = max(1, cpu_count() // local_world)
+    try:
+        busy = os.getloadavg()[0] / local_world
+    except (AttributeError, OSError):  # pragma: no cover - Windows
+        busy = 0.0
+    return max(1, min(cores, int(cores - busy + 0.5)))
 
 
 def log0(d: Dist, *args: Any) -> None:
@@ -457,8 +472,10 @@ def find_checkpoint(spec: str, cfg_run_dir: Optional[str], out_dir: str, name: s
     return path
 
 
-def pick_device(d: Dist) -> torch.device:
-    if torch.cuda.is_available():
+def pick_device(d: Dist, want: str = "auto") -> torch.device:
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    if want != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", d.local_rank % torch.cuda.device_count())
     return torch.device("cpu")
 
@@ -530,7 +547,7 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
         saved = dict(ck["config"])
         # A resumed run keeps its settings; only these may change (e.g. more epochs, another machine).
         for k in ("epochs", "max_steps", "progress", "threads", "workers", "backend", "compile", "data_dir",
-                  "eval_batch_size"):
+                  "eval_batch_size", "device"):
             if k in explicit:
                 saved[k] = cfg[k]
         saved["run_dir"] = os.path.dirname(os.path.abspath(resume_path))
@@ -542,6 +559,8 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, c, h, info["num_classes"]).to(device)
     amp = amp_dtype(cfg, device)
+    # Same initial weights everywhere (DDP also broadcasts rank 0's); a different augmentation stream per rank.
+    torch.manual_seed(cfg["seed"] + 7919 * d.rank)
 
     # Run directory: created only now that data, model and settings are known to be good.
     if cfg["run_dir"] is None:
@@ -599,8 +618,10 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     if d.enabled:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
+    eval_net = model  # shards differ in size between ranks: evaluate without DDP's collectives
     if cfg["compile"]:
         net = torch.compile(net)
+        eval_net = net if not d.enabled else torch.compile(model)
 
     nparams = sum(p.numel() for p in model.parameters())
     log0(d, f"flashvit {flashvit.__version__} | {d.world} x {device} | profile {cfg['profile']} | "
@@ -679,7 +700,7 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                 bar.close()
             epoch_time = time.perf_counter() - t0
             tr_loss, tr_correct, tr_seen = d.sum([loss_sum.item(), correct.item(), float(seen)], device)
-            val_loss, val_acc = evaluate(net, val_ds, d, device, cfg["eval_batch_size"], amp)
+            val_loss, val_acc = evaluate(eval_net, val_ds, d, device, cfg["eval_batch_size"], amp)
             epoch += 1
             rec = {"epoch": epoch, "step": step, "train_loss": tr_loss / max(tr_seen, 1),
                    "train_acc": 100.0 * tr_correct / max(tr_seen, 1), "val_loss": val_loss, "val_acc": val_acc,
@@ -694,9 +715,9 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                     f"{rec['img_per_s']:7.0f} img/s")
             rank_rng = None
             if d.enabled:  # every rank's CPU generator, so augmentation streams resume exactly
-                st = torch.get_rng_state()
+                st = torch.get_rng_state().to(device)  # NCCL gathers CUDA tensors
                 gathered = [torch.empty_like(st) for _ in range(d.world)]
-                dist.all_gather(gathered, st.to(device) if device.type == "cuda" else st)
+                dist.all_gather(gathered, st)
                 rank_rng = [g.cpu() for g in gathered]
             if d.main:
                 if improved:
@@ -750,11 +771,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         config_path = ns.pop("config", None)
         file_cfg = read_config_file(config_path) if config_path else {}
         explicit = set(ns)
-        cfg = resolve_config(file_cfg, ns, torch.cuda.is_available())
+        want = ns.get("device") or file_cfg.get("device") or "auto"
+        cfg = resolve_config(file_cfg, ns, torch.cuda.is_available() and want != "cpu")
         cfg["_explicit"] = explicit
         cfg["_resume"] = resume
-        device = pick_device(d)
-        threads = cfg["threads"] or max(1, cpu_count() // d.local_world)
+        device = pick_device(d, cfg["device"])
+        threads = cfg["threads"] or default_threads(d.local_world)
         if device.type == "cpu" or cfg["threads"]:
             torch.set_num_threads(threads)
         d.init(device)
