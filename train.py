@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,22 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import flashvit
 from flashvit.data import DATASETS, DataError, ImageTensorDataset, collate_batch, load_data, split_train_val
+
+try:  # the `train` extras; training works without them
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    tqdm = None
+HAS_MPL = importlib.util.find_spec("matplotlib") is not None
+
+
+def _plt():
+    """pyplot on the file-only Agg backend (imported on first use: it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 class ConfigError(Exception):
@@ -361,7 +378,7 @@ def evaluate(model: torch.nn.Module, ds: ImageTensorDataset, d: Dist, device: to
 
 
 def _save_fig(fig, path: str) -> None:
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
@@ -369,10 +386,7 @@ def _save_fig(fig, path: str) -> None:
 
 def plot_curves(history: List[Dict[str, Any]], path: str, title: str) -> None:
     """Loss and accuracy per epoch (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     ep = [h["epoch"] for h in history]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -391,10 +405,7 @@ def plot_curves(history: List[Dict[str, Any]], path: str, title: str) -> None:
 
 def plot_pos_embed_similarity(model: torch.nn.Module, path: str) -> None:
     """For each patch position, the cosine similarity of its position embedding with every other patch's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     gh, gw = model.patch_embed.grid_size
     pe = model.pos_embed.detach().float()[0]
@@ -420,6 +431,8 @@ def plot_command(argv: List[str]) -> int:
     p.add_argument("runs", nargs="+", help="run directories or their log.json files")
     p.add_argument("-o", "--out", default="compare.png", help="output PNG (compare.png)")
     a = p.parse_args(argv)
+    if not HAS_MPL:
+        raise ConfigError("plot needs matplotlib: pip install matplotlib")
     series = []
     for r in a.runs:
         path = os.path.join(r, "log.json") if os.path.isdir(r) else r
@@ -433,10 +446,7 @@ def plot_command(argv: List[str]) -> int:
             raise ConfigError(f"{path}: not a training log ({type(e).__name__}: {e})") from None
         label = os.path.basename(os.path.dirname(os.path.abspath(path))) if os.path.isdir(r) else os.path.basename(r)
         series.append((label, tl, vl, va))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, tl, vl, va in series:
@@ -571,7 +581,7 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     log_path = cfg["log_path"] or os.path.join(run_dir, "log.json")
     last_path = os.path.join(run_dir, "last.pt")
     public_cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    if ck is None and d.main and os.path.exists(last_path):
+    if ck is None and os.path.exists(last_path):
         raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir}, or another --run-dir")
 
     workers = cfg["workers"] if cfg["workers"] is not None else (min(4, max(1, cpu_count() // d.local_world))
@@ -663,11 +673,9 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
             correct = torch.zeros((), device=device, dtype=torch.float64)
             seen = 0
             bar = None
-            if bar_enabled:
-                from tqdm import tqdm
-
+            if bar_enabled and tqdm is not None:  # disable=None: no bar when stderr is not a terminal
                 bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-                           dynamic_ncols=True, file=sys.stderr)
+                           dynamic_ncols=True, file=sys.stderr, disable=None)
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -733,7 +741,8 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                     state["rank_rng"] = rank_rng
                 save_checkpoint(last_path, state)
                 write_log()
-                plot_curves(history, os.path.join(run_dir, "curves.png"), f"{info['dataset']} — {cfg['model']}")
+                if HAS_MPL:
+                    plot_curves(history, os.path.join(run_dir, "curves.png"), f"{info['dataset']} — {cfg['model']}")
 
         # Final test accuracy, once, from the best-validation weights.
         d.barrier()
@@ -750,7 +759,10 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
             "checkpoint": best_path, "images": len(test_ds)}
     if d.main:
         write_log(test)
-        plot_pos_embed_similarity(model, os.path.join(run_dir, "pos_embed_similarity.png"))
+        if HAS_MPL:
+            plot_pos_embed_similarity(model, os.path.join(run_dir, "pos_embed_similarity.png"))
+        else:
+            log0(d, "note: matplotlib is not installed: no PNG curves (pip install matplotlib)")
         total_time = sum(e["time_s"] for e in history)
         log0(d, f"test accuracy {test_acc:.2f}% (loss {test_loss:.4f}) on {len(test_ds)} {info['dataset']} test "
                 f"images, from the best-validation checkpoint (epoch {best['epoch']}, val acc "

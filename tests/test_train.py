@@ -345,3 +345,14 @@ def test_gpu_smoke(tmp_path, extra):
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["device"].startswith("cuda")
     assert log["test"]["accuracy"] > 50.0, log["metrics"]["testing_accuracies"]
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(train, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert train.default_threads(1) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert train.default_threads(1) == 1
+    monkeypatch.setattr(train, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert train.default_threads(1) == 13 and train.default_threads(4) == 3
