@@ -1,0 +1,358 @@
+"""train.py end to end: config (incl. the seed's file), tiny runs, errors, SIGKILL + --resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from flashvit import data as fd  # noqa: E402
+
+FMNIST = fd.DEFAULT_DATA_DIR
+HAS_FMNIST = os.path.isfile(os.path.join(FMNIST, "train-images-idx3-ubyte.gz"))
+# Tiny model and data so every run takes seconds on a busy 2-core CPU.
+TINY = ["--embed-dim", "32", "--depth", "1", "--num-heads", "2", "--mlp-ratio", "1", "--patch-size", "7",
+        "--threads", "1", "--no-progress", "--eval-batch-size", "256", "--device", "cpu"]
+SYN = ["--dataset", "synthetic", "--synthetic-train", "320", "--synthetic-test", "64", "--batch-size", "32"]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _cli(args, cwd, timeout=180):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=cwd, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _files(path):
+    return sorted(os.path.relpath(os.path.join(r, f), path) for r, _, fs in os.walk(path) for f in fs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+def test_seed_hyper_params_file_maps_to_our_keys():
+    path = os.path.join(ROOT, "configs", "seed_hyper_params.json")
+    with open(path) as f:
+        seed = json.load(f)
+    assert set(seed) == set(train.SEED_KEYS)  # the example carries every key of the seed's file
+    cfg = train.resolve_config(train.read_config_file(path), {}, has_cuda=False)
+    assert cfg["patch_size"] == seed["patch_size"] and cfg["embed_dim"] == seed["token_dim"]
+    assert cfg["num_heads"] == seed["n_heads"] and cfg["depth"] == seed["encoder_blocks"]
+    assert cfg["mlp_ratio"] * cfg["embed_dim"] == seed["mlp_dim"]
+    assert cfg["pos_embed_learnable"] is seed["pos_encoding_learnable"]
+    assert cfg["epochs"] == seed["n_epochs"] and cfg["lr"] == seed["lr"] and cfg["batch_size"] == seed["batch_size"]
+    assert cfg["best_path"] == seed["best_path"] and cfg["log_path"] == seed["log_path"]
+    m = train.build_model(cfg, 1, 28, 10)  # the seed's model: width 32, 3 blocks, 8 heads, MLP 32
+    assert m.embed_dim == 32 and len(m.blocks) == 3 and m.blocks[0].attn.num_heads == 8
+    assert m.blocks[0].mlp.fc1.out_features == 32 and not m.pos_embed.requires_grad
+
+
+def test_cli_overrides_file_overrides_profile(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"n_epochs": 7, "lr": 0.01, "depth": 2}))
+    ns = vars(train.build_parser().parse_args(["--config", str(p), "--lr", "0.5", "--no-hflip"]))
+    ns.pop("config")
+    cfg = train.resolve_config(train.read_config_file(str(p)), ns, has_cuda=False)
+    assert (cfg["epochs"], cfg["lr"], cfg["depth"], cfg["hflip"]) == (7, 0.5, 2, False)
+    assert cfg["embed_dim"] == train.COMMON["embed_dim"] and cfg["profile"] == "cpu"
+    gpu = train.resolve_config({}, {}, has_cuda=True)
+    assert gpu["profile"] == "gpu" and gpu["embed_dim"] == train.PROFILES["gpu"]["embed_dim"]
+    assert train.resolve_config({}, {"profile": "cpu"}, has_cuda=True)["profile"] == "cpu"
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".json")))
+def test_shipped_configs_are_valid(name):
+    cfg = train.resolve_config(train.read_config_file(os.path.join(ROOT, "configs", name)), {}, has_cuda=False)
+    train.build_model(cfg, 1, cfg["img_size"] or 28, 10)
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("{ not json", "is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"token_dimm": 3}', "unknown key 'token_dimm'"),
+    ('{"epochs": 0}', "epochs must be a positive integer"),
+    ('{"lr": "fast"}', "lr must be a non-negative number"),
+    ('{"model": "vit_gigantic"}', "unknown model preset 'vit_gigantic'"),
+    ('{"precision": "fp8"}', "precision must be one of"),
+])
+def test_bad_config_is_a_config_error(tmp_path, content, msg):
+    p = tmp_path / "c.json"
+    p.write_text(content)
+    with pytest.raises(train.ConfigError, match=msg):
+        train.resolve_config(train.read_config_file(str(p)), {}, has_cuda=False)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [train.lr_factor(s, 10, 100, 0.01) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0) and f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # monotone decay after warmup
+    assert train.lr_factor(100, 10, 100, 0.01) == pytest.approx(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one clear error line, non-zero exit, nothing written.
+
+def _corrupt_idx_dir(root):
+    os.makedirs(root)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        fd.write_idx(os.path.join(root, name), np.zeros((4, 8, 8) if "images" in name else (4,), np.uint8))
+    with open(os.path.join(root, "train-images-idx3-ubyte"), "r+b") as f:
+        f.write(b"\x13\x37")
+
+
+@pytest.mark.parametrize("case", ["missing-data-dir", "corrupt-idx", "unknown-preset", "bad-json", "bad-flag-value"])
+def test_bad_inputs_one_error_line_nothing_written(tmp_path, capsys, case):
+    run = tmp_path / "run"
+    args = ["--run-dir", str(run), *TINY]
+    if case == "missing-data-dir":
+        args += ["--data-dir", str(tmp_path / "nope")]
+    elif case == "corrupt-idx":
+        _corrupt_idx_dir(str(tmp_path / "idx"))
+        args += ["--data-dir", str(tmp_path / "idx")]
+    elif case == "unknown-preset":
+        args += [*SYN, "--model", "vit_nonexistent"]
+    elif case == "bad-json":
+        (tmp_path / "c.json").write_text('{"lr": 0.1,}')
+        args += ["--config", str(tmp_path / "c.json")]
+    else:
+        args += [*SYN, "--epochs", "-3"]
+    before = _files(str(tmp_path))
+    rc = train.main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert {"missing-data-dir": "does not exist", "corrupt-idx": "not an IDX file", "unknown-preset":
+            "vit_nonexistent", "bad-json": "not valid JSON", "bad-flag-value": "epochs"}[case] in err
+    assert not run.exists() and _files(str(tmp_path)) == before
+
+
+def test_cli_exit_status_and_stderr(tmp_path):
+    r = _cli(["--data-dir", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "run")], cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny end-to-end run (real Fashion-MNIST files when installed, else synthetic).
+
+def _tiny_fashion_dir(root, n_train=480, n_test=200):
+    os.makedirs(root)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        x = fd.read_idx(os.path.join(FMNIST, f"{split}-images-idx3-ubyte.gz"))[:n]
+        y = fd.read_idx(os.path.join(FMNIST, f"{split}-labels-idx1-ubyte.gz"))[:n]
+        fd.write_idx(os.path.join(root, f"{split}-images-idx3-ubyte.gz"), x)
+        fd.write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    if HAS_FMNIST:
+        _tiny_fashion_dir(str(base / "fashion-mnist"))
+        data = ["--data-dir", str(base / "fashion-mnist")]
+    else:
+        data = SYN[:2]
+    run = base / "run"
+    # Small enough for seconds, big enough to learn: ~60% test accuracy on 480 images (chance 10%).
+    args = [*data, *TINY, "--run-dir", str(run), "--embed-dim", "64", "--depth", "2", "--num-heads", "4",
+            "--mlp-ratio", "2", "--epochs", "5", "--batch-size", "16", "--lr", "3e-3", "--warmup-epochs", "0.5",
+            "--crop-pad", "0", "--no-hflip"]
+    return run, *_inproc(args)
+
+
+def _inproc(args):
+    """train.main in this process (saves a Python + torch start-up); returns (result, seconds)."""
+    out, err = io.StringIO(), io.StringIO()
+    t0 = time.time()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = train.main(args)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue()), time.time() - t0
+
+
+def test_tiny_end_to_end_run(tiny_run):
+    run, proc, seconds = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(run)) == ["best.pt", "config.json", "curves.png", "last.pt", "log.json",
+                                       "pos_embed_similarity.png"]
+    log = json.loads((run / "log.json").read_text())
+    m = log["metrics"]
+    for k in ("training_losses", "testing_losses", "times_per_epoch", "testing_accuracies"):  # the seed's fields
+        assert len(m[k]) == 5
+    assert m["training_losses"][-1] < m["training_losses"][0]  # it learns
+    test = log["test"]
+    assert test["epoch"] == log["best_epoch"] and test["val_acc"] == max(m["testing_accuracies"])
+    assert test["accuracy"] > 35.0  # chance is 10%
+    assert log["data"]["val_images"] > 0 and not log["data"]["val_is_test"]
+    assert proc.stdout.count("test accuracy") == 1 and f"test accuracy {test['accuracy']:.2f}%" in proc.stdout
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["embed_dim"] == 64 and cfg["run_dir"] == str(run) and cfg["device"] == "cpu"
+    with open(run / "curves.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
+    assert seconds < 60, f"tiny run took {seconds:.0f}s"  # in this process: start-up not counted
+
+
+def test_checkpoints_load_weights_only(tiny_run):
+    run, proc, _ = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "history", "config"} <= set(last)
+    assert last["epoch"] == 5 and best["epoch"] == json.loads((run / "log.json").read_text())["best_epoch"]
+    cfg = best["config"]
+    model = train.build_model(cfg, 1, 28, 10)
+    model.load_state_dict(best["model"])  # strict: the names and shapes match
+    # A checkpoint carrying an arbitrary object is refused, never unpickled.
+    evil = run.parent / "evil.pt"
+    torch.save({"model": {}, "config": {}, "payload": _Evil()}, evil)
+    with pytest.raises(train.ConfigError, match="cannot load checkpoint"):
+        train.load_checkpoint(str(evil))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_eval_only_reproduces_test_accuracy(tiny_run, capsys):
+    run, proc, _ = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    rc = train.main(["--eval-only", str(run), "--threads", "1", "--device", "cpu"])
+    out = capsys.readouterr().out
+    acc = json.loads((run / "log.json").read_text())["test"]["accuracy"]
+    assert rc == 0 and f"test accuracy {acc:.2f}%" in out
+
+
+def test_plot_compares_runs_and_seed_logs(tiny_run, tmp_path, capsys):
+    run, proc, _ = tiny_run
+    seed_log = tmp_path / "seed.json"  # the seed's log format
+    seed_log.write_text(json.dumps({"config": {}, "metrics": {"training_losses": [1.0, 0.5], "testing_losses": [0.9, 0.6],
+                                                              "times_per_epoch": [1, 1], "testing_accuracies": [70, 80]}}))
+    out = tmp_path / "cmp.png"
+    assert train.main(["plot", str(run), str(seed_log), "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert train.main(["plot", str(tmp_path / "none"), "-o", str(tmp_path / "x.png")]) == 2
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_existing_run_dir_needs_resume(tiny_run, capsys):
+    run, proc, _ = tiny_run
+    before = (run / "last.pt").stat().st_mtime_ns
+    assert train.main([*SYN, *TINY, "--run-dir", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err and (run / "last.pt").stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGKILL mid-run, then --resume: continues from `last` and ends exactly where an uninterrupted run ends.
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    args = [*SYN, *TINY, "--epochs", "6", "--synthetic-train", "480"]
+    ref, _ = _inproc([*args, "--run-dir", str(tmp_path / "ref")])
+    assert ref.returncode == 0, ref.stderr
+
+    run = tmp_path / "killed"
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--run-dir", str(run)],
+                         cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)  # somewhere in epoch 2 (or while it saves epoch 1)
+    p.communicate()
+    assert p.returncode == -signal.SIGKILL
+    done = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 6, "the run finished before it could be killed"
+
+    r, _ = _inproc(["--resume", str(run), "--threads", "1", "--no-progress", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    assert f"epoch {done} done" in r.stdout
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    la, lb = (json.loads((d / "log.json").read_text()) for d in (tmp_path / "ref", run))
+    assert la["metrics"]["testing_accuracies"] == lb["metrics"]["testing_accuracies"]
+    assert la["test"]["accuracy"] == lb["test"]["accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# torchrun: 2 processes, gloo on CPU, DistributedDataParallel.
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_gloo_identical_weights(tmp_path):
+    run, dump = tmp_path / "run", tmp_path / "ranks"
+    env = dict(_env(), FLASHVIT_DUMP_RANK_WEIGHTS=str(dump))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={_free_port()}", os.path.join(ROOT, "train.py"), *SYN, *TINY, "--epochs", "2",
+           "--run-dir", str(run)]
+    p = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("test accuracy") == 1  # rank 0 logs
+    r0 = torch.load(dump / "rank0.pt", weights_only=True)["model"]
+    r1 = torch.load(dump / "rank1.pt", weights_only=True)["model"]
+    last = torch.load(run / "last.pt", weights_only=True)
+    torch.manual_seed(0)
+    init = train.build_model(last["config"], 1, 28, 10).state_dict()
+    changed = 0
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
+        assert torch.equal(r0[k], last["model"][k])
+        changed += not torch.equal(r0[k], init[k])
+    assert changed > len(r0) // 2  # it trained
+    log = json.loads((run / "log.json").read_text())
+    assert log["world_size"] == 2
+    # Each rank saw its own half of the data: 288 training images / (32 x 2) = 4 steps per epoch.
+    assert [e["step"] for e in log["metrics"]["epochs"]] == [4, 8]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (bench/gpu_check.sh): bf16 autocast with the Triton kernels, fp16 + grad scaler, torch.compile.
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["--backend", "triton", "--precision", "bf16"],
+                                   ["--backend", "auto", "--precision", "fp16"],
+                                   ["--backend", "torch", "--precision", "bf16", "--compile"]])
+def test_gpu_smoke(tmp_path, extra):
+    r = _cli([*SYN, "--embed-dim", "64", "--depth", "2", "--num-heads", "4", "--no-progress", "--epochs", "3",
+              "--synthetic-train", "2048", "--run-dir", str(tmp_path / "run"), "--workers", "2", *extra],
+             cwd=str(tmp_path), timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["device"].startswith("cuda")
+    assert log["test"]["accuracy"] > 50.0, log["metrics"]["testing_accuracies"]
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.setattr(train, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert train.default_threads(1) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    assert train.default_threads(1) == 1
+    monkeypatch.setattr(train, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    assert train.default_threads(1) == 13 and train.default_threads(4) == 3
