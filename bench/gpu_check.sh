@@ -15,7 +15,9 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX (step caps in seconds: 200 / 130 / 180), GPU_CHECK_MODELS (default "b s l").
+# GPU_CHECK_MODEL_MAX (step caps in seconds: 200 / 130 / 180), GPU_CHECK_MODELS (default "b s l"),
+# GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST (pytest-xdist workers, default 6),
+# GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
 set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
@@ -100,8 +102,9 @@ if [ "$DRY" = 1 ]; then
   TEST_ARGS=(tests/test_dispatch.py); TEST_MAX=120; RESERVE=100
 else
   # The AOT gate is CPU work that CI runs; xdist (on the stock image) spreads kernel compiles over the cores.
-  TEST_ARGS=(-m "not aot" tests bench); TEST_MAX=${GPU_CHECK_TEST_MAX:-200}; RESERVE=250
-  "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS=(-n 6 "${TEST_ARGS[@]}")
+  # shellcheck disable=SC2206
+  TEST_ARGS=(-m "not aot" ${GPU_CHECK_TESTS:-tests bench}); TEST_MAX=${GPU_CHECK_TEST_MAX:-200}; RESERVE=250
+  "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS=(-n "${GPU_CHECK_XDIST:-6}" "${TEST_ARGS[@]}")
 fi
 TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
 TESTS_RC=0
@@ -109,9 +112,17 @@ if [ "$TEST_T" -lt 20 ]; then
   note "skipped: the test suite (only $(left)s left)"
   TESTS_RC=1
 else
+  : > "$OUT/gpu_tests.log"
+  if [ -n "${GPU_CHECK_PRETEST:-}" ]; then  # one test alone first, full traceback (e.g. a failure to diagnose)
+    say "pretest: $GPU_CHECK_PRETEST"
+    # shellcheck disable=SC2086
+    timeout -k 5 90 "$PY" -m pytest -p no:cacheprovider -q --tb=long $GPU_CHECK_PRETEST >> "$OUT/gpu_tests.log" 2>&1
+    tail -n 25 "$OUT/gpu_tests.log"
+    TEST_T=$(min "$TEST_T" $(( $(left) - RESERVE )))
+  fi
   say "tests: ${TEST_ARGS[*]} (timeout ${TEST_T}s) -> gpu_tests.log"
   timeout -k 10 "$TEST_T" "$PY" -m pytest -p no:cacheprovider -v --tb=short --maxfail=10 --durations=15 \
-    -o faulthandler_timeout=100 "${TEST_ARGS[@]}" > "$OUT/gpu_tests.log" 2>&1
+    -o faulthandler_timeout=100 "${TEST_ARGS[@]}" >> "$OUT/gpu_tests.log" 2>&1
   TESTS_RC=$?
   [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] && note "tests: killed by the ${TEST_T}s timeout (log is partial)"
   say "tests: rc=$TESTS_RC: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
@@ -124,6 +135,8 @@ if [ "$DRY" = 1 ]; then
 else
   BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-130}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-180}; GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
+  # shellcheck disable=SC2206
+  [ -n "${GPU_CHECK_OPS:-}" ] && OPS_EXTRA+=(--ops $GPU_CHECK_OPS)
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
 fi

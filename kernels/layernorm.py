@@ -6,12 +6,11 @@ PyTorch reference -> public functionals and an ``nn.LayerNorm``-compatible modul
 Kernels work on a (M, D) view: M = prod(leading dims), rows addressed by a row stride, last dim unit-stride.
 Statistics are fp32; mean and rstd (M,) are saved for the backward. dweight/dbias are reduced
 deterministically: each backward program sums its own contiguous block of rows into a (G, D) fp32 partial,
-then one reduce kernel sums the G partials in a fixed order (no atomics: bit-equal run to run).
+then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run to run).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -35,7 +34,9 @@ from flashvit.kernels._dispatch import (
 MAX_D = 8192  # one row lives in registers: BLOCK_N = next_pow2(D) <= 8192
 MIN_BLOCK_N = 64  # smaller rows pad to 64 lanes and pack more rows per program
 TILE = 2048  # target elements per program tile (ROWS x BLOCK_N)
-REDUCE_BLOCK_G, REDUCE_BLOCK_N, REDUCE_WARPS, REDUCE_STAGES = 16, 128, 4, 3
+# Backward: rows per program. Short enough that ~M/BWD_ROWS_PER_PROG programs keep every SM busy
+# (a one-wave grid looping over ~200 rows each was latency-bound: bench/results, H200, 0.4-0.7x eager).
+BWD_ROWS_PER_PROG = 32
 
 if HAS_TRITON:
     _jit = triton.jit
@@ -119,26 +120,6 @@ def _ln_bwd_kernel(
     tl.store(DBP + poff, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
-@_jit
-def _ln_reduce_kernel(
-    P, OUT,  # P: (2, G, N) fp32 partials (dw, db); OUT: (2, N) in the parameter dtype
-    G, N,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    which = tl.program_id(1)  # 0: dweight, 1: dbias
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    base = P + which.to(tl.int64) * G * N
-    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
-        m = (g < G)[:, None] & col_mask[None, :]
-        acc += tl.load(base + g.to(tl.int64)[:, None] * N + cols[None, :], mask=m, other=0.0)
-    out = tl.sum(acc, axis=0)
-    tl.store(OUT + which * N + cols, out.to(OUT.dtype.element_ty), mask=col_mask)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch configuration: a function of D only, so AOT_SPECS can list every choice.
 
@@ -176,12 +157,11 @@ def _row_stride(t2: torch.Tensor) -> int:
     return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
 
 
-@functools.cache
-def _num_programs_cap(device: torch.device, num_warps: int) -> int:
-    """Backward grid: one wave of resident programs (2 per SM at <= 8 warps, else 1), so none waits for a 2nd."""
-    if device.type == "cuda":
-        return max(1, 16 // num_warps) * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: programs run one after another
+def _rows_per_prog(device: torch.device, rows: int, m: int) -> int:
+    """Backward rows per program (a multiple of ROWS); the interpreter uses few, long programs."""
+    if device.type != "cuda":
+        return rows * triton.cdiv(triton.cdiv(m, rows), 4)
+    return rows * max(1, BWD_ROWS_PER_PROG // rows)
 
 
 def _param_dtype(h_dtype: torch.dtype, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.dtype:
@@ -256,9 +236,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     w, _ = _params(d, pd, x.device, weight, None)
     dho2 = _rows(dh_out) if dh_out is not None else dy2
     block_n, rows, _, warps = _config(d)
-    n_blocks = triton.cdiv(m, rows)
-    g = min(n_blocks, _num_programs_cap(x.device, warps))
-    rows_per_prog = rows * triton.cdiv(n_blocks, g)
+    rows_per_prog = _rows_per_prog(x.device, rows, m)
     g = triton.cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, x.device)
     _ln_bwd_kernel[(g,)](
@@ -266,10 +244,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         m, d, _row_stride(dy2), _row_stride(x2), _row_stride(dho2), d, rows_per_prog,
         BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps, num_stages=BWD_STAGES,
     )
-    _ln_reduce_kernel[(triton.cdiv(d, REDUCE_BLOCK_N), 2)](
-        partial, dwdb, g, d, BLOCK_G=REDUCE_BLOCK_G, BLOCK_N=REDUCE_BLOCK_N, num_warps=REDUCE_WARPS,
-        num_stages=REDUCE_STAGES,
-    )
+    # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
+    dwdb.copy_(partial.sum(dim=1))
     return dx, dwdb
 
 
@@ -519,11 +495,6 @@ def _aot_specs() -> List[AotSpec]:
                     _ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, bwd_warps,
                     BWD_STAGES,
                     f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}]"))
-    for pd in FLOAT_DTYPES:
-        sig = {"P": "*fp32", "OUT": f"*{_TT[pd]}", "G": "i32", "N": "i32", "BLOCK_G": "constexpr",
-               "BLOCK_N": "constexpr"}
-        specs.append(AotSpec(_ln_reduce_kernel, sig, {"BLOCK_G": REDUCE_BLOCK_G, "BLOCK_N": REDUCE_BLOCK_N},
-                             REDUCE_WARPS, REDUCE_STAGES, f"ln_reduce[out={_TT[pd]}]"))
     return specs
 
 

@@ -15,7 +15,11 @@ def fresh_seed() -> int:
     return 1234 + next(_counter)
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = "cpu", scale: float = 1.0,
+# Where tests run by default: the GPU when there is one (kernels need CUDA tensors there), else the CPU.
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, device: str = DEFAULT_DEVICE, scale: float = 1.0,
           requires_grad: bool = False, seed: Optional[int] = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
     t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)

@@ -135,7 +135,7 @@ def test_lse_and_poisoned_outputs():
     B, Nq, Nkv, H, D = 2, 23, 23, 3, 40
     q, k, v = (t.detach() for t in _inputs(B, Nq, Nkv, H, D, torch.float32))
     scale = D ** -0.5
-    out, lse = poison(torch.empty_like(q)), poison(torch.empty(B, H, Nq))
+    out, lse = poison(torch.empty_like(q)), poison(torch.empty(B, H, Nq, device=DEVICE))
     A.attention_fwd(q, k, v, scale, False, out=out, lse=lse)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
     torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
@@ -149,7 +149,7 @@ def test_lse_and_poisoned_outputs():
         assert_close_to_ref(got, r, name=name)
     # The packed backward writes every element of the packed gradient.
     qkv = randn(1, 9, 3 * 2 * 24, device=DEVICE)
-    o, lse2 = A.qkv_attention_fwd(qkv, 2, 24 ** -0.5, out=poison(torch.empty(1, 9, 48)))
+    o, lse2 = A.qkv_attention_fwd(qkv, 2, 24 ** -0.5, out=poison(torch.empty(1, 9, 48, device=DEVICE)))
     dqkv = A.qkv_attention_bwd(randn(1, 9, 48, device=DEVICE), qkv, o, lse2, 2, 24 ** -0.5,
                                dqkv=poison(torch.empty_like(qkv)))
     assert torch.isfinite(o).all() and torch.isfinite(dqkv).all()
@@ -191,17 +191,17 @@ def test_dropout_falls_back_to_reference():
 
 
 def test_bad_inputs():
-    ok = randn(1, 5, 2, 16)
+    ok = randn(1, 5, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of 8"):
-        attention(*(randn(1, 5, 2, 12) for _ in range(3)), backend="triton")
+        attention(*(randn(1, 5, 2, 12, device=DEVICE) for _ in range(3)), backend="triton")
     with pytest.raises(ValueError, match="multiple of 8"):
-        attention(*(randn(1, 3, 1, 264) for _ in range(3)), backend="triton")
+        attention(*(randn(1, 3, 1, 264, device=DEVICE) for _ in range(3)), backend="triton")
     with pytest.raises(ValueError, match="multiple of 8"):
-        qkv_attention(randn(1, 5, 3 * 2 * 20), 2, backend="triton")
+        qkv_attention(randn(1, 5, 3 * 2 * 20, device=DEVICE), 2, backend="triton")
     with pytest.raises(ValueError, match="matching"):
-        attention(ok, randn(1, 5, 2, 24), ok, backend="triton")
+        attention(ok, randn(1, 5, 2, 24, device=DEVICE), ok, backend="triton")
     with pytest.raises(ValueError, match="matching"):
-        attention(ok, randn(1, 6, 2, 16), ok, backend="triton")
+        attention(ok, randn(1, 6, 2, 16, device=DEVICE), ok, backend="triton")
     with pytest.raises(TypeError, match="share a dtype"):
         attention(ok, ok.half(), ok, backend="triton")
     with pytest.raises(TypeError, match="dtype"):
@@ -209,9 +209,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="one device"):
         attention(ok, ok.to("meta"), ok, backend="triton")
     with pytest.raises(ValueError, match="divisible"):
-        qkv_attention(randn(1, 5, 50), 2, backend="triton")
+        qkv_attention(randn(1, 5, 50, device=DEVICE), 2, backend="triton")
     with pytest.raises(ValueError, match="dimensions"):
-        attention(randn(5, 2, 16), randn(5, 2, 16), randn(5, 2, 16), backend="triton")
+        attention(*(randn(5, 2, 16, device=DEVICE) for _ in range(3)), backend="triton")
 
 
 # ---------------------------------------------------------------------------------------------
