@@ -1,7 +1,8 @@
 """End-to-end ViT benchmarks: training and inference img/s, MFU and peak memory, ours vs timm, one process.
 
 Implementations (same config, same dtype, same batch):
-  flashvit            our model, Triton kernels (backend "triton"; CUDA only)
+  flashvit            our model as users get it (backend "auto": Triton kernels where measured faster)
+  flashvit-triton     our model with every Triton kernel forced (backend "triton"; CUDA only)
   flashvit-eager      our model on its PyTorch reference path (backend "torch")
   timm                timm's VisionTransformer, eager (the baseline of every speedup)
   timm+flashvit.patch timm's model with flashvit.patch() swapping in our fused layers
@@ -30,7 +31,8 @@ MODEL_ALIASES = {
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit-eager", "timm", "timm+flashvit.patch", "compile(timm)", "compile(flashvit)")
+IMPLS = ("flashvit", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "compile(timm)",
+         "compile(flashvit)")
 COMPILED = ("compile(timm)", "compile(flashvit)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -86,7 +88,7 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
 
 
 def backend_for(impl: str) -> str:
-    return {"flashvit": "triton", "compile(flashvit)": "triton", "flashvit-eager": "torch"}.get(impl, "auto")
+    return {"flashvit-triton": "triton", "flashvit-eager": "torch"}.get(impl, "auto")
 
 
 def image_shape(name: str, ctx: MCtx) -> Tuple[int, int, int]:
@@ -181,7 +183,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 def unavailable(impl: str, ctx: MCtx) -> str:
     import flashvit
     from flashvit.bench.ops import triton_unavailable
-    if impl in ("flashvit", "compile(flashvit)") and triton_unavailable(ctx.device):
+    if impl in ("flashvit", "flashvit-triton", "compile(flashvit)") and triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
     if impl.startswith("timm") or impl == "compile(timm)":
         if _timm() is None:

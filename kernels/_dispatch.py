@@ -67,13 +67,18 @@ def use_backend(name: str) -> Iterator[None]:
         _overrides.pop()
 
 
-def use_triton(x: torch.Tensor, backend: Optional[str] = None) -> bool:
-    """True when an op called on ``x`` should launch its Triton kernels."""
+def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True) -> bool:
+    """True when an op called on ``x`` should launch its Triton kernels.
+
+    ``auto`` is the op's measured verdict for the 'auto' backend on CUDA: an op whose kernels were
+    measured slower than eager PyTorch passes False (recorded, with the measurement, in its file) and
+    runs its reference under 'auto'; forcing 'triton' still runs the kernels.
+    """
     name = get_backend() if backend is None else _check_backend_name(backend)
     if name == "torch":
         return False
     if name == "auto":
-        return HAS_TRITON and x.is_cuda
+        return auto and HAS_TRITON and x.is_cuda
     if not HAS_TRITON:
         raise RuntimeError("flashvit backend 'triton' was forced but triton is not importable on this machine")
     if not x.is_cuda and not INTERPRET:

@@ -31,6 +31,13 @@ from flashvit.kernels._dispatch import (
     use_triton,
 )
 
+# Under the 'auto' backend on CUDA, run these kernels or eager PyTorch? Measured on an H200 by
+# bench/gpu_check.sh (bench/results/2026-11-26-h200-run{1,2}/ops.csv, rows = 256*197, bf16): forward
+# 0.45-1.65x eager (D >= 768 mostly faster, D = 384 slower, large run-to-run spread), forward+backward
+# 0.35-0.86x eager in both runs. Until the backward beats eager, 'auto' uses eager PyTorch for
+# LayerNorm; FLASHVIT_BACKEND=triton / backend="triton" still runs the kernels (and the tests do).
+AUTO_TRITON = False
+
 MAX_D = 8192  # one row lives in registers: BLOCK_N = next_pow2(D) <= 8192
 MIN_BLOCK_N = 64  # smaller rows pad to 64 lanes and pack more rows per program
 TILE = 2048  # target elements per program tile (ROWS x BLOCK_N)
@@ -373,7 +380,7 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
 
 def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torch.Tensor]) -> bool:
     """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
-    if not use_triton(x, backend):
+    if not use_triton(x, backend, auto=AUTO_TRITON):
         return False
     forced = (backend if backend is not None else get_backend()) == "triton"
     d = x.shape[-1]

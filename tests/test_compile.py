@@ -32,7 +32,7 @@ def _inputs(shape):
 def _fwd_bwd(fn, model, x):
     model.zero_grad(set_to_none=True)
     out = fn(x)
-    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 

@@ -210,7 +210,7 @@ def test_split_dw_is_deterministic(monkeypatch):
 
 def test_module_and_dynamic_img_size():
     torch.manual_seed(0)
-    m = pe.PatchEmbed((32, 32), 8, 3, 24, dynamic_img_size=True)
+    m = pe.PatchEmbed((32, 32), 8, 3, 24, dynamic_img_size=True).to(DEV)
     pos = randn(1, 1 + 16, 24)
     cls = randn(1, 1, 24)
     x = randn(2, 3, 40, 48)  # 5 x 6 grid: pos_embed resampled from 4 x 4
@@ -218,7 +218,7 @@ def test_module_and_dynamic_img_size():
     assert out.shape == (2, 1 + 30, 24)
     want = pe.patch_embed_reference(x, m.proj.weight, m.proj.bias, pe.resample_pos_embed(pos, (5, 6), (4, 4)), cls)
     torch.testing.assert_close(out, want)
-    assert pe.PatchEmbed((32, 32), 8, 3, 24)(randn(1, 3, 32, 32)).shape == (1, 16, 24)
+    assert pe.PatchEmbed((32, 32), 8, 3, 24).to(DEV)(randn(1, 3, 32, 32)).shape == (1, 16, 24)
 
 
 def test_resample_pos_embed_matches_timm():
@@ -263,7 +263,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         pe.patch_embed(img.double(), w.double(), None, None, backend="triton")
     with pytest.raises(TypeError, match="images must be a torch.Tensor"):
-        pe.patch_embed(img.numpy(), w, b, pos, cls)
+        pe.patch_embed(img.cpu().numpy(), w, b, pos, cls)
 
 
 def test_aot_specs_cover_every_kernel_and_config():
