@@ -12,6 +12,7 @@ from helpers import assert_close_to_ref, randn
 
 from flashvit.kernels import (
     HAS_TRITON,
+    add_layer_norm,
     attention,
     attention_reference,
     layer_norm,
@@ -130,3 +131,35 @@ def test_int64_offsets_patch_embed():
     bias, pos, cls = (torch.randn(*s, device="cuda", dtype=torch.bfloat16) for s in ((d,), (1, 197, d), (1, 1, d)))
     out = patch_embed(img, w, bias, pos, cls)
     _tail_close(out, patch_embed_reference(img[-1:].float(), w.float(), bias.float(), pos.float(), cls.float()), 1)
+
+
+# ------------------------------------------------------------------- determinism, every op
+def _grads_of(fn, tensors, seed=7):
+    leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = fn(*leaves)
+    out = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(seed)
+    torch.autograd.backward(out, [torch.randn(o.shape, generator=g).to(o) for o in out])
+    return [o.detach() for o in out] + [t.grad for t in leaves]
+
+
+DETERMINISM_CASES = {
+    "layer_norm": (lambda x, w, b: layer_norm(x, w, b, 1e-5, backend="triton"), [(37, 48), (48,), (48,)]),
+    "add_layer_norm": (lambda x, r, w, b: add_layer_norm(x, r, w, b, 1e-5, backend="triton"),
+                       [(37, 48), (37, 48), (48,), (48,)]),
+    "attention": (lambda q, k, v: attention(q, k, v, backend="triton"), [(2, 33, 2, 16)] * 3),
+    "qkv_attention": (lambda t: qkv_attention(t, 2, backend="triton"), [(2, 33, 96)]),
+    "linear": (lambda x, w, b: linear(x, w, b, "gelu", backend="triton"), [(70, 24), (40, 24), (40,)]),
+    "patch_embed": (lambda i, w, b, p, c: patch_embed(i, w, b, p, c, backend="triton"),
+                    [(3, 3, 16, 24), (16, 3, 8, 8), (16,), (1, 7, 16), (1, 1, 16)]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(DETERMINISM_CASES))
+def test_backward_is_bit_identical_over_20_runs(op):
+    fn, shapes = DETERMINISM_CASES[op]
+    tensors = [randn(*s, device=DEV) for s in shapes]
+    first = _grads_of(fn, tensors)
+    for _ in range(19):
+        for a, b in zip(first, _grads_of(fn, tensors)):
+            assert torch.equal(a, b), op
