@@ -126,6 +126,8 @@ else
   TESTS_RC=$?
   [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] && note "tests: killed by the ${TEST_T}s timeout (log is partial)"
   say "tests: rc=$TESTS_RC: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
+  # A killed run can leave xdist workers on the GPU: make sure none of them overlaps the timings below.
+  [ "$DRY" = 1 ] || { pkill -9 -f "pytest -p no:cacheprovider" 2>/dev/null; sleep 2; }
 fi
 
 # ---- 3. op benchmarks ----------------------------------------------------------------------------------
