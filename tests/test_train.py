@@ -227,6 +227,11 @@ def test_checkpoints_load_weights_only(tiny_run):
     torch.save({"model": {}, "config": {}, "payload": _Evil()}, evil)
     with pytest.raises(train.ConfigError, match="cannot load checkpoint"):
         train.load_checkpoint(str(evil))
+    # A truncated (corrupt) checkpoint is a clear error too.
+    broken = run.parent / "broken.pt"
+    broken.write_bytes((run / "last.pt").read_bytes()[:100])
+    with pytest.raises(train.ConfigError, match="cannot load checkpoint"):
+        train.load_checkpoint(str(broken))
 
 
 class _Evil:
