@@ -302,7 +302,7 @@ def default_threads(local_world: int) -> int:
     """CPU threads per process: every core of this process's share, unless the machine is oversubscribed.
 
     The 1-minute load average lingers after setup steps (a pip install leaves ~1.5 on 2 cores), so it only
-    counts when it exceeds the cores: then one thread, since on a shared machine two threads that keep
+    counts when it exceeds twice the cores: then one thread, since on a shared machine two threads that keep
     missing each other at every small op's barrier are far slower than one (measured on a 2-core box at
     load 9: 16 img/s with 2 threads, 106 img/s with 1).
     """
