@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, List, Optional, Sequence
+from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -87,6 +87,86 @@ def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True
             "before importing flashvit to run the kernels in the Triton interpreter"
         )
     return True
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype in force for ``device``'s type, else None (autocast off, or a device type such
+    as 'meta' that autocast does not know)."""
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except RuntimeError:
+        pass
+    return None
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side grid math (triton.cdiv is a constexpr function: ~5 us a call on the host)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), host-side."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - private helper; without it every call takes the op path
+    def _get_current_dispatch_mode():
+        return True
+
+
+def _plain_eager(t: torch.Tensor) -> bool:
+    """True in plain eager execution: a real torch.Tensor, no torch.compile/export trace, no dispatch mode
+    (FakeTensor, FlopCounterMode, ...) and no functorch transform."""
+    return (not torch.compiler.is_compiling() and type(t) is torch.Tensor
+            and _get_current_dispatch_mode() is None and not torch._C._are_functorch_transforms_active())
+
+
+class Op:
+    """A launcher registered as the custom op ``flashvit::<name>`` (opaque to torch.compile, with a fake).
+
+    Calling it runs the launcher directly in plain eager mode (the first argument decides; see
+    ``_plain_eager``): torch.library's dispatch costs tens of microseconds of host time per call, which a
+    ViT training step pays hundreds of times. Anything that traces or intercepts ops gets the custom op.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.custom_op = torch.library.custom_op(f"flashvit::{name}", mutates_args=())(fn)
+        self.op = getattr(torch.ops.flashvit, name)
+        self.__name__ = name
+        self.__doc__ = fn.__doc__
+
+    def register_fake(self, fake: Callable[..., Any]) -> Callable[..., Any]:
+        return self.custom_op.register_fake(fake)
+
+    def __call__(self, *args: Any) -> Any:
+        if _plain_eager(args[0]):
+            return self.fn(*args)
+        return self.op(*args)
+
+
+def custom_op(name: str) -> Callable[[Callable[..., Any]], Op]:
+    """Decorator: ``@custom_op("layer_norm_fwd")`` -> an ``Op`` (see there)."""
+    return lambda fn: Op(name, fn)
+
+
+class _NoGradCtx:
+    """Stands in for autograd's ctx when nothing needs a gradient: the forward's bookkeeping is dropped."""
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
+
+
+def apply(fn: Any, *args: Any) -> Any:
+    """``fn.apply(*args)`` for an autograd.Function; in eager mode with no input needing a gradient (inference,
+    ``torch.no_grad``), ``fn.forward`` alone: no autograd node, nothing saved, less host time per call."""
+    if torch.compiler.is_compiling() or (
+            torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+        return fn.apply(*args)
+    return fn.forward(_NoGradCtx(), *args)
 
 
 # ---------------------------------------------------------------------------------------------

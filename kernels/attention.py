@@ -22,9 +22,12 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    apply,
+    cdiv,
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    custom_op,
     use_triton,
 )
 
@@ -320,14 +323,14 @@ def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, const
     if INTERPRET:
         bm, bn, w, s = _INTERPRET_CONFIG
         rows = bm if kernel is not _attn_bwd_dkdv else bn
-        kernel[(triton.cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+        kernel[(cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                     num_stages=s)
         return
     tuned = globals()[tuned_name]
     by_n = kernel is _attn_bwd_dkdv
 
     def grid(meta):
-        return (triton.cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
+        return (cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
 
     tuned[grid](*args, **consts)
 
@@ -378,7 +381,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     block_d = _block_d(D)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
-    _attn_bwd_preprocess[(triton.cdiv(NQ, rows) * B * H,)](
+    _attn_bwd_preprocess[(cdiv(NQ, rows) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
     consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     scale = float(softmax_scale)
@@ -426,7 +429,7 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops: opaque to torch.compile (no graph break), fake impls give the shapes.
 
-@torch.library.custom_op("flashvit::attention_fwd", mutates_args=())
+@custom_op("attention_fwd")
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                       allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return attention_fwd(q, k, v, softmax_scale, causal, allow_tf32)
@@ -438,7 +441,7 @@ def _(q, k, v, softmax_scale, causal, allow_tf32):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashvit::attention_bwd", mutates_args=())
+@custom_op("attention_bwd")
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, softmax_scale: float, causal: bool,
                       allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -452,7 +455,7 @@ def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32):
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
-@torch.library.custom_op("flashvit::qkv_attention_fwd", mutates_args=())
+@custom_op("qkv_attention_fwd")
 def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float,
                           allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32)
@@ -464,7 +467,7 @@ def _(qkv, num_heads, softmax_scale, allow_tf32):
     return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashvit::qkv_attention_bwd", mutates_args=())
+@custom_op("qkv_attention_bwd")
 def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                           softmax_scale: float, allow_tf32: bool) -> torch.Tensor:
     return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32)
@@ -480,7 +483,7 @@ class AttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool):
-        o, lse = torch.ops.flashvit.attention_fwd(q, k, v, softmax_scale, causal, allow_tf32)
+        o, lse = _attention_fwd_op(q, k, v, softmax_scale, causal, allow_tf32)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.args = (softmax_scale, causal, allow_tf32)
         return o
@@ -488,7 +491,7 @@ class AttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.flashvit.attention_bwd(do, q, k, v, o, lse, *ctx.args)
+        dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, *ctx.args)
         return dq, dk, dv, None, None, None
 
 
@@ -497,7 +500,7 @@ class QkvAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool):
-        o, lse = torch.ops.flashvit.qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32)
+        o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32)
         ctx.save_for_backward(qkv, o, lse)
         ctx.args = (num_heads, softmax_scale, allow_tf32)
         return o
@@ -505,7 +508,7 @@ class QkvAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse = ctx.saved_tensors
-        return torch.ops.flashvit.qkv_attention_bwd(do, qkv, o, lse, *ctx.args), None, None, None
+        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args), None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +570,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     if dropout_p == 0.0 and q.dtype != torch.float64 and use_triton(q, backend):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
-        return AttentionFn.apply(q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
+        return apply(AttentionFn, q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
     return attention_reference(q, k, v, scale, causal, dropout_p)
 
 
@@ -588,7 +591,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     if dropout_p == 0.0 and qkv.dtype != torch.float64 and use_triton(qkv, backend):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
-        return QkvAttentionFn.apply(qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))
+        return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))
     return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
 
 

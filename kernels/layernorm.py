@@ -22,10 +22,14 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
     HAS_TRITON,
+    apply,
+    cdiv,
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    custom_op,
     get_backend,
+    next_pow2,
     tl,
     triton,
     use_triton,
@@ -137,7 +141,7 @@ def _config(d: int) -> Tuple[int, int, int, int]:
     Small rows pack several per program (tile ROWS x BLOCK_N >= TILE), ~8 elements per thread per tensor.
     The forward caps at 16 warps (no spills at 8192); the backward, with more live tiles, goes to 32.
     """
-    block_n = max(MIN_BLOCK_N, triton.next_power_of_2(d) if HAS_TRITON else d)
+    block_n = max(MIN_BLOCK_N, next_pow2(d))
     rows = max(1, TILE // block_n)
     warps = min(max((rows * block_n) // 256, 4), 32)
     return block_n, rows, min(warps, 16), warps
@@ -167,7 +171,7 @@ def _row_stride(t2: torch.Tensor) -> int:
 def _rows_per_prog(device: torch.device, rows: int, m: int) -> int:
     """Backward rows per program (a multiple of ROWS); the interpreter uses few, long programs."""
     if device.type != "cuda":
-        return rows * triton.cdiv(triton.cdiv(m, rows), 4)
+        return rows * cdiv(cdiv(m, rows), 4)
     return rows * max(1, BWD_ROWS_PER_PROG // rows)
 
 
@@ -179,12 +183,13 @@ def _param_dtype(h_dtype: torch.dtype, weight: Optional[torch.Tensor], bias: Opt
     return p.dtype if p.dtype in (h_dtype, torch.float32) else torch.float32
 
 
-def _params(d: int, dtype: torch.dtype, device: torch.device, weight: Optional[torch.Tensor],
-            bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(weight, bias) as (D,) unit-stride tensors of one dtype; ones/zeros stand in for absent ones."""
-    w = torch.ones(d, dtype=dtype, device=device) if weight is None else weight.to(dtype).contiguous()
-    b = torch.zeros(d, dtype=dtype, device=device) if bias is None else bias.to(dtype).contiguous()
-    return w, b
+def _param(p: Optional[torch.Tensor], d: int, dtype: torch.dtype, device: torch.device, fill: float) -> torch.Tensor:
+    """``p`` as a (D,) unit-stride tensor of ``dtype``; a constant ``fill`` stands in for an absent one."""
+    if p is None:
+        return torch.full((d,), fill, dtype=dtype, device=device)
+    if p.dtype != dtype:
+        p = p.to(dtype)
+    return p if p.stride(0) == 1 else p.contiguous()
 
 
 def _h_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
@@ -211,12 +216,13 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0 or d == 0:
         return y, h, mean, rstd
-    w, b = _params(d, _param_dtype(hd, weight, bias), x.device, weight, bias)
+    pd = _param_dtype(hd, weight, bias)
+    w, b = _param(weight, d, pd, x.device, 1.0), _param(bias, d, pd, x.device, 0.0)
     r2 = _rows(residual) if residual is not None else x2
     y2 = y.view(m, d)
     h2 = h.view(m, d) if h is not None else y2
     block_n, rows, warps, _ = _config(d)
-    _ln_fwd_kernel[(triton.cdiv(m, rows),)](
+    _ln_fwd_kernel[(cdiv(m, rows),)](
         x2, r2, w, b, y2, h2, mean, rstd,
         m, d, _row_stride(x2), _row_stride(r2), d, d, eps,
         BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None, num_warps=warps, num_stages=FWD_STAGES,
@@ -237,14 +243,13 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     x2, dy2 = _rows(x), _rows(dy)
     m = x2.shape[0]
     dx = _empty(x.shape, x.dtype, x.device)
-    dwdb = _empty((2, d), pd, x.device)
     if m == 0 or d == 0:
-        return dx, dwdb.zero_()
-    w, _ = _params(d, pd, x.device, weight, None)
+        return dx, torch.zeros((2, d), dtype=pd, device=x.device)
+    w = _param(weight, d, pd, x.device, 1.0)
     dho2 = _rows(dh_out) if dh_out is not None else dy2
     block_n, rows, _, warps = _config(d)
     rows_per_prog = _rows_per_prog(x.device, rows, m)
-    g = triton.cdiv(m, rows_per_prog)
+    g = cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, x.device)
     _ln_bwd_kernel[(g,)](
         dy2, x2, w, mean, rstd, dho2, dx.view(m, d), partial[0], partial[1],
@@ -252,8 +257,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps, num_stages=BWD_STAGES,
     )
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
-    dwdb.copy_(partial.sum(dim=1))
-    return dx, dwdb
+    dwdb = partial.sum(dim=1)
+    return dx, dwdb if pd == torch.float32 else dwdb.to(pd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +270,7 @@ def _fake_stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty((m,), dtype=torch.float32), x.new_empty((m,), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashvit::layer_norm_fwd", mutates_args=())
+@custom_op("layer_norm_fwd")
 def _layer_norm_fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     y, _, mean, rstd = layer_norm_fwd(x, None, weight, bias, eps)
@@ -277,7 +282,7 @@ def _(x, weight, bias, eps):
     return (x.new_empty(x.shape), *_fake_stats(x))
 
 
-@torch.library.custom_op("flashvit::add_layer_norm_fwd", mutates_args=())
+@custom_op("add_layer_norm_fwd")
 def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
                            bias: Optional[torch.Tensor], eps: float
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -291,7 +296,7 @@ def _(x, residual, weight, bias, eps):
     return (x.new_empty(x.shape, dtype=hd), x.new_empty(x.shape, dtype=hd), *_fake_stats(x))
 
 
-@torch.library.custom_op("flashvit::layer_norm_bwd", mutates_args=())
+@custom_op("layer_norm_bwd")
 def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
                        bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
                        dh_out: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -311,9 +316,14 @@ def _(dy, x, weight, bias, mean, rstd, dh_out):
 
 def _param_grads(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  dwdb: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    gw = dwdb[0].to(weight.dtype) if weight is not None and ctx.needs_input_grad[ctx.w_index] else None
-    gb = dwdb[1].to(bias.dtype) if bias is not None and ctx.needs_input_grad[ctx.w_index + 1] else None
+    need = ctx.needs_input_grad
+    gw = _as(dwdb[0], weight.dtype) if weight is not None and need[ctx.w_index] else None
+    gb = _as(dwdb[1], bias.dtype) if bias is not None and need[ctx.w_index + 1] else None
     return gw, gb
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class LayerNormFn(torch.autograd.Function):
@@ -321,7 +331,7 @@ class LayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = torch.ops.flashvit.layer_norm_fwd(x, weight, bias, eps)
+        y, mean, rstd = _layer_norm_fwd_op(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
         ctx.w_index = 1
         return y
@@ -330,7 +340,7 @@ class LayerNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         x, weight, bias, mean, rstd = ctx.saved_tensors
-        dx, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, x, weight, bias, mean, rstd, None)
+        dx, dwdb = _layer_norm_bwd_op(dy, x, weight, bias, mean, rstd, None)
         return (dx, *_param_grads(ctx, weight, bias, dwdb), None)
 
 
@@ -339,7 +349,7 @@ class AddLayerNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps):
-        y, h, mean, rstd = torch.ops.flashvit.add_layer_norm_fwd(x, residual, weight, bias, eps)
+        y, h, mean, rstd = _add_layer_norm_fwd_op(x, residual, weight, bias, eps)
         ctx.save_for_backward(h, weight, bias, mean, rstd)
         ctx.w_index = 2
         ctx.dtypes = (x.dtype, residual.dtype)
@@ -349,7 +359,7 @@ class AddLayerNormFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy, dh_out):
         h, weight, bias, mean, rstd = ctx.saved_tensors
-        dh, dwdb = torch.ops.flashvit.layer_norm_bwd(dy, h, weight, bias, mean, rstd, dh_out)
+        dh, dwdb = _layer_norm_bwd_op(dy, h, weight, bias, mean, rstd, dh_out)
         dx_dtype, dr_dtype = ctx.dtypes
         dx = dh.to(dx_dtype) if ctx.needs_input_grad[0] else None
         dr = dh.to(dr_dtype) if ctx.needs_input_grad[1] else None
@@ -417,7 +427,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
     """
     _validate(x, weight, bias, eps)
     if _run_triton(x, backend, weight=weight, bias=bias):
-        return LayerNormFn.apply(x, weight, bias, float(eps))
+        return apply(LayerNormFn, x, weight, bias, float(eps))
     return layer_norm_reference(x, weight, bias, eps)
 
 
@@ -430,7 +440,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     """
     _validate(x, weight, bias, eps, residual)
     if _run_triton(x, backend, residual=residual, weight=weight, bias=bias):
-        return AddLayerNormFn.apply(x, residual, weight, bias, float(eps))
+        return apply(AddLayerNormFn, x, residual, weight, bias, float(eps))
     return add_layer_norm_reference(x, residual, weight, bias, eps)
 
 

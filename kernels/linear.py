@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -40,9 +41,14 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    apply,
+    autocast_dtype,
+    cdiv,
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    custom_op,
+    next_pow2,
     use_triton,
 )
 
@@ -276,7 +282,12 @@ def use_gemm(name: str) -> Iterator[None]:
 def _arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 80  # interpreter: any list works
-    major, _ = torch.cuda.get_device_capability(device)
+    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, _ = torch.cuda.get_device_capability(index)
     return 90 if major >= 9 else 80
 
 
@@ -314,10 +325,6 @@ def _empty(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b_strides: Tuple[int, int],
                  M: int, N: int, K: int, out: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                  residual: Optional[torch.Tensor] = None, act: int = 0, z: Optional[torch.Tensor] = None,
@@ -327,7 +334,7 @@ def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b
         return
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
-            z if z is not None else out, M, N, K, max(16, _next_pow2(M)),
+            z if z is not None else out, M, N, K, max(16, next_pow2(M)),
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1))
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
@@ -335,7 +342,7 @@ def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b
                  ALLOW_TF32=tf32 or a.dtype != torch.float32)
     if INTERPRET or not a.is_cuda:
         bm, bn, bk, w, s = INTERPRET_CONFIG
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        grid = (cdiv(M, bm) * cdiv(N, bn),)
         _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=w,
                            num_stages=s)
         return
@@ -343,12 +350,12 @@ def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b
     width = 32 if a.dtype == torch.float32 else 16
     if _autotune:
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
         _GEMM_TUNED[(arch, width)][grid](*args, **flags)
         return
     cfgs = FP32_CONFIGS if width == 32 else (SM90_CONFIGS_16 if arch == 90 else SM80_CONFIGS_16)
     bm, bn, bk, w, s = cfgs[0]
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    grid = (cdiv(M, bm) * cdiv(N, bn),)
     _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w,
                        num_stages=s)
 
@@ -359,7 +366,7 @@ def _launch_epilogue(c: torch.Tensor, bias: Optional[torch.Tensor], residual: Op
     if M == 0 or N == 0:
         return
     bm, bn, w = EPILOGUE_BLOCK
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y
     _epilogue_kernel[grid](c, bias if bias is not None else c, res, y, M, N, c.stride(0),
                            res.stride(0), res.stride(1), y.stride(0),
@@ -399,13 +406,13 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
     if not colsum and not write_dz:
         return dz, None
     bm, bn, w = EPILOGUE_BLOCK
-    n_blocks = triton.cdiv(M, bm)
-    per_prog = max(1, triton.cdiv(n_blocks, _COLSUM_PROGRAMS))
-    progs = max(1, triton.cdiv(n_blocks, per_prog))
+    n_blocks = cdiv(M, bm)
+    per_prog = max(1, cdiv(n_blocks, _COLSUM_PROGRAMS))
+    progs = max(1, cdiv(n_blocks, per_prog))
     part = _empty((progs, N), dy.device, torch.float32)
     if M > 0 and N > 0:
         zz = z if z is not None else dy
-        _dact_colsum_kernel[(progs, triton.cdiv(N, bn))](
+        _dact_colsum_kernel[(progs, cdiv(N, bn))](
             dy, zz, dz, part, M, N, per_prog, dy.stride(0), dy.stride(1), zz.stride(0), dz.stride(0),
             ACT=act, WRITE_DZ=write_dz, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
     else:
@@ -448,7 +455,7 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
 # torch.library custom ops (opaque to torch.compile, no graph break) + autograd
 
 
-@torch.library.custom_op("flashvit::linear_fwd", mutates_args=())
+@custom_op("linear_fwd")
 def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], activation: str, save_z: bool, gemm: str,
                    allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -464,7 +471,7 @@ def _(x, weight, bias, residual, activation, save_z, gemm, allow_tf32):
     return y, z
 
 
-@torch.library.custom_op("flashvit::linear_bwd", mutates_args=())
+@custom_op("linear_bwd")
 def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor],
                    activation: str, has_bias: bool, need_dx: bool, need_dw: bool, gemm: str,
                    allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -487,7 +494,7 @@ class LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, activation, gemm, allow_tf32, save_z):
-        y, z = torch.ops.flashvit.linear_fwd(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32)
+        y, z = _linear_fwd_op(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32)
         ctx.save_for_backward(x, weight, z if save_z else None)
         ctx.activation, ctx.gemm, ctx.allow_tf32 = activation or "", gemm, allow_tf32
         ctx.has_bias = bias is not None
@@ -499,7 +506,7 @@ class LinearFn(torch.autograd.Function):
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         dx = dw = db = dres = None
         if need_x or need_w or need_b:
-            gx, gw, gb = torch.ops.flashvit.linear_bwd(dy, x, weight, z, ctx.activation, ctx.has_bias and need_b,
+            gx, gw, gb = _linear_bwd_op(dy, x, weight, z, ctx.activation, ctx.has_bias and need_b,
                                                        need_x, need_w, ctx.gemm, ctx.allow_tf32)
             dx = gx if need_x else None
             dw = gw if need_w else None
@@ -564,9 +571,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if not use_triton(x, backend):
         return linear_reference(x, weight, bias, activation, residual)
     late_residual = None
-    if torch.is_autocast_enabled(x.device.type):
-        # mirror F.linear under autocast: x, W, b in the autocast dtype
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = autocast_dtype(x.device)
+    if dt is not None:  # mirror F.linear under autocast: x, W, b in the autocast dtype
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         if residual is not None and residual.dtype != dt:
@@ -583,8 +589,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     # z is saved only when autograd will need it (decided here: grad mode is off inside forward)
     save_z = activation is not None and torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    with torch.autocast(x.device.type, enabled=False):
-        y = LinearFn.apply(x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
+    args = (x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
+    if dt is None:
+        y = apply(LinearFn, *args)
+    else:  # the inputs are cast already; autocast must not touch the ops inside
+        with torch.autocast(x.device.type, enabled=False):
+            y = apply(LinearFn, *args)
     y = y.reshape(*lead, N)
     return y if late_residual is None else y + late_residual
 

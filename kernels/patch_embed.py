@@ -21,9 +21,13 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    apply,
+    autocast_dtype,
+    cdiv,
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    custom_op,
     triton,
     use_triton,
 )
@@ -263,7 +267,7 @@ def _fixed(kind: str, names: Tuple[str, str, str]) -> dict:
 
 
 def _padded_k(K: int) -> int:
-    return triton.cdiv(K, _K_PAD) * _K_PAD
+    return cdiv(K, _K_PAD) * _K_PAD
 
 
 def _patch_offsets(images: torch.Tensor, p: int) -> torch.Tensor:
@@ -278,7 +282,7 @@ def _patch_offsets(images: torch.Tensor, p: int) -> torch.Tensor:
         t = (torch.arange(C, dtype=torch.int64)[:, None, None] * s_c + r[None, :, None] * s_h
              + r[None, None, :] * s_w).reshape(-1)
         K = t.numel()
-        t = t.repeat(triton.cdiv(_padded_k(K), K))[:_padded_k(K)].to(images.device)
+        t = t.repeat(cdiv(_padded_k(K), K))[:_padded_k(K)].to(images.device)
         if len(_KOFF_CACHE) > 64:
             _KOFF_CACHE.clear()
         _KOFF_CACHE[key] = t
@@ -309,8 +313,8 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
             int(pos_embed is not None and not no_embed_class))
 
     def grid(meta):
-        n_nt = triton.cdiv(D, meta["BN"])
-        return ((triton.cdiv(B * L, meta["BM"]) + triton.cdiv(B * NP, meta["BM"])) * n_nt,)
+        n_nt = cdiv(D, meta["BN"])
+        return ((cdiv(B * L, meta["BM"]) + cdiv(B * NP, meta["BM"])) * n_nt,)
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
@@ -328,15 +332,15 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
     D = grad.shape[-1]
     L, GW, K = (H // patch) * (W // patch), W // patch, C * patch * patch
     M = B * L
-    splits = max(1, min(_DW_MAX_SPLITS, triton.cdiv(M, DW_ROWS_PER_SPLIT)))
-    chunk = max(1, triton.cdiv(M, splits))
+    splits = max(1, min(_DW_MAX_SPLITS, cdiv(M, DW_ROWS_PER_SPLIT)))
+    chunk = max(1, cdiv(M, splits))
     KP = _padded_k(K)
     part = torch.empty(splits, D, KP, dtype=torch.float32, device=grad.device)
     args = (grad, images, _patch_offsets(images, patch), part, B, L, GW, D, KP, patch, num_prefix, chunk,
             images.stride(0), images.stride(2), images.stride(3))
 
     def grid(meta):
-        return (triton.cdiv(D, meta["BN"]) * triton.cdiv(KP, meta["BK"]), splits)
+        return (cdiv(D, meta["BN"]) * cdiv(KP, meta["BK"]), splits)
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
@@ -359,7 +363,7 @@ def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: tor
     args = (grad, w2, dx, B, L, GW, D, K, p, num_prefix, *dx.stride())
 
     def grid(meta):
-        return (triton.cdiv(B * L, meta["BM"]) * triton.cdiv(K, meta["BK"]),)
+        return (cdiv(B * L, meta["BM"]) * cdiv(K, meta["BK"]),)
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
@@ -379,14 +383,14 @@ def patch_embed_bwd_tokens(grad: torch.Tensor) -> torch.Tensor:
     if N == 0:
         return s
     block = _INTERPRET_TOKENS_BLOCK if INTERPRET else _TOKENS_BLOCK
-    _pe_bwd_tokens_kernel[(triton.cdiv(N, block),)](grad, s, B, N, BLOCK=block, num_warps=_TOKENS_WARPS)
+    _pe_bwd_tokens_kernel[(cdiv(N, block),)](grad, s, B, N, BLOCK=block, num_warps=_TOKENS_WARPS)
     return s
 
 
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops (opaque to torch.compile, no graph break) around the launchers.
 
-@torch.library.custom_op("flashvit::patch_embed_fwd", mutates_args=())
+@custom_op("patch_embed_fwd")
 def _patch_embed_fwd_op(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                         pos_embed: Optional[torch.Tensor], cls_token: Optional[torch.Tensor],
                         reg_tokens: Optional[torch.Tensor], no_embed_class: bool) -> torch.Tensor:
@@ -401,7 +405,7 @@ def _(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class):
     return images.new_empty((B, NP + L, D), dtype=dtype)
 
 
-@torch.library.custom_op("flashvit::patch_embed_bwd_weight", mutates_args=())
+@custom_op("patch_embed_bwd_weight")
 def _patch_embed_bwd_weight_op(grad: torch.Tensor, images: torch.Tensor, patch: int, num_prefix: int) -> torch.Tensor:
     return patch_embed_bwd_weight(grad, images, patch, num_prefix)
 
@@ -411,7 +415,7 @@ def _(grad, images, patch, num_prefix):
     return grad.new_empty((grad.shape[-1], images.shape[1] * patch * patch), dtype=torch.float32)
 
 
-@torch.library.custom_op("flashvit::patch_embed_bwd_images", mutates_args=())
+@custom_op("patch_embed_bwd_images")
 def _patch_embed_bwd_images_op(grad: torch.Tensor, weight: torch.Tensor, images: torch.Tensor,
                                num_prefix: int) -> torch.Tensor:
     return patch_embed_bwd_images(grad, weight, images, num_prefix)
@@ -422,7 +426,7 @@ def _(grad, weight, images, num_prefix):
     return torch.empty_like(images)
 
 
-@torch.library.custom_op("flashvit::patch_embed_bwd_tokens", mutates_args=())
+@custom_op("patch_embed_bwd_tokens")
 def _patch_embed_bwd_tokens_op(grad: torch.Tensor) -> torch.Tensor:
     return patch_embed_bwd_tokens(grad)
 
@@ -437,7 +441,7 @@ class PatchEmbedFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class):
-        out = torch.ops.flashvit.patch_embed_fwd(images, weight, bias, pos_embed, cls_token, reg_tokens,
+        out = _patch_embed_fwd_op(images, weight, bias, pos_embed, cls_token, reg_tokens,
                                                  no_embed_class)
         ctx.save_for_backward(images, weight)
         ctx.ncls = 0 if cls_token is None else cls_token.shape[1]
@@ -456,12 +460,12 @@ class PatchEmbedFn(torch.autograd.Function):
         p = weight.shape[-1]
         d_img = d_w = d_bias = d_pos = d_cls = d_reg = None
         if need[0]:
-            d_img = torch.ops.flashvit.patch_embed_bwd_images(grad, weight, images, NP)
+            d_img = _patch_embed_bwd_images_op(grad, weight, images, NP)
         if need[1]:
-            d_w = torch.ops.flashvit.patch_embed_bwd_weight(grad, images, p, NP)
+            d_w = _patch_embed_bwd_weight_op(grad, images, p, NP)
             d_w = d_w.view(weight.shape).to(weight.dtype)
         if any(need[2:6]):
-            s = torch.ops.flashvit.patch_embed_bwd_tokens(grad)  # (T, D) fp32
+            s = _patch_embed_bwd_tokens_op(grad)  # (T, D) fp32
             bias_dt, pos_dt, cls_dt, reg_dt = ctx.dtypes
             if need[2]:
                 d_bias = s[NP:].sum(0).to(bias_dt)
@@ -612,16 +616,16 @@ def patch_embed(images: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _validate(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class)
     if not use_triton(images, backend):
         return patch_embed_reference(images, weight, bias, pos_embed, cls_token, reg_tokens, no_embed_class)
-    dev = images.device.type
-    if torch.is_autocast_enabled(dev) and images.dtype != torch.get_autocast_dtype(dev):
-        images = images.to(torch.get_autocast_dtype(dev))  # as autocast does for the eager Conv2d
+    dt = autocast_dtype(images.device)
+    if dt is not None and images.dtype != dt:
+        images = images.to(dt)  # as autocast does for the eager Conv2d
     check_triton_dtypes(images=images, pos_embed=pos_embed)
     xd = images.dtype
     weight, bias, cls_token, reg_tokens = (None if t is None else t.to(xd)
                                            for t in (weight, bias, cls_token, reg_tokens))
     if pos_embed is not None and pos_embed.dtype not in (xd, torch.float32):
         pos_embed = pos_embed.to(torch.promote_types(xd, pos_embed.dtype))
-    return PatchEmbedFn.apply(images, weight, bias, pos_embed, cls_token, reg_tokens, bool(no_embed_class))
+    return apply(PatchEmbedFn, images, weight, bias, pos_embed, cls_token, reg_tokens, bool(no_embed_class))
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_size: Tuple[int, int], old_size: Optional[Tuple[int, int]] = None,

@@ -55,3 +55,82 @@ def test_compiled_code_follows_use_backend():
         assert cf(x).tolist() == [1.0, 1.0]
     with flashvit.use_backend("triton"):
         assert cf(x).tolist() == [-1.0, -1.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Op: the launcher directly in plain eager, the registered custom op wherever ops are traced or intercepted.
+
+needs_triton = pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton is not importable on this platform")
+
+
+def _ln_ops():
+    from flashvit.kernels import layernorm
+    return layernorm._layer_norm_fwd_op, layernorm._layer_norm_bwd_op
+
+
+@needs_triton
+def test_op_plain_eager_skips_the_custom_op(monkeypatch):
+    fwd, bwd = _ln_ops()
+
+    def boom(*args):
+        raise AssertionError("plain eager went through torch.ops")
+
+    monkeypatch.setattr(fwd, "op", boom)
+    monkeypatch.setattr(bwd, "op", boom)
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    w = torch.randn(24, requires_grad=True)
+    y = flashvit.kernels.layer_norm(x, w, None, backend="triton")
+    y.backward(torch.randn_like(y))
+    ref_x = x.detach().double().requires_grad_()
+    ref = torch.nn.functional.layer_norm(ref_x, (24,), w.detach().double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@needs_triton
+def test_op_dispatch_modes_see_the_custom_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 16)
+    with Log() as log:
+        flashvit.kernels.layer_norm(x, torch.ones(16), torch.zeros(16), backend="triton")
+    assert any("flashvit.layer_norm_fwd" in n for n in log.names), log.names
+
+
+def test_plain_eager_predicate():
+    x = torch.zeros(2)
+    assert _dispatch._plain_eager(x)
+    assert not _dispatch._plain_eager(torch.nn.Parameter(x))  # a subclass: take the op path
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        assert not _dispatch._plain_eager(mode.from_tensor(x))
+    seen = []
+    torch.compile(lambda t: seen.append(_dispatch._plain_eager(t)) or t + 1, backend="eager", fullgraph=False)(x)
+    assert seen == [False]
+
+
+def test_host_grid_helpers():
+    assert [_dispatch.next_pow2(n) for n in (1, 2, 3, 64, 65, 768, 8192)] == [1, 2, 4, 64, 128, 1024, 8192]
+    assert [_dispatch.cdiv(a, 4) for a in (0, 1, 4, 5, 197)] == [0, 1, 1, 2, 50]
+
+
+@needs_triton
+@pytest.mark.parametrize("grad_mode", ["no_grad", "no_input_grad", "grad"])
+def test_apply_skips_autograd_only_when_nothing_needs_a_gradient(grad_mode):
+    from flashvit.kernels import linear
+    x = torch.randn(5, 24, requires_grad=grad_mode == "grad")
+    w, b = torch.randn(16, 24), torch.randn(16)
+    ref = torch.nn.functional.gelu(x.detach().double() @ w.double().T + b.double())
+    with torch.no_grad() if grad_mode == "no_grad" else torch.enable_grad():
+        y = linear(x, w, b, activation="gelu", backend="triton")
+    torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
+    assert (y.grad_fn is not None) == (grad_mode == "grad")
