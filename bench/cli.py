@@ -1,8 +1,9 @@
-"""``python -m flashvit.bench [ops|model|all|report]``: the benchmark command line.
+"""``python -m flashvit.bench [ops|model|all|overhead|report]``: the benchmark command line.
 
     python -m flashvit.bench all --quick --out out/bench          # smoke run (CPU is fine)
     python -m flashvit.bench ops --ops attention --budget 120       # one op family, 2 minutes at most
     python -m flashvit.bench model --models b l --impls flashvit timm compile(timm)
+    TRITON_INTERPRET=1 python -m flashvit.bench overhead           # host time per op call / train step
     python -m flashvit.bench report --out out/bench                # summary of the files in a folder
 
 Each run writes <suite>.json, <suite>.csv and <suite>.png (when matplotlib is installed) into --out.
@@ -28,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flashvit.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="all", choices=("ops", "model", "all", "report"))
+    p.add_argument("command", nargs="?", default="all", choices=("ops", "model", "all", "overhead", "report"))
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (smoke test; CPU is fine)")
     p.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the JSON/CSV/PNG files")
     p.add_argument("--ops", nargs="+", default=None, help="op families: layernorm attention mlp patch_embed")
@@ -73,7 +74,7 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
     rep_ms = args.rep_ms if args.rep_ms is not None else (100 if gpu else 30 if args.quick else 200)
 
     env = H.environment(device)
-    ceilings = _ceilings(args, device, dtype)
+    ceilings = {} if args.command == "overhead" else _ceilings(args, device, dtype)
     config = dict(command=args.command, quick=args.quick, device=str(device), dtype=H.dtype_name(dtype),
                   budget_s=args.budget, warmup_ms=warmup_ms, rep_ms=rep_ms, compile=compile_ok,
                   timer="triton.testing.do_bench median (L2 flushed between calls)" if gpu else "wall clock median",
@@ -90,6 +91,8 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
             ops_budget = H.Budget(max(0.0, budget_all.remaining()) / 2)  # leave the model half
         rc |= run_ops(args, device, dtype, env, ceilings, config, ops_budget, warmup_ms, rep_ms, compile_ok,
                       compile_note)
+    if args.command == "overhead":
+        rc |= run_overhead(args, device, dtype, env, ceilings, config, budget_all)
     if args.command in ("model", "all"):
         rc |= run_model(args, device, dtype, env, ceilings, config, H.Budget(budget_all.remaining()
                                                                             if args.budget is not None else None),
@@ -141,6 +144,18 @@ def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_m
     runner = H.Runner("ops", jobs, meta, args.out, budget, device, H.echo_stdout)
     rows = runner.run()
     _finish("ops", rows, meta, args.out, args.no_plot)
+    return 0
+
+
+def run_overhead(args, device, dtype, env, ceilings, config, budget) -> int:
+    from flashvit.bench import overhead as OV
+    jobs = OV.overhead_jobs(device, dtype, args.quick)
+    meta = _meta(env, ceilings, dict(config, timer="host wall clock per call (see flashvit.bench.overhead)"),
+                 launches="stubbed (no-op Triton launches on CPU)" if OV.launches_stubbed(device) else "real",
+                 model_kwargs=OV.MODEL_KW)
+    runner = H.Runner("overhead", jobs, meta, args.out, budget, device, H.echo_stdout)
+    rows = runner.run()
+    _finish("overhead", rows, meta, args.out, args.no_plot)
     return 0
 
 
@@ -238,10 +253,11 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
     tl = _tests_line(tests_log)
     if tl:
         lines.append(f"tests: {tl}")
-    for suite in ("ops", "model"):
+    for suite in ("ops", "model", "overhead"):
         d = _load(os.path.join(out, f"{suite}.json"))
         if d is None:
-            lines.append(f"{suite}: no {suite}.json in {out}")
+            if suite != "overhead":  # an optional suite
+                lines.append(f"{suite}: no {suite}.json in {out}")
             continue
         found = True
         rows = H.load_rows(d)
@@ -255,7 +271,10 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
         counts = {s: sum(r.status == s for r in rows) for s in H.STATUSES}
         lines.append("")
         lines.append(f"{suite}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
-        lines.append(ops_summary(rows) if suite == "ops" else model_summary(rows))
+        if suite == "overhead":
+            lines.append(f"overhead: host ms per call or step, launches {d.get('launches', '?')}; "
+                         "x base = eager's host time / ours")
+        lines.append(model_summary(rows) if suite == "model" else ops_summary(rows))
         if suite == "model":
             lines += eager_vs_timm_lines(rows)
         not_run = [H.label(r) + f" ({r.status})" for r in rows if r.status in ("skipped", "pending")]

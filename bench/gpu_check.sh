@@ -7,8 +7,9 @@
 #      links kernels/, vit/ and bench/ in as flashvit.kernels, flashvit.vit and flashvit.bench;
 #   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
-#   4. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
-#   5. prints a short summary last                                            -> OUTDIR/summary.txt
+#   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
+#   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
+#   6. prints a short summary last                                            -> OUTDIR/summary.txt
 # Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
 # the others' time, and whatever did not fit is listed as skipped.
 #
@@ -121,10 +122,13 @@ else
     TEST_T=$(min "$TEST_T" $(( $(left) - RESERVE )))
   fi
   say "tests: ${TEST_ARGS[*]} (timeout ${TEST_T}s) -> gpu_tests.log"
-  timeout -k 10 "$TEST_T" "$PY" -m pytest -p no:cacheprovider -v --tb=short --maxfail=10 --durations=15 \
-    -o faulthandler_timeout=100 "${TEST_ARGS[@]}" >> "$OUT/gpu_tests.log" 2>&1
+  # SIGINT at the deadline: pytest stops its workers and still prints the failures so far (-rfE), then
+  # KILL 15 s later if it has not exited.
+  timeout -s INT -k 15 "$TEST_T" "$PY" -m pytest -p no:cacheprovider -v -rfE --tb=short --maxfail=10 \
+    --durations=15 -o faulthandler_timeout=100 "${TEST_ARGS[@]}" >> "$OUT/gpu_tests.log" 2>&1
   TESTS_RC=$?
-  [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] && note "tests: killed by the ${TEST_T}s timeout (log is partial)"
+  [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] || [ "$TESTS_RC" -eq 2 ] &&
+    note "tests: stopped by the ${TEST_T}s timeout (rc $TESTS_RC; the log lists what ran)"
   say "tests: rc=$TESTS_RC: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
   # A killed run can leave xdist workers on the GPU: make sure none of them overlaps the timings below.
   [ "$DRY" = 1 ] || { pkill -9 -f "pytest -p no:cacheprovider" 2>/dev/null; sleep 2; }
@@ -155,6 +159,19 @@ else
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.ops.log"
 fi
 
+# ---- 3b. host overhead per op call and per train step (tiny shapes, real launches) ------------------------
+OVH_B=$(min 40 $(( $(left) - 60 )))
+if [ "$OVH_B" -lt 10 ]; then
+  note "skipped: host-overhead benchmark (only $(left)s left)"
+else
+  say "overhead: budget ${OVH_B}s"
+  OVH_QUICK=(); [ "$DRY" = 1 ] && OVH_QUICK=(--quick --device cpu)
+  TRITON_INTERPRET=$DRY timeout -k 5 $(( OVH_B + 15 )) "$PY" -m flashvit.bench overhead --out "$OUT" \
+    --budget "$OVH_B" "${OVH_QUICK[@]}" > "$SHIM/.overhead.log" 2>&1
+  rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "overhead: exit code $rc"; tail -n 15 "$SHIM/.overhead.log"; }
+  grep -E '^overhead: ' "$SHIM/.overhead.log" | cut -c1-400
+fi
+
 # ---- 4. model benchmarks --------------------------------------------------------------------------------
 MODEL_B=$(min "$MODEL_MAX" $(( $(left) - 25 - GRACE )))
 if [ "$MODEL_B" -lt 10 ]; then
@@ -168,7 +185,7 @@ else
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
 fi
 
-# ---- 5. summary, printed last ---------------------------------------------------------------------------
+# ---- 6. summary, printed last ---------------------------------------------------------------------------
 rm -f "$OUT"/.*.tmp
 NOTE_ARGS=()
 for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done

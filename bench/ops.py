@@ -490,13 +490,21 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
 
 
 def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
-    """All rows for ``ops`` (default: every op): the no-compile rows first, then the torch.compile rows."""
-    main: List[Job] = []
+    """All rows for ``ops`` (default: every op): the no-compile rows first, then the torch.compile rows.
+
+    The no-compile rows take the op families in turn, one (shape, mode) group at a time, so a budget
+    that runs out still leaves every family measured at its first shapes.
+    """
+    families: List[List[List[Job]]] = []
     late: List[Job] = []
     for op in ops or OPS:
         if op not in BUILDERS:
             raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
         m, lt = BUILDERS[op](ctx)
-        main += m
+        groups: Dict[Any, List[Job]] = {}
+        for j in m:
+            groups.setdefault(j.row.group(), []).append(j)
+        families.append(list(groups.values()))
         late += lt
+    main = [j for turn in itertools.zip_longest(*families) for group in turn if group for j in group]
     return main + late

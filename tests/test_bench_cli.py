@@ -218,6 +218,13 @@ def test_counts_and_row_order():
     kinds = ["compile" in j.row.impl for j in jobs]
     assert kinds == sorted(kinds) and any(kinds)
     assert all(j.unavailable for j in jobs if "compile" in j.row.impl)
+    # The families take turns, one (shape, mode) group at a time: the first groups cover every family.
+    groups = list(dict.fromkeys(j.row.group() for j in jobs if "compile" not in j.row.impl))
+    first_names = [g[1] for g in groups[:4]]
+    assert {"layer_norm", "attention", "patch_embed"} <= set(first_names), first_names
+    keys = [j.row.group() for j in jobs if "compile" not in j.row.impl]
+    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert runs == groups  # each group's rows are contiguous
 
 
 def test_model_rows_priority_order():
@@ -266,14 +273,41 @@ def test_gpu_check_dry_run(tmp_path):
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     names = sorted(os.listdir(out))
-    expected = {"gpu_tests.log", "ops.json", "ops.csv", "model.json", "model.csv", "summary.txt"}
-    assert expected <= set(names) and len(names) <= 8, names
+    expected = {"gpu_tests.log", "ops.json", "ops.csv", "model.json", "model.csv", "overhead.json", "overhead.csv",
+                "summary.txt"}
+    assert expected <= set(names) and len(names) <= 11, names
     if HAS_MPL:
-        assert {"ops.png", "model.png"} <= set(names)
+        assert {"ops.png", "model.png", "overhead.png"} <= set(names)
     assert "passed" in (out / "gpu_tests.log").read_text()
     import flashvit
     assert f"flashvit {flashvit.__version__} from {os.path.join(os.path.realpath(REPO), 'kernels')}" in res.stdout
     summary = (out / "summary.txt").read_text()
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
-    assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary
+    assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary and "\noverhead: " in summary
+
+
+def test_overhead_suite_rows(tmp_path):
+    """Host-overhead suite (TRITON_INTERPRET=1 here: launches stubbed): every row runs and is a real time."""
+    from flashvit.bench import overhead
+    jobs = overhead.overhead_jobs(torch.device("cpu"), torch.float32, quick=True)
+    names = {j.row.name for j in jobs}
+    assert {"layer_norm", "add_layer_norm", "linear+gelu", "qkv_attention", "patch_embed", "vit train step"} <= names
+    assert sum(j.row.baseline for j in jobs) == len({j.row.group() for j in jobs})  # one baseline per group
+    jobs = [j for j in jobs if j.row.name in ("layer_norm", "vit train step") and j.row.impl != "timm+flashvit.patch"]
+    runner = harness.Runner("overhead", jobs, {}, str(tmp_path), harness.Budget(None), torch.device("cpu"),
+                            lambda s: None)
+    rows = runner.run()
+    assert [r.status for r in rows] == ["ok"] * len(rows), [(r.impl, r.error) for r in rows]
+    assert all(0 < r.median_ms < 10_000 for r in rows)
+    assert (tmp_path / "overhead.json").exists()
+
+
+def test_stub_launches_restores_the_interpreter():
+    from flashvit.bench import overhead
+    from flashvit.kernels import layernorm
+    x = torch.randn(3, 8)
+    with overhead.stub_launches(torch.device("cpu")):
+        layernorm.layer_norm(x, None, None, backend="triton")  # launches nothing
+    y = layernorm.layer_norm(x, None, None, backend="triton")
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)), rtol=1e-5, atol=1e-5)
