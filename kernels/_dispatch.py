@@ -67,17 +67,22 @@ def use_backend(name: str) -> Iterator[None]:
         _overrides.pop()
 
 
-def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True) -> bool:
+def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True,
+               auto_compiled: Optional[bool] = None) -> bool:
     """True when an op called on ``x`` should launch its Triton kernels.
 
     ``auto`` is the op's measured verdict for the 'auto' backend on CUDA: an op whose kernels were
     measured slower than eager PyTorch passes False (recorded, with the measurement, in its file) and
-    runs its reference under 'auto'; forcing 'triton' still runs the kernels.
+    runs its reference under 'auto'; forcing 'triton' still runs the kernels. ``auto_compiled`` is the
+    verdict inside a torch.compile graph (default: ``auto``): an op that Inductor fuses as well from the
+    reference passes False, so Inductor sees plain aten ops there instead of an opaque custom op.
     """
     name = get_backend() if backend is None else _check_backend_name(backend)
     if name == "torch":
         return False
     if name == "auto":
+        if auto_compiled is not None and torch.compiler.is_compiling():
+            auto = auto_compiled
         return auto and HAS_TRITON and x.is_cuda
     if not HAS_TRITON:
         raise RuntimeError("flashvit backend 'triton' was forced but triton is not importable on this machine")

@@ -251,6 +251,13 @@ def set_autotune(enabled: bool) -> None:
 # Triton GEMM path. So cuBLAS wins on sm_90. sm_80 was not measured; it follows sm_90 until it is.
 # The Triton GEMM stays available (gemm="triton", use_gemm, FLASHVIT_GEMM) and is what the tests cover.
 
+# Inside a torch.compile graph, 'auto' gives Inductor the reference (F.linear, GELU, add): it makes the
+# same cuBLAS GEMM + one fused pointwise kernel, and can also fuse a residual add into the LayerNorm after
+# it, which our opaque op prevents. Measured before this rule (H200, bench/results/2026-11-26-h200-run2/
+# model.csv, every op a custom op): compile(flashvit) trained ViT-B/16 at 0.87x timm eager, compile(timm)
+# at 1.18x. Forcing backend='triton' still compiles the custom op.
+AUTO_COMPILED = False
+
 GEMM_TABLE: Dict[Tuple[int, str], str] = {
     (80, "skinny"): "cublas",  # M < 64: not measured (follows sm_90)
     (80, "small"): "cublas",   # 2·M·N·K < 2^32 FLOP: not measured (follows sm_90)
@@ -568,7 +575,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     _validate(x, weight, bias, activation, residual)
     if gemm is not None:
         _check_gemm_name(gemm)
-    if not use_triton(x, backend):
+    if not use_triton(x, backend, auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
     late_residual = None
     dt = autocast_dtype(x.device)

@@ -134,3 +134,18 @@ def test_apply_skips_autograd_only_when_nothing_needs_a_gradient(grad_mode):
         y = linear(x, w, b, activation="gelu", backend="triton")
     torch.testing.assert_close(y.double(), ref, rtol=1e-4, atol=1e-4)
     assert (y.grad_fn is not None) == (grad_mode == "grad")
+
+
+def test_auto_has_its_own_verdict_inside_compiled_graphs(monkeypatch):
+    class CudaLike:  # use_triton reads only .is_cuda
+        is_cuda = True
+
+    x = CudaLike()
+    monkeypatch.setattr(_dispatch, "HAS_TRITON", True)
+    assert _dispatch.use_triton(x, "auto", auto=True, auto_compiled=False)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not _dispatch.use_triton(x, "auto", auto=True, auto_compiled=False)
+    assert _dispatch.use_triton(x, "auto", auto=True)  # no compiled verdict: the eager one holds
+    assert _dispatch.use_triton(x, "triton", auto=True, auto_compiled=False)  # forcing still wins
+    import importlib
+    assert importlib.import_module("flashvit.kernels.linear").AUTO_COMPILED is False
