@@ -301,6 +301,19 @@ def _sdpa_context(backend: Any) -> Callable[[], Any]:
     return ctx_factory
 
 
+def head_dim_modes(head_dim: int) -> List[str]:
+    """['pad', 'split'] when the attention kernels can split ``head_dim`` (this build), else []."""
+    A = importlib.import_module("flashvit.kernels.attention")
+    if not hasattr(A, "use_head_split"):
+        return []
+    with A.use_head_split("split"):
+        return ["pad", "split"] if A._split_dims(head_dim)[1] else []
+
+
+def _head_dim_context(mode: str) -> Callable[[], Any]:
+    return lambda: importlib.import_module("flashvit.kernels.attention").use_head_split(mode)
+
+
 def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import attention, qkv_attention
     shapes = QUICK_ATTN_SHAPES if ctx.quick else ATTN_SHAPES
@@ -344,6 +357,10 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                             unavailable=ctx.triton_reason))
             main.append(Job(mk("flashvit-bnhd", note=knote), timed(const(ours_bnhd), args, mode, ctx),
                             unavailable=ctx.triton_reason))
+            for hd_mode in head_dim_modes(D):  # a non-power-of-two head dim: padded vs split, both measured
+                main.append(Job(mk(f"flashvit-qkv[{hd_mode}]", note=knote),
+                                timed(const(ours_packed), args, mode, ctx, context=_head_dim_context(hd_mode)),
+                                unavailable=ctx.triton_reason))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))
             for label_, backend in _sdpa_backends():

@@ -13,7 +13,8 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +48,11 @@ if HAS_TRITON:
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
+        # Head dims [0, BLOCK_D) are one chunk; with BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) a second
+        # one (80 = 64 + 16 instead of 80 padded to 128): every q/k/v/o tile is the pair (chunk 1, chunk 2).
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
         pid = tl.program_id(0)
@@ -75,6 +78,12 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_DIM
+            q2 = tl.load(Q + offs_m[:, None] * sqn + offs_d2[None, :] * sqd,
+                         mask=m_ok[:, None] & d2_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D2)
+            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         hi = N_KV
         if CAUSAL:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
@@ -83,7 +92,12 @@ if HAS_TRITON:
             n_ok = cols < N_KV
             kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+            if BLOCK_D2 > 0:
+                kt2 = tl.load(K + cols[None, :] * skn + offs_d2[:, None] * skd,
+                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)  # (BLOCK_D2, BLOCK_N)
+                s = tl.dot(q2, kt2, s, input_precision=PRECISION)
+            s = s * qk_scale  # log2 units
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
@@ -95,12 +109,19 @@ if HAS_TRITON:
             v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                v2 = tl.load(V + cols[:, None] * svn + offs_d2[None, :] * svd,
+                             mask=n_ok[:, None] & d2_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D2)
+                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
             m_i = m_new
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
+        if BLOCK_D2 > 0:
+            tl.store(Out + offs_m[:, None] * son + offs_d2[None, :] * sod, (acc2 / l_safe[:, None]).to(
+                Out.dtype.element_ty), mask=m_ok[:, None] & d2_ok[None, :])
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
         tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
@@ -130,8 +151,9 @@ if HAS_TRITON:
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
                        H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         pid = tl.program_id(0)
@@ -160,6 +182,14 @@ if HAS_TRITON:
         v = tl.load(V + offs_n[:, None] * svn + offs_d[None, :] * svd, mask=kv_mask, other=0.0)  # (BN, BD)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_DIM
+            kv2_mask = n_ok[:, None] & d2_ok[None, :]
+            k2 = tl.load(K + offs_n[:, None] * skn + offs_d2[None, :] * skd, mask=kv2_mask, other=0.0)  # (BN, BD2)
+            v2 = tl.load(V + offs_n[:, None] * svn + offs_d2[None, :] * svd, mask=kv2_mask, other=0.0)
+            dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+            dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
         lo = 0
         if CAUSAL:
             lo = (start_n // BLOCK_M) * BLOCK_M
@@ -169,7 +199,12 @@ if HAS_TRITON:
             qt = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
                          mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BM)
             lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # (BM,)
-            st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # (BN, BM), log2 units
+            st = tl.dot(k, qt, input_precision=PRECISION)  # (BN, BM)
+            if BLOCK_D2 > 0:
+                qt2 = tl.load(Q + offs_m[None, :] * sqn + offs_d2[:, None] * sqd,
+                              mask=m_ok[None, :] & d2_ok[:, None], other=0.0)  # (BD2, BM)
+                st = tl.dot(k2, qt2, st, input_precision=PRECISION)
+            st = st * qk_scale  # log2 units
             keep = m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -178,21 +213,33 @@ if HAS_TRITON:
                          mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
+            if BLOCK_D2 > 0:
+                do2 = tl.load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd,
+                              mask=m_ok[:, None] & d2_ok[None, :], other=0.0)  # (BM, BD2)
+                dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
+                dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
             delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        if BLOCK_D2 > 0:
+            tl.store(DK + offs_n[:, None] * skn_g + offs_d2[None, :] * skd_g, (dk2 * sm_scale).to(DK.dtype.element_ty),
+                     mask=kv2_mask)
+            tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
                      H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
+        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
         pid = tl.program_id(0)
         num_m = tl.cdiv(N_Q, BLOCK_M)
         pid_m = pid % num_m
@@ -218,6 +265,13 @@ if HAS_TRITON:
         lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            d2_ok = offs_d2 < HEAD_DIM
+            q2_mask = m_ok[:, None] & d2_ok[None, :]
+            q2 = tl.load(Q + offs_m[:, None] * sqn + offs_d2[None, :] * sqd, mask=q2_mask, other=0.0)  # (BM, BD2)
+            do2 = tl.load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd, mask=q2_mask, other=0.0)
+            dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         hi = N_KV
         if CAUSAL:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
@@ -228,16 +282,29 @@ if HAS_TRITON:
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
             vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # (BM, BN)
+            s = tl.dot(q, kt, input_precision=PRECISION)  # (BM, BN)
+            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+            if BLOCK_D2 > 0:
+                kt2 = tl.load(K + offs_n[None, :] * skn + offs_d2[:, None] * skd,
+                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)  # (BD2, BN)
+                vt2 = tl.load(V + offs_n[None, :] * svn + offs_d2[:, None] * svd,
+                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)
+                s = tl.dot(q2, kt2, s, input_precision=PRECISION)
+                dp = tl.dot(do2, vt2, dp, input_precision=PRECISION)
+            s = s * qk_scale  # log2 units
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * sqn_g + offs_d[None, :] * sqd_g, dq.to(DQ.dtype.element_ty), mask=q_mask)
+        if BLOCK_D2 > 0:
+            tl.store(DQ + offs_m[:, None] * sqn_g + offs_d2[None, :] * sqd_g, (dq2 * sm_scale).to(DQ.dtype.element_ty),
+                     mask=q2_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +330,40 @@ _SMEM_BUDGET = 144 * 1024  # below sm_80's 163 KiB, leaves room for the layout c
 
 def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
+
+
+# Head dims that are not a power of two: pad to the next one and mask (BLOCK_D2 = 0), or split into a
+# power-of-two chunk plus a narrower one (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16 with 8 masked) so the
+# dots do no padded work. Under 'auto', split only the head dims listed here: those measured faster split
+# (bench/gpu_check.sh, attention rows flashvit-*[split] vs flashvit-*). None measured yet.
+SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
+HEAD_DIM_MODES = ("auto", "split", "pad")
+_head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)
+
+
+@contextlib.contextmanager
+def use_head_split(mode: str) -> Iterator[None]:
+    """Force how non-power-of-two head dims are handled: 'split', 'pad' or 'auto' (SPLIT_HEAD_DIMS)."""
+    if mode not in HEAD_DIM_MODES:
+        raise ValueError(f"unknown head-dim mode {mode!r}; expected one of {HEAD_DIM_MODES}")
+    _head_mode.append(mode)
+    try:
+        yield
+    finally:
+        _head_mode.pop()
+
+
+def _split_dims(head_dim: int) -> Tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded, not split."""
+    full = _block_d(head_dim)
+    mode = _head_mode[-1] if _head_mode else "auto"
+    if mode == "pad" or (mode == "auto" and head_dim not in SPLIT_HEAD_DIMS):
+        return full, 0
+    d1 = 1 << (head_dim.bit_length() - 1)  # the largest power of two <= head_dim
+    d2 = max(16, 1 << max(0, (head_dim - d1 - 1).bit_length()))  # tl.dot needs >= 16
+    if d1 == head_dim or d1 < 16 or d1 + d2 >= full:
+        return full, 0  # nothing to save
+    return d1, d2
 
 
 def _bucket(n: int) -> int:
@@ -293,7 +394,7 @@ def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, i
 
 def _make_prune(kind: str, ptr_name: str):
     def prune(configs, named_args, **kwargs):
-        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+        block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2", 0))
         elsize = named_args[ptr_name].element_size()
         want = set(_configs_for(kind, block_d, elsize))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
@@ -307,7 +408,7 @@ def _triton_configs(kind: str) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in allc]
 
 
-_KEY = ["N_BUCKET", "HEAD_DIM", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
+_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
 if HAS_TRITON and not INTERPRET:
     _attn_fwd_tuned = triton.autotune(_triton_configs("fwd"), key=_KEY,
                                       prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd)
@@ -359,7 +460,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    bd, bd2 = _split_dims(D)
+    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
     _launch(_attn_fwd, "_attn_fwd_tuned", NQ, B * H, args, consts)
@@ -383,7 +485,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
     _attn_bwd_preprocess[(cdiv(NQ, rows) * B * H,)](
         o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
-    consts = dict(HEAD_DIM=D, BLOCK_D=block_d, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    bd, bd2 = _split_dims(D)
+    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _launch(_attn_bwd_dkdv, "_attn_bwd_dkdv_tuned", NKV, B * H,
@@ -601,10 +704,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _ELSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
-_AOT_CASES = [  # (head_dim, dtype, causal, precision)
-    (64, torch.bfloat16, False, "ieee"), (80, torch.float16, False, "ieee"), (128, torch.bfloat16, True, "ieee"),
-    (32, torch.float16, False, "ieee"), (256, torch.bfloat16, False, "ieee"), (64, torch.float32, False, "ieee"),
-    (40, torch.float32, True, "tf32"), (256, torch.float32, False, "tf32"),
+_AOT_CASES = [  # (head_dim, dtype, causal, precision, head-dim mode)
+    (64, torch.bfloat16, False, "ieee", "pad"), (80, torch.float16, False, "ieee", "pad"),
+    (128, torch.bfloat16, True, "ieee", "pad"), (32, torch.float16, False, "ieee", "pad"),
+    (256, torch.bfloat16, False, "ieee", "pad"), (64, torch.float32, False, "ieee", "pad"),
+    (40, torch.float32, True, "tf32", "pad"), (256, torch.float32, False, "tf32", "pad"),
+    (80, torch.bfloat16, False, "ieee", "split"), (96, torch.float16, True, "ieee", "split"),
+    (40, torch.float32, False, "tf32", "split"),
 ]
 
 
@@ -629,7 +735,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     return sig, consts
 
 
-_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
+_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
 
 
 def _aot_specs() -> List[AotSpec]:
@@ -637,23 +743,28 @@ def _aot_specs() -> List[AotSpec]:
         return []
     specs: List[AotSpec] = []
     seen = set()
-    for d, dtype, causal, prec in _AOT_CASES:
-        ty, bd, es = _TY[dtype], _block_d(d), _ELSIZE[dtype]
+    for d, dtype, causal, prec, mode in _AOT_CASES:
+        ty, es = _TY[dtype], _ELSIZE[dtype]
+        with use_head_split(mode):
+            bd1, bd2 = _split_dims(d)
+        assert (bd2 > 0) == (mode == "split"), (d, mode)
+        tag = f"D={d}{'=' + str(bd1) + '+' + str(bd2) if bd2 else ''}"
         for kind, kern in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
             sig, consts = _aot_signature(kern, "*" + ty)
-            consts.update(HEAD_DIM=d, BLOCK_D=bd, CAUSAL=causal, PRECISION=prec)
-            cfgs = _configs_for(kind, bd, es)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd1, BLOCK_D2=bd2, CAUSAL=causal, PRECISION=prec)
+            cfgs = _configs_for(kind, bd1 + bd2, es)
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_CONFIG]
             first = True  # each case compiles at least one config; each config at least once
             for bm, bn, w, s in cfgs:
-                key = (kind, bm, bn, w, s)
+                key = (kind, bm, bn, w, s, bd2 > 0)
                 if key in seen and not first:
                     continue
                 seen.add(key)
                 first = False
                 specs.append(AotSpec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
-                                     name=f"attn_{kind}[D={d},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]"))
+                                     name=f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]"))
+        bd = _block_d(d)  # the preprocess kernel always pads (one cheap pass)
         if ("pre", ty, bd) not in seen:
             seen.add(("pre", ty, bd))
             sig, consts = _aot_signature(_attn_bwd_preprocess, "*" + ty)

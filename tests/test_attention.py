@@ -116,6 +116,39 @@ def test_qkv_attention_matches_reference(B, N, H, D, dtype, pad):
     _check_qkv(B, N, H, D, dtype, pad)
 
 
+# Split head dims (80 = 64 + 16, ...): the second chunk's loads, dots and stores in all three kernels.
+@pytest.mark.parametrize("B,N,H,D,causal,dtype", [
+    (1, 17, 2, 80, False, torch.float32),
+    (2, 33, 1, 40, True, torch.float16),
+    (1, 50, 1, 96, True, torch.float32),
+    (1, 9, 3, 72, False, torch.float16),
+])
+def test_split_head_dims_match_reference(B, N, H, D, causal, dtype):
+    with A.use_head_split("split"):
+        assert A._split_dims(D)[1] > 0
+        _check_attention(B, N, N, H, D, causal, dtype)
+
+
+def test_split_head_dims_noncontiguous_and_packed():
+    with A.use_head_split("split"):
+        _check_attention(2, 19, 19, 3, 40, False, torch.float32, noncontig=True, scale=0.3)
+        _check_qkv(1, 21, 2, 80, torch.float16, 8)
+
+
+def test_split_dims_policy():
+    assert A._split_dims(80) == (128, 0)  # 'auto' splits only SPLIT_HEAD_DIMS (measured); none yet
+    with A.use_head_split("split"):
+        assert [A._split_dims(d) for d in (80, 96, 40, 72, 160)] == [(64, 16), (64, 32), (32, 16), (64, 16),
+                                                                     (128, 32)]
+        # nothing to save: a power of two, or a split as wide as the padded block
+        assert [A._split_dims(d) for d in (64, 16, 112, 24, 8)] == [(64, 0), (16, 0), (128, 0), (32, 0), (16, 0)]
+        with A.use_head_split("pad"):
+            assert A._split_dims(80) == (128, 0)
+    with pytest.raises(ValueError, match="unknown head-dim mode"):
+        with A.use_head_split("halve"):
+            pass
+
+
 def test_large_logits_finite():
     # scale·|q·k| ~ 1e4: the online softmax must not overflow to inf/NaN (exp2 of max-subtracted logits).
     B, N, H, D = 1, 33, 2, 32
@@ -247,6 +280,14 @@ def test_attention_gpu_noncontiguous(dtype):
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 50, 3, 40)])
 def test_qkv_attention_gpu(B, N, H, D):
     _check_qkv(B, N, H, D, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,D,causal", [(2, 257, 16, 80, False), (2, 197, 6, 96, True), (3, 50, 4, 40, False)])
+def test_split_head_dims_gpu(B, N, H, D, causal):
+    with A.use_head_split("split"):
+        _check_attention(B, N, N, H, D, causal, torch.bfloat16)
+        _check_qkv(B, N, H, D, torch.bfloat16)
 
 
 @pytest.mark.gpu
