@@ -33,6 +33,7 @@ class AotSpec:
     # 16-byte-aligned pointer or a stride divisible by 16: without them loads are not vectorized and
     # the reported registers / shared memory differ from the real build.
     attrs: Optional[Dict[Any, Any]] = None
+    min_cc: int = 0  # compiled only for targets >= this (e.g. 90: a Hopper-only kernel such as TMA)
 
     def label(self) -> str:
         return self.name or getattr(self.kernel, "__name__", str(self.kernel))
@@ -110,6 +111,8 @@ def uncovered_kernels(mod: Any) -> list:
     covered = {id(jit_function(s.kernel)) for s in getattr(mod, "AOT_SPECS", [])}
     missing = []
     for name, obj in vars(mod).items():
+        if name.startswith("_dev_"):  # device functions: compiled into the kernels that call them
+            continue
         fn = jit_function(obj)
         if isinstance(fn, triton.runtime.jit.JITFunction) and getattr(fn, "__module__", mod.__name__) == mod.__name__:
             if id(fn) not in covered:
@@ -141,7 +144,8 @@ def compile_all(ccs: tuple = (80, 90), jobs: int = 2) -> Dict[str, Any]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the AOT gate needs real JIT kernels: run it without TRITON_INTERPRET=1")
     mods = op_modules()
-    tasks = [(mi, si, cc) for mi, m in enumerate(mods) for si in range(len(m.AOT_SPECS)) for cc in ccs]
+    tasks = [(mi, si, cc) for mi, m in enumerate(mods) for si, spec in enumerate(m.AOT_SPECS) for cc in ccs
+             if cc >= spec.min_cc]
     if jobs > 1 and len(tasks) > 1:
         with mp.get_context("fork").Pool(jobs) as pool:
             results = pool.map(_compile_one, tasks, chunksize=1)

@@ -6,10 +6,13 @@ fc2 (bias + residual).
 Anatomy (DESIGN.md §2): Triton kernels -> launchers -> torch.library custom ops -> LinearFn ->
 linear_reference -> linear() -> FusedMLP.
 
-Two GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override):
+GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override):
   * ``triton``: our tiled GEMM with the epilogue (bias, GELU, residual, saving z) in registers.
+  * ``tma``: the same epilogue on a persistent GEMM whose fp16/bf16 operands stream through TMA tensor
+    descriptors (sm_90+, and the interpreter). Other GPUs, fp32, and operands that break TMA's rules
+    (16-byte aligned base and row stride, unit last stride) take the ``triton`` kernel.
   * ``cublas``: torch.matmul (cuBLAS) + ONE fused Triton elementwise kernel for bias + GELU + residual.
-Override: ``linear(..., gemm="triton"|"cublas"|"auto")``, the ``use_gemm(...)`` context, or the
+Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"auto")``, the ``use_gemm(...)`` context, or the
 ``FLASHVIT_GEMM`` environment variable (read at call time).
 
 Backward of GELU: we SAVE the pre-activation z = x·Wᵀ + b (an extra (M, N) store in the forward
@@ -61,12 +64,25 @@ else:  # pragma: no cover - platforms without Triton use the reference path only
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2}
-GEMM_PATHS = ("auto", "triton", "cublas")
+GEMM_PATHS = ("auto", "triton", "tma", "cublas")
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 
 if HAS_TRITON:
+
+    @triton.jit
+    def _dev_act(z, ACT: tl.constexpr):
+        # fp32 z -> act(z): 1 = exact erf GELU, 2 = tanh GELU, 0 = identity. A device function, compiled
+        # into each kernel that calls it (the AOT gate skips _dev_* names).
+        if ACT == 1:
+            y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        elif ACT == 2:
+            u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+            y = 0.5 * z * (2.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0))  # 1 + tanh(u)
+        else:
+            y = z
+        return y
 
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
@@ -123,18 +139,62 @@ if HAS_TRITON:
         if SAVE_Z:
             tl.store(z_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_ptr.dtype.element_ty),
                      mask=mask)
-        # GELU inline (no jit helpers: the AOT gate counts every module-level jit function)
-        if ACT == 1:
-            y = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif ACT == 2:
-            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            y = 0.5 * acc * (2.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0))  # 1 + tanh(u)
-        else:
-            y = acc
+        y = _dev_act(acc, ACT)
         if HAS_RES:
             r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
             y = y + r.to(tl.float32)
         tl.store(c_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gemm_tma_kernel(
+        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr,
+        M, N, K, M_KEY, stride_rm, stride_rn,
+        A_T: tl.constexpr, B_T: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        NUM_SMS: tl.constexpr,
+    ):
+        # The same C = act(A·B + bias) + R as _gemm_kernel, 16-bit operands streamed by TMA descriptors
+        # (Hopper's bulk copies; out-of-bounds reads are zeros, out-of-bounds writes are dropped), and
+        # persistent: program p computes output tiles p, p + NUM_SMS, ... in the grouped order.
+        # A is stored (M, K), or (K, M) with A_T; B is stored (K, N), or (N, K) with B_T (both: unit last stride).
+        start = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        num_pid_in_group = GROUP_M * num_pid_n
+        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+            first_pid_m = (tile // num_pid_in_group) * GROUP_M
+            group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+            pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+            pid_n = (tile % num_pid_in_group) // group_size_m
+            om = pid_m * BLOCK_M
+            on = pid_n * BLOCK_N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for ki in range(k_tiles):
+                ok = ki * BLOCK_K
+                if A_T:
+                    a = a_desc.load([ok, om]).T  # (BK, BM) tile -> (BM, BK)
+                else:
+                    a = a_desc.load([om, ok])
+                if B_T:
+                    b = b_desc.load([on, ok]).T  # (BN, BK) tile -> (BK, BN)
+                else:
+                    b = b_desc.load([ok, on])
+                acc = tl.dot(a, b, acc)
+            offs_n = on + tl.arange(0, BLOCK_N)
+            if HAS_BIAS:
+                acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            if SAVE_Z:
+                z_desc.store([om, on], acc.to(z_desc.dtype))
+            y = _dev_act(acc, ACT)
+            if HAS_RES:
+                offs_m = om + tl.arange(0, BLOCK_M)
+                mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+                r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn,
+                            mask=mask, other=0.0)
+                y = y + r.to(tl.float32)
+            c_desc.store([om, on], y.to(c_desc.dtype))
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
@@ -157,13 +217,7 @@ if HAS_TRITON:
             z = z + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if SAVE_Z:
             tl.store(c_ptrs, z.to(c_ptr.dtype.element_ty), mask=mask)
-        if ACT == 1:
-            y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-        elif ACT == 2:
-            u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-            y = 0.5 * z * (2.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0))  # 1 + tanh(u)
-        else:
-            y = z
+        y = _dev_act(z, ACT)
         if HAS_RES:
             y = y + tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
                             other=0.0).to(tl.float32)
@@ -215,6 +269,10 @@ SM80_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 32, 4, 
 SM90_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 4, 3), (128, 128, 64, 4, 3)]
 FP32_CONFIGS = [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 4)]
 INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the interpreter is far too slow
+# TMA kernel (16-bit only): shared memory = stages x (A + B tiles) + the C (and z) store tiles <= 227 KiB.
+TMA_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
+TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
+TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises the persistent loop
 EPILOGUE_BLOCK = (32, 128, 4)  # elementwise kernels: (BLOCK_M, BLOCK_N, num_warps)
 _COLSUM_PROGRAMS = 1024  # max row chunks for the db partial sums (fixed per M -> deterministic; fills the GPU)
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z"]  # the epilogue shifts the best tile
@@ -225,6 +283,36 @@ def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in cfgs]
 
 
+_TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
+
+
+def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool) -> bool:
+    """Pipelined A/B tiles plus the C (and z) store tiles fit in shared memory (16-bit operands)."""
+    bm, bn, bk, _, st = cfg
+    return 2 * (st * (bm * bk + bk * bn) + bm * bn * (2 if save_z else 1)) <= _TMA_SMEM_LIMIT
+
+
+def _tma_prune(configs, named_args, **kwargs):
+    save_z = bool(kwargs.get("SAVE_Z", named_args.get("SAVE_Z", False)))
+    keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                                   c.num_warps, c.num_stages), save_z)]
+    return keep or configs[-1:]
+
+
+def _tma_block_shapes(nargs: Dict[str, object]) -> None:
+    """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
+    nargs["c_desc"].block_shape = [bm, bn]
+    nargs["z_desc"].block_shape = [bm, bn]
+
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except Exception:  # pragma: no cover - older Triton or no Triton: the 'tma' path falls back to 'triton'
+    TensorDescriptor = None
+
 if HAS_TRITON:
     # one autotuner per (arch family, operand width); each keeps its own cache of best configs
     _GEMM_TUNED = {
@@ -233,6 +321,10 @@ if HAS_TRITON:
         (80, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
         (90, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
     }
+    _GEMM_TMA_TUNED = triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_warps=w,
+                       num_stages=st, pre_hook=_tma_block_shapes) for bm, bn, bk, w, st in TMA_CONFIGS_16],
+        key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel)
 
 _autotune = True
 
@@ -332,13 +424,66 @@ def _empty(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _launch_gemm(a: torch.Tensor, b: torch.Tensor, a_strides: Tuple[int, int], b_strides: Tuple[int, int],
-                 M: int, N: int, K: int, out: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
-                 residual: Optional[torch.Tensor] = None, act: int = 0, z: Optional[torch.Tensor] = None,
-                 tf32: bool = False) -> None:
-    """out (M, N) contiguous = act(A·B + bias) + residual, A/B given by base tensor and (row, col) strides."""
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_ok(*ts: Optional[torch.Tensor]) -> bool:
+    """TMA's rules for each 2-D operand: fp16/bf16, unit last stride, 16-byte aligned base and row stride."""
+    return TensorDescriptor is not None and all(
+        t is None or (t.dtype in (torch.float16, torch.bfloat16) and t.dim() == 2 and t.stride(1) == 1
+                      and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0) for t in ts)
+
+
+def _desc(t: torch.Tensor) -> TensorDescriptor:
+    # block_shape is set per config (_tma_block_shapes) before each launch
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+
+
+def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
+                     out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
+                     z: Optional[torch.Tensor]) -> None:
+    c_desc = _desc(out)
+    args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
+            bias if bias is not None else out, residual if residual is not None else out,
+            M, N, K, max(16, next_pow2(M)),
+            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
+    flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
+                 SAVE_Z=z is not None)
+    if INTERPRET or not a.is_cuda or not _autotune:
+        fixed = [c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None)][0]
+        bm, bn, bk, w, st = TMA_INTERPRET_CONFIG if (INTERPRET or not a.is_cuda) else fixed
+        sms = TMA_INTERPRET_SMS if (INTERPRET or not a.is_cuda) else _num_sms(a.device.index or 0)
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t,
+                    a_desc=args[0], b_desc=args[1], c_desc=args[2], z_desc=args[3])
+        _tma_block_shapes(meta)
+        _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn)),)](
+            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, num_warps=w,
+            num_stages=st)
+        return
+    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
+
+    def grid(meta):
+        return (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+    _GEMM_TMA_TUNED[grid](*args, **flags, NUM_SMS=sms)
+
+
+def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
+                 out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                 act: int = 0, z: Optional[torch.Tensor] = None, tf32: bool = False, tma: bool = False) -> None:
+    """out (M, N) contiguous = act(A·B + bias) + residual.
+
+    A (M, K) is the 2-D tensor ``a``, or ``a``ᵀ when ``a_t`` (a stored (K, M)); B (K, N) is ``b``, or ``b``ᵀ
+    when ``b_t`` (b stored (N, K)). ``tma``: the TMA kernel when every operand obeys its rules.
+    """
     if M == 0 or N == 0:
         return
+    if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z):  # bias, residual: plain loads
+        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, out, bias, residual, act, z)
+        return
+    a_strides = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
+    b_strides = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
             z if z is not None else out, M, N, K, max(16, next_pow2(M)),
@@ -400,8 +545,8 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         z = c if save_z else x.new_empty(0)
         return y, z
     z = _empty((M, N), x.device, x.dtype) if save_z else None
-    _launch_gemm(x, weight, (x.stride(0), x.stride(1)), (weight.stride(1), weight.stride(0)), M, N, K, y,
-                 bias=bias, residual=residual, act=act, z=z, tf32=_resolve_tf32(allow_tf32))
+    _launch_gemm(x, False, weight, True, M, N, K, y, bias=bias, residual=residual, act=act, z=z,
+                 tf32=_resolve_tf32(allow_tf32), tma=path == "tma")
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -440,20 +585,21 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
     tf32 = _resolve_tf32(allow_tf32)
     dx = dw = x.new_empty(0)
     if need_dx:
-        if _choose_path(gemm, x.device, M, K, N) == "cublas":
+        path = _choose_path(gemm, x.device, M, K, N)
+        if path == "cublas":
             dx = torch.matmul(dz, weight)
         else:  # dX (M, K) = dZ (M, N) · W (N, K)
             dx = _empty((M, K), x.device, x.dtype)
-            _launch_gemm(dz, weight, (dz.stride(0), dz.stride(1)), (weight.stride(0), weight.stride(1)),
-                         M, K, N, dx, tf32=tf32)
+            _launch_gemm(dz, False, weight, False, M, K, N, dx, tf32=tf32, tma=path == "tma")
     if need_dw:
-        if _choose_path(gemm, x.device, N, K, M) == "cublas":
+        path = _choose_path(gemm, x.device, N, K, M)
+        if path == "cublas":
             dw = torch.matmul(dz.t(), x).to(weight.dtype)
         else:  # dW (N, K) = dZᵀ (N, M) · X (M, K)
             dw = _empty((N, K), x.device, weight.dtype)
             if M == 0:
                 dw.zero_()
-            _launch_gemm(dz, x, (dz.stride(1), dz.stride(0)), (x.stride(0), x.stride(1)), N, K, M, dw, tf32=tf32)
+            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma")
     db_out = db.to(weight.dtype) if db is not None else x.new_empty(0)
     return dx, dw, db_out
 
@@ -659,10 +805,32 @@ def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilog
                    f"{',epi' if epilogue else ''}]")
 
 
+_TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}  # (A_T, B_T)
+
+
+def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool) -> AotSpec:
+    bm, bn, bk, w, s = cfg
+    a_t, b_t = _TMA_LAYOUTS[layout]
+    sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
+           "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
+           "c_desc": f"tensordesc<{ty}[{bm}, {bn}]>", "z_desc": f"tensordesc<{ty}[{bm}, {bn}]>",
+           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32", "M_KEY": "i32",
+           "stride_rm": "i32"}
+    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
+              SAVE_Z=epilogue, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132)
+    sig.update({n: "constexpr" for n in cx})
+    return AotSpec(_gemm_tma_kernel, sig, cx, w, s,
+                   f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}]", min_cc=90)
+
+
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
     specs: List[AotSpec] = []
+    for ty in ("fp16", "bf16"):  # TMA kernel: every config forward (bf16 with the full epilogue), dX/dW at the first
+        specs += [_gemm_tma_spec(ty, cfg, "fwd", ty == "bf16" and tma_config_fits(cfg, True)) for cfg in TMA_CONFIGS_16]
+        specs += [_gemm_tma_spec(ty, TMA_CONFIGS_16[0], layout, False) for layout in ("dx", "dw")]
+    specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
     for dt, ty in _TY.items():
         lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
         seen = set()

@@ -131,6 +131,51 @@ def test_cublas_path(dtype, act, device, launches):
     assert launches["gemm"] == 0 and launches["epilogue"] == 1, launches
 
 
+@pytest.fixture
+def tma_launches(monkeypatch):
+    counts = {"tma": 0}
+    fn = L._launch_gemm_tma
+
+    def counted(*a, **k):
+        counts["tma"] += 1
+        return fn(*a, **k)
+    monkeypatch.setattr(L, "_launch_gemm_tma", counted)
+    return counts
+
+
+@pytest.mark.parametrize("M,K,N,act,bias,res", [
+    (37, 48, 40, "gelu", True, True),  # M, N not multiples of any tile: TMA clips the edges
+    (70, 64, 96, "gelu_tanh", True, False),
+    (5, 16, 24, None, False, True),
+    (130, 200, 72, None, True, False),  # K not a multiple of BLOCK_K: TMA reads zeros past the end
+])
+def test_tma_path(M, K, N, act, bias, res, device, tma_launches):
+    """The persistent TMA GEMM (fp16 here: bf16 dots are garbage in the interpreter) for y, dX and dW."""
+    x, w, b, r = _make(M, K, N, torch.float16, device, bias, res)
+    _check(x, w, b, r, act, gemm="tma")
+    assert tma_launches["tma"] == 3, tma_launches  # y (x, Wᵀ), dX (dZ, W), dW (dZᵀ, X) layouts
+
+
+@pytest.mark.parametrize("why", ["fp32", "row stride not 16-byte aligned", "non-contiguous x"])
+def test_tma_path_falls_back_when_operands_break_its_rules(why, device, tma_launches, launches):
+    dtype = torch.float32 if why == "fp32" else torch.float16
+    K = 13 if why.startswith("row stride") else 32  # 13 fp16 = 26 bytes per row
+    x, w, b, r = _make(9, K, 24, dtype, device, True, False, noncontig=why == "non-contiguous x")
+    y = linear(x, w, b, "gelu", backend="triton", gemm="tma")
+    torch.testing.assert_close(y.double(), linear_reference(x.double(), w.double(), b.double(), "gelu"),
+                               atol=2e-3 if dtype == torch.float16 else 2e-5, rtol=1e-3)
+    assert launches["gemm"] == 1
+    if why != "non-contiguous x":  # a strided x still has aligned W and output: only x's GEMM is refused
+        assert tma_launches["tma"] == 0
+
+
+def test_tma_config_fits_shared_memory():
+    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)
+    assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # the z store tile pushes it over
+    assert all(L.tma_config_fits(c, False) for c in L.TMA_CONFIGS_16)
+    assert any(L.tma_config_fits(c, True) for c in L.TMA_CONFIGS_16)
+
+
 def test_transposed_x_and_strided_residual(device):
     x = randn(40, 9, device=device).t()  # (9, 40), strides (1, 9)
     w = randn(24, 40, device=device, scale=0.2)
@@ -273,10 +318,10 @@ def test_gpu_bf16_grid(M, KN):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["triton", "cublas"])
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
 def test_gpu_vit_mlp_shapes(gemm):
-    """ViT-B fc1 and fc2 at batch 2 (M = 394) in bf16; the Triton path with autotuning on."""
-    L.set_autotune(gemm == "triton")
+    """ViT-B fc1 and fc2 at batch 2 (M = 394) in bf16; the Triton paths with autotuning on."""
+    L.set_autotune(gemm != "cublas")
     for K, N, act, res in ((768, 3072, "gelu", False), (3072, 768, None, True)):
         x, w, b, r = _make(None, K, N, torch.bfloat16, "cuda", True, res, lead=(2, 197))
         _check(x, w, b, r, act, gemm=gemm)
@@ -324,3 +369,12 @@ def test_gpu_fused_mlp_bf16_autocast():
     assert y.dtype == y_ref.dtype
     y64 = ref.double()(x.double()) + x.double()
     assert (y.double() - y64).abs().max() <= 2 * (y_ref.double() - y64).abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,act,bias,res", [(197, 588, 768, "gelu", True, True), (394, 768, 3072, None, True, False),
+                                                (7, 3072, 768, "gelu_tanh", False, True), (1000, 200, 72, None, True, True)])
+def test_gpu_tma_bf16(M, K, N, act, bias, res, tma_launches):
+    x, w, b, r = _make(M, K, N, torch.bfloat16, "cuda", bias, res)
+    _check(x, w, b, r, act, gemm="tma")
+    assert tma_launches["tma"] == 3
