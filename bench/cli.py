@@ -213,7 +213,7 @@ def ops_summary(rows: List[H.Row]) -> str:
         groups.setdefault(r.group(), []).append(r)
     body = []
     for (_, name, shape, mode), rs in groups.items():
-        ours = [r for r in rs if r.impl.startswith("flashvit") and r.status == "ok"]
+        ours = [r for r in rs if r.impl.startswith("flashvit") and not r.impl.endswith("-eager") and r.status == "ok"]
         base = next((r for r in rs if r.baseline), None)
         others = [r for r in rs if not r.impl.startswith("flashvit") and r.status == "ok"]
         best = min(others, key=lambda r: r.median_ms) if others else None
@@ -272,7 +272,7 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
         lines.append("")
         lines.append(f"{suite}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         if suite == "overhead":
-            lines.append(f"overhead: host ms per call or step, launches {d.get('launches', '?')}; "
+            lines.append(f"overhead: host ms per call or step, launches {d.get('config', {}).get('launches', '?')}; "
                          "x base = eager's host time / ours")
         lines.append(model_summary(rows) if suite == "model" else ops_summary(rows))
         if suite == "model":

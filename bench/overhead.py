@@ -188,7 +188,7 @@ def _run_model(impl: str, device: torch.device, dtype: torch.dtype, calls: int, 
 def overhead_jobs(device: torch.device, dtype: torch.dtype, quick: bool) -> List[Job]:
     """Op rows (flashvit then eager per op and mode), then the model train-step rows."""
     why = unavailable(device)
-    calls, reps = (20, 5) if quick else (200, 9)
+    calls, reps = (20, 5) if quick else (200, 15)
     note = "host ms per call; Triton launches stubbed (CPU)" if launches_stubbed(device) else "host ms per call"
     jobs: List[Job] = []
     for op, shape, forward, inputs in _op_cases(device, dtype):
@@ -203,7 +203,7 @@ def overhead_jobs(device: torch.device, dtype: torch.dtype, quick: bool) -> List
         no_timm = ""
     except Exception:
         no_timm = "timm is not installed"
-    mcalls, mreps = (2, 3) if quick else (10, 5)
+    mcalls, mreps = (2, 3) if quick else (10, 9)
     shape = {"model": "vit_b depth, width 64", "batch": MODEL_BATCH, "img": MODEL_KW["img_size"]}
     for impl in ("flashvit", "flashvit-eager", "timm", "timm+flashvit.patch"):
         row = Row("overhead", "vit train step", dict(shape), dtype_name(dtype), "train", impl, baseline=impl == "timm",
