@@ -11,7 +11,8 @@ GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override
   * ``tma``: the same epilogue on a persistent GEMM whose fp16/bf16 operands stream through TMA tensor
     descriptors (sm_90+, and the interpreter). Other GPUs, fp32, and operands that break TMA's rules
     (16-byte aligned base and row stride, unit last stride) take the ``triton`` kernel.
-  * ``cublas``: torch.matmul (cuBLAS) + ONE fused Triton elementwise kernel for bias + GELU + residual.
+  * ``cublas``: torch.addmm (cuBLAS, bias in its epilogue) + ONE fused Triton elementwise kernel for GELU
+    + residual.
 Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"auto")``, the ``use_gemm(...)`` context, or the
 ``FLASHVIT_GEMM`` environment variable (read at call time).
 
@@ -198,25 +199,19 @@ if HAS_TRITON:
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
-        c_ptr, bias_ptr, res_ptr, y_ptr,
+        c_ptr, res_ptr, y_ptr,
         M, N, stride_cm, stride_rm, stride_rn, stride_ym,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # cuBLAS path: C (M, N) = x·Wᵀ from torch.matmul; y = act(C + b) + R in one pass.
-        # With SAVE_Z, z = C + b is written back over C (same element, same program: in place is safe).
+        # cuBLAS path: C (M, N) = x·Wᵀ + b from torch.addmm (the bias rides in cuBLAS's epilogue);
+        # y = act(C) + R in one pass. C is the saved pre-activation z as it is.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         rows = offs_m[:, None].to(tl.int64)
-        c_ptrs = c_ptr + rows * stride_cm + offs_n[None, :]
-        z = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            z = z + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if SAVE_Z:
-            tl.store(c_ptrs, z.to(c_ptr.dtype.element_ty), mask=mask)
+        z = tl.load(c_ptr + rows * stride_cm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         y = _dev_act(z, ACT)
         if HAS_RES:
             y = y + tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
@@ -512,18 +507,16 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
                        num_stages=s)
 
 
-def _launch_epilogue(c: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
-                     save_z: bool, y: torch.Tensor) -> None:
+def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor) -> None:
+    """y (M, N) = act(c) + residual, one pass."""
     M, N = c.shape
     if M == 0 or N == 0:
         return
     bm, bn, w = EPILOGUE_BLOCK
     grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y
-    _epilogue_kernel[grid](c, bias if bias is not None else c, res, y, M, N, c.stride(0),
-                           res.stride(0), res.stride(1), y.stride(0),
-                           HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=save_z,
-                           BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+    _epilogue_kernel[grid](c, res, y, M, N, c.stride(0), res.stride(0), res.stride(1), y.stride(0),
+                           ACT=act, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -535,15 +528,16 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     act = _ACT_CODE[activation]
     save_z = save_z and act != 0
     path = _choose_path(gemm, x.device, M, N, K)
-    if path == "cublas" and act == 0 and residual is None:  # plain or bias-only: cuBLAS fuses the bias itself
-        y = torch.matmul(x, weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
-        return y, x.new_empty(0)
-    y = _empty((M, N), x.device, x.dtype)
     if path == "cublas":
-        c = torch.matmul(x, weight.t())  # (M, N), contiguous: x is 2-D
-        _launch_epilogue(c, bias, residual, act, save_z, y)
-        z = c if save_z else x.new_empty(0)
-        return y, z
+        # z = x·Wᵀ + b with the bias in cuBLAS's own epilogue; then one pass for the activation and residual
+        # (as many bytes as eager's addmm + GELU, with the residual add folded in).
+        c = torch.matmul(x, weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
+        if act == 0 and residual is None:
+            return c, x.new_empty(0)
+        y = _empty((M, N), x.device, x.dtype)
+        _launch_epilogue(c, residual, act, y)
+        return y, (c if save_z else x.new_empty(0))
+    y = _empty((M, N), x.device, x.dtype)
     z = _empty((M, N), x.device, x.dtype) if save_z else None
     _launch_gemm(x, False, weight, True, M, N, K, y, bias=bias, residual=residual, act=act, z=z,
                  tf32=_resolve_tf32(allow_tf32), tma=path == "tma")
@@ -846,11 +840,10 @@ def _aot_specs() -> List[AotSpec]:
                 specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
         bm, bn, w = EPILOGUE_BLOCK
         for act in (1, 2):  # the erf and tanh forms; ACT=0 is a subset of either
-            sig = {p: f"*{ty}" for p in ("c_ptr", "bias_ptr", "res_ptr", "y_ptr")}
+            sig = {p: f"*{ty}" for p in ("c_ptr", "res_ptr", "y_ptr")}
             sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
-            sig.update({f: "constexpr" for f in ("stride_rn", "HAS_BIAS", "ACT", "HAS_RES", "SAVE_Z", "BLOCK_M",
-                                                 "BLOCK_N")})
-            cx = dict(stride_rn=1, HAS_BIAS=True, ACT=act, HAS_RES=True, SAVE_Z=True, BLOCK_M=bm, BLOCK_N=bn)
+            sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_RES", "BLOCK_M", "BLOCK_N")})
+            cx = dict(stride_rn=1, ACT=act, HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
             specs.append(AotSpec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]"))
             sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
             sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})
