@@ -11,7 +11,7 @@ then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run t
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
     HAS_TRITON,
+    INTERPRET,
     apply,
     cdiv,
     check_same_device,
@@ -151,6 +152,52 @@ FWD_STAGES = 1  # no loop in the forward
 BWD_STAGES = 2
 
 
+# On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
+# on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements.
+# The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend on the
+# choice), so its tiles stay <= TILE and ROWS divides BWD_ROWS_PER_PROG. The interpreter runs the default.
+
+def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
+    out = []
+    for tile in (TILE, 2 * TILE, TILE // 2):
+        rows = max(1, tile // block_n)
+        out.append((rows, min(max((rows * block_n) // 256, 4), 16)))
+    return list(dict.fromkeys(out))
+
+
+def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
+    out = []
+    for tile in (TILE, TILE // 2):
+        rows = max(1, tile // block_n)
+        out.append((rows, min(max((rows * block_n) // 256, 4), 32)))
+    return list(dict.fromkeys(out))
+
+
+def _block_sizes() -> List[int]:
+    out, b = [], MIN_BLOCK_N
+    while b <= MAX_D:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def _prune(choices):
+    def prune(configs, named_args, **kwargs):
+        want = set(choices(kwargs["BLOCK_N"]))
+        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
+    return prune
+
+
+if HAS_TRITON and not INTERPRET:
+    def _tuned(kernel, choices, stages: int, key: List[str]):
+        every = sorted({c for bn in _block_sizes() for c in choices(bn)})
+        return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
+                               key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
+
+    _ln_fwd_tuned = _tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"])
+    _ln_bwd_tuned = _tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO"])
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Output allocation (tests swap it for a NaN-filled one to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -222,11 +269,12 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     y2 = y.view(m, d)
     h2 = h.view(m, d) if h is not None else y2
     block_n, rows, warps, _ = _config(d)
-    _ln_fwd_kernel[(cdiv(m, rows),)](
-        x2, r2, w, b, y2, h2, mean, rstd,
-        m, d, _row_stride(x2), _row_stride(r2), d, d, eps,
-        BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None, num_warps=warps, num_stages=FWD_STAGES,
-    )
+    args = (x2, r2, w, b, y2, h2, mean, rstd, m, d, _row_stride(x2), _row_stride(r2), d, d, eps)
+    if INTERPRET:
+        _ln_fwd_kernel[(cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None,
+                                         num_warps=warps, num_stages=FWD_STAGES)
+    else:
+        _ln_fwd_tuned[lambda meta: (cdiv(m, meta["ROWS"]),)](*args, BLOCK_N=block_n, HAS_RES=residual is not None)
     return y, h, mean, rstd
 
 
@@ -251,11 +299,13 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     rows_per_prog = _rows_per_prog(x.device, rows, m)
     g = cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, x.device)
-    _ln_bwd_kernel[(g,)](
-        dy2, x2, w, mean, rstd, dho2, dx.view(m, d), partial[0], partial[1],
-        m, d, _row_stride(dy2), _row_stride(x2), _row_stride(dho2), d, rows_per_prog,
-        BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps, num_stages=BWD_STAGES,
-    )
+    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), partial[0], partial[1],
+            m, d, _row_stride(dy2), _row_stride(x2), _row_stride(dho2), d, rows_per_prog)
+    if INTERPRET:
+        _ln_bwd_kernel[(g,)](*args, BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps,
+                             num_stages=BWD_STAGES)
+    else:  # every choice's ROWS divides rows_per_prog: same grid, same partials
+        _ln_bwd_tuned[(g,)](*args, BLOCK_N=block_n, HAS_DHO=dh_out is not None)
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
     return dx, dwdb if pd == torch.float32 else dwdb.to(pd)
@@ -480,38 +530,42 @@ def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, t
     return out
 
 
+def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dtype, pd: torch.dtype,
+              has_res: bool, tag: str = "") -> AotSpec:
+    hd = torch.promote_types(xd, rd)
+    sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}", "Y": f"*{_TT[hd]}",
+           "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "stride_x": "i32",
+           "stride_r": "i32", "stride_y": "i32", "stride_h": "i32", "eps": "fp32",
+           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr"}
+    return AotSpec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, warps, FWD_STAGES,
+                   f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]")
+
+
+def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
+              tag: str = "") -> AotSpec:
+    t = _TT[xd]
+    sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32", "DHO": f"*{t}",
+           "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32",
+           "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
+           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr"}
+    return AotSpec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, warps, BWD_STAGES,
+                   f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]")
+
+
 def _aot_specs() -> List[AotSpec]:
+    """The default config (_config) for every dtype combination; the autotuner's alternatives in bf16."""
     specs: List[AotSpec] = []
-    blocks = []
-    b = MIN_BLOCK_N
-    while b <= MAX_D:
-        blocks.append(b)
-        b *= 2
-    fwd_sig_ints: Dict[str, str] = {"M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32",
-                                    "stride_y": "i32", "stride_h": "i32", "eps": "fp32"}
-    for block_n in blocks:
+    bf = torch.bfloat16
+    for block_n in _block_sizes():
         _, rows, fwd_warps, bwd_warps = _config(block_n)
         for has_res in (False, True):
-            for xd, rd, pd in _dtype_combos(has_res):
-                hd = torch.promote_types(xd, rd)
-                sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}",
-                       "Y": f"*{_TT[hd]}", "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", **fwd_sig_ints,
-                       "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr"}
-                specs.append(AotSpec(
-                    _ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, fwd_warps,
-                    FWD_STAGES,
-                    f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}]"))
+            specs += [_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, has_res) for xd, rd, pd in _dtype_combos(has_res)]
         for has_dho in (False, True):
-            for xd, _, pd in _dtype_combos(False):
-                t = _TT[xd]
-                sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32",
-                       "DHO": f"*{t}", "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32",
-                       "stride_dy": "i32", "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32",
-                       "rows_per_prog": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr"}
-                specs.append(AotSpec(
-                    _ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, bwd_warps,
-                    BWD_STAGES,
-                    f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}]"))
+            specs += [_bwd_spec(block_n, rows, bwd_warps, xd, pd, has_dho) for xd, _, pd in _dtype_combos(False)]
+        for r, w in _fwd_choices(block_n)[1:]:
+            specs.append(_fwd_spec(block_n, r, w, bf, bf, bf, True, f",ROWS={r},w{w}"))
+        for r, w in _bwd_choices(block_n)[1:]:
+            specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}"))
     return specs
 
 

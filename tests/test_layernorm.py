@@ -295,6 +295,16 @@ def test_aot_specs_cover_launch_configs():
             assert f"ln_bwd[BLOCK_N={block_n},x={t},w={w},dh=0]" in labels
     specs = {(s.label(), s.num_warps) for s in L.AOT_SPECS}
     assert ("ln_fwd[BLOCK_N=1024,x=bf16,r=fp32,w=fp32,res=1]", L._config(768)[2]) in specs
+    # The GPU autotuner's alternatives: the default first, each alternative compiled (bf16), backward ROWS
+    # dividing its fixed rows per program (same grid and partial buffer whatever the choice).
+    for block_n in L._block_sizes():
+        _, rows, fwd_warps, bwd_warps = L._config(block_n)
+        assert L._fwd_choices(block_n)[0] == (rows, fwd_warps) and L._bwd_choices(block_n)[0] == (rows, bwd_warps)
+        for r, w in L._fwd_choices(block_n)[1:]:
+            assert (f"ln_fwd[BLOCK_N={block_n},x=bf16,r=bf16,w=bf16,res=1,ROWS={r},w{w}]", w) in specs
+        for r, w in L._bwd_choices(block_n):
+            assert L.BWD_ROWS_PER_PROG % r == 0
+            assert r == rows or (f"ln_bwd[BLOCK_N={block_n},x=bf16,w=bf16,dh=1,ROWS={r},w{w}]", w) in specs
 
 
 # ---------------------------------------------------------------------------------------------
