@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=None, help="op families: layernorm attention mlp patch_embed")
     p.add_argument("--models", nargs="+", default=None, help="s b l or flashvit/timm names (first = priority)")
     p.add_argument("--impls", nargs="+", default=None, help="model impls to run (default: all)")
+    p.add_argument("--rows", choices=("all", "settled", "experimental"), default="all",
+                   help="ops: 'settled' leaves out kernel paths not yet run on a GPU (ops.EXPERIMENTAL); "
+                        "'experimental' runs only their groups (baseline + ours) into ops-experimental.*")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole command; rows not started in time are listed as skipped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -137,13 +140,14 @@ def _finish(suite: str, rows: List[H.Row], meta: Dict[str, Any], out: str, no_pl
 def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_ms, compile_ok, compile_note) -> int:
     from flashvit.bench import ops as O
     ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick)
-    jobs = O.op_jobs(ctx, args.ops)
-    meta = _meta(env, ceilings, config, ops=list(args.ops or O.OPS),
+    jobs = O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
+    suite = "ops-experimental" if args.rows == "experimental" else "ops"
+    meta = _meta(env, ceilings, config, ops=list(args.ops or O.OPS), rows=args.rows,
                  counts_note="attention fwd+bwd FLOPs = 3.5 x fwd (bwd = 2.5 x fwd); GEMM fwd+bwd = 3 x fwd; "
                              "patch_embed fwd+bwd = 2 x fwd (no image grad); LayerNorm: minimal bytes moved")
-    runner = H.Runner("ops", jobs, meta, args.out, budget, device, H.echo_stdout)
+    runner = H.Runner(suite, jobs, meta, args.out, budget, device, H.echo_stdout)
     rows = runner.run()
-    _finish("ops", rows, meta, args.out, args.no_plot)
+    _finish(suite, rows, meta, args.out, args.no_plot)
     return 0
 
 
@@ -253,10 +257,10 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
     tl = _tests_line(tests_log)
     if tl:
         lines.append(f"tests: {tl}")
-    for suite in ("ops", "model", "overhead"):
+    for suite in ("ops", "ops-experimental", "model", "overhead"):
         d = _load(os.path.join(out, f"{suite}.json"))
         if d is None:
-            if suite != "overhead":  # an optional suite
+            if suite in ("ops", "model"):  # the others are optional
                 lines.append(f"{suite}: no {suite}.json in {out}")
             continue
         found = True

@@ -7,6 +7,7 @@
 #      links kernels/, vit/ and bench/ in as flashvit.kernels, flashvit.vit and flashvit.bench;
 #   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
+#      then, in a process of their own, the kernel paths not yet run on a GPU  -> OUTDIR/ops-experimental.*
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
 #   6. prints a short summary last                                            -> OUTDIR/summary.txt
@@ -16,7 +17,8 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX (step caps in seconds: 200 / 130 / 180), GPU_CHECK_MODELS (default "b s l"),
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds: 140 / 80 / 110 / 60
+# / 90, the last the gpu-marked share of the tests), GPU_CHECK_MODELS (default "b s l"),
 # GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST (pytest-xdist workers, default 6),
 # GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
 set -uo pipefail
@@ -99,16 +101,36 @@ then
 fi
 
 # ---- 2. the test suite on CUDA ------------------------------------------------------------------------
+# Two pytest runs into one log: the gpu-marked tests first (what CI cannot run: bf16, big offsets, the
+# kernel paths new since the last GPU run), then everything else on CUDA with the test time that is left.
+# SIGINT at each deadline: pytest stops its workers and still prints the failures so far (-rfE); KILL
+# 15 s later if it has not exited.
+run_tests() {  # run_tests SECONDS PYTEST_ARGS...
+  local t=$1; shift
+  say "tests: $* (timeout ${t}s) -> gpu_tests.log"
+  timeout -s INT -k 15 "$t" "$PY" -m pytest -p no:cacheprovider -v -rfE --tb=short --maxfail=10 \
+    --durations=15 -o faulthandler_timeout=100 "$@" >> "$OUT/gpu_tests.log" 2>&1
+  local rc=$?
+  { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] || [ "$rc" -eq 2 ]; } &&
+    note "tests: stopped by the ${t}s timeout (rc $rc; the log lists what ran)"
+  say "tests: rc=$rc: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
+  # A stopped run can leave xdist workers on the GPU: none of them may overlap the timings below.
+  [ "$DRY" = 1 ] || { pkill -9 -f "pytest -p no:cacheprovider" 2>/dev/null; sleep 2; }
+  [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ]  # 5: nothing collected for this selection
+}
+
 if [ "$DRY" = 1 ]; then
-  TEST_ARGS=(tests/test_dispatch.py); TEST_MAX=120; RESERVE=100
+  TEST_MAX=120; GPU_TEST_MAX=60; RESERVE=100; XDIST=()
+  GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
-  # The AOT gate is CPU work that CI runs; xdist (on the stock image) spreads kernel compiles over the cores.
+  TEST_MAX=${GPU_CHECK_TEST_MAX:-140}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-90}; RESERVE=290
+  XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
-  TEST_ARGS=(-m "not aot" ${GPU_CHECK_TESTS:-tests bench}); TEST_MAX=${GPU_CHECK_TEST_MAX:-200}; RESERVE=250
-  "$PY" -c "import xdist" 2>/dev/null && TEST_ARGS=(-n "${GPU_CHECK_XDIST:-6}" "${TEST_ARGS[@]}")
+  GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
 fi
 TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
 TESTS_RC=0
+T_START=$SECONDS
 if [ "$TEST_T" -lt 20 ]; then
   note "skipped: the test suite (only $(left)s left)"
   TESTS_RC=1
@@ -121,46 +143,53 @@ else
     tail -n 25 "$OUT/gpu_tests.log"
     TEST_T=$(min "$TEST_T" $(( $(left) - RESERVE )))
   fi
-  say "tests: ${TEST_ARGS[*]} (timeout ${TEST_T}s) -> gpu_tests.log"
-  # SIGINT at the deadline: pytest stops its workers and still prints the failures so far (-rfE), then
-  # KILL 15 s later if it has not exited.
-  timeout -s INT -k 15 "$TEST_T" "$PY" -m pytest -p no:cacheprovider -v -rfE --tb=short --maxfail=10 \
-    --durations=15 -o faulthandler_timeout=100 "${TEST_ARGS[@]}" >> "$OUT/gpu_tests.log" 2>&1
-  TESTS_RC=$?
-  [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ] || [ "$TESTS_RC" -eq 2 ] &&
-    note "tests: stopped by the ${TEST_T}s timeout (rc $TESTS_RC; the log lists what ran)"
-  say "tests: rc=$TESTS_RC: $(grep -E '^=+ .*(passed|failed|error|no tests)' "$OUT/gpu_tests.log" | tail -n 1)"
-  # A killed run can leave xdist workers on the GPU: make sure none of them overlaps the timings below.
-  [ "$DRY" = 1 ] || { pkill -9 -f "pytest -p no:cacheprovider" 2>/dev/null; sleep 2; }
+  run_tests "$(min "$GPU_TEST_MAX" "$TEST_T")" "${XDIST[@]}" "${GPU_SEL[@]}" || TESTS_RC=1
+  REST_T=$(( TEST_T - (SECONDS - T_START) ))
+  if [ "$REST_T" -ge 20 ]; then
+    run_tests "$REST_T" "${XDIST[@]}" "${REST_SEL[@]}" || TESTS_RC=1
+  else
+    note "skipped: the non-gpu-marked tests on CUDA (only ${REST_T}s of test time left)"
+  fi
 fi
 
-# ---- 3. op benchmarks ----------------------------------------------------------------------------------
+# ---- 3. op benchmarks: the settled rows, then (own process) the kernel paths not yet run on a GPU ----------
 if [ "$DRY" = 1 ]; then
-  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; MODEL_MAX=40; GRACE=20; OPS_EXTRA=(--ops layernorm attention)
-  MODEL_EXTRA=(--models s)
+  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; MODEL_MAX=40; GRACE=20
+  OPS_EXTRA=(--ops layernorm attention); EXP_EXTRA=(--ops attention); MODEL_EXTRA=(--models s)
+  OPS_RESERVE=90; EXP_RESERVE=70; OVH_RESERVE=60
 else
-  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-130}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-180}; GRACE=35
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-80}; EXP_MAX=${GPU_CHECK_EXP_MAX:-60}
+  MODEL_MAX=${GPU_CHECK_MODEL_MAX:-110}; GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
   [ -n "${GPU_CHECK_OPS:-}" ] && OPS_EXTRA+=(--ops $GPU_CHECK_OPS)
+  EXP_EXTRA=("${OPS_EXTRA[@]}")
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
+  OPS_RESERVE=210; EXP_RESERVE=145; OVH_RESERVE=125  # seconds kept for the steps after each one
 fi
 BENCH_RC=0
-OPS_B=$(min "$OPS_MAX" $(( ($(left) - 30) * 40 / 100 )))
-if [ "$OPS_B" -lt 10 ]; then
-  note "skipped: op benchmarks (only $(left)s left)"
-else
-  say "ops: budget ${OPS_B}s (timeout $(( OPS_B + GRACE ))s)"
-  timeout -k 10 $(( OPS_B + GRACE )) "$PY" -m flashvit.bench ops --out "$OUT" --budget "$OPS_B" \
-    "${BENCH_COMMON[@]}" "${OPS_EXTRA[@]}" > "$SHIM/.ops.log" 2>&1
-  rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "ops: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
-  grep -E '^ops: ' "$SHIM/.ops.log" | cut -c1-400
-  [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.ops.log"
-fi
+run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
+  local label=$1 cap=$2 reserve=$3; shift 3
+  local b; b=$(min "$cap" $(( $(left) - reserve )))
+  if [ "$b" -lt 10 ]; then
+    note "skipped: $label (only $(left)s left)"
+    return
+  fi
+  say "$label: budget ${b}s (timeout $(( b + GRACE ))s)"
+  timeout -k 10 $(( b + GRACE )) "$PY" -m flashvit.bench ops --out "$OUT" --budget "$b" "${BENCH_COMMON[@]}" "$@" \
+    > "$SHIM/.$label.log" 2>&1
+  local rc=$?
+  [ "$rc" -eq 0 ] || { BENCH_RC=1; note "$label: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
+  grep -E '^ops(-experimental)?: ' "$SHIM/.$label.log" | cut -c1-400
+  [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.$label.log"
+}
+run_ops ops "$OPS_MAX" "$OPS_RESERVE" --rows settled "${OPS_EXTRA[@]}"
+run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceilings-from "$OUT/ops.json" \
+  "${EXP_EXTRA[@]}"
 
 # ---- 3b. host overhead per op call and per train step (tiny shapes, real launches) ------------------------
-OVH_B=$(min 40 $(( $(left) - 60 )))
+OVH_B=$(min 25 $(( $(left) - OVH_RESERVE )))
 if [ "$OVH_B" -lt 10 ]; then
   note "skipped: host-overhead benchmark (only $(left)s left)"
 else

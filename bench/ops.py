@@ -507,6 +507,23 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
 }
 
 
+def is_experimental(row: Row) -> bool:
+    return any(tag in row.impl for tag in EXPERIMENTAL)
+
+
+def select_rows(jobs: List[Job], rows: str) -> List[Job]:
+    """'all'; 'settled': without the experimental rows; 'experimental': the groups that hold one, reduced to
+    their baseline and our rows (so each experimental row has its comparisons from the same process)."""
+    if rows == "all":
+        return jobs
+    if rows == "settled":
+        return [j for j in jobs if not is_experimental(j.row)]
+    if rows != "experimental":
+        raise ValueError(f"unknown row selection {rows!r}; expected all, settled or experimental")
+    groups = {j.row.group() for j in jobs if is_experimental(j.row)}
+    return [j for j in jobs if j.row.group() in groups and (j.row.baseline or j.row.impl.startswith("flashvit"))]
+
+
 def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
     """All rows for ``ops`` (default: every op): the no-compile rows first, then the torch.compile rows.
 
@@ -527,5 +544,5 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
     main = [j for turn in itertools.zip_longest(*families) for group in turn if group for j in group]
     # Kernels not yet run on a GPU go after the others: a fault there (a lost CUDA context) cannot take the
     # established rows down with it.
-    first = [j for j in main if not any(tag in j.row.impl for tag in EXPERIMENTAL)]
+    first = [j for j in main if not is_experimental(j.row)]
     return first + [j for j in main if j not in first] + late

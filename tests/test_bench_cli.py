@@ -277,11 +277,15 @@ def test_gpu_check_dry_run(tmp_path):
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     names = sorted(os.listdir(out))
-    expected = {"gpu_tests.log", "ops.json", "ops.csv", "model.json", "model.csv", "overhead.json", "overhead.csv",
-                "summary.txt"}
-    assert expected <= set(names) and len(names) <= 11, names
+    expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
+                "model.json", "model.csv", "overhead.json", "overhead.csv", "summary.txt"}
+    assert expected <= set(names) and len(names) <= 14, names
     if HAS_MPL:
-        assert {"ops.png", "model.png", "overhead.png"} <= set(names)
+        assert {"ops.png", "ops-experimental.png", "model.png", "overhead.png"} <= set(names)
+    settled = json.loads((out / "ops.json").read_text())["rows"]
+    experimental = json.loads((out / "ops-experimental.json").read_text())["rows"]
+    assert settled and not any(ops.is_experimental(harness.Row(**r)) for r in settled)
+    assert any(ops.is_experimental(harness.Row(**r)) for r in experimental)
     assert "passed" in (out / "gpu_tests.log").read_text()
     import flashvit
     assert f"flashvit {flashvit.__version__} from {os.path.join(os.path.realpath(REPO), 'kernels')}" in res.stdout
@@ -289,6 +293,7 @@ def test_gpu_check_dry_run(tmp_path):
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
     assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary and "\noverhead: " in summary
+    assert "\nops-experimental: " in summary
 
 
 def test_overhead_suite_rows(tmp_path):
