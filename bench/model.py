@@ -7,6 +7,7 @@ Implementations (same config, same dtype, same batch):
   timm                timm's VisionTransformer, eager (the baseline of every speedup)
   timm+flashvit.patch timm's model with flashvit.patch() swapping in our fused layers
   compile(timm)       torch.compile(timm model)
+  compile(timm+flashvit.patch)  torch.compile of the patched timm model (Inductor fuses around our ops)
   compile(flashvit)   torch.compile(our model), Triton kernels as opaque custom ops
 
 The model runs in pure ``dtype`` (bf16 on GPU: parameters and activations, no autocast) for every impl.
@@ -32,8 +33,8 @@ MODEL_ALIASES = {
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "compile(timm)",
-         "compile(flashvit)")
-COMPILED = ("compile(timm)", "compile(flashvit)")
+         "compile(flashvit)", "compile(timm+flashvit.patch)")
+COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
 
@@ -82,7 +83,7 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
         else:
             m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **ctx.overrides)
     m = m.to(ctx.dtype)
-    if impl == "timm+flashvit.patch":
+    if impl in ("timm+flashvit.patch", "compile(timm+flashvit.patch)"):
         m = flashvit.patch(m) or m
     return m
 
@@ -185,10 +186,10 @@ def unavailable(impl: str, ctx: MCtx) -> str:
     from flashvit.bench.ops import triton_unavailable
     if impl in ("flashvit", "flashvit-triton", "compile(flashvit)") and triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
-    if impl.startswith("timm") or impl == "compile(timm)":
+    if "timm" in impl:
         if _timm() is None:
             return "timm not installed"
-    if impl == "timm+flashvit.patch" and not hasattr(flashvit, "patch"):
+    if "flashvit.patch" in impl and not hasattr(flashvit, "patch"):
         return "flashvit.patch is not in this build"
     if impl in COMPILED and not ctx.compile_ok:
         return ctx.compile_note
