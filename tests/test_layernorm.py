@@ -357,9 +357,12 @@ def test_deterministic_backward_gpu():
 def test_torch_compile_gpu():
     """The custom ops are opaque to torch.compile: fullgraph (no graph break), same numbers as eager."""
     d = 384
-    mod = L.LayerNorm(d, device="cuda")
     x, a = randn(3, 50, d, device="cuda", requires_grad=True), randn(3, 50, d, device="cuda", requires_grad=True)
+    _check_compiled_block(L.LayerNorm(d, device="cuda"), a, x)
 
+
+def _check_compiled_block(mod, a, x, **compile_kw):
+    """A pre-norm block (fused add + LN, then LN) compiled fullgraph: same output and grads as eager."""
     def block(a, x):
         y, h = mod.forward_add(a, x)
         return mod(y) + h
@@ -369,7 +372,7 @@ def test_torch_compile_gpu():
         eager.sum().backward()
         g_eager = (a.grad.clone(), x.grad.clone(), mod.weight.grad.clone())
         a.grad = x.grad = mod.weight.grad = None
-        compiled = torch.compile(block, fullgraph=True)(a, x)
+        compiled = torch.compile(block, fullgraph=True, **compile_kw)(a, x)
         compiled.sum().backward()
     torch.testing.assert_close(compiled, eager)
     for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
@@ -384,20 +387,5 @@ def test_custom_ops_compile(device):
     _, mean, rstd = torch.ops.flashvit.layer_norm_fwd(x, w, None, 1e-5)
     torch.library.opcheck(torch.ops.flashvit.layer_norm_bwd.default, (r, x, w, None, mean, rstd, x))
 
-    mod = L.LayerNorm(40, device=device)
     a, x = _leaves([r, x])
-
-    def block(a, x):
-        y, h = mod.forward_add(a, x)
-        return mod(y) + h
-
-    with flashvit.use_backend(TRITON):
-        eager = block(a, x)
-        eager.sum().backward()
-        g_eager = (a.grad.clone(), x.grad.clone(), mod.weight.grad.clone())
-        a.grad = x.grad = mod.weight.grad = None
-        compiled = torch.compile(block, backend="aot_eager", fullgraph=True)(a, x)
-        compiled.sum().backward()
-    torch.testing.assert_close(compiled, eager)
-    for g0, g in zip(g_eager, (a.grad, x.grad, mod.weight.grad)):
-        torch.testing.assert_close(g, g0)
+    _check_compiled_block(L.LayerNorm(40, device=device), a, x, backend="aot_eager")
