@@ -449,18 +449,18 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
                  SAVE_Z=z is not None)
-    if INTERPRET or not a.is_cuda or not _autotune:
-        fixed = [c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None)][0]
-        bm, bn, bk, w, st = TMA_INTERPRET_CONFIG if (INTERPRET or not a.is_cuda) else fixed
-        sms = TMA_INTERPRET_SMS if (INTERPRET or not a.is_cuda) else _num_sms(a.device.index or 0)
-        meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t,
-                    a_desc=args[0], b_desc=args[1], c_desc=args[2], z_desc=args[3])
-        _tma_block_shapes(meta)
+    interp = INTERPRET or not a.is_cuda
+    sms = TMA_INTERPRET_SMS if interp else _num_sms(
+        a.device.index if a.device.index is not None else torch.cuda.current_device())
+    if interp or not _autotune:  # one fixed config: the interpreter's, or the first that fits
+        bm, bn, bk, w, st = TMA_INTERPRET_CONFIG if interp else next(
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None))
+        _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, a_desc=args[0],
+                               b_desc=args[1], c_desc=args[2], z_desc=args[3]))
         _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn)),)](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, num_warps=w,
             num_stages=st)
         return
-    sms = _num_sms(a.device.index if a.device.index is not None else torch.cuda.current_device())
 
     def grid(meta):
         return (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
