@@ -24,6 +24,7 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    Launcher,
     apply,
     cdiv,
     check_same_device,
@@ -49,11 +50,12 @@ if HAS_TRITON:
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, qk_scale,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
-        # Head dims [0, BLOCK_D) are one chunk; with BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) a second
-        # one (80 = 64 + 16 instead of 80 padded to 128): every q/k/v/o tile is the pair (chunk 1, chunk 2).
+        # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
+        # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
+        # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
         pid = tl.program_id(0)
@@ -79,12 +81,6 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if BLOCK_D2 > 0:
-            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-            d2_ok = offs_d2 < HEAD_DIM
-            q2 = tl.load(Q + offs_m[:, None] * sqn + offs_d2[None, :] * sqd,
-                         mask=m_ok[:, None] & d2_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D2)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
         hi = N_KV
         if CAUSAL:
             hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
@@ -94,10 +90,6 @@ if HAS_TRITON:
             kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
             s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-            if BLOCK_D2 > 0:
-                kt2 = tl.load(K + cols[None, :] * skn + offs_d2[:, None] * skd,
-                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)  # (BLOCK_D2, BLOCK_N)
-                s = tl.dot(q2, kt2, s, input_precision=PRECISION)
             s = s * qk_scale  # log2 units
             keep = n_ok[None, :]
             if CAUSAL:
@@ -110,19 +102,12 @@ if HAS_TRITON:
             v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                v2 = tl.load(V + cols[:, None] * svn + offs_d2[None, :] * svd,
-                             mask=n_ok[:, None] & d2_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D2)
-                acc2 = acc2 * alpha[:, None] + tl.dot(p.to(v2.dtype), v2, input_precision=PRECISION)
             m_i = m_new
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
-        if BLOCK_D2 > 0:
-            tl.store(Out + offs_m[:, None] * son + offs_d2[None, :] * sod, (acc2 / l_safe[:, None]).to(
-                Out.dtype.element_ty), mask=m_ok[:, None] & d2_ok[None, :])
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
         tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
@@ -336,18 +321,21 @@ def _block_d(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-# Head dims that are not a power of two: pad to the next one and mask (BLOCK_D2 = 0), or split into a
-# power-of-two chunk plus a narrower one (80 = 64 + 16, 96 = 64 + 32, 40 = 32 + 16 with 8 masked) so the
-# dots do no padded work. Under 'auto', split only the head dims listed here: those measured faster split
-# (bench/gpu_check.sh, attention rows flashvit-*[split] vs flashvit-*). None measured yet.
-SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
+# Head dims that are not a power of two, in the backward kernels: pad to the next one and mask
+# (BLOCK_D2 = 0), or split into a power-of-two chunk plus a narrower one (80 = 64 + 16, 96 = 64 + 32,
+# 40 = 32 + 16 with 8 masked) so the dots do no padded work. The forward always pads (see _attn_fwd).
+# Under 'auto', split only the head dims listed here, measured faster split: D=80 on an H100, qkv
+# attention B=64, N=257, H=16, bf16, fwd+bwd 0.705 ms split vs 0.990 ms padded, the forward (padded
+# either way) 0.166 ms (bench/results/2026-11-26-h100-run3/ops-experimental.csv).
+SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
 HEAD_DIM_MODES = ("auto", "split", "pad")
 _head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)
 
 
 @contextlib.contextmanager
 def use_head_split(mode: str) -> Iterator[None]:
-    """Force how non-power-of-two head dims are handled: 'split', 'pad' or 'auto' (SPLIT_HEAD_DIMS)."""
+    """Force how the backward kernels handle non-power-of-two head dims: 'split', 'pad' or 'auto'
+    (SPLIT_HEAD_DIMS). The forward always pads."""
     if mode not in HEAD_DIM_MODES:
         raise ValueError(f"unknown head-dim mode {mode!r}; expected one of {HEAD_DIM_MODES}")
     _head_mode.append(mode)
@@ -358,7 +346,7 @@ def use_head_split(mode: str) -> Iterator[None]:
 
 
 def _split_dims(head_dim: int) -> Tuple[int, int]:
-    """(BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded, not split."""
+    """Backward (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded."""
     full = _block_d(head_dim)
     mode = _head_mode[-1] if _head_mode else "auto"
     if mode == "pad" or (mode == "auto" and head_dim not in SPLIT_HEAD_DIMS):
@@ -422,6 +410,9 @@ if HAS_TRITON and not INTERPRET:
     _attn_bwd_dq_tuned = triton.autotune(_triton_configs("dq"), key=_KEY,
                                          prune_configs_by={"early_config_prune": _make_prune("dq", "Q")})(_attn_bwd_dq)
 
+if HAS_TRITON:
+    _PREPROCESS = Launcher(_attn_bwd_preprocess)
+
 
 def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
     """Launch with the autotuner on a GPU, or with the one fixed config in the interpreter."""
@@ -432,12 +423,18 @@ def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, const
                                                     num_stages=s)
         return
     tuned = globals()[tuned_name]
+    launcher = _LAUNCHERS.get(tuned_name)
+    if launcher is None or launcher.kernel is not tuned:  # (tests may swap the autotuner)
+        launcher = _LAUNCHERS[tuned_name] = Launcher(tuned)
     by_n = kernel is _attn_bwd_dkdv
 
     def grid(meta):
         return (cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
 
-    tuned[grid](*args, **consts)
+    launcher(grid, args, consts)
+
+
+_LAUNCHERS: Dict[str, Launcher] = {}
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -464,8 +461,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    bd, bd2 = _split_dims(D)
-    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
     _launch(_attn_fwd, "_attn_fwd_tuned", NQ, B * H, args, consts)
@@ -487,8 +483,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     block_d = _block_d(D)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
-    _attn_bwd_preprocess[(cdiv(NQ, rows) * B * H,)](
-        o, do, delta, *_strides(o), *_strides(do), H, NQ, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4)
+    _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
+                dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     bd, bd2 = _split_dims(D)
     consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     scale = float(softmax_scale)
@@ -750,12 +746,17 @@ def _aot_specs() -> List[AotSpec]:
     for d, dtype, causal, prec, mode in _AOT_CASES:
         ty, es = _TY[dtype], _ELSIZE[dtype]
         with use_head_split(mode):
-            bd1, bd2 = _split_dims(d)
-        assert (bd2 > 0) == (mode == "split"), (d, mode)
-        tag = f"D={d}{'=' + str(bd1) + '+' + str(bd2) if bd2 else ''}"
+            split = _split_dims(d)
+        assert (split[1] > 0) == (mode == "split"), (d, mode)
         for kind, kern in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
+            if kind == "fwd" and mode == "split":
+                continue  # the forward always pads: its specs come from the 'pad' cases
+            bd1, bd2 = split if kind != "fwd" else (_block_d(d), 0)
+            tag = f"D={d}{'=' + str(bd1) + '+' + str(bd2) if bd2 else ''}"
             sig, consts = _aot_signature(kern, "*" + ty)
-            consts.update(HEAD_DIM=d, BLOCK_D=bd1, BLOCK_D2=bd2, CAUSAL=causal, PRECISION=prec)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
+            if kind != "fwd":
+                consts["BLOCK_D2"] = bd2
             cfgs = _configs_for(kind, bd1 + bd2, es)
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_CONFIG]

@@ -23,6 +23,7 @@ from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
     HAS_TRITON,
     INTERPRET,
+    Launcher,
     apply,
     cdiv,
     check_same_device,
@@ -194,8 +195,8 @@ if HAS_TRITON and not INTERPRET:
         return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
-    _ln_fwd_tuned = _tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"])
-    _ln_bwd_tuned = _tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO"])
+    _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
+    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO"]))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -274,7 +275,7 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
         _ln_fwd_kernel[(cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None,
                                          num_warps=warps, num_stages=FWD_STAGES)
     else:
-        _ln_fwd_tuned[lambda meta: (cdiv(m, meta["ROWS"]),)](*args, BLOCK_N=block_n, HAS_RES=residual is not None)
+        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=residual is not None))
     return y, h, mean, rstd
 
 
@@ -305,7 +306,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps,
                              num_stages=BWD_STAGES)
     else:  # every choice's ROWS divides rows_per_prog: same grid, same partials
-        _ln_bwd_tuned[(g,)](*args, BLOCK_N=block_n, HAS_DHO=dh_out is not None)
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=block_n, HAS_DHO=dh_out is not None))
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
     return dx, dwdb if pd == torch.float32 else dwdb.to(pd)

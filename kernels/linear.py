@@ -45,6 +45,7 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    Launcher,
     apply,
     autocast_dtype,
     cdiv,
@@ -314,10 +315,10 @@ except Exception:  # pragma: no cover - older Triton or no Triton: the 'tma' pat
 if HAS_TRITON:
     # one autotuner per (arch family, operand width); each keeps its own cache of best configs
     _GEMM_TUNED = {
-        (80, 16): triton.autotune(_triton_configs(SM80_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel),
-        (90, 16): triton.autotune(_triton_configs(SM90_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel),
-        (80, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
-        (90, 32): triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel),
+        (80, 16): Launcher(triton.autotune(_triton_configs(SM80_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel)),
+        (90, 16): Launcher(triton.autotune(_triton_configs(SM90_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel)),
+        (80, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
+        (90, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
     }
     _GEMM_TMA_TUNED = triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_warps=w,
@@ -325,6 +326,9 @@ if HAS_TRITON:
         key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel)
 
 _autotune = True
+if HAS_TRITON:
+    _EPILOGUE = Launcher(_epilogue_kernel)
+    _DACT_COLSUM = Launcher(_dact_colsum_kernel)
 
 
 def set_autotune(enabled: bool) -> None:
@@ -347,6 +351,14 @@ def set_autotune(enabled: bool) -> None:
 # model.csv, every op a custom op): compile(flashvit) trained ViT-B/16 at 0.87x timm eager, compile(timm)
 # at 1.18x. Forcing backend='triton' still compiles the custom op.
 AUTO_COMPILED = False
+
+# Eager 'auto' verdicts, with and without autograd. Measured on an H100 (bench/results/2026-11-26-h100-run3,
+# bf16, M = 50432): the fused MLP forward ran at 0.97-1.09x eager (ops.csv) and ViT-B/16 inference at 1.07x
+# timm with it (model.csv); forward+backward at 0.85-0.89x, its dZ/bias-grad pass at about half the memory
+# bandwidth of eager's GELU backward (2026-11-26-h100-diag/kernels.txt), and ViT-B training at 0.81x.
+# So training takes eager PyTorch's linears under 'auto' until that pass is faster.
+AUTO_INFERENCE = True
+AUTO_TRAINING = False
 
 GEMM_TABLE: Dict[Tuple[int, str], str] = {
     (80, "skinny"): "cublas",  # M < 64: not measured (follows sm_90)
@@ -501,7 +513,7 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     if _autotune:
         def grid(meta):
             return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        _GEMM_TUNED[(arch, width)][grid](*args, **flags)
+        _GEMM_TUNED[(arch, width)](grid, args, flags)
         return
     cfgs = FP32_CONFIGS if width == 32 else (SM90_CONFIGS_16 if arch == 90 else SM80_CONFIGS_16)
     bm, bn, bk, w, s = cfgs[0]
@@ -518,8 +530,8 @@ def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int
     bm, bn, w = EPILOGUE_BLOCK
     grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y
-    _epilogue_kernel[grid](c, res, y, M, N, c.stride(0), res.stride(0), res.stride(1), y.stride(0),
-                           ACT=act, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+    _EPILOGUE(grid, (c, res, y, M, N, c.stride(0), res.stride(0), res.stride(1), y.stride(0)),
+              dict(ACT=act, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -561,9 +573,9 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
     part = _empty((progs, N), dy.device, torch.float32)
     if M > 0 and N > 0:
         zz = z if z is not None else dy
-        _dact_colsum_kernel[(progs, cdiv(N, bn))](
-            dy, zz, dz, part, M, N, per_prog, dy.stride(0), dy.stride(1), zz.stride(0), dz.stride(0),
-            ACT=act, WRITE_DZ=write_dz, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=w)
+        _DACT_COLSUM((progs, cdiv(N, bn)),
+                     (dy, zz, dz, part, M, N, per_prog, dy.stride(0), dy.stride(1), zz.stride(0), dz.stride(0)),
+                     dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
     else:
         part.zero_()
     return dz, (part.sum(0) if colsum else None)
@@ -718,7 +730,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     _validate(x, weight, bias, activation, residual)
     if gemm is not None:
         _check_gemm_name(gemm)
-    if not use_triton(x, backend, auto_compiled=AUTO_COMPILED):
+    training = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or (residual is not None and residual.requires_grad))
+    if not use_triton(x, backend, auto=AUTO_INFERENCE if not training else AUTO_TRAINING,
+                      auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
     late_residual = None
     dt = autocast_dtype(x.device)
@@ -737,8 +753,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     x2 = x.reshape(-1, K)
     r2 = residual.reshape(-1, N) if residual is not None else None
     # z is saved only when autograd will need it (decided here: grad mode is off inside forward)
-    save_z = activation is not None and torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    save_z = activation is not None and training
     args = (x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
     if dt is None:
         y = apply(LinearFn, *args)

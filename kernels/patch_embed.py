@@ -21,6 +21,7 @@ from flashvit.kernels._aot import AotSpec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    Launcher,
     apply,
     autocast_dtype,
     cdiv,
@@ -229,9 +230,10 @@ if HAS_TRITON:
             configs=[triton.Config(dict(zip(names, c[:3])), num_warps=c[3], num_stages=c[4]) for c in configs],
             key=key)(kernel)
 
-    _pe_fwd_tuned = _autotuned(_pe_fwd_kernel, _FWD_CONFIGS, ("BM", "BN", "BK"), ["L", "D", "K"])
-    _pe_bwd_dw_tuned = _autotuned(_pe_bwd_dw_kernel, _DW_CONFIGS, ("BM", "BN", "BK"), ["L", "D", "K", "CHUNK"])
-    _pe_bwd_dx_tuned = _autotuned(_pe_bwd_dx_kernel, _DX_CONFIGS, ("BM", "BK", "BD"), ["L", "D", "K"])
+    _pe_fwd_tuned = Launcher(_autotuned(_pe_fwd_kernel, _FWD_CONFIGS, ("BM", "BN", "BK"), ["L", "D", "K"]))
+    _pe_bwd_dw_tuned = Launcher(_autotuned(_pe_bwd_dw_kernel, _DW_CONFIGS, ("BM", "BN", "BK"),
+                                           ["L", "D", "K", "CHUNK"]))
+    _pe_bwd_dx_tuned = Launcher(_autotuned(_pe_bwd_dx_kernel, _DX_CONFIGS, ("BM", "BK", "BD"), ["L", "D", "K"]))
 
 
 def _geometry(images: torch.Tensor, weight_shape: Sequence[int]) -> Tuple[int, int, int, int, int, int]:
@@ -322,7 +324,7 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     elif ieee:
         _pe_fwd_kernel[grid](*args, **_fixed("fwd", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
-        _pe_fwd_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, p))
+        _pe_fwd_tuned(grid, args, dict(IEEE=ieee, VEC=_vec(images, p)))
     return out
 
 
@@ -348,7 +350,7 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
     elif ieee:
         _pe_bwd_dw_kernel[grid](*args, **_fixed("dw", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
-        _pe_bwd_dw_tuned[grid](*args, IEEE=ieee, VEC=_vec(images, patch))
+        _pe_bwd_dw_tuned(grid, args, dict(IEEE=ieee, VEC=_vec(images, patch)))
     return (part[0] if splits == 1 else part.sum(0))[:, :K].contiguous()
 
 
@@ -371,7 +373,7 @@ def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: tor
     elif ieee:
         _pe_bwd_dx_kernel[grid](*args, **_fixed("dx", ("BM", "BK", "BD")), IEEE=True)
     else:
-        _pe_bwd_dx_tuned[grid](*args, IEEE=ieee)
+        _pe_bwd_dx_tuned(grid, args, dict(IEEE=ieee))
     return dx
 
 

@@ -136,7 +136,8 @@ def test_split_head_dims_noncontiguous_and_packed():
 
 
 def test_split_dims_policy():
-    assert A._split_dims(80) == (128, 0)  # 'auto' splits only SPLIT_HEAD_DIMS (measured); none yet
+    # 'auto' splits only SPLIT_HEAD_DIMS (measured faster split): 80
+    assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 16) and A._split_dims(96) == (128, 0)
     with A.use_head_split("split"):
         assert [A._split_dims(d) for d in (80, 96, 40, 72, 160)] == [(64, 16), (64, 32), (32, 16), (64, 16),
                                                                      (128, 32)]
@@ -349,3 +350,30 @@ def test_qkv_attention_speed_sanity_gpu():
     ours()
     t_ours, t_sdpa = triton.testing.do_bench(ours), triton.testing.do_bench(sdpa)
     assert t_ours < 3.0 * t_sdpa, f"flash attention {t_ours:.3f} ms vs SDPA {t_sdpa:.3f} ms"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 40, "split"),
+                                         ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dkdv", 80, "pad"),
+                                         ("dq", 40, "split"), ("dq", 80, "split"), ("dq", 96, "split"),
+                                         ("dq", 80, "pad")])
+def test_every_config_gpu(kind, D, mode, monkeypatch):
+    """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64."""
+    import triton
+    name, kern = {"fwd": ("_attn_fwd_tuned", A._attn_fwd), "dkdv": ("_attn_bwd_dkdv_tuned", A._attn_bwd_dkdv),
+                  "dq": ("_attn_bwd_dq_tuned", A._attn_bwd_dq)}[kind]
+    with A.use_head_split(mode):
+        bd = sum(A._split_dims(D)) if kind != "fwd" else A._block_d(D)
+    bad, ran = [], 0
+    for cfg in A._triton_configs(kind):
+        c = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+        if c not in A._configs_for(kind, bd, 2):
+            continue  # the pruner drops it at this head dim
+        monkeypatch.setattr(A, name, triton.autotune([cfg], key=A._KEY)(kern))
+        ran += 1
+        with A.use_head_split(mode):
+            try:
+                _check_attention(2, 97, 97, 3, D, False, torch.bfloat16)
+            except AssertionError as e:
+                bad.append((c, str(e).splitlines()[0][:160]))
+    assert ran and not bad, bad

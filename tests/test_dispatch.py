@@ -149,3 +149,85 @@ def test_auto_has_its_own_verdict_inside_compiled_graphs(monkeypatch):
     assert _dispatch.use_triton(x, "triton", auto=True, auto_compiled=False)  # forcing still wins
     import importlib
     assert importlib.import_module("flashvit.kernels.linear").AUTO_COMPILED is False
+
+
+class _FakeCompiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *a):
+        self.log.append(("fast", a))
+
+
+class _FakeKernel:
+    """Stands in for a @triton.jit function: kernel[grid](*args, **consts) launches and returns the compiled."""
+    arg_names = ["X", "N", "scale", "flag", "BLOCK"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **consts):
+            self.log.append(("slow", grid, args, consts))
+            return _FakeCompiled(self.log)
+        return launch
+
+
+def test_launcher_keys_on_what_triton_specializes(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    if _dispatch._knobs is None:
+        pytest.skip("this Triton has no triton.knobs: every launch takes Triton's path")
+    kern = _FakeKernel()
+    launcher = _dispatch.Launcher(kern)
+    launcher.enabled = True  # (the interpreter disables the fast path; the logic is what is tested here)
+    x = torch.zeros(64)
+    kinds = []
+
+    def call(t, n, grid=(3,), block=32):
+        before = len(kern.log)
+        launcher(grid, (t, n, 0.5, True), dict(BLOCK=block))
+        kinds.append(kern.log[before][0])
+    call(x, 32)
+    call(x, 48)          # same specialization (n % 16 == 0, != 1): fast
+    call(x, 33)          # n no longer divisible by 16: Triton's path (a new specialization)
+    call(x, 35)          # fast again
+    call(x[1:], 32)      # a 4-byte-offset pointer is not 16-byte aligned: new specialization
+    call(x, 32, block=64)  # another constexpr: new
+    call(x.double(), 32)   # another dtype: new
+    call(x, 1)           # == 1 is specialized
+    call(x, 2 ** 31)     # 64-bit int
+    call(x, 64, grid=lambda meta: (meta["BLOCK"] // 8,))
+    assert kinds == ["slow", "fast", "slow", "fast", "slow", "slow", "slow", "slow", "slow", "fast"]
+    fast = [e for e in kern.log if e[0] == "fast"]
+    # launcher(grid xyz, stream, function, packed metadata, launch metadata, hooks, *args, *constexprs)
+    assert fast[0][1] == (3, 1, 1, 7, "fn", "meta", None, None, None, x, 48, 0.5, True, 32)
+    assert fast[-1][1][:3] == (4, 1, 1)  # the grid function sees the constexprs
+
+
+def test_launcher_falls_back_for_unknown_arguments(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    if _dispatch._knobs is None:
+        pytest.skip("this Triton has no triton.knobs")
+    kern = _FakeKernel()
+    launcher = _dispatch.Launcher(kern)
+    launcher.enabled = True
+    for _ in range(2):
+        launcher((1,), (torch.zeros(4), 16, 0.5, object()), dict(BLOCK=16))
+    assert [e[0] for e in kern.log] == ["slow", "slow"]
+
+
+@pytest.mark.gpu
+def test_launcher_fast_path_gpu():
+    from flashvit.kernels import layernorm as L
+    if not L._ln_fwd_tuned.enabled:
+        pytest.skip("fast launches are off (FLASHVIT_FAST_LAUNCH=0 or an unsupported Triton)")
+    for _ in range(4):  # the first call fills the cache; the others launch through it, with new data
+        x = torch.randn(3, 77, 384, device="cuda", dtype=torch.bfloat16)
+        w, b = torch.randn(384, device="cuda"), torch.randn(384, device="cuda")
+        y = L.layer_norm(x, w, b, backend="triton")
+        ref = L.layer_norm_reference(x.double(), w.double(), b.double(), 1e-5)
+        assert (y.double() - ref).abs().max().item() < 0.1
+    assert L._ln_fwd_tuned._cache, "the fast path's cache stayed empty"
