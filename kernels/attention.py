@@ -322,12 +322,14 @@ def _block_d(head_dim: int) -> int:
 
 
 # Head dims that are not a power of two, in the backward kernels: pad to the next one and mask
-# (BLOCK_D2 = 0), or split into a power-of-two chunk plus a narrower one (80 = 64 + 16, 96 = 64 + 32,
-# 40 = 32 + 16 with 8 masked) so the dots do no padded work. The forward always pads (see _attn_fwd).
-# Under 'auto', split only the head dims listed here, measured faster split: D=80 on an H100, qkv
-# attention B=64, N=257, H=16, bf16, fwd+bwd 0.705 ms split vs 0.990 ms padded, the forward (padded
-# either way) 0.166 ms (bench/results/2026-11-26-h100-run3/ops-experimental.csv).
-SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
+# (BLOCK_D2 = 0), or split into a power-of-two chunk plus a narrower one of at least 32 (80 = 64 + 32 with
+# 16 masked, 96 = 64 + 32) so the dots do less padded work. The forward always pads (see _attn_fwd).
+# Measured on an H100 with Triton 3.6 (bench/results/2026-11-26-h100-run3, -validate): split 64 + 16,
+# D=80 fwd+bwd ran 0.705 ms vs 0.990 ms padded (qkv, B=64, N=257, H=16, bf16), but second chunks of 16
+# hit illegal memory accesses in the backward (D=40 = 32 + 16; D=80 on non-contiguous inputs): hence the
+# floor of 32, and 'auto' splits nothing until the 32-wide split is measured on a GPU. Experimental.
+SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
+MIN_SPLIT_CHUNK = 32
 HEAD_DIM_MODES = ("auto", "split", "pad")
 _head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)
 
@@ -352,7 +354,7 @@ def _split_dims(head_dim: int) -> Tuple[int, int]:
     if mode == "pad" or (mode == "auto" and head_dim not in SPLIT_HEAD_DIMS):
         return full, 0
     d1 = 1 << (head_dim.bit_length() - 1)  # the largest power of two <= head_dim
-    d2 = max(16, 1 << max(0, (head_dim - d1 - 1).bit_length()))  # tl.dot needs >= 16
+    d2 = max(MIN_SPLIT_CHUNK, 1 << max(0, (head_dim - d1 - 1).bit_length()))
     if d1 == head_dim or d1 < 16 or d1 + d2 >= full:
         return full, 0  # nothing to save
     return d1, d2
@@ -710,7 +712,7 @@ _AOT_CASES = [  # (head_dim, dtype, causal, precision, head-dim mode)
     (256, torch.bfloat16, False, "ieee", "pad"), (64, torch.float32, False, "ieee", "pad"),
     (40, torch.float32, True, "tf32", "pad"), (256, torch.float32, False, "tf32", "pad"),
     (80, torch.bfloat16, False, "ieee", "split"), (96, torch.float16, True, "ieee", "split"),
-    (40, torch.float32, False, "tf32", "split"),
+    (72, torch.float32, False, "tf32", "split"),
 ]
 
 

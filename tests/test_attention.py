@@ -119,7 +119,7 @@ def test_qkv_attention_matches_reference(B, N, H, D, dtype, pad):
 # Split head dims (80 = 64 + 16, ...): the second chunk's loads, dots and stores in all three kernels.
 @pytest.mark.parametrize("B,N,H,D,causal,dtype", [
     (1, 17, 2, 80, False, torch.float32),
-    (2, 33, 1, 40, True, torch.float16),
+    (2, 33, 1, 72, True, torch.float16),
     (1, 50, 1, 96, True, torch.float32),
     (1, 9, 3, 72, False, torch.float16),
 ])
@@ -131,18 +131,17 @@ def test_split_head_dims_match_reference(B, N, H, D, causal, dtype):
 
 def test_split_head_dims_noncontiguous_and_packed():
     with A.use_head_split("split"):
-        _check_attention(2, 19, 19, 3, 40, False, torch.float32, noncontig=True, scale=0.3)
+        _check_attention(2, 19, 19, 3, 80, False, torch.float32, noncontig=True, scale=0.3)
         _check_qkv(1, 21, 2, 80, torch.float16, 8)
 
 
 def test_split_dims_policy():
-    # 'auto' splits only SPLIT_HEAD_DIMS (measured faster split): 80
-    assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 16) and A._split_dims(96) == (128, 0)
+    assert A._split_dims(80) == (128, 0)  # 'auto' splits only SPLIT_HEAD_DIMS (measured): none yet
     with A.use_head_split("split"):
-        assert [A._split_dims(d) for d in (80, 96, 40, 72, 160)] == [(64, 16), (64, 32), (32, 16), (64, 16),
-                                                                     (128, 32)]
-        # nothing to save: a power of two, or a split as wide as the padded block
-        assert [A._split_dims(d) for d in (64, 16, 112, 24, 8)] == [(64, 0), (16, 0), (128, 0), (32, 0), (16, 0)]
+        assert [A._split_dims(d) for d in (80, 96, 72, 160)] == [(64, 32), (64, 32), (64, 32), (128, 32)]
+        # nothing to save: a power of two, or a split as wide as the padded block (second chunks >= 32)
+        assert [A._split_dims(d) for d in (64, 16, 112, 24, 8, 40)] == [(64, 0), (16, 0), (128, 0), (32, 0),
+                                                                        (16, 0), (64, 0)]
         with A.use_head_split("pad"):
             assert A._split_dims(80) == (128, 0)
     with pytest.raises(ValueError, match="unknown head-dim mode"):
@@ -284,7 +283,7 @@ def test_qkv_attention_gpu(B, N, H, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B,N,H,D,causal", [(2, 257, 16, 80, False), (2, 197, 6, 96, True), (3, 50, 4, 40, False)])
+@pytest.mark.parametrize("B,N,H,D,causal", [(2, 257, 16, 80, False), (2, 197, 6, 96, True), (3, 50, 4, 72, False)])
 def test_split_head_dims_gpu(B, N, H, D, causal):
     with A.use_head_split("split"):
         _check_attention(B, N, N, H, D, causal, torch.bfloat16)
@@ -353,9 +352,9 @@ def test_qkv_attention_speed_sanity_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 40, "split"),
+@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 72, "split"),
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dkdv", 80, "pad"),
-                                         ("dq", 40, "split"), ("dq", 80, "split"), ("dq", 96, "split"),
+                                         ("dq", 72, "split"), ("dq", 80, "split"), ("dq", 96, "split"),
                                          ("dq", 80, "pad")])
 def test_every_config_gpu(kind, D, mode, monkeypatch):
     """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64."""
