@@ -18,8 +18,10 @@ every matmul is seen); MFU = img/s x FLOP/img / the run's measured matmul TFLOP/
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,10 @@ MODEL_ALIASES = {
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "compile(timm)",
-         "compile(flashvit)", "compile(timm+flashvit.patch)")
+IMPLS = ("flashvit", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch",
+         "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
+# flashvit[ln=triton]: the 'auto' policy with LayerNorm's verdict flipped to the Triton kernels, to decide
+# kernels/layernorm.py's AUTO_TRITON end to end (eager until measured).
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -86,6 +90,18 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     if impl in ("timm+flashvit.patch", "compile(timm+flashvit.patch)"):
         m = flashvit.patch(m) or m
     return m
+
+
+@contextlib.contextmanager
+def _layernorm_verdict(triton: bool) -> Iterator[None]:
+    """LayerNorm's 'auto' verdict set to the Triton kernels inside the block when ``triton``."""
+    ln = importlib.import_module("flashvit.kernels.layernorm")
+    old = ln.AUTO_TRITON
+    ln.AUTO_TRITON = old or triton
+    try:
+        yield
+    finally:
+        ln.AUTO_TRITON = old
 
 
 def backend_for(impl: str) -> str:
@@ -163,7 +179,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        with flashvit.use_backend(backend_for(impl)):
+        with flashvit.use_backend(backend_for(impl)), _layernorm_verdict(impl == "flashvit[ln=triton]"):
             t0 = time.perf_counter()
             step()  # first step: compile / autotune / allocate, outside the timer
             if dev.type == "cuda":
@@ -184,7 +200,8 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 def unavailable(impl: str, ctx: MCtx) -> str:
     import flashvit
     from flashvit.bench.ops import triton_unavailable
-    if impl in ("flashvit", "flashvit-triton", "compile(flashvit)") and triton_unavailable(ctx.device):
+    if impl in ("flashvit", "flashvit[ln=triton]", "flashvit-triton", "compile(flashvit)") and \
+            triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
     if "timm" in impl:
         if _timm() is None:

@@ -39,9 +39,12 @@ from flashvit.kernels._dispatch import (
 
 # Under the 'auto' backend on CUDA, run these kernels or eager PyTorch? Measured on an H200 by
 # bench/gpu_check.sh (bench/results/2026-11-26-h200-run{1,2}/ops.csv, rows = 256*197, bf16): forward
-# 0.45-1.65x eager (D >= 768 mostly faster, D = 384 slower, large run-to-run spread), forward+backward
-# 0.35-0.86x eager in both runs. Until the backward beats eager, 'auto' uses eager PyTorch for
-# LayerNorm; FLASHVIT_BACKEND=triton / backend="triton" still runs the kernels (and the tests do).
+# 0.45-1.65x eager, forward+backward 0.35-0.86x. On an H100 (2026-11-26-h100-run3, -diag): forward 0.38-2.05x
+# (1.73x at D = 768, 2.05x with the add at D = 384), fwd+bwd 0.41-0.87x, yet the kernels took about half of
+# eager's device time (diag/kernels.txt): the calls were host-bound (a Triton launch cost ~55 us of CPU
+# there). Launches now go through _dispatch.Launcher; the model benchmark's flashvit[ln=triton] rows measure
+# this verdict end to end. Until they do, 'auto' uses eager PyTorch for LayerNorm; FLASHVIT_BACKEND=triton /
+# backend="triton" still runs the kernels (and the tests do).
 AUTO_TRITON = False
 
 MAX_D = 8192  # one row lives in registers: BLOCK_N = next_pow2(D) <= 8192
