@@ -227,12 +227,15 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         # dZ (M, N) = dY · act'(Z); part (P, N) fp32 = column sums of dZ over this program's rows.
-        # Fixed partition of rows per program -> the same sums in the same order every run.
+        # Fixed partition of rows per program -> the same sums in the same order every run. The sums build up
+        # in a (BLOCK_M, BLOCK_N) tile and reduce across rows once, at the end, not with a cross-warp reduction
+        # per iteration (that form ran at about half of eager's bandwidth: bench/results/2026-11-26-h100-diag/
+        # kernels.txt; this one is not measured yet).
         pid_p = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
-        colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for i in range(0, blocks_per_prog):
             offs_m = (pid_p * blocks_per_prog + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             mask = (offs_m[:, None] < M) & nmask[None, :]
@@ -251,9 +254,9 @@ if HAS_TRITON:
             if WRITE_DZ:
                 tl.store(dz_ptr + rows * stride_dzm + offs_n[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
             if COLSUM:
-                colsum += tl.sum(g, axis=0)
+                acc += g  # masked rows and columns loaded as 0
         if COLSUM:
-            tl.store(part_ptr + pid_p * N + offs_n, colsum, mask=nmask)
+            tl.store(part_ptr + pid_p * N + offs_n, tl.sum(acc, axis=0), mask=nmask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,6 +216,21 @@ def test_determinism(device):
             assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
+def test_dact_colsum_many_blocks_per_program(act, device, monkeypatch):
+    """The dZ / bias-grad pass with several row blocks per program and a ragged last one, vs float64."""
+    monkeypatch.setattr(L, "_COLSUM_PROGRAMS", 3)  # M = 61 rows in blocks of 8: 8 blocks over 3 programs
+    M, N = 61, 300  # N: a partial second column block
+    dy = randn(M, N, dtype=torch.float32, device=device)
+    z = randn(M, N, dtype=torch.float32, device=device) * 2
+    dz, db = L._dact_colsum(dy, z if act else None, L._ACT_CODE[act], write_dz=act is not None, colsum=True)
+    z64 = z.double().requires_grad_()
+    y = linear_reference(z64, torch.eye(N, dtype=torch.float64, device=device), None, act)
+    want = torch.autograd.grad(y, z64, dy.double())[0]
+    torch.testing.assert_close(dz.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db.double(), want.sum(0), atol=1e-4, rtol=1e-5)
+
+
 def test_no_grad_skips_z_and_partial_grads(device):
     x, w, b, _ = _make(6, 16, 24, torch.float32, device, True, False)
     y, z = L.linear_fwd(x, w, b, None, "gelu", save_z=False)
