@@ -5,6 +5,7 @@ import torch
 
 import flashvit
 from flashvit.kernels import _dispatch
+from tests.conftest import DEVICE
 
 
 def test_precedence(monkeypatch):
@@ -77,8 +78,8 @@ def test_op_plain_eager_skips_the_custom_op(monkeypatch):
 
     monkeypatch.setattr(fwd, "op", boom)
     monkeypatch.setattr(bwd, "op", boom)
-    x = torch.randn(3, 5, 24, requires_grad=True)
-    w = torch.randn(24, requires_grad=True)
+    x = torch.randn(3, 5, 24, device=DEVICE, requires_grad=True)
+    w = torch.randn(24, device=DEVICE, requires_grad=True)
     y = flashvit.kernels.layer_norm(x, w, None, backend="triton")
     y.backward(torch.randn_like(y))
     ref_x = x.detach().double().requires_grad_()
@@ -100,9 +101,9 @@ def test_op_dispatch_modes_see_the_custom_op():
             self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, device=DEVICE)
     with Log() as log:
-        flashvit.kernels.layer_norm(x, torch.ones(16), torch.zeros(16), backend="triton")
+        flashvit.kernels.layer_norm(x, torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE), backend="triton")
     assert any("flashvit.layer_norm_fwd" in n for n in log.names), log.names
 
 
@@ -127,8 +128,8 @@ def test_host_grid_helpers():
 @pytest.mark.parametrize("grad_mode", ["no_grad", "no_input_grad", "grad"])
 def test_apply_skips_autograd_only_when_nothing_needs_a_gradient(grad_mode):
     from flashvit.kernels import linear
-    x = torch.randn(5, 24, requires_grad=grad_mode == "grad")
-    w, b = torch.randn(16, 24), torch.randn(16)
+    x = torch.randn(5, 24, device=DEVICE, requires_grad=grad_mode == "grad")
+    w, b = torch.randn(16, 24, device=DEVICE), torch.randn(16, device=DEVICE)
     ref = torch.nn.functional.gelu(x.detach().double() @ w.double().T + b.double())
     with torch.no_grad() if grad_mode == "no_grad" else torch.enable_grad():
         y = linear(x, w, b, activation="gelu", backend="triton")
