@@ -247,8 +247,12 @@ class Launcher:
             return
         run, function, packed, tail, meta = hit
         g = grid(meta) if callable(grid) else grid
-        run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, torch._C._cuda_getCurrentRawStream(device),
-            function, packed, None, None, None, *args, *tail)
+        try:
+            run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
+                torch._C._cuda_getCurrentRawStream(device), function, packed, None, None, None, *args, *tail)
+        except TypeError:  # a Triton whose launcher takes other arguments (refused before launching)
+            self.enabled = False
+            self.kernel[grid](*args, **consts)
 
     def _first(self, key: tuple, grid: Any, args: Sequence[Any], consts: dict) -> None:
         compiled = self.kernel[grid](*args, **consts)

@@ -208,6 +208,26 @@ def test_launcher_keys_on_what_triton_specializes(monkeypatch):
     assert fast[-1][1][:3] == (4, 1, 1)  # the grid function sees the constexprs
 
 
+def test_launcher_falls_back_when_the_launcher_refuses_its_arguments(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    if _dispatch._knobs is None:
+        pytest.skip("this Triton has no triton.knobs")
+
+    class Picky(_FakeCompiled):
+        def run(self, *a):
+            raise TypeError("function takes exactly 12 arguments")
+
+    kern = _FakeKernel()
+    launcher = _dispatch.Launcher(kern)
+    launcher.enabled = True
+    launcher((1,), (torch.zeros(4), 16, 0.5, True), dict(BLOCK=16))  # Triton's path, fills the cache
+    key = next(iter(launcher._cache))
+    launcher._cache[key] = (Picky(kern.log).run,) + launcher._cache[key][1:]
+    launcher((1,), (torch.zeros(4), 16, 0.5, True), dict(BLOCK=16))
+    assert [e[0] for e in kern.log] == ["slow", "slow"] and not launcher.enabled
+
+
 def test_launcher_falls_back_for_unknown_arguments(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     if _dispatch._knobs is None:
