@@ -219,7 +219,8 @@ class Launcher:
         self.names: List[str] = list(getattr(base, "arg_names", []))
         tuner = kernel if (_Autotuner is not None and isinstance(kernel, _Autotuner)) else None
         self.tuner = tuner
-        self.key_names = [k for k in (tuner.keys if tuner is not None else []) if k in self.names]
+        # the autotune key's parameters, by position (a config is chosen per value of these)
+        self.key_pos = [(self.names.index(k), k) for k in (tuner.keys if tuner is not None else []) if k in self.names]
         self.enabled = (FAST_LAUNCH and not INTERPRET and _JITFunction is not None and isinstance(base, _JITFunction)
                         and (tuner is None or all(c.pre_hook is None for c in tuner.configs)))
         self._cache: dict = {}
@@ -236,10 +237,9 @@ class Launcher:
                 self.kernel[grid](*args, **consts)
                 return
             key.append(k)
-        if self.key_names:
-            n = len(args)
-            key.extend(args[i] if i < n else consts.get(name) for i, name in
-                       ((self.names.index(name), name) for name in self.key_names))
+        n = len(args)
+        for i, name in self.key_pos:
+            key.append(args[i] if i < n else consts.get(name))
         key_t = tuple(key)
         hit = self._cache.get(key_t)
         if hit is None:

@@ -208,6 +208,31 @@ def test_launcher_keys_on_what_triton_specializes(monkeypatch):
     assert fast[-1][1][:3] == (4, 1, 1)  # the grid function sees the constexprs
 
 
+def test_launcher_keys_on_the_autotune_key(monkeypatch):
+    """Under an autotuner a config is chosen per autotune-key value: a new value goes through Triton."""
+    import types
+
+    import triton
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    if _dispatch._knobs is None:
+        pytest.skip("this Triton has no triton.knobs")
+
+    def body(X, N, scale, flag, BLOCK: "triton.language.constexpr"):
+        pass
+    tuned = triton.autotune([triton.Config({"BLOCK": 64})], key=["N"])(triton.runtime.jit.JITFunction(body))
+    assert _dispatch.Launcher(tuned).key_pos == [(1, "N")]
+    kern = _FakeKernel()
+    launcher = _dispatch.Launcher(kern)
+    launcher.enabled, launcher.key_pos = True, [(1, "N")]
+    launcher.tuner = types.SimpleNamespace(best_config=triton.Config({"BLOCK": 64}))
+    x = torch.zeros(8)
+    for n in (32, 32, 48, 48, 32):
+        launcher(lambda meta: (meta["BLOCK"],), (x, n, 0.5, False), {})
+    assert [e[0] for e in kern.log] == ["slow", "fast", "slow", "fast", "fast"]
+    assert kern.log[1][1][:1] == (64,) and kern.log[1][1][-1] == 64  # grid and constexpr from the config
+
+
 def test_launcher_falls_back_when_the_launcher_refuses_its_arguments(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
