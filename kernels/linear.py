@@ -733,9 +733,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     _validate(x, weight, bias, activation, residual)
     if gemm is not None:
         _check_gemm_name(gemm)
-    training = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-        or (residual is not None and residual.requires_grad))
+    # z (the pre-activation) is needed only for the grads of x, W or b (decided here: grad mode is off in forward)
+    needs_z = torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    training = needs_z or (torch.is_grad_enabled() and residual is not None and residual.requires_grad)
     if not use_triton(x, backend, auto=AUTO_INFERENCE if not training else AUTO_TRAINING,
                       auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
@@ -755,8 +756,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     r2 = residual.reshape(-1, N) if residual is not None else None
-    # z is saved only when autograd will need it (decided here: grad mode is off inside forward)
-    save_z = activation is not None and training
+    save_z = activation is not None and needs_z
     args = (x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
     if dt is None:
         y = apply(LinearFn, *args)
