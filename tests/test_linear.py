@@ -231,6 +231,25 @@ def test_dact_colsum_many_blocks_per_program(act, device, monkeypatch):
     torch.testing.assert_close(db.double(), want.sum(0), atol=1e-4, rtol=1e-5)
 
 
+def test_auto_verdict_depends_on_autograd(monkeypatch):
+    """'auto' takes AUTO_TRAINING when autograd needs the linear's grads (any input's), else AUTO_INFERENCE."""
+    seen = []
+
+    def spy(x, backend=None, auto=True, auto_compiled=None):
+        seen.append(auto)
+        return False  # then the reference runs
+    monkeypatch.setattr(L, "use_triton", spy)
+    monkeypatch.setattr(L, "AUTO_TRAINING", "train")
+    monkeypatch.setattr(L, "AUTO_INFERENCE", "infer")
+    x, w, b, r = _make(4, 8, 8, torch.float32, "cpu", True, True)
+    linear(x, w, b, "gelu", r)
+    linear(x, w.requires_grad_(), b, "gelu", r)
+    with torch.no_grad():
+        linear(x, w, b, "gelu", r)
+    linear(x, w.detach(), b, None, r.requires_grad_())
+    assert seen == ["infer", "train", "infer", "train"]
+
+
 def test_no_grad_skips_z_and_partial_grads(device):
     x, w, b, _ = _make(6, 16, 24, torch.float32, device, True, False)
     y, z = L.linear_fwd(x, w, b, None, "gelu", save_z=False)
