@@ -78,10 +78,12 @@ def _compare(name, got, ref64, torch_same_dtype, factor, op_scale=0.0):
     assert not torch.isnan(got).any(), f"{name}: NaN"
     err = (got.double().cpu() - ref64.double().cpu()).abs().max().item() if got.numel() else 0.0
     mag = ref64.abs().max().item() if ref64.numel() else 0.0
+    terr = (torch_same_dtype.double().cpu() - ref64.double().cpu()).abs().max().item() if got.numel() else 0.0
     if got.dtype == torch.float32:
-        bound = 1e-4 * mag + 1e-5 * (1.0 + op_scale)
+        # tight, or within the factor of PyTorch's own fp32 error where the problem is ill-conditioned
+        # (a LayerNorm over 2 features with near-equal values: dx cancels in fp32 for both)
+        bound = max(1e-4 * mag + 1e-5 * (1.0 + op_scale), factor * terr)
     else:
-        terr = (torch_same_dtype.double().cpu() - ref64.double().cpu()).abs().max().item() if got.numel() else 0.0
         bound = factor * terr + 2.0**-10 * mag + 1e-4
     assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} (|ref| max {mag:.3e}, {got.dtype})"
 
