@@ -11,6 +11,7 @@ then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run t
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -140,6 +141,7 @@ def _ln_bwd_kernel(
 # Launch configuration: a function of D only, so AOT_SPECS can list every choice.
 
 
+@functools.cache
 def _config(d: int) -> Tuple[int, int, int, int]:
     """(BLOCK_N, ROWS, forward num_warps, backward num_warps) for feature size ``d``.
 
@@ -263,7 +265,7 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     m = x2.shape[0]
     y = _empty(x.shape, hd, x.device)
     h = _empty(x.shape, hd, x.device) if residual is not None else None
-    mean = _empty((m,), torch.float32, x.device)
+    mean = _empty((m,), torch.float32, x.device)  # (separate: a custom op's outputs may not alias)
     rstd = _empty((m,), torch.float32, x.device)
     if m == 0 or d == 0:
         return y, h, mean, rstd
