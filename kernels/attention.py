@@ -404,13 +404,14 @@ def _triton_configs(kind: str) -> list:
 
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
 if HAS_TRITON and not INTERPRET:
-    _attn_fwd_tuned = triton.autotune(_triton_configs("fwd"), key=_KEY,
-                                      prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd)
-    _attn_bwd_dkdv_tuned = triton.autotune(
+    _attn_fwd_tuned = Launcher(triton.autotune(_triton_configs("fwd"), key=_KEY,
+                                               prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))
+    _attn_bwd_dkdv_tuned = Launcher(triton.autotune(
         _triton_configs("dkdv"), key=_KEY,
-        prune_configs_by={"early_config_prune": _make_prune("dkdv", "Q")})(_attn_bwd_dkdv)
-    _attn_bwd_dq_tuned = triton.autotune(_triton_configs("dq"), key=_KEY,
-                                         prune_configs_by={"early_config_prune": _make_prune("dq", "Q")})(_attn_bwd_dq)
+        prune_configs_by={"early_config_prune": _make_prune("dkdv", "Q")})(_attn_bwd_dkdv))
+    _attn_bwd_dq_tuned = Launcher(triton.autotune(
+        _triton_configs("dq"), key=_KEY,
+        prune_configs_by={"early_config_prune": _make_prune("dq", "Q")})(_attn_bwd_dq))
 
 if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
@@ -424,19 +425,12 @@ def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, const
         kernel[(cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                     num_stages=s)
         return
-    tuned = globals()[tuned_name]
-    launcher = _LAUNCHERS.get(tuned_name)
-    if launcher is None or launcher.kernel is not tuned:  # (tests may swap the autotuner)
-        launcher = _LAUNCHERS[tuned_name] = Launcher(tuned)
     by_n = kernel is _attn_bwd_dkdv
 
     def grid(meta):
         return (cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
 
-    launcher(grid, args, consts)
-
-
-_LAUNCHERS: Dict[str, Launcher] = {}
+    globals()[tuned_name](grid, args, consts)  # (looked up per call: tests swap in one-config launchers)
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:

@@ -358,6 +358,8 @@ def test_qkv_attention_speed_sanity_gpu():
 def test_every_config_gpu(kind, D, mode, monkeypatch):
     """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64."""
     import triton
+
+    from flashvit.kernels._dispatch import Launcher
     name, kern = {"fwd": ("_attn_fwd_tuned", A._attn_fwd), "dkdv": ("_attn_bwd_dkdv_tuned", A._attn_bwd_dkdv),
                   "dq": ("_attn_bwd_dq_tuned", A._attn_bwd_dq)}[kind]
     with A.use_head_split(mode):
@@ -367,7 +369,7 @@ def test_every_config_gpu(kind, D, mode, monkeypatch):
         c = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
         if c not in A._configs_for(kind, bd, 2):
             continue  # the pruner drops it at this head dim
-        monkeypatch.setattr(A, name, triton.autotune([cfg], key=A._KEY)(kern))
+        monkeypatch.setattr(A, name, Launcher(triton.autotune([cfg], key=A._KEY)(kern)))
         ran += 1
         with A.use_head_split(mode):
             try:
