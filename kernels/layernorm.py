@@ -150,8 +150,12 @@ def _config(d: int) -> Tuple[int, int, int, int]:
     """
     block_n = max(MIN_BLOCK_N, next_pow2(d))
     rows = max(1, TILE // block_n)
-    warps = min(max((rows * block_n) // 256, 4), 32)
-    return block_n, rows, min(warps, 16), warps
+    return block_n, rows, _warps(rows, block_n, 16), _warps(rows, block_n, 32)
+
+
+def _warps(rows: int, block_n: int, cap: int) -> int:
+    """num_warps for a (rows, block_n) tile: ~8 elements a thread, 4 to ``cap`` warps."""
+    return min(max((rows * block_n) // 256, 4), cap)
 
 
 FWD_STAGES = 1  # no loop in the forward
@@ -167,7 +171,7 @@ def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
     out = []
     for tile in (TILE, 2 * TILE, TILE // 2):
         rows = max(1, tile // block_n)
-        out.append((rows, min(max((rows * block_n) // 256, 4), 16)))
+        out.append((rows, _warps(rows, block_n, 16)))
     return list(dict.fromkeys(out))
 
 
@@ -175,7 +179,7 @@ def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
     out = []
     for tile in (TILE, TILE // 2):
         rows = max(1, tile // block_n)
-        out.append((rows, min(max((rows * block_n) // 256, 4), 32)))
+        out.append((rows, _warps(rows, block_n, 32)))
     return list(dict.fromkeys(out))
 
 
