@@ -548,5 +548,4 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
     main = [j for turn in itertools.zip_longest(*families) for group in turn if group for j in group]
     # Kernels not yet run on a GPU go after the others: a fault there (a lost CUDA context) cannot take the
     # established rows down with it.
-    first = [j for j in main if not is_experimental(j.row)]
-    return first + [j for j in main if j not in first] + late
+    return sorted(main, key=lambda j: is_experimental(j.row)) + late  # stable: the order within each part holds
