@@ -8,7 +8,8 @@ Kernels: forward (online softmax in fp32, exp2 with the scale folded into log2(e
 natural-log LSE of the scaled logits, (B, H, Nq) fp32); backward FA2-style: delta = rowsum(dO·O), a dK/dV
 kernel looping over query blocks and a dQ kernel looping over key blocks — no atomics, deterministic.
 Any N is masked; head dims 8..256 (multiples of 8) are padded to BLOCK_D = next power of two and masked,
-or (``use_head_split``) split into two power-of-two chunks, 80 = 64 + 16, so the dots do no padded work.
+or, in the backward (``use_head_split("split")``), split into two power-of-two chunks, 80 = 64 + 32, so the
+dots do less padded work.
 Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
 """
 

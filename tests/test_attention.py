@@ -116,7 +116,7 @@ def test_qkv_attention_matches_reference(B, N, H, D, dtype, pad):
     _check_qkv(B, N, H, D, dtype, pad)
 
 
-# Split head dims (80 = 64 + 16, ...): the second chunk's loads, dots and stores in all three kernels.
+# Split head dims in the backward (80 = 64 + 32, ...): the second chunk's loads, dots and stores in both kernels.
 @pytest.mark.parametrize("B,N,H,D,causal,dtype", [
     (1, 17, 2, 80, False, torch.float32),
     (2, 33, 1, 72, True, torch.float16),
