@@ -21,6 +21,21 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture(autouse=True)
+def memcheck():
+    """In the interpreter, every kernel load and store must land inside a tensor argument (tests/sanitizer.py)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    from tests import sanitizer
+
+    assert sanitizer.install(), "the Triton interpreter could not be hooked for the memory checker"
+    sanitizer.violations.clear()
+    yield
+    found, sanitizer.violations[:] = list(sanitizer.violations), []
+    assert not found, "out-of-bounds kernel memory access:\n" + "\n".join(found[:5])
+
+
 def pytest_addoption(parser):
     parser.addoption("--deep", action="store_true", help="long property-fuzzing runs (random seed, 10x examples)")
 

@@ -83,12 +83,19 @@ def test_attention_different_lengths(Nq, Nkv, causal):
     _check_attention(1, Nq, Nkv, 2, 32, causal, torch.float32)
 
 
-@pytest.mark.parametrize("tiles", [(64, 32, 4, 1), (32, 64, 4, 1), (128, 64, 4, 1)])
-def test_other_tile_shapes(monkeypatch, tiles):
-    # The interpreter runs one fixed config; the GPU autotuner picks others: BLOCK_M != BLOCK_N, causal.
+# Every autotune config of the three kernels (the GPU autotuner may pick any of them; the interpreter
+# otherwise runs one fixed config), with the memory checker on: BLOCK_M != BLOCK_N, blocks wider than N,
+# causal, the backward's head-dim split on non-contiguous inputs.
+ALL_CONFIGS = sorted(set(A._FWD_CONFIGS + A._DKDV_CONFIGS + A._DQ_CONFIGS))
+
+
+@pytest.mark.parametrize("tiles", ALL_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_every_tile_config(monkeypatch, tiles):
     monkeypatch.setattr(A, "_INTERPRET_CONFIG", tiles)
     _check_attention(1, 50, 50, 1, 80, True, torch.float32)
     _check_attention(1, 70, 33, 1, 16, False, torch.float32)
+    with A.use_head_split("split"):
+        _check_attention(1, 37, 37, 2, 80, False, torch.float16, noncontig=True)
 
 
 def _check_qkv(B, N, H, D, dtype, pad=0):
