@@ -156,6 +156,29 @@ def test_tma_path(M, K, N, act, bias, res, device, tma_launches):
     assert tma_launches["tma"] == 3, tma_launches  # y (x, Wᵀ), dX (dZ, W), dW (dZᵀ, X) layouts
 
 
+INTERPRETED = not ON_GPU
+GEMM_CONFIGS = sorted(set(L.SM80_CONFIGS_16 + L.SM90_CONFIGS_16 + L.FP32_CONFIGS))
+
+
+# Every autotune config (the GPU picks any of them; the interpreter otherwise runs one), with the memory
+# checker on: M, N, K that are multiples of no tile, so every edge is clipped, in y, dX and dW.
+@pytest.mark.skipif(not INTERPRETED, reason="sets the interpreter's config; a GPU autotunes over these")
+@pytest.mark.parametrize("cfg", GEMM_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_every_gemm_config(cfg, device, monkeypatch):
+    monkeypatch.setattr(L, "INTERPRET_CONFIG", cfg)
+    x, w, b, r = _make(137, 72, 200, torch.float32, device, True, True)
+    _check(x, w, b, r, "gelu")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="sets the interpreter's config; a GPU autotunes over these")
+@pytest.mark.parametrize("cfg", L.TMA_CONFIGS_16, ids=lambda c: "x".join(map(str, c)))
+def test_every_tma_config(cfg, device, monkeypatch, tma_launches):
+    monkeypatch.setattr(L, "TMA_INTERPRET_CONFIG", cfg)
+    x, w, b, r = _make(137, 72, 200, torch.float16, device, True, True)
+    _check(x, w, b, r, "gelu_tanh", gemm="tma")
+    assert tma_launches["tma"] == 3
+
+
 @pytest.mark.parametrize("why", ["fp32", "row stride not 16-byte aligned", "non-contiguous x"])
 def test_tma_path_falls_back_when_operands_break_its_rules(why, device, tma_launches, launches):
     dtype = torch.float32 if why == "fp32" else torch.float16

@@ -149,6 +149,24 @@ def test_forward_and_grads_vs_float64(case, dtype, monkeypatch):
     assert calls.get("patch_embed_bwd_images") == 1 and calls.get("patch_embed_bwd_weight") == 1
 
 
+# Every autotune config of the three GEMM-shaped kernels, and the fp32 fixed ones, in the interpreter with
+# the memory checker on (a GPU may pick any of them; the interpreter otherwise runs one big-tile config).
+_PE_CONFIGS = list(zip(pe._FWD_CONFIGS, pe._DW_CONFIGS, pe._DX_CONFIGS)) + [
+    (pe._FP32_CONFIGS["fwd"], pe._FP32_CONFIGS["dw"], pe._FP32_CONFIGS["dx"])]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="sets the interpreter's configs; a GPU autotunes over these")
+@pytest.mark.parametrize("cfgs", _PE_CONFIGS, ids=lambda c: "_".join("x".join(map(str, k[:3])) for k in c))
+def test_every_tile_config(cfgs, monkeypatch):
+    fwd, dw, dx = cfgs
+    monkeypatch.setattr(pe, "_INTERPRET_FWD", dict(BM=fwd[0], BN=fwd[1], BK=fwd[2]))
+    monkeypatch.setattr(pe, "_INTERPRET_DW", dict(BM=dw[0], BN=dw[1], BK=dw[2]))
+    monkeypatch.setattr(pe, "_INTERPRET_DX", dict(BM=dx[0], BK=dx[1], BD=dx[2]))
+    for dtype in (torch.float32, torch.float16):  # D = 72 and 3·10·10 = 300 patch pixels: no tile divides them
+        inputs = make_inputs(2, 3, 40, 30, 10, 72, ncls=1, nreg=1, dtype=dtype)
+        check_against_reference(inputs, False, monkeypatch)
+
+
 @pytest.mark.parametrize("variant", ["cls_reg_no_embed_class", "no_bias_no_pos", "pos_only_prefix",
                                      "frozen_images", "fp16_images_fp32_params", "sliced_images", "odd_patch"])
 def test_variants(variant, monkeypatch):
