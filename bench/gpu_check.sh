@@ -11,6 +11,12 @@
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
 #   6. prints a short summary last                                            -> OUTDIR/summary.txt
+#
+# --train: instead of all that, the main job on the GPU: `python train.py` with its defaults (the gpu
+# profile) on Fashion-MNIST IDX files from GPU_TRAIN_DATA (default /usr/share/datasets/fashion-mnist; a
+# GPU machine without the Debian package needs the four .gz files carried in), under one timeout
+# (GPU_CHECK_SECONDS, default 330) -> OUTDIR/train.log (with date, commit and device), and the run's
+# config.json, log.json and PNGs (not its checkpoints).
 # Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
 # the others' time, and whatever did not fit is listed as skipped.
 #
@@ -24,20 +30,23 @@
 set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
+TRAIN=0
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --train) TRAIN=1 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run]" >&2; exit 2; }
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--train]" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-if [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-240}; else HARD=${GPU_CHECK_SECONDS:-470}; fi
+if [ "$TRAIN" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-330}
+elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-240}; else HARD=${GPU_CHECK_SECONDS:-470}; fi
 T0=$SECONDS
 NOTES=()
 left() { echo $(( HARD - (SECONDS - T0) )); }
@@ -98,6 +107,32 @@ EOF
 then
   say "setup failed: flashvit is not importable from the shim, or no GPU (see above)"
   exit 3
+fi
+
+# ---- --train: the main job, train.py with its defaults, and nothing else ---------------------------------
+if [ "$TRAIN" = 1 ]; then
+  RUN_DIR="$SHIM/.train-run"
+  if [ "$DRY" = 1 ]; then  # CI: the same plumbing on a few synthetic steps
+    TRAIN_ARGS=(--dataset synthetic --synthetic-train 64 --synthetic-test 32 --max-steps 3 --batch-size 16 --device cpu)
+  else
+    DATA=${GPU_TRAIN_DATA:-/usr/share/datasets/fashion-mnist}
+    if ! ls "$DATA"/train-images-idx3-ubyte* >/dev/null 2>&1; then
+      say "no Fashion-MNIST IDX files in $DATA: set GPU_TRAIN_DATA to a folder holding the four files"
+      exit 3
+    fi
+    TRAIN_ARGS=(--data-dir "$DATA")
+  fi
+  { echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "commit: $FLASHVIT_GIT_COMMIT"
+    "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| triton', triton.__version__)"
+    echo "command: python train.py ${TRAIN_ARGS[*]} --run-dir RUN --no-progress"; } > "$OUT/train.log" 2>&1
+  say "train: python train.py ${TRAIN_ARGS[*]} (timeout ${HARD}s) -> train.log"
+  timeout -k 10 "$HARD" "$PY" "$SHIM/train.py" "${TRAIN_ARGS[@]}" --run-dir "$RUN_DIR" --no-progress \
+    >> "$OUT/train.log" 2>&1
+  rc=$?
+  for f in "$RUN_DIR"/*.json "$RUN_DIR"/*.png; do [ -e "$f" ] && cp "$f" "$OUT/"; done
+  tail -n 4 "$OUT/train.log"
+  say "train: rc=$rc$( [ "$rc" -ge 124 ] && echo ' (timeout)'); files: $(cd "$OUT" && ls | tr '\n' ' ')"
+  exit "$rc"
 fi
 
 # ---- 2. the test suite on CUDA ------------------------------------------------------------------------

@@ -296,6 +296,25 @@ def test_gpu_check_dry_run(tmp_path):
     assert "\nops-experimental: " in summary
 
 
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash + timeout")
+@pytest.mark.skipif(os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
+                    reason="running inside gpu_check.sh, which is the real run of this script")
+def test_gpu_check_train_dry_run(tmp_path):
+    """--train: train.py through the shim; the log (date, commit, device first) and the run's small files."""
+    out = tmp_path / "train"
+    env = _env()
+    env.update(PYTHON=sys.executable)
+    res = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), str(out), "--dry-run", "--train"],
+                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    names = set(os.listdir(out))
+    assert {"train.log", "config.json", "log.json"} <= names and not any(n.endswith(".pt") for n in names), names
+    log = (out / "train.log").read_text().splitlines()
+    assert log[0].startswith("date: ") and log[1].startswith("commit: ") and log[2].startswith("device: ")
+    assert log[-1].startswith("test accuracy "), log[-3:]
+    assert json.loads((out / "log.json").read_text())["test"] is not None
+
+
 def test_overhead_suite_rows(tmp_path):
     """Host-overhead suite (TRITON_INTERPRET=1 here: launches stubbed): every row runs and is a real time."""
     from flashvit.bench import overhead
