@@ -23,7 +23,7 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds: 130 / 70 / 130 / 50
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds: 120 / 70 / 130 / 70
 # / 85, the last the gpu-marked share of the tests), GPU_CHECK_MODELS (default "b s l"),
 # GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST (pytest-xdist workers, default 6),
 # GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
@@ -158,7 +158,7 @@ if [ "$DRY" = 1 ]; then
   TEST_MAX=120; GPU_TEST_MAX=60; RESERVE=100; XDIST=()
   GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
-  TEST_MAX=${GPU_CHECK_TEST_MAX:-130}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-85}; RESERVE=290
+  TEST_MAX=${GPU_CHECK_TEST_MAX:-120}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-85}; RESERVE=310
   XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
@@ -193,7 +193,7 @@ if [ "$DRY" = 1 ]; then
   OPS_EXTRA=(--ops layernorm attention); EXP_EXTRA=(--ops attention); MODEL_EXTRA=(--models s)
   OPS_RESERVE=90; EXP_RESERVE=70; OVH_RESERVE=60
 else
-  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-70}; EXP_MAX=${GPU_CHECK_EXP_MAX:-50}
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-70}; EXP_MAX=${GPU_CHECK_EXP_MAX:-70}
   MODEL_MAX=${GPU_CHECK_MODEL_MAX:-130}; GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
@@ -201,7 +201,7 @@ else
   EXP_EXTRA=("${OPS_EXTRA[@]}")
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
-  OPS_RESERVE=215; EXP_RESERVE=160; OVH_RESERVE=130  # seconds kept for the steps after each one
+  OPS_RESERVE=235; EXP_RESERVE=160; OVH_RESERVE=130  # seconds kept for the steps after each one
 fi
 BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...

@@ -85,20 +85,11 @@ def kernel_note(op_module: str) -> str:
 
 
 def gemm_variants() -> List[Tuple[str, Callable[[], Any]]]:
-    """[(label suffix, context factory)] for our linear: each GEMM path when the build exposes a switch."""
-    from flashvit.kernels import linear as lin
+    """[(label suffix, context factory)] for our linear: the default, then each GEMM path it can be forced to."""
+    # The module, not the package attribute: flashvit.kernels.linear is the linear() function there.
+    lin = importlib.import_module("flashvit.kernels.linear")
     paths = [p for p in getattr(lin, "GEMM_PATHS", ()) if p != "auto"]
-    if paths and hasattr(lin, "use_gemm"):
-        return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: lin.use_gemm(p))) for p in paths]
-    try:
-        import inspect
-        src = inspect.getsource(lin)
-    except Exception:
-        src = ""
-    if "FLASHVIT_GEMM" in src:
-        return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: env_var("FLASHVIT_GEMM", p)))
-                                                 for p in ("triton", "cublas")]
-    return [("", contextlib.nullcontext)]
+    return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: lin.use_gemm(p))) for p in paths]
 
 
 @contextlib.contextmanager
@@ -517,15 +508,21 @@ def is_experimental(row: Row) -> bool:
 
 def select_rows(jobs: List[Job], rows: str) -> List[Job]:
     """'all'; 'settled': without the experimental rows; 'experimental': the groups that hold one, reduced to
-    their baseline and our rows (so each experimental row has its comparisons from the same process)."""
+    their baseline, our default row and the experimental rows (each experimental row then has its comparisons
+    from the same process; the other variants are in the settled run)."""
     if rows == "all":
         return jobs
     if rows == "settled":
         return [j for j in jobs if not is_experimental(j.row)]
     if rows != "experimental":
         raise ValueError(f"unknown row selection {rows!r}; expected all, settled or experimental")
-    groups = {j.row.group() for j in jobs if is_experimental(j.row)}
-    return [j for j in jobs if j.row.group() in groups and (j.row.baseline or j.row.impl.startswith("flashvit"))]
+    # One group at a time, fwd+bwd groups first (what training runs), then in the order their experimental
+    # rows come: a budget that runs out still leaves the first groups complete.
+    exp = [j.row for j in jobs if is_experimental(j.row)]
+    order = list(dict.fromkeys(r.group() for r in sorted(exp, key=lambda r: r.mode != "fwd+bwd")))
+    keep = [j for j in jobs if j.row.group() in order
+            and (j.row.baseline or is_experimental(j.row) or j.row.impl in ("flashvit", "flashvit-qkv"))]
+    return sorted(keep, key=lambda j: (order.index(j.row.group()), not j.row.baseline, is_experimental(j.row)))
 
 
 def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
