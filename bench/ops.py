@@ -19,8 +19,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,19 +89,6 @@ def gemm_variants() -> List[Tuple[str, Callable[[], Any]]]:
     lin = importlib.import_module("flashvit.kernels.linear")
     paths = [p for p in getattr(lin, "GEMM_PATHS", ()) if p != "auto"]
     return [("", contextlib.nullcontext)] + [(f"[gemm={p}]", (lambda p=p: lin.use_gemm(p))) for p in paths]
-
-
-@contextlib.contextmanager
-def env_var(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 # ---------------------------------------------------------------------------------------------
