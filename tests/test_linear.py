@@ -435,3 +435,44 @@ def test_gpu_tma_bf16(M, K, N, act, bias, res, tma_launches):
     x, w, b, r = _make(M, K, N, torch.bfloat16, "cuda", bias, res)
     _check(x, w, b, r, act, gemm="tma")
     assert tma_launches["tma"] == 3
+
+
+def _gpu_arch() -> int:
+    return L._arch(torch.device("cuda")) if ON_GPU else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", GEMM_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+def test_gpu_every_gemm_config(cfg, monkeypatch):
+    """Each autotune config of the tiled GEMM alone on the GPU (the autotuner only ever runs its pick): y, dX,
+    dW and the epilogue in bf16 (fp32 for the fp32 list) at a shape no tile divides."""
+    import triton
+
+    from flashvit.kernels._dispatch import Launcher
+    arch = _gpu_arch()
+    width = 32 if cfg in L.FP32_CONFIGS else 16
+    if cfg not in (L.FP32_CONFIGS if width == 32 else (L.SM90_CONFIGS_16 if arch == 90 else L.SM80_CONFIGS_16)):
+        pytest.skip(f"not in this GPU's (sm_{arch}) config list")
+    one = Launcher(triton.autotune(L._triton_configs([cfg]), key=L._AUTOTUNE_KEY)(L._gemm_kernel))
+    monkeypatch.setitem(L._GEMM_TUNED, (arch, width), one)
+    L.set_autotune(True)
+    x, w, b, r = _make(301, 200, 392, torch.float32 if width == 32 else torch.bfloat16, "cuda", True, True)
+    _check(x, w, b, r, "gelu", gemm="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", L.TMA_CONFIGS_16, ids=lambda c: "x".join(map(str, c)))
+def test_gpu_every_tma_config(cfg, monkeypatch, tma_launches):
+    import triton
+    if _gpu_arch() < 90:
+        pytest.skip("the TMA GEMM runs on sm_90+")
+    bm, bn, bk, w_, st = cfg
+    one = triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": L.GROUP_M},
+                                         num_warps=w_, num_stages=st, pre_hook=L._tma_block_shapes)],
+                          key=L._AUTOTUNE_KEY + ["A_T", "B_T"])(L._gemm_tma_kernel)
+    monkeypatch.setattr(L, "_GEMM_TMA_TUNED", one)
+    L.set_autotune(True)
+    no_room_for_z = not L.tma_config_fits(cfg, True)  # too big to also stage z: run it without GELU (no z saved)
+    x, w, b, r = _make(301, 200, 392, torch.bfloat16, "cuda", True, True)
+    _check(x, w, b, r, None if no_room_for_z else "gelu", gemm="tma")
+    assert tma_launches["tma"] == 3
