@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", choices=("all", "settled", "experimental"), default="all",
                    help="ops: 'settled' leaves out kernel paths not yet run on a GPU (ops.EXPERIMENTAL); "
                         "'experimental' runs only their groups (baseline + ours) into ops-experimental.*")
+    p.add_argument("--timer", choices=H.TIMERS, default="flush",
+                   help="ops on CUDA: flush = do_bench, L2 flushed, the host's issue time counts where it exceeds "
+                        "the GPU's; graph = device time of calls replayed from a CUDA graph (-> ops-graph.*)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the whole command; rows not started in time are listed as skipped")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -80,7 +83,9 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
     ceilings = {} if args.command == "overhead" else _ceilings(args, device, dtype)
     config = dict(command=args.command, quick=args.quick, device=str(device), dtype=H.dtype_name(dtype),
                   budget_s=args.budget, warmup_ms=warmup_ms, rep_ms=rep_ms, compile=compile_ok,
-                  timer="triton.testing.do_bench median (L2 flushed between calls)" if gpu else "wall clock median",
+                  timer=("wall clock median" if not gpu else
+                         "triton.testing.do_bench median (L2 flushed between calls)" if args.timer == "flush" else
+                         "CUDA graph replay, device time per call (median of 10 replays; no host time, no L2 flush)"),
                   argv=list(sys.argv[1:] if argv is None else argv))
     H.echo_stdout(f"flashvit bench {args.command} on {env['device_name']} ({device}), torch {env['torch']}, "
                   f"triton {env['triton']}, commit {env['git_commit'][:12]}")
@@ -139,9 +144,9 @@ def _finish(suite: str, rows: List[H.Row], meta: Dict[str, Any], out: str, no_pl
 
 def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_ms, compile_ok, compile_note) -> int:
     from flashvit.bench import ops as O
-    ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick)
+    ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick, args.timer)
     jobs = O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
-    suite = "ops-experimental" if args.rows == "experimental" else "ops"
+    suite = ("ops-experimental" if args.rows == "experimental" else "ops") + ("-graph" if args.timer == "graph" else "")
     meta = _meta(env, ceilings, config, ops=list(args.ops or O.OPS), rows=args.rows,
                  counts_note="attention fwd+bwd FLOPs = 3.5 x fwd (bwd = 2.5 x fwd); GEMM fwd+bwd = 3 x fwd; "
                              "patch_embed fwd+bwd = 2 x fwd (no image grad); LayerNorm: minimal bytes moved")
@@ -257,7 +262,7 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
     tl = _tests_line(tests_log)
     if tl:
         lines.append(f"tests: {tl}")
-    for suite in ("ops", "ops-experimental", "model", "overhead"):
+    for suite in ("ops", "ops-experimental", "ops-graph", "model", "overhead"):
         d = _load(os.path.join(out, f"{suite}.json"))
         if d is None:
             if suite in ("ops", "model"):  # the others are optional

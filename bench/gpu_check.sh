@@ -8,6 +8,7 @@
 #   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
 #      then, in a process of their own, the kernel paths not yet run on a GPU  -> OUTDIR/ops-experimental.*
+#      then LayerNorm's rows timed as device time only (CUDA graph replay)     -> OUTDIR/ops-graph.*
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
 #   6. prints a short summary last                                            -> OUTDIR/summary.txt
@@ -23,8 +24,8 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds: 120 / 70 / 130 / 70
-# / 85, the last the gpu-marked share of the tests), GPU_CHECK_MODELS (default "b s l"),
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds:
+# 110 / 70 / 125 / 65 / 25 / 85, the last the gpu-marked share of the tests), GPU_CHECK_MODELS (default "b s l"),
 # GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST (pytest-xdist workers, default 6),
 # GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
 set -uo pipefail
@@ -158,7 +159,7 @@ if [ "$DRY" = 1 ]; then
   TEST_MAX=120; GPU_TEST_MAX=60; RESERVE=100; XDIST=()
   GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
-  TEST_MAX=${GPU_CHECK_TEST_MAX:-120}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-85}; RESERVE=310
+  TEST_MAX=${GPU_CHECK_TEST_MAX:-110}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-85}; RESERVE=320
   XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
@@ -189,19 +190,20 @@ fi
 
 # ---- 3. op benchmarks: the settled rows, then (own process) the kernel paths not yet run on a GPU ----------
 if [ "$DRY" = 1 ]; then
-  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; MODEL_MAX=40; GRACE=20
-  OPS_EXTRA=(--ops layernorm attention); EXP_EXTRA=(--ops attention); MODEL_EXTRA=(--models s)
-  OPS_RESERVE=90; EXP_RESERVE=70; OVH_RESERVE=60
+  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; GRAPH_MAX=15; MODEL_MAX=40; GRACE=20
+  OPS_EXTRA=(--ops layernorm attention); EXP_EXTRA=(--ops attention); GRAPH_EXTRA=(--ops layernorm)
+  MODEL_EXTRA=(--models s)
+  OPS_RESERVE=110; EXP_RESERVE=90; GRAPH_RESERVE=70; OVH_RESERVE=60
 else
-  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-70}; EXP_MAX=${GPU_CHECK_EXP_MAX:-70}
-  MODEL_MAX=${GPU_CHECK_MODEL_MAX:-130}; GRACE=35
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-70}; EXP_MAX=${GPU_CHECK_EXP_MAX:-65}
+  GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-25}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-125}; GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
   [ -n "${GPU_CHECK_OPS:-}" ] && OPS_EXTRA+=(--ops $GPU_CHECK_OPS)
-  EXP_EXTRA=("${OPS_EXTRA[@]}")
+  EXP_EXTRA=("${OPS_EXTRA[@]}"); GRAPH_EXTRA=(--warmup-ms 15 --rep-ms 60 --ops layernorm)
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
-  OPS_RESERVE=235; EXP_RESERVE=160; OVH_RESERVE=130  # seconds kept for the steps after each one
+  OPS_RESERVE=245; EXP_RESERVE=175; GRAPH_RESERVE=150; OVH_RESERVE=130  # kept for the steps after each one
 fi
 BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
@@ -222,9 +224,13 @@ run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
 run_ops ops "$OPS_MAX" "$OPS_RESERVE" --rows settled "${OPS_EXTRA[@]}"
 run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceilings-from "$OUT/ops.json" \
   "${EXP_EXTRA[@]}"
+# LayerNorm's rows again with device time only (CUDA graph replay): its issue's target is bandwidth, and
+# at these sizes the host takes longer to issue our Python autograd path than the GPU to run it.
+run_ops ops-graph "$GRAPH_MAX" "$GRAPH_RESERVE" --rows settled --timer graph --ceilings-from "$OUT/ops.json" \
+  "${GRAPH_EXTRA[@]}"
 
 # ---- 3b. host overhead per op call and per train step (tiny shapes, real launches) ------------------------
-OVH_B=$(min 25 $(( $(left) - OVH_RESERVE )))
+OVH_B=$(min 20 $(( $(left) - OVH_RESERVE )))
 if [ "$OVH_B" -lt 10 ]; then
   note "skipped: host-overhead benchmark (only $(left)s left)"
 else

@@ -52,8 +52,9 @@ class Ctx:
     """What every op row needs: device, dtype, timer settings, which Triton paths exist."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, warmup_ms: float, rep_ms: float,
-                 compile_ok: bool, compile_note: str, quick: bool) -> None:
+                 compile_ok: bool, compile_note: str, quick: bool, timer: str = "flush") -> None:
         self.device = device
+        self.timer = timer  # harness.time_fn: "flush" (host time counts where it dominates) or "graph" (device)
         self.dtype = dtype
         self.warmup_ms = warmup_ms
         self.rep_ms = rep_ms
@@ -160,7 +161,8 @@ def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch
             with context():
                 forward, params = forward_factory()
                 step = make_step(forward, make_args, params, mode, ctx)
-                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, ctx.device, ctx.warmup_ms, ctx.rep_ms)
+                row.median_ms, row.p20_ms, row.p80_ms = time_fn(step, ctx.device, ctx.warmup_ms, ctx.rep_ms,
+                                                                  ctx.timer)
         finally:
             if compiled:
                 torch._dynamo.reset()  # drop the compiled graphs (and the tensors their guards hold)

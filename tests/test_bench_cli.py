@@ -270,10 +270,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     names = sorted(os.listdir(out))
     expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
-                "model.json", "model.csv", "overhead.json", "overhead.csv", "summary.txt"}
-    assert expected <= set(names) and len(names) <= 14, names
+                "ops-graph.json", "ops-graph.csv", "model.json", "model.csv", "overhead.json", "overhead.csv",
+                "summary.txt"}
+    assert expected <= set(names) and len(names) <= 17, names
     if HAS_MPL:
-        assert {"ops.png", "ops-experimental.png", "model.png", "overhead.png"} <= set(names)
+        assert {"ops.png", "ops-experimental.png", "ops-graph.png", "model.png", "overhead.png"} <= set(names)
     settled = json.loads((out / "ops.json").read_text())["rows"]
     experimental = json.loads((out / "ops-experimental.json").read_text())["rows"]
     assert settled and not any(ops.is_experimental(harness.Row(**r)) for r in settled)
@@ -285,7 +286,9 @@ def test_gpu_check_dry_run(tmp_path):
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
     assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary and "\noverhead: " in summary
-    assert "\nops-experimental: " in summary
+    assert "\nops-experimental: " in summary and "\nops-graph: " in summary
+    graph = json.loads((out / "ops-graph.json").read_text())
+    assert {r["name"] for r in graph["rows"]} <= {"layer_norm", "add_layer_norm"} and graph["config"]["timer"]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash + timeout")
@@ -331,3 +334,27 @@ def test_stub_launches_restores_the_interpreter():
         layernorm.layer_norm(x, None, None, backend="triton")  # launches nothing
     y = layernorm.layer_norm(x, None, None, backend="triton")
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_timer_is_refused():
+    with pytest.raises(ValueError, match="unknown timer"):
+        harness.time_fn(lambda: None, torch.device("cpu"), 1, 1, timer="nope")
+
+
+@pytest.mark.gpu
+def test_graph_timer_captures_our_fwd_bwd_gpu():
+    """The CUDA-graph timer replays our launchers and autograd path: the replayed grads are the eager ones."""
+    from flashvit.kernels import layer_norm
+    x = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4096, 768, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        x.grad = w.grad = None
+        layer_norm(x, w, None, 1e-6, backend="triton").backward(g)
+
+    step()
+    want = x.grad.clone()
+    med, p20, p80 = harness.time_fn(step, torch.device("cuda"), 5, 20, timer="graph")
+    assert 0 < p20 <= med <= p80 < 5.0
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)  # the last replay wrote the same gradient
