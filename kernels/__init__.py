@@ -9,7 +9,7 @@ from flashvit.kernels.layernorm import (
     layer_norm,
     layer_norm_reference,
 )
-from flashvit.kernels.linear import FusedMLP, linear, linear_reference
+from flashvit.kernels.linear import FusedMLP, linear, linear_reference, mlp
 from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
 
 # The op modules whose kernels the ahead-of-time compile gate covers.
@@ -19,6 +19,6 @@ __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
     "attention", "attention_reference", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
-    "FusedMLP", "linear", "linear_reference",
+    "FusedMLP", "linear", "linear_reference", "mlp",
     "PatchEmbed", "patch_embed", "patch_embed_reference",
 ]

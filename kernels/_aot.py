@@ -39,6 +39,22 @@ class AotSpec:
         return self.name or getattr(self.kernel, "__name__", str(self.kernel))
 
 
+def runtime_spec(kernel: Any, sig: Dict[str, str], constexprs: Dict[str, Any], num_warps: int, num_stages: int,
+                 name: str, div16: Any = (), ones: Any = (), min_cc: int = 0) -> AotSpec:
+    """An AotSpec with the specializations the JIT gives a typical (ViT-sized) launch: 16-byte aligned
+    pointers, the ``div16`` int args divisible by 16, the ``ones`` int args == 1 (made constants), so the
+    gate compiles, and reports the registers and spills of, the build that really runs."""
+    sig = dict(sig)
+    constexprs = dict(constexprs)
+    for n in ones:
+        sig[n] = "constexpr"
+        constexprs[n] = 1
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]]
+             for n in names if n in div16 or (sig[n].startswith("*") and n not in ones)}
+    return AotSpec(kernel, sig, constexprs, num_warps, num_stages, name, attrs=attrs, min_cc=min_cc)
+
+
 def jit_function(fn: Any) -> Any:
     """The JITFunction under an Autotuner/Heuristics wrapper."""
     while hasattr(fn, "fn") and not hasattr(fn, "src"):

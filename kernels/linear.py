@@ -23,10 +23,13 @@ backward, while the store costs M·N·elt bytes of bandwidth: for ViT-B fc1 (K =
 output (not monotonic below z ≈ -0.75), so the saved output h cannot stand in. The price is memory:
 z is the size of h, which fc2 keeps anyway, so fc1's saved activations double. z is only written when
 autograd needs it (no extra store at inference).
-dZ = dY·gelu'(z) is one small elementwise kernel that also writes per-row-chunk column sums of dZ
-(db, deterministic, no atomics); dX = dZ·W and dW = dZᵀ·X are then plain GEMMs (the same kernel).
-Fusing gelu'(z) into the GEMM operand loads instead would re-read z in both dX and dW GEMMs
-and redo the erf for every output tile; the elementwise pass reads z once.
+For one linear, dZ = dY·gelu'(z) is one small elementwise kernel that also writes per-row-chunk column
+sums of dZ (db, deterministic, no atomics); dX = dZ·W and dW = dZᵀ·X are then plain GEMMs (the same
+kernel). Fusing gelu'(z) into those GEMMs' operand loads would re-read z in both and redo the erf for
+every tile. In an MLP (``mlp`` / ``FusedMLP``) the hidden gradient dH = dY·W2 comes out of fc2's dX GEMM,
+so there gelu'(z) goes into that GEMM's epilogue, with fc1's bias grad as per-tile column sums
+(``linear_dact_bwd``): dH is never written, and the dZ pass disappears.
+GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashvit.kernels._aot import AotSpec
+from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
@@ -71,7 +74,14 @@ GEMM_PATHS = ("auto", "triton", "tma", "cublas")
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 
+# Row granularity of the column-sum partials a DACT GEMM writes: every BLOCK_M a GEMM config can use is a
+# multiple of it (checked below), so their number, cdiv(M, PART_BM), is known before the autotuner picks one.
+_PART_BM = 32
+_EPI_SPLIT_N = 128  # GEMM tiles at least this wide run their epilogue on two column halves
+
 if HAS_TRITON:
+    PART_BM = tl.constexpr(_PART_BM)
+    EPI_SPLIT_N = tl.constexpr(_EPI_SPLIT_N)
 
     @triton.jit
     def _dev_act(z, ACT: tl.constexpr):
@@ -86,18 +96,98 @@ if HAS_TRITON:
             y = z
         return y
 
+    @triton.jit
+    def _dev_dact(z, ACT: tl.constexpr):
+        # fp32 z -> act'(z): 1 = exact GELU, Φ(z) + z·φ(z); 2 = tanh GELU, ½(1 + t) + ½·z·(1 − t²)·du/dz.
+        if ACT == 1:
+            d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+        else:
+            u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+            t = 1.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0)
+            d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        return d
+
+    @triton.jit
+    def _dev_colsum(part_ptr, acc, keep, pid_m, offs_n, N, P, BLOCK_M: tl.constexpr):
+        # part (P, N) fp32, P = cdiv(M, PART_BM): this tile's column sums of acc (BLOCK_M, BLOCK_N) over its
+        # kept rows go to part row pid_m·R, zeros to its other R - 1 rows (R = BLOCK_M / PART_BM), so every row
+        # of part is written whatever BLOCK_M the autotuner picked, and summing part over rows is deterministic.
+        first = pid_m.to(tl.int64) * (BLOCK_M // PART_BM)
+        n_ok = offs_n < N
+        tl.store(part_ptr + first * N + offs_n, tl.sum(tl.where(keep, acc, 0.0), axis=0), mask=n_ok)
+        for j in tl.static_range(1, BLOCK_M // PART_BM):
+            tl.store(part_ptr + (first + j) * N + offs_n, tl.zeros_like(offs_n).to(tl.float32),
+                     mask=n_ok & (first + j < P))
+
+    @triton.jit
+    def _dev_epilogue(acc, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                      stride_rm, stride_rn, stride_cm, stride_cn,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
+        # acc (BM, BNe) fp32: the output tile's columns offs_n (rows offs_m; (om, on) its corner). c_out and z_io
+        # are TMA descriptors with DESC (block (BM, BNe)), else pointers with the C strides.
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        rows = offs_m[:, None].to(tl.int64)
+        if DACT != 0:  # TMA reads past the edges as zeros; the pointer loads are masked
+            if DESC:
+                zt = z_io.load([om, on])
+            else:
+                zt = tl.load(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
+            acc = acc * _dev_dact(zt.to(tl.float32), DACT)
+            if P > 0:
+                _dev_colsum(part_ptr, acc, mask, pid_m, offs_n, N, P, BLOCK_M)
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if SAVE_Z:
+            if DESC:
+                z_io.store([om, on], acc.to(z_io.dtype))
+            else:
+                tl.store(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_io.dtype.element_ty),
+                         mask=mask)
+        y = _dev_act(acc, ACT)
+        if HAS_RES:
+            r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            y = y + r.to(tl.float32)
+        if DESC:
+            c_out.store([om, on], y.to(c_out.dtype))
+        else:
+            tl.store(c_out + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dev_epilogue_tile(acc, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                           stride_rm, stride_rn, stride_cm, stride_cn,
+                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+                           DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr):
+        # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
+        # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
+        if BLOCK_N >= EPI_SPLIT_N:
+            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            offs_n = on + tl.arange(0, BLOCK_N // 2)
+            _dev_epilogue(a0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                          stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
+                          DESC)
+            _dev_epilogue(a1, offs_m, offs_n + BLOCK_N // 2, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr,
+                          c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT,
+                          HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC)
+        else:
+            _dev_epilogue(acc, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
+                          z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
+                          SAVE_Z, DACT, BLOCK_M, DESC)
+
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
-        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr,
-        M, N, K, M_KEY,
+        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr, part_ptr,
+        M, N, K, M_KEY, P,
         stride_am, stride_ak, stride_bk, stride_bn,
         stride_rm, stride_rn, stride_cm, stride_cn,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-        ALLOW_TF32: tl.constexpr,
+        DACT: tl.constexpr, ALLOW_TF32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # C (M, N) = act(A (M, K) · B (K, N) + bias (N,)) + R (M, N); Z (M, N) = pre-activation.
         # Forward: A = x, B = Wᵀ (strides of W swapped). Backward: dX = dZ·W, dW = dZᵀ·X.
+        # DACT (backward through an activation, no other epilogue): C = (A·B) ⊙ act'(Z) with Z read at C's
+        # positions, and its column sums (P, N) into part (see _dev_colsum; P = 0: none).
         # M_KEY only feeds the autotuning key (M rounded up to a power of two).
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -132,34 +222,24 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        # epilogue in fp32 registers
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-            acc = acc + bias[None, :]
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        rows = offs_m[:, None].to(tl.int64)
-        if SAVE_Z:
-            tl.store(z_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_ptr.dtype.element_ty),
-                     mask=mask)
-        y = _dev_act(acc, ACT)
-        if HAS_RES:
-            r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
-            y = y + r.to(tl.float32)
-        tl.store(c_ptr + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_ptr.dtype.element_ty), mask=mask)
+        _dev_epilogue_tile(acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_ptr, z_ptr,
+                           part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z,
+                           DACT, BLOCK_M, BLOCK_N, False)
 
     @triton.jit
     def _gemm_tma_kernel(
-        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr,
-        M, N, K, M_KEY, stride_rm, stride_rn,
+        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr,
+        M, N, K, M_KEY, P, stride_rm, stride_rn,
         A_T: tl.constexpr, B_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_SMS: tl.constexpr,
     ):
         # The same C = act(A·B + bias) + R as _gemm_kernel, 16-bit operands streamed by TMA descriptors
         # (Hopper's bulk copies; out-of-bounds reads are zeros, out-of-bounds writes are dropped), and
         # persistent: program p computes output tiles p, p + NUM_SMS, ... in the grouped order.
         # A is stored (M, K), or (K, M) with A_T; B is stored (K, N), or (N, K) with B_T (both: unit last stride).
+        # DACT: z_desc is read (the activation's input), as in _gemm_kernel.
         start = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -184,19 +264,9 @@ if HAS_TRITON:
                 else:
                     b = b_desc.load([ok, on])
                 acc = tl.dot(a, b, acc)
-            offs_n = on + tl.arange(0, BLOCK_N)
-            if HAS_BIAS:
-                acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            if SAVE_Z:
-                z_desc.store([om, on], acc.to(z_desc.dtype))
-            y = _dev_act(acc, ACT)
-            if HAS_RES:
-                offs_m = om + tl.arange(0, BLOCK_M)
-                mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-                r = tl.load(res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn,
-                            mask=mask, other=0.0)
-                y = y + r.to(tl.float32)
-            c_desc.store([om, on], y.to(c_desc.dtype))
+            _dev_epilogue_tile(acc, om + tl.arange(0, BLOCK_M), om, on, M, N, pid_m, bias_ptr, res_ptr, c_desc, z_desc,
+                               part_ptr, P, stride_rm, stride_rn, 0, 0, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
+                               BLOCK_N, True)
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
@@ -244,13 +314,7 @@ if HAS_TRITON:
             g = g.to(tl.float32)
             if ACT != 0:
                 z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-                if ACT == 1:  # Φ(z) + z·φ(z)
-                    d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-                else:  # tanh form: ½(1 + t) + ½·z·(1 − t²)·du/dz
-                    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-                    t = 1.0 - 2.0 / (tl.exp2(u * 2.8853900817779268) + 1.0)
-                    d = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-                g = g * d
+                g = g * _dev_dact(z, ACT)
             if WRITE_DZ:
                 tl.store(dz_ptr + rows * stride_dzm + offs_n[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
             if COLSUM:
@@ -277,7 +341,9 @@ TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises th
 # pass needs the occupancy to keep loads in flight.
 EPILOGUE_BLOCK = (8, 256, 4)
 _COLSUM_PROGRAMS = 1024  # max row chunks for the db partial sums (fixed per M -> deterministic; fills the GPU)
-_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z"]  # the epilogue shifts the best tile
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT"]  # the epilogue shifts the best tile
+assert all(c[0] % _PART_BM == 0 for c in SM80_CONFIGS_16 + SM90_CONFIGS_16 + FP32_CONFIGS + TMA_CONFIGS_16
+           + [INTERPRET_CONFIG, TMA_INTERPRET_CONFIG]), "every GEMM BLOCK_M must be a multiple of _PART_BM"
 
 
 def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
@@ -289,13 +355,21 @@ _TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
 
 
 def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool) -> bool:
-    """Pipelined A/B tiles plus the C (and z) store tiles fit in shared memory (16-bit operands)."""
+    """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``save_z``: a z
+    tile is staged too (stored, or read for act'). ptxas at sm_90 (kernels/_aot): the epilogue takes one
+    (BM, epilogue width) tile for C, three when z is staged (C, z and a layout-conversion scratch)."""
     bm, bn, bk, _, st = cfg
-    return 2 * (st * (bm * bk + bk * bn) + bm * bn * (2 if save_z else 1)) <= _TMA_SMEM_LIMIT
+    return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn) * (3 if save_z else 1)) <= _TMA_SMEM_LIMIT
+
+
+def _epi_n(bn: int) -> int:
+    """Columns the epilogue handles at once (the C and z descriptors' block width)."""
+    return bn // 2 if bn >= _EPI_SPLIT_N else bn
 
 
 def _tma_prune(configs, named_args, **kwargs):
-    save_z = bool(kwargs.get("SAVE_Z", named_args.get("SAVE_Z", False)))
+    flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
+    save_z = flag("SAVE_Z") or flag("DACT")  # a z tile staged either way (stored, or read for act')
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                    c.num_warps, c.num_stages), save_z)]
     return keep or configs[-1:]
@@ -306,8 +380,8 @@ def _tma_block_shapes(nargs: Dict[str, object]) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
-    nargs["c_desc"].block_shape = [bm, bn]
-    nargs["z_desc"].block_shape = [bm, bn]
+    nargs["c_desc"].block_shape = [bm, _epi_n(bn)]
+    nargs["z_desc"].block_shape = [bm, _epi_n(bn)]
 
 
 try:  # host-side TMA descriptors: Triton >= 3.4
@@ -456,14 +530,15 @@ def _desc(t: torch.Tensor) -> TensorDescriptor:
 
 def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                      out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
-                     z: Optional[torch.Tensor]) -> None:
+                     z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor]) -> None:
     c_desc = _desc(out)
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
             bias if bias is not None else out, residual if residual is not None else out,
-            M, N, K, max(16, next_pow2(M)),
+            part if part is not None else out, M, N, K, max(16, next_pow2(M)),
+            part.shape[0] if part is not None else 0,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
-                 SAVE_Z=z is not None)
+                 SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
     sms = TMA_INTERPRET_SMS if interp else _num_sms(
         a.device.index if a.device.index is not None else torch.cuda.current_device())
@@ -484,27 +559,31 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
 
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                  out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                 act: int = 0, z: Optional[torch.Tensor] = None, tf32: bool = False, tma: bool = False) -> None:
-    """out (M, N) contiguous = act(A·B + bias) + residual.
+                 act: int = 0, z: Optional[torch.Tensor] = None, dact: int = 0, part: Optional[torch.Tensor] = None,
+                 tf32: bool = False, tma: bool = False) -> None:
+    """out (M, N) contiguous = act(A·B + bias) + residual, z (M, N) = the pre-activation when given.
 
     A (M, K) is the 2-D tensor ``a``, or ``a``ᵀ when ``a_t`` (a stored (K, M)); B (K, N) is ``b``, or ``b``ᵀ
     when ``b_t`` (b stored (N, K)). ``tma``: the TMA kernel when every operand obeys its rules.
+    ``dact`` (an activation code, with no bias/act/residual): out = (A·B) ⊙ act'(z), z (M, N) read, and
+    when ``part`` (cdiv(M, PART_BM), N) fp32 is given, out's column sums per row block into it.
     """
     if M == 0 or N == 0:
         return
     if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z):  # bias, residual: plain loads
-        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, out, bias, residual, act, z)
+        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, out, bias, residual, act, z, dact, part)
         return
     a_strides = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
     b_strides = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
-            z if z is not None else out, M, N, K, max(16, next_pow2(M)),
+            z if z is not None else out, part if part is not None else out, M, N, K, max(16, next_pow2(M)),
+            part.shape[0] if part is not None else 0,
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1))
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
-    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None,
-                 ALLOW_TF32=tf32 or a.dtype != torch.float32)
+    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None and not dact,
+                 DACT=dact, ALLOW_TF32=tf32 or a.dtype != torch.float32)
     if INTERPRET or not a.is_cuda:
         bm, bn, bk, w, s = INTERPRET_CONFIG
         grid = (cdiv(M, bm) * cdiv(N, bn),)
@@ -616,6 +695,30 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
     return dx, dw, db_out
 
 
+def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, activation: str, colsum: bool,
+                    gemm: str = "", allow_tf32: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dZ (M, H) = (dY (M, N) · W (N, H)) ⊙ act'(z (M, H)) and fp32 column sums of dZ ((H,), empty unless
+    ``colsum``): in an MLP, fc2's dX and fc1's activation backward (and fc1's bias grad) at once.
+
+    Our GEMM paths apply act'(z) in the dX GEMM's epilogue, with per-row-block column sums (deterministic),
+    so dH never goes through memory; the cuBLAS path runs torch.matmul, then the one dZ + sums pass.
+    """
+    M, N = dy.shape
+    H = weight.shape[1]
+    act = _ACT_CODE[activation]
+    path = _choose_path(gemm, dy.device, M, H, N)
+    if path == "cublas" or act == 0:
+        dz, db = _dact_colsum(torch.matmul(dy, weight), z, act, write_dz=act != 0, colsum=colsum)
+        return dz, (db if db is not None else dy.new_empty(0, dtype=torch.float32))
+    dz = _empty((M, H), dy.device, dy.dtype)
+    part = _empty((cdiv(M, _PART_BM), H), dy.device, torch.float32) if colsum else None
+    _launch_gemm(dy, False, weight, False, M, H, N, dz, z=z, dact=act, part=part, tf32=_resolve_tf32(allow_tf32),
+                 tma=path == "tma")
+    if part is None:
+        return dz, dy.new_empty(0, dtype=torch.float32)
+    return dz, (part.sum(0) if M > 0 else part.new_zeros(H))
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops (opaque to torch.compile, no graph break) + autograd
 
@@ -654,6 +757,19 @@ def _(dy, x, weight, z, activation, has_bias, need_dx, need_dw, gemm, allow_tf32
     return dx, dw, db
 
 
+@custom_op("linear_dact_bwd")
+def _linear_dact_op(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, activation: str, colsum: bool,
+                    gemm: str, allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
+    dz, db = linear_dact_bwd(dy, weight, z, activation or None, colsum, gemm, allow_tf32)
+    return dz, db
+
+
+@_linear_dact_op.register_fake
+def _(dy, weight, z, activation, colsum, gemm, allow_tf32):
+    H = weight.shape[1]
+    return dy.new_empty((dy.shape[0], H)), dy.new_empty((H,) if colsum else (0,), dtype=torch.float32)
+
+
 class LinearFn(torch.autograd.Function):
     """2-D y = act(x·Wᵀ + b) + residual on the Triton kernels (x (M, K), residual (M, N))."""
 
@@ -679,6 +795,42 @@ class LinearFn(torch.autograd.Function):
         if need_r:
             dres = dy
         return dx, dw, db, dres, None, None, None, None
+
+
+class MLPFn(torch.autograd.Function):
+    """2-D y = act(x·W1ᵀ + b1)·W2ᵀ + b2 + residual on the Triton kernels (x (M, K), residual (M, N)).
+
+    Backward: fc2's grads; then dZ = (dY·W2) ⊙ act'(z) and db1 from one GEMM whose epilogue applies act'
+    (linear_dact_bwd); then fc1's dX and dW from dZ. Saves x, z, h (fc1's output) and the weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, activation, gemm, allow_tf32, save_z):
+        h, z = _linear_fwd_op(x, w1, b1, None, activation, save_z, gemm, allow_tf32)
+        y, _ = _linear_fwd_op(h, w2, b2, residual, "", False, gemm, allow_tf32)
+        ctx.save_for_backward(x, w1, z if save_z else None, h, w2)
+        ctx.activation, ctx.gemm, ctx.allow_tf32 = activation, gemm, allow_tf32
+        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w1, z, h, w2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
+        gemm, tf32 = ctx.gemm, ctx.allow_tf32
+        dx = dw1 = db1 = dw2 = db2 = None
+        if need_w2 or need_b2:
+            _, gw2, gb2 = _linear_bwd_op(dy, h, w2, None, "", ctx.has_b2 and need_b2, False, need_w2, gemm, tf32)
+            dw2 = gw2 if need_w2 else None
+            db2 = gb2 if ctx.has_b2 and need_b2 else None
+        if need_x or need_w1 or need_b1:
+            dz, gb1 = _linear_dact_op(dy, w2, z, ctx.activation, ctx.has_b1 and need_b1, gemm, tf32)
+            db1 = gb1.to(w1.dtype) if ctx.has_b1 and need_b1 else None
+            if need_x or need_w1:
+                gx, gw1, _ = _linear_bwd_op(dz, x, w1, None, "", False, need_x, need_w1, gemm, tf32)
+                dx = gx if need_x else None
+                dw1 = gw1 if need_w1 else None
+        return dx, dw1, db1, dw2, db2, (dy if need_r else None), None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,36 +886,83 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if gemm is not None:
         _check_gemm_name(gemm)
     # z (the pre-activation) is needed only for the grads of x, W or b (decided here: grad mode is off in forward)
-    needs_z = torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    training = needs_z or (torch.is_grad_enabled() and residual is not None and residual.requires_grad)
-    if not use_triton(x, backend, auto=AUTO_INFERENCE if not training else AUTO_TRAINING,
+    needs_z = _needs_grad(x, weight, bias)
+    if not use_triton(x, backend, auto=AUTO_TRAINING if needs_z or _needs_grad(residual) else AUTO_INFERENCE,
                       auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
-    late_residual = None
+    dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
+    N = weight.shape[0]
+    args = (x.reshape(-1, x.shape[-1]), weight, bias, residual.reshape(-1, N) if residual is not None else None,
+            activation, gemm or "", allow_tf32, activation is not None and needs_z)
+    y = _apply_uncast(dt, x.device, LinearFn, args).reshape(*x.shape[:-1], N)
+    return y if late_residual is None else y + late_residual
+
+
+def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], residual: Optional[torch.Tensor],
+                 names: Tuple[str, ...] = ("weight", "bias")):
+    """Mirror F.linear under autocast (x and the parameters in the autocast dtype; a residual of another dtype
+    is added after, in eager's promotion), then require one float dtype for the Triton path.
+    Returns (autocast dtype or None, (x, *params), residual or None, late residual or None)."""
+    late = None
     dt = autocast_dtype(x.device)
-    if dt is not None:  # mirror F.linear under autocast: x, W, b in the autocast dtype
-        x, weight = x.to(dt), weight.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    if dt is not None:
+        x = x.to(dt)
+        params = tuple(p.to(dt) if p is not None else None for p in params)
         if residual is not None and residual.dtype != dt:
-            residual, late_residual = None, residual  # eager promotes y + residual: do the same
-    check_triton_dtypes(x=x, weight=weight, bias=bias, residual=residual)
-    dtypes = {t.dtype for t in (x, weight, bias, residual) if t is not None}
+            residual, late = None, residual
+    named = dict(x=x, **dict(zip(names, params)), residual=residual)
+    check_triton_dtypes(**named)
+    dtypes = {t.dtype for t in named.values() if t is not None}
     if len(dtypes) > 1:
-        raise TypeError(f"x, weight, bias and residual must share one dtype on the Triton path, got "
+        raise TypeError(f"{', '.join(named)} must share one dtype on the Triton path, got "
                         f"{sorted(str(d).replace('torch.', '') for d in dtypes)}")
-    K, N = x.shape[-1], weight.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    r2 = residual.reshape(-1, N) if residual is not None else None
-    save_z = activation is not None and needs_z
-    args = (x2, weight, bias, r2, activation, gemm or "", allow_tf32, save_z)
+    return dt, (x, *params), residual, late
+
+
+def _apply_uncast(dt: Optional[torch.dtype], device: torch.device, fn, args: tuple) -> torch.Tensor:
     if dt is None:
-        y = apply(LinearFn, *args)
-    else:  # the inputs are cast already; autocast must not touch the ops inside
-        with torch.autocast(x.device.type, enabled=False):
-            y = apply(LinearFn, *args)
-    y = y.reshape(*lead, N)
+        return apply(fn, *args)
+    with torch.autocast(device.type, enabled=False):  # the inputs are cast already: autocast must not recast
+        return apply(fn, *args)
+
+
+def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
+        fc2_bias: Optional[torch.Tensor], activation: str = "gelu", residual: Optional[torch.Tensor] = None, *,
+        backend: Optional[str] = None, gemm: Optional[str] = None, allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """y = act(x·W1ᵀ + b1)·W2ᵀ + b2 (+ residual): timm's Mlp, weights in nn.Linear's layout, any leading shape.
+
+    Two fused GEMMs forward (bias + GELU, bias + residual). Backward: the GELU derivative is applied in the
+    epilogue of fc2's dX GEMM, which also yields fc1's bias grad, so the hidden-size gradient is written once
+    (``linear_dact_bwd``). ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
+    """
+    if activation not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
+    _validate(x, fc1_weight, fc1_bias, activation, None)
+    check_tensor("fc2_weight", fc2_weight, ndim=2)
+    if fc2_weight.shape[1] != fc1_weight.shape[0]:
+        raise ValueError(f"fc2_weight has {fc2_weight.shape[1]} input features; expected {fc1_weight.shape[0]} "
+                         f"(fc1's outputs)")
+    h_shape = x.new_empty((1,) * x.dim()).expand(*x.shape[:-1], fc1_weight.shape[0])  # fc1's output (shape only)
+    _validate(h_shape, fc2_weight, fc2_bias, None, residual)
+    check_same_device(x=x, fc2_weight=fc2_weight)
+    if gemm is not None:
+        _check_gemm_name(gemm)
+    needs_z = _needs_grad(x, fc1_weight, fc1_bias)
+    training = needs_z or _needs_grad(fc2_weight, fc2_bias, residual)
+    if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
+        h = linear_reference(x, fc1_weight, fc1_bias, activation)
+        return linear_reference(h, fc2_weight, fc2_bias, None, residual)
+    dt, (x, w1, b1, w2, b2), residual, late_residual = _cast_inputs(
+        x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual,
+        ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
+    N = w2.shape[0]
+    args = (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, residual.reshape(-1, N) if residual is not None else None,
+            activation, gemm or "", allow_tf32, needs_z)
+    y = _apply_uncast(dt, x.device, MLPFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
 
 
@@ -782,13 +981,13 @@ class FusedMLP(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fc2(GELU(fc1(x))) (+ residual, fused when no dropout is active)."""
+        """fc2(GELU(fc1(x))) (+ residual): one :func:`mlp` call, or two linears when a dropout is active."""
         act = "gelu" if self.act.approximate == "none" else "gelu_tanh"
+        if not (self.training and (self.drop1.p > 0 or self.drop2.p > 0)):
+            return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act, residual)
         h = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, activation=act))
-        if self.training and self.drop2.p > 0:
-            y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
-            return y if residual is None else y + residual
-        return linear(h, self.fc2.weight, self.fc2.bias, residual=residual)
+        y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        return y if residual is None else y + residual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,8 +996,8 @@ class FusedMLP(nn.Module):
 # Coverage: every config of every list, per dtype (and TF32 on/off for fp32), in the forward layout,
 # with the heaviest epilogue (bias + GELU + residual + save z) for bf16 and IEEE fp32 and the plain one
 # for fp16 and TF32 (the flags do not touch the main loop or its shared memory), plus the backward
-# layouts for the first config of each list. Every epilogue-flag x layout x config product (~300 specs)
-# would take the gate hours of compile time.
+# layouts and the act' (DACT) epilogue for the first config of each list. Every epilogue-flag x layout x
+# config product (~300 specs) would take the gate hours of compile time.
 
 _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
@@ -806,36 +1005,41 @@ _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
                  "dw": ("stride_am", "stride_bn", "stride_cn")}
 
 
-def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool) -> AotSpec:
+def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool,
+               dact: int = 0) -> AotSpec:
     bm, bn, bk, w, s = cfg
+    strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_rm", "stride_rn", "stride_cm", "stride_cn")
     sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
-    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "stride_am", "stride_ak", "stride_bk", "stride_bn",
-                                   "stride_rm", "stride_rn", "stride_cm", "stride_cn")})
-    cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, ALLOW_TF32=tf32,
-              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
-    cx.update({n: 1 for n in _UNIT_STRIDES[layout]})
+    sig["part_ptr"] = "*fp32"
+    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P") + strides})
+    cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, DACT=dact,
+              ALLOW_TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
     sig.update({n: "constexpr" for n in cx})
-    return AotSpec(_gemm_kernel, sig, cx, w, s,
-                   f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
-                   f"{',epi' if epilogue else ''}]")
+    ones = _UNIT_STRIDES[layout]  # M, N, M_KEY: never specialized; K and the other strides: ViT sizes, % 16 == 0
+    return runtime_spec(_gemm_kernel, sig, cx, w, s,
+                        f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
+                        f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}]",
+                        div16=("K",) + tuple(n for n in strides if n not in ones), ones=ones)
 
 
 _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}  # (A_T, B_T)
 
 
-def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool) -> AotSpec:
+def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
+                   dact: int = 0) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
-           "c_desc": f"tensordesc<{ty}[{bm}, {bn}]>", "z_desc": f"tensordesc<{ty}[{bm}, {bn}]>",
-           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "M": "i32", "N": "i32", "K": "i32", "M_KEY": "i32",
-           "stride_rm": "i32"}
+           "c_desc": f"tensordesc<{ty}[{bm}, {_epi_n(bn)}]>", "z_desc": f"tensordesc<{ty}[{bm}, {_epi_n(bn)}]>",
+           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+           "M_KEY": "i32", "P": "i32", "stride_rm": "i32"}
     cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
-              SAVE_Z=epilogue, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132)
+              SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132)
     sig.update({n: "constexpr" for n in cx})
-    return AotSpec(_gemm_tma_kernel, sig, cx, w, s,
-                   f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}]", min_cc=90)
+    return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
+                        f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
+                        f"{f',dact={dact}' if dact else ''}]", div16=("K", "stride_rm"), min_cc=90)
 
 
 def _aot_specs() -> List[AotSpec]:
@@ -845,6 +1049,9 @@ def _aot_specs() -> List[AotSpec]:
     for ty in ("fp16", "bf16"):  # TMA kernel: every config forward (bf16 with the full epilogue), dX/dW at the first
         specs += [_gemm_tma_spec(ty, cfg, "fwd", ty == "bf16" and tma_config_fits(cfg, True)) for cfg in TMA_CONFIGS_16]
         specs += [_gemm_tma_spec(ty, TMA_CONFIGS_16[0], layout, False) for layout in ("dx", "dw")]
+        # the act' epilogue (MLP backward): a z tile staged, so the first config that fits with one
+        specs += [_gemm_tma_spec(ty, next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dx", False, act)
+                  for act in (1, 2)]
     specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
     for dt, ty in _TY.items():
         lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
@@ -859,6 +1066,7 @@ def _aot_specs() -> List[AotSpec]:
                         specs.append(_gemm_spec(ty, cfg, "fwd", ty == "bf16" or (ty == "fp32" and not tf32), tf32))
             for cfg in {cfgs[0] for cfgs in lists}:
                 specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
+                specs.extend(_gemm_spec(ty, cfg, "dx", False, tf32, act) for act in (1, 2))  # MLP backward
         bm, bn, w = EPILOGUE_BLOCK
         for act in (1, 2):  # the erf and tanh forms; ACT=0 is a subset of either
             sig = {p: f"*{ty}" for p in ("c_ptr", "res_ptr", "y_ptr")}
@@ -876,5 +1084,6 @@ def _aot_specs() -> List[AotSpec]:
 
 AOT_SPECS: List[AotSpec] = _aot_specs()
 
-__all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "LinearFn", "FusedMLP", "use_gemm",
+__all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "linear_dact_bwd", "LinearFn", "mlp", "MLPFn",
+           "FusedMLP", "use_gemm",
            "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashvit.kernels._aot import AotSpec
+from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
@@ -490,23 +490,6 @@ _DTYPE_COMBOS = [(torch.float32, torch.float32), (torch.float16, torch.float16),
                  (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
 
 
-def _spec(kernel, sig, constexprs, nw, ns, name, div16=(), ones=()) -> AotSpec:
-    """One AotSpec; where this build's AotSpec takes ``attrs``, also the run-time specializations of a
-    ViT-sized launch (16-byte aligned pointers, ``div16`` args divisible by 16, ``ones`` args == 1) so the
-    gate reports the registers of the real build."""
-    sig = dict(sig)
-    constexprs = dict(constexprs)
-    for n in ones:  # the JIT makes an int argument equal to 1 a constant
-        sig[n] = "constexpr"
-        constexprs[n] = 1
-    kw = {}
-    if "attrs" in getattr(AotSpec, "__dataclass_fields__", {}):
-        names = list(sig)
-        kw["attrs"] = {(names.index(n),): [["tt.divisibility", 16]]
-                       for n in names if n in div16 or (sig[n].startswith("*") and n not in ones)}
-    return AotSpec(kernel, sig, constexprs, nw, ns, name, **kw)
-
-
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
@@ -524,28 +507,28 @@ def _aot_specs() -> List[AotSpec]:
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr",
                    "VEC": "constexpr"}
             for vec in vecs:  # VEC > 1 implies a unit pixel stride; K is always padded to a multiple of 128
-                specs.append(_spec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
-                                   f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns},v{vec}]",
-                                   ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
+                specs.append(runtime_spec(_pe_fwd_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
+                                          f"pe_fwd[{X},{P}->{Y},{bm}x{bn}x{bk},w{nw}s{ns},v{vec}]",
+                                          ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
         for bm, bn, bk, nw, ns in [_FP32_CONFIGS["dw"]] if ieee else _DW_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "img_ptr": f"*{X}", "koff_ptr": "*i64", "dw_ptr": "*fp32",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "CHUNK", "s_ib", "s_ih", "s_iw"),
                    "BM": "constexpr", "BN": "constexpr", "BK": "constexpr", "IEEE": "constexpr",
                    "VEC": "constexpr"}
             for vec in vecs:
-                specs.append(_spec(_pe_bwd_dw_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
-                                   f"pe_bwd_dw[{Y},{X},{bn}x{bk}x{bm},w{nw}s{ns},v{vec}]",
-                                   ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
+                specs.append(runtime_spec(_pe_bwd_dw_kernel, sig, dict(BM=bm, BN=bn, BK=bk, IEEE=ieee, VEC=vec), nw, ns,
+                                          f"pe_bwd_dw[{Y},{X},{bn}x{bk}x{bm},w{nw}s{ns},v{vec}]",
+                                          ("D", "K", "s_ib", "s_ih"), ("s_iw",) if vec > 1 else ()))
         for bm, bk, bd, nw, ns in [_FP32_CONFIGS["dx"]] if ieee else _DX_CONFIGS:
             sig = {"g_ptr": f"*{Y}", "w_ptr": f"*{X}", "dx_ptr": f"*{X}",
                    **ints("B", "L", "GW", "D", "K", "P", "NP", "s_xb", "s_xc", "s_xh", "s_xw"),
                    "BM": "constexpr", "BK": "constexpr", "BD": "constexpr", "IEEE": "constexpr"}
-            specs.append(_spec(_pe_bwd_dx_kernel, sig, dict(BM=bm, BK=bk, BD=bd, IEEE=ieee), nw, ns,
-                               f"pe_bwd_dx[{Y},{X},{bm}x{bk}x{bd},w{nw}s{ns}]", ("D", "s_xb", "s_xc", "s_xh")))
+            specs.append(runtime_spec(_pe_bwd_dx_kernel, sig, dict(BM=bm, BK=bk, BD=bd, IEEE=ieee), nw, ns,
+                                      f"pe_bwd_dx[{Y},{X},{bm}x{bk}x{bd},w{nw}s{ns}]", ("D", "s_xb", "s_xc", "s_xh")))
     for o in (torch.float32, torch.float16, torch.bfloat16):
         sig = {"g_ptr": f"*{_TL[o]}", "s_ptr": "*fp32", "B": "i32", "N": "i32", "BLOCK": "constexpr"}
-        specs.append(_spec(_pe_bwd_tokens_kernel, sig, dict(BLOCK=_TOKENS_BLOCK), _TOKENS_WARPS, 3,
-                           f"pe_bwd_tokens[{_TL[o]}]", ("N",)))
+        specs.append(runtime_spec(_pe_bwd_tokens_kernel, sig, dict(BLOCK=_TOKENS_BLOCK), _TOKENS_WARPS, 3,
+                                  f"pe_bwd_tokens[{_TL[o]}]", ("N",)))
     return specs
 
 

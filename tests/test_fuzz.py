@@ -26,6 +26,7 @@ from flashvit.kernels import (  # noqa: E402
     layer_norm_reference,
     linear,
     linear_reference,
+    mlp,
     patch_embed,
     patch_embed_reference,
     qkv_attention,
@@ -171,6 +172,25 @@ def test_fuzz_linear(data):
     gemm = draw(st.sampled_from(["auto", "tma"]))  # 'tma' falls back where TMA's alignment rules fail
     check_op(lambda x, w, b, r: linear(x, w, b, act, r, backend="triton", gemm=gemm),
              lambda x, w, b, r: linear_reference(x, w, b, act, r), [x, w, b, r], dtype, seed, draw(st.booleans()))
+
+
+@given(data=st.data())
+def test_fuzz_mlp(data):
+    draw = data.draw
+    dtype = draw(DTYPES)
+    lead = draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    K, H, N = draw(st.integers(1, 40)), draw(st.integers(1, 70)), draw(st.integers(1, 40))
+    act = draw(st.sampled_from(["gelu", "gelu_tanh"]))
+    x = _tensor(draw, (*lead, K), dtype, draw(st.sampled_from([0.1, 1.0, 4.0])))
+    w1, w2 = _tensor(draw, (H, K), dtype, K ** -0.5), _tensor(draw, (N, H), dtype, H ** -0.5)
+    b1 = _tensor(draw, (H,), dtype) if draw(st.booleans()) else None
+    b2 = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None
+    r = _tensor(draw, (*lead, N), dtype) if draw(st.booleans()) else None
+    seed = draw(st.integers(0, 2**31 - 1))
+    gemm = draw(st.sampled_from(["auto", "tma", "cublas"]))
+    check_op(lambda x, w1, b1, w2, b2, r: mlp(x, w1, b1, w2, b2, act, r, backend="triton", gemm=gemm),
+             lambda x, w1, b1, w2, b2, r: linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r),
+             [x, w1, b1, w2, b2, r], dtype, seed, draw(st.booleans()))
 
 
 @given(data=st.data())

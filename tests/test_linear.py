@@ -156,6 +156,108 @@ def test_tma_path(M, K, N, act, bias, res, device, tma_launches):
     assert tma_launches["tma"] == 3, tma_launches  # y (x, Wᵀ), dX (dZ, W), dW (dZᵀ, X) layouts
 
 
+def _check_mlp(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, grad_res=True):
+    """mlp() output and every grad (x, W1, b1, W2, b2, residual) vs float64, with the 2x/3x rule in 16 bits."""
+    x = randn(M, K, dtype=dtype, device=device)
+    w1, w2 = randn(H, K, dtype=dtype, device=device, scale=K ** -0.5), randn(N, H, dtype=dtype, device=device,
+                                                                            scale=H ** -0.5)
+    b1 = randn(H, dtype=dtype, device=device) if bias1 else None
+    b2 = randn(N, dtype=dtype, device=device) if bias2 else None
+    r = randn(M, N, dtype=dtype, device=device) if res else None
+    g = randn(M, N, dtype=dtype, device=device)
+
+    def run(fn, ts):
+        leaves = [t.detach().requires_grad_(t is not r or grad_res) if t is not None else None for t in ts]
+        y = fn(*leaves)
+        y.backward(g.to(y.dtype))
+        return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+    def ours(x, w1, b1, w2, b2, r):
+        return L.mlp(x, w1, b1, w2, b2, act, r, backend="triton", gemm=gemm)
+
+    def ref(x, w1, b1, w2, b2, r):
+        return linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r)
+
+    ts = (x, w1, b1, w2, b2, r)
+    y, grads = run(ours, ts)
+    y64, g64 = run(ref, [t.double() if t is not None else None for t in ts])
+    yt, gt = run(ref, ts) if dtype != torch.float32 else (None, [None] * 6)
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-3)
+    assert_close_to_ref(y, y64, yt, factor=2.0, name="y", **tol)
+    for name, got, want, same in zip(("dx", "dW1", "db1", "dW2", "db2", "dres"), grads, g64, gt):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.dtype == dtype, name
+        assert_close_to_ref(got, want, same, factor=3.0, name=name, **tol)
+
+
+@pytest.fixture
+def dact_launches(monkeypatch):
+    """Counts fused act' GEMMs (dact > 0) and separate dZ passes."""
+    counts = {"dact_gemm": 0, "dz_pass": 0}
+    gemm, dz = L._launch_gemm, L._dact_colsum
+
+    def counted_gemm(*a, **k):
+        counts["dact_gemm"] += bool(k.get("dact"))
+        return gemm(*a, **k)
+
+    def counted_dz(dy, z, act, write_dz, colsum):
+        counts["dz_pass"] += bool(write_dz)
+        return dz(dy, z, act, write_dz, colsum)
+    monkeypatch.setattr(L, "_launch_gemm", counted_gemm)
+    monkeypatch.setattr(L, "_dact_colsum", counted_dz)
+    return counts
+
+
+@pytest.mark.parametrize("M,K,H,N,dtype,act,bias1,bias2,res,gemm", [
+    (37, 24, 72, 40, torch.float32, "gelu", True, True, True, "triton"),
+    (130, 32, 96, 48, torch.float16, "gelu_tanh", True, False, True, "triton"),
+    (5, 16, 40, 24, torch.float32, "gelu", False, True, False, "triton"),
+    (70, 48, 136, 64, torch.float16, "gelu", True, True, True, "tma"),
+    (9, 16, 32, 16, torch.float16, "gelu_tanh", False, True, True, "tma"),
+    (33, 24, 56, 40, torch.float32, "gelu", True, True, True, "cublas"),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_mlp_fwd_bwd(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, dact_launches):
+    """The fused MLP: on our GEMM paths act' runs in fc2's dX GEMM (no dZ pass); cuBLAS: matmul + one dZ pass."""
+    _check_mlp(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device)
+    assert dact_launches == ({"dact_gemm": 0, "dz_pass": 1} if gemm == "cublas" else {"dact_gemm": 1, "dz_pass": 0})
+
+
+def test_mlp_frozen_parts_and_inference(device, dact_launches):
+    x = randn(11, 16, device=device)
+    w1, b1 = randn(24, 16, device=device, requires_grad=True), randn(24, device=device)
+    w2, b2 = randn(8, 24, device=device), randn(8, device=device, requires_grad=True)
+    y = L.mlp(x, w1, b1, w2, b2, backend="triton")
+    y.sum().backward()
+    assert b1.grad is None and w2.grad is None and x.grad is None
+    h = torch.nn.functional.gelu(x.double() @ w1.detach().double().T + b1.double())
+    want = ((torch.ones(11, 8, dtype=torch.float64) @ w2.double()) * (0.5 * (1 + torch.erf(
+        (x.double() @ w1.detach().double().T + b1.double()) / 2 ** 0.5)) + (x.double() @ w1.detach().double().T
+        + b1.double()) * torch.exp(-0.5 * (x.double() @ w1.detach().double().T + b1.double()) ** 2)
+        / (2 * torch.pi) ** 0.5)).T @ x.double()
+    torch.testing.assert_close(w1.grad.double().cpu(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b2.grad.double().cpu(), torch.full((8,), 11.0, dtype=torch.float64))
+    with torch.no_grad():
+        y0 = L.mlp(x, w1, b1, w2, b2, backend="triton")
+    torch.testing.assert_close(y0.double().cpu(), torch.nn.functional.linear(h, w2.double(), b2.double()).cpu(),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_mlp_bad_inputs(device):
+    x, w1, w2 = randn(3, 8, device=device), randn(16, 8, device=device), randn(4, 16, device=device)
+    with pytest.raises(ValueError, match="fc2_weight has 12 input features; expected 16"):
+        L.mlp(x, w1, None, randn(4, 12, device=device), None, backend="triton")
+    with pytest.raises(ValueError, match="activation must be 'gelu' or 'gelu_tanh'"):
+        L.mlp(x, w1, None, w2, None, None, backend="triton")
+    with pytest.raises(ValueError, match="residual has shape"):
+        L.mlp(x, w1, None, w2, None, "gelu", randn(3, 5, device=device), backend="triton")
+    with pytest.raises(ValueError, match="bias has shape"):
+        L.mlp(x, w1, None, w2, randn(5, device=device), backend="triton")
+    with pytest.raises(TypeError, match="share one dtype"):
+        L.mlp(x, w1, None, w2.half(), None, backend="triton")
+
+
 INTERPRETED = not ON_GPU
 GEMM_CONFIGS = sorted(set(L.SM80_CONFIGS_16 + L.SM90_CONFIGS_16 + L.FP32_CONFIGS))
 
@@ -168,6 +270,7 @@ def test_every_gemm_config(cfg, device, monkeypatch):
     monkeypatch.setattr(L, "INTERPRET_CONFIG", cfg)
     x, w, b, r = _make(137, 72, 200, torch.float32, device, True, True)
     _check(x, w, b, r, "gelu")
+    _check_mlp(137, 24, 200, 40, torch.float32, "gelu", True, True, True, "triton", device)  # act' epilogue
 
 
 @pytest.mark.skipif(not INTERPRETED, reason="sets the interpreter's config; a GPU autotunes over these")
@@ -177,6 +280,8 @@ def test_every_tma_config(cfg, device, monkeypatch, tma_launches):
     x, w, b, r = _make(137, 72, 200, torch.float16, device, True, True)
     _check(x, w, b, r, "gelu_tanh", gemm="tma")
     assert tma_launches["tma"] == 3
+    _check_mlp(137, 24, 200, 40, torch.float16, "gelu", True, True, True, "tma", device)  # act' epilogue
+    assert tma_launches["tma"] == 3 + 6  # fc1, fc2, dW2, dZ (act'), dX, dW1
 
 
 @pytest.mark.parametrize("why", ["fp32", "row stride not 16-byte aligned", "non-contiguous x"])
@@ -193,8 +298,9 @@ def test_tma_path_falls_back_when_operands_break_its_rules(why, device, tma_laun
 
 
 def test_tma_config_fits_shared_memory():
-    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)
-    assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # the z store tile pushes it over
+    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180 KiB (ptxas: 180248 B)
+    assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # 240 KiB with z (ptxas: 245784 B)
+    assert L.tma_config_fits((64, 256, 64, 4, 4), save_z=True)  # 208 KiB (ptxas: 213024 B)
     assert all(L.tma_config_fits(c, False) for c in L.TMA_CONFIGS_16)
     assert any(L.tma_config_fits(c, True) for c in L.TMA_CONFIGS_16)
 

@@ -42,7 +42,7 @@ def calls(monkeypatch):
 
     for name in ("linear", "qkv_attention", "attention", "patch_embed_op"):
         wrap(patch_mod, name, name)
-    wrap(linear_mod, "linear", "mlp_linear")
+    wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
     wrap(ln_mod, "layer_norm", "layer_norm")
     wrap(ln_mod, "add_layer_norm", "add_layer_norm")
     return counts
@@ -131,7 +131,7 @@ def test_timm_patched_matches_unpatched(name, kw, calls):
     else:
         assert calls["qkv_attention"] == depth and "attention" not in calls
     # qkv and proj GEMMs in Attention; fc1 and fc2 in FusedMLP
-    assert calls["linear"] == 2 * depth and calls["mlp_linear"] == 2 * depth
+    assert calls["linear"] == 2 * depth and calls["mlp"] == depth
 
 
 def test_report_is_readable_and_left_parts_are_named():
@@ -268,7 +268,7 @@ def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
     assert counts == {"LayerNorm": 5, "ViTAttention": 2, "ViTMLP": 2, "ViTPatchEmbeddings": 1, "ViTLayer": 2}, counts
     assert calls["attention"] == 2 and calls["patch_embed_op"] == 1
     assert calls["layer_norm"] == 3 and calls["add_layer_norm"] == 2  # layernorm_after fused with the residual
-    assert calls["mlp_linear"] == 4
+    assert calls["mlp"] == 2
     assert model.config._attn_implementation == impl  # unpatch restored it
 
 
