@@ -258,16 +258,26 @@ def test_gemm_variants_cover_every_gemm_path():
             assert lin._choose_path("", torch.device("cuda"), 4096, 4096, 4096) == label[6:-1]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash + timeout")
-@pytest.mark.skipif(os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
-                    reason="running inside gpu_check.sh, which is the real run of this script")
-def test_gpu_check_dry_run(tmp_path):
-    out = tmp_path / "results"
+needs_gpu_check_shell = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None
+    or os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
+    reason="needs bash + timeout, and not inside gpu_check.sh (the real run of this script)")
+
+
+def _gpu_check(tmp_path, out, *flags: str, **env_extra: str) -> subprocess.CompletedProcess:
+    """bash bench/gpu_check.sh OUT --dry-run FLAGS...; asserts it exits 0."""
     env = _env()
-    env.update(PYTHON=sys.executable, GPU_CHECK_SECONDS="400")
-    res = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), str(out), "--dry-run"],
+    env.update(PYTHON=sys.executable, **env_extra)
+    res = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), str(out), "--dry-run", *flags],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    return res
+
+
+@needs_gpu_check_shell
+def test_gpu_check_dry_run(tmp_path):
+    out = tmp_path / "results"
+    res = _gpu_check(tmp_path, out, GPU_CHECK_SECONDS="400")
     names = sorted(os.listdir(out))
     expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
                 "ops-graph.json", "ops-graph.csv", "model.json", "model.csv", "overhead.json", "overhead.csv",
@@ -291,17 +301,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["name"] for r in graph["rows"]} <= {"layer_norm", "add_layer_norm"} and graph["config"]["timer"]
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash + timeout")
-@pytest.mark.skipif(os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
-                    reason="running inside gpu_check.sh, which is the real run of this script")
+@needs_gpu_check_shell
 def test_gpu_check_train_dry_run(tmp_path):
     """--train: train.py through the shim; the log (date, commit, device first) and the run's small files."""
     out = tmp_path / "train"
-    env = _env()
-    env.update(PYTHON=sys.executable)
-    res = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), str(out), "--dry-run", "--train"],
-                         cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    _gpu_check(tmp_path, out, "--train")
     names = set(os.listdir(out))
     assert {"train.log", "config.json", "log.json"} <= names and not any(n.endswith(".pt") for n in names), names
     log = (out / "train.log").read_text().splitlines()
