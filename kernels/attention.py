@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from flashvit.kernels._aot import AotSpec
+from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
@@ -735,6 +735,11 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
 
 
+def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
+    """The batch/token/head strides: multiples of 16 elements at ViT sizes (D = 64, 80; packed 3·H·D rows)."""
+    return tuple(n for n, t in sig.items() if t == "i32" and n.startswith("s"))
+
+
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
@@ -764,14 +769,16 @@ def _aot_specs() -> List[AotSpec]:
                     continue
                 seen.add(key)
                 first = False
-                specs.append(AotSpec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
-                                     name=f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]"))
+                specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
+                                          f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
+                                          div16=_row_strides(sig)))
         bd = _block_d(d)  # the preprocess kernel always pads (one cheap pass)
         if ("pre", ty, bd) not in seen:
             seen.add(("pre", ty, bd))
             sig, consts = _aot_signature(_attn_bwd_preprocess, "*" + ty)
             consts.update(HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=_pre_block_m(bd))
-            specs.append(AotSpec(_attn_bwd_preprocess, sig, consts, 4, 3, name=f"attn_bwd_preprocess[D={d},{ty}]"))
+            specs.append(runtime_spec(_attn_bwd_preprocess, sig, consts, 4, 3, f"attn_bwd_preprocess[D={d},{ty}]",
+                                      div16=_row_strides(sig)))
     return specs
 
 
