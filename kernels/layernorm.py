@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from flashvit.kernels._aot import AotSpec
+from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
     HAS_TRITON,
@@ -547,8 +547,9 @@ def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dt
            "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "stride_x": "i32",
            "stride_r": "i32", "stride_y": "i32", "stride_h": "i32", "eps": "fp32",
            "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr"}
-    return AotSpec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, warps, FWD_STAGES,
-                   f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]")
+    return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, warps, FWD_STAGES,
+                        f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]",
+                        div16=("N", "stride_x", "stride_r", "stride_y", "stride_h"))  # ViT widths: 16 | D
 
 
 def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
@@ -558,8 +559,9 @@ def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dt
            "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32",
            "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
            "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr"}
-    return AotSpec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, warps, BWD_STAGES,
-                   f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]")
+    return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, warps,
+                        BWD_STAGES, f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
+                        div16=("N", "stride_dy", "stride_x", "stride_dho", "stride_dx"))
 
 
 def _aot_specs() -> List[AotSpec]:

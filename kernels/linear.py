@@ -1073,12 +1073,14 @@ def _aot_specs() -> List[AotSpec]:
             sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
             sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_RES", "BLOCK_M", "BLOCK_N")})
             cx = dict(stride_rn=1, ACT=act, HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append(AotSpec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]"))
+            specs.append(runtime_spec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]",
+                                      div16=("N", "stride_cm", "stride_rm", "stride_ym")))
             sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
             sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})
             sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
             cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=True, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append(AotSpec(_dact_colsum_kernel, sig, cx, w, 1, f"dact_colsum[{ty},act={act}]"))
+            specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 1, f"dact_colsum[{ty},act={act}]",
+                                      div16=("N", "stride_dym", "stride_zm", "stride_dzm")))
     return specs
 
 
