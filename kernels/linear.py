@@ -706,6 +706,9 @@ def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act
     M, N = dy.shape
     H = weight.shape[1]
     act = _ACT_CODE[activation]
+    if act != 0 and (z is None or z.shape != (M, H)):
+        raise RuntimeError("linear_dact_bwd needs the saved pre-activation z of shape (M, H)")
+    z = z if z is None or z.is_contiguous() else z.contiguous()  # the epilogue reads z with the output's strides
     path = _choose_path(gemm, dy.device, M, H, N)
     if path == "cublas" or act == 0:
         dz, db = _dact_colsum(torch.matmul(dy, weight), z, act, write_dz=act != 0, colsum=colsum)
