@@ -950,8 +950,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         raise ValueError(f"fc2_weight has {fc2_weight.shape[1]} input features; expected {fc1_weight.shape[0]} "
                          f"(fc1's outputs)")
     h_shape = x.new_empty((1,) * x.dim()).expand(*x.shape[:-1], fc1_weight.shape[0])  # fc1's output (shape only)
-    _validate(h_shape, fc2_weight, fc2_bias, None, residual)
-    check_same_device(x=x, fc2_weight=fc2_weight)
+    _validate(h_shape, fc2_weight, fc2_bias, None, residual)  # fc2's bias, the residual, devices
     if gemm is not None:
         _check_gemm_name(gemm)
     needs_z = _needs_grad(x, fc1_weight, fc1_bias)

@@ -582,3 +582,10 @@ def test_gpu_every_tma_config(cfg, monkeypatch, tma_launches):
     x, w, b, r = _make(301, 200, 392, torch.bfloat16, "cuda", True, True)
     _check(x, w, b, r, None if no_room_for_z else "gelu", gemm="tma")
     assert tma_launches["tma"] == 3
+
+
+@pytest.mark.gpu
+def test_mlp_refuses_mixed_devices_gpu():
+    x, w1 = randn(3, 8, device="cuda"), randn(16, 8, device="cuda")
+    with pytest.raises(ValueError, match="device"):
+        L.mlp(x, w1, None, randn(4, 16, device="cpu"), None, backend="triton")
