@@ -589,3 +589,13 @@ def test_mlp_refuses_mixed_devices_gpu():
     x, w1 = randn(3, 8, device="cuda"), randn(16, 8, device="cuda")
     with pytest.raises(ValueError, match="device"):
         L.mlp(x, w1, None, randn(4, 16, device="cpu"), None, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+@pytest.mark.parametrize("M,K,H,N", [(394, 768, 3072, 768), (197, 192, 776, 200)])
+def test_gpu_mlp_bf16(M, K, H, N, gemm, dact_launches):
+    """The fused MLP in bf16 with autotuning on: GELU' in fc2's dX GEMM epilogue (Triton/TMA), every grad."""
+    L.set_autotune(gemm != "cublas")
+    _check_mlp(M, K, H, N, torch.bfloat16, "gelu", True, True, True, gemm, "cuda")
+    assert dact_launches["dact_gemm"] == (0 if gemm == "cublas" else 1)
