@@ -68,7 +68,7 @@ def _check(kind: str, ptrs: Any, mask: Any) -> None:
     addrs = addrs.astype(np.uint64, copy=False).ravel()
     if addrs.size == 0:
         return
-    width = np.uint64(ptrs.get_element_ty().primitive_bitwidth // 8)
+    width = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))  # int1 is a byte in memory
     ok = np.zeros(addrs.shape, dtype=bool)
     for _, lo, hi in extents:
         ok |= (addrs >= np.uint64(lo)) & (addrs + width <= np.uint64(hi))
