@@ -404,8 +404,9 @@ def _triton_configs(kind: str) -> list:
 
 
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
+_FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
 if HAS_TRITON and not INTERPRET:
-    _attn_fwd_tuned = Launcher(triton.autotune(_triton_configs("fwd"), key=_KEY,
+    _attn_fwd_tuned = Launcher(triton.autotune(_triton_configs("fwd"), key=_FWD_KEY,
                                                prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))
     _attn_bwd_dkdv_tuned = Launcher(triton.autotune(
         _triton_configs("dkdv"), key=_KEY,

@@ -376,7 +376,7 @@ def test_every_config_gpu(kind, D, mode, monkeypatch):
         c = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
         if c not in A._configs_for(kind, bd, 2):
             continue  # the pruner drops it at this head dim
-        monkeypatch.setattr(A, name, Launcher(triton.autotune([cfg], key=A._KEY)(kern)))
+        monkeypatch.setattr(A, name, Launcher(triton.autotune([cfg], key=A._FWD_KEY if kind == "fwd" else A._KEY)(kern)))
         ran += 1
         with A.use_head_split(mode):
             try:
