@@ -719,7 +719,7 @@ def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act
                  tma=path == "tma")
     if part is None:
         return dz, dy.new_empty(0, dtype=torch.float32)
-    return dz, (part.sum(0) if M > 0 else part.new_zeros(H))
+    return dz, part.sum(0)  # M = 0: part has no rows, the sums are zeros
 
 
 # ---------------------------------------------------------------------------------------------
