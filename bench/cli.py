@@ -32,7 +32,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="?", default="all", choices=("ops", "model", "all", "overhead", "report"))
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (smoke test; CPU is fine)")
     p.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the JSON/CSV/PNG files")
-    p.add_argument("--ops", nargs="+", default=None, help="op families: layernorm attention mlp patch_embed")
+    p.add_argument("--ops", nargs="+", default=None,
+                   help="op families: layernorm attention mlp patch_embed (the default: all four), gemm-configs "
+                        "(a per-config GEMM sweep)")
     p.add_argument("--models", nargs="+", default=None, help="s b l or flashvit/timm names (first = priority)")
     p.add_argument("--impls", nargs="+", default=None, help="model impls to run (default: all)")
     p.add_argument("--rows", choices=("all", "settled", "experimental"), default="all",
@@ -147,6 +149,8 @@ def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_m
     ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick, args.timer)
     jobs = O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
     suite = ("ops-experimental" if args.rows == "experimental" else "ops") + ("-graph" if args.timer == "graph" else "")
+    if args.ops and set(args.ops) == {"gemm-configs"}:  # the sweep alone: files of its own
+        suite = "gemm-configs" + ("-graph" if args.timer == "graph" else "")
     meta = _meta(env, ceilings, config, ops=list(args.ops or O.OPS), rows=args.rows,
                  counts_note="attention fwd+bwd FLOPs = 3.5 x fwd (bwd = 2.5 x fwd); GEMM fwd+bwd = 3 x fwd; "
                              "patch_embed fwd+bwd = 2 x fwd (no image grad); LayerNorm: minimal bytes moved")
@@ -262,7 +266,7 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
     tl = _tests_line(tests_log)
     if tl:
         lines.append(f"tests: {tl}")
-    for suite in ("ops", "ops-experimental", "ops-graph", "model", "overhead"):
+    for suite in ("ops", "ops-experimental", "ops-graph", "gemm-configs", "model", "overhead"):
         d = _load(os.path.join(out, f"{suite}.json"))
         if d is None:
             if suite in ("ops", "model"):  # the others are optional

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run]
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train]
 #
 # On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
 # installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
@@ -8,6 +8,7 @@
 #   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
 #      then, in a process of their own, the kernel paths not yet run on a GPU  -> OUTDIR/ops-experimental.*
+#      then each tile config of our two GEMM kernels alone vs torch.matmul    -> OUTDIR/gemm-configs.*
 #      then LayerNorm's rows timed as device time only (CUDA graph replay)     -> OUTDIR/ops-graph.*
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
@@ -18,36 +19,42 @@
 # GPU machine without the Debian package needs the four .gz files carried in), under one timeout
 # (GPU_CHECK_SECONDS, default 330) -> OUTDIR/train.log (with date, commit and device), and the run's
 # config.json, log.json and PNGs (not its checkpoints).
+# --with-train: all of the above, and that training run too, in the background while the tests run (tests
+# are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 230 s)
+# -> OUTDIR/train/. Total budget 560 s instead of 470.
 # Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
 # the others' time, and whatever did not fit is listed as skipped.
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_GPU_TEST_MAX (step caps in seconds:
-# 120 / 70 / 115 / 65 / 25 / 95, the last the gpu-marked share of the tests), GPU_CHECK_MODELS (default "b s l"),
-# GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST (pytest-xdist workers, default 6),
-# GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_SWEEP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_GPU_TEST_MAX
+# (step caps in seconds: 110 / 65 / 105 / 60 / 45 / 20 / 90, the last the gpu-marked share of the tests),
+# GPU_CHECK_MODELS (default "b s l"), GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST
+# (pytest-xdist workers, default 6), GPU_CHECK_OPS (op families, default all), GPU_CHECK_PRETEST (a test run
+# alone first with a full traceback).
 set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
-TRAIN=0
+TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the tests, then the rest)
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
     --train) TRAIN=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --with-train) TRAIN=2 ;;
+    -h|--help) sed -n '2,37p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--train]" >&2; exit 2; }
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train]" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 if [ "$TRAIN" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-330}
-elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-240}; else HARD=${GPU_CHECK_SECONDS:-470}; fi
+elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 300 : 240 ))}
+else HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 560 : 470 ))}; fi
 T0=$SECONDS
 NOTES=()
 left() { echo $(( HARD - (SECONDS - T0) )); }
@@ -110,30 +117,50 @@ then
   exit 3
 fi
 
-# ---- --train: the main job, train.py with its defaults, and nothing else ---------------------------------
-if [ "$TRAIN" = 1 ]; then
-  RUN_DIR="$SHIM/.train-run"
+# ---- training: the main job (--train: only this; --with-train: in the background beside the tests) ------
+TRAIN_PID=""
+TRAIN_OUT=""
+start_train() {  # start_train OUTDIR TIMEOUT: train.py in the background -> OUTDIR/train.log
+  TRAIN_OUT=$1
+  local t=$2 args
+  mkdir -p "$TRAIN_OUT"
   if [ "$DRY" = 1 ]; then  # CI: the same plumbing on a few synthetic steps
-    TRAIN_ARGS=(--dataset synthetic --synthetic-train 64 --synthetic-test 32 --max-steps 3 --batch-size 16 --device cpu)
+    args=(--dataset synthetic --synthetic-train 64 --synthetic-test 32 --max-steps 3 --batch-size 16 --device cpu)
   else
-    DATA=${GPU_TRAIN_DATA:-/usr/share/datasets/fashion-mnist}
-    if ! ls "$DATA"/train-images-idx3-ubyte* >/dev/null 2>&1; then
-      say "no Fashion-MNIST IDX files in $DATA: set GPU_TRAIN_DATA to a folder holding the four files"
-      exit 3
+    local data=${GPU_TRAIN_DATA:-/usr/share/datasets/fashion-mnist}
+    if ! ls "$data"/train-images-idx3-ubyte* >/dev/null 2>&1; then
+      note "train: no Fashion-MNIST IDX files in $data: set GPU_TRAIN_DATA to a folder holding the four files"
+      return 3
     fi
-    TRAIN_ARGS=(--data-dir "$DATA")
+    args=(--data-dir "$data")
   fi
   { echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"; echo "commit: $FLASHVIT_GIT_COMMIT"
     "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| triton', triton.__version__)"
-    echo "command: python train.py ${TRAIN_ARGS[*]} --run-dir RUN --no-progress"; } > "$OUT/train.log" 2>&1
-  say "train: python train.py ${TRAIN_ARGS[*]} (timeout ${HARD}s) -> train.log"
-  timeout -k 10 "$HARD" "$PY" "$SHIM/train.py" "${TRAIN_ARGS[@]}" --run-dir "$RUN_DIR" --no-progress \
-    >> "$OUT/train.log" 2>&1
-  rc=$?
-  for f in "$RUN_DIR"/*.json "$RUN_DIR"/*.png; do [ -e "$f" ] && cp "$f" "$OUT/"; done
-  tail -n 4 "$OUT/train.log"
-  say "train: rc=$rc$( [ "$rc" -ge 124 ] && echo ' (timeout)'); files: $(cd "$OUT" && ls | tr '\n' ' ')"
-  exit "$rc"
+    echo "command: python train.py ${args[*]} --run-dir RUN --no-progress"; } > "$TRAIN_OUT/train.log" 2>&1
+  say "train: python train.py ${args[*]} (timeout ${t}s) -> $TRAIN_OUT/train.log"
+  timeout -k 10 "$t" "$PY" "$SHIM/train.py" "${args[@]}" --run-dir "$SHIM/.train-run" --no-progress \
+    >> "$TRAIN_OUT/train.log" 2>&1 &
+  TRAIN_PID=$!
+}
+finish_train() {  # wait for the training run; copy its config, logs and plots (not its checkpoints)
+  [ -n "$TRAIN_PID" ] || return 3
+  wait "$TRAIN_PID"
+  local rc=$?
+  TRAIN_PID=""
+  for f in "$SHIM"/.train-run/*.json "$SHIM"/.train-run/*.png; do [ -e "$f" ] && cp "$f" "$TRAIN_OUT/"; done
+  tail -n 4 "$TRAIN_OUT/train.log"
+  say "train: rc=$rc$( [ "$rc" -ge 124 ] && echo ' (timeout)'); files: $(cd "$TRAIN_OUT" && ls | tr '\n' ' ')"
+  [ "$rc" -eq 0 ] || note "train: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)') (see train.log)"
+  return "$rc"
+}
+if [ "$TRAIN" = 1 ]; then
+  start_train "$OUT" "$HARD" || exit 3
+  finish_train
+  exit $?
+fi
+TRAIN_RC=0
+if [ "$TRAIN" = 2 ]; then
+  start_train "$OUT/train" "${GPU_CHECK_TRAIN_MAX:-230}" || TRAIN_RC=3
 fi
 
 # ---- 2. the test suite on CUDA ------------------------------------------------------------------------
@@ -160,7 +187,7 @@ if [ "$DRY" = 1 ]; then
   TEST_MAX=120; GPU_TEST_MAX=60; RESERVE=100; XDIST=()
   GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
-  TEST_MAX=${GPU_CHECK_TEST_MAX:-120}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-95}; RESERVE=310
+  TEST_MAX=${GPU_CHECK_TEST_MAX:-110}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-90}; RESERVE=325
   XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
@@ -194,22 +221,31 @@ else
   fi
 fi
 
+# ---- the training run (--with-train) ends before any timing starts ----------------------------------------
+if [ "$TRAIN" = 2 ] && [ "$TRAIN_RC" -eq 0 ]; then
+  say "train: waiting for the training run to end before the benchmarks"
+  finish_train || TRAIN_RC=$?
+fi
+
 # ---- 3. op benchmarks: the settled rows, then (own process) the kernel paths not yet run on a GPU ----------
 if [ "$DRY" = 1 ]; then
-  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; GRAPH_MAX=15; MODEL_MAX=40; GRACE=20
+  BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; SWEEP_MAX=10; GRAPH_MAX=15; MODEL_MAX=40; GRACE=20
   OPS_EXTRA=(--ops layernorm attention); EXP_EXTRA=(--ops attention); GRAPH_EXTRA=(--ops layernorm)
-  MODEL_EXTRA=(--models s)
-  OPS_RESERVE=110; EXP_RESERVE=90; GRAPH_RESERVE=70; OVH_RESERVE=60
+  SWEEP_EXTRA=(); MODEL_EXTRA=(--models s)
+  OPS_RESERVE=120; EXP_RESERVE=100; SWEEP_RESERVE=90; GRAPH_RESERVE=70; OVH_RESERVE=60
 else
-  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-70}; EXP_MAX=${GPU_CHECK_EXP_MAX:-65}
-  GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-25}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-115}; GRACE=35
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-65}; EXP_MAX=${GPU_CHECK_EXP_MAX:-60}
+  SWEEP_MAX=${GPU_CHECK_SWEEP_MAX:-45}; GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-20}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-105}
+  GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
   [ -n "${GPU_CHECK_OPS:-}" ] && OPS_EXTRA+=(--ops $GPU_CHECK_OPS)
   EXP_EXTRA=("${OPS_EXTRA[@]}"); GRAPH_EXTRA=(--warmup-ms 15 --rep-ms 60 --ops layernorm)
+  SWEEP_EXTRA=(--warmup-ms 10 --rep-ms 40)
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
-  OPS_RESERVE=235; EXP_RESERVE=165; GRAPH_RESERVE=140; OVH_RESERVE=125  # kept for the steps after each one
+  # kept for the steps after each one
+  OPS_RESERVE=260; EXP_RESERVE=200; SWEEP_RESERVE=155; GRAPH_RESERVE=135; OVH_RESERVE=120
 fi
 BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
@@ -224,12 +260,16 @@ run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
     > "$SHIM/.$label.log" 2>&1
   local rc=$?
   [ "$rc" -eq 0 ] || { BENCH_RC=1; note "$label: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
-  grep -E '^ops(-experimental)?: ' "$SHIM/.$label.log" | cut -c1-400
+  grep -E '^(ops|ops-experimental|ops-graph|gemm-configs): ' "$SHIM/.$label.log" | cut -c1-400
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.$label.log"
 }
 run_ops ops "$OPS_MAX" "$OPS_RESERVE" --rows settled "${OPS_EXTRA[@]}"
 run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceilings-from "$OUT/ops.json" \
   "${EXP_EXTRA[@]}"
+# Each GEMM tile config alone (its first row compiles them all in parallel processes): which config, if any,
+# brings our GEMM near cuBLAS, and whether the TMA kernel's loop form (FLATTEN) matters.
+run_ops gemm-configs "$SWEEP_MAX" "$SWEEP_RESERVE" --ops gemm-configs --ceilings-from "$OUT/ops.json" \
+  "${SWEEP_EXTRA[@]}"
 # LayerNorm's rows again with device time only (CUDA graph replay): its issue's target is bandwidth, and
 # at these sizes the host takes longer to issue our Python autograd path than the GPU to run it.
 run_ops ops-graph "$GRAPH_MAX" "$GRAPH_RESERVE" --rows settled --timer graph --ceilings-from "$OUT/ops.json" \
@@ -265,9 +305,10 @@ fi
 rm -f "$OUT"/.*.tmp
 NOTE_ARGS=()
 for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done
+[ "$TRAIN" = 2 ] && NOTE_ARGS+=(--note "train (--with-train): rc=$TRAIN_RC; $(grep -E 'test accuracy' "$OUT/train/train.log" 2>/dev/null | tail -n 1)")
 NOTE_ARGS+=(--note "gpu_check: $(( SECONDS - T0 ))s of ${HARD}s; tests rc=$TESTS_RC; files: $(cd "$OUT" && ls | tr '\n' ' ')")
 echo
 REPORT_T=$(min 40 "$(left)"); [ "$REPORT_T" -ge 15 ] || REPORT_T=15
 timeout -k 5 "$REPORT_T" "$PY" -m flashvit.bench report --out "$OUT" --tests-log "$OUT/gpu_tests.log" \
   --summary "$OUT/summary.txt" "${NOTE_ARGS[@]}"
-[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ]
+[ "$TESTS_RC" -eq 0 ] && [ "$BENCH_RC" -eq 0 ] && [ "$TRAIN_RC" -eq 0 ]

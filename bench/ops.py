@@ -17,8 +17,10 @@ Counts (DESIGN.md §6):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import itertools
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -28,7 +30,7 @@ from torch import nn
 from flashvit.bench.harness import Job, Row, dtype_name, time_fn
 
 ATTN_FWD_BWD_FACTOR = 3.5  # fwd (1) + bwd (2.5)
-OPS = ("layernorm", "attention", "mlp", "patch_embed")
+OPS = ("layernorm", "attention", "mlp", "patch_embed")  # the default families; also: gemm-configs
 LN_EPS = 1e-6
 
 # Full shapes (the kernel issues'); quick shapes are tiny and odd for CPU smoke runs.
@@ -43,6 +45,17 @@ QUICK_LN_DIMS = (64, 96)
 QUICK_ATTN_SHAPES = ((2, 3, 17, 16), (1, 2, 33, 72))  # 72: the backward can split it (64 + 32)
 QUICK_MLP_SHAPES = (("tiny", 2 * 17, 64, 256),)
 QUICK_PATCH_SHAPES = (("tiny_p8", 2, 32, 8, 64), ("tiny_p14", 1, 28, 14, 96))
+
+# gemm-configs (a sweep, only when asked for): the plain GEMM of ViT-B's fc1 and fc2 through each tile config of
+# our two GEMM kernels alone, against torch.matmul. (name, M, N, K)
+GEMM_SWEEP_SHAPES = (("vit_b.fc1", 256 * 197, 3072, 768), ("vit_b.fc2", 256 * 197, 768, 3072))
+QUICK_GEMM_SWEEP_SHAPES = (("tiny", 2 * 17, 96, 64),)
+# Candidates beyond the shipped lists (Hopper only: each fits sm_90's 227 KiB of shared memory, not all an A100's).
+GEMM_SWEEP_EXTRA = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 128, 64, 4, 4),
+                    (64, 128, 64, 4, 4)]
+# (the fp32 accumulator takes BM·BN / (32·warps) registers a thread: at most 128 of the 255)
+TMA_SWEEP_GRID = [(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) for st in (2, 3, 4) for w in (4, 8)
+                  if 128 * bn // (32 * w) <= 128]
 
 EXPERIMENTAL = ("[gemm=tma]", "[split]")  # impl tags of kernel paths that have not run on a GPU yet
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
@@ -444,6 +457,101 @@ def mlp_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def gemm_sweep_candidates() -> List[Tuple[str, Tuple[int, int, int, int, int], bool]]:
+    """[(kernel, config, flatten)] in priority order: the shipped sm_90 lists (TMA, then tiled), the TMA list with
+    the other FLATTEN, then the TMA grid and the extra tiled configs that fit sm_90's shared memory."""
+    lin = importlib.import_module("flashvit.kernels.linear")
+    flat = getattr(lin, "TMA_FLATTEN", True)
+    tma = list(getattr(lin, "TMA_CONFIGS_16", []))
+    tiled = list(getattr(lin, "SM90_CONFIGS_16", []))
+    out = [("tma", c, flat) for c in tma] + [("triton", c, flat) for c in tiled] + [("tma", c, not flat) for c in tma]
+    out += [("tma", c, flat) for c in TMA_SWEEP_GRID if c not in tma and lin.tma_config_fits(c, False)]
+    out += [("triton", c, flat) for c in GEMM_SWEEP_EXTRA
+            if c not in tiled and 2 * c[4] * (c[0] * c[2] + c[2] * c[1]) <= lin._TMA_SMEM_LIMIT]
+    return out
+
+
+def sweep_label(kernel: str, cfg: Sequence[int], flatten: bool) -> str:
+    bm, bn, bk, w, st = cfg
+    return f"flashvit[{kernel}:{bm}x{bn}x{bk},w{w},s{st}{'' if flatten or kernel != 'tma' else ',noflat'}]"
+
+
+def _warm_chunk(cands: list, ks: List[int], dtype: str) -> int:
+    """Spawned worker: compile each candidate at each K once (tiny M, N: the same specializations as the timed
+    calls), so the timed process finds them in Triton's on-disk cache. Returns the number that failed."""
+    lin = importlib.import_module("flashvit.kernels.linear")
+    dt = getattr(torch, dtype)
+    failed = 0
+    for kernel, cfg, flatten in cands:
+        for K in ks:
+            x, w = (torch.randn(256, K, device="cuda", dtype=dt) for _ in range(2))
+            try:
+                with lin.use_gemm(kernel), lin.use_gemm_config(kernel, tuple(cfg), flatten):
+                    lin.linear(x, w, backend="triton")
+                torch.cuda.synchronize()
+            except Exception:  # the timed row reports it
+                failed += 1
+    return failed
+
+
+def warm_gemm_candidates(cands: list, ks: List[int], dtype: torch.dtype, workers: int) -> None:
+    """Compile the sweep's candidates in ``workers`` spawned processes (one compile takes seconds; dozens of
+    them serially would eat the budget)."""
+    import multiprocessing as mp
+    chunks = [c for c in (cands[i::workers] for i in range(workers)) if c]
+    with mp.get_context("spawn").Pool(len(chunks)) as pool:
+        pool.starmap(_warm_chunk, [(c, ks, dtype_name(dtype)) for c in chunks])
+
+
+def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """Rows of the per-config GEMM sweep: fwd only, one row per (candidate, shape), torch.matmul as baseline.
+    On CUDA the first of our rows compiles every candidate in parallel first (its ``seconds`` include that)."""
+    from flashvit.kernels import linear
+    lin = importlib.import_module("flashvit.kernels.linear")
+    shapes = QUICK_GEMM_SWEEP_SHAPES if ctx.quick else GEMM_SWEEP_SHAPES
+    dt = dtype_name(ctx.dtype)
+    cands = gemm_sweep_candidates()
+    hopper = ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 9
+    warmed: List[bool] = []
+
+    def warm() -> None:
+        if not warmed and ctx.device.type == "cuda":
+            warmed.append(True)
+            ks = sorted({K for *_, K in shapes})
+            warm_gemm_candidates([c for c in cands if hopper or c[0] != "tma"], ks, ctx.dtype,
+                                 max(1, min(8, (os.cpu_count() or 2) // 2)))
+
+    def args(grad: bool, M: int, N: int, K: int) -> Tuple[torch.Tensor, ...]:
+        return (_randn((M, K), ctx), _randn((N, K), ctx, K ** -0.5))
+
+    def ours(kernel: str, cfg: Tuple[int, int, int, int, int], flatten: bool):
+        def factory():
+            warm()
+
+            def run(x, w):
+                with lin.use_gemm(kernel), lin.use_gemm_config(kernel, cfg, flatten):
+                    return linear(x, w, backend="triton")
+            return run, ()
+        return factory
+
+    main: List[Job] = []
+    for name, M, N, K in shapes:
+        sd = {"gemm": name, "M": M, "N": N, "K": K}
+        main.append(Job(Row("ops", "gemm-configs", dict(sd), dt, "fwd", "torch.matmul", baseline=True,
+                            flops=2.0 * M * N * K),
+                        timed(const(lambda x, w: torch.matmul(x, w.t())), functools.partial(args, M=M, N=N, K=K),
+                              "fwd", ctx)))
+    for kernel, cfg, flatten in cands:
+        why = ctx.triton_reason or ("" if kernel != "tma" or hopper else "the TMA kernel runs on sm_90+ only")
+        for name, M, N, K in shapes:
+            sd = {"gemm": name, "M": M, "N": N, "K": K}
+            main.append(Job(Row("ops", "gemm-configs", dict(sd), dt, "fwd", sweep_label(kernel, cfg, flatten),
+                                flops=2.0 * M * N * K),
+                            timed(ours(kernel, cfg, flatten), functools.partial(args, M=M, N=N, K=K), "fwd", ctx),
+                            unavailable=why))
+    return main, []
+
+
 def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import patch_embed
     shapes = QUICK_PATCH_SHAPES if ctx.quick else PATCH_SHAPES
@@ -487,6 +595,7 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "attention": attention_jobs,
     "mlp": mlp_jobs,
     "patch_embed": patch_embed_jobs,
+    "gemm-configs": gemm_config_jobs,
 }
 
 
@@ -523,7 +632,7 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
     late: List[Job] = []
     for op in ops or OPS:
         if op not in BUILDERS:
-            raise ValueError(f"unknown op {op!r}; choose from {', '.join(OPS)}")
+            raise ValueError(f"unknown op {op!r}; choose from {', '.join(BUILDERS)}")
         m, lt = BUILDERS[op](ctx)
         groups: Dict[Any, List[Job]] = {}
         for j in m:

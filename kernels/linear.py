@@ -233,19 +233,20 @@ if HAS_TRITON:
         A_T: tl.constexpr, B_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_SMS: tl.constexpr,
+        NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
     ):
         # The same C = act(A·B + bias) + R as _gemm_kernel, 16-bit operands streamed by TMA descriptors
         # (Hopper's bulk copies; out-of-bounds reads are zeros, out-of-bounds writes are dropped), and
         # persistent: program p computes output tiles p, p + NUM_SMS, ... in the grouped order.
         # A is stored (M, K), or (K, M) with A_T; B is stored (K, N), or (N, K) with B_T (both: unit last stride).
         # DACT: z_desc is read (the activation's input), as in _gemm_kernel.
+        # FLATTEN: the tile and K loops pipelined as one (the next tile's loads overlap this one's epilogue).
         start = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         k_tiles = tl.cdiv(K, BLOCK_K)
         num_pid_in_group = GROUP_M * num_pid_n
-        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
             first_pid_m = (tile // num_pid_in_group) * GROUP_M
             group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
             pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
@@ -335,6 +336,7 @@ INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the
 # TMA kernel (16-bit only): shared memory = stages x (A + B tiles) + the C (and z) store tiles <= 227 KiB.
 TMA_CONFIGS_16 = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 256, 64, 4, 4)]
 TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
+TMA_FLATTEN = True  # the TMA kernel's FLATTEN (not measured against False yet: bench --ops gemm-configs does)
 TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises the persistent loop
 # Elementwise kernels: (BLOCK_M, BLOCK_N, num_warps). 16 elements a thread: with erf GELU, ptxas gives the
 # epilogue 70 registers here (28 warps a Hopper SM can hold) against 205 at 32x128 (8 warps): a memory-bound
@@ -398,8 +400,8 @@ if HAS_TRITON:
         (90, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
     }
     _GEMM_TMA_TUNED = triton.autotune(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M}, num_warps=w,
-                       num_stages=st, pre_hook=_tma_block_shapes) for bm, bn, bk, w, st in TMA_CONFIGS_16],
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "FLATTEN": TMA_FLATTEN},
+                       num_warps=w, num_stages=st, pre_hook=_tma_block_shapes) for bm, bn, bk, w, st in TMA_CONFIGS_16],
         key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel)
 
 _autotune = True
@@ -447,6 +449,18 @@ GEMM_TABLE: Dict[Tuple[int, str], str] = {
 }
 
 _gemm_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_gemm", default=None)
+GemmConfig = Tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# ((kernel, config, flatten), ...) forced by use_gemm_config, innermost last
+_config_override: contextvars.ContextVar[Tuple[Tuple[str, GemmConfig, bool], ...]] = contextvars.ContextVar(
+    "flashvit_gemm_config", default=())
+
+
+def _forced_config(kernel: str) -> Optional[Tuple[GemmConfig, bool]]:
+    """(config, flatten) that use_gemm_config forces on ``kernel`` here, else None (innermost block wins)."""
+    for k, cfg, flatten in reversed(_config_override.get()):
+        if k == kernel:
+            return cfg, flatten
+    return None
 
 
 def _check_gemm_name(name: str) -> str:
@@ -463,6 +477,27 @@ def use_gemm(name: str) -> Iterator[None]:
         yield
     finally:
         _gemm_override.reset(token)
+
+
+@contextlib.contextmanager
+def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN) -> Iterator[None]:
+    """Launch every ``kernel`` ('triton' | 'tma') GEMM in a ``with`` block with the one tile config ``cfg`` =
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of autotuning; ``flatten`` sets the TMA kernel's
+    FLATTEN. For per-config benchmarks (``bench ops --ops gemm-configs``) and debugging. It does not choose the
+    path (``use_gemm`` does); on the interpreter it replaces the fixed interpreter config."""
+    if kernel not in ("triton", "tma"):
+        raise ValueError(f"unknown GEMM kernel {kernel!r}; expected 'triton' or 'tma'")
+    if len(cfg) != 5 or not all(isinstance(v, int) and v > 0 for v in cfg):
+        raise ValueError(f"a GEMM config is 5 positive ints (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), got {cfg!r}")
+    bm, bn, bk, w, _ = cfg
+    if any(v & (v - 1) for v in (bm, bn, bk, w)) or bm % _PART_BM or min(bn, bk) < 16:
+        raise ValueError(f"GEMM config {cfg!r}: BLOCK_M, BLOCK_N, BLOCK_K and warps must be powers of two, BLOCK_M a "
+                         f"multiple of {_PART_BM}, BLOCK_N and BLOCK_K at least 16")
+    token = _config_override.set(_config_override.get() + ((kernel, tuple(cfg), bool(flatten)),))
+    try:
+        yield
+    finally:
+        _config_override.reset(token)
 
 
 def _arch(device: torch.device) -> int:
@@ -542,14 +577,19 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     interp = INTERPRET or not a.is_cuda
     sms = TMA_INTERPRET_SMS if interp else _num_sms(
         a.device.index if a.device.index is not None else torch.cuda.current_device())
-    if interp or not _autotune:  # one fixed config: the interpreter's, or the first that fits
-        bm, bn, bk, w, st = TMA_INTERPRET_CONFIG if interp else next(
-            c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None))
+    forced = _forced_config("tma")
+    if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
+        cfg, flatten = forced or ((TMA_INTERPRET_CONFIG if interp else next(
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None))), TMA_FLATTEN)
+        if not interp and not tma_config_fits(cfg, z is not None):
+            raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
+                             f"{' with a z tile staged' if z is not None else ''}")
+        bm, bn, bk, w, st = cfg
         _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, a_desc=args[0],
                                b_desc=args[1], c_desc=args[2], z_desc=args[3]))
         _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn)),)](
-            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, num_warps=w,
-            num_stages=st)
+            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
+            num_warps=w, num_stages=st)
         return
 
     def grid(meta):
@@ -584,24 +624,23 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
     flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None and not dact,
                  DACT=dact, ALLOW_TF32=tf32 or a.dtype != torch.float32)
-    if INTERPRET or not a.is_cuda:
-        bm, bn, bk, w, s = INTERPRET_CONFIG
-        grid = (cdiv(M, bm) * cdiv(N, bn),)
-        _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4, num_warps=w,
-                           num_stages=s)
-        return
-    arch = _arch(a.device)
-    width = 32 if a.dtype == torch.float32 else 16
-    if _autotune:
+    forced = _forced_config("triton")
+    interp = INTERPRET or not a.is_cuda
+    if forced is None and not interp and _autotune:
         def grid(meta):
             return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
-        _GEMM_TUNED[(arch, width)](grid, args, flags)
+        _GEMM_TUNED[(_arch(a.device), 32 if a.dtype == torch.float32 else 16)](grid, args, flags)
         return
-    cfgs = FP32_CONFIGS if width == 32 else (SM90_CONFIGS_16 if arch == 90 else SM80_CONFIGS_16)
-    bm, bn, bk, w, s = cfgs[0]
-    grid = (cdiv(M, bm) * cdiv(N, bn),)
-    _gemm_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, num_warps=w,
-                       num_stages=s)
+    if forced is not None:
+        cfg = forced[0]
+    elif interp:
+        cfg = INTERPRET_CONFIG
+    else:  # autotuning off: the first config of the arch's list
+        cfg = (FP32_CONFIGS if a.dtype == torch.float32 else
+               SM90_CONFIGS_16 if _arch(a.device) == 90 else SM80_CONFIGS_16)[0]
+    bm, bn, bk, w, s = cfg
+    _gemm_kernel[(cdiv(M, bm) * cdiv(N, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                               GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
 
 
 def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor) -> None:
@@ -1028,7 +1067,7 @@ _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}
 
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
-                   dact: int = 0) -> AotSpec:
+                   dact: int = 0, flatten: bool = TMA_FLATTEN) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
@@ -1037,11 +1076,13 @@ def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, ep
            "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
            "M_KEY": "i32", "P": "i32", "stride_rm": "i32"}
     cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
-              SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132)
+              SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
+              FLATTEN=flatten)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
-                        f"{f',dact={dact}' if dact else ''}]", div16=("K", "stride_rm"), min_cc=90)
+                        f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}]", div16=("K", "stride_rm"),
+                        min_cc=90)
 
 
 def _aot_specs() -> List[AotSpec]:
@@ -1055,6 +1096,7 @@ def _aot_specs() -> List[AotSpec]:
         specs += [_gemm_tma_spec(ty, next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dx", False, act)
                   for act in (1, 2)]
     specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
+    specs.append(_gemm_tma_spec("bf16", TMA_CONFIGS_16[0], "fwd", False, flatten=not TMA_FLATTEN))  # the other loop form
     for dt, ty in _TY.items():
         lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
         seen = set()
@@ -1089,5 +1131,5 @@ def _aot_specs() -> List[AotSpec]:
 AOT_SPECS: List[AotSpec] = _aot_specs()
 
 __all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "linear_dact_bwd", "LinearFn", "mlp", "MLPFn",
-           "FusedMLP", "use_gemm",
+           "FusedMLP", "use_gemm", "use_gemm_config",
            "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

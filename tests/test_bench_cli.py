@@ -276,15 +276,21 @@ def _gpu_check(tmp_path, out, *flags: str, **env_extra: str) -> subprocess.Compl
 
 @needs_gpu_check_shell
 def test_gpu_check_dry_run(tmp_path):
+    """--with-train: every step's files, the training run's beside the tests (in train/), the summary last."""
     out = tmp_path / "results"
-    res = _gpu_check(tmp_path, out, GPU_CHECK_SECONDS="400")
+    res = _gpu_check(tmp_path, out, "--with-train", GPU_CHECK_SECONDS="420")
     names = sorted(os.listdir(out))
     expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
-                "ops-graph.json", "ops-graph.csv", "model.json", "model.csv", "overhead.json", "overhead.csv",
-                "summary.txt"}
-    assert expected <= set(names) and len(names) <= 17, names
+                "gemm-configs.json", "gemm-configs.csv", "ops-graph.json", "ops-graph.csv", "model.json", "model.csv",
+                "overhead.json", "overhead.csv", "summary.txt", "train"}
+    assert expected <= set(names) and len(names) <= 21, names
     if HAS_MPL:
         assert {"ops.png", "ops-experimental.png", "ops-graph.png", "model.png", "overhead.png"} <= set(names)
+    train = set(os.listdir(out / "train"))
+    assert {"train.log", "config.json", "log.json"} <= train and not any(n.endswith(".pt") for n in train), train
+    sweep = json.loads((out / "gemm-configs.json").read_text())["rows"]
+    assert {r["name"] for r in sweep} == {"gemm-configs"} and any(r["impl"] == "torch.matmul" for r in sweep)
+    assert {r["impl"] for r in sweep} >= {ops.sweep_label(*c) for c in ops.gemm_sweep_candidates()}
     settled = json.loads((out / "ops.json").read_text())["rows"]
     experimental = json.loads((out / "ops-experimental.json").read_text())["rows"]
     assert settled and not any(ops.is_experimental(harness.Row(**r)) for r in settled)
@@ -296,7 +302,8 @@ def test_gpu_check_dry_run(tmp_path):
     last = res.stdout.strip().splitlines()[-1]
     assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
     assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary and "\noverhead: " in summary
-    assert "\nops-experimental: " in summary and "\nops-graph: " in summary
+    assert "\nops-experimental: " in summary and "\nops-graph: " in summary and "\ngemm-configs: " in summary
+    assert "train (--with-train): rc=0; test accuracy " in summary
     graph = json.loads((out / "ops-graph.json").read_text())
     assert {r["name"] for r in graph["rows"]} <= {"layer_norm", "add_layer_norm"} and graph["config"]["timer"]
 

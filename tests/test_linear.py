@@ -297,6 +297,47 @@ def test_tma_path_falls_back_when_operands_break_its_rules(why, device, tma_laun
         assert tma_launches["tma"] == 0
 
 
+class _SpyKernel:
+    """Stands in for a @triton.jit kernel: records each launch's tile config, then launches the real one."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((tuple(kw[n] for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")),
+                               kw.get("FLATTEN")))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("kernel,cfg,flatten", [("triton", (32, 32, 16, 4, 2), True), ("tma", (64, 32, 16, 4, 2), False),
+                                                ("tma", (32, 128, 32, 8, 1), True)])
+def test_use_gemm_config_forces_one_tile_config(kernel, cfg, flatten, device, monkeypatch):
+    """use_gemm_config (the per-config GEMM sweep's switch): every GEMM of the block, y, dX and dW, runs the
+    forced config, still correct at edges no tile divides; outside the block the usual config comes back."""
+    name = "_gemm_tma_kernel" if kernel == "tma" else "_gemm_kernel"
+    spy = _SpyKernel(getattr(L, name))
+    monkeypatch.setattr(L, name, spy)
+    x, w, b, r = _make(37, 40, 72, torch.float16 if kernel == "tma" else torch.float32, device, True, True)
+    with L.use_gemm_config(kernel, cfg, flatten):
+        _check(x, w, b, r, "gelu", gemm=kernel)
+    assert spy.calls == [(cfg, flatten if kernel == "tma" else None)] * 3, spy.calls
+    spy.calls.clear()
+    linear(x, w, b, "gelu", backend="triton", gemm=kernel)
+    assert len(spy.calls) == 1 and spy.calls[0][0] != cfg
+
+
+def test_use_gemm_config_refuses_bad_configs():
+    with pytest.raises(ValueError, match="unknown GEMM kernel"):
+        with L.use_gemm_config("cublas", (64, 64, 32, 4, 2)):
+            pass
+    for bad in [(64, 64, 32, 4), (48, 64, 32, 4, 2), (64, 64, 32, 3, 2), (16, 64, 32, 4, 2), (64, 64, 8, 4, 2)]:
+        with pytest.raises(ValueError, match="GEMM config"):
+            with L.use_gemm_config("triton", bad):
+                pass
+
+
 def test_tma_config_fits_shared_memory():
     assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180 KiB (ptxas: 180248 B)
     assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # 240 KiB with z (ptxas: 245784 B)
