@@ -476,31 +476,34 @@ def sweep_label(kernel: str, cfg: Sequence[int], flatten: bool) -> str:
     return f"flashvit[{kernel}:{bm}x{bn}x{bk},w{w},s{st}{'' if flatten or kernel != 'tma' else ',noflat'}]"
 
 
-def _warm_chunk(cands: list, ks: List[int], dtype: str) -> int:
-    """Spawned worker: compile each candidate at each K once (tiny M, N: the same specializations as the timed
-    calls), so the timed process finds them in Triton's on-disk cache. Returns the number that failed."""
+def _warm_chunk(cands: list, ks: List[int], dtype: str, device: str, m: int) -> int:
+    """Spawned worker: run each candidate at each K once on (m, K) x (m, K)ᵀ (M, N multiples of 16 as in the
+    timed calls, so the same specializations), so the timed process finds them in Triton's on-disk cache.
+    Returns how many failed (the timed rows report why)."""
     lin = importlib.import_module("flashvit.kernels.linear")
     dt = getattr(torch, dtype)
     failed = 0
     for kernel, cfg, flatten in cands:
         for K in ks:
-            x, w = (torch.randn(256, K, device="cuda", dtype=dt) for _ in range(2))
+            x, w = (torch.randn(m, K, device=device, dtype=dt) for _ in range(2))
             try:
                 with lin.use_gemm(kernel), lin.use_gemm_config(kernel, tuple(cfg), flatten):
                     lin.linear(x, w, backend="triton")
-                torch.cuda.synchronize()
-            except Exception:  # the timed row reports it
+                if device == "cuda":
+                    torch.cuda.synchronize()
+            except Exception:
                 failed += 1
     return failed
 
 
-def warm_gemm_candidates(cands: list, ks: List[int], dtype: torch.dtype, workers: int) -> None:
-    """Compile the sweep's candidates in ``workers`` spawned processes (one compile takes seconds; dozens of
-    them serially would eat the budget)."""
+def warm_gemm_candidates(cands: list, ks: List[int], dtype: torch.dtype, workers: int, device: str = "cuda",
+                         m: int = 256) -> int:
+    """Run the sweep's candidates once in ``workers`` spawned processes (a compile takes seconds: dozens of them
+    one after another would eat the budget). Returns how many (candidate, K) runs failed."""
     import multiprocessing as mp
     chunks = [c for c in (cands[i::workers] for i in range(workers)) if c]
     with mp.get_context("spawn").Pool(len(chunks)) as pool:
-        pool.starmap(_warm_chunk, [(c, ks, dtype_name(dtype)) for c in chunks])
+        return sum(pool.starmap(_warm_chunk, [(c, ks, dtype_name(dtype), device, m) for c in chunks]))
 
 
 def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
@@ -517,9 +520,11 @@ def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     def warm() -> None:
         if not warmed and ctx.device.type == "cuda":
             warmed.append(True)
-            ks = sorted({K for *_, K in shapes})
-            warm_gemm_candidates([c for c in cands if hopper or c[0] != "tma"], ks, ctx.dtype,
-                                 max(1, min(8, (os.cpu_count() or 2) // 2)))
+            try:  # a failed warm-up only costs time: each row then compiles its own config
+                warm_gemm_candidates([c for c in cands if hopper or c[0] != "tma"], sorted({K for *_, K in shapes}),
+                                     ctx.dtype, max(1, min(8, (os.cpu_count() or 2) // 2)))
+            except Exception as e:
+                print(f"gemm-configs: parallel compile failed ({type(e).__name__}: {e}); compiling row by row")
 
     def args(grad: bool, M: int, N: int, K: int) -> Tuple[torch.Tensor, ...]:
         return (_randn((M, K), ctx), _randn((N, K), ctx, K ** -0.5))

@@ -258,6 +258,33 @@ def test_gemm_variants_cover_every_gemm_path():
             assert lin._choose_path("", torch.device("cuda"), 4096, 4096, 4096) == label[6:-1]
 
 
+def test_gemm_sweep_candidates_and_labels():
+    """The sweep starts with the shipped configs (what the autotuner picks from), then the others; no duplicates;
+    every candidate is a config use_gemm_config takes and that fits sm_90's shared memory."""
+    lin = importlib.import_module("flashvit.kernels.linear")
+    cands = ops.gemm_sweep_candidates()
+    n_tma, n_tiled = len(lin.TMA_CONFIGS_16), len(lin.SM90_CONFIGS_16)
+    assert [c[1] for c in cands[:n_tma]] == lin.TMA_CONFIGS_16
+    assert [c[1] for c in cands[n_tma:n_tma + n_tiled]] == lin.SM90_CONFIGS_16
+    assert {c[2] for c in cands if c[0] == "tma"} == {True, False}  # both TMA loop forms
+    labels = [ops.sweep_label(*c) for c in cands]
+    assert len(set(labels)) == len(labels) and all(label.startswith("flashvit[") for label in labels)
+    for kernel, cfg, flatten in cands:
+        with lin.use_gemm_config(kernel, cfg, flatten):
+            pass
+        bm, bn, bk, w, st = cfg
+        assert (lin.tma_config_fits(cfg, False) if kernel == "tma"
+                else 2 * st * (bm * bk + bk * bn) <= lin._TMA_SMEM_LIMIT), cfg
+        assert bm * bn // (32 * w) <= 128, cfg  # accumulator registers a thread
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in spawned interpreters")
+def test_gemm_sweep_warm_up_in_spawned_processes():
+    """The sweep's parallel warm-up: spawned workers import flashvit, run each forced config; bad ones count."""
+    cands = [("triton", (32, 32, 16, 4, 1), True), ("tma", (32, 32, 16, 4, 1), False), ("triton", (48, 32, 16, 4, 1), True)]
+    assert ops.warm_gemm_candidates(cands, [32], torch.float16, 2, device="cpu", m=32) == 1
+
+
 needs_gpu_check_shell = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None
     or os.environ.get("FLASHVIT_IN_GPU_CHECK") == "1",
