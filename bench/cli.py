@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -57,6 +58,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ceilings-from", default=None, help="reuse the ceilings of an earlier JSON of this run")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--tests-log", default=None, help="report: a pytest log whose last summary line is quoted")
+    p.add_argument("--prewarm", type=int, default=0, metavar="N",
+                   help="ops: first run each Triton and torch.compile row once, untimed, in N spawned processes, so "
+                        "Triton's and Inductor's on-disk caches serve the timed rows (compiles take seconds each)")
+    p.add_argument("--prewarm-only", action="store_true",
+                   help="ops: only the --prewarm pass (no timing, no files); e.g. in the background of other work")
     p.add_argument("--summary", default=None, help="report: also write the summary to this file")
     p.add_argument("--note", action="append", default=[], help="report: a line to append (repeatable)")
     return p
@@ -72,14 +78,12 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
         print("error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
     gpu = device.type == "cuda"
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    compile_ok, compile_note = True, ""
-    if args.compile == "off":
-        compile_ok, compile_note = False, "torch.compile rows off (--compile off)"
-    elif args.compile == "auto" and args.quick and not gpu:
-        compile_ok, compile_note = False, "torch.compile rows off for --quick on CPU (pass --compile on)"
-    warmup_ms = args.warmup_ms if args.warmup_ms is not None else (25 if gpu else 5 if args.quick else 20)
-    rep_ms = args.rep_ms if args.rep_ms is not None else (100 if gpu else 30 if args.quick else 200)
+    dtype, compile_ok, compile_note, warmup_ms, rep_ms = _settings(args, device)
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    if args.command == "ops" and args.prewarm_only:
+        if args.prewarm > 0:
+            _prewarm_ops(args, argv_list, device, H.Budget(args.budget, t_start), share=0.95)
+        return 0
 
     env = H.environment(device)
     ceilings = {} if args.command == "overhead" else _ceilings(args, device, dtype)
@@ -88,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
                   timer=("wall clock median" if not gpu else
                          "triton.testing.do_bench median (L2 flushed between calls)" if args.timer == "flush" else
                          "CUDA graph replay, device time per call (median of 10 replays; no host time, no L2 flush)"),
-                  argv=list(sys.argv[1:] if argv is None else argv))
+                  argv=argv_list)
     H.echo_stdout(f"flashvit bench {args.command} on {env['device_name']} ({device}), torch {env['torch']}, "
                   f"triton {env['triton']}, commit {env['git_commit'][:12]}")
     H.echo_stdout("ceilings: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -108,6 +112,75 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
                                                                             if args.budget is not None else None),
                         compile_ok, compile_note)
     return rc
+
+
+def _settings(args: argparse.Namespace, device: torch.device) -> Tuple[torch.dtype, bool, str, float, float]:
+    """(dtype, compile_ok, compile_note, warmup_ms, rep_ms) from the command line and the device."""
+    gpu = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if gpu else torch.float32)
+    compile_ok, compile_note = True, ""
+    if args.compile == "off":
+        compile_ok, compile_note = False, "torch.compile rows off (--compile off)"
+    elif args.compile == "auto" and args.quick and not gpu:
+        compile_ok, compile_note = False, "torch.compile rows off for --quick on CPU (pass --compile on)"
+    warmup_ms = args.warmup_ms if args.warmup_ms is not None else (25 if gpu else 5 if args.quick else 20)
+    rep_ms = args.rep_ms if args.rep_ms is not None else (100 if gpu else 30 if args.quick else 200)
+    return dtype, compile_ok, compile_note, warmup_ms, rep_ms
+
+
+def _ops_jobs(args: argparse.Namespace, device: torch.device, warmup_ms: float, rep_ms: float) -> List[H.Job]:
+    from flashvit.bench import ops as O
+    dtype, compile_ok, compile_note, _, _ = _settings(args, device)
+    ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick, args.timer)
+    return O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
+
+
+def _warms_a_cache(job: H.Job) -> bool:
+    """Rows whose first run compiles (our Triton kernels, torch.compile): the ones --prewarm runs."""
+    return not job.unavailable and job.row.impl.startswith(("flashvit", "compile("))
+
+
+def _prewarm_worker(argv: List[str], device: str, labels: List[str]) -> Tuple[int, List[str]]:
+    """A spawned process: run the rows named ``labels`` once (1 ms timing windows). Returns (rows run, errors)."""
+    args = parser().parse_args(argv)
+    ok, errors = 0, []
+    for job in _ops_jobs(args, torch.device(device), 1.0, 1.0):
+        if H.label(job.row) in labels and job.run is not None:
+            try:
+                job.run(job.row)
+                ok += 1
+            except Exception as e:  # the timed run reports it
+                errors.append(f"{H.label(job.row)}: {H.short_error(e)}")
+            finally:
+                H.cleanup(torch.device(device))
+    return ok, errors
+
+
+def _prewarm_ops(args: argparse.Namespace, argv: List[str], device: torch.device, budget: H.Budget,
+                 share: float = 0.6) -> None:
+    """--prewarm N: every compiling row run once, untimed, in N spawned processes (they fill the on-disk caches
+    of Triton and Inductor; the timed rows then load instead of compiling), in at most ``share`` of the budget."""
+    import multiprocessing as mp
+    t0 = time.monotonic()
+    labels = [H.label(j.row) for j in _ops_jobs(args, device, 1.0, 1.0) if _warms_a_cache(j)]
+    if not labels:
+        H.echo_stdout("prewarm: no row here compiles anything")
+        return
+    n = max(1, min(args.prewarm, len(labels)))
+    chunks = [labels[i::n] for i in range(n)]  # rows in priority order: each process starts with the first ones
+    timeout = None if math.isinf(budget.remaining()) else max(10.0, share * budget.remaining())
+    pool = mp.get_context("spawn").Pool(n)
+    try:
+        res = pool.starmap_async(_prewarm_worker, [(argv, str(device), c) for c in chunks if c]).get(timeout)
+        ok, errors = sum(r[0] for r in res), [e for r in res for e in r[1]]
+        H.echo_stdout(f"prewarm: {ok} of {len(labels)} rows run in {n} processes in {time.monotonic() - t0:.0f} s"
+                      + (f"; {len(errors)} failed, first: {errors[0][:300]}" if errors else ""))
+    except mp.TimeoutError:
+        H.echo_stdout(f"prewarm: stopped after {time.monotonic() - t0:.0f} s (its share of the budget); "
+                      "rows not warmed compile when timed")
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _ceilings(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Dict[str, Any]:
@@ -146,8 +219,9 @@ def _finish(suite: str, rows: List[H.Row], meta: Dict[str, Any], out: str, no_pl
 
 def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_ms, compile_ok, compile_note) -> int:
     from flashvit.bench import ops as O
-    ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick, args.timer)
-    jobs = O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
+    if args.prewarm > 0:
+        _prewarm_ops(args, config["argv"], device, budget)
+    jobs = _ops_jobs(args, device, warmup_ms, rep_ms)
     suite = ("ops-experimental" if args.rows == "experimental" else "ops") + ("-graph" if args.timer == "graph" else "")
     if args.ops and set(args.ops) == {"gemm-configs"}:  # the sweep alone: files of its own
         suite = "gemm-configs" + ("-graph" if args.timer == "graph" else "")

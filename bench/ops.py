@@ -20,7 +20,6 @@ import contextlib
 import functools
 import importlib
 import itertools
-import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -476,63 +475,21 @@ def sweep_label(kernel: str, cfg: Sequence[int], flatten: bool) -> str:
     return f"flashvit[{kernel}:{bm}x{bn}x{bk},w{w},s{st}{'' if flatten or kernel != 'tma' else ',noflat'}]"
 
 
-def _warm_chunk(cands: list, ks: List[int], dtype: str, device: str, m: int) -> int:
-    """Spawned worker: run each candidate at each K once on (m, K) x (m, K)ᵀ (M, N multiples of 16 as in the
-    timed calls, so the same specializations), so the timed process finds them in Triton's on-disk cache.
-    Returns how many failed (the timed rows report why)."""
-    lin = importlib.import_module("flashvit.kernels.linear")
-    dt = getattr(torch, dtype)
-    failed = 0
-    for kernel, cfg, flatten in cands:
-        for K in ks:
-            x, w = (torch.randn(m, K, device=device, dtype=dt) for _ in range(2))
-            try:
-                with lin.use_gemm(kernel), lin.use_gemm_config(kernel, tuple(cfg), flatten):
-                    lin.linear(x, w, backend="triton")
-                if device == "cuda":
-                    torch.cuda.synchronize()
-            except Exception:
-                failed += 1
-    return failed
-
-
-def warm_gemm_candidates(cands: list, ks: List[int], dtype: torch.dtype, workers: int, device: str = "cuda",
-                         m: int = 256) -> int:
-    """Run the sweep's candidates once in ``workers`` spawned processes (a compile takes seconds: dozens of them
-    one after another would eat the budget). Returns how many (candidate, K) runs failed."""
-    import multiprocessing as mp
-    chunks = [c for c in (cands[i::workers] for i in range(workers)) if c]
-    with mp.get_context("spawn").Pool(len(chunks)) as pool:
-        return sum(pool.starmap(_warm_chunk, [(c, ks, dtype_name(dtype), device, m) for c in chunks]))
-
-
 def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     """Rows of the per-config GEMM sweep: fwd only, one row per (candidate, shape), torch.matmul as baseline.
-    On CUDA the first of our rows compiles every candidate in parallel first (its ``seconds`` include that)."""
+    Each candidate is a compile of its own: run it with ``--prewarm N`` (compiles in N processes first)."""
     from flashvit.kernels import linear
     lin = importlib.import_module("flashvit.kernels.linear")
     shapes = QUICK_GEMM_SWEEP_SHAPES if ctx.quick else GEMM_SWEEP_SHAPES
     dt = dtype_name(ctx.dtype)
     cands = gemm_sweep_candidates()
     hopper = ctx.device.type == "cuda" and torch.cuda.get_device_capability(ctx.device)[0] >= 9
-    warmed: List[bool] = []
-
-    def warm() -> None:
-        if not warmed and ctx.device.type == "cuda":
-            warmed.append(True)
-            try:  # a failed warm-up only costs time: each row then compiles its own config
-                warm_gemm_candidates([c for c in cands if hopper or c[0] != "tma"], sorted({K for *_, K in shapes}),
-                                     ctx.dtype, max(1, min(8, (os.cpu_count() or 2) // 2)))
-            except Exception as e:
-                print(f"gemm-configs: parallel compile failed ({type(e).__name__}: {e}); compiling row by row")
 
     def args(grad: bool, M: int, N: int, K: int) -> Tuple[torch.Tensor, ...]:
         return (_randn((M, K), ctx), _randn((N, K), ctx, K ** -0.5))
 
     def ours(kernel: str, cfg: Tuple[int, int, int, int, int], flatten: bool):
         def factory():
-            warm()
-
             def run(x, w):
                 with lin.use_gemm(kernel), lin.use_gemm_config(kernel, cfg, flatten):
                     return linear(x, w, backend="triton")

@@ -278,11 +278,20 @@ def test_gemm_sweep_candidates_and_labels():
         assert bm * bn // (32 * w) <= 128, cfg  # accumulator registers a thread
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in spawned interpreters")
-def test_gemm_sweep_warm_up_in_spawned_processes():
-    """The sweep's parallel warm-up: spawned workers import flashvit, run each forced config; bad ones count."""
-    cands = [("triton", (32, 32, 16, 4, 1), True), ("tma", (32, 32, 16, 4, 1), False), ("triton", (48, 32, 16, 4, 1), True)]
-    assert ops.warm_gemm_candidates(cands, [32], torch.float16, 2, device="cpu", m=32) == 1
+def test_prewarm_runs_the_compiling_rows_in_spawned_processes(capsys):
+    """--prewarm: the rows that compile (ours, torch.compile) run once in spawned processes, each built from the
+    same command line; an error in one is reported, not raised. CPU here: eager paths, compile rows on."""
+    argv = ["ops", "--quick", "--device", "cpu", "--ops", "layernorm", "--compile", "on", "--prewarm", "2"]
+    args = cli.parser().parse_args(argv)
+    jobs = cli._ops_jobs(args, torch.device("cpu"), 1.0, 1.0)
+    warm = [harness.label(j.row) for j in jobs if cli._warms_a_cache(j)]
+    assert warm and all(" compile(" in w or " flashvit" in w for w in warm)
+    assert not any(harness.label(j.row) in warm for j in jobs if j.unavailable)
+    ok, errors = cli._prewarm_worker(argv, "cpu", warm[:1] + ["no such row"])
+    assert (ok, errors) == (1, [])
+    cli._prewarm_ops(args, argv, torch.device("cpu"), harness.Budget(None))
+    out = capsys.readouterr().out
+    assert f"prewarm: {len(warm)} of {len(warm)} rows run in 2 processes" in out, out
 
 
 needs_gpu_check_shell = pytest.mark.skipif(
