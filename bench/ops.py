@@ -56,6 +56,7 @@ GEMM_SWEEP_EXTRA = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 3), (128, 128, 128, 
 TMA_SWEEP_GRID = [(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) for st in (2, 3, 4) for w in (4, 8)
                   if 128 * bn // (32 * w) <= 128]
 
+LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch.compile rows go first
 EXPERIMENTAL = ("[gemm=tma]", "[split]")  # impl tags of kernel paths that have not run on a GPU yet
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
@@ -602,6 +603,8 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
         families.append(list(groups.values()))
         late += lt
     main = [j for turn in itertools.zip_longest(*families) for group in turn if group for j in group]
+    # torch.compile rows: the families whose issues compare against torch.compile first (MLP, LayerNorm).
+    late.sort(key=lambda j: LATE_PRIORITY.index(j.row.name) if j.row.name in LATE_PRIORITY else len(LATE_PRIORITY))
     # Kernels not yet run on a GPU go after the others: a fault there (a lost CUDA context) cannot take the
     # established rows down with it.
     return sorted(main, key=lambda j: is_experimental(j.row)) + late  # stable: the order within each part holds
