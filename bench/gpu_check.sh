@@ -21,8 +21,8 @@
 # (GPU_CHECK_SECONDS, default 330) -> OUTDIR/train.log (with date, commit and device), and the run's
 # config.json, log.json and PNGs (not its checkpoints).
 # --with-train: all of the above, and that training run too, in the background while the tests run (tests
-# are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 230 s)
-# -> OUTDIR/train/. Total budget 560 s instead of 470.
+# are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 270 s)
+# -> OUTDIR/train/. Total budget 570 s instead of 470.
 # Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
 # the others' time, and whatever did not fit is listed as skipped.
 #
@@ -55,7 +55,7 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 if [ "$TRAIN" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-330}
 elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 300 : 240 ))}
-else HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 560 : 470 ))}; fi
+else HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 570 : 470 ))}; fi
 T0=$SECONDS
 NOTES=()
 left() { echo $(( HARD - (SECONDS - T0) )); }
@@ -161,7 +161,7 @@ if [ "$TRAIN" = 1 ]; then
 fi
 TRAIN_RC=0
 if [ "$TRAIN" = 2 ]; then
-  start_train "$OUT/train" "${GPU_CHECK_TRAIN_MAX:-230}" || TRAIN_RC=3
+  start_train "$OUT/train" "${GPU_CHECK_TRAIN_MAX:-270}" || TRAIN_RC=3
 fi
 
 # ---- compile caches, warmed in the background beside the tests ------------------------------------------
