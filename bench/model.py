@@ -6,6 +6,7 @@ Implementations (same config, same dtype, same batch):
   flashvit-eager      our model on its PyTorch reference path (backend "torch")
   timm                timm's VisionTransformer, eager (the baseline of every speedup)
   timm+flashvit.patch timm's model with flashvit.patch() swapping in our fused layers
+  IMPL[key=value,...] IMPL with 'auto' verdicts flipped (see VERDICTS), e.g. flashvit[ln=triton,mlp=tma]
   compile(timm)       torch.compile(timm model)
   compile(timm+flashvit.patch)  torch.compile of the patched timm model (Inductor fuses around our ops)
   compile(flashvit)   torch.compile(our model), Triton kernels as opaque custom ops
@@ -35,9 +36,14 @@ MODEL_ALIASES = {
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch",
+         "timm+flashvit.patch[ln=triton]", "flashvit[ln=triton,mlp=tma]", "timm+flashvit.patch[ln=triton,mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
-# flashvit[ln=triton]: the 'auto' policy with LayerNorm's verdict flipped to the Triton kernels, to decide
-# kernels/layernorm.py's AUTO_TRITON end to end (eager until measured).
+# Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
+# end to end what a change of verdict would give before the defaults change:
+#   ln=triton    kernels/layernorm.py AUTO_TRITON = True (LayerNorm on its kernels; eager until measured)
+#   mlp=PATH     kernels/linear.py AUTO_TRAINING = AUTO_INFERENCE = True with use_gemm(PATH) (cublas | tma | triton):
+#                the fused linears and MLP (GELU' in fc2's dX GEMM on the triton/tma paths) in training too
+VERDICTS = {"ln": ("triton",), "mlp": ("cublas", "tma", "triton")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -78,9 +84,49 @@ def _timm() -> Any:
         return None
 
 
+def base_impl(impl: str) -> str:
+    """``impl`` without its verdict tags: 'timm+flashvit.patch[ln=triton]' -> 'timm+flashvit.patch'."""
+    return impl.split("[", 1)[0]
+
+
+def verdict_tags(impl: str) -> Dict[str, str]:
+    """The verdicts an impl name flips: 'flashvit[ln=triton,mlp=tma]' -> {'ln': 'triton', 'mlp': 'tma'}."""
+    if "[" not in impl:
+        return {}
+    if not impl.endswith("]"):
+        raise ValueError(f"bad impl {impl!r}: tags go in one trailing [key=value,...]")
+    tags: Dict[str, str] = {}
+    for kv in impl[impl.index("[") + 1:-1].split(","):
+        key, _, value = kv.partition("=")
+        if value not in VERDICTS.get(key, ()):
+            raise ValueError(f"bad verdict {kv!r} in {impl!r}; choose from "
+                             + ", ".join(f"{k}={v}" for k, vs in VERDICTS.items() for v in vs))
+        tags[key] = value
+    return tags
+
+
+@contextlib.contextmanager
+def _verdicts(impl: str) -> Iterator[None]:
+    """The 'auto' verdicts that ``impl``'s tags flip, in force inside the block (restored after)."""
+    tags = verdict_tags(impl)
+    ln = importlib.import_module("flashvit.kernels.layernorm")
+    lin = importlib.import_module("flashvit.kernels.linear")
+    old = (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)
+    if "ln" in tags:
+        ln.AUTO_TRITON = True
+    if "mlp" in tags:
+        lin.AUTO_TRAINING = lin.AUTO_INFERENCE = True
+    try:
+        with lin.use_gemm(tags["mlp"]) if "mlp" in tags else contextlib.nullcontext():
+            yield
+    finally:
+        ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old
+
+
 def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     """A fresh model for ``impl`` on the device, in ctx.dtype (parameters created on the device: fast init)."""
     import flashvit
+    impl = base_impl(impl)
     with torch.device(ctx.device):
         if impl.startswith("flashvit") or impl == "compile(flashvit)":
             m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides)
@@ -92,20 +138,8 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     return m
 
 
-@contextlib.contextmanager
-def _layernorm_verdict(triton: bool) -> Iterator[None]:
-    """LayerNorm's 'auto' verdict set to the Triton kernels inside the block when ``triton``."""
-    ln = importlib.import_module("flashvit.kernels.layernorm")
-    old = ln.AUTO_TRITON
-    ln.AUTO_TRITON = old or triton
-    try:
-        yield
-    finally:
-        ln.AUTO_TRITON = old
-
-
 def backend_for(impl: str) -> str:
-    return {"flashvit-triton": "triton", "flashvit-eager": "torch"}.get(impl, "auto")
+    return {"flashvit-triton": "triton", "flashvit-eager": "torch"}.get(base_impl(impl), "auto")
 
 
 def image_shape(name: str, ctx: MCtx) -> Tuple[int, int, int]:
@@ -179,7 +213,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        with flashvit.use_backend(backend_for(impl)), _layernorm_verdict(impl == "flashvit[ln=triton]"):
+        with flashvit.use_backend(backend_for(impl)), _verdicts(impl):
             t0 = time.perf_counter()
             step()  # first step: compile / autotune / allocate, outside the timer
             if dev.type == "cuda":
@@ -200,8 +234,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 def unavailable(impl: str, ctx: MCtx) -> str:
     import flashvit
     from flashvit.bench.ops import triton_unavailable
-    if impl in ("flashvit", "flashvit[ln=triton]", "flashvit-triton", "compile(flashvit)") and \
-            triton_unavailable(ctx.device):
+    if base_impl(impl) in ("flashvit", "flashvit-triton", "compile(flashvit)") and triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
     if "timm" in impl:
         if _timm() is None:

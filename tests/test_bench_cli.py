@@ -252,6 +252,27 @@ def test_model_rows_priority_order():
         model.resolve(["vit_nope"])
 
 
+def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
+    """IMPL[key=value]: the row runs with those 'auto' verdicts flipped (LayerNorm's kernels, the fused linears in
+    training on a given GEMM path) and everything is as before afterwards; bad tags are refused."""
+    ln = importlib.import_module("flashvit.kernels.layernorm")
+    lin = importlib.import_module("flashvit.kernels.linear")
+    assert model.verdict_tags("timm+flashvit.patch[ln=triton,mlp=tma]") == {"ln": "triton", "mlp": "tma"}
+    assert model.base_impl("timm+flashvit.patch[ln=triton,mlp=tma]") == "timm+flashvit.patch"
+    assert model.verdict_tags("flashvit") == {} and model.backend_for("flashvit-eager[ln=triton]") == "torch"
+    before = (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)
+    with model._verdicts("flashvit[ln=triton,mlp=tma]"):
+        assert (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == (True, True, True)
+        assert lin._choose_path("", torch.device("cuda"), 4096, 4096, 4096) == "tma"
+    with model._verdicts("flashvit[ln=triton]"):
+        assert ln.AUTO_TRITON and (lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == before[1:]
+    assert (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == before
+    for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton"):
+        with pytest.raises(ValueError, match="bad"):
+            model.verdict_tags(bad)
+    assert all(model.verdict_tags(i) is not None for i in model.IMPLS)  # every listed impl parses
+
+
 def test_gemm_variants_cover_every_gemm_path():
     lin = importlib.import_module("flashvit.kernels.linear")
     labels = [label for label, _ in ops.gemm_variants()]
