@@ -59,10 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--tests-log", default=None, help="report: a pytest log whose last summary line is quoted")
     p.add_argument("--prewarm", type=int, default=0, metavar="N",
-                   help="ops: first run each Triton and torch.compile row once, untimed, in N spawned processes, so "
+                   help="ops, model: first run each Triton and torch.compile row once, untimed, in N spawned processes, so "
                         "Triton's and Inductor's on-disk caches serve the timed rows (compiles take seconds each)")
     p.add_argument("--prewarm-only", action="store_true",
-                   help="ops: only the --prewarm pass (no timing, no files); e.g. in the background of other work")
+                   help="ops, model: only the --prewarm pass (no timing, no files); e.g. in the background of other work")
     p.add_argument("--summary", default=None, help="report: also write the summary to this file")
     p.add_argument("--note", action="append", default=[], help="report: a line to append (repeatable)")
     return p
@@ -80,9 +80,9 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
     gpu = device.type == "cuda"
     dtype, compile_ok, compile_note, warmup_ms, rep_ms = _settings(args, device)
     argv_list = list(sys.argv[1:] if argv is None else argv)
-    if args.command == "ops" and args.prewarm_only:
+    if args.command in ("ops", "model") and args.prewarm_only:
         if args.prewarm > 0:
-            _prewarm_ops(args, argv_list, device, H.Budget(args.budget, t_start), share=0.95)
+            _prewarm(args, argv_list, device, H.Budget(args.budget, t_start), share=0.95)
         return 0
 
     env = H.environment(device)
@@ -135,16 +135,43 @@ def _ops_jobs(args: argparse.Namespace, device: torch.device, warmup_ms: float, 
     return O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
 
 
+def _model_ctx(args: argparse.Namespace, device: torch.device, peak: Optional[float], warm: bool = False) -> Any:
+    from flashvit.bench import model as M
+    gpu = device.type == "cuda"
+    quick = args.quick
+    dtype, compile_ok, compile_note, _, _ = _settings(args, device)
+    bt = args.batch_train or (128 if gpu and not quick else 8 if gpu else 2 if quick else 8)
+    bi = args.batch_infer or (256 if gpu and not quick else 8 if gpu else 2 if quick else 8)
+    iters = 1 if warm else args.steps or (10 if gpu and not quick else 2 if quick else 3)
+    warmup = 0 if warm or quick else 3 if gpu else 1  # plus one untimed first step
+    return M.MCtx(device, dtype, quick, bt, bi, warmup, iters, compile_ok, compile_note, peak)
+
+
+def _model_jobs(args: argparse.Namespace, ctx: Any) -> Tuple[List[str], List[H.Job]]:
+    from flashvit.bench import model as M
+    names = M.resolve(args.models or (["s"] if args.quick else list(M.DEFAULT_MODELS)))
+    return names, M.model_jobs(ctx, names, args.impls)
+
+
+def _warm_jobs(args: argparse.Namespace, device: torch.device) -> List[H.Job]:
+    """The rows of this command (ops or model) built for a --prewarm pass: 1 ms timing windows, one model step."""
+    if args.command == "model":
+        return _model_jobs(args, _model_ctx(args, device, None, warm=True))[1]
+    return _ops_jobs(args, device, 1.0, 1.0)
+
+
 def _warms_a_cache(job: H.Job) -> bool:
     """Rows whose first run compiles (our Triton kernels, torch.compile): the ones --prewarm runs."""
-    return not job.unavailable and job.row.impl.startswith(("flashvit", "compile("))
+    impl = job.row.impl
+    return not job.unavailable and impl.startswith(("flashvit", "compile(", "timm+flashvit")) and \
+        not impl.startswith("flashvit-eager")
 
 
 def _prewarm_worker(argv: List[str], device: str, labels: List[str]) -> Tuple[int, List[str]]:
     """A spawned process: run the rows named ``labels`` once (1 ms timing windows). Returns (rows run, errors)."""
     args = parser().parse_args(argv)
     ok, errors = 0, []
-    for job in _ops_jobs(args, torch.device(device), 1.0, 1.0):
+    for job in _warm_jobs(args, torch.device(device)):
         if H.label(job.row) in labels and job.run is not None:
             try:
                 job.run(job.row)
@@ -156,13 +183,13 @@ def _prewarm_worker(argv: List[str], device: str, labels: List[str]) -> Tuple[in
     return ok, errors
 
 
-def _prewarm_ops(args: argparse.Namespace, argv: List[str], device: torch.device, budget: H.Budget,
-                 share: float = 0.6) -> None:
+def _prewarm(args: argparse.Namespace, argv: List[str], device: torch.device, budget: H.Budget,
+             share: float = 0.6) -> None:
     """--prewarm N: every compiling row run once, untimed, in N spawned processes (they fill the on-disk caches
     of Triton and Inductor; the timed rows then load instead of compiling), in at most ``share`` of the budget."""
     import multiprocessing as mp
     t0 = time.monotonic()
-    labels = [H.label(j.row) for j in _ops_jobs(args, device, 1.0, 1.0) if _warms_a_cache(j)]
+    labels = [H.label(j.row) for j in _warm_jobs(args, device) if _warms_a_cache(j)]
     if not labels:
         H.echo_stdout("prewarm: no row here compiles anything")
         return
@@ -220,7 +247,7 @@ def _finish(suite: str, rows: List[H.Row], meta: Dict[str, Any], out: str, no_pl
 def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_ms, compile_ok, compile_note) -> int:
     from flashvit.bench import ops as O
     if args.prewarm > 0:
-        _prewarm_ops(args, config["argv"], device, budget)
+        _prewarm(args, config["argv"], device, budget)
     jobs = _ops_jobs(args, device, warmup_ms, rep_ms)
     suite = ("ops-experimental" if args.rows == "experimental" else "ops") + ("-graph" if args.timer == "graph" else "")
     if args.ops and set(args.ops) == {"gemm-configs"}:  # the sweep alone: files of its own
@@ -248,18 +275,13 @@ def run_overhead(args, device, dtype, env, ceilings, config, budget) -> int:
 
 def run_model(args, device, dtype, env, ceilings, config, budget, compile_ok, compile_note) -> int:
     from flashvit.bench import model as M
-    gpu = device.type == "cuda"
-    quick = args.quick
-    bt = args.batch_train or (128 if gpu and not quick else 8 if gpu else 2 if quick else 8)
-    bi = args.batch_infer or (256 if gpu and not quick else 8 if gpu else 2 if quick else 8)
-    iters = args.steps or (10 if gpu and not quick else 2 if quick else 3)
-    warmup = 3 if gpu and not quick else 0 if quick else 1  # plus one untimed first step
+    if args.prewarm > 0:
+        _prewarm(args, config["argv"], device, budget)
     peak = ceilings.get("matmul_tflops")
-    ctx = M.MCtx(device, dtype, quick, bt, bi, warmup, iters, compile_ok, compile_note, peak)
-    names = M.resolve(args.models or (["s"] if quick else list(M.DEFAULT_MODELS)))
-    jobs = M.model_jobs(ctx, names, args.impls)
-    meta = _meta(env, ceilings, config, models=names, overrides=ctx.overrides, warmup_steps=warmup,
-                 timed_steps=iters, train_step="forward + cross-entropy + backward + SGD(momentum) step",
+    ctx = _model_ctx(args, device, peak)
+    names, jobs = _model_jobs(args, ctx)
+    meta = _meta(env, ceilings, config, models=names, overrides=ctx.overrides, warmup_steps=ctx.warmup,
+                 timed_steps=ctx.iters, train_step="forward + cross-entropy + backward + SGD(momentum) step",
                  flops="torch.utils.flop_counter.FlopCounterMode on flashvit's eager path, per image",
                  mfu_peak_tflops=peak)
     runner = H.Runner("model", jobs, meta, args.out, budget, device, H.echo_stdout)

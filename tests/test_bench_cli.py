@@ -314,9 +314,16 @@ def test_prewarm_runs_the_compiling_rows_in_spawned_processes(capsys):
     assert not any(harness.label(j.row) in warm for j in jobs if j.unavailable)
     ok, errors = cli._prewarm_worker(argv, "cpu", warm[:1] + ["no such row"])
     assert (ok, errors) == (1, [])
-    cli._prewarm_ops(args, argv, torch.device("cpu"), harness.Budget(None))
+    cli._prewarm(args, argv, torch.device("cpu"), harness.Budget(None))
     out = capsys.readouterr().out
     assert f"prewarm: {len(warm)} of {len(warm)} rows run in 2 processes" in out, out
+    # model rows: those with our kernels or torch.compile, one step each; not timm's or our eager ones
+    margs = cli.parser().parse_args(["model", "--quick", "--device", "cpu", "--compile", "on", "--prewarm", "2"])
+    mjobs = cli._warm_jobs(margs, torch.device("cpu"))
+    assert mjobs[0].run is not None
+    picked = {j.row.impl for j in mjobs if cli._warms_a_cache(j)}
+    assert "timm+flashvit.patch[ln=triton,mlp=tma]" in picked and "compile(timm)" in picked
+    assert not picked & {"timm", "flashvit-eager"}
 
 
 needs_gpu_check_shell = pytest.mark.skipif(
