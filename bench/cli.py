@@ -59,10 +59,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--tests-log", default=None, help="report: a pytest log whose last summary line is quoted")
     p.add_argument("--prewarm", type=int, default=0, metavar="N",
-                   help="ops, model: first run each Triton and torch.compile row once, untimed, in N spawned processes, so "
-                        "Triton's and Inductor's on-disk caches serve the timed rows (compiles take seconds each)")
+                   help="ops, model: first run each Triton and torch.compile row once, untimed, in N spawned "
+                        "processes, so Triton's and Inductor's on-disk caches serve the timed rows")
     p.add_argument("--prewarm-only", action="store_true",
-                   help="ops, model: only the --prewarm pass (no timing, no files); e.g. in the background of other work")
+                   help="ops, model: only the --prewarm pass (no timing, no files), e.g. in the background")
     p.add_argument("--summary", default=None, help="report: also write the summary to this file")
     p.add_argument("--note", action="append", default=[], help="report: a line to append (repeatable)")
     return p
@@ -103,14 +103,12 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
         ops_budget = budget_all
         if args.command == "all" and args.budget is not None:
             ops_budget = H.Budget(max(0.0, budget_all.remaining()) / 2)  # leave the model half
-        rc |= run_ops(args, device, dtype, env, ceilings, config, ops_budget, warmup_ms, rep_ms, compile_ok,
-                      compile_note)
+        rc |= run_ops(args, device, env, ceilings, config, ops_budget, warmup_ms, rep_ms)
     if args.command == "overhead":
         rc |= run_overhead(args, device, dtype, env, ceilings, config, budget_all)
     if args.command in ("model", "all"):
-        rc |= run_model(args, device, dtype, env, ceilings, config, H.Budget(budget_all.remaining()
-                                                                            if args.budget is not None else None),
-                        compile_ok, compile_note)
+        rc |= run_model(args, device, env, ceilings, config,
+                        H.Budget(budget_all.remaining() if args.budget is not None else None))
     return rc
 
 
@@ -195,7 +193,8 @@ def _prewarm(args: argparse.Namespace, argv: List[str], device: torch.device, bu
         return
     n = max(1, min(args.prewarm, len(labels)))
     chunks = [labels[i::n] for i in range(n)]  # rows in priority order: each process starts with the first ones
-    timeout = None if math.isinf(budget.remaining()) else max(10.0, share * budget.remaining())
+    # a worker that dies takes its task with it: without a budget, stop waiting after an hour all the same
+    timeout = 3600.0 if math.isinf(budget.remaining()) else max(10.0, share * budget.remaining())
     pool = mp.get_context("spawn").Pool(n)
     try:
         res = pool.starmap_async(_prewarm_worker, [(argv, str(device), c) for c in chunks if c]).get(timeout)
@@ -244,7 +243,7 @@ def _finish(suite: str, rows: List[H.Row], meta: Dict[str, Any], out: str, no_pl
         H.echo_stdout(f"{suite}: error: {e}")
 
 
-def run_ops(args, device, dtype, env, ceilings, config, budget, warmup_ms, rep_ms, compile_ok, compile_note) -> int:
+def run_ops(args, device, env, ceilings, config, budget, warmup_ms, rep_ms) -> int:
     from flashvit.bench import ops as O
     if args.prewarm > 0:
         _prewarm(args, config["argv"], device, budget)
@@ -273,7 +272,7 @@ def run_overhead(args, device, dtype, env, ceilings, config, budget) -> int:
     return 0
 
 
-def run_model(args, device, dtype, env, ceilings, config, budget, compile_ok, compile_note) -> int:
+def run_model(args, device, env, ceilings, config, budget) -> int:
     from flashvit.bench import model as M
     if args.prewarm > 0:
         _prewarm(args, config["argv"], device, budget)
