@@ -247,14 +247,16 @@ def unavailable(impl: str, ctx: MCtx) -> str:
 
 
 def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] = None) -> List[Job]:
-    """Rows in priority order, for the budget: the first model's eager rows (train, infer), its
-    torch.compile training rows, the other models' eager rows, the first model's compile inference rows,
-    then the other models' compile rows."""
+    """Rows in priority order, for the budget: the first model's eager rows (train, infer), its mlp= verdict
+    rows (their first step may autotune many GEMM shapes), its torch.compile training rows, the other models'
+    eager rows, the first model's compile inference rows, the other models' compile rows, then the other
+    models' mlp= verdict rows."""
     impls = list(impls or IMPLS)
     for i in impls:
         if i not in IMPLS:
             raise ValueError(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
-    eager_impls = [i for i in impls if i not in COMPILED]
+    mlp_impls = [i for i in impls if "mlp" in verdict_tags(i)]
+    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls]
     comp_impls = [i for i in impls if i in COMPILED]
     compile_min_s = 45.0 if ctx.device.type == "cuda" else 10.0
 
@@ -275,12 +277,15 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     first, rest = names[0], list(names[1:])
     order: List[Job] = []
     order += jobs(first, ("train", "infer"), eager_impls)
+    order += jobs(first, ("train", "infer"), mlp_impls)
     order += jobs(first, ("train",), comp_impls)
     for n in rest:
         order += jobs(n, ("train", "infer"), eager_impls)
     order += jobs(first, ("infer",), comp_impls)
     for n in rest:
         order += jobs(n, ("train", "infer"), comp_impls)
+    for n in rest:
+        order += jobs(n, ("train", "infer"), mlp_impls)
     return order
 
 

@@ -239,14 +239,17 @@ def test_counts_and_row_order():
 def test_model_rows_priority_order():
     ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, True, "", None)
     jobs = model.model_jobs(ctx, model.resolve(["b", "s"]))
-    order = [(j.row.name.split("_")[1], j.row.mode, j.row.impl in model.COMPILED) for j in jobs]
+    kind = lambda i: "compile" if i in model.COMPILED else "mlp" if "mlp" in model.verdict_tags(i) else "eager"  # noqa: E731
+    order = [(j.row.name.split("_")[1], j.row.mode, kind(j.row.impl)) for j in jobs]
     firsts = []
     for key in order:
         if not firsts or firsts[-1] != key:
             firsts.append(key)
-    assert firsts == [("base", "train", False), ("base", "infer", False), ("base", "train", True),
-                      ("small", "train", False), ("small", "infer", False), ("base", "infer", True),
-                      ("small", "train", True), ("small", "infer", True)]
+    assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("base", "train", "mlp"),
+                      ("base", "infer", "mlp"), ("base", "train", "compile"),
+                      ("small", "train", "eager"), ("small", "infer", "eager"), ("base", "infer", "compile"),
+                      ("small", "train", "compile"), ("small", "infer", "compile"),
+                      ("small", "train", "mlp"), ("small", "infer", "mlp")]
     assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
     with pytest.raises(ValueError, match="unknown model"):
         model.resolve(["vit_nope"])
