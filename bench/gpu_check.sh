@@ -6,7 +6,8 @@
 #   1. makes flashvit importable without pip: a temporary mirror of the repository whose flashvit/ folder
 #      links kernels/, vit/ and bench/ in as flashvit.kernels, flashvit.vit and flashvit.bench;
 #   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
-#      while, in the background, every benchmark row that compiles runs once (fills the compile caches)
+#      and, once the gpu-marked ones are done, every benchmark row that compiles runs once in the background
+#      (fills the compile caches)
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
 #      then, in a process of their own, the kernel paths not yet run on a GPU  -> OUTDIR/ops-experimental.*
 #      then each tile config of our two GEMM kernels alone vs torch.matmul    -> OUTDIR/gemm-configs.*
@@ -44,7 +45,7 @@ for a in "$@"; do
     --dry-run) DRY=1 ;;
     --train) TRAIN=1 ;;
     --with-train) TRAIN=2 ;;
-    -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
@@ -168,25 +169,29 @@ fi
 # Every benchmark row that compiles (our Triton kernels with their autotune configs, torch.compile) runs once,
 # untimed, in a few spawned processes at low priority: the timed runs below then load kernels and graphs from
 # Triton's and Inductor's on-disk caches instead of spending their budgets compiling. (The tests are
-# correctness checks: sharing the GPU does not change what they find.)
+# correctness checks: sharing the GPU does not change what they find.) It starts once the gpu-marked tests
+# (the ones CI cannot run) are done, beside the rest of the tests.
 # The op rows first (4 processes), then the first model's (2: a ViT-B training step holds ~8 GB).
-WARM_T=$(( ${GPU_CHECK_TEST_MAX:-110} + 20 ))
-if [ "$DRY" = 1 ]; then
-  WARM_T=40; WARM_OPS=(--quick --device cpu --ops layernorm gemm-configs); WARM_MODEL=(--quick --device cpu --models s)
-else
-  M1=${GPU_CHECK_MODELS:-b s l}
-  WARM_OPS=(--ops layernorm attention mlp patch_embed gemm-configs); WARM_MODEL=(--models "${M1%% *}")
-fi
-say "prewarm: compiling rows of the benchmarks in the background (${WARM_T}s in all)"
-(
-  T1=$SECONDS
-  nice -n 10 timeout -k 10 $(( WARM_T * 2 / 3 )) "$PY" -m flashvit.bench ops --prewarm-only \
-    --prewarm "${GPU_CHECK_PREWARM:-4}" --rows all --budget $(( WARM_T * 2 / 3 )) "${WARM_OPS[@]}"
-  REST=$(( WARM_T - (SECONDS - T1) ))
-  [ "$REST" -lt 10 ] || nice -n 10 timeout -k 10 "$REST" "$PY" -m flashvit.bench model --prewarm-only --prewarm 2 \
-    --budget "$REST" "${WARM_MODEL[@]}"
-) > "$SHIM/.prewarm.log" 2>&1 &
-WARM_PID=$!
+WARM_PID=""
+start_prewarm() {  # start_prewarm SECONDS
+  local warm_t=$1 warm_ops warm_model m1
+  if [ "$DRY" = 1 ]; then
+    warm_ops=(--quick --device cpu --ops layernorm gemm-configs); warm_model=(--quick --device cpu --models s)
+  else
+    m1=${GPU_CHECK_MODELS:-b s l}
+    warm_ops=(--ops layernorm attention mlp patch_embed gemm-configs); warm_model=(--models "${m1%% *}")
+  fi
+  say "prewarm: compiling rows of the benchmarks in the background (${warm_t}s in all)"
+  (
+    T1=$SECONDS
+    nice -n 10 timeout -k 10 $(( warm_t * 2 / 3 )) "$PY" -m flashvit.bench ops --prewarm-only \
+      --prewarm "${GPU_CHECK_PREWARM:-4}" --rows all --budget $(( warm_t * 2 / 3 )) "${warm_ops[@]}"
+    REST=$(( warm_t - (SECONDS - T1) ))
+    [ "$REST" -lt 10 ] || nice -n 10 timeout -k 10 "$REST" "$PY" -m flashvit.bench model --prewarm-only \
+      --prewarm 2 --budget "$REST" "${warm_model[@]}"
+  ) > "$SHIM/.prewarm.log" 2>&1 &
+  WARM_PID=$!
+}
 
 # ---- 2. the test suite on CUDA ------------------------------------------------------------------------
 # Three pytest runs into one log: the gpu-marked tests first (what CI cannot run: bf16, big offsets, the
@@ -236,6 +241,7 @@ else
   # config that faults (an illegal memory access poisons its worker's CUDA context) cannot fail the rest.
   GPU_T=$(min "$GPU_TEST_MAX" "$TEST_T")
   run_tests $(( GPU_T - 40 )) "${XDIST[@]}" "${GPU_SEL[@]}" -k "not every" || TESTS_RC=1
+  start_prewarm $(( TEST_T - (SECONDS - T_START) + 30 ))
   run_tests $(( GPU_T - (SECONDS - T_START) > 20 ? GPU_T - (SECONDS - T_START) : 20 )) "${XDIST[@]}" \
     "${GPU_SEL[@]}" -k every || TESTS_RC=1
   REST_T=$(( TEST_T - (SECONDS - T_START) ))
@@ -245,6 +251,7 @@ else
     note "skipped: the non-gpu-marked tests on CUDA (only ${REST_T}s of test time left)"
   fi
 fi
+[ -n "$WARM_PID" ] || [ "$(left)" -lt "$(( RESERVE + 60 ))" ] || start_prewarm 60  # the tests were skipped
 
 # ---- the cache warm-up and the training run (--with-train) end before any timing starts ---------------------
 if [ -n "$WARM_PID" ]; then
