@@ -461,9 +461,7 @@ def gemm_sweep_candidates() -> List[Tuple[str, Tuple[int, int, int, int, int], b
     """[(kernel, config, flatten)] in priority order: the shipped sm_90 lists (TMA, then tiled), the TMA list with
     the other FLATTEN, then the TMA grid and the extra tiled configs that fit sm_90's shared memory."""
     lin = importlib.import_module("flashvit.kernels.linear")
-    flat = getattr(lin, "TMA_FLATTEN", True)
-    tma = list(getattr(lin, "TMA_CONFIGS_16", []))
-    tiled = list(getattr(lin, "SM90_CONFIGS_16", []))
+    flat, tma, tiled = lin.TMA_FLATTEN, list(lin.TMA_CONFIGS_16), list(lin.SM90_CONFIGS_16)
     out = [("tma", c, flat) for c in tma] + [("triton", c, flat) for c in tiled] + [("tma", c, not flat) for c in tma]
     out += [("tma", c, flat) for c in TMA_SWEEP_GRID if c not in tma and lin.tma_config_fits(c, False)]
     out += [("triton", c, flat) for c in GEMM_SWEEP_EXTRA
@@ -477,8 +475,9 @@ def sweep_label(kernel: str, cfg: Sequence[int], flatten: bool) -> str:
 
 
 def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
-    """Rows of the per-config GEMM sweep: fwd only, one row per (candidate, shape), torch.matmul as baseline.
-    Each candidate is a compile of its own: run it with ``--prewarm N`` (compiles in N processes first)."""
+    """Rows of the per-config GEMM sweep: fwd only, one row per (candidate, shape), torch.matmul as baseline
+    (op_jobs orders them shape by shape: fc1's first). Each candidate is a compile of its own: run the sweep
+    with ``--prewarm N`` (compiles in N processes first)."""
     from flashvit.kernels import linear
     lin = importlib.import_module("flashvit.kernels.linear")
     shapes = QUICK_GEMM_SWEEP_SHAPES if ctx.quick else GEMM_SWEEP_SHAPES
