@@ -57,7 +57,7 @@ TMA_SWEEP_GRID = [(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) 
                   if 128 * bn // (32 * w) <= 128]
 
 LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch.compile rows go first
-EXPERIMENTAL = ("[gemm=tma]", "[split]")  # impl tags of kernel paths that have not run on a GPU yet
+EXPERIMENTAL = ("[gemm=tma]", "[split]", "[nosplit]")  # impl tags of paths not yet run on a GPU (and diagnostics)
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -386,8 +386,18 @@ class EagerMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x))) + residual
 
 
+@contextlib.contextmanager
+def _stacked(*cms: Any) -> Any:
+    """Several context managers entered as one (a row's ``context`` factory returns one)."""
+    with contextlib.ExitStack() as stack:
+        for cm in cms:
+            stack.enter_context(cm)
+        yield
+
+
 def mlp_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import FusedMLP, linear, use_backend
+    lin_mod = importlib.import_module("flashvit.kernels.linear")
     shapes = QUICK_MLP_SHAPES if ctx.quick else MLP_SHAPES
     dt = dtype_name(ctx.dtype)
     knote = kernel_note("linear")
@@ -448,7 +458,10 @@ def mlp_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
         for mode in ("fwd", "fwd+bwd"):
             flops = 2.0 * M * D * Hd * (3 if mode == "fwd+bwd" else 1)
-            for suffix, vctx in variants:
+            # fwd+bwd: our GEMM paths also without split-K in the weight gradient (what the split buys)
+            nosplit = [(f"{sfx}[nosplit]", (lambda v=v: _stacked(v(), lin_mod.use_split_k(1))))
+                       for sfx, v in variants if sfx in ("[gemm=triton]", "[gemm=tma]")] if mode == "fwd+bwd" else []
+            for suffix, vctx in variants + nosplit:
                 main.append(Job(Row("ops", "gemm", dict(gd), dt, mode, "flashvit" + suffix, flops=flops, note=knote),
                                 timed(const(ours_gemm), gargs, mode, ctx, context=vctx),
                                 unavailable=ctx.triton_reason))

@@ -30,6 +30,8 @@ every tile. In an MLP (``mlp`` / ``FusedMLP``) the hidden gradient dH = dY·W2 c
 so there gelu'(z) goes into that GEMM's epilogue, with fc1's bias grad as per-tile column sums
 (``linear_dact_bwd``): dH is never written, and the dZ pass disappears.
 GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure).
+Weight gradients (dW = dZᵀ·X: a few output tiles over K = tokens) split K across programs on our GEMM paths
+(``split_k``: fp32 partials, then a fixed-order sum), so they fill the GPU.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ GEMM_PATHS = ("auto", "triton", "tma", "cublas")
 # multiple of it (checked below), so their number, cdiv(M, PART_BM), is known before the autotuner picks one.
 _PART_BM = 32
 _EPI_SPLIT_N = 128  # GEMM tiles at least this wide run their epilogue on two column halves
+_SPLIT_ALIGN = 256  # split-K: K per split and the partial buffer's rows per split are multiples of this
 
 if HAS_TRITON:
     PART_BM = tl.constexpr(_PART_BM)
@@ -177,7 +180,7 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
         a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr, part_ptr,
-        M, N, K, M_KEY, P,
+        M, N, K, M_KEY, P, K_SPLIT, stride_cs,
         stride_am, stride_ak, stride_bk, stride_bn,
         stride_rm, stride_rn, stride_cm, stride_cn,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
@@ -189,7 +192,11 @@ if HAS_TRITON:
         # DACT (backward through an activation, no other epilogue): C = (A·B) ⊙ act'(Z) with Z read at C's
         # positions, and its column sums (P, N) into part (see _dev_colsum; P = 0: none).
         # M_KEY only feeds the autotuning key (M rounded up to a power of two).
+        # Split-K (grid axis 1, no epilogue): program (tile, s) sums K range [s·K_SPLIT, (s + 1)·K_SPLIT) ∩ [0, K)
+        # into C + s·stride_cs, fp32 partials the host adds up (K_SPLIT = K, one split: the plain GEMM).
         pid = tl.program_id(0)
+        k0 = tl.program_id(1) * K_SPLIT
+        k_len = tl.minimum(K - k0, K_SPLIT)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         # grouped ordering: GROUP_M row-tiles share each B column-tile while it sits in L2
@@ -207,12 +214,14 @@ if HAS_TRITON:
         offs_am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
         offs_bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + (offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak)  # (BM, BK)
-        b_ptrs = b_ptr + (offs_k[:, None] * stride_bk + offs_bn[None, :].to(tl.int64) * stride_bn)  # (BK, BN)
+        a_ptrs = a_ptr + k0.to(tl.int64) * stride_ak + (offs_am[:, None].to(tl.int64) * stride_am
+                                                         + offs_k[None, :] * stride_ak)  # (BM, BK)
+        b_ptrs = b_ptr + k0.to(tl.int64) * stride_bk + (offs_k[:, None] * stride_bk
+                                                         + offs_bn[None, :].to(tl.int64) * stride_bn)  # (BK, BN)
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            k_left = K - k * BLOCK_K
+        for k in range(0, tl.cdiv(k_len, BLOCK_K)):
+            k_left = k_len - k * BLOCK_K
             a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
             if ALLOW_TF32:
@@ -222,14 +231,15 @@ if HAS_TRITON:
             a_ptrs += BLOCK_K * stride_ak
             b_ptrs += BLOCK_K * stride_bk
 
-        _dev_epilogue_tile(acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_ptr, z_ptr,
+        c_out = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs
+        _dev_epilogue_tile(acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_out, z_ptr,
                            part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z,
                            DACT, BLOCK_M, BLOCK_N, False)
 
     @triton.jit
     def _gemm_tma_kernel(
         a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr,
-        M, N, K, M_KEY, P, stride_rm, stride_rn,
+        M, N, K, M_KEY, P, SPLITS, K_SPLIT, M_PAD, stride_rm, stride_rn,
         A_T: tl.constexpr, B_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -241,12 +251,16 @@ if HAS_TRITON:
         # A is stored (M, K), or (K, M) with A_T; B is stored (K, N), or (N, K) with B_T (both: unit last stride).
         # DACT: z_desc is read (the activation's input), as in _gemm_kernel.
         # FLATTEN: the tile and K loops pipelined as one (the next tile's loads overlap this one's epilogue).
+        # Split-K (SPLITS > 1, no epilogue): work item (tile, s) sums K range [s·K_SPLIT, (s + 1)·K_SPLIT) (a
+        # multiple of BLOCK_K; reads past K are zeros) into rows s·M_PAD + tile rows of the fp32 C.
         start = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
-        k_tiles = tl.cdiv(K, BLOCK_K)
+        k_tiles = tl.cdiv(K_SPLIT, BLOCK_K)
         num_pid_in_group = GROUP_M * num_pid_n
-        for tile in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
+        for item in tl.range(start, num_pid_m * num_pid_n * SPLITS, NUM_SMS, flatten=FLATTEN):
+            tile = item // SPLITS
+            k0 = (item % SPLITS) * K_SPLIT
             first_pid_m = (tile // num_pid_in_group) * GROUP_M
             group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
             pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
@@ -255,7 +269,7 @@ if HAS_TRITON:
             on = pid_n * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for ki in range(k_tiles):
-                ok = ki * BLOCK_K
+                ok = k0 + ki * BLOCK_K
                 if A_T:
                     a = a_desc.load([ok, om]).T  # (BK, BM) tile -> (BM, BK)
                 else:
@@ -265,9 +279,9 @@ if HAS_TRITON:
                 else:
                     b = b_desc.load([ok, on])
                 acc = tl.dot(a, b, acc)
-            _dev_epilogue_tile(acc, om + tl.arange(0, BLOCK_M), om, on, M, N, pid_m, bias_ptr, res_ptr, c_desc, z_desc,
-                               part_ptr, P, stride_rm, stride_rn, 0, 0, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
-                               BLOCK_N, True)
+            _dev_epilogue_tile(acc, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m,
+                               bias_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, HAS_BIAS, ACT,
+                               HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, True)
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
@@ -371,7 +385,8 @@ def _epi_n(bn: int) -> int:
 
 def _tma_prune(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
-    save_z = flag("SAVE_Z") or flag("DACT")  # a z tile staged either way (stored, or read for act')
+    # a z tile staged (stored, or read for act'), or split-K's fp32 C tile (as big as two 16-bit ones)
+    save_z = flag("SAVE_Z") or flag("DACT") or named_args.get("SPLITS", 1) > 1
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                    c.num_warps, c.num_stages), save_z)]
     return keep or configs[-1:]
@@ -500,6 +515,50 @@ def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN) -
         _config_override.reset(token)
 
 
+# Split-K for the GEMMs without epilogue whose output is a few tiles over a long K: the weight gradients
+# dW = dZᵀ·X (K = tokens). ViT-B's fc1 dW is 3072 x 768 = 144 tiles of 128 x 128 over K = 50432: on 132 SMs
+# that is two waves, the second 12 tiles, 55% busy; 4 splits make 576 work items in five waves, 87% busy, for
+# 4 x 3072 x 768 fp32 partials (~38 MB written and read). A model, not a measurement: the `gemm` op rows
+# with and without it ([nosplit]) measure it on a GPU.
+SPLIT_K_MAX = 8
+SPLIT_K_MIN_K = 2048  # K per split at least this: each split still streams a long, pipelined loop
+_split_override: List[int] = []  # use_split_k: innermost last; 0 = the heuristic
+
+
+def split_k(M: int, N: int, K: int, sms: int) -> int:
+    """Splits of K for an (M, N, K) GEMM without epilogue on ``sms`` SMs (see SPLIT_K_MAX): 1 when the
+    128 x 128 output tiles already fill two waves or K is short, else the fewest splits whose work items fill
+    the last wave to at least 85%, or failing that the best filling one."""
+    if _split_override and _split_override[-1]:
+        return _split_override[-1]
+    tiles = cdiv(M, 128) * cdiv(N, 128)
+    if tiles >= 2 * sms or K < 2 * SPLIT_K_MIN_K:
+        return 1
+    best, best_fill = 1, tiles / (cdiv(tiles, sms) * sms)
+    for n in range(2, SPLIT_K_MAX + 1):
+        if K // n < SPLIT_K_MIN_K:
+            break
+        fill = tiles * n / (cdiv(tiles * n, sms) * sms)
+        if fill >= 0.85:
+            return n
+        if fill > best_fill + 0.05:
+            best, best_fill = n, fill
+    return best
+
+
+@contextlib.contextmanager
+def use_split_k(splits: int) -> Iterator[None]:
+    """Force the weight-gradient GEMMs' split-K on our GEMM paths in a ``with`` block: 1 = off, n > 1 = n
+    splits (fewer when K is short), 0 = the heuristic (``split_k``)."""
+    if not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be an int >= 0, got {splits!r}")
+    _split_override.append(splits)
+    try:
+        yield
+    finally:
+        _split_override.pop()
+
+
 def _arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 80  # interpreter: any list works
@@ -565,60 +624,86 @@ def _desc(t: torch.Tensor) -> TensorDescriptor:
 
 def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                      out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
-                     z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor]) -> None:
+                     z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], splits: int, k_split: int,
+                     m_pad: int) -> None:
+    # out: the (M, N) output, or with splits > 1 the (splits·m_pad, N) fp32 partials
     c_desc = _desc(out)
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
             bias if bias is not None else out, residual if residual is not None else out,
             part if part is not None else out, M, N, K, max(16, next_pow2(M)),
-            part.shape[0] if part is not None else 0,
+            part.shape[0] if part is not None else 0, splits, k_split, m_pad,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
                  SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
     sms = TMA_INTERPRET_SMS if interp else _num_sms(
         a.device.index if a.device.index is not None else torch.cuda.current_device())
+    big_c = z is not None or splits > 1  # a z tile staged, or an fp32 C tile: both fit as 3 16-bit tiles
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
         cfg, flatten = forced or ((TMA_INTERPRET_CONFIG if interp else next(
-            c for c in TMA_CONFIGS_16 if tma_config_fits(c, z is not None))), TMA_FLATTEN)
-        if not interp and not tma_config_fits(cfg, z is not None):
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, big_c))), TMA_FLATTEN)
+        if not interp and not tma_config_fits(cfg, big_c):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
-                             f"{' with a z tile staged' if z is not None else ''}")
+                             f"{' with a z or fp32 C tile staged' if big_c else ''}")
         bm, bn, bk, w, st = cfg
         _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, a_desc=args[0],
                                b_desc=args[1], c_desc=args[2], z_desc=args[3]))
-        _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn)),)](
+        _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),)](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
             num_warps=w, num_stages=st)
         return
 
     def grid(meta):
-        return (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)
+        return (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * splits),)
     _GEMM_TMA_TUNED[grid](*args, **flags, NUM_SMS=sms)
 
 
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                  out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                  act: int = 0, z: Optional[torch.Tensor] = None, dact: int = 0, part: Optional[torch.Tensor] = None,
-                 tf32: bool = False, tma: bool = False) -> None:
+                 tf32: bool = False, tma: bool = False, splits: int = 1) -> None:
     """out (M, N) contiguous = act(A·B + bias) + residual, z (M, N) = the pre-activation when given.
 
     A (M, K) is the 2-D tensor ``a``, or ``a``ᵀ when ``a_t`` (a stored (K, M)); B (K, N) is ``b``, or ``b``ᵀ
     when ``b_t`` (b stored (N, K)). ``tma``: the TMA kernel when every operand obeys its rules.
     ``dact`` (an activation code, with no bias/act/residual): out = (A·B) ⊙ act'(z), z (M, N) read, and
     when ``part`` (cdiv(M, PART_BM), N) fp32 is given, out's column sums per row block into it.
+    ``splits`` > 1 (no epilogue): split-K, each split's fp32 partial product into a buffer, then their sum
+    (torch's fixed-order reduction: deterministic) into ``out``; see ``split_k``.
     """
     if M == 0 or N == 0:
         return
-    if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z):  # bias, residual: plain loads
-        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, out, bias, residual, act, z, dact, part)
-        return
+    k_split, m_pad, c = K, M, out
+    if splits > 1:
+        if bias is not None or residual is not None or act or z is not None or dact:
+            raise ValueError("a split-K GEMM takes no epilogue (bias, activation, residual, z)")
+        k_split = cdiv(cdiv(K, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN  # a multiple of every BLOCK_K
+        splits = cdiv(K, k_split)  # every split has work
+    if splits > 1:
+        m_pad = cdiv(M, _SPLIT_ALIGN) * _SPLIT_ALIGN  # whole row tiles of any BLOCK_M: no split writes another's rows
+        acc = _empty((splits, m_pad, N), out.device, torch.float32)
+        c = acc.view(splits * m_pad, N)
+    if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z) and \
+            (c.stride(0) * c.element_size()) % 16 == 0:  # bias, residual: plain loads
+        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, splits, k_split, m_pad)
+    else:
+        _launch_gemm_tiled(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, tf32, splits, k_split,
+                           m_pad * N)
+    if splits > 1:
+        out.copy_(acc[:, :M].sum(0))
+
+
+def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
+                       out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
+                       z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], tf32: bool, splits: int,
+                       k_split: int, stride_cs: int) -> None:
     a_strides = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
     b_strides = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
             z if z is not None else out, part if part is not None else out, M, N, K, max(16, next_pow2(M)),
-            part.shape[0] if part is not None else 0,
+            part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1))
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
@@ -628,7 +713,7 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     interp = INTERPRET or not a.is_cuda
     if forced is None and not interp and _autotune:
         def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)
         _GEMM_TUNED[(_arch(a.device), 32 if a.dtype == torch.float32 else 16)](grid, args, flags)
         return
     if forced is not None:
@@ -639,8 +724,8 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
         cfg = (FP32_CONFIGS if a.dtype == torch.float32 else
                SM90_CONFIGS_16 if _arch(a.device) == 90 else SM80_CONFIGS_16)[0]
     bm, bn, bk, w, s = cfg
-    _gemm_kernel[(cdiv(M, bm) * cdiv(N, bn),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                               GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
+    _gemm_kernel[(cdiv(M, bm) * cdiv(N, bn), splits)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                       GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
 
 
 def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor) -> None:
@@ -725,11 +810,13 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
         path = _choose_path(gemm, x.device, N, K, M)
         if path == "cublas":
             dw = torch.matmul(dz.t(), x).to(weight.dtype)
-        else:  # dW (N, K) = dZᵀ (N, M) · X (M, K)
+        else:  # dW (N, K) = dZᵀ (N, M) · X (M, K), split over M (the tokens) when its few tiles leave SMs idle
             dw = _empty((N, K), x.device, weight.dtype)
             if M == 0:
                 dw.zero_()
-            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma")
+            sms = TMA_INTERPRET_SMS if INTERPRET or not x.is_cuda else _num_sms(
+                x.device.index if x.device.index is not None else torch.cuda.current_device())
+            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma", splits=split_k(N, K, M, sms))
     db_out = db.to(weight.dtype) if db is not None else x.new_empty(0)
     return dx, dw, db_out
 
@@ -1047,42 +1134,45 @@ _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
 
 
 def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool,
-               dact: int = 0) -> AotSpec:
+               dact: int = 0, split: bool = False) -> AotSpec:
     bm, bn, bk, w, s = cfg
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_rm", "stride_rn", "stride_cm", "stride_cn")
     sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
     sig["part_ptr"] = "*fp32"
-    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P") + strides})
+    if split:  # split-K: fp32 partials
+        sig["c_ptr"] = "*fp32"
+    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P", "K_SPLIT", "stride_cs") + strides})
     cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, DACT=dact,
               ALLOW_TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
     sig.update({n: "constexpr" for n in cx})
     ones = _UNIT_STRIDES[layout]  # M, N, M_KEY: never specialized; K and the other strides: ViT sizes, % 16 == 0
     return runtime_spec(_gemm_kernel, sig, cx, w, s,
                         f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
-                        f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}]",
-                        div16=("K",) + tuple(n for n in strides if n not in ones), ones=ones)
+                        f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}{',splitk' if split else ''}]",
+                        div16=("K", "K_SPLIT", "stride_cs") + tuple(n for n in strides if n not in ones), ones=ones)
 
 
 _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}  # (A_T, B_T)
 
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
-                   dact: int = 0, flatten: bool = TMA_FLATTEN) -> AotSpec:
+                   dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
+    cty = "fp32" if split else ty  # split-K: fp32 partials
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
-           "c_desc": f"tensordesc<{ty}[{bm}, {_epi_n(bn)}]>", "z_desc": f"tensordesc<{ty}[{bm}, {_epi_n(bn)}]>",
+           "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>", "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>",
            "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "M_KEY": "i32", "P": "i32", "stride_rm": "i32"}
+           "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32", "stride_rm": "i32"}
     cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
               SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
               FLATTEN=flatten)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
-                        f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}]", div16=("K", "stride_rm"),
-                        min_cc=90)
+                        f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}]",
+                        div16=("K", "stride_rm", "K_SPLIT", "M_PAD"), ones=() if split else ("SPLITS",), min_cc=90)
 
 
 def _aot_specs() -> List[AotSpec]:
@@ -1097,6 +1187,11 @@ def _aot_specs() -> List[AotSpec]:
                   for act in (1, 2)]
     specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
     specs.append(_gemm_tma_spec("bf16", TMA_CONFIGS_16[0], "fwd", False, flatten=not TMA_FLATTEN))  # the other loop form
+    # split-K weight gradients: fp32 partials (a C tile twice as big: the first config that fits one)
+    specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dw", False,
+                                split=True))
+    specs += [_gemm_spec("bf16", c, "dw", False, True, split=True)
+              for c in dict.fromkeys(cfgs[0] for cfgs in (SM80_CONFIGS_16, SM90_CONFIGS_16))]
     for dt, ty in _TY.items():
         lists = [FP32_CONFIGS] if dt == torch.float32 else [SM80_CONFIGS_16, SM90_CONFIGS_16]
         seen = set()
@@ -1131,5 +1226,5 @@ def _aot_specs() -> List[AotSpec]:
 AOT_SPECS: List[AotSpec] = _aot_specs()
 
 __all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "linear_dact_bwd", "LinearFn", "mlp", "MLPFn",
-           "FusedMLP", "use_gemm", "use_gemm_config",
+           "FusedMLP", "use_gemm", "use_gemm_config", "use_split_k", "split_k",
            "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

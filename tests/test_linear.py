@@ -338,6 +338,48 @@ def test_use_gemm_config_refuses_bad_configs():
                 pass
 
 
+@pytest.mark.parametrize("gemm,dtype", [("triton", torch.float32), ("tma", torch.float16)])
+def test_split_k_weight_grads(gemm, dtype, device, monkeypatch):
+    """dW split over the tokens (split-K): every split's fp32 partial summed in a fixed order; the same grads
+    as the reference at a token count no split divides, and bit-equal run to run."""
+    name = "_gemm_tma_kernel" if gemm == "tma" else "_gemm_kernel"
+    kernel = getattr(L, name)
+    splits_seen = []
+
+    class Spy:  # records each launch's splits: grid axis 1 (tiled), the SPLITS argument (TMA)
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                splits_seen.append(grid[1] if gemm == "triton" else args[12])
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(L, name, Spy())
+    x, w, b, r = _make(700, 40, 24, dtype, device, True, True)  # dW: 24 x 40 over K = 700 tokens
+    with L.use_split_k(3):
+        _check(x, w, b, r, "gelu", gemm=gemm)
+        assert sorted(splits_seen) == [1, 1, 3], splits_seen  # y, dX plain; dW in 3 splits of 256 tokens
+        gw = [_run(lambda *a: linear(*a, backend="triton", gemm=gemm), x, w, b, r, "gelu", 5)[1][1] for _ in range(2)]
+    assert torch.equal(gw[0], gw[1])
+
+
+def test_split_k_heuristic():
+    """Splits only where the output tiles leave SMs idle over a long K (weight grads of ViT layers)."""
+    assert L.split_k(3072, 768, 50432, 132) == 4  # ViT-B fc1 dW: 144 tiles -> 576 work items, 87% of 5 waves
+    assert L.split_k(768, 768, 50432, 132) == 7  # proj dW: 36 tiles
+    assert L.split_k(50432, 3072, 768, 132) == 1  # a forward GEMM: thousands of tiles
+    assert L.split_k(3072, 768, 3000, 132) == 1  # K too short to split
+    assert all(1 <= L.split_k(m, n, 50432, 132) <= L.SPLIT_K_MAX for m in (64, 768, 4096) for n in (64, 1024))
+    with L.use_split_k(1):
+        assert L.split_k(3072, 768, 50432, 132) == 1
+        with L.use_split_k(5):
+            assert L.split_k(16, 16, 100, 132) == 5
+    with pytest.raises(ValueError, match="splits"):
+        with L.use_split_k(-1):
+            pass
+    x = randn(8, 16)
+    with pytest.raises(ValueError, match="no epilogue"):
+        L._launch_gemm(x, False, randn(16, 8), False, 8, 8, 16, torch.empty(8, 8), bias=randn(8), splits=2)
+
+
 def test_tma_config_fits_shared_memory():
     assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180 KiB (ptxas: 180248 B)
     assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # 240 KiB with z (ptxas: 245784 B)
