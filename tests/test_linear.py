@@ -618,6 +618,21 @@ def test_gpu_fused_mlp_bf16_autocast():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "tma"])
+@pytest.mark.parametrize("splits", [0, 3])  # 0: the heuristic (splits at this token count), 3: forced
+def test_gpu_split_k_bf16(gemm, splits):
+    """Split-K weight gradients in bf16 with autotuning on: every grad vs float64 (2x/3x rule), dW bit-equal
+    run to run, at a token count no split divides."""
+    L.set_autotune(True)
+    x, w, b, r = _make(9001, 256, 384, torch.bfloat16, "cuda", True, True)
+    assert splits or L.split_k(384, 256, 9001, L._num_sms(torch.cuda.current_device())) > 1
+    with L.use_split_k(splits):
+        _check(x, w, b, r, "gelu", gemm=gemm)
+        gw = [_run(lambda *a: linear(*a, backend="triton", gemm=gemm), x, w, b, r, "gelu", 5)[1][1] for _ in range(2)]
+    assert torch.equal(gw[0], gw[1])
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N,act,bias,res", [(197, 588, 768, "gelu", True, True), (394, 768, 3072, None, True, False),
                                                 (7, 3072, 768, "gelu_tanh", False, True), (1000, 200, 72, None, True, True)])
 def test_gpu_tma_bf16(M, K, N, act, bias, res, tma_launches):
