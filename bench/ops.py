@@ -162,6 +162,35 @@ def make_step(forward: Callable[..., Any], make_args: Callable[[bool], Tuple[tor
     return fwd_bwd
 
 
+def _tuners() -> List[Tuple[str, Any]]:
+    """[(name, triton Autotuner)] of our ops: module-level autotuners, their Launchers, dicts of either."""
+    out: List[Tuple[str, Any]] = []
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except Exception:
+        return out
+    for mod_name in ("layernorm", "attention", "linear", "patch_embed"):
+        try:
+            mod = importlib.import_module(f"flashvit.kernels.{mod_name}")
+        except Exception:
+            continue
+        for name, obj in vars(mod).items():
+            items = [(f"{name}[{','.join(map(str, k)) if isinstance(k, tuple) else k}]", v) for k, v in obj.items()] \
+                if isinstance(obj, dict) else [(name, obj)]
+            for label, o in items:
+                tuner = o if isinstance(o, Autotuner) else getattr(o, "tuner", None)
+                if isinstance(tuner, Autotuner):
+                    out.append((label.lstrip("_"), tuner))
+    return out
+
+
+def autotune_picks() -> Dict[Tuple[str, Any], str]:
+    """{(autotuner, key): the config it picked}, for every key our autotuners have seen in this process."""
+    def fmt(c: Any) -> str:
+        return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
+    return {(name, key): fmt(cfg) for name, t in _tuners() for key, cfg in list(t.cache.items())}
+
+
 def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]],
           make_args: Callable[[bool], Tuple[torch.Tensor, ...]], mode: str, ctx: Ctx,
           context: Callable[[], Any] = contextlib.nullcontext, compiled: bool = False) -> Callable[[Row], None]:
@@ -170,6 +199,7 @@ def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch
     def run(row: Row) -> None:
         if compiled:
             torch._dynamo.reset()  # fresh caches: no recompile limits, no dynamic shapes from earlier rows
+        before = autotune_picks() if ctx.device.type == "cuda" else {}
         try:
             with context():
                 forward, params = forward_factory()
@@ -179,6 +209,11 @@ def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch
         finally:
             if compiled:
                 torch._dynamo.reset()  # drop the compiled graphs (and the tensors their guards hold)
+        if ctx.device.type == "cuda":  # what the autotuners picked for this row's new keys, in its note
+            picks = sorted({f"{name}: {cfg}" for (name, key), cfg in autotune_picks().items()
+                            if (name, key) not in before})
+            if picks:
+                row.note = "; ".join(([row.note] if row.note else []) + ["autotuned " + " | ".join(picks)])
 
     return run
 

@@ -276,6 +276,21 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     assert all(model.verdict_tags(i) is not None for i in model.IMPLS)  # every listed impl parses
 
 
+def test_autotune_picks_name_our_tuners_and_their_configs():
+    """Op rows on CUDA note what the autotuners picked: the tuners are found (a Launcher's, a dict's) and a
+    pick reads as its parameters, warps and stages."""
+    import triton
+    names = dict(ops._tuners())
+    assert {"GEMM_TMA_TUNED", "GEMM_TUNED[90,16]"} <= set(names)
+    tuner = names["GEMM_TUNED[90,16]"]
+    key = ("test-only key",)
+    tuner.cache[key] = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3)
+    try:
+        assert ops.autotune_picks()[("GEMM_TUNED[90,16]", key)] == "BLOCK_M=128,BLOCK_N=256,w8,s3"
+    finally:
+        del tuner.cache[key]
+
+
 def test_gemm_variants_cover_every_gemm_path():
     lin = importlib.import_module("flashvit.kernels.linear")
     labels = [label for label, _ in ops.gemm_variants()]
