@@ -31,7 +31,8 @@ so there gelu'(z) goes into that GEMM's epilogue, with fc1's bias grad as per-ti
 (``linear_dact_bwd``): dH is never written, and the dZ pass disappears.
 GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure).
 Weight gradients (dW = dZᵀ·X: a few output tiles over K = tokens) split K across programs on our GEMM paths
-(``split_k``: fp32 partials, then a fixed-order sum), so they fill the GPU.
+(``split_k``: fp32 partials, then a fixed-order sum), so they fill the GPU. The TMA GEMM's autotuner also tries
+reading the epilogue's residual or z tile before the K loop (PREFETCH) where registers allow; a GPU picks.
 """
 
 from __future__ import annotations
@@ -123,16 +124,19 @@ if HAS_TRITON:
                      mask=n_ok & (first + j < P))
 
     @triton.jit
-    def _dev_epilogue(acc, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+    def _dev_epilogue(acc, pre, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
                       stride_rm, stride_rn, stride_cm, stride_cn,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr):
+                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr):
         # acc (BM, BNe) fp32: the output tile's columns offs_n (rows offs_m; (om, on) its corner). c_out and z_io
-        # are TMA descriptors with DESC (block (BM, BNe)), else pointers with the C strides.
+        # are TMA descriptors with DESC (block (BM, BNe)), else pointers with the C strides. PRE: ``pre`` is the
+        # z (DACT) or residual tile at acc's positions, already loaded.
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         rows = offs_m[:, None].to(tl.int64)
         if DACT != 0:  # TMA reads past the edges as zeros; the pointer loads are masked
-            if DESC:
+            if PRE:
+                zt = pre
+            elif DESC:
                 zt = z_io.load([om, on])
             else:
                 zt = tl.load(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
@@ -149,7 +153,10 @@ if HAS_TRITON:
                          mask=mask)
         y = _dev_act(acc, ACT)
         if HAS_RES:
-            r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
+            if PRE:
+                r = pre
+            else:
+                r = tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask, other=0.0)
             y = y + r.to(tl.float32)
         if DESC:
             c_out.store([om, on], y.to(c_out.dtype))
@@ -157,25 +164,31 @@ if HAS_TRITON:
             tl.store(c_out + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _dev_epilogue_tile(acc, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+    def _dev_epilogue_tile(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
                            stride_rm, stride_rn, stride_cm, stride_cn,
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                           DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr):
+                           DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr,
+                           PRE: tl.constexpr):
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
+        # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
         if BLOCK_N >= EPI_SPLIT_N:
             a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            if PRE:
+                p0, p1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            else:
+                p0, p1 = a0, a1
             offs_n = on + tl.arange(0, BLOCK_N // 2)
-            _dev_epilogue(a0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+            _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
                           stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
-                          DESC)
-            _dev_epilogue(a1, offs_m, offs_n + BLOCK_N // 2, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr,
+                          DESC, PRE)
+            _dev_epilogue(a1, p1, offs_m, offs_n + BLOCK_N // 2, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr,
                           c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT,
-                          HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC)
+                          HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE)
         else:
-            _dev_epilogue(acc, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
+            _dev_epilogue(acc, pre, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
                           z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
-                          SAVE_Z, DACT, BLOCK_M, DESC)
+                          SAVE_Z, DACT, BLOCK_M, DESC, PRE)
 
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
@@ -232,18 +245,18 @@ if HAS_TRITON:
             b_ptrs += BLOCK_K * stride_bk
 
         c_out = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs
-        _dev_epilogue_tile(acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_out, z_ptr,
-                           part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z,
-                           DACT, BLOCK_M, BLOCK_N, False)
+        _dev_epilogue_tile(acc, acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_out,
+                           z_ptr, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
+                           SAVE_Z, DACT, BLOCK_M, BLOCK_N, False, False)
 
     @triton.jit
     def _gemm_tma_kernel(
-        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr,
+        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr, z_ptr,
         M, N, K, M_KEY, P, SPLITS, K_SPLIT, M_PAD, stride_rm, stride_rn,
         A_T: tl.constexpr, B_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr,
+        NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         # The same C = act(A·B + bias) + R as _gemm_kernel, 16-bit operands streamed by TMA descriptors
         # (Hopper's bulk copies; out-of-bounds reads are zeros, out-of-bounds writes are dropped), and
@@ -253,6 +266,8 @@ if HAS_TRITON:
         # FLATTEN: the tile and K loops pipelined as one (the next tile's loads overlap this one's epilogue).
         # Split-K (SPLITS > 1, no epilogue): work item (tile, s) sums K range [s·K_SPLIT, (s + 1)·K_SPLIT) (a
         # multiple of BLOCK_K; reads past K are zeros) into rows s·M_PAD + tile rows of the fp32 C.
+        # PREFETCH (with a residual, or DACT's z (M, N) contiguous at z_ptr): the epilogue's one global read is
+        # issued before the K loop, so its latency hides behind the MMAs instead of stalling the epilogue.
         start = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -268,6 +283,16 @@ if HAS_TRITON:
             om = pid_m * BLOCK_M
             on = pid_n * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            pre = acc  # (unused unless prefetched)
+            if PREFETCH:
+                prow = (om + tl.arange(0, BLOCK_M)).to(tl.int64)
+                pcol = on + tl.arange(0, BLOCK_N)
+                pmask = (prow[:, None] < M) & (pcol[None, :] < N)
+                if DACT != 0:
+                    pre = tl.load(z_ptr + prow[:, None] * N + pcol[None, :], mask=pmask, other=0.0)
+                elif HAS_RES:
+                    pre = tl.load(res_ptr + prow[:, None] * stride_rm + pcol[None, :] * stride_rn, mask=pmask,
+                                  other=0.0)
             for ki in range(k_tiles):
                 ok = k0 + ki * BLOCK_K
                 if A_T:
@@ -279,9 +304,9 @@ if HAS_TRITON:
                 else:
                     b = b_desc.load([ok, on])
                 acc = tl.dot(a, b, acc)
-            _dev_epilogue_tile(acc, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m,
+            _dev_epilogue_tile(acc, pre, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m,
                                bias_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, HAS_BIAS, ACT,
-                               HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, True)
+                               HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, True, PREFETCH)
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
@@ -378,6 +403,14 @@ def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool) -> bool:
     return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn) * (3 if save_z else 1)) <= _TMA_SMEM_LIMIT
 
 
+def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
+    """PREFETCH holds a 16-bit tile beside the fp32 accumulator through the K loop: only where the accumulator
+    takes at most 64 registers a thread (ptxas at sm_90: 128 x 128, 8 warps, 246-255 registers; 4 warps or
+    128-register accumulators spill 1.7-2 KB)."""
+    bm, bn, _, w, _ = cfg
+    return bm * bn // (32 * w) <= 64
+
+
 def _epi_n(bn: int) -> int:
     """Columns the epilogue handles at once (the C and z descriptors' block width)."""
     return bn // 2 if bn >= _EPI_SPLIT_N else bn
@@ -389,7 +422,9 @@ def _tma_prune(configs, named_args, **kwargs):
     save_z = flag("SAVE_Z") or flag("DACT") or named_args.get("SPLITS", 1) > 1
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
                                                    c.num_warps, c.num_stages), save_z)]
-    return keep or configs[-1:]
+    if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
+        keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
+    return keep or configs[:1]
 
 
 def _tma_block_shapes(nargs: Dict[str, object]) -> None:
@@ -415,8 +450,9 @@ if HAS_TRITON:
         (90, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
     }
     _GEMM_TMA_TUNED = triton.autotune(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "FLATTEN": TMA_FLATTEN},
-                       num_warps=w, num_stages=st, pre_hook=_tma_block_shapes) for bm, bn, bk, w, st in TMA_CONFIGS_16],
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "FLATTEN": TMA_FLATTEN,
+                        "PREFETCH": pf}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes)
+         for pf in (False, True) for bm, bn, bk, w, st in TMA_CONFIGS_16 if not pf or _prefetch_ok((bm, bn, bk, w, st))],
         key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel)
 
 _autotune = True
@@ -465,16 +501,16 @@ GEMM_TABLE: Dict[Tuple[int, str], str] = {
 
 _gemm_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_gemm", default=None)
 GemmConfig = Tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-# ((kernel, config, flatten), ...) forced by use_gemm_config, innermost last
-_config_override: contextvars.ContextVar[Tuple[Tuple[str, GemmConfig, bool], ...]] = contextvars.ContextVar(
+# ((kernel, config, flatten, prefetch), ...) forced by use_gemm_config, innermost last
+_config_override: contextvars.ContextVar[Tuple[Tuple[str, GemmConfig, bool, bool], ...]] = contextvars.ContextVar(
     "flashvit_gemm_config", default=())
 
 
-def _forced_config(kernel: str) -> Optional[Tuple[GemmConfig, bool]]:
-    """(config, flatten) that use_gemm_config forces on ``kernel`` here, else None (innermost block wins)."""
-    for k, cfg, flatten in reversed(_config_override.get()):
+def _forced_config(kernel: str) -> Optional[Tuple[GemmConfig, bool, bool]]:
+    """(config, flatten, prefetch) use_gemm_config forces on ``kernel`` here, else None (innermost block wins)."""
+    for k, cfg, flatten, prefetch in reversed(_config_override.get()):
         if k == kernel:
-            return cfg, flatten
+            return cfg, flatten, prefetch
     return None
 
 
@@ -495,11 +531,12 @@ def use_gemm(name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN) -> Iterator[None]:
+def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN, prefetch: bool = False
+                    ) -> Iterator[None]:
     """Launch every ``kernel`` ('triton' | 'tma') GEMM in a ``with`` block with the one tile config ``cfg`` =
-    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of autotuning; ``flatten`` sets the TMA kernel's
-    FLATTEN. For per-config benchmarks (``bench ops --ops gemm-configs``) and debugging. It does not choose the
-    path (``use_gemm`` does); on the interpreter it replaces the fixed interpreter config."""
+    (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) instead of autotuning; ``flatten`` and ``prefetch`` set the
+    TMA kernel's FLATTEN and PREFETCH. For per-config benchmarks (``bench ops --ops gemm-configs``) and debugging.
+    It does not choose the path (``use_gemm`` does); on the interpreter it replaces the fixed interpreter config."""
     if kernel not in ("triton", "tma"):
         raise ValueError(f"unknown GEMM kernel {kernel!r}; expected 'triton' or 'tma'")
     if len(cfg) != 5 or not all(isinstance(v, int) and v > 0 for v in cfg):
@@ -508,7 +545,7 @@ def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN) -
     if any(v & (v - 1) for v in (bm, bn, bk, w)) or bm % _PART_BM or min(bn, bk) < 16:
         raise ValueError(f"GEMM config {cfg!r}: BLOCK_M, BLOCK_N, BLOCK_K and warps must be powers of two, BLOCK_M a "
                          f"multiple of {_PART_BM}, BLOCK_N and BLOCK_K at least 16")
-    token = _config_override.set(_config_override.get() + ((kernel, tuple(cfg), bool(flatten)),))
+    token = _config_override.set(_config_override.get() + ((kernel, tuple(cfg), bool(flatten), bool(prefetch)),))
     try:
         yield
     finally:
@@ -630,7 +667,7 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     c_desc = _desc(out)
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
             bias if bias is not None else out, residual if residual is not None else out,
-            part if part is not None else out, M, N, K, max(16, next_pow2(M)),
+            part if part is not None else out, z if z is not None else out, M, N, K, max(16, next_pow2(M)),
             part.shape[0] if part is not None else 0, splits, k_split, m_pad,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
@@ -641,8 +678,8 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     big_c = z is not None or splits > 1  # a z tile staged, or an fp32 C tile: both fit as 3 16-bit tiles
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
-        cfg, flatten = forced or ((TMA_INTERPRET_CONFIG if interp else next(
-            c for c in TMA_CONFIGS_16 if tma_config_fits(c, big_c))), TMA_FLATTEN)
+        cfg, flatten, prefetch = forced or ((TMA_INTERPRET_CONFIG if interp else next(
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, big_c))), TMA_FLATTEN, False)
         if not interp and not tma_config_fits(cfg, big_c):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
                              f"{' with a z or fp32 C tile staged' if big_c else ''}")
@@ -651,7 +688,7 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
                                b_desc=args[1], c_desc=args[2], z_desc=args[3]))
         _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),)](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
-            num_warps=w, num_stages=st)
+            PREFETCH=prefetch and (residual is not None or dact != 0), num_warps=w, num_stages=st)
         return
 
     def grid(meta):
@@ -1156,22 +1193,24 @@ _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}
 
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
-                   dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False) -> AotSpec:
+                   dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False, prefetch: bool = False) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     cty = "fp32" if split else ty  # split-K: fp32 partials
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
            "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>", "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>",
-           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-           "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32", "stride_rm": "i32"}
+           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}", "M": "i32",
+           "N": "i32", "K": "i32", "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32",
+           "stride_rm": "i32"}
     cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
               SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
-              FLATTEN=flatten)
+              FLATTEN=flatten, PREFETCH=prefetch)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
-                        f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}]",
+                        f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}"
+                        f"{',prefetch' if prefetch else ''}]",
                         div16=("K", "stride_rm", "K_SPLIT", "M_PAD"), ones=() if split else ("SPLITS",), min_cc=90)
 
 
@@ -1187,6 +1226,11 @@ def _aot_specs() -> List[AotSpec]:
                   for act in (1, 2)]
     specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
     specs.append(_gemm_tma_spec("bf16", TMA_CONFIGS_16[0], "fwd", False, flatten=not TMA_FLATTEN))  # the other loop form
+    # the epilogue's read issued before the K loop: the residual (forward) and z (act' backward)
+    specs += [_gemm_tma_spec("bf16", c, "fwd", True, prefetch=True) for c in TMA_CONFIGS_16
+              if tma_config_fits(c, True) and _prefetch_ok(c)]
+    specs += [_gemm_tma_spec("bf16", c, "dx", False, 1, prefetch=True) for c in TMA_CONFIGS_16
+              if tma_config_fits(c, True) and _prefetch_ok(c)]
     # split-K weight gradients: fp32 partials (a C tile twice as big: the first config that fits one)
     specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dw", False,
                                 split=True))

@@ -328,6 +328,27 @@ def test_use_gemm_config_forces_one_tile_config(kernel, cfg, flatten, device, mo
     assert len(spy.calls) == 1 and spy.calls[0][0] != cfg
 
 
+@pytest.mark.parametrize("cfg", [(32, 64, 32, 4, 1), (64, 128, 32, 4, 2)], ids=lambda c: "x".join(map(str, c)))
+def test_tma_prefetch(cfg, device, monkeypatch):
+    """PREFETCH: the residual (forward) and z (the MLP's act' epilogue) read before the K loop, then split in
+    column halves with the accumulator when the tile is 128+ wide; the same results as the reference."""
+    seen = []
+    kernel = L._gemm_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["PREFETCH"], kw["HAS_RES"], kw["DACT"]))
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(L, "_gemm_tma_kernel", Spy())
+    x, w, b, r = _make(137, 72, 200, torch.float16, device, True, True)
+    with L.use_gemm_config("tma", cfg, prefetch=True):
+        _check(x, w, b, r, "gelu_tanh", gemm="tma")
+        _check_mlp(137, 24, 200, 40, torch.float16, "gelu", True, True, True, "tma", device)
+    assert {(True, True, 0), (True, False, 1)} <= set(seen), seen  # a residual and a z prefetched
+
+
 def test_use_gemm_config_refuses_bad_configs():
     with pytest.raises(ValueError, match="unknown GEMM kernel"):
         with L.use_gemm_config("cublas", (64, 64, 32, 4, 2)):
@@ -345,11 +366,12 @@ def test_split_k_weight_grads(gemm, dtype, device, monkeypatch):
     name = "_gemm_tma_kernel" if gemm == "tma" else "_gemm_kernel"
     kernel = getattr(L, name)
     splits_seen = []
+    at = kernel.arg_names.index("SPLITS") if gemm == "tma" else None
 
     class Spy:  # records each launch's splits: grid axis 1 (tiled), the SPLITS argument (TMA)
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                splits_seen.append(grid[1] if gemm == "triton" else args[12])
+                splits_seen.append(grid[1] if gemm == "triton" else args[at])
                 return kernel[grid](*args, **kw)
             return launch
     monkeypatch.setattr(L, name, Spy())
@@ -664,13 +686,17 @@ def test_gpu_every_gemm_config(cfg, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", L.TMA_CONFIGS_16, ids=lambda c: "x".join(map(str, c)))
-def test_gpu_every_tma_config(cfg, monkeypatch, tma_launches):
+@pytest.mark.parametrize("cfg,prefetch", [(c, False) for c in L.TMA_CONFIGS_16]
+                         + [(c, True) for c in L.TMA_CONFIGS_16 if L._prefetch_ok(c)],
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else ("prefetch" if v else "plain"))
+def test_gpu_every_tma_config(cfg, prefetch, monkeypatch, tma_launches):
+    """Each autotune config of the TMA GEMM alone on the GPU, as its autotuner builds it (FLATTEN, PREFETCH)."""
     import triton
     if _gpu_arch() < 90:
         pytest.skip("the TMA GEMM runs on sm_90+")
     bm, bn, bk, w_, st = cfg
-    one = triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": L.GROUP_M},
+    one = triton.autotune([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": L.GROUP_M,
+                                          "FLATTEN": L.TMA_FLATTEN, "PREFETCH": prefetch},
                                          num_warps=w_, num_stages=st, pre_hook=L._tma_block_shapes)],
                           key=L._AUTOTUNE_KEY + ["A_T", "B_T"])(L._gemm_tma_kernel)
     monkeypatch.setattr(L, "_GEMM_TMA_TUNED", one)
