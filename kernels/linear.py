@@ -424,7 +424,7 @@ def _tma_prune(configs, named_args, **kwargs):
                                                    c.num_warps, c.num_stages), save_z)]
     if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
         keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
-    return keep or configs[:1]
+    return keep or [c for c in configs if not c.kwargs.get("PREFETCH")][-1:]
 
 
 def _tma_block_shapes(nargs: Dict[str, object]) -> None:
