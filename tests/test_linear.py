@@ -402,6 +402,20 @@ def test_split_k_heuristic():
         L._launch_gemm(x, False, randn(16, 8), False, 8, 8, 16, torch.empty(8, 8), bias=randn(8), splits=2)
 
 
+def test_tma_autotune_prune():
+    """What the TMA autotuner may try per call: PREFETCH configs only with a residual or act' to read, and
+    only configs whose staged tiles fit (a z tile, or split-K's fp32 C tile)."""
+    cfgs = L._GEMM_TMA_TUNED.configs
+    kept = lambda **flags: [(c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["PREFETCH"])  # noqa: E731
+                            for c in L._tma_prune(cfgs, dict(flags))]
+    plain = kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=1)
+    assert len(plain) == len(L.TMA_CONFIGS_16) and not any(p for *_, p in plain)
+    assert any(p for *_, p in kept(HAS_RES=True, DACT=0, SAVE_Z=False, SPLITS=1))
+    dact = kept(HAS_RES=False, DACT=1, SAVE_Z=False, SPLITS=1)
+    assert any(p for *_, p in dact) and (256, 8, False) not in dact  # 128x256x64 s3 + a z tile: 240 KiB
+    assert (256, 8, False) not in kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=4)  # fp32 C tile
+
+
 def test_tma_config_fits_shared_memory():
     assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180 KiB (ptxas: 180248 B)
     assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # 240 KiB with z (ptxas: 245784 B)
