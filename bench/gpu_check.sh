@@ -304,8 +304,8 @@ run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
 run_ops ops "$OPS_MAX" "$OPS_RESERVE" --rows settled "${OPS_EXTRA[@]}"
 run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceilings-from "$OUT/ops.json" \
   "${EXP_EXTRA[@]}"
-# Each GEMM tile config alone (its first row compiles them all in parallel processes): which config, if any,
-# brings our GEMM near cuBLAS, and whether the TMA kernel's loop form (FLATTEN) matters.
+# Each GEMM tile config alone (compiled by the warm-up beside the tests): which config, if any, brings our GEMM
+# near cuBLAS, and whether the TMA kernel's loop form (FLATTEN) matters.
 run_ops gemm-configs "$SWEEP_MAX" "$SWEEP_RESERVE" --ops gemm-configs --ceilings-from "$OUT/ops.json" \
   "${SWEEP_EXTRA[@]}"
 # LayerNorm's rows again with device time only (CUDA graph replay), torch.compile included: its issue's targets
