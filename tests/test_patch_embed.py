@@ -155,7 +155,8 @@ _PE_CONFIGS = list(zip(pe._FWD_CONFIGS, pe._DW_CONFIGS, pe._DX_CONFIGS)) + [
     (pe._FP32_CONFIGS["fwd"], pe._FP32_CONFIGS["dw"], pe._FP32_CONFIGS["dx"])]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="sets the interpreter's configs; a GPU autotunes over these")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="sets the interpreter's configs; on a GPU test_gpu_every_tile_config runs each one")
 @pytest.mark.parametrize("cfgs", _PE_CONFIGS, ids=lambda c: "_".join("x".join(map(str, k[:3])) for k in c))
 def test_every_tile_config(cfgs, monkeypatch):
     fwd, dw, dx = cfgs
@@ -324,6 +325,22 @@ def test_gpu_bf16(case, pdtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_gpu_fp16_fp32_vit_b16(dtype, monkeypatch):
     inputs = make_inputs(3, 3, 224, 224, 16, 768, 1, 0, False, dtype, device="cuda")
+    check_against_reference(inputs, False, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfgs", list(zip(pe._FWD_CONFIGS, pe._DW_CONFIGS, pe._DX_CONFIGS)),
+                         ids=lambda c: "_".join("x".join(map(str, k[:3])) for k in c))
+def test_gpu_every_tile_config(cfgs, monkeypatch):
+    """Each autotune config of the three kernels alone on the GPU (the autotuner only ever runs its pick; the
+    interpreter's test_every_tile_config covers them on CPU), bf16, at sizes no tile divides."""
+    from flashvit.kernels._dispatch import Launcher
+    for name, kernel, cfg, names in (("_pe_fwd_tuned", pe._pe_fwd_kernel, cfgs[0], ("BM", "BN", "BK")),
+                                     ("_pe_bwd_dw_tuned", pe._pe_bwd_dw_kernel, cfgs[1], ("BM", "BN", "BK")),
+                                     ("_pe_bwd_dx_tuned", pe._pe_bwd_dx_kernel, cfgs[2], ("BM", "BK", "BD"))):
+        key = getattr(pe, name).tuner.keys  # the shipped autotuner's key, with one config
+        monkeypatch.setattr(pe, name, Launcher(pe._autotuned(kernel, [cfg], names, key)))
+    inputs = make_inputs(3, 3, 40, 30, 10, 72, ncls=1, nreg=1, dtype=torch.bfloat16, device="cuda")
     check_against_reference(inputs, False, monkeypatch)
 
 
