@@ -647,6 +647,13 @@ def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    """SMs our persistent kernels and split-K plan for (the interpreter: a few, so its loops run)."""
+    if INTERPRET or device.type != "cuda":
+        return TMA_INTERPRET_SMS
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _tma_ok(*ts: Optional[torch.Tensor]) -> bool:
     """TMA's rules for each 2-D operand: fp16/bf16, unit last stride, 16-byte aligned base and row stride."""
     return TensorDescriptor is not None and all(
@@ -673,8 +680,7 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
                  SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
-    sms = TMA_INTERPRET_SMS if interp else _num_sms(
-        a.device.index if a.device.index is not None else torch.cuda.current_device())
+    sms = _sms(a.device)
     big_c = z is not None or splits > 1  # a z tile staged, or an fp32 C tile: both fit as 3 16-bit tiles
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
@@ -851,9 +857,8 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
             dw = _empty((N, K), x.device, weight.dtype)
             if M == 0:
                 dw.zero_()
-            sms = TMA_INTERPRET_SMS if INTERPRET or not x.is_cuda else _num_sms(
-                x.device.index if x.device.index is not None else torch.cuda.current_device())
-            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma", splits=split_k(N, K, M, sms))
+            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma",
+                         splits=split_k(N, K, M, _sms(x.device)))
     db_out = db.to(weight.dtype) if db is not None else x.new_empty(0)
     return dx, dw, db_out
 

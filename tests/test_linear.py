@@ -660,7 +660,7 @@ def test_gpu_split_k_bf16(gemm, splits):
     """Split-K weight gradients in bf16 (one config per kernel: the autotuner's picks run in the benchmarks):
     every grad vs float64 (2x/3x rule), dW bit-equal run to run, at a token count no split divides."""
     x, w, b, r = _make(9001, 256, 384, torch.bfloat16, "cuda", True, True)
-    assert splits or L.split_k(384, 256, 9001, L._num_sms(torch.cuda.current_device())) > 1
+    assert splits or L.split_k(384, 256, 9001, L._sms(torch.device("cuda"))) > 1
     with L.use_split_k(splits):
         _check(x, w, b, r, "gelu", gemm=gemm)
         gw = [_run(lambda *a: linear(*a, backend="triton", gemm=gemm), x, w, b, r, "gelu", 5)[1][1] for _ in range(2)]
