@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train]
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--pack]
 #
 # On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
 # installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
@@ -24,6 +24,9 @@
 # --with-train: all of the above, and that training run too, in the background while the tests run (tests
 # are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 270 s)
 # -> OUTDIR/train/. Total budget 570 s instead of 470.
+# --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
+# and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
+# the rest). `tar xzf` gives the files back unchanged.
 # Every step runs under `timeout`; each step's budget is what is left of the total, so one hang cannot eat
 # the others' time, and whatever did not fit is listed as skipped.
 #
@@ -39,18 +42,21 @@ set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
 TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the tests, then the rest)
+PACK=0
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
     --train) TRAIN=1 ;;
     --with-train) TRAIN=2 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    --pack) PACK=1 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train]" >&2; exit 2; }
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--pack]" >&2
+                      exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -69,7 +75,19 @@ OUT=$(cd "$OUTDIR" && pwd -P)
 
 # ---- 1. flashvit importable without pip -------------------------------------------------------------
 SHIM=$(mktemp -d "${TMPDIR:-/tmp}/flashvit-gpu-check.XXXXXX") || exit 2
-trap 'rm -rf "$SHIM"' EXIT
+pack() {  # --pack: OUT/* -> OUT/gpu_check.tar.gz (+ summary.txt left beside it)
+  [ "$PACK" = 1 ] || return 0
+  local files
+  files=$(cd "$OUT" && find . -type f ! -name gpu_check.tar.gz ! -name '.*' | sed 's|^\./||' | sort)
+  [ -n "$files" ] || return 0
+  # shellcheck disable=SC2086
+  if (cd "$OUT" && tar czf gpu_check.tar.gz.tmp $files && mv gpu_check.tar.gz.tmp gpu_check.tar.gz); then
+    for f in $files; do [ "$f" = summary.txt ] || rm -f "$OUT/$f"; done
+    find "$OUT" -mindepth 1 -type d -empty -delete
+    echo "[gpu_check] packed $(echo "$files" | wc -l) files into $OUT/gpu_check.tar.gz"
+  fi
+}
+trap 'pack; rm -rf "$SHIM"' EXIT
 for e in "$REPO"/* "$REPO"/.[!.]*; do
   [ -e "$e" ] || continue
   case "$(basename "$e")" in flashvit|.venv|.git|__pycache__|.pytest_cache) continue ;; esac

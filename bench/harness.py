@@ -282,9 +282,22 @@ def _time_cuda_graph(fn: Callable[[], Any], device: torch.device, warmup_ms: flo
     est = max(start.elapsed_time(end) / 5, 1e-3)
     n = max(1, min(500, int(rep_ms / replays / est)))
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(n):
-            fn()
+    # Captured on the warm-up's stream, and autograd told to use the capturing stream where a node still
+    # names another one (Torch >= 2.12): a backward's wait on a stream outside the capture invalidates it
+    # (seen on an H100 with torch 2.11: LayerNorm fwd+bwd rows, bench/results/2026-11-26-h100-run4-graph).
+    override = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    try:
+        if override is not None:
+            override(True)
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(n):
+                fn()
+    except Exception:
+        _reset_rng_after_failed_capture(device)
+        raise
+    finally:
+        if override is not None:
+            override(False)
     graph.replay()
     sync(device)
     times: List[float] = []
@@ -296,6 +309,16 @@ def _time_cuda_graph(fn: Callable[[], Any], device: torch.device, warmup_ms: flo
         times.append(start.elapsed_time(end) / n)
     del graph
     return _quantiles(times)
+
+
+def _reset_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails leaves the CUDA generator marked as capturing, and every later ``torch.randn`` on
+    the device raises ("Offset increment outside graph capture"): give it a copy of its state, unmarked."""
+    try:
+        gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        gen.graphsafe_set_state(gen.clone_state())
+    except Exception:  # pragma: no cover - a torch without graph-safe generator states
+        pass
 
 
 def _time_cuda_events(fn: Callable[[], Any], device: torch.device, warmup_ms: float, rep_ms: float,

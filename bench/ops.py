@@ -109,8 +109,10 @@ def gemm_variants() -> List[Tuple[str, Callable[[], Any]]]:
 # Building a timed step from a forward function
 
 
-def _randn(shape: Sequence[int], ctx: Ctx, scale: float = 1.0, grad: bool = False) -> torch.Tensor:
-    t = (torch.randn(*shape, device=ctx.device, dtype=torch.float32) * scale).to(ctx.dtype)
+def _randn(shape: Sequence[int], ctx: Ctx, scale: float = 1.0, grad: bool = False, offset: float = 0.0
+           ) -> torch.Tensor:
+    """offset + scale * N(0, 1) in ctx.dtype: a leaf (see ``make_step``)."""
+    t = (torch.randn(*shape, device=ctx.device, dtype=torch.float32) * scale + offset).to(ctx.dtype)
     return t.requires_grad_(grad)
 
 
@@ -134,6 +136,10 @@ def make_step(forward: Callable[..., Any], make_args: Callable[[bool], Tuple[tor
     """
     grad = mode == "fwd+bwd"
     first = make_args(grad)
+    if any(t.requires_grad and t.grad_fn is not None for t in first):
+        # a non-leaf's autograd node keeps the stream it was made on; the backward then waits on that stream,
+        # which invalidates a CUDA-graph capture (--timer graph) and adds a node to every timed backward
+        raise ValueError("make_step: inputs that get gradients must be leaf tensors")
     set_bytes = sum(t.numel() * t.element_size() for t in first)
     sets = [first] + [make_args(grad) for _ in range(n_sets(set_bytes, ctx.device) - 1)]
     if not grad:
@@ -265,11 +271,11 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
         sd = {"rows": f"{rows[0]}x{rows[1]}", "D": D}
 
         def args_ln(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
-            return (_randn(shape, ctx, grad=grad), 1 + _randn((D,), ctx, 0.1, grad), _randn((D,), ctx, 0.1, grad))
+            return (_randn(shape, ctx, grad=grad), _randn((D,), ctx, 0.1, grad, offset=1.0), _randn((D,), ctx, 0.1, grad))
 
         def args_add(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
             return (_randn(shape, ctx, grad=grad), _randn(shape, ctx, grad=grad),
-                    1 + _randn((D,), ctx, 0.1, grad), _randn((D,), ctx, 0.1, grad))
+                    _randn((D,), ctx, 0.1, grad, offset=1.0), _randn((D,), ctx, 0.1, grad))
 
         def eager_ln(x, w, b, D=D):
             return F.layer_norm(x, (D,), w, b, LN_EPS)

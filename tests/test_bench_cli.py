@@ -396,9 +396,14 @@ def test_gpu_check_dry_run(tmp_path):
 
 @needs_gpu_check_shell
 def test_gpu_check_train_dry_run(tmp_path):
-    """--train: train.py through the shim; the log (date, commit, device first) and the run's small files."""
-    out = tmp_path / "train"
-    _gpu_check(tmp_path, out, "--train")
+    """--train: train.py through the shim; the log (date, commit, device first) and the run's small files.
+    --pack: all of them in one archive (the device tool brings back 8 files at most)."""
+    packed = tmp_path / "train"
+    _gpu_check(tmp_path, packed, "--train", "--pack")
+    assert os.listdir(packed) == ["gpu_check.tar.gz"]
+    out = tmp_path / "unpacked"
+    out.mkdir()
+    subprocess.run(["tar", "xzf", str(packed / "gpu_check.tar.gz"), "-C", str(out)], check=True)
     names = set(os.listdir(out))
     assert {"train.log", "config.json", "log.json"} <= names and not any(n.endswith(".pt") for n in names), names
     log = (out / "train.log").read_text().splitlines()
@@ -455,3 +460,38 @@ def test_graph_timer_captures_our_fwd_bwd_gpu():
     med, p20, p80 = harness.time_fn(step, torch.device("cuda"), 5, 20, timer="graph")
     assert 0 < p20 <= med <= p80 < 5.0
     torch.testing.assert_close(x.grad, want, rtol=0, atol=0)  # the last replay wrote the same gradient
+
+
+def test_make_step_refuses_non_leaf_grad_inputs():
+    """A non-leaf input's autograd node would run in every timed backward (and break graph capture)."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "", True)
+    leaf = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        ops.make_step(lambda t: t * 2, lambda grad: (leaf + 1,), [], "fwd+bwd", ctx)
+    step = ops.make_step(lambda t: t * 2, lambda grad: (torch.randn(3, requires_grad=grad),), [], "fwd+bwd", ctx)
+    step()
+
+
+@pytest.mark.gpu
+def test_graph_timer_after_a_failed_capture_and_with_bench_inputs_gpu():
+    """The bench's own LayerNorm fwd+bwd step (weight and bias get grads, autograd.grad) captures; and after a
+    capture that fails, the next row's torch.randn still works (the generator is not left capturing)."""
+    dev = torch.device("cuda")
+    ctx = ops.Ctx(dev, torch.bfloat16, 5, 20, False, "", True, timer="graph")
+    from flashvit.kernels import layer_norm
+
+    def args(grad):
+        return (ops._randn((2048, 384), ctx, grad=grad), ops._randn((384,), ctx, 0.1, grad, offset=1.0),
+                ops._randn((384,), ctx, 0.1, grad))
+
+    for f in (lambda x, w, b: layer_norm(x, w, b, 1e-6, backend="triton"),
+              lambda x, w, b: torch.nn.functional.layer_norm(x, (384,), w, b, 1e-6)):
+        med, p20, p80 = harness.time_fn(ops.make_step(f, args, [], "fwd+bwd", ctx), dev, 5, 20, timer="graph")
+        assert 0 < p20 <= med <= p80 < 5.0
+
+    def bad():
+        torch.cuda.synchronize()  # not allowed while capturing
+
+    with pytest.raises((RuntimeError, torch.AcceleratorError) if hasattr(torch, "AcceleratorError") else RuntimeError):
+        harness.time_fn(bad, dev, 1, 5, timer="graph")
+    assert torch.randn(4, device=dev).isfinite().all()
