@@ -35,15 +35,16 @@ MODEL_ALIASES = {
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch",
-         "timm+flashvit.patch[ln=triton]", "flashvit[ln=triton,mlp=tma]", "timm+flashvit.patch[ln=triton,mlp=tma]",
+IMPLS = ("flashvit", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm",
+         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "timm+flashvit.patch[mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
-# end to end what a change of verdict would give before the defaults change:
-#   ln=triton    kernels/layernorm.py AUTO_TRITON = True (LayerNorm on its kernels; eager until measured)
+# end to end what a change of verdict would give (or gave) against the defaults:
+#   ln=triton    kernels/layernorm.py: LayerNorm on its kernels at every width, in training too
+#   ln=torch     kernels/layernorm.py AUTO_TRITON = False: eager LayerNorm (the default before run 4)
 #   mlp=PATH     kernels/linear.py AUTO_TRAINING = AUTO_INFERENCE = True with use_gemm(PATH) (cublas | tma | triton):
 #                the fused linears and MLP (GELU' in fc2's dX GEMM on the triton/tma paths) in training too
-VERDICTS = {"ln": ("triton",), "mlp": ("cublas", "tma", "triton")}
+VERDICTS = {"ln": ("triton", "torch"), "mlp": ("cublas", "tma", "triton")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -111,16 +112,16 @@ def _verdicts(impl: str) -> Iterator[None]:
     tags = verdict_tags(impl)
     ln = importlib.import_module("flashvit.kernels.layernorm")
     lin = importlib.import_module("flashvit.kernels.linear")
-    old = (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)
-    if "ln" in tags:
-        ln.AUTO_TRITON = True
+    old = (ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)
+    if "ln" in tags:  # triton: at every width, with autograd too; torch: never
+        ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING = (True, 1) if tags["ln"] == "triton" else (False, old[1])
     if "mlp" in tags:
         lin.AUTO_TRAINING = lin.AUTO_INFERENCE = True
     try:
         with lin.use_gemm(tags["mlp"]) if "mlp" in tags else contextlib.nullcontext():
             yield
     finally:
-        ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old
+        ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old
 
 
 def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:

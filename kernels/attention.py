@@ -328,8 +328,10 @@ def _block_d(head_dim: int) -> int:
 # Measured on an H100 with Triton 3.6 (bench/results/2026-11-26-h100-run3, -validate): split 64 + 16,
 # D=80 fwd+bwd ran 0.705 ms vs 0.990 ms padded (qkv, B=64, N=257, H=16, bf16), but second chunks of 16
 # hit illegal memory accesses in the backward (D=40 = 32 + 16; D=80 on non-contiguous inputs): hence the
-# floor of 32, and 'auto' splits nothing until the 32-wide split is measured on a GPU. Experimental.
-SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
+# floor of 32. Split 64 + 32 (2026-11-26-h100-run4/ops-experimental.csv, same shape): 0.646 ms against
+# 0.999 ms padded, 1.67x SDPA's default (every autotune config of both backward kernels ran there, and
+# the GPU split test passed), so 'auto' splits D=80 (ViT-H/14). Other head dims pad until measured.
+SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
 MIN_SPLIT_CHUNK = 32
 HEAD_DIM_MODES = ("auto", "split", "pad")
 _head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)

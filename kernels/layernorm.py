@@ -38,15 +38,16 @@ from flashvit.kernels._dispatch import (
     use_triton,
 )
 
-# Under the 'auto' backend on CUDA, run these kernels or eager PyTorch? Measured on an H200 by
-# bench/gpu_check.sh (bench/results/2026-11-26-h200-run{1,2}/ops.csv, rows = 256*197, bf16): forward
-# 0.45-1.65x eager, forward+backward 0.35-0.86x. On an H100 (2026-11-26-h100-run3, -diag): forward 0.38-2.05x
-# (1.73x at D = 768, 2.05x with the add at D = 384), fwd+bwd 0.41-0.87x, yet the kernels took about half of
-# eager's device time (diag/kernels.txt): the calls were host-bound (a Triton launch cost ~55 us of CPU
-# there). Launches now go through _dispatch.Launcher; the model benchmark's flashvit[ln=triton] rows measure
-# this verdict end to end. Until they do, 'auto' uses eager PyTorch for LayerNorm; FLASHVIT_BACKEND=triton /
-# backend="triton" still runs the kernels (and the tests do).
-AUTO_TRITON = False
+# Under the 'auto' backend on CUDA, run these kernels or eager PyTorch? Earlier runs (H200 run1/run2, H100
+# run3 + diag) found the calls host-bound (~55 us of CPU per Triton launch); launches now go through
+# _dispatch.Launcher. Measured on an H100 with Triton 3.6, bf16, rows = 256*197
+# (bench/results/2026-11-26-h100-run4-ops/ops.csv): forward 1.23-2.16x eager at D = 384-1280 (with or
+# without the add); forward+backward 0.91x / 0.74x (LN / add+LN) at D = 384, 0.78x / 1.12x at D = 768,
+# 1.18-1.68x at D >= 1024. End to end (2026-11-26-h100-run4/model.csv, flashvit[ln=triton] vs flashvit):
+# ViT-B/16 training 1.19x vs 1.15x timm, ViT-L/16 1.18x vs 1.12x; ViT-S/16 (D = 384) 0.72x vs 1.00x.
+# So 'auto' runs the kernels without autograd at every width, and with autograd from D = AUTO_MIN_D_TRAINING.
+AUTO_TRITON = True
+AUTO_MIN_D_TRAINING = 768
 
 MAX_D = 8192  # one row lives in registers: BLOCK_N = next_pow2(D) <= 8192
 MIN_BLOCK_N = 64  # smaller rows pad to 64 lanes and pack more rows per program
@@ -450,7 +451,8 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
 
 def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torch.Tensor]) -> bool:
     """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
-    if not use_triton(x, backend, auto=AUTO_TRITON):
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others.values()))
+    if not use_triton(x, backend, auto=AUTO_TRITON and (not grad or x.shape[-1] >= AUTO_MIN_D_TRAINING)):
         return False
     forced = (backend if backend is not None else get_backend()) == "triton"
     d = x.shape[-1]

@@ -143,7 +143,9 @@ def test_split_head_dims_noncontiguous_and_packed():
 
 
 def test_split_dims_policy():
-    assert A._split_dims(80) == (128, 0)  # 'auto' splits only SPLIT_HEAD_DIMS (measured): none yet
+    # 'auto' splits only SPLIT_HEAD_DIMS (measured): 80 = 64 + 32
+    assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 32)
+    assert [A._split_dims(d) for d in (96, 72, 40)] == [(128, 0), (128, 0), (64, 0)]
     with A.use_head_split("split"):
         assert [A._split_dims(d) for d in (80, 96, 72, 160)] == [(64, 32), (64, 32), (64, 32), (128, 32)]
         # nothing to save: a power of two, or a split as wide as the padded block (second chunks >= 32)

@@ -263,13 +263,16 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     assert model.verdict_tags("timm+flashvit.patch[ln=triton,mlp=tma]") == {"ln": "triton", "mlp": "tma"}
     assert model.base_impl("timm+flashvit.patch[ln=triton,mlp=tma]") == "timm+flashvit.patch"
     assert model.verdict_tags("flashvit") == {} and model.backend_for("flashvit-eager[ln=triton]") == "torch"
-    before = (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)
+    state = lambda: (ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE)  # noqa: E731
+    before = state()
     with model._verdicts("flashvit[ln=triton,mlp=tma]"):
-        assert (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == (True, True, True)
+        assert state() == (True, 1, True, True)
         assert lin._choose_path("", torch.device("cuda"), 4096, 4096, 4096) == "tma"
     with model._verdicts("flashvit[ln=triton]"):
-        assert ln.AUTO_TRITON and (lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == before[1:]
-    assert (ln.AUTO_TRITON, lin.AUTO_TRAINING, lin.AUTO_INFERENCE) == before
+        assert state() == (True, 1, *before[2:])
+    with model._verdicts("timm+flashvit.patch[ln=torch]"):
+        assert state() == (False, *before[1:])
+    assert state() == before
     for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton"):
         with pytest.raises(ValueError, match="bad"):
             model.verdict_tags(bad)
@@ -340,7 +343,7 @@ def test_prewarm_runs_the_compiling_rows_in_spawned_processes(capsys):
     mjobs = cli._warm_jobs(margs, torch.device("cpu"))
     assert mjobs[0].run is not None
     picked = {j.row.impl for j in mjobs if cli._warms_a_cache(j)}
-    assert "timm+flashvit.patch[ln=triton,mlp=tma]" in picked and "compile(timm)" in picked
+    assert "timm+flashvit.patch[mlp=tma]" in picked and "compile(timm)" in picked
     assert not picked & {"timm", "flashvit-eager"}
 
 
