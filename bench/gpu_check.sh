@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--pack]
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--sweep] [--pack]
 #
 # On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
 # installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
 #   1. makes flashvit importable without pip: a temporary mirror of the repository whose flashvit/ folder
 #      links kernels/, vit/ and bench/ in as flashvit.kernels, flashvit.vit and flashvit.bench;
-#   2. runs the whole test suite on CUDA (gpu-marked tests included)          -> OUTDIR/gpu_tests.log
-#      and, once the gpu-marked ones are done, every benchmark row that compiles runs once in the background
-#      (fills the compile caches)
+#   2. runs the gpu-marked tests on CUDA, then the rest of the suite as time allows -> OUTDIR/gpu_tests.log
+#      and meanwhile every benchmark row that compiles runs once in the background (fills the compile caches)
 #   3. runs the op benchmarks at the kernel issues' shapes                    -> OUTDIR/ops.{json,csv,png}
 #      then, in a process of their own, the kernel paths not yet run on a GPU  -> OUTDIR/ops-experimental.*
-#      then each tile config of our two GEMM kernels alone vs torch.matmul    -> OUTDIR/gemm-configs.*
+#      then (--sweep) each tile config of our two GEMM kernels alone vs torch.matmul -> OUTDIR/gemm-configs.*
 #      then LayerNorm's rows timed as device time only (CUDA graph replay)     -> OUTDIR/ops-graph.*
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
@@ -23,7 +22,8 @@
 # config.json, log.json and PNGs (not its checkpoints).
 # --with-train: all of the above, and that training run too, in the background while the tests run (tests
 # are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 270 s)
-# -> OUTDIR/train/. Total budget 570 s instead of 470.
+# -> OUTDIR/train/. Total budget 570 s instead of 470, and the tests get the training's time (200 s).
+# --sweep: the GEMM config sweep too (settled by run 4; 40 s taken from the model benchmarks).
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
 # and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
 # the rest). `tar xzf` gives the files back unchanged.
@@ -33,8 +33,9 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_SWEEP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_GPU_TEST_MAX
-# (step caps in seconds: 110 / 65 / 90 / 50 / 40 / 50 / 90, the last the gpu-marked share of the tests),
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_SWEEP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_EVERY_TEST_MAX
+# (step caps in seconds: 150 (200 with --with-train) / 65 / 110 / 40 / 40 / 50 / 60, the last the share of
+# the tests that run every autotune config alone),
 # GPU_CHECK_MODELS (default "b s l"), GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST
 # (pytest-xdist workers, default 6), GPU_CHECK_OPS (op families, default all), GPU_CHECK_PREWARM (processes
 # for the compile warm-up, default 4), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
@@ -43,6 +44,7 @@ set -uo pipefail
 DRY=${GPU_CHECK_DRY_RUN:-0}
 TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the tests, then the rest)
 PACK=0
+SWEEP=0
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
@@ -50,12 +52,13 @@ for a in "$@"; do
     --train) TRAIN=1 ;;
     --with-train) TRAIN=2 ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    --sweep) SWEEP=1 ;;
+    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--pack]" >&2
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--sweep] [--pack]" >&2
                       exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -187,8 +190,8 @@ fi
 # Every benchmark row that compiles (our Triton kernels with their autotune configs, torch.compile) runs once,
 # untimed, in a few spawned processes at low priority: the timed runs below then load kernels and graphs from
 # Triton's and Inductor's on-disk caches instead of spending their budgets compiling. (The tests are
-# correctness checks: sharing the GPU does not change what they find.) It starts once the gpu-marked tests
-# (the ones CI cannot run) are done, beside the rest of the tests.
+# correctness checks: sharing the GPU does not change what they find.) It starts with the tests: both spend
+# most of their time compiling, on 16 cores (run 4: 11 of 103 gpu-marked tests ran in their 50 s).
 # The op rows first (4 processes), then the first model's (2: a ViT-B training step holds ~8 GB).
 WARM_PID=""
 start_prewarm() {  # start_prewarm SECONDS
@@ -197,7 +200,8 @@ start_prewarm() {  # start_prewarm SECONDS
     warm_ops=(--quick --device cpu --ops layernorm gemm-configs); warm_model=(--quick --device cpu --models s)
   else
     m1=${GPU_CHECK_MODELS:-b s l}
-    warm_ops=(--ops layernorm attention mlp patch_embed gemm-configs); warm_model=(--models "${m1%% *}")
+    warm_ops=(--ops layernorm attention mlp patch_embed); warm_model=(--models "${m1%% *}")
+    [ "$SWEEP" = 1 ] && warm_ops+=(gemm-configs)
   fi
   say "prewarm: compiling rows of the benchmarks in the background (${warm_t}s in all)"
   (
@@ -213,8 +217,8 @@ start_prewarm() {  # start_prewarm SECONDS
 
 # ---- 2. the test suite on CUDA ------------------------------------------------------------------------
 # Three pytest runs into one log: the gpu-marked tests first (what CI cannot run: bf16, big offsets, the
-# kernel paths new since the last GPU run; the per-config ones apart), then everything else on CUDA with the
-# test time that is left.
+# kernel paths new since the last GPU run), the per-config ones apart (EVERY_MAX s), then everything else on
+# CUDA with the test time that is left (CI runs those on CPU).
 # SIGINT at each deadline: pytest stops its workers and still prints the failures so far (-rfE); KILL
 # 15 s later if it has not exited.
 run_tests() {  # run_tests SECONDS PYTEST_ARGS...
@@ -232,10 +236,11 @@ run_tests() {  # run_tests SECONDS PYTEST_ARGS...
 }
 
 if [ "$DRY" = 1 ]; then
-  TEST_MAX=120; GPU_TEST_MAX=60; RESERVE=100; XDIST=()
+  TEST_MAX=120; EVERY_MAX=30; RESERVE=100; XDIST=()
   GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
-  TEST_MAX=${GPU_CHECK_TEST_MAX:-110}; GPU_TEST_MAX=${GPU_CHECK_GPU_TEST_MAX:-90}; RESERVE=330
+  TEST_MAX=${GPU_CHECK_TEST_MAX:-$(( TRAIN == 2 ? 200 : 150 ))}; EVERY_MAX=${GPU_CHECK_EVERY_TEST_MAX:-60}
+  RESERVE=$(( 340 + (SWEEP == 1 ? 40 : 0) ))  # the benchmarks' steps after the tests
   XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
@@ -257,10 +262,10 @@ else
   fi
   # The per-config kernel tests (names with "every") go in a pytest run of their own, after the others: a
   # config that faults (an illegal memory access poisons its worker's CUDA context) cannot fail the rest.
-  GPU_T=$(min "$GPU_TEST_MAX" "$TEST_T")
-  run_tests $(( GPU_T - 40 )) "${XDIST[@]}" "${GPU_SEL[@]}" -k "not every" || TESTS_RC=1
-  start_prewarm $(( TEST_T - (SECONDS - T_START) + 30 ))
-  run_tests $(( GPU_T - (SECONDS - T_START) > 20 ? GPU_T - (SECONDS - T_START) : 20 )) "${XDIST[@]}" \
+  start_prewarm $(( TEST_T + 20 ))
+  run_tests $(( TEST_T - EVERY_MAX > 20 ? TEST_T - EVERY_MAX : 20 )) "${XDIST[@]}" "${GPU_SEL[@]}" -k "not every" \
+    || TESTS_RC=1
+  run_tests $(( TEST_T - (SECONDS - T_START) > 20 ? TEST_T - (SECONDS - T_START) : 20 )) "${XDIST[@]}" \
     "${GPU_SEL[@]}" -k every || TESTS_RC=1
   REST_T=$(( TEST_T - (SECONDS - T_START) ))
   if [ "$REST_T" -ge 20 ]; then
@@ -290,8 +295,8 @@ if [ "$DRY" = 1 ]; then
   SWEEP_EXTRA=(); MODEL_EXTRA=(--models s)
   OPS_RESERVE=120; EXP_RESERVE=100; SWEEP_RESERVE=90; GRAPH_RESERVE=70; OVH_RESERVE=60
 else
-  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-65}; EXP_MAX=${GPU_CHECK_EXP_MAX:-50}
-  SWEEP_MAX=${GPU_CHECK_SWEEP_MAX:-40}; GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-50}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-90}
+  BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-65}; EXP_MAX=${GPU_CHECK_EXP_MAX:-40}
+  SWEEP_MAX=${GPU_CHECK_SWEEP_MAX:-40}; GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-50}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-110}
   GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
@@ -301,7 +306,9 @@ else
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
   # kept for the steps after each one
-  OPS_RESERVE=260; EXP_RESERVE=210; SWEEP_RESERVE=170; GRAPH_RESERVE=120; OVH_RESERVE=105
+  # (model: MODEL_MAX + 60 s of grace and report; overhead 15 s; graph 50; sweep 40 when asked; exp 40)
+  OVH_RESERVE=170; GRAPH_RESERVE=185; SWEEP_RESERVE=235; EXP_RESERVE=$(( 235 + (SWEEP == 1 ? 40 : 0) ))
+  OPS_RESERVE=$(( EXP_RESERVE + 40 ))
 fi
 BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
@@ -324,8 +331,10 @@ run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceiling
   "${EXP_EXTRA[@]}"
 # Each GEMM tile config alone (compiled by the warm-up beside the tests): which config, if any, brings our GEMM
 # near cuBLAS, and whether the TMA kernel's loop form (FLATTEN) matters.
-run_ops gemm-configs "$SWEEP_MAX" "$SWEEP_RESERVE" --ops gemm-configs --ceilings-from "$OUT/ops.json" \
-  "${SWEEP_EXTRA[@]}"
+if [ "$SWEEP" = 1 ] || [ "$DRY" = 1 ]; then
+  run_ops gemm-configs "$SWEEP_MAX" "$SWEEP_RESERVE" --ops gemm-configs --ceilings-from "$OUT/ops.json" \
+    "${SWEEP_EXTRA[@]}"
+fi
 # LayerNorm's rows again with device time only (CUDA graph replay), torch.compile included: its issue's targets
 # are bandwidth and >= 1.0x torch.compile, and at these sizes the host takes longer to issue our Python autograd
 # path than the GPU to run it.
