@@ -90,7 +90,18 @@ pack() {  # --pack: OUT/* -> OUT/gpu_check.tar.gz (+ summary.txt left beside it)
     echo "[gpu_check] packed $(echo "$files" | wc -l) files into $OUT/gpu_check.tar.gz"
   fi
 }
-trap 'pack; rm -rf "$SHIM"' EXIT
+# Background work (warm-up, training) carries this tag in its environment, and so do the processes it spawns
+# (multiprocessing workers outlive a parent that `timeout` killed): none may run beside a timing.
+BG_TAG="gpu-check-$$"
+kill_background() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" != "$$" ] && tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -qx "FLASHVIT_GPU_CHECK_BG=$BG_TAG" &&
+      kill -9 "${p#/proc/}" 2>/dev/null
+  done
+  return 0
+}
+trap 'kill_background; pack; rm -rf "$SHIM"' EXIT
 for e in "$REPO"/* "$REPO"/.[!.]*; do
   [ -e "$e" ] || continue
   case "$(basename "$e")" in flashvit|.venv|.git|__pycache__|.pytest_cache) continue ;; esac
@@ -161,7 +172,7 @@ start_train() {  # start_train OUTDIR TIMEOUT: train.py in the background -> OUT
     "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', '| torch', torch.__version__, '| triton', triton.__version__)"
     echo "command: python train.py ${args[*]} --run-dir RUN --no-progress"; } > "$TRAIN_OUT/train.log" 2>&1
   say "train: python train.py ${args[*]} (timeout ${t}s) -> $TRAIN_OUT/train.log"
-  timeout -k 10 "$t" "$PY" "$SHIM/train.py" "${args[@]}" --run-dir "$SHIM/.train-run" --no-progress \
+  FLASHVIT_GPU_CHECK_BG=$BG_TAG timeout -k 10 "$t" "$PY" "$SHIM/train.py" "${args[@]}" --run-dir "$SHIM/.train-run" --no-progress \
     >> "$TRAIN_OUT/train.log" 2>&1 &
   TRAIN_PID=$!
 }
@@ -205,6 +216,7 @@ start_prewarm() {  # start_prewarm SECONDS
   fi
   say "prewarm: compiling rows of the benchmarks in the background (${warm_t}s in all)"
   (
+    export FLASHVIT_GPU_CHECK_BG=$BG_TAG
     T1=$SECONDS
     nice -n 10 timeout -k 10 $(( warm_t * 2 / 3 )) "$PY" -m flashvit.bench ops --prewarm-only \
       --prewarm "${GPU_CHECK_PREWARM:-4}" --rows all --budget $(( warm_t * 2 / 3 )) "${warm_ops[@]}"
@@ -287,6 +299,7 @@ if [ "$TRAIN" = 2 ] && [ "$TRAIN_RC" -eq 0 ]; then
   say "train: waiting for the training run to end before the benchmarks"
   finish_train || TRAIN_RC=$?
 fi
+kill_background  # what the warm-up's or training's timeouts left behind
 
 # ---- 3. op benchmarks: the settled rows, then (own process) the kernel paths not yet run on a GPU ----------
 if [ "$DRY" = 1 ]; then
