@@ -36,7 +36,8 @@ MODEL_ALIASES = {
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm",
-         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "timm+flashvit.patch[mlp=tma]",
+         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=cublas]",
+         "timm+flashvit.patch[mlp=cublas]", "timm+flashvit.patch[mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
 # end to end what a change of verdict would give (or gave) against the defaults:
