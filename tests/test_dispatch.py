@@ -177,7 +177,7 @@ class _FakeKernel:
 
 
 def test_launcher_keys_on_what_triton_specializes(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
     if _dispatch._knobs is None:
         pytest.skip("this Triton has no triton.knobs: every launch takes Triton's path")
@@ -213,7 +213,7 @@ def test_launcher_keys_on_the_autotune_key(monkeypatch):
     import types
 
     import triton
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
     if _dispatch._knobs is None:
         pytest.skip("this Triton has no triton.knobs")
@@ -234,7 +234,7 @@ def test_launcher_keys_on_the_autotune_key(monkeypatch):
 
 
 def test_launcher_falls_back_when_the_launcher_refuses_its_arguments(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
     if _dispatch._knobs is None:
         pytest.skip("this Triton has no triton.knobs")
@@ -254,7 +254,7 @@ def test_launcher_falls_back_when_the_launcher_refuses_its_arguments(monkeypatch
 
 
 def test_launcher_falls_back_for_unknown_arguments(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
     if _dispatch._knobs is None:
         pytest.skip("this Triton has no triton.knobs")
     kern = _FakeKernel()
@@ -277,3 +277,45 @@ def test_launcher_fast_path_gpu():
         ref = L.layer_norm_reference(x.double(), w.double(), b.double(), 1e-5)
         assert (y.double() - ref).abs().max().item() < 0.1
     assert L._ln_fwd_tuned._cache, "the fast path's cache stayed empty"
+
+
+def test_launcher_key_tells_bools_ints_and_floats_apart(monkeypatch):
+    """The flat key: a bool, an int == 1, another int and a float at one position are four specializations."""
+    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    if _dispatch._knobs is None:
+        pytest.skip("this Triton has no triton.knobs")
+    kern = _FakeKernel()
+    launcher = _dispatch.Launcher(kern)
+    launcher.enabled = True
+    x = torch.zeros(8)
+    for flag in (True, 1, 16, 0.5, True, 1, 16, 0.5, False, 3):
+        launcher((1,), (x, 16, 0.5, flag), dict(BLOCK=16))
+    assert [e[0] for e in kern.log] == ["slow"] * 4 + ["fast"] * 4 + ["slow"] * 2
+
+
+def test_once_differentiable_runs_torch_wrapper_only_in_grad_mode():
+    seen = []
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @_dispatch.once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            seen.append(torch.is_grad_enabled())
+            return 2 * x * g
+
+    x = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(Square.apply(x).sum(), x)
+    assert torch.equal(gx, 2 * x.detach()) and not gx.requires_grad
+    g = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(Square.apply(x), x, g, create_graph=True)
+    assert torch.equal(gx.detach(), 2 * x.detach()) and gx.requires_grad  # torch's wrapper: a DelayedError node
+    assert seen == [False, False]  # the body always runs without grad mode
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
