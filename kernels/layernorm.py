@@ -17,7 +17,6 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
@@ -33,6 +32,7 @@ from flashvit.kernels._dispatch import (
     custom_op,
     get_backend,
     next_pow2,
+    once_differentiable,
     tl,
     triton,
     use_triton,
@@ -262,30 +262,36 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
                    bias: Optional[torch.Tensor], eps: float
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Launch the forward: returns (y, h or None, mean (M,), rstd (M,)); y and h are contiguous, h's dtype."""
-    d = x.shape[-1]
+    shape, dev = x.shape, x.device
+    d = shape[-1]
+    has_res = residual is not None
     hd = _h_dtype(x, residual)
-    if residual is not None and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
+    if has_res and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
         x, residual = x.float(), residual.float()  # fp16 + bf16: both to the promoted fp32
     x2 = _rows(x)
     m = x2.shape[0]
-    y = _empty(x.shape, hd, x.device)
-    h = _empty(x.shape, hd, x.device) if residual is not None else None
-    mean = _empty((m,), torch.float32, x.device)  # (separate: a custom op's outputs may not alias)
-    rstd = _empty((m,), torch.float32, x.device)
+    y = _empty(shape, hd, dev)
+    h = _empty(shape, hd, dev) if has_res else None
+    mean = _empty((m,), torch.float32, dev)  # (separate: a custom op's outputs may not alias)
+    rstd = _empty((m,), torch.float32, dev)
     if m == 0 or d == 0:
         return y, h, mean, rstd
     pd = _param_dtype(hd, weight, bias)
-    w, b = _param(weight, d, pd, x.device, 1.0), _param(bias, d, pd, x.device, 0.0)
-    r2 = _rows(residual) if residual is not None else x2
+    w, b = _param(weight, d, pd, dev, 1.0), _param(bias, d, pd, dev, 0.0)
     y2 = y.view(m, d)
-    h2 = h.view(m, d) if h is not None else y2
+    sx = _row_stride(x2)
+    if has_res:
+        r2 = _rows(residual)
+        h2, sr = h.view(m, d), _row_stride(r2)
+    else:
+        r2, h2, sr = x2, y2, sx
     block_n, rows, warps, _ = _config(d)
-    args = (x2, r2, w, b, y2, h2, mean, rstd, m, d, _row_stride(x2), _row_stride(r2), d, d, eps)
+    args = (x2, r2, w, b, y2, h2, mean, rstd, m, d, sx, sr, d, d, eps)
     if INTERPRET:
-        _ln_fwd_kernel[(cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=residual is not None,
+        _ln_fwd_kernel[(cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=has_res,
                                          num_warps=warps, num_stages=FWD_STAGES)
     else:
-        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=residual is not None))
+        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=has_res))
     return y, h, mean, rstd
 
 
@@ -297,21 +303,27 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     ``x`` is the LN input (h for the fused add). dx has x's dtype; dwdb has the kernel's parameter dtype
     (see ``_param_dtype``) and is computed even when weight/bias are absent (callers drop it).
     """
-    d = x.shape[-1]
-    pd = _param_dtype(x.dtype, weight, bias)
+    shape, dev, xd = x.shape, x.device, x.dtype
+    d = shape[-1]
+    pd = _param_dtype(xd, weight, bias)
     x2, dy2 = _rows(x), _rows(dy)
     m = x2.shape[0]
-    dx = _empty(x.shape, x.dtype, x.device)
+    dx = _empty(shape, xd, dev)
     if m == 0 or d == 0:
-        return dx, torch.zeros((2, d), dtype=pd, device=x.device)
-    w = _param(weight, d, pd, x.device, 1.0)
-    dho2 = _rows(dh_out) if dh_out is not None else dy2
+        return dx, torch.zeros((2, d), dtype=pd, device=dev)
+    w = _param(weight, d, pd, dev, 1.0)
+    sdy = _row_stride(dy2)
+    if dh_out is not None:
+        dho2 = _rows(dh_out)
+        sdho = _row_stride(dho2)
+    else:
+        dho2, sdho = dy2, sdy
     block_n, rows, _, warps = _config(d)
-    rows_per_prog = _rows_per_prog(x.device, rows, m)
+    rows_per_prog = _rows_per_prog(dev, rows, m)
     g = cdiv(m, rows_per_prog)
-    partial = _empty((2, g, d), torch.float32, x.device)
-    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), partial[0], partial[1],
-            m, d, _row_stride(dy2), _row_stride(x2), _row_stride(dho2), d, rows_per_prog)
+    partial = _empty((2, g, d), torch.float32, dev)
+    dwp, dbp = partial.unbind(0)  # (G, D) each, one call for both views
+    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, _row_stride(x2), sdho, d, rows_per_prog)
     if INTERPRET:
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps,
                              num_stages=BWD_STAGES)
@@ -377,10 +389,13 @@ def _(dy, x, weight, bias, mean, rstd, dh_out):
 
 def _param_grads(ctx, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  dwdb: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    i = ctx.w_index
     need = ctx.needs_input_grad
-    gw = _as(dwdb[0], weight.dtype) if weight is not None and need[ctx.w_index] else None
-    gb = _as(dwdb[1], bias.dtype) if bias is not None and need[ctx.w_index + 1] else None
-    return gw, gb
+    need_w, need_b = weight is not None and need[i], bias is not None and need[i + 1]
+    if not (need_w or need_b):
+        return None, None
+    dw, db = dwdb.unbind(0)  # (D,) each, one call for both views
+    return (_as(dw, weight.dtype) if need_w else None), (_as(db, bias.dtype) if need_b else None)
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -422,8 +437,8 @@ class AddLayerNormFn(torch.autograd.Function):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         dh, dwdb = _layer_norm_bwd_op(dy, h, weight, bias, mean, rstd, dh_out)
         dx_dtype, dr_dtype = ctx.dtypes
-        dx = dh.to(dx_dtype) if ctx.needs_input_grad[0] else None
-        dr = dh.to(dr_dtype) if ctx.needs_input_grad[1] else None
+        dx = _as(dh, dx_dtype) if ctx.needs_input_grad[0] else None
+        dr = _as(dh, dr_dtype) if ctx.needs_input_grad[1] else None
         return (dx, dr, *_param_grads(ctx, weight, bias, dwdb), None)
 
 
@@ -451,15 +466,16 @@ def _validate(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[to
 
 def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torch.Tensor]) -> bool:
     """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *others.values()))
-    if not use_triton(x, backend, auto=AUTO_TRITON and (not grad or x.shape[-1] >= AUTO_MIN_D_TRAINING)):
-        return False
-    forced = (backend if backend is not None else get_backend()) == "triton"
     d = x.shape[-1]
-    dtypes_ok = all(t is None or t.dtype in FLOAT_DTYPES for t in (x, *others.values()))
-    if dtypes_ok and 1 <= d <= MAX_D:
+    auto = AUTO_TRITON
+    if auto and d < AUTO_MIN_D_TRAINING and torch.is_grad_enabled():  # 'auto' trains on eager below that width
+        auto = not (x.requires_grad or any(t is not None and t.requires_grad for t in others.values()))
+    if not use_triton(x, backend, auto=auto):
+        return False
+    if 1 <= d <= MAX_D and x.dtype in FLOAT_DTYPES and all(t is None or t.dtype in FLOAT_DTYPES
+                                                           for t in others.values()):
         return True
-    if forced:
+    if (backend if backend is not None else get_backend()) == "triton":  # forced: say why it cannot run
         check_triton_dtypes(x=x, **others)
         raise ValueError(f"the LayerNorm kernels take a last dim from 1 to {MAX_D}, got {d}")
     return False
