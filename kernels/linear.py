@@ -49,6 +49,7 @@ from torch import nn
 
 from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
+    FLOAT_DTYPES,
     HAS_TRITON,
     INTERPRET,
     Launcher,
@@ -623,10 +624,15 @@ def shape_class(M: int, N: int, K: int) -> str:
     return "large"
 
 
+def _gemm_name(gemm: str) -> str:
+    """The GEMM path asked for: the argument, else the use_gemm context, else FLASHVIT_GEMM, else 'auto'."""
+    name = gemm or _gemm_override.get() or os.environ.get("FLASHVIT_GEMM", "auto").strip().lower() or "auto"
+    return _check_gemm_name(name)
+
+
 def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int) -> str:
     """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE."""
-    name = gemm or _gemm_override.get() or os.environ.get("FLASHVIT_GEMM", "auto").strip().lower() or "auto"
-    name = _check_gemm_name(name)
+    name = _gemm_name(gemm)
     if name != "auto":
         return name
     if device.type != "cuda":  # the interpreter (tests): exercise our GEMM kernel
@@ -846,27 +852,32 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
     if act != 0 and (z is None or z.shape != dy.shape):
         raise RuntimeError("linear backward with an activation needs the saved pre-activation z")
     dz, db = _dact_colsum(dy, z, act, write_dz=act != 0, colsum=has_bias)
-    tf32 = _resolve_tf32(allow_tf32)
-    dx = dw = x.new_empty(0)
+    dev = x.device
+    gemm = _gemm_name(gemm)  # resolved once for both GEMMs (the env var is read once)
+    dx = dw = None
     if need_dx:
-        path = _choose_path(gemm, x.device, M, K, N)
+        path = _choose_path(gemm, dev, M, K, N)
         if path == "cublas":
             dx = torch.matmul(dz, weight)
         else:  # dX (M, K) = dZ (M, N) · W (N, K)
-            dx = _empty((M, K), x.device, x.dtype)
-            _launch_gemm(dz, False, weight, False, M, K, N, dx, tf32=tf32, tma=path == "tma")
+            dx = _empty((M, K), dev, x.dtype)
+            _launch_gemm(dz, False, weight, False, M, K, N, dx, tf32=_resolve_tf32(allow_tf32), tma=path == "tma")
     if need_dw:
-        path = _choose_path(gemm, x.device, N, K, M)
+        path = _choose_path(gemm, dev, N, K, M)
         if path == "cublas":
-            dw = torch.matmul(dz.t(), x).to(weight.dtype)
+            dw = torch.matmul(dz.t(), x)
+            if dw.dtype != weight.dtype:
+                dw = dw.to(weight.dtype)
         else:  # dW (N, K) = dZᵀ (N, M) · X (M, K), split over M (the tokens) when its few tiles leave SMs idle
-            dw = _empty((N, K), x.device, weight.dtype)
+            dw = _empty((N, K), dev, weight.dtype)
             if M == 0:
                 dw.zero_()
-            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=tf32, tma=path == "tma",
-                         splits=split_k(N, K, M, _sms(x.device)))
-    db_out = db.to(weight.dtype) if db is not None else x.new_empty(0)
-    return dx, dw, db_out
+            _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=_resolve_tf32(allow_tf32), tma=path == "tma",
+                         splits=split_k(N, K, M, _sms(dev)))
+    if dx is None or dw is None or db is None:
+        none = x.new_empty(0)  # (a custom op returns tensors: an empty one stands for "not computed")
+        dx, dw = (none if dx is None else dx), (none if dw is None else dw)
+    return dx, dw, (db.to(weight.dtype) if db is not None else none)
 
 
 def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, activation: str, colsum: bool,
@@ -1086,7 +1097,12 @@ def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], re
     Returns (autocast dtype or None, (x, *params), residual or None, late residual or None)."""
     late = None
     dt = autocast_dtype(x.device)
-    if dt is not None:
+    if dt is None:  # common case: no autocast, every tensor in one kernel dtype -> nothing to cast or report
+        xd = x.dtype
+        if xd in FLOAT_DTYPES and (residual is None or residual.dtype == xd) and all(
+                p is None or p.dtype == xd for p in params):
+            return None, (x, *params), residual, None
+    else:
         x = x.to(dt)
         params = tuple(p.to(dt) if p is not None else None for p in params)
         if residual is not None and residual.dtype != dt:

@@ -736,3 +736,27 @@ def test_gpu_mlp_bf16(M, K, H, N, gemm, dact_launches):
     L.set_autotune(gemm != "cublas")
     _check_mlp(M, K, H, N, torch.bfloat16, "gelu", True, True, True, gemm, "cuda")
     assert dact_launches["dact_gemm"] == (0 if gemm == "cublas" else 1)
+
+
+@pytest.mark.parametrize("need_dx,need_dw,has_bias", list(itertools.product((False, True), repeat=3)))
+def test_linear_bwd_outputs_per_need(need_dx, need_dw, has_bias):
+    """The launcher computes only what is asked; the rest comes back as empty tensors (the op's 'None')."""
+    dev = "cuda" if ON_GPU else "cpu"
+    x, w, dy = randn(5, 24, device=dev), randn(16, 24, device=dev), randn(5, 16, device=dev)
+    dx, dw, db = L.linear_bwd(dy, x, w, None, None, has_bias, need_dx, need_dw, gemm="triton")
+    for got, need, ref in ((dx, need_dx, dy.double() @ w.double()), (dw, need_dw, dy.double().T @ x.double()),
+                           (db, has_bias, dy.double().sum(0))):
+        if need:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+        else:
+            assert got.numel() == 0
+
+
+def test_cast_inputs_passes_one_dtype_through_and_names_a_mismatch():
+    x, w, b, r = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4), torch.randn(3, 4)
+    dt, (x2, w2, b2), r2, late = L._cast_inputs(x, (w, b), r)
+    assert dt is None and late is None and x2 is x and w2 is w and b2 is b and r2 is r
+    with pytest.raises(TypeError, match="share one dtype"):
+        L._cast_inputs(x, (w.half(), b), r)
+    with pytest.raises(TypeError, match="float64"):
+        L._cast_inputs(x.double(), (w.double(), None), None)
