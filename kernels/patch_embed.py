@@ -29,6 +29,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    once_differentiable,
     triton,
     use_triton,
 )
@@ -453,7 +454,7 @@ class PatchEmbedFn(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad):
         images, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
