@@ -57,7 +57,7 @@ TMA_SWEEP_GRID = [(128, bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) 
                   if 128 * bn // (32 * w) <= 128]
 
 LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch.compile rows go first
-EXPERIMENTAL = ("[gemm=tma]", "[split]", "[nosplit]")  # impl tags of paths not yet run on a GPU (and diagnostics)
+EXPERIMENTAL = ("[gemm=tma]", "[split]", "[nosplit]", "[tail]")  # impl tags of paths not yet run on a GPU (and diagnostics)
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -315,6 +315,10 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def _fwd_tail_context() -> Any:
+    return importlib.import_module("flashvit.kernels.attention").use_fwd_tail(True)
+
+
 def _sdpa_backends() -> List[Tuple[str, Any]]:
     try:
         from torch.nn.attention import SDPBackend
@@ -395,6 +399,10 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk(f"flashvit-qkv[{hd_mode}]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_head_dim_context(hd_mode)),
                                 unavailable=ctx.triton_reason))
+            # the forward's key loop split into unmasked full blocks + the partial last one (use_fwd_tail)
+            main.append(Job(mk("flashvit-qkv[tail]", note=knote),
+                            timed(const(ours_packed), args, mode, ctx, context=_fwd_tail_context),
+                            unavailable=ctx.triton_reason))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))
             for label_, backend in _sdpa_backends():

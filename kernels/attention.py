@@ -48,17 +48,56 @@ MAX_HEAD_DIM = 256
 if HAS_TRITON:
 
     @triton.jit
+    def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
+                           skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                           MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
+        # start_n .. start_n + BLOCK_N. MASK_N: the block may run past N_KV (or CAUSAL cuts it); without it,
+        # no key mask at all (full blocks of a split loop). MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
+        cols = start_n + offs_n
+        n_ok = cols < N_KV
+        if MASK_N:
+            k_mask = n_ok[None, :] & d_ok[:, None]
+            v_mask = n_ok[:, None] & d_ok[None, :]
+        else:
+            k_mask = d_ok[:, None]
+            v_mask = d_ok[None, :]
+        if MASK_N or MASK_D:
+            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=k_mask, other=0.0)  # (BD, BN)
+        else:
+            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd)
+        s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        s = s * qk_scale  # log2 units
+        if MASK_N:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK_N or MASK_D:
+            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)  # (BN, BD)
+        else:
+            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc, m_new, l_i
+
+    @triton.jit
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
         # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
         # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
+        # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the last partial one apart.
         pid = tl.program_id(0)
         num_m = tl.cdiv(N_Q, BLOCK_M)
         pid_m = pid % num_m
@@ -82,28 +121,24 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        hi = N_KV
-        if CAUSAL:
-            hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
-        for start_n in range(0, hi, BLOCK_N):
-            cols = start_n + offs_n
-            n_ok = cols < N_KV
-            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-            s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-            s = s * qk_scale  # log2 units
-            keep = n_ok[None, :]
+        if SPLIT_TAIL and not CAUSAL:
+            full = (N_KV // BLOCK_N) * BLOCK_N
+            for start_n in range(0, full, BLOCK_N):
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
+                                                   BLOCK_D != HEAD_DIM)
+            for start_n in range(full, N_KV, BLOCK_N):  # at most one block
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
+                                                   BLOCK_D != HEAD_DIM)
+        else:
+            hi = N_KV
             if CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None])
-            s = tl.where(keep, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+                hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+            for start_n in range(0, hi, BLOCK_N):
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
+                                                   BLOCK_D != HEAD_DIM)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -350,6 +385,22 @@ def use_head_split(mode: str) -> Iterator[None]:
         _head_mode.pop()
 
 
+# The forward's key loop: every block masked (False), or the full blocks without key masks and the partial
+# last one apart (True, non-causal). Not yet run on a GPU: bench rows tagged [tail] measure it.
+FWD_SPLIT_TAIL = False
+_fwd_tail: List[bool] = []  # innermost use_fwd_tail() last
+
+
+@contextlib.contextmanager
+def use_fwd_tail(on: bool) -> Iterator[None]:
+    """Force the forward's split key loop on or off (FWD_SPLIT_TAIL) inside a ``with`` block."""
+    _fwd_tail.append(bool(on))
+    try:
+        yield
+    finally:
+        _fwd_tail.pop()
+
+
 def _split_dims(head_dim: int) -> Tuple[int, int]:
     """Backward (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded."""
     full = _block_d(head_dim)
@@ -461,7 +512,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
+                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL)
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
     _launch(_attn_fwd, "_attn_fwd_tuned", NQ, B * H, args, consts)
@@ -735,7 +787,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     return sig, consts
 
 
-_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "BLOCK_M", "BLOCK_N")
+_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "BLOCK_M", "BLOCK_N")
 
 
 def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
@@ -762,6 +814,8 @@ def _aot_specs() -> List[AotSpec]:
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
             if kind != "fwd":
                 consts["BLOCK_D2"] = bd2
+            else:
+                consts["SPLIT_TAIL"] = FWD_SPLIT_TAIL
             cfgs = _configs_for(kind, bd1 + bd2, es)
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_CONFIG]
@@ -775,6 +829,12 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
+                if kind == "fwd" and not causal and ty == "bf16" and ("tail", d, bm, bn, w, s) not in seen:
+                    seen.add(("tail", d, bm, bn, w, s))  # the other form of the key loop (use_fwd_tail)
+                    specs.append(runtime_spec(
+                        kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not FWD_SPLIT_TAIL), w, s,
+                        f"attn_fwd[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not FWD_SPLIT_TAIL)}]",
+                        div16=_row_strides(sig)))
         bd = _block_d(d)  # the preprocess kernel always pads (one cheap pass)
         if ("pre", ty, bd) not in seen:
             seen.add(("pre", ty, bd))

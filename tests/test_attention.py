@@ -142,6 +142,17 @@ def test_split_head_dims_noncontiguous_and_packed():
         _check_qkv(1, 21, 2, 80, torch.float16, 8)
 
 
+@pytest.mark.parametrize("Nq,Nkv,D,causal", [(17, 50, 64, False), (33, 64, 32, False), (5, 31, 40, False),
+                                          (40, 40, 32, True)])
+def test_forward_split_tail_loop(Nq, Nkv, D, causal):
+    """use_fwd_tail(True): the full key blocks unmasked and the last one apart (Nkv a multiple of the interpreter's
+    BLOCK_N or not; head dims padded or not); causal keeps the masked loop. Same results as the reference."""
+    with A.use_fwd_tail(True):
+        _check_attention(1, Nq, Nkv, 2, D, causal, torch.float32)
+        _check_attention(1, Nq, Nkv, 1, D, causal, torch.float16)
+    assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is False  # restored; the default loop is the masked one
+
+
 def test_split_dims_policy():
     # 'auto' splits only SPLIT_HEAD_DIMS (measured): 80 = 64 + 32
     assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 32)
