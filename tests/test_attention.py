@@ -313,7 +313,7 @@ def test_split_head_dims_gpu(B, N, H, D, causal):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 256, 4, 64)])
 def test_forward_split_tail_gpu(B, N, H, D):
-    """The forward's split key loop (use_fwd_tail) in bf16 at ViT shapes, every autotune config it picks from."""
+    """The forward's split key loop (use_fwd_tail) in bf16 at ViT shapes, checked with the config autotune picks."""
     with A.use_fwd_tail(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
 
