@@ -44,8 +44,9 @@ from flashvit.kernels._dispatch import (
 # (bench/results/2026-11-26-h100-run4-ops/ops.csv): forward 1.23-2.16x eager at D = 384-1280 (with or
 # without the add); forward+backward 0.91x / 0.74x (LN / add+LN) at D = 384, 0.78x / 1.12x at D = 768,
 # 1.18-1.68x at D >= 1024. End to end (2026-11-26-h100-run4/model.csv, flashvit[ln=triton] vs flashvit):
-# ViT-B/16 training 1.19x vs 1.15x timm, ViT-L/16 1.18x vs 1.12x; ViT-S/16 (D = 384) 0.72x vs 1.00x.
-# So 'auto' runs the kernels without autograd at every width, and with autograd from D = AUTO_MIN_D_TRAINING.
+# ViT-B/16 training 1.19x vs 1.15x timm, ViT-L/16 1.18x vs 1.12x (that run's ViT-S rows are not used: timm's
+# own ViT-S step ran slower than the run before). So 'auto' runs the kernels without autograd at every width
+# and with autograd from D = AUTO_MIN_D_TRAINING (below it the op rows lose: host-bound).
 AUTO_TRITON = True
 AUTO_MIN_D_TRAINING = 768
 
