@@ -12,6 +12,7 @@
 #      then (--sweep) each tile config of our two GEMM kernels alone vs torch.matmul -> OUTDIR/gemm-configs.*
 #      then LayerNorm's rows timed as device time only (CUDA graph replay)     -> OUTDIR/ops-graph.*
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
+#      and profiles it (cProfile per op, one launch's cost, kernel tables)      -> OUTDIR/profile/
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
 #   6. prints a short summary last                                            -> OUTDIR/summary.txt
 #
@@ -23,7 +24,7 @@
 # --with-train: all of the above, and that training run too, in the background while the tests run (tests
 # are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 270 s)
 # -> OUTDIR/train/. Total budget 570 s instead of 470, and the tests get the training's time (200 s).
-# --sweep: the GEMM config sweep too (settled by run 4; 40 s taken from the model benchmarks).
+# --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
 # and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
 # the rest). `tar xzf` gives the files back unchanged.
@@ -33,9 +34,9 @@
 # --dry-run (or GPU_CHECK_DRY_RUN=1): the same script on CPU with tiny shapes, short budgets and one small
 # test file, for CI. Environment: PYTHON (default python3), GPU_CHECK_SECONDS (total, default 470),
 # FLASHVIT_GIT_COMMIT (recorded when the checkout has no .git), GPU_CHECK_TEST_MAX / GPU_CHECK_OPS_MAX /
-# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_SWEEP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_EVERY_TEST_MAX
-# (step caps in seconds: 150 (200 with --with-train) / 65 / 110 / 40 / 40 / 50 / 60, the last the share of
-# the tests that run every autotune config alone),
+# GPU_CHECK_MODEL_MAX / GPU_CHECK_EXP_MAX / GPU_CHECK_SWEEP_MAX / GPU_CHECK_GRAPH_MAX / GPU_CHECK_EVERY_TEST_MAX /
+# GPU_CHECK_PROFILE_MAX (step caps in seconds: 150 (200 with --with-train) / 65 / 100 / 40 / 40 / 50 / 60 / 20;
+# EVERY: the share of the tests that run every autotune config alone),
 # GPU_CHECK_MODELS (default "b s l"), GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST
 # (pytest-xdist workers, default 6), GPU_CHECK_OPS (op families, default all), GPU_CHECK_PREWARM (processes
 # for the compile warm-up, default 4), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
@@ -252,7 +253,7 @@ if [ "$DRY" = 1 ]; then
   GPU_SEL=(-m gpu tests/test_dispatch.py); REST_SEL=(-m "not gpu" tests/test_dispatch.py)
 else
   TEST_MAX=${GPU_CHECK_TEST_MAX:-$(( TRAIN == 2 ? 200 : 150 ))}; EVERY_MAX=${GPU_CHECK_EVERY_TEST_MAX:-60}
-  RESERVE=$(( 340 + (SWEEP == 1 ? 40 : 0) ))  # the benchmarks' steps after the tests
+  RESERVE=$(( 360 + (SWEEP == 1 ? 40 : 0) ))  # the benchmarks' steps after the tests
   XDIST=(); "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_XDIST:-6}")
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
@@ -309,7 +310,7 @@ if [ "$DRY" = 1 ]; then
   OPS_RESERVE=120; EXP_RESERVE=100; SWEEP_RESERVE=90; GRAPH_RESERVE=70; OVH_RESERVE=60
 else
   BENCH_COMMON=(); OPS_MAX=${GPU_CHECK_OPS_MAX:-65}; EXP_MAX=${GPU_CHECK_EXP_MAX:-40}
-  SWEEP_MAX=${GPU_CHECK_SWEEP_MAX:-40}; GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-50}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-110}
+  SWEEP_MAX=${GPU_CHECK_SWEEP_MAX:-40}; GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-50}; MODEL_MAX=${GPU_CHECK_MODEL_MAX:-100}
   GRACE=35
   OPS_EXTRA=(--warmup-ms 15 --rep-ms 60)
   # shellcheck disable=SC2206
@@ -318,10 +319,12 @@ else
   SWEEP_EXTRA=(--warmup-ms 10 --rep-ms 40)
   # shellcheck disable=SC2206
   MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
+  PROF_MAX=${GPU_CHECK_PROFILE_MAX:-20}
   # kept for the steps after each one
-  # (model: MODEL_MAX + 60 s of grace and report; overhead 15 s; graph 50; sweep 40 when asked; exp 40)
-  OVH_RESERVE=170; GRAPH_RESERVE=185; SWEEP_RESERVE=235; EXP_RESERVE=$(( 235 + (SWEEP == 1 ? 40 : 0) ))
-  OPS_RESERVE=$(( EXP_RESERVE + 40 ))
+  # (model: MODEL_MAX + 60 s of grace and report; host profile 20 s; overhead 15; graph 50; sweep 40 when
+  # asked; exp 40)
+  PROF_RESERVE=160; OVH_RESERVE=185; GRAPH_RESERVE=205; SWEEP_RESERVE=255
+  EXP_RESERVE=$(( 255 + (SWEEP == 1 ? 40 : 0) )); OPS_RESERVE=$(( EXP_RESERVE + 40 ))
 fi
 BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
@@ -365,6 +368,18 @@ else
     --budget "$OVH_B" "${OVH_QUICK[@]}" > "$SHIM/.overhead.log" 2>&1
   rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "overhead: exit code $rc"; tail -n 15 "$SHIM/.overhead.log"; }
   grep -E '^overhead: ' "$SHIM/.overhead.log" | cut -c1-400
+fi
+# Where the host time of a fwd+bwd call goes (cProfile per op), one launch's cost, and the kernels an MLP and a
+# LayerNorm step run -> OUTDIR/profile/ (the CPU cannot say: its launches are stubbed or interpreted).
+if [ "$DRY" != 1 ]; then
+  PROF_B=$(min "$PROF_MAX" $(( $(left) - PROF_RESERVE )))
+  if [ "$PROF_B" -lt 10 ]; then
+    note "skipped: host profile (only $(left)s left)"
+  else
+    say "host profile: budget ${PROF_B}s -> profile/"
+    timeout -k 5 "$PROF_B" "$PY" -m flashvit.bench.profile_host "$OUT/profile" --calls 100 > "$SHIM/.profile.log" 2>&1 ||
+      note "host profile: exit code $? (files so far in profile/)"
+  fi
 fi
 
 # ---- 4. model benchmarks --------------------------------------------------------------------------------

@@ -176,7 +176,8 @@ class _FakeKernel:
         return launch
 
 
-def test_launcher_keys_on_what_triton_specializes(monkeypatch):
+def _fake_launcher(monkeypatch):
+    """(fake kernel, a Launcher of it with the fast path on) on a fake device 0 and stream 7."""
     monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
     if _dispatch._knobs is None:
@@ -184,6 +185,11 @@ def test_launcher_keys_on_what_triton_specializes(monkeypatch):
     kern = _FakeKernel()
     launcher = _dispatch.Launcher(kern)
     launcher.enabled = True  # (the interpreter disables the fast path; the logic is what is tested here)
+    return kern, launcher
+
+
+def test_launcher_keys_on_what_triton_specializes(monkeypatch):
+    kern, launcher = _fake_launcher(monkeypatch)
     x = torch.zeros(64)
     kinds = []
 
@@ -281,13 +287,7 @@ def test_launcher_fast_path_gpu():
 
 def test_launcher_key_tells_bools_ints_and_floats_apart(monkeypatch):
     """The flat key: a bool, an int == 1, another int and a float at one position are four specializations."""
-    monkeypatch.setattr(_dispatch, "_current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
-    if _dispatch._knobs is None:
-        pytest.skip("this Triton has no triton.knobs")
-    kern = _FakeKernel()
-    launcher = _dispatch.Launcher(kern)
-    launcher.enabled = True
+    kern, launcher = _fake_launcher(monkeypatch)
     x = torch.zeros(8)
     for flag in (True, 1, 16, 0.5, True, 1, 16, 0.5, False, 3):
         launcher((1,), (x, 16, 0.5, flag), dict(BLOCK=16))
