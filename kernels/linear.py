@@ -82,11 +82,13 @@ GEMM_PATHS = ("auto", "triton", "tma", "cublas")
 # multiple of it (checked below), so their number, cdiv(M, PART_BM), is known before the autotuner picks one.
 _PART_BM = 32
 _EPI_SPLIT_N = 128  # GEMM tiles at least this wide run their epilogue on two column halves
+_EPI_QUARTER_N = 256  # TMA tiles this wide that stage a z tile (SAVE_Z, DACT): on four column quarters
 _SPLIT_ALIGN = 256  # split-K: K per split and the partial buffer's rows per split are multiples of this
 
 if HAS_TRITON:
     PART_BM = tl.constexpr(_PART_BM)
     EPI_SPLIT_N = tl.constexpr(_EPI_SPLIT_N)
+    EPI_QUARTER_N = tl.constexpr(_EPI_QUARTER_N)
 
     @triton.jit
     def _dev_act(z, ACT: tl.constexpr):
@@ -165,6 +167,26 @@ if HAS_TRITON:
             tl.store(c_out + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_out.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                             stride_rm, stride_rn, stride_cm, stride_cn,
+                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+                             DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, DESC: tl.constexpr,
+                             PRE: tl.constexpr):
+        # acc, pre (BM, WIDTH) at columns on .. on + WIDTH: _dev_epilogue on each column half.
+        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+        if PRE:
+            p0, p1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+        else:
+            p0, p1 = a0, a1
+        offs_n = on + tl.arange(0, WIDTH // 2)
+        _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                      stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
+                      DESC, PRE)
+        _dev_epilogue(a1, p1, offs_m, offs_n + WIDTH // 2, om, on + WIDTH // 2, M, N, pid_m, bias_ptr, res_ptr,
+                      c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT,
+                      HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE)
+
+    @triton.jit
     def _dev_epilogue_tile(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
                            stride_rm, stride_rn, stride_cm, stride_cn,
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
@@ -172,20 +194,25 @@ if HAS_TRITON:
                            PRE: tl.constexpr):
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
+        # TMA tiles 256 wide that stage a z tile go by quarters: the staged C and z tiles are then small enough
+        # for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
         # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
-        if BLOCK_N >= EPI_SPLIT_N:
-            a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0):
+            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             if PRE:
-                p0, p1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                q0, q1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             else:
-                p0, p1 = a0, a1
-            offs_n = on + tl.arange(0, BLOCK_N // 2)
-            _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                          stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
-                          DESC, PRE)
-            _dev_epilogue(a1, p1, offs_m, offs_n + BLOCK_N // 2, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr,
-                          c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT,
-                          HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE)
+                q0, q1 = h0, h1
+            _dev_epilogue_halves(h0, q0, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                                 stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT,
+                                 BLOCK_M, BLOCK_N // 2, DESC, PRE)
+            _dev_epilogue_halves(h1, q1, offs_m, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io,
+                                 part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
+                                 SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE)
+        elif BLOCK_N >= EPI_SPLIT_N:
+            _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                                 stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT,
+                                 BLOCK_M, BLOCK_N, DESC, PRE)
         else:
             _dev_epilogue(acc, pre, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
                           z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
@@ -402,12 +429,19 @@ def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
 _TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
 
 
-def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool) -> bool:
+def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool, fp32_c: bool = False) -> bool:
     """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``save_z``: a z
-    tile is staged too (stored, or read for act'). ptxas at sm_90 (kernels/_aot): the epilogue takes one
-    (BM, epilogue width) tile for C, three when z is staged (C, z and a layout-conversion scratch)."""
+    tile is staged too (stored, or read for act'); ``fp32_c``: split-K's fp32 C tile. ptxas at sm_90
+    (kernels/_aot, Triton 3.6): the epilogue takes one (BM, epilogue width) tile for C; three when z is staged
+    on column halves (C, z and a layout-conversion scratch), two on quarters (128x256x64, 4 stages, GELU + z +
+    residual: 229408 B, the same as without z); an fp32 C tile is counted as three."""
     bm, bn, bk, _, st = cfg
-    return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn) * (3 if save_z else 1)) <= _TMA_SMEM_LIMIT
+    tiles = 1
+    if save_z:
+        tiles = 2 if bn >= _EPI_QUARTER_N else 3
+    elif fp32_c:
+        tiles = 3
+    return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn, save_z) * tiles) <= _TMA_SMEM_LIMIT
 
 
 def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
@@ -418,17 +452,20 @@ def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
     return bm * bn // (32 * w) <= 64
 
 
-def _epi_n(bn: int) -> int:
-    """Columns the epilogue handles at once (the C and z descriptors' block width)."""
+def _epi_n(bn: int, z_staged: bool = False) -> int:
+    """Columns the TMA epilogue handles at once (the C and z descriptors' block width); ``z_staged``: SAVE_Z
+    or DACT (see _dev_epilogue_tile)."""
+    if z_staged and bn >= _EPI_QUARTER_N:
+        return bn // 4
     return bn // 2 if bn >= _EPI_SPLIT_N else bn
 
 
 def _tma_prune(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
     # a z tile staged (stored, or read for act'), or split-K's fp32 C tile (as big as two 16-bit ones)
-    save_z = flag("SAVE_Z") or flag("DACT") or named_args.get("SPLITS", 1) > 1
+    save_z, fp32_c = flag("SAVE_Z") or flag("DACT"), named_args.get("SPLITS", 1) > 1
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                                   c.num_warps, c.num_stages), save_z)]
+                                                   c.num_warps, c.num_stages), save_z, fp32_c)]
     if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
         keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
     return keep or [c for c in configs if not c.kwargs.get("PREFETCH")][-1:]
@@ -437,10 +474,11 @@ def _tma_prune(configs, named_args, **kwargs):
 def _tma_block_shapes(nargs: Dict[str, object]) -> None:
     """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    epi = _epi_n(bn, bool(nargs["SAVE_Z"]) or nargs["DACT"] != 0)
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
-    nargs["c_desc"].block_shape = [bm, _epi_n(bn)]
-    nargs["z_desc"].block_shape = [bm, _epi_n(bn)]
+    nargs["c_desc"].block_shape = [bm, epi]
+    nargs["z_desc"].block_shape = [bm, epi]
 
 
 try:  # host-side TMA descriptors: Triton >= 3.4
@@ -693,17 +731,17 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
                  SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
     sms = _sms(a.device)
-    big_c = z is not None or splits > 1  # a z tile staged, or an fp32 C tile: both fit as 3 16-bit tiles
+    staged = (z is not None, splits > 1)  # a z tile staged; an fp32 C tile (split-K)
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
         cfg, flatten, prefetch = forced or ((TMA_INTERPRET_CONFIG if interp else next(
-            c for c in TMA_CONFIGS_16 if tma_config_fits(c, big_c))), TMA_FLATTEN, False)
-        if not interp and not tma_config_fits(cfg, big_c):
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, *staged))), TMA_FLATTEN, False)
+        if not interp and not tma_config_fits(cfg, *staged):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
-                             f"{' with a z or fp32 C tile staged' if big_c else ''}")
+                             f"{' with a z or fp32 C tile staged' if any(staged) else ''}")
         bm, bn, bk, w, st = cfg
-        _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, a_desc=args[0],
-                               b_desc=args[1], c_desc=args[2], z_desc=args[3]))
+        _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, SAVE_Z=flags["SAVE_Z"],
+                               DACT=dact, a_desc=args[0], b_desc=args[1], c_desc=args[2], z_desc=args[3]))
         _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),)](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
             PREFETCH=prefetch and (residual is not None or dact != 0), num_warps=w, num_stages=st)
@@ -1226,7 +1264,8 @@ def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, ep
     cty = "fp32" if split else ty  # split-K: fp32 partials
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
-           "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>", "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn)}]>",
+           "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
+           "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
            "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}", "M": "i32",
            "N": "i32", "K": "i32", "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32",
            "stride_rm": "i32"}
@@ -1259,8 +1298,8 @@ def _aot_specs() -> List[AotSpec]:
     specs += [_gemm_tma_spec("bf16", c, "dx", False, 1, prefetch=True) for c in TMA_CONFIGS_16
               if tma_config_fits(c, True) and _prefetch_ok(c)]
     # split-K weight gradients: fp32 partials (a C tile twice as big: the first config that fits one)
-    specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dw", False,
-                                split=True))
+    specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, False, True)), "dw",
+                                False, split=True))
     specs += [_gemm_spec("bf16", c, "dw", False, True, split=True)
               for c in dict.fromkeys(cfgs[0] for cfgs in (SM80_CONFIGS_16, SM90_CONFIGS_16))]
     for dt, ty in _TY.items():

@@ -349,6 +349,28 @@ def test_tma_prefetch(cfg, device, monkeypatch):
     assert {(True, True, 0), (True, False, 1)} <= set(seen), seen  # a residual and a z prefetched
 
 
+@pytest.mark.parametrize("cfg", [(32, 256, 32, 4, 1), (64, 256, 32, 4, 2)], ids=lambda c: "x".join(map(str, c)))
+def test_tma_epilogue_by_column_quarters(cfg, device, monkeypatch):
+    """256-wide TMA tiles that stage z (GELU's pre-activation saved; act' in the MLP's dX GEMM) run the epilogue on
+    four column quarters, the descriptors' blocks a quarter wide: same results as the reference, edge tiles too."""
+    seen = []
+    kernel = L._gemm_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["SAVE_Z"], kw["DACT"], args[2].block_shape[1], args[3].block_shape[1]))
+                return kernel[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(L, "_gemm_tma_kernel", Spy())
+    x, w, b, r = _make(45, 40, 300, torch.float16, device, True, True)
+    with L.use_gemm_config("tma", cfg):
+        _check(x, w, b, r, "gelu", gemm="tma")
+        _check_mlp(45, 24, 264, 40, torch.float16, "gelu", True, True, True, "tma", device)
+    assert (True, 0, 64, 64) in seen and (False, 1, 64, 64) in seen, seen  # z saved; act' read: quarters
+    assert (False, 0, 128, 128) in seen, seen  # no z (dW, fc2's forward): column halves
+
+
 def test_use_gemm_config_refuses_bad_configs():
     with pytest.raises(ValueError, match="unknown GEMM kernel"):
         with L.use_gemm_config("cublas", (64, 64, 32, 4, 2)):
@@ -406,20 +428,26 @@ def test_tma_autotune_prune():
     """What the TMA autotuner may try per call: PREFETCH configs only with a residual or act' to read, and
     only configs whose staged tiles fit (a z tile, or split-K's fp32 C tile)."""
     cfgs = L._GEMM_TMA_TUNED.configs
-    kept = lambda **flags: [(c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["PREFETCH"])  # noqa: E731
+    kept = lambda **flags: [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PREFETCH"])  # noqa: E731
                             for c in L._tma_prune(cfgs, dict(flags))]
     plain = kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=1)
     assert len(plain) == len(L.TMA_CONFIGS_16) and not any(p for *_, p in plain)
     assert any(p for *_, p in kept(HAS_RES=True, DACT=0, SAVE_Z=False, SPLITS=1))
     dact = kept(HAS_RES=False, DACT=1, SAVE_Z=False, SPLITS=1)
-    assert any(p for *_, p in dact) and (256, 8, False) not in dact  # 128x256x64 s3 + a z tile: 240 KiB
-    assert (256, 8, False) not in kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=4)  # fp32 C tile
+    assert any(p for *_, p in dact)
+    # 128x256x64 with a z tile: the epilogue by column quarters leaves room for 3 and 4 stages
+    assert {(256, 8, 3, False), (256, 8, 4, False)} <= set(dact)
+    assert kept(HAS_RES=False, DACT=0, SAVE_Z=True, SPLITS=1) == [c for c in dact if not c[3]]
+    assert not [c for c in kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=4) if c[0] == 256]  # fp32 C tile
 
 
 def test_tma_config_fits_shared_memory():
-    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180 KiB (ptxas: 180248 B)
-    assert not L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # 240 KiB with z (ptxas: 245784 B)
-    assert L.tma_config_fits((64, 256, 64, 4, 4), save_z=True)  # 208 KiB (ptxas: 213024 B)
+    # ptxas at sm_90, Triton 3.6 (the kernels/_aot specs of these configs)
+    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180248 B
+    assert L.tma_config_fits((128, 256, 64, 8, 4), save_z=True)  # z by column quarters: 229408 B
+    assert not L.tma_config_fits((128, 256, 64, 8, 4), False, fp32_c=True)  # split-K's fp32 C tile on halves
+    assert not L.tma_config_fits((128, 256, 128, 8, 3), save_z=False)  # 3 x 96 KiB of A/B tiles
+    assert L.tma_config_fits((128, 128, 64, 8, 4), save_z=True)  # z on halves: 163872 B
     assert all(L.tma_config_fits(c, False) for c in L.TMA_CONFIGS_16)
     assert any(L.tma_config_fits(c, True) for c in L.TMA_CONFIGS_16)
 
