@@ -172,6 +172,10 @@ try:  # Triton >= 3.4; without it every launch takes Triton's own path
     from triton.runtime.jit import JITFunction as _JITFunction
 except Exception:  # pragma: no cover - depends on the Triton version
     _knobs = _Autotuner = _JITFunction = None
+try:  # host-side TMA descriptors (Triton >= 3.4): the compiled launcher encodes them per call
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except Exception:  # pragma: no cover - depends on the Triton version
+    _TensorDescriptor = None
 
 FAST_LAUNCH = os.environ.get("FLASHVIT_FAST_LAUNCH", "1").strip() != "0"
 _I32 = (-(2 ** 31), 2 ** 31)
@@ -214,6 +218,8 @@ class Launcher:
     ``grid`` is a tuple or ``grid(meta)`` as in Triton. The first launch of each specialization goes
     through Triton (compile, autotune) and keeps the compiled kernel it returns; later launches with the
     same specialization, autotune key, constexprs and device call that kernel's launcher directly.
+    An autotuner whose configs share one ``pre_hook`` (the TMA GEMM's: descriptor block shapes per config)
+    gets it called on each fast launch too, with the arguments, constexprs and chosen config by name.
     Launch hooks (profilers), the interpreter and FLASHVIT_FAST_LAUNCH=0 take Triton's path every time.
     """
 
@@ -227,8 +233,10 @@ class Launcher:
         self.tuner = tuner
         # the autotune key's parameters, by position (a config is chosen per value of these)
         self.key_pos = [(self.names.index(k), k) for k in (tuner.keys if tuner is not None else []) if k in self.names]
+        hooks = {c.pre_hook for c in tuner.configs} if tuner is not None else {None}
+        self.pre_hook = next(iter(hooks)) if len(hooks) == 1 else None
         self.enabled = (FAST_LAUNCH and not INTERPRET and _JITFunction is not None and isinstance(base, _JITFunction)
-                        and (tuner is None or all(c.pre_hook is None for c in tuner.configs)))
+                        and len(hooks) == 1)
         self._cache: dict = {}
 
     def __call__(self, grid: Any, args: Sequence[Any], consts: dict) -> None:
@@ -253,6 +261,12 @@ class Launcher:
             elif isinstance(a, torch.Tensor):
                 add(a.dtype)
                 add(a.data_ptr() % 16 == 0)
+            elif t is _TensorDescriptor:  # specialized on dtype and block shape (a pre_hook's: per config)
+                add(_TensorDescriptor)
+                add(a.base.dtype)
+                add(getattr(a, "padding", None))
+                if self.pre_hook is None:
+                    add(tuple(a.block_shape))
             else:
                 self.kernel[grid](*args, **consts)
                 return
@@ -266,6 +280,10 @@ class Launcher:
             self._first(key_t, grid, args, consts)
             return
         run, function, packed, tail, meta = hit
+        if self.pre_hook is not None:
+            nargs = dict(zip(self.names, args))
+            nargs.update(meta)
+            self.pre_hook(nargs)
         g = grid(meta) if callable(grid) else grid
         try:
             run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,

@@ -494,11 +494,11 @@ if HAS_TRITON:
         (80, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
         (90, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
     }
-    _GEMM_TMA_TUNED = triton.autotune(
+    _GEMM_TMA_TUNED = Launcher(triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "FLATTEN": TMA_FLATTEN,
                         "PREFETCH": pf}, num_warps=w, num_stages=st, pre_hook=_tma_block_shapes)
          for pf in (False, True) for bm, bn, bk, w, st in TMA_CONFIGS_16 if not pf or _prefetch_ok((bm, bn, bk, w, st))],
-        key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel)
+        key=_AUTOTUNE_KEY + ["A_T", "B_T"], prune_configs_by={"early_config_prune": _tma_prune})(_gemm_tma_kernel))
 
 _autotune = True
 if HAS_TRITON:
@@ -749,7 +749,7 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
 
     def grid(meta):
         return (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]) * splits),)
-    _GEMM_TMA_TUNED[grid](*args, **flags, NUM_SMS=sms)
+    _GEMM_TMA_TUNED(grid, args, dict(flags, NUM_SMS=sms))  # (a Launcher: the descriptors' pre_hook runs per call)
 
 
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,

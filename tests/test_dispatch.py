@@ -319,3 +319,38 @@ def test_once_differentiable_runs_torch_wrapper_only_in_grad_mode():
     assert seen == [False, False]  # the body always runs without grad mode
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()
+
+
+def test_launcher_runs_the_pre_hook_on_fast_launches_and_keys_on_descriptors(monkeypatch):
+    """An autotuner with a pre_hook (the TMA GEMM's: descriptor block shapes per config): each fast launch calls
+    it with the arguments, constexprs and the chosen config by name, before launching; TMA descriptors are
+    keyed on their dtype (their block shape follows the config)."""
+    import types
+
+    import triton
+    tdesc = pytest.importorskip("triton.tools.tensor_descriptor")
+    kern, launcher = _fake_launcher(monkeypatch)
+    kern.arg_names = ["D", "N", "BLOCK"]
+    launcher.names = kern.arg_names
+    seen = []
+
+    def hook(nargs):
+        seen.append(dict(nargs))
+        nargs["D"].block_shape = [nargs["BLOCK"], 16]
+    launcher.pre_hook = hook
+    launcher.tuner = types.SimpleNamespace(best_config=triton.Config({"BLOCK": 64}))
+
+    def desc(dtype):
+        t = torch.zeros(128, 64, dtype=dtype)
+        return tdesc.TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
+    d1, d2, d3 = desc(torch.float16), desc(torch.float16), desc(torch.bfloat16)
+    kinds = []
+    for d in (d1, d2, d3):
+        before = len(kern.log)
+        launcher((2,), (d, 128), {})
+        kinds.append(kern.log[before][0])
+    assert kinds == ["slow", "fast", "slow"]
+    assert len(seen) == 1 and seen[0]["D"] is d2 and seen[0]["N"] == 128 and seen[0]["BLOCK"] == 64
+    assert d2.block_shape == [64, 16]  # set before the launch
+    fast = [e for e in kern.log if e[0] == "fast"][0][1]
+    assert fast[9:] == (d2, 128, 64)  # the descriptor itself goes to the compiled launcher (it encodes it)

@@ -427,7 +427,7 @@ def test_split_k_heuristic():
 def test_tma_autotune_prune():
     """What the TMA autotuner may try per call: PREFETCH configs only with a residual or act' to read, and
     only configs whose staged tiles fit (a z tile, or split-K's fp32 C tile)."""
-    cfgs = L._GEMM_TMA_TUNED.configs
+    cfgs = L._GEMM_TMA_TUNED.tuner.configs
     kept = lambda **flags: [(c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["PREFETCH"])  # noqa: E731
                             for c in L._tma_prune(cfgs, dict(flags))]
     plain = kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=1)
@@ -734,6 +734,8 @@ def test_gpu_every_gemm_config(cfg, monkeypatch):
 def test_gpu_every_tma_config(cfg, prefetch, monkeypatch, tma_launches):
     """Each autotune config of the TMA GEMM alone on the GPU, as its autotuner builds it (FLATTEN, PREFETCH)."""
     import triton
+
+    from flashvit.kernels._dispatch import Launcher
     if _gpu_arch() < 90:
         pytest.skip("the TMA GEMM runs on sm_90+")
     bm, bn, bk, w_, st = cfg
@@ -741,12 +743,31 @@ def test_gpu_every_tma_config(cfg, prefetch, monkeypatch, tma_launches):
                                           "FLATTEN": L.TMA_FLATTEN, "PREFETCH": prefetch},
                                          num_warps=w_, num_stages=st, pre_hook=L._tma_block_shapes)],
                           key=L._AUTOTUNE_KEY + ["A_T", "B_T"])(L._gemm_tma_kernel)
-    monkeypatch.setattr(L, "_GEMM_TMA_TUNED", one)
+    monkeypatch.setattr(L, "_GEMM_TMA_TUNED", Launcher(one))
     L.set_autotune(True)
     no_room_for_z = not L.tma_config_fits(cfg, True)  # too big to also stage z: run it without GELU (no z saved)
     x, w, b, r = _make(301, 200, 392, torch.bfloat16, "cuda", True, True)
     _check(x, w, b, r, None if no_room_for_z else "gelu", gemm="tma")
     assert tma_launches["tma"] == 3
+
+
+@pytest.mark.gpu
+def test_tma_fast_launch_gpu():
+    """The TMA GEMM through Launcher: the first call autotunes through Triton, later ones launch the compiled
+    kernel directly with the descriptors' block shapes set by the pre_hook; bit-equal outputs, new
+    descriptors each call (other buffers, same shapes)."""
+    if _gpu_arch() < 90:
+        pytest.skip("the TMA GEMM runs on sm_90+")
+    L.set_autotune(True)
+    launcher = L._GEMM_TMA_TUNED
+    x, w, b, r = _make(301, 256, 392, torch.bfloat16, "cuda", True, True)
+    first = linear(x, w, b, "gelu", residual=r, backend="triton", gemm="tma")
+    hits = len(launcher._cache)
+    again = [linear(x.clone(), w.clone(), b, "gelu", residual=r.clone(), backend="triton", gemm="tma")
+             for _ in range(3)]
+    assert hits >= 1 and len(launcher._cache) == hits  # no new specialization: the fast path ran
+    for y in again:
+        assert torch.equal(y, first)
 
 
 @pytest.mark.gpu
