@@ -195,7 +195,7 @@ if HAS_TRITON:
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
         # TMA tiles 256 wide that stage a z tile go by quarters: the staged C and z tiles are then small enough
-        # for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
+        # for 4 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
         # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
         if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0):
             h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
