@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
 
 import torch
 
@@ -59,13 +59,19 @@ def get_backend() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force a backend inside a ``with`` block: ``with flashvit.use_backend("torch"): ...``."""
-    _overrides.append(_check_backend_name(name))
+def pushed(stack: List[Any], value: Any) -> Iterator[None]:
+    """``value`` on top of ``stack`` inside a ``with`` block (the innermost block's value last). The ops' override
+    stacks are plain module-level lists: torch.compile guards on them."""
+    stack.append(value)
     try:
         yield
     finally:
-        _overrides.pop()
+        stack.pop()
+
+
+def use_backend(name: str) -> ContextManager[None]:
+    """Force a backend inside a ``with`` block: ``with flashvit.use_backend("torch"): ...``."""
+    return pushed(_overrides, _check_backend_name(name))
 
 
 def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True,

@@ -15,8 +15,7 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    pushed,
     use_triton,
 )
 
@@ -372,17 +372,12 @@ HEAD_DIM_MODES = ("auto", "split", "pad")
 _head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)
 
 
-@contextlib.contextmanager
-def use_head_split(mode: str) -> Iterator[None]:
+def use_head_split(mode: str) -> ContextManager[None]:
     """Force how the backward kernels handle non-power-of-two head dims: 'split', 'pad' or 'auto'
-    (SPLIT_HEAD_DIMS). The forward always pads."""
+    (SPLIT_HEAD_DIMS) inside a ``with`` block. The forward always pads."""
     if mode not in HEAD_DIM_MODES:
         raise ValueError(f"unknown head-dim mode {mode!r}; expected one of {HEAD_DIM_MODES}")
-    _head_mode.append(mode)
-    try:
-        yield
-    finally:
-        _head_mode.pop()
+    return pushed(_head_mode, mode)
 
 
 # The forward's key loop: every block masked (False), or the full blocks without key masks and the partial
@@ -391,14 +386,9 @@ FWD_SPLIT_TAIL = False
 _fwd_tail: List[bool] = []  # innermost use_fwd_tail() last
 
 
-@contextlib.contextmanager
-def use_fwd_tail(on: bool) -> Iterator[None]:
+def use_fwd_tail(on: bool) -> ContextManager[None]:
     """Force the forward's split key loop on or off (FWD_SPLIT_TAIL) inside a ``with`` block."""
-    _fwd_tail.append(bool(on))
-    try:
-        yield
-    finally:
-        _fwd_tail.pop()
+    return pushed(_fwd_tail, bool(on))
 
 
 def _split_dims(head_dim: int) -> Tuple[int, int]:

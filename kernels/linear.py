@@ -29,7 +29,8 @@ kernel). Fusing gelu'(z) into those GEMMs' operand loads would re-read z in both
 every tile. In an MLP (``mlp`` / ``FusedMLP``) the hidden gradient dH = dY·W2 comes out of fc2's dX GEMM,
 so there gelu'(z) goes into that GEMM's epilogue, with fc1's bias grad as per-tile column sums
 (``linear_dact_bwd``): dH is never written, and the dZ pass disappears.
-GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure).
+GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure); TMA tiles
+256 wide that stage z, on four quarters (less shared memory).
 Weight gradients (dW = dZᵀ·X: a few output tiles over K = tokens) split K across programs on our GEMM paths
 (``split_k``: fp32 partials, then a fixed-order sum), so they fill the GPU. The TMA GEMM's autotuner also tries
 reading the epilogue's residual or z tile before the K loop (PREFETCH) where registers allow; a GPU picks.
@@ -41,7 +42,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     next_pow2,
+    pushed,
     use_triton,
 )
 
@@ -167,15 +169,20 @@ if HAS_TRITON:
             tl.store(c_out + rows * stride_cm + offs_n[None, :] * stride_cn, y.to(c_out.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _dev_halves(t, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr):
+        # (BM, WIDTH) -> its column halves, (BM, WIDTH / 2) each
+        return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+
+    @triton.jit
     def _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
                              stride_rm, stride_rn, stride_cm, stride_cn,
                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
                              DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, DESC: tl.constexpr,
                              PRE: tl.constexpr):
         # acc, pre (BM, WIDTH) at columns on .. on + WIDTH: _dev_epilogue on each column half.
-        a0, a1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+        a0, a1 = _dev_halves(acc, BLOCK_M, WIDTH)
         if PRE:
-            p0, p1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
+            p0, p1 = _dev_halves(pre, BLOCK_M, WIDTH)
         else:
             p0, p1 = a0, a1
         offs_n = on + tl.arange(0, WIDTH // 2)
@@ -198,9 +205,9 @@ if HAS_TRITON:
         # for 4 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
         # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
         if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0):
-            h0, h1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            h0, h1 = _dev_halves(acc, BLOCK_M, BLOCK_N)
             if PRE:
-                q0, q1 = tl.split(tl.permute(tl.reshape(pre, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                q0, q1 = _dev_halves(pre, BLOCK_M, BLOCK_N)
             else:
                 q0, q1 = h0, h1
             _dev_epilogue_halves(h0, q0, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
@@ -404,8 +411,8 @@ INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the
 # Measured alone on an H100 (Triton 3.6, bf16, plain GEMM at ViT-B's fc1 / fc2 shapes, M = 50432;
 # bench/results/2026-11-26-h100-run4/gemm-configs.csv): 128x256x64 w8 s4 ran at 0.98x / 0.99x torch.matmul,
 # s3 at 0.98x / 0.95x, the 128x128x64 ones at 0.87-0.90x / 0.83-0.86x, 64x256x64 at 0.82x / 0.80x (dropped),
-# 2 stages at 0.40-0.74x. The 128x256 tiles leave no room for a staged z tile (fc1's GELU in training): the
-# 128x128 ones stay for that epilogue.
+# 2 stages at 0.40-0.74x. With a staged z tile (fc1's GELU in training, act' in fc2's dX) the 128x256 tiles run
+# their epilogue by column quarters to fit (tma_config_fits); the 128x128 ones stay as the PREFETCH configs.
 TMA_CONFIGS_16 = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
 # The nested tile / K loops (FLATTEN=False) ran at 0.81-0.99x of the flattened loop, config for config, there.
@@ -628,17 +635,12 @@ def split_k(M: int, N: int, K: int, sms: int) -> int:
     return best
 
 
-@contextlib.contextmanager
-def use_split_k(splits: int) -> Iterator[None]:
+def use_split_k(splits: int) -> ContextManager[None]:
     """Force the weight-gradient GEMMs' split-K on our GEMM paths in a ``with`` block: 1 = off, n > 1 = n
     splits (fewer when K is short), 0 = the heuristic (``split_k``)."""
     if not isinstance(splits, int) or splits < 0:
         raise ValueError(f"splits must be an int >= 0, got {splits!r}")
-    _split_override.append(splits)
-    try:
-        yield
-    finally:
-        _split_override.pop()
+    return pushed(_split_override, splits)
 
 
 def _arch(device: torch.device) -> int:
