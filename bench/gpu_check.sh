@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--sweep] [--pack]
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only] [--sweep] [--pack]
 #
 # On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
 # installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
@@ -24,6 +24,8 @@
 # --with-train: all of the above, and that training run too, in the background while the tests run (tests
 # are correctness, not timings); the benchmarks wait for it to end (GPU_CHECK_TRAIN_MAX, default 270 s)
 # -> OUTDIR/train/. Total budget 570 s instead of 470, and the tests get the training's time (200 s).
+# --tests-only: the GPU tests alone, all of the budget (default 300 s), no warm-up beside them and no benchmarks:
+# a follow-up call where the full check's tests ran out of time (run 5: 6 of 109 gpu-marked tests in 47 s).
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
 # and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
@@ -46,25 +48,28 @@ DRY=${GPU_CHECK_DRY_RUN:-0}
 TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the tests, then the rest)
 PACK=0
 SWEEP=0
+TESTS_ONLY=0
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
     --train) TRAIN=1 ;;
     --with-train) TRAIN=2 ;;
+    --tests-only) TESTS_ONLY=1 ;;
     --pack) PACK=1 ;;
     --sweep) SWEEP=1 ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
     -*) echo "unknown option $a" >&2; exit 2 ;;
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train] [--sweep] [--pack]" >&2
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only] [--sweep] [--pack]" >&2
                       exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 if [ "$TRAIN" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-330}
+elif [ "$TESTS_ONLY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( DRY == 1 ? 150 : 300 ))}
 elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 300 : 240 ))}
 else HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 570 : 470 ))}; fi
 T0=$SECONDS
@@ -97,8 +102,9 @@ BG_TAG="gpu-check-$$"
 kill_background() {
   local p
   for p in /proc/[0-9]*; do
-    [ "${p#/proc/}" != "$$" ] && tr '\0' '\n' < "$p/environ" 2>/dev/null | grep -qx "FLASHVIT_GPU_CHECK_BG=$BG_TAG" &&
-      kill -9 "${p#/proc/}" 2>/dev/null
+    # (2>/dev/null on the group: a process that ended, or is not ours to read, makes the redirect itself fail)
+    { [ "${p#/proc/}" != "$$" ] && tr '\0' '\n' < "$p/environ" | grep -qx "FLASHVIT_GPU_CHECK_BG=$BG_TAG" &&
+      kill -9 "${p#/proc/}"; } 2>/dev/null
   done
   return 0
 }
@@ -258,6 +264,9 @@ else
   # shellcheck disable=SC2206
   GPU_SEL=(-m gpu ${GPU_CHECK_TESTS:-tests bench}); REST_SEL=(-m "not gpu and not aot" ${GPU_CHECK_TESTS:-tests bench})
 fi
+if [ "$TESTS_ONLY" = 1 ]; then  # all of the budget but the report's; the per-config tests get a quarter of it
+  RESERVE=25; TEST_MAX=$(( HARD - RESERVE )); EVERY_MAX=${GPU_CHECK_EVERY_TEST_MAX:-$(( TEST_MAX / 4 ))}
+fi
 TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
 TESTS_RC=0
 T_START=$SECONDS
@@ -275,7 +284,7 @@ else
   fi
   # The per-config kernel tests (names with "every") go in a pytest run of their own, after the others: a
   # config that faults (an illegal memory access poisons its worker's CUDA context) cannot fail the rest.
-  start_prewarm $(( TEST_T + 20 ))
+  [ "$TESTS_ONLY" = 1 ] || start_prewarm $(( TEST_T + 20 ))
   run_tests $(( TEST_T - EVERY_MAX > 20 ? TEST_T - EVERY_MAX : 20 )) "${XDIST[@]}" "${GPU_SEL[@]}" -k "not every" \
     || TESTS_RC=1
   run_tests $(( TEST_T - (SECONDS - T_START) > 20 ? TEST_T - (SECONDS - T_START) : 20 )) "${XDIST[@]}" \
@@ -287,7 +296,8 @@ else
     note "skipped: the non-gpu-marked tests on CUDA (only ${REST_T}s of test time left)"
   fi
 fi
-[ -n "$WARM_PID" ] || [ "$(left)" -lt "$(( RESERVE + 60 ))" ] || start_prewarm 60  # the tests were skipped
+[ -n "$WARM_PID" ] || [ "$TESTS_ONLY" = 1 ] || [ "$(left)" -lt "$(( RESERVE + 60 ))" ] ||
+  start_prewarm 60  # the tests were skipped
 
 # ---- the cache warm-up and the training run (--with-train) end before any timing starts ---------------------
 if [ -n "$WARM_PID" ]; then
@@ -302,6 +312,8 @@ if [ "$TRAIN" = 2 ] && [ "$TRAIN_RC" -eq 0 ]; then
 fi
 kill_background  # what the warm-up's or training's timeouts left behind
 
+BENCH_RC=0
+if [ "$TESTS_ONLY" != 1 ]; then  # (steps 3 and 4, to the summary)
 # ---- 3. op benchmarks: the settled rows, then (own process) the kernel paths not yet run on a GPU ----------
 if [ "$DRY" = 1 ]; then
   BENCH_COMMON=(--quick --device cpu); OPS_MAX=25; EXP_MAX=20; SWEEP_MAX=10; GRAPH_MAX=15; MODEL_MAX=40; GRACE=20
@@ -326,7 +338,6 @@ else
   PROF_RESERVE=160; OVH_RESERVE=185; GRAPH_RESERVE=205; SWEEP_RESERVE=255
   EXP_RESERVE=$(( 255 + (SWEEP == 1 ? 40 : 0) )); OPS_RESERVE=$(( EXP_RESERVE + 40 ))
 fi
-BENCH_RC=0
 run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
   local label=$1 cap=$2 reserve=$3; shift 3
   local b; b=$(min "$cap" $(( $(left) - reserve )))
@@ -394,6 +405,7 @@ else
   grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
 fi
+fi  # (not --tests-only)
 
 # ---- 6. summary, printed last ---------------------------------------------------------------------------
 rm -f "$OUT"/.*.tmp

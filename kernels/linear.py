@@ -202,7 +202,7 @@ if HAS_TRITON:
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
         # TMA tiles 256 wide that stage a z tile go by quarters: the staged C and z tiles are then small enough
-        # for 4 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
+        # for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
         # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
         if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0):
             h0, h1 = _dev_halves(acc, BLOCK_M, BLOCK_N)
@@ -412,7 +412,8 @@ INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the
 # bench/results/2026-11-26-h100-run4/gemm-configs.csv): 128x256x64 w8 s4 ran at 0.98x / 0.99x torch.matmul,
 # s3 at 0.98x / 0.95x, the 128x128x64 ones at 0.87-0.90x / 0.83-0.86x, 64x256x64 at 0.82x / 0.80x (dropped),
 # 2 stages at 0.40-0.74x. With a staged z tile (fc1's GELU in training, act' in fc2's dX) the 128x256 tiles run
-# their epilogue by column quarters to fit (tma_config_fits); the 128x128 ones stay as the PREFETCH configs.
+# their epilogue by column quarters so that 3 stages fit (tma_config_fits); the 128x128 ones stay as the
+# PREFETCH configs.
 TMA_CONFIGS_16 = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
 # The nested tile / K loops (FLATTEN=False) ran at 0.81-0.99x of the flattened loop, config for config, there.
@@ -438,16 +439,12 @@ _TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
 
 def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool, fp32_c: bool = False) -> bool:
     """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``save_z``: a z
-    tile is staged too (stored, or read for act'); ``fp32_c``: split-K's fp32 C tile. ptxas at sm_90
-    (kernels/_aot, Triton 3.6): the epilogue takes one (BM, epilogue width) tile for C; three when z is staged
-    on column halves (C, z and a layout-conversion scratch), two on quarters (128x256x64, 4 stages, GELU + z +
-    residual: 229408 B, the same as without z); an fp32 C tile is counted as three."""
+    tile is staged too (stored, or read for act'); ``fp32_c``: split-K's fp32 C tile. The epilogue takes one
+    (BM, epilogue width) tile for C; three when z is staged (C, z and a layout-conversion scratch), on halves
+    or quarters alike (H100, Triton 3.6, run 5: 128x256x64, 4 stages, GELU + z by quarters asked for
+    245792 B and failed to launch); an fp32 C tile is counted as three."""
     bm, bn, bk, _, st = cfg
-    tiles = 1
-    if save_z:
-        tiles = 2 if bn >= _EPI_QUARTER_N else 3
-    elif fp32_c:
-        tiles = 3
+    tiles = 3 if save_z or fp32_c else 1
     return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn, save_z) * tiles) <= _TMA_SMEM_LIMIT
 
 

@@ -435,8 +435,8 @@ def test_tma_autotune_prune():
     assert any(p for *_, p in kept(HAS_RES=True, DACT=0, SAVE_Z=False, SPLITS=1))
     dact = kept(HAS_RES=False, DACT=1, SAVE_Z=False, SPLITS=1)
     assert any(p for *_, p in dact)
-    # 128x256x64 with a z tile: the epilogue by column quarters leaves room for 3 and 4 stages
-    assert {(256, 8, 3, False), (256, 8, 4, False)} <= set(dact)
+    # 128x256x64 with a z tile (epilogue by column quarters): 3 stages fit, 4 do not (run 5)
+    assert (256, 8, 3, False) in dact and (256, 8, 4, False) not in dact
     assert kept(HAS_RES=False, DACT=0, SAVE_Z=True, SPLITS=1) == [c for c in dact if not c[3]]
     assert not [c for c in kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=4) if c[0] == 256]  # fp32 C tile
 
@@ -444,7 +444,8 @@ def test_tma_autotune_prune():
 def test_tma_config_fits_shared_memory():
     # ptxas at sm_90, Triton 3.6 (the kernels/_aot specs of these configs)
     assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180248 B
-    assert L.tma_config_fits((128, 256, 64, 8, 4), save_z=True)  # z by column quarters: 229408 B
+    assert not L.tma_config_fits((128, 256, 64, 8, 4), save_z=True)  # H100, Triton 3.6: 245792 B asked for
+    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # z by column quarters
     assert not L.tma_config_fits((128, 256, 64, 8, 4), False, fp32_c=True)  # split-K's fp32 C tile on halves
     assert not L.tma_config_fits((128, 256, 128, 8, 3), save_z=False)  # 3 x 96 KiB of A/B tiles
     assert L.tma_config_fits((128, 128, 64, 8, 4), save_z=True)  # z on halves: 163872 B
