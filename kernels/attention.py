@@ -15,7 +15,7 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 
 from __future__ import annotations
 
-from typing import ContextManager, Dict, List, Optional, Tuple
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -353,8 +353,13 @@ def _pre_block_m(block_d: int) -> int:
 _SMEM_BUDGET = 144 * 1024  # below sm_80's 163 KiB, leaves room for the layout conversions
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, 1 << (head_dim - 1).bit_length())
+def _block_d(head_dim: int, gpu_operands: Sequence[torch.Tensor] = ()) -> int:
+    """The padded head-dim block. ``gpu_operands``: the kernel's tensors on a GPU; blocks narrower than 64 need
+    them aligned (as the split's second chunk: see SPLIT_HEAD_DIMS), else 64."""
+    block = max(16, 1 << (head_dim - 1).bit_length())
+    if block < 64 and gpu_operands and not _split_aligned(*gpu_operands):
+        return 64
+    return block
 
 
 # Head dims that are not a power of two, in the backward kernels: pad to the next one and mask
@@ -366,6 +371,12 @@ def _block_d(head_dim: int) -> int:
 # floor of 32. Split 64 + 32 (2026-11-26-h100-run4/ops-experimental.csv, same shape): 0.646 ms against
 # 0.999 ms padded, 1.67x SDPA's default (every autotune config of both backward kernels ran there, and
 # the GPU split test passed), so 'auto' splits D=80 (ViT-H/14). Other head dims pad until measured.
+# On a GPU the split also needs every operand's strides but the head dim's (1) to be multiples of 16 elements
+# and 16-byte aligned data: run 5's GPU tests (2026-11-26-h100-run5-tests) hit illegal memory accesses in the
+# split backward on exactly the inputs that were not (D=72 heads, strided k/v at D=80), and passed on all
+# those that were (see _split_aligned). Triton's Hopper codegen has had such faults with 16- and 32-wide
+# dots in kernels of several dots, so padded head-dim blocks narrower than 64 follow the same rule (else 64).
+# The interpreter keeps any strides (our indexing is right there).
 SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
 MIN_SPLIT_CHUNK = 32
 HEAD_DIM_MODES = ("auto", "split", "pad")
@@ -391,11 +402,21 @@ def use_fwd_tail(on: bool) -> ContextManager[None]:
     return pushed(_fwd_tail, bool(on))
 
 
-def _split_dims(head_dim: int) -> Tuple[int, int]:
-    """Backward (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded."""
-    full = _block_d(head_dim)
+def _split_aligned(*ts: torch.Tensor) -> bool:
+    """Every (B, N, H, D) operand: head-dim stride 1, the other strides multiples of 16 elements, 16-byte aligned
+    data (where the GPU split backward has run clean; see SPLIT_HEAD_DIMS)."""
+    return all(t.stride(3) == 1 and t.stride(0) % 16 == 0 and t.stride(1) % 16 == 0 and t.stride(2) % 16 == 0
+               and t.data_ptr() % 16 == 0 for t in ts)
+
+
+def _split_dims(head_dim: int, gpu_operands: Sequence[torch.Tensor] = ()) -> Tuple[int, int]:
+    """Backward (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded.
+    ``gpu_operands``: the backward's tensors on a GPU; a split needs them aligned (_split_aligned)."""
+    full = _block_d(head_dim, gpu_operands)
     mode = _head_mode[-1] if _head_mode else "auto"
     if mode == "pad" or (mode == "auto" and head_dim not in SPLIT_HEAD_DIMS):
+        return full, 0
+    if gpu_operands and not _split_aligned(*gpu_operands):
         return full, 0
     d1 = 1 << (head_dim.bit_length() - 1)  # the largest power of two <= head_dim
     d2 = max(MIN_SPLIT_CHUNK, 1 << max(0, (head_dim - d1 - 1).bit_length()))
@@ -502,7 +523,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
+    gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
+    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL)
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
@@ -527,7 +549,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
     _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
                 dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
-    bd, bd2 = _split_dims(D)
+    bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
     consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))

@@ -30,7 +30,7 @@ every tile. In an MLP (``mlp`` / ``FusedMLP``) the hidden gradient dH = dY·W2 c
 so there gelu'(z) goes into that GEMM's epilogue, with fc1's bias grad as per-tile column sums
 (``linear_dact_bwd``): dH is never written, and the dZ pass disappears.
 GEMM tiles 128 or more columns wide run their epilogue on two column halves (less register pressure); TMA tiles
-256 wide that stage z, on four quarters (less shared memory).
+256 wide that read a residual or z tile or store z, on four quarters (less shared memory).
 Weight gradients (dW = dZᵀ·X: a few output tiles over K = tokens) split K across programs on our GEMM paths
 (``split_k``: fp32 partials, then a fixed-order sum), so they fill the GPU. The TMA GEMM's autotuner also tries
 reading the epilogue's residual or z tile before the K loop (PREFETCH) where registers allow; a GPU picks.
@@ -84,7 +84,7 @@ GEMM_PATHS = ("auto", "triton", "tma", "cublas")
 # multiple of it (checked below), so their number, cdiv(M, PART_BM), is known before the autotuner picks one.
 _PART_BM = 32
 _EPI_SPLIT_N = 128  # GEMM tiles at least this wide run their epilogue on two column halves
-_EPI_QUARTER_N = 256  # TMA tiles this wide that stage a z tile (SAVE_Z, DACT): on four column quarters
+_EPI_QUARTER_N = 256  # TMA tiles this wide that stage a residual or z tile: on four column quarters
 _SPLIT_ALIGN = 256  # split-K: K per split and the partial buffer's rows per split are multiples of this
 
 if HAS_TRITON:
@@ -201,10 +201,10 @@ if HAS_TRITON:
                            PRE: tl.constexpr):
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
-        # TMA tiles 256 wide that stage a z tile go by quarters: the staged C and z tiles are then small enough
-        # for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see tma_config_fits).
-        # pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
-        if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0):
+        # TMA tiles 256 wide whose epilogue reads a residual or z tile, or stores z, go by quarters: the staged
+        # tiles are then small enough for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see
+        # tma_config_fits). pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
+        if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0 or HAS_RES):
             h0, h1 = _dev_halves(acc, BLOCK_M, BLOCK_N)
             if PRE:
                 q0, q1 = _dev_halves(pre, BLOCK_M, BLOCK_N)
@@ -411,9 +411,9 @@ INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the
 # Measured alone on an H100 (Triton 3.6, bf16, plain GEMM at ViT-B's fc1 / fc2 shapes, M = 50432;
 # bench/results/2026-11-26-h100-run4/gemm-configs.csv): 128x256x64 w8 s4 ran at 0.98x / 0.99x torch.matmul,
 # s3 at 0.98x / 0.95x, the 128x128x64 ones at 0.87-0.90x / 0.83-0.86x, 64x256x64 at 0.82x / 0.80x (dropped),
-# 2 stages at 0.40-0.74x. With a staged z tile (fc1's GELU in training, act' in fc2's dX) the 128x256 tiles run
-# their epilogue by column quarters so that 3 stages fit (tma_config_fits); the 128x128 ones stay as the
-# PREFETCH configs.
+# 2 stages at 0.40-0.74x. With a staged residual or z tile (fc2's residual, fc1's GELU in training, act' in
+# fc2's dX) the 128x256 tiles run their epilogue by column quarters, and only 3 stages fit (tma_config_fits,
+# run 5); the 128x128 ones stay as the PREFETCH configs.
 TMA_CONFIGS_16 = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
 # The nested tile / K loops (FLATTEN=False) ran at 0.81-0.99x of the flattened loop, config for config, there.
@@ -437,15 +437,16 @@ def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
 _TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
 
 
-def tma_config_fits(cfg: Tuple[int, int, int, int, int], save_z: bool, fp32_c: bool = False) -> bool:
-    """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``save_z``: a z
-    tile is staged too (stored, or read for act'); ``fp32_c``: split-K's fp32 C tile. The epilogue takes one
-    (BM, epilogue width) tile for C; three when z is staged (C, z and a layout-conversion scratch), on halves
-    or quarters alike (H100, Triton 3.6, run 5: 128x256x64, 4 stages, GELU + z by quarters asked for
-    245792 B and failed to launch); an fp32 C tile is counted as three."""
+def tma_config_fits(cfg: Tuple[int, int, int, int, int], staged: bool, fp32_c: bool = False) -> bool:
+    """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``staged``: the
+    epilogue reads a residual or z tile, or stores z (see _epi_n); ``fp32_c``: split-K's fp32 C tile. The
+    epilogue takes one (BM, epilogue width) tile for C alone, three otherwise (C, the other tile and a
+    layout-conversion scratch); an fp32 C tile is counted as three. H100, Triton 3.6 (run 5), 128x256x64 with
+    4 stages: plain 229408 B (runs); residual on halves 294944 B, GELU + z + residual on quarters 245792 B
+    (both refused at launch: the formula gives those numbers less 32 B of barriers)."""
     bm, bn, bk, _, st = cfg
-    tiles = 3 if save_z or fp32_c else 1
-    return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn, save_z) * tiles) <= _TMA_SMEM_LIMIT
+    tiles = 3 if staged or fp32_c else 1
+    return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn, staged) * tiles) <= _TMA_SMEM_LIMIT
 
 
 def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
@@ -456,10 +457,10 @@ def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
     return bm * bn // (32 * w) <= 64
 
 
-def _epi_n(bn: int, z_staged: bool = False) -> int:
-    """Columns the TMA epilogue handles at once (the C and z descriptors' block width); ``z_staged``: SAVE_Z
-    or DACT (see _dev_epilogue_tile)."""
-    if z_staged and bn >= _EPI_QUARTER_N:
+def _epi_n(bn: int, staged: bool = False) -> int:
+    """Columns the TMA epilogue handles at once (the C and z descriptors' block width); ``staged``: HAS_RES,
+    SAVE_Z or DACT (see _dev_epilogue_tile)."""
+    if staged and bn >= _EPI_QUARTER_N:
         return bn // 4
     return bn // 2 if bn >= _EPI_SPLIT_N else bn
 
@@ -467,9 +468,9 @@ def _epi_n(bn: int, z_staged: bool = False) -> int:
 def _tma_prune(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
     # a z tile staged (stored, or read for act'), or split-K's fp32 C tile (as big as two 16-bit ones)
-    save_z, fp32_c = flag("SAVE_Z") or flag("DACT"), named_args.get("SPLITS", 1) > 1
+    staged, fp32_c = flag("SAVE_Z") or flag("DACT") or flag("HAS_RES"), named_args.get("SPLITS", 1) > 1
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                                   c.num_warps, c.num_stages), save_z, fp32_c)]
+                                                   c.num_warps, c.num_stages), staged, fp32_c)]
     if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
         keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
     return keep or [c for c in configs if not c.kwargs.get("PREFETCH")][-1:]
@@ -478,7 +479,7 @@ def _tma_prune(configs, named_args, **kwargs):
 def _tma_block_shapes(nargs: Dict[str, object]) -> None:
     """Autotune pre-hook: the descriptors' block shapes follow the config being run."""
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    epi = _epi_n(bn, bool(nargs["SAVE_Z"]) or nargs["DACT"] != 0)
+    epi = _epi_n(bn, bool(nargs["SAVE_Z"]) or nargs["DACT"] != 0 or bool(nargs["HAS_RES"]))
     nargs["a_desc"].block_shape = [bk, bm] if nargs["A_T"] else [bm, bk]
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_T"] else [bk, bn]
     nargs["c_desc"].block_shape = [bm, epi]
@@ -730,17 +731,17 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
                  SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
     sms = _sms(a.device)
-    staged = (z is not None, splits > 1)  # a z tile staged; an fp32 C tile (split-K)
+    staged = (z is not None or residual is not None, splits > 1)  # a z or residual tile; an fp32 C tile (split-K)
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
         cfg, flatten, prefetch = forced or ((TMA_INTERPRET_CONFIG if interp else next(
             c for c in TMA_CONFIGS_16 if tma_config_fits(c, *staged))), TMA_FLATTEN, False)
         if not interp and not tma_config_fits(cfg, *staged):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
-                             f"{' with a z or fp32 C tile staged' if any(staged) else ''}")
+                             f"{' with a z, residual or fp32 C tile staged' if any(staged) else ''}")
         bm, bn, bk, w, st = cfg
-        _tma_block_shapes(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, A_T=a_t, B_T=b_t, SAVE_Z=flags["SAVE_Z"],
-                               DACT=dact, a_desc=args[0], b_desc=args[1], c_desc=args[2], z_desc=args[3]))
+        _tma_block_shapes(dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, a_desc=args[0], b_desc=args[1],
+                               c_desc=args[2], z_desc=args[3]))
         _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),)](
             *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
             PREFETCH=prefetch and (residual is not None or dact != 0), num_warps=w, num_stages=st)

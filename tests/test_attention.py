@@ -169,6 +169,29 @@ def test_split_dims_policy():
             pass
 
 
+def test_split_needs_aligned_operands_on_a_gpu():
+    """On a GPU the split backward runs only on operands with strides in multiples of 16 elements (but the head
+    dim's, 1) and 16-byte aligned data; others pad (run 5: illegal memory accesses on exactly those)."""
+    ok = torch.empty(2, 50, 4, 80)
+    assert A._split_aligned(ok) and A._split_dims(80, (ok, ok)) == (64, 32)
+    unaligned = {
+        "D=72 contiguous (head stride 72)": torch.empty(2, 50, 4, 72),
+        "padded rows, offset (head stride 104)": torch.empty(2, 50, 4, 104)[..., 8:88],
+        "head-dim stride 2": torch.empty(2, 50, 4, 160)[..., ::2],
+        "data 2 elements in": torch.empty(2 * 50 * 4 * 80 + 2)[2:].view(2, 50, 4, 80),
+    }
+    for why, t in unaligned.items():
+        assert not A._split_aligned(t), why
+        assert A._split_dims(80, (ok, t)) == (128, 0), why
+    with A.use_head_split("split"):
+        assert A._split_dims(72, (torch.empty(2, 50, 4, 80)[..., :72],)) == (64, 32)  # aligned, 8 of 32 used
+        assert A._split_dims(72, (unaligned["D=72 contiguous (head stride 72)"],)) == (128, 0)
+        assert A._split_dims(72) == (64, 32)  # the interpreter (no GPU operands): any strides
+    # padded blocks narrower than 64: the same rule
+    assert A._block_d(24, (torch.empty(1, 5, 2, 32),)) == 32 and A._block_d(16) == 16
+    assert A._block_d(24, (torch.empty(1, 5, 2, 24),)) == 64 and A._split_dims(24, (torch.empty(1, 5, 2, 24),)) == (64, 0)
+
+
 def test_large_logits_finite():
     # scale·|q·k| ~ 1e4: the online softmax must not overflow to inf/NaN (exp2 of max-subtracted logits).
     B, N, H, D = 1, 33, 2, 32
@@ -305,9 +328,26 @@ def test_qkv_attention_gpu(B, N, H, D):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D,causal", [(2, 257, 16, 80, False), (2, 197, 6, 96, True), (3, 50, 4, 72, False)])
 def test_split_head_dims_gpu(B, N, H, D, causal):
+    """Split on aligned operands; D=72 contiguous is not (head stride 72): it pads (run 5 faulted split)."""
     with A.use_head_split("split"):
         _check_attention(B, N, N, H, D, causal, torch.bfloat16)
         _check_qkv(B, N, H, D, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_split_head_dims_aligned_d72_gpu():
+    """D=72 split (64 + 32, 8 of the second chunk's 32 columns used) on aligned views of 80-wide rows."""
+    with A.use_head_split("split"):
+        q, k, v = (_leaf(randn(2, 197, 6, 80, dtype=torch.bfloat16, device=DEVICE)[..., :72]) for _ in range(3))
+        assert A._split_dims(72, (q, k, v)) == (64, 32)
+        g = randn(2, 197, 6, 72, dtype=torch.bfloat16, device=DEVICE)
+        got = _fwd_bwd(lambda *t: attention(*t, backend="triton"), (q, k, v), g)
+        ref = _fwd_bwd(lambda *t: A.attention_reference(*t, None, False), [_leaf(t.double()) for t in (q, k, v)],
+                       g.double())
+        same = _fwd_bwd(lambda *t: A.attention_reference(*t, None, False), [_leaf(t) for t in (q, k, v)], g)
+        for i, name in enumerate(("out", "dq", "dk", "dv")):
+            assert_close_to_ref(got[i], ref[i], same[i], factor=2.0 if i == 0 else 3.0,
+                                atol=FP_ATOL[torch.bfloat16], rtol=1e-4, name=name)
 
 
 @pytest.mark.gpu

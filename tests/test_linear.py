@@ -351,15 +351,17 @@ def test_tma_prefetch(cfg, device, monkeypatch):
 
 @pytest.mark.parametrize("cfg", [(32, 256, 32, 4, 1), (64, 256, 32, 4, 2)], ids=lambda c: "x".join(map(str, c)))
 def test_tma_epilogue_by_column_quarters(cfg, device, monkeypatch):
-    """256-wide TMA tiles that stage z (GELU's pre-activation saved; act' in the MLP's dX GEMM) run the epilogue on
-    four column quarters, the descriptors' blocks a quarter wide: same results as the reference, edge tiles too."""
+    """256-wide TMA tiles that stage a residual or z tile (GELU's pre-activation saved; act' in the MLP's dX GEMM)
+    run the epilogue on four column quarters, the descriptors' blocks a quarter wide: same results as the
+    reference, edge tiles too."""
     seen = []
     kernel = L._gemm_tma_kernel
 
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen.append((kw["SAVE_Z"], kw["DACT"], args[2].block_shape[1], args[3].block_shape[1]))
+                seen.append((kw["SAVE_Z"] or kw["HAS_RES"], kw["DACT"], args[2].block_shape[1],
+                             args[3].block_shape[1]))
                 return kernel[grid](*args, **kw)
             return launch
     monkeypatch.setattr(L, "_gemm_tma_kernel", Spy())
@@ -367,8 +369,8 @@ def test_tma_epilogue_by_column_quarters(cfg, device, monkeypatch):
     with L.use_gemm_config("tma", cfg):
         _check(x, w, b, r, "gelu", gemm="tma")
         _check_mlp(45, 24, 264, 40, torch.float16, "gelu", True, True, True, "tma", device)
-    assert (True, 0, 64, 64) in seen and (False, 1, 64, 64) in seen, seen  # z saved; act' read: quarters
-    assert (False, 0, 128, 128) in seen, seen  # no z (dW, fc2's forward): column halves
+    assert (True, 0, 64, 64) in seen and (False, 1, 64, 64) in seen, seen  # z or residual; act' read: quarters
+    assert (False, 0, 128, 128) in seen, seen  # C alone (dW): column halves
 
 
 def test_use_gemm_config_refuses_bad_configs():
@@ -432,7 +434,9 @@ def test_tma_autotune_prune():
                             for c in L._tma_prune(cfgs, dict(flags))]
     plain = kept(HAS_RES=False, DACT=0, SAVE_Z=False, SPLITS=1)
     assert len(plain) == len(L.TMA_CONFIGS_16) and not any(p for *_, p in plain)
-    assert any(p for *_, p in kept(HAS_RES=True, DACT=0, SAVE_Z=False, SPLITS=1))
+    res = kept(HAS_RES=True, DACT=0, SAVE_Z=False, SPLITS=1)
+    assert any(p for *_, p in res)
+    assert (256, 8, 3, False) in res and (256, 8, 4, False) not in res  # a residual tile: as a z tile (run 5)
     dact = kept(HAS_RES=False, DACT=1, SAVE_Z=False, SPLITS=1)
     assert any(p for *_, p in dact)
     # 128x256x64 with a z tile (epilogue by column quarters): 3 stages fit, 4 do not (run 5)
@@ -443,12 +447,13 @@ def test_tma_autotune_prune():
 
 def test_tma_config_fits_shared_memory():
     # ptxas at sm_90, Triton 3.6 (the kernels/_aot specs of these configs)
-    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=False)  # 180248 B
-    assert not L.tma_config_fits((128, 256, 64, 8, 4), save_z=True)  # H100, Triton 3.6: 245792 B asked for
-    assert L.tma_config_fits((128, 256, 64, 8, 3), save_z=True)  # z by column quarters
+    assert L.tma_config_fits((128, 256, 64, 8, 3), staged=False)  # 180248 B
+    assert L.tma_config_fits((128, 256, 64, 8, 4), staged=False)  # 229408 B (run 5: runs)
+    assert not L.tma_config_fits((128, 256, 64, 8, 4), staged=True)  # H100, Triton 3.6: 245792 B asked for
+    assert L.tma_config_fits((128, 256, 64, 8, 3), staged=True)  # a residual or z tile by column quarters
     assert not L.tma_config_fits((128, 256, 64, 8, 4), False, fp32_c=True)  # split-K's fp32 C tile on halves
-    assert not L.tma_config_fits((128, 256, 128, 8, 3), save_z=False)  # 3 x 96 KiB of A/B tiles
-    assert L.tma_config_fits((128, 128, 64, 8, 4), save_z=True)  # z on halves: 163872 B
+    assert not L.tma_config_fits((128, 256, 128, 8, 3), staged=False)  # 3 x 96 KiB of A/B tiles
+    assert L.tma_config_fits((128, 128, 64, 8, 4), staged=True)  # z on halves: 163872 B
     assert all(L.tma_config_fits(c, False) for c in L.TMA_CONFIGS_16)
     assert any(L.tma_config_fits(c, True) for c in L.TMA_CONFIGS_16)
 
@@ -746,9 +751,9 @@ def test_gpu_every_tma_config(cfg, prefetch, monkeypatch, tma_launches):
                           key=L._AUTOTUNE_KEY + ["A_T", "B_T"])(L._gemm_tma_kernel)
     monkeypatch.setattr(L, "_GEMM_TMA_TUNED", Launcher(one))
     L.set_autotune(True)
-    no_room_for_z = not L.tma_config_fits(cfg, True)  # too big to also stage z: run it without GELU (no z saved)
-    x, w, b, r = _make(301, 200, 392, torch.bfloat16, "cuda", True, True)
-    _check(x, w, b, r, None if no_room_for_z else "gelu", gemm="tma")
+    plain = not L.tma_config_fits(cfg, True)  # no room to stage a residual or z tile: C alone (no GELU, no residual)
+    x, w, b, r = _make(301, 200, 392, torch.bfloat16, "cuda", True, not plain)
+    _check(x, w, b, r, None if plain else "gelu", gemm="tma")
     assert tma_launches["tma"] == 3
 
 
