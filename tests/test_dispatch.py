@@ -354,3 +354,12 @@ def test_launcher_runs_the_pre_hook_on_fast_launches_and_keys_on_descriptors(mon
     assert d2.block_shape == [64, 16]  # set before the launch
     fast = [e for e in kern.log if e[0] == "fast"][0][1]
     assert fast[9:] == (d2, 128, 64)  # the descriptor itself goes to the compiled launcher (it encodes it)
+
+
+def test_cuda_context_lost_tells_fatal_errors_apart():
+    """conftest ends an xdist worker after an error that kills its CUDA context, and only then."""
+    from tests.conftest import cuda_context_lost
+    assert cuda_context_lost(RuntimeError("CUDA error: an illegal memory access was encountered\nSearch for ..."))
+    assert cuda_context_lost(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
+    assert not cuda_context_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not cuda_context_lost(AssertionError("out-of-bounds kernel memory access: ..."))  # the interpreter's checker
