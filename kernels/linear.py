@@ -202,8 +202,9 @@ if HAS_TRITON:
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
         # TMA tiles 256 wide whose epilogue reads a residual or z tile, or stores z, go by quarters: the staged
-        # tiles are then small enough for 3 pipeline stages of 128x256x64 in sm_90's shared memory (see
-        # tma_config_fits). pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
+        # tiles are then small enough for 4 pipeline stages of 128x256x64 in sm_90's shared memory (3 with an
+        # unaligned residual; see tma_config_fits). pre (BM, BN): see _dev_epilogue (any tensor when not PRE).
+        # HAS_RES: 0, 1 or 2 here (see _res_mode); any nonzero value reads the residual.
         if DESC and BLOCK_N >= EPI_QUARTER_N and (SAVE_Z or DACT != 0 or HAS_RES):
             h0, h1 = _dev_halves(acc, BLOCK_M, BLOCK_N)
             if PRE:
@@ -412,8 +413,8 @@ INTERPRET_CONFIG = (64, 128, 64, 4, 1)  # one fixed small config: autotuning the
 # bench/results/2026-11-26-h100-run4/gemm-configs.csv): 128x256x64 w8 s4 ran at 0.98x / 0.99x torch.matmul,
 # s3 at 0.98x / 0.95x, the 128x128x64 ones at 0.87-0.90x / 0.83-0.86x, 64x256x64 at 0.82x / 0.80x (dropped),
 # 2 stages at 0.40-0.74x. With a staged residual or z tile (fc2's residual, fc1's GELU in training, act' in
-# fc2's dX) the 128x256 tiles run their epilogue by column quarters, and only 3 stages fit (tma_config_fits,
-# run 5); the 128x128 ones stay as the PREFETCH configs.
+# fc2's dX) the 128x256 tiles run their epilogue by column quarters; 4 stages still fit unless the residual's
+# rows are unaligned (tma_config_fits, run 5); the 128x128 ones stay as the PREFETCH configs.
 TMA_CONFIGS_16 = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4)]
 TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
 # The nested tile / K loops (FLATTEN=False) ran at 0.81-0.99x of the flattened loop, config for config, there.
@@ -437,16 +438,33 @@ def _triton_configs(cfgs: List[Tuple[int, int, int, int, int]]) -> list:
 _TMA_SMEM_LIMIT = 227 * 1024  # sm_90's opt-in maximum per block
 
 
-def tma_config_fits(cfg: Tuple[int, int, int, int, int], staged: bool, fp32_c: bool = False) -> bool:
+def tma_config_fits(cfg: Tuple[int, int, int, int, int], staged: bool, fp32_c: bool = False,
+                    res_aligned: bool = True) -> bool:
     """Pipelined A/B tiles plus the epilogue's tiles fit in shared memory (16-bit operands). ``staged``: the
-    epilogue reads a residual or z tile, or stores z (see _epi_n); ``fp32_c``: split-K's fp32 C tile. The
-    epilogue takes one (BM, epilogue width) tile for C alone, three otherwise (C, the other tile and a
-    layout-conversion scratch); an fp32 C tile is counted as three. H100, Triton 3.6 (run 5), 128x256x64 with
-    4 stages: plain 229408 B (runs); residual on halves 294944 B, GELU + z + residual on quarters 245792 B
-    (both refused at launch: the formula gives those numbers less 32 B of barriers)."""
+    epilogue reads a residual or z tile, or stores z (see _epi_n); ``fp32_c``: split-K's fp32 C tile;
+    ``res_aligned``: no residual, or one with a row stride in multiples of 16 elements and 16-byte aligned
+    data (see _res_mode). The epilogue takes one (BM, epilogue width) tile for C alone; staged, two on column
+    quarters, three on quarters with an unaligned residual and on halves (C, the other tile, a layout-conversion
+    scratch); an fp32 C tile counts three. 128x256x64, 4 stages, Triton 3.6, sm_90 (the 32 B past the formula
+    are barriers): plain 229408 B; on quarters GELU + z 213024, residual (+ GELU + z) 229408, act' 229424, an
+    unaligned residual 245792 (ptxas via kernels/_aot; the H100 of run 5 refused that last one at launch,
+    asking for the same 245792 B, and a residual on halves, 294944 B)."""
     bm, bn, bk, _, st = cfg
-    tiles = 3 if staged or fp32_c else 1
+    tiles = 1
+    if fp32_c:
+        tiles = 3
+    elif staged:
+        tiles = 2 if bn >= _EPI_QUARTER_N and res_aligned else 3
     return 2 * (st * (bm * bk + bk * bn) + bm * _epi_n(bn, staged) * tiles) <= _TMA_SMEM_LIMIT
+
+
+def _res_mode(residual: Optional[torch.Tensor]) -> int:
+    """The TMA kernel's HAS_RES: 0 none, 1 a residual whose row loads vectorize (row stride a multiple of 16
+    elements, 16-byte aligned data), 2 any other (it needs more shared memory: tma_config_fits). The
+    autotuner keys on it, so a tile chosen for one never launches for the other."""
+    if residual is None:
+        return 0
+    return 1 if residual.stride(0) % 16 == 0 and residual.data_ptr() % 16 == 0 else 2
 
 
 def _prefetch_ok(cfg: Tuple[int, int, int, int, int]) -> bool:
@@ -469,8 +487,9 @@ def _tma_prune(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
     # a z tile staged (stored, or read for act'), or split-K's fp32 C tile (as big as two 16-bit ones)
     staged, fp32_c = flag("SAVE_Z") or flag("DACT") or flag("HAS_RES"), named_args.get("SPLITS", 1) > 1
+    res_aligned = kwargs.get("HAS_RES", named_args.get("HAS_RES", 0)) != 2
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                                   c.num_warps, c.num_stages), staged, fp32_c)]
+                                                   c.num_warps, c.num_stages), staged, fp32_c, res_aligned)]
     if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
         keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
     return keep or [c for c in configs if not c.kwargs.get("PREFETCH")][-1:]
@@ -727,18 +746,19 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
             part if part is not None else out, z if z is not None else out, M, N, K, max(16, next_pow2(M)),
             part.shape[0] if part is not None else 0, splits, k_split, m_pad,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
-    flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None,
+    flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=_res_mode(residual),
                  SAVE_Z=z is not None and not dact, DACT=dact)
     interp = INTERPRET or not a.is_cuda
     sms = _sms(a.device)
-    staged = (z is not None or residual is not None, splits > 1)  # a z or residual tile; an fp32 C tile (split-K)
+    # a z or residual tile; an fp32 C tile (split-K); the residual's alignment
+    staged = (z is not None or residual is not None, splits > 1, flags["HAS_RES"] != 2)
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
         cfg, flatten, prefetch = forced or ((TMA_INTERPRET_CONFIG if interp else next(
             c for c in TMA_CONFIGS_16 if tma_config_fits(c, *staged))), TMA_FLATTEN, False)
         if not interp and not tma_config_fits(cfg, *staged):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
-                             f"{' with a z, residual or fp32 C tile staged' if any(staged) else ''}")
+                             f"{' with a z, residual or fp32 C tile staged' if any(staged[:2]) else ''}")
         bm, bn, bk, w, st = cfg
         _tma_block_shapes(dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, a_desc=args[0], b_desc=args[1],
                                c_desc=args[2], z_desc=args[3]))
@@ -1258,7 +1278,8 @@ _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}
 
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
-                   dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False, prefetch: bool = False) -> AotSpec:
+                   dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False, prefetch: bool = False,
+                   res_aligned: bool = True) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     cty = "fp32" if split else ty  # split-K: fp32 partials
@@ -1269,15 +1290,17 @@ def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, ep
            "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}", "M": "i32",
            "N": "i32", "K": "i32", "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32",
            "stride_rm": "i32"}
-    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue,
+    has_res = (1 if res_aligned else 2) if epilogue else 0
+    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=has_res,
               SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
               FLATTEN=flatten, PREFETCH=prefetch)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
                         f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}"
-                        f"{',prefetch' if prefetch else ''}]",
-                        div16=("K", "stride_rm", "K_SPLIT", "M_PAD"), ones=() if split else ("SPLITS",), min_cc=90)
+                        f"{',prefetch' if prefetch else ''}{'' if res_aligned else ',res_unaligned'}]",
+                        div16=("K", "K_SPLIT", "M_PAD") + (("stride_rm",) if res_aligned else ()),
+                        ones=() if split else ("SPLITS",), min_cc=90)
 
 
 def _aot_specs() -> List[AotSpec]:
@@ -1291,6 +1314,9 @@ def _aot_specs() -> List[AotSpec]:
         specs += [_gemm_tma_spec(ty, next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)), "dx", False, act)
                   for act in (1, 2)]
     specs.append(_gemm_tma_spec("fp16", TMA_INTERPRET_CONFIG, "fwd", True))
+    # an unaligned residual (row stride not a multiple of 16) costs more shared memory: the first config for it
+    specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True, res_aligned=False)),
+                                "fwd", True, res_aligned=False))
     specs.append(_gemm_tma_spec("bf16", TMA_CONFIGS_16[0], "fwd", False, flatten=not TMA_FLATTEN))  # the other loop form
     # the epilogue's read issued before the K loop: the residual (forward) and z (act' backward)
     specs += [_gemm_tma_spec("bf16", c, "fwd", True, prefetch=True) for c in TMA_CONFIGS_16
