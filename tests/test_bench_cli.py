@@ -236,6 +236,17 @@ def test_counts_and_row_order():
     assert kinds == sorted(kinds) and 1 in kinds, kinds
 
 
+def test_graph_timer_rows_come_in_pairs_with_torch_compile():
+    """--timer graph (device time vs torch.compile): one group at a time, ours first, torch.compile's next."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True, timer="graph")
+    jobs = ops.select_rows(ops.op_jobs(ctx, ["layernorm"]), "settled")
+    keys = [j.row.group() for j in jobs]
+    assert [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k] == list(dict.fromkeys(keys))  # contiguous
+    first = [j.row.impl for j in jobs if j.row.group() == keys[0]]
+    assert first[:2] == ["flashvit", "compile(eager)"] and "eager" in first, first
+    assert len(set(keys)) >= 4
+
+
 def test_model_rows_priority_order():
     ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, True, "", None)
     jobs = model.model_jobs(ctx, model.resolve(["b", "s"]))
