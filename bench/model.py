@@ -36,16 +36,18 @@ MODEL_ALIASES = {
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm",
-         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=cublas]",
-         "timm+flashvit.patch[mlp=cublas]", "timm+flashvit.patch[mlp=tma]",
+         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=hybrid]",
+         "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
+         "timm+flashvit.patch[mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
 # end to end what a change of verdict would give (or gave) against the defaults:
 #   ln=triton    kernels/layernorm.py: LayerNorm on its kernels at every width, in training too
 #   ln=torch     kernels/layernorm.py AUTO_TRITON = False: eager LayerNorm (the default before run 4)
-#   mlp=PATH     kernels/linear.py AUTO_TRAINING = AUTO_INFERENCE = True with use_gemm(PATH) (cublas | tma | triton):
-#                the fused linears and MLP (GELU' in fc2's dX GEMM on the triton/tma paths) in training too
-VERDICTS = {"ln": ("triton", "torch"), "mlp": ("cublas", "tma", "triton")}
+#   mlp=PATH     kernels/linear.py AUTO_TRAINING = AUTO_INFERENCE = True with use_gemm(PATH) (cublas | tma | triton |
+#                hybrid): the fused linears and MLP (GELU' in fc2's dX GEMM on the triton/tma/hybrid paths) in
+#                training too; hybrid: TMA for the GEMMs with an epilogue, cuBLAS for the plain ones
+VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000

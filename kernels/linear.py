@@ -13,7 +13,10 @@ GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override
     (16-byte aligned base and row stride, unit last stride) take the ``triton`` kernel.
   * ``cublas``: torch.addmm (cuBLAS, bias in its epilogue) + ONE fused Triton elementwise kernel for GELU
     + residual.
-Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"auto")``, the ``use_gemm(...)`` context, or the
+  * ``hybrid``: ``tma`` for the GEMMs that carry an epilogue beyond the bias (GELU and its saved z, a
+    residual, act' in the MLP's dH GEMM: what fusing saves a pass over memory), cuBLAS for the plain ones
+    (dX, dW) and wherever TMA cannot run. Experimental (bench rows ``[gemm=hybrid]``, ``[mlp=hybrid]``).
+Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"hybrid"|"auto")``, the ``use_gemm(...)`` context, or the
 ``FLASHVIT_GEMM`` environment variable (read at call time).
 
 Backward of GELU: we SAVE the pre-activation z = x·Wᵀ + b (an extra (M, N) store in the forward
@@ -42,7 +45,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import ContextManager, Dict, Iterator, List, Optional, Tuple
+from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +78,7 @@ else:  # pragma: no cover - platforms without Triton use the reference path only
 
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
 _ACT_CODE = {None: 0, "gelu": 1, "gelu_tanh": 2}
-GEMM_PATHS = ("auto", "triton", "tma", "cublas")
+GEMM_PATHS = ("auto", "triton", "tma", "cublas", "hybrid")
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -687,9 +690,15 @@ def _gemm_name(gemm: str) -> str:
     return _check_gemm_name(name)
 
 
-def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int) -> str:
-    """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE."""
+def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int, epilogue: bool = False,
+                 operands: Sequence[Optional[torch.Tensor]] = ()) -> str:
+    """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE;
+    'hybrid' to 'tma' for a GEMM with an ``epilogue`` (beyond the bias) whose ``operands`` TMA can stream on
+    sm_90 (or the interpreter), else 'cublas'."""
     name = _gemm_name(gemm)
+    if name == "hybrid":
+        tma_here = device.type != "cuda" or (not INTERPRET and _arch(device) >= 90)
+        return "tma" if epilogue and tma_here and _tma_ok(*operands) else "cublas"
     if name != "auto":
         return name
     if device.type != "cuda":  # the interpreter (tests): exercise our GEMM kernel
@@ -861,7 +870,9 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     N = weight.shape[0]
     act = _ACT_CODE[activation]
     save_z = save_z and act != 0
-    path = _choose_path(gemm, x.device, M, N, K)
+    # (hybrid: y and z, (M, N) contiguous, are TMA-stored too: their rows must be 16-byte multiples)
+    path = _choose_path(gemm, x.device, M, N, K, epilogue=(act != 0 or residual is not None)
+                        and N * x.element_size() % 16 == 0, operands=(x, weight))
     if path == "cublas":
         # z = x·Wᵀ + b with the bias in cuBLAS's own epilogue; then one pass for the activation and residual
         # (as many bytes as eager's addmm + GELU, with the residual add folded in).
@@ -952,7 +963,8 @@ def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act
     if act != 0 and (z is None or z.shape != (M, H)):
         raise RuntimeError("linear_dact_bwd needs the saved pre-activation z of shape (M, H)")
     z = z if z is None or z.is_contiguous() else z.contiguous()  # the epilogue reads z with the output's strides
-    path = _choose_path(gemm, dy.device, M, H, N)
+    path = _choose_path(gemm, dy.device, M, H, N, epilogue=act != 0 and H * dy.element_size() % 16 == 0,
+                        operands=(dy, weight, z))
     if path == "cublas" or act == 0:
         dz, db = _dact_colsum(torch.matmul(dy, weight), z, act, write_dz=act != 0, colsum=colsum)
         return dz, (db if db is not None else dy.new_empty(0, dtype=torch.float32))

@@ -224,6 +224,30 @@ def test_mlp_fwd_bwd(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, da
     assert dact_launches == ({"dact_gemm": 0, "dz_pass": 1} if gemm == "cublas" else {"dact_gemm": 1, "dz_pass": 0})
 
 
+@pytest.mark.parametrize("M,K,H,N,bias1,res", [(70, 48, 136, 64, True, True), (9, 16, 40, 24, False, False)])
+def test_hybrid_gemm_path(M, K, H, N, bias1, res, device, monkeypatch):
+    """gemm='hybrid': the TMA kernel for the GEMMs with an epilogue beyond the bias (fc1 + GELU + z, fc2 +
+    residual, act' in fc2's dX), cuBLAS's matmul for the plain ones (dX, dW) and where TMA cannot store the
+    output (rows not a multiple of 16 bytes)."""
+    seen = []
+    tma = L._launch_gemm_tma
+
+    def spy(a, a_t, b, b_t, M_, N_, K_, c, bias, residual, act, z, dact, *rest):
+        seen.append("act" if act else "dact" if dact else "res" if residual is not None else "plain")
+        return tma(a, a_t, b, b_t, M_, N_, K_, c, bias, residual, act, z, dact, *rest)
+    monkeypatch.setattr(L, "_launch_gemm_tma", spy)
+    tiled = []
+    monkeypatch.setattr(L, "_launch_gemm_tiled", lambda *a, **k: tiled.append(1))  # never: plain GEMMs are cuBLAS's
+    _check_mlp(M, K, H, N, torch.float16, "gelu", bias1, True, res, "hybrid", device)
+    expect = ["act", "res"] if res else ["act"]  # fc1 (bias + GELU + z); fc2 with its residual (else plain)
+    assert seen == expect + ["dact"], seen  # then fc2's dX with act'; dW2, dX1, dW1 on cuBLAS
+    assert not tiled
+    x, w, b, _ = _make(M, K, 20, torch.float16, device, True, False)  # 20 fp16 = 40-byte rows: TMA cannot
+    seen.clear()
+    _check(x, w, b, None, "gelu", gemm="hybrid")
+    assert seen == [] and not tiled
+
+
 def test_mlp_frozen_parts_and_inference(device, dact_launches):
     x = randn(11, 16, device=device)
     w1, b1 = randn(24, 16, device=device, requires_grad=True), randn(24, device=device)
@@ -800,13 +824,13 @@ def test_mlp_refuses_mixed_devices_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas", "hybrid"])
 @pytest.mark.parametrize("M,K,H,N", [(394, 768, 3072, 768), (197, 192, 776, 200)])
 def test_gpu_mlp_bf16(M, K, H, N, gemm, dact_launches):
     """The fused MLP in bf16 with autotuning on: GELU' in fc2's dX GEMM epilogue (Triton/TMA), every grad."""
     L.set_autotune(gemm != "cublas")
     _check_mlp(M, K, H, N, torch.bfloat16, "gelu", True, True, True, gemm, "cuda")
-    assert dact_launches["dact_gemm"] == (0 if gemm == "cublas" else 1)
+    assert dact_launches["dact_gemm"] == (0 if gemm == "cublas" else 1)  # hybrid: act' on the TMA kernel
 
 
 @pytest.mark.parametrize("need_dx,need_dw,has_bias", list(itertools.product((False, True), repeat=3)))
