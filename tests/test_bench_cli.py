@@ -236,6 +236,21 @@ def test_counts_and_row_order():
     assert kinds == sorted(kinds) and 1 in kinds, kinds
 
 
+def test_experimental_rows_order():
+    """--rows experimental: fwd+bwd groups first, the hybrid GEMM's (the open MLP question) before the others;
+    each group is its baseline, our default row, then the experimental rows."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    jobs = [j for j in ops.select_rows(ops.op_jobs(ctx), "experimental") if "compile" not in j.row.impl]
+    groups = list(dict.fromkeys(j.row.group() for j in jobs))
+    first = [j.row for j in jobs if j.row.group() == groups[0]]
+    assert first[0].name == "mlp" and first[0].mode == "fwd+bwd" and first[0].baseline, first[0]
+    assert "flashvit[gemm=hybrid]" in [r.impl for r in first]
+    modes = [g[3] for g in groups]
+    assert modes == sorted(modes, key=lambda m: m != "fwd+bwd")
+    assert all(ops.is_experimental(j.row) or j.row.baseline or j.row.impl in ("flashvit", "flashvit-qkv")
+               for j in jobs)
+
+
 def test_graph_timer_rows_come_in_pairs_with_torch_compile():
     """--timer graph (device time vs torch.compile): one group at a time, ours first, torch.compile's next."""
     ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True, timer="graph")
