@@ -488,7 +488,8 @@ def _epi_n(bn: int, staged: bool = False) -> int:
 
 def _tma_prune(configs, named_args, **kwargs):
     flag = lambda name: bool(kwargs.get(name, named_args.get(name, False)))  # noqa: E731
-    # a z tile staged (stored, or read for act'), or split-K's fp32 C tile (as big as two 16-bit ones)
+    # a residual or z tile staged (z stored, or read for act'; HAS_RES 2: an unaligned residual, see _res_mode),
+    # or split-K's fp32 C tile (as big as two 16-bit ones)
     staged, fp32_c = flag("SAVE_Z") or flag("DACT") or flag("HAS_RES"), named_args.get("SPLITS", 1) > 1
     res_aligned = kwargs.get("HAS_RES", named_args.get("HAS_RES", 0)) != 2
     keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
