@@ -165,15 +165,19 @@ BWD_STAGES = 2
 
 
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
-# on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements.
-# The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend on the
-# choice), so its tiles stay <= TILE and ROWS divides BWD_ROWS_PER_PROG. The interpreter runs the default.
+# on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements, and a
+# TILE with half the warps (~16 elements a thread: twice the bytes in flight per thread; run 5's device-time
+# rows, 2026-11-26-h100-run5/ops-graph.csv, put the widths that pad most, D = 384 and 1280, furthest from copy
+# bandwidth). The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend
+# on the choice), so its tiles stay <= TILE and ROWS divides BWD_ROWS_PER_PROG. The interpreter runs the default.
 
 def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
     out = []
     for tile in (TILE, 2 * TILE, TILE // 2):
         rows = max(1, tile // block_n)
         out.append((rows, _warps(rows, block_n, 16)))
+    rows = max(1, TILE // block_n)
+    out.append((rows, _warps(rows, block_n // 2, 16)))
     return list(dict.fromkeys(out))
 
 
@@ -182,6 +186,8 @@ def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
     for tile in (TILE, TILE // 2):
         rows = max(1, tile // block_n)
         out.append((rows, _warps(rows, block_n, 32)))
+    rows = max(1, TILE // block_n)
+    out.append((rows, _warps(rows, block_n // 2, 32)))
     return list(dict.fromkeys(out))
 
 
