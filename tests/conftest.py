@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 # An illegal memory access (or the like) leaves the process's CUDA context unusable: every later test in the
-# same pytest-xdist worker fails with the same error (run 5: 1 fault, 13 follow-on failures in one worker). So a
+# same pytest-xdist worker fails with the same error (run 5: one fault, then 9 follow-on failures in one worker). So a
 # worker that hits one exits after that test's report; xdist starts a fresh worker for the rest.
 CUDA_CONTEXT_LOST = ("an illegal memory access was encountered", "unspecified launch failure",
                      "misaligned address", "an illegal instruction was encountered")
