@@ -330,7 +330,7 @@ else
   EXP_EXTRA=("${OPS_EXTRA[@]}"); GRAPH_EXTRA=(--warmup-ms 15 --rep-ms 60 --ops layernorm)
   SWEEP_EXTRA=(--warmup-ms 10 --rep-ms 40)
   # shellcheck disable=SC2206
-  MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 8)
+  MODEL_EXTRA=(--models ${GPU_CHECK_MODELS:-b s l} --steps 12)  # (run 5's 8 left bimodal rows' medians unsettled)
   PROF_MAX=${GPU_CHECK_PROFILE_MAX:-20}
   # kept for the steps after each one
   # (model: MODEL_MAX + 60 s of grace and report; host profile 20 s; overhead 15; graph 50; sweep 40 when
