@@ -483,10 +483,45 @@ if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
 
 
+_autotune = True
+_forced_tiles: List[Tuple[int, int, int, int]] = []  # use_tile_config: innermost last
+
+
+def set_autotune(enabled: bool) -> None:
+    """Off: on a GPU each kernel runs the first of its tile configs that fits (one compile per shape key instead
+    of one per config: tests, debugging); on (the default): the autotuner picks."""
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def use_tile_config(cfg: Tuple[int, int, int, int]) -> ContextManager[None]:
+    """Run every attention kernel with ``cfg`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) inside a ``with``
+    block, on a GPU and in the interpreter alike (tests, debugging). On a GPU a config whose tiles do not fit
+    the shape's head dim and dtype (shared memory, registers: the autotuner's pruning) raises at launch."""
+    if len(cfg) != 4 or not all(isinstance(v, int) and v > 0 for v in cfg) or any(v & (v - 1) for v in cfg[:3]):
+        raise ValueError(f"a tile config is (BLOCK_M, BLOCK_N, num_warps, num_stages), the first three powers of "
+                         f"two, got {cfg!r}")
+    return pushed(_forced_tiles, tuple(cfg))
+
+
+def _fixed_config(kernel, consts: Dict[str, object], elsize: int) -> Tuple[int, int, int, int]:
+    """The one config when not autotuning: use_tile_config's, the interpreter's, or the first that fits."""
+    kind = "fwd" if kernel is _attn_fwd else "dkdv" if kernel is _attn_bwd_dkdv else "dq"
+    block_d = int(consts["BLOCK_D"]) + int(consts.get("BLOCK_D2", 0))
+    if _forced_tiles:
+        cfg = _forced_tiles[-1]
+        if not INTERPRET and not _fits(kind, cfg, block_d, elsize):
+            raise ValueError(f"tile config {cfg} does not fit the {kind} kernel at head-dim block {block_d}, "
+                             f"{elsize}-byte elements")
+        return cfg
+    return _INTERPRET_CONFIG if INTERPRET else _configs_for(kind, block_d, elsize)[0]
+
+
 def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
-    """Launch with the autotuner on a GPU, or with the one fixed config in the interpreter."""
-    if INTERPRET:
-        bm, bn, w, s = _INTERPRET_CONFIG
+    """Launch with the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False),
+    use_tile_config)."""
+    if INTERPRET or _forced_tiles or not _autotune:
+        bm, bn, w, s = _fixed_config(kernel, consts, args[0].element_size())
         rows = bm if kernel is not _attn_bwd_dkdv else bn
         kernel[(cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
                                                     num_stages=s)

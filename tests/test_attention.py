@@ -16,6 +16,21 @@ attention, qkv_attention = A.attention, A.qkv_attention
 FP_ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
+@pytest.fixture(autouse=True)
+def _one_config_per_shape():
+    """On a GPU each kernel runs the first tile config that fits (one compile per shape, not one per config:
+    run 5's autotuned attention tests took 14-57 s each); tests that need the autotuner's pick take the
+    ``autotuned`` fixture. The interpreter always runs one config."""
+    A.set_autotune(False)
+    yield
+    A.set_autotune(True)
+
+
+@pytest.fixture
+def autotuned():
+    A.set_autotune(True)
+
+
 def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()  # keeps the strides of a view
 
@@ -89,13 +104,42 @@ def test_attention_different_lengths(Nq, Nkv, causal):
 ALL_CONFIGS = sorted(set(A._FWD_CONFIGS + A._DKDV_CONFIGS + A._DQ_CONFIGS))
 
 
+def _tiles_fit(tiles, D, dtype, split=False) -> bool:
+    """On a GPU, whether every kernel takes ``tiles`` at this head dim and dtype (the autotuner's pruning)."""
+    if DEVICE != "cuda":
+        return True
+    es = torch.tensor([], dtype=dtype).element_size()
+    with A.use_head_split("split" if split else "pad"):
+        bd = sum(A._split_dims(D))
+    return A._fits("fwd", tiles, A._block_d(D), es) and all(A._fits(k, tiles, bd, es) for k in ("dkdv", "dq"))
+
+
 @pytest.mark.parametrize("tiles", ALL_CONFIGS, ids=lambda c: "x".join(map(str, c)))
-def test_every_tile_config(monkeypatch, tiles):
-    monkeypatch.setattr(A, "_INTERPRET_CONFIG", tiles)
-    _check_attention(1, 50, 50, 1, 80, True, torch.float32)
-    _check_attention(1, 70, 33, 1, 16, False, torch.float32)
-    with A.use_head_split("split"):
-        _check_attention(1, 37, 37, 2, 80, False, torch.float16, noncontig=True)
+def test_every_tile_config(tiles):
+    ran = 0
+    with A.use_tile_config(tiles):
+        for B, Nq, Nkv, H, D, causal, dtype in ((1, 50, 50, 1, 80, True, torch.float32),
+                                                  (1, 70, 33, 1, 16, False, torch.float32)):
+            if _tiles_fit(tiles, D, dtype):
+                _check_attention(B, Nq, Nkv, H, D, causal, dtype)
+                ran += 1
+        if _tiles_fit(tiles, 80, torch.float16, split=True):
+            with A.use_head_split("split"):  # (on a GPU these strided operands pad: see _split_aligned)
+                _check_attention(1, 37, 37, 2, 80, False, torch.float16, noncontig=True)
+                ran += 1
+    assert ran
+
+
+def test_tile_config_and_autotune_switches():
+    with pytest.raises(ValueError, match="tile config"):
+        A.use_tile_config((64, 48, 4, 2))
+    with A.use_tile_config((32, 64, 4, 2)):
+        assert A._fixed_config(A._attn_bwd_dkdv, dict(BLOCK_D=64, BLOCK_D2=0), 2) == (32, 64, 4, 2)
+    assert A._forced_tiles == []
+    if DEVICE == "cuda":  # autotune off (this file's default): the first config that fits
+        assert A._fixed_config(A._attn_fwd, dict(BLOCK_D=64), 2) == A._configs_for("fwd", 64, 2)[0]
+        with A.use_tile_config((128, 128, 8, 2)), pytest.raises(ValueError, match="does not fit"):
+            A._fixed_config(A._attn_fwd, dict(BLOCK_D=256), 4)
 
 
 def _check_qkv(B, N, H, D, dtype, pad=0):
@@ -321,13 +365,13 @@ def test_attention_gpu_noncontiguous(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 50, 3, 40)])
-def test_qkv_attention_gpu(B, N, H, D):
+def test_qkv_attention_gpu(B, N, H, D, autotuned):
     _check_qkv(B, N, H, D, torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D,causal", [(2, 257, 16, 80, False), (2, 197, 6, 96, True), (3, 50, 4, 72, False)])
-def test_split_head_dims_gpu(B, N, H, D, causal):
+def test_split_head_dims_gpu(B, N, H, D, causal, autotuned):
     """Split on aligned operands; D=72 contiguous is not (head stride 72): it pads (run 5 faulted split)."""
     with A.use_head_split("split"):
         _check_attention(B, N, N, H, D, causal, torch.bfloat16)
@@ -335,7 +379,7 @@ def test_split_head_dims_gpu(B, N, H, D, causal):
 
 
 @pytest.mark.gpu
-def test_split_head_dims_aligned_d72_gpu():
+def test_split_head_dims_aligned_d72_gpu(autotuned):
     """D=72 split (64 + 32, 8 of the second chunk's 32 columns used) on aligned views of 80-wide rows."""
     with A.use_head_split("split"):
         q, k, v = (_leaf(randn(2, 197, 6, 80, dtype=torch.bfloat16, device=DEVICE)[..., :72]) for _ in range(3))
@@ -352,7 +396,7 @@ def test_split_head_dims_aligned_d72_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 256, 4, 64)])
-def test_forward_split_tail_gpu(B, N, H, D):
+def test_forward_split_tail_gpu(B, N, H, D, autotuned):
     """The forward's split key loop (use_fwd_tail) in bf16 at ViT shapes, checked with the config autotune picks."""
     with A.use_fwd_tail(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
@@ -399,7 +443,7 @@ def test_qkv_attention_compiles_gpu():
 
 
 @pytest.mark.gpu
-def test_qkv_attention_speed_sanity_gpu():
+def test_qkv_attention_speed_sanity_gpu(autotuned):
     # A loose bound that catches a broken tile choice, not a benchmark: fwd+bwd from packed qkv within
     # 3x of SDPA's default backend (which also pays the layout copies here).
     import triton.testing
@@ -423,7 +467,7 @@ def test_qkv_attention_speed_sanity_gpu():
 @pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dq", 80, "split"),
                                          ("dq", 96, "split")])
-def test_every_config_gpu(kind, D, mode, monkeypatch):
+def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
     """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64."""
     import triton
 
