@@ -184,23 +184,6 @@ except Exception:  # pragma: no cover - depends on the Triton version
     _TensorDescriptor = None
 
 FAST_LAUNCH = os.environ.get("FLASHVIT_FAST_LAUNCH", "1").strip() != "0"
-_I32 = (-(2 ** 31), 2 ** 31)
-
-
-def _arg_key(a: Any) -> Any:
-    """What Triton specializes a kernel argument on, or finer: tensors on dtype and 16-byte alignment; ints
-    on == 1, divisibility by 16 and 32-bit range; floats not at all. None for an unsupported argument.
-    (``Launcher`` inlines the same distinctions into one flat key.)"""
-    if isinstance(a, torch.Tensor):
-        return a.dtype, a.data_ptr() % 16 == 0
-    if type(a) is int:
-        return a == 1, a % 16 == 0, _I32[0] <= a < _I32[1]
-    if type(a) is float:
-        return 0.0
-    if type(a) is bool:
-        return a
-    return None
-
 
 # The current CUDA device without torch.cuda.current_device()'s Python wrapper (the C call lazy-inits too).
 _current_device = getattr(torch._C, "_cuda_getDevice", None) or torch.cuda.current_device
@@ -251,9 +234,9 @@ class Launcher:
             return
         device = _current_device()
         # The key, flat (no tuple per argument: ~1 us less per 15-argument launch): the counts, the
-        # constexprs, then per argument what _arg_key distinguishes: a tensor adds its dtype and alignment,
-        # an int one code >= 2 for its three flags (never equal to a bool), a float the type float, a bool
-        # itself; then the autotune key's values.
+        # constexprs, then per argument what Triton specializes it on, or finer: a tensor adds its dtype and
+        # 16-byte alignment, an int one code >= 2 for its three flags (== 1, divisible by 16, 32-bit range;
+        # never equal to a bool), a float the type float, a bool itself; then the autotune key's values.
         key = [device, len(args), len(consts), *consts.values()]
         add = key.append
         for a in args:
@@ -323,13 +306,18 @@ class _NoGradCtx:
 def apply(fn: Any, *args: Any) -> Any:
     """``fn.apply(*args)`` for an autograd.Function; in eager mode with no input needing a gradient (inference,
     ``torch.no_grad``), ``fn.forward`` alone: no autograd node, nothing saved, less host time per call."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or needs_grad(*args):
         return fn.apply(*args)
+    return fn.forward(_NoGradCtx(), *args)
+
+
+def needs_grad(*args: Any) -> bool:
+    """Grad mode is on and a tensor among ``args`` (None and non-tensors skipped) requires grad."""
     if torch.is_grad_enabled():
         for a in args:
             if isinstance(a, torch.Tensor) and a.requires_grad:
-                return fn.apply(*args)
-    return fn.forward(_NoGradCtx(), *args)
+                return True
+    return False
 
 
 def once_differentiable(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -31,6 +31,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     get_backend,
+    needs_grad,
     next_pow2,
     once_differentiable,
     tl,
@@ -475,8 +476,8 @@ def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torc
     """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
     d = x.shape[-1]
     auto = AUTO_TRITON
-    if auto and d < AUTO_MIN_D_TRAINING and torch.is_grad_enabled():  # 'auto' trains on eager below that width
-        auto = not (x.requires_grad or any(t is not None and t.requires_grad for t in others.values()))
+    if auto and d < AUTO_MIN_D_TRAINING and needs_grad(x, *others.values()):  # 'auto' trains on eager below it
+        auto = False
     if not use_triton(x, backend, auto=auto):
         return False
     if 1 <= d <= MAX_D and x.dtype in FLOAT_DTYPES and all(t is None or t.dtype in FLOAT_DTYPES

@@ -64,6 +64,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    needs_grad,
     next_pow2,
     pushed,
     use_triton,
@@ -1145,8 +1146,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if gemm is not None:
         _check_gemm_name(gemm)
     # z (the pre-activation) is needed only for the grads of x, W or b (decided here: grad mode is off in forward)
-    needs_z = _needs_grad(x, weight, bias)
-    if not use_triton(x, backend, auto=AUTO_TRAINING if needs_z or _needs_grad(residual) else AUTO_INFERENCE,
+    needs_z = needs_grad(x, weight, bias)
+    if not use_triton(x, backend, auto=AUTO_TRAINING if needs_z or needs_grad(residual) else AUTO_INFERENCE,
                       auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
     dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
@@ -1155,10 +1156,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
             activation, gemm or "", allow_tf32, activation is not None and needs_z)
     y = _apply_uncast(dt, x.device, LinearFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
-
-
-def _needs_grad(*ts: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
 def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], residual: Optional[torch.Tensor],
@@ -1214,8 +1211,8 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     _validate(h_shape, fc2_weight, fc2_bias, None, residual)  # fc2's bias, the residual, devices
     if gemm is not None:
         _check_gemm_name(gemm)
-    needs_z = _needs_grad(x, fc1_weight, fc1_bias)
-    training = needs_z or _needs_grad(fc2_weight, fc2_bias, residual)
+    needs_z = needs_grad(x, fc1_weight, fc1_bias)
+    training = needs_z or needs_grad(fc2_weight, fc2_bias, residual)
     if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
         h = linear_reference(x, fc1_weight, fc1_bias, activation)
         return linear_reference(h, fc2_weight, fc2_bias, None, residual)
