@@ -680,8 +680,7 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
         # Device time is asked for against torch.compile and the copy ceiling (LayerNorm's issue): one group at a
         # time, ours then torch.compile's then the rest, so a budget that runs out leaves whole pairs (run 5's
         # graph step ran out before every compile row but the first width's).
-        groups = list(dict.fromkeys(j.row.group() for j in ordered))
-        rank = {"compile(eager)": 1}
-        ordered = sorted(ordered, key=lambda j: (groups.index(j.row.group()),
-                                                  0 if j.row.impl == "flashvit" else rank.get(j.row.impl, 2)))
+        group_pos = {g: i for i, g in enumerate(dict.fromkeys(j.row.group() for j in ordered))}
+        rank = {"flashvit": 0, "compile(eager)": 1}
+        ordered = sorted(ordered, key=lambda j: (group_pos[j.row.group()], rank.get(j.row.impl, 2)))
     return ordered
