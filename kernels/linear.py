@@ -15,7 +15,8 @@ GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override
     + residual.
   * ``hybrid``: ``tma`` for the GEMMs that carry an epilogue beyond the bias (GELU and its saved z, a
     residual, act' in the MLP's dH GEMM: what fusing saves a pass over memory), cuBLAS for the plain ones
-    (dX, dW) and wherever TMA cannot run. Experimental (bench rows ``[gemm=hybrid]``, ``[mlp=hybrid]``).
+    (dX, dW) and wherever TMA cannot run. ``auto`` takes it for calls without autograd on large sm_90 shapes
+    (``AUTO_INFERENCE_GEMM``); in training it is experimental (bench rows ``[gemm=hybrid]``, ``[mlp=hybrid]``).
 Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"hybrid"|"auto")``, the ``use_gemm(...)`` context, or the
 ``FLASHVIT_GEMM`` environment variable (read at call time).
 
@@ -564,6 +565,15 @@ AUTO_COMPILED = False
 AUTO_INFERENCE = True
 AUTO_TRAINING = False
 
+# Eager 'auto' without autograd (inference), large shapes: the GEMM path per arch family, over GEMM_TABLE.
+# Measured on an H100 (bf16, ViT-B/16 inference at batch 256, model.csv): the TMA path for the GEMMs with a
+# GELU or residual epilogue ran 3-5% faster per step than cuBLAS + our epilogue pass in three runs
+# (2026-11-26-h100-run4: [mlp=tma] 21.46-22.00 ms against 23.58-23.91; -run5: 21.48 against 22.14-22.45;
+# -run6: [mlp=hybrid] 21.12-21.15, [mlp=tma] 21.30, against 21.93-22.25); ViT-S/16 inference within noise
+# (-run6: 8.93 against 8.86 ms). sm_80 has no TMA: not listed. The first call per M bucket autotunes.
+AUTO_INFERENCE_GEMM: Dict[int, str] = {90: "hybrid"}
+_AUTO_INFERENCE = "auto-inference"  # the gemm name linear() / mlp() pass down for an 'auto' call without autograd
+
 GEMM_TABLE: Dict[Tuple[int, str], str] = {
     (80, "skinny"): "cublas",  # M < 64: not measured (follows sm_90)
     (80, "small"): "cublas",   # 2·M·N·K < 2^32 FLOP: not measured (follows sm_90)
@@ -688,24 +698,38 @@ def shape_class(M: int, N: int, K: int) -> str:
 
 def _gemm_name(gemm: str) -> str:
     """The GEMM path asked for: the argument, else the use_gemm context, else FLASHVIT_GEMM, else 'auto'."""
+    if gemm == _AUTO_INFERENCE:
+        return gemm
     name = gemm or _gemm_override.get() or os.environ.get("FLASHVIT_GEMM", "auto").strip().lower() or "auto"
     return _check_gemm_name(name)
 
 
+def _call_gemm(gemm: Optional[str], training: bool) -> str:
+    """The gemm argument linear() / mlp() hand their ops: an 'auto' call without autograd becomes
+    _AUTO_INFERENCE (AUTO_INFERENCE_GEMM applies); anything else as given ('' = resolve later)."""
+    if not training and _gemm_name(gemm or "") == "auto":
+        return _AUTO_INFERENCE
+    return gemm or ""
+
+
 def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int, epilogue: bool = False,
                  operands: Sequence[Optional[torch.Tensor]] = ()) -> str:
-    """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE;
-    'hybrid' to 'tma' for a GEMM with an ``epilogue`` (beyond the bias) whose ``operands`` TMA can stream on
-    sm_90 (or the interpreter), else 'cublas'."""
+    """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE, and
+    for an inference call (_AUTO_INFERENCE) on a large shape through AUTO_INFERENCE_GEMM first; 'hybrid' to
+    'tma' for a GEMM with an ``epilogue`` (beyond the bias) whose ``operands`` TMA can stream on sm_90 (or the
+    interpreter), else 'cublas'."""
     name = _gemm_name(gemm)
+    if name in ("auto", _AUTO_INFERENCE):
+        if device.type != "cuda":  # the interpreter (tests): exercise our GEMM kernel
+            return "triton"
+        arch, cls = _arch(device), shape_class(M, N, K)
+        name = GEMM_TABLE.get((arch, cls), "triton")
+        if gemm == _AUTO_INFERENCE and cls == "large":
+            name = AUTO_INFERENCE_GEMM.get(arch, name)
     if name == "hybrid":
         tma_here = device.type != "cuda" or (not INTERPRET and _arch(device) >= 90)
         return "tma" if epilogue and tma_here and _tma_ok(*operands) else "cublas"
-    if name != "auto":
-        return name
-    if device.type != "cuda":  # the interpreter (tests): exercise our GEMM kernel
-        return "triton"
-    return GEMM_TABLE.get((_arch(device), shape_class(M, N, K)), "triton")
+    return name
 
 
 def _resolve_tf32(allow_tf32: Optional[bool]) -> bool:
@@ -1138,8 +1162,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     activation: None, "gelu" (exact erf, timm/HF default) or "gelu_tanh".
     backend: "auto" | "torch" | "triton" (see flashvit.kernels._dispatch).
-    gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "cublas" (torch.matmul + one fused
-    elementwise kernel) or "auto" (GEMM_TABLE); default: use_gemm context, else FLASHVIT_GEMM, else auto.
+    gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "tma" (the same on TMA, sm_90),
+    "cublas" (torch.matmul + one fused elementwise kernel), "hybrid" (tma where an epilogue beyond the bias
+    is fused, else cublas) or "auto" (GEMM_TABLE; without autograd, AUTO_INFERENCE_GEMM on large shapes
+    first); default: use_gemm context, else FLASHVIT_GEMM, else auto.
     allow_tf32: fp32 inputs only; default torch.backends.cuda.matmul.allow_tf32 (False: IEEE fp32).
     """
     _validate(x, weight, bias, activation, residual)
@@ -1147,13 +1173,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
         _check_gemm_name(gemm)
     # z (the pre-activation) is needed only for the grads of x, W or b (decided here: grad mode is off in forward)
     needs_z = needs_grad(x, weight, bias)
-    if not use_triton(x, backend, auto=AUTO_TRAINING if needs_z or needs_grad(residual) else AUTO_INFERENCE,
-                      auto_compiled=AUTO_COMPILED):
+    training = needs_z or needs_grad(residual)
+    if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual)
     dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
     N = weight.shape[0]
     args = (x.reshape(-1, x.shape[-1]), weight, bias, residual.reshape(-1, N) if residual is not None else None,
-            activation, gemm or "", allow_tf32, activation is not None and needs_z)
+            activation, _call_gemm(gemm, training), allow_tf32,
+            activation is not None and needs_z)
     y = _apply_uncast(dt, x.device, LinearFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
 
@@ -1221,7 +1248,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
     N = w2.shape[0]
     args = (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, residual.reshape(-1, N) if residual is not None else None,
-            activation, gemm or "", allow_tf32, needs_z)
+            activation, _call_gemm(gemm, training), allow_tf32, needs_z)
     y = _apply_uncast(dt, x.device, MLPFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
 

@@ -566,6 +566,55 @@ def test_auto_verdict_depends_on_autograd(monkeypatch):
     assert seen == ["infer", "train", "infer", "train"]
 
 
+def test_auto_inference_gemm_routing(monkeypatch):
+    """'auto' without autograd takes AUTO_INFERENCE_GEMM (hybrid on sm_90) for large shapes only; training,
+    small shapes, other archs and every explicit path keep GEMM_TABLE / the override."""
+    monkeypatch.setattr(L, "INTERPRET", False)
+    arch = [90]
+    monkeypatch.setattr(L, "_arch", lambda device: arch[0])
+    cuda = torch.device("cuda")
+    a = torch.empty(64, 64, dtype=torch.float16)  # TMA-legal operands (aligned, unit last stride)
+    big, small = (50432, 3072, 768), (394, 768, 3072)
+    inf = L._AUTO_INFERENCE
+    assert L._choose_path(inf, cuda, *big, epilogue=True, operands=(a, a)) == "tma"
+    assert L._choose_path(inf, cuda, *big, epilogue=False, operands=(a, a)) == "cublas"  # bias only: cuBLAS
+    assert L._choose_path(inf, cuda, *big, epilogue=True, operands=(a, a[:, 1:])) == "cublas"  # TMA cannot
+    assert L._choose_path(inf, cuda, *small, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(90, "small")]
+    assert L._choose_path("auto", cuda, *big, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(90, "large")]
+    assert L._choose_path(inf, torch.device("cpu"), *big, epilogue=True) == "triton"  # interpreter: our GEMM
+    arch[0] = 80
+    assert L._choose_path(inf, cuda, *big, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(80, "large")]
+    # linear() / mlp() hand the inference name down only for an 'auto' call without autograd
+    assert L._call_gemm(None, training=False) == inf and L._call_gemm("auto", training=False) == inf
+    assert L._call_gemm(None, training=True) == "" and L._call_gemm("cublas", training=False) == "cublas"
+    with L.use_gemm("cublas"):  # an override is not 'auto': it stays (the bench's [mlp=cublas] rows)
+        assert L._call_gemm(None, training=False) == ""
+    monkeypatch.setenv("FLASHVIT_GEMM", "tma")
+    assert L._call_gemm(None, training=False) == ""
+    with pytest.raises(ValueError, match="GEMM path"):
+        L.linear(torch.randn(2, 4), torch.randn(3, 4), gemm=inf)  # internal name, not a public path
+
+
+def test_linear_and_mlp_pass_the_inference_gemm(monkeypatch):
+    """The gemm each op receives: the inference name with grad off, '' (resolve later) with autograd."""
+    seen = []
+    fwd = L.linear_fwd
+
+    def spy(x, weight, bias, residual, activation, save_z, gemm="", allow_tf32=None):
+        seen.append(gemm)
+        return fwd(x, weight, bias, residual, activation, save_z, gemm, allow_tf32)
+    monkeypatch.setattr(L, "linear_fwd", spy)
+    x, w, b, r = _make(5, 16, 16, torch.float32, "cpu", True, True)
+    with torch.no_grad():
+        L.linear(x, w, b, "gelu", r, backend="triton")
+        L.mlp(x, w, b, w, b, "gelu", r, backend="triton")
+    assert seen == [L._AUTO_INFERENCE] * 3
+    seen.clear()
+    L.linear(x, w.requires_grad_(), b, "gelu", r, backend="triton")
+    L.mlp(x, w, b, w, b, "gelu", r, backend="triton")
+    assert seen == [""] * 3
+
+
 def test_no_grad_skips_z_and_partial_grads(device):
     x, w, b, _ = _make(6, 16, 24, torch.float32, device, True, False)
     y, z = L.linear_fwd(x, w, b, None, "gelu", save_z=False)
