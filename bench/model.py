@@ -190,7 +190,9 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 
     def _run(row: Row) -> None:
         import flashvit
+        from flashvit.bench.ops import autotune_picks, note_new_picks
         dev = ctx.device
+        before = autotune_picks() if dev.type == "cuda" else {}
         row.flops = flops_per_image(name, mode, ctx)
         if impl in COMPILED:
             torch._dynamo.reset()
@@ -231,6 +233,8 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
             row.peak_mem_mb = torch.cuda.max_memory_allocated(dev) / 2**20
         if first > 5:
             row.note = f"first step {first:.0f} s"
+        if dev.type == "cuda":  # the configs this row's first step picked (rows share a process and its picks)
+            note_new_picks(row, before)
 
     return run
 

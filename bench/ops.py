@@ -199,6 +199,13 @@ def autotune_picks() -> Dict[Tuple[str, Any], str]:
     return {(name, key): fmt(cfg) for name, t in _tuners() for key, cfg in list(t.cache.items())}
 
 
+def note_new_picks(row: Row, before: Dict[Tuple[str, Any], str]) -> None:
+    """Add to ``row.note`` what the autotuners picked for keys first seen since ``before`` (autotune_picks())."""
+    picks = sorted({f"{name}: {cfg}" for (name, key), cfg in autotune_picks().items() if (name, key) not in before})
+    if picks:
+        row.note = "; ".join(([row.note] if row.note else []) + ["autotuned " + " | ".join(picks)])
+
+
 def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]],
           make_args: Callable[[bool], Tuple[torch.Tensor, ...]], mode: str, ctx: Ctx,
           context: Callable[[], Any] = contextlib.nullcontext, compiled: bool = False) -> Callable[[Row], None]:
@@ -217,11 +224,8 @@ def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch
         finally:
             if compiled:
                 torch._dynamo.reset()  # drop the compiled graphs (and the tensors their guards hold)
-        if ctx.device.type == "cuda":  # what the autotuners picked for this row's new keys, in its note
-            picks = sorted({f"{name}: {cfg}" for (name, key), cfg in autotune_picks().items()
-                            if (name, key) not in before})
-            if picks:
-                row.note = "; ".join(([row.note] if row.note else []) + ["autotuned " + " | ".join(picks)])
+        if ctx.device.type == "cuda":
+            note_new_picks(row, before)
 
     return run
 

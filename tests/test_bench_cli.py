@@ -313,9 +313,15 @@ def test_autotune_picks_name_our_tuners_and_their_configs():
     assert {"GEMM_TMA_TUNED", "GEMM_TUNED[90,16]"} <= set(names)
     tuner = names["GEMM_TUNED[90,16]"]
     key = ("test-only key",)
+    before = ops.autotune_picks()
     tuner.cache[key] = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3)
     try:
         assert ops.autotune_picks()[("GEMM_TUNED[90,16]", key)] == "BLOCK_M=128,BLOCK_N=256,w8,s3"
+        row = harness.Row("model", "m", {"batch": 1}, "bf16", "train", "flashvit", note="first step 9 s")
+        ops.note_new_picks(row, ops.autotune_picks())  # nothing new: the note stays
+        assert row.note == "first step 9 s"
+        ops.note_new_picks(row, before)  # model and op rows note the picks of keys new since `before`
+        assert row.note == "first step 9 s; autotuned GEMM_TUNED[90,16]: BLOCK_M=128,BLOCK_N=256,w8,s3"
     finally:
         del tuner.cache[key]
 
