@@ -237,16 +237,17 @@ def test_counts_and_row_order():
 
 
 def test_experimental_rows_order():
-    """--rows experimental: fwd+bwd groups first, the hybrid GEMM's (the open MLP question) before the others;
-    each group is its baseline, our default row, then the experimental rows."""
+    """--rows experimental: groups by their tag in EXPERIMENTAL's order, attention's forward [tail] (the op's
+    open gap) first, forward groups first within a tag; each group is its baseline, our default row, then the
+    experimental rows."""
     ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
     jobs = [j for j in ops.select_rows(ops.op_jobs(ctx), "experimental") if "compile" not in j.row.impl]
     groups = list(dict.fromkeys(j.row.group() for j in jobs))
     first = [j.row for j in jobs if j.row.group() == groups[0]]
-    assert first[0].name == "mlp" and first[0].mode == "fwd+bwd" and first[0].baseline, first[0]
-    assert "flashvit[gemm=hybrid]" in [r.impl for r in first]
-    modes = [g[3] for g in groups]
-    assert modes == sorted(modes, key=lambda m: m != "fwd+bwd")
+    assert first[0].name == "attention" and first[0].mode == "fwd" and first[0].baseline, first[0]
+    assert "flashvit-qkv[tail]" in [r.impl for r in first]
+    ranks = [(min(ops._tag_rank(j.row) for j in jobs if j.row.group() == g), g[3] != "fwd") for g in groups]
+    assert ranks == sorted(ranks), ranks
     assert all(ops.is_experimental(j.row) or j.row.baseline or j.row.impl in ("flashvit", "flashvit-qkv")
                for j in jobs)
 
