@@ -6,6 +6,8 @@ Writes, per op of bench/overhead.py (tiny shapes, fwd+bwd on the Triton path):
   * OUTDIR/host_<op>.txt      cProfile of ``calls`` calls, the top functions by own time and by cumulative time;
   * OUTDIR/launch.txt         host microseconds per launch of one LayerNorm forward kernel: through the
                               autotuner, the bare JIT function, and flashvit's Launcher;
+  * OUTDIR/launch_gemm.txt    host microseconds per linear + GELU call without autograd on each GEMM path
+                              (the TMA one encodes four tensor descriptors per launch) and in eager PyTorch;
   * OUTDIR/kernels.txt        torch.profiler's CUDA kernel table for the MLP and LayerNorm at ViT-B size,
                               flashvit vs eager (device time per kernel, not host time).
 """
@@ -97,6 +99,44 @@ def launch_costs(out: str, calls: int) -> None:
         f.write(text)
 
 
+def gemm_launch_costs(out: str, calls: int) -> None:
+    """Host time of one fused linear call per GEMM path, tiny shape (device work negligible); a line is written
+    as soon as it is measured (a step timeout keeps the lines before it)."""
+    import importlib
+
+    import torch.nn.functional as F
+    lin = importlib.import_module("flashvit.kernels.linear")
+    x = torch.randn(128, 256, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16), torch.randn(256, device="cuda", dtype=torch.bfloat16)
+    path = os.path.join(out, "launch_gemm.txt")
+    open(path, "w").close()
+
+    def line(text: str) -> None:
+        print(text, flush=True)
+        with open(path, "a") as f:
+            f.write(text + "\n")
+
+    def fused(gemm: str) -> Callable[[], object]:
+        return lambda: lin.linear(x, w, b, "gelu", backend="triton", gemm=gemm)
+
+    def descriptors() -> None:
+        for t in (x, w, x, x):
+            lin._desc(t)
+    cases = [("eager F.linear + F.gelu", lambda: F.gelu(F.linear(x, w, b))), ("gemm=cublas", fused("cublas")),
+             ("gemm=triton", fused("triton"))]
+    if lin._arch(x.device) >= 90 and lin.TensorDescriptor is not None:
+        cases += [("gemm=tma", fused("tma")), ("4x TensorDescriptor", descriptors)]
+    else:
+        line("gemm=tma: not measured (needs sm_90 and Triton's TensorDescriptor)")
+    lin.set_autotune(False)  # one config per kernel: no autotuning inside this step's budget
+    try:
+        with torch.no_grad():
+            for name, fn in cases:
+                line(f"{name:26s} {_per_call_us(fn, calls):8.2f} us/call  (x 128x256, w 256x256, bf16, no grad)")
+    finally:
+        lin.set_autotune(True)
+
+
 def kernel_tables(out: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -145,7 +185,7 @@ def main() -> None:
     with open(os.path.join(a.out, "env.txt"), "w") as f:
         f.write(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} "
                 f"commit {os.environ.get('FLASHVIT_GIT_COMMIT', 'unknown')} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
-    for step in (launch_costs, host_profiles):
+    for step in (launch_costs, gemm_launch_costs, host_profiles):
         step(a.out, a.calls)
     kernel_tables(a.out)
 
