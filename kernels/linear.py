@@ -15,8 +15,9 @@ GEMM paths, picked per call by ``_choose_path`` (table ``GEMM_TABLE`` + override
     + residual.
   * ``hybrid``: ``tma`` for the GEMMs that carry an epilogue beyond the bias (GELU and its saved z, a
     residual, act' in the MLP's dH GEMM: what fusing saves a pass over memory), cuBLAS for the plain ones
-    (dX, dW) and wherever TMA cannot run. ``auto`` takes it for calls without autograd on large sm_90 shapes
-    (``AUTO_INFERENCE_GEMM``); in training it is experimental (bench rows ``[gemm=hybrid]``, ``[mlp=hybrid]``).
+    (dX, dW) and wherever TMA cannot run. ``auto`` takes it for calls without autograd on big sm_90 GEMMs
+    (``AUTO_INFERENCE_GEMM``, ``AUTO_INFERENCE_MIN_FLOP``); in training it is experimental (bench rows
+    ``[gemm=hybrid]``, ``[mlp=hybrid]``).
 Override: ``linear(..., gemm="triton"|"tma"|"cublas"|"hybrid"|"auto")``, the ``use_gemm(...)`` context, or the
 ``FLASHVIT_GEMM`` environment variable (read at call time).
 
@@ -565,13 +566,17 @@ AUTO_COMPILED = False
 AUTO_INFERENCE = True
 AUTO_TRAINING = False
 
-# Eager 'auto' without autograd (inference), large shapes: the GEMM path per arch family, over GEMM_TABLE.
+# Eager 'auto' without autograd (inference), big GEMMs: the GEMM path per arch family, over GEMM_TABLE.
 # Measured on an H100 (bf16, ViT-B/16 inference at batch 256, model.csv): the TMA path for the GEMMs with a
-# GELU or residual epilogue ran 3-5% faster per step than cuBLAS + our epilogue pass in three runs
+# GELU or residual epilogue ran 3-10% faster per step than cuBLAS + our epilogue pass in three runs
 # (2026-11-26-h100-run4: [mlp=tma] 21.46-22.00 ms against 23.58-23.91; -run5: 21.48 against 22.14-22.45;
 # -run6: [mlp=hybrid] 21.12-21.15, [mlp=tma] 21.30, against 21.93-22.25); ViT-S/16 inference within noise
 # (-run6: 8.93 against 8.86 ms). sm_80 has no TMA: not listed. The first call per M bucket autotunes.
+# Only from AUTO_INFERENCE_MIN_FLOP (2·M·N·K; ViT-B's fc1 and fc2 at batch 256: 2.4e11, ViT-S's: 5.9e10): a
+# TMA launch costs more host time than cuBLAS's (it encodes its tensor descriptors per call), which a small
+# batch, whose GEMMs take a few microseconds, would pay in full; smaller shapes were not measured.
 AUTO_INFERENCE_GEMM: Dict[int, str] = {90: "hybrid"}
+AUTO_INFERENCE_MIN_FLOP = 2 ** 36
 _AUTO_INFERENCE = "auto-inference"  # the gemm name linear() / mlp() pass down for an 'auto' call without autograd
 
 GEMM_TABLE: Dict[Tuple[int, str], str] = {
@@ -715,16 +720,16 @@ def _call_gemm(gemm: Optional[str], training: bool) -> str:
 def _choose_path(gemm: str, device: torch.device, M: int, N: int, K: int, epilogue: bool = False,
                  operands: Sequence[Optional[torch.Tensor]] = ()) -> str:
     """Resolve 'auto' / '' (argument, then use_gemm context, then FLASHVIT_GEMM env) through GEMM_TABLE, and
-    for an inference call (_AUTO_INFERENCE) on a large shape through AUTO_INFERENCE_GEMM first; 'hybrid' to
-    'tma' for a GEMM with an ``epilogue`` (beyond the bias) whose ``operands`` TMA can stream on sm_90 (or the
-    interpreter), else 'cublas'."""
+    for an inference call (_AUTO_INFERENCE) of at least AUTO_INFERENCE_MIN_FLOP through AUTO_INFERENCE_GEMM
+    first; 'hybrid' to 'tma' for a GEMM with an ``epilogue`` (beyond the bias) whose ``operands`` TMA can
+    stream on sm_90 (or the interpreter), else 'cublas'."""
     name = _gemm_name(gemm)
     if name in ("auto", _AUTO_INFERENCE):
         if device.type != "cuda":  # the interpreter (tests): exercise our GEMM kernel
             return "triton"
         arch, cls = _arch(device), shape_class(M, N, K)
         name = GEMM_TABLE.get((arch, cls), "triton")
-        if gemm == _AUTO_INFERENCE and cls == "large":
+        if gemm == _AUTO_INFERENCE and cls == "large" and 2 * M * N * K >= AUTO_INFERENCE_MIN_FLOP:
             name = AUTO_INFERENCE_GEMM.get(arch, name)
     if name == "hybrid":
         tma_here = device.type != "cuda" or (not INTERPRET and _arch(device) >= 90)
@@ -1164,7 +1169,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     backend: "auto" | "torch" | "triton" (see flashvit.kernels._dispatch).
     gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "tma" (the same on TMA, sm_90),
     "cublas" (torch.matmul + one fused elementwise kernel), "hybrid" (tma where an epilogue beyond the bias
-    is fused, else cublas) or "auto" (GEMM_TABLE; without autograd, AUTO_INFERENCE_GEMM on large shapes
+    is fused, else cublas) or "auto" (GEMM_TABLE; without autograd, AUTO_INFERENCE_GEMM on big GEMMs
     first); default: use_gemm context, else FLASHVIT_GEMM, else auto.
     allow_tf32: fp32 inputs only; default torch.backends.cuda.matmul.allow_tf32 (False: IEEE fp32).
     """

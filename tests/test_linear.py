@@ -567,19 +567,21 @@ def test_auto_verdict_depends_on_autograd(monkeypatch):
 
 
 def test_auto_inference_gemm_routing(monkeypatch):
-    """'auto' without autograd takes AUTO_INFERENCE_GEMM (hybrid on sm_90) for large shapes only; training,
-    small shapes, other archs and every explicit path keep GEMM_TABLE / the override."""
+    """'auto' without autograd takes AUTO_INFERENCE_GEMM (hybrid on sm_90) from AUTO_INFERENCE_MIN_FLOP only;
+    training, smaller shapes, other archs and every explicit path keep GEMM_TABLE / the override."""
     monkeypatch.setattr(L, "INTERPRET", False)
     arch = [90]
     monkeypatch.setattr(L, "_arch", lambda device: arch[0])
     cuda = torch.device("cuda")
     a = torch.empty(64, 64, dtype=torch.float16)  # TMA-legal operands (aligned, unit last stride)
-    big, small = (50432, 3072, 768), (394, 768, 3072)
+    big, small, mid = (50432, 3072, 768), (394, 768, 3072), (8 * 197, 3072, 768)  # mid: 'large', below the floor
     inf = L._AUTO_INFERENCE
     assert L._choose_path(inf, cuda, *big, epilogue=True, operands=(a, a)) == "tma"
     assert L._choose_path(inf, cuda, *big, epilogue=False, operands=(a, a)) == "cublas"  # bias only: cuBLAS
     assert L._choose_path(inf, cuda, *big, epilogue=True, operands=(a, a[:, 1:])) == "cublas"  # TMA cannot
     assert L._choose_path(inf, cuda, *small, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(90, "small")]
+    assert L.shape_class(*mid) == "large" and 2 * 1576 * 3072 * 768 < L.AUTO_INFERENCE_MIN_FLOP
+    assert L._choose_path(inf, cuda, *mid, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(90, "large")]
     assert L._choose_path("auto", cuda, *big, epilogue=True, operands=(a, a)) == L.GEMM_TABLE[(90, "large")]
     assert L._choose_path(inf, torch.device("cpu"), *big, epilogue=True) == "triton"  # interpreter: our GEMM
     arch[0] = 80
