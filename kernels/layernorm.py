@@ -166,19 +166,27 @@ BWD_STAGES = 2
 
 
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
-# on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements, and a
-# TILE with half the warps (~16 elements a thread: twice the bytes in flight per thread; run 5's device-time
-# rows, 2026-11-26-h100-run5/ops-graph.csv, put the widths that pad most, D = 384 and 1280, furthest from copy
-# bandwidth). The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend
-# on the choice), so its tiles stay <= TILE and ROWS divides BWD_ROWS_PER_PROG. The interpreter runs the default.
+# on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements, and TILE
+# and 2·TILE with half the warps (~16 elements a thread: twice the bytes in flight per thread). Run 5's
+# device-time rows (2026-11-26-h100-run5/ops-graph.csv) put the widths that pad most, D = 384 and 1280,
+# furthest from copy bandwidth; in run 6 (-run6/ops-graph.csv) the half-warp TILE was picked there and the
+# forward reached 85-99%, the backward (fwd+bwd 62-88%) not, hence 2·TILE at half the warps too. The backward
+# keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend on the choice), so its
+# ROWS must divide that. The interpreter runs the default.
+
+def _gpu_rows_per_prog(rows: int) -> int:
+    """Backward rows per program on a GPU for the default ROWS ``rows`` (the grid does not depend on the config)."""
+    return rows * max(1, BWD_ROWS_PER_PROG // rows)
+
 
 def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
     out = []
     for tile in (TILE, 2 * TILE, TILE // 2):
         rows = max(1, tile // block_n)
         out.append((rows, _warps(rows, block_n, 16)))
-    rows = max(1, TILE // block_n)
-    out.append((rows, _warps(rows, block_n // 2, 16)))
+    for tile in (TILE, 2 * TILE):
+        rows = max(1, tile // block_n)
+        out.append((rows, _warps(rows, block_n // 2, 16)))
     return list(dict.fromkeys(out))
 
 
@@ -187,8 +195,11 @@ def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
     for tile in (TILE, TILE // 2):
         rows = max(1, tile // block_n)
         out.append((rows, _warps(rows, block_n, 32)))
-    rows = max(1, TILE // block_n)
-    out.append((rows, _warps(rows, block_n // 2, 32)))
+    per_prog = _gpu_rows_per_prog(max(1, TILE // block_n))
+    for tile in (TILE, 2 * TILE):
+        rows = max(1, tile // block_n)
+        if per_prog % rows == 0:
+            out.append((rows, _warps(rows, block_n // 2, 32)))
     return list(dict.fromkeys(out))
 
 
@@ -238,7 +249,7 @@ def _rows_per_prog(device: torch.device, rows: int, m: int) -> int:
     """Backward rows per program (a multiple of ROWS); the interpreter uses few, long programs."""
     if device.type != "cuda":
         return rows * cdiv(cdiv(m, rows), 4)
-    return rows * max(1, BWD_ROWS_PER_PROG // rows)
+    return _gpu_rows_per_prog(rows)
 
 
 def _param_dtype(h_dtype: torch.dtype, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.dtype:

@@ -303,10 +303,11 @@ def test_aot_specs_cover_launch_configs():
         for r, w in L._fwd_choices(block_n)[1:]:
             assert (f"ln_fwd[BLOCK_N={block_n},x=bf16,r=bf16,w=bf16,res=1,ROWS={r},w{w}]", w) in specs
         for r, w in L._bwd_choices(block_n)[1:]:
-            assert L.BWD_ROWS_PER_PROG % r == 0
+            assert L._rows_per_prog(torch.device("cuda"), rows, 50432) % r == 0
             assert (f"ln_bwd[BLOCK_N={block_n},x=bf16,w=bf16,dh=1,ROWS={r},w{w}]", w) in specs
     # ~16 elements a thread among them, where the default has ~8 (more bytes in flight per thread)
     assert (4, 4) in L._fwd_choices(512) and (1, 4) in L._fwd_choices(2048) and (1, 4) in L._bwd_choices(2048)
+    assert (8, 8) in L._fwd_choices(512) and (8, 8) in L._bwd_choices(512)  # and twice the tile at D = 384
 
 
 # ---------------------------------------------------------------------------------------------
