@@ -261,6 +261,10 @@ def test_graph_timer_rows_come_in_pairs_with_torch_compile():
     first = [j.row.impl for j in jobs if j.row.group() == keys[0]]
     assert first[:2] == ["flashvit", "compile(eager)"] and "eager" in first, first
     assert len(set(keys)) >= 4
+    # the widths: ViT-B's first, ViT-S's last (runs 5 and 6 reached torch.compile at D = 384 only)
+    full = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=False, timer="graph")
+    dims = [j.row.shape["D"] for j in ops.select_rows(ops.op_jobs(full, ["layernorm"]), "settled")]
+    assert list(dict.fromkeys(dims)) == list(ops.GRAPH_LN_DIMS_ORDER), dims
 
 
 def test_model_rows_priority_order():
