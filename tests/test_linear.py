@@ -597,6 +597,36 @@ def test_auto_inference_gemm_routing(monkeypatch):
         L.linear(torch.randn(2, 4), torch.randn(3, 4), gemm=inf)  # internal name, not a public path
 
 
+@pytest.mark.gpu
+def test_gpu_auto_inference_mlp_takes_tma_where_big(monkeypatch):
+    """The default inference path on sm_90 (AUTO_INFERENCE_GEMM): a ViT-sized MLP under no_grad with backend
+    'auto' runs fc1 (GELU) and fc2 (residual) on the TMA kernel, matches float64 by the bf16 rule; a small
+    batch stays on cuBLAS."""
+    if L._arch(torch.device("cuda")) < 90 or L.TensorDescriptor is None:
+        pytest.skip("the TMA GEMM needs sm_90 and Triton's TensorDescriptor")
+    seen = []
+    tma = L._launch_gemm_tma
+    monkeypatch.setattr(L, "_launch_gemm_tma", lambda *a, **k: (seen.append(a[10]), tma(*a, **k))[1])  # act
+    M, K, H = 16384, 768, 3072  # 2·M·N·K = 7.7e10 >= AUTO_INFERENCE_MIN_FLOP
+    assert 2 * M * K * H >= L.AUTO_INFERENCE_MIN_FLOP
+    x, r = randn(M, K, dtype=torch.bfloat16, device="cuda"), randn(M, K, dtype=torch.bfloat16, device="cuda")
+    w1, w2 = randn(H, K, dtype=torch.bfloat16, device="cuda", scale=K ** -0.5), randn(
+        K, H, dtype=torch.bfloat16, device="cuda", scale=H ** -0.5)
+    b1, b2 = randn(H, dtype=torch.bfloat16, device="cuda"), randn(K, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        y = L.mlp(x, w1, b1, w2, b2, "gelu", r, backend="auto")
+        y_small = L.mlp(x[:197], w1, b1, w2, b2, "gelu", r[:197], backend="auto")
+    assert seen == [L._ACT_CODE["gelu"], 0], seen  # fc1 with GELU, fc2 with the residual; then none for 197 rows
+
+    def ref(*ts):
+        return linear_reference(linear_reference(ts[0], ts[1], ts[2], "gelu"), ts[3], ts[4], None, ts[5])
+    ts = (x, w1, b1, w2, b2, r)
+    y64 = ref(*(t.double() for t in ts))
+    assert_close_to_ref(y, y64, ref(*ts), factor=2.0, atol=2e-3, name="y")
+    assert_close_to_ref(y_small, y64[:197], ref(*(t[:197] if t.dim() == 2 and t.shape[0] == M else t for t in ts)),
+                        factor=2.0, atol=2e-3, name="y (197 rows)")
+
+
 def test_linear_and_mlp_pass_the_inference_gemm(monkeypatch):
     """The gemm each op receives: the inference name with grad off, '' (resolve later) with autograd."""
     seen = []
