@@ -128,13 +128,15 @@ def gemm_launch_costs(out: str, calls: int) -> None:
         cases += [("gemm=tma", fused("tma")), ("4x TensorDescriptor", descriptors)]
     else:
         line("gemm=tma: not measured (needs sm_90 and Triton's TensorDescriptor)")
-    lin.set_autotune(False)  # one config per kernel: no autotuning inside this step's budget
+    lin.set_autotune(True)  # the autotuned kernels' Launchers, as the model rows use them (autotune off: Triton's path)
     try:
         with torch.no_grad():
             for name, fn in cases:
                 line(f"{name:26s} {_per_call_us(fn, calls):8.2f} us/call  (x 128x256, w 256x256, bf16, no grad)")
     finally:
-        lin.set_autotune(True)
+        tma = getattr(lin, "_GEMM_TMA_TUNED", None)
+        if tma is not None:  # did its launches take the Launcher's fast path (a cached specialization)?
+            line(f"TMA Launcher: fast path {'on' if tma.enabled else 'off'}, {len(tma._cache)} cached specializations")
 
 
 def kernel_tables(out: str) -> None:
