@@ -15,6 +15,7 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 
 from __future__ import annotations
 
+import math
 from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -31,6 +32,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    get_backend,
     pushed,
     use_triton,
 )
@@ -66,16 +68,17 @@ if HAS_TRITON:
             kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=k_mask, other=0.0)  # (BD, BN)
         else:
             kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd)
-        s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
-        s = s * qk_scale  # log2 units
+        s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled logits
         if MASK_N:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # qk_scale > 0 (the public ops send other scales to the reference): the row max of the scaled logits
+        # is the scaled row max, and s·qk_scale - m is one FMA a logit instead of a multiply and a subtract.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK_N or MASK_D:
             v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)  # (BN, BD)
@@ -550,6 +553,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
                   lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
+    if not _kernel_scale(softmax_scale):
+        raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     if out is None:
@@ -757,6 +762,25 @@ def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Op
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
 
+def _kernel_scale(scale: float) -> bool:
+    """The forward kernel takes each row's max on unscaled logits (one FMA a logit): a finite scale > 0 only."""
+    return scale > 0 and math.isfinite(scale)
+
+
+def _triton_for(t: torch.Tensor, backend: Optional[str], dropout_p: float, scale: float) -> bool:
+    """The kernels when dispatch says so and they cover the call: dropout is not fused (dropout_p > 0 runs
+    SDPA: correct, not fast), float64 and softmax scales <= 0 take the reference, a forced 'triton' with such
+    a scale raises."""
+    if dropout_p != 0.0 or t.dtype == torch.float64 or not use_triton(t, backend):
+        return False
+    if not _kernel_scale(scale):
+        if (backend if backend is not None else get_backend()) == "triton":
+            raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {scale}; "
+                             f"backend='torch' computes others")
+        return False
+    return True
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
               causal: bool = False, *, dropout_p: float = 0.0, backend: Optional[str] = None,
               allow_tf32: Optional[bool] = None) -> torch.Tensor:
@@ -764,12 +788,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
 
     ``softmax_scale`` defaults to D**-0.5; ``causal`` masks key j > query i (top-left aligned).
     ``allow_tf32`` (fp32 inputs only): tf32 dots when True, full-precision dots when False; None follows
-    ``torch.backends.cuda.matmul.allow_tf32``. ``dropout_p > 0`` and float64 run the PyTorch reference.
+    ``torch.backends.cuda.matmul.allow_tf32``. ``dropout_p > 0``, float64 and a ``softmax_scale`` <= 0 run
+    the PyTorch reference (a forced 'triton' backend refuses such a scale with a ValueError).
     """
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    # Dropout is not fused in the kernels: dropout_p > 0 falls back to SDPA (correct, not fast).
-    if dropout_p == 0.0 and q.dtype != torch.float64 and use_triton(q, backend):
+    if _triton_for(q, backend, dropout_p, scale):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
         return apply(AttentionFn, q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
@@ -789,8 +813,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
         raise ValueError(f"qkv last dim {qkv.shape[-1]} must be divisible by 3 * num_heads = {3 * num_heads}")
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
-    # Dropout is not fused in the kernels: dropout_p > 0 falls back to SDPA (correct, not fast).
-    if dropout_p == 0.0 and qkv.dtype != torch.float64 and use_triton(qkv, backend):
+    if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
         return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))

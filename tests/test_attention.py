@@ -310,6 +310,22 @@ def test_dropout_falls_back_to_reference():
     assert out.shape == (2, 9, 32) and torch.isfinite(qkv.grad).all()
 
 
+def test_softmax_scale_not_positive():
+    """The forward kernel takes a row's max on unscaled logits, so it needs softmax_scale > 0: other scales
+    (SDPA allows them) run the reference under 'auto' and are refused, clearly, when the kernels are forced."""
+    q, k, v = (randn(1, 7, 2, 16, device=DEVICE) for _ in range(3))
+    for bad in (-0.25, 0.0, float("nan")):
+        with pytest.raises(ValueError, match="softmax_scale > 0"):
+            attention(q, k, v, softmax_scale=bad, backend="triton")
+        with pytest.raises(ValueError, match="softmax_scale > 0"):
+            qkv_attention(randn(1, 7, 3 * 2 * 16, device=DEVICE), 2, softmax_scale=bad, backend="triton")
+        with pytest.raises(ValueError, match="softmax_scale > 0"):
+            A.attention_fwd(q, k, v, bad, False)
+    got = attention(q, k, v, softmax_scale=-0.25, backend="auto")  # the reference, whatever the device
+    want = A.attention_reference(q.double(), k.double(), v.double(), -0.25)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs():
     ok = randn(1, 5, 2, 16, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of 8"):
