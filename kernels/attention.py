@@ -100,7 +100,9 @@ if HAS_TRITON:
         # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
-        # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the last partial one apart.
+        # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
+        # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
+        # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
         pid = tl.program_id(0)
         num_m = tl.cdiv(N_Q, BLOCK_M)
         pid_m = pid % num_m
@@ -130,8 +132,10 @@ if HAS_TRITON:
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
                                                    BLOCK_D != HEAD_DIM)
-            for start_n in range(full, N_KV, BLOCK_N):  # at most one block
-                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+            TAIL_N: tl.constexpr = BLOCK_N if BLOCK_N < 32 else 32
+            offs_t = tl.arange(0, TAIL_N)
+            for start_n in range(full, N_KV, TAIL_N):  # fewer than BLOCK_N / TAIL_N blocks
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_t, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
                                                    BLOCK_D != HEAD_DIM)
         else:
@@ -394,8 +398,11 @@ def use_head_split(mode: str) -> ContextManager[None]:
     return pushed(_head_mode, mode)
 
 
-# The forward's key loop: every block masked (False), or the full blocks without key masks and the partial
-# last one apart (True, non-causal). Not yet run on a GPU: bench rows tagged [tail] measure it.
+# The forward's key loop: every block masked (False), or the full blocks without key masks and the remainder
+# in masked blocks of 32 (True, non-causal). ptxas (Triton 3.6, sm_90, bf16, D = 64) counts, per thread, 245
+# instructions a 64x32 masked key block, 206 unmasked, 289 a 64x64 unmasked one: N = 197 costs 7 x 245 = 1715
+# at the default 64x32 and 3 x 289 + 236 = 1103 split at 64x64. Not yet timed on a GPU: the [tail] bench rows
+# measure it (in run 5, fwd+bwd at D = 80 ran slower with the older split, whose remainder was a full block).
 FWD_SPLIT_TAIL = False
 _fwd_tail: List[bool] = []  # innermost use_fwd_tail() last
 

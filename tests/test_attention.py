@@ -197,6 +197,15 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
     assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is False  # restored; the default loop is the masked one
 
 
+@pytest.mark.parametrize("cfg,Nkv", [((32, 64, 4, 1), 97), ((16, 128, 4, 1), 130), ((16, 128, 4, 1), 31),
+                                     ((32, 16, 4, 1), 50)])
+def test_forward_split_tail_wide_blocks(cfg, Nkv):
+    """use_fwd_tail(True) with key blocks wider than the remainder's 32: full blocks unmasked, then up to
+    BLOCK_N / 32 masked blocks of 32 (and a BLOCK_N below 32 keeps its own width)."""
+    with A.use_fwd_tail(True), A.use_tile_config(cfg):
+        _check_attention(1, 7, Nkv, 2, 40, False, torch.float32)
+
+
 def test_split_dims_policy():
     # 'auto' splits only SPLIT_HEAD_DIMS (measured): 80 = 64 + 32
     assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 32)
