@@ -20,7 +20,7 @@ import contextlib
 import functools
 import importlib
 import itertools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -325,8 +325,12 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
-def _fwd_tail_context() -> Any:
-    return importlib.import_module("flashvit.kernels.attention").use_fwd_tail(True)
+@contextlib.contextmanager
+def _tail_context() -> Iterator[None]:
+    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) both on."""
+    attn = importlib.import_module("flashvit.kernels.attention")
+    with attn.use_fwd_tail(True), attn.use_bwd_tail(True):
+        yield
 
 
 def _sdpa_backends() -> List[Tuple[str, Any]]:
@@ -409,9 +413,10 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk(f"flashvit-qkv[{hd_mode}]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_head_dim_context(hd_mode)),
                                 unavailable=ctx.triton_reason))
-            # the forward's key loop split into unmasked full blocks + the partial last one (use_fwd_tail)
+            # the loops split into unmasked full blocks + a masked remainder (use_fwd_tail, use_bwd_tail): the
+            # fwd rows time the forward's, fwd+bwd both
             main.append(Job(mk("flashvit-qkv[tail]", note=knote),
-                            timed(const(ours_packed), args, mode, ctx, context=_fwd_tail_context),
+                            timed(const(ours_packed), args, mode, ctx, context=_tail_context),
                             unavailable=ctx.triton_reason))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))

@@ -176,15 +176,70 @@ if HAS_TRITON:
         tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
 
     @triton.jit
+    def _dev_load(ptrs, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+        # A tile with only the masks it needs (r_ok, c_ok broadcast against ptrs); masked lanes read 0.
+        if MASK_R and MASK_C:
+            t = tl.load(ptrs, mask=r_ok & c_ok, other=0.0)
+        elif MASK_R:
+            t = tl.load(ptrs, mask=r_ok, other=0.0)
+        elif MASK_C:
+            t = tl.load(ptrs, mask=c_ok, other=0.0)
+        else:
+            t = tl.load(ptrs)
+        return t
+
+    @triton.jit
+    def _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0, offs_n, offs_d, d_ok,
+                       offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr):
+        # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
+        # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
+        # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
+        # offs_d2, d2_ok are placeholders, returned as given.
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < N_Q
+        qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
+                       MASK_M, MASK_D)  # (BD, BM)
+        lse2 = _dev_load(LSE + offs_m, m_ok, m_ok, MASK_M, False) * 1.4426950408889634  # (BM,)
+        st = tl.dot(k, qt, input_precision=PRECISION)  # (BN, BM)
+        if BLOCK_D2 > 0:
+            qt2 = _dev_load(Q + offs_m[None, :] * sqn + offs_d2[:, None] * sqd, m_ok[None, :], d2_ok[:, None],
+                            MASK_M, True)  # (BD2, BM)
+            st = tl.dot(k2, qt2, st, input_precision=PRECISION)
+        pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ (BN, BM), log2 units
+        if MASK_M:
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])
+            pt = tl.where(keep, pt, 0.0)
+        do = _dev_load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, m_ok[:, None], d_ok[None, :],
+                       MASK_M, MASK_D)  # (BM, BD)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
+        if BLOCK_D2 > 0:
+            do2 = _dev_load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd, m_ok[:, None], d2_ok[None, :],
+                            MASK_M, True)  # (BM, BD2)
+            dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
+        delta = _dev_load(DELTA + offs_m, m_ok, m_ok, MASK_M, False)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
+        return dk, dv, dk2, dv2
+
+    @triton.jit
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
                        H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
+        # SPLIT_TAIL (non-causal): the full query blocks run without query masks, the partial last one apart.
         pid = tl.program_id(0)
         num_n = tl.cdiv(N_KV, BLOCK_N)
         pid_n = pid % num_n
@@ -219,39 +274,27 @@ if HAS_TRITON:
             v2 = tl.load(V + offs_n[:, None] * svn + offs_d2[None, :] * svd, mask=kv2_mask, other=0.0)
             dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
             dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
-        lo = 0
-        if CAUSAL:
-            lo = (start_n // BLOCK_M) * BLOCK_M
-        for start_m in range(lo, N_Q, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_ok = offs_m < N_Q
-            qt = tl.load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd,
-                         mask=m_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BM)
-            lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634  # (BM,)
-            st = tl.dot(k, qt, input_precision=PRECISION)  # (BN, BM)
-            if BLOCK_D2 > 0:
-                qt2 = tl.load(Q + offs_m[None, :] * sqn + offs_d2[:, None] * sqd,
-                              mask=m_ok[None, :] & d2_ok[:, None], other=0.0)  # (BD2, BM)
-                st = tl.dot(k2, qt2, st, input_precision=PRECISION)
-            st = st * qk_scale  # log2 units
-            keep = m_ok[None, :]
+        else:  # placeholders (see _dev_dkdv_step)
+            offs_d2, d2_ok, k2, v2, dk2, dv2 = offs_d, d_ok, k, v, dk, dv
+        MASK_D: tl.constexpr = BLOCK_D2 == 0 and BLOCK_D != HEAD_DIM
+        if SPLIT_TAIL and not CAUSAL:
+            full = (N_Q // BLOCK_M) * BLOCK_M
+            for start_m in range(0, full, BLOCK_M):
+                dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
+                                                  offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D)
+            for start_m in range(full, N_Q, BLOCK_M):  # at most one block
+                dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
+                                                  offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D)
+        else:
+            lo = 0
             if CAUSAL:
-                keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            pt = tl.where(keep, tl.exp2(st - lse2[None, :]), 0.0)  # Pᵀ (BN, BM)
-            do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd,
-                         mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BM, BD)
-            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
-            if BLOCK_D2 > 0:
-                do2 = tl.load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd,
-                              mask=m_ok[:, None] & d2_ok[None, :], other=0.0)  # (BM, BD2)
-                dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
-                dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
-            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
+                lo = (start_n // BLOCK_M) * BLOCK_M
+            for start_m in range(lo, N_Q, BLOCK_M):
+                dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
+                                                  offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -261,14 +304,48 @@ if HAS_TRITON:
             tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
 
     @triton.jit
+    def _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
+                     d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        # One key block of the dQ loop: dq (BM, BD), dq2 (BM, BD2) updated with keys start_n .. start_n +
+        # BLOCK_N. MASK_N, MASK_D as in _dev_dkdv_step (keys for queries); placeholders likewise.
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < N_KV
+        kt = _dev_load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
+                       MASK_N, MASK_D)  # (BD, BN)
+        vt = _dev_load(V + offs_n[None, :] * svn + offs_d[:, None] * svd, n_ok[None, :], d_ok[:, None],
+                       MASK_N, MASK_D)  # (BD, BN)
+        s = tl.dot(q, kt, input_precision=PRECISION)  # (BM, BN)
+        dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
+        if BLOCK_D2 > 0:
+            kt2 = _dev_load(K + offs_n[None, :] * skn + offs_d2[:, None] * skd, n_ok[None, :], d2_ok[:, None],
+                            MASK_N, True)  # (BD2, BN)
+            vt2 = _dev_load(V + offs_n[None, :] * svn + offs_d2[:, None] * svd, n_ok[None, :], d2_ok[:, None],
+                            MASK_N, True)
+            s = tl.dot(q2, kt2, s, input_precision=PRECISION)
+            dp = tl.dot(do2, vt2, dp, input_precision=PRECISION)
+        p = tl.exp2(s * qk_scale - lse2[:, None])  # log2 units
+        if MASK_N:
+            keep = n_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
+        return dq, dq2
+
+    @triton.jit
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
                      H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
-        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
+        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _attn_bwd_dkdv.
         pid = tl.program_id(0)
         num_m = tl.cdiv(N_Q, BLOCK_M)
         pid_m = pid % num_m
@@ -301,34 +378,27 @@ if HAS_TRITON:
             q2 = tl.load(Q + offs_m[:, None] * sqn + offs_d2[None, :] * sqd, mask=q2_mask, other=0.0)  # (BM, BD2)
             do2 = tl.load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd, mask=q2_mask, other=0.0)
             dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-        hi = N_KV
-        if CAUSAL:
-            hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
-        for start_n in range(0, hi, BLOCK_N):
-            offs_n = start_n + offs_n0
-            n_ok = offs_n < N_KV
-            kt = tl.load(K + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            vt = tl.load(V + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)  # (BD, BN)
-            s = tl.dot(q, kt, input_precision=PRECISION)  # (BM, BN)
-            dp = tl.dot(do, vt, input_precision=PRECISION)  # (BM, BN)
-            if BLOCK_D2 > 0:
-                kt2 = tl.load(K + offs_n[None, :] * skn + offs_d2[:, None] * skd,
-                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)  # (BD2, BN)
-                vt2 = tl.load(V + offs_n[None, :] * svn + offs_d2[:, None] * svd,
-                              mask=n_ok[None, :] & d2_ok[:, None], other=0.0)
-                s = tl.dot(q2, kt2, s, input_precision=PRECISION)
-                dp = tl.dot(do2, vt2, dp, input_precision=PRECISION)
-            s = s * qk_scale  # log2 units
-            keep = n_ok[None, :]
+        else:  # placeholders (see _dev_dq_step)
+            offs_d2, d2_ok, q2, do2, dq2 = offs_d, d_ok, q, do, dq
+        MASK_D: tl.constexpr = BLOCK_D2 == 0 and BLOCK_D != HEAD_DIM
+        if SPLIT_TAIL and not CAUSAL:
+            full = (N_KV // BLOCK_N) * BLOCK_N
+            for start_n in range(0, full, BLOCK_N):
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                                       d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
+                                       BLOCK_D2, False, MASK_D)
+            for start_n in range(full, N_KV, BLOCK_N):  # at most one block
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                                       d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
+                                       BLOCK_D2, True, MASK_D)
+        else:
+            hi = N_KV
             if CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
-            p = tl.where(keep, tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
+                hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+            for start_n in range(0, hi, BLOCK_N):
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                                       d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
+                                       BLOCK_D2, True, MASK_D)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * sqn_g + offs_d[None, :] * sqd_g, dq.to(DQ.dtype.element_ty), mask=q_mask)
         if BLOCK_D2 > 0:
@@ -410,6 +480,19 @@ _fwd_tail: List[bool] = []  # innermost use_fwd_tail() last
 def use_fwd_tail(on: bool) -> ContextManager[None]:
     """Force the forward's split key loop on or off (FWD_SPLIT_TAIL) inside a ``with`` block."""
     return pushed(_fwd_tail, bool(on))
+
+
+# The backward's loops likewise (non-causal): dK/dV's over query blocks and dQ's over key blocks run their full
+# blocks without row masks and the partial last one apart. ptxas (Triton 3.6, sm_90, bf16, D = 64) counts
+# 298 instructions a thread for dK/dV's masked 32x64 query block (w4s2), about 70 of them masks. Not yet timed
+# on a GPU: the [tail] bench rows turn both on (its forward rows then tell the two apart).
+BWD_SPLIT_TAIL = False
+_bwd_tail: List[bool] = []  # innermost use_bwd_tail() last
+
+
+def use_bwd_tail(on: bool) -> ContextManager[None]:
+    """Force the backward's split loops on or off (BWD_SPLIT_TAIL) inside a ``with`` block."""
+    return pushed(_bwd_tail, bool(on))
 
 
 def _split_aligned(*ts: torch.Tensor) -> bool:
@@ -597,7 +680,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
                 dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
-    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32))
+    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
+                  SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     _launch(_attn_bwd_dkdv, "_attn_bwd_dkdv_tuned", NKV, B * H,
@@ -891,8 +975,8 @@ def _aot_specs() -> List[AotSpec]:
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
             if kind != "fwd":
                 consts["BLOCK_D2"] = bd2
-            else:
-                consts["SPLIT_TAIL"] = FWD_SPLIT_TAIL
+            tail = FWD_SPLIT_TAIL if kind == "fwd" else BWD_SPLIT_TAIL
+            consts["SPLIT_TAIL"] = tail
             cfgs = _configs_for(kind, bd1 + bd2, es)
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_CONFIG]
@@ -906,11 +990,11 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
-                if kind == "fwd" and not causal and ty == "bf16" and ("tail", d, bm, bn, w, s) not in seen:
-                    seen.add(("tail", d, bm, bn, w, s))  # the other form of the key loop (use_fwd_tail)
+                if not causal and ty == "bf16" and ("tail",) + key + (d,) not in seen:
+                    seen.add(("tail",) + key + (d,))  # the other form of the loop (use_fwd_tail, use_bwd_tail)
                     specs.append(runtime_spec(
-                        kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not FWD_SPLIT_TAIL), w, s,
-                        f"attn_fwd[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not FWD_SPLIT_TAIL)}]",
+                        kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not tail), w, s,
+                        f"attn_{kind}[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not tail)}]",
                         div16=_row_strides(sig)))
         bd = _block_d(d)  # the preprocess kernel always pads (one cheap pass)
         if ("pre", ty, bd) not in seen:

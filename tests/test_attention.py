@@ -206,6 +206,21 @@ def test_forward_split_tail_wide_blocks(cfg, Nkv):
         _check_attention(1, 7, Nkv, 2, 40, False, torch.float32)
 
 
+@pytest.mark.parametrize("B,Nq,Nkv,H,D,dtype,split", [
+    (1, 17, 50, 2, 40, torch.float32, False),  # partial last blocks in both loops, padded head dim
+    (1, 64, 96, 1, 64, torch.float16, False),  # no partial block (multiples of the interpreter's 32)
+    (2, 33, 33, 1, 80, torch.float32, True),   # split head dim 64 + 32
+    (1, 5, 31, 2, 72, torch.float16, True),    # one partial block each, no full one
+])
+def test_backward_split_tail_loops(B, Nq, Nkv, H, D, dtype, split):
+    """use_bwd_tail(True): dK/dV's query loop and dQ's key loop run their full blocks unmasked and the partial
+    last one apart; causal keeps the masked loops. Same results as the reference."""
+    with A.use_bwd_tail(True), A.use_head_split("split" if split else "pad"):
+        _check_attention(B, Nq, Nkv, H, D, False, dtype)
+        _check_attention(1, Nq, Nq, 1, D, True, dtype)
+    assert A._bwd_tail == [] and A.BWD_SPLIT_TAIL is False
+
+
 def test_split_dims_policy():
     # 'auto' splits only SPLIT_HEAD_DIMS (measured): 80 = 64 + 32
     assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 32)
@@ -421,9 +436,10 @@ def test_split_head_dims_aligned_d72_gpu(autotuned):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 256, 4, 64)])
-def test_forward_split_tail_gpu(B, N, H, D, autotuned):
-    """The forward's split key loop (use_fwd_tail) in bf16 at ViT shapes, checked with the config autotune picks."""
-    with A.use_fwd_tail(True):
+def test_split_tail_gpu(B, N, H, D, autotuned):
+    """The split loops (use_fwd_tail, use_bwd_tail) in bf16 at ViT shapes, checked with the configs autotune
+    picks (the bench's [tail] rows)."""
+    with A.use_fwd_tail(True), A.use_bwd_tail(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
 
 
