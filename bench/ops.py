@@ -61,9 +61,10 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 # torch.compile's rows at D = 384 only before the graph step's budget ran out)
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
-# [tail] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's budgets) first,
+# [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
+# budgets) first,
 # then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check)
-EXPERIMENTAL = ("[tail]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]")
+EXPERIMENTAL = ("[tail]", "[tail+rows]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -326,10 +327,11 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
 
 @contextlib.contextmanager
-def _tail_context() -> Iterator[None]:
-    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) both on."""
+def _tail_context(rows: bool = False) -> Iterator[None]:
+    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: the forward's
+    row split (use_fwd_rows) too."""
     attn = importlib.import_module("flashvit.kernels.attention")
-    with attn.use_fwd_tail(True), attn.use_bwd_tail(True):
+    with attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows):
         yield
 
 
@@ -417,6 +419,11 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             # fwd rows time the forward's, fwd+bwd both
             main.append(Job(mk("flashvit-qkv[tail]", note=knote),
                             timed(const(ours_packed), args, mode, ctx, context=_tail_context),
+                            unavailable=ctx.triton_reason))
+            # and the forward's rows past the last full 64-row block in 16-row blocks (use_fwd_rows)
+            main.append(Job(mk("flashvit-qkv[tail+rows]", note=knote),
+                            timed(const(ours_packed), args, mode, ctx,
+                                  context=functools.partial(_tail_context, rows=True)),
                             unavailable=ctx.triton_reason))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))

@@ -87,10 +87,10 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row0", "n_rows"])
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
-                  H, N_Q, N_KV, N_BUCKET, qk_scale,
+                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
@@ -100,11 +100,12 @@ if HAS_TRITON:
         # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
+        # This launch owns query rows [row0, row0 + n_rows) (see use_fwd_rows), BLOCK_M of them a program.
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
         pid = tl.program_id(0)
-        num_m = tl.cdiv(N_Q, BLOCK_M)
+        num_m = tl.cdiv(n_rows, BLOCK_M)
         pid_m = pid % num_m
         pid_bh = pid // num_m
         b = (pid_bh // H).to(tl.int64)
@@ -114,7 +115,8 @@ if HAS_TRITON:
         V += b * svb + h * svh
         Out += b * sob + h * soh
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        start_m = row0 + pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -141,7 +143,7 @@ if HAS_TRITON:
         else:
             hi = N_KV
             if CAUSAL:
-                hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+                hi = tl.minimum(start_m + BLOCK_M, N_KV)
             for start_n in range(0, hi, BLOCK_N):
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
@@ -421,6 +423,15 @@ _FWD_FALLBACK = (32, 32, 4, 1)
 _DKDV_FALLBACK = (32, 32, 4, 1)
 _DQ_FALLBACK = (32, 32, 4, 1)
 _INTERPRET_CONFIG = (32, 32, 4, 1)
+# use_fwd_rows: the forward's full query blocks of FWD_MAIN_BLOCK_M rows ("fwd_main": the forward's configs of
+# that BLOCK_M, so the rows it covers do not depend on the autotuner's pick), then the remaining rows
+# (N mod 64: 5 at N = 197) in blocks of 16 on one warp ("fwd_rows": mma.sync tiles), which costs about a third
+# of the 64-row block the default spends on them.
+FWD_MAIN_BLOCK_M = 64
+_FWD_ROWS_CONFIGS = [(16, 64, 1, 2), (16, 32, 1, 3), (16, 64, 2, 2)]
+_FWD_ROWS_FALLBACK = (16, 32, 1, 1)
+_INTERPRET_MAIN_BLOCK_M = _INTERPRET_CONFIG[0]  # the interpreter's main blocks, then its rows config:
+_INTERPRET_ROWS_CONFIG = (16, 32, 1, 1)
 
 
 def _pre_block_m(block_d: int) -> int:
@@ -495,6 +506,20 @@ def use_bwd_tail(on: bool) -> ContextManager[None]:
     return pushed(_bwd_tail, bool(on))
 
 
+# The forward's query rows: one launch of BLOCK_M-row programs over all of them (False), or (True) full blocks
+# of FWD_MAIN_BLOCK_M rows, then a second launch for the rest in 16-row blocks (see _FWD_ROWS_CONFIGS). At
+# N = 197 the default's fourth 64-row block computes 5 rows; split, they cost about a third of a block (one
+# warp, a quarter of the threads, mma.sync). Not yet timed on a GPU: the bench rows tagged [tail+rows].
+FWD_ROW_SPLIT = False
+_fwd_rows: List[bool] = []  # innermost use_fwd_rows() last
+
+
+def use_fwd_rows(on: bool) -> ContextManager[None]:
+    """Force the forward's row split (FWD_ROW_SPLIT) on or off inside a ``with`` block; use_tile_config
+    turns it off (one config for every launch)."""
+    return pushed(_fwd_rows, bool(on))
+
+
 def _split_aligned(*ts: torch.Tensor) -> bool:
     """Every (B, N, H, D) operand: head-dim stride 1, the other strides multiples of 16 elements, 16-byte aligned
     data (where the GPU split backward has run clean; see SPLIT_HEAD_DIMS)."""
@@ -525,7 +550,9 @@ def _bucket(n: int) -> int:
 def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) -> bool:
     """Shared memory for the streamed tiles, and registers per thread for fp32 accumulators + resident tiles."""
     bm, bn, warps, stages = cfg
-    if kind == "fwd":  # q resident; k, v streamed; acc (BM, BD) fp32
+    if kind == "fwd_rows" and elsize == 4:  # fp32: its dots run on FMAs with k, v in registers (spills)
+        return False
+    if kind.startswith("fwd"):  # q resident; k, v streamed; acc (BM, BD) fp32
         smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
         regs = bm * block_d * (4 + elsize) // 4
     elif kind == "dkdv":  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
@@ -537,11 +564,18 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
     return smem <= _SMEM_BUDGET and regs // (warps * 32) <= 160
 
 
+def _table(kind: str) -> Tuple[List[Tuple[int, int, int, int]], Optional[Tuple[int, int, int, int]]]:
+    """(configs, fallback) of a kernel kind; 'fwd_main' has no fallback (the row split is skipped instead)."""
+    if kind == "fwd_main":
+        return [c for c in _FWD_CONFIGS if c[0] == FWD_MAIN_BLOCK_M], None
+    return {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "fwd_rows": (_FWD_ROWS_CONFIGS, _FWD_ROWS_FALLBACK),
+            "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK), "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
+
+
 def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, int, int]]:
-    table = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
-             "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
-    ok = [c for c in table[0] if _fits(kind, c, block_d, elsize)]
-    return ok or [table[1]]
+    configs, fallback = _table(kind)
+    ok = [c for c in configs if _fits(kind, c, block_d, elsize)]
+    return ok or ([fallback] if fallback else [])
 
 
 def _make_prune(kind: str, ptr_name: str):
@@ -554,17 +588,20 @@ def _make_prune(kind: str, ptr_name: str):
 
 
 def _triton_configs(kind: str) -> list:
-    table = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
-             "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
-    allc = list(dict.fromkeys(table[0] + [table[1]]))
+    configs, fallback = _table(kind)
+    allc = list(dict.fromkeys(configs + ([fallback] if fallback else [])))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in allc]
 
 
-_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION"]  # the autotuner adds the tensor dtypes itself
+# The autotuner adds the tensor dtypes itself. SPLIT_TAIL is in the key: each form of the loops gets its own
+# tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
+_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
 if HAS_TRITON and not INTERPRET:
-    _attn_fwd_tuned = Launcher(triton.autotune(_triton_configs("fwd"), key=_FWD_KEY,
-                                               prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))
+    _attn_fwd_tuned, _attn_fwd_main_tuned, _attn_fwd_rows_tuned = (
+        Launcher(triton.autotune(_triton_configs(kind), key=_FWD_KEY,
+                                 prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_attn_fwd))
+        for kind in ("fwd", "fwd_main", "fwd_rows"))
     _attn_bwd_dkdv_tuned = Launcher(triton.autotune(
         _triton_configs("dkdv"), key=_KEY,
         prune_configs_by={"early_config_prune": _make_prune("dkdv", "Q")})(_attn_bwd_dkdv))
@@ -597,9 +634,15 @@ def use_tile_config(cfg: Tuple[int, int, int, int]) -> ContextManager[None]:
     return pushed(_forced_tiles, tuple(cfg))
 
 
-def _fixed_config(kernel, consts: Dict[str, object], elsize: int) -> Tuple[int, int, int, int]:
+_KINDS = {"fwd": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_tuned"),
+          "fwd_main": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_main_tuned"),
+          "fwd_rows": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_rows_tuned"),
+          "dkdv": (_attn_bwd_dkdv if HAS_TRITON else None, "_attn_bwd_dkdv_tuned"),
+          "dq": (_attn_bwd_dq if HAS_TRITON else None, "_attn_bwd_dq_tuned")}  # kind -> (kernel, autotuned launcher)
+
+
+def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[int, int, int, int]:
     """The one config when not autotuning: use_tile_config's, the interpreter's, or the first that fits."""
-    kind = "fwd" if kernel is _attn_fwd else "dkdv" if kernel is _attn_bwd_dkdv else "dq"
     block_d = int(consts["BLOCK_D"]) + int(consts.get("BLOCK_D2", 0))
     if _forced_tiles:
         cfg = _forced_tiles[-1]
@@ -607,19 +650,21 @@ def _fixed_config(kernel, consts: Dict[str, object], elsize: int) -> Tuple[int, 
             raise ValueError(f"tile config {cfg} does not fit the {kind} kernel at head-dim block {block_d}, "
                              f"{elsize}-byte elements")
         return cfg
-    return _INTERPRET_CONFIG if INTERPRET else _configs_for(kind, block_d, elsize)[0]
+    if INTERPRET:
+        return _INTERPRET_ROWS_CONFIG if kind == "fwd_rows" else _INTERPRET_CONFIG
+    return _configs_for(kind, block_d, elsize)[0]
 
 
-def _launch(kernel, tuned_name: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
-    """Launch with the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False),
-    use_tile_config)."""
+def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
+    """Launch a kernel ``kind`` (_KINDS) over ``grid_rows`` rows (keys for dK/dV) of ``bh`` heads, with the
+    autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config)."""
+    kernel, tuned_name = _KINDS[kind]
+    by_n = kind == "dkdv"
     if INTERPRET or _forced_tiles or not _autotune:
-        bm, bn, w, s = _fixed_config(kernel, consts, args[0].element_size())
-        rows = bm if kernel is not _attn_bwd_dkdv else bn
-        kernel[(cdiv(grid_rows, rows) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
-                                                    num_stages=s)
+        bm, bn, w, s = _fixed_config(kind, consts, args[0].element_size())
+        kernel[(cdiv(grid_rows, bn if by_n else bm) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
+                                                            num_stages=s)
         return
-    by_n = kernel is _attn_bwd_dkdv
 
     def grid(meta):
         return (cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
@@ -656,10 +701,31 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL)
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            H, NQ, NKV, _bucket(NKV), float(softmax_scale) * LOG2E)
-    _launch(_attn_fwd, "_attn_fwd_tuned", NQ, B * H, args, consts)
+    head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
+    scale2 = float(softmax_scale) * LOG2E
+    main = _fwd_main_rows(NQ, consts["BLOCK_D"], q.element_size())
+    if main is None:
+        _launch("fwd", NQ, B * H, (*head, 0, NQ, scale2), consts)
+        return out, lse
+    if main:
+        _launch("fwd_main", main, B * H, (*head, 0, main, scale2), consts)
+    if main < NQ:
+        _launch("fwd_rows", NQ - main, B * H, (*head, main, NQ - main, scale2), consts)
     return out, lse
+
+
+def _fwd_main_rows(nq: int, block_d: int, elsize: int) -> Optional[int]:
+    """Under use_fwd_rows: the query rows the main launch covers (full blocks; the rest go to 16-row blocks);
+    None: one launch over every row (the default, forced tiles, or no main config fits this head dim)."""
+    if not (_fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT) or _forced_tiles:
+        return None
+    if INTERPRET:
+        bm = _INTERPRET_MAIN_BLOCK_M
+    elif all(any(_fits(kind, c, block_d, elsize) for c in _table(kind)[0]) for kind in ("fwd_main", "fwd_rows")):
+        bm = FWD_MAIN_BLOCK_M
+    else:
+        return None
+    return (nq // bm) * bm
 
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -684,10 +750,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    _launch(_attn_bwd_dkdv, "_attn_bwd_dkdv_tuned", NKV, B * H,
+    _launch("dkdv", NKV, B * H,
             (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
              H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
-    _launch(_attn_bwd_dq, "_attn_bwd_dq_tuned", NQ, B * H,
+    _launch("dq", NQ, B * H,
             (q, k, v, do, lse, delta, dq, *common, *_strides(dq),
              H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
     return dq, dk, dv
@@ -966,20 +1032,24 @@ def _aot_specs() -> List[AotSpec]:
         with use_head_split(mode):
             split = _split_dims(d)
         assert (split[1] > 0) == (mode == "split"), (d, mode)
-        for kind, kern in (("fwd", _attn_fwd), ("dkdv", _attn_bwd_dkdv), ("dq", _attn_bwd_dq)):
-            if kind == "fwd" and mode == "split":
+        for kind in ("fwd", "fwd_rows", "dkdv", "dq"):  # (fwd_main's configs are fwd's)
+            kern = _KINDS[kind][0]
+            fwd = kind.startswith("fwd")
+            if fwd and mode == "split":
                 continue  # the forward always pads: its specs come from the 'pad' cases
-            bd1, bd2 = split if kind != "fwd" else (_block_d(d), 0)
+            bd1, bd2 = split if not fwd else (_block_d(d), 0)
             tag = f"D={d}{'=' + str(bd1) + '+' + str(bd2) if bd2 else ''}"
             sig, consts = _aot_signature(kern, "*" + ty)
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
-            if kind != "fwd":
+            if not fwd:
                 consts["BLOCK_D2"] = bd2
-            tail = FWD_SPLIT_TAIL if kind == "fwd" else BWD_SPLIT_TAIL
+            tail = FWD_SPLIT_TAIL if fwd else BWD_SPLIT_TAIL
             consts["SPLIT_TAIL"] = tail
             cfgs = _configs_for(kind, bd1 + bd2, es)
+            if kind == "fwd_rows":  # launched only where one of its configs fits (_fwd_main_rows)
+                cfgs = [c for c in _FWD_ROWS_CONFIGS if _fits(kind, c, bd1, es)]
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
-                cfgs = cfgs + [_INTERPRET_CONFIG]
+                cfgs = cfgs + [_INTERPRET_ROWS_CONFIG if kind == "fwd_rows" else _INTERPRET_CONFIG]
             first = True  # each case compiles at least one config; each config at least once
             for bm, bn, w, s in cfgs:
                 key = (kind, bm, bn, w, s, bd2 > 0)
