@@ -328,10 +328,10 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
 @contextlib.contextmanager
 def _tail_context(rows: bool = False) -> Iterator[None]:
-    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: the forward's
-    row split (use_fwd_rows) too."""
+    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: their row
+    splits (use_fwd_rows, use_bwd_rows) too."""
     attn = importlib.import_module("flashvit.kernels.attention")
-    with attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows):
+    with attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows), attn.use_bwd_rows(rows):
         yield
 
 
@@ -420,7 +420,7 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             main.append(Job(mk("flashvit-qkv[tail]", note=knote),
                             timed(const(ours_packed), args, mode, ctx, context=_tail_context),
                             unavailable=ctx.triton_reason))
-            # and the forward's rows past the last full 64-row block in 16-row blocks (use_fwd_rows)
+            # and each kernel's rows past its last full 64-row block in 16-row blocks (use_fwd_rows, use_bwd_rows)
             main.append(Job(mk("flashvit-qkv[tail+rows]", note=knote),
                             timed(const(ours_packed), args, mode, ctx,
                                   context=functools.partial(_tail_context, rows=True)),

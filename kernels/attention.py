@@ -230,11 +230,11 @@ if HAS_TRITON:
             dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
         return dk, dv, dk2, dv2
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row0", "n_rows"])
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
-                       H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
+                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr):
@@ -242,8 +242,9 @@ if HAS_TRITON:
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         # SPLIT_TAIL (non-causal): the full query blocks run without query masks, the partial last one apart.
+        # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
         pid = tl.program_id(0)
-        num_n = tl.cdiv(N_KV, BLOCK_N)
+        num_n = tl.cdiv(n_rows, BLOCK_N)
         pid_n = pid % num_n
         pid_bh = pid // num_n
         b = (pid_bh // H).to(tl.int64)
@@ -257,7 +258,7 @@ if HAS_TRITON:
         LSE += pid_bh.to(tl.int64) * N_Q
         DELTA += pid_bh.to(tl.int64) * N_Q
 
-        start_n = pid_n * BLOCK_N
+        start_n = row0 + pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -338,18 +339,19 @@ if HAS_TRITON:
             dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
         return dq, dq2
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["row0", "n_rows"])
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
-                     H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale,
+                     H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _attn_bwd_dkdv.
+        # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
         pid = tl.program_id(0)
-        num_m = tl.cdiv(N_Q, BLOCK_M)
+        num_m = tl.cdiv(n_rows, BLOCK_M)
         pid_m = pid % num_m
         pid_bh = pid // num_m
         b = (pid_bh // H).to(tl.int64)
@@ -362,7 +364,8 @@ if HAS_TRITON:
         LSE += pid_bh.to(tl.int64) * N_Q
         DELTA += pid_bh.to(tl.int64) * N_Q
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        start_m = row0 + pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
@@ -396,7 +399,7 @@ if HAS_TRITON:
         else:
             hi = N_KV
             if CAUSAL:
-                hi = tl.minimum((pid_m + 1) * BLOCK_M, N_KV)
+                hi = tl.minimum(start_m + BLOCK_M, N_KV)
             for start_n in range(0, hi, BLOCK_N):
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
@@ -423,15 +426,17 @@ _FWD_FALLBACK = (32, 32, 4, 1)
 _DKDV_FALLBACK = (32, 32, 4, 1)
 _DQ_FALLBACK = (32, 32, 4, 1)
 _INTERPRET_CONFIG = (32, 32, 4, 1)
-# use_fwd_rows: the forward's full query blocks of FWD_MAIN_BLOCK_M rows ("fwd_main": the forward's configs of
-# that BLOCK_M, so the rows it covers do not depend on the autotuner's pick), then the remaining rows
-# (N mod 64: 5 at N = 197) in blocks of 16 on one warp ("fwd_rows": mma.sync tiles), which costs about a third
-# of the 64-row block the default spends on them.
-FWD_MAIN_BLOCK_M = 64
-_FWD_ROWS_CONFIGS = [(16, 64, 1, 2), (16, 32, 1, 3), (16, 64, 2, 2)]
-_FWD_ROWS_FALLBACK = (16, 32, 1, 1)
-_INTERPRET_MAIN_BLOCK_M = _INTERPRET_CONFIG[0]  # the interpreter's main blocks, then its rows config:
-_INTERPRET_ROWS_CONFIG = (16, 32, 1, 1)
+# The row split (use_fwd_rows, use_bwd_rows): a kernel's full blocks of MAIN_BLOCK rows (its program rows: query
+# rows, keys for dK/dV) in one launch ("<kind>_main": the kind's configs of that block, so the rows it covers do
+# not depend on the autotuner's pick), then the remaining rows (N mod 64: 5 at N = 197) in blocks of 16 on one
+# or two warps ("<kind>_rows": mma.sync tiles), which cost about 0.4 of the 64-row block the default spends
+# on them. The rows kinds have no fallback: a head dim where none fits runs unsplit.
+MAIN_BLOCK = 64
+_ROWS_CONFIGS = {"fwd": [(16, 64, 1, 2), (16, 32, 1, 3), (16, 64, 2, 2)],
+                 "dkdv": [(32, 16, 1, 2), (32, 16, 2, 2), (64, 16, 2, 2)],
+                 "dq": [(16, 32, 1, 2), (16, 32, 2, 2), (16, 64, 2, 2)]}
+_INTERPRET_MAIN_BLOCK = _INTERPRET_CONFIG[0]  # the interpreter's main blocks, then its rows configs:
+_INTERPRET_ROWS_CONFIGS = {"fwd": (16, 32, 1, 1), "dkdv": (32, 16, 1, 1), "dq": (16, 32, 1, 1)}
 
 
 def _pre_block_m(block_d: int) -> int:
@@ -506,18 +511,26 @@ def use_bwd_tail(on: bool) -> ContextManager[None]:
     return pushed(_bwd_tail, bool(on))
 
 
-# The forward's query rows: one launch of BLOCK_M-row programs over all of them (False), or (True) full blocks
-# of FWD_MAIN_BLOCK_M rows, then a second launch for the rest in 16-row blocks (see _FWD_ROWS_CONFIGS). At
-# N = 197 the default's fourth 64-row block computes 5 rows; split, they cost about a third of a block (one
-# warp, a quarter of the threads, mma.sync). Not yet timed on a GPU: the bench rows tagged [tail+rows].
+# The row split: each kernel's programs in one launch of BLOCK_M (dK/dV: BLOCK_N) rows each over all rows (False),
+# or (True) full blocks of MAIN_BLOCK rows, then a second launch for the rest in 16-row blocks (_ROWS_CONFIGS).
+# At N = 197 the default's fourth 64-row block computes 5 rows; split, they cost about 0.4 of a block (one
+# warp: a quarter of the threads, mma.sync). Not yet timed on a GPU: the bench rows tagged [tail+rows].
 FWD_ROW_SPLIT = False
+BWD_ROW_SPLIT = False
 _fwd_rows: List[bool] = []  # innermost use_fwd_rows() last
+_bwd_rows: List[bool] = []
 
 
 def use_fwd_rows(on: bool) -> ContextManager[None]:
     """Force the forward's row split (FWD_ROW_SPLIT) on or off inside a ``with`` block; use_tile_config
     turns it off (one config for every launch)."""
     return pushed(_fwd_rows, bool(on))
+
+
+def use_bwd_rows(on: bool) -> ContextManager[None]:
+    """Force the backward's row split (BWD_ROW_SPLIT: dK/dV's keys, dQ's query rows) on or off inside a
+    ``with`` block, as use_fwd_rows."""
+    return pushed(_bwd_rows, bool(on))
 
 
 def _split_aligned(*ts: torch.Tensor) -> bool:
@@ -550,12 +563,12 @@ def _bucket(n: int) -> int:
 def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) -> bool:
     """Shared memory for the streamed tiles, and registers per thread for fp32 accumulators + resident tiles."""
     bm, bn, warps, stages = cfg
-    if kind == "fwd_rows" and elsize == 4:  # fp32: its dots run on FMAs with k, v in registers (spills)
-        return False
+    if kind.endswith("_rows") and (elsize == 4 or (warps == 1 and block_d > 64)):
+        return False  # fp32 (one warp's dots on FMAs, tiles in registers) or wide heads on one warp: spills (ptxas)
     if kind.startswith("fwd"):  # q resident; k, v streamed; acc (BM, BD) fp32
         smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
         regs = bm * block_d * (4 + elsize) // 4
-    elif kind == "dkdv":  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
+    elif kind.startswith("dkdv"):  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
         smem = elsize * block_d * (2 * bn + 2 * stages * bm) + elsize * bm * bn
         regs = 2 * bn * block_d * (4 + elsize) // 4
     else:  # dq: q, dO resident; k, v streamed; dq (BM, BD) fp32
@@ -564,12 +577,22 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
     return smem <= _SMEM_BUDGET and regs // (warps * 32) <= 160
 
 
+def _prog_rows(kind: str, cfg: Tuple[int, int, int, int]) -> int:
+    """Rows a program of ``kind`` owns under ``cfg``: BLOCK_N (keys) for dK/dV, else BLOCK_M."""
+    return cfg[1] if kind.startswith("dkdv") else cfg[0]
+
+
 def _table(kind: str) -> Tuple[List[Tuple[int, int, int, int]], Optional[Tuple[int, int, int, int]]]:
-    """(configs, fallback) of a kernel kind; 'fwd_main' has no fallback (the row split is skipped instead)."""
-    if kind == "fwd_main":
-        return [c for c in _FWD_CONFIGS if c[0] == FWD_MAIN_BLOCK_M], None
-    return {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "fwd_rows": (_FWD_ROWS_CONFIGS, _FWD_ROWS_FALLBACK),
-            "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK), "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[kind]
+    """(configs, fallback) of a kernel kind: 'fwd', 'dkdv', 'dq', or one of those + '_main' / '_rows' (the row
+    split's two launches, without fallback)."""
+    base, _, part = kind.partition("_")
+    configs, fallback = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
+                         "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[base]
+    if part == "main":
+        return [c for c in configs if _prog_rows(base, c) == MAIN_BLOCK], None
+    if part == "rows":
+        return _ROWS_CONFIGS[base], None
+    return configs, fallback
 
 
 def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, int, int]]:
@@ -597,17 +620,19 @@ def _triton_configs(kind: str) -> list:
 # tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
+KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows"))
+
+
+def _kernel(kind: str):
+    return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind.partition("_")[0]]
+
+
+# kind -> its autotuned Launcher (looked up per call: tests swap in one-config launchers)
+_attn_tuned: Dict[str, Launcher] = {}
 if HAS_TRITON and not INTERPRET:
-    _attn_fwd_tuned, _attn_fwd_main_tuned, _attn_fwd_rows_tuned = (
-        Launcher(triton.autotune(_triton_configs(kind), key=_FWD_KEY,
-                                 prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_attn_fwd))
-        for kind in ("fwd", "fwd_main", "fwd_rows"))
-    _attn_bwd_dkdv_tuned = Launcher(triton.autotune(
-        _triton_configs("dkdv"), key=_KEY,
-        prune_configs_by={"early_config_prune": _make_prune("dkdv", "Q")})(_attn_bwd_dkdv))
-    _attn_bwd_dq_tuned = Launcher(triton.autotune(
-        _triton_configs("dq"), key=_KEY,
-        prune_configs_by={"early_config_prune": _make_prune("dq", "Q")})(_attn_bwd_dq))
+    _attn_tuned = {kind: Launcher(triton.autotune(
+        _triton_configs(kind), key=_FWD_KEY if kind.startswith("fwd") else _KEY,
+        prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_kernel(kind))) for kind in KINDS}
 
 if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
@@ -634,13 +659,6 @@ def use_tile_config(cfg: Tuple[int, int, int, int]) -> ContextManager[None]:
     return pushed(_forced_tiles, tuple(cfg))
 
 
-_KINDS = {"fwd": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_tuned"),
-          "fwd_main": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_main_tuned"),
-          "fwd_rows": (_attn_fwd if HAS_TRITON else None, "_attn_fwd_rows_tuned"),
-          "dkdv": (_attn_bwd_dkdv if HAS_TRITON else None, "_attn_bwd_dkdv_tuned"),
-          "dq": (_attn_bwd_dq if HAS_TRITON else None, "_attn_bwd_dq_tuned")}  # kind -> (kernel, autotuned launcher)
-
-
 def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[int, int, int, int]:
     """The one config when not autotuning: use_tile_config's, the interpreter's, or the first that fits."""
     block_d = int(consts["BLOCK_D"]) + int(consts.get("BLOCK_D2", 0))
@@ -651,25 +669,53 @@ def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[in
                              f"{elsize}-byte elements")
         return cfg
     if INTERPRET:
-        return _INTERPRET_ROWS_CONFIG if kind == "fwd_rows" else _INTERPRET_CONFIG
+        base, _, part = kind.partition("_")
+        return _INTERPRET_ROWS_CONFIGS[base] if part == "rows" else _INTERPRET_CONFIG
     return _configs_for(kind, block_d, elsize)[0]
 
 
 def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
-    """Launch a kernel ``kind`` (_KINDS) over ``grid_rows`` rows (keys for dK/dV) of ``bh`` heads, with the
-    autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config)."""
-    kernel, tuned_name = _KINDS[kind]
-    by_n = kind == "dkdv"
+    """Launch a kernel ``kind`` (KINDS) over ``grid_rows`` program rows (keys for dK/dV) of ``bh`` heads, with
+    the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config)."""
     if INTERPRET or _forced_tiles or not _autotune:
-        bm, bn, w, s = _fixed_config(kind, consts, args[0].element_size())
-        kernel[(cdiv(grid_rows, bn if by_n else bm) * bh,)](*args, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w,
-                                                            num_stages=s)
+        cfg = _fixed_config(kind, consts, args[0].element_size())
+        _kernel(kind)[(cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,)](
+            *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
         return
 
     def grid(meta):
-        return (cdiv(grid_rows, meta["BLOCK_N"] if by_n else meta["BLOCK_M"]) * bh,)
+        return (cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh,)
 
-    globals()[tuned_name](grid, args, consts)  # (looked up per call: tests swap in one-config launchers)
+    _attn_tuned[kind](grid, args, consts)
+
+
+def _launch_rows(kind: str, n: int, bh: int, head: tuple, tail: tuple, consts: Dict[str, object],
+                 split: bool) -> None:
+    """Launch ``kind`` over ``n`` program rows: ``head`` + (row0, n_rows) + ``tail`` are its arguments. With
+    ``split`` (use_fwd_rows / use_bwd_rows), full MAIN_BLOCK blocks and the rest go to two launches."""
+    main = _main_rows(kind, n, int(consts["BLOCK_D"]) + int(consts.get("BLOCK_D2", 0)), head[0].element_size()) \
+        if split else None
+    if main is None:
+        _launch(kind, n, bh, (*head, 0, n, *tail), consts)
+        return
+    if main:
+        _launch(kind + "_main", main, bh, (*head, 0, main, *tail), consts)
+    if main < n:
+        _launch(kind + "_rows", n - main, bh, (*head, main, n - main, *tail), consts)
+
+
+def _main_rows(kind: str, n: int, block_d: int, elsize: int) -> Optional[int]:
+    """The program rows the row split's main launch covers (full blocks; the rest go to 16-row blocks), or None:
+    one launch over every row (forced tiles, or no config of the main or the rows launch fits this head dim)."""
+    if _forced_tiles:
+        return None
+    if INTERPRET:
+        bm = _INTERPRET_MAIN_BLOCK
+    elif all(any(_fits(k, c, block_d, elsize) for c in _table(k)[0]) for k in (kind + "_main", kind + "_rows")):
+        bm = MAIN_BLOCK
+    else:
+        return None
+    return (n // bm) * bm
 
 
 def _precision(dtype: torch.dtype, allow_tf32: bool) -> str:
@@ -702,30 +748,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    scale2 = float(softmax_scale) * LOG2E
-    main = _fwd_main_rows(NQ, consts["BLOCK_D"], q.element_size())
-    if main is None:
-        _launch("fwd", NQ, B * H, (*head, 0, NQ, scale2), consts)
-        return out, lse
-    if main:
-        _launch("fwd_main", main, B * H, (*head, 0, main, scale2), consts)
-    if main < NQ:
-        _launch("fwd_rows", NQ - main, B * H, (*head, main, NQ - main, scale2), consts)
+    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E,), consts,
+                 _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
-
-
-def _fwd_main_rows(nq: int, block_d: int, elsize: int) -> Optional[int]:
-    """Under use_fwd_rows: the query rows the main launch covers (full blocks; the rest go to 16-row blocks);
-    None: one launch over every row (the default, forced tiles, or no main config fits this head dim)."""
-    if not (_fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT) or _forced_tiles:
-        return None
-    if INTERPRET:
-        bm = _INTERPRET_MAIN_BLOCK_M
-    elif all(any(_fits(kind, c, block_d, elsize) for c in _table(kind)[0]) for kind in ("fwd_main", "fwd_rows")):
-        bm = FWD_MAIN_BLOCK_M
-    else:
-        return None
-    return (nq // bm) * bm
 
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
@@ -750,12 +775,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    _launch("dkdv", NKV, B * H,
-            (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-             H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
-    _launch("dq", NQ, B * H,
-            (q, k, v, do, lse, delta, dq, *common, *_strides(dq),
-             H, NQ, NKV, _bucket(NKV), scale, scale * LOG2E), consts)
+    split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
+    _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
+                                      H, NQ, NKV, _bucket(NKV)), (scale, scale * LOG2E), consts, split)
+    _launch_rows("dq", NQ, B * H, (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NKV, _bucket(NKV)),
+                 (scale, scale * LOG2E), consts, split)
     return dq, dk, dv
 
 
@@ -1032,8 +1056,8 @@ def _aot_specs() -> List[AotSpec]:
         with use_head_split(mode):
             split = _split_dims(d)
         assert (split[1] > 0) == (mode == "split"), (d, mode)
-        for kind in ("fwd", "fwd_rows", "dkdv", "dq"):  # (fwd_main's configs are fwd's)
-            kern = _KINDS[kind][0]
+        for kind in ("fwd", "fwd_rows", "dkdv", "dkdv_rows", "dq", "dq_rows"):  # (the _main configs are theirs)
+            kern = _kernel(kind)
             fwd = kind.startswith("fwd")
             if fwd and mode == "split":
                 continue  # the forward always pads: its specs come from the 'pad' cases
@@ -1046,10 +1070,9 @@ def _aot_specs() -> List[AotSpec]:
             tail = FWD_SPLIT_TAIL if fwd else BWD_SPLIT_TAIL
             consts["SPLIT_TAIL"] = tail
             cfgs = _configs_for(kind, bd1 + bd2, es)
-            if kind == "fwd_rows":  # launched only where one of its configs fits (_fwd_main_rows)
-                cfgs = [c for c in _FWD_ROWS_CONFIGS if _fits(kind, c, bd1, es)]
+            base, _, part = kind.partition("_")
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
-                cfgs = cfgs + [_INTERPRET_ROWS_CONFIG if kind == "fwd_rows" else _INTERPRET_CONFIG]
+                cfgs = cfgs + [_INTERPRET_ROWS_CONFIGS[base] if part else _INTERPRET_CONFIG]
             first = True  # each case compiles at least one config; each config at least once
             for bm, bn, w, s in cfgs:
                 key = (kind, bm, bn, w, s, bd2 > 0)

@@ -224,22 +224,27 @@ def test_backward_split_tail_loops(B, Nq, Nkv, H, D, dtype, split):
 @pytest.mark.parametrize("B,Nq,Nkv,H,D,causal,dtype", [
     (2, 50, 50, 3, 40, True, torch.float32),   # one full 32-row block (the interpreter's), 18 rows split off
     (1, 17, 33, 2, 64, False, torch.float16),  # no full block: every row in 16-row blocks
-    (1, 64, 20, 1, 80, False, torch.float32),  # no remainder: the main launch alone
+    (1, 64, 20, 1, 80, False, torch.float32),  # no query remainder: the forward's main launch alone
     (1, 97, 97, 2, 32, True, torch.float16),
 ])
-def test_forward_row_split(B, Nq, Nkv, H, D, causal, dtype):
-    """use_fwd_rows(True): full query blocks in one launch, the remaining rows in 16-row blocks in another
-    (each writes its own rows of out and lse, which the backward reads); with and without the split key loop."""
-    bm = A._INTERPRET_MAIN_BLOCK_M if A.INTERPRET else A.FWD_MAIN_BLOCK_M
+def test_row_split(B, Nq, Nkv, H, D, causal, dtype):
+    """use_fwd_rows / use_bwd_rows(True): each kernel's full blocks (query rows; keys for dK/dV) in one launch,
+    the remaining rows in 16-row blocks in another (each writes its own rows of out and lse, dq, dk and dv);
+    forward, backward and both, with and without the split loops."""
+    bm = A._INTERPRET_MAIN_BLOCK if A.INTERPRET else A.MAIN_BLOCK
     es = torch.tensor([], dtype=dtype).element_size()
-    want = None if not A.INTERPRET and es == 4 else (Nq // bm) * bm  # a GPU splits 16-bit inputs only
-    for tail in (False, True):
-        with A.use_fwd_rows(True), A.use_fwd_tail(tail):
-            assert A._fwd_main_rows(Nq, A._block_d(D), es) == want
+
+    def want(n):
+        return None if not A.INTERPRET and es == 4 else (n // bm) * bm  # a GPU splits 16-bit inputs only
+
+    for fwd, bwd, tail in ((True, False, False), (False, True, False), (True, True, True)):
+        with A.use_fwd_rows(fwd), A.use_bwd_rows(bwd), A.use_fwd_tail(tail), A.use_bwd_tail(tail):
+            for kind, n in (("fwd", Nq), ("dkdv", Nkv), ("dq", Nq)):
+                assert A._main_rows(kind, n, A._block_d(D), es) == want(n)
             _check_attention(B, Nq, Nkv, H, D, causal, dtype)
-    with A.use_fwd_rows(True), A.use_tile_config((32, 32, 4, 1)):
-        assert A._fwd_main_rows(Nq, A._block_d(D), es) is None  # forced tiles: one launch
-    assert A._fwd_rows == [] and A.FWD_ROW_SPLIT is False
+    with A.use_tile_config((32, 32, 4, 1)):
+        assert A._main_rows("fwd", Nq, A._block_d(D), es) is None  # forced tiles: one launch
+    assert A._fwd_rows == A._bwd_rows == [] and A.FWD_ROW_SPLIT is False and A.BWD_ROW_SPLIT is False
 
 
 def test_split_dims_policy():
@@ -458,12 +463,12 @@ def test_split_head_dims_aligned_d72_gpu(autotuned):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 256, 4, 64)])
 def test_split_tail_gpu(B, N, H, D, autotuned):
-    """The split loops (use_fwd_tail, use_bwd_tail) and the forward's row split (use_fwd_rows) in bf16 at ViT
+    """The split loops (use_fwd_tail, use_bwd_tail) and the row split (use_fwd_rows, use_bwd_rows) in bf16 at ViT
     shapes, checked with the configs autotune picks (the bench's [tail] and [tail+rows] rows)."""
     with A.use_fwd_tail(True), A.use_bwd_tail(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
-        with A.use_fwd_rows(True):
-            assert A._fwd_main_rows(N, A._block_d(D), 2) == (N // 64) * 64
+        with A.use_fwd_rows(True), A.use_bwd_rows(True):
+            assert A._main_rows("fwd", N, A._block_d(D), 2) == (N // 64) * 64
             _check_qkv(B, N, H, D, torch.bfloat16)
 
 
@@ -531,14 +536,16 @@ def test_qkv_attention_speed_sanity_gpu(autotuned):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dq", 80, "split"),
-                                         ("dq", 96, "split"), ("fwd_rows", 64, "pad"), ("fwd_rows", 80, "pad")])
+                                         ("dq", 96, "split"), ("fwd_rows", 64, "pad"), ("fwd_rows", 80, "pad"),
+                                         ("dkdv_rows", 64, "pad"), ("dkdv_rows", 80, "split"), ("dq_rows", 64, "pad"),
+                                         ("dq_rows", 80, "split")])
 def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
-    """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64; the
-    forward's remainder-row configs (use_fwd_rows) with its main launch autotuned."""
+    """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64; the row
+    split's remainder configs (use_fwd_rows, use_bwd_rows) with its main launches autotuned."""
     import triton
 
     from flashvit.kernels._dispatch import Launcher
-    kern, name = A._KINDS[kind]
+    kern = A._kernel(kind)
     fwd = kind.startswith("fwd")
     with A.use_head_split(mode):
         bd = sum(A._split_dims(D)) if not fwd else A._block_d(D)
@@ -547,9 +554,10 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
         c = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
         if c not in A._configs_for(kind, bd, 2):
             continue  # the pruner drops it at this head dim
-        monkeypatch.setattr(A, name, Launcher(triton.autotune([cfg], key=A._FWD_KEY if fwd else A._KEY)(kern)))
+        monkeypatch.setitem(A._attn_tuned, kind, Launcher(triton.autotune([cfg], key=A._FWD_KEY if fwd else A._KEY)(kern)))
         ran += 1
-        with A.use_head_split(mode), A.use_fwd_rows(kind == "fwd_rows"):
+        rows = kind.endswith("_rows")
+        with A.use_head_split(mode), A.use_fwd_rows(rows and fwd), A.use_bwd_rows(rows and not fwd):
             try:
                 _check_attention(2, 97, 97, 3, D, False, torch.bfloat16)
             except AssertionError as e:
