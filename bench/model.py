@@ -35,8 +35,8 @@ MODEL_ALIASES = {
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton", "flashvit-eager", "timm",
-         "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=hybrid]",
+IMPLS = ("flashvit", "flashvit[attn=split]", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton",
+         "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=hybrid]",
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
          "timm+flashvit.patch[mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
@@ -47,7 +47,9 @@ IMPLS = ("flashvit", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-trit
 #   mlp=PATH     kernels/linear.py AUTO_TRAINING = AUTO_INFERENCE = True with use_gemm(PATH) (cublas | tma | triton |
 #                hybrid): the fused linears and MLP (GELU' in fc2's dX GEMM on the triton/tma/hybrid paths) in
 #                training too; hybrid: TMA for the GEMMs with an epilogue, cuBLAS for the plain ones
-VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton")}
+#   attn=split   kernels/attention.py: the split loops and row splits (use_fwd_tail, use_bwd_tail, use_fwd_rows,
+#                use_bwd_rows; the op rows' [tail+rows]) on
+VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split",)}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -121,7 +123,13 @@ def _verdicts(impl: str) -> Iterator[None]:
     if "mlp" in tags:
         lin.AUTO_TRAINING = lin.AUTO_INFERENCE = True
     try:
-        with lin.use_gemm(tags["mlp"]) if "mlp" in tags else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if "mlp" in tags:
+                stack.enter_context(lin.use_gemm(tags["mlp"]))
+            if "attn" in tags:
+                attn = importlib.import_module("flashvit.kernels.attention")
+                for use in (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows):
+                    stack.enter_context(use(True))
             yield
     finally:
         ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old

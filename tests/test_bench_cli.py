@@ -303,6 +303,11 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
         assert state() == (True, 1, *before[2:])
     with model._verdicts("timm+flashvit.patch[ln=torch]"):
         assert state() == (False, *before[1:])
+    attn = importlib.import_module("flashvit.kernels.attention")
+    with model._verdicts("flashvit[attn=split]"):
+        assert state() == before
+        assert attn._fwd_tail == attn._bwd_tail == attn._fwd_rows == attn._bwd_rows == [True]
+    assert attn._fwd_tail == attn._bwd_tail == attn._fwd_rows == attn._bwd_rows == []
     assert state() == before
     for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton"):
         with pytest.raises(ValueError, match="bad"):
