@@ -430,6 +430,15 @@ def test_attention_gpu_noncontiguous(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D,causal", [(80, False), (64, True), (40, False)])
+def test_split_loops_and_rows_gpu_noncontiguous(D, causal, autotuned):
+    """The split loops and row splits (off by default; the bench's [tail+rows]) on non-contiguous operands,
+    whose strides the narrow (16-row) blocks of the row split also read."""
+    with A.use_fwd_tail(True), A.use_bwd_tail(True), A.use_fwd_rows(True), A.use_bwd_rows(True):
+        _check_attention(2, 197, 197, 6, D, causal, torch.bfloat16, noncontig=True)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (1, 577, 16, 64), (2, 50, 3, 40)])
 def test_qkv_attention_gpu(B, N, H, D, autotuned):
     _check_qkv(B, N, H, D, torch.bfloat16)
