@@ -50,12 +50,22 @@ MAX_HEAD_DIM = 256
 if HAS_TRITON:
 
     @triton.jit
+    def _dev_keep(seed, bh, rows, cols, N_Q, N_KV, dropout_p):
+        # Attention dropout's keep mask at query rows x keys (rows, cols broadcast to the tile) of head bh: one
+        # Philox draw per score, addressed by its place in the (B·H, Nq, Nkv) scores, so every kernel and every
+        # tile shape draws the same mask for a seed.
+        offs = (bh * N_Q + rows) * N_KV + cols  # int64 (bh is): B·H·Nq·Nkv passes 2^31 at ViT sizes
+        return tl.rand(seed, offs) >= dropout_p
+
+    @triton.jit
     def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
                            skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                           MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+                           MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
+                           DROPOUT: tl.constexpr):
         # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
         # start_n .. start_n + BLOCK_N. MASK_N: the block may run past N_KV (or CAUSAL cuts it); without it,
         # no key mask at all (full blocks of a split loop). MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
+        # DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at the end).
         cols = start_n + offs_n
         n_ok = cols < N_KV
         if MASK_N:
@@ -80,6 +90,8 @@ if HAS_TRITON:
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:
+            p = tl.where(_dev_keep(seed, bh, offs_m[:, None], cols[None, :], N_Q, N_KV, dropout_p), p, 0.0)
         if MASK_N or MASK_D:
             v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)  # (BN, BD)
         else:
@@ -90,9 +102,9 @@ if HAS_TRITON:
     @triton.jit(do_not_specialize=["row0", "n_rows"])
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
-                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale,
+                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, seed,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
@@ -101,6 +113,8 @@ if HAS_TRITON:
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
         # This launch owns query rows [row0, row0 + n_rows) (see use_fwd_rows), BLOCK_M of them a program.
+        # DROPOUT: probabilities dropped with probability dropout_p (Philox, seed; see _dev_keep) and the kept
+        # ones scaled by 1 / (1 - dropout_p), as F.dropout; the LSE is the undropped softmax's.
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
@@ -133,13 +147,15 @@ if HAS_TRITON:
             for start_n in range(0, full, BLOCK_N):
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
-                                                   BLOCK_D != HEAD_DIM)
+                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                   DROPOUT)
             TAIL_N: tl.constexpr = BLOCK_N if BLOCK_N < 32 else 32
             offs_t = tl.arange(0, TAIL_N)
             for start_n in range(full, N_KV, TAIL_N):  # fewer than BLOCK_N / TAIL_N blocks
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_t, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
-                                                   BLOCK_D != HEAD_DIM)
+                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                   DROPOUT)
         else:
             hi = N_KV
             if CAUSAL:
@@ -147,14 +163,30 @@ if HAS_TRITON:
             for start_n in range(0, hi, BLOCK_N):
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
-                                                   BLOCK_D != HEAD_DIM)
+                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                   DROPOUT)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
+        if DROPOUT:
+            out = out / (1.0 - dropout_p)
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
         tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+
+    @triton.jit
+    def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Mask (B·H, Nq, Nkv) int8: 1 where attention dropout keeps a probability (the kernels' _dev_keep draws).
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(N_Q, BLOCK_M)
+        num_n = tl.cdiv(N_KV, BLOCK_N)
+        bh = (pid // (num_m * num_n)).to(tl.int64)
+        rows = ((pid // num_n) % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep = _dev_keep(seed, bh, rows[:, None], cols[None, :], N_Q, N_KV, dropout_p)
+        tl.store(Mask + (bh * N_Q + rows[:, None]) * N_KV + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < N_Q) & (cols[None, :] < N_KV))
 
     @triton.jit
     def _attn_bwd_preprocess(Out, DO, DELTA,
@@ -193,11 +225,13 @@ if HAS_TRITON:
     @triton.jit
     def _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0, offs_n, offs_d, d_ok,
                        offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr):
+                       PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
+                       N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr):
         # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
         # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
         # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
-        # offs_d2, d2_ok are placeholders, returned as given.
+        # offs_d2, d2_ok are placeholders, returned as given. DROPOUT: with Z = keep / (1 - p), dV = (P ⊙ Z)ᵀ·dO and
+        # dS = P ⊙ (dP_dropped ⊙ Z − delta) (delta = rowsum(dO·O) of the dropped output).
         offs_m = start_m + offs_m0
         m_ok = offs_m < N_Q
         qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
@@ -214,15 +248,22 @@ if HAS_TRITON:
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
             pt = tl.where(keep, pt, 0.0)
+        if DROPOUT:
+            kept = _dev_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_Q, N_KV, dropout_p)  # (BN, BM)
+            ptd = tl.where(kept, pt / (1.0 - dropout_p), 0.0)
+        else:
+            ptd = pt
         do = _dev_load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, m_ok[:, None], d_ok[None, :],
                        MASK_M, MASK_D)  # (BM, BD)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dv += tl.dot(ptd.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BN, BM)
         if BLOCK_D2 > 0:
             do2 = _dev_load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd, m_ok[:, None], d2_ok[None, :],
                             MASK_M, True)  # (BM, BD2)
-            dv2 += tl.dot(pt.to(do2.dtype), do2, input_precision=PRECISION)
+            dv2 += tl.dot(ptd.to(do2.dtype), do2, input_precision=PRECISION)
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
+        if DROPOUT:
+            dpt = tl.where(kept, dpt / (1.0 - dropout_p), 0.0)
         delta = _dev_load(DELTA + offs_m, m_ok, m_ok, MASK_M, False)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
@@ -234,10 +275,10 @@ if HAS_TRITON:
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
-                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale,
+                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
@@ -285,11 +326,13 @@ if HAS_TRITON:
             for start_m in range(0, full, BLOCK_M):
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
-                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D)
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_KV,
+                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
             for start_m in range(full, N_Q, BLOCK_M):  # at most one block
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
-                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D)
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
+                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
         else:
             lo = 0
             if CAUSAL:
@@ -297,7 +340,8 @@ if HAS_TRITON:
             for start_m in range(lo, N_Q, BLOCK_M):
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
-                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D)
+                                                  qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
+                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -309,9 +353,10 @@ if HAS_TRITON:
     @triton.jit
     def _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
                      d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+                     BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
+                     DROPOUT: tl.constexpr):
         # One key block of the dQ loop: dq (BM, BD), dq2 (BM, BD2) updated with keys start_n .. start_n +
-        # BLOCK_N. MASK_N, MASK_D as in _dev_dkdv_step (keys for queries); placeholders likewise.
+        # BLOCK_N. MASK_N, MASK_D as in _dev_dkdv_step (keys for queries); placeholders and DROPOUT likewise.
         offs_n = start_n + offs_n0
         n_ok = offs_n < N_KV
         kt = _dev_load(K + offs_n[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
@@ -333,6 +378,9 @@ if HAS_TRITON:
             if CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None])
             p = tl.where(keep, p, 0.0)
+        if DROPOUT:
+            dp = tl.where(_dev_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_Q, N_KV, dropout_p),
+                          dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
         if BLOCK_D2 > 0:
@@ -343,10 +391,10 @@ if HAS_TRITON:
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
-                     H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale,
+                     H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
-                     PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _attn_bwd_dkdv.
         # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
@@ -391,11 +439,11 @@ if HAS_TRITON:
             for start_n in range(0, full, BLOCK_N):
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, False, MASK_D)
+                                       BLOCK_D2, False, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
             for start_n in range(full, N_KV, BLOCK_N):  # at most one block
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, True, MASK_D)
+                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
         else:
             hi = N_KV
             if CAUSAL:
@@ -403,7 +451,7 @@ if HAS_TRITON:
             for start_n in range(0, hi, BLOCK_N):
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, True, MASK_D)
+                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * sqn_g + offs_d[None, :] * sqd_g, dq.to(DQ.dtype.element_ty), mask=q_mask)
         if BLOCK_D2 > 0:
@@ -616,9 +664,9 @@ def _triton_configs(kind: str) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in allc]
 
 
-# The autotuner adds the tensor dtypes itself. SPLIT_TAIL is in the key: each form of the loops gets its own
-# tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
-_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL"]
+# The autotuner adds the tensor dtypes itself. SPLIT_TAIL and DROPOUT are in the key: each form of the kernels
+# gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
+_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
 KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows"))
 
@@ -732,10 +780,13 @@ def _strides(t: torch.Tensor) -> Tuple[int, ...]:
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
-                  lse: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log)."""
+                  lse: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log). ``dropout_p`` > 0:
+    attention dropout with the mask ``seed`` draws (dropout_mask gives it)."""
     if not _kernel_scale(softmax_scale):
         raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
+    _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     if out is None:
@@ -746,18 +797,44 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         return out, lse
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL)
+                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E,), consts,
+    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E, float(dropout_p), int(seed)), consts,
                  _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
+
+
+_MASK_BLOCK = (32, 32)
+
+
+def dropout_mask(batch: int, heads: int, n_q: int, n_kv: int, dropout_p: float, seed: int,
+                 device: torch.device) -> torch.Tensor:
+    """The keep mask (B, H, Nq, Nkv) bool the attention kernels draw for ``dropout_p`` and ``seed`` (the same
+    Philox draws: tests, debugging). Needs Triton on ``device`` (a GPU, or the interpreter on CPU)."""
+    _check_dropout(dropout_p)
+    if not HAS_TRITON:
+        raise RuntimeError("dropout_mask needs Triton")
+    mask = torch.empty((batch, heads, n_q, n_kv), dtype=torch.int8, device=device)
+    if mask.numel():
+        bm, bn = _MASK_BLOCK
+        _dropout_mask_kernel[(cdiv(n_q, bm) * cdiv(n_kv, bn) * batch * heads,)](
+            mask, n_q, n_kv, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn)
+    return mask.bool()
+
+
+def _check_dropout(dropout_p: float) -> None:
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"the attention kernels take 0 <= dropout_p < 1, got {dropout_p}")
 
 
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool = False,
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
-                  dv: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward kernel launches: preprocess delta, then dK/dV and dQ. Returns (dq, dk, dv)."""
+                  dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernel launches: preprocess delta, then dK/dV and dQ. Returns (dq, dk, dv). ``dropout_p`` and
+    ``seed``: the forward's."""
+    _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -772,14 +849,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                 dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
     consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL)
+                  SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
+    tail = (scale, scale * LOG2E, float(dropout_p), int(seed))
     _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-                                      H, NQ, NKV, _bucket(NKV)), (scale, scale * LOG2E), consts, split)
+                                      H, NQ, NKV, _bucket(NKV)), tail, consts, split)
     _launch_rows("dq", NQ, B * H, (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NKV, _bucket(NKV)),
-                 (scale, scale * LOG2E), consts, split)
+                 tail, consts, split)
     return dq, dk, dv
 
 
@@ -791,26 +869,28 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.T
 
 
 def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
-                      out: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      out: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                      seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32)."""
     B, N, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, num_heads)
     if out is None:
         out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
-    _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=out.unflatten(-1, (num_heads, -1)))
+    _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=out.unflatten(-1, (num_heads, -1)),
+                           dropout_p=dropout_p, seed=seed)
     return out, lse
 
 
 def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                      softmax_scale: float, allow_tf32: bool = False,
-                      dqkv: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      softmax_scale: float, allow_tf32: bool = False, dqkv: Optional[torch.Tensor] = None,
+                      dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
     """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient."""
     q, k, v = _split_qkv(qkv, num_heads)
     if dqkv is None:
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     attention_bwd(do.reshape(q.shape), q, k, v, o.unflatten(-1, (num_heads, -1)), lse, softmax_scale, False,
-                  allow_tf32, dq=dq, dk=dk, dv=dv)
+                  allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed)
     return dqkv
 
 
@@ -819,50 +899,50 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
 
 @custom_op("attention_fwd")
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return attention_fwd(q, k, v, softmax_scale, causal, allow_tf32)
+                      allow_tf32: bool, dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return attention_fwd(q, k, v, softmax_scale, causal, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
 @_attention_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, allow_tf32):
+def _(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed):
     B, N, H, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
 
 @custom_op("attention_bwd")
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                      lse: torch.Tensor, softmax_scale: float, causal: bool,
-                      allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_bwd(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32)
+                      lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float,
+                      seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_bwd(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32):
+def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32, dropout_p, seed):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 @custom_op("qkv_attention_fwd")
-def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float,
-                          allow_tf32: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32)
+def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool,
+                          dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
 @_qkv_attention_fwd_op.register_fake
-def _(qkv, num_heads, softmax_scale, allow_tf32):
+def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
     B, N, C3 = qkv.shape
     return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
 
 @custom_op("qkv_attention_bwd")
 def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                          softmax_scale: float, allow_tf32: bool) -> torch.Tensor:
-    return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32)
+                          softmax_scale: float, allow_tf32: bool, dropout_p: float, seed: int) -> torch.Tensor:
+    return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
 @_qkv_attention_bwd_op.register_fake
-def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32):
+def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -870,33 +950,33 @@ class AttentionFn(torch.autograd.Function):
     """(B, N, H, D) q, k, v -> (B, N, H, D); backward through the FA2-style kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool):
-        o, lse = _attention_fwd_op(q, k, v, softmax_scale, causal, allow_tf32)
+    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float, seed: int):
+        o, lse = _attention_fwd_op(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (softmax_scale, causal, allow_tf32)
+        ctx.args = (softmax_scale, causal, allow_tf32, dropout_p, seed)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, *ctx.args)
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 class QkvAttentionFn(torch.autograd.Function):
     """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor."""
 
     @staticmethod
-    def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool):
-        o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32)
+    def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float, seed: int):
+        o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed)
         ctx.save_for_backward(qkv, o, lse)
-        ctx.args = (num_heads, softmax_scale, allow_tf32)
+        ctx.args = (num_heads, softmax_scale, allow_tf32, dropout_p, seed)
         return o
 
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse = ctx.saved_tensors
-        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args), None, None, None
+        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -949,10 +1029,14 @@ def _kernel_scale(scale: float) -> bool:
 
 
 def _triton_for(t: torch.Tensor, backend: Optional[str], dropout_p: float, scale: float) -> bool:
-    """The kernels when dispatch says so and they cover the call: dropout is not fused (dropout_p > 0 runs
-    SDPA: correct, not fast), float64 and softmax scales <= 0 take the reference, a forced 'triton' with such
-    a scale raises."""
-    if dropout_p != 0.0 or t.dtype == torch.float64 or not use_triton(t, backend):
+    """The kernels when dispatch says so and they cover the call: float64, softmax scales <= 0, dropout_p = 1
+    and dropout inside a torch.compile graph (drawing the seed would break the graph; Inductor fuses SDPA's
+    dropout itself) take the reference, a forced 'triton' with such a scale raises."""
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    if dropout_p == 1.0 or t.dtype == torch.float64 or not use_triton(t, backend):
+        return False
+    if dropout_p > 0.0 and torch.compiler.is_compiling():
         return False
     if not _kernel_scale(scale):
         if (backend if backend is not None else get_backend()) == "triton":
@@ -969,16 +1053,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
 
     ``softmax_scale`` defaults to D**-0.5; ``causal`` masks key j > query i (top-left aligned).
     ``allow_tf32`` (fp32 inputs only): tf32 dots when True, full-precision dots when False; None follows
-    ``torch.backends.cuda.matmul.allow_tf32``. ``dropout_p > 0``, float64 and a ``softmax_scale`` <= 0 run
-    the PyTorch reference (a forced 'triton' backend refuses such a scale with a ValueError).
+    ``torch.backends.cuda.matmul.allow_tf32``. ``dropout_p`` > 0: attention dropout (each probability dropped
+    with probability dropout_p, the rest scaled by 1 / (1 - dropout_p), as SDPA) in the kernels, with a mask
+    drawn from a seed that torch's default generator gives (``torch.manual_seed`` makes it reproducible;
+    ``dropout_mask`` shows it). float64, a ``softmax_scale`` <= 0, dropout_p = 1 and dropout inside
+    torch.compile run the PyTorch reference (a forced 'triton' backend refuses such a scale with a ValueError).
     """
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if _triton_for(q, backend, dropout_p, scale):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
-        return apply(AttentionFn, q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32))
+        return apply(AttentionFn, q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
+                     _draw_seed(dropout_p))
     return attention_reference(q, k, v, scale, causal, dropout_p)
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """The dropout mask's seed: from torch's default (CPU) generator, so torch.manual_seed fixes it; 0 (unused)
+    without dropout, so the generator is not advanced then."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None, *,
@@ -997,7 +1091,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
-        return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32))
+        return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32), float(dropout_p),
+                     _draw_seed(dropout_p))
     return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
 
 
@@ -1024,6 +1119,8 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     for name in kern.arg_names:
         if name in ("LSE", "DELTA"):
             sig[name] = "*fp32"
+        elif name == "seed":
+            sig[name] = "i32"
         elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET"):
             sig[name] = ptr
         elif name in _CONSTEXPRS:
@@ -1031,14 +1128,15 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
         elif name.startswith("s") and name.rstrip("_g").endswith("d"):
             sig[name] = "constexpr"
             consts[name] = 1
-        elif name.endswith("scale"):
+        elif name.endswith("scale") or name == "dropout_p":
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig, consts
 
 
-_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "BLOCK_M", "BLOCK_N")
+_CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "BLOCK_M",
+               "BLOCK_N")
 
 
 def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
@@ -1069,11 +1167,13 @@ def _aot_specs() -> List[AotSpec]:
                 consts["BLOCK_D2"] = bd2
             tail = FWD_SPLIT_TAIL if fwd else BWD_SPLIT_TAIL
             consts["SPLIT_TAIL"] = tail
+            consts["DROPOUT"] = False
             cfgs = _configs_for(kind, bd1 + bd2, es)
             base, _, part = kind.partition("_")
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_ROWS_CONFIGS[base] if part else _INTERPRET_CONFIG]
             first = True  # each case compiles at least one config; each config at least once
+            first_cfg = True
             for bm, bn, w, s in cfgs:
                 key = (kind, bm, bn, w, s, bd2 > 0)
                 if key in seen and not first:
@@ -1083,12 +1183,24 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
+                if first_cfg and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):
+                    specs.append(runtime_spec(  # attention dropout (its Philox draws in each kernel)
+                        kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s,
+                        f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s},dropout]",
+                        div16=_row_strides(sig)))
+                first_cfg = False
                 if not causal and ty == "bf16" and ("tail",) + key + (d,) not in seen:
                     seen.add(("tail",) + key + (d,))  # the other form of the loop (use_fwd_tail, use_bwd_tail)
                     specs.append(runtime_spec(
                         kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not tail), w, s,
                         f"attn_{kind}[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not tail)}]",
                         div16=_row_strides(sig)))
+        if not seen.issuperset({"mask"}):
+            seen.add("mask")
+            sig, consts = _aot_signature(_dropout_mask_kernel, "*i8")
+            specs.append(runtime_spec(_dropout_mask_kernel, sig, dict(consts, BLOCK_M=_MASK_BLOCK[0],
+                                                                        BLOCK_N=_MASK_BLOCK[1]), 4, 1,
+                                      "attn_dropout_mask", div16=()))
         bd = _block_d(d)  # the preprocess kernel always pads (one cheap pass)
         if ("pre", ty, bd) not in seen:
             seen.add(("pre", ty, bd))

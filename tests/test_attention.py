@@ -247,6 +247,94 @@ def test_row_split(B, Nq, Nkv, H, D, causal, dtype):
     assert A._fwd_rows == A._bwd_rows == [] and A.FWD_ROW_SPLIT is False and A.BWD_ROW_SPLIT is False
 
 
+def _masked_reference(q, k, v, scale, causal, keep, p):
+    """softmax(q·kᵀ·scale) with dropout's keep mask (B, H, Nq, Nkv) applied and scaled, times v: (B, Nq, H, D)."""
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    probs = torch.softmax(s.float(), -1).to(q.dtype) * keep / (1 - p)
+    return torch.einsum("bhnm,bmhd->bnhd", probs, v)
+
+
+def _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p, packed=False):
+    """Ours with dropout vs the float64 reference under the same keep mask (dropout_mask at the seed the op
+    draws), output and gradients; packed: qkv_attention on one (B, N, 3·H·D) tensor."""
+    scale = D ** -0.5
+    if packed:
+        qkv = _leaf(randn(B, Nq, 3 * H * D, dtype=dtype, device=DEVICE))
+        inputs, split = (qkv,), lambda t: t.unflatten(-1, (3, H, D)).unbind(2)
+        ours = lambda t: qkv_attention(t, H, dropout_p=p, backend="triton")  # noqa: E731
+    else:
+        inputs, split = _inputs(B, Nq, Nkv, H, D, dtype), lambda *t: t
+        ours = lambda *t: attention(*t, causal=causal, dropout_p=p, backend="triton")  # noqa: E731
+    g = randn(B, Nq, H * D if packed else H, *(() if packed else (D,)), dtype=dtype, device=DEVICE)
+    torch.manual_seed(1234)
+    got = _fwd_bwd(ours, inputs, g)
+    torch.manual_seed(1234)
+    keep = A.dropout_mask(B, H, Nq, Nkv, p, A._draw_seed(p), torch.device(DEVICE))
+
+    def ref_fn(*t):
+        o = _masked_reference(*split(*t), scale, causal, keep, p)
+        return o.flatten(-2) if packed else o
+
+    ref = _fwd_bwd(ref_fn, [_leaf(t.double()) for t in inputs], g.double())
+    same = None if dtype == torch.float32 else _fwd_bwd(ref_fn, [_leaf(t) for t in inputs], g)
+    for i, name in enumerate(("out",) + (("dqkv",) if packed else ("dq", "dk", "dv"))):
+        assert_close_to_ref(got[i], ref[i], None if same is None else same[i], factor=2.0 if i == 0 else 3.0,
+                            atol=FP_ATOL[dtype], rtol=1e-4, name=name)
+
+
+@pytest.mark.parametrize("B,Nq,Nkv,H,D,causal,dtype,p", [
+    (1, 37, 37, 2, 40, False, torch.float32, 0.3),
+    (2, 17, 50, 1, 64, False, torch.float16, 0.1),
+    (1, 50, 50, 2, 32, True, torch.float32, 0.5),
+    (1, 33, 33, 1, 80, False, torch.float16, 0.2),
+])
+def test_dropout_matches_masked_reference(B, Nq, Nkv, H, D, causal, dtype, p):
+    """Attention dropout in the kernels: output and gradients equal the reference under the same keep mask; with
+    the split loops and row splits too (each kernel draws the mask by each score's place, whatever its tiles)."""
+    _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p)
+    with A.use_fwd_tail(True), A.use_bwd_tail(True), A.use_fwd_rows(True), A.use_bwd_rows(True):
+        _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p)
+
+
+def test_dropout_packed_qkv():
+    _check_dropout(2, 21, 21, 3, 32, False, torch.float32, 0.25, packed=True)
+
+
+def test_dropout_reproducible_and_seeded():
+    """torch.manual_seed fixes the mask (bit-equal outputs and gradients); another seed draws another mask; the
+    mask keeps about 1 - p of the scores, independently per head."""
+    q, k, v = _inputs(2, 33, 33, 2, 32, torch.float32)
+    g = randn(2, 33, 2, 32, device=DEVICE)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _fwd_bwd(lambda *t: attention(*t, dropout_p=0.3, backend="triton"), (q, k, v), g)
+
+    a, b, c = run(7), run(7), run(8)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    keep = A.dropout_mask(2, 3, 128, 96, 0.25, 99, torch.device(DEVICE))
+    assert keep.shape == (2, 3, 128, 96) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - 0.75) < 0.01  # 73728 draws: the std of the mean is 0.0016
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+    assert torch.equal(keep, A.dropout_mask(2, 3, 128, 96, 0.25, 99, torch.device(DEVICE)))
+
+
+def test_dropout_bad_and_reference_cases(monkeypatch):
+    q, k, v = _inputs(1, 9, 9, 1, 32, torch.float32)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="dropout_p"):
+            attention(q, k, v, dropout_p=bad, backend="triton")
+    with pytest.raises(ValueError, match="dropout_p"):
+        A.attention_fwd(q, k, v, 0.5, False, dropout_p=1.0)
+    assert torch.equal(attention(q, k, v, dropout_p=1.0), torch.zeros_like(q))  # all dropped: the reference
+    assert A._triton_for(q, "triton", 0.5, 0.5)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not A._triton_for(q, "triton", 0.5, 0.5) and A._triton_for(q, "triton", 0.0, 0.5)
+
+
 def test_split_dims_policy():
     # 'auto' splits only SPLIT_HEAD_DIMS (measured): 80 = 64 + 32
     assert A.SPLIT_HEAD_DIMS == (80,) and A._split_dims(80) == (64, 32)
@@ -427,6 +515,14 @@ def test_attention_gpu(B, N, H, D, causal, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_attention_gpu_noncontiguous(dtype):
     _check_attention(2, 197, 197, 12, 80, False, dtype, noncontig=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,D,causal,p", [(2, 197, 12, 64, False, 0.1), (1, 257, 16, 80, False, 0.2),
+                                              (2, 50, 4, 128, True, 0.3)])
+def test_dropout_gpu(B, N, H, D, causal, p, autotuned):
+    """Attention dropout in bf16 at ViT shapes: the kernels vs the float64 reference under the same mask."""
+    _check_dropout(B, N, N, H, D, causal, torch.bfloat16, p)
 
 
 @pytest.mark.gpu
