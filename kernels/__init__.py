@@ -1,7 +1,13 @@
 """flashvit.kernels: one file per fused op, each with Triton kernels, autograd, and a PyTorch reference."""
 
 from flashvit.kernels._dispatch import BACKENDS, HAS_TRITON, INTERPRET, get_backend, use_backend
-from flashvit.kernels.attention import attention, attention_reference, qkv_attention, qkv_attention_reference
+from flashvit.kernels.attention import (
+    attention,
+    attention_reference,
+    dropout_mask,
+    qkv_attention,
+    qkv_attention_reference,
+)
 from flashvit.kernels.layernorm import (
     LayerNorm,
     add_layer_norm,
@@ -17,7 +23,7 @@ OP_MODULES = ("layernorm", "attention", "linear", "patch_embed")
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
-    "attention", "attention_reference", "qkv_attention", "qkv_attention_reference",
+    "attention", "attention_reference", "dropout_mask", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
     "FusedMLP", "linear", "linear_reference", "mlp",
     "PatchEmbed", "patch_embed", "patch_embed_reference",
