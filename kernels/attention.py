@@ -99,7 +99,7 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit(do_not_specialize=["row0", "n_rows"])
+    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, seed,
@@ -175,7 +175,7 @@ if HAS_TRITON:
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
         tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seed"])
     def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Mask (B·H, Nq, Nkv) int8: 1 where attention dropout keeps a probability (the kernels' _dev_keep draws).
         pid = tl.program_id(0)
@@ -271,7 +271,7 @@ if HAS_TRITON:
             dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
         return dk, dv, dk2, dv2
 
-    @triton.jit(do_not_specialize=["row0", "n_rows"])
+    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
@@ -387,7 +387,7 @@ if HAS_TRITON:
             dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
         return dq, dq2
 
-    @triton.jit(do_not_specialize=["row0", "n_rows"])
+    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
