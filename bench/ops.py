@@ -20,7 +20,7 @@ import contextlib
 import functools
 import importlib
 import itertools
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ LN_EPS = 1e-6
 LN_ROWS = (256, 197)
 LN_DIMS = (384, 768, 1024, 1280)
 ATTN_SHAPES = ((256, 12, 197, 64), (128, 16, 257, 64), (64, 16, 257, 80), (32, 16, 577, 64))  # (B, H, N, D)
+ATTN_DROPOUT_P = 0.1  # the dropout rows: the first shape, fwd+bwd, ours vs SDPA's default, both dropping
 MLP_SHAPES = (("vit_b", 256 * 197, 768, 3072), ("vit_l", 256 * 197, 1024, 4096))  # (name, M, D, hidden)
 PATCH_SHAPES = (("vit_b16", 256, 224, 16, 768), ("vit_h14", 256, 224, 14, 1280))  # (name, B, img, p, D)
 
@@ -63,8 +64,9 @@ GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
 # [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
 # budgets) first,
-# then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check)
-EXPERIMENTAL = ("[tail]", "[tail+rows]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]")
+# then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check),
+# [dropout] attention's in-kernel dropout against SDPA's (ViT-B's shape, training)
+EXPERIMENTAL = ("[tail]", "[tail+rows]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]", "[dropout]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -326,13 +328,12 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
-@contextlib.contextmanager
-def _tail_context(rows: bool = False) -> Iterator[None]:
+def _tail_context(rows: bool = False) -> Any:
     """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: their row
     splits (use_fwd_rows, use_bwd_rows) too."""
     attn = importlib.import_module("flashvit.kernels.attention")
-    with attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows), attn.use_bwd_rows(rows):
-        yield
+    return _stacked(attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows),
+                    attn.use_bwd_rows(rows))
 
 
 def _sdpa_backends() -> List[Tuple[str, Any]]:
@@ -441,7 +442,35 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             main.append(Job(mk("flash-attn"), timed(const(fa_packed), args, mode, ctx), unavailable=fa_why))
             late.append(Job(mk("compile(sdpa)"), timed(compile_of(sdpa), args, mode, ctx, compiled=True),
                             unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    main += _attention_dropout_jobs(ctx, shapes[0], dt, knote)
     return main, late
+
+
+def _attention_dropout_jobs(ctx: Ctx, shape: Tuple[int, int, int, int], dt: str, knote: str) -> List[Job]:
+    """Training with attention dropout (timm's attn_drop): our kernels' Philox mask vs SDPA's default backend's."""
+    from flashvit.kernels import qkv_attention
+    B, H, N, D = shape
+    p = ATTN_DROPOUT_P
+    sd = {"B": B, "H": H, "N": N, "D": D, "p": p}
+    flops = 4.0 * B * H * N * N * D * ATTN_FWD_BWD_FACTOR
+
+    def args(grad: bool) -> Tuple[torch.Tensor, ...]:
+        return (_randn((B, N, 3 * H * D), ctx, grad=grad),)
+
+    def ours(qkv):
+        return qkv_attention(qkv, H, dropout_p=p, backend="triton")
+
+    def sdpa(qkv):
+        q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p).transpose(1, 2).reshape(B, N, H * D)
+
+    def mk(impl: str, baseline: bool = False, note: str = "") -> Row:
+        return Row("ops", "attention", dict(sd), dt, "fwd+bwd", impl, baseline=baseline, flops=flops, note=note)
+
+    return [Job(mk("sdpa-auto", baseline=True, note="timm's path with attn_drop"),
+                timed(const(sdpa), args, "fwd+bwd", ctx)),
+            Job(mk("flashvit-qkv[dropout]", note=knote), timed(const(ours), args, "fwd+bwd", ctx),
+                unavailable=ctx.triton_reason)]
 
 
 class EagerMLP(nn.Module):
