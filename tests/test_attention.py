@@ -520,14 +520,14 @@ def test_attention_gpu_noncontiguous(dtype):
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D,causal,p", [(2, 197, 12, 64, False, 0.1), (1, 257, 16, 80, False, 0.2),
                                               (2, 50, 4, 128, True, 0.3)])
-def test_dropout_gpu(B, N, H, D, causal, p, autotuned):
+def test_dropout_gpu(B, N, H, D, causal, p):
     """Attention dropout in bf16 at ViT shapes: the kernels vs the float64 reference under the same mask."""
     _check_dropout(B, N, N, H, D, causal, torch.bfloat16, p)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("D,causal", [(80, False), (64, True), (40, False)])
-def test_split_loops_and_rows_gpu_noncontiguous(D, causal, autotuned):
+def test_split_loops_and_rows_gpu_noncontiguous(D, causal):
     """The split loops and row splits (off by default; the bench's [tail+rows]) on non-contiguous operands,
     whose strides the narrow (16-row) blocks of the row split also read."""
     with A.use_fwd_tail(True), A.use_bwd_tail(True), A.use_fwd_rows(True), A.use_bwd_rows(True):
