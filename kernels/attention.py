@@ -11,6 +11,10 @@ Any N is masked; head dims 8..256 (multiples of 8) are padded to BLOCK_D = next 
 or, in the backward (``use_head_split("split")``), split into two power-of-two chunks, 80 = 64 + 32, so the
 dots do less padded work.
 Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
+Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
+Off by default until timed on a GPU: loops whose full blocks run unmasked (``use_fwd_tail``,
+``use_bwd_tail``) and row splits that give the rows past the last full 64-row block to 16-row blocks
+(``use_fwd_rows``, ``use_bwd_rows``).
 """
 
 from __future__ import annotations
