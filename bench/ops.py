@@ -63,9 +63,8 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
 # [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
-# budgets) first,
-# then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check),
-# [dropout] attention's in-kernel dropout against SDPA's (ViT-B's shape, training)
+# budgets) first, then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at
+# D=80 (a check), [dropout] attention's in-kernel dropout against SDPA's (ViT-B's shape, training)
 EXPERIMENTAL = ("[tail]", "[tail+rows]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]", "[dropout]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
