@@ -124,11 +124,12 @@ def _ln_bwd_kernel(
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # masked lanes: x, dy, w read 0, so xhat there (finite) meets a zero in every product that uses it
+        xhat = (x - mean[:, None]) * rstd[:, None]
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,) reloaded: fewer live registers
         wdy = dy * w[None, :]
-        c1 = tl.sum(xhat * wdy, axis=1) / N  # (ROWS,)
-        c2 = tl.sum(wdy, axis=1) / N
+        # both row sums in one reduction (ROWS, BLOCK_N, 2) -> (ROWS, 2): one cross-warp exchange, not two
+        c1, c2 = tl.split(tl.sum(tl.join(xhat * wdy, wdy), axis=1) / N)  # (ROWS,) each
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
             dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
