@@ -62,6 +62,19 @@ if HAS_TRITON:
         return tl.rand(seed, offs) >= dropout_p
 
     @triton.jit
+    def _dev_load(ptrs, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
+        # A tile with only the masks it needs (r_ok, c_ok broadcast against ptrs); masked lanes read 0.
+        if MASK_R and MASK_C:
+            t = tl.load(ptrs, mask=r_ok & c_ok, other=0.0)
+        elif MASK_R:
+            t = tl.load(ptrs, mask=r_ok, other=0.0)
+        elif MASK_C:
+            t = tl.load(ptrs, mask=c_ok, other=0.0)
+        else:
+            t = tl.load(ptrs)
+        return t
+
+    @triton.jit
     def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
                            skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                            MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
@@ -72,16 +85,8 @@ if HAS_TRITON:
         # DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at the end).
         cols = start_n + offs_n
         n_ok = cols < N_KV
-        if MASK_N:
-            k_mask = n_ok[None, :] & d_ok[:, None]
-            v_mask = n_ok[:, None] & d_ok[None, :]
-        else:
-            k_mask = d_ok[:, None]
-            v_mask = d_ok[None, :]
-        if MASK_N or MASK_D:
-            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd, mask=k_mask, other=0.0)  # (BD, BN)
-        else:
-            kt = tl.load(K + cols[None, :] * skn + offs_d[:, None] * skd)
+        kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
+                       MASK_N, MASK_D)  # (BD, BN)
         s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled logits
         if MASK_N:
             keep = n_ok[None, :]
@@ -96,10 +101,8 @@ if HAS_TRITON:
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dev_keep(seed, bh, offs_m[:, None], cols[None, :], N_Q, N_KV, dropout_p), p, 0.0)
-        if MASK_N or MASK_D:
-            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd, mask=v_mask, other=0.0)  # (BN, BD)
-        else:
-            v = tl.load(V + cols[:, None] * svn + offs_d[None, :] * svd)
+        v = _dev_load(V + cols[:, None] * svn + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :],
+                      MASK_N, MASK_D)  # (BN, BD)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
@@ -173,7 +176,7 @@ if HAS_TRITON:
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         if DROPOUT:
-            out = out / (1.0 - dropout_p)
+            out = out * (1.0 / (1.0 - dropout_p))  # (a scalar reciprocal: no division a value)
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
@@ -214,19 +217,6 @@ if HAS_TRITON:
         tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
 
     @triton.jit
-    def _dev_load(ptrs, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
-        # A tile with only the masks it needs (r_ok, c_ok broadcast against ptrs); masked lanes read 0.
-        if MASK_R and MASK_C:
-            t = tl.load(ptrs, mask=r_ok & c_ok, other=0.0)
-        elif MASK_R:
-            t = tl.load(ptrs, mask=r_ok, other=0.0)
-        elif MASK_C:
-            t = tl.load(ptrs, mask=c_ok, other=0.0)
-        else:
-            t = tl.load(ptrs)
-        return t
-
-    @triton.jit
     def _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0, offs_n, offs_d, d_ok,
                        offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
@@ -254,7 +244,8 @@ if HAS_TRITON:
             pt = tl.where(keep, pt, 0.0)
         if DROPOUT:
             kept = _dev_keep(seed, bh, offs_m[None, :], offs_n[:, None], N_Q, N_KV, dropout_p)  # (BN, BM)
-            ptd = tl.where(kept, pt / (1.0 - dropout_p), 0.0)
+            keep_scale = 1.0 / (1.0 - dropout_p)
+            ptd = tl.where(kept, pt * keep_scale, 0.0)
         else:
             ptd = pt
         do = _dev_load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, m_ok[:, None], d_ok[None, :],
@@ -267,7 +258,7 @@ if HAS_TRITON:
             dv2 += tl.dot(ptd.to(do2.dtype), do2, input_precision=PRECISION)
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
         if DROPOUT:
-            dpt = tl.where(kept, dpt / (1.0 - dropout_p), 0.0)
+            dpt = tl.where(kept, dpt * keep_scale, 0.0)
         delta = _dev_load(DELTA + offs_m, m_ok, m_ok, MASK_M, False)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
@@ -384,7 +375,7 @@ if HAS_TRITON:
             p = tl.where(keep, p, 0.0)
         if DROPOUT:
             dp = tl.where(_dev_keep(seed, bh, offs_m[:, None], offs_n[None, :], N_Q, N_KV, dropout_p),
-                          dp / (1.0 - dropout_p), 0.0)
+                          dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
         if BLOCK_D2 > 0:
@@ -1176,23 +1167,19 @@ def _aot_specs() -> List[AotSpec]:
             base, _, part = kind.partition("_")
             if (d, ty) == (32, "fp16"):  # the interpreter's fixed config, compiled once too
                 cfgs = cfgs + [_INTERPRET_ROWS_CONFIGS[base] if part else _INTERPRET_CONFIG]
-            first = True  # each case compiles at least one config; each config at least once
-            first_cfg = True
-            for bm, bn, w, s in cfgs:
+            for i, (bm, bn, w, s) in enumerate(cfgs):
                 key = (kind, bm, bn, w, s, bd2 > 0)
-                if key in seen and not first:
+                if key in seen and i:  # each case compiles at least one config; each config at least once
                     continue
                 seen.add(key)
-                first = False
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
-                if first_cfg and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):
+                if i == 0 and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):
                     specs.append(runtime_spec(  # attention dropout (its Philox draws in each kernel)
                         kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s,
                         f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s},dropout]",
                         div16=_row_strides(sig)))
-                first_cfg = False
                 if not causal and ty == "bf16" and ("tail",) + key + (d,) not in seen:
                     seen.add(("tail",) + key + (d,))  # the other form of the loop (use_fwd_tail, use_bwd_tail)
                     specs.append(runtime_spec(
