@@ -35,8 +35,9 @@ MODEL_ALIASES = {
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[attn=split]", "flashvit[ln=torch]", "flashvit[ln=triton]", "flashvit-triton",
-         "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]", "flashvit[mlp=hybrid]",
+IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[ln=torch]", "flashvit[ln=triton]",
+         "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
+         "flashvit[mlp=hybrid]",
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
          "timm+flashvit.patch[mlp=tma]",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
@@ -49,7 +50,8 @@ IMPLS = ("flashvit", "flashvit[attn=split]", "flashvit[ln=torch]", "flashvit[ln=
 #                training too; hybrid: TMA for the GEMMs with an epilogue, cuBLAS for the plain ones
 #   attn=split   kernels/attention.py: the split loops and row splits (use_fwd_tail, use_bwd_tail, use_fwd_rows,
 #                use_bwd_rows; the op rows' [tail+rows]) on
-VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split",)}
+#   attn=fused   kernels/attention.py: the fused backward (use_bwd_fused; the op rows' [fused]) on
+VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split", "fused")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
@@ -128,7 +130,9 @@ def _verdicts(impl: str) -> Iterator[None]:
                 stack.enter_context(lin.use_gemm(tags["mlp"]))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
-                for use in (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows):
+                uses = ((attn.use_bwd_fused,) if tags["attn"] == "fused" else
+                        (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows))
+                for use in uses:
                     stack.enter_context(use(True))
             yield
     finally:

@@ -63,9 +63,11 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
 # [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
-# budgets) first, then the GEMM paths (hybrid's training rows ran in run 6), [split] is attention's default at
-# D=80 (a check), [dropout] attention's in-kernel dropout against SDPA's (ViT-B's shape, training)
-EXPERIMENTAL = ("[tail]", "[tail+rows]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]", "[dropout]")
+# budgets) first, [fused] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
+# training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout] attention's in-kernel
+# dropout against SDPA's (ViT-B's shape, training)
+EXPERIMENTAL = ("[tail]", "[tail+rows]", "[fused]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]",
+                "[dropout]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -327,6 +329,11 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def _fused_context() -> Any:
+    """The fused backward (use_bwd_fused) on."""
+    return importlib.import_module("flashvit.kernels.attention").use_bwd_fused(True)
+
+
 def _tail_context(rows: bool = False) -> Any:
     """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: their row
     splits (use_fwd_rows, use_bwd_rows) too."""
@@ -425,6 +432,12 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                             timed(const(ours_packed), args, mode, ctx,
                                   context=functools.partial(_tail_context, rows=True)),
                             unavailable=ctx.triton_reason))
+            if mode == "fwd+bwd":  # the backward in one kernel a head (use_bwd_fused); the forward is the default's
+                fits = importlib.import_module("flashvit.kernels.attention").fused_backward_fits(D, ctx.dtype)
+                main.append(Job(mk("flashvit-qkv[fused]", note=knote),
+                                timed(const(ours_packed), args, mode, ctx, context=_fused_context),
+                                unavailable=ctx.triton_reason or ("" if fits else
+                                                                  f"no fused-backward tile fits D={D}, {dt}")))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))
             for label_, backend in _sdpa_backends():

@@ -13,8 +13,9 @@ dots do less padded work.
 Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
 Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
 Off by default until timed on a GPU: loops whose full blocks run unmasked (``use_fwd_tail``,
-``use_bwd_tail``) and row splits that give the rows past the last full 64-row block to 16-row blocks
-(``use_fwd_rows``, ``use_bwd_rows``).
+``use_bwd_tail``), row splits that give the rows past the last full 64-row block to 16-row blocks
+(``use_fwd_rows``, ``use_bwd_rows``), and the backward in one kernel a head (``use_bwd_fused``: dQ's shares
+added in a fixed order into fp32 rows, still deterministic).
 """
 
 from __future__ import annotations
@@ -220,12 +221,18 @@ if HAS_TRITON:
     def _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0, offs_n, offs_d, d_ok,
                        offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
-                       N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr):
+                       N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr, DQ_ACC, ACC_STRIDE: tl.constexpr,
+                       ACC_DQ: tl.constexpr, MASK_N: tl.constexpr):
         # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
         # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
         # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
         # offs_d2, d2_ok are placeholders, returned as given. DROPOUT: with Z = keep / (1 - p), dV = (P ⊙ Z)ᵀ·dO and
         # dS = P ⊙ (dP_dropped ⊙ Z − delta) (delta = rowsum(dO·O) of the dropped output).
+        # ACC_DQ (the fused backward): also dQ's share of this key block, dSᵀ·K (BM, BD), added to the fp32
+        # (Nq, ACC_STRIDE) rows at DQ_ACC. One atomic add a value, issued by the same thread for a given value
+        # in every key block (a static layout), so the adds land in key-block order: deterministic. MASK_N: the
+        # block has keys past N_KV, whose dS rows are dropped from the share (their k rows are 0, but their
+        # logits are 0 too, so P there is unbounded: inf·0 would be NaN).
         offs_m = start_m + offs_m0
         m_ok = offs_m < N_Q
         qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
@@ -264,37 +271,28 @@ if HAS_TRITON:
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
+        if ACC_DQ:
+            if MASK_N:
+                dst = tl.where(offs_n[:, None] < N_KV, dst, 0.0)
+            ds = tl.trans(dst.to(k.dtype))  # (BM, BN)
+            acc_rows = DQ_ACC + offs_m[:, None] * ACC_STRIDE
+            tl.atomic_add(acc_rows + offs_d[None, :], tl.dot(ds, k, input_precision=PRECISION),
+                          mask=m_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if BLOCK_D2 > 0:
+                tl.atomic_add(acc_rows + offs_d2[None, :], tl.dot(ds, k2, input_precision=PRECISION),
+                              mask=m_ok[:, None] & d2_ok[None, :], sem="relaxed")
         return dk, dv, dk2, dv2
 
-    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
-                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
-                       skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
-                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
-                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
-                       PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
-        # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
-        # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
+    @triton.jit
+    def _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
+                        sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr, MASK_N: tl.constexpr):
+        # dK, dV of keys start_n .. start_n + BLOCK_N of one head (pointers at the head): loops over query blocks,
+        # writes them once. ACC_DQ: dQ's shares into DQ_ACC on the way, MASK_N: keys past N_KV in the block
+        # (see _dev_dkdv_step).
         # SPLIT_TAIL (non-causal): the full query blocks run without query masks, the partial last one apart.
-        # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
-        pid = tl.program_id(0)
-        num_n = tl.cdiv(n_rows, BLOCK_N)
-        pid_n = pid % num_n
-        pid_bh = pid // num_n
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        Q += b * sqb + h * sqh
-        K += b * skb + h * skh
-        V += b * svb + h * svh
-        DO += b * sdb + h * sdh
-        DK += b * skb_g + h * skh_g
-        DV += b * svb_g + h * svh_g
-        LSE += pid_bh.to(tl.int64) * N_Q
-        DELTA += pid_bh.to(tl.int64) * N_Q
-
-        start_n = row0 + pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -314,7 +312,7 @@ if HAS_TRITON:
             dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
             dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
         else:  # placeholders (see _dev_dkdv_step)
-            offs_d2, d2_ok, k2, v2, dk2, dv2 = offs_d, d_ok, k, v, dk, dv
+            offs_d2, d2_ok, kv2_mask, k2, v2, dk2, dv2 = offs_d, d_ok, kv_mask, k, v, dk, dv
         MASK_D: tl.constexpr = BLOCK_D2 == 0 and BLOCK_D != HEAD_DIM
         if SPLIT_TAIL and not CAUSAL:
             full = (N_Q // BLOCK_M) * BLOCK_M
@@ -322,12 +320,12 @@ if HAS_TRITON:
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_KV,
-                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
             for start_m in range(full, N_Q, BLOCK_M):  # at most one block
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
-                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
         else:
             lo = 0
             if CAUSAL:
@@ -336,7 +334,7 @@ if HAS_TRITON:
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
-                                                  pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -344,6 +342,98 @@ if HAS_TRITON:
             tl.store(DK + offs_n[:, None] * skn_g + offs_d2[None, :] * skd_g, (dk2 * sm_scale).to(DK.dtype.element_ty),
                      mask=kv2_mask)
             tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
+
+    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                       sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                       skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
+                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                       PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
+        # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
+        # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
+        # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
+        pid = tl.program_id(0)
+        num_n = tl.cdiv(n_rows, BLOCK_N)
+        pid_n = pid % num_n
+        pid_bh = pid // num_n
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        bh = pid_bh.to(tl.int64)
+        _dev_dkdv_block(Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, DO + b * sdb + h * sdh,
+                        LSE + bh * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
+                        LSE, row0 + pid_n * BLOCK_N, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd, sdn, sdd, skn_g, skd_g,
+                        svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM, BLOCK_D, BLOCK_D2, CAUSAL,
+                        PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False)
+
+    @triton.jit
+    def _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, col0, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
+                         BLOCK_M: tl.constexpr, ZERO: tl.constexpr):
+        # Head-dim columns col0 .. col0 + WIDTH of one head's fp32 dQ rows (Nq, HEAD_DIM) at DQ_ACC: ZERO stores
+        # zeros there, else they go to DQ scaled (its dtype, strides). Past L1 both ways (.cg): other threads
+        # of the program wrote or add to these rows.
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = col0 + tl.arange(0, WIDTH)
+        d_ok = offs_d < HEAD_DIM
+        for start_m in range(0, N_Q, BLOCK_M):
+            rows = start_m + offs_m0
+            mask = (rows < N_Q)[:, None] & d_ok[None, :]
+            acc = DQ_ACC + rows[:, None] * HEAD_DIM + offs_d[None, :]
+            if ZERO:
+                tl.store(acc, tl.zeros([BLOCK_M, WIDTH], dtype=tl.float32), mask=mask, cache_modifier=".cg")
+            else:
+                dq = tl.load(acc, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(DQ + rows[:, None] * sqn_g + offs_d[None, :] * sqd_g, (dq * sm_scale).to(DQ.dtype.element_ty),
+                         mask=mask)
+
+    @triton.jit(do_not_specialize=["seed"])
+    def _attn_bwd_fused(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ACC,
+                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g, sqb_g, sqn_g, sqh_g, sqd_g,
+                        H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, seed,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # The whole backward of one head in one program (use_bwd_fused): the dK/dV loop over its key blocks in
+        # turn, each query block's dS also giving dQ's share dSᵀ·K, added into DQ_ACC (B·H, Nq, HEAD_DIM) fp32.
+        # P and dS are computed once (the split kernels compute them twice) and no program shares a dQ row,
+        # so the adds come in key-block order: deterministic (a barrier before the partial last key block, whose
+        # code is apart). DQ_ACC is zeroed here first and read back at the end into DQ (scaled, DQ's dtype and
+        # strides), behind barriers; the reads bypass L1 (.cg).
+        pid_bh = tl.program_id(0)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        bh = pid_bh.to(tl.int64)
+        Q += b * sqb + h * sqh
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        DO += b * sdb + h * sdh
+        DK += b * skb_g + h * skh_g
+        DV += b * svb_g + h * svh_g
+        DQ += b * sqb_g + h * sqh_g
+        LSE += bh * N_Q
+        DELTA += bh * N_Q
+        DQ_ACC += bh * N_Q * HEAD_DIM
+        _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, True)
+        if BLOCK_D2 > 0:
+            _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, BLOCK_D, HEAD_DIM, BLOCK_D2, BLOCK_M, True)
+        tl.debug_barrier()
+        full = (N_KV // BLOCK_N) * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
+                            sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
+                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, False)
+        tl.debug_barrier()  # the last block's adds come from other code (maybe other threads): after the rest
+        for start_n in range(full, N_KV, BLOCK_N):  # at most one block: the keys past the last full one
+            _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
+                            sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
+                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, True)
+        tl.debug_barrier()
+        _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, False)
+        if BLOCK_D2 > 0:
+            _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, BLOCK_D, HEAD_DIM, BLOCK_D2, BLOCK_M, False)
 
     @triton.jit
     def _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
@@ -391,7 +481,7 @@ if HAS_TRITON:
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
-        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _attn_bwd_dkdv.
+        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _dev_dkdv_block.
         # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
         pid = tl.program_id(0)
         num_m = tl.cdiv(n_rows, BLOCK_M)
@@ -464,6 +554,12 @@ _FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3)
                 (128, 32, 8, 2)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2)]
 _DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
+# The fused backward (use_bwd_fused): dK/dV's tiles (BLOCK_M queries streamed past BLOCK_N resident keys); wide key
+# blocks add fewer dQ shares (atomics) per dot. ptxas (Triton 3.6, sm_90, bf16, D = 64), instructions a thread a
+# block pair, times threads, per score: 24.0 (32x64 w4), 21.5 (64x64 w4), 22.4 (32x128 w8), 19.4 (64x128 w8),
+# 37.4 (64x64 w8: left out); the split kernels' best, dK/dV 64x128 w8 + dQ 128x64 w8: 15.9 + 10.0 = 25.9.
+# No fallback: where none fits (_fits: 16-bit inputs, head-dim blocks up to 64), the split kernels run.
+_FUSED_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 # Always-valid fallbacks (the big-D fp32 corner) and the single config run in the interpreter.
 _FWD_FALLBACK = (32, 32, 4, 1)
 _DKDV_FALLBACK = (32, 32, 4, 1)
@@ -564,6 +660,27 @@ _fwd_rows: List[bool] = []  # innermost use_fwd_rows() last
 _bwd_rows: List[bool] = []
 
 
+# The fused backward: one program a head runs the dK/dV loop over all its key blocks and adds each query block's
+# dQ share (dSᵀ·K) into an fp32 (B·H, Nq, D) buffer, so P and dS are computed once instead of twice (5 dots a
+# block pair instead of 7, one exp2 pass instead of two, one launch instead of two) at the price of the adds
+# (one atomic a dQ value a key block, in a fixed order: deterministic) and B·H programs (ViT-B at batch 128:
+# 1536, about 12 an SM). Not yet timed on a GPU: the bench rows tagged [fused].
+BWD_FUSED = False
+_bwd_fused: List[bool] = []  # innermost use_bwd_fused() last
+
+
+def use_bwd_fused(on: bool) -> ContextManager[None]:
+    """Force the fused backward (BWD_FUSED) on or off inside a ``with`` block; it takes over from the row split
+    (use_bwd_rows) and keeps the loop form (use_bwd_tail). On a GPU it runs where ``fused_backward_fits``."""
+    return pushed(_bwd_fused, bool(on))
+
+
+def fused_backward_fits(head_dim: int, dtype: torch.dtype) -> bool:
+    """Whether a GPU runs the fused backward (use_bwd_fused) at ``head_dim`` and ``dtype`` (a tile of it fits:
+    16-bit inputs, head-dim blocks up to 64); elsewhere the split kernels run. The interpreter runs it always."""
+    return bool(_configs_for("fused", sum(_split_dims(head_dim)), torch.empty((), dtype=dtype).element_size()))
+
+
 def use_fwd_rows(on: bool) -> ContextManager[None]:
     """Force the forward's row split (FWD_ROW_SPLIT) on or off inside a ``with`` block; use_tile_config
     turns it off (one config for every launch)."""
@@ -608,10 +725,12 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
     bm, bn, warps, stages = cfg
     if kind.endswith("_rows") and (elsize == 4 or (warps == 1 and block_d > 64)):
         return False  # fp32 (one warp's dots on FMAs, tiles in registers) or wide heads on one warp: spills (ptxas)
+    if kind == "fused" and (elsize == 4 or block_d > 64):
+        return False  # ptxas (Triton 3.6, sm_90): fp32 and wider heads spill (80 = 64 + 32 at 32x128 w8: 24 B)
     if kind.startswith("fwd"):  # q resident; k, v streamed; acc (BM, BD) fp32
         smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
         regs = bm * block_d * (4 + elsize) // 4
-    elif kind.startswith("dkdv"):  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
+    elif kind.startswith(("dkdv", "fused")):  # k, v resident; q, dO streamed; dk, dv (BN, BD) fp32
         smem = elsize * block_d * (2 * bn + 2 * stages * bm) + elsize * bm * bn
         regs = 2 * bn * block_d * (4 + elsize) // 4
     else:  # dq: q, dO resident; k, v streamed; dq (BM, BD) fp32
@@ -621,16 +740,17 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
 
 
 def _prog_rows(kind: str, cfg: Tuple[int, int, int, int]) -> int:
-    """Rows a program of ``kind`` owns under ``cfg``: BLOCK_N (keys) for dK/dV, else BLOCK_M."""
+    """Rows a program of ``kind`` owns under ``cfg``: BLOCK_N (keys) for dK/dV, else BLOCK_M (the fused backward's
+    programs own a head each: it launches over one 'row')."""
     return cfg[1] if kind.startswith("dkdv") else cfg[0]
 
 
 def _table(kind: str) -> Tuple[List[Tuple[int, int, int, int]], Optional[Tuple[int, int, int, int]]]:
-    """(configs, fallback) of a kernel kind: 'fwd', 'dkdv', 'dq', or one of those + '_main' / '_rows' (the row
-    split's two launches, without fallback)."""
+    """(configs, fallback) of a kernel kind: 'fwd', 'dkdv', 'dq', one of those + '_main' / '_rows' (the row
+    split's two launches, without fallback), or 'fused' (use_bwd_fused)."""
     base, _, part = kind.partition("_")
     configs, fallback = {"fwd": (_FWD_CONFIGS, _FWD_FALLBACK), "dkdv": (_DKDV_CONFIGS, _DKDV_FALLBACK),
-                         "dq": (_DQ_CONFIGS, _DQ_FALLBACK)}[base]
+                         "dq": (_DQ_CONFIGS, _DQ_FALLBACK), "fused": (_FUSED_CONFIGS, None)}[base]
     if part == "main":
         return [c for c in configs if _prog_rows(base, c) == MAIN_BLOCK], None
     if part == "rows":
@@ -663,11 +783,12 @@ def _triton_configs(kind: str) -> list:
 # gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
-KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows"))
+KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows")) + ("fused",)
 
 
 def _kernel(kind: str):
-    return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}[kind.partition("_")[0]]
+    return {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq,
+            "fused": _attn_bwd_fused}[kind.partition("_")[0]]
 
 
 # kind -> its autotuned Launcher (looked up per call: tests swap in one-config launchers)
@@ -827,8 +948,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
                   dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                   seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward kernel launches: preprocess delta, then dK/dV and dQ. Returns (dq, dk, dv). ``dropout_p`` and
-    ``seed``: the forward's."""
+    """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel: use_bwd_fused). Returns
+    (dq, dk, dv). ``dropout_p`` and ``seed``: the forward's."""
     _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
@@ -847,8 +968,13 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
     tail = (scale, scale * LOG2E, float(dropout_p), int(seed))
+    if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
+        acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
+        _launch("fused", 1, B * H, (q, k, v, do, lse, delta, dk, dv, dq, acc, *common, *_strides(dk), *_strides(dv),
+                                    *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail), consts)
+        return dq, dk, dv
+    split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
     _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
                                       H, NQ, NKV, _bucket(NKV)), tail, consts, split)
     _launch_rows("dq", NQ, B * H, (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NKV, _bucket(NKV)),
@@ -1112,7 +1238,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     sig: Dict[str, str] = {}
     consts: Dict[str, object] = {}
     for name in kern.arg_names:
-        if name in ("LSE", "DELTA"):
+        if name in ("LSE", "DELTA", "DQ_ACC"):
             sig[name] = "*fp32"
         elif name == "seed":
             sig[name] = "i32"
@@ -1149,7 +1275,7 @@ def _aot_specs() -> List[AotSpec]:
         with use_head_split(mode):
             split = _split_dims(d)
         assert (split[1] > 0) == (mode == "split"), (d, mode)
-        for kind in ("fwd", "fwd_rows", "dkdv", "dkdv_rows", "dq", "dq_rows"):  # (the _main configs are theirs)
+        for kind in ("fwd", "fwd_rows", "dkdv", "dkdv_rows", "dq", "dq_rows", "fused"):  # (_main: theirs)
             kern = _kernel(kind)
             fwd = kind.startswith("fwd")
             if fwd and mode == "split":

@@ -247,6 +247,44 @@ def test_row_split(B, Nq, Nkv, H, D, causal, dtype):
     assert A._fwd_rows == A._bwd_rows == [] and A.FWD_ROW_SPLIT is False and A.BWD_ROW_SPLIT is False
 
 
+@pytest.mark.parametrize("B,Nq,Nkv,H,D,causal,dtype,mode", [
+    (2, 50, 50, 3, 40, True, torch.float32, "pad"),    # partial last blocks, padded head dim, causal
+    (1, 17, 70, 2, 64, False, torch.float16, "pad"),   # more keys than queries: three key blocks
+    (2, 33, 33, 1, 80, False, torch.float32, "split"),  # head dim 64 + 32 (two dQ column chunks)
+    (1, 64, 31, 2, 16, False, torch.float16, "pad"),   # queries a multiple of the block, one partial key block
+    (1, 1, 5, 1, 32, False, torch.float32, "pad"),
+])
+def test_fused_backward(B, Nq, Nkv, H, D, causal, dtype, mode):
+    """use_bwd_fused(True): one program a head, dQ's shares added into fp32 rows as its key blocks go by, then
+    scaled into dq: same results as the reference, with the loops split too; poisoned outputs all written."""
+    for tail in (False, True):
+        with A.use_bwd_fused(True), A.use_head_split(mode), A.use_bwd_tail(tail):
+            _check_attention(B, Nq, Nkv, H, D, causal, dtype)
+    q, k, v = (t.detach() for t in _inputs(B, Nq, Nkv, H, D, dtype))
+    o, lse = A.attention_fwd(q, k, v, D ** -0.5, causal)
+    do = randn(B, Nq, H, D, dtype=dtype, device=DEVICE)
+    want = A.attention_bwd(do, q, k, v, o, lse, D ** -0.5, causal)
+    grads = [poison(torch.empty_like(t)) for t in (q, k, v)]
+    with A.use_bwd_fused(True), A.use_head_split(mode):
+        A.attention_bwd(do, q, k, v, o, lse, D ** -0.5, causal, dq=grads[0], dk=grads[1], dv=grads[2])
+    for got, ref in zip(grads, want):  # dk, dv: the same sums as the split kernels'; dq: other order, close
+        torch.testing.assert_close(got, ref, atol=FP_ATOL[dtype], rtol=1e-3)
+    assert A._bwd_fused == [] and A.BWD_FUSED is False
+
+
+def test_fused_backward_configs_and_packed():
+    """The fused kernel's tiles (each one run), qkv from a packed buffer, and where it does not run on a GPU: no
+    tile of it fits fp32 or head-dim blocks over 64 (the split kernels do those)."""
+    for cfg in A._FUSED_CONFIGS:
+        with A.use_bwd_fused(True), A.use_tile_config(cfg):
+            _check_attention(1, 37, 37, 2, 32, False, torch.float16)
+    with A.use_bwd_fused(True):
+        _check_qkv(2, 29, 3, 24, torch.float32, 8)
+    assert A.fused_backward_fits(64, torch.bfloat16) and A.fused_backward_fits(40, torch.float16)
+    assert not A.fused_backward_fits(64, torch.float32) and not A.fused_backward_fits(80, torch.bfloat16)
+    assert "fused" in A.KINDS
+
+
 def _masked_reference(q, k, v, scale, causal, keep, p):
     """softmax(q·kᵀ·scale) with dropout's keep mask (B, H, Nq, Nkv) applied and scaled, times v: (B, Nq, H, D)."""
     s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
@@ -295,6 +333,8 @@ def test_dropout_matches_masked_reference(B, Nq, Nkv, H, D, causal, dtype, p):
     the split loops and row splits too (each kernel draws the mask by each score's place, whatever its tiles)."""
     _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p)
     with A.use_fwd_tail(True), A.use_bwd_tail(True), A.use_fwd_rows(True), A.use_bwd_rows(True):
+        _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p)
+    with A.use_bwd_fused(True):
         _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p)
 
 
@@ -374,6 +414,7 @@ def test_split_needs_aligned_operands_on_a_gpu():
     assert A._block_d(24, (torch.empty(1, 5, 2, 24),)) == 64 and A._split_dims(24, (torch.empty(1, 5, 2, 24),)) == (64, 0)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2")  # padded keys' P in dK/dV (never stored)
 def test_large_logits_finite():
     # scale·|q·k| ~ 1e4: the online softmax must not overflow to inf/NaN (exp2 of max-subtracted logits).
     B, N, H, D = 1, 33, 2, 32
@@ -387,6 +428,14 @@ def test_large_logits_finite():
         assert torch.isfinite(t).all()
     ref = A.attention_reference(q.double(), k.double(), v.double())
     assert (got[0].double() - ref).abs().max() < 5e-2
+    # A row whose every logit is far below 0 (its LSE too): the fused backward's padded keys (logit 0, P there
+    # 2^-LSE = inf) must not reach dq (fuzzing found it at N = 1).
+    q1, k1 = (-40.0 * torch.ones(1, 1, 1, 32, device=DEVICE)).requires_grad_(), torch.ones(1, 1, 1, 32, device=DEVICE)
+    v1 = randn(1, 1, 1, 32, device=DEVICE)
+    for fused in (False, True):
+        with A.use_bwd_fused(fused):
+            got = _fwd_bwd(lambda t: attention(t, k1, v1, backend="triton"), (q1,), torch.ones_like(v1))
+        assert torch.isfinite(got[1]).all(), fused
 
 
 def test_lse_and_poisoned_outputs():
@@ -578,6 +627,32 @@ def test_split_tail_gpu(B, N, H, D, autotuned):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 32), (1, 577, 16, 64), (2, 50, 3, 40)])
+def test_fused_backward_gpu(B, N, H, D, autotuned):
+    """The fused backward (use_bwd_fused) in bf16 at ViT shapes with the configs autotune picks (the bench's
+    [fused] rows), with the split loops too, and on non-contiguous operands."""
+    with A.use_bwd_fused(True):
+        _check_qkv(B, N, H, D, torch.bfloat16)
+        with A.use_bwd_tail(True):
+            _check_qkv(B, N, H, D, torch.bfloat16)
+        _check_attention(2, N, N, 6, D, False, torch.bfloat16, noncontig=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 40])
+def test_fused_backward_deterministic_gpu(D, autotuned):
+    """dQ's shares go in by atomic adds: each value's adds come from one thread in key-block order, so 20
+    backward runs are bit-equal (as the split kernels')."""
+    qkv = _leaf(randn(8, 197, 3 * 12 * D, dtype=torch.bfloat16, device=DEVICE))
+    g = randn(8, 197, 12 * D, dtype=torch.bfloat16, device=DEVICE)
+    with A.use_bwd_fused(True):
+        first = _fwd_bwd(lambda t: qkv_attention(t, 12), (qkv,), g)
+        for _ in range(19):
+            for a, b in zip(first, _fwd_bwd(lambda t: qkv_attention(t, 12), (qkv,), g)):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
 def test_attention_gpu_tf32():
     q, k, v = _inputs(2, 197, 197, 4, 64, torch.float32)
     exact = attention(q, k, v, allow_tf32=False)
@@ -643,10 +718,11 @@ def test_qkv_attention_speed_sanity_gpu(autotuned):
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dq", 80, "split"),
                                          ("dq", 96, "split"), ("fwd_rows", 64, "pad"), ("fwd_rows", 80, "pad"),
                                          ("dkdv_rows", 64, "pad"), ("dkdv_rows", 80, "split"), ("dq_rows", 64, "pad"),
-                                         ("dq_rows", 80, "split")])
+                                         ("dq_rows", 80, "split"), ("fused", 64, "pad"), ("fused", 40, "pad")])
 def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
     """Each autotune config on its own (the autotuner runs only its pick), fwd and grads vs float64; the row
-    split's remainder configs (use_fwd_rows, use_bwd_rows) with its main launches autotuned."""
+    split's remainder configs (use_fwd_rows, use_bwd_rows) with its main launches autotuned; the fused backward's
+    (use_bwd_fused)."""
     import triton
 
     from flashvit.kernels._dispatch import Launcher
@@ -662,7 +738,8 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
         monkeypatch.setitem(A._attn_tuned, kind, Launcher(triton.autotune([cfg], key=A._FWD_KEY if fwd else A._KEY)(kern)))
         ran += 1
         rows = kind.endswith("_rows")
-        with A.use_head_split(mode), A.use_fwd_rows(rows and fwd), A.use_bwd_rows(rows and not fwd):
+        with A.use_head_split(mode), A.use_fwd_rows(rows and fwd), A.use_bwd_rows(rows and not fwd), \
+                A.use_bwd_fused(kind == "fused"):
             try:
                 _check_attention(2, 97, 97, 3, D, False, torch.bfloat16)
             except AssertionError as e:
