@@ -197,6 +197,26 @@ if HAS_TRITON:
                  mask=(rows[:, None] < N_Q) & (cols[None, :] < N_KV))
 
     @triton.jit
+    def _dev_delta_block(Out, DO, DELTA, start_m, N_Q, son, sod, sdn, sdd, HEAD_DIM: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr):
+        # delta = rowsum(dO·Out) of query rows start_m .. start_m + BLOCK_M of one head (pointers at the head)
+        # -> DELTA; the head dim in one padded chunk, or two (BLOCK_D2 > 0, as the backward's split).
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < N_Q
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        o = tl.load(Out + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        if BLOCK_D2 > 0:
+            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+            mask2 = m_ok[:, None] & (offs_d2 < HEAD_DIM)[None, :]
+            o2 = tl.load(Out + offs_m[:, None] * son + offs_d2[None, :] * sod, mask=mask2, other=0.0)
+            do2 = tl.load(DO + offs_m[:, None] * sdn + offs_d2[None, :] * sdd, mask=mask2, other=0.0)
+            delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+        tl.store(DELTA + offs_m, delta, mask=m_ok)
+
+    @triton.jit
     def _attn_bwd_preprocess(Out, DO, DELTA,
                              sob, son, soh, sod, sdb, sdn, sdh, sdd,
                              H, N_Q,
@@ -208,14 +228,8 @@ if HAS_TRITON:
         pid_bh = pid // num_m
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < N_Q
-        mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        o = tl.load(Out + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, mask=mask, other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + pid_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
+        _dev_delta_block(Out + b * sob + h * soh, DO + b * sdb + h * sdh, DELTA + pid_bh.to(tl.int64) * N_Q,
+                         pid_m * BLOCK_M, N_Q, son, sod, sdn, sdd, HEAD_DIM, BLOCK_D, 0, BLOCK_M)
 
     @triton.jit
     def _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0, offs_n, offs_d, d_ok,
@@ -389,8 +403,9 @@ if HAS_TRITON:
                          mask=mask)
 
     @triton.jit(do_not_specialize=["seed"])
-    def _attn_bwd_fused(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, DQ_ACC,
+    def _attn_bwd_fused(Q, K, V, DO, Out, LSE, DELTA, DK, DV, DQ, DQ_ACC,
                         sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
+                        sob, son, soh, sod,
                         skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g, sqb_g, sqn_g, sqh_g, sqd_g,
                         H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, seed,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
@@ -400,8 +415,9 @@ if HAS_TRITON:
         # turn, each query block's dS also giving dQ's share dSᵀ·K, added into DQ_ACC (B·H, Nq, HEAD_DIM) fp32.
         # P and dS are computed once (the split kernels compute them twice) and no program shares a dQ row,
         # so the adds come in key-block order: deterministic (a barrier before the partial last key block, whose
-        # code is apart). DQ_ACC is zeroed here first and read back at the end into DQ (scaled, DQ's dtype and
-        # strides), behind barriers; the reads bypass L1 (.cg).
+        # code is apart). First delta = rowsum(dO·Out) of the head's rows into DELTA (no preprocess launch) and
+        # DQ_ACC zeroed; DQ_ACC is read back at the end into DQ (scaled, DQ's dtype and strides); barriers
+        # between, the DQ_ACC reads bypass L1 (.cg).
         pid_bh = tl.program_id(0)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
@@ -410,12 +426,15 @@ if HAS_TRITON:
         K += b * skb + h * skh
         V += b * svb + h * svh
         DO += b * sdb + h * sdh
+        Out += b * sob + h * soh
         DK += b * skb_g + h * skh_g
         DV += b * svb_g + h * svh_g
         DQ += b * sqb_g + h * sqh_g
         LSE += bh * N_Q
         DELTA += bh * N_Q
         DQ_ACC += bh * N_Q * HEAD_DIM
+        for start_m in range(0, N_Q, BLOCK_M):
+            _dev_delta_block(Out, DO, DELTA, start_m, N_Q, son, sod, sdn, sdd, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M)
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, True)
         if BLOCK_D2 > 0:
             _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, BLOCK_D, HEAD_DIM, BLOCK_D2, BLOCK_M, True)
@@ -556,8 +575,9 @@ _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2)
 _DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
 # The fused backward (use_bwd_fused): dK/dV's tiles (BLOCK_M queries streamed past BLOCK_N resident keys); wide key
 # blocks add fewer dQ shares (atomics) per dot. ptxas (Triton 3.6, sm_90, bf16, D = 64), instructions a thread a
-# block pair, times threads, per score: 24.0 (32x64 w4), 21.5 (64x64 w4), 22.4 (32x128 w8), 19.4 (64x128 w8),
-# 37.4 (64x64 w8: left out); the split kernels' best, dK/dV 64x128 w8 + dQ 128x64 w8: 15.9 + 10.0 = 25.9.
+# block pair (full key blocks), times threads, per score: 24.0 (32x64 w4), 21.3 (64x64 w4; spills 8 bytes),
+# 22.4 (32x128 w8), 18.8 (64x128 w8), 37.5 (64x64 w8: left out); the split kernels' best, dK/dV 64x128 w8 + dQ
+# 128x64 w8: 15.9 + 10.0 = 25.9.
 # No fallback: where none fits (_fits: 16-bit inputs, head-dim blocks up to 64), the split kernels run.
 _FUSED_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 # Always-valid fallbacks (the big-D fp32 corner) and the single config run in the interpreter.
@@ -662,9 +682,9 @@ _bwd_rows: List[bool] = []
 
 # The fused backward: one program a head runs the dK/dV loop over all its key blocks and adds each query block's
 # dQ share (dSᵀ·K) into an fp32 (B·H, Nq, D) buffer, so P and dS are computed once instead of twice (5 dots a
-# block pair instead of 7, one exp2 pass instead of two, one launch instead of two) at the price of the adds
-# (one atomic a dQ value a key block, in a fixed order: deterministic) and B·H programs (ViT-B at batch 128:
-# 1536, about 12 an SM). Not yet timed on a GPU: the bench rows tagged [fused].
+# block pair instead of 7, one exp2 pass instead of two; one launch instead of three, delta included) at the
+# price of the adds (one atomic a dQ value a key block, in a fixed order: deterministic) and B·H programs (ViT-B
+# at batch 128: 1536, about 12 an SM). Not yet timed on a GPU: the bench rows tagged [fused].
 BWD_FUSED = False
 _bwd_fused: List[bool] = []  # innermost use_bwd_fused() last
 
@@ -948,8 +968,8 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
                   dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                   seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel: use_bwd_fused). Returns
-    (dq, dk, dv). ``dropout_p`` and ``seed``: the forward's."""
+    """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel alone: use_bwd_fused).
+    Returns (dq, dk, dv). ``dropout_p`` and ``seed``: the forward's."""
     _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
@@ -958,11 +978,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    block_d = _block_d(D)
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
-    rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
-    _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
-                dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
     consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
@@ -971,9 +987,13 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     tail = (scale, scale * LOG2E, float(dropout_p), int(seed))
     if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
         acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
-        _launch("fused", 1, B * H, (q, k, v, do, lse, delta, dk, dv, dq, acc, *common, *_strides(dk), *_strides(dv),
-                                    *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail), consts)
+        _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, *common, *_strides(o), *_strides(dk),
+                                    *_strides(dv), *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail), consts)
         return dq, dk, dv
+    block_d = _block_d(D)
+    rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
+    _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
+                dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
     _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
                                       H, NQ, NKV, _bucket(NKV)), tail, consts, split)
