@@ -364,8 +364,8 @@ if [ "$SWEEP" = 1 ] || [ "$DRY" = 1 ]; then
 fi
 # LayerNorm's rows again with device time only (CUDA graph replay), torch.compile included: its issue's targets
 # are bandwidth and >= 1.0x torch.compile, and at these sizes the host takes longer to issue our Python autograd
-# path than the GPU to run it.
-run_ops ops-graph "$GRAPH_MAX" "$GRAPH_RESERVE" --rows settled --timer graph --ceilings-from "$OUT/ops.json" \
+# path than the GPU to run it. Every row: the backward's column chunks ([chunks]) are timed only here.
+run_ops ops-graph "$GRAPH_MAX" "$GRAPH_RESERVE" --rows all --timer graph --ceilings-from "$OUT/ops.json" \
   "${GRAPH_EXTRA[@]}"
 
 # ---- 3b. host overhead per op call and per train step (tiny shapes, real launches) ------------------------

@@ -12,7 +12,7 @@ then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run t
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from flashvit.kernels._dispatch import (
     needs_grad,
     next_pow2,
     once_differentiable,
+    pushed,
     tl,
     triton,
     use_triton,
@@ -103,42 +104,75 @@ def _ln_fwd_kernel(
 
 
 @_jit
+def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd):
+    # One column chunk of ROWS rows: (xhat, w·dy, dy) (ROWS, C) fp32 and the chunk's two row sums (ROWS, 2),
+    # sum(xhat·w·dy) and sum(w·dy), joined: one cross-warp exchange for both.
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # masked lanes: x, dy, w read 0, so xhat there (finite) meets a zero in every product that uses it
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (C,) reloaded: fewer live registers
+    wdy = dy * w[None, :]
+    return xhat, wdy, dy, tl.sum(tl.join(xhat * wdy, wdy), axis=1)
+
+
+@_jit
+def _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho,
+                      HAS_DHO: tl.constexpr):
+    # dx of one column chunk: (w·dy - (xhat·c1 + c2))·rstd, plus the h output's own gradient (HAS_DHO).
+    dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
+        dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+@_jit
 def _ln_bwd_kernel(
     DY, X, W, Mean, Rstd, DHO, DX, DWP, DBP,  # DY, X, DHO, DX: (M, N) row-strided; W: (N,); DWP, DBP: (G, N) fp32
     M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog,
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr, BLOCK_N2: tl.constexpr,
 ):
     # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
+    # BLOCK_N2 > 0 (use_ln_chunks): a row is two column chunks, BLOCK_N + BLOCK_N2 (768 = 512 + 256), not one
+    # padded power of two (1024: a quarter of the lanes idle).
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    if BLOCK_N2 > 0:
+        cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+        col_mask2 = cols2 < N
+        dw_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
+        db_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
     row0 = pid * rows_per_prog
     for i in range(0, rows_per_prog, ROWS):
         rows = row0 + i + tl.arange(0, ROWS)  # (ROWS,)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         r64 = rows.to(tl.int64)[:, None]
-        x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        # masked lanes: x, dy, w read 0, so xhat there (finite) meets a zero in every product that uses it
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (BLOCK_N,) reloaded: fewer live registers
-        wdy = dy * w[None, :]
-        # both row sums in one reduction (ROWS, BLOCK_N, 2) -> (ROWS, 2): one cross-warp exchange, not two
-        c1, c2 = tl.split(tl.sum(tl.join(xhat * wdy, wdy), axis=1) / N)  # (ROWS,) each
-        dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
-            dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        xhat, wdy, dy, sums = _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd)
+        if BLOCK_N2 > 0:
+            mask2 = row_mask[:, None] & col_mask2[None, :]
+            xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_load(DY, X, W, r64, cols2, mask2, col_mask2, stride_dy, stride_x,
+                                                        mean, rstd)
+            sums += sums2
+        c1, c2 = tl.split(sums / N)  # (ROWS,) each
+        _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO)
         dw_acc += dy * xhat
         db_acc += dy
-    poff = pid.to(tl.int64) * N + cols
-    tl.store(DWP + poff, tl.sum(dw_acc, axis=0), mask=col_mask)
-    tl.store(DBP + poff, tl.sum(db_acc, axis=0), mask=col_mask)
+        if BLOCK_N2 > 0:
+            _dev_ln_bwd_store(DX, DHO, r64, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO)
+            dw_acc2 += dy2 * xhat2
+            db_acc2 += dy2
+    poff = pid.to(tl.int64) * N
+    tl.store(DWP + poff + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+    tl.store(DBP + poff + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    if BLOCK_N2 > 0:
+        tl.store(DWP + poff + cols2, tl.sum(dw_acc2, axis=0), mask=col_mask2)
+        tl.store(DBP + poff + cols2, tl.sum(db_acc2, axis=0), mask=col_mask2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +198,29 @@ def _warps(rows: int, block_n: int, cap: int) -> int:
 
 FWD_STAGES = 1  # no loop in the forward
 BWD_STAGES = 2
+
+# The backward's rows as two column chunks, a power of two and the next power of two above the rest (768 = 512 +
+# 256, 1280 = 1024 + 256, 384 = 256 + 128: every ViT width but 1024 exactly), instead of one block padded to a
+# power of two. Device time in run 6 (2026-11-26-h100-run6/ops-graph.csv, fwd+bwd minus fwd) put the backward at
+# 78% of copy bandwidth at D = 1024 (no padding), 66-67% at 768 and 1280 (a quarter and 3/8 of the lanes idle):
+# the loop's work per row is the padded width's. Off until timed: the graph rows tagged [chunks].
+LN_BWD_CHUNKS = False
+_ln_chunks: List[bool] = []  # innermost use_ln_chunks() last
+
+
+def use_ln_chunks(on: bool) -> ContextManager[None]:
+    """Force the backward's column chunks (LN_BWD_CHUNKS) on or off inside a ``with`` block."""
+    return pushed(_ln_chunks, bool(on))
+
+
+def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) of the backward for feature size ``d`` (``block_n``: its padded block): two chunks
+    when on (use_ln_chunks) and they cover fewer lanes than ``block_n``, else (block_n, 0)."""
+    if not (_ln_chunks[-1] if _ln_chunks else LN_BWD_CHUNKS) or d <= MIN_BLOCK_N:
+        return block_n, 0
+    first = 1 << (d.bit_length() - 1)  # the largest power of two <= d
+    second = next_pow2(d - first) if d > first else 0
+    return (first, second) if second and first + second < block_n else (block_n, 0)
 
 
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
@@ -213,8 +270,8 @@ def _block_sizes() -> List[int]:
 
 
 def _prune(choices):
-    def prune(configs, named_args, **kwargs):
-        want = set(choices(kwargs["BLOCK_N"]))
+    def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
+        want = set(choices(next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))))
         return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
     return prune
 
@@ -226,7 +283,7 @@ if HAS_TRITON and not INTERPRET:
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
-    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO"]))
+    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2"]))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -339,16 +396,17 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     else:
         dho2, sdho = dy2, sdy
     block_n, rows, _, warps = _config(d)
+    bn1, bn2 = _bwd_chunks(d, block_n)
     rows_per_prog = _rows_per_prog(dev, rows, m)
     g = cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, dev)
     dwp, dbp = partial.unbind(0)  # (G, D) each, one call for both views
     args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, _row_stride(x2), sdho, d, rows_per_prog)
     if INTERPRET:
-        _ln_bwd_kernel[(g,)](*args, BLOCK_N=block_n, ROWS=rows, HAS_DHO=dh_out is not None, num_warps=warps,
-                             num_stages=BWD_STAGES)
+        _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
+                             num_warps=warps, num_stages=BWD_STAGES)
     else:  # every choice's ROWS divides rows_per_prog: same grid, same partials
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=block_n, HAS_DHO=dh_out is not None))
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None))
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
     return dx, dwdb if pd == torch.float32 else dwdb.to(pd)
@@ -591,14 +649,16 @@ def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dt
 
 
 def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
-              tag: str = "") -> AotSpec:
+              tag: str = "", block_n2: int = 0) -> AotSpec:
     t = _TT[xd]
     sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32", "DHO": f"*{t}",
            "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32",
            "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
-           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr"}
-    return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho}, warps,
-                        BWD_STAGES, f"ln_bwd[BLOCK_N={block_n},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
+           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr"}
+    chunks = f"+{block_n2}" if block_n2 else ""
+    return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho,
+                                              "BLOCK_N2": block_n2}, warps,
+                        BWD_STAGES, f"ln_bwd[BLOCK_N={block_n}{chunks},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
                         div16=("N", "stride_dy", "stride_x", "stride_dho", "stride_dx"))
 
 
@@ -616,6 +676,12 @@ def _aot_specs() -> List[AotSpec]:
             specs.append(_fwd_spec(block_n, r, w, bf, bf, bf, True, f",ROWS={r},w{w}"))
         for r, w in _bwd_choices(block_n)[1:]:
             specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}"))
+    with use_ln_chunks(True):  # the column chunks (use_ln_chunks) at ViT's widths, every backward choice in bf16
+        for d in (192, 384, 768, 1280):
+            block_n, rows, _, bwd_warps = _config(d)
+            bn1, bn2 = _bwd_chunks(d, block_n)
+            for r, w in _bwd_choices(block_n):
+                specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2))
     return specs
 
 

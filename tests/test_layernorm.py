@@ -114,6 +114,27 @@ def test_add_layer_norm(device, dtype, lead, d, launches):
     assert launches == {"fwd": 1, "bwd": 1}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,d", [((3,), 384), ((1, 2), 768), ((2,), 1280), ((2, 3, 37), 192), ((4,), 96),
+                                    ((2,), 1000), ((3,), 7)])
+def test_backward_column_chunks(device, dtype, lead, d, launches):
+    """use_ln_chunks(True): the backward's rows in two column chunks (768 = 512 + 256, ...) where that covers fewer
+    lanes than one padded block (1000 and 7 keep one block); LN and the fused add, all gradients."""
+    with L.use_ln_chunks(True):
+        block_n = L._config(d)[0]
+        first, second = L._bwd_chunks(d, block_n)
+        assert first + second >= d and (second == 0) == (d in (1000, 7)) and first + second <= block_n
+        x, r = randn(*lead, d, dtype=dtype, device=device, scale=2.0), randn(*lead, d, dtype=dtype, device=device)
+        w, b = randn(d, dtype=dtype, device=device), randn(d, dtype=dtype, device=device)
+        gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, 1e-5, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b, 1e-5), [x, w, b], [gy], "xwb")
+        _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
+                 lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
+    assert launches == {"fwd": 2, "bwd": 2}
+    assert L._bwd_chunks(768, 1024) == (1024, 0) and L._ln_chunks == [] and L.LN_BWD_CHUNKS is False  # off again
+
+
 def test_add_layer_norm_only_y_used(device):
     """h unused downstream: its gradient arrives as zeros/None and d(x) = d(residual) = dx through LN."""
     x, r = randn(3, 7, 40, device=device, requires_grad=True), randn(3, 7, 40, device=device, requires_grad=True)
@@ -184,13 +205,15 @@ def test_deterministic_backward(device):
     x, r = randn(*lead, d, device=device), randn(*lead, d, device=device)
     w, b = randn(d, device=device), randn(d, device=device)
     gy, gh = randn(*lead, d, device=device), randn(*lead, d, device=device)
+    _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+
+
+def _assert_bit_equal_backwards(inputs, gouts, runs: int = 20):
+    """``runs`` forward+backward passes of the fused add + LayerNorm on ``inputs`` give bit-equal gradients."""
     first = None
-    for _ in range(20):
-        args = _leaves([x, r, w, b])
-        _, grads = _fwd_bwd(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON), args, [gy, gh])
-        if first is None:
-            first = grads
-            continue
+    for _ in range(runs):
+        _, grads = _fwd_bwd(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON), _leaves(inputs), gouts)
+        first = first or grads
         for g0, g in zip(first, grads):
             assert torch.equal(g0, g)
 
@@ -308,6 +331,13 @@ def test_aot_specs_cover_launch_configs():
     # ~16 elements a thread among them, where the default has ~8 (more bytes in flight per thread)
     assert (4, 4) in L._fwd_choices(512) and (1, 4) in L._fwd_choices(2048) and (1, 4) in L._bwd_choices(2048)
     assert (8, 8) in L._fwd_choices(512) and (8, 8) in L._bwd_choices(512)  # and twice the tile at D = 384
+    # the backward's column chunks (use_ln_chunks) at ViT's widths: every choice of the padded block
+    with L.use_ln_chunks(True):
+        for d in (192, 384, 768, 1280):
+            block_n = L._config(d)[0]
+            first, second = L._bwd_chunks(d, block_n)
+            for r, w in L._bwd_choices(block_n):
+                assert (f"ln_bwd[BLOCK_N={first}+{second},x=bf16,w=bf16,dh=1,ROWS={r},w{w}]", w) in specs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,13 +377,23 @@ def test_deterministic_backward_gpu():
     x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
     w, b = randn(d, device="cuda"), randn(d, device="cuda")
     gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
-    first = None
-    for _ in range(20):
-        _, grads = _fwd_bwd(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
-                            _leaves([x, r, w, b]), [gy, gh])
-        first = first or grads
-        for g0, g in zip(first, grads):
-            assert torch.equal(g0, g)
+    _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [192, 384, 768, 1280])
+def test_backward_column_chunks_gpu(d):
+    """The backward's column chunks (use_ln_chunks, the graph bench's [chunks] rows) in bf16, autotuned, and its
+    20 backward runs bit-equal."""
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    with L.use_ln_chunks(True):
+        assert L._bwd_chunks(d, L._config(d)[0])[1] > 0
+        _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+                 lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+        _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
 
 
 @pytest.mark.gpu
