@@ -50,7 +50,8 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[l
 #                training too; hybrid: TMA for the GEMMs with an epilogue, cuBLAS for the plain ones
 #   attn=split   kernels/attention.py: the split loops and row splits (use_fwd_tail, use_bwd_tail, use_fwd_rows,
 #                use_bwd_rows; the op rows' [tail+rows]) on
-#   attn=fused   kernels/attention.py: the fused backward (use_bwd_fused; the op rows' [fused]) on
+#   attn=fused   kernels/attention.py: the fused backward and the split loops (use_bwd_fused, use_fwd_tail,
+#                use_bwd_tail; the op rows' [fused+tail]: the fewest instructions a score by ptxas's count) on
 VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split", "fused")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
@@ -130,7 +131,7 @@ def _verdicts(impl: str) -> Iterator[None]:
                 stack.enter_context(lin.use_gemm(tags["mlp"]))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
-                uses = ((attn.use_bwd_fused,) if tags["attn"] == "fused" else
+                uses = ((attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail) if tags["attn"] == "fused" else
                         (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows))
                 for use in uses:
                     stack.enter_context(use(True))

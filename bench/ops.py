@@ -63,12 +63,12 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
 # [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
-# budgets) first, [fused] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
-# training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout] attention's in-kernel
-# dropout against SDPA's (ViT-B's shape, training); [chunks] (LayerNorm's backward) exists with the graph timer
-# only, whose step runs every row (device time: the host hides LayerNorm's kernels at these sizes)
-EXPERIMENTAL = ("[tail]", "[tail+rows]", "[fused]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]", "[split]",
-                "[dropout]", "[chunks]")
+# budgets) first, [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM
+# paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
+# attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks] (LayerNorm's backward) exists
+# with the graph timer only, whose step runs every row (device time: the host hides LayerNorm's kernels there)
+EXPERIMENTAL = ("[tail]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]",
+                "[split]", "[dropout]", "[chunks]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -346,9 +346,10 @@ def _ln_chunks_context() -> Any:
     return importlib.import_module("flashvit.kernels.layernorm").use_ln_chunks(True)
 
 
-def _fused_context() -> Any:
-    """The fused backward (use_bwd_fused) on."""
-    return importlib.import_module("flashvit.kernels.attention").use_bwd_fused(True)
+def _fused_context(tail: bool = False) -> Any:
+    """The fused backward (use_bwd_fused) on; ``tail``: the forward's and the backward's split loops too."""
+    attn = importlib.import_module("flashvit.kernels.attention")
+    return _stacked(attn.use_bwd_fused(True), attn.use_fwd_tail(tail), attn.use_bwd_tail(tail))
 
 
 def _tail_context(rows: bool = False) -> Any:
@@ -451,10 +452,12 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                             unavailable=ctx.triton_reason))
             if mode == "fwd+bwd":  # the backward in one kernel a head (use_bwd_fused); the forward is the default's
                 fits = importlib.import_module("flashvit.kernels.attention").fused_backward_fits(D, ctx.dtype)
-                main.append(Job(mk("flashvit-qkv[fused]", note=knote),
-                                timed(const(ours_packed), args, mode, ctx, context=_fused_context),
-                                unavailable=ctx.triton_reason or ("" if fits else
-                                                                  f"no fused-backward tile fits D={D}, {dt}")))
+                for tag, context in (("fused", _fused_context), ("fused+tail", functools.partial(_fused_context, True))):
+                    # (+tail: the split loops too, unmasked full blocks in both passes: [tail]'s, fused)
+                    main.append(Job(mk(f"flashvit-qkv[{tag}]", note=knote),
+                                    timed(const(ours_packed), args, mode, ctx, context=context),
+                                    unavailable=ctx.triton_reason or ("" if fits else
+                                                                      f"no fused-backward tile fits D={D}, {dt}")))
             main.append(Job(mk("sdpa-auto", baseline=True, note="timm's path: PyTorch picks the backend"),
                             timed(const(sdpa), args, mode, ctx)))
             for label_, backend in _sdpa_backends():

@@ -577,7 +577,8 @@ _DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
 # blocks add fewer dQ shares (atomics) per dot. ptxas (Triton 3.6, sm_90, bf16, D = 64), instructions a thread a
 # block pair (full key blocks), times threads, per score: 24.0 (32x64 w4), 21.3 (64x64 w4; spills 8 bytes),
 # 22.4 (32x128 w8), 18.8 (64x128 w8), 37.5 (64x64 w8: left out); the split kernels' best, dK/dV 64x128 w8 + dQ
-# 128x64 w8: 15.9 + 10.0 = 25.9.
+# 128x64 w8: 15.9 + 10.0 = 25.9. With the split loops (use_bwd_tail): 19.3, 16.9 (spills), 18.1, 13.8 (spills 8
+# bytes) against 10.8 + 7.75 = 18.6 (dK/dV 64x64 w4 + dQ 128x64 w8).
 # No fallback: where none fits (_fits: 16-bit inputs, head-dim blocks up to 64), the split kernels run.
 _FUSED_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)]
 # Always-valid fallbacks (the big-D fp32 corner) and the single config run in the interpreter.
