@@ -725,10 +725,13 @@ def select_rows(jobs: List[Job], rows: str) -> List[Job]:
         return [j for j in jobs if not is_experimental(j.row)]
     if rows != "experimental":
         raise ValueError(f"unknown row selection {rows!r}; expected all, settled or experimental")
-    # One group at a time, by their first experimental tag in EXPERIMENTAL's order, forward groups first within
-    # a tag: a budget that runs out still leaves the first groups complete.
+    # One group at a time, by their first experimental tag in EXPERIMENTAL's order, then shape by shape (the
+    # op's first shape, ViT-B's, first: fwd and fwd+bwd), forward first: a budget that runs out still leaves the
+    # first groups complete.
     exp = [j.row for j in jobs if is_experimental(j.row)]
-    order = list(dict.fromkeys(r.group() for r in sorted(exp, key=lambda r: (_tag_rank(r), r.mode != "fwd"))))
+    shapes = list(dict.fromkeys((r.name, str(r.shape)) for r in exp))
+    order = list(dict.fromkeys(r.group() for r in sorted(
+        exp, key=lambda r: (_tag_rank(r), shapes.index((r.name, str(r.shape))), r.mode != "fwd"))))
     keep = [j for j in jobs if j.row.group() in order
             and (j.row.baseline or is_experimental(j.row) or j.row.impl in ("flashvit", "flashvit-qkv"))]
     return sorted(keep, key=lambda j: (order.index(j.row.group()), not j.row.baseline, is_experimental(j.row)))

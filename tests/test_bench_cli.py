@@ -238,15 +238,18 @@ def test_counts_and_row_order():
 
 def test_experimental_rows_order():
     """--rows experimental: groups by their tag in EXPERIMENTAL's order, attention's forward [tail] (the op's
-    open gap) first, forward groups first within a tag; each group is its baseline, our default row, then the
-    experimental rows."""
+    open gap) first, then shape by shape (fwd, then fwd+bwd with the fused backward) within a tag; each group is
+    its baseline, our default row, then the experimental rows."""
     ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
     jobs = [j for j in ops.select_rows(ops.op_jobs(ctx), "experimental") if "compile" not in j.row.impl]
     groups = list(dict.fromkeys(j.row.group() for j in jobs))
     first = [j.row for j in jobs if j.row.group() == groups[0]]
     assert first[0].name == "attention" and first[0].mode == "fwd" and first[0].baseline, first[0]
     assert "flashvit-qkv[tail]" in [r.impl for r in first]
-    ranks = [(min(ops._tag_rank(j.row) for j in jobs if j.row.group() == g), g[3] != "fwd") for g in groups]
+    second = [j.row for j in jobs if j.row.group() == groups[1]]  # the same shape's fwd+bwd
+    assert second[0].shape == first[0].shape and second[0].mode == "fwd+bwd", second[0]
+    assert {"flashvit-qkv[fused]", "flashvit-qkv[fused+tail]"} <= {r.impl for r in second}
+    ranks = [min(ops._tag_rank(j.row) for j in jobs if j.row.group() == g) for g in groups]
     assert ranks == sorted(ranks), ranks
     assert all(ops.is_experimental(j.row) or j.row.baseline or j.row.impl in ("flashvit", "flashvit-qkv")
                for j in jobs)
