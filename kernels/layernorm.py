@@ -205,6 +205,7 @@ BWD_STAGES = 2
 # 78% of copy bandwidth at D = 1024 (no padding), 66-67% at 768 and 1280 (a quarter and 3/8 of the lanes idle):
 # the loop's work per row is the padded width's. Off until timed: the graph rows tagged [chunks].
 LN_BWD_CHUNKS = False
+MIN_CHUNK = 32  # no narrower second chunk (65 = 64 + 32, not 64 + 1)
 _ln_chunks: List[bool] = []  # innermost use_ln_chunks() last
 
 
@@ -215,11 +216,12 @@ def use_ln_chunks(on: bool) -> ContextManager[None]:
 
 def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
     """(BLOCK_N, BLOCK_N2) of the backward for feature size ``d`` (``block_n``: its padded block): two chunks
-    when on (use_ln_chunks) and they cover fewer lanes than ``block_n``, else (block_n, 0)."""
+    when on (use_ln_chunks) and they cover fewer lanes than ``block_n``, the second at least MIN_CHUNK wide, else
+    (block_n, 0)."""
     if not (_ln_chunks[-1] if _ln_chunks else LN_BWD_CHUNKS) or d <= MIN_BLOCK_N:
         return block_n, 0
     first = 1 << (d.bit_length() - 1)  # the largest power of two <= d
-    second = next_pow2(d - first) if d > first else 0
+    second = max(MIN_CHUNK, next_pow2(d - first)) if d > first else 0
     return (first, second) if second and first + second < block_n else (block_n, 0)
 
 
@@ -678,7 +680,7 @@ def _aot_specs() -> List[AotSpec]:
             specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}"))
     with use_ln_chunks(True):  # the column chunks (use_ln_chunks) at ViT's widths, every backward choice in bf16
         for d in (192, 384, 768, 1280):
-            block_n, rows, _, bwd_warps = _config(d)
+            block_n = _config(d)[0]
             bn1, bn2 = _bwd_chunks(d, block_n)
             for r, w in _bwd_choices(block_n):
                 specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2))

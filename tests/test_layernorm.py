@@ -116,7 +116,7 @@ def test_add_layer_norm(device, dtype, lead, d, launches):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,d", [((3,), 384), ((1, 2), 768), ((2,), 1280), ((2, 3, 37), 192), ((4,), 96),
-                                    ((2,), 1000), ((3,), 7)])
+                                    ((2,), 1000), ((3,), 7), ((2,), 65)])
 def test_backward_column_chunks(device, dtype, lead, d, launches):
     """use_ln_chunks(True): the backward's rows in two column chunks (768 = 512 + 256, ...) where that covers fewer
     lanes than one padded block (1000 and 7 keep one block); LN and the fused add, all gradients."""
@@ -124,6 +124,7 @@ def test_backward_column_chunks(device, dtype, lead, d, launches):
         block_n = L._config(d)[0]
         first, second = L._bwd_chunks(d, block_n)
         assert first + second >= d and (second == 0) == (d in (1000, 7)) and first + second <= block_n
+        assert second == 0 or second >= L.MIN_CHUNK  # 65 = 64 + 32
         x, r = randn(*lead, d, dtype=dtype, device=device, scale=2.0), randn(*lead, d, dtype=dtype, device=device)
         w, b = randn(d, dtype=dtype, device=device), randn(d, dtype=dtype, device=device)
         gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
