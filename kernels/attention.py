@@ -21,7 +21,7 @@ added in a fixed order into fp32 rows, still deterministic).
 from __future__ import annotations
 
 import math
-from typing import ContextManager, Dict, List, Optional, Sequence, Tuple
+from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,8 @@ else:  # pragma: no cover - non-Linux platforms run the reference path only
     tl = None
 
 LOG2E = 1.4426950408889634
+# The dropout seed a caller passes: the int64 one-element device tensor the op draws, an int, or None (seed 0).
+Seed = Union[int, torch.Tensor, None]
 MAX_HEAD_DIM = 256
 
 if HAS_TRITON:
@@ -61,6 +63,16 @@ if HAS_TRITON:
         # tile shape draws the same mask for a seed.
         offs = (bh * N_Q + rows) * N_KV + cols  # int64 (bh is): B·H·Nq·Nkv passes 2^31 at ViT sizes
         return tl.rand(seed, offs) >= dropout_p
+
+    @triton.jit
+    def _dev_seed(SEED, DROPOUT: tl.constexpr):
+        # The dropout seed, one int64 read from device memory (a CUDA graph's replays read each replay's fresh
+        # draw; an int argument would be frozen into the graph); not read without dropout.
+        if DROPOUT:
+            seed = tl.load(SEED)
+        else:
+            seed = 0
+        return seed
 
     @triton.jit
     def _dev_load(ptrs, r_ok, c_ok, MASK_R: tl.constexpr, MASK_C: tl.constexpr):
@@ -107,10 +119,10 @@ if HAS_TRITON:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         return acc, m_new, l_i
 
-    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
+    @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
-                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, seed,
+                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr):
@@ -127,6 +139,7 @@ if HAS_TRITON:
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
         pid = tl.program_id(0)
+        seed = _dev_seed(SEED, DROPOUT)
         num_m = tl.cdiv(n_rows, BLOCK_M)
         pid_m = pid % num_m
         pid_bh = pid // num_m
@@ -183,8 +196,8 @@ if HAS_TRITON:
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
         tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
 
-    @triton.jit(do_not_specialize=["seed"])
-    def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    @triton.jit
+    def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # Mask (B·H, Nq, Nkv) int8: 1 where attention dropout keeps a probability (the kernels' _dev_keep draws).
         pid = tl.program_id(0)
         num_m = tl.cdiv(N_Q, BLOCK_M)
@@ -192,7 +205,7 @@ if HAS_TRITON:
         bh = (pid // (num_m * num_n)).to(tl.int64)
         rows = ((pid // num_n) % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-        keep = _dev_keep(seed, bh, rows[:, None], cols[None, :], N_Q, N_KV, dropout_p)
+        keep = _dev_keep(tl.load(SEED), bh, rows[:, None], cols[None, :], N_Q, N_KV, dropout_p)
         tl.store(Mask + (bh * N_Q + rows[:, None]) * N_KV + cols[None, :], keep.to(tl.int8),
                  mask=(rows[:, None] < N_Q) & (cols[None, :] < N_KV))
 
@@ -357,11 +370,11 @@ if HAS_TRITON:
                      mask=kv2_mask)
             tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
 
-    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
+    @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
-                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
+                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -370,6 +383,7 @@ if HAS_TRITON:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
         pid = tl.program_id(0)
+        seed = _dev_seed(SEED, DROPOUT)
         num_n = tl.cdiv(n_rows, BLOCK_N)
         pid_n = pid % num_n
         pid_bh = pid // num_n
@@ -402,12 +416,12 @@ if HAS_TRITON:
                 tl.store(DQ + rows[:, None] * sqn_g + offs_d[None, :] * sqd_g, (dq * sm_scale).to(DQ.dtype.element_ty),
                          mask=mask)
 
-    @triton.jit(do_not_specialize=["seed"])
+    @triton.jit
     def _attn_bwd_fused(Q, K, V, DO, Out, LSE, DELTA, DK, DV, DQ, DQ_ACC,
                         sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                         sob, son, soh, sod,
                         skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g, sqb_g, sqn_g, sqh_g, sqd_g,
-                        H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, seed,
+                        H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, SEED,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -419,6 +433,7 @@ if HAS_TRITON:
         # DQ_ACC zeroed; DQ_ACC is read back at the end into DQ (scaled, DQ's dtype and strides); barriers
         # between, the DQ_ACC reads bypass L1 (.cg).
         pid_bh = tl.program_id(0)
+        seed = _dev_seed(SEED, DROPOUT)
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         bh = pid_bh.to(tl.int64)
@@ -491,11 +506,11 @@ if HAS_TRITON:
             dq2 += tl.dot(ds.to(kt2.dtype), tl.trans(kt2), input_precision=PRECISION)
         return dq, dq2
 
-    @triton.jit(do_not_specialize=["row0", "n_rows", "seed"])  # per-call ints: one build for any value
+    @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
     def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
-                     H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, seed,
+                     H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -503,6 +518,7 @@ if HAS_TRITON:
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _dev_dkdv_block.
         # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
         pid = tl.program_id(0)
+        seed = _dev_seed(SEED, DROPOUT)
         num_m = tl.cdiv(n_rows, BLOCK_M)
         pid_m = pid % num_m
         pid_bh = pid // num_m
@@ -918,9 +934,9 @@ def _strides(t: torch.Tensor) -> Tuple[int, ...]:
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
                   lse: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                  seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log). ``dropout_p`` > 0:
-    attention dropout with the mask ``seed`` draws (dropout_mask gives it)."""
+    attention dropout with the mask ``seed`` draws (dropout_mask gives it; see _seed_arg)."""
     if not _kernel_scale(softmax_scale):
         raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
     _check_dropout(dropout_p)
@@ -936,7 +952,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E, float(dropout_p), int(seed)), consts,
+    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device)),
+                 consts,
                  _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
 
@@ -944,10 +961,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
 _MASK_BLOCK = (32, 32)
 
 
-def dropout_mask(batch: int, heads: int, n_q: int, n_kv: int, dropout_p: float, seed: int,
+def dropout_mask(batch: int, heads: int, n_q: int, n_kv: int, dropout_p: float, seed: Seed,
                  device: torch.device) -> torch.Tensor:
-    """The keep mask (B, H, Nq, Nkv) bool the attention kernels draw for ``dropout_p`` and ``seed`` (the same
-    Philox draws: tests, debugging). Needs Triton on ``device`` (a GPU, or the interpreter on CPU)."""
+    """The keep mask (B, H, Nq, Nkv) bool the attention kernels draw for ``dropout_p`` and ``seed`` (an int, or
+    the one-element int64 tensor on ``device`` the op drew; the same Philox draws: tests, debugging). Needs
+    Triton on ``device`` (a GPU, or the interpreter on CPU)."""
     _check_dropout(dropout_p)
     if not HAS_TRITON:
         raise RuntimeError("dropout_mask needs Triton")
@@ -955,7 +973,7 @@ def dropout_mask(batch: int, heads: int, n_q: int, n_kv: int, dropout_p: float, 
     if mask.numel():
         bm, bn = _MASK_BLOCK
         _dropout_mask_kernel[(cdiv(n_q, bm) * cdiv(n_kv, bn) * batch * heads,)](
-            mask, n_q, n_kv, float(dropout_p), int(seed), BLOCK_M=bm, BLOCK_N=bn)
+            mask, n_q, n_kv, float(dropout_p), _seed_arg(seed, mask.device), BLOCK_M=bm, BLOCK_N=bn)
     return mask.bool()
 
 
@@ -964,11 +982,31 @@ def _check_dropout(dropout_p: float) -> None:
         raise ValueError(f"the attention kernels take 0 <= dropout_p < 1, got {dropout_p}")
 
 
+_ZERO_SEED: Dict[torch.device, torch.Tensor] = {}
+
+
+def _seed_arg(seed: Seed, device: torch.device) -> torch.Tensor:
+    """The kernels' SEED operand, a one-element int64 tensor on ``device`` that they read (with dropout only):
+    a tensor as given (the op's device draw, _draw_seed); an int copied there (tests, dropout_mask); None is
+    seed 0, one cached tensor a device (no allocation a call)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != device:
+            raise ValueError(f"seed must be a one-element int64 tensor on {device}, got {seed.numel()} "
+                             f"{seed.dtype} element(s) on {seed.device}")
+        return seed
+    if seed is None:
+        t = _ZERO_SEED.get(device)
+        if t is None:
+            t = _ZERO_SEED[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return t
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool = False,
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
                   dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel alone: use_bwd_fused).
     Returns (dq, dk, dv). ``dropout_p`` and ``seed``: the forward's."""
     _check_dropout(dropout_p)
@@ -985,7 +1023,7 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (scale, scale * LOG2E, float(dropout_p), int(seed))
+    tail = (scale, scale * LOG2E, float(dropout_p), _seed_arg(seed, q.device))
     if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
         acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
         _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, *common, *_strides(o), *_strides(dk),
@@ -1012,7 +1050,7 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.T
 
 def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
                       out: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                      seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+                      seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32)."""
     B, N, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, num_heads)
@@ -1025,7 +1063,7 @@ def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, a
 
 def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       softmax_scale: float, allow_tf32: bool = False, dqkv: Optional[torch.Tensor] = None,
-                      dropout_p: float = 0.0, seed: int = 0) -> torch.Tensor:
+                      dropout_p: float = 0.0, seed: Seed = None) -> torch.Tensor:
     """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient."""
     q, k, v = _split_qkv(qkv, num_heads)
     if dqkv is None:
@@ -1041,7 +1079,8 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
 
 @custom_op("attention_fwd")
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-                      allow_tf32: bool, dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                      allow_tf32: bool, dropout_p: float,
+                      seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return attention_fwd(q, k, v, softmax_scale, causal, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
@@ -1054,7 +1093,7 @@ def _(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed):
 @custom_op("attention_bwd")
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float,
-                      seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_bwd(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
@@ -1067,7 +1106,7 @@ def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32, dropout_p, seed):
 
 @custom_op("qkv_attention_fwd")
 def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool,
-                          dropout_p: float, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                          dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
@@ -1079,7 +1118,8 @@ def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
 
 @custom_op("qkv_attention_bwd")
 def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
-                          softmax_scale: float, allow_tf32: bool, dropout_p: float, seed: int) -> torch.Tensor:
+                          softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                          seed: Optional[torch.Tensor]) -> torch.Tensor:
     return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
 
 
@@ -1092,16 +1132,17 @@ class AttentionFn(torch.autograd.Function):
     """(B, N, H, D) q, k, v -> (B, N, H, D); backward through the FA2-style kernels."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float, seed: int):
+    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float,
+                seed: Optional[torch.Tensor]):
         o, lse = _attention_fwd_op(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.args = (softmax_scale, causal, allow_tf32, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.args = (softmax_scale, causal, allow_tf32, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, *ctx.args)
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, *ctx.args, seed)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -1109,16 +1150,17 @@ class QkvAttentionFn(torch.autograd.Function):
     """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor."""
 
     @staticmethod
-    def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float, seed: int):
+    def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                seed: Optional[torch.Tensor]):
         o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.args = (num_heads, softmax_scale, allow_tf32, dropout_p, seed)
+        ctx.save_for_backward(qkv, o, lse, seed)
+        ctx.args = (num_heads, softmax_scale, allow_tf32, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse = ctx.saved_tensors
-        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args), None, None, None, None, None
+        qkv, o, lse, seed = ctx.saved_tensors
+        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args, seed), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1171,14 +1213,12 @@ def _kernel_scale(scale: float) -> bool:
 
 
 def _triton_for(t: torch.Tensor, backend: Optional[str], dropout_p: float, scale: float) -> bool:
-    """The kernels when dispatch says so and they cover the call: float64, softmax scales <= 0, dropout_p = 1
-    and dropout inside a torch.compile graph (drawing the seed would break the graph; Inductor fuses SDPA's
-    dropout itself) take the reference, a forced 'triton' with such a scale raises."""
+    """The kernels when dispatch says so and they cover the call: float64, softmax scales <= 0 and dropout_p = 1
+    take the reference, a forced 'triton' with such a scale raises. (Dropout inside a torch.compile graph runs
+    the kernels too: the seed is a device draw the graph traces.)"""
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p}")
     if dropout_p == 1.0 or t.dtype == torch.float64 or not use_triton(t, backend):
-        return False
-    if dropout_p > 0.0 and torch.compiler.is_compiling():
         return False
     if not _kernel_scale(scale):
         if (backend if backend is not None else get_backend()) == "triton":
@@ -1207,14 +1247,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
         return apply(AttentionFn, q, k, v, scale, bool(causal), _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
-                     _draw_seed(dropout_p))
+                     _draw_seed(dropout_p, q.device))
     return attention_reference(q, k, v, scale, causal, dropout_p)
 
 
-def _draw_seed(dropout_p: float) -> int:
-    """The dropout mask's seed: from torch's default (CPU) generator, so torch.manual_seed fixes it; 0 (unused)
-    without dropout, so the generator is not advanced then."""
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item()) if dropout_p > 0.0 else 0
+def _draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]:
+    """The dropout mask's seed, drawn on ``device`` by torch's generator there (torch.manual_seed fixes it): a
+    one-element int64 tensor the kernels read, so no host sync, a torch.compile graph traces the draw and a
+    CUDA graph's replays each draw anew. None (seed unused) without dropout: the generator is not advanced."""
+    if dropout_p <= 0.0:
+        return None
+    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device=device)
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None, *,
@@ -1234,7 +1277,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
         return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32), float(dropout_p),
-                     _draw_seed(dropout_p))
+                     _draw_seed(dropout_p, qkv.device))
     return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
 
 
@@ -1261,8 +1304,8 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     for name in kern.arg_names:
         if name in ("LSE", "DELTA", "DQ_ACC"):
             sig[name] = "*fp32"
-        elif name == "seed":
-            sig[name] = "i32"
+        elif name == "SEED":
+            sig[name] = "*i64"
         elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET"):
             sig[name] = ptr
         elif name in _CONSTEXPRS:

@@ -309,7 +309,7 @@ def _check_dropout(B, Nq, Nkv, H, D, causal, dtype, p, packed=False):
     torch.manual_seed(1234)
     got = _fwd_bwd(ours, inputs, g)
     torch.manual_seed(1234)
-    keep = A.dropout_mask(B, H, Nq, Nkv, p, A._draw_seed(p), torch.device(DEVICE))
+    keep = A.dropout_mask(B, H, Nq, Nkv, p, A._draw_seed(p, torch.device(DEVICE)), torch.device(DEVICE))
 
     def ref_fn(*t):
         o = _masked_reference(*split(*t), scale, causal, keep, p)
@@ -372,7 +372,33 @@ def test_dropout_bad_and_reference_cases(monkeypatch):
     assert torch.equal(attention(q, k, v, dropout_p=1.0), torch.zeros_like(q))  # all dropped: the reference
     assert A._triton_for(q, "triton", 0.5, 0.5)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not A._triton_for(q, "triton", 0.5, 0.5) and A._triton_for(q, "triton", 0.0, 0.5)
+    assert A._triton_for(q, "triton", 0.5, 0.5)  # a compiled graph traces the device draw of the seed
+    dev = torch.device(DEVICE)
+    for bad in (torch.zeros(1, dtype=torch.int32), torch.zeros(2, dtype=torch.int64),
+                torch.zeros(1, dtype=torch.int64, device="meta")):
+        with pytest.raises(ValueError, match="seed must be a one-element int64 tensor"):
+            A.attention_fwd(q, k, v, 0.5, False, dropout_p=0.5, seed=bad)
+    assert A._draw_seed(0.0, dev) is None and A._seed_arg(None, dev) is A._seed_arg(None, dev)
+
+
+def test_dropout_seed_is_read_from_device_memory():
+    """The kernels read the seed tensor's value at run time (a CUDA graph replays the launch with the same
+    pointer and a fresh draw in it), not the value at the first launch: rewriting the tensor in place changes
+    the mask and the output as an int seed would; the op's draw is a one-element int64 tensor on the device."""
+    dev = torch.device(DEVICE)
+    q, k, v = _inputs(1, 19, 19, 2, 32, torch.float32)
+    s = torch.tensor([7], dtype=torch.int64, device=dev)
+    first = A.attention_fwd(q, k, v, 0.5, False, dropout_p=0.4, seed=s)[0]
+    mask7 = A.dropout_mask(1, 2, 19, 19, 0.4, s, dev)
+    s.fill_(8)
+    again = A.attention_fwd(q, k, v, 0.5, False, dropout_p=0.4, seed=s)[0]
+    assert torch.equal(first, A.attention_fwd(q, k, v, 0.5, False, dropout_p=0.4, seed=7)[0])
+    assert torch.equal(again, A.attention_fwd(q, k, v, 0.5, False, dropout_p=0.4, seed=8)[0])
+    assert not torch.equal(first, again)
+    assert torch.equal(mask7, A.dropout_mask(1, 2, 19, 19, 0.4, 7, dev))
+    assert torch.equal(A.dropout_mask(1, 2, 19, 19, 0.4, s, dev), A.dropout_mask(1, 2, 19, 19, 0.4, 8, dev))
+    drawn = A._draw_seed(0.1, dev)
+    assert drawn.dtype == torch.int64 and drawn.shape == (1,) and drawn.device == dev
 
 
 def test_split_dims_policy():
@@ -572,6 +598,40 @@ def test_attention_gpu_noncontiguous(dtype):
 def test_dropout_gpu(B, N, H, D, causal, p):
     """Attention dropout in bf16 at ViT shapes: the kernels vs the float64 reference under the same mask."""
     _check_dropout(B, N, N, H, D, causal, torch.bfloat16, p)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_dropout_in_a_cuda_graph_gpu(fused):
+    """Forward and backward with dropout captured in one CUDA graph, the seed drawn in it: each replay draws a
+    new seed, which the kernels read from device memory (an int argument would freeze the capture's mask), and
+    gives bit for bit what eager launches give at that seed."""
+    dev = torch.device("cuda")
+    q, k, v, do = (randn(2, 197, 6, 64, dtype=torch.bfloat16, device=DEVICE) for _ in range(4))
+    scale, p = 64 ** -0.5, 0.2
+
+    def step(seed):
+        o, lse = A.attention_fwd(q, k, v, scale, False, dropout_p=p, seed=seed)
+        return (o, *A.attention_bwd(do, q, k, v, o, lse, scale, False, dropout_p=p, seed=seed))
+
+    with A.use_bwd_fused(fused):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # compile and autotune outside the capture
+            step(A._draw_seed(p, dev))
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            seed = A._draw_seed(p, dev)
+            static = step(seed)
+        seen = set()
+        for _ in range(3):
+            graph.replay()
+            s = int(seed.item())
+            seen.add(s)
+            for name, got, want in zip(("out", "dq", "dk", "dv"), static, step(s)):
+                assert torch.equal(got, want), f"{name} at seed {s}"
+    assert len(seen) == 3, seen
 
 
 @pytest.mark.gpu

@@ -95,6 +95,45 @@ def test_patched_timm_compiles_fullgraph_with_triton_forced():
         _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
 
 
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_attention_dropout_kernels_inside_a_compiled_graph():
+    """Attention dropout runs our kernels inside one graph: the seed is a device draw the graph traces (no
+    .item(), no graph break), so the compiled model equals eager under the same torch seed, draws a new mask
+    each call, and the kernels (not the reference) ran."""
+    import importlib
+    from unittest import mock
+    A = importlib.import_module("flashvit.kernels.attention")
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3,
+              attn_drop_rate=0.3)
+    model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).train())
+    x = _inputs((2, 3, 16, 16))
+    drops = []
+    real = A.qkv_attention_fwd
+
+    def spy(*args, **kwargs):
+        drops.append(kwargs["dropout_p"])
+        return real(*args, **kwargs)
+
+    with flashvit.use_backend("triton"), mock.patch.object(A, "qkv_attention_fwd", spy):
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+        seed = fresh_seed()
+        torch.manual_seed(seed)
+        ref_out, ref_grads = _fwd_bwd(model, model, x)
+        drops.clear()
+        torch.manual_seed(seed)
+        out, grads = _fwd_bwd(compiled, model, x)
+        other = compiled(x).detach()
+    assert drops == [0.3, 0.3]  # one kernel forward a compiled call
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert not torch.equal(other, out)
+
+
 def test_patched_hf_vit_compiles_fullgraph():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(fresh_seed())
