@@ -10,6 +10,8 @@ Implementations (same config, same dtype, same batch):
   compile(timm)       torch.compile(timm model)
   compile(timm+flashvit.patch)  torch.compile of the patched timm model (Inductor fuses around our ops)
   compile(flashvit)   torch.compile(our model), Triton kernels as opaque custom ops
+  graph(IMPL)         IMPL's whole step (forward, loss, backward, optimizer step) captured in one CUDA graph and
+                      replayed: no host time per kernel, so host-bound shapes (ViT-S) show their device time
 
 The model runs in pure ``dtype`` (bf16 on GPU: parameters and activations, no autocast) for every impl.
 A training step is forward + cross-entropy + backward + SGD step. FLOPs per image are counted with
@@ -39,7 +41,7 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[l
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
          "flashvit[mlp=hybrid]",
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
-         "timm+flashvit.patch[mlp=tma]",
+         "timm+flashvit.patch[mlp=tma]", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
 # end to end what a change of verdict would give (or gave) against the defaults:
@@ -54,6 +56,7 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[l
 #                use_bwd_tail; the op rows' [fused+tail]: the fewest instructions a score by ptxas's count) on
 VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split", "fused")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
+GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
 NUM_CLASSES = 1000
 
@@ -96,6 +99,15 @@ def _timm() -> Any:
 def base_impl(impl: str) -> str:
     """``impl`` without its verdict tags: 'timm+flashvit.patch[ln=triton]' -> 'timm+flashvit.patch'."""
     return impl.split("[", 1)[0]
+
+
+def model_impl(impl: str) -> str:
+    """The model ``impl`` runs: 'compile(timm)', 'graph(timm)' -> 'timm' (verdict tags dropped too)."""
+    impl = base_impl(impl)
+    for wrap in ("compile(", "graph("):
+        if impl.startswith(wrap) and impl.endswith(")"):
+            return impl[len(wrap):-1]
+    return impl
 
 
 def verdict_tags(impl: str) -> Dict[str, str]:
@@ -143,14 +155,14 @@ def _verdicts(impl: str) -> Iterator[None]:
 def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     """A fresh model for ``impl`` on the device, in ctx.dtype (parameters created on the device: fast init)."""
     import flashvit
-    impl = base_impl(impl)
+    impl = model_impl(impl)
     with torch.device(ctx.device):
-        if impl.startswith("flashvit") or impl == "compile(flashvit)":
+        if impl.startswith("flashvit"):
             m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides)
         else:
             m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **ctx.overrides)
     m = m.to(ctx.dtype)
-    if impl in ("timm+flashvit.patch", "compile(timm+flashvit.patch)"):
+    if impl == "timm+flashvit.patch":
         m = flashvit.patch(m) or m
     return m
 
@@ -235,6 +247,8 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
         with flashvit.use_backend(backend_for(impl)), _verdicts(impl):
             t0 = time.perf_counter()
             step()  # first step: compile / autotune / allocate, outside the timer
+            if impl in GRAPHED:
+                step = _graphed(step, model if mode == "train" else None)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             first = time.perf_counter() - t0
@@ -252,10 +266,29 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
     return run
 
 
+def _graphed(step: Callable[[], None], model: Optional[torch.nn.Module]) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph -> its replay. Two more warm-up steps on a side stream first (the
+    optimizer's state, cuBLAS workspaces); a training step's gradients are None at capture, so its backward
+    allocates them in the graph's pool and every replay writes them anew (the zero_grad inside the step only
+    drops the Python references)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    if model is not None:
+        model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def unavailable(impl: str, ctx: MCtx) -> str:
     import flashvit
     from flashvit.bench.ops import triton_unavailable
-    if base_impl(impl) in ("flashvit", "flashvit-triton", "compile(flashvit)") and triton_unavailable(ctx.device):
+    if model_impl(impl) in ("flashvit", "flashvit-triton") and triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
     if "timm" in impl:
         if _timm() is None:
@@ -264,6 +297,8 @@ def unavailable(impl: str, ctx: MCtx) -> str:
         return "flashvit.patch is not in this build"
     if impl in COMPILED and not ctx.compile_ok:
         return ctx.compile_note
+    if impl in GRAPHED and ctx.device.type != "cuda":
+        return "CUDA graphs need a CUDA device"
     return ""
 
 

@@ -85,8 +85,8 @@ def test_json_schema(quick_run, suite):
             assert (r["flops"] or 0) > 0 or (r["bytes"] or 0) > 0, r
         else:
             assert r["median_ms"] is None and (r["note"] or r["error"]), r
-        if r["impl"] in ("flashvit", "flashvit-qkv", "compile(flashvit)"):
-            assert r["status"] == "unavailable" and "CUDA" in r["note"], r  # Triton rows on CPU
+        if r["impl"] in ("flashvit", "flashvit-qkv", "compile(flashvit)") or r["impl"] in model.GRAPHED:
+            assert r["status"] == "unavailable" and "CUDA" in r["note"], r  # Triton rows, CUDA graphs on CPU
     baselines = [r for r in rows if r["baseline"]]
     assert baselines and all(r["status"] == "ok" and r["speedup"] == pytest.approx(1.0) for r in baselines)
     if suite == "ops":
@@ -509,6 +509,40 @@ def test_graph_timer_captures_our_fwd_bwd_gpu():
     med, p20, p80 = harness.time_fn(step, torch.device("cuda"), 5, 20, timer="graph")
     assert 0 < p20 <= med <= p80 < 5.0
     torch.testing.assert_close(x.grad, want, rtol=0, atol=0)  # the last replay wrote the same gradient
+
+
+@pytest.mark.gpu
+def test_graph_model_rows_gpu():
+    """graph(IMPL) rows capture a whole step (train: forward, loss, backward, SGD with momentum; infer: forward)
+    and time its replays; a captured training step moves the weights on each replay as an eager step does."""
+    ctx = model.MCtx(torch.device("cuda"), torch.bfloat16, True, 4, 4, 1, 3, False, "off", None)
+    for impl in model.GRAPHED:
+        for mode in ("train", "infer"):
+            row = harness.Row("model", "vit_small_patch16_224", {"batch": 4}, "bfloat16", mode, impl)
+            model.run_row(impl, "vit_small_patch16_224", mode, ctx)(row)
+            assert row.median_ms > 0 and row.img_per_s > 0, (impl, mode)
+    lin = torch.nn.Linear(8, 4, device="cuda")
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1, momentum=0.9)
+    x, w = torch.randn(16, 8, device="cuda"), torch.randn(16, 4, device="cuda")
+
+    def step():
+        (lin(x) * w).sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    replay = model._graphed(step, lin)
+    ref = torch.nn.Linear(8, 4, device="cuda")
+    ref.load_state_dict(lin.state_dict())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    for p, q in zip(ref.parameters(), lin.parameters()):  # momentum after the warm-up steps, copied
+        ref_opt.state[p]["momentum_buffer"] = opt.state[q]["momentum_buffer"].clone()
+    for _ in range(3):
+        replay()
+        (ref(x) * w).sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(lin.weight, ref.weight)
 
 
 def test_make_step_refuses_non_leaf_grad_inputs():
