@@ -65,7 +65,8 @@ COMMON: Dict[str, Any] = dict(
     model="vit_mnist", img_size=None, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0,
     mlp_dim=None, drop_path_rate=0.0, pos_embed_learnable=True, model_kwargs={},
     epochs=20, batch_size=128, eval_batch_size=512, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0,
-    label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False, seed=0, max_steps=None,
+    label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False,
+    compile_mode="default", seed=0, max_steps=None,
     workers=None, threads=None, run_dir=None, out_dir="runs", best_path=None, log_path=None, progress=True,
     profile="auto", device="auto", synthetic_train=2048, synthetic_test=512,
 )
@@ -83,7 +84,8 @@ SEED_KEYS = {"patch_size": "patch_size", "pos_encoding_learnable": "pos_embed_le
              "n_heads": "num_heads", "encoder_blocks": "depth", "mlp_dim": "mlp_dim", "batch_size": "batch_size",
              "lr": "lr", "n_epochs": "epochs", "best_path": "best_path", "log_path": "log_path"}
 CHOICES = {"dataset": DATASETS, "precision": ("auto", "fp32", "bf16", "fp16"), "backend": flashvit.kernels.BACKENDS,
-           "profile": ("auto", "cpu", "gpu"), "device": ("auto", "cpu", "cuda")}
+           "profile": ("auto", "cpu", "gpu"), "device": ("auto", "cpu", "cuda"),
+           "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
 POSITIVE_INT = ("epochs", "batch_size", "eval_batch_size", "depth", "num_heads", "patch_size", "embed_dim",
                 "synthetic_train", "synthetic_test")
 
@@ -204,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bf16 autocast on GPU, fp32 on CPU; fp16 uses a gradient scaler")
     g.add_argument("--backend", choices=CHOICES["backend"], help="flashvit ops: triton kernels or torch reference")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
+    g.add_argument("--compile-mode", choices=CHOICES["compile_mode"],
+                   help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs (a small model's "
+                        "step then costs the host almost nothing)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     g.add_argument("--threads", type=int, help="CPU threads per process (default: the idle cores, at least 1)")
@@ -559,8 +564,8 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
         explicit = cfg.get("_explicit", set())
         saved = dict(ck["config"])
         # A resumed run keeps its settings; only these may change (e.g. more epochs, another machine).
-        for k in ("epochs", "max_steps", "progress", "threads", "workers", "backend", "compile", "data_dir",
-                  "eval_batch_size", "device"):
+        for k in ("epochs", "max_steps", "progress", "threads", "workers", "backend", "compile", "compile_mode",
+                  "data_dir", "eval_batch_size", "device"):
             if k in explicit:
                 saved[k] = cfg[k]
         saved["run_dir"] = os.path.dirname(os.path.abspath(resume_path))
@@ -633,8 +638,10 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                                                         else None)
     eval_net = model  # shards differ in size between ranks: evaluate without DDP's collectives
     if cfg["compile"]:
-        net = torch.compile(net)
-        eval_net = net if not d.enabled else torch.compile(model)
+        mode = cfg.get("compile_mode", "default")  # (absent from checkpoints saved before it existed)
+        mode = None if mode == "default" else mode
+        net = torch.compile(net, mode=mode)
+        eval_net = net if not d.enabled else torch.compile(model, mode=mode)
 
     nparams = sum(p.numel() for p in model.parameters())
     log0(d, f"flashvit {flashvit.__version__} | {d.world} x {device} | profile {cfg['profile']} | "

@@ -77,6 +77,11 @@ def test_cli_overrides_file_overrides_profile(tmp_path):
     gpu = train.resolve_config({}, {}, has_cuda=True)
     assert gpu["profile"] == "gpu" and gpu["embed_dim"] == train.PROFILES["gpu"]["embed_dim"]
     assert train.resolve_config({}, {"profile": "cpu"}, has_cuda=True)["profile"] == "cpu"
+    ns = {k: v for k, v in vars(train.build_parser().parse_args(["--compile", "--compile-mode", "reduce-overhead"]))
+          .items() if v is not None and k != "config"}
+    cfg = train.resolve_config({}, ns, has_cuda=True)
+    assert (cfg["compile"], cfg["compile_mode"]) == (True, "reduce-overhead")
+    assert train.resolve_config({}, {}, has_cuda=True)["compile_mode"] == "default"
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".json")))
@@ -93,6 +98,7 @@ def test_shipped_configs_are_valid(name):
     ('{"lr": "fast"}', "lr must be a non-negative number"),
     ('{"model": "vit_gigantic"}', "unknown model preset 'vit_gigantic'"),
     ('{"precision": "fp8"}', "precision must be one of"),
+    ('{"compile_mode": "fastest"}', "compile_mode must be one of"),
 ])
 def test_bad_config_is_a_config_error(tmp_path, content, msg):
     p = tmp_path / "c.json"
@@ -341,7 +347,9 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("extra", [["--backend", "triton", "--precision", "bf16"],
                                    ["--backend", "auto", "--precision", "fp16"],
-                                   ["--backend", "torch", "--precision", "bf16", "--compile"]])
+                                   ["--backend", "torch", "--precision", "bf16", "--compile"],
+                                   ["--backend", "auto", "--precision", "bf16", "--compile", "--compile-mode",
+                                    "reduce-overhead"]])
 def test_gpu_smoke(tmp_path, extra):
     r = _cli([*SYN, "--embed-dim", "64", "--depth", "2", "--num-heads", "4", "--no-progress", "--epochs", "3",
               "--synthetic-train", "2048", "--run-dir", str(tmp_path / "run"), "--workers", "2", *extra],
