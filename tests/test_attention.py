@@ -381,6 +381,21 @@ def test_dropout_bad_and_reference_cases(monkeypatch):
     assert A._draw_seed(0.0, dev) is None and A._seed_arg(None, dev) is A._seed_arg(None, dev)
 
 
+def test_dropout_under_activation_checkpointing():
+    """torch.utils.checkpoint recomputes the forward in the backward with torch's RNG state restored, so the
+    recomputed call draws the same seed, hence the same mask: gradients equal the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+    q, k, v = _inputs(2, 21, 21, 2, 32, torch.float32)
+    g = randn(2, 21, 2, 32, device=DEVICE)
+    fn = lambda *t: attention(*t, dropout_p=0.3, backend="triton")  # noqa: E731
+    torch.manual_seed(11)
+    plain = _fwd_bwd(fn, (q, k, v), g)
+    torch.manual_seed(11)
+    ckpt = _fwd_bwd(lambda *t: checkpoint(fn, *t, use_reentrant=False), (q, k, v), g)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), plain, ckpt):
+        assert torch.equal(a, b), name
+
+
 def test_dropout_seed_is_read_from_device_memory():
     """The kernels read the seed tensor's value at run time (a CUDA graph replays the launch with the same
     pointer and a fresh draw in it), not the value at the first launch: rewriting the tensor in place changes
