@@ -245,6 +245,29 @@ def test_timm_patched_with_triton_forced_matches_float64():
         assert max_err(grads[n], g) <= 1e-4 * scale, n
 
 
+def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
+    """timm's set_grad_checkpointing on a patched model (blocks recomputed in the backward) with attention
+    dropout in the kernels: logits and gradients equal the same patched model without checkpointing, under one
+    torch seed (the recompute draws the dropout seed again from the restored RNG state)."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=3,
+              attn_drop_rate=0.25)
+    model = flashvit.patch(_randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)).train())
+    x = _images((16, 16), batch=2)
+    with flashvit.use_backend("triton"):
+        torch.manual_seed(3)
+        out, grads = _run(model, x)
+        plain_calls = calls["qkv_attention"]
+        model.set_grad_checkpointing(True)
+        torch.manual_seed(3)
+        ck_out, ck_grads = _run(model, x)
+    assert calls["qkv_attention"] == 3 * plain_calls == 6  # each block's forward again in the backward
+    assert torch.equal(out, ck_out)
+    assert set(grads) == set(ck_grads)
+    for n in grads:
+        torch.testing.assert_close(ck_grads[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
 def _hf_model(cls_name="ViTForImageClassification", **kw):
     transformers = pytest.importorskip("transformers")
     cfg = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
