@@ -134,6 +134,26 @@ def test_attention_dropout_kernels_inside_a_compiled_graph():
     assert not torch.equal(other, out)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_our_vit_exports_with_the_fused_ops_and_runs_under_inference_mode():
+    """torch.export of our ViT with the kernels: the graph holds the flashvit custom ops (deployable as one
+    program) and runs to the eager result; torch.inference_mode gives no_grad's result."""
+    torch.manual_seed(fresh_seed())
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
+                                  num_heads=2, num_classes=3).eval()
+    x = _inputs((2, 3, 16, 16))
+    with flashvit.use_backend("triton"):
+        with torch.no_grad():
+            ref = model(x)
+        with torch.inference_mode():
+            assert torch.equal(model(x), ref)
+        program = torch.export.export(model, (x,))
+        ops = {str(n.target) for n in program.graph.nodes if str(n.target).startswith("flashvit.")}
+        assert {"flashvit.patch_embed_fwd.default", "flashvit.qkv_attention_fwd.default",
+                "flashvit.layer_norm_fwd.default"} <= ops, ops
+        torch.testing.assert_close(program.module()(x), ref, atol=0, rtol=0)
+
+
 def test_patched_hf_vit_compiles_fullgraph():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(fresh_seed())
