@@ -26,7 +26,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ COMMON: Dict[str, Any] = dict(
     mlp_dim=None, drop_path_rate=0.0, pos_embed_learnable=True, model_kwargs={},
     epochs=20, batch_size=128, eval_batch_size=512, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0,
     label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False,
-    compile_mode="default", seed=0, max_steps=None,
+    compile_mode="default", cuda_graph=False, seed=0, max_steps=None,
     workers=None, threads=None, run_dir=None, out_dir="runs", best_path=None, log_path=None, progress=True,
     profile="auto", device="auto", synthetic_train=2048, synthetic_test=512,
 )
@@ -149,7 +149,7 @@ def validate_config(cfg: Dict[str, Any]) -> None:
                                                                                                  "crop_pad") else 1)):
             raise ConfigError(f"{k} must be a {'non-negative' if k in ('workers', 'crop_pad') else 'positive'} "
                               f"integer, got {v!r}")
-    for k in ("compile", "pos_embed_learnable", "progress"):
+    for k in ("compile", "cuda_graph", "pos_embed_learnable", "progress"):
         if not isinstance(cfg[k], bool):
             raise ConfigError(f"{k} must be true or false, got {cfg[k]!r}")
     if cfg["hflip"] is not None and not isinstance(cfg["hflip"], bool):
@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile-mode", choices=CHOICES["compile_mode"],
                    help="torch.compile's mode with --compile; reduce-overhead replays CUDA graphs (a small model's "
                         "step then costs the host almost nothing)")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="replay each step's forward + backward from one CUDA graph (one GPU, bf16 or fp32, no "
+                        "--compile): no host time per kernel, the optimizer steps eagerly")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     g.add_argument("--threads", type=int, help="CPU threads per process (default: the idle cores, at least 1)")
@@ -368,6 +371,53 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 # Evaluation and plots
 
 @torch.no_grad()
+def cuda_graph_refusal(cfg: Dict[str, Any], d: Dist, device: torch.device, amp: Optional[torch.dtype]) -> str:
+    """Why --cuda-graph cannot run with these settings ('' when it can)."""
+    if device.type != "cuda":
+        return "needs a CUDA device"
+    if d.enabled:
+        return "runs one process (no torchrun/DDP)"
+    if amp == torch.float16:
+        return "takes bf16 or fp32 (fp16's gradient scaler syncs with the host)"
+    if cfg["compile"]:
+        return "or --compile, not both (--compile-mode reduce-overhead replays CUDA graphs too)"
+    return ""
+
+
+class StepGraph:
+    """``fn(x, y) -> (out, loss)`` (forward, loss, backward) replayed from one CUDA graph (--cuda-graph).
+
+    Captured on copies of the first batch after two warm-up runs on a side stream (kernel compiles and
+    autotuning, cuBLAS workspaces; their gradients are dropped, no optimizer step). Each call copies its batch
+    (same shape) into the captured inputs and replays; ``out`` and ``loss`` are the graph's own tensors,
+    rewritten by the next call. The gradients of ``params`` are None at capture, so the graph allocates them
+    and every replay writes them anew: nothing may set them to None afterwards (the optimizer reads them).
+    """
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
+                 x: torch.Tensor, y: torch.Tensor, params: List[torch.nn.Parameter]) -> None:
+        self.x, self.y = x.clone(), y.clone()
+        side = torch.cuda.Stream(x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for p in params:
+                    p.grad = None
+                fn(self.x, self.y)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        for p in params:
+            p.grad = None
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out, self.loss = fn(self.x, self.y)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.out, self.loss
+
+
 def evaluate(model: torch.nn.Module, ds: ImageTensorDataset, d: Dist, device: torch.device, batch: int,
              amp: Optional[torch.dtype]) -> Tuple[float, float]:
     """(mean loss, accuracy %) over all of ``ds``; each rank takes a contiguous shard, sums are all-reduced."""
@@ -565,7 +615,7 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
         saved = dict(ck["config"])
         # A resumed run keeps its settings; only these may change (e.g. more epochs, another machine).
         for k in ("epochs", "max_steps", "progress", "threads", "workers", "backend", "compile", "compile_mode",
-                  "data_dir", "eval_batch_size", "device"):
+                  "cuda_graph", "data_dir", "eval_batch_size", "device"):
             if k in explicit:
                 saved[k] = cfg[k]
         saved["run_dir"] = os.path.dirname(os.path.abspath(resume_path))
@@ -577,6 +627,9 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, c, h, info["num_classes"]).to(device)
     amp = amp_dtype(cfg, device)
+    graphed = bool(cfg.get("cuda_graph", False))  # (absent from checkpoints saved before it existed)
+    if graphed and cuda_graph_refusal(cfg, d, device, amp):
+        raise ConfigError(f"--cuda-graph {cuda_graph_refusal(cfg, d, device, amp)}")
     # Same initial weights everywhere (DDP also broadcasts rank 0's); a different augmentation stream per rank.
     torch.manual_seed(cfg["seed"] + 7919 * d.rank)
 
@@ -670,6 +723,18 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                              "device": str(device), "metrics": metrics, "best_val_acc": best_acc,
                              "best_epoch": best_epoch, "test": test})
 
+    def fwd_bwd(x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """--cuda-graph's captured step: forward, loss, backward, clipping (no scaler: fp16 is refused). The
+        autocast cache is off: a cast cached outside the capture would be stale inside it."""
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+            out = net(x)
+            loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+        loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        return out, loss
+
+    captured: Optional[StepGraph] = None  # --cuda-graph: the step's graph, captured at the first batch
     bar_enabled = cfg["progress"] and d.main
     stop = step >= total_steps
     epoch = start_epoch
@@ -688,16 +753,22 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
                            dynamic_ncols=True, file=sys.stderr, disable=None)
             for x, y in loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = net(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg["grad_clip"] > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                scaler.step(optimizer)
-                scaler.update()
+                if graphed:  # every batch has the same shape (drop_last)
+                    if captured is None:
+                        captured = StepGraph(fwd_bwd, x, y, list(model.parameters()))
+                    out, loss = captured(x, y)
+                    optimizer.step()
+                else:
+                    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                        out = net(x)
+                        loss = F.cross_entropy(out.float(), y, label_smoothing=cfg["label_smoothing"])
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    if cfg["grad_clip"] > 0:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                    scaler.step(optimizer)
+                    scaler.update()
                 scheduler.step()
                 step += 1
                 n = y.shape[0]

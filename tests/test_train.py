@@ -82,6 +82,9 @@ def test_cli_overrides_file_overrides_profile(tmp_path):
     cfg = train.resolve_config({}, ns, has_cuda=True)
     assert (cfg["compile"], cfg["compile_mode"]) == (True, "reduce-overhead")
     assert train.resolve_config({}, {}, has_cuda=True)["compile_mode"] == "default"
+    ns = vars(train.build_parser().parse_args(["--cuda-graph"]))
+    assert train.resolve_config({}, {k: v for k, v in ns.items() if v is not None and k != "config"},
+                                has_cuda=True)["cuda_graph"] is True
 
 
 @pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".json")))
@@ -126,7 +129,8 @@ def _corrupt_idx_dir(root):
         f.write(b"\x13\x37")
 
 
-@pytest.mark.parametrize("case", ["missing-data-dir", "corrupt-idx", "unknown-preset", "bad-json", "bad-flag-value"])
+@pytest.mark.parametrize("case", ["missing-data-dir", "corrupt-idx", "unknown-preset", "bad-json", "bad-flag-value",
+                                  "cuda-graph-on-cpu"])
 def test_bad_inputs_one_error_line_nothing_written(tmp_path, capsys, case):
     run = tmp_path / "run"
     args = ["--run-dir", str(run), *TINY]
@@ -140,6 +144,8 @@ def test_bad_inputs_one_error_line_nothing_written(tmp_path, capsys, case):
     elif case == "bad-json":
         (tmp_path / "c.json").write_text('{"lr": 0.1,}')
         args += ["--config", str(tmp_path / "c.json")]
+    elif case == "cuda-graph-on-cpu":
+        args += [*SYN, "--device", "cpu", "--cuda-graph"]
     else:
         args += [*SYN, "--epochs", "-3"]
     before = _files(str(tmp_path))
@@ -148,7 +154,8 @@ def test_bad_inputs_one_error_line_nothing_written(tmp_path, capsys, case):
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert {"missing-data-dir": "does not exist", "corrupt-idx": "not an IDX file", "unknown-preset":
-            "vit_nonexistent", "bad-json": "not valid JSON", "bad-flag-value": "epochs"}[case] in err
+            "vit_nonexistent", "bad-json": "not valid JSON", "bad-flag-value": "epochs",
+            "cuda-graph-on-cpu": "--cuda-graph needs a CUDA device"}[case] in err
     assert not run.exists() and _files(str(tmp_path)) == before
 
 
@@ -193,6 +200,41 @@ def _inproc(args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = train.main(args)
     return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue()), time.time() - t0
+
+
+class _EagerStepGraph:
+    """train.StepGraph's stand-in on CPU with its gradient semantics: the first call allocates the gradients
+    (None before it), later calls overwrite them as a replay does; a gradient dropped in between fails."""
+
+    def __init__(self, fn, x, y, params):
+        self.fn, self.params, self.calls = fn, params, 0
+        for p in params:
+            p.grad = None
+
+    def __call__(self, x, y):
+        if self.calls:
+            for p in self.params:
+                assert p.grad is not None, "a gradient was set to None between replays"
+                p.grad.zero_()
+        self.calls += 1
+        return self.fn(x, y)
+
+
+def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path, monkeypatch):
+    """--cuda-graph's loop (the captured forward + backward + clipping, the optimizer and the schedule outside)
+    on CPU through an eager stand-in of the graph: the same losses, accuracies and weights as the plain loop."""
+    args = [*SYN, *TINY, "--epochs", "2", "--grad-clip", "0.5"]
+    plain = _inproc([*args, "--run-dir", str(tmp_path / "plain")])[0]
+    monkeypatch.setattr(train, "StepGraph", _EagerStepGraph)
+    monkeypatch.setattr(train, "cuda_graph_refusal", lambda *a: "")
+    graphed = _inproc([*args, "--run-dir", str(tmp_path / "graph"), "--cuda-graph"])[0]
+    assert plain.returncode == 0 and graphed.returncode == 0, graphed.stderr
+    logs = [json.loads((tmp_path / r / "log.json").read_text()) for r in ("plain", "graph")]
+    assert logs[1]["config"]["cuda_graph"] is True
+    for k in ("training_losses", "testing_losses", "testing_accuracies"):
+        assert logs[0]["metrics"][k] == logs[1]["metrics"][k], k
+    weights = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("plain", "graph")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_tiny_end_to_end_run(tiny_run):
@@ -349,7 +391,10 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path):
                                    ["--backend", "auto", "--precision", "fp16"],
                                    ["--backend", "torch", "--precision", "bf16", "--compile"],
                                    ["--backend", "auto", "--precision", "bf16", "--compile", "--compile-mode",
-                                    "reduce-overhead"]])
+                                    "reduce-overhead"],
+                                   ["--backend", "auto", "--precision", "bf16", "--cuda-graph"],
+                                   ["--backend", "triton", "--precision", "fp32", "--cuda-graph", "--drop-path-rate",
+                                    "0.1"]])
 def test_gpu_smoke(tmp_path, extra):
     r = _cli([*SYN, "--embed-dim", "64", "--depth", "2", "--num-heads", "4", "--no-progress", "--epochs", "3",
               "--synthetic-train", "2048", "--run-dir", str(tmp_path / "run"), "--workers", "2", *extra],
@@ -358,6 +403,37 @@ def test_gpu_smoke(tmp_path, extra):
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["device"].startswith("cuda")
     assert log["test"]["accuracy"] > 50.0, log["metrics"]["testing_accuracies"]
+
+
+@pytest.mark.gpu
+def test_step_graph_replays_give_each_batch_its_gradients_gpu():
+    """StepGraph on a GPU: each call's batch goes through the captured step; loss, output and gradients equal
+    an eager step's on that batch, and the gradients stay the same tensors between calls."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)).cuda()
+    params = list(model.parameters())
+
+    def fn(x, y):
+        out = model(x)
+        loss = torch.nn.functional.cross_entropy(out, y)
+        loss.backward()
+        return out, loss
+
+    batches = [(torch.randn(32, 8, device="cuda"), torch.randint(0, 4, (32,), device="cuda")) for _ in range(3)]
+    step = train.StepGraph(fn, *batches[0], params)
+    grads = None
+    for x, y in batches:
+        out, loss = step(x, y)
+        if grads is None:
+            grads = [p.grad for p in params]
+        assert all(p.grad is g for p, g in zip(params, grads))
+        want_out = model(x)
+        want_loss = torch.nn.functional.cross_entropy(want_out, y)
+        want = torch.autograd.grad(want_loss, params)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(loss, want_loss)
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w)
 
 
 def test_default_threads_leave_busy_cores_alone(monkeypatch):
