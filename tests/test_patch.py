@@ -268,6 +268,64 @@ def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
         torch.testing.assert_close(ck_grads[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_torchvision_vit_patched_matches_unpatched(calls):
+    """torchvision's VisionTransformer: nn.MultiheadAttention (self-attention, need_weights=False), its
+    LayerNorms and the Linear -> GELU of its MLP blocks (linear_gelu) fused; logits and gradients unchanged."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(fresh_seed())
+    model = _randomize(tv.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                                    hidden_dim=32, mlp_dim=64, num_classes=5)).train()
+    report = _check_patched_same(model, _images((16, 16)), linear_gelu=True)
+    counts = report.counts()
+    assert counts["MultiheadAttention"] == 2 and counts["LayerNorm"] == 5 and counts["Linear"] == 2, counts
+    assert calls["qkv_attention"] == 2
+
+
+@pytest.mark.parametrize("batch_first,bias,backend", [(True, True, "auto"), (False, True, "auto"),
+                                                      (True, False, "auto"), (False, True, "triton")])
+def test_multihead_attention_fused_calls_and_fallbacks(calls, batch_first, bias, backend):
+    """Self-attention calls without masks or weights run the fused ops (output and gradients as
+    nn.MultiheadAttention's); any other call (weights asked for, a mask, cross-attention) runs its own forward."""
+    torch.manual_seed(fresh_seed())
+    holder = nn.ModuleDict({"mha": nn.MultiheadAttention(32, 4, bias=bias, batch_first=batch_first)})
+    _randomize(holder)
+    ref = copy.deepcopy(holder.mha)
+    flashvit.patch(holder)
+    mha = holder.mha
+    assert isinstance(mha, nn.MultiheadAttention) and type(mha) is not nn.MultiheadAttention
+    x = torch.randn(*((2, 7) if batch_first else (7, 2)), 32, requires_grad=True)
+    with flashvit.use_backend(backend):  # triton: the kernels in the interpreter
+        out, w = mha(x, x, x, need_weights=False)
+    want, _ = ref(x, x, x, need_weights=False)
+    assert w is None and calls["qkv_attention"] == 1
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, [x, *mha.parameters()], g)
+    want_grads = torch.autograd.grad(want, [x, *ref.parameters()], g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    y = torch.randn_like(x)
+    mask = torch.rand(7, 7) > 0.3
+    for args, kw in [((x, x, x), {}), ((x, x, x), dict(need_weights=False, attn_mask=mask)),
+                     ((x, y, y), dict(need_weights=False))]:
+        got, want = mha(*args, **kw), ref(*args, **kw)
+        torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+        assert (got[1] is None) == (want[1] is None)
+    assert calls["qkv_attention"] == 1  # the fallbacks did not call the fused op
+
+
+def test_multihead_attention_left_when_not_fusable():
+    holder = nn.ModuleDict({"kdim": nn.MultiheadAttention(32, 4, kdim=16, vdim=16),
+                            "bias_kv": nn.MultiheadAttention(32, 4, add_bias_kv=True),
+                            "head12": nn.MultiheadAttention(48, 4)})
+    report = flashvit.patch(holder).flashvit_report
+    assert not report.replaced
+    reasons = {path: why for path, _, why in report.left}
+    assert "kdim" in reasons["kdim"] and "add_bias_kv" in reasons["bias_kv"] and "head dim 12" in reasons["head12"]
+    root = flashvit.patch(nn.MultiheadAttention(32, 4)).flashvit_report
+    assert "root module" in root.left[0][2]
+
+
 def _hf_model(cls_name="ViTForImageClassification", **kw):
     transformers = pytest.importorskip("transformers")
     cfg = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,

@@ -202,6 +202,27 @@ class _FusedHFLayer(nn.Module):
         return self.dropout(self.mlp(y)) + h
 
 
+class _FusedMultiheadAttention(nn.Module):
+    """nn.MultiheadAttention whose self-attention calls (query is key is value, no masks, need_weights=False:
+    torchvision's ViT, open_clip) run the packed in-projection GEMM -> flash attention from the packed qkv
+    -> out-projection GEMM; every other call runs nn.MultiheadAttention's own forward."""
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[torch.Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if (query is not key or key is not value or key_padding_mask is not None or attn_mask is not None
+                or need_weights or is_causal or query.dim() != 3):
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        x = query if self.batch_first else query.transpose(0, 1)  # (B, N, E)
+        qkv = linear(x, self.in_proj_weight, self.in_proj_bias)  # (B, N, 3·E): q, k, v blocks, heads inside
+        o = qkv_attention(qkv, self.num_heads, dropout_p=self.dropout if self.training else 0.0)
+        o = linear(o, self.out_proj.weight, self.out_proj.bias)
+        return (o if self.batch_first else o.transpose(0, 1)), None
+
+
 class _FusedLinearGelu(nn.Linear):
     """nn.Linear whose following GELU (in an nn.Sequential) is folded into the GEMM epilogue."""
 
@@ -260,6 +281,17 @@ def _decide_timm_attention(m: nn.Module) -> Decision:
     if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
         return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
     return _clone_as(m, _FusedTimmAttention), None
+
+
+def _decide_mha(m: nn.Module) -> Decision:
+    if not m._qkv_same_embed_dim:
+        return None, "kdim/vdim differ from embed_dim (separate q/k/v projections)"
+    if m.bias_k is not None or m.add_zero_attn:
+        return None, "add_bias_kv / add_zero_attn are not fused"
+    head_dim = m.embed_dim // m.num_heads
+    if head_dim % 8 or head_dim > 256:
+        return None, f"head dim {head_dim} (the kernels take multiples of 8 up to 256)"
+    return _clone_as(m, _FusedMultiheadAttention), None
 
 
 def _mlp_reason(m: nn.Module, act_attr: str) -> Tuple[Optional[str], Optional[str]]:
@@ -365,7 +397,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     Args:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
-            Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``).
+            Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``);
+            ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
+            returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
         mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
@@ -389,6 +423,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
         (lambda m: _qualname(m) in _HF_LAYER, lambda m: (_clone_as(m, _FusedHFLayer), None), residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
+        (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _HF_MLP, _decide_hf_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
@@ -430,7 +465,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             visit(child, path + ".")
 
     visit(model, "")
-    if _is_layernorm(model) or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _HF_LAYER:
+    if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
+            or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _HF_LAYER):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
     if attention:
