@@ -353,6 +353,45 @@ def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
     assert model.config._attn_implementation == impl  # unpatch restored it
 
 
+HF_FAMILY = {  # model class, config class, extra config, classes fused, classes left (forward differs)
+    "deit": ("DeiTForImageClassification", "DeiTConfig", {},
+             {"LayerNorm": 5, "DeiTAttention": 2, "DeiTMLP": 2, "DeiTPatchEmbeddings": 1, "DeiTLayer": 2}, set()),
+    "vit_msn": ("ViTMSNForImageClassification", "ViTMSNConfig", {},
+                {"LayerNorm": 5, "ViTMSNAttention": 2, "ViTMSNMLP": 2, "ViTMSNPatchEmbeddings": 1, "ViTMSNLayer": 2},
+                set()),
+    "vit_mae": ("ViTMAEModel", "ViTMAEConfig", dict(mask_ratio=0.5),
+                {"LayerNorm": 5, "ViTMAEAttention": 2, "ViTMAEMLP": 2, "ViTMAEPatchEmbeddings": 1, "ViTMAELayer": 2},
+                set()),
+    "dinov2": ("Dinov2Model", "Dinov2Config", dict(mlp_ratio=2),
+               {"LayerNorm": 5, "Dinov2Attention": 2, "Dinov2MLP": 2}, {"Dinov2Layer", "Dinov2PatchEmbeddings"}),
+}
+
+
+@pytest.mark.parametrize("family", list(HF_FAMILY))
+def test_hf_vit_family_patched_matches_unpatched(family, calls):
+    """transformers classes generated from ViT's (DeiT, ViT-MSN, ViT-MAE's encoder, DINOv2) are fused where
+    their forward is ViT's (source compared); DINOv2's layer (layer scale) and patch embeddings (a dtype cast)
+    differ and are left, with that reason. Logits / hidden states and gradients unchanged."""
+    transformers = pytest.importorskip("transformers")
+    model_cls, cfg_cls, extra, fused, left = HF_FAMILY[family]
+    cfg = dict(dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+                    num_attention_heads=3, intermediate_size=80, num_labels=5), **extra)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**cfg))).train()
+
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))  # MAE: the same kept patches each call
+
+    def call(m, x):
+        out = m(pixel_values=x, **({"noise": noise} if family == "vit_mae" else {}))
+        return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+    report = _check_patched_same(model, _images((32, 32)), call=call)
+    assert report.counts() == fused, report.counts()
+    differ = {cls for _, cls, why in report.left if "forward differs from transformers' ViT" in why}
+    assert differ == left, report.left
+    assert calls["attention"] == 2 and calls["mlp"] == 2
+
+
 def test_hf_attention_function_is_registered_and_used():
     from transformers import AttentionInterface
 

@@ -19,6 +19,9 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
+import inspect
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -47,10 +50,11 @@ _TIMM_ATTENTION = {"timm.layers.attention.Attention"}
 _TIMM_MLP = {"timm.layers.mlp.Mlp"}
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
-_HF_LAYER = {"transformers.models.vit.modeling_vit.ViTLayer"}
-_HF_VIT_ATTENTION = {"transformers.models.vit.modeling_vit.ViTAttention"}
-_HF_MLP = {"transformers.models.vit.modeling_vit.ViTMLP"}
-_HF_PATCH_EMBED = {"transformers.models.vit.modeling_vit.ViTPatchEmbeddings"}
+# transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
+# from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
+# (checked per class: a version that changes one is seen and the class is left, with that reason).
+_HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2"}
+_HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -60,6 +64,40 @@ _GELUS = {
     "transformers.activations.GELUTanh": "gelu_tanh",
     "transformers.activations.NewGELUActivation": "gelu_tanh",  # the tanh formula written out
 }
+
+
+def _hf_role(m: nn.Module) -> Optional[str]:
+    """'Layer' / 'Attention' / 'MLP' / 'PatchEmbeddings' for a ViT-family transformers class (by its name)."""
+    mod, name = type(m).__module__, type(m).__name__
+    if not mod.startswith("transformers.models."):
+        return None
+    folder = mod.split(".")[2]
+    prefix = _HF_VIT_FAMILY.get(folder)
+    if prefix is None or mod != f"transformers.models.{folder}.modeling_{folder}":
+        return None
+    return next((r for r in _HF_ROLES if name == prefix + r), None)
+
+
+@functools.cache
+def _hf_forward_differs(cls: type, role: str) -> Optional[str]:
+    """None when ``cls.forward`` is transformers' ViT<role>.forward with the prefix swapped, else why not."""
+    prefix = _HF_VIT_FAMILY[cls.__module__.split(".")[2]]
+    if prefix == "ViT":
+        return None
+    try:
+        vit = getattr(importlib.import_module("transformers.models.vit.modeling_vit"), "ViT" + role)
+        same = inspect.getsource(cls.forward).replace(prefix, "ViT") == inspect.getsource(vit.forward)
+    except (ImportError, AttributeError, OSError, TypeError) as e:
+        return f"cannot compare its forward with transformers' ViT{role} ({type(e).__name__})"
+    return None if same else f"its forward differs from transformers' ViT{role}"
+
+
+def _hf_decide(role: str, decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Module], Decision]:
+    """``decide`` for a ViT-family class whose forward is ViT's; others are left with the reason."""
+    def run(m: nn.Module) -> Decision:
+        why = _hf_forward_differs(type(m), role)
+        return (None, why) if why else decide(m)
+    return run
 
 
 def _gelu_kind(act: nn.Module) -> Optional[str]:
@@ -397,7 +435,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     Args:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
-            Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``);
+            Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
+            likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
@@ -421,13 +460,15 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
-        (lambda m: _qualname(m) in _HF_LAYER, lambda m: (_clone_as(m, _FusedHFLayer), None), residual),
+        (lambda m: _hf_role(m) == "Layer", _hf_decide("Layer", lambda m: (_clone_as(m, _FusedHFLayer), None)),
+         residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
-        (lambda m: _qualname(m) in _HF_MLP, _decide_hf_mlp, mlp),
+        (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
-        (lambda m: _qualname(m) in _HF_PATCH_EMBED, _decide_hf_patch_embed, patch_embed),
+        (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
+         patch_embed),
         (_is_layernorm, _decide_layernorm, layernorm),
     ]
 
@@ -466,7 +507,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     visit(model, "")
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
-            or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _HF_LAYER):
+            or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK or _hf_role(model) is not None):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
     if attention:
@@ -493,19 +534,21 @@ def _swap(state: _PatchState, parent: nn.Module, name: str, orig: nn.Module, new
 
 
 def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
-    hf_attn = [n for n, m in model.named_modules() if _qualname(m) in _HF_VIT_ATTENTION]
-    others = [(n, type(m).__name__) for n, m in model.named_modules()
-              if type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
-              and _qualname(m) not in _HF_VIT_ATTENTION]
+    hf_attn, others = [], []
+    for n, m in model.named_modules():
+        if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
+            hf_attn.append((n, type(m).__name__))
+        elif type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers."):
+            others.append((n, type(m).__name__))
     for n, cls in others:
-        state.report.left.append((n, cls, "only transformers' ViT attention is routed to flashvit"))
+        state.report.left.append((n, cls, "only transformers' ViT-family attention is routed to flashvit"))
     if not hf_attn:
         return
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        for n in hf_attn:
-            state.report.left.append((n, "ViTAttention", "no PreTrainedModel with a config above it to set "
-                                                          "attn_implementation on; patch the PreTrainedModel"))
+        for n, cls in hf_attn:
+            state.report.left.append((n, cls, "no PreTrainedModel with a config above it to set "
+                                              "attn_implementation on; patch the PreTrainedModel"))
         return
     register_hf_attention()
     state.hf_attn_previous = config._attn_implementation
@@ -513,8 +556,8 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
     if config._attn_implementation != HF_ATTN_IMPLEMENTATION:
         raise RuntimeError(f"transformers refused attn_implementation={HF_ATTN_IMPLEMENTATION!r} "
                            f"(kept {config._attn_implementation!r})")
-    for n in hf_attn:
-        state.report.replaced.append((n, "ViTAttention", f"ViTAttention[attn_implementation={HF_ATTN_IMPLEMENTATION}]"))
+    for n, cls in hf_attn:
+        state.report.replaced.append((n, cls, f"{cls}[attn_implementation={HF_ATTN_IMPLEMENTATION}]"))
 
 
 def unpatch(model: nn.Module) -> nn.Module:
