@@ -20,7 +20,7 @@ import contextlib
 import functools
 import importlib
 import itertools
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,11 @@ GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
 # budgets) first, [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM
 # paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
-# attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks] (LayerNorm's backward) exists
-# with the graph timer only, whose step runs every row (device time: the host hides LayerNorm's kernels there)
+# attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch] and
+# [chunks+prefetch] (LayerNorm's backward) exist with the graph timer only, whose step runs every row (device
+# time: the host hides LayerNorm's kernels there)
 EXPERIMENTAL = ("[tail]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]",
-                "[split]", "[dropout]", "[chunks]")
+                "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -319,10 +320,12 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
                 main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
                                 unavailable=ctx.triton_reason))
-                if mode == "fwd+bwd" and ctx.timer == "graph":  # the backward's column chunks (device time only:
-                    main.append(Job(mk("flashvit[chunks]", note=knote),  # the host would hide them)
-                                    timed(const(ours), args, mode, ctx, context=_ln_chunks_context),
-                                    unavailable=ctx.triton_reason or ln_chunks_note(D)))
+                if mode == "fwd+bwd" and ctx.timer == "graph":  # the backward's forms not yet timed (device time
+                    for tag, chunks, prefetch in LN_BWD_FORMS:  # only: the host would hide them)
+                        main.append(Job(mk(f"flashvit[{tag}]", note=knote),
+                                        timed(const(ours), args, mode, ctx,
+                                              context=functools.partial(_ln_bwd_context, chunks, prefetch)),
+                                        unavailable=ctx.triton_reason or (ln_chunks_note(D) if chunks else "")))
                 main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
                 if name == "layer_norm" and ctx.device.type == "cuda":
                     for label_, f in optional_layernorms():
@@ -341,9 +344,17 @@ def ln_chunks_note(d: int) -> str:
         return "" if L._bwd_chunks(d, L._config(d)[0])[1] else f"D={d} fills its block: no column chunks"
 
 
-def _ln_chunks_context() -> Any:
-    """LayerNorm's backward in two column chunks (use_ln_chunks) on."""
-    return importlib.import_module("flashvit.kernels.layernorm").use_ln_chunks(True)
+# LayerNorm backward forms with graph rows: (tag, use_ln_chunks, use_ln_prefetch)
+LN_BWD_FORMS = (("chunks", True, False), ("prefetch", False, True), ("chunks+prefetch", True, True))
+
+
+@contextlib.contextmanager
+def _ln_bwd_context(chunks: bool, prefetch: bool) -> Iterator[None]:
+    """LayerNorm's backward in two column chunks (use_ln_chunks) and / or with its next-rows prefetch
+    (use_ln_prefetch)."""
+    L = importlib.import_module("flashvit.kernels.layernorm")
+    with L.use_ln_chunks(chunks), L.use_ln_prefetch(prefetch):
+        yield
 
 
 def _fused_context(tail: bool = False) -> Any:
@@ -768,6 +779,7 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
             d = row.shape.get("D") if row.name in ("layer_norm", "add_layer_norm") else None
             return GRAPH_LN_DIMS_ORDER.index(d) if d in GRAPH_LN_DIMS_ORDER else len(GRAPH_LN_DIMS_ORDER)
         group_pos = {g: i for i, g in enumerate(dict.fromkeys(j.row.group() for j in ordered))}
-        rank = {"flashvit": 0, "compile(eager)": 1, "flashvit[chunks]": 2}
-        ordered = sorted(ordered, key=lambda j: (dim_rank(j.row), group_pos[j.row.group()], rank.get(j.row.impl, 3)))
+        rank = {"flashvit": 0, "compile(eager)": 1, "flashvit[chunks]": 2, "flashvit[prefetch]": 3,
+                "flashvit[chunks+prefetch]": 4}
+        ordered = sorted(ordered, key=lambda j: (dim_rank(j.row), group_pos[j.row.group()], rank.get(j.row.impl, 5)))
     return ordered

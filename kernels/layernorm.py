@@ -104,11 +104,30 @@ def _ln_fwd_kernel(
 
 
 @_jit
-def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd):
-    # One column chunk of ROWS rows: (xhat, w·dy, dy) (ROWS, C) fp32 and the chunk's two row sums (ROWS, 2),
-    # sum(xhat·w·dy) and sum(w·dy), joined: one cross-warp exchange for both.
-    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _dev_ln_bwd_raw(DY, X, r64, cols, mask, stride_dy, stride_x):
+    # One column chunk of ROWS rows of x and dy, as stored (ROWS, C); masked lanes read 0.
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+    return x, dy
+
+
+@_jit
+def _dev_ln_bwd_next(DY, X, DHO, r64, cols, mask, stride_dy, stride_x, stride_dho, HAS_DHO: tl.constexpr):
+    # PREFETCH: the next rows' x, dy and (HAS_DHO) dh_out of one column chunk, as stored; dho 0.0 without.
+    x, dy = _dev_ln_bwd_raw(DY, X, r64, cols, mask, stride_dy, stride_x)
+    if HAS_DHO:
+        dho = tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0)
+    else:
+        dho = 0.0
+    return x, dy, dho
+
+
+@_jit
+def _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd):
+    # (xhat, w·dy, dy) (ROWS, C) fp32 and the chunk's two row sums (ROWS, 2), sum(xhat·w·dy) and sum(w·dy),
+    # joined: one cross-warp exchange for both.
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
     # masked lanes: x, dy, w read 0, so xhat there (finite) meets a zero in every product that uses it
     xhat = (x - mean[:, None]) * rstd[:, None]
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (C,) reloaded: fewer live registers
@@ -117,12 +136,23 @@ def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, m
 
 
 @_jit
+def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd):
+    # One column chunk of ROWS rows loaded, then _dev_ln_bwd_math's values.
+    x, dy = _dev_ln_bwd_raw(DY, X, r64, cols, mask, stride_dy, stride_x)
+    return _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd)
+
+
+@_jit
 def _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho,
-                      HAS_DHO: tl.constexpr):
-    # dx of one column chunk: (w·dy - (xhat·c1 + c2))·rstd, plus the h output's own gradient (HAS_DHO).
+                      HAS_DHO: tl.constexpr, dho, DHO_LOADED: tl.constexpr):
+    # dx of one column chunk: (w·dy - (xhat·c1 + c2))·rstd, plus the h output's own gradient (HAS_DHO), loaded
+    # here or, DHO_LOADED, given (``dho``, as stored; else a placeholder).
     dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
     if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
-        dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DHO_LOADED:
+            dx += dho.to(tl.float32)
+        else:
+            dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -131,10 +161,14 @@ def _ln_bwd_kernel(
     DY, X, W, Mean, Rstd, DHO, DX, DWP, DBP,  # DY, X, DHO, DX: (M, N) row-strided; W: (N,); DWP, DBP: (G, N) fp32
     M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr, BLOCK_N2: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
     # BLOCK_N2 > 0 (use_ln_chunks): a row is two column chunks, BLOCK_N + BLOCK_N2 (768 = 512 + 256), not one
     # padded power of two (1024: a quarter of the lanes idle).
+    # PREFETCH (use_ln_prefetch): each step loads the next ROWS rows' x, dy, mean, rstd before its own cross-warp
+    # sums and stores, so a program's loads stay in flight through them (the loop is not pipelined otherwise:
+    # ptxas, Triton 3.6, no LDGSTS); the next rows past the program's own are masked off, no traffic.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -146,25 +180,64 @@ def _ln_bwd_kernel(
         dw_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
         db_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
     row0 = pid * rows_per_prog
+    if PREFETCH:  # the first step's rows
+        rows_n = row0 + tl.arange(0, ROWS)
+        ok_n = rows_n < M
+        r64_n = rows_n.to(tl.int64)[:, None]
+        x_n, dy_n, dho_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols, ok_n[:, None] & col_mask[None, :], stride_dy,
+                                            stride_x, stride_dho, HAS_DHO)
+        if BLOCK_N2 > 0:
+            x2_n, dy2_n, dho2_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols2, ok_n[:, None] & col_mask2[None, :],
+                                                   stride_dy, stride_x, stride_dho, HAS_DHO)
+        else:
+            dho2_n = 0.0
+        mean_n = tl.load(Mean + rows_n, mask=ok_n, other=0.0)
+        rstd_n = tl.load(Rstd + rows_n, mask=ok_n, other=0.0)
+    else:  # placeholders: the stores load dho themselves
+        dho_n, dho2_n = 0.0, 0.0
     for i in range(0, rows_per_prog, ROWS):
         rows = row0 + i + tl.arange(0, ROWS)  # (ROWS,)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
         r64 = rows.to(tl.int64)[:, None]
-        mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
-        xhat, wdy, dy, sums = _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd)
         if BLOCK_N2 > 0:
             mask2 = row_mask[:, None] & col_mask2[None, :]
-            xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_load(DY, X, W, r64, cols2, mask2, col_mask2, stride_dy, stride_x,
-                                                        mean, rstd)
-            sums += sums2
+        dho, dho2 = dho_n, dho2_n  # (placeholders without PREFETCH)
+        if PREFETCH:
+            x, dy, mean, rstd = x_n, dy_n, mean_n, rstd_n
+            if BLOCK_N2 > 0:
+                x2, dy2 = x2_n, dy2_n
+            rows_n = rows + ROWS
+            ok_n = (rows_n < M) & (i + ROWS < rows_per_prog)
+            r64_n = rows_n.to(tl.int64)[:, None]
+            x_n, dy_n, dho_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols, ok_n[:, None] & col_mask[None, :],
+                                                stride_dy, stride_x, stride_dho, HAS_DHO)
+            if BLOCK_N2 > 0:
+                x2_n, dy2_n, dho2_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols2, ok_n[:, None] & col_mask2[None, :],
+                                                       stride_dy, stride_x, stride_dho, HAS_DHO)
+            mean_n = tl.load(Mean + rows_n, mask=ok_n, other=0.0)
+            rstd_n = tl.load(Rstd + rows_n, mask=ok_n, other=0.0)
+            xhat, wdy, dy, sums = _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd)
+            if BLOCK_N2 > 0:
+                xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_math(x2, dy2, W, cols2, col_mask2, mean, rstd)
+                sums += sums2
+        else:
+            mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+            xhat, wdy, dy, sums = _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean,
+                                                   rstd)
+            if BLOCK_N2 > 0:
+                xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_load(DY, X, W, r64, cols2, mask2, col_mask2, stride_dy,
+                                                            stride_x, mean, rstd)
+                sums += sums2
         c1, c2 = tl.split(sums / N)  # (ROWS,) each
-        _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO)
+        _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO, dho,
+                          PREFETCH)
         dw_acc += dy * xhat
         db_acc += dy
         if BLOCK_N2 > 0:
-            _dev_ln_bwd_store(DX, DHO, r64, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO)
+            _dev_ln_bwd_store(DX, DHO, r64, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO,
+                              dho2, PREFETCH)
             dw_acc2 += dy2 * xhat2
             db_acc2 += dy2
     poff = pid.to(tl.int64) * N
@@ -212,6 +285,22 @@ _ln_chunks: List[bool] = []  # innermost use_ln_chunks() last
 def use_ln_chunks(on: bool) -> ContextManager[None]:
     """Force the backward's column chunks (LN_BWD_CHUNKS) on or off inside a ``with`` block."""
     return pushed(_ln_chunks, bool(on))
+
+
+# The backward's loop loads the next rows while it reduces and stores the current ones (PREFETCH in
+# _ln_bwd_kernel): ptxas (Triton 3.6, sm_90) shows the loop's loads unpipelined, so a program has loads in flight
+# only between its cross-warp sums. Off until timed: the graph rows tagged [prefetch], [chunks+prefetch].
+LN_BWD_PREFETCH = False
+_ln_prefetch: List[bool] = []  # innermost use_ln_prefetch() last
+
+
+def use_ln_prefetch(on: bool) -> ContextManager[None]:
+    """Force the backward's next-rows prefetch (LN_BWD_PREFETCH) on or off inside a ``with`` block."""
+    return pushed(_ln_prefetch, bool(on))
+
+
+def _bwd_prefetch() -> bool:
+    return _ln_prefetch[-1] if _ln_prefetch else LN_BWD_PREFETCH
 
 
 def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
@@ -285,7 +374,8 @@ if HAS_TRITON and not INTERPRET:
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
-    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2"]))
+    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
+                                                                               "PREFETCH"]))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -404,11 +494,12 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     partial = _empty((2, g, d), torch.float32, dev)
     dwp, dbp = partial.unbind(0)  # (G, D) each, one call for both views
     args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, _row_stride(x2), sdho, d, rows_per_prog)
+    prefetch = _bwd_prefetch()
     if INTERPRET:
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
-                             num_warps=warps, num_stages=BWD_STAGES)
+                             PREFETCH=prefetch, num_warps=warps, num_stages=BWD_STAGES)
     else:  # every choice's ROWS divides rows_per_prog: same grid, same partials
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None))
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None, PREFETCH=prefetch))
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
     return dx, dwdb if pd == torch.float32 else dwdb.to(pd)
@@ -651,15 +742,17 @@ def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dt
 
 
 def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
-              tag: str = "", block_n2: int = 0) -> AotSpec:
+              tag: str = "", block_n2: int = 0, prefetch: bool = False) -> AotSpec:
     t = _TT[xd]
     sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32", "DHO": f"*{t}",
            "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32",
            "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
-           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr"}
+           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr",
+           "PREFETCH": "constexpr"}
     chunks = f"+{block_n2}" if block_n2 else ""
+    tag += ",prefetch" if prefetch else ""
     return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho,
-                                              "BLOCK_N2": block_n2}, warps,
+                                              "BLOCK_N2": block_n2, "PREFETCH": prefetch}, warps,
                         BWD_STAGES, f"ln_bwd[BLOCK_N={block_n}{chunks},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
                         div16=("N", "stride_dy", "stride_x", "stride_dho", "stride_dx"))
 
@@ -683,7 +776,10 @@ def _aot_specs() -> List[AotSpec]:
             block_n = _config(d)[0]
             bn1, bn2 = _bwd_chunks(d, block_n)
             for r, w in _bwd_choices(block_n):
-                specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2))
+                for prefetch in (False, True):  # (use_ln_prefetch, alone and with the chunks)
+                    specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, prefetch))
+                    if prefetch:
+                        specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}", 0, True))
     return specs
 
 

@@ -268,6 +268,22 @@ def test_graph_timer_rows_come_in_pairs_with_torch_compile():
     full = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=False, timer="graph")
     dims = [j.row.shape["D"] for j in ops.select_rows(ops.op_jobs(full, ["layernorm"]), "settled")]
     assert list(dict.fromkeys(dims)) == list(ops.GRAPH_LN_DIMS_ORDER), dims
+    # the backward's untimed forms: graph rows of fwd+bwd only, after ours and torch.compile's in each group;
+    # the chunks where a width pads (not 1024), the prefetch at every width
+    every = ops.select_rows(ops.op_jobs(full, ["layernorm"]), "all")
+    forms = {(j.row.name, j.row.shape["D"], j.row.mode, j.row.impl): j for j in every if "[" in j.row.impl}
+    for name in ("layer_norm", "add_layer_norm"):
+        for d in ops.GRAPH_LN_DIMS_ORDER:
+            assert bool(ops.ln_chunks_note(d)) == (d == 1024)
+            for tag, _, _ in ops.LN_BWD_FORMS:
+                assert (name, d, "fwd+bwd", f"flashvit[{tag}]") in forms
+                assert (name, d, "fwd", f"flashvit[{tag}]") not in forms
+    group = [j.row.impl for j in every if j.row.name == "add_layer_norm" and j.row.shape["D"] == 768
+             and j.row.mode == "fwd+bwd"]
+    assert group[:5] == ["flashvit", "compile(eager)", "flashvit[chunks]", "flashvit[prefetch]",
+                         "flashvit[chunks+prefetch]"], group
+    plain = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=False)
+    assert not [j for j in ops.op_jobs(plain, ["layernorm"]) if "[" in j.row.impl]  # do_bench rows: none
 
 
 def test_model_rows_priority_order():

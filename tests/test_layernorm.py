@@ -136,6 +136,38 @@ def test_backward_column_chunks(device, dtype, lead, d, launches):
     assert L._bwd_chunks(768, 1024) == (1024, 0) and L._ln_chunks == [] and L.LN_BWD_CHUNKS is False  # off again
 
 
+@pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("lead,d", [((2, 3, 37), 192), ((3, 11), 384), ((2, 9), 768), ((7, 19), 100), ((3, 50), 7)])
+def test_backward_prefetch(device, lead, d, chunks, launches, monkeypatch):
+    """use_ln_prefetch(True): the backward loads each step's next rows ahead (masked past the program's own rows
+    and past M: the last program here holds a partial step), alone and with the column chunks; LN and the fused
+    add, all gradients, and the kernel was launched with PREFETCH on."""
+    seen = []
+    kernel = L._ln_bwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(k["PREFETCH"])
+                return kernel[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(L, "_ln_bwd_kernel", Spy())
+    with L.use_ln_prefetch(True), L.use_ln_chunks(chunks):
+        x, r = randn(*lead, d, device=device, scale=2.0), randn(*lead, d, device=device)
+        w, b = randn(d, device=device), randn(d, device=device)
+        gy, gh = randn(*lead, d, device=device), randn(*lead, d, device=device)
+        m = x.numel() // d
+        rows = L._config(d)[1]
+        assert L._rows_per_prog(torch.device(device), rows, m) > rows  # several steps a program
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, 1e-5, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b, 1e-5), [x, w, b], [gy], "xwb")
+        _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
+                 lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
+    assert seen and all(seen) and launches == {"fwd": 2, "bwd": 2}
+    assert not L._bwd_prefetch() and L._ln_prefetch == []  # off again
+
+
 def test_add_layer_norm_only_y_used(device):
     """h unused downstream: its gradient arrives as zeros/None and d(x) = d(residual) = dx through LN."""
     x, r = randn(3, 7, 40, device=device, requires_grad=True), randn(3, 7, 40, device=device, requires_grad=True)
@@ -394,6 +426,23 @@ def test_backward_column_chunks_gpu(d):
         assert L._bwd_chunks(d, L._config(d)[0])[1] > 0
         _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
                  lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+        _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,chunks", [(384, False), (768, False), (768, True), (1024, False), (1280, True)])
+def test_backward_prefetch_gpu(d, chunks):
+    """The backward's next-rows prefetch (use_ln_prefetch, the graph bench's [prefetch] rows) in bf16, autotuned,
+    alone and with the column chunks, and its 20 backward runs bit-equal."""
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    with L.use_ln_prefetch(True), L.use_ln_chunks(chunks):
+        _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+                 lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
         _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
 
 
