@@ -123,6 +123,24 @@ def _dev_ln_bwd_next(DY, X, DHO, r64, cols, mask, stride_dy, stride_x, stride_dh
 
 
 @_jit
+def _dev_ln_bwd_ahead(DY, X, DHO, Mean, Rstd, rows, ok, cols, col_mask, cols2, col_mask2, stride_dy, stride_x,
+                      stride_dho, HAS_DHO: tl.constexpr, BLOCK_N2: tl.constexpr):
+    # PREFETCH: rows (ROWS,) where ok of both column chunks (the second: BLOCK_N2 > 0, else placeholders), as
+    # stored, and their mean and rstd: (x, dy, dho, x2, dy2, dho2, mean, rstd).
+    r64 = rows.to(tl.int64)[:, None]
+    x, dy, dho = _dev_ln_bwd_next(DY, X, DHO, r64, cols, ok[:, None] & col_mask[None, :], stride_dy, stride_x,
+                                  stride_dho, HAS_DHO)
+    if BLOCK_N2 > 0:
+        x2, dy2, dho2 = _dev_ln_bwd_next(DY, X, DHO, r64, cols2, ok[:, None] & col_mask2[None, :], stride_dy,
+                                         stride_x, stride_dho, HAS_DHO)
+    else:
+        x2, dy2, dho2 = x, dy, 0.0
+    mean = tl.load(Mean + rows, mask=ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=ok, other=0.0)
+    return x, dy, dho, x2, dy2, dho2, mean, rstd
+
+
+@_jit
 def _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd):
     # (xhat, w·dy, dy) (ROWS, C) fp32 and the chunk's two row sums (ROWS, 2), sum(xhat·w·dy) and sum(w·dy),
     # joined: one cross-warp exchange for both.
@@ -166,7 +184,7 @@ def _ln_bwd_kernel(
     # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
     # BLOCK_N2 > 0 (use_ln_chunks): a row is two column chunks, BLOCK_N + BLOCK_N2 (768 = 512 + 256), not one
     # padded power of two (1024: a quarter of the lanes idle).
-    # PREFETCH (use_ln_prefetch): each step loads the next ROWS rows' x, dy, mean, rstd before its own cross-warp
+    # PREFETCH (use_ln_prefetch): each step loads the next ROWS rows' x, dy, dh, mean, rstd before its cross-warp
     # sums and stores, so a program's loads stay in flight through them (the loop is not pipelined otherwise:
     # ptxas, Triton 3.6, no LDGSTS); the next rows past the program's own are masked off, no traffic.
     pid = tl.program_id(0)
@@ -179,20 +197,14 @@ def _ln_bwd_kernel(
         col_mask2 = cols2 < N
         dw_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
         db_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
+    else:  # placeholders (a second chunk's names, unused)
+        cols2, col_mask2 = cols, col_mask
     row0 = pid * rows_per_prog
     if PREFETCH:  # the first step's rows
         rows_n = row0 + tl.arange(0, ROWS)
-        ok_n = rows_n < M
-        r64_n = rows_n.to(tl.int64)[:, None]
-        x_n, dy_n, dho_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols, ok_n[:, None] & col_mask[None, :], stride_dy,
-                                            stride_x, stride_dho, HAS_DHO)
-        if BLOCK_N2 > 0:
-            x2_n, dy2_n, dho2_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols2, ok_n[:, None] & col_mask2[None, :],
-                                                   stride_dy, stride_x, stride_dho, HAS_DHO)
-        else:
-            dho2_n = 0.0
-        mean_n = tl.load(Mean + rows_n, mask=ok_n, other=0.0)
-        rstd_n = tl.load(Rstd + rows_n, mask=ok_n, other=0.0)
+        x_n, dy_n, dho_n, x2_n, dy2_n, dho2_n, mean_n, rstd_n = _dev_ln_bwd_ahead(
+            DY, X, DHO, Mean, Rstd, rows_n, rows_n < M, cols, col_mask, cols2, col_mask2, stride_dy, stride_x,
+            stride_dho, HAS_DHO, BLOCK_N2)
     else:  # placeholders: the stores load dho themselves
         dho_n, dho2_n = 0.0, 0.0
     for i in range(0, rows_per_prog, ROWS):
@@ -208,15 +220,9 @@ def _ln_bwd_kernel(
             if BLOCK_N2 > 0:
                 x2, dy2 = x2_n, dy2_n
             rows_n = rows + ROWS
-            ok_n = (rows_n < M) & (i + ROWS < rows_per_prog)
-            r64_n = rows_n.to(tl.int64)[:, None]
-            x_n, dy_n, dho_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols, ok_n[:, None] & col_mask[None, :],
-                                                stride_dy, stride_x, stride_dho, HAS_DHO)
-            if BLOCK_N2 > 0:
-                x2_n, dy2_n, dho2_n = _dev_ln_bwd_next(DY, X, DHO, r64_n, cols2, ok_n[:, None] & col_mask2[None, :],
-                                                       stride_dy, stride_x, stride_dho, HAS_DHO)
-            mean_n = tl.load(Mean + rows_n, mask=ok_n, other=0.0)
-            rstd_n = tl.load(Rstd + rows_n, mask=ok_n, other=0.0)
+            x_n, dy_n, dho_n, x2_n, dy2_n, dho2_n, mean_n, rstd_n = _dev_ln_bwd_ahead(
+                DY, X, DHO, Mean, Rstd, rows_n, (rows_n < M) & (i + ROWS < rows_per_prog), cols, col_mask, cols2,
+                col_mask2, stride_dy, stride_x, stride_dho, HAS_DHO, BLOCK_N2)
             xhat, wdy, dy, sums = _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd)
             if BLOCK_N2 > 0:
                 xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_math(x2, dy2, W, cols2, col_mask2, mean, rstd)
