@@ -387,8 +387,9 @@ def cuda_graph_refusal(cfg: Dict[str, Any], d: Dist, device: torch.device, amp: 
 class StepGraph:
     """``fn(x, y) -> (out, loss)`` (forward, loss, backward) replayed from one CUDA graph (--cuda-graph).
 
-    Captured on copies of the first batch after two warm-up runs on a side stream (kernel compiles and
-    autotuning, cuBLAS workspaces; their gradients are dropped, no optimizer step). Each call copies its batch
+    Captured (flashvit.capture_cuda_graph) on copies of the first batch after two warm-up runs on a side stream
+    (kernel compiles and autotuning, cuBLAS workspaces; their gradients are dropped, no optimizer step). Each
+    call copies its batch
     (same shape) into the captured inputs and replays; ``out`` and ``loss`` are the graph's own tensors,
     rewritten by the next call. The gradients of ``params`` are None at capture, so the graph allocates them
     and every replay writes them anew: nothing may set them to None afterwards (the optimizer reads them).
@@ -397,19 +398,8 @@ class StepGraph:
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
                  x: torch.Tensor, y: torch.Tensor, params: List[torch.nn.Parameter]) -> None:
         self.x, self.y = x.clone(), y.clone()
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                for p in params:
-                    p.grad = None
-                fn(self.x, self.y)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        for p in params:
-            p.grad = None
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out, self.loss = fn(self.x, self.y)
+        with torch.cuda.device(x.device):
+            self.graph, (self.out, self.loss) = flashvit.capture_cuda_graph(lambda: fn(self.x, self.y), params)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.x.copy_(x)

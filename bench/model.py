@@ -267,21 +267,11 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 
 
 def _graphed(step: Callable[[], None], model: Optional[torch.nn.Module]) -> Callable[[], None]:
-    """``step`` captured in a CUDA graph -> its replay. Two more warm-up steps on a side stream first (the
-    optimizer's state, cuBLAS workspaces); a training step's gradients are None at capture, so its backward
-    allocates them in the graph's pool and every replay writes them anew (the zero_grad inside the step only
-    drops the Python references)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    if model is not None:
-        model.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    """``step`` captured in a CUDA graph (flashvit.capture_cuda_graph, two warm-up steps first) -> its replay.
+    A training step's gradients are None at capture, so its backward allocates them in the graph and every
+    replay writes them anew (the zero_grad inside the step only drops the Python references)."""
+    import flashvit
+    graph, _ = flashvit.capture_cuda_graph(step, model.parameters() if model is not None else ())
     return graph.replay
 
 

@@ -145,18 +145,12 @@ def test_eager_cpu_not_slower_than_timm():
 
 
 
-def _capture(fn):
-    """fn() captured in a CUDA graph after two warm-up calls on a side stream (compile, autotune, allocate)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+def test_capture_cuda_graph_refuses_clearly():
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        flashvit.capture_cuda_graph(lambda: None, warmup=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            flashvit.capture_cuda_graph(lambda: None)
 
 
 @pytest.mark.gpu
@@ -182,7 +176,7 @@ def test_training_step_in_a_cuda_graph_gpu(backend):
     with flashvit.use_backend(backend):
         eager_loss = step().item()
         eager = {n: p.grad.float().clone() for n, p in model.named_parameters()}
-        graph, loss = _capture(step)
+        graph, loss = flashvit.capture_cuda_graph(step)
         graph.replay()
         torch.testing.assert_close(loss.item(), eager_loss, atol=1e-3, rtol=1e-3)
         for n, p in model.named_parameters():
@@ -191,7 +185,7 @@ def test_training_step_in_a_cuda_graph_gpu(backend):
         for m in model.modules():
             if isinstance(m, flashvit.vit.model.Attention):
                 m.attn_drop.p = 0.2
-        graph, loss = _capture(step)
+        graph, loss = flashvit.capture_cuda_graph(step)
         losses = set()
         for _ in range(3):
             graph.replay()
