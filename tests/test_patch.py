@@ -314,6 +314,20 @@ def test_multihead_attention_fused_calls_and_fallbacks(calls, batch_first, bias,
     assert calls["qkv_attention"] == 1  # the fallbacks did not call the fused op
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_torch_transformer_encoder_patched_matches_unpatched(calls, norm_first):
+    """nn.TransformerEncoder: each layer's nn.MultiheadAttention (called with need_weights=False) and LayerNorms
+    fused; outputs and gradients unchanged (dropout 0), and unpatch restores the modules."""
+    torch.manual_seed(fresh_seed())
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, activation="gelu", batch_first=True,
+                                       norm_first=norm_first)
+    model = _randomize(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)).train()
+    x = torch.randn(2, 9, 32)
+    report = _check_patched_same(model, x)
+    assert report.counts() == {"MultiheadAttention": 2, "LayerNorm": 4}, report.counts()
+    assert calls["qkv_attention"] == 2
+
+
 def test_multihead_attention_left_when_not_fusable():
     holder = nn.ModuleDict({"kdim": nn.MultiheadAttention(32, 4, kdim=16, vdim=16),
                             "bias_kv": nn.MultiheadAttention(32, 4, add_bias_kv=True),
