@@ -13,10 +13,13 @@ Implementations (same config, same dtype, same batch):
   graph(IMPL)         IMPL's whole step (forward, loss, backward, optimizer step) captured in one CUDA graph and
                       replayed: no host time per kernel, so host-bound shapes (ViT-S) show their device time
 
+Models: flashvit's presets (s, b, l, ...: every impl), or any timm ViT name (deit_small_patch16_224,
+vit_base_patch14_dinov2, ...): its timm rows only, i.e. what flashvit.patch gives that model.
+
 The model runs in pure ``dtype`` (bf16 on GPU: parameters and activations, no autocast) for every impl.
 A training step is forward + cross-entropy + backward + SGD step. FLOPs per image are counted with
-torch.utils.flop_counter.FlopCounterMode on our eager path (aten ops, SDPA forced to its MATH form so
-every matmul is seen); MFU = img/s x FLOP/img / the run's measured matmul TFLOP/s.
+torch.utils.flop_counter.FlopCounterMode on our eager path (timm's model for a timm-only name; aten ops, SDPA
+forced to its MATH form so every matmul is seen); MFU = img/s x FLOP/img / the run's measured matmul TFLOP/s.
 """
 
 from __future__ import annotations
@@ -78,14 +81,27 @@ class MCtx:
 
 
 def resolve(names: Sequence[str]) -> List[str]:
+    """Model names: s/b/l, flashvit presets (every impl), or any other timm model name (its timm rows only:
+    timm, timm+flashvit.patch and their compile / graph / verdict forms)."""
     import flashvit
     out = []
     for n in names:
         name = MODEL_ALIASES.get(n.lower(), n)
-        if name not in flashvit.list_models():
-            raise ValueError(f"unknown model {n!r}; use s/b/l or one of flashvit.list_models()")
+        if name not in flashvit.list_models() and not _is_timm_model(name):
+            raise ValueError(f"unknown model {n!r}; use s/b/l, one of flashvit.list_models() or a timm model name")
         out.append(name)
     return out
+
+
+def _is_timm_model(name: str) -> bool:
+    timm = _timm()
+    return timm is not None and name in timm.list_models(name)
+
+
+def _ours(name: str) -> bool:
+    """A flashvit preset (our model builds it); else a timm-only name."""
+    import flashvit
+    return name in flashvit.vit.MODEL_CONFIGS
 
 
 def _timm() -> Any:
@@ -173,6 +189,10 @@ def backend_for(impl: str) -> str:
 
 def image_shape(name: str, ctx: MCtx) -> Tuple[int, int, int]:
     import flashvit
+    if not _ours(name):  # a timm-only name: its patch embedding's, from a parameterless (meta) build
+        with torch.device("meta"):
+            pe = _timm().create_model(name, pretrained=False, **ctx.overrides).patch_embed
+        return (pe.proj.in_channels, *tuple(pe.img_size))
     cfg = dict(flashvit.vit.MODEL_CONFIGS[name])
     cfg.update(ctx.overrides)
     s = cfg.get("img_size", 224)
@@ -190,7 +210,7 @@ def flops_per_image(name: str, mode: str, ctx: MCtx) -> float:
 
     import flashvit
     b = 2
-    m = build("flashvit-eager", name, ctx)
+    m = build("flashvit-eager" if _ours(name) else "timm", name, ctx)
     m.train(mode == "train")
     x = torch.randn(b, *image_shape(name, ctx), device=ctx.device, dtype=ctx.dtype)
     counter = FlopCounterMode(display=False)
@@ -275,9 +295,11 @@ def _graphed(step: Callable[[], None], model: Optional[torch.nn.Module]) -> Call
     return graph.replay
 
 
-def unavailable(impl: str, ctx: MCtx) -> str:
+def unavailable(impl: str, ctx: MCtx, name: str = "") -> str:
     import flashvit
     from flashvit.bench.ops import triton_unavailable
+    if name and model_impl(impl).startswith("flashvit") and not _ours(name):
+        return f"{name} is a timm model, not a flashvit preset: timm rows only"
     if model_impl(impl) in ("flashvit", "flashvit-triton") and triton_unavailable(ctx.device):
         return triton_unavailable(ctx.device)
     if "timm" in impl:
@@ -314,7 +336,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
             sd.update({k: v for k, v in ctx.overrides.items() if k != "img_size"})
             for impl in which:
                 row = Row("model", name, sd, dtype_name(ctx.dtype), mode, impl, baseline=impl == "timm")
-                why = unavailable(impl, ctx)
+                why = unavailable(impl, ctx, name)
                 big = "large" in name or "huge" in name
                 out.append(Job(row, run_row(impl, name, mode, ctx), unavailable=why,
                                min_s=compile_min_s * (2 if big else 1) if impl in COMPILED else (10.0 if big else 0.0)))

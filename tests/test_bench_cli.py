@@ -305,6 +305,22 @@ def test_model_rows_priority_order():
         model.resolve(["vit_nope"])
 
 
+def test_model_rows_for_a_timm_only_name():
+    """A timm ViT name that is no flashvit preset: timm's rows run (patched too), ours say why they cannot."""
+    ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, False, "off", None)
+    assert model.resolve(["vit_small_patch8_224", "b"]) == ["vit_small_patch8_224", "vit_base_patch16_224"]
+    with pytest.raises(ValueError, match="timm model name"):
+        model.resolve(["vit_small_patch8_2244"])
+    assert model.image_shape("vit_small_patch8_224", ctx) == (3, 32, 32)  # the quick overrides apply
+    jobs = model.model_jobs(ctx, ["vit_small_patch8_224"], ["flashvit", "timm", "timm+flashvit.patch"])
+    why = {(j.row.impl, j.row.mode): j.unavailable for j in jobs}
+    assert "timm rows only" in why[("flashvit", "train")] and not why[("timm+flashvit.patch", "train")]
+    for j in jobs:
+        if j.row.impl == "timm+flashvit.patch" and j.row.mode == "train":
+            j.run(j.row)
+            assert j.row.img_per_s > 0 and j.row.flops > 0
+
+
 def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     """IMPL[key=value]: the row runs with those 'auto' verdicts flipped (LayerNorm's kernels, the fused linears in
     training on a given GEMM path) and everything is as before afterwards; bad tags are refused."""
