@@ -74,6 +74,20 @@ def use_backend(name: str) -> ContextManager[None]:
     return pushed(_overrides, _check_backend_name(name))
 
 
+_graph_steps: List[bool] = []  # non-empty inside graph_step()
+
+
+def graph_step() -> ContextManager[None]:
+    """The calls of a step that a CUDA graph will replay (flashvit.capture_cuda_graph's warm-up calls and its
+    capture, alike): replays cost the host nothing, so 'auto' verdicts made on host time give way to device
+    time inside (see each op's file)."""
+    return pushed(_graph_steps, True)
+
+
+def in_graph_step() -> bool:
+    return bool(_graph_steps)
+
+
 def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True,
                auto_compiled: Optional[bool] = None) -> bool:
     """True when an op called on ``x`` should launch its Triton kernels.

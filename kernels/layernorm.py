@@ -31,6 +31,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     get_backend,
+    in_graph_step,
     needs_grad,
     next_pow2,
     once_differentiable,
@@ -48,7 +49,10 @@ from flashvit.kernels._dispatch import (
 # 1.18-1.68x at D >= 1024. End to end (2026-11-26-h100-run4/model.csv, flashvit[ln=triton] vs flashvit):
 # ViT-B/16 training 1.19x vs 1.15x timm, ViT-L/16 1.18x vs 1.12x (that run's ViT-S rows are not used: timm's
 # own ViT-S step ran slower than the run before). So 'auto' runs the kernels without autograd at every width
-# and with autograd from D = AUTO_MIN_D_TRAINING (below it the op rows lose: host-bound).
+# and with autograd from D = AUTO_MIN_D_TRAINING (below it the op rows lose: host-bound). Inside a step a CUDA
+# graph replays (_dispatch.graph_step: flashvit.capture_cuda_graph) the host time is gone and device time
+# decides: the kernels at every width (run 6's device-time rows, 2026-11-26-h100-run6/ops-graph.csv, fwd+bwd:
+# 3.32x eager at D = 384, 2.88x with the add, 1.75-2.45x at 768-1280).
 AUTO_TRITON = True
 AUTO_MIN_D_TRAINING = 768
 
@@ -645,7 +649,8 @@ def _run_triton(x: torch.Tensor, backend: Optional[str], **others: Optional[torc
     """Triton when dispatch says so and the kernels cover the input; a forced 'triton' raises otherwise."""
     d = x.shape[-1]
     auto = AUTO_TRITON
-    if auto and d < AUTO_MIN_D_TRAINING and needs_grad(x, *others.values()):  # 'auto' trains on eager below it
+    if auto and d < AUTO_MIN_D_TRAINING and not in_graph_step() and needs_grad(x, *others.values()):
+        # 'auto' trains on eager below it, host-bound (but for a step a CUDA graph replays)
         auto = False
     if not use_triton(x, backend, auto=auto):
         return False

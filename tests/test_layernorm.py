@@ -168,6 +168,21 @@ def test_backward_prefetch(device, lead, d, chunks, launches, monkeypatch):
     assert not L._bwd_prefetch() and L._ln_prefetch == []  # off again
 
 
+def test_auto_trains_on_the_kernels_at_every_width_inside_a_graph_step(monkeypatch):
+    """'auto' with autograd: eager LayerNorm below AUTO_MIN_D_TRAINING (host-bound), but the kernels inside
+    _dispatch.graph_step (a step a CUDA graph replays: device time decides), at every width."""
+    from flashvit.kernels import _dispatch
+    monkeypatch.setattr(L, "use_triton", lambda x, backend=None, auto=True: auto)  # the verdict itself
+    for d, outside in ((384, False), (192, False), (768, True), (1024, True)):
+        x, w = torch.randn(4, d, requires_grad=True), torch.randn(d, requires_grad=True)
+        assert L._run_triton(x, None, weight=w, bias=None) is outside
+        with _dispatch.graph_step():
+            assert _dispatch.in_graph_step() and L._run_triton(x, None, weight=w, bias=None)
+        with torch.no_grad():
+            assert L._run_triton(x, None, weight=w, bias=None)  # inference: every width
+    assert not _dispatch.in_graph_step()
+
+
 def test_add_layer_norm_only_y_used(device):
     """h unused downstream: its gradient arrives as zeros/None and d(x) = d(residual) = dx through LN."""
     x, r = randn(3, 7, 40, device=device, requires_grad=True), randn(3, 7, 40, device=device, requires_grad=True)

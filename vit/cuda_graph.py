@@ -12,7 +12,9 @@
         optimizer.step()
 
 flashvit's ops allow it: none syncs with the host or bakes a host-side value (attention dropout's seed is a
-device draw) into its launches. Kernels compile and autotune in the warm-up calls, outside the capture.
+device draw) into its launches. Kernels compile and autotune in the warm-up calls, outside the capture. Both
+run inside ``graph_step()``, where 'auto' picks each op's path by device time (a replay costs the host
+nothing): LayerNorm's kernels then train at every width, not only from D = 768.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Callable, Iterable, Tuple, TypeVar
 
 import torch
 from torch import nn
+
+from flashvit.kernels._dispatch import graph_step
 
 T = TypeVar("T")
 
@@ -42,15 +46,16 @@ def capture_cuda_graph(fn: Callable[[], T], grads_of: Iterable[nn.Parameter] = (
     params = list(grads_of)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            for p in params:
-                p.grad = None
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    for p in params:
-        p.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    with graph_step():  # 'auto' picks the ops' paths by device time, the same in the warm-up and the capture
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                for p in params:
+                    p.grad = None
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
     return graph, out
