@@ -367,10 +367,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-# ---------------------------------------------------------------------------------------------
-# Evaluation and plots
-
-@torch.no_grad()
 def cuda_graph_refusal(cfg: Dict[str, Any], d: Dist, device: torch.device, amp: Optional[torch.dtype]) -> str:
     """Why --cuda-graph cannot run with these settings ('' when it can)."""
     if device.type != "cuda":
@@ -389,10 +385,10 @@ class StepGraph:
 
     Captured (flashvit.capture_cuda_graph) on copies of the first batch after two warm-up runs on a side stream
     (kernel compiles and autotuning, cuBLAS workspaces; their gradients are dropped, no optimizer step). Each
-    call copies its batch
-    (same shape) into the captured inputs and replays; ``out`` and ``loss`` are the graph's own tensors,
-    rewritten by the next call. The gradients of ``params`` are None at capture, so the graph allocates them
-    and every replay writes them anew: nothing may set them to None afterwards (the optimizer reads them).
+    call copies its batch (same shape) into the captured inputs and replays; ``out`` and ``loss`` are the
+    graph's own tensors, rewritten by the next call. The gradients of ``params`` are None at capture, so the
+    graph allocates them and every replay writes them anew: nothing may set them to None afterwards (the
+    optimizer reads them).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]],
@@ -408,6 +404,10 @@ class StepGraph:
         return self.out, self.loss
 
 
+# ---------------------------------------------------------------------------------------------
+# Evaluation and plots
+
+@torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: ImageTensorDataset, d: Dist, device: torch.device, batch: int,
              amp: Optional[torch.dtype]) -> Tuple[float, float]:
     """(mean loss, accuracy %) over all of ``ds``; each rank takes a contiguous shard, sums are all-reduced."""

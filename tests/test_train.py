@@ -237,6 +237,17 @@ def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_evaluate_runs_without_autograd():
+    """evaluate builds no autograd graph (its outputs need no gradient: no activations kept)."""
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+    ds = fd.ImageTensorDataset(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), torch.zeros(5, dtype=torch.long),
+                               [0.5], [0.5])
+    loss, acc = train.evaluate(model, ds, train.Dist(), torch.device("cpu"), 2, None)
+    assert seen == [False] * 3 and 0.0 <= acc <= 100.0
+
+
 def test_tiny_end_to_end_run(tiny_run):
     run, proc, seconds = tiny_run
     assert proc.returncode == 0, proc.stderr
