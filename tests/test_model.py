@@ -145,6 +145,56 @@ def test_eager_cpu_not_slower_than_timm():
 
 
 
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_grad_checkpointing_same_gradients_and_blocks_run_twice(backend):
+    """set_grad_checkpointing (timm's API): the blocks' forwards run again in the backward (torch's RNG
+    restored: attention dropout and drop-path repeat their masks), gradients as without; triton: the fused ops'
+    autograd Functions under the checkpoint's saved-tensor hooks (interpreter)."""
+    if backend == "triton" and not flashvit.kernels.INTERPRET:
+        pytest.skip("forcing the kernels on CPU tensors needs the Triton interpreter")
+    torch.manual_seed(0)
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2,
+                                  num_heads=2, num_classes=3, attn_drop_rate=0.2, drop_path_rate=0.3).train()
+    x = torch.randn(2, 3, 16, 16)
+    calls = []
+    for blk in model.blocks:
+        blk.register_forward_pre_hook(lambda m, a: calls.append(m))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(5)
+        out = model(x)
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with flashvit.use_backend(backend):
+        out, grads = run()
+        assert len(calls) == 2
+        model.set_grad_checkpointing(True)
+        ck_out, ck_grads = run()
+    assert len(calls) == 2 + 4  # each block again in the backward
+    assert torch.equal(out, ck_out) and set(grads) == set(ck_grads)
+    for n in grads:
+        torch.testing.assert_close(ck_grads[n], grads[n], atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():
+        model(x)  # no autograd: no checkpoint, one forward a block
+    assert len(calls) == 8
+
+
+def test_reset_classifier_like_timm():
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=5)
+    assert model.get_classifier() is model.head and model.head.out_features == 5
+    model.reset_classifier(7)
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 7) and model.num_classes == 7
+    model.reset_classifier(0, global_pool="avg")
+    assert isinstance(model.head, torch.nn.Identity) and model(torch.randn(2, 3, 16, 16)).shape == (2, 192)
+    with pytest.raises(ValueError, match="global_pool"):
+        model.reset_classifier(3, global_pool="max")
+    regs = flashvit.create_model("vit_tiny_patch16_reg4_gap_256", img_size=32, depth=1)
+    with pytest.raises(ValueError, match="class_token"):
+        regs.reset_classifier(3, global_pool="token")
+
+
 def test_capture_cuda_graph_refuses_clearly():
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         flashvit.capture_cuda_graph(lambda: None, warmup=0)

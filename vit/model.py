@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from flashvit.kernels.attention import qkv_attention
 from flashvit.kernels.layernorm import LayerNorm
@@ -167,6 +168,7 @@ class VisionTransformer(nn.Module):
         self.fc_norm = LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self.init_weights(pos_embed_learnable)
 
     @torch.no_grad()
@@ -188,6 +190,29 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set:
         return {"pos_embed", "cls_token", "reg_token"}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: with autograd, each block's activations are recomputed in the backward instead of
+        kept (torch.utils.checkpoint, non-reentrant; torch's RNG state is restored for the recompute, so dropout
+        and drop-path masks repeat), trading one more forward per block for memory."""
+        self.grad_checkpointing = bool(enable)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """A new head for ``num_classes`` (0: none, features out), as timm's; optionally a new ``global_pool``
+        ('token' needs the class token; the norms stay as built)."""
+        if global_pool is not None:
+            if global_pool not in ("token", "avg", ""):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+            if global_pool == "token" and self.cls_token is None:
+                raise ValueError("global_pool='token' needs class_token=True")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.pos_embed
+        self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
+            if num_classes > 0 else nn.Identity()
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -206,7 +231,11 @@ class VisionTransformer(nn.Module):
         x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
                         self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
         x = self.pos_drop(x)
-        x = self.blocks(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            for blk in self.blocks:
+                x = checkpoint(blk, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
