@@ -181,6 +181,40 @@ def test_grad_checkpointing_same_gradients_and_blocks_run_twice(backend):
     assert len(calls) == 8
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=4, num_classes=5)),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=64, embed_dim=96, depth=3, num_heads=4, num_classes=5)),
+])
+@pytest.mark.parametrize("args", [
+    dict(), dict(indices=2), dict(indices=[0, -1], norm=True), dict(indices=[1], stop_early=True,
+                                                                      intermediates_only=True),
+    dict(output_fmt="NLC", return_prefix_tokens=True), dict(indices=1, return_prefix_tokens=True, norm=True),
+])
+def test_forward_intermediates_matches_timm(name, kw, args):
+    """timm's feature API on the same weights: the same blocks' outputs, shapes, prefix tokens and final norm."""
+    ours, ref = _timm_pair(name, **kw)
+    x = torch.randn(2, 3, *ref.patch_embed.img_size)
+    with torch.no_grad(), flashvit.use_backend("torch"):
+        got, want = ours.forward_intermediates(x, **args), ref.forward_intermediates(x, **args)
+    if not args.get("intermediates_only"):
+        torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-4)
+        got, want = got[1], want[1]
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        for u, v in zip(*((a, b) if isinstance(a, tuple) else ((a,), (b,)))):
+            assert u.shape == v.shape
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+
+
+def test_forward_intermediates_bad_arguments():
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2)
+    x = torch.randn(1, 3, 16, 16)
+    for bad, msg in ((dict(indices=3), "1 <= n <= 2"), (dict(indices=[2]), "out of range"),
+                     (dict(indices=[]), "out of range"), (dict(output_fmt="NHWC"), "output_fmt")):
+        with pytest.raises(ValueError, match=msg):
+            model.forward_intermediates(x, **bad)
+
+
 def test_reset_classifier_like_timm():
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=5)
     assert model.get_classifier() is model.head and model.head.out_features == 5

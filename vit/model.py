@@ -14,7 +14,7 @@ Per block (pre-norm), with T tokens of width D:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -231,12 +231,59 @@ class VisionTransformer(nn.Module):
         x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
                         self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
         x = self.pos_drop(x)
-        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        if self._checkpointing():
             for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
         else:
             x = self.blocks(x)
         return self.norm(x)
+
+    def _checkpointing(self) -> bool:
+        return self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False
+                              ) -> Union[List[Any], Tuple[torch.Tensor, List[Any]]]:
+        """timm's feature API: the outputs of the blocks ``indices`` picks (None: all; an int n: the last n; a
+        sequence: those, negative from the end), with the final norm when ``norm``, as (B, D, H', W')
+        patch-token maps (``output_fmt`` 'NCHW') or (B, L, D) tokens ('NLC'), prefix (class/register) tokens
+        dropped, or paired with them (``return_prefix_tokens``). Returns the list when ``intermediates_only``,
+        else (normalized final tokens, list); ``stop_early`` skips the blocks after the last one picked."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        n = len(self.blocks)
+        if indices is None or isinstance(indices, int):
+            last = n if indices is None else indices
+            if not 0 < last <= n:
+                raise ValueError(f"indices={indices}: the last n blocks need 1 <= n <= {n}")
+            take = list(range(n - last, n))
+        else:
+            take = [n + i if i < 0 else i for i in indices]
+            if not take or any(not 0 <= i < n for i in take):
+                raise ValueError(f"indices {list(indices)} out of range for {n} blocks")
+        self._check_input(x)
+        B, _, H, W = x.shape
+        x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
+                        self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
+        x = self.pos_drop(x)
+        picked = []
+        ckpt = self._checkpointing()
+        for i, blk in enumerate(self.blocks[:max(take) + 1] if stop_early else self.blocks):
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+            if i in take:
+                picked.append(self.norm(x) if norm else x)
+        p = self.num_prefix_tokens
+        prefix = [y[:, :p] for y in picked]
+        out: List[Any] = [y[:, p:] for y in picked]
+        if output_fmt == "NCHW":
+            gh, gw = H // self.patch_embed.patch_size[0], W // self.patch_embed.patch_size[1]
+            out = [y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in out]
+        if return_prefix_tokens and p:
+            out = list(zip(out, prefix))
+        if intermediates_only:
+            return out
+        return self.norm(x), out
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "avg":
