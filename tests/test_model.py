@@ -206,6 +206,49 @@ def test_forward_intermediates_matches_timm(name, kw, args):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name,kw", [
+    ("vit_tiny_patch16_224", dict(img_size=32, depth=2, num_classes=5)),
+    ("vit_base_patch16_reg4_gap_256", dict(img_size=64, embed_dim=96, depth=2, num_heads=4, num_classes=5)),
+])
+def test_dynamic_img_size_matches_timm(name, kw):
+    """dynamic_img_size=True (timm's option): other image sizes run, pos_embed resampled to their grid (bicubic,
+    prefix rows kept; register tokens and no_embed_class too) as timm does; the built size needs no resampling."""
+    ours, ref = _timm_pair(name, dynamic_img_size=True, **kw)
+    s = ref.patch_embed.img_size[0]
+    for hw in ((s, s), (s + 16, s - 16), (3 * s // 2, 2 * s)):
+        x = torch.randn(2, 3, *hw)
+        with torch.no_grad(), flashvit.use_backend("torch"):
+            a, b = ours(x), ref(x)
+            fa, fb = ours.forward_intermediates(x, indices=1), ref.forward_intermediates(x, indices=1)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+        torch.testing.assert_close(fa[1][0], fb[1][0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        ours(torch.randn(1, 3, s + 8, s))
+    fixed = flashvit.create_model(name, **kw)
+    with pytest.raises(ValueError, match="dynamic_img_size=True takes others"):
+        fixed(torch.randn(1, 3, s + 16, s))
+
+
+def test_dynamic_img_size_on_the_kernels():
+    """The kernels (interpreter) at another image size: the resampled pos_embed feeds the fused patch
+    embedding, and its gradient flows back through the resampling to the parameter."""
+    if not flashvit.kernels.INTERPRET:
+        pytest.skip("forcing the kernels on CPU tensors needs the Triton interpreter")
+    torch.manual_seed(0)
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
+                                  num_heads=2, num_classes=3, dynamic_img_size=True)
+    x = torch.randn(2, 3, 24, 32)
+    grads = []
+    for backend in ("torch", "triton"):
+        model.zero_grad(set_to_none=True)
+        with flashvit.use_backend(backend):
+            out = model(x)
+        out.square().sum().backward()
+        grads.append((out.detach(), model.pos_embed.grad.clone(), model.patch_embed.proj.weight.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-4 * a.abs().max().item(), rtol=1e-4)
+
+
 def test_forward_intermediates_bad_arguments():
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2)
     x = torch.randn(1, 3, 16, 16)

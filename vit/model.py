@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from flashvit.kernels.attention import qkv_attention
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
-from flashvit.kernels.patch_embed import PatchEmbed, patch_embed
+from flashvit.kernels.patch_embed import PatchEmbed
 
 
 def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -124,8 +124,9 @@ class VisionTransformer(nn.Module):
     Args mirror ``timm.models.vision_transformer.VisionTransformer``: img_size, patch_size, in_chans,
     num_classes, global_pool ('token' | 'avg'), embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
     init_values (LayerScale), class_token, reg_tokens, no_embed_class, fc_norm, drop_rate,
-    pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate; plus pos_embed_learnable (False =
-    the fixed sinusoidal embedding of the seed model).
+    pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate, dynamic_img_size (any image size divisible
+    by the patch size, pos_embed resampled to its grid as timm does); plus pos_embed_learnable (False = the
+    fixed sinusoidal embedding of the seed model).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 16, in_chans: int = 3,
@@ -134,7 +135,8 @@ class VisionTransformer(nn.Module):
                  init_values: Optional[float] = None, class_token: bool = True, reg_tokens: int = 0,
                  no_embed_class: bool = False, fc_norm: Optional[bool] = None, drop_rate: float = 0.0,
                  pos_drop_rate: float = 0.0, proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, pos_embed_learnable: bool = True) -> None:
+                 drop_path_rate: float = 0.0, pos_embed_learnable: bool = True,
+                 dynamic_img_size: bool = False) -> None:
         super().__init__()
         img_size = _pair(img_size)
         if global_pool not in ("token", "avg", ""):
@@ -152,7 +154,8 @@ class VisionTransformer(nn.Module):
         self.num_reg_tokens = reg_tokens
         self.num_prefix_tokens = int(class_token) + reg_tokens
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.dynamic_img_size = dynamic_img_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, dynamic_img_size=dynamic_img_size)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim)) if reg_tokens else None
@@ -221,15 +224,19 @@ class VisionTransformer(nn.Module):
             raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
         if x.shape[1] != self.in_chans:
             raise ValueError(f"expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})")
-        if tuple(x.shape[2:]) != self.patch_embed.img_size:
+        p = self.patch_embed.patch_size[0]
+        if self.dynamic_img_size:
+            if x.shape[2] % p or x.shape[3] % p or not x.shape[2] or not x.shape[3]:
+                raise ValueError(f"image size {tuple(x.shape[2:])} must be a nonzero multiple of the patch size {p}")
+        elif tuple(x.shape[2:]) != self.patch_embed.img_size:
             raise ValueError(f"expected image size {self.patch_embed.img_size}, got {tuple(x.shape[2:])} "
-                             f"(the model was built for that size; patch size {self.patch_embed.patch_size[0]})")
+                             f"(the model was built for that size; patch size {p}; dynamic_img_size=True takes "
+                             "others)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, T, D) normalized tokens."""
         self._check_input(x)
-        x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
-                        self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
+        x = self.patch_embed(x, self.pos_embed, self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
         x = self.pos_drop(x)
         if self._checkpointing():
             for blk in self.blocks:
@@ -264,8 +271,7 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"indices {list(indices)} out of range for {n} blocks")
         self._check_input(x)
         B, _, H, W = x.shape
-        x = patch_embed(x, self.patch_embed.proj.weight, self.patch_embed.proj.bias, self.pos_embed,
-                        self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
+        x = self.patch_embed(x, self.pos_embed, self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
         x = self.pos_drop(x)
         picked = []
         ckpt = self._checkpointing()
