@@ -295,11 +295,16 @@ def test_model_rows_priority_order():
     for key in order:
         if not firsts or firsts[-1] != key:
             firsts.append(key)
-    assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("base", "train", "mlp"),
-                      ("base", "infer", "mlp"), ("base", "train", "compile"),
+    assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("small", "train", "eager"),
+                      ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "compile"),
                       ("small", "train", "eager"), ("small", "infer", "eager"), ("base", "infer", "compile"),
                       ("small", "train", "compile"), ("small", "infer", "compile"),
                       ("small", "train", "mlp"), ("small", "infer", "mlp")]
+    # the second model's timm, flashvit and graph(...) training rows early (ViT-S: host-bound in run 6)
+    early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:5]
+    assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)"], early
+    keys = [(j.row.name, j.row.mode, j.row.impl) for j in jobs]
+    assert len(keys) == len(set(keys)) == 2 * 2 * len(model.IMPLS)  # every row once
     assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
     with pytest.raises(ValueError, match="unknown model"):
         model.resolve(["vit_nope"])
