@@ -35,6 +35,7 @@ from flashvit.kernels import (  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (Linux) to run the kernels")
 ATTN = importlib.import_module("flashvit.kernels.attention")  # the module (the package re-exports the function)
+LN = importlib.import_module("flashvit.kernels.layernorm")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = st.sampled_from([torch.float32, torch.float16])
@@ -116,21 +117,25 @@ def check_op(fn_triton, fn_ref, tensors, dtype, grad_seed, backward=True):
 def test_fuzz_layer_norm(data):
     draw = data.draw
     dtype = draw(DTYPES)
-    lead = draw(st.lists(st.integers(1, 4), min_size=1, max_size=3))
+    # few rows, or enough that each program of the backward takes several steps (its prefetch's next rows)
+    lead = draw(st.one_of(st.lists(st.integers(1, 4), min_size=1, max_size=3),
+                          st.lists(st.integers(20, 90), min_size=1, max_size=1)))
     d = draw(st.one_of(st.integers(1, 70), st.sampled_from([128, 192, 257, 384])))
+    chunks, prefetch = draw(st.booleans()), draw(st.booleans())  # the backward's forms (use_ln_*)
     scale = draw(st.sampled_from([1e-2, 1.0, 30.0]))
     x = _tensor(draw, (*lead, d), dtype, scale)
     w = _tensor(draw, (d,), dtype) if draw(st.booleans()) else None
     b = _tensor(draw, (d,), dtype) if draw(st.booleans()) else None
     eps = draw(st.sampled_from([1e-6, 1e-5, 1e-2]))
     seed = draw(st.integers(0, 2**31 - 1))
-    if draw(st.booleans()):
-        r = _tensor(draw, (*lead, d), dtype, scale)
-        check_op(lambda x, r, w, b: add_layer_norm(x, r, w, b, eps, backend="triton"),
-                 lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, eps), [x, r, w, b], dtype, seed)
-    else:
-        check_op(lambda x, w, b: layer_norm(x, w, b, eps, backend="triton"),
-                 lambda x, w, b: layer_norm_reference(x, w, b, eps), [x, w, b], dtype, seed)
+    with LN.use_ln_chunks(chunks), LN.use_ln_prefetch(prefetch):
+        if draw(st.booleans()):
+            r = _tensor(draw, (*lead, d), dtype, scale)
+            check_op(lambda x, r, w, b: add_layer_norm(x, r, w, b, eps, backend="triton"),
+                     lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, eps), [x, r, w, b], dtype, seed)
+        else:
+            check_op(lambda x, w, b: layer_norm(x, w, b, eps, backend="triton"),
+                     lambda x, w, b: layer_norm_reference(x, w, b, eps), [x, w, b], dtype, seed)
 
 
 @given(data=st.data())
