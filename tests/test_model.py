@@ -144,7 +144,6 @@ def test_eager_cpu_not_slower_than_timm():
     assert t_ours <= 1.15 * t_ref, f"ours {t_ours * 1e3:.1f} ms vs timm {t_ref * 1e3:.1f} ms"
 
 
-
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 def test_grad_checkpointing_same_gradients_and_blocks_run_twice(backend):
     """set_grad_checkpointing (timm's API): the blocks' forwards run again in the backward (torch's RNG
@@ -212,7 +211,8 @@ def test_forward_intermediates_matches_timm(name, kw, args):
 ])
 def test_dynamic_img_size_matches_timm(name, kw):
     """dynamic_img_size=True (timm's option): other image sizes run, pos_embed resampled to their grid (bicubic,
-    prefix rows kept; register tokens and no_embed_class too) as timm does; the built size needs no resampling."""
+    prefix rows kept; register tokens and no_embed_class too) as timm does, logits and intermediates; sizes
+    that are no multiple of the patch size, or any other size without the option, raise."""
     ours, ref = _timm_pair(name, dynamic_img_size=True, **kw)
     s = ref.patch_embed.img_size[0]
     for hw in ((s, s), (s + 16, s - 16), (3 * s // 2, 2 * s)):
