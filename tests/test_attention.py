@@ -629,16 +629,13 @@ def test_dropout_in_a_cuda_graph_gpu(fused):
         o, lse = A.attention_fwd(q, k, v, scale, False, dropout_p=p, seed=seed)
         return (o, *A.attention_bwd(do, q, k, v, o, lse, scale, False, dropout_p=p, seed=seed))
 
+    def drawn_step():
+        seed = A._draw_seed(p, dev)
+        return seed, step(seed)
+
+    import flashvit
     with A.use_bwd_fused(fused):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile and autotune outside the capture
-            step(A._draw_seed(p, dev))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            seed = A._draw_seed(p, dev)
-            static = step(seed)
+        graph, (seed, static) = flashvit.capture_cuda_graph(drawn_step)  # (compiles, autotunes first)
         seen = set()
         for _ in range(3):
             graph.replay()
