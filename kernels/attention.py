@@ -952,9 +952,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    _launch_rows("fwd", NQ, B * H, head, (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device)),
-                 consts,
-                 _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
+    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device))
+    _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
 
 
