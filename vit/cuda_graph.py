@@ -9,7 +9,7 @@
     for xb, yb in loader:
         x.copy_(xb); y.copy_(yb)
         graph.replay()                             # loss and the parameters' .grad hold this batch's values
-        optimizer.step()
+        optimizer.step()                           # no zero_grad(): each replay writes the gradients anew
 
 flashvit's ops allow it: none syncs with the host or bakes a host-side value (attention dropout's seed is a
 device draw) into its launches. Kernels compile and autotune in the warm-up calls, outside the capture. Both
