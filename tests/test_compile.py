@@ -15,6 +15,10 @@ from tests.helpers import fresh_seed
 timm = pytest.importorskip("timm")
 
 BACKEND = "aot_eager"
+# Where the kernels can run with backend='triton': a GPU, else CPU tensors through the interpreter.
+KERNEL_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not INTERPRET,
+                                   reason="the kernels need a GPU or, on CPU tensors, the Triton interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +99,7 @@ def test_patched_timm_compiles_fullgraph_with_triton_forced():
         _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_attention_dropout_kernels_inside_a_compiled_graph():
     """Attention dropout runs our kernels inside one graph: the seed is a device draw the graph traces (no
     .item(), no graph break), so the compiled model equals eager under the same torch seed, draws a new mask
@@ -106,8 +110,8 @@ def test_attention_dropout_kernels_inside_a_compiled_graph():
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3,
               attn_drop_rate=0.3)
-    model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).train())
-    x = _inputs((2, 3, 16, 16))
+    model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).to(KERNEL_DEV).train())
+    x = _inputs((2, 3, 16, 16)).to(KERNEL_DEV)
     drops = []
     real = A.qkv_attention_fwd
 
@@ -134,14 +138,14 @@ def test_attention_dropout_kernels_inside_a_compiled_graph():
     assert not torch.equal(other, out)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_our_vit_exports_with_the_fused_ops_and_runs_under_inference_mode():
     """torch.export of our ViT with the kernels: the graph holds the flashvit custom ops (deployable as one
     program) and runs to the eager result; torch.inference_mode gives no_grad's result."""
     torch.manual_seed(fresh_seed())
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
-                                  num_heads=2, num_classes=3).eval()
-    x = _inputs((2, 3, 16, 16))
+                                  num_heads=2, num_classes=3).to(KERNEL_DEV).eval()
+    x = _inputs((2, 3, 16, 16)).to(KERNEL_DEV)
     with flashvit.use_backend("triton"):
         with torch.no_grad():
             ref = model(x)

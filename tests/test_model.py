@@ -14,6 +14,8 @@ from flashvit.vit.model import MODEL_CONFIGS
 timm = pytest.importorskip("timm")
 
 SMALL = dict(img_size=32, num_classes=7)
+# Where backend='triton' can run: a GPU, else CPU tensors through the interpreter (None: neither).
+KERNEL_DEV = "cuda" if torch.cuda.is_available() else "cpu" if flashvit.kernels.INTERPRET else None
 
 
 def _timm_pair(name, **kw):
@@ -148,13 +150,14 @@ def test_eager_cpu_not_slower_than_timm():
 def test_grad_checkpointing_same_gradients_and_blocks_run_twice(backend):
     """set_grad_checkpointing (timm's API): the blocks' forwards run again in the backward (torch's RNG
     restored: attention dropout and drop-path repeat their masks), gradients as without; triton: the fused ops'
-    autograd Functions under the checkpoint's saved-tensor hooks (interpreter)."""
-    if backend == "triton" and not flashvit.kernels.INTERPRET:
-        pytest.skip("forcing the kernels on CPU tensors needs the Triton interpreter")
+    autograd Functions under the checkpoint's saved-tensor hooks (a GPU, or the interpreter)."""
+    if backend == "triton" and KERNEL_DEV is None:
+        pytest.skip("the kernels need a GPU or, on CPU tensors, the Triton interpreter")
+    dev = KERNEL_DEV if backend == "triton" else "cpu"
     torch.manual_seed(0)
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=2,
-                                  num_heads=2, num_classes=3, attn_drop_rate=0.2, drop_path_rate=0.3).train()
-    x = torch.randn(2, 3, 16, 16)
+                                  num_heads=2, num_classes=3, attn_drop_rate=0.2, drop_path_rate=0.3).to(dev).train()
+    x = torch.randn(2, 3, 16, 16, device=dev)
     calls = []
     for blk in model.blocks:
         blk.register_forward_pre_hook(lambda m, a: calls.append(m))
@@ -230,14 +233,14 @@ def test_dynamic_img_size_matches_timm(name, kw):
 
 
 def test_dynamic_img_size_on_the_kernels():
-    """The kernels (interpreter) at another image size: the resampled pos_embed feeds the fused patch
-    embedding, and its gradient flows back through the resampling to the parameter."""
-    if not flashvit.kernels.INTERPRET:
-        pytest.skip("forcing the kernels on CPU tensors needs the Triton interpreter")
+    """The kernels (a GPU, or the interpreter) at another image size: the resampled pos_embed feeds the fused
+    patch embedding, and its gradient flows back through the resampling to the parameter."""
+    if KERNEL_DEV is None:
+        pytest.skip("the kernels need a GPU or, on CPU tensors, the Triton interpreter")
     torch.manual_seed(0)
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
-                                  num_heads=2, num_classes=3, dynamic_img_size=True)
-    x = torch.randn(2, 3, 24, 32)
+                                  num_heads=2, num_classes=3, dynamic_img_size=True).to(KERNEL_DEV)
+    x = torch.randn(2, 3, 24, 32, device=KERNEL_DEV)
     grads = []
     for backend in ("torch", "triton"):
         model.zero_grad(set_to_none=True)
