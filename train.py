@@ -618,8 +618,9 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     model = build_model(cfg, c, h, info["num_classes"]).to(device)
     amp = amp_dtype(cfg, device)
     graphed = bool(cfg.get("cuda_graph", False))  # (absent from checkpoints saved before it existed)
-    if graphed and cuda_graph_refusal(cfg, d, device, amp):
-        raise ConfigError(f"--cuda-graph {cuda_graph_refusal(cfg, d, device, amp)}")
+    why = cuda_graph_refusal(cfg, d, device, amp) if graphed else ""
+    if why:
+        raise ConfigError(f"--cuda-graph {why}")
     # Same initial weights everywhere (DDP also broadcasts rank 0's); a different augmentation stream per rank.
     torch.manual_seed(cfg["seed"] + 7919 * d.rank)
 

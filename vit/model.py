@@ -233,11 +233,15 @@ class VisionTransformer(nn.Module):
                              f"(the model was built for that size; patch size {p}; dynamic_img_size=True takes "
                              "others)")
 
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images, checked -> (B, T, D) tokens: patches, prefix tokens, pos_embed, dropout."""
+        self._check_input(x)
+        x = self.patch_embed(x, self.pos_embed, self.cls_token, self.reg_token, self.no_embed_class)
+        return self.pos_drop(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, T, D) normalized tokens."""
-        self._check_input(x)
-        x = self.patch_embed(x, self.pos_embed, self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
-        x = self.pos_drop(x)
+        x = self._tokens(x)
         if self._checkpointing():
             for blk in self.blocks:
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -269,10 +273,9 @@ class VisionTransformer(nn.Module):
             take = [n + i if i < 0 else i for i in indices]
             if not take or any(not 0 <= i < n for i in take):
                 raise ValueError(f"indices {list(indices)} out of range for {n} blocks")
-        self._check_input(x)
-        B, _, H, W = x.shape
-        x = self.patch_embed(x, self.pos_embed, self.cls_token, self.reg_token, self.no_embed_class)  # (B, T, D)
-        x = self.pos_drop(x)
+        images = x
+        x = self._tokens(x)  # (checks the images first)
+        B, _, H, W = images.shape
         picked = []
         ckpt = self._checkpointing()
         for i, blk in enumerate(self.blocks[:max(take) + 1] if stop_early else self.blocks):
