@@ -1127,7 +1127,7 @@ class MLPFn(torch.autograd.Function):
 
 
 def _validate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str],
-              residual: Optional[torch.Tensor]) -> None:
+              residual: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor] = None) -> None:
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if x.shape[-1] != weight.shape[1]:
@@ -1143,17 +1143,39 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
             raise ValueError(f"residual has shape {tuple(residual.shape)}; expected {expected}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if layer_scale is not None:
+        check_tensor("layer_scale", layer_scale, ndim=1)
+        if layer_scale.shape[0] != weight.shape[0]:
+            raise ValueError(f"layer_scale has shape {tuple(layer_scale.shape)}; expected ({weight.shape[0]},)")
+        if activation is not None:
+            raise ValueError("layer_scale folds into the weights, which needs activation=None "
+                             f"(got {activation!r}): scale the activation's output separately")
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale)
+
+
+def _fold_layer_scale(weight: torch.Tensor, bias: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor]
+                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(diag(γ)·W, γ ⊙ b): γ ⊙ (x·Wᵀ + b) as one GEMM, at the cost of weight-sized (N, K) work instead of
+    passes over the (M, N) output; autograd gives dW = γ ⊙ dW' and dγ = Σ_k dW' ⊙ W + db' ⊙ b (= Σ_m dy ⊙ z)."""
+    if layer_scale is None:
+        return weight, bias
+    if autocast_dtype(weight.device) is None and layer_scale.dtype != weight.dtype:
+        raise TypeError(f"layer_scale has dtype {layer_scale.dtype}; the Triton path needs the weight's "
+                        f"({weight.dtype})")
+    return weight * layer_scale[:, None], (bias * layer_scale if bias is not None else None)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     activation: Optional[str] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """F.linear + GELU (erf or tanh) + residual add, in plain PyTorch."""
+                     activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+                     layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear + GELU (erf or tanh) + LayerScale (y * γ) + residual add, in plain PyTorch."""
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
     elif activation == "gelu_tanh":
         y = F.gelu(y, approximate="tanh")
+    if layer_scale is not None:
+        y = y * layer_scale
     if residual is not None:
         y = y + residual
     return y
@@ -1161,11 +1183,14 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
            activation: Optional[str] = None, residual: Optional[torch.Tensor] = None, *,
-           backend: Optional[str] = None, gemm: Optional[str] = None,
+           layer_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None, gemm: Optional[str] = None,
            allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """y = act(x·Wᵀ + b) (+ residual); weight in nn.Linear's (out, in) layout, any leading shape of x.
 
     activation: None, "gelu" (exact erf, timm/HF default) or "gelu_tanh".
+    layer_scale: (N,) γ of a LayerScale right after the layer (timm's ls1/ls2, DINOv2's lambda1), with
+    activation None: y = γ ⊙ (x·Wᵀ + b) (+ residual) in one GEMM epilogue; the Triton path folds γ into W and
+    b (weight-sized work), the reference path multiplies.
     backend: "auto" | "torch" | "triton" (see flashvit.kernels._dispatch).
     gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "tma" (the same on TMA, sm_90),
     "cublas" (torch.matmul + one fused elementwise kernel), "hybrid" (tma where an epilogue beyond the bias
@@ -1173,14 +1198,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     first); default: use_gemm context, else FLASHVIT_GEMM, else auto.
     allow_tf32: fp32 inputs only; default torch.backends.cuda.matmul.allow_tf32 (False: IEEE fp32).
     """
-    _validate(x, weight, bias, activation, residual)
+    _validate(x, weight, bias, activation, residual, layer_scale)
     if gemm is not None:
         _check_gemm_name(gemm)
     # z (the pre-activation) is needed only for the grads of x, W or b (decided here: grad mode is off in forward)
     needs_z = needs_grad(x, weight, bias)
-    training = needs_z or needs_grad(residual)
+    training = needs_z or needs_grad(residual, layer_scale)
     if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
-        return linear_reference(x, weight, bias, activation, residual)
+        return linear_reference(x, weight, bias, activation, residual, layer_scale)
+    weight, bias = _fold_layer_scale(weight, bias, layer_scale)
     dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
     N = weight.shape[0]
     args = (x.reshape(-1, x.shape[-1]), weight, bias, residual.reshape(-1, N) if residual is not None else None,
@@ -1225,12 +1251,14 @@ def _apply_uncast(dt: Optional[torch.dtype], device: torch.device, fn, args: tup
 
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
         fc2_bias: Optional[torch.Tensor], activation: str = "gelu", residual: Optional[torch.Tensor] = None, *,
-        backend: Optional[str] = None, gemm: Optional[str] = None, allow_tf32: Optional[bool] = None) -> torch.Tensor:
+        layer_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None, gemm: Optional[str] = None,
+        allow_tf32: Optional[bool] = None) -> torch.Tensor:
     """y = act(x·W1ᵀ + b1)·W2ᵀ + b2 (+ residual): timm's Mlp, weights in nn.Linear's layout, any leading shape.
 
     Two fused GEMMs forward (bias + GELU, bias + residual). Backward: the GELU derivative is applied in the
     epilogue of fc2's dX GEMM, which also yields fc1's bias grad, so the hidden-size gradient is written once
-    (``linear_dact_bwd``). ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
+    (``linear_dact_bwd``). ``layer_scale`` (γ of a LayerScale after the MLP) scales fc2's output before the
+    residual, folded into fc2 as in :func:`linear`. ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
     """
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
@@ -1240,14 +1268,15 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         raise ValueError(f"fc2_weight has {fc2_weight.shape[1]} input features; expected {fc1_weight.shape[0]} "
                          f"(fc1's outputs)")
     h_shape = x.new_empty((1,) * x.dim()).expand(*x.shape[:-1], fc1_weight.shape[0])  # fc1's output (shape only)
-    _validate(h_shape, fc2_weight, fc2_bias, None, residual)  # fc2's bias, the residual, devices
+    _validate(h_shape, fc2_weight, fc2_bias, None, residual, layer_scale)  # fc2's bias, residual, γ, devices
     if gemm is not None:
         _check_gemm_name(gemm)
     needs_z = needs_grad(x, fc1_weight, fc1_bias)
-    training = needs_z or needs_grad(fc2_weight, fc2_bias, residual)
+    training = needs_z or needs_grad(fc2_weight, fc2_bias, residual, layer_scale)
     if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
         h = linear_reference(x, fc1_weight, fc1_bias, activation)
-        return linear_reference(h, fc2_weight, fc2_bias, None, residual)
+        return linear_reference(h, fc2_weight, fc2_bias, None, residual, layer_scale)
+    fc2_weight, fc2_bias = _fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
     dt, (x, w1, b1, w2, b2), residual, late_residual = _cast_inputs(
         x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual,
         ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
@@ -1272,13 +1301,16 @@ class FusedMLP(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """fc2(GELU(fc1(x))) (+ residual): one :func:`mlp` call, or two linears when a dropout is active."""
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """γ ⊙ fc2(GELU(fc1(x))) (+ residual), γ = ``layer_scale`` (a LayerScale after the MLP, folded into fc2):
+        one :func:`mlp` call, or two linears when a dropout is active (dropout commutes with γ)."""
         act = "gelu" if self.act.approximate == "none" else "gelu_tanh"
         if not (self.training and (self.drop1.p > 0 or self.drop2.p > 0)):
-            return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act, residual)
+            return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act, residual,
+                       layer_scale=layer_scale)
         h = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, activation=act))
-        y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias))
+        y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias, layer_scale=layer_scale))
         return y if residual is None else y + residual
 
 

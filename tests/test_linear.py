@@ -11,7 +11,7 @@ import itertools
 import pytest
 import torch
 
-from tests.helpers import assert_close_to_ref, poison, randn
+from tests.helpers import assert_close_to_ref, max_err, poison, randn
 
 L = importlib.import_module("flashvit.kernels.linear")
 linear, linear_reference, FusedMLP = L.linear, L.linear_reference, L.FusedMLP
@@ -660,6 +660,97 @@ def test_no_grad_skips_z_and_partial_grads(device):
     torch.testing.assert_close(xg.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("M,K,N,dtype,bias,res,gemm", [
+    (37, 24, 40, torch.float32, True, True, "triton"),
+    (9, 16, 24, torch.float16, False, True, "tma"),
+    (20, 32, 16, torch.float32, True, False, "cublas"),
+], ids=lambda v: str(v).replace("torch.", ""))
+def test_linear_layer_scale(M, K, N, dtype, bias, res, gemm, device, launches):
+    """y = γ ⊙ (x·Wᵀ + b) + residual with γ folded into W and b: y and every grad, dγ included, vs float64
+    (the reference multiplies the output by γ)."""
+    x, w, b, r = _make(M, K, N, dtype, device, bias, res)
+    gamma = randn(N, dtype=dtype, device=device)  # both signs, |γ| ~ 1: a wrong fold shows in y and dγ
+    g = randn(M, N, dtype=dtype, device=device)
+
+    def run(fn, ts):
+        leaves = [t.detach().requires_grad_() if t is not None else None for t in ts]
+        y = fn(*leaves)
+        y.backward(g.to(y.dtype))
+        return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+    ts = (x, w, b, r, gamma)
+    y, grads = run(lambda x, w, b, r, s: linear(x, w, b, None, r, layer_scale=s, backend="triton", gemm=gemm), ts)
+    y64, g64 = run(lambda x, w, b, r, s: linear_reference(x, w, b, None, r, s), [t.double() if t is not None
+                                                                                else None for t in ts])
+    yt, gt = (run(lambda x, w, b, r, s: linear_reference(x, w, b, None, r, s), ts) if dtype != torch.float32
+              else (None, [None] * 5))
+    tol = dict(atol=2e-4, rtol=2e-4) if dtype == torch.float32 else dict(atol=2e-3)
+    assert_close_to_ref(y, y64, yt, factor=2.0, name="y", **tol)
+    for name, got, want, same in zip(("dx", "dW", "db", "dres", "dgamma"), grads, g64, gt):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got is not None and got.dtype == dtype, name
+        assert_close_to_ref(got, want, same, factor=3.0, name=name, **tol)
+    assert launches["gemm"] == (0 if gemm == "cublas" else 3), launches  # forward, dX, dW on our GEMM
+
+
+@pytest.mark.parametrize("gemm,dropout", [("triton", False), ("triton", True)])
+def test_mlp_layer_scale(gemm, dropout, device):
+    """mlp(..., layer_scale=γ) and FusedMLP(..., layer_scale=γ) = x + γ ⊙ MLP(x), grads of γ included, against
+    timm's Mlp followed by its LayerScale, in float64 (also with the dropouts active: the same masks)."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(5)
+    ref = timm_layers.Mlp(24, 56, drop=0.25 if dropout else 0.0).double().train()
+    ls = timm_layers.LayerScale(24, init_values=0.5).double()
+    with torch.no_grad():
+        ls.gamma.copy_(randn(24, dtype=torch.float64, device="cpu"))
+    ours = FusedMLP(24, 56, drop=0.25 if dropout else 0.0).to(device).train()
+    ours.load_state_dict(ref.state_dict())
+    gamma = ls.gamma.detach().float().to(device).requires_grad_()
+    x = randn(3, 11, 24, device=device, requires_grad=True)
+    res = randn(3, 11, 24, device=device, requires_grad=True)
+    g = randn(3, 11, 24, device=device)
+    from flashvit.kernels import use_backend
+
+    torch.manual_seed(9)
+    with use_backend("triton"):
+        y = ours(x, residual=res, layer_scale=gamma)
+    y.backward(g)
+    x2, res2 = (t.detach().double().cpu().requires_grad_() for t in (x, res))
+    torch.manual_seed(9)
+    y2 = res2 + ls(ref(x2))
+    y2.backward(g.double().cpu())
+    close = dict(atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(y.double().cpu(), y2, **close)
+    torch.testing.assert_close(x.grad.double().cpu(), x2.grad, **close)
+    torch.testing.assert_close(res.grad.double().cpu(), res2.grad, **close)
+    torch.testing.assert_close(gamma.grad.double().cpu(), ls.gamma.grad, **close)
+    for (n1, p1), (n2, p2) in zip(ours.named_parameters(), ref.named_parameters()):
+        assert n1 == n2
+        torch.testing.assert_close(p1.grad.double().cpu(), p2.grad, **close, msg=n1)
+
+
+def test_layer_scale_bad_inputs(device):
+    x, w, b, r = _make(4, 16, 8, torch.float32, device, True, True)
+    with pytest.raises(ValueError, match="layer_scale has shape"):
+        linear(x, w, b, layer_scale=randn(9, device=device), backend="triton")
+    with pytest.raises(ValueError, match="layer_scale must have 1 dim"):
+        linear(x, w, b, layer_scale=randn(1, 8, device=device), backend="triton")
+    with pytest.raises(ValueError, match="activation=None"):
+        linear(x, w, b, activation="gelu", layer_scale=randn(8, device=device), backend="triton")
+    with pytest.raises(TypeError, match="layer_scale"):
+        linear(x, w, b, layer_scale=randn(8, device=device).half(), backend="triton")
+    with pytest.raises(TypeError, match="dtype"):
+        linear(x, w, b, layer_scale=torch.ones(8, dtype=torch.int32, device=device), backend="triton")
+    with pytest.raises(ValueError, match="one device"):
+        linear(x, w, b, layer_scale=randn(8, device=device).to("meta"), backend="triton")
+    w2 = randn(8, 24, device=device)
+    with pytest.raises(ValueError, match="layer_scale has shape"):
+        L.mlp(x, randn(24, 16, device=device), None, w2, None, layer_scale=randn(24, device=device),
+              backend="triton")
+
+
 def test_empty_rows(device):
     x = torch.empty(0, 16, device=device)
     w = randn(8, 16, device=device, requires_grad=True)
@@ -912,6 +1003,38 @@ def test_gpu_mlp_bf16(M, K, H, N, gemm, dact_launches):
     L.set_autotune(gemm != "cublas")
     _check_mlp(M, K, H, N, torch.bfloat16, "gelu", True, True, True, gemm, "cuda")
     assert dact_launches["dact_gemm"] == (0 if gemm == "cublas" else 1)  # hybrid: act' on the TMA kernel
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+def test_gpu_layer_scale_under_autocast(gemm):
+    """fp32 x, weights, γ and residual under bf16 autocast (the trainer's case): γ folds into the fp32 weights
+    before the cast; output fp32 like eager's (bf16 GEMM * fp32 γ + fp32 residual), every grad by the 2x/3x rule
+    against float64 vs eager autocast."""
+    L.set_autotune(True)
+    M, K, N = 394, 384, 384
+    x, w, b, r = _make(M, K, N, torch.float32, "cuda", True, True)
+    gamma = randn(N, device="cuda", scale=0.1)
+    g = randn(M, N, device="cuda")
+
+    def run(fn, ts, autocast):
+        leaves = [t.detach().requires_grad_() for t in ts]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(*leaves)
+        y.backward(g.to(y.dtype))
+        return y.detach(), [t.grad for t in leaves]
+
+    ts = (x, w, b, r, gamma)
+    y, grads = run(lambda x, w, b, r, s: linear(x, w, b, None, r, layer_scale=s, backend="triton", gemm=gemm),
+                   ts, True)
+    yt, gt = run(lambda x, w, b, r, s: linear_reference(x, w, b, None, r, s), ts, True)
+    y64, g64 = run(lambda x, w, b, r, s: linear_reference(x, w, b, None, r, s), [t.double() for t in ts], False)
+    assert y.dtype == yt.dtype == torch.float32  # fp32 outputs at bf16 accuracy: the 2x/3x rule by hand
+    for name, got, want, same, factor in zip(("y", "dx", "dW", "db", "dres", "dgamma"), [y, *grads], [y64, *g64],
+                                             [yt, *gt], (2.0, 3.0, 3.0, 3.0, 3.0, 3.0)):
+        assert got.dtype == torch.float32 and not got.isnan().any(), name
+        err, torch_err = max_err(got, want), max_err(same, want)
+        assert err <= factor * torch_err + 1e-3 * want.abs().max().item(), (name, err, torch_err)
 
 
 @pytest.mark.parametrize("need_dx,need_dw,has_bias", list(itertools.product((False, True), repeat=3)))

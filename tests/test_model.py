@@ -32,6 +32,8 @@ def _timm_pair(name, **kw):
     ("deit_tiny_patch16_224", SMALL),
     ("vit_base_patch16_reg4_gap_256", dict(img_size=64, embed_dim=96, depth=2, num_heads=4, num_classes=5)),
     ("vit_tiny_patch16_224", dict(img_size=(32, 48), in_chans=1, patch_size=8, num_classes=3)),
+    ("vit_small_patch14_dinov2", dict(img_size=28, depth=2)),  # LayerScale (init_values=1e-5), no head
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=42, depth=2, num_classes=4)),
 ])
 def test_timm_state_dict_loads_strictly_and_logits_match(name, kw):
     ours, ref = _timm_pair(name, **kw)
@@ -250,6 +252,35 @@ def test_dynamic_img_size_on_the_kernels():
         grads.append((out.detach(), model.pos_embed.grad.clone(), model.patch_embed.proj.weight.grad.clone()))
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-4 * a.abs().max().item(), rtol=1e-4)
+
+
+def test_layer_scale_on_the_kernels_matches_timm():
+    """LayerScale (init_values) on the kernels: γ folded into the proj and fc2 GEMMs. Logits and every gradient,
+    the γs' included, vs timm's model (x * γ after each branch) on the same weights in float64."""
+    if KERNEL_DEV is None:
+        pytest.skip("the kernels need a GPU or, on CPU tensors, the Triton interpreter")
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, init_values=0.5)
+    ours, ref = _timm_pair("vit_tiny_patch16_224", **kw)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # γ away from its constant init, both signs
+            if name.endswith("gamma"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    ours.load_state_dict(ref.state_dict())
+    ours, ref = ours.to(KERNEL_DEV).train(), ref.double().train()
+    x = torch.randn(2, 3, 16, 16)
+    results = []
+    for model, inp, backend in ((ours, x.to(KERNEL_DEV), "triton"), (ref, x.double(), "torch")):
+        with flashvit.use_backend(backend):
+            out = model(inp)
+        out.square().sum().backward()
+        results.append((out.detach().double().cpu(),
+                        {n: p.grad.double().cpu() for n, p in model.named_parameters()}))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-4 * ref_out.abs().max().item(), rtol=1e-4)
+    assert set(grads) == set(ref_grads) and any(n.endswith("ls1.gamma") for n in grads)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-4 * scale, rtol=1e-4, msg=n)
 
 
 def test_forward_intermediates_bad_arguments():

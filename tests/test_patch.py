@@ -377,8 +377,17 @@ HF_FAMILY = {  # model class, config class, extra config, classes fused, classes
                 {"LayerNorm": 5, "ViTMAEAttention": 2, "ViTMAEMLP": 2, "ViTMAEPatchEmbeddings": 1, "ViTMAELayer": 2},
                 set()),
     "dinov2": ("Dinov2Model", "Dinov2Config", dict(mlp_ratio=2),
-               {"LayerNorm": 5, "Dinov2Attention": 2, "Dinov2MLP": 2}, {"Dinov2Layer", "Dinov2PatchEmbeddings"}),
+               {"LayerNorm": 5, "Dinov2Attention": 2, "Dinov2MLP": 2, "Dinov2Layer": 2}, {"Dinov2PatchEmbeddings"}),
 }
+
+
+def _dinov2_layer_checked() -> bool:
+    """Whether the installed transformers' Dinov2Layer (and its LayerScale) is the source flashvit checked."""
+    from transformers.models.dinov2 import modeling_dinov2 as hf
+
+    prints = patch_mod._HF_OWN_LAYERS["Dinov2Layer"][1]
+    return (patch_mod._source_fingerprint(hf.Dinov2Layer.forward) in prints["forward"]
+            and patch_mod._source_fingerprint(hf.Dinov2LayerScale.forward) in prints["layer_scale2"])
 
 
 @pytest.mark.parametrize("family", list(HF_FAMILY))
@@ -400,10 +409,103 @@ def test_hf_vit_family_patched_matches_unpatched(family, calls):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     report = _check_patched_same(model, _images((32, 32)), call=call)
+    if family == "dinov2" and not _dinov2_layer_checked():  # a transformers release changed it: left, and said
+        fused = {k: v for k, v in fused.items() if k != "Dinov2Layer"}
+        assert any(c == "Dinov2Layer" and "not the source flashvit checked" in why for _, c, why in report.left)
     assert report.counts() == fused, report.counts()
     differ = {cls for _, cls, why in report.left if "forward differs from transformers' ViT" in why}
     assert differ == left, report.left
     assert calls["attention"] == 2 and calls["mlp"] == 2
+    assert calls.get("add_layer_norm", 0) == (2 if "Layer" in "".join(fused) else 0)
+
+
+def _count_calls(monkeypatch, cls) -> dict:
+    n = {"calls": 0}
+    orig = cls.forward
+
+    def counted(self, *a, **k):
+        n["calls"] += 1
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(cls, "forward", counted)
+    return n
+
+
+def _reseeded(m, x, fn=lambda m, x: m(x)):
+    torch.manual_seed(11)  # the same drop-path draws in every run
+    return fn(m, x)
+
+
+def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
+    """timm's ls1 / ls2 fold into the proj and fc2 GEMMs (γ scales their weights): LayerScale.forward no longer
+    runs; logits and every grad (γ's included) equal the unpatched model's, with drop path active. A hook on one
+    LayerScale keeps that one's call (the hook sees it)."""
+    from timm.layers import LayerScale
+
+    n = _count_calls(monkeypatch, LayerScale)
+    kw = dict(SMALL, init_values=0.1, drop_path_rate=0.3)
+    model = _randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)).train()
+    x = _images(model.patch_embed.img_size)
+    ref_out, ref_grads = _run(model, x, _reseeded)
+    assert n["calls"] == 2 * kw["depth"]
+    flashvit.patch(model)
+    n["calls"] = 0
+    out, grads = _run(model, x, _reseeded)
+    assert n["calls"] == 0 and calls["mlp"] == kw["depth"]
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert {k for k in grads if k.endswith("gamma")} == {k for k in ref_grads if k.endswith("gamma")} != set()
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+    model.blocks[1].ls2.register_forward_hook(lambda *a: None)
+    out2, _ = _run(model, x, _reseeded)
+    assert n["calls"] == 1
+    torch.testing.assert_close(out2, ref_out, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_dinov2_layer_scale_folds_into_fc2(monkeypatch, calls):
+    """transformers' Dinov2Layer: norm2 fused with the first residual add, layer_scale2 and the second add in
+    fc2's GEMM; layer_scale1 still runs (once per layer). Drop path active, same draws: logits and grads equal."""
+    transformers = pytest.importorskip("transformers")
+    if not _dinov2_layer_checked():
+        pytest.skip("this transformers' Dinov2Layer is not the source flashvit checked: "
+                    "test_hf_vit_family_patched_matches_unpatched asserts that it is left, with the reason")
+    from transformers.models.dinov2 import modeling_dinov2 as hf
+
+    cfg = transformers.Dinov2Config(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=3, mlp_ratio=2, drop_path_rate=0.3)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(transformers.Dinov2Model(cfg)).train()
+
+    def call(m, x):
+        return _reseeded(m, x, lambda m, x: m(pixel_values=x).last_hidden_state)
+
+    x = _images((32, 32))
+    ref_out, ref_grads = _run(model, x, call)
+    flashvit.patch(model)
+    assert model.flashvit_report.counts()["Dinov2Layer"] == 2
+    n = _count_calls(monkeypatch, hf.Dinov2LayerScale)  # after patching: its source is checked there
+    out, grads = _run(model, x, call)
+    assert n["calls"] == 2  # layer_scale1 of each layer
+    assert calls["add_layer_norm"] == 2 and calls["mlp"] == 2
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    assert set(grads) == set(ref_grads)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_hf_layer_with_an_unchecked_source_is_left(monkeypatch):
+    pytest.importorskip("transformers")
+    mixin, prints = patch_mod._HF_OWN_LAYERS["Dinov2Layer"]
+    monkeypatch.setitem(patch_mod._HF_OWN_LAYERS, "Dinov2Layer", (mixin, dict(prints, forward={"0" * 16})))
+    import transformers
+
+    model = transformers.Dinov2Model(transformers.Dinov2Config(image_size=16, patch_size=8, hidden_size=32,
+                                                               num_hidden_layers=1, num_attention_heads=2))
+    flashvit.patch(model)
+    assert "Dinov2Layer" not in model.flashvit_report.counts()
+    assert any(c == "Dinov2Layer" and "Dinov2Layer.forward is not the source flashvit checked" in why
+               for _, c, why in model.flashvit_report.left), model.flashvit_report.left
+    flashvit.unpatch(model)
 
 
 def test_hf_attention_function_is_registered_and_used():

@@ -77,11 +77,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of x (B, T, D); ``layer_scale`` = γ of the LayerScale after it, folded into proj's GEMM."""
         qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, 3·H·Dh), read in place below
         o = qkv_attention(qkv, self.num_heads, self.scale,
                           dropout_p=self.attn_drop.p if self.training else 0.0)  # (B, T, H·Dh)
-        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
 class Block(nn.Module):
@@ -101,11 +102,17 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
-        a = self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        # LayerScales fold into proj's / fc2's GEMM (γ scales their weights): no pass over the activations
+        a = self.drop_path1(self.attn(self.norm1(x), layer_scale=_gamma(self.ls1)))
         y, x = self.norm2.forward_add(a, x)  # x <- x + a; y = LN2(x)
-        if isinstance(self.ls2, nn.Identity) and not self.drop_path2.active():
-            return self.mlp(y, residual=x)  # residual add in fc2's epilogue
-        return x + self.drop_path2(self.ls2(self.mlp(y)))
+        if not self.drop_path2.active():
+            return self.mlp(y, residual=x, layer_scale=_gamma(self.ls2))  # residual add in fc2's epilogue
+        return x + self.drop_path2(self.mlp(y, layer_scale=_gamma(self.ls2)))
+
+
+def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
+    """γ of a LayerScale; None for the identity."""
+    return ls.gamma if isinstance(ls, LayerScale) else None
 
 
 def sincos_pos_embed(num_tokens: int, dim: int) -> torch.Tensor:
@@ -331,6 +338,11 @@ for _size, _cfg in _SIZES.items():
         **_cfg)
 for _size in ("tiny", "small", "base"):
     MODEL_CONFIGS[f"deit_{_size}_patch16_224"] = dict(patch_size=16, **_SIZES[_size])
+# DINOv2 backbones (timm's names; giant's SwiGLU MLP is not built here): LayerScale, 518 px, no head.
+for _size in ("small", "base", "large"):
+    _dino = dict(img_size=518, patch_size=14, init_values=1e-5, num_classes=0, **_SIZES[_size])
+    MODEL_CONFIGS[f"vit_{_size}_patch14_dinov2"] = _dino
+    MODEL_CONFIGS[f"vit_{_size}_patch14_reg4_dinov2"] = dict(_dino, reg_tokens=4, no_embed_class=True)
 
 
 def list_models() -> list:

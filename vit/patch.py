@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib
 import inspect
+import io
+import textwrap
+import tokenize
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -100,6 +104,18 @@ def _hf_decide(role: str, decide: Callable[[nn.Module], Decision]) -> Callable[[
     return run
 
 
+@functools.cache
+def _source_fingerprint(fn: Callable) -> Optional[str]:
+    """16 hex digits of the sha256 of fn's source tokens (comments and layout dropped); None without source."""
+    skip = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+        toks = [t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type not in skip]
+    except (OSError, TypeError, tokenize.TokenError, SyntaxError):
+        return None
+    return hashlib.sha256(" ".join(toks).encode()).hexdigest()[:16]
+
+
 def _gelu_kind(act: nn.Module) -> Optional[str]:
     """'gelu' / 'gelu_tanh' when ``act`` is exactly that GELU, else None."""
     if type(act) is nn.GELU:
@@ -156,7 +172,9 @@ class _PatchState:
 class _FusedTimmAttention(nn.Module):
     """timm Attention: qkv GEMM -> flash attention read from the packed qkv -> (norm) -> proj GEMM."""
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's forward; ``layer_scale``: γ of the block's LayerScale after it, folded into proj's GEMM."""
         B, N, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         p = self.attn_drop.p if self.training else 0.0
@@ -176,7 +194,7 @@ class _FusedTimmAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p).reshape(B, N, H * Dh)
         o = self.norm(o)
-        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
 class _FusedTimmPatchEmbed(nn.Module):
@@ -207,20 +225,50 @@ def _drop_path_inactive(m: nn.Module) -> bool:
     return p is not None and (not m.training or p == 0.0)
 
 
+# LayerScale classes (y = x * γ) and their γ attribute; timm's ``inplace`` variant computes the same values.
+_LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vision_transformer.LayerScale": "gamma",
+                 "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1"}
+
+
+def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
+    """(True, γ) for a LayerScale that may fold into the GEMM before it, (True, None) for the identity,
+    (False, None) otherwise (another module, or hooks on it that must see its call)."""
+    if isinstance(ls, nn.Identity):
+        return True, None
+    attr = _LAYER_SCALES.get(_qualname(ls))
+    if attr is None or _has_hooks(ls):
+        return False, None
+    return True, getattr(ls, attr)
+
+
+def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
+                  ) -> torch.Tensor:
+    """h + drop_path(ls(mlp(y))): γ and the residual add in fc2's GEMM where the parts allow."""
+    foldable, gamma = _foldable_scale(ls)
+    if not (isinstance(mlp, FusedMLP) and foldable):
+        return h + drop_path(ls(mlp(y)))
+    if _drop_path_inactive(drop_path):
+        return mlp(y, residual=h, layer_scale=gamma)  # FusedMLP falls back to y + h itself when its dropout is active
+    return h + drop_path(mlp(y, layer_scale=gamma))
+
+
 class _FusedTimmBlock(nn.Module):
-    """timm Block with the residual adds fused: (x + a, LN2(x + a)) in one pass, fc2 + residual in one GEMM."""
+    """timm Block with the residual adds fused: (x + a, LN2(x + a)) in one pass, fc2 + residual in one GEMM,
+    LayerScales (ls1, ls2) folded into the proj and fc2 GEMMs."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        a = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+        foldable, gamma = _foldable_scale(self.ls1)
+        if foldable and isinstance(self.attn, _FusedTimmAttention):
+            a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, layer_scale=gamma)
+        else:
+            a = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
+        a = self.drop_path1(a)
         if isinstance(self.norm2, FlashLayerNorm):
             y, x = self.norm2.forward_add(a, x)  # x <- x + a ; y = LN2(x)
         else:
             x = x + a
             y = self.norm2(x)
-        if (isinstance(self.mlp, FusedMLP) and isinstance(self.ls2, nn.Identity)
-                and _drop_path_inactive(self.drop_path2)):
-            return self.mlp(y, residual=x)  # FusedMLP falls back to y + x itself when its dropout is active
-        return x + self.drop_path2(self.ls2(self.mlp(y)))
+        return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
 
 
 class _FusedHFLayer(nn.Module):
@@ -238,6 +286,23 @@ class _FusedHFLayer(nn.Module):
         if isinstance(self.mlp, FusedMLP) and (not self.training or self.dropout.p == 0.0):
             return self.mlp(y, residual=h)
         return self.dropout(self.mlp(y)) + h
+
+
+class _FusedHFDinov2Layer(nn.Module):
+    """transformers Dinov2Layer (MLP FFN) with the second residual fused: drop_path(ls1(attention)) + x and
+    norm2 in one pass, ls2 and the residual add in fc2's GEMM. (ls1 stays a multiply: folding it would reach
+    into transformers' attention module.)"""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        a, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+        a = self.drop_path(self.layer_scale1(a))
+        if isinstance(self.norm2, FlashLayerNorm):
+            y, h = self.norm2.forward_add(a, hidden_states)  # h = a + x ; y = norm2(h)
+        else:
+            h = a + hidden_states
+            y = self.norm2(h)
+        return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
 class _FusedMultiheadAttention(nn.Module):
@@ -302,6 +367,31 @@ def _share_mlp(orig: nn.Module, kind: str, drop1: nn.Module, drop2: nn.Module) -
     new.fc1, new.fc2, new.drop1, new.drop2 = fc1, fc2, drop1, drop2  # shared children
     new.training = orig.training
     return new
+
+
+# transformers layers whose forward is not ViT's, fused by a forward of ours: the fingerprints
+# (_source_fingerprint) of their forward and of their LayerScale's forward as checked (transformers 5.24);
+# another source is left, with the reason, until someone checks it and adds its fingerprint.
+_HF_OWN_LAYERS: Dict[str, Tuple[type, Dict[str, set]]] = {
+    "Dinov2Layer": (_FusedHFDinov2Layer, {"forward": {"0d6d7eb3369a3b13"}, "layer_scale2": {"9e74b25e67144509"}}),
+}
+
+
+def _decide_hf_layer(m: nn.Module) -> Decision:
+    why = _hf_forward_differs(type(m), "Layer")
+    if why is None:
+        return _clone_as(m, _FusedHFLayer), None
+    own = _HF_OWN_LAYERS.get(type(m).__name__)
+    if own is None:
+        return None, why
+    mixin, checked = own
+    for part, prints in checked.items():
+        owner = m if part == "forward" else getattr(m, part, None)
+        fn = getattr(type(owner), "forward", None)
+        if fn is None or _source_fingerprint(fn) not in prints:
+            return None, (f"{type(owner).__name__}.forward is not the source flashvit checked "
+                          f"(fingerprint {_source_fingerprint(fn) if fn else None})")
+    return _clone_as(m, mixin), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,8 +533,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
-        residual: timm ``Block`` / HF ``ViTLayer``: fuse the residual adds (add + LayerNorm in one pass, fc2 +
-            residual in the GEMM epilogue).
+        residual: timm ``Block`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds (add + LayerNorm
+            in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -460,7 +550,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
-        (lambda m: _hf_role(m) == "Layer", _hf_decide("Layer", lambda m: (_clone_as(m, _FusedHFLayer), None)),
+        (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
