@@ -62,14 +62,15 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 # torch.compile's rows at D = 384 only before the graph step's budget ran out)
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
-# [tail] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and 6's
-# budgets) first, [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM
-# paths (hybrid's training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
+# [tail], [masked] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and
+# 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before) first,
+# [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
+# training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
 # attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch] and
 # [chunks+prefetch] (LayerNorm's backward) exist with the graph timer only, whose step runs every row (device
 # time: the host hides LayerNorm's kernels there)
-EXPERIMENTAL = ("[tail]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]", "[nosplit]",
-                "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]")
+EXPERIMENTAL = ("[tail]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
+                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -358,17 +359,18 @@ def _ln_bwd_context(chunks: bool, prefetch: bool) -> Iterator[None]:
 
 
 def _fused_context(tail: bool = False) -> Any:
-    """The fused backward (use_bwd_fused) on; ``tail``: the forward's and the backward's split loops too."""
+    """The fused backward (use_bwd_fused) on; ``tail``: the forward's and the backward's split loops forced on
+    too (else the forward's loop form is the default's: the autotuner's)."""
     attn = importlib.import_module("flashvit.kernels.attention")
-    return _stacked(attn.use_bwd_fused(True), attn.use_fwd_tail(tail), attn.use_bwd_tail(tail))
+    return _stacked(attn.use_bwd_fused(True), *((attn.use_fwd_tail(True), attn.use_bwd_tail(True)) if tail else ()))
 
 
-def _tail_context(rows: bool = False) -> Any:
-    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) on; ``rows``: their row
-    splits (use_fwd_rows, use_bwd_rows) too."""
+def _tail_context(rows: bool = False, on: bool = True) -> Any:
+    """The forward's and the backward's split loops (use_fwd_tail, use_bwd_tail) forced on (``on`` False: the
+    masked loops, the default before the autotuner picked the form); ``rows``: their row splits
+    (use_fwd_rows, use_bwd_rows) too."""
     attn = importlib.import_module("flashvit.kernels.attention")
-    return _stacked(attn.use_fwd_tail(True), attn.use_bwd_tail(True), attn.use_fwd_rows(rows),
-                    attn.use_bwd_rows(rows))
+    return _stacked(attn.use_fwd_tail(on), attn.use_bwd_tail(on), attn.use_fwd_rows(rows), attn.use_bwd_rows(rows))
 
 
 def _sdpa_backends() -> List[Tuple[str, Any]]:
@@ -451,10 +453,15 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk(f"flashvit-qkv[{hd_mode}]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_head_dim_context(hd_mode)),
                                 unavailable=ctx.triton_reason))
-            # the loops split into unmasked full blocks + a masked remainder (use_fwd_tail, use_bwd_tail): the
-            # fwd rows time the forward's, fwd+bwd both
+            # the loops split into unmasked full blocks + a masked remainder (use_fwd_tail, use_bwd_tail) or all
+            # masked, forced (the default lets the autotuner pick per tile): the fwd rows time the forward's,
+            # fwd+bwd both
             main.append(Job(mk("flashvit-qkv[tail]", note=knote),
                             timed(const(ours_packed), args, mode, ctx, context=_tail_context),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("flashvit-qkv[masked]", note=knote),
+                            timed(const(ours_packed), args, mode, ctx,
+                                  context=functools.partial(_tail_context, on=False)),
                             unavailable=ctx.triton_reason))
             # and each kernel's rows past its last full 64-row block in 16-row blocks (use_fwd_rows, use_bwd_rows)
             main.append(Job(mk("flashvit-qkv[tail+rows]", note=knote),

@@ -12,10 +12,11 @@ or, in the backward (``use_head_split("split")``), split into two power-of-two c
 dots do less padded work.
 Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
 Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
-Off by default until timed on a GPU: loops whose full blocks run unmasked (``use_fwd_tail``,
-``use_bwd_tail``), row splits that give the rows past the last full 64-row block to 16-row blocks
-(``use_fwd_rows``, ``use_bwd_rows``), and the backward in one kernel a head (``use_bwd_fused``: dQ's shares
-added in a fixed order into fp32 rows, still deterministic).
+Loops whose full blocks run unmasked (``use_fwd_tail``, ``use_bwd_tail``): by default the GPU's autotuner
+times them against the masked loops (the form is part of its configs) and keeps the faster per shape key.
+Off by default until timed on a GPU: row splits that give the rows past the last full 64-row block to 16-row
+blocks (``use_fwd_rows``, ``use_bwd_rows``), and the backward in one kernel a head (``use_bwd_fused``: dQ's
+shares added in a fixed order into fp32 rows, still deterministic).
 """
 
 from __future__ import annotations
@@ -665,7 +666,10 @@ def use_head_split(mode: str) -> ContextManager[None]:
 # instructions a 64x32 masked key block, 206 unmasked, 289 a 64x64 unmasked one: N = 197 costs 7 x 245 = 1715
 # at the default 64x32 and 3 x 289 + 236 = 1103 split at 64x64. Not yet timed on a GPU: the [tail] bench rows
 # measure it (in run 5, fwd+bwd at D = 80 ran slower with the older split, whose remainder was a full block).
-FWD_SPLIT_TAIL = False
+# None (the default): where the autotuner runs (a GPU, autotuning on, no forced tile) the form is part of its
+# configs (_auto_tails), so it times both and keeps the faster per shape key; elsewhere (the interpreter, fixed
+# tiles, the row split's and the fused backward's launches) the masked loop. True / False force one form.
+FWD_SPLIT_TAIL: Optional[bool] = None
 _fwd_tail: List[bool] = []  # innermost use_fwd_tail() last
 
 
@@ -677,8 +681,8 @@ def use_fwd_tail(on: bool) -> ContextManager[None]:
 # The backward's loops likewise (non-causal): dK/dV's over query blocks and dQ's over key blocks run their full
 # blocks without row masks and the partial last one apart. ptxas (Triton 3.6, sm_90, bf16, D = 64) counts
 # 298 instructions a thread for dK/dV's masked 32x64 query block (w4s2), about 70 of them masks. Not yet timed
-# on a GPU: the [tail] bench rows turn both on (its forward rows then tell the two apart).
-BWD_SPLIT_TAIL = False
+# on a GPU: the [tail] bench rows turn both on (its forward rows then tell the two apart). None: as the forward's.
+BWD_SPLIT_TAIL: Optional[bool] = None
 _bwd_tail: List[bool] = []  # innermost use_bwd_tail() last
 
 
@@ -806,7 +810,14 @@ def _make_prune(kind: str, ptr_name: str):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2", 0))
         elsize = named_args[ptr_name].element_size()
         want = set(_configs_for(kind, block_d, elsize))
-        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+        causal = kwargs.get("CAUSAL", named_args.get("CAUSAL"))
+        kept, tiles = [], set()
+        for c in configs:
+            tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if tile in want and not (causal and tile in tiles):  # causal kernels ignore SPLIT_TAIL: one form a tile
+                kept.append(c)
+                tiles.add(tile)
+        return kept
     return prune
 
 
@@ -816,8 +827,35 @@ def _triton_configs(kind: str) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in allc]
 
 
+# The loop forms the autotuner tries per tile where the form is its choice (FWD_SPLIT_TAIL / BWD_SPLIT_TAIL None).
+# The forward's masked loop at 64- or 128-wide key blocks pads the remainder to a full block and masks every
+# block: ptxas counts more instructions than its split form at every N (see FWD_SPLIT_TAIL), so only the split
+# form is tried there; at 32-wide key blocks (run 6's pick at every shape) both. The backward's split form runs
+# the same blocks with fewer masks, but run 6's picks (below) ran masked: both forms for those tiles, the split
+# form alone for the others. Same number of forward configs as before; two more a backward kernel.
+_RUN6_BWD_PICKS = {"dkdv": {(32, 64, 4, 2), (64, 64, 4, 2)}, "dq": {(128, 32, 8, 3), (64, 64, 4, 2)}}
+AUTO_TAIL_KINDS = ("fwd", "dkdv", "dq")
+
+
+def _auto_tails(kind: str, cfg: Tuple[int, int, int, int]) -> Tuple[bool, ...]:
+    if kind == "fwd":
+        return (False, True) if cfg[1] < 64 else (True,)
+    return (False, True) if cfg in _RUN6_BWD_PICKS[kind] else (True,)
+
+
+def _triton_auto_configs(kind: str) -> list:
+    """``kind``'s configs with SPLIT_TAIL among their parameters (_auto_tails; the fallback masked only)."""
+    configs, fallback = _table(kind)
+    forms = [(c, t) for c in configs for t in _auto_tails(kind, c)]
+    if fallback and fallback not in configs:
+        forms.append((fallback, False))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_TAIL": t}, num_warps=w, num_stages=s)
+            for (bm, bn, w, s), t in forms]
+
+
 # The autotuner adds the tensor dtypes itself. SPLIT_TAIL and DROPOUT are in the key: each form of the kernels
-# gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked).
+# gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked); where SPLIT_TAIL is
+# the autotuner's own choice (_attn_tuned_auto), it is in the configs instead.
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
 KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows")) + ("fused",)
@@ -834,6 +872,11 @@ if HAS_TRITON and not INTERPRET:
     _attn_tuned = {kind: Launcher(triton.autotune(
         _triton_configs(kind), key=_FWD_KEY if kind.startswith("fwd") else _KEY,
         prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_kernel(kind))) for kind in KINDS}
+_attn_tuned_auto: Dict[str, Launcher] = {}  # kind -> the autotuner that also picks the loop form (SPLIT_TAIL)
+if HAS_TRITON and not INTERPRET:
+    _attn_tuned_auto = {kind: Launcher(triton.autotune(
+        _triton_auto_configs(kind), key=[k for k in (_FWD_KEY if kind == "fwd" else _KEY) if k != "SPLIT_TAIL"],
+        prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_kernel(kind))) for kind in AUTO_TAIL_KINDS}
 
 if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
@@ -877,8 +920,16 @@ def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[in
 
 def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
     """Launch a kernel ``kind`` (KINDS) over ``grid_rows`` program rows (keys for dK/dV) of ``bh`` heads, with
-    the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config)."""
-    if INTERPRET or _forced_tiles or not _autotune:
+    the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config).
+    ``consts["SPLIT_TAIL"]`` None: the autotuner picks the loop form too (AUTO_TAIL_KINDS), else the masked one."""
+    fixed = INTERPRET or _forced_tiles or not _autotune
+    if consts["SPLIT_TAIL"] is None:
+        consts = dict(consts)
+        if not fixed and kind in _attn_tuned_auto:
+            del consts["SPLIT_TAIL"]
+        else:
+            consts["SPLIT_TAIL"] = False
+    if fixed:
         cfg = _fixed_config(kind, consts, args[0].element_size())
         _kernel(kind)[(cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,)](
             *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
@@ -887,7 +938,7 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
     def grid(meta):
         return (cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh,)
 
-    _attn_tuned[kind](grid, args, consts)
+    (_attn_tuned if "SPLIT_TAIL" in consts else _attn_tuned_auto)[kind](grid, args, consts)
 
 
 def _launch_rows(kind: str, n: int, bh: int, head: tuple, tail: tuple, consts: Dict[str, object],
@@ -1349,7 +1400,7 @@ def _aot_specs() -> List[AotSpec]:
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
             if not fwd:
                 consts["BLOCK_D2"] = bd2
-            tail = FWD_SPLIT_TAIL if fwd else BWD_SPLIT_TAIL
+            tail = False  # the masked loop here, the split one below (the autotuner tries both: _auto_tails)
             consts["SPLIT_TAIL"] = tail
             consts["DROPOUT"] = False
             cfgs = _configs_for(kind, bd1 + bd2, es)

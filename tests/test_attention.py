@@ -194,7 +194,79 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
     with A.use_fwd_tail(True):
         _check_attention(1, Nq, Nkv, 2, D, causal, torch.float32)
         _check_attention(1, Nq, Nkv, 1, D, causal, torch.float16)
-    assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is False  # restored; the default loop is the masked one
+    assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is None  # restored; by default the autotuner's choice
+
+
+@pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
+def test_autotuner_picks_the_loop_form():
+    """Where the loop form is left to the autotuner: the forward tries the split form alone at 64/128-wide key
+    blocks (the masked one has more instructions there) and both at 32; the backward both at run 6's picks, the
+    split form elsewhere; every tile of the plain lists is in; causal launches keep one form a tile."""
+    def forms(kind):
+        return [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
+                for c in A._triton_auto_configs(kind)]
+
+    fwd = forms("fwd")
+    assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
+    for tile, tail in fwd:
+        assert tail or tile[1] < 64 or tile == A._FWD_FALLBACK, tile
+    assert {t for t, tail in fwd if not tail} == {c for c in A._FWD_CONFIGS if c[1] < 64} | {A._FWD_FALLBACK}
+    for kind, table in (("dkdv", A._DKDV_CONFIGS), ("dq", A._DQ_CONFIGS)):
+        got = forms(kind)
+        assert len(got) == len(set(got))
+        assert {t for t, tail in got if tail} == set(table)
+        assert {t for t, tail in got if not tail} == A._RUN6_BWD_PICKS[kind] | {A._table(kind)[1]}
+    prune = A._make_prune("fwd", "Q")
+    q = torch.empty(1, dtype=torch.bfloat16)
+    configs = A._triton_auto_configs("fwd")
+    both = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=False)
+    one = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=True)
+    assert len(both) > len(one) == len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                                        for c in both})
+
+
+def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
+    """_launch with SPLIT_TAIL None: the autotuner with the form in its configs (fwd, dkdv, dq on a GPU with
+    autotuning on); a forced form, or another kind, the plain autotuner; fixed tiles: the masked loop.
+    The caller's consts are left as they were (the backward shares one dict between its launches)."""
+    calls = []
+
+    class Rec:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, args, consts):
+            calls.append((self.name, dict(consts)))
+
+    monkeypatch.setattr(A, "INTERPRET", False)
+    monkeypatch.setattr(A, "_autotune", True)
+    monkeypatch.setattr(A, "_attn_tuned_auto", {k: Rec("auto") for k in A.AUTO_TAIL_KINDS})
+    monkeypatch.setattr(A, "_attn_tuned", {k: Rec("plain") for k in A.KINDS})
+    consts = dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False, SPLIT_TAIL=None)
+    args = (torch.empty(1, dtype=torch.float16),)
+    for kind in ("fwd", "dkdv", "dq"):
+        A._launch(kind, 10, 2, args, consts)
+        assert calls.pop() == ("auto", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
+    A._launch("fwd_rows", 10, 2, args, consts)
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False))
+    A._launch("fused", 1, 2, args, consts)
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False))
+    A._launch("dq", 10, 2, args, dict(consts, SPLIT_TAIL=True))
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True))
+    assert consts["SPLIT_TAIL"] is None
+    launched = []
+
+    class Kern:
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(k["SPLIT_TAIL"])
+
+    monkeypatch.setattr(A, "_kernel", lambda kind: Kern())
+    monkeypatch.setattr(A, "_autotune", False)
+    A._launch("fwd", 10, 2, args, consts)
+    with A.use_tile_config((32, 32, 4, 1)):
+        monkeypatch.setattr(A, "_autotune", True)
+        A._launch("dkdv", 10, 2, args, consts)
+    assert launched == [False, False] and not calls
 
 
 @pytest.mark.parametrize("cfg,Nkv", [((32, 64, 4, 1), 97), ((16, 128, 4, 1), 130), ((16, 128, 4, 1), 31),
@@ -218,7 +290,7 @@ def test_backward_split_tail_loops(B, Nq, Nkv, H, D, dtype, split):
     with A.use_bwd_tail(True), A.use_head_split("split" if split else "pad"):
         _check_attention(B, Nq, Nkv, H, D, False, dtype)
         _check_attention(1, Nq, Nq, 1, D, True, dtype)
-    assert A._bwd_tail == [] and A.BWD_SPLIT_TAIL is False
+    assert A._bwd_tail == [] and A.BWD_SPLIT_TAIL is None
 
 
 @pytest.mark.parametrize("B,Nq,Nkv,H,D,causal,dtype", [
@@ -803,11 +875,15 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
     with A.use_head_split(mode):
         bd = sum(A._split_dims(D)) if not fwd else A._block_d(D)
     bad, ran = [], 0
-    for cfg in A._triton_configs(kind):
+    key = A._FWD_KEY if fwd else A._KEY
+    auto = kind in A.AUTO_TAIL_KINDS  # the default launch: tile and loop form from one autotuner
+    table, tuned = (A._triton_auto_configs(kind), A._attn_tuned_auto) if auto else (A._triton_configs(kind), A._attn_tuned)
+    for cfg in table:
         c = (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
         if c not in A._configs_for(kind, bd, 2):
             continue  # the pruner drops it at this head dim
-        monkeypatch.setitem(A._attn_tuned, kind, Launcher(triton.autotune([cfg], key=A._FWD_KEY if fwd else A._KEY)(kern)))
+        monkeypatch.setitem(tuned, kind, Launcher(triton.autotune(
+            [cfg], key=[k for k in key if k != "SPLIT_TAIL"] if auto else key)(kern)))
         ran += 1
         rows = kind.endswith("_rows")
         with A.use_head_split(mode), A.use_fwd_rows(rows and fwd), A.use_bwd_rows(rows and not fwd), \
