@@ -66,11 +66,12 @@ GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before) first,
 # [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
 # training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
-# attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch] and
-# [chunks+prefetch] (LayerNorm's backward) exist with the graph timer only, whose step runs every row (device
-# time: the host hides LayerNorm's kernels there)
+# attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch], [chunks+prefetch]
+# and [noprefetch] (LayerNorm's backward; the default lets the autotuner pick the prefetch, [noprefetch] is the
+# default before) exist with the graph timer only, whose step runs every row (device time: the host hides
+# LayerNorm's kernels there)
 EXPERIMENTAL = ("[tail]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
-                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]")
+                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]", "[noprefetch]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -346,15 +347,17 @@ def ln_chunks_note(d: int) -> str:
 
 
 # LayerNorm backward forms with graph rows: (tag, use_ln_chunks, use_ln_prefetch)
-LN_BWD_FORMS = (("chunks", True, False), ("prefetch", False, True), ("chunks+prefetch", True, True))
+# (tag, column chunks, prefetch: forced on / off, or None: the autotuner's pick, the default's)
+LN_BWD_FORMS = (("noprefetch", False, False), ("chunks", True, None), ("prefetch", False, True),
+                ("chunks+prefetch", True, True))
 
 
 @contextlib.contextmanager
-def _ln_bwd_context(chunks: bool, prefetch: bool) -> Iterator[None]:
-    """LayerNorm's backward in two column chunks (use_ln_chunks) and / or with its next-rows prefetch
-    (use_ln_prefetch)."""
+def _ln_bwd_context(chunks: bool, prefetch: Optional[bool]) -> Iterator[None]:
+    """LayerNorm's backward in two column chunks (use_ln_chunks) and / or with its next-rows prefetch forced
+    (use_ln_prefetch; None: left to the autotuner)."""
     L = importlib.import_module("flashvit.kernels.layernorm")
-    with L.use_ln_chunks(chunks), L.use_ln_prefetch(prefetch):
+    with L.use_ln_chunks(chunks), (L.use_ln_prefetch(prefetch) if prefetch is not None else contextlib.nullcontext()):
         yield
 
 
@@ -786,7 +789,8 @@ def op_jobs(ctx: Ctx, ops: Optional[Sequence[str]] = None) -> List[Job]:
             d = row.shape.get("D") if row.name in ("layer_norm", "add_layer_norm") else None
             return GRAPH_LN_DIMS_ORDER.index(d) if d in GRAPH_LN_DIMS_ORDER else len(GRAPH_LN_DIMS_ORDER)
         group_pos = {g: i for i, g in enumerate(dict.fromkeys(j.row.group() for j in ordered))}
-        rank = {"flashvit": 0, "compile(eager)": 1, "flashvit[chunks]": 2, "flashvit[prefetch]": 3,
-                "flashvit[chunks+prefetch]": 4}
-        ordered = sorted(ordered, key=lambda j: (dim_rank(j.row), group_pos[j.row.group()], rank.get(j.row.impl, 5)))
+        rank = {"flashvit": 0, "compile(eager)": 1, **{f"flashvit[{tag}]": 2 + i for i, (tag, _, _) in
+                                                        enumerate(LN_BWD_FORMS)}}
+        ordered = sorted(ordered, key=lambda j: (dim_rank(j.row), group_pos[j.row.group()],
+                                                 rank.get(j.row.impl, len(rank))))
     return ordered

@@ -12,7 +12,7 @@ then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run t
 from __future__ import annotations
 
 import functools
-from typing import ContextManager, List, Optional, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -299,8 +299,10 @@ def use_ln_chunks(on: bool) -> ContextManager[None]:
 
 # The backward's loop loads the next rows while it reduces and stores the current ones (PREFETCH in
 # _ln_bwd_kernel): ptxas (Triton 3.6, sm_90) shows the loop's loads unpipelined, so a program has loads in flight
-# only between its cross-warp sums. Off until timed: the graph rows tagged [prefetch], [chunks+prefetch].
-LN_BWD_PREFETCH = False
+# only between its cross-warp sums. Not yet timed (graph rows [prefetch], [chunks+prefetch]), so by default
+# (None) the GPU's autotuner decides: PREFETCH is a parameter of its backward configs, both values per tile
+# (_ln_bwd_tuned_auto); the interpreter runs without. True / False force it.
+LN_BWD_PREFETCH: Optional[bool] = None
 _ln_prefetch: List[bool] = []  # innermost use_ln_prefetch() last
 
 
@@ -309,7 +311,8 @@ def use_ln_prefetch(on: bool) -> ContextManager[None]:
     return pushed(_ln_prefetch, bool(on))
 
 
-def _bwd_prefetch() -> bool:
+def _bwd_prefetch() -> Optional[bool]:
+    """The forced prefetch, or None: the autotuner's choice."""
     return _ln_prefetch[-1] if _ln_prefetch else LN_BWD_PREFETCH
 
 
@@ -370,22 +373,33 @@ def _block_sizes() -> List[int]:
     return out
 
 
+# Padded blocks above this take no prefetch: ptxas (Triton 3.6 and 3.8, sm_80 / sm_90, bf16) spills 8-60 bytes a
+# thread at 8192 with it (64 registers a thread there), none up to 4096.
+PREFETCH_MAX_BLOCK = 4096
+
+
 def _prune(choices):
     def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
-        want = set(choices(next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))))
-        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
+        block = next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))
+        want = set(choices(block))
+        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+                and not (c.kwargs.get("PREFETCH") and block > PREFETCH_MAX_BLOCK)]
     return prune
 
 
 if HAS_TRITON and not INTERPRET:
-    def _tuned(kernel, choices, stages: int, key: List[str]):
+    def _tuned(kernel, choices, stages: int, key: List[str], extra: Sequence[dict] = ({},)):
+        """An autotuner over every (ROWS, num_warps) choice, each with every ``extra`` constexpr set."""
         every = sorted({c for bn in _block_sizes() for c in choices(bn)})
-        return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
+        return triton.autotune([triton.Config({"ROWS": r, **e}, num_warps=w, num_stages=stages) for r, w in every
+                                for e in extra],
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
     _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
                                                                                "PREFETCH"]))
+    _ln_bwd_tuned_auto = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2"],
+                                         ({"PREFETCH": False}, {"PREFETCH": True})))  # LN_BWD_PREFETCH None
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -507,8 +521,10 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     prefetch = _bwd_prefetch()
     if INTERPRET:
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
-                             PREFETCH=prefetch, num_warps=warps, num_stages=BWD_STAGES)
-    else:  # every choice's ROWS divides rows_per_prog: same grid, same partials
+                             PREFETCH=bool(prefetch), num_warps=warps, num_stages=BWD_STAGES)
+    elif prefetch is None:  # every choice's ROWS divides rows_per_prog: same grid, same partials
+        _ln_bwd_tuned_auto((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None))
+    else:
         _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None, PREFETCH=prefetch))
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
@@ -782,6 +798,9 @@ def _aot_specs() -> List[AotSpec]:
             specs.append(_fwd_spec(block_n, r, w, bf, bf, bf, True, f",ROWS={r},w{w}"))
         for r, w in _bwd_choices(block_n)[1:]:
             specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}"))
+        for has_dho in (False, True):  # the prefetch the autotuner may pick (LN_BWD_PREFETCH None)
+            if block_n <= PREFETCH_MAX_BLOCK:
+                specs.append(_bwd_spec(block_n, rows, bwd_warps, bf, bf, has_dho, "", 0, True))
     with use_ln_chunks(True):  # the column chunks (use_ln_chunks) at ViT's widths, every backward choice in bf16
         for d in (192, 384, 768, 1280):
             block_n = _config(d)[0]

@@ -165,7 +165,39 @@ def test_backward_prefetch(device, lead, d, chunks, launches, monkeypatch):
         _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
                  lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
     assert seen and all(seen) and launches == {"fwd": 2, "bwd": 2}
-    assert not L._bwd_prefetch() and L._ln_prefetch == []  # off again
+    assert L._bwd_prefetch() is None and L._ln_prefetch == []  # the autotuner's again
+
+
+def test_autotuner_picks_the_backward_prefetch(monkeypatch):
+    """LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner with PREFETCH among its config
+    parameters (both values a tile; none past PREFETCH_MAX_BLOCK, where ptxas spills) runs; a forced value the
+    other autotuner; the interpreter runs without the prefetch."""
+    class Cfg:
+        def __init__(self, rows, warps, prefetch):
+            self.kwargs, self.num_warps = {"ROWS": rows, "PREFETCH": prefetch}, warps
+
+    def choices(block):
+        return [(1, 8), (2, 4)]
+    configs = [Cfg(r, w, p) for r, w in ((1, 8), (2, 4), (4, 4)) for p in (False, True)]
+    prune = L._prune(choices)
+    kept = prune(configs, {}, BLOCK_N=512, BLOCK_N2=256)
+    assert [(c.kwargs["ROWS"], c.kwargs["PREFETCH"]) for c in kept] == [(1, False), (1, True), (2, False), (2, True)]
+    big = prune(configs, {}, BLOCK_N=2 * L.PREFETCH_MAX_BLOCK)
+    assert big and not any(c.kwargs["PREFETCH"] for c in big)
+    assert L.LN_BWD_PREFETCH is None
+    calls = []
+
+    def rec(name):
+        return lambda grid, args, consts: calls.append((name, consts.get("PREFETCH", "tuned")))
+    monkeypatch.setattr(L, "INTERPRET", False)
+    monkeypatch.setattr(L, "_ln_bwd_tuned", rec("plain"), raising=False)
+    monkeypatch.setattr(L, "_ln_bwd_tuned_auto", rec("auto"), raising=False)
+    x, dy = torch.randn(5, 64), torch.randn(5, 64)
+    mean, rstd = torch.zeros(5), torch.ones(5)
+    L.layer_norm_bwd(dy, x, torch.ones(64), torch.zeros(64), mean, rstd, None)
+    with L.use_ln_prefetch(False):
+        L.layer_norm_bwd(dy, x, torch.ones(64), torch.zeros(64), mean, rstd, None)
+    assert calls == [("auto", "tuned"), ("plain", False)]
 
 
 def test_auto_trains_on_the_kernels_at_every_width_inside_a_graph_step(monkeypatch):
