@@ -176,10 +176,12 @@ def test_fuzz_linear(data):
     w = _tensor(draw, (N, K), dtype, K ** -0.5)
     b = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None
     r = _tensor(draw, (*lead, N), dtype) if draw(st.booleans()) else None
+    ls = _tensor(draw, (N,), dtype) if act is None and draw(st.booleans()) else None  # LayerScale γ (folded)
     seed = draw(st.integers(0, 2**31 - 1))
     gemm = draw(st.sampled_from(["auto", "tma"]))  # 'tma' falls back where TMA's alignment rules fail
-    check_op(lambda x, w, b, r: linear(x, w, b, act, r, backend="triton", gemm=gemm),
-             lambda x, w, b, r: linear_reference(x, w, b, act, r), [x, w, b, r], dtype, seed, draw(st.booleans()))
+    check_op(lambda x, w, b, r, ls: linear(x, w, b, act, r, layer_scale=ls, backend="triton", gemm=gemm),
+             lambda x, w, b, r, ls: linear_reference(x, w, b, act, r, ls), [x, w, b, r, ls], dtype, seed,
+             draw(st.booleans()))
 
 
 @given(data=st.data())
@@ -194,11 +196,13 @@ def test_fuzz_mlp(data):
     b1 = _tensor(draw, (H,), dtype) if draw(st.booleans()) else None
     b2 = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None
     r = _tensor(draw, (*lead, N), dtype) if draw(st.booleans()) else None
+    ls = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None  # LayerScale γ (folded into fc2)
     seed = draw(st.integers(0, 2**31 - 1))
     gemm = draw(st.sampled_from(["auto", "tma", "cublas"]))
-    check_op(lambda x, w1, b1, w2, b2, r: mlp(x, w1, b1, w2, b2, act, r, backend="triton", gemm=gemm),
-             lambda x, w1, b1, w2, b2, r: linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r),
-             [x, w1, b1, w2, b2, r], dtype, seed, draw(st.booleans()))
+    check_op(lambda x, w1, b1, w2, b2, r, ls: mlp(x, w1, b1, w2, b2, act, r, layer_scale=ls, backend="triton",
+                                                  gemm=gemm),
+             lambda x, w1, b1, w2, b2, r, ls: linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r, ls),
+             [x, w1, b1, w2, b2, r, ls], dtype, seed, draw(st.booleans()))
 
 
 @given(data=st.data())

@@ -378,16 +378,21 @@ HF_FAMILY = {  # model class, config class, extra config, classes fused, classes
                 set()),
     "dinov2": ("Dinov2Model", "Dinov2Config", dict(mlp_ratio=2),
                {"LayerNorm": 5, "Dinov2Attention": 2, "Dinov2MLP": 2, "Dinov2Layer": 2}, {"Dinov2PatchEmbeddings"}),
+    "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(mlp_ratio=2, num_register_tokens=3),
+                   {"LayerNorm": 5, "Dinov2WithRegistersAttention": 2, "Dinov2WithRegistersMLP": 2,
+                    "Dinov2WithRegistersLayer": 2}, {"Dinov2WithRegistersPatchEmbeddings"}),
 }
 
 
-def _dinov2_layer_checked() -> bool:
-    """Whether the installed transformers' Dinov2Layer (and its LayerScale) is the source flashvit checked."""
-    from transformers.models.dinov2 import modeling_dinov2 as hf
-
-    prints = patch_mod._HF_OWN_LAYERS["Dinov2Layer"][1]
-    return (patch_mod._source_fingerprint(hf.Dinov2Layer.forward) in prints["forward"]
-            and patch_mod._source_fingerprint(hf.Dinov2LayerScale.forward) in prints["layer_scale2"])
+def _dinov2_layer_checked(family: str = "dinov2") -> bool:
+    """Whether the installed transformers' Dinov2[WithRegisters]Layer (and its LayerScale) is the source flashvit
+    checked."""
+    folder, prefix = {"dinov2": ("dinov2", "Dinov2"), "dinov2_reg": ("dinov2_with_registers", "Dinov2WithRegisters")}[
+        family]
+    hf = importlib.import_module(f"transformers.models.{folder}.modeling_{folder}")
+    prints = patch_mod._HF_OWN_LAYERS[prefix + "Layer"][1]
+    return (patch_mod._source_fingerprint(getattr(hf, prefix + "Layer").forward) in prints["forward"]
+            and patch_mod._source_fingerprint(getattr(hf, prefix + "LayerScale").forward) in prints["layer_scale2"])
 
 
 @pytest.mark.parametrize("family", list(HF_FAMILY))
@@ -409,9 +414,10 @@ def test_hf_vit_family_patched_matches_unpatched(family, calls):
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
     report = _check_patched_same(model, _images((32, 32)), call=call)
-    if family == "dinov2" and not _dinov2_layer_checked():  # a transformers release changed it: left, and said
-        fused = {k: v for k, v in fused.items() if k != "Dinov2Layer"}
-        assert any(c == "Dinov2Layer" and "not the source flashvit checked" in why for _, c, why in report.left)
+    layer = next((k for k in fused if k.startswith("Dinov2") and k.endswith("Layer")), None)
+    if layer and not _dinov2_layer_checked(family):  # a transformers release changed it: left, and said
+        fused = {k: v for k, v in fused.items() if k != layer}
+        assert any(c == layer and "not the source flashvit checked" in why for _, c, why in report.left)
     assert report.counts() == fused, report.counts()
     differ = {cls for _, cls, why in report.left if "forward differs from transformers' ViT" in why}
     assert differ == left, report.left

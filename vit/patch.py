@@ -57,7 +57,8 @@ _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
 # (checked per class: a version that changes one is seen and the class is left, with that reason).
-_HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2"}
+_HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2",
+                  "dinov2_with_registers": "Dinov2WithRegisters"}
 _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
@@ -227,7 +228,9 @@ def _drop_path_inactive(m: nn.Module) -> bool:
 
 # LayerScale classes (y = x * γ) and their γ attribute; timm's ``inplace`` variant computes the same values.
 _LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vision_transformer.LayerScale": "gamma",
-                 "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1"}
+                 "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
+                 "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers."
+                 "Dinov2WithRegistersLayerScale": "lambda1"}
 
 
 def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
@@ -372,8 +375,10 @@ def _share_mlp(orig: nn.Module, kind: str, drop1: nn.Module, drop2: nn.Module) -
 # transformers layers whose forward is not ViT's, fused by a forward of ours: the fingerprints
 # (_source_fingerprint) of their forward and of their LayerScale's forward as checked (transformers 5.24);
 # another source is left, with the reason, until someone checks it and adds its fingerprint.
+_DINOV2_CHECKED = {"forward": {"0d6d7eb3369a3b13"}, "layer_scale2": {"9e74b25e67144509"}}
 _HF_OWN_LAYERS: Dict[str, Tuple[type, Dict[str, set]]] = {
-    "Dinov2Layer": (_FusedHFDinov2Layer, {"forward": {"0d6d7eb3369a3b13"}, "layer_scale2": {"9e74b25e67144509"}}),
+    "Dinov2Layer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),
+    "Dinov2WithRegistersLayer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),  # the same source (DINOv2 + registers)
 }
 
 
