@@ -67,11 +67,11 @@ GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
 # training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
 # attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch], [chunks+prefetch]
-# and [noprefetch] (LayerNorm's backward; the default lets the autotuner pick the prefetch, [noprefetch] is the
-# default before) exist with the graph timer only, whose step runs every row (device time: the host hides
-# LayerNorm's kernels there)
+# and [padded] (LayerNorm's backward; the default lets the autotuner pick the layout and the prefetch, [padded]
+# is the default before: one padded block, no prefetch) exist with the graph timer only, whose step runs every
+# row (device time: the host hides LayerNorm's kernels there)
 EXPERIMENTAL = ("[tail]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
-                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]", "[noprefetch]")
+                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]", "[padded]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -347,17 +347,17 @@ def ln_chunks_note(d: int) -> str:
 
 
 # LayerNorm backward forms with graph rows: (tag, use_ln_chunks, use_ln_prefetch)
-# (tag, column chunks, prefetch: forced on / off, or None: the autotuner's pick, the default's)
-LN_BWD_FORMS = (("noprefetch", False, False), ("chunks", True, None), ("prefetch", False, True),
+# (tag, column chunks, prefetch), each forced (the default lets the autotuner pick both)
+LN_BWD_FORMS = (("padded", False, False), ("chunks", True, False), ("prefetch", False, True),
                 ("chunks+prefetch", True, True))
 
 
 @contextlib.contextmanager
-def _ln_bwd_context(chunks: bool, prefetch: Optional[bool]) -> Iterator[None]:
-    """LayerNorm's backward in two column chunks (use_ln_chunks) and / or with its next-rows prefetch forced
-    (use_ln_prefetch; None: left to the autotuner)."""
+def _ln_bwd_context(chunks: bool, prefetch: bool) -> Iterator[None]:
+    """LayerNorm's backward with its column chunks (use_ln_chunks) and next-rows prefetch (use_ln_prefetch)
+    forced on or off."""
     L = importlib.import_module("flashvit.kernels.layernorm")
-    with L.use_ln_chunks(chunks), (L.use_ln_prefetch(prefetch) if prefetch is not None else contextlib.nullcontext()):
+    with L.use_ln_chunks(chunks), L.use_ln_prefetch(prefetch):
         yield
 
 

@@ -12,7 +12,8 @@ then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run t
 from __future__ import annotations
 
 import functools
-from typing import ContextManager, List, Optional, Sequence, Tuple
+import itertools
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -286,8 +287,10 @@ BWD_STAGES = 2
 # 256, 1280 = 1024 + 256, 384 = 256 + 128: every ViT width but 1024 exactly), instead of one block padded to a
 # power of two. Device time in run 6 (2026-11-26-h100-run6/ops-graph.csv, fwd+bwd minus fwd) put the backward at
 # 78% of copy bandwidth at D = 1024 (no padding), 66-67% at 768 and 1280 (a quarter and 3/8 of the lanes idle):
-# the loop's work per row is the padded width's. Off until timed: the graph rows tagged [chunks].
-LN_BWD_CHUNKS = False
+# the loop's work per row is the padded width's. Not yet timed (graph rows [chunks]), so by default (None) the
+# GPU's autotuner decides with the prefetch below: both layouts are among its configs (_ln_bwd_tuned_auto).
+# True / False force one (the other flag then defaults to off); the interpreter runs the padded block.
+LN_BWD_CHUNKS: Optional[bool] = None
 MIN_CHUNK = 32  # no narrower second chunk (65 = 64 + 32, not 64 + 1)
 _ln_chunks: List[bool] = []  # innermost use_ln_chunks() last
 
@@ -297,11 +300,17 @@ def use_ln_chunks(on: bool) -> ContextManager[None]:
     return pushed(_ln_chunks, bool(on))
 
 
+def _bwd_chunks_on() -> Optional[bool]:
+    """The forced column chunks, or None: the autotuner's choice."""
+    return _ln_chunks[-1] if _ln_chunks else LN_BWD_CHUNKS
+
+
 # The backward's loop loads the next rows while it reduces and stores the current ones (PREFETCH in
 # _ln_bwd_kernel): ptxas (Triton 3.6, sm_90) shows the loop's loads unpipelined, so a program has loads in flight
 # only between its cross-warp sums. Not yet timed (graph rows [prefetch], [chunks+prefetch]), so by default
 # (None) the GPU's autotuner decides: PREFETCH is a parameter of its backward configs, both values per tile
-# (_ln_bwd_tuned_auto); the interpreter runs without. True / False force it.
+# and layout (_ln_bwd_tuned_auto); the interpreter runs without. True / False force it (chunks then off
+# unless forced too).
 LN_BWD_PREFETCH: Optional[bool] = None
 _ln_prefetch: List[bool] = []  # innermost use_ln_prefetch() last
 
@@ -316,15 +325,20 @@ def _bwd_prefetch() -> Optional[bool]:
     return _ln_prefetch[-1] if _ln_prefetch else LN_BWD_PREFETCH
 
 
-def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
-    """(BLOCK_N, BLOCK_N2) of the backward for feature size ``d`` (``block_n``: its padded block): two chunks
-    when on (use_ln_chunks) and they cover fewer lanes than ``block_n``, the second at least MIN_CHUNK wide, else
-    (block_n, 0)."""
-    if not (_ln_chunks[-1] if _ln_chunks else LN_BWD_CHUNKS) or d <= MIN_BLOCK_N:
+def _chunk_layout(d: int, block_n: int) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_N2) as two column chunks for feature size ``d`` (``block_n``: its padded block) where
+    they cover fewer lanes than ``block_n``, the second at least MIN_CHUNK wide, else (block_n, 0)."""
+    if d <= MIN_BLOCK_N:
         return block_n, 0
     first = 1 << (d.bit_length() - 1)  # the largest power of two <= d
     second = max(MIN_CHUNK, next_pow2(d - first)) if d > first else 0
     return (first, second) if second and first + second < block_n else (block_n, 0)
+
+
+def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
+    """The backward's (BLOCK_N, BLOCK_N2) where the layout is not the autotuner's: the chunks when forced on
+    (use_ln_chunks), else the padded block."""
+    return _chunk_layout(d, block_n) if _bwd_chunks_on() else (block_n, 0)
 
 
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
@@ -380,26 +394,50 @@ PREFETCH_MAX_BLOCK = 4096
 
 def _prune(choices):
     def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
-        block = next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))
-        want = set(choices(block))
-        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
-                and not (c.kwargs.get("PREFETCH") and block > PREFETCH_MAX_BLOCK)]
+        want = set(choices(next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))))
+        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
     return prune
 
 
+def _auto_bwd_prune(configs, named_args, **kwargs):
+    """The backward's configs for width N where the autotuner picks the layout and the prefetch: N's padded block
+    and its column chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices; the prefetch up
+    to PREFETCH_MAX_BLOCK."""
+    n = named_args["N"]
+    block = _config(n)[0]
+    layouts, want = {(block, 0), _chunk_layout(n, block)}, set(_bwd_choices(block))
+    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+            and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts
+            and not (c.kwargs["PREFETCH"] and block > PREFETCH_MAX_BLOCK)]
+
+
+def _auto_bwd_configs() -> list:
+    """Every block's padded layout and every two-chunk layout under it (half the block + a power of two from
+    MIN_CHUNK to a quarter), times its (ROWS, warps) choices, times the prefetch off / on."""
+    out = []
+    for block in _block_sizes():
+        seconds = [MIN_CHUNK << i for i in range(block.bit_length()) if MIN_CHUNK << i <= block // 4]
+        layouts = [(block, 0)] + [(block // 2, c2) for c2 in seconds]
+        for (bn1, bn2), (r, w), pf in itertools.product(layouts, _bwd_choices(block), (False, True)):
+            out.append(triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PREFETCH": pf}, num_warps=w,
+                                     num_stages=BWD_STAGES))
+    return out
+
+
 if HAS_TRITON and not INTERPRET:
-    def _tuned(kernel, choices, stages: int, key: List[str], extra: Sequence[dict] = ({},)):
-        """An autotuner over every (ROWS, num_warps) choice, each with every ``extra`` constexpr set."""
+    def _tuned(kernel, choices, stages: int, key: List[str]):
         every = sorted({c for bn in _block_sizes() for c in choices(bn)})
-        return triton.autotune([triton.Config({"ROWS": r, **e}, num_warps=w, num_stages=stages) for r, w in every
-                                for e in extra],
+        return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
     _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
                                                                                "PREFETCH"]))
-    _ln_bwd_tuned_auto = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2"],
-                                         ({"PREFETCH": False}, {"PREFETCH": True})))  # LN_BWD_PREFETCH None
+
+    # LN_BWD_CHUNKS and LN_BWD_PREFETCH None: the layout (padded block or column chunks) and the prefetch too
+    _ln_bwd_tuned_auto = Launcher(triton.autotune(_auto_bwd_configs(), key=["N", "HAS_DHO"],
+                                                  prune_configs_by={"early_config_prune": _auto_bwd_prune})(
+        _ln_bwd_kernel))
 
 
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -512,7 +550,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     else:
         dho2, sdho = dy2, sdy
     block_n, rows, _, warps = _config(d)
-    bn1, bn2 = _bwd_chunks(d, block_n)
+    bn1, bn2 = _bwd_chunks(d, block_n)  # (where the autotuner does not pick the layout)
     rows_per_prog = _rows_per_prog(dev, rows, m)
     g = cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, dev)
@@ -522,10 +560,11 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     if INTERPRET:
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
                              PREFETCH=bool(prefetch), num_warps=warps, num_stages=BWD_STAGES)
-    elif prefetch is None:  # every choice's ROWS divides rows_per_prog: same grid, same partials
-        _ln_bwd_tuned_auto((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None))
+    elif prefetch is None and _bwd_chunks_on() is None:  # every choice's ROWS divides rows_per_prog: same grid
+        _ln_bwd_tuned_auto((g,), args, dict(HAS_DHO=dh_out is not None))
     else:
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None, PREFETCH=prefetch))
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None,
+                                       PREFETCH=bool(prefetch)))
     # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
     dwdb = partial.sum(dim=1)
     return dx, dwdb if pd == torch.float32 else dwdb.to(pd)

@@ -280,7 +280,7 @@ def test_graph_timer_rows_come_in_pairs_with_torch_compile():
                 assert (name, d, "fwd", f"flashvit[{tag}]") not in forms
     group = [j.row.impl for j in every if j.row.name == "add_layer_norm" and j.row.shape["D"] == 768
              and j.row.mode == "fwd+bwd"]
-    assert group[:6] == ["flashvit", "compile(eager)", "flashvit[noprefetch]", "flashvit[chunks]",
+    assert group[:6] == ["flashvit", "compile(eager)", "flashvit[padded]", "flashvit[chunks]",
                          "flashvit[prefetch]", "flashvit[chunks+prefetch]"], group
     plain = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=False)
     assert not [j for j in ops.op_jobs(plain, ["layernorm"]) if "[" in j.row.impl]  # do_bench rows: none

@@ -133,7 +133,7 @@ def test_backward_column_chunks(device, dtype, lead, d, launches):
         _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
                  lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
     assert launches == {"fwd": 2, "bwd": 2}
-    assert L._bwd_chunks(768, 1024) == (1024, 0) and L._ln_chunks == [] and L.LN_BWD_CHUNKS is False  # off again
+    assert L._bwd_chunks(768, 1024) == (1024, 0) and L._ln_chunks == [] and L.LN_BWD_CHUNKS is None  # default
 
 
 @pytest.mark.parametrize("chunks", [False, True])
@@ -168,36 +168,44 @@ def test_backward_prefetch(device, lead, d, chunks, launches, monkeypatch):
     assert L._bwd_prefetch() is None and L._ln_prefetch == []  # the autotuner's again
 
 
-def test_autotuner_picks_the_backward_prefetch(monkeypatch):
-    """LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner with PREFETCH among its config
-    parameters (both values a tile; none past PREFETCH_MAX_BLOCK, where ptxas spills) runs; a forced value the
-    other autotuner; the interpreter runs without the prefetch."""
-    class Cfg:
-        def __init__(self, rows, warps, prefetch):
-            self.kwargs, self.num_warps = {"ROWS": rows, "PREFETCH": prefetch}, warps
-
-    def choices(block):
-        return [(1, 8), (2, 4)]
-    configs = [Cfg(r, w, p) for r, w in ((1, 8), (2, 4), (4, 4)) for p in (False, True)]
-    prune = L._prune(choices)
-    kept = prune(configs, {}, BLOCK_N=512, BLOCK_N2=256)
-    assert [(c.kwargs["ROWS"], c.kwargs["PREFETCH"]) for c in kept] == [(1, False), (1, True), (2, False), (2, True)]
-    big = prune(configs, {}, BLOCK_N=2 * L.PREFETCH_MAX_BLOCK)
-    assert big and not any(c.kwargs["PREFETCH"] for c in big)
-    assert L.LN_BWD_PREFETCH is None
+@pytest.mark.skipif(not L.HAS_TRITON, reason="builds triton.Config objects")
+def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
+    """LN_BWD_CHUNKS and LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner whose configs carry
+    the layout (padded block or column chunks) and the prefetch runs, pruned per width to its padded block's
+    choices, its two layouts (one where the width fills its block) and no prefetch past PREFETCH_MAX_BLOCK;
+    either flag forced: the other autotuner, the other flag off. The interpreter: padded, no prefetch."""
+    configs = L._auto_bwd_configs()
+    for d in (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192):
+        block = L._config(d)[0]
+        kept = L._auto_bwd_prune(configs, {"N": d})
+        layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
+        assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
+        assert (L._chunk_layout(d, block)[1] > 0) == (d in (65, 192, 384, 768, 1280)), d  # 100: 64 + 64 fills 128
+        choices = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
+        assert choices == set(L._bwd_choices(block)), d
+        prefetch = {c.kwargs["PREFETCH"] for c in kept}
+        assert prefetch == ({False} if block > L.PREFETCH_MAX_BLOCK else {False, True}), d
+        assert len(kept) == len(layouts) * len(choices) * len(prefetch)
+    assert L.LN_BWD_PREFETCH is None and L.LN_BWD_CHUNKS is None
     calls = []
 
     def rec(name):
-        return lambda grid, args, consts: calls.append((name, consts.get("PREFETCH", "tuned")))
+        return lambda grid, args, consts: calls.append((name, consts.get("BLOCK_N2", "tuned"),
+                                                         consts.get("PREFETCH", "tuned")))
     monkeypatch.setattr(L, "INTERPRET", False)
     monkeypatch.setattr(L, "_ln_bwd_tuned", rec("plain"), raising=False)
     monkeypatch.setattr(L, "_ln_bwd_tuned_auto", rec("auto"), raising=False)
-    x, dy = torch.randn(5, 64), torch.randn(5, 64)
+    x, dy = torch.randn(5, 768), torch.randn(5, 768)
     mean, rstd = torch.zeros(5), torch.ones(5)
-    L.layer_norm_bwd(dy, x, torch.ones(64), torch.zeros(64), mean, rstd, None)
-    with L.use_ln_prefetch(False):
-        L.layer_norm_bwd(dy, x, torch.ones(64), torch.zeros(64), mean, rstd, None)
-    assert calls == [("auto", "tuned"), ("plain", False)]
+
+    def bwd():
+        L.layer_norm_bwd(dy, x, torch.ones(768), torch.zeros(768), mean, rstd, None)
+    bwd()
+    with L.use_ln_prefetch(True):
+        bwd()
+    with L.use_ln_chunks(True):
+        bwd()
+    assert calls == [("auto", "tuned", "tuned"), ("plain", 0, True), ("plain", 256, False)]
 
 
 def test_auto_trains_on_the_kernels_at_every_width_inside_a_graph_step(monkeypatch):
