@@ -38,9 +38,11 @@ MODEL_ALIASES = {
     "s": "vit_small_patch16_224", "vit_s": "vit_small_patch16_224",
     "b": "vit_base_patch16_224", "vit_b": "vit_base_patch16_224",
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
+    "dino_s": "vit_small_patch14_dinov2", "dino_b": "vit_base_patch14_dinov2", "dino_l": "vit_large_patch14_dinov2",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[ln=torch]", "flashvit[ln=triton]",
+IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",
+         "flashvit[ln=triton]",
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
          "flashvit[mlp=hybrid]",
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
@@ -57,7 +59,10 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[l
 #                use_bwd_rows; the op rows' [tail+rows]) on
 #   attn=fused   kernels/attention.py: the fused backward and the split loops (use_bwd_fused, use_fwd_tail,
 #                use_bwd_tail; the op rows' [fused+tail]: the fewest instructions a score by ptxas's count) on
-VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"), "attn": ("split", "fused")}
+#   attn=masked  kernels/attention.py: the masked loops forced (use_fwd_tail, use_bwd_tail off: the default
+#                before the autotuner picked the loop form; the op rows' [masked])
+VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"),
+            "attn": ("split", "fused", "masked")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
@@ -159,10 +164,11 @@ def _verdicts(impl: str) -> Iterator[None]:
                 stack.enter_context(lin.use_gemm(tags["mlp"]))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
-                uses = ((attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail) if tags["attn"] == "fused" else
-                        (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows))
+                uses = {"fused": (attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail),
+                        "split": (attn.use_fwd_tail, attn.use_bwd_tail, attn.use_fwd_rows, attn.use_bwd_rows),
+                        "masked": (attn.use_fwd_tail, attn.use_bwd_tail)}[tags["attn"]]
                 for use in uses:
-                    stack.enter_context(use(True))
+                    stack.enter_context(use(tags["attn"] != "masked"))
             yield
     finally:
         ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old

@@ -348,6 +348,9 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
         assert state() == before
         assert attn._fwd_tail == attn._bwd_tail == attn._fwd_rows == attn._bwd_rows == [True]
     assert attn._fwd_tail == attn._bwd_tail == attn._fwd_rows == attn._bwd_rows == []
+    with model._verdicts("flashvit[attn=masked]"):
+        assert attn._fwd_tail == attn._bwd_tail == [False] and attn._fwd_rows == []
+    assert attn._fwd_tail == attn._bwd_tail == []
     assert state() == before
     for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton"):
         with pytest.raises(ValueError, match="bad"):
