@@ -455,6 +455,7 @@ def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
     ref_out, ref_grads = _run(model, x, _reseeded)
     assert n["calls"] == 2 * kw["depth"]
     flashvit.patch(model)
+    assert f"{2 * kw['depth']} LayerScale modules fold" in str(model.flashvit_report)
     n["calls"] = 0
     out, grads = _run(model, x, _reseeded)
     assert n["calls"] == 0 and calls["mlp"] == kw["depth"]
@@ -489,6 +490,7 @@ def test_hf_dinov2_layer_scale_folds_into_fc2(monkeypatch, calls):
     ref_out, ref_grads = _run(model, x, call)
     flashvit.patch(model)
     assert model.flashvit_report.counts()["Dinov2Layer"] == 2
+    assert "2 LayerScale modules fold" in str(model.flashvit_report)  # layer_scale2 of each layer
     n = _count_calls(monkeypatch, hf.Dinov2LayerScale)  # after patching: its source is checked there
     out, grads = _run(model, x, call)
     assert n["calls"] == 2  # layer_scale1 of each layer

@@ -610,11 +610,26 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if _qualname(model).startswith("timm.models.vision_transformer.VisionTransformer") and patch_embed:
         report.notes.append("timm VisionTransformer._pos_embed (cls/register concat + pos_embed add) runs as "
                             "timm wrote it; only the patch conv is fused")
+    folded = sum(_folded_scales(new) for _, _, _, new in state.swaps)
+    if folded:
+        report.notes.append(f"{folded} LayerScale modules fold into the GEMM before them (proj's, fc2's) at run "
+                            "time, unless hooks are registered on them")
     model.__dict__[_STATE_ATTR] = state
     model.__dict__["flashvit_report"] = report
     if verbose:
         print(report)
     return model
+
+
+def _folded_scales(m: nn.Module) -> int:
+    """How many LayerScales a fused block folds into its GEMMs (where its attention / MLP are fused too)."""
+    def ls(x: nn.Module) -> bool:
+        return _qualname(x) in _LAYER_SCALES
+    if isinstance(m, _FusedTimmBlock):
+        return int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention)) + int(ls(m.ls2) and isinstance(m.mlp, FusedMLP))
+    if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
+        return int(ls(m.layer_scale2) and isinstance(m.mlp, FusedMLP))
+    return 0
 
 
 def _has_hooks(m: nn.Module) -> bool:
