@@ -197,6 +197,18 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
     assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is None  # restored; by default the autotuner's choice
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (2, 577, 6, 64)])
+def test_default_autotunes_the_loop_form_gpu(B, N, H, D, autotuned):
+    """The default (FWD_SPLIT_TAIL, BWD_SPLIT_TAIL None) on a GPU: the autotuners whose configs carry the loop
+    form run the forward, dK/dV and dQ; packed qkv forward and gradient vs float64 in bf16 (2x/3x rule)."""
+    assert A.FWD_SPLIT_TAIL is None and A.BWD_SPLIT_TAIL is None
+    _check_qkv(B, N, H, D, torch.bfloat16)
+    for kind in A.AUTO_TAIL_KINDS:
+        picks = list(A._attn_tuned_auto[kind].tuner.cache.values())
+        assert picks and all(isinstance(c.kwargs["SPLIT_TAIL"], bool) for c in picks), kind
+
+
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
 def test_autotuner_picks_the_loop_form():
     """Where the loop form is left to the autotuner: the forward tries the split form alone at 64/128-wide key

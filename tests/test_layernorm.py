@@ -485,6 +485,24 @@ def test_backward_column_chunks_gpu(d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [384, 768, 1024, 1280, 5000])
+def test_backward_layout_and_prefetch_autotuned_gpu(d):
+    """The default (LN_BWD_CHUNKS, LN_BWD_PREFETCH None) on a GPU: the autotuner that picks the backward's layout
+    and prefetch runs, and picks one of the width's configs; bf16 vs float64, 20 backward runs bit-equal."""
+    assert L.LN_BWD_CHUNKS is None and L.LN_BWD_PREFETCH is None
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+    tuner = L._ln_bwd_tuned_auto.tuner
+    width = {id(c) for c in L._auto_bwd_prune(tuner.configs, {"N": d})}
+    assert any(id(c) in width for c in tuner.cache.values())
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,chunks", [(384, False), (768, False), (768, True), (1024, False), (1280, True)])
 def test_backward_prefetch_gpu(d, chunks):
     """The backward's next-rows prefetch (use_ln_prefetch, the graph bench's [prefetch] rows) in bf16, autotuned,
