@@ -283,6 +283,38 @@ def test_layer_scale_on_the_kernels_matches_timm():
         torch.testing.assert_close(grads[n], g, atol=1e-4 * scale, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("name,src,dst", [
+    ("vit_small_patch14_dinov2", dict(img_size=56), dict(img_size=42, num_classes=5)),  # no head -> a new one
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=28), dict(img_size=70)),  # registers, no_embed_class
+    ("vit_tiny_patch16_224", dict(img_size=64, num_classes=7), dict(img_size=48, num_classes=0)),  # head dropped
+])
+def test_load_timm_state_dict_resamples_pos_embed_and_leaves_the_head(name, src, dst):
+    """A timm checkpoint at another image size / class count: pos_embed resampled as timm's own pretrained
+    loading does (checkpoint_filter_fn), the head left as built; features equal timm's model loaded timm's way."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    kw = dict(depth=2)
+    torch.manual_seed(0)
+    src_model = timm.create_model(name, pretrained=False, **kw, **src)
+    sd = {k: v + 0.02 * torch.randn_like(v) for k, v in src_model.state_dict().items()}  # γ, pos_embed off init
+    ours = flashvit.create_model(name, **kw, **dst).eval()
+    head_before = {k: v.clone() for k, v in ours.state_dict().items() if k.startswith("head.")}
+    result = ours.load_timm_state_dict(sd)
+    assert all(k.startswith("head.") for k in result.missing_keys) and not result.unexpected_keys
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in head_before.items())
+    ref = timm.create_model(name, pretrained=False, **kw, **dst).eval()
+    filtered = checkpoint_filter_fn(sd, ref)
+    filtered = {k: v for k, v in filtered.items() if not k.startswith("head.")}
+    ref.load_state_dict(filtered, strict=False)
+    torch.testing.assert_close(ours.pos_embed, ref.pos_embed, atol=1e-6, rtol=1e-5)
+    x = torch.randn(2, 3, *ours.patch_embed.img_size)
+    with torch.no_grad(), flashvit.use_backend("torch"):
+        a, b = ours.forward_features(x), ref.forward_features(x)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        ours.load_timm_state_dict({k: v for k, v in sd.items() if k != "norm.weight"})
+
+
 def test_forward_intermediates_bad_arguments():
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=2)
     x = torch.randn(1, 3, 16, 16)

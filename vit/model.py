@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from flashvit.kernels.attention import qkv_attention
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
-from flashvit.kernels.patch_embed import PatchEmbed
+from flashvit.kernels.patch_embed import PatchEmbed, resample_pos_embed
 
 
 def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
@@ -222,6 +222,32 @@ class VisionTransformer(nn.Module):
         ref = self.pos_embed
         self.head = nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype) \
             if num_classes > 0 else nn.Identity()
+
+    def load_timm_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True) -> Any:
+        """Load a timm ViT state dict (or one of ours) trained at another image size or for other classes, as
+        timm's pretrained loading does: pos_embed resampled to this model's patch grid (bicubic, antialiased,
+        prefix rows kept), and a head of another shape, or none (DINOv2's), left as this model built it. Every
+        other key must match when ``strict``. Returns load_state_dict's result (a head left: its keys missing).
+
+        >>> model = create_model("vit_base_patch14_dinov2", img_size=224, num_classes=10)
+        >>> model.load_timm_state_dict(timm.create_model("vit_base_patch14_dinov2.lvd142m", pretrained=True).state_dict())
+        """
+        sd = dict(state_dict)
+        pe = sd.get("pos_embed")
+        if pe is not None and isinstance(self.pos_embed, torch.Tensor) and pe.shape[1] != self.pos_embed.shape[1]:
+            prefix = 0 if self.no_embed_class else self.num_prefix_tokens
+            sd["pos_embed"] = resample_pos_embed(pe, self.patch_embed.grid_size, num_prefix_tokens=prefix)
+        own = self.state_dict()
+        head = [k for k in own if k.startswith("head.")]
+        if not head or any(k not in sd or sd[k].shape != own[k].shape for k in head):
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        result = self.load_state_dict(sd, strict=False)
+        if strict:
+            missing = [k for k in result.missing_keys if not k.startswith("head.")]
+            if missing or result.unexpected_keys:
+                raise RuntimeError(f"state dict does not fit the model: missing {missing}, unexpected "
+                                   f"{result.unexpected_keys}")
+        return result
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
