@@ -8,6 +8,7 @@ from flashvit.kernels.attention import (
     qkv_attention,
     qkv_attention_reference,
 )
+from flashvit.kernels.glu import swiglu, swiglu_packed, swiglu_reference
 from flashvit.kernels.layernorm import (
     LayerNorm,
     add_layer_norm,
@@ -19,12 +20,12 @@ from flashvit.kernels.linear import FusedMLP, linear, linear_reference, mlp
 from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
 
 # The op modules whose kernels the ahead-of-time compile gate covers.
-OP_MODULES = ("layernorm", "attention", "linear", "patch_embed")
+OP_MODULES = ("layernorm", "attention", "linear", "patch_embed", "glu")
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
     "attention", "attention_reference", "dropout_mask", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
-    "FusedMLP", "linear", "linear_reference", "mlp",
+    "FusedMLP", "linear", "linear_reference", "mlp", "swiglu", "swiglu_packed", "swiglu_reference",
     "PatchEmbed", "patch_embed", "patch_embed_reference",
 ]

@@ -31,6 +31,9 @@ from flashvit.kernels import (  # noqa: E402
     patch_embed_reference,
     qkv_attention,
     qkv_attention_reference,
+    swiglu,
+    swiglu_packed,
+    swiglu_reference,
 )
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (Linux) to run the kernels")
@@ -203,6 +206,28 @@ def test_fuzz_mlp(data):
                                                   gemm=gemm),
              lambda x, w1, b1, w2, b2, r, ls: linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r, ls),
              [x, w1, b1, w2, b2, r, ls], dtype, seed, draw(st.booleans()))
+
+
+@given(data=st.data())
+def test_fuzz_swiglu(data):
+    draw = data.draw
+    dtype = draw(DTYPES)
+    lead = draw(st.lists(st.integers(1, 40), min_size=1, max_size=2))
+    n = draw(st.integers(1, 300))
+    scale = draw(st.sampled_from([0.1, 1.0, 8.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    if draw(st.booleans()):  # gate and up: the halves of one fc1 output, either order
+        gate_last = draw(st.booleans())
+        x = _tensor(draw, (*lead, 2 * n), dtype, scale)
+
+        def ref(x):
+            a, b = x.chunk(2, dim=-1)
+            return swiglu_reference(*((b, a) if gate_last else (a, b)))
+        check_op(lambda x: swiglu_packed(x, gate_last, backend="triton"), ref, [x], dtype, seed, draw(st.booleans()))
+    else:
+        gate, up = _tensor(draw, (*lead, n), dtype, scale), _tensor(draw, (*lead, n), dtype)
+        check_op(lambda g, u: swiglu(g, u, backend="triton"), swiglu_reference, [gate, up], dtype, seed,
+                 draw(st.booleans()))
 
 
 @given(data=st.data())

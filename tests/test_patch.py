@@ -40,7 +40,7 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(mod, name, counted)
 
-    for name in ("linear", "qkv_attention", "attention", "patch_embed_op"):
+    for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed"):
         wrap(patch_mod, name, name)
     wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
     wrap(ln_mod, "layer_norm", "layer_norm")
@@ -186,12 +186,12 @@ def test_patch_keeps_dtype_and_device_and_shares_parameters():
 
 
 def test_unknown_mlp_class_in_a_timm_vit_is_reported():
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, mlp_layer=timm.layers.SwiGLUPacked,
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, mlp_layer=timm.layers.GatedMlp,
                               act_layer="silu", **SMALL)
     flashvit.patch(model)
     left = model.flashvit_report.left
-    assert [(p, c) for p, c, _ in left] == [("blocks.0.mlp", "GluMlp"), ("blocks.1.mlp", "GluMlp")]
-    assert "GluMlp" in str(model.flashvit_report)  # SwiGLUPacked builds a GluMlp
+    assert [(p, c) for p, c, _ in left] == [("blocks.0.mlp", "GatedMlp"), ("blocks.1.mlp", "GatedMlp")]
+    assert "GatedMlp" in str(model.flashvit_report)
     flashvit.unpatch(model)
 
 
@@ -228,11 +228,12 @@ def test_generic_module_linear_gelu_and_layernorm(calls):
 
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
                     "(CUDA runs the bf16 GPU case below instead)")
-def test_timm_patched_with_triton_forced_matches_float64():
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2"])  # GELU MLP; SwiGLU + ls
+def test_timm_patched_with_triton_forced_matches_float64(name):
     """The fused kernels (interpreter) in a patched model vs the unpatched model in float64: tight fp32."""
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
-    model = _randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)).train()
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
     oracle = copy.deepcopy(model).double()
     x = _images((16, 16), batch=2)
     ref_out, ref_grads = _run(oracle, x.double())
@@ -499,6 +500,38 @@ def test_hf_dinov2_layer_scale_folds_into_fc2(monkeypatch, calls):
     assert set(grads) == set(ref_grads)
     for k in ref_grads:
         torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_timm_swiglu_mlp_is_fused(calls):
+    """timm's GluMlp with SiLU (DINOv2-giant's SwiGLUPacked, gate first; and GluMlp's default gate last): fc1 GEMM,
+    silu(gate)·up in one pass, fc2 GEMM with LayerScale and residual. Logits and grads equal the unpatched model's;
+    a GluMlp with another gate activation (sigmoid: GLU) is left, with the reason."""
+    from timm.layers import GluMlp
+    from torch import nn as tnn
+
+    torch.manual_seed(fresh_seed())
+    kw = dict(SMALL, img_size=28, embed_dim=48, num_heads=3, mlp_ratio=2.0, drop_path_rate=0.2)
+    model = _randomize(timm.create_model("vit_giant_patch14_dinov2", pretrained=False, **kw)).train()
+    model.blocks[1].mlp.gate_last = True  # the other half order (GluMlp's default)
+    report = _check_patched_same(model, _images((28, 28)), call=lambda m, x: _reseeded(m, x))
+    assert report.counts()["GluMlp"] == kw["depth"] and not report.left
+    assert calls["swiglu_packed"] == kw["depth"] and calls["linear"] == 4 * kw["depth"]  # qkv, proj, fc1, fc2
+    glu = nn.Sequential(GluMlp(16, 32, act_layer=tnn.Sigmoid))
+    flashvit.patch(glu)
+    assert any("not SiLU" in why for _, _, why in glu.flashvit_report.left)
+
+
+def test_hf_dinov2_swiglu_ffn_is_fused(calls):
+    """transformers' Dinov2SwiGLUFFN (DINOv2-giant): gate_proj and up_proj GEMMs, silu(gate)·up in one pass, down_proj
+    with layer_scale2 and the residual; logits and grads equal the unpatched model's."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Dinov2Config(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                                    num_attention_heads=3, mlp_ratio=2, use_swiglu_ffn=True)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(transformers.Dinov2Model(cfg)).train()
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).last_hidden_state)
+    assert report.counts()["Dinov2SwiGLUFFN"] == 2
+    assert calls["swiglu"] == 2 and calls["linear"] == 6  # gate_proj, up_proj, down_proj
 
 
 def test_hf_layer_with_an_unchecked_source_is_left(monkeypatch):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashvit.kernels.attention import attention, qkv_attention
+from flashvit.kernels.glu import swiglu, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
@@ -52,6 +53,11 @@ def _qualname(obj: object) -> str:
 # Classes recognised by name, so neither timm nor transformers has to be importable.
 _TIMM_ATTENTION = {"timm.layers.attention.Attention"}
 _TIMM_MLP = {"timm.layers.mlp.Mlp"}
+_TIMM_GLU_MLP = {"timm.layers.mlp.GluMlp"}  # SwiGLUPacked is a GluMlp with SiLU, gate first
+_SILUS = {"torch.nn.modules.activation.SiLU", "transformers.activations.SiLUActivation"}
+# transformers' SwiGLU FFNs (DINOv2-giant's): (gate_proj, up_proj) -> silu(gate)·up -> down_proj
+_HF_SWIGLU_FFN = {"transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
+                  "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersSwiGLUFFN"}
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
@@ -198,6 +204,38 @@ class _FusedTimmAttention(nn.Module):
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
+def _fc2(fc2: nn.Linear, drop2: Optional[nn.Module], h: torch.Tensor, residual: Optional[torch.Tensor],
+         layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """drop2(γ ⊙ fc2(h)) (+ residual): γ and the residual in the GEMM's epilogue (the residual only where drop2
+    is None or inactive: dropout acts before the add)."""
+    if drop2 is None or not drop2.training or drop2.p == 0.0:
+        return linear(h, fc2.weight, fc2.bias, residual=residual, layer_scale=layer_scale)
+    y = drop2(linear(h, fc2.weight, fc2.bias, layer_scale=layer_scale))
+    return y if residual is None else y + residual
+
+
+class _FusedTimmGluMlp(nn.Module):
+    """timm GluMlp with SiLU (SwiGLU, SwiGLUPacked): fc1 GEMM -> silu(gate)·up in one pass -> fc2 GEMM, which
+    also takes the block's LayerScale and residual add."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        z = linear(x, self.fc1.weight, self.fc1.bias)  # (..., 2H): gate and up halves, read in place
+        h = self.norm(self.drop1(swiglu_packed(z, self.gate_last)))
+        return _fc2(self.fc2, self.drop2, h, residual, layer_scale)
+
+
+class _FusedHFSwiGLUFFN(nn.Module):
+    """transformers' Dinov2SwiGLUFFN: gate_proj and up_proj GEMMs -> silu(gate)·up in one pass -> down_proj GEMM,
+    which also takes the layer's LayerScale and residual add."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = swiglu(linear(x, self.gate_proj.weight, self.gate_proj.bias), linear(x, self.up_proj.weight,
+                                                                                  self.up_proj.bias))
+        return _fc2(self.down_proj, None, h, residual, layer_scale)
+
+
 class _FusedTimmPatchEmbed(nn.Module):
     """timm PatchEmbed (flatten=True, no dynamic padding): conv + flatten + transpose in one op."""
 
@@ -248,7 +286,7 @@ def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.
                   ) -> torch.Tensor:
     """h + drop_path(ls(mlp(y))): γ and the residual add in fc2's GEMM where the parts allow."""
     foldable, gamma = _foldable_scale(ls)
-    if not (isinstance(mlp, FusedMLP) and foldable):
+    if not (isinstance(mlp, (FusedMLP, _FusedTimmGluMlp, _FusedHFSwiGLUFFN)) and foldable):
         return h + drop_path(ls(mlp(y)))
     if _drop_path_inactive(drop_path):
         return mlp(y, residual=h, layer_scale=gamma)  # FusedMLP falls back to y + h itself when its dropout is active
@@ -376,6 +414,7 @@ def _share_mlp(orig: nn.Module, kind: str, drop1: nn.Module, drop2: nn.Module) -
 # (_source_fingerprint) of their forward and of their LayerScale's forward as checked (transformers 5.24);
 # another source is left, with the reason, until someone checks it and adds its fingerprint.
 _DINOV2_CHECKED = {"forward": {"0d6d7eb3369a3b13"}, "layer_scale2": {"9e74b25e67144509"}}
+_HF_SWIGLU_CHECKED = {"046ba86aaa5a16e3"}  # Dinov2[WithRegisters]SwiGLUFFN.forward
 _HF_OWN_LAYERS: Dict[str, Tuple[type, Dict[str, set]]] = {
     "Dinov2Layer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),
     "Dinov2WithRegistersLayer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),  # the same source (DINOv2 + registers)
@@ -441,6 +480,23 @@ def _mlp_reason(m: nn.Module, act_attr: str) -> Tuple[Optional[str], Optional[st
 def _decide_timm_mlp(m: nn.Module) -> Decision:
     kind, why = _mlp_reason(m, "act")
     return (None, why) if kind is None else (_share_mlp(m, kind, m.drop1, m.drop2), None)
+
+
+def _decide_timm_glu_mlp(m: nn.Module) -> Decision:
+    if _qualname(m.act) not in _SILUS:
+        return None, f"gate activation {_qualname(m.act)} is not SiLU (SwiGLU)"
+    if not (type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear) or m.chunk_dim != -1:
+        return None, "fc1/fc2 are not nn.Linear (e.g. a 1x1 Conv2d MLP)"
+    if not isinstance(m.norm, nn.Identity):
+        return None, "a norm inside the MLP (scale_mlp_norm) is not fused"
+    return _clone_as(m, _FusedTimmGluMlp), None
+
+
+def _decide_hf_swiglu_ffn(m: nn.Module) -> Decision:
+    if _source_fingerprint(type(m).forward) not in _HF_SWIGLU_CHECKED or _qualname(m.act_fn) not in _SILUS:
+        return None, (f"{type(m).__name__}.forward is not the source flashvit checked "
+                      f"(fingerprint {_source_fingerprint(type(m).forward)}) or its act_fn is not SiLU")
+    return _clone_as(m, _FusedHFSwiGLUFFN), None
 
 
 def _decide_hf_mlp(m: nn.Module) -> Decision:
@@ -535,7 +591,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
-        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``.
+        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``; timm
+            ``GluMlp`` with SiLU (SwiGLU, SwiGLUPacked) and HF ``Dinov2SwiGLUFFN`` -> fc1 GEMM(s), silu(gate)·up
+            in one pass (``swiglu``), fc2 GEMM taking the block's LayerScale and residual.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
         residual: timm ``Block`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds (add + LayerNorm
@@ -560,6 +618,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
+        (lambda m: _qualname(m) in _TIMM_GLU_MLP, _decide_timm_glu_mlp, mlp),
+        (lambda m: _qualname(m) in _HF_SWIGLU_FFN, _decide_hf_swiglu_ffn, mlp),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
@@ -625,10 +685,11 @@ def _folded_scales(m: nn.Module) -> int:
     """How many LayerScales a fused block folds into its GEMMs (where its attention / MLP are fused too)."""
     def ls(x: nn.Module) -> bool:
         return _qualname(x) in _LAYER_SCALES
+    mlps = (FusedMLP, _FusedTimmGluMlp, _FusedHFSwiGLUFFN)
     if isinstance(m, _FusedTimmBlock):
-        return int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention)) + int(ls(m.ls2) and isinstance(m.mlp, FusedMLP))
+        return int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention)) + int(ls(m.ls2) and isinstance(m.mlp, mlps))
     if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
-        return int(ls(m.layer_scale2) and isinstance(m.mlp, FusedMLP))
+        return int(ls(m.layer_scale2) and isinstance(m.mlp, mlps))
     return 0
 
 

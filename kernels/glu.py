@@ -1,0 +1,259 @@
+"""SwiGLU's gate: h = silu(gate) · up, forward and backward, one elementwise pass each.
+
+The hidden activation of the SwiGLU MLPs (DINOv2-giant, EVA-02; timm's ``GluMlp`` / ``SwiGLUPacked`` /
+``SwiGLU``, transformers' ``Dinov2SwiGLUFFN``): fc1 gives gate and up, (M, H) each, often as the two halves of
+one (M, 2H) output. Eager PyTorch runs silu (a read and a write of (M, H)) and the product (two reads, a write),
+and saves silu(gate) for the backward, which takes three more passes and a copy into (M, 2H) for fc1's grad.
+Here the forward reads gate and up and writes h; the backward reads dh, gate and up and writes dgate and dup,
+straight into the (M, 2H) gradient of fc1's output when the gate and up were its halves (``swiglu_packed``).
+silu(g) = g·σ(g); d/dg = σ(g)·(1 + g·(1 - σ(g))), in fp32.
+
+Anatomy (DESIGN.md §2): Triton kernels -> launchers -> torch.library custom ops -> SwiGLUFn / SwiGLUPackedFn
+-> swiglu_reference -> swiglu() / swiglu_packed().
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from flashvit.kernels._aot import AotSpec, runtime_spec
+from flashvit.kernels._dispatch import (
+    HAS_TRITON,
+    Launcher,
+    apply,
+    cdiv,
+    check_same_device,
+    check_tensor,
+    check_triton_dtypes,
+    custom_op,
+    once_differentiable,
+    triton,
+    use_triton,
+)
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, H, M, N, s_g, s_u, s_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # G, U, H: (M, N) with row strides s_*, unit column stride; one (BLOCK_M, BLOCK_N) tile a program.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        g = tl.load(G + r64 * s_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + r64 * s_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        tl.store(H + r64 * s_h + cols[None, :], h.to(H.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(DH, G, U, DG, DU, M, N, s_dh, s_g, s_u, s_dg, s_du,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # dgate = dh·up·σ(g)·(1 + g·(1 - σ(g))), dup = dh·silu(g); all (M, N) row-strided.
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        dh = tl.load(DH + r64 * s_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(G + r64 * s_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(U + r64 * s_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        tl.store(DG + r64 * s_dg + cols[None, :], (dh * u * sig * (1.0 + g * (1.0 - sig))).to(DG.dtype.element_ty),
+                 mask=mask)
+        tl.store(DU + r64 * s_du + cols[None, :], (dh * g * sig).to(DU.dtype.element_ty), mask=mask)
+
+    _FWD = Launcher(_swiglu_fwd_kernel)
+    _BWD = Launcher(_swiglu_bwd_kernel)
+
+# (BLOCK_M, BLOCK_N, num_warps): 2048 elements a program, 16 a thread (a bandwidth-bound pass; the linear
+# epilogue kernel's shape).
+BLOCK = (8, 256, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers on 2-D row-strided views (unit column stride).
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _grid(M: int, N: int) -> Tuple[int, int]:
+    return cdiv(M, BLOCK[0]), cdiv(N, BLOCK[1])
+
+
+def _empty(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests swap it for a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """(M, N) gate and up -> (M, N) h = silu(gate)·up, contiguous."""
+    M, N = gate.shape
+    h = _empty((M, N), gate.dtype, gate.device)
+    if h.numel():
+        _FWD(_grid(M, N), (gate, up, h, M, N, _row_stride(gate), _row_stride(up), N),
+             dict(BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1], num_warps=BLOCK[2]))
+    return h
+
+
+def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: torch.Tensor,
+               dup: torch.Tensor) -> None:
+    """Write dgate and dup ((M, N) row-strided outputs, maybe the halves of one buffer) for h's grad ``dh``."""
+    M, N = gate.shape
+    if M and N:
+        _BWD(_grid(M, N), (dh, gate, up, dgate, dup, M, N, _row_stride(dh), _row_stride(gate), _row_stride(up),
+                           _row_stride(dgate), _row_stride(dup)),
+             dict(BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1], num_warps=BLOCK[2]))
+
+
+def _halves(x: torch.Tensor, gate_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(M, 2N) -> (gate, up) views: the first half is the gate unless ``gate_last``."""
+    a, b = x.chunk(2, dim=-1)
+    return (b, a) if gate_last else (a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph break), with fake implementations for shapes.
+
+
+@custom_op("swiglu_fwd")
+def _swiglu_fwd_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return swiglu_fwd(gate, up)
+
+
+@_swiglu_fwd_op.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@custom_op("swiglu_bwd")
+def _swiglu_bwd_op(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    dgate, dup = _empty(tuple(gate.shape), gate.dtype, gate.device), _empty(tuple(up.shape), up.dtype, up.device)
+    swiglu_bwd(dh, gate, up, dgate, dup)
+    return dgate, dup
+
+
+@_swiglu_bwd_op.register_fake
+def _(dh, gate, up):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+@custom_op("swiglu_packed_bwd")
+def _swiglu_packed_bwd_op(dh: torch.Tensor, x: torch.Tensor, gate_last: bool) -> torch.Tensor:
+    dx = _empty(tuple(x.shape), x.dtype, x.device)  # fc1's output grad, both halves written
+    swiglu_bwd(dh, *_halves(x, gate_last), *_halves(dx, gate_last))
+    return dx
+
+
+@_swiglu_packed_bwd_op.register_fake
+def _(dh, x, gate_last):
+    return x.new_empty(x.shape)
+
+
+class SwiGLUFn(torch.autograd.Function):
+    """h = silu(gate)·up on 2-D (M, N) gate and up through the Triton kernels."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return _swiglu_fwd_op(gate, up)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return _swiglu_bwd_op(dh.contiguous(), gate, up)
+
+
+class SwiGLUPackedFn(torch.autograd.Function):
+    """h = silu(gate)·up from the halves of one 2-D (M, 2N) x; x's grad written whole."""
+
+    @staticmethod
+    def forward(ctx, x, gate_last):
+        ctx.save_for_backward(x)
+        ctx.gate_last = gate_last
+        return _swiglu_fwd_op(*_halves(x, gate_last))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):
+        (x,) = ctx.saved_tensors
+        return _swiglu_packed_bwd_op(dh.contiguous(), x, ctx.gate_last), None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference, validation, public functionals
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) · up in plain PyTorch."""
+    return F.silu(gate) * up
+
+
+def _rows2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., N) -> (M, N) with a unit column stride and one row stride (a view when strides allow)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """h = silu(gate) · up for gate and up of one shape (..., N), any strides (e.g. separate fc1_g / fc1_x GEMMs,
+    transformers' gate_proj / up_proj). ``backend``: "auto" | "torch" | "triton" (flashvit.kernels._dispatch)."""
+    check_tensor("gate", gate, min_ndim=1)
+    check_tensor("up", up, min_ndim=1)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate has shape {tuple(gate.shape)} and up {tuple(up.shape)}; they must match")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"gate has dtype {gate.dtype} and up {up.dtype}; they must match")
+    check_same_device(gate=gate, up=up)
+    if not use_triton(gate, backend):
+        return swiglu_reference(gate, up)
+    check_triton_dtypes(gate=gate, up=up)  # (silu and mul are not autocast ops: the dtypes stay, as in eager)
+    h = apply(SwiGLUFn, _rows2d(gate), _rows2d(up))
+    return h.reshape(gate.shape)
+
+
+def swiglu_packed(x: torch.Tensor, gate_last: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+    """h = silu(gate) · up with gate and up the two halves of x's last dim (..., 2N) -> (..., N): the first half
+    is the gate (timm's SwiGLUPacked, ``gate_last=False``) or the second (timm's GluMlp default). The backward
+    writes the (..., 2N) gradient of x in one pass (no concatenation)."""
+    check_tensor("x", x, min_ndim=1)
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's last dim {x.shape[-1]} is odd: it must hold gate and up halves")
+    if not use_triton(x, backend):
+        gate, up = _halves(x, bool(gate_last))
+        return swiglu_reference(gate, up)
+    check_triton_dtypes(x=x)
+    h = apply(SwiGLUPackedFn, _rows2d(x), bool(gate_last))
+    return h.reshape(*x.shape[:-1], x.shape[-1] // 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile gate: both kernels, every dtype, at the one launch config.
+
+_TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _aot_specs() -> List[AotSpec]:
+    if not HAS_TRITON:
+        return []
+    specs: List[AotSpec] = []
+    consts = dict(BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1])
+    for ty in _TY.values():
+        sig = {"G": f"*{ty}", "U": f"*{ty}", "H": f"*{ty}", "M": "i32", "N": "i32", "s_g": "i32", "s_u": "i32",
+               "s_h": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+        specs.append(runtime_spec(_swiglu_fwd_kernel, sig, consts, BLOCK[2], 1, f"swiglu_fwd[{ty}]",
+                                  div16=("N", "s_g", "s_u", "s_h")))
+        sig = {"DH": f"*{ty}", "G": f"*{ty}", "U": f"*{ty}", "DG": f"*{ty}", "DU": f"*{ty}", "M": "i32", "N": "i32",
+               "s_dh": "i32", "s_g": "i32", "s_u": "i32", "s_dg": "i32", "s_du": "i32", "BLOCK_M": "constexpr",
+               "BLOCK_N": "constexpr"}
+        specs.append(runtime_spec(_swiglu_bwd_kernel, sig, consts, BLOCK[2], 1, f"swiglu_bwd[{ty}]",
+                                  div16=("N", "s_dh", "s_g", "s_u", "s_dg", "s_du")))
+    return specs
+
+
+AOT_SPECS: List[AotSpec] = _aot_specs()
