@@ -34,8 +34,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (smoke test; CPU is fine)")
     p.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the JSON/CSV/PNG files")
     p.add_argument("--ops", nargs="+", default=None,
-                   help="op families: layernorm attention mlp patch_embed (the default: all four), gemm-configs "
-                        "(a per-config GEMM sweep)")
+                   help="op families: layernorm attention mlp patch_embed (the default: all four), swiglu "
+                        "(SwiGLU's gate), gemm-configs (a per-config GEMM sweep)")
     p.add_argument("--models", nargs="+", default=None, help="s b l or flashvit/timm names (first = priority)")
     p.add_argument("--impls", nargs="+", default=None, help="model impls to run (default: all)")
     p.add_argument("--rows", choices=("all", "settled", "experimental"), default="all",

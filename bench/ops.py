@@ -29,7 +29,9 @@ from torch import nn
 from flashvit.bench.harness import Job, Row, dtype_name, time_fn
 
 ATTN_FWD_BWD_FACTOR = 3.5  # fwd (1) + bwd (2.5)
-OPS = ("layernorm", "attention", "mlp", "patch_embed")  # the default families; also: gemm-configs
+# the default families; also: swiglu (SwiGLU's gate: out of the default so GPU runs keep the issues' rows first),
+# gemm-configs
+OPS = ("layernorm", "attention", "mlp", "patch_embed")
 LN_EPS = 1e-6
 
 # Full shapes (the kernel issues'); quick shapes are tiny and odd for CPU smoke runs.
@@ -45,6 +47,9 @@ QUICK_LN_DIMS = (64, 96)
 QUICK_ATTN_SHAPES = ((2, 3, 17, 16), (1, 2, 33, 72))  # 72: the backward can split it (64 + 32)
 QUICK_MLP_SHAPES = (("tiny", 2 * 17, 64, 256),)
 QUICK_PATCH_SHAPES = (("tiny_p8", 2, 32, 8, 64), ("tiny_p14", 1, 28, 14, 96))
+# SwiGLU's gate on the packed fc1 output (name, rows, hidden): DINOv2-giant's MLP (B = 64, 257 tokens, 4096)
+SWIGLU_SHAPES = (("vit_g14_dinov2", 64 * 257, 4096),)
+QUICK_SWIGLU_SHAPES = (("tiny", 2 * 17, 96),)
 
 # gemm-configs (a sweep, only when asked for): the plain GEMM of ViT-B's fc1 and fc2 through each tile config of
 # our two GEMM kernels alone, against torch.matmul. (name, M, N, K)
@@ -189,7 +194,7 @@ def _tuners() -> List[Tuple[str, Any]]:
         from triton.runtime.autotuner import Autotuner
     except Exception:
         return out
-    for mod_name in ("layernorm", "attention", "linear", "patch_embed"):
+    for mod_name in ("layernorm", "attention", "linear", "patch_embed", "glu"):
         try:
             mod = importlib.import_module(f"flashvit.kernels.{mod_name}")
         except Exception:
@@ -719,11 +724,49 @@ def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def swiglu_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """silu(gate)·up from the packed (M, 2H) fc1 output: ours (one pass each way) vs eager's chunk, silu and
+    product (and their backward), in GB/s of the bytes each direction must move (2H read + H written forward;
+    H + 2H read, 2H written backward)."""
+    from flashvit.kernels import swiglu_packed
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("glu")
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, M, H in QUICK_SWIGLU_SHAPES if ctx.quick else SWIGLU_SHAPES:
+        sd = {"model": label_, "M": M, "H": H}
+
+        def args(grad: bool, M=M, H=H) -> Tuple[torch.Tensor, ...]:
+            return (_randn((M, 2 * H), ctx, 1.0, grad),)
+
+        def ours(x):
+            return swiglu_packed(x, backend="triton")
+
+        def eager(x):
+            gate, up = x.chunk(2, dim=-1)
+            return F.silu(gate) * up
+
+        for mode in ("fwd", "fwd+bwd"):
+            nbytes = ctx.dtype.itemsize * M * H * (3 + (5 if mode == "fwd+bwd" else 0))
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, nbytes=nbytes) -> Row:
+                return Row("ops", "swiglu", dict(sd), dt, mode, impl, baseline=baseline, bytes=float(nbytes),
+                           note=note)
+
+            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
 BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "layernorm": layernorm_jobs,
     "attention": attention_jobs,
     "mlp": mlp_jobs,
     "patch_embed": patch_embed_jobs,
+    "swiglu": swiglu_jobs,
     "gemm-configs": gemm_config_jobs,
 }
 

@@ -236,6 +236,15 @@ def test_counts_and_row_order():
     assert kinds == sorted(kinds) and 1 in kinds, kinds
 
 
+def test_swiglu_rows():
+    """--ops swiglu: ours, eager and torch.compile's per mode at its shape; not among the default families."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    rows = [j.row for j in ops.op_jobs(ctx, ["swiglu"])]
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                for i in ("flashvit", "eager", "compile(eager)")}
+    assert all(r.name == "swiglu" and r.bytes for r in rows) and "swiglu" not in ops.OPS
+
+
 def test_experimental_rows_order():
     """--rows experimental: groups by their tag in EXPERIMENTAL's order, attention's forward [tail] (the op's
     open gap) first, then shape by shape (fwd, then fwd+bwd with the fused backward) within a tag; each group is
