@@ -686,6 +686,16 @@ def gemm_config_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, []
 
 
+def _ours_eager_compiled(main: List[Job], late: List[Job], mk: Callable[..., Row], ours: Callable[..., Any],
+                         eager: Callable[..., Any], args: Callable[[bool], Tuple[torch.Tensor, ...]], mode: str,
+                         ctx: Ctx, knote: str) -> None:
+    """One (shape, mode)'s rows: ours and the eager baseline (main), torch.compile of eager (late)."""
+    main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx), unavailable=ctx.triton_reason))
+    main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+    late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
+                    unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+
+
 def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import patch_embed
     shapes = QUICK_PATCH_SHAPES if ctx.quick else PATCH_SHAPES
@@ -716,11 +726,7 @@ def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
                 return Row("ops", "patch_embed", dict(sd), dt, mode, impl, baseline=baseline, flops=flops, note=note)
 
-            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
-                            unavailable=ctx.triton_reason))
-            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
-            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
-                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
     return main, late
 
 
@@ -753,11 +759,7 @@ def swiglu_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 return Row("ops", "swiglu", dict(sd), dt, mode, impl, baseline=baseline, bytes=float(nbytes),
                            note=note)
 
-            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
-                            unavailable=ctx.triton_reason))
-            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
-            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
-                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
     return main, late
 
 

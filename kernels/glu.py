@@ -38,12 +38,16 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _swiglu_fwd_kernel(G, U, H, M, N, s_g, s_u, s_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        # G, U, H: (M, N) with row strides s_*, unit column stride; one (BLOCK_M, BLOCK_N) tile a program.
+    def _dev_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # This program's (BLOCK_M, BLOCK_N) tile: int64 row offsets (BLOCK_M, 1), columns (BLOCK_N,), mask.
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        r64 = rows.to(tl.int64)[:, None]
+        return rows.to(tl.int64)[:, None], cols, (rows < M)[:, None] & (cols < N)[None, :]
+
+    @triton.jit
+    def _swiglu_fwd_kernel(G, U, H, M, N, s_g, s_u, s_h, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        # G, U, H: (M, N) with row strides s_*, unit column stride; one (BLOCK_M, BLOCK_N) tile a program.
+        r64, cols, mask = _dev_tile(M, N, BLOCK_M, BLOCK_N)
         g = tl.load(G + r64 * s_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + r64 * s_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         h = g * tl.sigmoid(g) * u
@@ -53,10 +57,7 @@ if HAS_TRITON:
     def _swiglu_bwd_kernel(DH, G, U, DG, DU, M, N, s_dh, s_g, s_u, s_dg, s_du,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         # dgate = dh·up·σ(g)·(1 + g·(1 - σ(g))), dup = dh·silu(g); all (M, N) row-strided.
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        r64 = rows.to(tl.int64)[:, None]
+        r64, cols, mask = _dev_tile(M, N, BLOCK_M, BLOCK_N)
         dh = tl.load(DH + r64 * s_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(G + r64 * s_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         u = tl.load(U + r64 * s_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
