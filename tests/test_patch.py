@@ -521,6 +521,33 @@ def test_timm_swiglu_mlp_is_fused(calls):
     assert any("not SiLU" in why for _, _, why in glu.flashvit_report.left)
 
 
+@pytest.mark.parametrize("kind", ["glu_norm", "glu_gate_last", "swiglu_norm"])
+def test_timm_swiglu_modules_with_a_norm_inside(kind, calls):
+    """GluMlp / SwiGLU with SiLU and a norm between the gate and fc2 (EVA-02's scale_mlp): fused, the norm kept;
+    the patched module vs the original on CPU's path, and on the kernels (interpreter) vs float64."""
+    from timm.layers import GluMlp, SwiGLU
+    from torch import nn as tnn
+
+    torch.manual_seed(fresh_seed())
+    norm = tnn.LayerNorm if kind.endswith("norm") else None
+    mlp = (SwiGLU(24, 40, norm_layer=norm) if kind.startswith("swiglu") else
+           GluMlp(24, 80, act_layer=tnn.SiLU, norm_layer=norm, gate_last=kind == "glu_gate_last"))
+    model = _randomize(nn.Sequential(mlp)).train()
+    x = torch.randn(2, 9, 24, generator=torch.Generator().manual_seed(fresh_seed()))
+    report = _check_patched_same(model, x, call=lambda m, x: m(x))
+    assert report.counts() == {type(mlp).__name__: 1, **({"LayerNorm": 1} if norm else {})} and not report.left
+    assert calls.get("swiglu" if kind.startswith("swiglu") else "swiglu_packed") == 1
+    if INTERPRET:
+        oracle = copy.deepcopy(model).double()
+        flashvit.patch(model)
+        with flashvit.use_backend("triton"):
+            out, grads = _run(model, x)
+        ref, ref_grads = _run(oracle, x.double())
+        assert max_err(out, ref) <= 1e-4 * max(1.0, ref.abs().max().item())
+        for n, g in ref_grads.items():
+            assert max_err(grads[n], g) <= 1e-4 * max(1.0, g.abs().max().item()), n
+
+
 def test_hf_dinov2_swiglu_ffn_is_fused(calls):
     """transformers' Dinov2SwiGLUFFN (DINOv2-giant): gate_proj and up_proj GEMMs, silu(gate)·up in one pass, down_proj
     with layer_scale2 and the residual; logits and grads equal the unpatched model's."""

@@ -54,6 +54,7 @@ def _qualname(obj: object) -> str:
 _TIMM_ATTENTION = {"timm.layers.attention.Attention"}
 _TIMM_MLP = {"timm.layers.mlp.Mlp"}
 _TIMM_GLU_MLP = {"timm.layers.mlp.GluMlp"}  # SwiGLUPacked is a GluMlp with SiLU, gate first
+_TIMM_SWIGLU = {"timm.layers.mlp.SwiGLU"}  # separate fc1_g / fc1_x projections
 _SILUS = {"torch.nn.modules.activation.SiLU", "transformers.activations.SiLUActivation"}
 # transformers' SwiGLU FFNs (DINOv2-giant's): (gate_proj, up_proj) -> silu(gate)·up -> down_proj
 _HF_SWIGLU_FFN = {"transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
@@ -225,6 +226,16 @@ class _FusedTimmGluMlp(nn.Module):
         return _fc2(self.fc2, self.drop2, h, residual, layer_scale)
 
 
+class _FusedTimmSwiGLU(nn.Module):
+    """timm SwiGLU (fc1_g, fc1_x): two GEMMs -> silu(gate)·up in one pass -> (norm) -> fc2 GEMM, which also takes
+    the block's LayerScale and residual add."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = swiglu(linear(x, self.fc1_g.weight, self.fc1_g.bias), linear(x, self.fc1_x.weight, self.fc1_x.bias))
+        return _fc2(self.fc2, self.drop2, self.norm(self.drop1(h)), residual, layer_scale)
+
+
 class _FusedHFSwiGLUFFN(nn.Module):
     """transformers' Dinov2SwiGLUFFN: gate_proj and up_proj GEMMs -> silu(gate)·up in one pass -> down_proj GEMM,
     which also takes the layer's LayerScale and residual add."""
@@ -282,11 +293,15 @@ def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
     return True, getattr(ls, attr)
 
 
+# Fused MLPs whose forward takes (y, residual, layer_scale): fc2's GEMM adds the residual and folds the LayerScale.
+_RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN)
+
+
 def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
                   ) -> torch.Tensor:
     """h + drop_path(ls(mlp(y))): γ and the residual add in fc2's GEMM where the parts allow."""
     foldable, gamma = _foldable_scale(ls)
-    if not (isinstance(mlp, (FusedMLP, _FusedTimmGluMlp, _FusedHFSwiGLUFFN)) and foldable):
+    if not (isinstance(mlp, _RESIDUAL_MLPS) and foldable):
         return h + drop_path(ls(mlp(y)))
     if _drop_path_inactive(drop_path):
         return mlp(y, residual=h, layer_scale=gamma)  # FusedMLP falls back to y + h itself when its dropout is active
@@ -483,13 +498,13 @@ def _decide_timm_mlp(m: nn.Module) -> Decision:
 
 
 def _decide_timm_glu_mlp(m: nn.Module) -> Decision:
+    """GluMlp / SwiGLU with SiLU: fused (a norm inside, EVA's scale_mlp, still runs between the gate and fc2)."""
     if _qualname(m.act) not in _SILUS:
         return None, f"gate activation {_qualname(m.act)} is not SiLU (SwiGLU)"
-    if not (type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear) or m.chunk_dim != -1:
-        return None, "fc1/fc2 are not nn.Linear (e.g. a 1x1 Conv2d MLP)"
-    if not isinstance(m.norm, nn.Identity):
-        return None, "a norm inside the MLP (scale_mlp_norm) is not fused"
-    return _clone_as(m, _FusedTimmGluMlp), None
+    linears = (m.fc1, m.fc2) if hasattr(m, "fc1") else (m.fc1_g, m.fc1_x, m.fc2)
+    if not all(type(fc) is nn.Linear for fc in linears) or getattr(m, "chunk_dim", -1) != -1:
+        return None, "its projections are not nn.Linear (e.g. a 1x1 Conv2d MLP)"
+    return _clone_as(m, _FusedTimmGluMlp if hasattr(m, "fc1") else _FusedTimmSwiGLU), None
 
 
 def _decide_hf_swiglu_ffn(m: nn.Module) -> Decision:
@@ -592,8 +607,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
         mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``; timm
-            ``GluMlp`` with SiLU (SwiGLU, SwiGLUPacked) and HF ``Dinov2SwiGLUFFN`` -> fc1 GEMM(s), silu(gate)·up
-            in one pass (``swiglu``), fc2 GEMM taking the block's LayerScale and residual.
+            ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
+            GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
+            and residual.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
         residual: timm ``Block`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds (add + LayerNorm
@@ -618,7 +634,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
-        (lambda m: _qualname(m) in _TIMM_GLU_MLP, _decide_timm_glu_mlp, mlp),
+        (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
         (lambda m: _qualname(m) in _HF_SWIGLU_FFN, _decide_hf_swiglu_ffn, mlp),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
@@ -685,11 +701,11 @@ def _folded_scales(m: nn.Module) -> int:
     """How many LayerScales a fused block folds into its GEMMs (where its attention / MLP are fused too)."""
     def ls(x: nn.Module) -> bool:
         return _qualname(x) in _LAYER_SCALES
-    mlps = (FusedMLP, _FusedTimmGluMlp, _FusedHFSwiGLUFFN)
     if isinstance(m, _FusedTimmBlock):
-        return int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention)) + int(ls(m.ls2) and isinstance(m.mlp, mlps))
+        return (int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention))
+                + int(ls(m.ls2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
     if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
-        return int(ls(m.layer_scale2) and isinstance(m.mlp, mlps))
+        return int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS))
     return 0
 
 
