@@ -90,11 +90,12 @@ def test_patched_timm_compiles_fullgraph(kw):
 
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
                     "(CUDA runs the GPU compile case below instead)")
-def test_patched_timm_compiles_fullgraph_with_triton_forced():
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2"])  # + SwiGLU, LayerScale
+def test_patched_timm_compiles_fullgraph_with_triton_forced(name):
     """The fused custom ops themselves (interpreter) inside one graph: their fake kernels and autograd trace."""
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
-    model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw).train())
+    model = flashvit.patch(timm.create_model(name, pretrained=False, **kw).train())
     with flashvit.use_backend("triton"):
         _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
 
