@@ -383,6 +383,19 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(expected)}")
 
 
+def rows2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (M, D) with a unit-stride last dim and one row stride (a view when strides allow, else a copy)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    if t2.stride(-1) != 1 and t2.shape[-1] > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def row_stride(t2: torch.Tensor) -> int:
+    """The row stride of a rows2d() tensor (its width for a single row, whose stride is arbitrary)."""
+    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
+
+
 def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     """Raise ValueError unless every given (non-None) tensor lives on one device."""
     device = None

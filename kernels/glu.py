@@ -30,6 +30,8 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     once_differentiable,
+    row_stride,
+    rows2d,
     triton,
     use_triton,
 )
@@ -78,10 +80,6 @@ BLOCK = (8, 256, 4)
 # Launchers on 2-D row-strided views (unit column stride).
 
 
-def _row_stride(t: torch.Tensor) -> int:
-    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
-
-
 def _grid(M: int, N: int) -> Tuple[int, int]:
     return cdiv(M, BLOCK[0]), cdiv(N, BLOCK[1])
 
@@ -96,7 +94,7 @@ def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     M, N = gate.shape
     h = _empty((M, N), gate.dtype, gate.device)
     if h.numel():
-        _FWD(_grid(M, N), (gate, up, h, M, N, _row_stride(gate), _row_stride(up), N),
+        _FWD(_grid(M, N), (gate, up, h, M, N, row_stride(gate), row_stride(up), N),
              dict(BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1], num_warps=BLOCK[2]))
     return h
 
@@ -106,8 +104,8 @@ def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, dgate: to
     """Write dgate and dup ((M, N) row-strided outputs, maybe the halves of one buffer) for h's grad ``dh``."""
     M, N = gate.shape
     if M and N:
-        _BWD(_grid(M, N), (dh, gate, up, dgate, dup, M, N, _row_stride(dh), _row_stride(gate), _row_stride(up),
-                           _row_stride(dgate), _row_stride(dup)),
+        _BWD(_grid(M, N), (dh, gate, up, dgate, dup, M, N, row_stride(dh), row_stride(gate), row_stride(up),
+                           row_stride(dgate), row_stride(dup)),
              dict(BLOCK_M=BLOCK[0], BLOCK_N=BLOCK[1], num_warps=BLOCK[2]))
 
 
@@ -167,7 +165,7 @@ class SwiGLUFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
-        return _swiglu_bwd_op(dh.contiguous(), gate, up)
+        return _swiglu_bwd_op(rows2d(dh), gate, up)
 
 
 class SwiGLUPackedFn(torch.autograd.Function):
@@ -183,7 +181,7 @@ class SwiGLUPackedFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dh):
         (x,) = ctx.saved_tensors
-        return _swiglu_packed_bwd_op(dh.contiguous(), x, ctx.gate_last), None
+        return _swiglu_packed_bwd_op(rows2d(dh), x, ctx.gate_last), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +191,6 @@ class SwiGLUPackedFn(torch.autograd.Function):
 def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) · up in plain PyTorch."""
     return F.silu(gate) * up
-
-
-def _rows2d(t: torch.Tensor) -> torch.Tensor:
-    """(..., N) -> (M, N) with a unit column stride and one row stride (a view when strides allow)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 or t2.shape[-1] <= 1 else t2.contiguous()
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
@@ -214,7 +206,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: Optional[str] = Non
     if not use_triton(gate, backend):
         return swiglu_reference(gate, up)
     check_triton_dtypes(gate=gate, up=up)  # (silu and mul are not autocast ops: the dtypes stay, as in eager)
-    h = apply(SwiGLUFn, _rows2d(gate), _rows2d(up))
+    h = apply(SwiGLUFn, rows2d(gate), rows2d(up))
     return h.reshape(gate.shape)
 
 
@@ -229,7 +221,7 @@ def swiglu_packed(x: torch.Tensor, gate_last: bool = False, *, backend: Optional
         gate, up = _halves(x, bool(gate_last))
         return swiglu_reference(gate, up)
     check_triton_dtypes(x=x)
-    h = apply(SwiGLUPackedFn, _rows2d(x), bool(gate_last))
+    h = apply(SwiGLUPackedFn, rows2d(x), bool(gate_last))
     return h.reshape(*x.shape[:-1], x.shape[-1] // 2)
 
 

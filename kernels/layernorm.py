@@ -37,6 +37,8 @@ from flashvit.kernels._dispatch import (
     next_pow2,
     once_differentiable,
     pushed,
+    row_stride,
+    rows2d,
     tl,
     triton,
     use_triton,
@@ -445,18 +447,6 @@ def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., D) -> (M, D) with a unit-stride last dim and one row stride (a view when strides allow)."""
-    t2 = t.reshape(-1, t.shape[-1])
-    if t2.stride(-1) != 1 and t2.shape[-1] > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
-def _row_stride(t2: torch.Tensor) -> int:
-    return t2.stride(0) if t2.shape[0] > 1 else t2.shape[1]
-
-
 def _rows_per_prog(device: torch.device, rows: int, m: int) -> int:
     """Backward rows per program (a multiple of ROWS); the interpreter uses few, long programs."""
     if device.type != "cuda":
@@ -499,7 +489,7 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     hd = _h_dtype(x, residual)
     if has_res and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
         x, residual = x.float(), residual.float()  # fp16 + bf16: both to the promoted fp32
-    x2 = _rows(x)
+    x2 = rows2d(x)
     m = x2.shape[0]
     y = _empty(shape, hd, dev)
     h = _empty(shape, hd, dev) if has_res else None
@@ -510,10 +500,10 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     pd = _param_dtype(hd, weight, bias)
     w, b = _param(weight, d, pd, dev, 1.0), _param(bias, d, pd, dev, 0.0)
     y2 = y.view(m, d)
-    sx = _row_stride(x2)
+    sx = row_stride(x2)
     if has_res:
-        r2 = _rows(residual)
-        h2, sr = h.view(m, d), _row_stride(r2)
+        r2 = rows2d(residual)
+        h2, sr = h.view(m, d), row_stride(r2)
     else:
         r2, h2, sr = x2, y2, sx
     block_n, rows, warps, _ = _config(d)
@@ -537,16 +527,16 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     shape, dev, xd = x.shape, x.device, x.dtype
     d = shape[-1]
     pd = _param_dtype(xd, weight, bias)
-    x2, dy2 = _rows(x), _rows(dy)
+    x2, dy2 = rows2d(x), rows2d(dy)
     m = x2.shape[0]
     dx = _empty(shape, xd, dev)
     if m == 0 or d == 0:
         return dx, torch.zeros((2, d), dtype=pd, device=dev)
     w = _param(weight, d, pd, dev, 1.0)
-    sdy = _row_stride(dy2)
+    sdy = row_stride(dy2)
     if dh_out is not None:
-        dho2 = _rows(dh_out)
-        sdho = _row_stride(dho2)
+        dho2 = rows2d(dh_out)
+        sdho = row_stride(dho2)
     else:
         dho2, sdho = dy2, sdy
     block_n, rows, _, warps = _config(d)
@@ -555,7 +545,7 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     g = cdiv(m, rows_per_prog)
     partial = _empty((2, g, d), torch.float32, dev)
     dwp, dbp = partial.unbind(0)  # (G, D) each, one call for both views
-    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, _row_stride(x2), sdho, d, rows_per_prog)
+    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, row_stride(x2), sdho, d, rows_per_prog)
     prefetch = _bwd_prefetch()
     if INTERPRET:
         _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
