@@ -275,6 +275,14 @@ def _drop_path_inactive(m: nn.Module) -> bool:
     return p is not None and (not m.training or p == 0.0)
 
 
+def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + a), x + a): one pass (add_layer_norm) where ``norm`` is ours, else the add then the norm."""
+    if isinstance(norm, FlashLayerNorm):
+        return norm.forward_add(a, x)
+    h = x + a
+    return norm(h), h
+
+
 # LayerScale classes (y = x * γ) and their γ attribute; timm's ``inplace`` variant computes the same values.
 _LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vision_transformer.LayerScale": "gamma",
                  "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
@@ -319,11 +327,7 @@ class _FusedTimmBlock(nn.Module):
         else:
             a = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
         a = self.drop_path1(a)
-        if isinstance(self.norm2, FlashLayerNorm):
-            y, x = self.norm2.forward_add(a, x)  # x <- x + a ; y = LN2(x)
-        else:
-            x = x + a
-            y = self.norm2(x)
+        y, x = _add_norm(self.norm2, a, x)
         return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
 
 
@@ -334,11 +338,7 @@ class _FusedHFLayer(nn.Module):
                 **kwargs) -> torch.Tensor:
         a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         a = self.dropout(a)
-        if isinstance(self.layernorm_after, FlashLayerNorm):
-            y, h = self.layernorm_after.forward_add(a, hidden_states)  # h = a + x ; y = LN(h)
-        else:
-            h = a + hidden_states
-            y = self.layernorm_after(h)
+        y, h = _add_norm(self.layernorm_after, a, hidden_states)
         if isinstance(self.mlp, FusedMLP) and (not self.training or self.dropout.p == 0.0):
             return self.mlp(y, residual=h)
         return self.dropout(self.mlp(y)) + h
@@ -353,11 +353,7 @@ class _FusedHFDinov2Layer(nn.Module):
                 **kwargs) -> torch.Tensor:
         a, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
         a = self.drop_path(self.layer_scale1(a))
-        if isinstance(self.norm2, FlashLayerNorm):
-            y, h = self.norm2.forward_add(a, hidden_states)  # h = a + x ; y = norm2(h)
-        else:
-            h = a + hidden_states
-            y = self.norm2(h)
+        y, h = _add_norm(self.norm2, a, hidden_states)
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
