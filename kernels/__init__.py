@@ -18,14 +18,15 @@ from flashvit.kernels.layernorm import (
 )
 from flashvit.kernels.linear import FusedMLP, linear, linear_reference, mlp
 from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
+from flashvit.kernels.rope import apply_rope, rope_reference
 
 # The op modules whose kernels the ahead-of-time compile gate covers.
-OP_MODULES = ("layernorm", "attention", "linear", "patch_embed", "glu")
+OP_MODULES = ("layernorm", "attention", "linear", "patch_embed", "glu", "rope")
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
     "attention", "attention_reference", "dropout_mask", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
     "FusedMLP", "linear", "linear_reference", "mlp", "swiglu", "swiglu_packed", "swiglu_reference",
-    "PatchEmbed", "patch_embed", "patch_embed_reference",
+    "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "rope_reference",
 ]

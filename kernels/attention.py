@@ -27,6 +27,7 @@ from typing import ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from flashvit.kernels import rope as _rope
 from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
@@ -42,6 +43,7 @@ from flashvit.kernels._dispatch import (
     pushed,
     use_triton,
 )
+from flashvit.kernels.rope import check_rope_args, rope_apply, rope_reference, rope_table
 
 if HAS_TRITON:
     import triton
@@ -1124,6 +1126,41 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
     return dqkv
 
 
+def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
+                           softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
+                           seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed forward with rotary q, k: one RoPE pass writes (B, N, 2, H, D) rotated q and k, the kernel reads them
+    and v in place. Returns (o (B, N, H·D), lse (B, H, N) fp32, the rotated qk the backward reads)."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    qkv5 = qkv.view(B, N, 3, num_heads, D)
+    qk = _rope.empty((B, N, 2, num_heads, D), qkv.dtype, qkv.device)
+    rope_apply(qkv5[:, :, :2], qk, rope_table(rope, B, num_heads, N - rope_prefix, D), rope_prefix, rope_half,
+               backward=False)
+    out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
+    _, lse = attention_fwd(qk[:, :, 0], qk[:, :, 1], qkv5[:, :, 2], softmax_scale, False, allow_tf32,
+                           out=out.unflatten(-1, (num_heads, -1)), dropout_p=dropout_p, seed=seed)
+    return out, lse, qk
+
+
+def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
+                           lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
+                           softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
+                           seed: Seed = None) -> torch.Tensor:
+    """Packed backward with rotary q, k: dq, dk (of the rotated q, k) and dv land in one (B, N, 3·H·D) gradient,
+    then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k."""
+    B, N, C3 = qkv.shape
+    D = C3 // (3 * num_heads)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    dq, dk, dv = _split_qkv(dqkv, num_heads)
+    q, k = qk.unbind(2)
+    attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], o.unflatten(-1, (num_heads, -1)), lse,
+                  softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed)
+    dqk = dqkv.view(B, N, 3, num_heads, D)[:, :, :2]
+    rope_apply(dqk, dqk, rope_table(rope, B, num_heads, N - rope_prefix, D), rope_prefix, rope_half, backward=True)
+    return dqkv
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library custom ops: opaque to torch.compile (no graph break), fake impls give the shapes.
 
@@ -1178,6 +1215,35 @@ def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
+@custom_op("qkv_rope_attention_fwd")
+def _qkv_rope_attention_fwd_op(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int,
+                               rope_half: bool, softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                               seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return qkv_rope_attention_fwd(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32,
+                                  dropout_p=dropout_p, seed=seed)
+
+
+@_qkv_rope_attention_fwd_op.register_fake
+def _(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed):
+    B, N, C3 = qkv.shape
+    return (qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32),
+            qkv.new_empty((B, N, 2, num_heads, C3 // (3 * num_heads))))
+
+
+@custom_op("qkv_rope_attention_bwd")
+def _qkv_rope_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
+                               lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int,
+                               rope_half: bool, softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                               seed: Optional[torch.Tensor]) -> torch.Tensor:
+    return qkv_rope_attention_bwd(do, qkv, qk, o, lse, rope, num_heads, rope_prefix, rope_half, softmax_scale,
+                                  allow_tf32, dropout_p=dropout_p, seed=seed)
+
+
+@_qkv_rope_attention_bwd_op.register_fake
+def _(do, qkv, qk, o, lse, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
 class AttentionFn(torch.autograd.Function):
     """(B, N, H, D) q, k, v -> (B, N, H, D); backward through the FA2-style kernels."""
 
@@ -1211,6 +1277,25 @@ class QkvAttentionFn(torch.autograd.Function):
     def backward(ctx, do):
         qkv, o, lse, seed = ctx.saved_tensors
         return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args, seed), None, None, None, None, None
+
+
+class QkvRopeAttentionFn(torch.autograd.Function):
+    """qkv_attention with rotary q, k (rope a constant): saves qkv and the rotated q, k (B, N, 2, H, D)."""
+
+    @staticmethod
+    def forward(ctx, qkv, rope, num_heads: int, rope_prefix: int, rope_half: bool, softmax_scale: float,
+                allow_tf32: bool, dropout_p: float, seed: Optional[torch.Tensor]):
+        o, lse, qk = _qkv_rope_attention_fwd_op(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale,
+                                                allow_tf32, dropout_p, seed)
+        ctx.save_for_backward(qkv, qk, o, lse, rope, seed)
+        ctx.args = (num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, qk, o, lse, rope, seed = ctx.saved_tensors
+        dqkv = _qkv_rope_attention_bwd_op(do, qkv, qk, o, lse, rope, *ctx.args, seed)
+        return dqkv, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1249,10 +1334,14 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None,
-                            dropout_p: float = 0.0) -> torch.Tensor:
-    """(B, N, 3·H·D) packed qkv -> (B, N, H·D), the way timm's Attention does it."""
+                            dropout_p: float = 0.0, rope: Optional[torch.Tensor] = None, rope_prefix: int = 0,
+                            rope_half: bool = False) -> torch.Tensor:
+    """(B, N, 3·H·D) packed qkv -> (B, N, H·D), the way timm's Attention (with ``rope``, its EvaAttention) does it."""
     B, N, C3 = qkv.shape
-    q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).unbind(2)  # (B, N, H, D)
+    if rope is not None:
+        q, k = rope_reference(q, rope, rope_prefix, rope_half), rope_reference(k, rope, rope_prefix, rope_half)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
     return o.transpose(1, 2).reshape(B, N, C3 // 3)
 
@@ -1311,24 +1400,42 @@ def _draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]
 
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None, *,
-                  dropout_p: float = 0.0, backend: Optional[str] = None,
-                  allow_tf32: Optional[bool] = None) -> torch.Tensor:
+                  dropout_p: float = 0.0, backend: Optional[str] = None, allow_tf32: Optional[bool] = None,
+                  rope: Optional[torch.Tensor] = None, rope_prefix: int = 0, rope_half: bool = False) -> torch.Tensor:
     """Attention straight from the packed qkv Linear output (B, N, 3·H·D); returns (B, N, H·D).
 
     q, k, v are read in place by strides and the output lands in (B, N, H·D) ready for the projection;
     the backward writes one packed (B, N, 3·H·D) gradient. Other arguments as in :func:`attention`.
+
+    ``rope``: rotary embeddings of q and k first (EVA-02, DINOv3, timm's RoPE ViTs), as
+    :func:`flashvit.kernels.rope.apply_rope` takes them: cat(sin, cos) broadcastable to (B, H, N - P, 2·D), the
+    first ``rope_prefix`` (P) tokens not rotated, ``rope_half`` pairs (i, i + D/2). One pass writes the rotated
+    q and k (saved for the backward), whose packed gradient is rotated back in place. A rope that requires grad
+    (learned frequencies) is rotated by the reference, which differentiates it; attention still runs the kernels.
     """
     check_tensor("qkv", qkv, ndim=3)
     if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv last dim {qkv.shape[-1]} must be divisible by 3 * num_heads = {3 * num_heads}")
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if rope is not None:
+        check_rope_args((qkv.shape[0], qkv.shape[1], num_heads, head_dim), rope, rope_prefix, where="qkv")
+        check_same_device(qkv=qkv, rope=rope)
     if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
-        return apply(QkvAttentionFn, qkv, num_heads, scale, _resolve_tf32(qkv.dtype, allow_tf32), float(dropout_p),
-                     _draw_seed(dropout_p, qkv.device))
-    return qkv_attention_reference(qkv, num_heads, scale, dropout_p)
+        tf32, seed = _resolve_tf32(qkv.dtype, allow_tf32), _draw_seed(dropout_p, qkv.device)
+        if rope is None:
+            return apply(QkvAttentionFn, qkv, num_heads, scale, tf32, float(dropout_p), seed)
+        if rope.dtype == torch.float64 or (torch.is_grad_enabled() and rope.requires_grad):
+            q, k, v = _split_qkv(qkv, num_heads)
+            q, k = rope_reference(q, rope, rope_prefix, rope_half), rope_reference(k, rope, rope_prefix, rope_half)
+            o = apply(AttentionFn, q, k, v, scale, False, tf32, float(dropout_p), seed)
+            return o.flatten(-2)
+        check_triton_dtypes(rope=rope)
+        return apply(QkvRopeAttentionFn, qkv, rope, num_heads, int(rope_prefix), bool(rope_half), scale, tf32,
+                     float(dropout_p), seed)
+    return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half)
 
 
 # ---------------------------------------------------------------------------------------------

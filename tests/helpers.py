@@ -31,6 +31,11 @@ def poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+def poisoned_empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An op file's output allocator (``_empty(shape, dtype, device)``) for tests: NaN-filled."""
+    return poison(torch.empty(shape, dtype=dtype, device=device))
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

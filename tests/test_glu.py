@@ -9,7 +9,7 @@ import importlib
 import pytest
 import torch
 
-from tests.helpers import assert_close_to_ref, poison, randn
+from tests.helpers import assert_close_to_ref, poisoned_empty, randn
 
 G = importlib.import_module("flashvit.kernels.glu")
 ON_GPU = torch.cuda.is_available()
@@ -19,8 +19,7 @@ pytestmark = pytest.mark.skipif(not G.HAS_TRITON, reason="needs triton (Linux) t
 
 @pytest.fixture(autouse=True)
 def _poisoned(monkeypatch):
-    monkeypatch.setattr(G, "_empty", lambda shape, dtype, device: poison(torch.empty(shape, dtype=dtype,
-                                                                                     device=device)))
+    monkeypatch.setattr(G, "_empty", poisoned_empty)
 
 
 @pytest.fixture
