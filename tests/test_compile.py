@@ -90,7 +90,8 @@ def test_patched_timm_compiles_fullgraph(kw):
 
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
                     "(CUDA runs the GPU compile case below instead)")
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2"])  # + SwiGLU, LayerScale
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2",  # + SwiGLU, LayerScale
+                                  "vit_small_patch16_dinov3"])  # + RoPE (rotate_half), registers, EvaBlock
 def test_patched_timm_compiles_fullgraph_with_triton_forced(name):
     """The fused custom ops themselves (interpreter) inside one graph: their fake kernels and autograd trace."""
     torch.manual_seed(fresh_seed())

@@ -40,7 +40,7 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(mod, name, counted)
 
-    for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed"):
+    for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed", "apply_rope"):
         wrap(patch_mod, name, name)
     wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
     wrap(ln_mod, "layer_norm", "layer_norm")
@@ -226,9 +226,88 @@ def test_generic_module_linear_gelu_and_layernorm(calls):
     assert calls["layer_norm"] == 2
 
 
+ROPE_SMALL = dict(SMALL, embed_dim=64, num_heads=2)
+ROPE_CASES = {  # timm's Eva class: EvaBlock + EvaAttention / AttentionRope, the rope table passed down per block
+    "eva02": ("eva02_tiny_patch14_224", dict(SMALL, img_size=28)),  # SwiGLU + norm, EVA's q/v biases, interleaved
+    "rope_vit": ("vit_small_patch16_rope_224", ROPE_SMALL),  # AttentionRope, LayerScale, GELU MLP
+    "dinov3": ("vit_small_patch16_dinov3", ROPE_SMALL),  # rotate_half, cls + 4 registers, LayerScale
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", ROPE_SMALL),  # learned per-head frequencies: rope has grad
+    # q/k/v projections, q/k norms and the norm after attention (scale_attn_inner)
+    "qk_norm_unfused_qkv": ("vit_small_patch16_rope_224", dict(ROPE_SMALL, qk_norm=True, qkv_fused=False,
+                                                               scale_attn_inner=True)),
+}
+
+
+@pytest.mark.parametrize("name,kw", list(ROPE_CASES.values()), ids=list(ROPE_CASES))
+def test_timm_rope_models_patched_match_unpatched(name, kw, calls):
+    """EVA-02, DINOv3 and timm's RoPE ViTs: RoPE + flash attention from the packed qkv, the Eva block's residual
+    adds fused and its gamma_1 / gamma_2 folded into the proj / fc2 GEMMs."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
+    attn_cls = type(model.blocks[0].attn).__name__
+    mixed = getattr(model, "rope_mixed", False)
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    depth = kw["depth"]
+    counts = report.counts()
+    assert counts[attn_cls] == depth and counts["EvaBlock"] == depth
+    assert not [x for x in report.left if x[1] != "PatchEmbed"], report  # (DINOv3's NHWC patch embed is left)
+    assert calls["add_layer_norm"] == depth
+    if kw.get("qk_norm"):  # q/k norms between the GEMMs and the rotation: apply_rope on each, then attention
+        assert calls["attention"] == depth and calls["apply_rope"] == 2 * depth and "qkv_attention" not in calls
+        assert counts["LayerNorm"] == 2 * depth + 1 + 3 * depth  # the blocks', the final, q/k/scale norms
+    else:
+        assert calls["qkv_attention"] == depth and "attention" not in calls and "apply_rope" not in calls
+    folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
+    assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
+    assert mixed == (name.endswith("mixed_224"))
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "causal"])
+def test_timm_rope_attention_gated_masked_causal(case, calls):
+    """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, timm's masked SDPA path
+    (the kernels take no mask) and the causal kernels, each vs the unpatched module with grads."""
+    from timm.layers.attention import AttentionRope
+    torch.manual_seed(fresh_seed())
+    B, N, C, H, P = 2, 9, 64, 2, 1
+    holder = nn.ModuleDict({"attn": _randomize(AttentionRope(C, num_heads=H, gated=True, num_prefix_tokens=P,
+                                                             rotate_half=True))})
+    g = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(B, N, C, generator=g)
+    ang = torch.randn(N - P, C // H // 2, generator=g) * 3
+    rope = torch.cat([ang.sin(), ang.cos()] * 2, dim=-1)  # rotate_half's table: (sin, sin), (cos, cos) halves
+    kw = {"plain": {}, "mask": dict(attn_mask=torch.rand(N, N, generator=g) > 0.3), "causal": dict(is_causal=True)}
+    kw["mask"]["attn_mask"].fill_diagonal_(True)
+
+    def run():
+        holder.zero_grad(set_to_none=True)
+        out = holder["attn"](x, rope=rope, **kw[case])
+        out.square().sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in holder.named_parameters()}
+
+    ref_out, ref_grads = run()
+    flashvit.patch(holder)
+    assert holder.flashvit_report.counts() == {"AttentionRope": 1}
+    out, grads = run()
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert calls["apply_rope" if case != "plain" else "qkv_attention"] == (2 if case != "plain" else 1)
+    assert calls.get("attention", 0) == (case == "causal")
+
+
+def test_timm_rope_grouped_query_attention_is_left():
+    model = timm.create_model("vit_small_patch16_rope_224", pretrained=False, **dict(ROPE_SMALL, num_heads=4),
+                              num_kv_heads=2, qkv_fused=False)
+    report = flashvit.patch(model).flashvit_report
+    assert "AttentionRope" not in report.counts() and report.counts()["EvaBlock"] == 2
+    assert ("blocks.0.attn", "AttentionRope", "grouped-query attention (num_kv_heads < num_heads) is not fused"
+            ) in report.left
+
+
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
                     "(CUDA runs the bf16 GPU case below instead)")
-@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2"])  # GELU MLP; SwiGLU + ls
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2",  # GELU MLP; SwiGLU + ls
+                                  "eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])  # RoPE: interleaved; half
 def test_timm_patched_with_triton_forced_matches_float64(name):
     """The fused kernels (interpreter) in a patched model vs the unpatched model in float64: tight fp32."""
     torch.manual_seed(fresh_seed())
@@ -603,7 +682,8 @@ def _bf16_rule(out, ref, torch_out, factor, name, atol):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name,kw", [("vit_small_patch16_224", dict(img_size=64, depth=2, num_classes=10)),
                                      ("vit_small_patch16_224", dict(img_size=64, depth=2, qk_norm=True,
-                                                                    init_values=0.1, num_classes=10))])
+                                                                    init_values=0.1, num_classes=10)),
+                                     ("vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=10))])
 def test_timm_patched_bf16_on_cuda(name, kw):
     torch.manual_seed(fresh_seed())
     base = _randomize(timm.create_model(name, pretrained=False, **kw), scale=0.05).train()

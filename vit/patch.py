@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashvit.kernels.attention import attention, qkv_attention
+from flashvit.kernels.attention import MAX_HEAD_DIM, attention, qkv_attention
 from flashvit.kernels.glu import swiglu, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
+from flashvit.kernels.rope import apply_rope
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
 
@@ -52,6 +53,8 @@ def _qualname(obj: object) -> str:
 
 # Classes recognised by name, so neither timm nor transformers has to be importable.
 _TIMM_ATTENTION = {"timm.layers.attention.Attention"}
+# RoPE attention (EVA-02, DINOv3, timm's vit_*_rope_*): forward(x, rope, attn_mask, is_causal)
+_TIMM_ROPE_ATTENTION = {"timm.models.eva.EvaAttention", "timm.layers.attention.AttentionRope"}
 _TIMM_MLP = {"timm.layers.mlp.Mlp"}
 _TIMM_GLU_MLP = {"timm.layers.mlp.GluMlp"}  # SwiGLUPacked is a GluMlp with SiLU, gate first
 _TIMM_SWIGLU = {"timm.layers.mlp.SwiGLU"}  # separate fc1_g / fc1_x projections
@@ -61,6 +64,7 @@ _HF_SWIGLU_FFN = {"transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
                   "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersSwiGLUFFN"}
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
+_TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_1 / gamma_2 Parameters (or None)
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
 # (checked per class: a version that changes one is seen and the class is left, with that reason).
@@ -205,6 +209,48 @@ class _FusedTimmAttention(nn.Module):
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
+class _FusedTimmRopeAttention(nn.Module):
+    """timm EvaAttention / AttentionRope: qkv GEMM (EVA's q/v biases in its epilogue) -> RoPE of q, k and flash
+    attention from the packed qkv (qkv_attention(rope=...)) -> (norm, sigmoid gate) -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False, layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's forward; ``layer_scale``: the block's γ after it (EvaBlock's gamma_1), folded into proj's GEMM."""
+        B, N, _ = x.shape
+        H, Dh = self.num_heads, self.head_dim
+        p = self.attn_drop.p if self.training else 0.0
+        npt, half = self.num_prefix_tokens, bool(getattr(self, "rotate_half", False))
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
+        if self.qkv is not None:
+            bias = self.qkv.bias
+            if getattr(self, "q_bias", None) is not None:  # EVA: (q_bias, zeros, v_bias)
+                bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
+        if self.qkv is not None and plain and attn_mask is None and not is_causal:
+            o = qkv_attention(qkv, H, self.scale, dropout_p=p, rope=rope, rope_prefix=npt, rope_half=half)
+        else:
+            if self.qkv is not None:
+                q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views
+            else:
+                q, k, v = (linear(x, m.weight, m.bias).view(B, N, H, Dh)
+                           for m in (self.q_proj, self.k_proj, self.v_proj))
+            q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
+            if rope is not None:
+                q, k = apply_rope(q, rope, npt, half), apply_rope(k, rope, npt, half)
+            if attn_mask is not None:  # timm's masked path (SDPA with the mask); the kernels take no mask
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
+                                                   scale=self.scale).transpose(1, 2)
+            else:
+                o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p)
+            o = o.reshape(B, N, H * Dh)
+        o = self.norm(o)
+        if gate is not None:
+            o = o * gate
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
 def _fc2(fc2: nn.Linear, drop2: Optional[nn.Module], h: torch.Tensor, residual: Optional[torch.Tensor],
          layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """drop2(γ ⊙ fc2(h)) (+ residual): γ and the residual in the GEMM's epilogue (the residual only where drop2
@@ -311,6 +357,15 @@ def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.
     foldable, gamma = _foldable_scale(ls)
     if not (isinstance(mlp, _RESIDUAL_MLPS) and foldable):
         return h + drop_path(ls(mlp(y)))
+    return _mlp_add(mlp, gamma, drop_path, y, h)
+
+
+def _mlp_add(mlp: nn.Module, gamma: Optional[torch.Tensor], drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
+             ) -> torch.Tensor:
+    """h + drop_path(γ ⊙ mlp(y)) (γ None: none) for a fused MLP: γ and the residual add in fc2's GEMM."""
+    if not isinstance(mlp, _RESIDUAL_MLPS):
+        z = mlp(y)
+        return h + drop_path(z if gamma is None else gamma * z)
     if _drop_path_inactive(drop_path):
         return mlp(y, residual=h, layer_scale=gamma)  # FusedMLP falls back to y + h itself when its dropout is active
     return h + drop_path(mlp(y, layer_scale=gamma))
@@ -329,6 +384,21 @@ class _FusedTimmBlock(nn.Module):
         a = self.drop_path1(a)
         y, x = _add_norm(self.norm2, a, x)
         return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
+
+
+class _FusedTimmEvaBlock(nn.Module):
+    """timm EvaBlock (pre-norm; EVA-02, DINOv3, the RoPE ViTs) with the residual adds fused as in Block: its
+    gamma_1 / gamma_2 fold into the proj and fc2 GEMMs, (x + a, norm2(x + a)) in one pass."""
+
+    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        if isinstance(self.attn, _FusedTimmRopeAttention):
+            a = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal, layer_scale=self.gamma_1)
+        else:
+            a = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+            a = a if self.gamma_1 is None else self.gamma_1 * a
+        y, x = _add_norm(self.norm2, self.drop_path1(a), x)
+        return _mlp_add(self.mlp, self.gamma_2, self.drop_path2, y, x)
 
 
 class _FusedHFLayer(nn.Module):
@@ -455,6 +525,12 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
 Decision = Tuple[Optional[nn.Module], Optional[str]]
 
 
+def _head_dim_reason(head_dim: int) -> Optional[str]:
+    if head_dim < 8 or head_dim > MAX_HEAD_DIM or head_dim % 8:
+        return f"head dim {head_dim}: the kernels take multiples of 8 up to {MAX_HEAD_DIM}"
+    return None
+
+
 def _decide_timm_attention(m: nn.Module) -> Decision:
     if getattr(m, "gate", None) is not None:
         return None, "gated attention (sigmoid gate) is not fused"
@@ -463,7 +539,24 @@ def _decide_timm_attention(m: nn.Module) -> Decision:
     attn_dim = m.num_heads * m.head_dim
     if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
         return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
-    return _clone_as(m, _FusedTimmAttention), None
+    why = _head_dim_reason(m.head_dim)
+    return (None, why) if why else (_clone_as(m, _FusedTimmAttention), None)
+
+
+def _decide_timm_rope_attention(m: nn.Module) -> Decision:
+    if getattr(m, "num_kv_groups", 1) != 1:
+        return None, "grouped-query attention (num_kv_heads < num_heads) is not fused"
+    H, Dh = m.num_heads, m.head_dim
+    projs = (m.qkv,) if m.qkv is not None else (m.q_proj, m.k_proj, m.v_proj)
+    if not all(isinstance(x, nn.Linear) for x in projs + (m.proj,)):
+        return None, "qkv (or q/k/v) and proj are not nn.Linear"
+    if sum(x.out_features for x in projs) != 3 * H * Dh or m.proj.in_features != H * Dh:
+        return None, f"qkv/proj widths do not match 3·{H}·{Dh}"
+    gate = getattr(m, "gate", None)
+    if gate is not None and not isinstance(gate, nn.Linear):
+        return None, "the attention gate is not an nn.Linear"
+    why = _head_dim_reason(Dh)  # (multiples of 8: even, as RoPE's pairs need)
+    return (None, why) if why else (_clone_as(m, _FusedTimmRopeAttention), None)
 
 
 def _decide_mha(m: nn.Module) -> Decision:
@@ -597,6 +690,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     Args:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
+            timm ``EvaAttention`` / ``AttentionRope`` (EVA-02, DINOv3, RoPE ViTs: RoPE of q, k fused before the
+            flash kernels; grouped-query attention left);
             Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
             likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
@@ -608,8 +703,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             and residual.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
-        residual: timm ``Block`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds (add + LayerNorm
-            in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM before them.
+        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds
+            (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM
+            before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -625,9 +721,11 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
+        (lambda m: _qualname(m) in _TIMM_EVA_BLOCK, lambda m: (_clone_as(m, _FusedTimmEvaBlock), None), residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
@@ -674,7 +772,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     visit(model, "")
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
-            or _qualname(model) in _TIMM_ATTENTION | _TIMM_MLP | _TIMM_BLOCK or _hf_role(model) is not None):
+            or _qualname(model) in _TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _TIMM_EVA_BLOCK
+            or _hf_role(model) is not None):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
     if attention:
@@ -700,6 +799,9 @@ def _folded_scales(m: nn.Module) -> int:
     if isinstance(m, _FusedTimmBlock):
         return (int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention))
                 + int(ls(m.ls2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
+    if isinstance(m, _FusedTimmEvaBlock):  # gamma_1 / gamma_2: Parameters or None
+        return (int(m.gamma_1 is not None and isinstance(m.attn, _FusedTimmRopeAttention))
+                + int(m.gamma_2 is not None and isinstance(m.mlp, _RESIDUAL_MLPS)))
     if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
         return int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS))
     return 0
