@@ -29,8 +29,8 @@ from torch import nn
 from flashvit.bench.harness import Job, Row, dtype_name, time_fn
 
 ATTN_FWD_BWD_FACTOR = 3.5  # fwd (1) + bwd (2.5)
-# the default families; also: swiglu (SwiGLU's gate: out of the default so GPU runs keep the issues' rows first),
-# gemm-configs
+# the default families; also: swiglu (SwiGLU's gate) and rope (RoPE attention), out of the default so GPU runs
+# keep the issues' rows first; gemm-configs
 OPS = ("layernorm", "attention", "mlp", "patch_embed")
 LN_EPS = 1e-6
 
@@ -50,6 +50,10 @@ QUICK_PATCH_SHAPES = (("tiny_p8", 2, 32, 8, 64), ("tiny_p14", 1, 28, 14, 96))
 # SwiGLU's gate on the packed fc1 output (name, rows, hidden): DINOv2-giant's MLP (B = 64, 257 tokens, 4096)
 SWIGLU_SHAPES = (("vit_g14_dinov2", 64 * 257, 4096),)
 QUICK_SWIGLU_SHAPES = (("tiny", 2 * 17, 96),)
+# RoPE attention from packed qkv: (label, B, H, N, D, prefix tokens, rotate_half): EVA-02-B-like (interleaved, cls)
+# and DINOv3-B (rotate_half, cls + 4 registers) at 224 px
+ROPE_SHAPES = (("eva02_b14", 256, 12, 257, 64, 1, False), ("dinov3_b16", 256, 12, 201, 64, 5, True))
+QUICK_ROPE_SHAPES = (("tiny", 2, 3, 17, 16, 1, False), ("tiny_half", 1, 2, 21, 24, 5, True))
 
 # gemm-configs (a sweep, only when asked for): the plain GEMM of ViT-B's fc1 and fc2 through each tile config of
 # our two GEMM kernels alone, against torch.matmul. (name, M, N, K)
@@ -763,12 +767,48 @@ def swiglu_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """Attention with rotary q, k from packed qkv (timm's EvaAttention: EVA-02, DINOv3): ours (one RoPE pass
+    writing q and k, the flash kernels, dq/dk rotated back in place) vs eager (timm's steps: slices, rotation,
+    concatenation, SDPA, the layout copies) and torch.compile of eager, in attention TFLOP/s."""
+    from flashvit.kernels import qkv_attention, qkv_attention_reference
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("rope")
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, B, H, N, D, P, half in QUICK_ROPE_SHAPES if ctx.quick else ROPE_SHAPES:
+        sd = {"model": label_, "B": B, "H": H, "N": N, "D": D, "prefix": P, "half": int(half)}
+        ang = torch.rand((N - P, D // 2), device=ctx.device) * 6.28  # a fixed (no-grad) fp32 table
+        rope = torch.cat([ang.sin(), ang.cos()] * 2 if half else
+                         [ang.sin().repeat_interleave(2, -1), ang.cos().repeat_interleave(2, -1)], dim=-1)
+
+        def args(grad: bool, B=B, N=N, H=H, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn((B, N, 3 * H * D), ctx, grad=grad),)
+
+        def ours(qkv, H=H, P=P, half=half, rope=rope):
+            return qkv_attention(qkv, H, rope=rope, rope_prefix=P, rope_half=half, backend="triton")
+
+        def eager(qkv, H=H, P=P, half=half, rope=rope):
+            return qkv_attention_reference(qkv, H, rope=rope, rope_prefix=P, rope_half=half)
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 4.0 * B * H * N * N * D * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "rope_attention", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
+                           note=note)
+
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+    return main, late
+
+
 BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "layernorm": layernorm_jobs,
     "attention": attention_jobs,
     "mlp": mlp_jobs,
     "patch_embed": patch_embed_jobs,
     "swiglu": swiglu_jobs,
+    "rope": rope_attention_jobs,
     "gemm-configs": gemm_config_jobs,
 }
 

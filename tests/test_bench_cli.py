@@ -245,6 +245,16 @@ def test_swiglu_rows():
     assert all(r.name == "swiglu" and r.bytes for r in rows) and "swiglu" not in ops.OPS
 
 
+def test_rope_attention_rows():
+    """--ops rope: ours, eager (timm's steps) and torch.compile's per mode and shape; not a default family."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    rows = [j.row for j in ops.op_jobs(ctx, ["rope"])]
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                for i in ("flashvit", "eager", "compile(eager)")}
+    assert len(rows) == 6 * len(ops.QUICK_ROPE_SHAPES)
+    assert all(r.name == "rope_attention" and r.flops for r in rows) and "rope" not in ops.OPS
+
+
 def test_experimental_rows_order():
     """--rows experimental: groups by their tag in EXPERIMENTAL's order, attention's forward [tail] (the op's
     open gap) first, then shape by shape (fwd, then fwd+bwd with the fused backward) within a tag; each group is
