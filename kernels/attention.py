@@ -1433,6 +1433,8 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
             o = apply(AttentionFn, q, k, v, scale, False, tf32, float(dropout_p), seed)
             return o.flatten(-2)
         check_triton_dtypes(rope=rope)
+        if qkv.stride(-1) != 1:  # the RoPE kernel reads unit-stride features (a copy; autograd routes the grad)
+            qkv = qkv.contiguous()
         return apply(QkvRopeAttentionFn, qkv, rope, num_heads, int(rope_prefix), bool(rope_half), scale, tf32,
                      float(dropout_p), seed)
     return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half)

@@ -156,6 +156,22 @@ def test_qkv_attention_with_rope_equals_rotating_first():
         assert torch.equal(fused, split), p
 
 
+def test_qkv_attention_with_rope_strided_qkv():
+    """A qkv whose features are not unit-stride (every other column of a wider buffer): copied for the RoPE
+    kernel, values and the gradient of the strided view still right."""
+    B, N, H, D, P = 2, 7, 2, 8, 1
+    wide = randn(B, N, 2 * 3 * H * D, device=DEVICE, requires_grad=True)
+    rope = _table((N - P, 2 * D))
+    g = randn(B, N, H * D, device=DEVICE)
+    out = A.qkv_attention(wide[..., ::2], H, rope=rope, rope_prefix=P, rope_half=True, backend="triton")
+    out.backward(g)
+    w64 = wide.detach().double().requires_grad_()
+    ref = A.qkv_attention_reference(w64[..., ::2], H, rope=rope.double(), rope_prefix=P, rope_half=True)
+    ref.backward(g.double())
+    assert_close_to_ref(out.detach(), ref.detach(), name="o")
+    assert_close_to_ref(wide.grad, w64.grad, name="dqkv")
+
+
 def test_qkv_attention_learned_rope_gradient():
     """A rope that requires grad: rotated by the reference (dq, dk, drope by autograd), attention in the kernels."""
     B, N, H, D, P = 1, 10, 2, 16, 2
