@@ -20,6 +20,7 @@ from flashvit.kernels import (  # noqa: E402
     HAS_TRITON,
     add_layer_norm,
     add_layer_norm_reference,
+    apply_rope,
     attention,
     attention_reference,
     layer_norm,
@@ -31,6 +32,7 @@ from flashvit.kernels import (  # noqa: E402
     patch_embed_reference,
     qkv_attention,
     qkv_attention_reference,
+    rope_reference,
     swiglu,
     swiglu_packed,
     swiglu_reference,
@@ -165,6 +167,38 @@ def test_fuzz_attention(data):
             q, k, v = (_tensor(draw, (B, N, H, D), dtype) for _ in range(3))
             check_op(lambda q, k, v: attention(q, k, v, scale, causal, backend="triton"),
                      lambda q, k, v: attention_reference(q, k, v, scale, causal), [q, k, v], dtype, seed, backward)
+
+
+@given(data=st.data())
+def test_fuzz_rope(data):
+    """RoPE alone (any even head dim) or before packed attention: layouts, prefix tokens, table broadcasts."""
+    draw = data.draw
+    dtype = draw(DTYPES)
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    N = draw(st.one_of(st.integers(1, 20), st.sampled_from([33, 50])))
+    P = draw(st.integers(0, min(N - 1, 5)))
+    packed = draw(st.booleans())
+    D = draw(st.sampled_from([16, 24, 40, 64, 80] if packed else [2, 6, 16, 24, 40, 64, 80]))
+    half = draw(st.booleans())
+    lead = draw(st.sampled_from([(), (H,), (1, H), (B, 1), (B, H)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ang = torch.randn(*lead, N - P, D // 2, generator=g, dtype=torch.float64) * 4
+    rope = torch.cat([ang.sin(), ang.cos()] * 2, dim=-1).to(device=DEVICE)  # any table: halves of sin, cos
+    r32 = rope.float()
+    seed = draw(st.integers(0, 2**31 - 1))
+    backward = draw(st.booleans())
+
+    def table(t):
+        return rope if t.dtype == torch.float64 else r32
+    if packed:
+        qkv = _tensor(draw, (B, N, 3 * H * D), dtype)
+        check_op(lambda t: qkv_attention(t, H, rope=r32, rope_prefix=P, rope_half=half, backend="triton"),
+                 lambda t: qkv_attention_reference(t, H, rope=table(t), rope_prefix=P, rope_half=half), [qkv],
+                 dtype, seed, backward)
+    else:
+        x = _tensor(draw, (B, N, H, D), dtype, draw(st.sampled_from([0.1, 1.0, 30.0])))
+        check_op(lambda t: apply_rope(t, r32, P, half, backend="triton"),
+                 lambda t: rope_reference(t, table(t), P, half), [x], dtype, seed, backward)
 
 
 @given(data=st.data())

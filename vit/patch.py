@@ -362,7 +362,7 @@ def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.
 
 def _mlp_add(mlp: nn.Module, gamma: Optional[torch.Tensor], drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
              ) -> torch.Tensor:
-    """h + drop_path(γ ⊙ mlp(y)) (γ None: none) for a fused MLP: γ and the residual add in fc2's GEMM."""
+    """h + drop_path(γ ⊙ mlp(y)) (γ None: none): γ and the residual add in fc2's GEMM where mlp is fused (else eager)."""
     if not isinstance(mlp, _RESIDUAL_MLPS):
         z = mlp(y)
         return h + drop_path(z if gamma is None else gamma * z)
