@@ -43,6 +43,7 @@ def calls(monkeypatch):
     for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed", "apply_rope"):
         wrap(patch_mod, name, name)
     wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
+    wrap(patch_mod, "mlp_op", "mlp")  # transformers' DINOv3 MLP: the same op
     wrap(ln_mod, "layer_norm", "layer_norm")
     wrap(ln_mod, "add_layer_norm", "add_layer_norm")
     return counts
@@ -652,6 +653,95 @@ def test_hf_layer_with_an_unchecked_source_is_left(monkeypatch):
     assert "Dinov2Layer" not in model.flashvit_report.counts()
     assert any(c == "Dinov2Layer" and "Dinov2Layer.forward is not the source flashvit checked" in why
                for _, c, why in model.flashvit_report.left), model.flashvit_report.left
+    flashvit.unpatch(model)
+
+
+def _hf_dinov3(gated: bool, **kw):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no DINOv3ViTModel")
+    cfg = dict(image_size=32, patch_size=8, hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+               intermediate_size=96, num_register_tokens=2, use_gated_mlp=gated, layerscale_value=0.7,
+               hidden_act="silu" if gated else "gelu", key_bias=True)
+    cfg.update(kw)
+    torch.manual_seed(fresh_seed())
+    return _randomize(transformers.DINOv3ViTModel(transformers.DINOv3ViTConfig(**cfg)))
+
+
+def _dinov3_call(model, x):
+    torch.manual_seed(0)  # the same random RoPE rescale (training augmentation) in both runs
+    return model(pixel_values=x).last_hidden_state
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu_mlp", "gated_mlp"])
+def test_hf_dinov3_patched_matches_unpatched(gated, calls):
+    """transformers' DINOv3 ViT: q/k/v as one GEMM + RoPE + flash attention, LayerScales folded into o_proj and
+    the MLP's last GEMM, the residual adds fused; GELU MLP -> the fused MLP op, gated MLP -> swiglu."""
+    if not _dinov3_sources_checked():
+        pytest.skip("this transformers' DINOv3 sources are not the ones flashvit checked (the next test covers it)")
+    model = _hf_dinov3(gated).train()
+    report = _check_patched_same(model, _images((32, 32)), call=_dinov3_call)
+    mlp_cls = "DINOv3ViTGatedMLP" if gated else "DINOv3ViTMLP"
+    assert report.counts() == {"LayerNorm": 5, "DINOv3ViTAttention": 2, mlp_cls: 2, "DINOv3ViTLayer": 2}, report
+    assert not report.left and "4 LayerScale modules fold" in str(report)
+    assert calls["qkv_attention"] == 2 and calls["add_layer_norm"] == 2
+    assert calls["swiglu" if gated else "mlp"] == 2
+
+
+def _dinov3_sources_checked() -> bool:
+    try:
+        return patch_mod._dinov3_unchecked(*patch_mod._DINOV3_CHECKED) is None
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_hf_dinov3_with_triton_forced_matches_float64():
+    model = _hf_dinov3(False, hidden_size=32, num_hidden_layers=1, image_size=16).train()
+    if not _dinov3_sources_checked():
+        pytest.skip("this transformers' DINOv3 sources are not the ones flashvit checked")
+    oracle = copy.deepcopy(model).double()
+    x = _images((16, 16))
+    ref_out, ref_grads = _run(oracle, x.double(), _dinov3_call)
+    flashvit.patch(model)
+    assert model.flashvit_report.counts()["DINOv3ViTAttention"] == 1
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x, _dinov3_call)
+    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert max_err(grads[n], g) <= 1e-4 * scale, n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["gelu_mlp", "gated_mlp"])
+def test_hf_dinov3_patched_bf16_on_cuda(gated):
+    """The patched DINOv3 ViT in bf16 on the Triton path vs float64: 2x/3x the unpatched bf16 model's error."""
+    base = _hf_dinov3(gated, image_size=64, patch_size=16, hidden_size=128, num_attention_heads=2).train()
+    if not _dinov3_sources_checked():
+        pytest.skip("this transformers' DINOv3 sources are not the ones flashvit checked")
+    x = _images((64, 64), batch=4, device="cuda")
+    ref_out, ref_grads = _run(copy.deepcopy(base).cuda().double(), x.double(), _dinov3_call)
+    eager_out, eager_grads = _run(copy.deepcopy(base).cuda().bfloat16(), x.bfloat16(), _dinov3_call)
+    patched = flashvit.patch(copy.deepcopy(base).cuda().bfloat16())
+    out, grads = _run(patched, x.bfloat16(), _dinov3_call)
+    _bf16_rule(out, ref_out, eager_out, 2, "hidden", atol=1e-3 * ref_out.abs().max().item())
+    gscale = max(g.abs().max().item() for g in ref_grads.values())
+    for n in ref_grads:
+        _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)
+
+
+def test_hf_dinov3_with_unchecked_sources_is_left(monkeypatch):
+    model = _hf_dinov3(False)
+    monkeypatch.setitem(patch_mod._DINOV3_CHECKED, "apply_rotary_pos_emb", {"0" * 16})
+    monkeypatch.setitem(patch_mod._DINOV3_CHECKED, "DINOv3ViTLayer", {"0" * 16})
+    report = flashvit.patch(model).flashvit_report
+    counts = report.counts()
+    assert "DINOv3ViTAttention" not in counts and "DINOv3ViTLayer" not in counts and counts["DINOv3ViTMLP"] == 2
+    whys = {(c, why) for _, c, why in report.left}
+    assert any(c == "DINOv3ViTAttention" and "apply_rotary_pos_emb is not the source" in w for c, w in whys), whys
+    assert any(c == "DINOv3ViTLayer" and "DINOv3ViTLayer is not the source" in w for c, w in whys), whys
+    assert len(report.left) == 4  # each once (not again by the HF attention routing)
     flashvit.unpatch(model)
 
 

@@ -36,6 +36,7 @@ from flashvit.kernels.attention import MAX_HEAD_DIM, attention, qkv_attention
 from flashvit.kernels.glu import swiglu, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
+from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
 
@@ -60,7 +61,8 @@ _TIMM_GLU_MLP = {"timm.layers.mlp.GluMlp"}  # SwiGLUPacked is a GluMlp with SiLU
 _TIMM_SWIGLU = {"timm.layers.mlp.SwiGLU"}  # separate fc1_g / fc1_x projections
 _SILUS = {"torch.nn.modules.activation.SiLU", "transformers.activations.SiLUActivation"}
 # transformers' SwiGLU FFNs (DINOv2-giant's): (gate_proj, up_proj) -> silu(gate)·up -> down_proj
-_HF_SWIGLU_FFN = {"transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
+_HF_SWIGLU_FFN = {"transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTGatedMLP",  # DINOv2's source
+                  "transformers.models.dinov2.modeling_dinov2.Dinov2SwiGLUFFN",
                   "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers.Dinov2WithRegistersSwiGLUFFN"}
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
@@ -293,6 +295,40 @@ class _FusedHFSwiGLUFFN(nn.Module):
         return _fc2(self.down_proj, None, h, residual, layer_scale)
 
 
+class _FusedHFDinov3Attention(nn.Module):
+    """transformers' DINOv3ViTAttention: q/k/v projections as one GEMM (weights concatenated, weight-sized work)
+    -> RoPE (rotate_half, its prefix tokens left) + flash attention from the packed qkv -> o_proj GEMM, which also
+    takes the layer's LayerScale. A call with an attention mask runs transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                layer_scale: Optional[torch.Tensor] = None, **kwargs) -> Tuple[torch.Tensor, None]:
+        if attention_mask is not None or position_embeddings is None:
+            out, weights = super().forward(hidden_states, attention_mask=attention_mask,
+                                           position_embeddings=position_embeddings, **kwargs)
+            return (out if layer_scale is None else out * layer_scale), weights
+        B, N, _ = hidden_states.shape
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        bias = None
+        if any(m.bias is not None for m in projs):
+            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projs])
+        qkv = linear(hidden_states, torch.cat([m.weight for m in projs]), bias)  # (B, N, 3·H·Dh)
+        cos, sin = position_embeddings  # (..., N - prefix, Dh) each
+        o = qkv_attention(qkv, self.num_heads, self.scaling, dropout_p=self.dropout if self.training else 0.0,
+                          rope=torch.cat((sin, cos), dim=-1), rope_prefix=N - sin.shape[-2], rope_half=True)
+        return linear(o, self.o_proj.weight, self.o_proj.bias, layer_scale=layer_scale), None
+
+
+class _FusedHFDinov3MLP(nn.Module):
+    """transformers' DINOv3ViTMLP (up_proj -> GELU -> down_proj): the fused MLP op (GELU in up_proj's epilogue,
+    the layer's LayerScale and residual add in down_proj's); ``flashvit_activation``: 'gelu' / 'gelu_tanh'."""
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return mlp_op(x, self.up_proj.weight, self.up_proj.bias, self.down_proj.weight, self.down_proj.bias,
+                      self.flashvit_activation, residual, layer_scale=layer_scale)
+
+
 class _FusedTimmPatchEmbed(nn.Module):
     """timm PatchEmbed (flatten=True, no dynamic padding): conv + flatten + transpose in one op."""
 
@@ -333,7 +369,8 @@ def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor) -> Tuple[torch.
 _LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vision_transformer.LayerScale": "gamma",
                  "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
                  "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers."
-                 "Dinov2WithRegistersLayerScale": "lambda1"}
+                 "Dinov2WithRegistersLayerScale": "lambda1",
+                 "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale": "lambda1"}
 
 
 def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
@@ -348,7 +385,7 @@ def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
 
 
 # Fused MLPs whose forward takes (y, residual, layer_scale): fc2's GEMM adds the residual and folds the LayerScale.
-_RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN)
+_RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN, _FusedHFDinov3MLP)
 
 
 def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
@@ -427,6 +464,24 @@ class _FusedHFDinov2Layer(nn.Module):
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
+class _FusedHFDinov3Layer(nn.Module):
+    """transformers' DINOv3ViTLayer with both residuals fused: layer_scale1 folded into o_proj's GEMM (where the
+    attention is ours), (x + a, norm2(x + a)) in one pass, layer_scale2 and the residual add in the MLP's last GEMM."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs) -> torch.Tensor:
+        foldable, gamma = _foldable_scale(self.layer_scale1)
+        x = self.norm1(hidden_states)
+        if foldable and isinstance(self.attention, _FusedHFDinov3Attention):
+            a, _ = self.attention(x, attention_mask=attention_mask, position_embeddings=position_embeddings,
+                                  layer_scale=gamma, **kwargs)
+        else:
+            a, _ = self.attention(x, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
+            a = self.layer_scale1(a)
+        y, h = _add_norm(self.norm2, self.drop_path(a), hidden_states)
+        return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
+
+
 class _FusedMultiheadAttention(nn.Module):
     """nn.MultiheadAttention whose self-attention calls (query is key is value, no masks, need_weights=False:
     torchvision's ViT, open_clip) run the packed in-projection GEMM -> flash attention from the packed qkv
@@ -500,6 +555,44 @@ _HF_OWN_LAYERS: Dict[str, Tuple[type, Dict[str, set]]] = {
     "Dinov2Layer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),
     "Dinov2WithRegistersLayer": (_FusedHFDinov2Layer, _DINOV2_CHECKED),  # the same source (DINOv2 + registers)
 }
+
+
+# transformers' DINOv3 ViT (classes of its own, not generated from ViT's): fused where the sources are the ones
+# checked (transformers 5.24): by class name, each forward; the attention's rotary helpers too; its gated MLP
+# and LayerScale share DINOv2's sources (_HF_SWIGLU_CHECKED, _DINOV2_CHECKED).
+_HF_DINOV3 = "transformers.models.dinov3_vit.modeling_dinov3_vit"
+_DINOV3_CHECKED = {"DINOv3ViTLayer": {"cb4f02475a08cdc6"}, "DINOv3ViTAttention": {"80ed4a20425aba55"},
+                   "DINOv3ViTMLP": {"fc919600726a2fee"}, "DINOv3ViTLayerScale": _DINOV2_CHECKED["layer_scale2"],
+                   "apply_rotary_pos_emb": {"4f95b8b07fc7dbb6"}, "rotate_half": {"edea69364172f55e"}}
+
+
+def _dinov3_unchecked(*names: str) -> Optional[str]:
+    """None when every named DINOv3 class's forward (or function) has a checked source, else why not."""
+    mod = importlib.import_module(_HF_DINOV3)
+    for name in names:
+        obj = getattr(mod, name, None)
+        fn = obj.forward if isinstance(obj, type) else obj
+        got = _source_fingerprint(fn) if fn is not None else None
+        if got not in _DINOV3_CHECKED[name]:
+            return f"{name} is not the source flashvit checked (fingerprint {got})"
+    return None
+
+
+def _decide_hf_dinov3(m: nn.Module) -> Decision:
+    name = type(m).__name__
+    if name == "DINOv3ViTLayer":
+        why = _dinov3_unchecked(name, "DINOv3ViTLayerScale")
+        return (None, why) if why else (_clone_as(m, _FusedHFDinov3Layer), None)
+    if name == "DINOv3ViTAttention":
+        why = _dinov3_unchecked(name, "apply_rotary_pos_emb", "rotate_half") or _head_dim_reason(m.head_dim)
+        return (None, why) if why else (_clone_as(m, _FusedHFDinov3Attention), None)
+    why = _dinov3_unchecked(name)  # DINOv3ViTMLP
+    kind = _gelu_kind(m.act_fn)
+    if why or kind is None:
+        return None, why or f"activation {_qualname(m.act_fn)} is not exact/tanh GELU"
+    new = _clone_as(m, _FusedHFDinov3MLP)
+    new.flashvit_activation = kind
+    return new, None
 
 
 def _decide_hf_layer(m: nn.Module) -> Decision:
@@ -691,21 +784,23 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     Args:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
             timm ``EvaAttention`` / ``AttentionRope`` (EVA-02, DINOv3, RoPE ViTs: RoPE of q, k fused before the
-            flash kernels; grouped-query attention left);
+            flash kernels; grouped-query attention left); transformers' ``DINOv3ViTAttention`` (q/k/v as one
+            GEMM, RoPE + flash attention; source checked);
             Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
             likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
-        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP``; timm
+        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP`` (HF
+            ``DINOv3ViTMLP``: the same op on its up/down projections); timm
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
             and residual.
         patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
             (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
-        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / HF ``Dinov2Layer``: fuse the residual adds
-            (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM
-            before them.
+        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``DINOv3ViTLayer``: fuse
+            the residual adds (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold
+            LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -730,6 +825,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
         (lambda m: _qualname(m) in _HF_SWIGLU_FFN, _decide_hf_swiglu_ffn, mlp),
+        (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTLayer", _decide_hf_dinov3, residual),
+        (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTAttention", _decide_hf_dinov3, attention),
+        (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTMLP", _decide_hf_dinov3, mlp),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
@@ -802,6 +900,9 @@ def _folded_scales(m: nn.Module) -> int:
     if isinstance(m, _FusedTimmEvaBlock):  # gamma_1 / gamma_2: Parameters or None
         return (int(m.gamma_1 is not None and isinstance(m.attn, _FusedTimmRopeAttention))
                 + int(m.gamma_2 is not None and isinstance(m.mlp, _RESIDUAL_MLPS)))
+    if isinstance(m, _FusedHFDinov3Layer):
+        return (int(ls(m.layer_scale1) and isinstance(m.attention, _FusedHFDinov3Attention))
+                + int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
     if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
         return int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS))
     return 0
@@ -823,7 +924,8 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
     for n, m in model.named_modules():
         if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
             hf_attn.append((n, type(m).__name__))
-        elif type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers."):
+        elif (type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
+              and type(m).__module__ != _HF_DINOV3):  # (DINOv3's: by module replacement above)
             others.append((n, type(m).__name__))
     for n, cls in others:
         state.report.left.append((n, cls, "only transformers' ViT-family attention is routed to flashvit"))
