@@ -172,6 +172,24 @@ def test_patched_hf_vit_compiles_fullgraph():
     torch.testing.assert_close(compiled(pixel_values=x).logits, ref, atol=1e-5, rtol=1e-4)
 
 
+@needs_kernels
+def test_patched_hf_dinov3_compiles_fullgraph_with_the_kernels():
+    """transformers' DINOv3 patched (q/k/v weights concatenated, RoPE + flash attention custom ops) in one graph."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip(f"transformers {transformers.__version__} has no DINOv3ViTModel")
+    torch.manual_seed(fresh_seed())
+    cfg = transformers.DINOv3ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_attention_heads=2,
+                                       num_hidden_layers=1, intermediate_size=48, num_register_tokens=2)
+    model = flashvit.patch(transformers.DINOv3ViTModel(cfg).eval())
+    assert model.flashvit_report.counts().get("DINOv3ViTAttention") == 1, model.flashvit_report
+    x = _inputs((2, 3, 16, 16))
+    with flashvit.use_backend("triton" if INTERPRET else "auto"):
+        ref = model(pixel_values=x).last_hidden_state
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+        torch.testing.assert_close(compiled(pixel_values=x).last_hidden_state, ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.gpu
 def test_patched_timm_compiles_fullgraph_on_cuda_triton_path():
     """On CUDA the patched layers run the Triton custom ops: Dynamo must see them as opaque ops (no break)."""
