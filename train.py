@@ -6,6 +6,7 @@
     python train.py --dataset cifar10 --data-dir ~/data/cifar-10-batches-py --model vit_tiny_patch16_224 \\
         --img-size 32 --patch-size 4
     torchrun --nproc_per_node=8 train.py --batch-size 128      # DistributedDataParallel, one process per GPU
+    python train.py --model timm:eva02_tiny_patch14_224      # a timm architecture, flashvit's fused layers patched in
     python train.py --resume runs/my-run                       # continue from runs/my-run/last.pt
     python train.py --eval-only runs/my-run/best.pt            # test accuracy of a checkpoint
     python train.py plot runs/a runs/b -o compare.png          # compare the curves of several runs
@@ -79,6 +80,8 @@ PROFILES: Dict[str, Dict[str, Any]] = {
     "gpu": dict(embed_dim=192, depth=6, num_heads=6, mlp_ratio=2.0, epochs=40, batch_size=256, lr=1e-3,
                 drop_path_rate=0.1),
 }
+# --model timm:NAME: timm.create_model(NAME) at the same settings, its layers swapped for flashvit's (flashvit.patch).
+TIMM_PREFIX = "timm:"
 # The seed repository's hyper_params.json keys -> ours.
 SEED_KEYS = {"patch_size": "patch_size", "pos_encoding_learnable": "pos_embed_learnable", "token_dim": "embed_dim",
              "n_heads": "num_heads", "encoder_blocks": "depth", "mlp_dim": "mlp_dim", "batch_size": "batch_size",
@@ -156,8 +159,20 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"hflip must be true, false or null (auto), got {cfg['hflip']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise ConfigError("model_kwargs must be a JSON object of create_model keywords")
-    if not isinstance(cfg["model"], str) or cfg["model"] not in flashvit.list_models():
-        raise ConfigError(f"unknown model preset {cfg['model']!r}; known: {', '.join(flashvit.list_models())}")
+    if isinstance(cfg["model"], str) and cfg["model"].startswith(TIMM_PREFIX):
+        name = cfg["model"][len(TIMM_PREFIX):]
+        if importlib.util.find_spec("timm") is None:
+            raise ConfigError(f"--model {cfg['model']} needs timm (pip install timm)")
+        import timm
+
+        if not timm.is_model(name):
+            raise ConfigError(f"timm has no model {name!r} (timm.list_models() names them)")
+        if not cfg["pos_embed_learnable"]:
+            raise ConfigError("--no-pos-embed-learnable (fixed sinusoids) is a flashvit preset setting; a timm model "
+                              "keeps its own position embedding")
+    elif not isinstance(cfg["model"], str) or cfg["model"] not in flashvit.list_models():
+        raise ConfigError(f"unknown model preset {cfg['model']!r}; known: {', '.join(flashvit.list_models())}, "
+                          f"or timm:NAME for a timm model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--synthetic-train", type=int, help="synthetic training images (2048)")
     g.add_argument("--synthetic-test", type=int, help="synthetic test images (512)")
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="preset name (flashvit.list_models()); the flags below override it")
+    g.add_argument("--model", help="preset name (flashvit.list_models()) or timm:NAME (a timm model, flashvit.patch "
+                                   "applied); the flags below override it")
     g.add_argument("--img-size", type=int, help="resize image folders / synthetic size (default: the data's)")
     g.add_argument("--patch-size", type=int)
     g.add_argument("--embed-dim", type=int)
@@ -338,13 +354,22 @@ def cpu_count() -> int:
 # Model, optimizer, schedule
 
 def build_model(cfg: Dict[str, Any], in_chans: int, img_size: int, num_classes: int) -> torch.nn.Module:
+    """The preset (or ``timm:NAME``: timm's architecture, randomly initialized, with flashvit.patch applied) at
+    the settings' patch size, width, depth, heads, MLP ratio and drop-path rate, then ``model_kwargs``."""
     kw = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes, patch_size=cfg["patch_size"],
               embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
-              drop_path_rate=cfg["drop_path_rate"], pos_embed_learnable=cfg["pos_embed_learnable"])
+              drop_path_rate=cfg["drop_path_rate"])
+    timm_name = cfg["model"][len(TIMM_PREFIX):] if cfg["model"].startswith(TIMM_PREFIX) else None
+    if timm_name is None:
+        kw["pos_embed_learnable"] = cfg["pos_embed_learnable"]
     kw.update(cfg["model_kwargs"])
     try:
-        return flashvit.create_model(cfg["model"], **kw)
-    except (ValueError, TypeError) as e:
+        if timm_name is None:
+            return flashvit.create_model(cfg["model"], **kw)
+        import timm
+
+        return flashvit.patch(timm.create_model(timm_name, pretrained=False, **kw))
+    except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"cannot build model {cfg['model']!r}: {e}") from None
 
 
@@ -455,9 +480,11 @@ def plot_pos_embed_similarity(model: torch.nn.Module, path: str) -> None:
     """For each patch position, the cosine similarity of its position embedding with every other patch's."""
     plt = _plt()
 
+    if getattr(model, "pos_embed", None) is None or not hasattr(model, "patch_embed"):
+        return  # (a timm model with rotary embeddings only: DINOv3's)
     gh, gw = model.patch_embed.grid_size
     pe = model.pos_embed.detach().float()[0]
-    if not model.no_embed_class:
+    if not getattr(model, "no_embed_class", False):
         pe = pe[model.num_prefix_tokens:]  # (gh·gw, D) patch positions only
     pe = F.normalize(pe, dim=-1)
     sim = (pe @ pe.T).view(gh, gw, gh, gw).cpu()
@@ -698,6 +725,9 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
             f"{cfg['num_heads']} mlp {cfg['mlp_ratio']:g}x ({nparams / 1e6:.3f} M params); {cfg['epochs']} epochs x "
             f"{steps_per_epoch} steps of {cfg['batch_size']}{' x ' + str(d.world) if d.enabled else ''}; "
             f"run dir {run_dir}")
+    report = getattr(model, "flashvit_report", None)  # a timm model: what flashvit.patch swapped in
+    if report is not None:
+        log0(d, str(report))
     if d.main:
         save_json(os.path.join(run_dir, "config.json"), public_cfg)
 

@@ -100,6 +100,8 @@ def test_shipped_configs_are_valid(name):
     ('{"epochs": 0}', "epochs must be a positive integer"),
     ('{"lr": "fast"}', "lr must be a non-negative number"),
     ('{"model": "vit_gigantic"}', "unknown model preset 'vit_gigantic'"),
+    ('{"model": "timm:vit_gigantic_nope"}', "timm has no model 'vit_gigantic_nope'"),
+    ('{"model": "timm:vit_tiny_patch16_224", "pos_embed_learnable": false}', "keeps its own position embedding"),
     ('{"precision": "fp8"}', "precision must be one of"),
     ('{"compile_mode": "fastest"}', "compile_mode must be one of"),
 ])
@@ -269,6 +271,29 @@ def test_tiny_end_to_end_run(tiny_run):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
     assert seconds < 60, f"tiny run took {seconds:.0f}s"  # in this process: start-up not counted
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+def test_timm_model_trains_with_flashvit_patched_in(tmp_path, name):
+    """--model timm:NAME: timm's architecture at the run's settings, flashvit.patch applied (the report in the
+    log), trained, checkpointed with timm's own state_dict names, and evaluated again from the checkpoint."""
+    pytest.importorskip("timm")
+    run = tmp_path / "run"
+    proc, _ = _inproc([*SYN, *TINY, "--model", f"timm:{name}", "--epochs", "4", "--lr", "3e-3",
+                       "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr
+    assert "flashvit.patch: replaced" in proc.stdout and "1 x EvaAttention" in proc.stdout, proc.stdout
+    log = json.loads((run / "log.json").read_text())
+    losses = log["metrics"]["training_losses"]
+    assert losses[-1] < losses[0], losses
+    best = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    import timm
+
+    plain = timm.create_model(name, pretrained=False, img_size=28, in_chans=1, num_classes=10, patch_size=7,
+                              embed_dim=32, depth=1, num_heads=2, mlp_ratio=1.0, drop_path_rate=0.0)
+    plain.load_state_dict(best["model"])  # strict: the patched model saved timm's names and shapes
+    rc = train.main(["--eval-only", str(run), "--threads", "1", "--device", "cpu"])
+    assert rc == 0
 
 
 def test_checkpoints_load_weights_only(tiny_run):
