@@ -123,7 +123,8 @@ def rope_table(rope: torch.Tensor, batch: int, heads: int, tokens: int, head_dim
         table = rope.expand(want)
     except RuntimeError:
         raise ValueError(f"rope of shape {tuple(rope.shape)} does not broadcast to {want}") from None
-    return table if table.stride(-1) == 1 else table.contiguous()
+    # a copy of the table as given, never of its broadcast (B·H times larger)
+    return table if rope.stride(-1) == 1 else rope.contiguous().expand(want)
 
 
 def empty(shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -101,6 +101,21 @@ def test_apply_rope_strided_views_of_packed_qkv(launches):
     assert launches["fwd"] == 4
 
 
+def test_rope_table_broadcasts_without_copies():
+    """The kernel's (B, H, N', 2D) table is a view of the rope as given (stride 0 where it broadcasts); a table with
+    a non-unit last stride is copied at its own size, not at the broadcast's."""
+    B, H, n, D = 3, 4, 5, 8
+    rope = _table((n, 2 * D))
+    t = R.rope_table(rope, B, H, n, D)
+    assert t.data_ptr() == rope.data_ptr() and t.stride()[:2] == (0, 0)
+    strided = _table((n, 4 * D))[:, ::2]
+    t = R.rope_table(strided, B, H, n, D)
+    assert t.stride()[:2] == (0, 0) and t.stride(-1) == 1 and torch.equal(t[1, 2], strided)
+    x = randn(B, n, H, D, device=DEVICE)
+    assert_close_to_ref(R.apply_rope(x, strided, 0, backend="triton"), _timm_oracle(x.double(), strided.double(), 0,
+                                                                                     False), name="y")
+
+
 def test_apply_rope_learned_table_takes_the_reference():
     """A rope that requires grad (timm's 'mixed' learned frequencies) gets its gradient from the reference."""
     B, N, H, D, P = 2, 7, 2, 16, 1
