@@ -39,6 +39,8 @@ MODEL_ALIASES = {
     "b": "vit_base_patch16_224", "vit_b": "vit_base_patch16_224",
     "l": "vit_large_patch16_224", "vit_l": "vit_large_patch16_224",
     "dino_s": "vit_small_patch14_dinov2", "dino_b": "vit_base_patch14_dinov2", "dino_l": "vit_large_patch14_dinov2",
+    # RoPE models (timm's Eva class: RoPE + flash attention through flashvit.patch; timm rows only)
+    "dino3_s": "vit_small_patch16_dinov3", "dino3_b": "vit_base_patch16_dinov3", "eva02_b": "eva02_base_patch14_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",

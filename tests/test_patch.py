@@ -113,6 +113,7 @@ TIMM_CASES = {
     "reg4_gap": ("vit_base_patch16_reg4_gap_256", dict(SMALL, embed_dim=64, num_heads=4)),  # no cls, avg pool
     "qk_norm": ("vit_small_patch16_224", dict(SMALL, qk_norm=True)),
     "layer_scale": ("vit_tiny_patch16_224", dict(SMALL, init_values=0.1, qkv_bias=False)),
+    "ragged_img": ("vit_tiny_patch16_224", dict(SMALL, img_size=40)),  # 40 = 2·16 + 8: the conv drops 8 px
 }
 
 
@@ -447,6 +448,13 @@ def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
     assert calls["layer_norm"] == 3 and calls["add_layer_norm"] == 2  # layernorm_after fused with the residual
     assert calls["mlp"] == 2
     assert model.config._attn_implementation == impl  # unpatch restored it
+
+
+def test_hf_vit_image_not_a_multiple_of_the_patch(calls):
+    """36 px at patch 8: the patchify conv drops the last 4 rows and columns; so does the fused patch embedding."""
+    model = _hf_model("ViTModel", image_size=36).train()
+    report = _check_patched_same(model, _images((36, 36)), call=lambda m, x: m(pixel_values=x).last_hidden_state)
+    assert report.counts()["ViTPatchEmbeddings"] == 1 and calls["patch_embed_op"] == 1
 
 
 HF_FAMILY = {  # model class, config class, extra config, classes fused, classes left (forward differs)

@@ -336,7 +336,7 @@ class _FusedTimmPatchEmbed(nn.Module):
         _, _, H, W = x.shape
         if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(f"input size ({H}, {W}) does not match the model's {tuple(self.img_size)}")
-        x = patch_embed_op(x, self.proj.weight, self.proj.bias, None)  # (B, L, D)
+        x = patch_embed_op(_whole_patches(x, self.proj), self.proj.weight, self.proj.bias, None)  # (B, L, D)
         return self.norm(x)
 
 
@@ -346,7 +346,16 @@ class _FusedHFPatchEmbed(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[1] != self.num_channels:
             raise ValueError(f"expected {self.num_channels} channels in pixel_values, got {pixel_values.shape[1]}")
-        return patch_embed_op(pixel_values, self.projection.weight, self.projection.bias, None)
+        return patch_embed_op(_whole_patches(pixel_values, self.projection), self.projection.weight,
+                              self.projection.bias, None)
+
+
+def _whole_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """(B, C, H, W) -> a view of the rows and columns the patchify conv reads (kernel == stride, no padding: it
+    drops the H % p bottom rows and W % p right columns; the fused op takes whole patches only)."""
+    ph, pw = conv.kernel_size
+    H, W = x.shape[-2:]
+    return x if H % ph == 0 and W % pw == 0 else x[..., : H - H % ph, : W - W % pw]
 
 
 def _drop_path_inactive(m: nn.Module) -> bool:
