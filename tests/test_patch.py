@@ -253,7 +253,7 @@ def test_timm_rope_models_patched_match_unpatched(name, kw, calls):
     depth = kw["depth"]
     counts = report.counts()
     assert counts[attn_cls] == depth and counts["EvaBlock"] == depth
-    assert not [x for x in report.left if x[1] != "PatchEmbed"], report  # (DINOv3's NHWC patch embed is left)
+    assert not report.left and counts["PatchEmbed"] == 1, report  # (DINOv3's gives NHWC tokens)
     assert calls["add_layer_norm"] == depth
     if kw.get("qk_norm"):  # q/k norms between the GEMMs and the rotation: apply_rope on each, then attention
         assert calls["attention"] == depth and calls["apply_rope"] == 2 * depth and "qkv_attention" not in calls
@@ -263,6 +263,45 @@ def test_timm_rope_models_patched_match_unpatched(name, kw, calls):
     folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
     assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
     assert mixed == (name.endswith("mixed_224"))
+
+
+def test_timm_patch_embed_formats_and_sizes():
+    """NHWC output (DINOv3's) fused; NCHW left with the reason; a non-strict size not divisible by the patch
+    raises as timm's PatchEmbed does (never cropped silently); a strict one is cropped as the conv crops."""
+    from timm.layers import PatchEmbed
+    torch.manual_seed(fresh_seed())
+    holder = nn.ModuleDict({
+        "nhwc": PatchEmbed(None, 8, 3, 16, output_fmt="NHWC", strict_img_size=False),
+        "nchw": PatchEmbed(None, 8, 3, 16, output_fmt="NCHW", strict_img_size=False),
+        "loose": PatchEmbed(32, 8, 3, 16, strict_img_size=False),
+    })
+    ref = copy.deepcopy(holder)
+    report = flashvit.patch(holder).flashvit_report
+    assert report.counts() == {"PatchEmbed": 2}
+    assert report.left == [("nchw", "PatchEmbed", "output_fmt NCHW (no flatten) is not fused")]
+    x = torch.randn(2, 3, 40, 24)
+    torch.testing.assert_close(holder["nhwc"](x), ref["nhwc"](x))
+    assert holder["nhwc"](x).shape == (2, 5, 3, 16)
+    with pytest.raises(AssertionError, match="divisible by patch size"):
+        ref["loose"](torch.randn(2, 3, 36, 32))
+    with pytest.raises(AssertionError, match="divisible by patch size"):
+        holder["loose"](torch.randn(2, 3, 36, 32))
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_rope_mixed_224"])
+def test_timm_rope_with_patch_dropout(name, calls):
+    """Patch dropout (training) gathers each image's kept tokens and its own rope rows: a (B, 1, N', 2D) table,
+    or (B, H, N', 2D) per block for the learned 'mixed' rope; same logits and grads as unpatched."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(ROPE_SMALL, img_size=56 if name.startswith("eva") else 64, patch_drop_rate=0.5)
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
+
+    def call(m, x):
+        torch.manual_seed(0)  # the same kept patches in both runs
+        return m(x)
+
+    report = _check_patched_same(model, _images(model.patch_embed.img_size), call=call)
+    assert report.counts()["EvaBlock"] == 2 and calls["qkv_attention"] == 2
 
 
 @pytest.mark.parametrize("case", ["plain", "mask", "causal"])

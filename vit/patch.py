@@ -330,13 +330,18 @@ class _FusedHFDinov3MLP(nn.Module):
 
 
 class _FusedTimmPatchEmbed(nn.Module):
-    """timm PatchEmbed (flatten=True, no dynamic padding): conv + flatten + transpose in one op."""
+    """timm PatchEmbed (flattened NLC or NHWC output, no dynamic padding): conv + flatten + transpose in one op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, H, W = x.shape
+        B, _, H, W = x.shape
+        ph, pw = self.proj.kernel_size
         if self.img_size is not None and self.strict_img_size and (H, W) != tuple(self.img_size):
             raise ValueError(f"input size ({H}, {W}) does not match the model's {tuple(self.img_size)}")
+        if self.img_size is not None and not self.strict_img_size and (H % ph or W % pw):
+            raise AssertionError(f"Input size ({H}, {W}) should be divisible by patch size ({ph}, {pw}).")  # timm's
         x = patch_embed_op(_whole_patches(x, self.proj), self.proj.weight, self.proj.bias, None)  # (B, L, D)
+        if not self.flatten:  # NHWC (DINOv3's): (B, H/p, W/p, D), the values of timm's permuted conv output
+            x = x.view(B, H // ph, W // pw, x.shape[-1])
         return self.norm(x)
 
 
@@ -722,8 +727,8 @@ def _conv_is_patchify(conv: nn.Module) -> Optional[str]:
 
 def _decide_timm_patch_embed(m: nn.Module) -> Decision:
     why = _conv_is_patchify(m.proj)
-    if why is None and not m.flatten:
-        why = "output_fmt/flatten=False (NHWC/NCHW output) is not fused"
+    if why is None and not m.flatten and getattr(m.output_fmt, "value", m.output_fmt) != "NHWC":
+        why = f"output_fmt {getattr(m.output_fmt, 'value', m.output_fmt)} (no flatten) is not fused"
     if why is None and m.dynamic_img_pad:
         why = "dynamic_img_pad is not fused"
     return (None, why) if why else (_clone_as(m, _FusedTimmPatchEmbed), None)
