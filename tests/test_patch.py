@@ -730,9 +730,10 @@ def test_hf_dinov3_patched_matches_unpatched(gated, calls):
     model = _hf_dinov3(gated).train()
     report = _check_patched_same(model, _images((32, 32)), call=_dinov3_call)
     mlp_cls = "DINOv3ViTGatedMLP" if gated else "DINOv3ViTMLP"
-    assert report.counts() == {"LayerNorm": 5, "DINOv3ViTAttention": 2, mlp_cls: 2, "DINOv3ViTLayer": 2}, report
+    assert report.counts() == {"LayerNorm": 5, "DINOv3ViTAttention": 2, mlp_cls: 2, "DINOv3ViTLayer": 2,
+                               "DINOv3ViTEmbeddings": 1}, report
     assert not report.left and "4 LayerScale modules fold" in str(report)
-    assert calls["qkv_attention"] == 2 and calls["add_layer_norm"] == 2
+    assert calls["qkv_attention"] == 2 and calls["add_layer_norm"] == 2 and calls["patch_embed_op"] == 1
     assert calls["swiglu" if gated else "mlp"] == 2
 
 
@@ -779,6 +780,21 @@ def test_hf_dinov3_patched_bf16_on_cuda(gated):
         _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)
 
 
+@pytest.mark.parametrize("registers", [0, 3])
+def test_hf_dinov3_embeddings(registers, calls):
+    """[cls, registers, patches] from one fused patch-embedding call (36 px at patch 8: the conv's crop); with
+    bool_masked_pos (mask tokens) transformers' forward runs; both equal transformers'."""
+    model = _hf_dinov3(False, image_size=36, num_register_tokens=registers).eval()
+    ref = copy.deepcopy(model.embeddings)
+    flashvit.patch(model)
+    x = _images((36, 36))
+    torch.testing.assert_close(model.embeddings(x), ref(x))
+    assert calls["patch_embed_op"] == 1
+    mask = torch.rand(2, 16) > 0.5
+    torch.testing.assert_close(model.embeddings(x, bool_masked_pos=mask), ref(x, bool_masked_pos=mask))
+    assert calls["patch_embed_op"] == 1
+
+
 def test_hf_dinov3_with_unchecked_sources_is_left(monkeypatch):
     model = _hf_dinov3(False)
     monkeypatch.setitem(patch_mod._DINOV3_CHECKED, "apply_rotary_pos_emb", {"0" * 16})
@@ -790,6 +806,7 @@ def test_hf_dinov3_with_unchecked_sources_is_left(monkeypatch):
     assert any(c == "DINOv3ViTAttention" and "apply_rotary_pos_emb is not the source" in w for c, w in whys), whys
     assert any(c == "DINOv3ViTLayer" and "DINOv3ViTLayer is not the source" in w for c, w in whys), whys
     assert len(report.left) == 4  # each once (not again by the HF attention routing)
+    assert counts["DINOv3ViTEmbeddings"] == 1
     flashvit.unpatch(model)
 
 

@@ -355,6 +355,20 @@ class _FusedHFPatchEmbed(nn.Module):
                               self.projection.bias, None)
 
 
+class _FusedHFDinov3Embeddings(nn.Module):
+    """transformers' DINOv3ViTEmbeddings: patch conv + flatten + [cls, registers, patches] in one op (the fused
+    patch embedding, no position embedding: DINOv3's positions are its RoPE). With bool_masked_pos (mask tokens)
+    transformers' forward runs."""
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if bool_masked_pos is not None:
+            return super().forward(pixel_values, bool_masked_pos)
+        conv = self.patch_embeddings
+        x = _whole_patches(pixel_values.to(dtype=conv.weight.dtype), conv)
+        reg = self.register_tokens if self.register_tokens.shape[1] else None
+        return patch_embed_op(x, conv.weight, conv.bias, None, self.cls_token, reg)
+
+
 def _whole_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """(B, C, H, W) -> a view of the rows and columns the patchify conv reads (kernel == stride, no padding: it
     drops the H % p bottom rows and W % p right columns; the fused op takes whole patches only)."""
@@ -576,6 +590,7 @@ _HF_OWN_LAYERS: Dict[str, Tuple[type, Dict[str, set]]] = {
 # and LayerScale share DINOv2's sources (_HF_SWIGLU_CHECKED, _DINOV2_CHECKED).
 _HF_DINOV3 = "transformers.models.dinov3_vit.modeling_dinov3_vit"
 _DINOV3_CHECKED = {"DINOv3ViTLayer": {"cb4f02475a08cdc6"}, "DINOv3ViTAttention": {"80ed4a20425aba55"},
+                   "DINOv3ViTEmbeddings": {"2c4217620182a7c9"},
                    "DINOv3ViTMLP": {"fc919600726a2fee"}, "DINOv3ViTLayerScale": _DINOV2_CHECKED["layer_scale2"],
                    "apply_rotary_pos_emb": {"4f95b8b07fc7dbb6"}, "rotate_half": {"edea69364172f55e"}}
 
@@ -600,6 +615,9 @@ def _decide_hf_dinov3(m: nn.Module) -> Decision:
     if name == "DINOv3ViTAttention":
         why = _dinov3_unchecked(name, "apply_rotary_pos_emb", "rotate_half") or _head_dim_reason(m.head_dim)
         return (None, why) if why else (_clone_as(m, _FusedHFDinov3Attention), None)
+    if name == "DINOv3ViTEmbeddings":
+        why = _dinov3_unchecked(name) or _conv_is_patchify(m.patch_embeddings)
+        return (None, why) if why else (_clone_as(m, _FusedHFDinov3Embeddings), None)
     why = _dinov3_unchecked(name)  # DINOv3ViTMLP
     kind = _gelu_kind(m.act_fn)
     if why or kind is None:
@@ -842,6 +860,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTLayer", _decide_hf_dinov3, residual),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTAttention", _decide_hf_dinov3, attention),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTMLP", _decide_hf_dinov3, mlp),
+        (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTEmbeddings", _decide_hf_dinov3, patch_embed),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
