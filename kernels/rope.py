@@ -246,13 +246,15 @@ def _aot_specs() -> List[AotSpec]:
                     if ty == "fp16" and (half or backward) and d != 64:
                         continue  # fp16 shares bf16's code; one head dim covers its casts
                     br, bp = _tile(d)
-                    sig = {"X": f"*{ty}", "Y": f"*{ty}", "R": "*fp32", **{k: "i32" for k in ints},
-                           "HEAD_DIM": "constexpr", "HALF": "constexpr", "BACKWARD": "constexpr",
-                           "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
-                    consts = dict(HEAD_DIM=d, HALF=half, BACKWARD=backward, BLOCK_R=br, BLOCK_P=bp)
-                    specs.append(runtime_spec(_rope_kernel, sig, consts, NUM_WARPS, 1,
-                                              f"rope[{ty},D={d},half={int(half)},bwd={int(backward)}]",
-                                              div16=("sxb", "sxn", "sxt", "syb", "syn", "syt", "srn")))
+                    # the table: timm's fp32; transformers' DINOv3 casts it to the model's dtype
+                    for rty in ("fp32", ty) if (d, half) == (64, True) and ty != "fp32" else ("fp32",):
+                        sig = {"X": f"*{ty}", "Y": f"*{ty}", "R": f"*{rty}", **{k: "i32" for k in ints},
+                               "HEAD_DIM": "constexpr", "HALF": "constexpr", "BACKWARD": "constexpr",
+                               "BLOCK_R": "constexpr", "BLOCK_P": "constexpr"}
+                        consts = dict(HEAD_DIM=d, HALF=half, BACKWARD=backward, BLOCK_R=br, BLOCK_P=bp)
+                        specs.append(runtime_spec(_rope_kernel, sig, consts, NUM_WARPS, 1,
+                                                  f"rope[{ty},D={d},half={int(half)},bwd={int(backward)},R={rty}]",
+                                                  div16=("sxb", "sxn", "sxt", "syb", "syn", "syt", "srn")))
     return specs
 
 
