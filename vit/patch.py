@@ -828,8 +828,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
             and residual.
-        patch_embed: timm ``PatchEmbed`` / HF ``ViTPatchEmbeddings`` conv -> the fused patchify GEMM.
-            (timm's cls/register-token concat and pos_embed add stay in ``VisionTransformer._pos_embed``.)
+        patch_embed: timm ``PatchEmbed`` (NLC or NHWC output) / HF ``ViTPatchEmbeddings`` conv -> the fused
+            patchify GEMM (timm's cls/register-token concat and pos_embed add stay in ``_pos_embed``); HF
+            ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] in the same op.
         residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``DINOv3ViTLayer``: fuse
             the residual adds (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold
             LayerScales into the GEMM before them.
