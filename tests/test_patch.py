@@ -367,6 +367,47 @@ def test_timm_patched_with_triton_forced_matches_float64(name):
         assert max_err(grads[n], g) <= 1e-4 * scale, n
 
 
+ZOO = ["deit_tiny_distilled_patch16_224",  # distillation token
+       "vit_base_patch16_clip_224",  # pre-norm (norm_pre)
+       "vit_medium_patch16_gap_256",  # no class token, average pool
+       "vit_base_patch16_siglip_224",  # attention-pool (MAP) head: its own Attention-like latent pool, Mlp
+       "naflexvit_base_patch16_map",  # NaFlex: its own embeddings, timm Blocks
+       "aimv2_large_patch14_224",  # SwiGLU (separate fc1_g / fc1_x); its RmsNorms stay timm's
+       "vit_so400m_patch16_radio_v4",  # RADIO: Eva blocks
+       "vit_base_patch16_dinov3_qkvb",  # DINOv3 with q/k/v biases
+       "vit_base_patch16_rpn_224",  # residual post-norm blocks: their norms after the branch
+       "flexivit_small"]  # FlexiViT patch embedding
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@pytest.mark.parametrize("name", ZOO)
+def test_timm_zoo_patched_with_triton_forced_matches_float64(name):
+    """More of timm's ViT family, one block at a tiny width: whatever patch() swaps in (kernels forced) gives the
+    float64 unpatched model's logits and gradients (fp32-tight); whatever it leaves is named in the report."""
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    torch.manual_seed(fresh_seed())
+    kw = dict(depth=1, embed_dim=64, num_heads=4, num_classes=3)
+    try:
+        model = timm.create_model(name, pretrained=False, img_size=32, **kw)
+    except TypeError:  # (NaFlex takes no fixed image size)
+        model = timm.create_model(name, pretrained=False, **kw)
+    model = _randomize(model, scale=0.05).train()
+    oracle = copy.deepcopy(model).double()
+    x = _images((32, 32))
+    ref_out, ref_grads = _run(oracle, x.double())
+    flashvit.patch(model)
+    report = model.flashvit_report
+    assert report.replaced, report
+    assert all(why for _, _, why in report.left), report
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x)
+    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item()), name
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert max_err(grads[n], g) <= 1e-4 * scale, n
+
+
 def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
     """timm's set_grad_checkpointing on a patched model (blocks recomputed in the backward) with attention
     dropout in the kernels: logits and gradients equal the same patched model without checkpointing, under one
