@@ -836,6 +836,16 @@ def test_hf_dinov3_embeddings(registers, calls):
     assert calls["patch_embed_op"] == 1
 
 
+def test_hf_dinov3_root_modules_are_named():
+    """patch() on a DINOv3 layer or embeddings itself: its children are swapped, the root is named as left."""
+    model = _hf_dinov3(False)
+    layer = next(m for m in model.modules() if type(m).__name__ == "DINOv3ViTLayer")
+    for root in (layer, model.embeddings):
+        report = flashvit.patch(root).flashvit_report
+        assert report.left[-1][0] == "" and "root module itself" in report.left[-1][2], report
+        flashvit.unpatch(root)
+
+
 def test_hf_dinov3_with_unchecked_sources_is_left(monkeypatch):
     model = _hf_dinov3(False)
     monkeypatch.setitem(patch_mod._DINOV3_CHECKED, "apply_rotary_pos_emb", {"0" * 16})

@@ -905,7 +905,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     visit(model, "")
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in _TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _TIMM_EVA_BLOCK
-            or _hf_role(model) is not None):
+            or _hf_role(model) is not None or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
+            and type(model).__name__ in _DINOV3_CHECKED):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
     if attention:
