@@ -64,7 +64,7 @@ class ConfigError(Exception):
 COMMON: Dict[str, Any] = dict(
     dataset="auto", data_dir=None, val_fraction=0.1, crop_pad=None, hflip=None,
     model="vit_mnist", img_size=None, patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0,
-    mlp_dim=None, drop_path_rate=0.0, pos_embed_learnable=True, model_kwargs={},
+    mlp_dim=None, drop_path_rate=0.0, pos_embed_learnable=True, model_kwargs={}, init_from=None, model_dims=None,
     epochs=20, batch_size=128, eval_batch_size=512, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0,
     label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False,
     compile_mode="default", cuda_graph=False, seed=0, max_steps=None,
@@ -86,6 +86,10 @@ TIMM_PREFIX = "timm:"
 SEED_KEYS = {"patch_size": "patch_size", "pos_encoding_learnable": "pos_embed_learnable", "token_dim": "embed_dim",
              "n_heads": "num_heads", "encoder_blocks": "depth", "mlp_dim": "mlp_dim", "batch_size": "batch_size",
              "lr": "lr", "n_epochs": "epochs", "best_path": "best_path", "log_path": "log_path"}
+# The model's shape settings: with model_dims "settings" (the default) they build the model; with "model" (the
+# default under --init-from: pretrained weights need the architecture they were trained with) the preset or timm
+# model keeps its own and only those given in the config file or on the command line override it.
+ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "mlp_dim")
 CHOICES = {"dataset": DATASETS, "precision": ("auto", "fp32", "bf16", "fp16"), "backend": flashvit.kernels.BACKENDS,
            "profile": ("auto", "cpu", "gpu"), "device": ("auto", "cpu", "cuda"),
            "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
@@ -128,6 +132,15 @@ def resolve_config(file_cfg: Dict[str, Any], cli: Dict[str, Any], has_cuda: bool
     cfg.update(cli)
     cfg["profile"] = resolved
     validate_config(cfg)
+    if cfg["model_dims"] is None:
+        cfg["model_dims"] = "model" if cfg["init_from"] is not None else "settings"
+    if cfg["model_dims"] == "model":
+        given = {k: cfg[k] for k in ARCH_KEYS if (k in file_cfg or k in cli) and cfg[k] is not None}
+        if "mlp_dim" in given:
+            if "embed_dim" not in given:
+                raise ConfigError("mlp_dim with model_dims 'model' needs embed_dim too (or give mlp_ratio)")
+            given["mlp_ratio"] = given.pop("mlp_dim") / given["embed_dim"]
+        cfg["model_kwargs"] = {**given, **cfg["model_kwargs"]}
     if cfg["mlp_dim"] is not None:  # the seed's MLP width -> timm's mlp_ratio
         cfg["mlp_ratio"] = cfg["mlp_dim"] / cfg["embed_dim"]
     return cfg
@@ -159,6 +172,10 @@ def validate_config(cfg: Dict[str, Any]) -> None:
         raise ConfigError(f"hflip must be true, false or null (auto), got {cfg['hflip']!r}")
     if not isinstance(cfg["model_kwargs"], dict):
         raise ConfigError("model_kwargs must be a JSON object of create_model keywords")
+    if cfg["init_from"] is not None and (not isinstance(cfg["init_from"], str) or not cfg["init_from"]):
+        raise ConfigError(f"init_from must be a file path, got {cfg['init_from']!r}")
+    if cfg["model_dims"] not in (None, "settings", "model"):
+        raise ConfigError(f"model_dims must be 'settings' or 'model', got {cfg['model_dims']!r}")
     if isinstance(cfg["model"], str) and cfg["model"].startswith(TIMM_PREFIX):
         name = cfg["model"][len(TIMM_PREFIX):]
         if importlib.util.find_spec("timm") is None:
@@ -198,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", help="preset name (flashvit.list_models()) or timm:NAME (a timm model, flashvit.patch "
                                    "applied); the flags below override it")
+    g.add_argument("--init-from", help="fine-tune: load these weights first (a timm/flashvit state dict .pt/.pth/"
+                                       ".safetensors, or a train.py checkpoint); the model keeps its own "
+                                       "dimensions unless given below")
+    g.add_argument("--model-dims", choices=("settings", "model"),
+                   help="settings: the profile's patch/width/depth/heads/MLP build the model (default); model: the "
+                        "preset's or timm model's own, overridden only by dimensions given (default with --init-from)")
     g.add_argument("--img-size", type=int, help="resize image folders / synthetic size (default: the data's)")
     g.add_argument("--patch-size", type=int)
     g.add_argument("--embed-dim", type=int)
@@ -355,10 +378,12 @@ def cpu_count() -> int:
 
 def build_model(cfg: Dict[str, Any], in_chans: int, img_size: int, num_classes: int) -> torch.nn.Module:
     """The preset (or ``timm:NAME``: timm's architecture, randomly initialized, with flashvit.patch applied) at
-    the settings' patch size, width, depth, heads, MLP ratio and drop-path rate, then ``model_kwargs``."""
-    kw = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes, patch_size=cfg["patch_size"],
-              embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
-              drop_path_rate=cfg["drop_path_rate"])
+    the settings' patch size, width, depth, heads and MLP ratio (model_dims 'settings'; with 'model' its own), the
+    drop-path rate, then ``model_kwargs``."""
+    kw = dict(img_size=img_size, in_chans=in_chans, num_classes=num_classes, drop_path_rate=cfg["drop_path_rate"])
+    if cfg.get("model_dims") != "model":  # (None: a checkpoint saved before the setting existed)
+        kw.update(patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"], depth=cfg["depth"],
+                  num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"])
     timm_name = cfg["model"][len(TIMM_PREFIX):] if cfg["model"].startswith(TIMM_PREFIX) else None
     if timm_name is None:
         kw["pos_embed_learnable"] = cfg["pos_embed_learnable"]
@@ -371,6 +396,94 @@ def build_model(cfg: Dict[str, Any], in_chans: int, img_size: int, num_classes: 
         return flashvit.patch(timm.create_model(timm_name, pretrained=False, **kw))
     except (ValueError, TypeError, AssertionError) as e:
         raise ConfigError(f"cannot build model {cfg['model']!r}: {e}") from None
+
+
+def dims_text(model: torch.nn.Module, cfg: Dict[str, Any]) -> str:
+    """'patch P width W depth D heads H mlp Rx' as built: the settings', or (model_dims 'model') the model's."""
+    if cfg.get("model_dims") != "model":
+        return (f"patch {cfg['patch_size']} width {cfg['embed_dim']} depth {cfg['depth']} heads {cfg['num_heads']} "
+                f"mlp {cfg['mlp_ratio']:g}x")
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", "?")
+    patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+    blocks = getattr(model, "blocks", [])
+    heads = getattr(getattr(blocks[0], "attn", None), "num_heads", "?") if len(blocks) else "?"
+    return f"patch {patch} width {getattr(model, 'embed_dim', '?')} depth {len(blocks)} heads {heads} (as built)"
+
+
+def read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A state dict from a file: torch's (.pt/.pth/.bin, loaded weights_only; our checkpoints and the usual
+    'model' / 'state_dict' / 'model_ema' wrappers unwrapped, DDP's 'module.' prefix dropped) or .safetensors."""
+    try:
+        if path.endswith(".safetensors"):
+            if importlib.util.find_spec("safetensors") is None:
+                raise ConfigError(f"--init-from {path}: reading .safetensors needs the safetensors package")
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(path)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"--init-from {path}: file not found") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # corrupt, or pickled objects weights_only refuses
+        raise ConfigError(f"--init-from {path}: cannot load it: {str(e).splitlines()[0]}") from None
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"--init-from {path} holds no state dict of tensors")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _adapt_in_chans(w: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A patch conv weight (D, C, p, p) for ``in_chans`` input channels, as timm's pretrained loading adapts it:
+    summed over C for one channel, else tiled to in_chans and scaled by C / in_chans."""
+    if in_chans == 1:
+        return w.sum(dim=1, keepdim=True)
+    reps = -(-in_chans // w.shape[1])
+    return w.repeat(1, reps, 1, 1)[:, :in_chans] * (w.shape[1] / in_chans)
+
+
+def init_weights(model: torch.nn.Module, path: str) -> str:
+    """Load ``path``'s weights into ``model`` for fine-tuning (what a pretrained load does): the position embedding
+    resampled to this grid (timm's checkpoint_filter_fn, or our load_timm_state_dict), the patch conv adapted
+    to the input channels, tensors of another shape (a head for other classes) left as built. Returns a
+    one-line summary; raises ConfigError when nothing fits."""
+    sd = read_weights(path)
+    module = sys.modules.get(type(model).__module__)
+    own = model.state_dict()
+    ours = hasattr(model, "load_timm_state_dict")
+    if not ours and type(model).__module__.startswith("timm.") and hasattr(module, "checkpoint_filter_fn"):
+        try:
+            sd = module.checkpoint_filter_fn(sd, model)
+        except Exception as e:  # a file of another architecture
+            raise ConfigError(f"--init-from {path}: timm's checkpoint filter refused it: {e}") from None
+    for k, v in list(sd.items()):
+        o = own.get(k)
+        if (o is not None and v.dim() == 4 and o.dim() == 4 and v.shape[1] != o.shape[1]
+                and (v.shape[0], *v.shape[2:]) == (o.shape[0], *o.shape[2:])):
+            sd[k] = _adapt_in_chans(v, o.shape[1])
+    resampled = ("pos_embed",) if ours else ()  # (resampled by load_timm_state_dict)
+    mismatched = sorted(k for k, v in sd.items() if k in own and v.shape != own[k].shape and k not in resampled)
+    sd = {k: v for k, v in sd.items() if k not in mismatched}
+    result = model.load_timm_state_dict(sd, strict=False) if ours else model.load_state_dict(sd, strict=False)
+    loaded = sum(1 for k in sd if k in own) if sd else 0
+    if loaded == 0:
+        raise ConfigError(f"--init-from {path}: none of its {len(sd)} tensors has a name and shape of this model")
+
+    def few(keys: List[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4})" if len(keys) > 4 else "")
+    parts = [f"init from {path}: {loaded} of the model's {len(own)} tensors loaded"]
+    missing = [k for k in result.missing_keys if k not in mismatched]
+    if mismatched:
+        parts.append(f"other shape, left as built: {few(mismatched)}")
+    if missing:
+        parts.append(f"not in the file, left as built: {few(missing)}")
+    if result.unexpected_keys:
+        parts.append(f"unused: {few(list(result.unexpected_keys))}")
+    return "; ".join(parts)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
@@ -643,6 +756,8 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     c, h, _ = info["image_shape"]
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg, c, h, info["num_classes"]).to(device)
+    # fine-tuning: the file's weights first (a resumed run has its own in last.pt)
+    init_note = init_weights(model, cfg["init_from"]) if ck is None and cfg.get("init_from") else ""
     amp = amp_dtype(cfg, device)
     graphed = bool(cfg.get("cuda_graph", False))  # (absent from checkpoints saved before it existed)
     why = cuda_graph_refusal(cfg, d, device, amp) if graphed else ""
@@ -721,10 +836,11 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     log0(d, f"data: {info['dataset']} {info['image_shape']} from {info['source']}: {info['train_images']} train / "
             f"{info['val_images']} val / {info['test_images']} test; crop pad {info['crop_pad']}, "
             f"flip {info['hflip']}")
-    log0(d, f"model: {cfg['model']} patch {cfg['patch_size']} width {cfg['embed_dim']} depth {cfg['depth']} heads "
-            f"{cfg['num_heads']} mlp {cfg['mlp_ratio']:g}x ({nparams / 1e6:.3f} M params); {cfg['epochs']} epochs x "
+    log0(d, f"model: {cfg['model']} {dims_text(model, cfg)} ({nparams / 1e6:.3f} M params); {cfg['epochs']} epochs x "
             f"{steps_per_epoch} steps of {cfg['batch_size']}{' x ' + str(d.world) if d.enabled else ''}; "
             f"run dir {run_dir}")
+    if init_note:
+        log0(d, init_note)
     report = getattr(model, "flashvit_report", None)  # a timm model: what flashvit.patch swapped in
     if report is not None:
         log0(d, str(report))

@@ -296,6 +296,73 @@ def test_timm_model_trains_with_flashvit_patched_in(tmp_path, name):
     assert rc == 0
 
 
+def test_init_from_sets_model_dims_and_keeps_given_ones():
+    """--init-from: the model keeps its own dimensions (model_dims 'model'), except those given explicitly."""
+    base = train.resolve_config({}, {"model": "timm:vit_tiny_patch16_224", "init_from": "w.pt", "depth": 3}, False)
+    assert base["model_dims"] == "model" and base["model_kwargs"] == {"depth": 3}
+    plain = train.resolve_config({}, {"model": "timm:vit_tiny_patch16_224", "depth": 3}, False)
+    assert plain["model_dims"] == "settings" and plain["model_kwargs"] == {}
+    seed = train.resolve_config({"mlp_dim": 64, "embed_dim": 32, "model_dims": "model"}, {}, False)
+    assert seed["model_kwargs"] == {"embed_dim": 32, "mlp_ratio": 2.0}
+    with pytest.raises(train.ConfigError, match="needs embed_dim"):
+        train.resolve_config({"mlp_dim": 64, "model_dims": "model"}, {}, False)
+    with pytest.raises(train.ConfigError, match="model_dims must be"):
+        train.resolve_config({"model_dims": "mine"}, {}, False)
+
+
+@pytest.mark.parametrize("kind", ["timm", "flashvit"])
+def test_init_from_loads_pretrained_weights(tmp_path, kind):
+    """A state dict saved from an RGB model with 10 classes at another image size, loaded for 1-channel images
+    and 5 classes: every tensor that fits is the file's, the patch conv summed over the colour channels (timm's
+    rule), the position embedding resampled to the new grid, the head left as built."""
+    if kind == "timm":
+        timm = pytest.importorskip("timm")
+        name, dims = "timm:vit_small_patch16_dinov3", dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        src = timm.create_model(name[5:], pretrained=False, img_size=32, num_classes=10, **dims)
+    else:
+        name, dims = "vit_tiny_patch16_224", dict(patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        src = train.flashvit.create_model(name, img_size=32, num_classes=10, **dims)
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": src.state_dict()}, path)
+    cfg = train.resolve_config({}, {"model": name, "init_from": str(path), **dims}, False)
+    model = train.build_model(cfg, 1, 40, 5)
+    note = train.init_weights(model, str(path))
+    assert "head.weight" in note and "other shape, left as built" in note, note
+    want = src.state_dict()
+    got = model.state_dict()
+    conv = "patch_embed.proj.weight"
+    torch.testing.assert_close(got[conv], want[conv].sum(1, keepdim=True))
+    for k, v in got.items():
+        if k in want and k not in (conv, "pos_embed") and not k.startswith("head."):
+            assert torch.equal(v, want[k]), k
+    if "pos_embed" in want and want["pos_embed"] is not None:
+        assert got["pos_embed"].shape != want["pos_embed"].shape  # 4x4 -> 5x5 grid, resampled
+    with pytest.raises(train.ConfigError, match="file not found"):
+        train.init_weights(model, str(tmp_path / "nope.pt"))
+    torch.save({"a": 1}, tmp_path / "bad.pt")
+    with pytest.raises(train.ConfigError, match="no state dict of tensors"):
+        train.init_weights(model, str(tmp_path / "bad.pt"))
+    torch.save({"other.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(train.ConfigError, match="none of its"):
+        train.init_weights(model, str(tmp_path / "other.pt"))
+
+
+def test_init_from_end_to_end(tmp_path):
+    """train.py --init-from FILE: the load is logged, the run trains and writes its checkpoints."""
+    timm = pytest.importorskip("timm")
+    src = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=28, patch_size=7, embed_dim=32,
+                            depth=1, num_heads=2, mlp_ratio=1.0, num_classes=10, in_chans=1)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    run = tmp_path / "run"
+    proc, _ = _inproc([*SYN, *TINY, "--model", "timm:eva02_tiny_patch14_224", "--init-from", str(tmp_path / "w.pt"),
+                       "--epochs", "1", "--run-dir", str(run)])
+    assert proc.returncode == 0, proc.stderr
+    assert f"init from {tmp_path / 'w.pt'}:" in proc.stdout and "(as built)" in proc.stdout, proc.stdout
+    assert json.loads((run / "config.json").read_text())["model_dims"] == "model"
+    rc = train.main(["--eval-only", str(run), "--threads", "1", "--device", "cpu"])
+    assert rc == 0
+
+
 def test_checkpoints_load_weights_only(tiny_run):
     run, proc, _ = tiny_run
     assert proc.returncode == 0, proc.stderr
