@@ -497,7 +497,9 @@ def test_ddp_two_processes_gloo_identical_weights(tmp_path):
                                     "reduce-overhead"],
                                    ["--backend", "auto", "--precision", "bf16", "--cuda-graph"],
                                    ["--backend", "triton", "--precision", "fp32", "--cuda-graph", "--drop-path-rate",
-                                    "0.1"]])
+                                    "0.1"],
+                                   ["--backend", "auto", "--precision", "bf16", "--model",
+                                    "timm:vit_small_patch16_dinov3"]])
 def test_gpu_smoke(tmp_path, extra):
     r = _cli([*SYN, "--embed-dim", "64", "--depth", "2", "--num-heads", "4", "--no-progress", "--epochs", "3",
               "--synthetic-train", "2048", "--run-dir", str(tmp_path / "run"), "--workers", "2", *extra],
