@@ -861,6 +861,109 @@ def test_hf_dinov3_with_unchecked_sources_is_left(monkeypatch):
     flashvit.unpatch(model)
 
 
+HF_ENCODERS = {  # transformers' CLIP-style encoders: (model class, config class, its config, classes fused, left)
+    "siglip_vision": ("SiglipVisionModel", "SiglipVisionConfig", {},
+                      {"SiglipVisionEmbeddings": 1, "SiglipEncoderLayer": 2, "SiglipAttention": 2, "SiglipMLP": 3,
+                       "LayerNorm": 6, "MultiheadAttention": 1}, set()),  # (its MAP head: an MLP, an MHA probe)
+    "clip_vision_gelu": ("CLIPVisionModel", "CLIPVisionConfig", dict(hidden_act="gelu"),
+                         {"CLIPVisionEmbeddings": 1, "CLIPEncoderLayer": 2, "CLIPAttention": 2, "CLIPMLP": 2,
+                          "LayerNorm": 6}, set()),
+    "clip_vision_quick_gelu": ("CLIPVisionModel", "CLIPVisionConfig", {},
+                               {"CLIPVisionEmbeddings": 1, "CLIPEncoderLayer": 2, "CLIPAttention": 2, "LayerNorm": 6},
+                               {"CLIPMLP"}),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_ENCODERS))
+def test_hf_clip_siglip_vision_patched_matches_unpatched(case, calls):
+    """CLIP / SigLIP vision towers: q/k/v as one GEMM + flash attention, the encoder layer's residual adds fused,
+    GELU MLPs fused (CLIP's QuickGELU left, named), the embeddings (conv, class token, positions) in one call."""
+    transformers = pytest.importorskip("transformers")
+    cls_name, cfg_name, extra, fused, left = HF_ENCODERS[case]
+    cfg = getattr(transformers, cfg_name)(image_size=32, patch_size=8, hidden_size=64, num_attention_heads=2,
+                                          num_hidden_layers=2, intermediate_size=96, **extra)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(getattr(transformers, cls_name)(cfg)).train()
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).pooler_output)
+    assert report.counts() == fused, report
+    assert {c for _, c, _ in report.left} == left, report
+    assert calls["qkv_attention"] == 2 and calls["add_layer_norm"] == 2 and calls["patch_embed_op"] == 1
+
+
+@pytest.mark.parametrize("family", ["Siglip", "CLIP"])
+def test_hf_clip_siglip_text_and_vision_model(family, calls):
+    """The two-tower model: the text tower's masked attention runs transformers' forward (its layers' residual
+    adds and MLPs still fused), the vision tower the kernels; same logits and gradients."""
+    transformers = pytest.importorskip("transformers")
+    T = transformers
+    tc = getattr(T, f"{family}TextConfig")(vocab_size=50, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
+                                           intermediate_size=48, max_position_embeddings=16, hidden_act="gelu")
+    vc = getattr(T, f"{family}VisionConfig")(image_size=32, patch_size=8, hidden_size=32, num_attention_heads=2,
+                                             num_hidden_layers=1, intermediate_size=48, hidden_act="gelu")
+    torch.manual_seed(fresh_seed())
+    model = _randomize(getattr(T, f"{family}Model")(getattr(T, f"{family}Config")(
+        text_config=tc.to_dict(), vision_config=vc.to_dict()))).train()
+    ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(fresh_seed()))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+
+    def call(m, x):
+        return m(input_ids=ids, pixel_values=x, attention_mask=mask).logits_per_image
+
+    report = _check_patched_same(model, _images((32, 32)), call=call)
+    assert report.counts()[f"{family}Attention"] == 2 and report.counts()[f"{family}EncoderLayer"] == 2
+    assert calls["qkv_attention"] == 1 and calls["add_layer_norm"] == 2  # the vision tower's attention only
+
+
+def _hf_siglip_vision(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(image_size=32, patch_size=8, hidden_size=64, num_attention_heads=2, num_hidden_layers=1,
+               intermediate_size=96)
+    cfg.update(kw)
+    torch.manual_seed(fresh_seed())
+    return _randomize(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**cfg)), scale=0.05)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_hf_siglip_with_triton_forced_matches_float64():
+    model = _hf_siglip_vision().train()
+    oracle = copy.deepcopy(model).double()
+    x = _images((32, 32))
+    call = lambda m, x: m(pixel_values=x).last_hidden_state  # noqa: E731
+    ref_out, ref_grads = _run(oracle, x.double(), call)
+    flashvit.patch(model)
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x, call)
+    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert max_err(grads[n], g) <= 1e-4 * scale, n
+
+
+@pytest.mark.gpu
+def test_hf_siglip_patched_bf16_on_cuda():
+    base = _hf_siglip_vision(image_size=64, patch_size=16, hidden_size=128, num_hidden_layers=2).train()
+    x = _images((64, 64), batch=4, device="cuda")
+    call = lambda m, x: m(pixel_values=x).last_hidden_state  # noqa: E731
+    ref_out, ref_grads = _run(copy.deepcopy(base).cuda().double(), x.double(), call)
+    eager_out, eager_grads = _run(copy.deepcopy(base).cuda().bfloat16(), x.bfloat16(), call)
+    out, grads = _run(flashvit.patch(copy.deepcopy(base).cuda().bfloat16()), x.bfloat16(), call)
+    _bf16_rule(out, ref_out, eager_out, 2, "hidden", atol=1e-3 * ref_out.abs().max().item())
+    gscale = max(g.abs().max().item() for g in ref_grads.values())
+    for n in ref_grads:
+        _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)
+
+
+def test_hf_encoder_with_an_unchecked_source_is_left(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setitem(patch_mod._HF_ENCODER_CHECKED, "Attention", {"0" * 16})
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=48))
+    report = flashvit.patch(model).flashvit_report
+    assert "SiglipAttention" not in report.counts() and report.counts()["SiglipEncoderLayer"] == 1
+    assert [c for _, c, w in report.left if "is not the source flashvit checked" in w] == ["SiglipAttention"], report
+
+
 def test_hf_attention_function_is_registered_and_used():
     from transformers import AttentionInterface
 

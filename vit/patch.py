@@ -307,16 +307,59 @@ class _FusedHFDinov3Attention(nn.Module):
             out, weights = super().forward(hidden_states, attention_mask=attention_mask,
                                            position_embeddings=position_embeddings, **kwargs)
             return (out if layer_scale is None else out * layer_scale), weights
-        B, N, _ = hidden_states.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        bias = None
-        if any(m.bias is not None for m in projs):
-            bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in projs])
-        qkv = linear(hidden_states, torch.cat([m.weight for m in projs]), bias)  # (B, N, 3·H·Dh)
+        N = hidden_states.shape[1]
+        qkv = _packed_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)  # (B, N, 3·H·Dh)
         cos, sin = position_embeddings  # (..., N - prefix, Dh) each
         o = qkv_attention(qkv, self.num_heads, self.scaling, dropout_p=self.dropout if self.training else 0.0,
                           rope=torch.cat((sin, cos), dim=-1), rope_prefix=N - sin.shape[-2], rope_half=True)
         return linear(o, self.o_proj.weight, self.o_proj.bias, layer_scale=layer_scale), None
+
+
+def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> torch.Tensor:
+    """Separate q/k/v projections as one GEMM (weights concatenated: weight-sized work) -> (B, N, 3·H·Dh)."""
+    bias = None
+    if any(m.bias is not None for m in (q, k, v)):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
+    return linear(x, torch.cat((q.weight, k.weight, v.weight)), bias)
+
+
+class _FusedHFEncoderAttention(nn.Module):
+    """transformers' CLIP / SigLIP attention: q/k/v as one GEMM -> flash attention from the packed qkv -> out_proj
+    GEMM. A call with an attention mask (the text towers') runs transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> Tuple[torch.Tensor, None]:
+        if attention_mask is not None or self.is_causal:
+            return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
+        qkv = _packed_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.dropout if self.training else 0.0)
+        return linear(o, self.out_proj.weight, self.out_proj.bias), None
+
+
+class _FusedHFEncoderLayer(nn.Module):
+    """transformers' CLIP / SigLIP encoder layer (pre-norm): (x + a, layer_norm2(x + a)) in one pass, fc2 + the
+    residual in one GEMM where the MLP is fused."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        a, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
+        y, h = _add_norm(self.layer_norm2, a, hidden_states)
+        return _mlp_add(self.mlp, None, nn.Identity(), y, h)
+
+
+class _FusedHFEncoderEmbeddings(nn.Module):
+    """transformers' CLIP / SigLIP vision embeddings: patch conv + flatten (+ CLIP's class embedding) + the
+    position embedding in one fused patch-embedding call; interpolate_pos_encoding runs transformers' forward."""
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        H, W = pixel_values.shape[-2:]
+        cls = getattr(self, "class_embedding", None)
+        if interpolate_pos_encoding or (cls is not None and (H, W) != (self.image_size,) * 2):
+            return super().forward(pixel_values, interpolate_pos_encoding)  # (CLIP's raises on another size)
+        conv = self.patch_embedding
+        pos = self.position_embedding(self.position_ids)  # (1, prefix + L, D)
+        return patch_embed_op(_whole_patches(pixel_values.to(dtype=conv.weight.dtype), conv), conv.weight, conv.bias,
+                              pos, None if cls is None else cls.view(1, 1, -1))
 
 
 class _FusedHFDinov3MLP(nn.Module):
@@ -650,6 +693,40 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
 Decision = Tuple[Optional[nn.Module], Optional[str]]
 
 
+# transformers' CLIP-style encoders (CLIP, SigLIP, SigLIP 2): folder -> class prefix; the sources checked
+# (transformers 5.24) by role. SigLIP 2's NaFlex embeddings are its own (left).
+_HF_ENCODER_FAMILY = {"clip": "CLIP", "siglip": "Siglip", "siglip2": "Siglip2"}
+_HF_ENCODER_CHECKED = {"Attention": {"fd3665cb6de19877", "01a49675aa59e186"}, "MLP": {"6abb4e9c77ac9ce1"},
+                       "EncoderLayer": {"a7fb59343448c5b4", "a0285730fcbf9c7c"},
+                       "VisionEmbeddings": {"6269a5fa175cd572", "9ee336d848e26fca"}}
+_HF_ENCODER_MIXINS = {"Attention": _FusedHFEncoderAttention, "EncoderLayer": _FusedHFEncoderLayer,
+                      "VisionEmbeddings": _FusedHFEncoderEmbeddings}
+
+
+def _hf_encoder_role(m: nn.Module) -> Optional[str]:
+    """'Attention' / 'MLP' / 'EncoderLayer' / 'VisionEmbeddings' for a CLIP-style transformers class, else None."""
+    mod, name = type(m).__module__, type(m).__name__
+    folder = mod.split(".")[2] if mod.startswith("transformers.models.") else ""
+    prefix = _HF_ENCODER_FAMILY.get(folder)
+    if prefix is None or mod != f"transformers.models.{folder}.modeling_{folder}":
+        return None
+    return next((r for r in _HF_ENCODER_CHECKED if name == prefix + r), None)
+
+
+def _decide_hf_encoder(m: nn.Module) -> Decision:
+    role = _hf_encoder_role(m)
+    got = _source_fingerprint(type(m).forward)
+    if got not in _HF_ENCODER_CHECKED[role]:
+        return None, f"{type(m).__name__}.forward is not the source flashvit checked (fingerprint {got})"
+    if role == "MLP":
+        kind, why = _mlp_reason(m, "activation_fn")
+        return (None, why) if kind is None else (_share_mlp(m, kind, nn.Dropout(0.0), nn.Dropout(0.0)), None)
+    why = _head_dim_reason(m.head_dim) if role == "Attention" else None
+    if role == "VisionEmbeddings":
+        why = _conv_is_patchify(m.patch_embedding)
+    return (None, why) if why else (_clone_as(m, _HF_ENCODER_MIXINS[role]), None)
+
+
 def _head_dim_reason(head_dim: int) -> Optional[str]:
     if head_dim < 8 or head_dim > MAX_HEAD_DIM or head_dim % 8:
         return f"head dim {head_dim}: the kernels take multiples of 8 up to {MAX_HEAD_DIM}"
@@ -737,7 +814,8 @@ def _conv_is_patchify(conv: nn.Module) -> Optional[str]:
     if type(conv) is not nn.Conv2d:
         return "proj is not an nn.Conv2d"
     k = tuple(conv.kernel_size)
-    if (k[0] != k[1] or tuple(conv.stride) != k or tuple(conv.padding) != (0, 0) or tuple(conv.dilation) != (1, 1)
+    padding = (0, 0) if conv.padding == "valid" else tuple(conv.padding)  # ("valid": none, as SigLIP's)
+    if (k[0] != k[1] or tuple(conv.stride) != k or padding != (0, 0) or tuple(conv.dilation) != (1, 1)
             or conv.groups != 1 or conv.padding_mode != "zeros"):
         return "conv is not a square non-overlapping patchify (kernel == stride, no padding/dilation/groups)"
     return None
@@ -817,7 +895,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
             timm ``EvaAttention`` / ``AttentionRope`` (EVA-02, DINOv3, RoPE ViTs: RoPE of q, k fused before the
             flash kernels; grouped-query attention left); transformers' ``DINOv3ViTAttention`` (q/k/v as one
-            GEMM, RoPE + flash attention; source checked);
+            GEMM, RoPE + flash attention; source checked) and CLIP / SigLIP attention (q/k/v as one GEMM;
+            masked calls run theirs);
             Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
             likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
@@ -858,6 +937,10 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
         (lambda m: _qualname(m) in _HF_SWIGLU_FFN, _decide_hf_swiglu_ffn, mlp),
+        (lambda m: _hf_encoder_role(m) == "EncoderLayer", _decide_hf_encoder, residual),
+        (lambda m: _hf_encoder_role(m) == "Attention", _decide_hf_encoder, attention),
+        (lambda m: _hf_encoder_role(m) == "MLP", _decide_hf_encoder, mlp),
+        (lambda m: _hf_encoder_role(m) == "VisionEmbeddings", _decide_hf_encoder, patch_embed),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTLayer", _decide_hf_dinov3, residual),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTAttention", _decide_hf_dinov3, attention),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTMLP", _decide_hf_dinov3, mlp),
@@ -960,7 +1043,7 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
         if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
             hf_attn.append((n, type(m).__name__))
         elif (type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
-              and type(m).__module__ != _HF_DINOV3):  # (DINOv3's: by module replacement above)
+              and type(m).__module__ != _HF_DINOV3 and _hf_encoder_role(m) is None):  # (by module replacement)
             others.append((n, type(m).__name__))
     for n, cls in others:
         state.report.left.append((n, cls, "only transformers' ViT-family attention is routed to flashvit"))
