@@ -336,6 +336,9 @@ class _FusedHFEncoderAttention(nn.Module):
         return linear(o, self.out_proj.weight, self.out_proj.bias), None
 
 
+_NO_DROP_PATH = nn.Identity()  # (one instance: building a module each call costs host time)
+
+
 class _FusedHFEncoderLayer(nn.Module):
     """transformers' CLIP / SigLIP encoder layer (pre-norm): (x + a, layer_norm2(x + a)) in one pass, fc2 + the
     residual in one GEMM where the MLP is fused."""
@@ -344,7 +347,7 @@ class _FusedHFEncoderLayer(nn.Module):
                 **kwargs) -> torch.Tensor:
         a, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
         y, h = _add_norm(self.layer_norm2, a, hidden_states)
-        return _mlp_add(self.mlp, None, nn.Identity(), y, h)
+        return _mlp_add(self.mlp, None, _NO_DROP_PATH, y, h)
 
 
 class _FusedHFEncoderEmbeddings(nn.Module):
