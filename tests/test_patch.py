@@ -106,6 +106,21 @@ def _check_patched_same(model, x, call=None, atol=1e-5, rtol=1e-4, **patch_kw):
     return report
 
 
+def _check_forced_vs_float64(model, x, call=None):
+    """Patch ``model`` and run it with the kernels forced (the interpreter on CPU) against a float64 copy of the
+    unpatched model: logits and parameter gradients fp32-tight. Returns the report."""
+    oracle = copy.deepcopy(model).double()
+    ref_out, ref_grads = _run(oracle, x.double(), call)
+    flashvit.patch(model)
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x, call)
+    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        assert max_err(grads[n], g) <= 1e-4 * scale, n
+    return model.flashvit_report
+
+
 TIMM_CASES = {
     "vit_tiny": ("vit_tiny_patch16_224", SMALL),
     "vit_small": ("vit_small_patch16_224", dict(SMALL, img_size=48)),
@@ -355,16 +370,7 @@ def test_timm_patched_with_triton_forced_matches_float64(name):
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
     model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
-    oracle = copy.deepcopy(model).double()
-    x = _images((16, 16), batch=2)
-    ref_out, ref_grads = _run(oracle, x.double())
-    flashvit.patch(model)
-    with flashvit.use_backend("triton"):
-        out, grads = _run(model, x)
-    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n, g in ref_grads.items():
-        assert max_err(grads[n], g) <= 1e-4 * scale, n
+    _check_forced_vs_float64(model, _images((16, 16), batch=2))
 
 
 ZOO = ["deit_tiny_distilled_patch16_224",  # distillation token
@@ -392,20 +398,9 @@ def test_timm_zoo_patched_with_triton_forced_matches_float64(name):
         model = timm.create_model(name, pretrained=False, img_size=32, **kw)
     except TypeError:  # (NaFlex takes no fixed image size)
         model = timm.create_model(name, pretrained=False, **kw)
-    model = _randomize(model, scale=0.05).train()
-    oracle = copy.deepcopy(model).double()
-    x = _images((32, 32))
-    ref_out, ref_grads = _run(oracle, x.double())
-    flashvit.patch(model)
-    report = model.flashvit_report
+    report = _check_forced_vs_float64(_randomize(model, scale=0.05).train(), _images((32, 32)))
     assert report.replaced, report
     assert all(why for _, _, why in report.left), report
-    with flashvit.use_backend("triton"):
-        out, grads = _run(model, x)
-    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item()), name
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n, g in ref_grads.items():
-        assert max_err(grads[n], g) <= 1e-4 * scale, n
 
 
 def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
@@ -790,17 +785,8 @@ def test_hf_dinov3_with_triton_forced_matches_float64():
     model = _hf_dinov3(False, hidden_size=32, num_hidden_layers=1, image_size=16).train()
     if not _dinov3_sources_checked():
         pytest.skip("this transformers' DINOv3 sources are not the ones flashvit checked")
-    oracle = copy.deepcopy(model).double()
-    x = _images((16, 16))
-    ref_out, ref_grads = _run(oracle, x.double(), _dinov3_call)
-    flashvit.patch(model)
-    assert model.flashvit_report.counts()["DINOv3ViTAttention"] == 1
-    with flashvit.use_backend("triton"):
-        out, grads = _run(model, x, _dinov3_call)
-    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n, g in ref_grads.items():
-        assert max_err(grads[n], g) <= 1e-4 * scale, n
+    report = _check_forced_vs_float64(model, _images((16, 16)), _dinov3_call)
+    assert report.counts()["DINOv3ViTAttention"] == 1
 
 
 @pytest.mark.gpu
@@ -926,18 +912,9 @@ def _hf_siglip_vision(**kw):
 
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
 def test_hf_siglip_with_triton_forced_matches_float64():
-    model = _hf_siglip_vision().train()
-    oracle = copy.deepcopy(model).double()
-    x = _images((32, 32))
-    call = lambda m, x: m(pixel_values=x).last_hidden_state  # noqa: E731
-    ref_out, ref_grads = _run(oracle, x.double(), call)
-    flashvit.patch(model)
-    with flashvit.use_backend("triton"):
-        out, grads = _run(model, x, call)
-    assert max_err(out, ref_out) <= 1e-4 * max(1.0, ref_out.abs().max().item())
-    scale = max(g.abs().max().item() for g in ref_grads.values())
-    for n, g in ref_grads.items():
-        assert max_err(grads[n], g) <= 1e-4 * scale, n
+    report = _check_forced_vs_float64(_hf_siglip_vision().train(), _images((32, 32)),
+                                      lambda m, x: m(pixel_values=x).last_hidden_state)
+    assert report.counts()["SiglipAttention"] == 1 and report.counts()["SiglipVisionEmbeddings"] == 1
 
 
 @pytest.mark.gpu
