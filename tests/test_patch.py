@@ -250,6 +250,7 @@ ROPE_CASES = {  # timm's Eva class: EvaBlock + EvaAttention / AttentionRope, the
     "dinov3": ("vit_small_patch16_dinov3", ROPE_SMALL),  # rotate_half, cls + 4 registers, LayerScale
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", ROPE_SMALL),  # learned per-head frequencies: rope has grad
     "pe_core": ("vit_pe_core_base_patch16_224", ROPE_SMALL),  # Perception Encoder: AttentionRope, a pre-norm
+    "unfused_qkv": ("vit_small_patch16_rope_224", dict(ROPE_SMALL, qkv_fused=False)),  # q/k/v as one GEMM
     # q/k/v projections, q/k norms and the norm after attention (scale_attn_inner)
     "qk_norm_unfused_qkv": ("vit_small_patch16_rope_224", dict(ROPE_SMALL, qk_norm=True, qkv_fused=False,
                                                                scale_attn_inner=True)),

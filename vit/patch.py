@@ -229,14 +229,12 @@ class _FusedTimmRopeAttention(nn.Module):
             if getattr(self, "q_bias", None) is not None:  # EVA: (q_bias, zeros, v_bias)
                 bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
             qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
-        if self.qkv is not None and plain and attn_mask is None and not is_causal:
+        else:  # separate q/k/v projections (qkv_fused=False): one GEMM all the same
+            qkv = _packed_qkv(x, self.q_proj, self.k_proj, self.v_proj)
+        if plain and attn_mask is None and not is_causal:
             o = qkv_attention(qkv, H, self.scale, dropout_p=p, rope=rope, rope_prefix=npt, rope_half=half)
         else:
-            if self.qkv is not None:
-                q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views
-            else:
-                q, k, v = (linear(x, m.weight, m.bias).view(B, N, H, Dh)
-                           for m in (self.q_proj, self.k_proj, self.v_proj))
+            q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             if rope is not None:
                 q, k = apply_rope(q, rope, npt, half), apply_rope(k, rope, npt, half)
