@@ -525,7 +525,8 @@ def test_overhead_suite_rows(tmp_path):
     from flashvit.bench import overhead
     jobs = overhead.overhead_jobs(torch.device("cpu"), torch.float32, quick=True)
     names = {j.row.name for j in jobs}
-    assert {"layer_norm", "add_layer_norm", "linear+gelu", "qkv_attention", "patch_embed", "vit train step"} <= names
+    assert {"layer_norm", "add_layer_norm", "linear+gelu", "qkv_attention", "qkv_attention+rope", "patch_embed",
+            "vit train step"} <= names
     assert sum(j.row.baseline for j in jobs) == len({j.row.group() for j in jobs})  # one baseline per group
     jobs = [j for j in jobs if j.row.name in ("layer_norm", "vit train step") and j.row.impl != "timm+flashvit.patch"]
     runner = harness.Runner("overhead", jobs, {}, str(tmp_path), harness.Budget(None), torch.device("cpu"),
