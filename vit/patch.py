@@ -903,17 +903,18 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
-        mlp: timm ``Mlp`` / HF ``ViTMLP`` with an exact or tanh GELU and no inner norm -> ``FusedMLP`` (HF
-            ``DINOv3ViTMLP``: the same op on its up/down projections); timm
+        mlp: timm ``Mlp`` / HF ``ViTMLP`` / CLIP / SigLIP MLPs with an exact or tanh GELU and no inner norm ->
+            ``FusedMLP`` (HF ``DINOv3ViTMLP``: the same op on its up/down projections); timm
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
             and residual.
         patch_embed: timm ``PatchEmbed`` (NLC or NHWC output) / HF ``ViTPatchEmbeddings`` conv -> the fused
             patchify GEMM (timm's cls/register-token concat and pos_embed add stay in ``_pos_embed``); HF
-            ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] in the same op.
-        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``DINOv3ViTLayer``: fuse
-            the residual adds (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold
-            LayerScales into the GEMM before them.
+            ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
+            conv (+ class token) + positions, each in the same op.
+        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``DINOv3ViTLayer`` / CLIP and
+            SigLIP encoder layers: fuse the residual adds (add + LayerNorm in one pass, fc2 + residual in the
+            GEMM epilogue) and fold LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
