@@ -84,16 +84,22 @@ _GELUS = {
 }
 
 
-def _hf_role(m: nn.Module) -> Optional[str]:
-    """'Layer' / 'Attention' / 'MLP' / 'PatchEmbeddings' for a ViT-family transformers class (by its name)."""
+def _family_role(m: nn.Module, family: Dict[str, str], roles) -> Optional[str]:
+    """The role of a transformers class in a model family by its name: the class is ``<prefix><role>`` in
+    ``transformers.models.<folder>.modeling_<folder>`` with ``family[folder] == prefix``; else None."""
     mod, name = type(m).__module__, type(m).__name__
     if not mod.startswith("transformers.models."):
         return None
     folder = mod.split(".")[2]
-    prefix = _HF_VIT_FAMILY.get(folder)
+    prefix = family.get(folder)
     if prefix is None or mod != f"transformers.models.{folder}.modeling_{folder}":
         return None
-    return next((r for r in _HF_ROLES if name == prefix + r), None)
+    return next((r for r in roles if name == prefix + r), None)
+
+
+def _hf_role(m: nn.Module) -> Optional[str]:
+    """'Layer' / 'Attention' / 'MLP' / 'PatchEmbeddings' for a ViT-family transformers class (by its name)."""
+    return _family_role(m, _HF_VIT_FAMILY, _HF_ROLES)
 
 
 @functools.cache
@@ -128,6 +134,12 @@ def _source_fingerprint(fn: Callable) -> Optional[str]:
     except (OSError, TypeError, tokenize.TokenError, SyntaxError):
         return None
     return hashlib.sha256(" ".join(toks).encode()).hexdigest()[:16]
+
+
+def _unchecked(label: str, fn: Optional[Callable], prints: set) -> Optional[str]:
+    """None when ``fn``'s source fingerprint is among the checked ``prints``, else the reason to leave it."""
+    got = _source_fingerprint(fn) if fn is not None else None
+    return None if got in prints else f"{label} is not the source flashvit checked (fingerprint {got})"
 
 
 def _gelu_kind(act: nn.Module) -> Optional[str]:
@@ -644,10 +656,9 @@ def _dinov3_unchecked(*names: str) -> Optional[str]:
     mod = importlib.import_module(_HF_DINOV3)
     for name in names:
         obj = getattr(mod, name, None)
-        fn = obj.forward if isinstance(obj, type) else obj
-        got = _source_fingerprint(fn) if fn is not None else None
-        if got not in _DINOV3_CHECKED[name]:
-            return f"{name} is not the source flashvit checked (fingerprint {got})"
+        why = _unchecked(name, obj.forward if isinstance(obj, type) else obj, _DINOV3_CHECKED[name])
+        if why:
+            return why
     return None
 
 
@@ -681,10 +692,9 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
     mixin, checked = own
     for part, prints in checked.items():
         owner = m if part == "forward" else getattr(m, part, None)
-        fn = getattr(type(owner), "forward", None)
-        if fn is None or _source_fingerprint(fn) not in prints:
-            return None, (f"{type(owner).__name__}.forward is not the source flashvit checked "
-                          f"(fingerprint {_source_fingerprint(fn) if fn else None})")
+        why = _unchecked(f"{type(owner).__name__}.forward", getattr(type(owner), "forward", None), prints)
+        if why:
+            return None, why
     return _clone_as(m, mixin), None
 
 
@@ -706,19 +716,14 @@ _HF_ENCODER_MIXINS = {"Attention": _FusedHFEncoderAttention, "EncoderLayer": _Fu
 
 def _hf_encoder_role(m: nn.Module) -> Optional[str]:
     """'Attention' / 'MLP' / 'EncoderLayer' / 'VisionEmbeddings' for a CLIP-style transformers class, else None."""
-    mod, name = type(m).__module__, type(m).__name__
-    folder = mod.split(".")[2] if mod.startswith("transformers.models.") else ""
-    prefix = _HF_ENCODER_FAMILY.get(folder)
-    if prefix is None or mod != f"transformers.models.{folder}.modeling_{folder}":
-        return None
-    return next((r for r in _HF_ENCODER_CHECKED if name == prefix + r), None)
+    return _family_role(m, _HF_ENCODER_FAMILY, _HF_ENCODER_CHECKED)
 
 
 def _decide_hf_encoder(m: nn.Module) -> Decision:
     role = _hf_encoder_role(m)
-    got = _source_fingerprint(type(m).forward)
-    if got not in _HF_ENCODER_CHECKED[role]:
-        return None, f"{type(m).__name__}.forward is not the source flashvit checked (fingerprint {got})"
+    why = _unchecked(f"{type(m).__name__}.forward", type(m).forward, _HF_ENCODER_CHECKED[role])
+    if why:
+        return None, why
     if role == "MLP":
         kind, why = _mlp_reason(m, "activation_fn")
         return (None, why) if kind is None else (_share_mlp(m, kind, nn.Dropout(0.0), nn.Dropout(0.0)), None)
@@ -800,10 +805,10 @@ def _decide_timm_glu_mlp(m: nn.Module) -> Decision:
 
 
 def _decide_hf_swiglu_ffn(m: nn.Module) -> Decision:
-    if _source_fingerprint(type(m).forward) not in _HF_SWIGLU_CHECKED or _qualname(m.act_fn) not in _SILUS:
-        return None, (f"{type(m).__name__}.forward is not the source flashvit checked "
-                      f"(fingerprint {_source_fingerprint(type(m).forward)}) or its act_fn is not SiLU")
-    return _clone_as(m, _FusedHFSwiGLUFFN), None
+    why = _unchecked(f"{type(m).__name__}.forward", type(m).forward, _HF_SWIGLU_CHECKED)
+    if why is None and _qualname(m.act_fn) not in _SILUS:
+        why = f"its act_fn {_qualname(m.act_fn)} is not SiLU"
+    return (None, why) if why else (_clone_as(m, _FusedHFSwiGLUFFN), None)
 
 
 def _decide_hf_mlp(m: nn.Module) -> Decision:
