@@ -413,10 +413,11 @@ def dims_text(model: torch.nn.Module, cfg: Dict[str, Any]) -> str:
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
     """A state dict from a file: torch's (.pt/.pth/.bin, loaded weights_only; our checkpoints and the usual
     'model' / 'state_dict' / 'model_ema' wrappers unwrapped, DDP's 'module.' prefix dropped) or .safetensors."""
+    safetensors = path.endswith(".safetensors")
+    if safetensors and importlib.util.find_spec("safetensors") is None:
+        raise ConfigError(f"--init-from {path}: reading .safetensors needs the safetensors package")
     try:
-        if path.endswith(".safetensors"):
-            if importlib.util.find_spec("safetensors") is None:
-                raise ConfigError(f"--init-from {path}: reading .safetensors needs the safetensors package")
+        if safetensors:
             from safetensors.torch import load_file
 
             obj: Any = load_file(path)
@@ -424,8 +425,6 @@ def read_weights(path: str) -> Dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ConfigError(f"--init-from {path}: file not found") from None
-    except ConfigError:
-        raise
     except Exception as e:  # corrupt, or pickled objects weights_only refuses
         raise ConfigError(f"--init-from {path}: cannot load it: {str(e).splitlines()[0]}") from None
     for key in ("model", "state_dict", "model_ema"):
@@ -469,7 +468,7 @@ def init_weights(model: torch.nn.Module, path: str) -> str:
     mismatched = sorted(k for k, v in sd.items() if k in own and v.shape != own[k].shape and k not in resampled)
     sd = {k: v for k, v in sd.items() if k not in mismatched}
     result = model.load_timm_state_dict(sd, strict=False) if ours else model.load_state_dict(sd, strict=False)
-    loaded = sum(1 for k in sd if k in own) if sd else 0
+    loaded = sum(1 for k in sd if k in own)
     if loaded == 0:
         raise ConfigError(f"--init-from {path}: none of its {len(sd)} tensors has a name and shape of this model")
 
