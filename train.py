@@ -67,7 +67,7 @@ COMMON: Dict[str, Any] = dict(
     mlp_dim=None, drop_path_rate=0.0, pos_embed_learnable=True, model_kwargs={}, init_from=None, model_dims=None,
     epochs=20, batch_size=128, eval_batch_size=512, lr=2e-3, min_lr=1e-5, weight_decay=0.05, warmup_epochs=1.0,
     label_smoothing=0.1, grad_clip=1.0, precision="auto", backend="auto", compile=False,
-    compile_mode="default", cuda_graph=False, seed=0, max_steps=None,
+    compile_mode="default", cuda_graph=False, mlp_recompute="none", seed=0, max_steps=None,
     workers=None, threads=None, run_dir=None, out_dir="runs", best_path=None, log_path=None, progress=True,
     profile="auto", device="auto", synthetic_train=2048, synthetic_test=512,
 )
@@ -92,6 +92,7 @@ SEED_KEYS = {"patch_size": "patch_size", "pos_encoding_learnable": "pos_embed_le
 ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "mlp_dim")
 CHOICES = {"dataset": DATASETS, "precision": ("auto", "fp32", "bf16", "fp16"), "backend": flashvit.kernels.BACKENDS,
            "profile": ("auto", "cpu", "gpu"), "device": ("auto", "cpu", "cuda"),
+           "mlp_recompute": flashvit.kernels.MLP_RECOMPUTE,
            "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")}
 POSITIVE_INT = ("epochs", "batch_size", "eval_batch_size", "depth", "num_heads", "patch_size", "embed_dim",
                 "synthetic_train", "synthetic_test")
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="replay each step's forward + backward from one CUDA graph (one GPU, bf16 or fp32, no "
                         "--compile): no host time per kernel, the optimizer steps eagerly")
+    g.add_argument("--mlp-recompute", choices=CHOICES["mlp_recompute"],
+                   help="fused MLPs' backward rebuilds fc1's output h ('act': one pass, half the MLP's saved "
+                        "activations) or reruns fc1 ('fc1': none of them) instead of keeping it (none)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (smoke runs)")
     g.add_argument("--threads", type=int, help="CPU threads per process (default: the idle cores, at least 1)")
@@ -744,7 +748,7 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
         saved = dict(ck["config"])
         # A resumed run keeps its settings; only these may change (e.g. more epochs, another machine).
         for k in ("epochs", "max_steps", "progress", "threads", "workers", "backend", "compile", "compile_mode",
-                  "cuda_graph", "data_dir", "eval_batch_size", "device"):
+                  "cuda_graph", "mlp_recompute", "data_dir", "eval_batch_size", "device"):
             if k in explicit:
                 saved[k] = cfg[k]
         saved["run_dir"] = os.path.dirname(os.path.abspath(resume_path))
@@ -874,7 +878,8 @@ def train(cfg: Dict[str, Any], d: Dist, device: torch.device) -> int:
     bar_enabled = cfg["progress"] and d.main
     stop = step >= total_steps
     epoch = start_epoch
-    with flashvit.use_backend(cfg["backend"]):
+    # (mlp_recompute: absent from checkpoints saved before it existed)
+    with flashvit.use_backend(cfg["backend"]), flashvit.use_mlp_recompute(cfg.get("mlp_recompute", "none")):
         while epoch < cfg["epochs"] and not stop:
             net.train()
             if sampler is not None:

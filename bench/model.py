@@ -48,7 +48,8 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[a
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
          "flashvit[mlp=hybrid]",
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
-         "timm+flashvit.patch[mlp=tma]", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
+         "timm+flashvit.patch[mlp=tma]", "flashvit[recompute=act]", "flashvit[recompute=fc1]",
+         "timm+flashvit.patch[recompute=act]", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
          "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
 # end to end what a change of verdict would give (or gave) against the defaults:
@@ -63,8 +64,11 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[a
 #                use_bwd_tail; the op rows' [fused+tail]: the fewest instructions a score by ptxas's count) on
 #   attn=masked  kernels/attention.py: the masked loops forced (use_fwd_tail, use_bwd_tail off: the default
 #                before the autotuner picked the loop form; the op rows' [masked])
+#   recompute=M  kernels/linear.py use_mlp_recompute(M) (act | fc1): the fused MLP in training (its 'auto' takes
+#                it when a recompute is asked) keeping z alone (act) or nothing (fc1): peak memory and its cost
+#                (training rows only)
 VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"),
-            "attn": ("split", "fused", "masked")}
+            "attn": ("split", "fused", "masked"), "recompute": ("act", "fc1")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
@@ -164,6 +168,8 @@ def _verdicts(impl: str) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             if "mlp" in tags:
                 stack.enter_context(lin.use_gemm(tags["mlp"]))
+            if "recompute" in tags:
+                stack.enter_context(lin.use_mlp_recompute(tags["recompute"]))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
                 uses = {"fused": (attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail),
@@ -327,13 +333,16 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     other models' training rows timm, flashvit and graph(...) (whether a model the host holds back, ViT-S in
     run 6, runs faster from a CUDA graph), the first model's mlp= verdict rows (their first step may autotune
     many GEMM shapes), its torch.compile training rows, the other models' remaining eager rows, the first
-    model's compile inference rows, the other models' compile rows, then the other models' mlp= verdict rows."""
+    model's compile inference rows, the other models' compile rows, then the other models' mlp= verdict rows.
+    The recompute= rows (memory for time in the MLP's backward) are training rows: the first model's after its mlp=
+    rows, the others' after theirs."""
     impls = list(impls or IMPLS)
     for i in impls:
         if i not in IMPLS:
             raise ValueError(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
     mlp_impls = [i for i in impls if "mlp" in verdict_tags(i)]
-    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls]
+    rec_impls = [i for i in impls if "recompute" in verdict_tags(i) and i not in mlp_impls]  # training rows only
+    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls and i not in rec_impls]
     comp_impls = [i for i in impls if i in COMPILED]
     compile_min_s = 45.0 if ctx.device.type == "cuda" else 10.0
 
@@ -358,6 +367,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     for n in rest:
         order += jobs(n, ("train",), early)
     order += jobs(first, ("train", "infer"), mlp_impls)
+    order += jobs(first, ("train",), rec_impls)
     order += jobs(first, ("train",), comp_impls)
     for n in rest:
         order += jobs(n, ("train",), [i for i in eager_impls if i not in early])
@@ -367,6 +377,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
         order += jobs(n, ("train", "infer"), comp_impls)
     for n in rest:
         order += jobs(n, ("train", "infer"), mlp_impls)
+        order += jobs(n, ("train",), rec_impls)
     return order
 
 

@@ -16,7 +16,7 @@ from flashvit.kernels.layernorm import (
     layer_norm,
     layer_norm_reference,
 )
-from flashvit.kernels.linear import FusedMLP, linear, linear_reference, mlp
+from flashvit.kernels.linear import MLP_RECOMPUTE, FusedMLP, linear, linear_reference, mlp, use_mlp_recompute
 from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
 from flashvit.kernels.rope import apply_rope, rope_reference
 
@@ -27,6 +27,7 @@ __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
     "attention", "attention_reference", "dropout_mask", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
-    "FusedMLP", "linear", "linear_reference", "mlp", "swiglu", "swiglu_packed", "swiglu_reference",
+    "FusedMLP", "MLP_RECOMPUTE", "linear", "linear_reference", "mlp", "use_mlp_recompute",
+    "swiglu", "swiglu_packed", "swiglu_reference",
     "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "rope_reference",
 ]

@@ -641,6 +641,42 @@ def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN, p
         _config_override.reset(token)
 
 
+# What the MLP's autograd keeps for its backward (``mlp(recompute=...)``, ``FusedMLP.recompute``,
+# ``use_mlp_recompute``, ``FLASHVIT_MLP_RECOMPUTE``), per token of hidden width H: "none" saves fc1's
+# pre-activation z and its output h = act(z) (2·H values, what eager PyTorch saves too); "act" saves z alone and
+# the backward recomputes h in one elementwise pass (H values: the MLP's share of a ViT block's saved
+# activations halves); "fc1" saves neither and the backward reruns fc1's fused GEMM (bias + act + z), one
+# forward GEMM more for no H-wide activation at all (flash-attn's FusedMLP checkpoint_lvl 1 and 2).
+MLP_RECOMPUTE = ("none", "act", "fc1")
+_recompute_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_mlp_recompute",
+                                                                                    default=None)
+
+
+def _check_recompute(mode: str) -> str:
+    if mode not in MLP_RECOMPUTE:
+        raise ValueError(f"unknown MLP recompute mode {mode!r}; expected one of {MLP_RECOMPUTE}")
+    return mode
+
+
+@contextlib.contextmanager
+def use_mlp_recompute(mode: str) -> Iterator[None]:
+    """What fused MLPs (``mlp``, ``FusedMLP``, flashvit's ViT, patched models) save for the backward inside a
+    ``with`` block: 'none' | 'act' | 'fc1' (see ``MLP_RECOMPUTE``). An explicit ``recompute`` argument wins."""
+    token = _recompute_override.set(_check_recompute(mode))
+    try:
+        yield
+    finally:
+        _recompute_override.reset(token)
+
+
+def _recompute_name(recompute: Optional[str]) -> str:
+    """The recompute mode asked for: the argument, else the use_mlp_recompute context, else
+    FLASHVIT_MLP_RECOMPUTE, else 'none'."""
+    name = (recompute or _recompute_override.get()
+            or os.environ.get("FLASHVIT_MLP_RECOMPUTE", "none").strip().lower() or "none")
+    return _check_recompute(name)
+
+
 # Split-K for the GEMMs without epilogue whose output is a few tiles over a long K: the weight gradients
 # dW = dZᵀ·X (K = tokens). ViT-B's fc1 dW is 3072 x 768 = 144 tiles of 128 x 128 over K = 50432: on 132 SMs
 # that is two waves, the second 12 tiles, 55% busy; 4 splits make 576 work items in five waves, 87% busy, for
@@ -1028,6 +1064,19 @@ def _(x, weight, bias, residual, activation, save_z, gemm, allow_tf32):
     return y, z
 
 
+@custom_op("activation_fwd")
+def _activation_op(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """h = act(z) for a contiguous (M, H) z in one pass: the MLP backward recomputing fc1's output."""
+    h = _empty(tuple(z.shape), z.device, z.dtype)
+    _launch_epilogue(z, None, _ACT_CODE[activation], h)
+    return h
+
+
+@_activation_op.register_fake
+def _(z, activation):
+    return torch.empty_like(z)
+
+
 @custom_op("linear_bwd")
 def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor],
                    activation: str, has_bias: bool, need_dx: bool, need_dw: bool, gemm: str,
@@ -1090,24 +1139,33 @@ class MLPFn(torch.autograd.Function):
     """2-D y = act(x·W1ᵀ + b1)·W2ᵀ + b2 + residual on the Triton kernels (x (M, K), residual (M, N)).
 
     Backward: fc2's grads; then dZ = (dY·W2) ⊙ act'(z) and db1 from one GEMM whose epilogue applies act'
-    (linear_dact_bwd); then fc1's dX and dW from dZ. Saves x, z, h (fc1's output) and the weights.
+    (linear_dact_bwd); then fc1's dX and dW from dZ. Saves x and the weights, and by ``recompute``
+    (``MLP_RECOMPUTE``): z and h (fc1's output; "none"), z alone, h recomputed from it ("act"; h is kept where
+    z is not saved: fc1 needing no grads), or neither, both recomputed by fc1's forward GEMM ("fc1").
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual, activation, gemm, allow_tf32, save_z):
-        h, z = _linear_fwd_op(x, w1, b1, None, activation, save_z, gemm, allow_tf32)
+    def forward(ctx, x, w1, b1, w2, b2, residual, activation, gemm, allow_tf32, save_z, recompute="none"):
+        h, z = _linear_fwd_op(x, w1, b1, None, activation, save_z and recompute != "fc1", gemm, allow_tf32)
         y, _ = _linear_fwd_op(h, w2, b2, residual, "", False, gemm, allow_tf32)
-        ctx.save_for_backward(x, w1, z if save_z else None, h, w2)
+        keep_h = recompute == "none" or (recompute == "act" and not save_z)
+        ctx.save_for_backward(x, w1, b1 if recompute == "fc1" else None,
+                              z if save_z and recompute != "fc1" else None, h if keep_h else None, w2)
         ctx.activation, ctx.gemm, ctx.allow_tf32 = activation, gemm, allow_tf32
         ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.recompute, ctx.save_z = recompute, save_z
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, z, h, w2 = ctx.saved_tensors
+        x, w1, b1, z, h, w2 = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
         gemm, tf32 = ctx.gemm, ctx.allow_tf32
         dx = dw1 = db1 = dw2 = db2 = None
+        if ctx.recompute == "fc1":  # h and z again from fc1's fused GEMM (z only where fc1 takes grads)
+            h, z = _linear_fwd_op(x, w1, b1, None, ctx.activation, ctx.save_z, gemm, tf32)
+        elif h is None and (need_w2 or need_b2):  # "act": h = act(z), one pass, for fc2's grads
+            h = _activation_op(z, ctx.activation)
         if need_w2 or need_b2:
             _, gw2, gb2 = _linear_bwd_op(dy, h, w2, None, "", ctx.has_b2 and need_b2, False, need_w2, gemm, tf32)
             dw2 = gw2 if need_w2 else None
@@ -1119,7 +1177,7 @@ class MLPFn(torch.autograd.Function):
                 gx, gw1, _ = _linear_bwd_op(dz, x, w1, None, "", False, need_x, need_w1, gemm, tf32)
                 dx = gx if need_x else None
                 dw1 = gw1 if need_w1 else None
-        return dx, dw1, db1, dw2, db2, (dy if need_r else None), None, None, None, None
+        return dx, dw1, db1, dw2, db2, (dy if need_r else None), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1252,13 +1310,17 @@ def _apply_uncast(dt: Optional[torch.dtype], device: torch.device, fn, args: tup
 def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tensor], fc2_weight: torch.Tensor,
         fc2_bias: Optional[torch.Tensor], activation: str = "gelu", residual: Optional[torch.Tensor] = None, *,
         layer_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None, gemm: Optional[str] = None,
-        allow_tf32: Optional[bool] = None) -> torch.Tensor:
+        allow_tf32: Optional[bool] = None, recompute: Optional[str] = None) -> torch.Tensor:
     """y = act(x·W1ᵀ + b1)·W2ᵀ + b2 (+ residual): timm's Mlp, weights in nn.Linear's layout, any leading shape.
 
     Two fused GEMMs forward (bias + GELU, bias + residual). Backward: the GELU derivative is applied in the
     epilogue of fc2's dX GEMM, which also yields fc1's bias grad, so the hidden-size gradient is written once
     (``linear_dact_bwd``). ``layer_scale`` (γ of a LayerScale after the MLP) scales fc2's output before the
     residual, folded into fc2 as in :func:`linear`. ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
+    ``recompute`` ('none' | 'act' | 'fc1'; default: ``use_mlp_recompute``'s, else FLASHVIT_MLP_RECOMPUTE's, else
+    'none'): the hidden activations the backward recomputes instead of keeping (see ``MLP_RECOMPUTE``). Asking for
+    'act' or 'fc1' makes the 'auto' backend run this op in training too (eager PyTorch keeps both); the eager
+    fallback (CPU) ignores it.
     """
     if activation not in ("gelu", "gelu_tanh"):
         raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {activation!r}")
@@ -1271,9 +1333,11 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     _validate(h_shape, fc2_weight, fc2_bias, None, residual, layer_scale)  # fc2's bias, residual, γ, devices
     if gemm is not None:
         _check_gemm_name(gemm)
+    recompute = _recompute_name(recompute)
     needs_z = needs_grad(x, fc1_weight, fc1_bias)
     training = needs_z or needs_grad(fc2_weight, fc2_bias, residual, layer_scale)
-    if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
+    auto = (AUTO_TRAINING or recompute != "none") if training else AUTO_INFERENCE
+    if not use_triton(x, backend, auto=auto, auto_compiled=AUTO_COMPILED):
         h = linear_reference(x, fc1_weight, fc1_bias, activation)
         return linear_reference(h, fc2_weight, fc2_bias, None, residual, layer_scale)
     fc2_weight, fc2_bias = _fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
@@ -1282,17 +1346,23 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
     N = w2.shape[0]
     args = (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, residual.reshape(-1, N) if residual is not None else None,
-            activation, _call_gemm(gemm, training), allow_tf32, needs_z)
+            activation, _call_gemm(gemm, training), allow_tf32, needs_z, recompute)
     y = _apply_uncast(dt, x.device, MLPFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
 
 
 class FusedMLP(nn.Module):
-    """timm's Mlp (``fc1`` -> GELU -> ``fc2``) with the bias/GELU/residual epilogues fused into the GEMMs."""
+    """timm's Mlp (``fc1`` -> GELU -> ``fc2``) with the bias/GELU/residual epilogues fused into the GEMMs.
+
+    ``recompute`` ('none' | 'act' | 'fc1', or None: follow ``use_mlp_recompute`` / FLASHVIT_MLP_RECOMPUTE): what
+    the backward recomputes instead of keeping (see :func:`mlp`); a plain attribute, settable on a built model.
+    """
 
     def __init__(self, in_features: int, hidden_features: Optional[int] = None, out_features: Optional[int] = None,
-                 bias: bool = True, drop: float = 0.0, approximate: str = "none") -> None:
+                 bias: bool = True, drop: float = 0.0, approximate: str = "none",
+                 recompute: Optional[str] = None) -> None:
         super().__init__()
+        self.recompute = None if recompute is None else _check_recompute(recompute)
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
@@ -1308,7 +1378,7 @@ class FusedMLP(nn.Module):
         act = "gelu" if self.act.approximate == "none" else "gelu_tanh"
         if not (self.training and (self.drop1.p > 0 or self.drop2.p > 0)):
             return mlp(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act, residual,
-                       layer_scale=layer_scale)
+                       layer_scale=layer_scale, recompute=self.recompute)
         h = self.drop1(linear(x, self.fc1.weight, self.fc1.bias, activation=act))
         y = self.drop2(linear(h, self.fc2.weight, self.fc2.bias, layer_scale=layer_scale))
         return y if residual is None else y + residual
@@ -1436,5 +1506,5 @@ def _aot_specs() -> List[AotSpec]:
 AOT_SPECS: List[AotSpec] = _aot_specs()
 
 __all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "linear_dact_bwd", "LinearFn", "mlp", "MLPFn",
-           "FusedMLP", "use_gemm", "use_gemm_config", "use_split_k", "split_k",
+           "FusedMLP", "MLP_RECOMPUTE", "use_mlp_recompute", "use_gemm", "use_gemm_config", "use_split_k", "split_k",
            "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

@@ -308,22 +308,25 @@ def test_graph_timer_rows_come_in_pairs_with_torch_compile():
 def test_model_rows_priority_order():
     ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, True, "", None)
     jobs = model.model_jobs(ctx, model.resolve(["b", "s"]))
-    kind = lambda i: "compile" if i in model.COMPILED else "mlp" if "mlp" in model.verdict_tags(i) else "eager"  # noqa: E731
+    kind = lambda i: ("compile" if i in model.COMPILED else "mlp" if "mlp" in model.verdict_tags(i)  # noqa: E731
+                      else "recompute" if "recompute" in model.verdict_tags(i) else "eager")
     order = [(j.row.name.split("_")[1], j.row.mode, kind(j.row.impl)) for j in jobs]
     firsts = []
     for key in order:
         if not firsts or firsts[-1] != key:
             firsts.append(key)
     assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("small", "train", "eager"),
-                      ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "compile"),
+                      ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "recompute"),
+                      ("base", "train", "compile"),
                       ("small", "train", "eager"), ("small", "infer", "eager"), ("base", "infer", "compile"),
                       ("small", "train", "compile"), ("small", "infer", "compile"),
-                      ("small", "train", "mlp"), ("small", "infer", "mlp")]
+                      ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute")]
     # the second model's timm, flashvit and graph(...) training rows early (ViT-S: host-bound in run 6)
     early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:5]
     assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)"], early
     keys = [(j.row.name, j.row.mode, j.row.impl) for j in jobs]
-    assert len(keys) == len(set(keys)) == 2 * 2 * len(model.IMPLS)  # every row once
+    n_rec = sum("recompute" in model.verdict_tags(i) for i in model.IMPLS)  # (training rows only)
+    assert len(keys) == len(set(keys)) == 2 * (2 * len(model.IMPLS) - n_rec)  # every row once
     assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
     with pytest.raises(ValueError, match="unknown model"):
         model.resolve(["vit_nope"])
@@ -371,7 +374,11 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
         assert attn._fwd_tail == attn._bwd_tail == [False] and attn._fwd_rows == []
     assert attn._fwd_tail == attn._bwd_tail == []
     assert state() == before
-    for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton"):
+    with model._verdicts("flashvit[recompute=fc1]"):
+        assert state() == before and lin._recompute_name(None) == "fc1"
+    assert lin._recompute_name(None) == "none"
+    for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton",
+                "flashvit[recompute=all]"):
         with pytest.raises(ValueError, match="bad"):
             model.verdict_tags(bad)
     assert all(model.verdict_tags(i) is not None for i in model.IMPLS)  # every listed impl parses

@@ -101,6 +101,17 @@ def test_patched_timm_compiles_fullgraph_with_triton_forced(name):
         _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
 
 
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@pytest.mark.parametrize("mode", ["act", "fc1"])
+def test_mlp_recompute_inside_a_compiled_graph(mode):
+    """The MLP backward's recompute (the activation op, or fc1's forward op again) traces into the one graph."""
+    torch.manual_seed(fresh_seed())
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
+                                  num_heads=2, num_classes=3).train()
+    with flashvit.use_backend("triton"), flashvit.use_mlp_recompute(mode):
+        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
+
+
 @needs_kernels
 def test_attention_dropout_kernels_inside_a_compiled_graph():
     """Attention dropout runs our kernels inside one graph: the seed is a device draw the graph traces (no

@@ -11,7 +11,8 @@ import itertools
 import pytest
 import torch
 
-from tests.helpers import assert_close_to_ref, max_err, poison, randn
+from flashvit.kernels import use_backend
+from tests.helpers import assert_close_to_ref, fresh_seed, max_err, poison, randn
 
 L = importlib.import_module("flashvit.kernels.linear")
 linear, linear_reference, FusedMLP = L.linear, L.linear_reference, L.FusedMLP
@@ -156,7 +157,7 @@ def test_tma_path(M, K, N, act, bias, res, device, tma_launches):
     assert tma_launches["tma"] == 3, tma_launches  # y (x, Wᵀ), dX (dZ, W), dW (dZᵀ, X) layouts
 
 
-def _check_mlp(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, grad_res=True):
+def _check_mlp(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, grad_res=True, recompute=None):
     """mlp() output and every grad (x, W1, b1, W2, b2, residual) vs float64, with the 2x/3x rule in 16 bits."""
     x = randn(M, K, dtype=dtype, device=device)
     w1, w2 = randn(H, K, dtype=dtype, device=device, scale=K ** -0.5), randn(N, H, dtype=dtype, device=device,
@@ -173,7 +174,7 @@ def _check_mlp(M, K, H, N, dtype, act, bias1, bias2, res, gemm, device, grad_res
         return y.detach(), [t.grad if t is not None else None for t in leaves]
 
     def ours(x, w1, b1, w2, b2, r):
-        return L.mlp(x, w1, b1, w2, b2, act, r, backend="triton", gemm=gemm)
+        return L.mlp(x, w1, b1, w2, b2, act, r, backend="triton", gemm=gemm, recompute=recompute)
 
     def ref(x, w1, b1, w2, b2, r):
         return linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r)
@@ -246,6 +247,116 @@ def test_hybrid_gemm_path(M, K, H, N, bias1, res, device, monkeypatch):
     seen.clear()
     _check(x, w, b, None, "gelu", gemm="hybrid")
     assert seen == [] and not tiled
+
+
+def _mlp_run(recompute, dtype, gemm, device, seed, act="gelu", frozen_fc1=False):
+    """One mlp() forward + backward on the inputs ``seed`` draws: (y, grads, bytes autograd saved, activation
+    passes run)."""
+    M, K, H, N = 37, 24, 72, 40
+    seeds = iter(range(seed, seed + 7))
+
+    def t(*shape, scale=1.0, grad=True):
+        return randn(*shape, dtype=dtype, device=device, scale=scale, seed=next(seeds), requires_grad=grad)
+    x, w1, b1 = t(M, K, grad=not frozen_fc1), t(H, K, scale=K ** -0.5, grad=not frozen_fc1), t(H, grad=not frozen_fc1)
+    w2, b2, r = t(N, H, scale=H ** -0.5), t(N), t(M, N)
+    dy = t(M, N, grad=False)
+    saved, passes = [], []
+    act_op = L._activation_op
+
+    def pack(v):
+        saved.append(v.numel() * v.element_size())
+        return v
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v), L.use_gemm(gemm):
+        y = L.mlp(x, w1, b1, w2, b2, act, r, backend="triton", recompute=recompute)
+    L._activation_op = lambda *a: passes.append(1) or act_op(*a)
+    try:
+        with L.use_gemm(gemm):
+            y.backward(dy)
+    finally:
+        L._activation_op = act_op
+    return y, [v.grad for v in (x, w1, b1, w2, b2, r)], sum(saved), len(passes)
+
+
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "triton"), (torch.float16, "tma"),
+                                        (torch.float32, "cublas")], ids=lambda v: str(v).replace("torch.", ""))
+def test_mlp_recompute_saves_less_same_grads(dtype, gemm, device):
+    """recompute='act' keeps z but not h = act(z) (one pass rebuilds it), 'fc1' neither (fc1's GEMM reruns):
+    autograd holds exactly M·H elements less each, and the output and every grad match the default's, bit for
+    bit where h is rebuilt from the same values (fp32; fp16 on cuBLAS's path, where z is what the epilogue
+    read); on our 16-bit GEMMs h came from the unrounded fp32 z, so there dW2 is compared to the float64 rule."""
+    seed = fresh_seed() * 8
+    y0, g0, saved0, p0 = _mlp_run("none", dtype, gemm, device, seed)
+    hbytes = 37 * 72 * torch.finfo(dtype).bits // 8
+    for mode, less, passes in (("act", hbytes, 1), ("fc1", 2 * hbytes - 72 * torch.finfo(dtype).bits // 8, 0)):
+        y, g, saved, p = _mlp_run(mode, dtype, gemm, device, seed)
+        assert saved0 - saved == less, (mode, saved0, saved)
+        assert (p0, p) == (0, passes), mode
+        assert torch.equal(y, y0), mode
+        for name, a, b in zip(("dx", "dW1", "db1", "dW2", "db2", "dres"), g, g0):
+            if name == "dW2" and mode == "act" and dtype != torch.float32 and gemm != "cublas":
+                assert max_err(a, b) < 2e-3 * b.abs().max().item(), (mode, name)
+            else:
+                assert torch.equal(a, b), (mode, name)
+    for mode, act in (("act", "gelu"), ("fc1", "gelu_tanh")):  # and against float64 on the 2x/3x rule
+        _check_mlp(29, 16, 40, 24, dtype, act, True, True, True, gemm, device, recompute=mode)
+
+
+def test_mlp_recompute_with_frozen_fc1_keeps_h(device):
+    """fc1 taking no grads: z is never saved, so 'act' keeps h (nothing to rebuild it from); 'fc1' reruns fc1."""
+    seed = fresh_seed() * 8
+    y0, g0, saved0, _ = _mlp_run("none", torch.float32, "triton", device, seed, frozen_fc1=True)
+    y1, g1, saved1, p1 = _mlp_run("act", torch.float32, "triton", device, seed, frozen_fc1=True)
+    y2, g2, saved2, _ = _mlp_run("fc1", torch.float32, "triton", device, seed, frozen_fc1=True)
+    assert saved1 == saved0 and p1 == 0
+    assert saved2 < saved0
+    for g in (g1, g2):
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(g, g0))
+    assert g0[0] is None and g0[3] is not None
+
+
+def test_mlp_recompute_mode_sources(device, monkeypatch):
+    """The argument wins over use_mlp_recompute, which wins over FLASHVIT_MLP_RECOMPUTE; FusedMLP.recompute None
+    follows them; unknown modes are refused by each."""
+    seen = []
+    fn = L.MLPFn.apply
+    monkeypatch.setattr(L.MLPFn, "apply", lambda *a: seen.append(a[-1]) or fn(*a))
+    x = randn(5, 8, device=device, requires_grad=True)
+    m = FusedMLP(8, 16).to(device)
+    with use_backend("triton"):
+        monkeypatch.setenv("FLASHVIT_MLP_RECOMPUTE", "fc1")
+        m(x)
+        with L.use_mlp_recompute("act"):
+            m(x)
+            L.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, recompute="none")
+            m.recompute = "fc1"
+            m(x)
+        monkeypatch.delenv("FLASHVIT_MLP_RECOMPUTE")
+        m.recompute = None
+        m(x)
+    assert seen == ["fc1", "act", "none", "fc1", "none"]
+    with pytest.raises(ValueError, match="unknown MLP recompute mode 'all'"):
+        L.mlp(x, m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, recompute="all", backend="triton")
+    with pytest.raises(ValueError, match="unknown MLP recompute mode"):
+        FusedMLP(8, 16, recompute="gelu")
+    with pytest.raises(ValueError, match="unknown MLP recompute mode"):
+        with L.use_mlp_recompute("h"):
+            pass
+    monkeypatch.setenv("FLASHVIT_MLP_RECOMPUTE", "everything")
+    with pytest.raises(ValueError, match="unknown MLP recompute mode 'everything'"):
+        m(x)
+
+
+def test_mlp_recompute_takes_the_fused_mlp_under_auto(monkeypatch):
+    """Training under 'auto' runs eager PyTorch's MLP (AUTO_TRAINING off), which keeps both z and h: asking for a
+    recompute takes our MLP instead, on CUDA; on CPU 'auto' stays eager either way."""
+    picked = []
+    monkeypatch.setattr(L, "use_triton", lambda x, backend, auto, auto_compiled: picked.append(auto) or False)
+    x, w1, w2 = randn(3, 8, requires_grad=True), randn(16, 8), randn(8, 16)
+    for mode in ("none", "act", "fc1"):
+        L.mlp(x, w1, None, w2, None, recompute=mode)
+    with torch.no_grad():
+        L.mlp(x, w1, None, w2, None, recompute="act")
+    assert picked == [L.AUTO_TRAINING, True, True, L.AUTO_INFERENCE]
 
 
 def test_mlp_frozen_parts_and_inference(device, dact_launches):
@@ -847,6 +958,15 @@ def test_gpu_vit_mlp_shapes(gemm):
     for K, N, act, res in ((768, 3072, "gelu", False), (3072, 768, None, True)):
         x, w, b, r = _make(None, K, N, torch.bfloat16, "cuda", True, res, lead=(2, 197))
         _check(x, w, b, r, act, gemm=gemm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+@pytest.mark.parametrize("recompute", ["act", "fc1"])
+def test_gpu_mlp_recompute_bf16(gemm, recompute):
+    """ViT-B's MLP at batch 2 in bf16 with h (and z) rebuilt in the backward, vs float64 on the 2x/3x rule."""
+    L.set_autotune(gemm != "cublas")
+    _check_mlp(394, 768, 3072, 768, torch.bfloat16, "gelu", True, True, True, gemm, "cuda", recompute=recompute)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -236,6 +237,28 @@ def test_cuda_graph_steps_train_as_eager_steps_do(tmp_path, monkeypatch):
     for k in ("training_losses", "testing_losses", "testing_accuracies"):
         assert logs[0]["metrics"][k] == logs[1]["metrics"][k], k
     weights = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("plain", "graph")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="forces the Triton kernels: needs a GPU or the Triton interpreter")
+def test_mlp_recompute_trains_as_the_default_does(tmp_path, monkeypatch):
+    """--mlp-recompute act: the MLPs' backward rebuilds h = GELU(z) (the pass runs, once an MLP a step) and the
+    run's losses and weights are the default's bit for bit (fp32: h is rebuilt from the same z)."""
+    L = importlib.import_module("flashvit.kernels.linear")
+    passes = []
+    act_op = L._activation_op
+    monkeypatch.setattr(L, "_activation_op", lambda *a: passes.append(1) or act_op(*a))
+    args = [*SYN, *TINY, "--epochs", "1", "--max-steps", "3", "--backend", "triton", "--synthetic-train", "160"]
+    plain = _inproc([*args, "--run-dir", str(tmp_path / "plain")])[0]
+    assert plain.returncode == 0 and not passes, plain.stderr
+    rec = _inproc([*args, "--run-dir", str(tmp_path / "rec"), "--mlp-recompute", "act"])[0]
+    assert rec.returncode == 0, rec.stderr
+    assert len(passes) == 3  # one MLP (depth 1), three steps
+    logs = [json.loads((tmp_path / r / "log.json").read_text()) for r in ("plain", "rec")]
+    assert logs[1]["config"]["mlp_recompute"] == "act" and logs[0]["config"]["mlp_recompute"] == "none"
+    assert logs[0]["metrics"]["training_losses"] == logs[1]["metrics"]["training_losses"]
+    weights = [torch.load(tmp_path / r / "last.pt", weights_only=True)["model"] for r in ("plain", "rec")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
