@@ -334,8 +334,8 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     run 6, runs faster from a CUDA graph), the first model's mlp= verdict rows (their first step may autotune
     many GEMM shapes), its torch.compile training rows, the other models' remaining eager rows, the first
     model's compile inference rows, the other models' compile rows, then the other models' mlp= verdict rows.
-    The recompute= rows (memory for time in the MLP's backward) are training rows: the first model's after its mlp=
-    rows, the others' after theirs."""
+    The recompute= rows (memory for time in the MLP's backward) are training rows: the first model's after its
+    torch.compile training rows, the others' after their mlp= rows."""
     impls = list(impls or IMPLS)
     for i in impls:
         if i not in IMPLS:
@@ -367,8 +367,8 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     for n in rest:
         order += jobs(n, ("train",), early)
     order += jobs(first, ("train", "infer"), mlp_impls)
-    order += jobs(first, ("train",), rec_impls)
     order += jobs(first, ("train",), comp_impls)
+    order += jobs(first, ("train",), rec_impls)
     for n in rest:
         order += jobs(n, ("train",), [i for i in eager_impls if i not in early])
         order += jobs(n, ("infer",), eager_impls)

@@ -316,8 +316,8 @@ def test_model_rows_priority_order():
         if not firsts or firsts[-1] != key:
             firsts.append(key)
     assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("small", "train", "eager"),
-                      ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "recompute"),
-                      ("base", "train", "compile"),
+                      ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "compile"),
+                      ("base", "train", "recompute"),
                       ("small", "train", "eager"), ("small", "infer", "eager"), ("base", "infer", "compile"),
                       ("small", "train", "compile"), ("small", "infer", "compile"),
                       ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute")]
