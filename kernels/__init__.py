@@ -16,7 +16,15 @@ from flashvit.kernels.layernorm import (
     layer_norm,
     layer_norm_reference,
 )
-from flashvit.kernels.linear import MLP_RECOMPUTE, FusedMLP, linear, linear_reference, mlp, use_mlp_recompute
+from flashvit.kernels.linear import (
+    MLP_RECOMPUTE,
+    FusedMLP,
+    linear,
+    linear_reference,
+    mlp,
+    qkv_rope_linear,
+    use_mlp_recompute,
+)
 from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_reference
 from flashvit.kernels.rope import apply_rope, rope_reference
 
@@ -29,5 +37,5 @@ __all__ = [
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
     "FusedMLP", "MLP_RECOMPUTE", "linear", "linear_reference", "mlp", "use_mlp_recompute",
     "swiglu", "swiglu_packed", "swiglu_reference",
-    "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "rope_reference",
+    "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "qkv_rope_linear", "rope_reference",
 ]

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashvit.kernels import rope as _rope
 from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
@@ -135,13 +136,57 @@ if HAS_TRITON:
                      mask=n_ok & (first + j < P))
 
     @triton.jit
+    def _dev_rope_pair(x1, x2, c1, rope_ptr, rows, on_rows, c2, R_D):
+        # The two members of each rotated pair, (BM, K) fp32 each at columns c1 and c2 (K,) of the head (d = c % R_D):
+        # y1 = x1·cos(d1) − x2·sin(d1), y2 = x2·cos(d2) + x1·sin(d2); rows off the table (on_rows false) pass as they are.
+        d1 = (c1 % R_D)[None, :]
+        d2 = (c2 % R_D)[None, :]
+        s1 = tl.load(rope_ptr + rows + d1, mask=on_rows, other=0.0).to(tl.float32)
+        k1 = tl.load(rope_ptr + rows + R_D + d1, mask=on_rows, other=1.0).to(tl.float32)
+        s2 = tl.load(rope_ptr + rows + d2, mask=on_rows, other=0.0).to(tl.float32)
+        k2 = tl.load(rope_ptr + rows + R_D + d2, mask=on_rows, other=1.0).to(tl.float32)
+        return x1 * k1 - x2 * s1, x2 * k2 + x1 * s2
+
+    @triton.jit
+    def _dev_rope(acc, offs_m, on, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt, BLOCK_M: tl.constexpr,
+                  WIDTH: tl.constexpr, ROPE: tl.constexpr):
+        # acc (BM, WIDTH) fp32 at rows offs_m, columns on .. on + WIDTH: RoPE on the columns < R_COLS (q and k of a
+        # packed qkv, R_D-wide heads) of tokens (row % R_TOK) >= R_P. rope (R_TOK - R_P, 2·R_D) fp32 rows =
+        # cat(sin, cos), row stride stride_rt. ROPE == 1: pairs (2i, 2i + 1) (EVA-02's; any even WIDTH);
+        # ROPE > 1: rotate_half pairs (i, i + D/2) with D = ROPE = R_D, a power of two dividing WIDTH (DINOv3's:
+        # whole heads in the chunk, their halves brought side by side by a reshape).
+        tok = offs_m % R_TOK
+        rows = (tl.maximum(tok - R_P, 0)).to(tl.int64)[:, None] * stride_rt
+        if ROPE == 1:
+            x1, x2 = tl.split(tl.reshape(acc, (BLOCK_M, WIDTH // 2, 2)))  # even, odd columns
+            c1 = on + 2 * tl.arange(0, WIDTH // 2)
+            c2 = c1 + 1
+        else:
+            # (BM, heads, 2, D/2) -> (BM, heads, D/2, 2) -> first and second halves, (BM, heads·D/2) each
+            x1, x2 = tl.split(tl.reshape(tl.permute(tl.reshape(acc, (BLOCK_M, WIDTH // ROPE, 2, ROPE // 2)),
+                                                    (0, 1, 3, 2)), (BLOCK_M, WIDTH // 2, 2)))
+            j = tl.arange(0, WIDTH // 2)
+            c1 = on + (j // (ROPE // 2)) * ROPE + j % (ROPE // 2)
+            c2 = c1 + ROPE // 2
+        on_rows = (tok >= R_P)[:, None] & (c1 < R_COLS)[None, :]
+        y1, y2 = _dev_rope_pair(x1, x2, c1, rope_ptr, rows, on_rows, c2, R_D)
+        if ROPE == 1:
+            y = tl.reshape(tl.join(y1, y2), (BLOCK_M, WIDTH))
+        else:
+            y = tl.reshape(tl.permute(tl.reshape(tl.join(y1, y2), (BLOCK_M, WIDTH // ROPE, ROPE // 2, 2)),
+                                      (0, 1, 3, 2)), (BLOCK_M, WIDTH))
+        return y
+
+    @triton.jit
     def _dev_epilogue(acc, pre, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                      stride_rm, stride_rn, stride_cm, stride_cn,
+                      stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr):
+                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr,
+                      ROPE: tl.constexpr, WIDTH: tl.constexpr):
         # acc (BM, BNe) fp32: the output tile's columns offs_n (rows offs_m; (om, on) its corner). c_out and z_io
         # are TMA descriptors with DESC (block (BM, BNe)), else pointers with the C strides. PRE: ``pre`` is the
-        # z (DACT) or residual tile at acc's positions, already loaded.
+        # z (DACT) or residual tile at acc's positions, already loaded. ROPE (0: none; bias only besides it):
+        # _dev_rope after the bias; WIDTH = BNe.
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         rows = offs_m[:, None].to(tl.int64)
         if DACT != 0:  # TMA reads past the edges as zeros; the pointer loads are masked
@@ -156,6 +201,8 @@ if HAS_TRITON:
                 _dev_colsum(part_ptr, acc, mask, pid_m, offs_n, N, P, BLOCK_M)
         if HAS_BIAS:
             acc = acc + tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if ROPE:
+            acc = _dev_rope(acc, offs_m, on, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt, BLOCK_M, WIDTH, ROPE)
         if SAVE_Z:
             if DESC:
                 z_io.store([om, on], acc.to(z_io.dtype))
@@ -181,10 +228,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                             stride_rm, stride_rn, stride_cm, stride_cn,
+                             stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
                              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
                              DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, DESC: tl.constexpr,
-                             PRE: tl.constexpr):
+                             PRE: tl.constexpr, ROPE: tl.constexpr):
         # acc, pre (BM, WIDTH) at columns on .. on + WIDTH: _dev_epilogue on each column half.
         a0, a1 = _dev_halves(acc, BLOCK_M, WIDTH)
         if PRE:
@@ -193,18 +240,19 @@ if HAS_TRITON:
             p0, p1 = a0, a1
         offs_n = on + tl.arange(0, WIDTH // 2)
         _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                      stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
-                      DESC, PRE)
+                      stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
+                      HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, WIDTH // 2)
         _dev_epilogue(a1, p1, offs_m, offs_n + WIDTH // 2, om, on + WIDTH // 2, M, N, pid_m, bias_ptr, res_ptr,
-                      c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT,
-                      HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE)
+                      c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P,
+                      R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE,
+                      WIDTH // 2)
 
     @triton.jit
     def _dev_epilogue_tile(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                           stride_rm, stride_rn, stride_cm, stride_cn,
+                           stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
                            DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr,
-                           PRE: tl.constexpr):
+                           PRE: tl.constexpr, ROPE: tl.constexpr):
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
         # TMA tiles 256 wide whose epilogue reads a residual or z tile, or stores z, go by quarters: the staged
@@ -218,28 +266,30 @@ if HAS_TRITON:
             else:
                 q0, q1 = h0, h1
             _dev_epilogue_halves(h0, q0, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                                 stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT,
-                                 BLOCK_M, BLOCK_N // 2, DESC, PRE)
+                                 stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D,
+                                 stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE,
+                                 ROPE)
             _dev_epilogue_halves(h1, q1, offs_m, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io,
-                                 part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
-                                 SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE)
+                                 part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
+                                 R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE,
+                                 ROPE)
         elif BLOCK_N >= EPI_SPLIT_N:
             _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                                 stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT,
-                                 BLOCK_M, BLOCK_N, DESC, PRE)
+                                 stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D,
+                                 stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, DESC, PRE, ROPE)
         else:
             _dev_epilogue(acc, pre, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
-                          z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
-                          SAVE_Z, DACT, BLOCK_M, DESC, PRE)
+                          z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
+                          R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, BLOCK_N)
 
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
-        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr, part_ptr,
+        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr, part_ptr, rope_ptr,
         M, N, K, M_KEY, P, K_SPLIT, stride_cs,
         stride_am, stride_ak, stride_bk, stride_bn,
-        stride_rm, stride_rn, stride_cm, stride_cn,
+        stride_rm, stride_rn, stride_cm, stride_cn, R_TOK, R_P, R_COLS, R_D, stride_rt,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-        DACT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+        DACT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # C (M, N) = act(A (M, K) · B (K, N) + bias (N,)) + R (M, N); Z (M, N) = pre-activation.
@@ -288,17 +338,18 @@ if HAS_TRITON:
 
         c_out = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs
         _dev_epilogue_tile(acc, acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_out,
-                           z_ptr, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, HAS_BIAS, ACT, HAS_RES,
-                           SAVE_Z, DACT, BLOCK_M, BLOCK_N, False, False)
+                           z_ptr, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P,
+                           R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, False,
+                           False, ROPE)
 
     @triton.jit
     def _gemm_tma_kernel(
-        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr, z_ptr,
-        M, N, K, M_KEY, P, SPLITS, K_SPLIT, M_PAD, stride_rm, stride_rn,
+        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr, z_ptr, rope_ptr,
+        M, N, K, M_KEY, P, SPLITS, K_SPLIT, M_PAD, stride_rm, stride_rn, R_TOK, R_P, R_COLS, R_D, stride_rt,
         A_T: tl.constexpr, B_T: tl.constexpr,
         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, PREFETCH: tl.constexpr,
+        NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr,
     ):
         # The same C = act(A·B + bias) + R as _gemm_kernel, 16-bit operands streamed by TMA descriptors
         # (Hopper's bulk copies; out-of-bounds reads are zeros, out-of-bounds writes are dropped), and
@@ -347,8 +398,9 @@ if HAS_TRITON:
                     b = b_desc.load([ok, on])
                 acc = tl.dot(a, b, acc)
             _dev_epilogue_tile(acc, pre, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m,
-                               bias_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, HAS_BIAS, ACT,
-                               HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, True, PREFETCH)
+                               bias_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, rope_ptr,
+                               R_TOK, R_P, R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
+                               BLOCK_N, True, PREFETCH, ROPE)
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
@@ -431,7 +483,39 @@ TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises th
 # pass needs the occupancy to keep loads in flight.
 EPILOGUE_BLOCK = (8, 256, 4)
 _COLSUM_PROGRAMS = 1024  # max row chunks for the db partial sums (fixed per M -> deterministic; fills the GPU)
-_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT"]  # the epilogue shifts the best tile
+_AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT", "ROPE"]  # the epilogue shifts the best tile
+# The RoPE epilogue holds its chunk's pairs and four table tiles at once: tiles with more than this many fp32
+# accumulator values a thread spilled at sm_80/sm_90 (ptxas via kernels/_aot: 128x256 w8 and 128x128 w4 did;
+# 128x128 w8, 64x128 w4 and 128x64 w4 did not), so its autotuning keeps to tiles within it.
+ROPE_MAX_ACC = 64
+# The rotate_half epilogue brings whole heads' halves side by side within an epilogue chunk: every config's chunk
+# (BLOCK_N, or BLOCK_N / 2 from EPI_SPLIT_N on; no quarters without a z or residual) holds ROPE_HALF_MAX_D columns.
+ROPE_HALF_MAX_D = 64
+
+
+def rope_config_fits(cfg: Tuple[int, int, int, int, int]) -> bool:
+    """A GEMM config the RoPE epilogue runs without spilling (see ROPE_MAX_ACC)."""
+    bm, bn, _, w, _ = cfg
+    return bm * bn <= ROPE_MAX_ACC * 32 * w
+
+
+assert all(any(rope_config_fits(c) for c in cfgs) for cfgs in (SM80_CONFIGS_16, SM90_CONFIGS_16, FP32_CONFIGS,
+                                                                TMA_CONFIGS_16)), "a config list the RoPE epilogue fits"
+assert all((c[1] // 2 if c[1] >= _EPI_SPLIT_N else c[1]) >= ROPE_HALF_MAX_D
+           for c in SM80_CONFIGS_16 + SM90_CONFIGS_16 + FP32_CONFIGS + TMA_CONFIGS_16
+           + [INTERPRET_CONFIG, TMA_INTERPRET_CONFIG] if rope_config_fits(c)), \
+    "the rotate_half epilogue needs chunks (BLOCK_N, halved from EPI_SPLIT_N on) of ROPE_HALF_MAX_D columns"
+
+
+def _cfg(c) -> Tuple[int, int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def _gemm_prune(configs, named_args, **kwargs):
+    """The tiled GEMM's autotuning: with the RoPE epilogue only the configs it fits (at least one per list)."""
+    if not kwargs.get("ROPE", named_args.get("ROPE", 0)):
+        return configs
+    return [c for c in configs if rope_config_fits(_cfg(c))] or configs[-1:]
 assert all(c[0] % _PART_BM == 0 for c in SM80_CONFIGS_16 + SM90_CONFIGS_16 + FP32_CONFIGS + TMA_CONFIGS_16
            + [INTERPRET_CONFIG, TMA_INTERPRET_CONFIG]), "every GEMM BLOCK_M must be a multiple of _PART_BM"
 
@@ -495,8 +579,9 @@ def _tma_prune(configs, named_args, **kwargs):
     # or split-K's fp32 C tile (as big as two 16-bit ones)
     staged, fp32_c = flag("SAVE_Z") or flag("DACT") or flag("HAS_RES"), named_args.get("SPLITS", 1) > 1
     res_aligned = kwargs.get("HAS_RES", named_args.get("HAS_RES", 0)) != 2
-    keep = [c for c in configs if tma_config_fits((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                                   c.num_warps, c.num_stages), staged, fp32_c, res_aligned)]
+    rope = bool(kwargs.get("ROPE", named_args.get("ROPE", 0)))
+    keep = [c for c in configs if tma_config_fits(_cfg(c), staged, fp32_c, res_aligned)
+            and (not rope or rope_config_fits(_cfg(c)))]
     if not (flag("HAS_RES") or flag("DACT")):  # nothing to prefetch: the PREFETCH configs would be duplicates
         keep = [c for c in keep if not c.kwargs.get("PREFETCH")]
     return keep or [c for c in configs if not c.kwargs.get("PREFETCH")][-1:]
@@ -520,10 +605,10 @@ except Exception:  # pragma: no cover - older Triton or no Triton: the 'tma' pat
 if HAS_TRITON:
     # one autotuner per (arch family, operand width); each keeps its own cache of best configs
     _GEMM_TUNED = {
-        (80, 16): Launcher(triton.autotune(_triton_configs(SM80_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel)),
-        (90, 16): Launcher(triton.autotune(_triton_configs(SM90_CONFIGS_16), key=_AUTOTUNE_KEY)(_gemm_kernel)),
-        (80, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
-        (90, 32): Launcher(triton.autotune(_triton_configs(FP32_CONFIGS), key=_AUTOTUNE_KEY)(_gemm_kernel)),
+        (arch, width): Launcher(triton.autotune(_triton_configs(cfgs), key=_AUTOTUNE_KEY,
+                                                prune_configs_by={"early_config_prune": _gemm_prune})(_gemm_kernel))
+        for (arch, width), cfgs in (((80, 16), SM80_CONFIGS_16), ((90, 16), SM90_CONFIGS_16), ((80, 32), FP32_CONFIGS),
+                                    ((90, 32), FP32_CONFIGS))
     }
     _GEMM_TMA_TUNED = Launcher(triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": GROUP_M, "FLATTEN": TMA_FLATTEN,
@@ -590,6 +675,10 @@ GEMM_TABLE: Dict[Tuple[int, str], str] = {
 
 _gemm_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_gemm", default=None)
 GemmConfig = Tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+# A RoPE epilogue: (table (T - P, 2·D) = cat(sin, cos) rows, unit last stride; tokens T a sequence (rows of
+# the GEMM are (batch, token)); prefix P (tokens left as they are); columns rotated (2·H·D: q and k); head dim D;
+# the kernels' ROPE code: 1 = interleaved pairs, D = rotate_half pairs (D a power of two, see _dev_rope)).
+RopeEpilogue = Tuple[torch.Tensor, int, int, int, int, int]
 # ((kernel, config, flatten, prefetch), ...) forced by use_gemm_config, innermost last
 _config_override: contextvars.ContextVar[Tuple[Tuple[str, GemmConfig, bool, bool], ...]] = contextvars.ContextVar(
     "flashvit_gemm_config", default=())
@@ -811,19 +900,30 @@ def _desc(t: torch.Tensor) -> TensorDescriptor:
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [16, 16])
 
 
+def _rope_args(rope: Optional[RopeEpilogue], out: torch.Tensor) -> Tuple[tuple, tuple]:
+    """The GEMM kernels' RoPE arguments: ((table pointer,), (R_TOK, R_P, R_COLS, R_D, stride_rt)); placeholders
+    (ROPE off) without one."""
+    if rope is None:
+        return (out,), (1, 0, 0, 1, 0)
+    table, tokens, prefix, cols, head_dim, _ = rope
+    return (table,), (tokens, prefix, cols, head_dim, table.stride(0))
+
+
 def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                      out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
                      z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], splits: int, k_split: int,
-                     m_pad: int) -> None:
+                     m_pad: int, rope: Optional[RopeEpilogue] = None) -> None:
     # out: the (M, N) output, or with splits > 1 the (splits·m_pad, N) fp32 partials
     c_desc = _desc(out)
+    rope_ptr, rope_ints = _rope_args(rope, out)
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
             bias if bias is not None else out, residual if residual is not None else out,
-            part if part is not None else out, z if z is not None else out, M, N, K, max(16, next_pow2(M)),
+            part if part is not None else out, z if z is not None else out, *rope_ptr, M, N, K, max(16, next_pow2(M)),
             part.shape[0] if part is not None else 0, splits, k_split, m_pad,
-            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0)
+            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+            *rope_ints)
     flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=_res_mode(residual),
-                 SAVE_Z=z is not None and not dact, DACT=dact)
+                 SAVE_Z=z is not None and not dact, DACT=dact, ROPE=rope[5] if rope is not None else 0)
     interp = INTERPRET or not a.is_cuda
     sms = _sms(a.device)
     # a z or residual tile; an fp32 C tile (split-K); the residual's alignment
@@ -831,7 +931,8 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     forced = _forced_config("tma")
     if forced is not None or interp or not _autotune:  # one fixed config: forced, the interpreter's, or the first
         cfg, flatten, prefetch = forced or ((TMA_INTERPRET_CONFIG if interp else next(
-            c for c in TMA_CONFIGS_16 if tma_config_fits(c, *staged))), TMA_FLATTEN, False)
+            c for c in TMA_CONFIGS_16 if tma_config_fits(c, *staged) and (rope is None or rope_config_fits(c)))),
+            TMA_FLATTEN, False)
         if not interp and not tma_config_fits(cfg, *staged):
             raise ValueError(f"TMA GEMM config {cfg} needs more shared memory than sm_90 has"
                              f"{' with a z, residual or fp32 C tile staged' if any(staged[:2]) else ''}")
@@ -851,8 +952,9 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                  out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                  act: int = 0, z: Optional[torch.Tensor] = None, dact: int = 0, part: Optional[torch.Tensor] = None,
-                 tf32: bool = False, tma: bool = False, splits: int = 1) -> None:
+                 tf32: bool = False, tma: bool = False, splits: int = 1, rope: Optional[RopeEpilogue] = None) -> None:
     """out (M, N) contiguous = act(A·B + bias) + residual, z (M, N) = the pre-activation when given.
+    ``rope`` (bias only besides it; see ``RopeEpilogue``): RoPE of q and k in a packed qkv output, in the epilogue.
 
     A (M, K) is the 2-D tensor ``a``, or ``a``ᵀ when ``a_t`` (a stored (K, M)); B (K, N) is ``b``, or ``b``ᵀ
     when ``b_t`` (b stored (N, K)). ``tma``: the TMA kernel when every operand obeys its rules.
@@ -875,10 +977,11 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
         c = acc.view(splits * m_pad, N)
     if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z) and \
             (c.stride(0) * c.element_size()) % 16 == 0:  # bias, residual: plain loads
-        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, splits, k_split, m_pad)
+        _launch_gemm_tma(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, splits, k_split, m_pad,
+                         rope)
     else:
         _launch_gemm_tiled(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, tf32, splits, k_split,
-                           m_pad * N)
+                           m_pad * N, rope)
     if splits > 1:
         out.copy_(acc[:, :M].sum(0))
 
@@ -886,18 +989,19 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
 def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                        out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
                        z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], tf32: bool, splits: int,
-                       k_split: int, stride_cs: int) -> None:
+                       k_split: int, stride_cs: int, rope: Optional[RopeEpilogue] = None) -> None:
     a_strides = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
     b_strides = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
+    rope_ptr, rope_ints = _rope_args(rope, out)
     args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
-            z if z is not None else out, part if part is not None else out, M, N, K, max(16, next_pow2(M)),
-            part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
+            z if z is not None else out, part if part is not None else out, *rope_ptr, M, N, K,
+            max(16, next_pow2(M)), part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
-            out.stride(0), out.stride(1))
+            out.stride(0), out.stride(1), *rope_ints)
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
     flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None and not dact,
-                 DACT=dact, ALLOW_TF32=tf32 or a.dtype != torch.float32)
+                 DACT=dact, ALLOW_TF32=tf32 or a.dtype != torch.float32, ROPE=rope[5] if rope is not None else 0)
     forced = _forced_config("triton")
     interp = INTERPRET or not a.is_cuda
     if forced is None and not interp and _autotune:
@@ -909,9 +1013,10 @@ def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M
         cfg = forced[0]
     elif interp:
         cfg = INTERPRET_CONFIG
-    else:  # autotuning off: the first config of the arch's list
-        cfg = (FP32_CONFIGS if a.dtype == torch.float32 else
-               SM90_CONFIGS_16 if _arch(a.device) == 90 else SM80_CONFIGS_16)[0]
+    else:  # autotuning off: the first config of the arch's list (that the RoPE epilogue fits, with one)
+        cfgs = (FP32_CONFIGS if a.dtype == torch.float32 else
+                SM90_CONFIGS_16 if _arch(a.device) == 90 else SM80_CONFIGS_16)
+        cfg = next((c for c in cfgs if rope is None or rope_config_fits(c)), cfgs[-1])
     bm, bn, bk, w, s = cfg
     _gemm_kernel[(cdiv(M, bm) * cdiv(N, bn), splits)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                                        GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
@@ -954,6 +1059,44 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _launch_gemm(x, False, weight, True, M, N, K, y, bias=bias, residual=residual, act=act, z=z,
                  tf32=_resolve_tf32(allow_tf32), tma=path == "tma")
     return y, (z if z is not None else x.new_empty(0))
+
+
+def _rope_epilogue_mode(rope: torch.Tensor, head_dim: int, half: bool) -> int:
+    """The GEMM epilogue's ROPE code for this table and layout (1 interleaved, D rotate_half), 0 where the epilogue
+    cannot take it: a table that varies over batch or heads (patch dropout, per-head frequencies), or rotate_half
+    pairs with D not a power of two or wider than ROPE_HALF_MAX_D."""
+    if any(n != 1 for n in rope.shape[:-2]):
+        return 0
+    if not half:
+        return 1
+    return head_dim if head_dim & (head_dim - 1) == 0 and 2 <= head_dim <= ROPE_HALF_MAX_D else 0
+
+
+def qkv_rope_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rope: torch.Tensor,
+                        tokens: int, num_heads: int, prefix: int, half: bool, gemm: str = "",
+                        allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """x (M, K) (M = batch x ``tokens`` rows), weight (3·H·D, K) -> qkv (M, 3·H·D) = x·Wᵀ + b, q and k rotated.
+
+    Our GEMM paths rotate in the epilogue (no pass over q and k after it) where ``_rope_epilogue_mode`` allows;
+    otherwise (cuBLAS, other tables) the GEMM, then one in-place RoPE pass over q and k."""
+    M, K = x.shape
+    N = weight.shape[0]
+    D = N // (3 * num_heads)
+    mode = _rope_epilogue_mode(rope, D, half)
+    path = _choose_path(gemm, x.device, M, N, K, epilogue=mode != 0 and N * x.element_size() % 16 == 0,
+                        operands=(x, weight))
+    if path != "cublas" and mode != 0:
+        y = _empty((M, N), x.device, x.dtype)
+        table = rope.reshape(rope.shape[-2:])
+        table = table if table.stride(-1) == 1 else table.contiguous()
+        _launch_gemm(x, False, weight, True, M, N, K, y, bias=bias, tf32=_resolve_tf32(allow_tf32),
+                     tma=path == "tma", rope=(table, tokens, prefix, 2 * num_heads * D, D, mode))
+        return y
+    y, _ = linear_fwd(x, weight, bias, None, None, False, gemm, allow_tf32)
+    qk = y.view(M // tokens, tokens, 3, num_heads, D)[:, :, :2]
+    _rope.rope_apply(qk, qk, _rope.rope_table(rope, M // tokens, num_heads, tokens - prefix, D), prefix, half,
+                     backward=False)
+    return y
 
 
 def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz: bool, colsum: bool
@@ -1075,6 +1218,18 @@ def _activation_op(z: torch.Tensor, activation: str) -> torch.Tensor:
 @_activation_op.register_fake
 def _(z, activation):
     return torch.empty_like(z)
+
+
+@custom_op("qkv_rope_linear")
+def _qkv_rope_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], rope: torch.Tensor,
+                        tokens: int, num_heads: int, prefix: int, half: bool, gemm: str,
+                        allow_tf32: Optional[bool]) -> torch.Tensor:
+    return qkv_rope_linear_fwd(x, weight, bias, rope, tokens, num_heads, prefix, half, gemm, allow_tf32)
+
+
+@_qkv_rope_linear_op.register_fake
+def _(x, weight, bias, rope, tokens, num_heads, prefix, half, gemm, allow_tf32):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 @custom_op("linear_bwd")
@@ -1274,6 +1429,49 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     return y if late_residual is None else y + late_residual
 
 
+def qkv_rope_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], num_heads: int,
+                    rope: torch.Tensor, rope_prefix: int = 0, rope_half: bool = False, *,
+                    backend: Optional[str] = None, gemm: Optional[str] = None,
+                    allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """The qkv projection of a RoPE attention: x (B, N, C) -> packed qkv (B, N, 3·H·D) = x·Wᵀ + b with q and k
+    rotated as :func:`flashvit.kernels.rope.apply_rope` rotates them (``rope`` = cat(sin, cos) broadcastable to
+    (B, H, N - P, 2·D), the first ``rope_prefix`` tokens left, ``rope_half``: pairs (i, i + D/2)); v as it is.
+    Feed it to ``qkv_attention(qkv, num_heads)``.
+
+    Without autograd, on the Triton backend, the rotation runs in the GEMM's epilogue (our GEMM paths; one table
+    for every image and head, D a power of two up to 64 for rotate_half) or as one in-place pass after the GEMM;
+    with autograd (training: ``qkv_attention(qkv, H, rope=...)`` fuses it there) and on the reference path it is
+    :func:`linear` then :func:`apply_rope` of q and k.
+    """
+    _validate(x, weight, bias, None, None)
+    check_tensor("x", x, ndim=3)
+    H = int(num_heads)
+    C3 = weight.shape[0]
+    if H <= 0 or C3 % (3 * H):
+        raise ValueError(f"weight has {C3} outputs: not 3 x num_heads ({num_heads}) x a head dim")
+    B, N, _ = x.shape
+    D = C3 // (3 * H)
+    _rope.check_rope_args((B, N, H, D), rope, rope_prefix, where="qkv")
+    check_same_device(x=x, rope=rope)
+    if gemm is not None:
+        _check_gemm_name(gemm)
+    P, half = int(rope_prefix), bool(rope_half)
+    grads = needs_grad(x, weight, bias, rope)
+    if grads or not use_triton(x, backend, auto=AUTO_INFERENCE, auto_compiled=AUTO_COMPILED) or \
+            rope.dtype == torch.float64:
+        qkv = linear(x, weight, bias, backend=backend, gemm=gemm, allow_tf32=allow_tf32)
+        q, k, v = qkv.view(B, N, 3, H, D).unbind(2)
+        q, k = (_rope.apply_rope(t, rope, P, half, backend=backend) for t in (q, k))
+        return torch.stack((q, k, v), dim=2).reshape(B, N, C3)
+    check_triton_dtypes(rope=rope)
+    dt, (x, weight, bias), _, _ = _cast_inputs(x, (weight, bias), None)
+    args = (x.reshape(B * N, -1), weight, bias, rope, N, H, P, half, _call_gemm(gemm, False), allow_tf32)
+    if dt is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return _qkv_rope_linear_op(*args).reshape(B, N, C3)
+    return _qkv_rope_linear_op(*args).reshape(B, N, C3)
+
+
 def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], residual: Optional[torch.Tensor],
                  names: Tuple[str, ...] = ("weight", "bias")):
     """Mirror F.linear under autocast (x and the parameters in the autocast dtype; a residual of another dtype
@@ -1399,22 +1597,28 @@ _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
                  "dw": ("stride_am", "stride_bn", "stride_cn")}
 
 
+_ROPE_INTS = ("R_TOK", "R_P", "R_COLS", "R_D", "stride_rt")
+
+
 def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool,
-               dact: int = 0, split: bool = False) -> AotSpec:
+               dact: int = 0, split: bool = False, rope: int = 0) -> AotSpec:
     bm, bn, bk, w, s = cfg
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_rm", "stride_rn", "stride_cm", "stride_cn")
     sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
     sig["part_ptr"] = "*fp32"
+    sig["rope_ptr"] = "*fp32" if rope else f"*{ty}"
     if split:  # split-K: fp32 partials
         sig["c_ptr"] = "*fp32"
-    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P", "K_SPLIT", "stride_cs") + strides})
-    cx = dict(HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, DACT=dact,
-              ALLOW_TF32=tf32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+    sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P", "K_SPLIT", "stride_cs") + strides + _ROPE_INTS})
+    # rope: the qkv GEMM's epilogue (bias + RoPE, nothing else)
+    cx = dict(HAS_BIAS=epilogue or rope, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, DACT=dact,
+              ALLOW_TF32=tf32, ROPE=rope, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
     sig.update({n: "constexpr" for n in cx})
     ones = _UNIT_STRIDES[layout]  # M, N, M_KEY: never specialized; K and the other strides: ViT sizes, % 16 == 0
     return runtime_spec(_gemm_kernel, sig, cx, w, s,
                         f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
-                        f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}{',splitk' if split else ''}]",
+                        f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}{',splitk' if split else ''}"
+                        f"{f',rope={rope}' if rope else ''}]",
                         div16=("K", "K_SPLIT", "stride_cs") + tuple(n for n in strides if n not in ones), ones=ones)
 
 
@@ -1423,7 +1627,7 @@ _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
                    dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False, prefetch: bool = False,
-                   res_aligned: bool = True) -> AotSpec:
+                   res_aligned: bool = True, rope: int = 0) -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     cty = "fp32" if split else ty  # split-K: fp32 partials
@@ -1431,18 +1635,21 @@ def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, ep
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
            "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
            "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
-           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}", "M": "i32",
+           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}",
+           "rope_ptr": "*fp32" if rope else f"*{cty}", "M": "i32",
            "N": "i32", "K": "i32", "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32",
            "stride_rm": "i32"}
+    sig.update({n: "i32" for n in _ROPE_INTS})
     has_res = (1 if res_aligned else 2) if epilogue else 0
-    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue, ACT=1 if epilogue else 0, HAS_RES=has_res,
+    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue or rope, ACT=1 if epilogue else 0, HAS_RES=has_res,
               SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
-              FLATTEN=flatten, PREFETCH=prefetch)
+              FLATTEN=flatten, PREFETCH=prefetch, ROPE=rope)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
                         f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}"
-                        f"{',prefetch' if prefetch else ''}{'' if res_aligned else ',res_unaligned'}]",
+                        f"{',prefetch' if prefetch else ''}{'' if res_aligned else ',res_unaligned'}"
+                        f"{f',rope={rope}' if rope else ''}]",
                         div16=("K", "K_SPLIT", "M_PAD") + (("stride_rm",) if res_aligned else ()),
                         ones=() if split else ("SPLITS",), min_cc=90)
 
@@ -1462,6 +1669,12 @@ def _aot_specs() -> List[AotSpec]:
     specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, True, res_aligned=False)),
                                 "fwd", True, res_aligned=False))
     specs.append(_gemm_tma_spec("bf16", TMA_CONFIGS_16[0], "fwd", False, flatten=not TMA_FLATTEN))  # the other loop form
+    # the qkv GEMM with RoPE in its epilogue (bias + rotation): interleaved pairs and rotate_half at D = 64, at
+    # every width the epilogue's chunks take (64 and 128 columns)
+    for mode in (1, ROPE_HALF_MAX_D):  # (every config its autotuning keeps: rope_config_fits)
+        specs += [_gemm_tma_spec("bf16", c, "fwd", False, rope=mode) for c in TMA_CONFIGS_16 if rope_config_fits(c)]
+        specs += [_gemm_spec("bf16", c, "fwd", False, False, rope=mode)
+                  for c in dict.fromkeys(SM90_CONFIGS_16 + SM80_CONFIGS_16) if rope_config_fits(c)]
     # the epilogue's read issued before the K loop: the residual (forward) and z (act' backward)
     specs += [_gemm_tma_spec("bf16", c, "fwd", True, prefetch=True) for c in TMA_CONFIGS_16
               if tma_config_fits(c, True) and _prefetch_ok(c)]
@@ -1506,5 +1719,5 @@ def _aot_specs() -> List[AotSpec]:
 AOT_SPECS: List[AotSpec] = _aot_specs()
 
 __all__ = ["linear", "linear_reference", "linear_fwd", "linear_bwd", "linear_dact_bwd", "LinearFn", "mlp", "MLPFn",
-           "FusedMLP", "MLP_RECOMPUTE", "use_mlp_recompute", "use_gemm", "use_gemm_config", "use_split_k", "split_k",
-           "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]
+           "FusedMLP", "MLP_RECOMPUTE", "use_mlp_recompute", "qkv_rope_linear", "use_gemm", "use_gemm_config",
+           "use_split_k", "split_k", "set_autotune", "GEMM_TABLE", "GEMM_PATHS", "shape_class", "AOT_SPECS"]

@@ -40,7 +40,8 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(mod, name, counted)
 
-    for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed", "apply_rope"):
+    for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed", "apply_rope",
+                 "qkv_rope_linear"):
         wrap(patch_mod, name, name)
     wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
     wrap(patch_mod, "mlp_op", "mlp")  # transformers' DINOv3 MLP: the same op
@@ -279,6 +280,39 @@ def test_timm_rope_models_patched_match_unpatched(name, kw, calls):
     folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
     assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
     assert mixed == (name.endswith("mixed_224"))
+
+
+@pytest.mark.parametrize("case", ["eva02", "dinov3", "unfused_qkv"])
+def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
+    """Without autograd the patched RoPE attention runs qkv_rope_linear (RoPE in the qkv GEMM's epilogue) and the
+    plain packed attention: same features as the unpatched model; with the kernels forced (the interpreter on
+    CPU) against a float64 copy, and the epilogue really ran (interleaved for EVA-02, rotate_half for DINOv3)."""
+    name, kw = ROPE_CASES[case]
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).eval()
+    x = _images(model.patch_embed.img_size)
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = oracle.forward_features(x.double())
+        ref = model.forward_features(x)
+        flashvit.patch(model)
+        out = model.forward_features(x)
+    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    depth = kw["depth"]
+    assert calls["qkv_rope_linear"] == depth and calls["qkv_attention"] == depth, calls
+    if not INTERPRET:
+        return
+    seen = []
+    gemm = linear_mod._launch_gemm
+    try:
+        linear_mod._launch_gemm = lambda *a, **k: seen.append(k.get("rope")) or gemm(*a, **k)
+        with torch.no_grad(), flashvit.use_backend("triton"):
+            out = model.forward_features(x)
+    finally:
+        linear_mod._launch_gemm = gemm
+    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
+    modes = [r[5] for r in seen if r is not None]
+    assert modes == [model.blocks[0].attn.head_dim if case == "dinov3" else 1] * depth, modes
 
 
 def test_timm_patch_embed_formats_and_sizes():
@@ -779,6 +813,21 @@ def _dinov3_sources_checked() -> bool:
         return patch_mod._dinov3_unchecked(*patch_mod._DINOV3_CHECKED) is None
     except ImportError:
         return False
+
+
+def test_hf_dinov3_inference_rotates_in_the_qkv_gemm(calls):
+    """Without autograd, transformers' DINOv3 attention runs qkv_rope_linear (rotate_half in the qkv GEMM's epilogue
+    on the Triton path) then the plain packed attention: the unpatched model's features."""
+    if not _dinov3_sources_checked():
+        pytest.skip("this transformers' DINOv3 sources are not the ones flashvit checked")
+    model = _hf_dinov3(False).eval()
+    x = _images((32, 32))
+    with torch.no_grad():
+        ref = _dinov3_call(model, x)
+        flashvit.patch(model)
+        out = _dinov3_call(model, x)
+    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    assert calls["qkv_rope_linear"] == 2 and calls["qkv_attention"] == 2, calls
 
 
 @pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")

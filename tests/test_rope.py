@@ -236,6 +236,126 @@ def test_reference_backend_is_eager_and_matches_timm():
                                    atol=0, rtol=0)
 
 
+L = importlib.import_module("flashvit.kernels.linear")
+
+
+@pytest.fixture
+def gemm_spy(monkeypatch):
+    """Poisoned GEMM outputs; records each GEMM launch's RoPE epilogue code (0: none) and the RoPE passes."""
+    monkeypatch.setattr(L, "_empty", lambda shape, device, dtype: poisoned_empty(shape, dtype, device))
+    seen = {"epilogue": [], "passes": 0}
+    gemm, apply_ = L._launch_gemm, R.rope_apply
+
+    def spy_gemm(*a, **k):
+        seen["epilogue"].append(k["rope"][5] if k.get("rope") is not None else 0)
+        return gemm(*a, **k)
+
+    def spy_pass(*a, **k):
+        seen["passes"] += 1
+        return apply_(*a, **k)
+    monkeypatch.setattr(L, "_launch_gemm", spy_gemm)
+    monkeypatch.setattr(R, "rope_apply", spy_pass)
+    L.set_autotune(False)
+    yield seen
+    L.set_autotune(True)
+
+
+def _qkv_rope_oracle(x, w, b, rope, H, P, half):
+    """float64 x·Wᵀ + b, then timm's rotation of q and k; v as it is."""
+    B, N, _ = x.shape
+    D = w.shape[0] // (3 * H)
+    qkv = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double()).view(B, N, 3, H, D)
+    q, k = (_timm_oracle(qkv[:, :, i], rope.double(), P, half) for i in (0, 1))
+    return torch.stack((q, k, qkv[:, :, 2]), dim=2).reshape(B, N, -1)
+
+
+@pytest.mark.parametrize("dtype,gemm", [(torch.float32, "triton"), (torch.float16, "triton"), (torch.float16, "tma"),
+                                        (torch.float32, "cublas")], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("half", [False, True], ids=["interleaved", "half"])
+@pytest.mark.parametrize("B,N,C,H,D,P,rshape,bias", [(2, 13, 40, 2, 16, 1, "(n,2D)", True),
+                                                     (1, 37, 24, 3, 64, 5, "(1,1,n,2D)", False),
+                                                     (3, 6, 32, 1, 8, 0, "(B,1,n,2D)", True),
+                                                     (1, 9, 16, 2, 40, 2, "(n,2D)", True)])
+def test_qkv_rope_linear_matches_float64(dtype, gemm, half, B, N, C, H, D, P, rshape, bias, gemm_spy):
+    """The qkv GEMM with RoPE of q and k: in the epilogue of our GEMMs (interleaved pairs at any even D; rotate_half
+    at power-of-two D <= 64; one table for all images), else the GEMM then one in-place pass; vs float64 + timm."""
+    x = randn(B, N, C, dtype=dtype, device=DEVICE)
+    w = randn(3 * H * D, C, dtype=dtype, device=DEVICE, scale=C ** -0.5)
+    b = randn(3 * H * D, dtype=dtype, device=DEVICE) if bias else None
+    shape = {"(1,1,n,2D)": (1, 1, N - P, 2 * D)}.get(rshape) or ROPE_SHAPES[rshape](B, H, N - P, D)
+    rope = _table(shape)
+    with L.use_gemm(gemm):
+        y = L.qkv_rope_linear(x, w, b, H, rope, P, half, backend="triton")
+    want = _qkv_rope_oracle(x, w, b, rope, H, P, half)
+    same = None
+    if dtype != torch.float32:  # torch in this dtype: F.linear, then the rotation
+        qkv = torch.nn.functional.linear(x, w, b).view(B, N, 3, H, D)
+        q, k = (R.rope_reference(qkv[:, :, i], rope.to(dtype), P, half) for i in (0, 1))
+        same = torch.stack((q, k, qkv[:, :, 2]), dim=2).reshape(B, N, -1)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3)
+    assert y.shape == (B, N, 3 * H * D) and y.dtype == dtype
+    assert_close_to_ref(y, want, same, factor=2.0, name="qkv", **tol)
+    fused = gemm != "cublas" and rshape != "(B,1,n,2D)" and (not half or D in (8, 16, 64))
+    assert gemm_spy == {"epilogue": [(D if half else 1) if fused else 0] if gemm != "cublas" else [],
+                        "passes": 0 if fused else 1}, gemm_spy
+
+
+def test_qkv_rope_linear_then_attention_equals_the_fused_rope_attention(gemm_spy):
+    """qkv_attention(qkv_rope_linear(x, ...), H) is qkv_attention(linear(x, ...), H, rope=...) (inference)."""
+    B, N, C, H, D, P = 2, 11, 32, 2, 16, 1
+    x = randn(B, N, C, device=DEVICE)
+    w, b = randn(3 * H * D, C, device=DEVICE, scale=C ** -0.5), randn(3 * H * D, device=DEVICE)
+    rope = _table((N - P, 2 * D))
+    for half in (False, True):
+        o = A.qkv_attention(L.qkv_rope_linear(x, w, b, H, rope, P, half, backend="triton"), H, backend="triton")
+        want = A.qkv_attention(L.linear(x, w, b, backend="triton"), H, rope=rope, rope_prefix=P, rope_half=half,
+                               backend="triton")
+        assert_close_to_ref(o, A.qkv_attention_reference(_qkv_rope_oracle(x, w, b, rope, H, P, half), H), want,
+                            name="o")
+
+
+def test_qkv_rope_linear_with_autograd_is_linear_then_apply_rope(gemm_spy):
+    """With grads: linear + apply_rope (two autograd nodes, gradients to x, W, b); the fused GEMM runs without."""
+    B, N, C, H, D, P = 2, 7, 16, 2, 8, 1
+    x, w = randn(B, N, C, device=DEVICE, requires_grad=True), randn(3 * H * D, C, device=DEVICE, requires_grad=True)
+    b = randn(3 * H * D, device=DEVICE, requires_grad=True)
+    rope = _table((N - P, 2 * D))
+    y = L.qkv_rope_linear(x, w, b, H, rope, P, True, backend="triton")
+    g = randn(*y.shape, device=DEVICE)
+    y.backward(g)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    _qkv_rope_oracle(*leaves, rope, H, P, True).backward(g.double())
+    for name, got, want in zip(("dx", "dW", "db"), (x.grad, w.grad, b.grad), leaves):
+        assert_close_to_ref(got, want.grad, factor=3.0, name=name)
+    assert gemm_spy["epilogue"] == [0, 0, 0] and gemm_spy["passes"] == 4  # y, dX, dW; q and k each way
+
+
+def test_qkv_rope_linear_bad_inputs():
+    x, w = randn(2, 5, 8, device=DEVICE), randn(3 * 2 * 4, 8, device=DEVICE)
+    rope = _table((4, 8))
+    with pytest.raises(ValueError, match="not 3 x num_heads"):
+        L.qkv_rope_linear(x, w, None, 5, rope, 1)
+    with pytest.raises(ValueError, match="rope must be cat"):
+        L.qkv_rope_linear(x, w, None, 2, _table((5, 8)), 1)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        L.qkv_rope_linear(x[0], w, None, 2, rope, 1)
+    with pytest.raises(ValueError, match="x has 6 input features; expected 8"):
+        L.qkv_rope_linear(randn(2, 5, 6, device=DEVICE), w, None, 2, rope, 1)
+
+
+def test_rope_epilogue_configs():
+    """Every autotune list keeps a config the RoPE epilogue fits, and its autotuning keeps only those."""
+    fits = [c for c in L.SM90_CONFIGS_16 if L.rope_config_fits(c)]
+    import triton
+    configs = L._triton_configs(L.SM90_CONFIGS_16)
+    assert [L._cfg(c) for c in L._gemm_prune(configs, {}, ROPE=1)] == fits and fits
+    assert L._gemm_prune(configs, {}, ROPE=0) == configs
+    tma = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": False}, num_warps=w, num_stages=s)
+           for bm, bn, bk, w, s in L.TMA_CONFIGS_16]
+    assert all(L.rope_config_fits(L._cfg(c)) for c in L._tma_prune(tma, {"SPLITS": 1}, ROPE=64))
+    assert "ROPE" in L._AUTOTUNE_KEY
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,H,D,P,half", [(8, 197, 12, 64, 1, False), (4, 201, 6, 64, 5, True),
                                             (2, 257, 16, 80, 1, False)])
@@ -258,3 +378,22 @@ def test_qkv_attention_with_rope_bf16_gpu(B, N, H, D, P, half):
     same = run(ref, qkv, rope)
     assert_close_to_ref(out, out64, same[0], factor=2.0, atol=1e-3, name="o")
     assert_close_to_ref(dqkv, dqkv64, same[1], factor=3.0, atol=1e-3, name="dqkv")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+@pytest.mark.parametrize("B,N,C,H,D,P,half", [(4, 201, 384, 6, 64, 5, True), (4, 257, 384, 6, 64, 1, False)])
+def test_qkv_rope_linear_bf16_gpu(gemm, B, N, C, H, D, P, half):
+    """DINOv3-S (rotate_half, 4 registers) and EVA-02-S-like (interleaved) qkv GEMMs with RoPE in bf16, autotuned
+    (the epilogue's pruned configs), vs float64: 2x PyTorch's error."""
+    L.set_autotune(True)
+    x = randn(B, N, C, dtype=torch.bfloat16, device="cuda")
+    w = randn(3 * H * D, C, dtype=torch.bfloat16, device="cuda", scale=C ** -0.5)
+    b = randn(3 * H * D, dtype=torch.bfloat16, device="cuda")
+    rope = _table((N - P, 2 * D))
+    with torch.no_grad(), L.use_gemm(gemm):
+        y = L.qkv_rope_linear(x, w, b, H, rope, P, half)
+    qkv = torch.nn.functional.linear(x, w, b).view(B, N, 3, H, D)
+    q, k = (R.rope_reference(qkv[:, :, i], rope.to(torch.bfloat16), P, half) for i in (0, 1))
+    same = torch.stack((q, k, qkv[:, :, 2]), dim=2).reshape(B, N, -1)
+    assert_close_to_ref(y, _qkv_rope_oracle(x, w, b, rope, H, P, half), same, factor=2.0, atol=1e-3, name="qkv")

@@ -32,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashvit.kernels._dispatch import needs_grad
 from flashvit.kernels.attention import MAX_HEAD_DIM, attention, qkv_attention
 from flashvit.kernels.glu import swiglu, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
-from flashvit.kernels.linear import FusedMLP, linear
+from flashvit.kernels.linear import FusedMLP, linear, qkv_rope_linear
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
@@ -225,7 +226,8 @@ class _FusedTimmAttention(nn.Module):
 
 class _FusedTimmRopeAttention(nn.Module):
     """timm EvaAttention / AttentionRope: qkv GEMM (EVA's q/v biases in its epilogue) -> RoPE of q, k and flash
-    attention from the packed qkv (qkv_attention(rope=...)) -> (norm, sigmoid gate) -> proj GEMM."""
+    attention from the packed qkv (qkv_attention(rope=...); without autograd the RoPE runs in the qkv GEMM's
+    epilogue: qkv_rope_linear) -> (norm, sigmoid gate) -> proj GEMM."""
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -237,15 +239,19 @@ class _FusedTimmRopeAttention(nn.Module):
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
         if self.qkv is not None:
-            bias = self.qkv.bias
+            weight, bias = self.qkv.weight, self.qkv.bias
             if getattr(self, "q_bias", None) is not None:  # EVA: (q_bias, zeros, v_bias)
                 bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
-            qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
         else:  # separate q/k/v projections (qkv_fused=False): one GEMM all the same
-            qkv = _packed_qkv(x, self.q_proj, self.k_proj, self.v_proj)
-        if plain and attn_mask is None and not is_causal:
-            o = qkv_attention(qkv, H, self.scale, dropout_p=p, rope=rope, rope_prefix=npt, rope_half=half)
+            weight, bias = _qkv_params(self.q_proj, self.k_proj, self.v_proj)
+        fast = plain and attn_mask is None and not is_causal
+        if fast and rope is not None and not needs_grad(x, weight, bias, rope):
+            o = qkv_attention(qkv_rope_linear(x, weight, bias, H, rope, npt, half), H, self.scale, dropout_p=p)
+        elif fast:
+            o = qkv_attention(linear(x, weight, bias), H, self.scale, dropout_p=p, rope=rope, rope_prefix=npt,
+                              rope_half=half)
         else:
+            qkv = linear(x, weight, bias)  # (B, N, 3·H·Dh)
             q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             if rope is not None:
@@ -318,19 +324,29 @@ class _FusedHFDinov3Attention(nn.Module):
                                            position_embeddings=position_embeddings, **kwargs)
             return (out if layer_scale is None else out * layer_scale), weights
         N = hidden_states.shape[1]
-        qkv = _packed_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)  # (B, N, 3·H·Dh)
+        weight, bias = _qkv_params(self.q_proj, self.k_proj, self.v_proj)
         cos, sin = position_embeddings  # (..., N - prefix, Dh) each
-        o = qkv_attention(qkv, self.num_heads, self.scaling, dropout_p=self.dropout if self.training else 0.0,
-                          rope=torch.cat((sin, cos), dim=-1), rope_prefix=N - sin.shape[-2], rope_half=True)
+        rope, prefix, p = torch.cat((sin, cos), dim=-1), N - sin.shape[-2], self.dropout if self.training else 0.0
+        if needs_grad(hidden_states, weight, bias, rope):
+            o = qkv_attention(linear(hidden_states, weight, bias), self.num_heads, self.scaling, dropout_p=p,
+                              rope=rope, rope_prefix=prefix, rope_half=True)
+        else:  # RoPE in the qkv GEMM's epilogue
+            o = qkv_attention(qkv_rope_linear(hidden_states, weight, bias, self.num_heads, rope, prefix, True),
+                              self.num_heads, self.scaling, dropout_p=p)
         return linear(o, self.o_proj.weight, self.o_proj.bias, layer_scale=layer_scale), None
 
 
-def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> torch.Tensor:
-    """Separate q/k/v projections as one GEMM (weights concatenated: weight-sized work) -> (B, N, 3·H·Dh)."""
+def _qkv_params(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Separate q/k/v projections as one GEMM's weight (3·H·Dh, C) and bias (concatenated: weight-sized work)."""
     bias = None
     if any(m.bias is not None for m in (q, k, v)):
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
-    return linear(x, torch.cat((q.weight, k.weight, v.weight)), bias)
+    return torch.cat((q.weight, k.weight, v.weight)), bias
+
+
+def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> torch.Tensor:
+    """Separate q/k/v projections as one GEMM -> (B, N, 3·H·Dh)."""
+    return linear(x, *_qkv_params(q, k, v))
 
 
 class _FusedHFEncoderAttention(nn.Module):
