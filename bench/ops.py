@@ -770,8 +770,9 @@ def swiglu_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     """Attention with rotary q, k from packed qkv (timm's EvaAttention: EVA-02, DINOv3): ours (one RoPE pass
     writing q and k, the flash kernels, dq/dk rotated back in place) vs eager (timm's steps: slices, rotation,
-    concatenation, SDPA, the layout copies) and torch.compile of eager, in attention TFLOP/s."""
-    from flashvit.kernels import qkv_attention, qkv_attention_reference
+    concatenation, SDPA, the layout copies) and torch.compile of eager, in attention TFLOP/s; and inference from
+    the block's x, the qkv GEMM included (rope_qkv_attention: RoPE in the GEMM's epilogue)."""
+    from flashvit.kernels import linear, qkv_attention, qkv_attention_reference, qkv_rope_linear
     dt = dtype_name(ctx.dtype)
     knote = kernel_note("rope")
     main: List[Job] = []
@@ -799,6 +800,34 @@ def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                            note=note)
 
             _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+
+        # Inference from the block's x (B, N, C = H·D): the qkv GEMM with RoPE in its epilogue (qkv_rope_linear)
+        # then the plain packed attention, vs the GEMM then qkv_attention(rope=...) ([rope=pass]: one more pass
+        # over q and k), vs eager (F.linear and timm's steps); TFLOP/s of the GEMM and the attention.
+        C = H * D
+
+        def args_x(grad: bool, B=B, N=N, C=C) -> Tuple[torch.Tensor, ...]:
+            return (_randn((B, N, C), ctx), _randn((3 * C, C), ctx, C ** -0.5), _randn((3 * C,), ctx, 0.02))
+
+        def ours_x(x, w, b, H=H, P=P, half=half, rope=rope):
+            return qkv_attention(qkv_rope_linear(x, w, b, H, rope, P, half, backend="triton"), H, backend="triton")
+
+        def pass_x(x, w, b, H=H, P=P, half=half, rope=rope):
+            return qkv_attention(linear(x, w, b, backend="triton"), H, rope=rope, rope_prefix=P, rope_half=half,
+                                 backend="triton")
+
+        def eager_x(x, w, b, H=H, P=P, half=half, rope=rope):
+            return qkv_attention_reference(F.linear(x, w, b), H, rope=rope, rope_prefix=P, rope_half=half)
+
+        flops = 2.0 * B * N * C * 3 * C + 4.0 * B * H * N * N * D
+
+        def mk_x(impl: str, baseline: bool = False, note: str = "", sd=sd, flops=flops) -> Row:
+            return Row("ops", "rope_qkv_attention", dict(sd), dt, "fwd", impl, baseline=baseline, flops=flops,
+                       note=note)
+
+        _ours_eager_compiled(main, late, mk_x, ours_x, eager_x, args_x, "fwd", ctx, knote)
+        main.append(Job(mk_x("flashvit[rope=pass]"), timed(const(pass_x), args_x, "fwd", ctx),
+                        unavailable=ctx.triton_reason))
     return main, late
 
 

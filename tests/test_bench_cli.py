@@ -246,13 +246,18 @@ def test_swiglu_rows():
 
 
 def test_rope_attention_rows():
-    """--ops rope: ours, eager (timm's steps) and torch.compile's per mode and shape; not a default family."""
+    """--ops rope: ours, eager (timm's steps) and torch.compile's per mode and shape from packed qkv; from the
+    block's x (inference, the qkv GEMM included) also the RoPE pass after the GEMM; not a default family."""
     ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
     rows = [j.row for j in ops.op_jobs(ctx, ["rope"])]
-    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
-                                                for i in ("flashvit", "eager", "compile(eager)")}
-    assert len(rows) == 6 * len(ops.QUICK_ROPE_SHAPES)
-    assert all(r.name == "rope_attention" and r.flops for r in rows) and "rope" not in ops.OPS
+    packed = [r for r in rows if r.name == "rope_attention"]
+    from_x = [r for r in rows if r.name == "rope_qkv_attention"]
+    assert {(r.mode, r.impl) for r in packed} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                  for i in ("flashvit", "eager", "compile(eager)")}
+    assert {(r.mode, r.impl) for r in from_x} == {("fwd", i) for i in ("flashvit", "eager", "compile(eager)",
+                                                                       "flashvit[rope=pass]")}
+    assert len(packed) == 6 * len(ops.QUICK_ROPE_SHAPES) and len(from_x) == 4 * len(ops.QUICK_ROPE_SHAPES)
+    assert len(rows) == len(packed) + len(from_x) and all(r.flops for r in rows) and "rope" not in ops.OPS
 
 
 def test_experimental_rows_order():
