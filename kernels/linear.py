@@ -673,7 +673,34 @@ GEMM_TABLE: Dict[Tuple[int, str], str] = {
     (90, "large"): "cublas",   # measured, H200: Triton GEMM 0.41-0.50x cuBLAS at M=50432, (768|1024)->(3072|4096)
 }
 
-_gemm_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_gemm", default=None)
+class _Setting:
+    """A named choice read per call: the call's argument, else the innermost ``use`` block (a context variable:
+    per thread and task), else an environment variable (read at call time), else the default."""
+
+    def __init__(self, what: str, choices: Tuple[str, ...], env: str, default: str) -> None:
+        self.what, self.choices, self.env, self.default = what, choices, env, default
+        self.var: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(env.lower(), default=None)
+
+    def check(self, name: str) -> str:
+        if name not in self.choices:
+            raise ValueError(f"unknown {self.what} {name!r}; expected one of {self.choices}")
+        return name
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator[None]:
+        token = self.var.set(self.check(name))
+        try:
+            yield
+        finally:
+            self.var.reset(token)
+
+    def resolve(self, arg: Optional[str]) -> str:
+        return self.check(arg or self.var.get() or os.environ.get(self.env, self.default).strip().lower()
+                          or self.default)
+
+
+_GEMM = _Setting("GEMM path", GEMM_PATHS, "FLASHVIT_GEMM", "auto")
+_check_gemm_name = _GEMM.check
 GemmConfig = Tuple[int, int, int, int, int]  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 # A RoPE epilogue: (table (T - P, 2·D) = cat(sin, cos) rows, unit last stride; tokens T a sequence (rows of
 # the GEMM are (batch, token)); prefix P (tokens left as they are); columns rotated (2·H·D: q and k); head dim D;
@@ -692,20 +719,10 @@ def _forced_config(kernel: str) -> Optional[Tuple[GemmConfig, bool, bool]]:
     return None
 
 
-def _check_gemm_name(name: str) -> str:
-    if name not in GEMM_PATHS:
-        raise ValueError(f"unknown GEMM path {name!r}; expected one of {GEMM_PATHS}")
-    return name
-
-
-@contextlib.contextmanager
-def use_gemm(name: str) -> Iterator[None]:
-    """Force the GEMM path ('triton' | 'cublas' | 'auto') for Triton-backend linears in a ``with`` block."""
-    token = _gemm_override.set(_check_gemm_name(name))
-    try:
-        yield
-    finally:
-        _gemm_override.reset(token)
+def use_gemm(name: str) -> ContextManager[None]:
+    """Force the GEMM path ('triton' | 'tma' | 'cublas' | 'hybrid' | 'auto') for Triton-backend linears in a
+    ``with`` block."""
+    return _GEMM.use(name)
 
 
 @contextlib.contextmanager
@@ -737,33 +754,16 @@ def use_gemm_config(kernel: str, cfg: GemmConfig, flatten: bool = TMA_FLATTEN, p
 # activations halves); "fc1" saves neither and the backward reruns fc1's fused GEMM (bias + act + z), one
 # forward GEMM more for no H-wide activation at all (flash-attn's FusedMLP checkpoint_lvl 1 and 2).
 MLP_RECOMPUTE = ("none", "act", "fc1")
-_recompute_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("flashvit_mlp_recompute",
-                                                                                    default=None)
+_RECOMPUTE = _Setting("MLP recompute mode", MLP_RECOMPUTE, "FLASHVIT_MLP_RECOMPUTE", "none")
+_check_recompute = _RECOMPUTE.check
+# The recompute mode asked for: the argument, else use_mlp_recompute's, else FLASHVIT_MLP_RECOMPUTE, else 'none'.
+_recompute_name = _RECOMPUTE.resolve
 
 
-def _check_recompute(mode: str) -> str:
-    if mode not in MLP_RECOMPUTE:
-        raise ValueError(f"unknown MLP recompute mode {mode!r}; expected one of {MLP_RECOMPUTE}")
-    return mode
-
-
-@contextlib.contextmanager
-def use_mlp_recompute(mode: str) -> Iterator[None]:
+def use_mlp_recompute(mode: str) -> ContextManager[None]:
     """What fused MLPs (``mlp``, ``FusedMLP``, flashvit's ViT, patched models) save for the backward inside a
     ``with`` block: 'none' | 'act' | 'fc1' (see ``MLP_RECOMPUTE``). An explicit ``recompute`` argument wins."""
-    token = _recompute_override.set(_check_recompute(mode))
-    try:
-        yield
-    finally:
-        _recompute_override.reset(token)
-
-
-def _recompute_name(recompute: Optional[str]) -> str:
-    """The recompute mode asked for: the argument, else the use_mlp_recompute context, else
-    FLASHVIT_MLP_RECOMPUTE, else 'none'."""
-    name = (recompute or _recompute_override.get()
-            or os.environ.get("FLASHVIT_MLP_RECOMPUTE", "none").strip().lower() or "none")
-    return _check_recompute(name)
+    return _RECOMPUTE.use(mode)
 
 
 # Split-K for the GEMMs without epilogue whose output is a few tiles over a long K: the weight gradients
@@ -830,8 +830,7 @@ def _gemm_name(gemm: str) -> str:
     """The GEMM path asked for: the argument, else the use_gemm context, else FLASHVIT_GEMM, else 'auto'."""
     if gemm == _AUTO_INFERENCE:
         return gemm
-    name = gemm or _gemm_override.get() or os.environ.get("FLASHVIT_GEMM", "auto").strip().lower() or "auto"
-    return _check_gemm_name(name)
+    return _GEMM.resolve(gemm)
 
 
 def _call_gemm(gemm: Optional[str], training: bool) -> str:
