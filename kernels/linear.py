@@ -516,6 +516,8 @@ def _gemm_prune(configs, named_args, **kwargs):
     if not kwargs.get("ROPE", named_args.get("ROPE", 0)):
         return configs
     return [c for c in configs if rope_config_fits(_cfg(c))] or configs[-1:]
+
+
 assert all(c[0] % _PART_BM == 0 for c in SM80_CONFIGS_16 + SM90_CONFIGS_16 + FP32_CONFIGS + TMA_CONFIGS_16
            + [INTERPRET_CONFIG, TMA_INTERPRET_CONFIG]), "every GEMM BLOCK_M must be a multiple of _PART_BM"
 
@@ -672,6 +674,7 @@ GEMM_TABLE: Dict[Tuple[int, str], str] = {
     (90, "small"): "cublas",   # not measured; large-shape result applied
     (90, "large"): "cublas",   # measured, H200: Triton GEMM 0.41-0.50x cuBLAS at M=50432, (768|1024)->(3072|4096)
 }
+
 
 class _Setting:
     """A named choice read per call: the call's argument, else the innermost ``use`` block (a context variable:

@@ -112,6 +112,24 @@ def test_mlp_recompute_inside_a_compiled_graph(mode):
         _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
 
 
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
+    """A patched DINOv3 (timm) in inference: the qkv GEMM with its RoPE epilogue (a custom op with a fake) traces
+    into one graph with the kernels forced, and gives the eager features."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
+    model = flashvit.patch(timm.create_model("vit_small_patch16_dinov3", pretrained=False, **kw).eval())
+    x = _inputs((2, 3, 16, 16))
+    with torch.no_grad(), flashvit.use_backend("triton"):
+        explained = torch._dynamo.explain(model.forward_features)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
+        ref = model.forward_features(x)
+        out = torch.compile(model.forward_features, fullgraph=True, backend=BACKEND)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert "flashvit.qkv_rope_linear" in str(explained.graphs[0].graph)
+
+
 @needs_kernels
 def test_attention_dropout_kernels_inside_a_compiled_graph():
     """Attention dropout runs our kernels inside one graph: the seed is a device draw the graph traces (no
