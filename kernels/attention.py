@@ -32,6 +32,7 @@ from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
     INTERPRET,
+    REFERENCE_DTYPES,
     Launcher,
     apply,
     cdiv,
@@ -40,6 +41,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     get_backend,
+    needs_grad,
     pushed,
     use_triton,
 )
@@ -94,26 +96,39 @@ if HAS_TRITON:
     def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
                            skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                            MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
-                           DROPOUT: tl.constexpr):
+                           DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
         # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
         # start_n .. start_n + BLOCK_N. MASK_N: the block may run past N_KV (or CAUSAL cuts it); without it,
         # no key mask at all (full blocks of a split loop). MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
         # DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at the end).
+        # MASK_KIND (an attention mask, at this head: element (row, key) at Mask + row·mask_m + key·mask_n):
+        # 1 additive (float, natural-log units, as SDPA's), 2 boolean (nonzero: attend).
         cols = start_n + offs_n
         n_ok = cols < N_KV
         kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
                        MASK_N, MASK_D)  # (BD, BN)
         s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled logits
+        if MASK_KIND != 0:  # the scaled logits in log2 units with the mask applied; then a scale of 1
+            am = tl.load(Mask + offs_m[:, None].to(tl.int64) * mask_m + cols[None, :] * mask_n,
+                         mask=(offs_m < N_Q)[:, None] & n_ok[None, :], other=0)
+            if MASK_KIND == 1:  # floored at -1e37 (finite, above m_i's start): a row masked everywhere by a
+                # finite minimum (HF's finfo.min) gets equal logits, the uniform average SDPA gives it
+                s = s * qk_scale + tl.maximum(am.to(tl.float32), -1.0e37) * 1.4426950408889634
+            else:
+                s = tl.where(am != 0, s * qk_scale, float("-inf"))
+            sc = 1.0
+        else:
+            sc = qk_scale
         if MASK_N:
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
-        # qk_scale > 0 (the public ops send other scales to the reference): the row max of the scaled logits
-        # is the scaled row max, and s·qk_scale - m is one FMA a logit instead of a multiply and a subtract.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)  # log2 units
+        # sc > 0 (the public ops send other scales to the reference): the row max of the scaled logits
+        # is the scaled row max, and s·sc - m is one FMA a logit instead of a multiply and a subtract.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * sc)  # log2 units
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
+        p = tl.exp2(s * sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dev_keep(seed, bh, offs_m[:, None], cols[None, :], N_Q, N_KV, dropout_p), p, 0.0)
@@ -126,9 +141,10 @@ if HAS_TRITON:
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
+                  Mask, mask_b, mask_h, mask_m, mask_n,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
         # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
@@ -152,6 +168,7 @@ if HAS_TRITON:
         K += b * skb + h * skh
         V += b * svb + h * svh
         Out += b * sob + h * soh
+        Mask += b * mask_b + h * mask_h  # (Nq, Nkv) at this head (MASK_KIND: an attention mask; else unused)
 
         start_m = row0 + pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -172,14 +189,14 @@ if HAS_TRITON:
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
                                                    BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
-                                                   DROPOUT)
+                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
             TAIL_N: tl.constexpr = BLOCK_N if BLOCK_N < 32 else 32
             offs_t = tl.arange(0, TAIL_N)
             for start_n in range(full, N_KV, TAIL_N):  # fewer than BLOCK_N / TAIL_N blocks
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_t, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
                                                    BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
-                                                   DROPOUT)
+                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
         else:
             hi = N_KV
             if CAUSAL:
@@ -188,7 +205,7 @@ if HAS_TRITON:
                 acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
                                                    BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
-                                                   DROPOUT)
+                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -858,7 +875,7 @@ def _triton_auto_configs(kind: str) -> list:
 # The autotuner adds the tensor dtypes itself. SPLIT_TAIL and DROPOUT are in the key: each form of the kernels
 # gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked); where SPLIT_TAIL is
 # the autotuner's own choice (_attn_tuned_auto), it is in the configs instead.
-_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT"]
+_KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "MASK_KIND"]
 _FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
 KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows")) + ("fused",)
 
@@ -987,9 +1004,11 @@ def _strides(t: torch.Tensor) -> Tuple[int, ...]:
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
                   lse: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log). ``dropout_p`` > 0:
-    attention dropout with the mask ``seed`` draws (dropout_mask gives it; see _seed_arg)."""
+    attention dropout with the mask ``seed`` draws (dropout_mask gives it; see _seed_arg). ``mask``: an
+    attention mask as a (B, H, Nq, Nkv) view (stride 0 where it broadcasts), bool (True: attend) or float
+    (added to the scaled logits); the LSE then is the masked softmax's."""
     if not _kernel_scale(softmax_scale):
         raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
     _check_dropout(dropout_p)
@@ -1002,10 +1021,12 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     if out.numel() == 0:
         return out, lse
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
+    kind = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
+                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0, MASK_KIND=kind)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device))
+    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device),
+            *((q, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())))
     _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
 
@@ -1177,6 +1198,21 @@ def _(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
 
 
+@custom_op("masked_attention_fwd")
+def _masked_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                             softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                             seed: Optional[torch.Tensor]) -> torch.Tensor:
+    """The forward with an attention mask (no autograd: a masked call that needs grads runs the reference)."""
+    B, NQ, H, _ = q.shape
+    mask = mask.expand(B, H, NQ, k.shape[1])
+    return attention_fwd(q, k, v, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)[0]
+
+
+@_masked_attention_fwd_op.register_fake
+def _(q, k, v, mask, softmax_scale, allow_tf32, dropout_p, seed):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
 @custom_op("attention_bwd")
 def _attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool, dropout_p: float,
@@ -1326,11 +1362,37 @@ def _resolve_tf32(dtype: torch.dtype, allow_tf32: Optional[bool]) -> bool:
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
-                        causal: bool = False, dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA on (B, N, H, D) tensors; returns (B, N, H, D)."""
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                        causal: bool = False, dropout_p: float = 0.0,
+                        attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA on (B, N, H, D) tensors (``attn_mask`` as SDPA takes it, (B, H, Nq, Nkv) broadcast; a float one in
+    another dtype than q's is cast to it); returns (B, N, H, D)."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+        attn_mask = attn_mask.to(q.dtype)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
                                        dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
     return o.transpose(1, 2)
+
+
+def _check_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    """An SDPA-style attention mask for (B, N, H, D) q, k: bool (True: attend) or float (added to the scaled
+    logits), broadcastable to (B, H, Nq, Nkv), on q's device, and not together with ``causal``."""
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True: attend) or float (added to the logits), got {mask.dtype}")
+    check_tensor("attn_mask", mask, min_ndim=1, dtypes=(torch.bool, *REFERENCE_DTYPES))
+    if mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims (B, H, Nq, Nkv), got shape {tuple(mask.shape)}")
+    check_same_device(q=q, attn_mask=mask)
+    B, NQ, H, _ = q.shape
+    want = (B, H, NQ, k.shape[1])
+    try:
+        torch.broadcast_shapes(tuple(mask.shape), want)
+        ok = all(m in (1, w) for m, w in zip(reversed(mask.shape), reversed(want)))
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nkv) = {want}")
+    if causal:
+        raise ValueError("give attn_mask or causal=True, not both (as scaled_dot_product_attention)")
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None,
@@ -1369,7 +1431,7 @@ def _triton_for(t: torch.Tensor, backend: Optional[str], dropout_p: float, scale
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
               causal: bool = False, *, dropout_p: float = 0.0, backend: Optional[str] = None,
-              allow_tf32: Optional[bool] = None) -> torch.Tensor:
+              allow_tf32: Optional[bool] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Exact softmax attention on (B, N, H, D) tensors (any strides); returns (B, N, H, D).
 
     ``softmax_scale`` defaults to D**-0.5; ``causal`` masks key j > query i (top-left aligned).
@@ -1379,9 +1441,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     drawn from a seed that torch's default generator gives (``torch.manual_seed`` makes it reproducible;
     ``dropout_mask`` shows it). float64, a ``softmax_scale`` <= 0, dropout_p = 1 and dropout inside
     torch.compile run the PyTorch reference (a forced 'triton' backend refuses such a scale with a ValueError).
+    ``attn_mask``: as ``F.scaled_dot_product_attention`` takes it, in its (B, H, Nq, Nkv) order, broadcast (a
+    key-padding (B, 1, 1, Nkv), a NaFlex / HF (B, 1, Nq, Nkv), a relative-position bias (1, H, Nq, Nkv)): bool
+    (True: attend) or float (added to the scaled logits). The forward kernel applies it where no gradient is
+    needed (inference); a masked call that needs gradients runs the reference.
     """
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if attn_mask is not None:
+        _check_attn_mask(attn_mask, q, k, causal)
+        if needs_grad(q, k, v, attn_mask) or not _triton_for(q, backend, dropout_p, scale):
+            return attention_reference(q, k, v, scale, False, dropout_p, attn_mask)
+        check_triton_dtypes(q=q, k=k, v=v)
+        _check_head_dim(q.shape[-1])
+        mask = attn_mask.float() if attn_mask.dtype == torch.float64 else attn_mask
+        return _masked_attention_fwd_op(q, k, v, mask, scale, _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
+                                        _draw_seed(dropout_p, q.device))
     if _triton_for(q, backend, dropout_p, scale):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
@@ -1480,7 +1555,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
 
 
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "BLOCK_M",
-               "BLOCK_N")
+               "BLOCK_N", "MASK_KIND")
 
 
 def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
@@ -1509,6 +1584,8 @@ def _aot_specs() -> List[AotSpec]:
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
             if not fwd:
                 consts["BLOCK_D2"] = bd2
+            else:
+                consts["MASK_KIND"] = 0
             tail = False  # the masked loop here, the split one below (the autotuner tries both: _auto_tails)
             consts["SPLIT_TAIL"] = tail
             consts["DROPOUT"] = False
@@ -1524,6 +1601,12 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
+                if i == 0 and fwd and not part and ty == "bf16" and d in (64, 80) and not causal:
+                    for mk, mty in ((1, "*bf16"), (1, "*fp32"), (2, "*i1")):  # attention masks: HF's, a bias, bool
+                        specs.append(runtime_spec(
+                            kern, dict(sig, Mask=mty), dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,
+                            f"attn_{kind}[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},mask={mk}:{mty[1:]}]",
+                            div16=_row_strides(sig)))
                 if i == 0 and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):
                     specs.append(runtime_spec(  # attention dropout (its Philox draws in each kernel)
                         kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, DROPOUT=True), w, s,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_ref, poison, randn
+from tests.helpers import assert_close_to_ref, fresh_seed, poison, randn
 
 A = importlib.import_module("flashvit.kernels.attention")  # the module (the package re-exports the function)
 attention, qkv_attention = A.attention, A.qkv_attention
@@ -195,6 +195,91 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
         _check_attention(1, Nq, Nkv, 2, D, causal, torch.float32)
         _check_attention(1, Nq, Nkv, 1, D, causal, torch.float16)
     assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is None  # restored; by default the autotuner's choice
+
+
+def _masks(kind, B, Nq, Nkv, H, dtype, seed):
+    """Attention masks as timm, HF and BEiT give them (SDPA's (B, H, Nq, Nkv) order, broadcast)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, Nkv + 1, (B,), generator=g)
+    keep = (torch.arange(Nkv)[None, :] < lens[:, None]).to(DEVICE)  # (B, Nkv): NaFlex-style key padding
+    if kind == "bool_keys":  # (B, 1, 1, Nkv)
+        return keep[:, None, None, :]
+    if kind == "hf_additive":  # (B, 1, Nq, Nkv) in q's dtype, finfo.min where masked
+        return torch.where(keep[:, None, None, :], 0.0, torch.finfo(dtype).min).expand(B, 1, Nq, Nkv).to(dtype)
+    if kind == "bias_fp32":  # (1, H, Nq, Nkv): a relative-position bias (BEiT), fp32 whatever q's dtype
+        return (torch.randn(1, H, Nq, Nkv, generator=g) * 2).to(DEVICE)
+    full = torch.rand(B, H, Nq, Nkv, generator=g) > 0.4  # (B, H, Nq, Nkv) bool, every row keeps key 0
+    full[..., 0] = True
+    return full.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind", ["bool_keys", "hf_additive", "bias_fp32", "bool_full"])
+@pytest.mark.parametrize("B,Nq,Nkv,H,D", [(2, 13, 13, 3, 16), (1, 70, 70, 2, 64), (3, 9, 21, 1, 40)])
+def test_attention_mask_forward_matches_float64(B, Nq, Nkv, H, D, dtype, kind, monkeypatch):
+    """Without autograd the forward kernel applies the mask (bool: attend where True; float: added to the scaled
+    logits); vs SDPA in float64 with the 2x rule; the output is poisoned first and the kernel must run."""
+    q, k, v = (t.detach() for t in _inputs(B, Nq, Nkv, H, D, dtype))
+    mask = _masks(kind, B, Nq, Nkv, H, dtype, fresh_seed())
+    seen = []
+    fwd = A.attention_fwd
+
+    def spy(*a, **kw):
+        seen.append(kw.get("mask") is not None)
+        return fwd(*a, out=poison(torch.empty_like(a[0])), **kw)
+    monkeypatch.setattr(A, "attention_fwd", spy)
+    with torch.no_grad():
+        out = attention(q, k, v, attn_mask=mask, backend="triton")
+        same = A.attention_reference(q, k, v, attn_mask=mask) if dtype != torch.float32 else None
+    m64 = mask if mask.dtype == torch.bool else mask.double()
+    want = A.attention_reference(q.double(), k.double(), v.double(), attn_mask=m64)
+    assert seen == [True] and out.shape == q.shape and out.dtype == dtype
+    assert_close_to_ref(out, want, same, factor=2.0, atol=FP_ATOL[dtype], name="out")
+
+
+def test_attention_mask_rows_masked_everywhere():
+    """A row whose keys are all masked: by a finite minimum (HF's finfo.min) it averages v uniformly, as SDPA
+    does; by False everywhere it gives zeros (SDPA's kernels give NaN or zeros there, by backend)."""
+    B, N, H, D = 1, 6, 2, 16
+    q, k, v = (t.detach() for t in _inputs(B, N, N, H, D, torch.float32))
+    keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=DEVICE)
+    keep[:, :, 2] = False  # query 2 sees nothing
+    additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out = attention(q, k, v, attn_mask=additive, backend="triton")
+        zeros = attention(q, k, v, attn_mask=keep, backend="triton")
+    assert_close_to_ref(out, A.attention_reference(q.double(), k.double(), v.double(), attn_mask=additive.double()),
+                        name="out")
+    torch.testing.assert_close(out[:, 2], v.mean(1), atol=1e-6, rtol=1e-5)
+    assert torch.equal(zeros[:, 2], torch.zeros_like(zeros[:, 2]))
+    torch.testing.assert_close(zeros[:, :2], out[:, :2], atol=1e-6, rtol=1e-5)
+
+
+def test_attention_mask_with_grads_runs_the_reference(monkeypatch):
+    """A masked call that needs gradients runs SDPA (the backward kernels take no mask): grads flow and match."""
+    monkeypatch.setattr(A, "attention_fwd", lambda *a, **k: pytest.fail("the kernel ran under autograd"))
+    q, k, v = _inputs(2, 11, 11, 2, 16, torch.float32)
+    mask = _masks("bool_full", 2, 11, 11, 2, torch.float32, fresh_seed())
+    g = randn(2, 11, 2, 16, device=DEVICE)
+    got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, backend="triton"), (q, k, v), g)
+    ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=mask), [_leaf(t.double()) for t in (q, k, v)],
+                   g.double())
+    for a, b, name in zip(got, ref, ("out", "dq", "dk", "dv")):
+        assert_close_to_ref(a, b, name=name)
+
+
+def test_attention_mask_bad_inputs():
+    q, k, v = (t.detach() for t in _inputs(2, 5, 5, 2, 8, torch.float32))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        attention(q, k, v, attn_mask=torch.ones(2, 1, 5, 5, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        attention(q, k, v, attn_mask=torch.ones(2, 3, 5, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        attention(q, k, v, attn_mask=torch.ones(5, 4, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, causal=True, attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match="at most 4 dims"):
+        attention(q, k, v, attn_mask=torch.ones(1, 2, 1, 5, 5, dtype=torch.bool, device=DEVICE))
 
 
 @pytest.mark.gpu

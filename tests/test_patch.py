@@ -315,6 +315,44 @@ def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
     assert modes == [model.blocks[0].attn.head_dim if case == "dinov3" else 1] * depth, modes
 
 
+def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
+    """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
+    attention hands to the attention op; without autograd its forward kernel applies it. Same features as the
+    unpatched model (valid and padded tokens alike); with the kernels forced (the interpreter on CPU) against a
+    float64 copy, and the masked kernel really ran."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, embed_dim=64,
+                                         num_heads=2, num_classes=3)).eval()
+    B, L, p = 2, 12, 16
+    g = torch.Generator().manual_seed(fresh_seed())
+    patches = torch.randn(B, L, p * p * 3, generator=g)
+    coord = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(1, L, 2)
+    coord = coord.expand(B, L, 2).clone()
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, 7:] = False  # the second image has 7 patches, 5 of padding
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = oracle.forward_features(patches.double(), coord, valid)["patches"]
+        ref = model.forward_features(patches, coord, valid)["patches"]
+        flashvit.patch(model)
+        out = model.forward_features(patches, coord, valid)["patches"]
+    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    assert calls["attention"] == 2, calls
+    if not INTERPRET:
+        return
+    attn_mod = importlib.import_module("flashvit.kernels.attention")
+    seen = []
+    fwd = attn_mod.attention_fwd
+    try:
+        attn_mod.attention_fwd = lambda *a, **k: seen.append(k.get("mask") is not None) or fwd(*a, **k)
+        with torch.no_grad(), flashvit.use_backend("triton"):
+            out = model.forward_features(patches, coord, valid)["patches"]
+    finally:
+        attn_mod.attention_fwd = fwd
+    assert seen == [True, True], seen
+    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
+
+
 def test_timm_patch_embed_formats_and_sizes():
     """NHWC output (DINOv3's) fused; NCHW left with the reason; a non-strict size not divisible by the patch
     raises as timm's PatchEmbed does (never cropped silently); a strict one is cropped as the conv crops."""
@@ -356,8 +394,8 @@ def test_timm_rope_with_patch_dropout(name, calls):
 
 @pytest.mark.parametrize("case", ["plain", "mask", "causal"])
 def test_timm_rope_attention_gated_masked_causal(case, calls):
-    """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, timm's masked SDPA path
-    (the kernels take no mask) and the causal kernels, each vs the unpatched module with grads."""
+    """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, the masked path (attention()
+    with the mask: SDPA under autograd) and the causal kernels, each vs the unpatched module with grads."""
     from timm.layers.attention import AttentionRope
     torch.manual_seed(fresh_seed())
     B, N, C, H, P = 2, 9, 64, 2, 1
@@ -384,7 +422,7 @@ def test_timm_rope_attention_gated_masked_causal(case, calls):
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
     assert calls["apply_rope" if case != "plain" else "qkv_attention"] == (2 if case != "plain" else 1)
-    assert calls.get("attention", 0) == (case == "causal")
+    assert calls.get("attention", 0) == (case != "plain")
 
 
 def test_timm_rope_grouped_query_attention_is_left():
@@ -928,8 +966,9 @@ def test_hf_clip_siglip_vision_patched_matches_unpatched(case, calls):
 
 @pytest.mark.parametrize("family", ["Siglip", "CLIP"])
 def test_hf_clip_siglip_text_and_vision_model(family, calls):
-    """The two-tower model: the text tower's masked attention runs transformers' forward (its layers' residual
-    adds and MLPs still fused), the vision tower the kernels; same logits and gradients."""
+    """The two-tower model: the text tower's masked attention (SigLIP's padding mask: the attention op with the
+    mask, SDPA under autograd; CLIP's causal one: transformers' forward; its layers' residual adds and MLPs fused
+    either way), the vision tower the kernels; same logits and gradients."""
     transformers = pytest.importorskip("transformers")
     T = transformers
     tc = getattr(T, f"{family}TextConfig")(vocab_size=50, hidden_size=32, num_attention_heads=2, num_hidden_layers=1,
@@ -949,6 +988,49 @@ def test_hf_clip_siglip_text_and_vision_model(family, calls):
     report = _check_patched_same(model, _images((32, 32)), call=call)
     assert report.counts()[f"{family}Attention"] == 2 and report.counts()[f"{family}EncoderLayer"] == 2
     assert calls["qkv_attention"] == 1 and calls["add_layer_norm"] == 2  # the vision tower's attention only
+
+
+def test_hf_siglip2_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
+    """transformers' SigLIP2 vision tower on a padded NaFlex batch (pixel_attention_mask): the encoder's padding
+    mask goes to the attention op, whose forward kernel applies it without autograd; same features as unpatched
+    (the reference on CPU), and with the kernels forced (the interpreter) against a float64 copy."""
+    T = pytest.importorskip("transformers")
+    if not hasattr(T, "Siglip2VisionModel"):
+        pytest.skip("this transformers has no SigLIP2")
+    cfg = T.Siglip2VisionConfig(patch_size=8, hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+                                intermediate_size=96, num_patches=16)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(T.Siglip2VisionModel(cfg), scale=0.05).eval()
+    B, L = 2, 16
+    pix = torch.randn(B, L, 3 * 8 * 8, generator=torch.Generator().manual_seed(fresh_seed()))
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[1, 6:] = 0  # the second image: 2 x 3 patches, 10 of padding
+    shapes = torch.tensor([[4, 4], [2, 3]])
+
+    def call(m, x):
+        return m(pixel_values=x, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
+
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = call(oracle, pix.double())
+        ref = call(model, pix)
+        flashvit.patch(model)
+        out = call(model, pix)
+    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    assert model.flashvit_report.counts()["Siglip2Attention"] == 2 and calls["attention"] == 2, calls
+    if not INTERPRET:
+        return
+    attn_mod = importlib.import_module("flashvit.kernels.attention")
+    seen = []
+    fwd = attn_mod.attention_fwd
+    try:
+        attn_mod.attention_fwd = lambda *a, **k: seen.append(k.get("mask") is not None) or fwd(*a, **k)
+        with torch.no_grad(), flashvit.use_backend("triton"):
+            out = call(model, pix)
+    finally:
+        attn_mod.attention_fwd = fwd
+    assert seen[:2] == [True, True], seen  # (then the MAP head's probe attention, unmasked)
+    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
 
 
 def _hf_siglip_vision(**kw):

@@ -29,7 +29,6 @@ import tokenize
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashvit.kernels._dispatch import needs_grad
@@ -207,19 +206,13 @@ class _FusedTimmAttention(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, N, 3·H·Dh)
         plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
-        if attn_mask is not None:
-            # timm's own masked path (SDPA with an additive/bool mask); the fused kernel takes no mask.
-            q, k, v = qkv.view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, Dh)
-            q, k = self.q_norm(q), self.k_norm(k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
-                                               scale=self.scale)
-            o = o.transpose(1, 2).reshape(B, N, H * Dh)
-        elif plain and not is_causal:
+        if plain and not is_causal and attn_mask is None:
             o = qkv_attention(qkv, H, self.scale, dropout_p=p)  # (B, N, H·Dh)
-        else:
+        else:  # a mask (NaFlex's padding: the forward kernel without autograd, else SDPA), q/k norms, causal
             q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
-            o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p).reshape(B, N, H * Dh)
+            o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
+            o = o.reshape(B, N, H * Dh)
         o = self.norm(o)
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
@@ -256,12 +249,8 @@ class _FusedTimmRopeAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             if rope is not None:
                 q, k = apply_rope(q, rope, npt, half), apply_rope(k, rope, npt, half)
-            if attn_mask is not None:  # timm's masked path (SDPA with the mask); the kernels take no mask
-                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                   attn_mask=attn_mask, dropout_p=p, is_causal=is_causal,
-                                                   scale=self.scale).transpose(1, 2)
-            else:
-                o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p)
+            # (a mask: the forward kernel without autograd, else SDPA)
+            o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
             o = o.reshape(B, N, H * Dh)
         o = self.norm(o)
         if gate is not None:
@@ -351,14 +340,21 @@ def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> to
 
 class _FusedHFEncoderAttention(nn.Module):
     """transformers' CLIP / SigLIP attention: q/k/v as one GEMM -> flash attention from the packed qkv -> out_proj
-    GEMM. A call with an attention mask (the text towers') runs transformers' forward."""
+    GEMM. A padding mask (SigLIP2's NaFlex batches) goes to the attention op (its forward kernel without
+    autograd); a causal attention (the text towers') or a mask that is no tensor runs transformers' forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> Tuple[torch.Tensor, None]:
-        if attention_mask is not None or self.is_causal:
+        if self.is_causal or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
             return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
         qkv = _packed_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)
-        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if attention_mask is None:
+            o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=p)
+        else:
+            B, N, C3 = qkv.shape
+            q, k, v = qkv.view(B, N, 3, self.num_heads, -1).unbind(2)  # (B, N, H, Dh) strided views
+            o = attention(q, k, v, self.scale, dropout_p=p, attn_mask=attention_mask).flatten(-2)
         return linear(o, self.out_proj.weight, self.out_proj.bias), None
 
 
@@ -881,19 +877,25 @@ def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
                            **kwargs) -> Tuple[torch.Tensor, None]:
     """transformers attention function: (B, H, N, D) q/k/v -> ((B, N, H, D) output, None).
 
-    Masks, soft-capping, sliding windows, position biases, GQA and cross-length attention go to
-    transformers' own SDPA function (the same function); the plain case runs flashvit's attention.
+    Soft-capping, sliding windows, position biases, GQA, cross-length attention and masks that are no tensor go to
+    transformers' own SDPA function (the same function); the plain case runs flashvit's attention, and a mask
+    tensor (SDPA's form, bool or additive) its forward kernel where no gradient is needed (else SDPA).
     """
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
-    special = (attention_mask is not None or query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
+    special = (query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
+               or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))
                or any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
     if special:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if attention_mask is not None:  # the causal structure, if any, is in the mask (as transformers' SDPA reads it)
+        causal = False
+        if attention_mask.dim() == 4:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     o = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling, causal=bool(causal),
-                  dropout_p=dropout)  # strided (B, N, H, D) views in, (B, N, H, D) out
+                  dropout_p=dropout, attn_mask=attention_mask)  # strided (B, N, H, D) views in, (B, N, H, D) out
     return o, None
 
 
