@@ -990,3 +990,18 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
             except AssertionError as e:
                 bad.append((c, str(e).splitlines()[0][:160]))
     assert ran and not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bool_keys", "hf_additive", "bias_fp32"])
+@pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80)])
+def test_attention_mask_forward_bf16_gpu(B, N, H, D, kind, autotuned):
+    """The masked forward kernel in bf16 at ViT shapes, autotuned: 2x SDPA's own bf16 error vs float64."""
+    q, k, v = (t.detach() for t in _inputs(B, N, N, H, D, torch.bfloat16))
+    mask = _masks(kind, B, N, N, H, torch.bfloat16, fresh_seed())
+    with torch.no_grad():
+        out = attention(q, k, v, attn_mask=mask, backend="triton")
+        same = A.attention_reference(q, k, v, attn_mask=mask)
+    m64 = mask if mask.dtype == torch.bool else mask.double()
+    want = A.attention_reference(q.double(), k.double(), v.double(), attn_mask=m64)
+    assert_close_to_ref(out, want, same, factor=2.0, atol=FP_ATOL[torch.bfloat16], name="out")
