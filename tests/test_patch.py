@@ -122,6 +122,33 @@ def _check_forced_vs_float64(model, x, call=None):
     return model.flashvit_report
 
 
+def _check_inference_patched(model, call, x, counts_ok, spy_mod, spy_name, pick):
+    """Patch ``model`` and run ``call(model, x)`` without autograd: the unpatched model's output (the reference path
+    on CPU), then ``counts_ok()`` (the fused ops' calls so far); with the kernels forced (the interpreter on CPU), a
+    float64 copy's output. Returns ``pick(kwargs)`` of each ``spy_mod.spy_name`` launch in the forced run (None
+    without the interpreter)."""
+    oracle = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = call(oracle, x.double())
+        ref = call(model, x)
+        flashvit.patch(model)
+        out = call(model, x)
+    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    assert counts_ok()
+    if not INTERPRET:
+        return None
+    seen = []
+    fn = getattr(spy_mod, spy_name)
+    try:
+        setattr(spy_mod, spy_name, lambda *a, **k: seen.append(pick(k)) or fn(*a, **k))
+        with torch.no_grad(), flashvit.use_backend("triton"):
+            out = call(model, x)
+    finally:
+        setattr(spy_mod, spy_name, fn)
+    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
+    return seen
+
+
 TIMM_CASES = {
     "vit_tiny": ("vit_tiny_patch16_224", SMALL),
     "vit_small": ("vit_small_patch16_224", dict(SMALL, img_size=48)),
@@ -290,29 +317,14 @@ def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
     name, kw = ROPE_CASES[case]
     torch.manual_seed(fresh_seed())
     model = _randomize(timm.create_model(name, pretrained=False, **kw)).eval()
-    x = _images(model.patch_embed.img_size)
-    oracle = copy.deepcopy(model).double()
-    with torch.no_grad():
-        want = oracle.forward_features(x.double())
-        ref = model.forward_features(x)
-        flashvit.patch(model)
-        out = model.forward_features(x)
-    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
     depth = kw["depth"]
-    assert calls["qkv_rope_linear"] == depth and calls["qkv_attention"] == depth, calls
-    if not INTERPRET:
-        return
-    seen = []
-    gemm = linear_mod._launch_gemm
-    try:
-        linear_mod._launch_gemm = lambda *a, **k: seen.append(k.get("rope")) or gemm(*a, **k)
-        with torch.no_grad(), flashvit.use_backend("triton"):
-            out = model.forward_features(x)
-    finally:
-        linear_mod._launch_gemm = gemm
-    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
-    modes = [r[5] for r in seen if r is not None]
-    assert modes == [model.blocks[0].attn.head_dim if case == "dinov3" else 1] * depth, modes
+    seen = _check_inference_patched(
+        model, lambda m, x: m.forward_features(x), _images(model.patch_embed.img_size),
+        lambda: calls["qkv_rope_linear"] == depth and calls["qkv_attention"] == depth, linear_mod, "_launch_gemm",
+        lambda k: k.get("rope"))
+    if seen is not None:
+        modes = [r[5] for r in seen if r is not None]
+        assert modes == [model.blocks[0].attn.head_dim if case == "dinov3" else 1] * depth, modes
 
 
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
@@ -324,33 +336,16 @@ def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     model = _randomize(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, embed_dim=64,
                                          num_heads=2, num_classes=3)).eval()
     B, L, p = 2, 12, 16
-    g = torch.Generator().manual_seed(fresh_seed())
-    patches = torch.randn(B, L, p * p * 3, generator=g)
+    patches = torch.randn(B, L, p * p * 3, generator=torch.Generator().manual_seed(fresh_seed()))
     coord = torch.stack(torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij"), -1).reshape(1, L, 2)
     coord = coord.expand(B, L, 2).clone()
     valid = torch.ones(B, L, dtype=torch.bool)
     valid[1, 7:] = False  # the second image has 7 patches, 5 of padding
-    oracle = copy.deepcopy(model).double()
-    with torch.no_grad():
-        want = oracle.forward_features(patches.double(), coord, valid)["patches"]
-        ref = model.forward_features(patches, coord, valid)["patches"]
-        flashvit.patch(model)
-        out = model.forward_features(patches, coord, valid)["patches"]
-    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
-    assert calls["attention"] == 2, calls
-    if not INTERPRET:
-        return
-    attn_mod = importlib.import_module("flashvit.kernels.attention")
-    seen = []
-    fwd = attn_mod.attention_fwd
-    try:
-        attn_mod.attention_fwd = lambda *a, **k: seen.append(k.get("mask") is not None) or fwd(*a, **k)
-        with torch.no_grad(), flashvit.use_backend("triton"):
-            out = model.forward_features(patches, coord, valid)["patches"]
-    finally:
-        attn_mod.attention_fwd = fwd
-    assert seen == [True, True], seen
-    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
+    seen = _check_inference_patched(model, lambda m, x: m.forward_features(x, coord, valid)["patches"], patches,
+                                    lambda: calls["attention"] == 2, importlib.import_module(
+                                        "flashvit.kernels.attention"), "attention_fwd",
+                                    lambda k: k.get("mask") is not None)
+    assert seen in (None, [True, True]), seen
 
 
 def test_timm_patch_embed_formats_and_sizes():
@@ -1010,27 +1005,10 @@ def test_hf_siglip2_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     def call(m, x):
         return m(pixel_values=x, pixel_attention_mask=mask, spatial_shapes=shapes).last_hidden_state
 
-    oracle = copy.deepcopy(model).double()
-    with torch.no_grad():
-        want = call(oracle, pix.double())
-        ref = call(model, pix)
-        flashvit.patch(model)
-        out = call(model, pix)
-    torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
-    assert model.flashvit_report.counts()["Siglip2Attention"] == 2 and calls["attention"] == 2, calls
-    if not INTERPRET:
-        return
-    attn_mod = importlib.import_module("flashvit.kernels.attention")
-    seen = []
-    fwd = attn_mod.attention_fwd
-    try:
-        attn_mod.attention_fwd = lambda *a, **k: seen.append(k.get("mask") is not None) or fwd(*a, **k)
-        with torch.no_grad(), flashvit.use_backend("triton"):
-            out = call(model, pix)
-    finally:
-        attn_mod.attention_fwd = fwd
-    assert seen[:2] == [True, True], seen  # (then the MAP head's probe attention, unmasked)
-    assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
+    seen = _check_inference_patched(
+        model, call, pix, lambda: model.flashvit_report.counts()["Siglip2Attention"] == 2 and calls["attention"] == 2,
+        importlib.import_module("flashvit.kernels.attention"), "attention_fwd", lambda k: k.get("mask") is not None)
+    assert seen is None or seen[:2] == [True, True], seen  # (then the MAP head's probe attention, unmasked)
 
 
 def _hf_siglip_vision(**kw):
