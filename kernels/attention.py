@@ -93,6 +93,24 @@ if HAS_TRITON:
         return t
 
     @triton.jit
+    def _dev_masked(s, Mask, rows, cols, r_ok, c_ok, mask_r, mask_c, qk_scale, MASK_KIND: tl.constexpr):
+        # Scores s (unscaled logits) at query rows x keys (rows, cols broadcast to s's shape; r_ok, c_ok in range)
+        # -> the scaled logits in log2 units with an attention mask applied, its element (row, key) at
+        # Mask + row·mask_r + key·mask_c. MASK_KIND 1: additive (natural-log units, as SDPA's); values at or
+        # below -1e30 (HF's finfo.min, -inf) mask the key out, so a row masked everywhere is 0 in the forward and
+        # in the backward alike. 2: boolean (nonzero: attend).
+        # Scores out of range (rows past Nq, keys past Nkv) come out masked too.
+        ok = r_ok & c_ok
+        am = tl.load(Mask + rows.to(tl.int64) * mask_r + cols * mask_c, mask=ok, other=0)
+        if MASK_KIND == 1:
+            bias = am.to(tl.float32)
+            t = tl.where(ok & (bias > -1.0e30), s * qk_scale + tl.maximum(bias, -1.0e30) * 1.4426950408889634,
+                         float("-inf"))
+        else:
+            t = tl.where(am != 0, s * qk_scale, float("-inf"))
+        return t
+
+    @triton.jit
     def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
                            skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                            MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
@@ -101,21 +119,16 @@ if HAS_TRITON:
         # start_n .. start_n + BLOCK_N. MASK_N: the block may run past N_KV (or CAUSAL cuts it); without it,
         # no key mask at all (full blocks of a split loop). MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
         # DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at the end).
-        # MASK_KIND (an attention mask, at this head: element (row, key) at Mask + row·mask_m + key·mask_n):
-        # 1 additive (float, natural-log units, as SDPA's), 2 boolean (nonzero: attend).
+        # MASK_KIND (an attention mask at this head, element (row, key) at Mask + row·mask_m + key·mask_n): see
+        # _dev_masked.
         cols = start_n + offs_n
         n_ok = cols < N_KV
         kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
                        MASK_N, MASK_D)  # (BD, BN)
         s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled logits
         if MASK_KIND != 0:  # the scaled logits in log2 units with the mask applied; then a scale of 1
-            am = tl.load(Mask + offs_m[:, None].to(tl.int64) * mask_m + cols[None, :] * mask_n,
-                         mask=(offs_m < N_Q)[:, None] & n_ok[None, :], other=0)
-            if MASK_KIND == 1:  # floored at -1e37 (finite, above m_i's start): a row masked everywhere by a
-                # finite minimum (HF's finfo.min) gets equal logits, the uniform average SDPA gives it
-                s = s * qk_scale + tl.maximum(am.to(tl.float32), -1.0e37) * 1.4426950408889634
-            else:
-                s = tl.where(am != 0, s * qk_scale, float("-inf"))
+            s = _dev_masked(s, Mask, offs_m[:, None], cols[None, :], (offs_m < N_Q)[:, None], n_ok[None, :], mask_m,
+                            mask_n, qk_scale, MASK_KIND)
             sc = 1.0
         else:
             sc = qk_scale
@@ -269,7 +282,7 @@ if HAS_TRITON:
                        offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
                        N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr, DQ_ACC, ACC_STRIDE: tl.constexpr,
-                       ACC_DQ: tl.constexpr, MASK_N: tl.constexpr):
+                       ACC_DQ: tl.constexpr, MASK_N: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
         # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
         # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
         # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
@@ -290,7 +303,11 @@ if HAS_TRITON:
             qt2 = _dev_load(Q + offs_m[None, :] * sqn + offs_d2[:, None] * sqd, m_ok[None, :], d2_ok[:, None],
                             MASK_M, True)  # (BD2, BM)
             st = tl.dot(k2, qt2, st, input_precision=PRECISION)
-        pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ (BN, BM), log2 units
+        if MASK_KIND != 0:  # the forward's masked logits (see _dev_masked), transposed
+            pt = tl.exp2(_dev_masked(st, Mask, offs_m[None, :], offs_n[:, None], m_ok[None, :], (offs_n < N_KV)[:, None],
+                                     mask_m, mask_n, qk_scale, MASK_KIND) - lse2[None, :])
+        else:
+            pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ (BN, BM), log2 units
         if MASK_M:
             keep = m_ok[None, :]
             if CAUSAL:
@@ -335,7 +352,8 @@ if HAS_TRITON:
                         sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr, MASK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr, MASK_N: tl.constexpr,
+                        Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
         # dK, dV of keys start_n .. start_n + BLOCK_N of one head (pointers at the head): loops over query blocks,
         # writes them once. ACC_DQ: dQ's shares into DQ_ACC on the way, MASK_N: keys past N_KV in the block
         # (see _dev_dkdv_step).
@@ -367,12 +385,14 @@ if HAS_TRITON:
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_KV,
-                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
+                                                  Mask, mask_m, mask_n, MASK_KIND)
             for start_m in range(full, N_Q, BLOCK_M):  # at most one block
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
-                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
+                                                  Mask, mask_m, mask_n, MASK_KIND)
         else:
             lo = 0
             if CAUSAL:
@@ -381,7 +401,8 @@ if HAS_TRITON:
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
-                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N)
+                                                  bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
+                                                  Mask, mask_m, mask_n, MASK_KIND)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -395,9 +416,10 @@ if HAS_TRITON:
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
                        H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
+                       Mask, mask_b, mask_h, mask_m, mask_n,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
@@ -414,7 +436,8 @@ if HAS_TRITON:
                         LSE + bh * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
                         LSE, row0 + pid_n * BLOCK_N, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd, sdn, sdd, skn_g, skd_g,
                         svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM, BLOCK_D, BLOCK_D2, CAUSAL,
-                        PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False)
+                        PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False, Mask + b * mask_b + h * mask_h,
+                        mask_m, mask_n, MASK_KIND)
 
     @triton.jit
     def _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, col0, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
@@ -442,9 +465,10 @@ if HAS_TRITON:
                         sob, son, soh, sod,
                         skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g, sqb_g, sqn_g, sqh_g, sqd_g,
                         H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, SEED,
+                        Mask, mask_b, mask_h, mask_m, mask_n,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
         # The whole backward of one head in one program (use_bwd_fused): the dK/dV loop over its key blocks in
         # turn, each query block's dS also giving dQ's share dSᵀ·K, added into DQ_ACC (B·H, Nq, HEAD_DIM) fp32.
         # P and dS are computed once (the split kernels compute them twice) and no program shares a dQ row,
@@ -468,6 +492,7 @@ if HAS_TRITON:
         LSE += bh * N_Q
         DELTA += bh * N_Q
         DQ_ACC += bh * N_Q * HEAD_DIM
+        Mask += b * mask_b + h * mask_h
         for start_m in range(0, N_Q, BLOCK_M):
             _dev_delta_block(Out, DO, DELTA, start_m, N_Q, son, sod, sdn, sdd, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M)
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, True)
@@ -478,12 +503,14 @@ if HAS_TRITON:
         for start_n in range(0, full, BLOCK_N):
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
-                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, False)
+                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, False, Mask,
+                            mask_m, mask_n, MASK_KIND)
         tl.debug_barrier()  # the last block's adds come from other code (maybe other threads): after the rest
         for start_n in range(full, N_KV, BLOCK_N):  # at most one block: the keys past the last full one
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
-                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, True)
+                            BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, True, Mask,
+                            mask_m, mask_n, MASK_KIND)
         tl.debug_barrier()
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, False)
         if BLOCK_D2 > 0:
@@ -493,7 +520,7 @@ if HAS_TRITON:
     def _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
                      d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
-                     DROPOUT: tl.constexpr):
+                     DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
         # One key block of the dQ loop: dq (BM, BD), dq2 (BM, BD2) updated with keys start_n .. start_n +
         # BLOCK_N. MASK_N, MASK_D as in _dev_dkdv_step (keys for queries); placeholders and DROPOUT likewise.
         offs_n = start_n + offs_n0
@@ -511,7 +538,11 @@ if HAS_TRITON:
                             MASK_N, True)
             s = tl.dot(q2, kt2, s, input_precision=PRECISION)
             dp = tl.dot(do2, vt2, dp, input_precision=PRECISION)
-        p = tl.exp2(s * qk_scale - lse2[:, None])  # log2 units
+        if MASK_KIND != 0:  # the forward's masked logits (see _dev_masked)
+            p = tl.exp2(_dev_masked(s, Mask, offs_m[:, None], offs_n[None, :], (offs_m < N_Q)[:, None], n_ok[None, :],
+                                    mask_m, mask_n, qk_scale, MASK_KIND) - lse2[:, None])
+        else:
+            p = tl.exp2(s * qk_scale - lse2[:, None])  # log2 units
         if MASK_N:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -531,9 +562,10 @@ if HAS_TRITON:
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
                      H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
+                     Mask, mask_b, mask_h, mask_m, mask_n,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
         # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _dev_dkdv_block.
         # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
@@ -551,6 +583,7 @@ if HAS_TRITON:
         DQ += b * sqb_g + h * sqh_g
         LSE += pid_bh.to(tl.int64) * N_Q
         DELTA += pid_bh.to(tl.int64) * N_Q
+        Mask += b * mask_b + h * mask_h
 
         start_m = row0 + pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -579,11 +612,13 @@ if HAS_TRITON:
             for start_n in range(0, full, BLOCK_N):
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, False, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                       BLOCK_D2, False, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
+                                       Mask, mask_m, mask_n, MASK_KIND)
             for start_n in range(full, N_KV, BLOCK_N):  # at most one block
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
+                                       Mask, mask_m, mask_n, MASK_KIND)
         else:
             hi = N_KV
             if CAUSAL:
@@ -591,7 +626,8 @@ if HAS_TRITON:
             for start_n in range(0, hi, BLOCK_N):
                 dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
-                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT)
+                                       BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
+                                       Mask, mask_m, mask_n, MASK_KIND)
         dq = dq * sm_scale
         tl.store(DQ + offs_m[:, None] * sqn_g + offs_d[None, :] * sqd_g, dq.to(DQ.dtype.element_ty), mask=q_mask)
         if BLOCK_D2 > 0:
@@ -1001,6 +1037,16 @@ def _strides(t: torch.Tensor) -> Tuple[int, ...]:
 # Launchers on (B, N, H, D) views (any strides). Outputs may be passed in (strided views into a
 # packed buffer, or poisoned tensors in tests); every element is written.
 
+def _mask_kind(mask: Optional[torch.Tensor]) -> int:
+    """The kernels' MASK_KIND: 0 no attention mask, 1 additive (float), 2 boolean."""
+    return 0 if mask is None else 2 if mask.dtype == torch.bool else 1
+
+
+def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple:
+    """The kernels' (Mask, mask_b, mask_h, mask_m, mask_n) for a (B, H, Nq, Nkv) mask view, or placeholders."""
+    return (placeholder, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
                   lse: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
@@ -1021,12 +1067,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     if out.numel() == 0:
         return out, lse
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
-    kind = 0 if mask is None else 2 if mask.dtype == torch.bool else 1
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0, MASK_KIND=kind)
+                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0,
+                  MASK_KIND=_mask_kind(mask))
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device),
-            *((q, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())))
+    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
     _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
 
@@ -1079,9 +1124,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool = False,
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
                   dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel alone: use_bwd_fused).
-    Returns (dq, dk, dv). ``dropout_p`` and ``seed``: the forward's."""
+    Returns (dq, dk, dv). ``dropout_p``, ``seed`` and ``mask`` (a (B, H, Nq, Nkv) view): the forward's."""
     _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
@@ -1093,10 +1138,11 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
     consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0)
+                  SPLIT_TAIL=_bwd_tail[-1] if _bwd_tail else BWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0,
+                  MASK_KIND=_mask_kind(mask))
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
-    tail = (scale, scale * LOG2E, float(dropout_p), _seed_arg(seed, q.device))
+    tail = (scale, scale * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
     if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
         acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
         _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, *common, *_strides(o), *_strides(dk),
@@ -1201,16 +1247,35 @@ def _(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed):
 @custom_op("masked_attention_fwd")
 def _masked_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                              softmax_scale: float, allow_tf32: bool, dropout_p: float,
-                             seed: Optional[torch.Tensor]) -> torch.Tensor:
-    """The forward with an attention mask (no autograd: a masked call that needs grads runs the reference)."""
+                             seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The forward with an attention mask broadcastable to (B, H, Nq, Nkv)."""
     B, NQ, H, _ = q.shape
     mask = mask.expand(B, H, NQ, k.shape[1])
-    return attention_fwd(q, k, v, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)[0]
+    return attention_fwd(q, k, v, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)
 
 
 @_masked_attention_fwd_op.register_fake
 def _(q, k, v, mask, softmax_scale, allow_tf32, dropout_p, seed):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    B, N, H, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+
+
+@custom_op("masked_attention_bwd")
+def _masked_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                             lse: torch.Tensor, mask: torch.Tensor, softmax_scale: float, allow_tf32: bool,
+                             dropout_p: float, seed: Optional[torch.Tensor]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, NQ, H, _ = q.shape
+    mask = mask.expand(B, H, NQ, k.shape[1])
+    return attention_bwd(do, q, k, v, o, lse, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed,
+                         mask=mask)
+
+
+@_masked_attention_bwd_op.register_fake
+def _(do, q, k, v, o, lse, mask, softmax_scale, allow_tf32, dropout_p, seed):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 @custom_op("attention_bwd")
@@ -1295,6 +1360,24 @@ class AttentionFn(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse, seed = ctx.saved_tensors
         dq, dk, dv = _attention_bwd_op(do, q, k, v, o, lse, *ctx.args, seed)
+        return dq, dk, dv, None, None, None, None, None
+
+
+class MaskedAttentionFn(torch.autograd.Function):
+    """AttentionFn with an attention mask (a constant: no gradient), applied by the forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                seed: Optional[torch.Tensor]):
+        o, lse = _masked_attention_fwd_op(q, k, v, mask, softmax_scale, allow_tf32, dropout_p, seed)
+        ctx.save_for_backward(q, k, v, o, lse, mask, seed)
+        ctx.args = (softmax_scale, allow_tf32, dropout_p)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask, seed = ctx.saved_tensors
+        dq, dk, dv = _masked_attention_bwd_op(do, q, k, v, o, lse, mask, *ctx.args, seed)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -1443,20 +1526,21 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     torch.compile run the PyTorch reference (a forced 'triton' backend refuses such a scale with a ValueError).
     ``attn_mask``: as ``F.scaled_dot_product_attention`` takes it, in its (B, H, Nq, Nkv) order, broadcast (a
     key-padding (B, 1, 1, Nkv), a NaFlex / HF (B, 1, Nq, Nkv), a relative-position bias (1, H, Nq, Nkv)): bool
-    (True: attend) or float (added to the scaled logits). The forward kernel applies it where no gradient is
-    needed (inference); a masked call that needs gradients runs the reference.
+    (True: attend) or float (added to the scaled logits; values at or below -1e30, such as HF's finfo.min,
+    mask the key out). The forward and backward kernels apply it; a row masked everywhere gives zeros (and zero
+    gradients). A mask that requires grad (a learned bias) runs the reference, which differentiates it.
     """
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if attn_mask is not None:
         _check_attn_mask(attn_mask, q, k, causal)
-        if needs_grad(q, k, v, attn_mask) or not _triton_for(q, backend, dropout_p, scale):
+        if needs_grad(attn_mask) or not _triton_for(q, backend, dropout_p, scale):
             return attention_reference(q, k, v, scale, False, dropout_p, attn_mask)
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
         mask = attn_mask.float() if attn_mask.dtype == torch.float64 else attn_mask
-        return _masked_attention_fwd_op(q, k, v, mask, scale, _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
-                                        _draw_seed(dropout_p, q.device))
+        return apply(MaskedAttentionFn, q, k, v, mask, scale, _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
+                     _draw_seed(dropout_p, q.device))
     if _triton_for(q, backend, dropout_p, scale):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
@@ -1584,8 +1668,7 @@ def _aot_specs() -> List[AotSpec]:
             consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
             if not fwd:
                 consts["BLOCK_D2"] = bd2
-            else:
-                consts["MASK_KIND"] = 0
+            consts["MASK_KIND"] = 0
             tail = False  # the masked loop here, the split one below (the autotuner tries both: _auto_tails)
             consts["SPLIT_TAIL"] = tail
             consts["DROPOUT"] = False
@@ -1601,7 +1684,7 @@ def _aot_specs() -> List[AotSpec]:
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
-                if i == 0 and fwd and not part and ty == "bf16" and d in (64, 80) and not causal:
+                if i == 0 and not part and ty == "bf16" and d in (64, 80) and not causal:
                     for mk, mty in ((1, "*bf16"), (1, "*fp32"), (2, "*i1")):  # attention masks: HF's, a bias, bool
                         specs.append(runtime_spec(
                             kern, dict(sig, Mask=mty), dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,

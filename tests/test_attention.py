@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import pytest
@@ -216,56 +217,94 @@ def _masks(kind, B, Nq, Nkv, H, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("kind", ["bool_keys", "hf_additive", "bias_fp32", "bool_full"])
 @pytest.mark.parametrize("B,Nq,Nkv,H,D", [(2, 13, 13, 3, 16), (1, 70, 70, 2, 64), (3, 9, 21, 1, 40)])
-def test_attention_mask_forward_matches_float64(B, Nq, Nkv, H, D, dtype, kind, monkeypatch):
-    """Without autograd the forward kernel applies the mask (bool: attend where True; float: added to the scaled
-    logits); vs SDPA in float64 with the 2x rule; the output is poisoned first and the kernel must run."""
-    q, k, v = (t.detach() for t in _inputs(B, Nq, Nkv, H, D, dtype))
+def test_attention_mask_matches_float64(B, Nq, Nkv, H, D, dtype, kind, monkeypatch):
+    """The mask in the forward and backward kernels (bool: attend where True; float: added to the scaled logits):
+    output, dq, dk, dv vs SDPA in float64 with the 2x/3x rule; the output is poisoned first and both kernels
+    must see the mask."""
+    q, k, v = _inputs(B, Nq, Nkv, H, D, dtype)
     mask = _masks(kind, B, Nq, Nkv, H, dtype, fresh_seed())
     seen = []
-    fwd = A.attention_fwd
+    fwd, bwd = A.attention_fwd, A.attention_bwd
 
-    def spy(*a, **kw):
-        seen.append(kw.get("mask") is not None)
+    def spy_fwd(*a, **kw):
+        seen.append(("fwd", kw.get("mask") is not None))
         return fwd(*a, out=poison(torch.empty_like(a[0])), **kw)
-    monkeypatch.setattr(A, "attention_fwd", spy)
-    with torch.no_grad():
-        out = attention(q, k, v, attn_mask=mask, backend="triton")
-        same = A.attention_reference(q, k, v, attn_mask=mask) if dtype != torch.float32 else None
+    monkeypatch.setattr(A, "attention_fwd", spy_fwd)
+    monkeypatch.setattr(A, "attention_bwd", lambda *a, **kw: seen.append(("bwd", kw.get("mask") is not None))
+                        or bwd(*a, **kw))
+    g = randn(B, Nq, H, D, dtype=dtype, device=DEVICE)
+    got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, backend="triton"), (q, k, v), g)
     m64 = mask if mask.dtype == torch.bool else mask.double()
-    want = A.attention_reference(q.double(), k.double(), v.double(), attn_mask=m64)
-    assert seen == [True] and out.shape == q.shape and out.dtype == dtype
-    assert_close_to_ref(out, want, same, factor=2.0, atol=FP_ATOL[dtype], name="out")
+    ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=m64), [_leaf(t.double()) for t in (q, k, v)],
+                   g.double())
+    same = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=mask), [_leaf(t) for t in (q, k, v)], g) \
+        if dtype != torch.float32 else [None] * 4
+    assert seen == [("fwd", True), ("bwd", True)] and got[0].dtype == dtype
+    for name, a, b, c, f in zip(("out", "dq", "dk", "dv"), got, ref, same, (2.0, 3.0, 3.0, 3.0)):
+        assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[dtype], name=name)
+
+
+@pytest.mark.parametrize("variant", ["fused", "split", "rows", "tail", "dropout"])
+def test_attention_mask_backward_variants(variant):
+    """Every backward form takes the mask: the one-kernel backward, split head dims (80 = 64 + 16), the row
+    splits, the split loops; and with dropout (the keep mask the op's seed draws, on the masked reference)."""
+    B, N, H, D = 2, 37, 2, 80 if variant == "split" else 32
+    q, k, v = _inputs(B, N, N, H, D, torch.float32)
+    mask = _masks("hf_additive", B, N, N, H, torch.float32, fresh_seed())
+    g = randn(B, N, H, D, device=DEVICE)
+    uses = {"fused": [A.use_bwd_fused(True)], "split": [A.use_head_split("split")],
+            "rows": [A.use_bwd_rows(True), A.use_fwd_rows(True)], "tail": [A.use_bwd_tail(True), A.use_fwd_tail(True)],
+            "dropout": []}[variant]
+    p = 0.3 if variant == "dropout" else 0.0
+    torch.manual_seed(1234)
+    with contextlib.ExitStack() as stack:
+        for use in uses:
+            stack.enter_context(use)
+        got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, dropout_p=p, backend="triton"), (q, k, v), g)
+    torch.manual_seed(1234)
+    keep = A.dropout_mask(B, H, N, N, p, A._draw_seed(p, torch.device(DEVICE)), torch.device(DEVICE)) if p else 1.0
+
+    def ref_fn(q_, k_, v_):
+        s_ = torch.einsum("bnhd,bmhd->bhnm", q_, k_) * D ** -0.5 + mask.double()
+        return torch.einsum("bhnm,bmhd->bnhd", torch.softmax(s_, -1) * keep / (1 - p), v_)
+
+    ref = _fwd_bwd(ref_fn, [_leaf(t.double()) for t in (q, k, v)], g.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        assert_close_to_ref(a, b, name=name)
 
 
 def test_attention_mask_rows_masked_everywhere():
-    """A row whose keys are all masked: by a finite minimum (HF's finfo.min) it averages v uniformly, as SDPA
-    does; by False everywhere it gives zeros (SDPA's kernels give NaN or zeros there, by backend)."""
+    """A row whose keys are all masked, by False or by a value at or below -1e30 (HF's finfo.min): zeros, and zero
+    gradients through it; the other rows as SDPA gives them."""
     B, N, H, D = 1, 6, 2, 16
-    q, k, v = (t.detach() for t in _inputs(B, N, N, H, D, torch.float32))
+    q, k, v = _inputs(B, N, N, H, D, torch.float32)
     keep = torch.ones(B, 1, N, N, dtype=torch.bool, device=DEVICE)
     keep[:, :, 2] = False  # query 2 sees nothing
     additive = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
-    with torch.no_grad():
-        out = attention(q, k, v, attn_mask=additive, backend="triton")
-        zeros = attention(q, k, v, attn_mask=keep, backend="triton")
-    assert_close_to_ref(out, A.attention_reference(q.double(), k.double(), v.double(), attn_mask=additive.double()),
-                        name="out")
-    torch.testing.assert_close(out[:, 2], v.mean(1), atol=1e-6, rtol=1e-5)
-    assert torch.equal(zeros[:, 2], torch.zeros_like(zeros[:, 2]))
-    torch.testing.assert_close(zeros[:, :2], out[:, :2], atol=1e-6, rtol=1e-5)
+    g = randn(B, N, H, D, device=DEVICE)
+    g[:, 2] = 0.0  # no gradient arrives at the empty row (SDPA's would be NaN or a uniform average there)
+    for m in (keep, additive):
+        out, dq, dk, dv = _fwd_bwd(lambda *t, m=m: attention(*t, attn_mask=m, backend="triton"), (q, k, v), g)
+        assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2])) and torch.equal(dq[:, 2], torch.zeros_like(dq[:, 2]))
+        rows = [i for i in range(N) if i != 2]
+        ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=keep), [_leaf(t.double()) for t in (q, k, v)],
+                       g.double())
+        assert_close_to_ref(out[:, rows], ref[0][:, rows], name="out")
+        for name, a, b in zip(("dk", "dv"), (dk, dv), ref[2:]):
+            assert_close_to_ref(a, b, name=name)
 
 
-def test_attention_mask_with_grads_runs_the_reference(monkeypatch):
-    """A masked call that needs gradients runs SDPA (the backward kernels take no mask): grads flow and match."""
-    monkeypatch.setattr(A, "attention_fwd", lambda *a, **k: pytest.fail("the kernel ran under autograd"))
+def test_attention_mask_that_requires_grad_runs_the_reference(monkeypatch):
+    """A learned bias (a mask that requires grad) runs SDPA, which differentiates it; grads flow and match."""
+    monkeypatch.setattr(A, "attention_fwd", lambda *a, **k: pytest.fail("the kernel ran with a learned mask"))
     q, k, v = _inputs(2, 11, 11, 2, 16, torch.float32)
-    mask = _masks("bool_full", 2, 11, 11, 2, torch.float32, fresh_seed())
+    bias = _leaf(_masks("bias_fp32", 2, 11, 11, 2, torch.float32, fresh_seed()))
     g = randn(2, 11, 2, 16, device=DEVICE)
-    got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, backend="triton"), (q, k, v), g)
-    ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=mask), [_leaf(t.double()) for t in (q, k, v)],
-                   g.double())
-    for a, b, name in zip(got, ref, ("out", "dq", "dk", "dv")):
-        assert_close_to_ref(a, b, name=name)
+    out = attention(q, k, v, attn_mask=bias, backend="triton")
+    out.backward(g)
+    b64 = _leaf(bias.detach().double())
+    A.attention_reference(*(t.detach().double() for t in (q, k, v)), attn_mask=b64).backward(g.double())
+    assert_close_to_ref(bias.grad, b64.grad, name="dbias")
 
 
 def test_attention_mask_bad_inputs():
@@ -995,13 +1034,15 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["bool_keys", "hf_additive", "bias_fp32"])
 @pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80)])
-def test_attention_mask_forward_bf16_gpu(B, N, H, D, kind, autotuned):
-    """The masked forward kernel in bf16 at ViT shapes, autotuned: 2x SDPA's own bf16 error vs float64."""
-    q, k, v = (t.detach() for t in _inputs(B, N, N, H, D, torch.bfloat16))
+def test_attention_mask_bf16_gpu(B, N, H, D, kind, autotuned):
+    """The masked kernels in bf16 at ViT shapes, autotuned: output and grads, 2x/3x SDPA's own bf16 error."""
+    q, k, v = _inputs(B, N, N, H, D, torch.bfloat16)
     mask = _masks(kind, B, N, N, H, torch.bfloat16, fresh_seed())
-    with torch.no_grad():
-        out = attention(q, k, v, attn_mask=mask, backend="triton")
-        same = A.attention_reference(q, k, v, attn_mask=mask)
+    g = randn(B, N, H, D, dtype=torch.bfloat16, device=DEVICE)
+    got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, backend="triton"), (q, k, v), g)
+    same = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=mask), [_leaf(t) for t in (q, k, v)], g)
     m64 = mask if mask.dtype == torch.bool else mask.double()
-    want = A.attention_reference(q.double(), k.double(), v.double(), attn_mask=m64)
-    assert_close_to_ref(out, want, same, factor=2.0, atol=FP_ATOL[torch.bfloat16], name="out")
+    ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=m64), [_leaf(t.double()) for t in (q, k, v)],
+                   g.double())
+    for name, a, b, c, f in zip(("out", "dq", "dk", "dv"), got, ref, same, (2.0, 3.0, 3.0, 3.0)):
+        assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[torch.bfloat16], name=name)

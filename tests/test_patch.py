@@ -122,17 +122,22 @@ def _check_forced_vs_float64(model, x, call=None):
     return model.flashvit_report
 
 
-def _check_inference_patched(model, call, x, counts_ok, spy_mod, spy_name, pick):
+def _check_inference_patched(model, call, x, counts_ok, spy_mod, spy_name, pick, rows=None):
     """Patch ``model`` and run ``call(model, x)`` without autograd: the unpatched model's output (the reference path
     on CPU), then ``counts_ok()`` (the fused ops' calls so far); with the kernels forced (the interpreter on CPU), a
-    float64 copy's output. Returns ``pick(kwargs)`` of each ``spy_mod.spy_name`` launch in the forced run (None
-    without the interpreter)."""
+    float64 copy's output. ``rows``: a bool mask of the output's (B, N) tokens to compare (the others must be
+    finite). Returns ``pick(kwargs)`` of each ``spy_mod.spy_name`` launch in the forced run (None without the
+    interpreter)."""
+    def pick_rows(t):
+        assert torch.isfinite(t).all()
+        return t if rows is None else t[rows]
+
     oracle = copy.deepcopy(model).double()
     with torch.no_grad():
-        want = call(oracle, x.double())
-        ref = call(model, x)
+        want = pick_rows(call(oracle, x.double()))
+        ref = pick_rows(call(model, x))
         flashvit.patch(model)
-        out = call(model, x)
+        out = pick_rows(call(model, x))
     torch.testing.assert_close(out, ref, atol=1e-5 * max(1.0, ref.abs().max().item()), rtol=1e-4)
     assert counts_ok()
     if not INTERPRET:
@@ -142,7 +147,7 @@ def _check_inference_patched(model, call, x, counts_ok, spy_mod, spy_name, pick)
     try:
         setattr(spy_mod, spy_name, lambda *a, **k: seen.append(pick(k)) or fn(*a, **k))
         with torch.no_grad(), flashvit.use_backend("triton"):
-            out = call(model, x)
+            out = pick_rows(call(model, x))
     finally:
         setattr(spy_mod, spy_name, fn)
     assert max_err(out, want) <= 1e-4 * max(1.0, want.abs().max().item())
@@ -329,8 +334,9 @@ def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
 
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
-    attention hands to the attention op; without autograd its forward kernel applies it. Same features as the
-    unpatched model (valid and padded tokens alike); with the kernels forced (the interpreter on CPU) against a
+    attention hands to the attention op, whose kernels apply it (here without autograd). Same features as the
+    unpatched model at the valid tokens (timm's mask is symmetric: a padded token attends to nothing, which the
+    kernels make zeros and SDPA an average of garbage); with the kernels forced (the interpreter on CPU) against a
     float64 copy, and the masked kernel really ran."""
     torch.manual_seed(fresh_seed())
     model = _randomize(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=2, embed_dim=64,
@@ -341,11 +347,37 @@ def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     coord = coord.expand(B, L, 2).clone()
     valid = torch.ones(B, L, dtype=torch.bool)
     valid[1, 7:] = False  # the second image has 7 patches, 5 of padding
+    tokens = torch.cat((torch.ones(B, model.num_prefix_tokens, dtype=torch.bool), valid), dim=1)
     seen = _check_inference_patched(model, lambda m, x: m.forward_features(x, coord, valid)["patches"], patches,
                                     lambda: calls["attention"] == 2, importlib.import_module(
                                         "flashvit.kernels.attention"), "attention_fwd",
-                                    lambda k: k.get("mask") is not None)
+                                    lambda k: k.get("mask") is not None, rows=tokens)
     assert seen in (None, [True, True]), seen
+
+
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_timm_naflex_padded_batch_trains_through_the_masked_kernels(calls):
+    """NaFlexViT training on a padded batch with the kernels forced: logits (masked pooling) and every parameter
+    gradient vs a float64 copy of the unpatched model; the masked forward and backward kernels ran."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=1, embed_dim=32,
+                                         num_heads=2, num_classes=3)).train()
+    B, L, p = 2, 6, 16
+    coord = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, L, 2)
+    coord = coord.expand(B, L, 2).clone()
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[0, 4:] = False
+    attn_mod = importlib.import_module("flashvit.kernels.attention")
+    seen = []
+    bwd = attn_mod.attention_bwd
+    try:
+        attn_mod.attention_bwd = lambda *a, **k: seen.append(k.get("mask") is not None) or bwd(*a, **k)
+        report = _check_forced_vs_float64(
+            model, torch.randn(B, L, p * p * 3, generator=torch.Generator().manual_seed(fresh_seed())),
+            lambda m, x: m(dict(patches=x, patch_coord=coord, patch_valid=valid)))
+    finally:
+        attn_mod.attention_bwd = bwd
+    assert report.counts()["Attention"] == 1 and seen == [True] and calls["attention"] == 1
 
 
 def test_timm_patch_embed_formats_and_sizes():
@@ -390,7 +422,7 @@ def test_timm_rope_with_patch_dropout(name, calls):
 @pytest.mark.parametrize("case", ["plain", "mask", "causal"])
 def test_timm_rope_attention_gated_masked_causal(case, calls):
     """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, the masked path (attention()
-    with the mask: SDPA under autograd) and the causal kernels, each vs the unpatched module with grads."""
+    with the mask) and the causal kernels, each vs the unpatched module with grads."""
     from timm.layers.attention import AttentionRope
     torch.manual_seed(fresh_seed())
     B, N, C, H, P = 2, 9, 64, 2, 1
@@ -962,7 +994,7 @@ def test_hf_clip_siglip_vision_patched_matches_unpatched(case, calls):
 @pytest.mark.parametrize("family", ["Siglip", "CLIP"])
 def test_hf_clip_siglip_text_and_vision_model(family, calls):
     """The two-tower model: the text tower's masked attention (SigLIP's padding mask: the attention op with the
-    mask, SDPA under autograd; CLIP's causal one: transformers' forward; its layers' residual adds and MLPs fused
+    mask; CLIP's causal one: transformers' forward; its layers' residual adds and MLPs fused
     either way), the vision tower the kernels; same logits and gradients."""
     transformers = pytest.importorskip("transformers")
     T = transformers

@@ -208,7 +208,7 @@ class _FusedTimmAttention(nn.Module):
         plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
         if plain and not is_causal and attn_mask is None:
             o = qkv_attention(qkv, H, self.scale, dropout_p=p)  # (B, N, H·Dh)
-        else:  # a mask (NaFlex's padding: the forward kernel without autograd, else SDPA), q/k norms, causal
+        else:  # a mask (NaFlex's padding: the masked kernels), q/k norms, causal
             q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
@@ -249,7 +249,7 @@ class _FusedTimmRopeAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             if rope is not None:
                 q, k = apply_rope(q, rope, npt, half), apply_rope(k, rope, npt, half)
-            # (a mask: the forward kernel without autograd, else SDPA)
+            # (a mask: the masked kernels)
             o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
             o = o.reshape(B, N, H * Dh)
         o = self.norm(o)
@@ -340,8 +340,8 @@ def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> to
 
 class _FusedHFEncoderAttention(nn.Module):
     """transformers' CLIP / SigLIP attention: q/k/v as one GEMM -> flash attention from the packed qkv -> out_proj
-    GEMM. A padding mask (SigLIP2's NaFlex batches) goes to the attention op (its forward kernel without
-    autograd); a causal attention (the text towers') or a mask that is no tensor runs transformers' forward."""
+    GEMM. A padding mask (SigLIP2's NaFlex batches, SigLIP's text tower) goes to the attention op (its masked
+    kernels); a causal attention (CLIP's text tower) or a mask that is no tensor runs transformers' forward."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> Tuple[torch.Tensor, None]:
@@ -879,7 +879,7 @@ def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
 
     Soft-capping, sliding windows, position biases, GQA, cross-length attention and masks that are no tensor go to
     transformers' own SDPA function (the same function); the plain case runs flashvit's attention, and a mask
-    tensor (SDPA's form, bool or additive) its forward kernel where no gradient is needed (else SDPA).
+    tensor (SDPA's form, bool or additive) its masked kernels.
     """
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     special = (query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
