@@ -130,6 +130,34 @@ def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
     assert "flashvit.qkv_rope_linear" in str(explained.graphs[0].graph)
 
 
+@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+def test_masked_attention_kernels_inside_a_compiled_graph():
+    """attention(attn_mask=...) with grads: the masked forward and backward ops trace into one graph (fakes,
+    autograd), same output and grads as eager."""
+    from flashvit.kernels import attention
+    g = torch.Generator().manual_seed(fresh_seed())
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    keep = torch.rand(2, 1, 9, 9, generator=g) > 0.3
+    keep[..., 0] = True
+
+    def f(q, k, v):
+        return attention(q, k, v, attn_mask=keep, backend="triton")
+
+    explained = torch._dynamo.explain(f)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    outs = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=BACKEND)):
+        o = fn(q, k, v)
+        grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+        outs.append((o.detach(), *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    bodies = [str(m.graph) for m in explained.graphs[0].modules() if isinstance(m, torch.fx.GraphModule)]
+    assert any("flashvit.masked_attention_fwd" in b for b in bodies)
+    assert any("flashvit.masked_attention_bwd" in b for b in bodies)
+
+
 @needs_kernels
 def test_attention_dropout_kernels_inside_a_compiled_graph():
     """Attention dropout runs our kernels inside one graph: the seed is a device draw the graph traces (no
