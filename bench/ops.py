@@ -54,6 +54,10 @@ QUICK_SWIGLU_SHAPES = (("tiny", 2 * 17, 96),)
 # and DINOv3-B (rotate_half, cls + 4 registers) at 224 px
 ROPE_SHAPES = (("eva02_b14", 256, 12, 257, 64, 1, False), ("dinov3_b16", 256, 12, 201, 64, 5, True))
 QUICK_ROPE_SHAPES = (("tiny", 2, 3, 17, 16, 1, False), ("tiny_half", 1, 2, 21, 24, 5, True))
+# --ops mask: attention with a padding mask, (label, B, H, N, D, kind): NaFlex / SigLIP2-style batches where a
+# quarter of the images carry padding (bool key-padding (B, 1, 1, N), HF's additive (B, 1, N, N) in bf16)
+MASK_SHAPES = (("vit_b_pad", 128, 12, 197, 64, "bool"), ("siglip2_b_pad", 64, 12, 256, 64, "additive"))
+QUICK_MASK_SHAPES = (("tiny_pad", 2, 2, 19, 16, "bool"), ("tiny_hf", 2, 2, 13, 32, "additive"))
 
 # gemm-configs (a sweep, only when asked for): the plain GEMM of ViT-B's fc1 and fc2 through each tile config of
 # our two GEMM kernels alone, against torch.matmul. (name, M, N, K)
@@ -831,6 +835,43 @@ def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def masked_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """Attention with a padding mask (timm's NaFlexViT, transformers' SigLIP2 on padded batches): ours (the mask
+    in the flash kernels) vs SDPA with the mask (its own backend choice; the baseline) and torch.compile of it, in
+    attention TFLOP/s (of the full N x N, masked scores included)."""
+    from flashvit.kernels import attention, attention_reference
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("attention")
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, B, H, N, D, kind in QUICK_MASK_SHAPES if ctx.quick else MASK_SHAPES:
+        sd = {"model": label_, "B": B, "H": H, "N": N, "D": D, "mask": kind}
+        lens = torch.full((B,), N, device=ctx.device)
+        lens[: max(1, B // 4)] = max(1, N * 2 // 3)  # a quarter of the images: a third of their tokens padding
+        keep = torch.arange(N, device=ctx.device)[None, :] < lens[:, None]
+        mask = keep[:, None, None, :] if kind == "bool" else torch.where(
+            keep[:, None, None, :], 0.0, torch.finfo(ctx.dtype).min).expand(B, 1, N, N).to(ctx.dtype).contiguous()
+
+        def args(grad: bool, B=B, N=N, H=H, D=D) -> Tuple[torch.Tensor, ...]:
+            return tuple(_randn((B, N, H, D), ctx, grad=grad) for _ in range(3))
+
+        def ours(q, k, v, mask=mask):
+            return attention(q, k, v, attn_mask=mask, backend="triton")
+
+        def eager(q, k, v, mask=mask):
+            return attention_reference(q, k, v, attn_mask=mask)
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 4.0 * B * H * N * N * D * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "masked_attention", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
+                           note=note)
+
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+    return main, late
+
+
 BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "layernorm": layernorm_jobs,
     "attention": attention_jobs,
@@ -838,6 +879,7 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "patch_embed": patch_embed_jobs,
     "swiglu": swiglu_jobs,
     "rope": rope_attention_jobs,
+    "mask": masked_attention_jobs,
     "gemm-configs": gemm_config_jobs,
 }
 

@@ -260,6 +260,18 @@ def test_rope_attention_rows():
     assert len(rows) == len(packed) + len(from_x) and all(r.flops for r in rows) and "rope" not in ops.OPS
 
 
+def test_masked_attention_rows():
+    """--ops mask: ours, SDPA with the mask (the baseline) and torch.compile's per mode and shape; not a default
+    family."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    rows = [j.row for j in ops.op_jobs(ctx, ["mask"])]
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                for i in ("flashvit", "eager", "compile(eager)")}
+    assert len(rows) == 6 * len(ops.QUICK_MASK_SHAPES) and "mask" not in ops.OPS
+    assert all(r.name == "masked_attention" and r.flops for r in rows)
+    assert {r.shape["mask"] for r in rows} == {"bool", "additive"}
+
+
 def test_experimental_rows_order():
     """--rows experimental: groups by their tag in EXPERIMENTAL's order, attention's forward [tail] (the op's
     open gap) first, then shape by shape (fwd, then fwd+bwd with the fused backward) within a tag; each group is
