@@ -88,38 +88,38 @@ def test_patched_timm_compiles_fullgraph(kw):
     _assert_one_graph_same_result(model, _inputs((2, 3, 32, 32)))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
-                    "(CUDA runs the GPU compile case below instead)")
+@needs_kernels
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2",  # + SwiGLU, LayerScale
                                   "vit_small_patch16_dinov3"])  # + RoPE (rotate_half), registers, EvaBlock
 def test_patched_timm_compiles_fullgraph_with_triton_forced(name):
-    """The fused custom ops themselves (interpreter) inside one graph: their fake kernels and autograd trace."""
+    """The fused custom ops themselves (a GPU, or the interpreter) inside one graph: their fake kernels and autograd
+    trace."""
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
-    model = flashvit.patch(timm.create_model(name, pretrained=False, **kw).train())
+    model = flashvit.patch(timm.create_model(name, pretrained=False, **kw).to(KERNEL_DEV).train())
     with flashvit.use_backend("triton"):
-        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
+        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)).to(KERNEL_DEV))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 @pytest.mark.parametrize("mode", ["act", "fc1"])
 def test_mlp_recompute_inside_a_compiled_graph(mode):
     """The MLP backward's recompute (the activation op, or fc1's forward op again) traces into the one graph."""
     torch.manual_seed(fresh_seed())
     model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
-                                  num_heads=2, num_classes=3).train()
+                                  num_heads=2, num_classes=3).to(KERNEL_DEV).train()
     with flashvit.use_backend("triton"), flashvit.use_mlp_recompute(mode):
-        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)))
+        _assert_one_graph_same_result(model, _inputs((2, 3, 16, 16)).to(KERNEL_DEV))
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
     """A patched DINOv3 (timm) in inference: the qkv GEMM with its RoPE epilogue (a custom op with a fake) traces
     into one graph with the kernels forced, and gives the eager features."""
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
-    model = flashvit.patch(timm.create_model("vit_small_patch16_dinov3", pretrained=False, **kw).eval())
-    x = _inputs((2, 3, 16, 16))
+    model = flashvit.patch(timm.create_model("vit_small_patch16_dinov3", pretrained=False, **kw).to(KERNEL_DEV).eval())
+    x = _inputs((2, 3, 16, 16)).to(KERNEL_DEV)
     with torch.no_grad(), flashvit.use_backend("triton"):
         explained = torch._dynamo.explain(model.forward_features)(x)
         assert explained.graph_break_count == 0, explained.break_reasons
@@ -130,15 +130,16 @@ def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
     assert "flashvit.qkv_rope_linear" in str(explained.graphs[0].graph)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_masked_attention_kernels_inside_a_compiled_graph():
     """attention(attn_mask=...) with grads: the masked forward and backward ops trace into one graph (fakes,
     autograd), same output and grads as eager."""
     from flashvit.kernels import attention
     g = torch.Generator().manual_seed(fresh_seed())
-    q, k, v = (torch.randn(2, 9, 2, 16, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(2, 9, 2, 16, generator=g).to(KERNEL_DEV).requires_grad_() for _ in range(3))
     keep = torch.rand(2, 1, 9, 9, generator=g) > 0.3
     keep[..., 0] = True
+    keep = keep.to(KERNEL_DEV)
 
     def f(q, k, v):
         return attention(q, k, v, attn_mask=keep, backend="triton")

@@ -24,6 +24,10 @@ patch_mod = importlib.import_module("flashvit.vit.patch")
 timm = pytest.importorskip("timm")
 
 SMALL = dict(img_size=32, depth=2, num_classes=5)
+# Where the kernels run when forced: a GPU, else CPU tensors through the interpreter.
+KERNEL_DEV = "cuda" if torch.cuda.is_available() else "cpu"
+needs_kernels = pytest.mark.skipif(not torch.cuda.is_available() and not INTERPRET,
+                                   reason="the kernels need a GPU or, on CPU tensors, the Triton interpreter")
 
 
 @pytest.fixture
@@ -108,8 +112,9 @@ def _check_patched_same(model, x, call=None, atol=1e-5, rtol=1e-4, **patch_kw):
 
 
 def _check_forced_vs_float64(model, x, call=None):
-    """Patch ``model`` and run it with the kernels forced (the interpreter on CPU) against a float64 copy of the
-    unpatched model: logits and parameter gradients fp32-tight. Returns the report."""
+    """Patch ``model`` and run it with the kernels forced (on KERNEL_DEV: the interpreter on CPU) against a float64
+    copy of the unpatched model: logits and parameter gradients fp32-tight. Returns the report."""
+    model, x = model.to(KERNEL_DEV), x.to(KERNEL_DEV)
     oracle = copy.deepcopy(model).double()
     ref_out, ref_grads = _run(oracle, x.double(), call)
     flashvit.patch(model)
@@ -355,7 +360,7 @@ def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     assert seen in (None, [True, True]), seen
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_timm_naflex_padded_batch_trains_through_the_masked_kernels(calls):
     """NaFlexViT training on a padded batch with the kernels forced: logits (masked pooling) and every parameter
     gradient vs a float64 copy of the unpatched model; the masked forward and backward kernels ran."""
@@ -364,9 +369,10 @@ def test_timm_naflex_padded_batch_trains_through_the_masked_kernels(calls):
                                          num_heads=2, num_classes=3)).train()
     B, L, p = 2, 6, 16
     coord = torch.stack(torch.meshgrid(torch.arange(2), torch.arange(3), indexing="ij"), -1).reshape(1, L, 2)
-    coord = coord.expand(B, L, 2).clone()
+    coord = coord.expand(B, L, 2).clone().to(KERNEL_DEV)
     valid = torch.ones(B, L, dtype=torch.bool)
     valid[0, 4:] = False
+    valid = valid.to(KERNEL_DEV)
     attn_mod = importlib.import_module("flashvit.kernels.attention")
     seen = []
     bwd = attn_mod.attention_bwd
@@ -461,12 +467,12 @@ def test_timm_rope_grouped_query_attention_is_left():
             ) in report.left
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter "
-                    "(CUDA runs the bf16 GPU case below instead)")
+@needs_kernels
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "vit_giant_patch14_dinov2",  # GELU MLP; SwiGLU + ls
                                   "eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])  # RoPE: interleaved; half
 def test_timm_patched_with_triton_forced_matches_float64(name):
-    """The fused kernels (interpreter) in a patched model vs the unpatched model in float64: tight fp32."""
+    """The fused kernels (a GPU, or the interpreter) in a patched model vs the unpatched model in float64: tight
+    fp32 (a GPU also runs the bf16 case below)."""
     torch.manual_seed(fresh_seed())
     kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0, num_classes=3)
     model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
@@ -485,7 +491,7 @@ ZOO = ["deit_tiny_distilled_patch16_224",  # distillation token
        "flexivit_small"]  # FlexiViT patch embedding
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 @pytest.mark.parametrize("name", ZOO)
 def test_timm_zoo_patched_with_triton_forced_matches_float64(name):
     """More of timm's ViT family, one block at a tiny width: whatever patch() swaps in (kernels forced) gives the
@@ -895,7 +901,7 @@ def test_hf_dinov3_inference_rotates_in_the_qkv_gemm(calls):
     assert calls["qkv_rope_linear"] == 2 and calls["qkv_attention"] == 2, calls
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_hf_dinov3_with_triton_forced_matches_float64():
     model = _hf_dinov3(False, hidden_size=32, num_hidden_layers=1, image_size=16).train()
     if not _dinov3_sources_checked():
@@ -1052,7 +1058,7 @@ def _hf_siglip_vision(**kw):
     return _randomize(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**cfg)), scale=0.05)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="forces the Triton kernels on CPU tensors: needs the Triton interpreter")
+@needs_kernels
 def test_hf_siglip_with_triton_forced_matches_float64():
     report = _check_forced_vs_float64(_hf_siglip_vision().train(), _images((32, 32)),
                                       lambda m, x: m(pixel_values=x).last_hidden_state)
