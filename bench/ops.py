@@ -704,6 +704,21 @@ def _ours_eager_compiled(main: List[Job], late: List[Job], mk: Callable[..., Row
                     unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
 
 
+def _attention_modes(main: List[Job], late: List[Job], name: str, sd: Dict[str, Any], B: int, H: int, N: int,
+                     D: int, ours: Callable[..., Any], eager: Callable[..., Any],
+                     args: Callable[[bool], Tuple[torch.Tensor, ...]], ctx: Ctx, knote: str) -> None:
+    """An attention-shaped family's rows at one shape (``_ours_eager_compiled``), fwd and fwd+bwd, in attention
+    TFLOP/s (4·B·H·N²·D a forward)."""
+    for mode in ("fwd", "fwd+bwd"):
+        flops = 4.0 * B * H * N * N * D * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
+
+        def mk(impl: str, baseline: bool = False, note: str = "", mode=mode, flops=flops) -> Row:
+            return Row("ops", name, dict(sd), dtype_name(ctx.dtype), mode, impl, baseline=baseline, flops=flops,
+                       note=note)
+
+        _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+
+
 def patch_embed_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import patch_embed
     shapes = QUICK_PATCH_SHAPES if ctx.quick else PATCH_SHAPES
@@ -796,14 +811,7 @@ def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
         def eager(qkv, H=H, P=P, half=half, rope=rope):
             return qkv_attention_reference(qkv, H, rope=rope, rope_prefix=P, rope_half=half)
 
-        for mode in ("fwd", "fwd+bwd"):
-            flops = 4.0 * B * H * N * N * D * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
-
-            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
-                return Row("ops", "rope_attention", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
-                           note=note)
-
-            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+        _attention_modes(main, late, "rope_attention", sd, B, H, N, D, ours, eager, args, ctx, knote)
 
         # Inference from the block's x (B, N, C = H·D): the qkv GEMM with RoPE in its epilogue (qkv_rope_linear)
         # then the plain packed attention, vs the GEMM then qkv_attention(rope=...) ([rope=pass]: one more pass
@@ -840,7 +848,6 @@ def masked_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     in the flash kernels) vs SDPA with the mask (its own backend choice; the baseline) and torch.compile of it, in
     attention TFLOP/s (of the full N x N, masked scores included)."""
     from flashvit.kernels import attention, attention_reference
-    dt = dtype_name(ctx.dtype)
     knote = kernel_note("attention")
     main: List[Job] = []
     late: List[Job] = []
@@ -861,14 +868,7 @@ def masked_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
         def eager(q, k, v, mask=mask):
             return attention_reference(q, k, v, attn_mask=mask)
 
-        for mode in ("fwd", "fwd+bwd"):
-            flops = 4.0 * B * H * N * N * D * (ATTN_FWD_BWD_FACTOR if mode == "fwd+bwd" else 1.0)
-
-            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
-                return Row("ops", "masked_attention", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
-                           note=note)
-
-            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
+        _attention_modes(main, late, "masked_attention", sd, B, H, N, D, ours, eager, args, ctx, knote)
     return main, late
 
 

@@ -1467,12 +1467,7 @@ def _check_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causa
     check_same_device(q=q, attn_mask=mask)
     B, NQ, H, _ = q.shape
     want = (B, H, NQ, k.shape[1])
-    try:
-        torch.broadcast_shapes(tuple(mask.shape), want)
-        ok = all(m in (1, w) for m, w in zip(reversed(mask.shape), reversed(want)))
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not all(m in (1, w) for m, w in zip(reversed(mask.shape), reversed(want))):  # (it broadcasts to want)
         raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nkv) = {want}")
     if causal:
         raise ValueError("give attn_mask or causal=True, not both (as scaled_dot_product_attention)")

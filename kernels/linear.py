@@ -1467,11 +1467,9 @@ def qkv_rope_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         return torch.stack((q, k, v), dim=2).reshape(B, N, C3)
     check_triton_dtypes(rope=rope)
     dt, (x, weight, bias), _, _ = _cast_inputs(x, (weight, bias), None)
-    args = (x.reshape(B * N, -1), weight, bias, rope, N, H, P, half, _call_gemm(gemm, False), allow_tf32)
-    if dt is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return _qkv_rope_linear_op(*args).reshape(B, N, C3)
-    return _qkv_rope_linear_op(*args).reshape(B, N, C3)
+    with _uncast(dt, x.device):
+        return _qkv_rope_linear_op(x.reshape(B * N, -1), weight, bias, rope, N, H, P, half, _call_gemm(gemm, False),
+                                   allow_tf32).reshape(B, N, C3)
 
 
 def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], residual: Optional[torch.Tensor],
@@ -1500,10 +1498,13 @@ def _cast_inputs(x: torch.Tensor, params: Tuple[Optional[torch.Tensor], ...], re
     return dt, (x, *params), residual, late
 
 
+def _uncast(dt: Optional[torch.dtype], device: torch.device) -> ContextManager[None]:
+    """Autocast off where ``_cast_inputs`` cast the inputs already (``dt``): it must not recast them."""
+    return contextlib.nullcontext() if dt is None else torch.autocast(device.type, enabled=False)
+
+
 def _apply_uncast(dt: Optional[torch.dtype], device: torch.device, fn, args: tuple) -> torch.Tensor:
-    if dt is None:
-        return apply(fn, *args)
-    with torch.autocast(device.type, enabled=False):  # the inputs are cast already: autocast must not recast
+    with _uncast(dt, device):
         return apply(fn, *args)
 
 

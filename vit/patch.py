@@ -352,8 +352,7 @@ class _FusedHFEncoderAttention(nn.Module):
         if attention_mask is None:
             o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=p)
         else:
-            B, N, C3 = qkv.shape
-            q, k, v = qkv.view(B, N, 3, self.num_heads, -1).unbind(2)  # (B, N, H, Dh) strided views
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).unbind(2)  # (B, N, H, Dh) strided views
             o = attention(q, k, v, self.scale, dropout_p=p, attn_mask=attention_mask).flatten(-2)
         return linear(o, self.out_proj.weight, self.out_proj.bias), None
 
