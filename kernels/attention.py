@@ -1167,35 +1167,44 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.T
     return q, k, v
 
 
+def _mask_view(mask: Optional[torch.Tensor], B: int, H: int, NQ: int, NKV: int) -> Optional[torch.Tensor]:
+    """An attention mask broadcastable to (B, H, Nq, Nkv) as the kernels' (B, H, Nq, Nkv) view (stride 0 where it
+    broadcasts, no copy); None stays None."""
+    return None if mask is None else mask.expand(B, H, NQ, NKV)
+
+
 def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
                       out: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                      seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32)."""
+                      seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32). ``mask``: broadcastable to (B, H, N, N)."""
     B, N, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, num_heads)
     if out is None:
         out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
     _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=out.unflatten(-1, (num_heads, -1)),
-                           dropout_p=dropout_p, seed=seed)
+                           dropout_p=dropout_p, seed=seed, mask=_mask_view(mask, B, num_heads, N, N))
     return out, lse
 
 
 def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       softmax_scale: float, allow_tf32: bool = False, dqkv: Optional[torch.Tensor] = None,
-                      dropout_p: float = 0.0, seed: Seed = None) -> torch.Tensor:
+                      dropout_p: float = 0.0, seed: Seed = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient."""
     q, k, v = _split_qkv(qkv, num_heads)
     if dqkv is None:
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
+    B, N = qkv.shape[:2]
     attention_bwd(do.reshape(q.shape), q, k, v, o.unflatten(-1, (num_heads, -1)), lse, softmax_scale, False,
-                  allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed)
+                  allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
+                  mask=_mask_view(mask, B, num_heads, N, N))
     return dqkv
 
 
 def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
                            softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
-                           seed: Seed = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           seed: Seed = None, mask: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed forward with rotary q, k: one RoPE pass writes (B, N, 2, H, D) rotated q and k, the kernel reads them
     and v in place. Returns (o (B, N, H·D), lse (B, H, N) fp32, the rotated qk the backward reads)."""
     B, N, C3 = qkv.shape
@@ -1206,14 +1215,15 @@ def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                backward=False)
     out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
     _, lse = attention_fwd(qk[:, :, 0], qk[:, :, 1], qkv5[:, :, 2], softmax_scale, False, allow_tf32,
-                           out=out.unflatten(-1, (num_heads, -1)), dropout_p=dropout_p, seed=seed)
+                           out=out.unflatten(-1, (num_heads, -1)), dropout_p=dropout_p, seed=seed,
+                           mask=_mask_view(mask, B, num_heads, N, N))
     return out, lse, qk
 
 
 def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
                            softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
-                           seed: Seed = None) -> torch.Tensor:
+                           seed: Seed = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed backward with rotary q, k: dq, dk (of the rotated q, k) and dv land in one (B, N, 3·H·D) gradient,
     then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k."""
     B, N, C3 = qkv.shape
@@ -1222,7 +1232,8 @@ def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     q, k = qk.unbind(2)
     attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], o.unflatten(-1, (num_heads, -1)), lse,
-                  softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed)
+                  softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
+                  mask=_mask_view(mask, B, num_heads, N, N))
     dqk = dqkv.view(B, N, 3, num_heads, D)[:, :, :2]
     rope_apply(dqk, dqk, rope_table(rope, B, num_heads, N - rope_prefix, D), rope_prefix, rope_half, backward=True)
     return dqkv
@@ -1250,8 +1261,8 @@ def _masked_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """The forward with an attention mask broadcastable to (B, H, Nq, Nkv)."""
     B, NQ, H, _ = q.shape
-    mask = mask.expand(B, H, NQ, k.shape[1])
-    return attention_fwd(q, k, v, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)
+    return attention_fwd(q, k, v, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed,
+                         mask=_mask_view(mask, B, H, NQ, k.shape[1]))
 
 
 @_masked_attention_fwd_op.register_fake
@@ -1266,9 +1277,8 @@ def _masked_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              dropout_p: float, seed: Optional[torch.Tensor]
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, NQ, H, _ = q.shape
-    mask = mask.expand(B, H, NQ, k.shape[1])
     return attention_bwd(do, q, k, v, o, lse, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed,
-                         mask=mask)
+                         mask=_mask_view(mask, B, H, NQ, k.shape[1]))
 
 
 @_masked_attention_bwd_op.register_fake
@@ -1294,12 +1304,13 @@ def _(do, q, k, v, o, lse, softmax_scale, causal, allow_tf32, dropout_p, seed):
 
 @custom_op("qkv_attention_fwd")
 def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool,
-                          dropout_p: float, seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
+                          dropout_p: float, seed: Optional[torch.Tensor],
+                          mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    return qkv_attention_fwd(qkv, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)
 
 
 @_qkv_attention_fwd_op.register_fake
-def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
+def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask):
     B, N, C3 = qkv.shape
     return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
 
@@ -1307,25 +1318,27 @@ def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
 @custom_op("qkv_attention_bwd")
 def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                           softmax_scale: float, allow_tf32: bool, dropout_p: float,
-                          seed: Optional[torch.Tensor]) -> torch.Tensor:
-    return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed)
+                          seed: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
+    return qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed,
+                             mask=mask)
 
 
 @_qkv_attention_bwd_op.register_fake
-def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed):
+def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
 @custom_op("qkv_rope_attention_fwd")
 def _qkv_rope_attention_fwd_op(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int,
                                rope_half: bool, softmax_scale: float, allow_tf32: bool, dropout_p: float,
-                               seed: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                               seed: Optional[torch.Tensor], mask: Optional[torch.Tensor]
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return qkv_rope_attention_fwd(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32,
-                                  dropout_p=dropout_p, seed=seed)
+                                  dropout_p=dropout_p, seed=seed, mask=mask)
 
 
 @_qkv_rope_attention_fwd_op.register_fake
-def _(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed):
+def _(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed, mask):
     B, N, C3 = qkv.shape
     return (qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32),
             qkv.new_empty((B, N, 2, num_heads, C3 // (3 * num_heads))))
@@ -1335,13 +1348,13 @@ def _(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, d
 def _qkv_rope_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
                                lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int,
                                rope_half: bool, softmax_scale: float, allow_tf32: bool, dropout_p: float,
-                               seed: Optional[torch.Tensor]) -> torch.Tensor:
+                               seed: Optional[torch.Tensor], mask: Optional[torch.Tensor]) -> torch.Tensor:
     return qkv_rope_attention_bwd(do, qkv, qk, o, lse, rope, num_heads, rope_prefix, rope_half, softmax_scale,
-                                  allow_tf32, dropout_p=dropout_p, seed=seed)
+                                  allow_tf32, dropout_p=dropout_p, seed=seed, mask=mask)
 
 
 @_qkv_rope_attention_bwd_op.register_fake
-def _(do, qkv, qk, o, lse, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed):
+def _(do, qkv, qk, o, lse, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed, mask):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -1382,39 +1395,41 @@ class MaskedAttentionFn(torch.autograd.Function):
 
 
 class QkvAttentionFn(torch.autograd.Function):
-    """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor."""
+    """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor. ``mask``: an
+    attention mask broadcastable to (B, H, N, N) (a constant) or None."""
 
     @staticmethod
     def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float,
-                seed: Optional[torch.Tensor]):
-        o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed)
-        ctx.save_for_backward(qkv, o, lse, seed)
+                seed: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
+        o, lse = _qkv_attention_fwd_op(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask)
+        ctx.save_for_backward(qkv, o, lse, seed, mask)
         ctx.args = (num_heads, softmax_scale, allow_tf32, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, o, lse, seed = ctx.saved_tensors
-        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args, seed), None, None, None, None, None
+        qkv, o, lse, seed, mask = ctx.saved_tensors
+        return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args, seed, mask), None, None, None, None, None, None
 
 
 class QkvRopeAttentionFn(torch.autograd.Function):
-    """qkv_attention with rotary q, k (rope a constant): saves qkv and the rotated q, k (B, N, 2, H, D)."""
+    """qkv_attention with rotary q, k (rope a constant): saves qkv and the rotated q, k (B, N, 2, H, D). ``mask``
+    as in QkvAttentionFn."""
 
     @staticmethod
     def forward(ctx, qkv, rope, num_heads: int, rope_prefix: int, rope_half: bool, softmax_scale: float,
-                allow_tf32: bool, dropout_p: float, seed: Optional[torch.Tensor]):
+                allow_tf32: bool, dropout_p: float, seed: Optional[torch.Tensor], mask: Optional[torch.Tensor]):
         o, lse, qk = _qkv_rope_attention_fwd_op(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale,
-                                                allow_tf32, dropout_p, seed)
-        ctx.save_for_backward(qkv, qk, o, lse, rope, seed)
+                                                allow_tf32, dropout_p, seed, mask)
+        ctx.save_for_backward(qkv, qk, o, lse, rope, seed, mask)
         ctx.args = (num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qkv, qk, o, lse, rope, seed = ctx.saved_tensors
-        dqkv = _qkv_rope_attention_bwd_op(do, qkv, qk, o, lse, rope, *ctx.args, seed)
-        return dqkv, None, None, None, None, None, None, None, None
+        qkv, qk, o, lse, rope, seed, mask = ctx.saved_tensors
+        dqkv = _qkv_rope_attention_bwd_op(do, qkv, qk, o, lse, rope, *ctx.args, seed, mask)
+        return dqkv, None, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1475,15 +1490,14 @@ def _check_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causa
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None,
                             dropout_p: float = 0.0, rope: Optional[torch.Tensor] = None, rope_prefix: int = 0,
-                            rope_half: bool = False) -> torch.Tensor:
-    """(B, N, 3·H·D) packed qkv -> (B, N, H·D), the way timm's Attention (with ``rope``, its EvaAttention) does it."""
+                            rope_half: bool = False, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, N, 3·H·D) packed qkv -> (B, N, H·D), the way timm's Attention (with ``rope``, its EvaAttention) does it;
+    ``attn_mask`` as :func:`attention_reference` takes it."""
     B, N, C3 = qkv.shape
     q, k, v = qkv.reshape(B, N, 3, num_heads, C3 // (3 * num_heads)).unbind(2)  # (B, N, H, D)
     if rope is not None:
         q, k = rope_reference(q, rope, rope_prefix, rope_half), rope_reference(k, rope, rope_prefix, rope_half)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=softmax_scale)
-    return o.transpose(1, 2).reshape(B, N, C3 // 3)
+    return attention_reference(q, k, v, softmax_scale, False, dropout_p, attn_mask).reshape(B, N, C3 // 3)
 
 
 def _kernel_scale(scale: float) -> bool:
@@ -1555,7 +1569,8 @@ def _draw_seed(dropout_p: float, device: torch.device) -> Optional[torch.Tensor]
 
 def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None, *,
                   dropout_p: float = 0.0, backend: Optional[str] = None, allow_tf32: Optional[bool] = None,
-                  rope: Optional[torch.Tensor] = None, rope_prefix: int = 0, rope_half: bool = False) -> torch.Tensor:
+                  rope: Optional[torch.Tensor] = None, rope_prefix: int = 0, rope_half: bool = False,
+                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention straight from the packed qkv Linear output (B, N, 3·H·D); returns (B, N, H·D).
 
     q, k, v are read in place by strides and the output lands in (B, N, H·D) ready for the projection;
@@ -1566,32 +1581,46 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     first ``rope_prefix`` (P) tokens not rotated, ``rope_half`` pairs (i, i + D/2). One pass writes the rotated
     q and k (saved for the backward), whose packed gradient is rotated back in place. A rope that requires grad
     (learned frequencies) is rotated by the reference, which differentiates it; attention still runs the kernels.
+
+    ``attn_mask``: as :func:`attention` takes it, broadcastable to (B, H, N, N) (NaFlex / SigLIP2 padding, a
+    relative-position bias); the kernels apply it forward and backward and the gradient stays one packed tensor.
     """
     check_tensor("qkv", qkv, ndim=3)
     if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
         raise ValueError(f"qkv last dim {qkv.shape[-1]} must be divisible by 3 * num_heads = {3 * num_heads}")
+    B, N = qkv.shape[:2]
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
     if rope is not None:
-        check_rope_args((qkv.shape[0], qkv.shape[1], num_heads, head_dim), rope, rope_prefix, where="qkv")
+        check_rope_args((B, N, num_heads, head_dim), rope, rope_prefix, where="qkv")
         check_same_device(qkv=qkv, rope=rope)
+    mask = attn_mask
+    if mask is not None:
+        q, k, _ = _split_qkv(qkv, num_heads)
+        _check_attn_mask(mask, q, k, False)
+        if needs_grad(mask):  # a learned bias: the reference differentiates it
+            return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, mask)
+        mask = mask.float() if mask.dtype == torch.float64 else mask
     if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
         tf32, seed = _resolve_tf32(qkv.dtype, allow_tf32), _draw_seed(dropout_p, qkv.device)
         if rope is None:
-            return apply(QkvAttentionFn, qkv, num_heads, scale, tf32, float(dropout_p), seed)
+            return apply(QkvAttentionFn, qkv, num_heads, scale, tf32, float(dropout_p), seed, mask)
         if rope.dtype == torch.float64 or (torch.is_grad_enabled() and rope.requires_grad):
             q, k, v = _split_qkv(qkv, num_heads)
             q, k = rope_reference(q, rope, rope_prefix, rope_half), rope_reference(k, rope, rope_prefix, rope_half)
-            o = apply(AttentionFn, q, k, v, scale, False, tf32, float(dropout_p), seed)
+            if mask is None:
+                o = apply(AttentionFn, q, k, v, scale, False, tf32, float(dropout_p), seed)
+            else:
+                o = apply(MaskedAttentionFn, q, k, v, mask, scale, tf32, float(dropout_p), seed)
             return o.flatten(-2)
         check_triton_dtypes(rope=rope)
         if qkv.stride(-1) != 1:  # the RoPE kernel reads unit-stride features (a copy; autograd routes the grad)
             qkv = qkv.contiguous()
         return apply(QkvRopeAttentionFn, qkv, rope, num_heads, int(rope_prefix), bool(rope_half), scale, tf32,
-                     float(dropout_p), seed)
-    return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half)
+                     float(dropout_p), seed, mask)
+    return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, attn_mask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -307,6 +307,67 @@ def test_attention_mask_that_requires_grad_runs_the_reference(monkeypatch):
     assert_close_to_ref(bias.grad, b64.grad, name="dbias")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,N,H,D,kind,rope", [(2, 13, 3, 16, "bool_keys", None), (1, 37, 2, 40, "hf_additive", None),
+                                              (2, 9, 2, 32, "bias_fp32", "interleaved"),
+                                              (1, 21, 1, 24, "bool_full", "half"),
+                                              (2, 11, 2, 16, "hf_additive", "learned")])
+def test_qkv_attention_mask_matches_float64(B, N, H, D, kind, rope, dtype, monkeypatch):
+    """Packed qkv with an attention mask (NaFlex / SigLIP2 padding, a relative-position bias), alone and with
+    RoPE (a learned rope: rotated by the reference, the masked kernels after): output and the packed gradient
+    vs float64; both kernels see the mask and the gradient is one packed tensor."""
+    base = randn(B, N, 3 * H * D + 8, dtype=dtype, device=DEVICE)
+    qkv = _leaf(base[..., 8:])  # row stride wider than the row
+    mask = _masks(kind, B, N, N, H, dtype, fresh_seed())
+    table = None
+    if rope is not None:
+        ang = randn(N - 1, D, dtype=torch.float64, device=DEVICE, scale=3.0)  # cat(sin, cos): (N - 1, 2D)
+        table = torch.cat([ang.sin(), ang.cos()], -1).float()
+        table = table.requires_grad_() if rope == "learned" else table
+    kw = dict(rope=table, rope_prefix=1 if rope else 0, rope_half=rope == "half")
+    seen = []
+    fwd, bwd = A.attention_fwd, A.attention_bwd
+    monkeypatch.setattr(A, "attention_fwd", lambda *a, **k: seen.append(("fwd", k.get("mask") is not None))
+                        or fwd(*a, **k))
+    monkeypatch.setattr(A, "attention_bwd", lambda *a, **k: seen.append(("bwd", k.get("mask") is not None))
+                        or bwd(*a, **k))
+    g = randn(B, N, H * D, dtype=dtype, device=DEVICE)
+    out, dqkv = _fwd_bwd(lambda t: qkv_attention(t, H, attn_mask=mask, backend="triton", **kw), (qkv,), g)
+    assert seen == [("fwd", True), ("bwd", True)] and out.shape == (B, N, H * D)
+    m64 = mask if mask.dtype == torch.bool else mask.double()
+    kw64 = dict(kw, rope=None if table is None else table.detach().double())
+    ref = _fwd_bwd(lambda t: A.qkv_attention_reference(t, H, attn_mask=m64, **kw64), (_leaf(qkv.double()),), g.double())
+    same = [None, None]
+    if dtype != torch.float32:
+        kws = dict(kw, rope=None if table is None else table.detach().to(dtype))
+        same = _fwd_bwd(lambda t: A.qkv_attention_reference(t, H, attn_mask=mask, **kws), (_leaf(qkv),), g)
+    assert_close_to_ref(out, ref[0], same[0], atol=FP_ATOL[dtype], name="out")
+    assert_close_to_ref(dqkv, ref[1], same[1], factor=3.0, atol=FP_ATOL[dtype], name="dqkv")
+
+
+def test_qkv_attention_mask_equals_attention_on_views():
+    """qkv_attention(attn_mask=) = attention on the strided q, k, v views with the same mask, bit for bit (dropout
+    too: the same seed draws the same keep mask); a learned mask takes the reference (its gradient flows)."""
+    B, N, H, D = 2, 19, 2, 16
+    qkv = randn(B, N, 3 * H * D, device=DEVICE)
+    mask = _masks("bool_keys", B, N, N, H, torch.float32, fresh_seed())
+    for p in (0.0, 0.25):
+        torch.manual_seed(11)
+        packed = qkv_attention(qkv, H, attn_mask=mask, dropout_p=p, backend="triton")
+        torch.manual_seed(11)
+        views = attention(*qkv.view(B, N, 3, H, D).unbind(2), attn_mask=mask, dropout_p=p, backend="triton")
+        assert torch.equal(packed, views.flatten(-2)), p
+    bias = _leaf(_masks("bias_fp32", B, N, N, H, torch.float32, fresh_seed()))
+    qkv_attention(qkv, H, attn_mask=bias, backend="triton").square().sum().backward()
+    b64 = _leaf(bias.detach().double())
+    A.qkv_attention_reference(qkv.double(), H, attn_mask=b64).square().sum().backward()
+    assert_close_to_ref(bias.grad, b64.grad, name="dbias")
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        qkv_attention(qkv, H, attn_mask=torch.ones(B, 3, N, N, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        qkv_attention(qkv, H, attn_mask=torch.ones(N, N, dtype=torch.int64, device=DEVICE))
+
+
 def test_attention_mask_bad_inputs():
     q, k, v = (t.detach() for t in _inputs(2, 5, 5, 2, 8, torch.float32))
     with pytest.raises(TypeError, match="attn_mask must be bool"):
@@ -1045,4 +1106,21 @@ def test_attention_mask_bf16_gpu(B, N, H, D, kind, autotuned):
     ref = _fwd_bwd(lambda *t: A.attention_reference(*t, attn_mask=m64), [_leaf(t.double()) for t in (q, k, v)],
                    g.double())
     for name, a, b, c, f in zip(("out", "dq", "dk", "dv"), got, ref, same, (2.0, 3.0, 3.0, 3.0)):
+        assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[torch.bfloat16], name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["bool_keys", "hf_additive"])
+def test_qkv_attention_mask_bf16_gpu(kind, autotuned):
+    """Packed qkv with a padding mask in bf16 at ViT-B's shape (the patched NaFlex / timm attention's path):
+    output and the packed gradient, 2x/3x SDPA's own bf16 error."""
+    B, N, H, D = 4, 197, 12, 64
+    qkv = _leaf(randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE))
+    mask = _masks(kind, B, N, N, H, torch.bfloat16, fresh_seed())
+    g = randn(B, N, H * D, dtype=torch.bfloat16, device=DEVICE)
+    got = _fwd_bwd(lambda t: qkv_attention(t, H, attn_mask=mask, backend="triton"), (qkv,), g)
+    same = _fwd_bwd(lambda t: A.qkv_attention_reference(t, H, attn_mask=mask), (_leaf(qkv),), g)
+    m64 = mask if mask.dtype == torch.bool else mask.double()
+    ref = _fwd_bwd(lambda t: A.qkv_attention_reference(t, H, attn_mask=m64), (_leaf(qkv.double()),), g.double())
+    for name, a, b, c, f in zip(("out", "dqkv"), got, ref, same, (2.0, 3.0)):
         assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[torch.bfloat16], name=name)

@@ -131,32 +131,41 @@ def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
 
 
 @needs_kernels
-def test_masked_attention_kernels_inside_a_compiled_graph():
-    """attention(attn_mask=...) with grads: the masked forward and backward ops trace into one graph (fakes,
-    autograd), same output and grads as eager."""
-    from flashvit.kernels import attention
+@pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
+def test_masked_attention_kernels_inside_a_compiled_graph(packed):
+    """attention(attn_mask=...) on q, k, v and qkv_attention(attn_mask=...) on packed qkv, with grads: the masked
+    forward and backward ops trace into one graph (fakes, autograd), same output and grads as eager."""
+    from flashvit.kernels import attention, qkv_attention
     g = torch.Generator().manual_seed(fresh_seed())
-    q, k, v = (torch.randn(2, 9, 2, 16, generator=g).to(KERNEL_DEV).requires_grad_() for _ in range(3))
     keep = torch.rand(2, 1, 9, 9, generator=g) > 0.3
     keep[..., 0] = True
     keep = keep.to(KERNEL_DEV)
+    if packed:
+        inputs = (torch.randn(2, 9, 3 * 2 * 16, generator=g).to(KERNEL_DEV).requires_grad_(),)
+        op = "qkv_attention"
 
-    def f(q, k, v):
-        return attention(q, k, v, attn_mask=keep, backend="triton")
+        def f(qkv):
+            return qkv_attention(qkv, 2, attn_mask=keep, backend="triton")
+    else:
+        inputs = tuple(torch.randn(2, 9, 2, 16, generator=g).to(KERNEL_DEV).requires_grad_() for _ in range(3))
+        op = "masked_attention"
 
-    explained = torch._dynamo.explain(f)(q, k, v)
+        def f(q, k, v):
+            return attention(q, k, v, attn_mask=keep, backend="triton")
+
+    explained = torch._dynamo.explain(f)(*inputs)
     assert explained.graph_break_count == 0, explained.break_reasons
     torch._dynamo.reset()
     outs = []
     for fn in (f, torch.compile(f, fullgraph=True, backend=BACKEND)):
-        o = fn(q, k, v)
-        grads = torch.autograd.grad(o.square().sum(), (q, k, v))
+        o = fn(*inputs)
+        grads = torch.autograd.grad(o.square().sum(), inputs)
         outs.append((o.detach(), *grads))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     bodies = [str(m.graph) for m in explained.graphs[0].modules() if isinstance(m, torch.fx.GraphModule)]
-    assert any("flashvit.masked_attention_fwd" in b for b in bodies)
-    assert any("flashvit.masked_attention_bwd" in b for b in bodies)
+    assert any(f"flashvit.{op}_fwd" in b for b in bodies)
+    assert any(f"flashvit.{op}_bwd" in b for b in bodies)
 
 
 @needs_kernels

@@ -339,7 +339,7 @@ def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
 
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
-    attention hands to the attention op, whose kernels apply it (here without autograd). Same features as the
+    attention hands to qkv_attention (packed), whose kernels apply it (here without autograd). Same features as the
     unpatched model at the valid tokens (timm's mask is symmetric: a padded token attends to nothing, which the
     kernels make zeros and SDPA an average of garbage); with the kernels forced (the interpreter on CPU) against a
     float64 copy, and the masked kernel really ran."""
@@ -354,7 +354,8 @@ def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     valid[1, 7:] = False  # the second image has 7 patches, 5 of padding
     tokens = torch.cat((torch.ones(B, model.num_prefix_tokens, dtype=torch.bool), valid), dim=1)
     seen = _check_inference_patched(model, lambda m, x: m.forward_features(x, coord, valid)["patches"], patches,
-                                    lambda: calls["attention"] == 2, importlib.import_module(
+                                    lambda: calls.get("qkv_attention") == 2 and "attention" not in calls,
+                                    importlib.import_module(
                                         "flashvit.kernels.attention"), "attention_fwd",
                                     lambda k: k.get("mask") is not None, rows=tokens)
     assert seen in (None, [True, True]), seen
@@ -383,7 +384,7 @@ def test_timm_naflex_padded_batch_trains_through_the_masked_kernels(calls):
             lambda m, x: m(dict(patches=x, patch_coord=coord, patch_valid=valid)))
     finally:
         attn_mod.attention_bwd = bwd
-    assert report.counts()["Attention"] == 1 and seen == [True] and calls["attention"] == 1
+    assert report.counts()["Attention"] == 1 and seen == [True] and calls["qkv_attention"] == 1
 
 
 def test_timm_patch_embed_formats_and_sizes():
@@ -427,8 +428,8 @@ def test_timm_rope_with_patch_dropout(name, calls):
 
 @pytest.mark.parametrize("case", ["plain", "mask", "causal"])
 def test_timm_rope_attention_gated_masked_causal(case, calls):
-    """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, the masked path (attention()
-    with the mask) and the causal kernels, each vs the unpatched module with grads."""
+    """AttentionRope with a sigmoid gate, rotate_half and a prefix: the fused path, the masked path (qkv_attention
+    with the rope and the mask) and the causal kernels, each vs the unpatched module with grads."""
     from timm.layers.attention import AttentionRope
     torch.manual_seed(fresh_seed())
     B, N, C, H, P = 2, 9, 64, 2, 1
@@ -454,8 +455,9 @@ def test_timm_rope_attention_gated_masked_causal(case, calls):
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
-    assert calls["apply_rope" if case != "plain" else "qkv_attention"] == (2 if case != "plain" else 1)
-    assert calls.get("attention", 0) == (case != "plain")
+    # causal: rope on the views, then attention; otherwise (a mask too) packed qkv_attention with the rope
+    assert calls.get("apply_rope", 0) == 2 * (case == "causal") and calls.get("attention", 0) == (case == "causal")
+    assert calls.get("qkv_attention", 0) == (case != "causal")
 
 
 def test_timm_rope_grouped_query_attention_is_left():

@@ -206,9 +206,9 @@ class _FusedTimmAttention(nn.Module):
         p = self.attn_drop.p if self.training else 0.0
         qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, N, 3·H·Dh)
         plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
-        if plain and not is_causal and attn_mask is None:
-            o = qkv_attention(qkv, H, self.scale, dropout_p=p)  # (B, N, H·Dh)
-        else:  # a mask (NaFlex's padding: the masked kernels), q/k norms, causal
+        if plain and not is_causal:  # (a mask, NaFlex's padding: the masked kernels)
+            o = qkv_attention(qkv, H, self.scale, dropout_p=p, attn_mask=attn_mask)  # (B, N, H·Dh)
+        else:  # q/k norms, causal
             q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
@@ -237,19 +237,19 @@ class _FusedTimmRopeAttention(nn.Module):
                 bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         else:  # separate q/k/v projections (qkv_fused=False): one GEMM all the same
             weight, bias = _qkv_params(self.q_proj, self.k_proj, self.v_proj)
-        fast = plain and attn_mask is None and not is_causal
+        fast = plain and not is_causal  # (a mask: the masked kernels)
         if fast and rope is not None and not needs_grad(x, weight, bias, rope):
-            o = qkv_attention(qkv_rope_linear(x, weight, bias, H, rope, npt, half), H, self.scale, dropout_p=p)
+            o = qkv_attention(qkv_rope_linear(x, weight, bias, H, rope, npt, half), H, self.scale, dropout_p=p,
+                              attn_mask=attn_mask)
         elif fast:
             o = qkv_attention(linear(x, weight, bias), H, self.scale, dropout_p=p, rope=rope, rope_prefix=npt,
-                              rope_half=half)
-        else:
+                              rope_half=half, attn_mask=attn_mask)
+        else:  # q/k norms, causal
             qkv = linear(x, weight, bias)  # (B, N, 3·H·Dh)
             q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views
             q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
             if rope is not None:
                 q, k = apply_rope(q, rope, npt, half), apply_rope(k, rope, npt, half)
-            # (a mask: the masked kernels)
             o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
             o = o.reshape(B, N, H * Dh)
         o = self.norm(o)
