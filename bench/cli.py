@@ -1,10 +1,12 @@
-"""``python -m flashvit.bench [ops|model|all|overhead|report]``: the benchmark command line.
+"""``python -m flashvit.bench [ops|model|all|overhead|report|targets]``: the benchmark command line.
 
     python -m flashvit.bench all --quick --out out/bench          # smoke run (CPU is fine)
     python -m flashvit.bench ops --ops attention --budget 120       # one op family, 2 minutes at most
     python -m flashvit.bench model --models b l --impls flashvit timm compile(timm)
     TRITON_INTERPRET=1 python -m flashvit.bench overhead           # host time per op call / train step
     python -m flashvit.bench report --out out/bench                # summary of the files in a folder
+    python -m flashvit.bench ops --rows targets --ops attention mlp # only the rows the issues' targets read
+    python -m flashvit.bench targets --out out/bench               # each speed target: met / not met / not measured
 
 Each run writes <suite>.json, <suite>.csv and <suite>.png (when matplotlib is installed) into --out.
 """
@@ -30,7 +32,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m flashvit.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", nargs="?", default="all", choices=("ops", "model", "all", "overhead", "report"))
+    p.add_argument("command", nargs="?", default="all",
+                   choices=("ops", "model", "all", "overhead", "report", "targets"))
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (smoke test; CPU is fine)")
     p.add_argument("--out", default=os.path.join("out", "bench"), help="folder for the JSON/CSV/PNG files")
     p.add_argument("--ops", nargs="+", default=None,
@@ -39,9 +42,10 @@ def parser() -> argparse.ArgumentParser:
                         "NaFlex / SigLIP2), gemm-configs (a per-config GEMM sweep)")
     p.add_argument("--models", nargs="+", default=None, help="s b l or flashvit/timm names (first = priority)")
     p.add_argument("--impls", nargs="+", default=None, help="model impls to run (default: all)")
-    p.add_argument("--rows", choices=("all", "settled", "experimental"), default="all",
+    p.add_argument("--rows", choices=("all", "settled", "experimental", "targets"), default="all",
                    help="ops: 'settled' leaves out kernel paths not yet run on a GPU (ops.EXPERIMENTAL); "
-                        "'experimental' runs only their groups (baseline + ours) into ops-experimental.*")
+                        "'experimental' runs only their groups (baseline + ours) into ops-experimental.*; "
+                        "'targets' only the rows the issues' speed targets read (see the targets command)")
     p.add_argument("--timer", choices=H.TIMERS, default="flush",
                    help="ops on CUDA: flush = do_bench, L2 flushed, the host's issue time counts where it exceeds "
                         "the GPU's; graph = device time of calls replayed from a CUDA graph (-> ops-graph.*)")
@@ -73,6 +77,9 @@ def main(argv: Optional[Sequence[str]] = None, t_start: Optional[float] = None) 
     args = parser().parse_args(argv)
     if args.command == "report":
         return report(args.out, args.tests_log, args.summary, plots=not args.no_plot, notes=args.note)
+    if args.command == "targets":
+        from flashvit.bench.targets import write_targets
+        return write_targets(args.out, args.summary)
     t_start = time.monotonic() if t_start is None else t_start
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -131,7 +138,7 @@ def _ops_jobs(args: argparse.Namespace, device: torch.device, warmup_ms: float, 
     from flashvit.bench import ops as O
     dtype, compile_ok, compile_note, _, _ = _settings(args, device)
     ctx = O.Ctx(device, dtype, warmup_ms, rep_ms, compile_ok, compile_note, args.quick, args.timer)
-    return O.select_rows(O.op_jobs(ctx, args.ops), args.rows)
+    return O.select_rows(O.op_jobs(ctx, args.ops), args.rows, args.quick)
 
 
 def _model_ctx(args: argparse.Namespace, device: torch.device, peak: Optional[float], warm: bool = False) -> Any:
@@ -399,6 +406,11 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
         if plots and not os.path.exists(png):
             meta = {k: v for k, v in d.items() if k != "rows"}
             lines.append(H.plot(out, suite, rows, meta))
+    if found:
+        from flashvit.bench.targets import target_lines
+        tlines = target_lines(out)
+        lines.append("")
+        lines += [ln for ln in tlines if ln.startswith("targets: ") or "-> not met" in ln]
     lines += list(notes)
     text = "\n".join(lines)
     print(text, flush=True)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only] [--sweep] [--pack]
+# The one GPU check: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only | --targets]
+#                    [--sweep] [--pack]
 #
 # On an H100/H200 with a stock CUDA image (torch, triton, timm, pytest, pytest-benchmark; no network) it
 # installs nothing and reads nothing outside the repository. In <= 8 minutes in all it:
@@ -14,7 +15,8 @@
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #      and profiles it (cProfile per op, one launch's cost, kernel tables)      -> OUTDIR/profile/
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
-#   6. prints a short summary last                                            -> OUTDIR/summary.txt
+#   6. judges the issues' speed targets from those files (met / not met / not measured) -> OUTDIR/targets.txt
+#      and prints a short summary last                                        -> OUTDIR/summary.txt
 #
 # --train: instead of all that, the main job on the GPU: `python train.py` with its defaults (the gpu
 # profile) on Fashion-MNIST IDX files from GPU_TRAIN_DATA (default /usr/share/datasets/fashion-mnist; a
@@ -26,6 +28,11 @@
 # -> OUTDIR/train/. Total budget 570 s instead of 470, and the tests get the training's time (200 s).
 # --tests-only: the GPU tests alone, all of the budget (default 300 s), no warm-up beside them and no benchmarks:
 # a follow-up call where the full check's tests ran out of time (run 5: 6 of 109 gpu-marked tests in 47 s).
+# --targets: no tests; only the rows the issues' speed targets read (python -m flashvit.bench targets), each
+# compiling row first run once in 4 processes (Triton's and Inductor's caches), then attention and MLP/GEMM rows
+# (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 training timm vs patched (model.json), then
+# targets.txt. GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little
+# device time can split them over two calls). Default budget 540 s.
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
 # and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
@@ -49,6 +56,7 @@ TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the test
 PACK=0
 SWEEP=0
 TESTS_ONLY=0
+TARGETS=0
 OUTDIR=""
 for a in "$@"; do
   case "$a" in
@@ -56,6 +64,7 @@ for a in "$@"; do
     --train) TRAIN=1 ;;
     --with-train) TRAIN=2 ;;
     --tests-only) TESTS_ONLY=1 ;;
+    --targets) TARGETS=1 ;;
     --pack) PACK=1 ;;
     --sweep) SWEEP=1 ;;
     -h|--help) sed -n '2,46p' "$0"; exit 0 ;;
@@ -63,13 +72,17 @@ for a in "$@"; do
     *) OUTDIR=$a ;;
   esac
 done
-[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only] [--sweep] [--pack]" >&2
+[ -n "$OUTDIR" ] || { echo "usage: bash bench/gpu_check.sh OUTDIR [--dry-run] [--with-train | --train | --tests-only |" \
+                           "--targets] [--sweep] [--pack]" >&2
                       exit 2; }
+[ $(( (TRAIN > 0) + TESTS_ONLY + TARGETS )) -le 1 ] || { echo "--train, --with-train, --tests-only and --targets" \
+                                                              "exclude each other" >&2; exit 2; }
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 if [ "$TRAIN" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-330}
 elif [ "$TESTS_ONLY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( DRY == 1 ? 150 : 300 ))}
+elif [ "$TARGETS" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( DRY == 1 ? 200 : 540 ))}
 elif [ "$DRY" = 1 ]; then HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 300 : 240 ))}
 else HARD=${GPU_CHECK_SECONDS:-$(( TRAIN == 2 ? 570 : 470 ))}; fi
 T0=$SECONDS
@@ -270,7 +283,9 @@ fi
 TEST_T=$(min "$TEST_MAX" $(( $(left) - RESERVE )))
 TESTS_RC=0
 T_START=$SECONDS
-if [ "$TEST_T" -lt 20 ]; then
+if [ "$TARGETS" = 1 ]; then
+  say "tests: not run (--targets)"
+elif [ "$TEST_T" -lt 20 ]; then
   note "skipped: the test suite (only $(left)s left)"
   TESTS_RC=1
 else
@@ -296,7 +311,7 @@ else
     note "skipped: the non-gpu-marked tests on CUDA (only ${REST_T}s of test time left)"
   fi
 fi
-[ -n "$WARM_PID" ] || [ "$TESTS_ONLY" = 1 ] || [ "$(left)" -lt "$(( RESERVE + 60 ))" ] ||
+[ -n "$WARM_PID" ] || [ "$TESTS_ONLY" = 1 ] || [ "$TARGETS" = 1 ] || [ "$(left)" -lt "$(( RESERVE + 60 ))" ] ||
   start_prewarm 60  # the tests were skipped
 
 # ---- the cache warm-up and the training run (--with-train) end before any timing starts ---------------------
@@ -353,6 +368,57 @@ run_ops() {  # run_ops LABEL BUDGET_CAP RESERVE --rows WHICH EXTRA...
   grep -E '^(ops|ops-experimental|ops-graph|gemm-configs): ' "$SHIM/.$label.log" | cut -c1-400
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.$label.log"
 }
+if [ "$TARGETS" = 1 ]; then
+# ---- 3t. --targets: the rows the issues' speed targets read, nothing else -------------------------------
+# shellcheck disable=SC2206
+PARTS=(${GPU_CHECK_TARGETS:-attention mlp layernorm model})
+has_part() { case " ${PARTS[*]} " in *" $1 "*) return 0 ;; esac; return 1; }
+T_OPS=(); for p in attention mlp; do has_part "$p" && T_OPS+=("$p"); done
+T_WARM=("${T_OPS[@]}"); has_part layernorm && T_WARM+=(layernorm)
+if [ "$DRY" = 1 ]; then
+  T_TIMING=(); T_PW=25; T_OPS_MAX=40; T_GRAPH_MAX=30; T_MODEL_MAX=40; T_MODEL=(--models s)
+else
+  T_TIMING=(--warmup-ms 15 --rep-ms 60); T_PW=${GPU_CHECK_PREWARM_MAX:-110}; T_OPS_MAX=${GPU_CHECK_OPS_MAX:-180}
+  T_GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-130}; T_MODEL_MAX=${GPU_CHECK_MODEL_MAX:-70}; T_MODEL=(--models b --steps 12)
+fi
+# what each later step keeps back: the caps of the steps after it (those asked for) and 20 s for the report
+T_R_MODEL=20; T_R_GRAPH=$T_R_MODEL; has_part model && T_R_GRAPH=$(( T_R_MODEL + T_MODEL_MAX ))
+T_R_OPS=$T_R_GRAPH; has_part layernorm && T_R_OPS=$(( T_R_GRAPH + T_GRAPH_MAX ))
+T_R_PW=$T_R_OPS; [ ${#T_OPS[@]} -gt 0 ] && T_R_PW=$(( T_R_OPS + T_OPS_MAX ))
+PW=$(min "$T_PW" $(( $(left) - T_R_PW )))
+if [ "$PW" -ge 10 ]; then  # every compiling row once: ops in 4 processes, ViT-B's patched model in one
+  say "prewarm: the targets' compiling rows (${PW}s)"
+  if [ ${#T_WARM[@]} -gt 0 ]; then
+    FLASHVIT_GPU_CHECK_BG=$BG_TAG timeout -k 10 "$PW" "$PY" -m flashvit.bench ops --prewarm-only \
+      --prewarm "${GPU_CHECK_PREWARM:-4}" --rows targets --budget "$PW" "${BENCH_COMMON[@]}" --ops "${T_WARM[@]}" \
+      > "$SHIM/.prewarm.log" 2>&1 &
+  fi
+  if has_part model; then
+    FLASHVIT_GPU_CHECK_BG=$BG_TAG timeout -k 10 "$PW" "$PY" -m flashvit.bench model --prewarm-only --prewarm 1 \
+      --budget "$PW" "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --impls timm+flashvit.patch > "$SHIM/.prewarm-model.log" 2>&1 &
+  fi
+  wait
+  grep -hE '^prewarm: ' "$SHIM"/.prewarm*.log 2>/dev/null | cut -c1-300
+  kill_background
+fi
+[ ${#T_OPS[@]} -gt 0 ] && run_ops ops "$T_OPS_MAX" "$T_R_OPS" --rows targets "${T_TIMING[@]}" --ops "${T_OPS[@]}"
+CEIL=(); [ -f "$OUT/ops.json" ] && CEIL=(--ceilings-from "$OUT/ops.json")
+has_part layernorm && run_ops ops-graph "$T_GRAPH_MAX" "$T_R_GRAPH" --rows targets --timer graph "${CEIL[@]}" \
+  "${T_TIMING[@]}" --ops layernorm
+if has_part model; then
+  MODEL_B=$(min "$T_MODEL_MAX" $(( $(left) - T_R_MODEL )))
+  if [ "$MODEL_B" -lt 10 ]; then
+    note "skipped: model benchmarks (only $(left)s left)"
+  else
+    say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
+    timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" "${CEIL[@]}" \
+      "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --impls timm timm+flashvit.patch > "$SHIM/.model.log" 2>&1
+    rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
+    grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
+    [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
+  fi
+fi
+else  # (not --targets)
 run_ops ops "$OPS_MAX" "$OPS_RESERVE" --rows settled "${OPS_EXTRA[@]}"
 run_ops ops-experimental "$EXP_MAX" "$EXP_RESERVE" --rows experimental --ceilings-from "$OUT/ops.json" \
   "${EXP_EXTRA[@]}"
@@ -405,10 +471,15 @@ else
   grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
 fi
+fi  # (not --targets)
 fi  # (not --tests-only)
 
-# ---- 6. summary, printed last ---------------------------------------------------------------------------
+# ---- 6. the targets' verdicts, and the summary, printed last -------------------------------------------------
 rm -f "$OUT"/.*.tmp
+if [ "$TESTS_ONLY" != 1 ]; then
+  timeout -k 5 30 "$PY" -m flashvit.bench targets --out "$OUT" --summary "$OUT/targets.txt" > "$SHIM/.targets.log" 2>&1 ||
+    note "targets: exit code $? ($(tail -n 1 "$SHIM/.targets.log" | cut -c1-200))"
+fi
 NOTE_ARGS=()
 for n in "${NOTES[@]+"${NOTES[@]}"}"; do NOTE_ARGS+=(--note "$n"); done
 [ "$TRAIN" = 2 ] && NOTE_ARGS+=(--note "train (--with-train): rc=$TRAIN_RC; $(grep -E 'test accuracy' "$OUT/train/train.log" 2>/dev/null | tail -n 1)")

@@ -892,16 +892,22 @@ def _tag_rank(row: Row) -> int:
     return min((i for i, tag in enumerate(EXPERIMENTAL) if tag in row.impl), default=len(EXPERIMENTAL))
 
 
-def select_rows(jobs: List[Job], rows: str) -> List[Job]:
+def select_rows(jobs: List[Job], rows: str, quick: bool = False) -> List[Job]:
     """'all'; 'settled': without the experimental rows; 'experimental': the groups that hold one, reduced to
     their baseline, our default row and the experimental rows (each experimental row then has its comparisons
-    from the same process; the other variants are in the settled run)."""
+    from the same process; the other variants are in the settled run); 'targets': the rows the issues' speed
+    targets read (flashvit.bench.targets, at the --quick shapes with ``quick``) and their groups' baselines."""
     if rows == "all":
         return jobs
     if rows == "settled":
         return [j for j in jobs if not is_experimental(j.row)]
+    if rows == "targets":
+        from flashvit.bench.targets import all_targets, wanted
+        targets = all_targets(quick)
+        groups = {j.row.group() for j in jobs if wanted(j.row, targets)}
+        return [j for j in jobs if j.row.group() in groups and (j.row.baseline or wanted(j.row, targets))]
     if rows != "experimental":
-        raise ValueError(f"unknown row selection {rows!r}; expected all, settled or experimental")
+        raise ValueError(f"unknown row selection {rows!r}; expected all, settled, experimental or targets")
     # One group at a time, by their first experimental tag in EXPERIMENTAL's order, then shape by shape (the
     # op's first shape, ViT-B's, first: fwd and fwd+bwd), forward first: a budget that runs out still leaves the
     # first groups complete.

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from flashvit.bench import cli, harness, model, ops
+from flashvit.bench import cli, harness, model, ops, targets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TIMM = harness._version("timm") is not None
@@ -194,6 +194,96 @@ def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path):
     job = harness.Job(mk("g"), ok, min_s=1e9)
     harness.Runner("ops", [job], meta, None, harness.Budget(100.0), torch.device("cpu"), lines.append).run()
     assert job.row.status == "skipped" and "budget" in job.row.note
+
+
+def _target_rows(shape, mode, name, impls, status=None):
+    """Rows of one group: {impl: median_ms}; ``status``: {impl: (status, note or error)} for rows not measured."""
+    out = []
+    for impl, ms in impls.items():
+        st, why = (status or {}).get(impl, ("ok", ""))
+        out.append(harness.Row("ops", name, dict(shape), "bfloat16", mode, impl, status=st, median_ms=ms,
+                               note=why if st != "error" else "", error=why if st == "error" else ""))
+    return out
+
+
+def _write_suite(out, suite, rows, **meta):
+    harness.write_results(str(out), suite, dict(created="now", env={"device_name": "H100"}, **meta), rows)
+
+
+def test_targets_judge_from_the_result_files(tmp_path):
+    """Each target's verdict from the rows of one file: the best baseline of several (attention: every SDPA
+    backend), the copy-ceiling floor, the suite order (ops-graph before ops), img/s for the model, and 'not
+    measured' with the rows' own reasons; a target line per target and a count per issue."""
+    ln = dict(rows="256x197", D=768)
+    attn = dict(B=256, H=12, N=197, D=64)
+    attn80 = dict(B=64, H=16, N=257, D=80)
+    mlp = dict(model="vit_b", M=256 * 197, D=768, hidden=3072)
+    graph = (_target_rows(ln, "fwd", "layer_norm", {"flashvit": 1.0, "eager": 2.0, "compile(eager)": 1.05})
+             + _target_rows(ln, "fwd+bwd", "layer_norm", {"flashvit": 1.0, "compile(eager)": 0.9}))
+    graph[0].pct_ceiling, graph[3].pct_ceiling = 91.0, 70.0
+    ops_rows = (_target_rows(attn, "fwd", "attention", {"flashvit-qkv": 1.0, "sdpa-auto": 1.3, "sdpa-cudnn": 1.15,
+                                                        "sdpa-flash": None},
+                             status={"sdpa-flash": ("skipped", "budget spent")})
+                + _target_rows(attn80, "fwd", "attention", {"flashvit-qkv": 1.0, "sdpa-cudnn": 1.25})
+                + _target_rows(attn80, "fwd+bwd", "attention", {"flashvit-qkv": None, "sdpa-auto": 1.0},
+                               status={"flashvit-qkv": ("error", "CUDA error: an illegal memory access")})
+                + _target_rows(mlp, "fwd+bwd", "mlp", {"flashvit": 1.0, "eager": 1.2, "compile(eager)": None},
+                               status={"compile(eager)": ("skipped", "budget spent (3 s left, row needs ~20 s)")})
+                + _target_rows(ln, "fwd", "layer_norm", {"flashvit": 1.0, "compile(eager)": 0.5}))
+    model_rows = [harness.Row("model", "vit_base_patch16_224", {"batch": 128, "img": 224}, "bfloat16", "train", impl,
+                              status="ok", median_ms=1.0, img_per_s=ips) for impl, ips in
+                  (("timm", 1000.0), ("timm+flashvit.patch", 1190.0))]
+    _write_suite(tmp_path, "ops-graph", graph)
+    _write_suite(tmp_path, "ops", ops_rows)
+    _write_suite(tmp_path, "model", model_rows)
+    lines = targets.target_lines(str(tmp_path))
+    assert lines[0].startswith(f"targets: {tmp_path}: H100")
+
+    def line(issue, name, shape, mode, ours, floor):
+        t = next(t for t in targets.all_targets() if (t.issue, t.name, dict(t.shape), t.mode, t.floor)
+                 == (issue, name, shape, mode, floor) and t.ours == ours)
+        return next(ln_ for ln_ in lines if ln_.startswith(t.what() + ": "))
+
+    assert line(3, "layer_norm", ln, "fwd", "flashvit", 85.0).split(": ", 2)[2].startswith("91 -> met [ops-graph]")
+    # ops-graph first: 1.05 / 1.0 there, though ops.json's compile row is twice as fast
+    assert "1.05 -> met [ops-graph]" in line(3, "layer_norm", ln, "fwd", "flashvit", 1.0)
+    assert "70 -> not met [ops-graph]" in line(3, "layer_norm", ln, "fwd+bwd", "flashvit", 85.0)
+    assert "0.9 -> not met [ops-graph]" in line(3, "layer_norm", ln, "fwd+bwd", "flashvit", 1.0)
+    # the best measured SDPA backend (cudnn 1.15 ms; flash was skipped): 1.15 >= 1.1
+    assert "1.15 -> met [ops] (flashvit-qkv 1 vs sdpa-cudnn 1.15 ms)" in line(4, "attention", attn, "fwd",
+                                                                                "flashvit-qkv", 1.1)
+    assert "1.25 -> met" in line(4, "attention", attn80, "fwd", "flashvit-qkv", 1.2)
+    assert "- -> not measured (ops: flashvit-qkv error: CUDA error: an illegal memory access)" in \
+        line(4, "attention", attn80, "fwd+bwd", "flashvit-qkv", 1.2)
+    assert "1.2 -> met" in line(5, "mlp", mlp, "fwd+bwd", "flashvit", 1.1)
+    assert "not measured (ops: compile(eager) skipped: budget spent (3 s left" in \
+        line(5, "mlp", mlp, "fwd+bwd", "flashvit", 1.0)
+    assert "not measured (ops: no rows)" in line(5, "mlp", dict(model="vit_l", M=256 * 197, D=1024, hidden=4096),
+                                                  "fwd+bwd", "flashvit", 1.1)
+    nine = next(ln_ for ln_ in lines if ln_.startswith("#9 "))
+    assert "1.19 -> not met [model] (timm+flashvit.patch 1190.0 vs timm 1000.0 img/s)" in nine
+    counts = [ln_ for ln_ in lines if ln_.startswith("targets: issue")]
+    assert counts[-1] == "targets: issue #9: 1 targets: 0 met, 1 not met, 0 not measured"
+    assert counts[2].startswith("targets: issue #5: 8 targets: 1 met, 0 not met, 7 not measured")
+    assert len(lines) == 1 + len(targets.all_targets()) + 4
+    assert targets.write_targets(str(tmp_path / "none")) == 1
+
+
+def test_rows_targets_selects_what_the_targets_read():
+    """--rows targets: each kept row is one a target reads or its group's baseline, and every ops target's own row
+    and baselines are there (at the --quick shapes here); the LayerNorm rows with the graph timer too."""
+    for timer, fams in (("flush", ["attention", "mlp"]), ("graph", ["layernorm"])):
+        ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, True, "", quick=True, timer=timer)
+        jobs = ops.op_jobs(ctx, fams)
+        kept = ops.select_rows(jobs, "targets", quick=True)
+        tq = targets.all_targets(quick=True)
+        assert kept and all(targets.wanted(j.row, tq) or j.row.baseline for j in kept)
+        assert not any(ops.is_experimental(j.row) or j.row.impl == "flashvit-bnhd" for j in kept)
+        names = {"attention", "mlp", "gemm"} if timer == "flush" else {"layer_norm", "add_layer_norm"}
+        for t in (t for t in tq if t.name in names):
+            impls = {j.row.impl for j in kept if t.matches(j.row)}
+            assert t.ours in impls and impls & set(t.against or (t.ours,)), (t.what(), impls)
+        assert [j for j in jobs if j in kept] == kept  # the run's own order
 
 
 def test_deadline_interrupts_a_row():
@@ -500,8 +590,8 @@ def test_gpu_check_dry_run(tmp_path):
     names = sorted(os.listdir(out))
     expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
                 "gemm-configs.json", "gemm-configs.csv", "ops-graph.json", "ops-graph.csv", "model.json", "model.csv",
-                "overhead.json", "overhead.csv", "summary.txt", "train"}
-    assert expected <= set(names) and len(names) <= 21, names
+                "overhead.json", "overhead.csv", "targets.txt", "summary.txt", "train"}
+    assert expected <= set(names) and len(names) <= 22, names
     if HAS_MPL:
         assert {"ops.png", "ops-experimental.png", "ops-graph.png", "model.png", "overhead.png"} <= set(names)
     train = set(os.listdir(out / "train"))
@@ -521,9 +611,29 @@ def test_gpu_check_dry_run(tmp_path):
     assert last.startswith("gpu_check: ") and last in summary  # the summary is printed last
     assert "tests: " in summary and "\nops: " in summary and "\nmodel: " in summary and "\noverhead: " in summary
     assert "\nops-experimental: " in summary and "\nops-graph: " in summary and "\ngemm-configs: " in summary
-    assert "train (--with-train): rc=0; test accuracy " in summary
+    assert "train (--with-train): rc=0; test accuracy " in summary and "\ntargets: issue #4: " in summary
     graph = json.loads((out / "ops-graph.json").read_text())
     assert {r["name"] for r in graph["rows"]} <= {"layer_norm", "add_layer_norm"} and graph["config"]["timer"]
+
+
+@needs_gpu_check_shell
+def test_gpu_check_targets_dry_run(tmp_path):
+    """--targets: no tests; only the rows the targets read (ops, ops-graph: LayerNorm, model: timm vs patched),
+    then targets.txt (a line per target, a count per issue) and the summary with the counts."""
+    out = tmp_path / "results"
+    res = _gpu_check(tmp_path, out, "--targets")
+    assert "tests: not run (--targets)" in res.stdout and not (out / "gpu_tests.log").exists()
+    tq = targets.all_targets(quick=True)
+    for suite in ("ops", "ops-graph"):
+        rows = [harness.Row(**r) for r in json.loads((out / f"{suite}.json").read_text())["rows"]]
+        assert rows and all(targets.wanted(r, tq) or r.baseline for r in rows), suite
+    assert {r.name for r in rows} == {"layer_norm", "add_layer_norm"}
+    mrows = json.loads((out / "model.json").read_text())["rows"]
+    assert {r["impl"] for r in mrows} == {"timm", "timm+flashvit.patch"}
+    text = (out / "targets.txt").read_text().splitlines()
+    assert len(text) == 1 + len(tq) + 4 and text[-4].startswith("targets: issue #3: ")
+    summary = (out / "summary.txt").read_text()
+    assert "\ntargets: issue #9: 1 targets: " in summary and "targets.txt" in summary
 
 
 @needs_gpu_check_shell
