@@ -92,14 +92,22 @@ def _ln_fwd_kernel(
     mask = row_mask[:, None] & col_mask[None, :]  # (ROWS, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]  # int64: M * stride can pass 2^31
     x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # x0 (ROWS,): each row's first element (what the tile holds at column 0; a cached reload), the shift of the
+    # sums below: a row of equal values gives x - x0 = 0 exactly, so y = b exactly (an fp32 sum / N is off by
+    # ulps there, which rstd ~ eps^-1/2 magnifies), and large offsets cancel before the sums.
+    x0 = tl.load(X + rows.to(tl.int64) * stride_x, mask=row_mask, other=0.0).to(tl.float32)
     if HAS_RES:
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # h rounds to its storage dtype first, as eager `x + residual` does; LN reads the stored h.
         h = (x + r).to(H.dtype.element_ty)
         tl.store(H + r64 * stride_h + cols[None, :], h, mask=mask)
         x = h.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N  # (ROWS,)
-    xc = tl.where(mask, x - mean[:, None], 0.0)
+        r0 = tl.load(R + rows.to(tl.int64) * stride_r, mask=row_mask, other=0.0).to(tl.float32)
+        x0 = (x0 + r0).to(H.dtype.element_ty).to(tl.float32)  # h's first element, the same rounding
+    d = tl.where(mask, x - x0[:, None], 0.0)
+    mean_d = tl.sum(d, axis=1) / N  # (ROWS,) mean - x0
+    xc = tl.where(mask, d - mean_d[:, None], 0.0)
+    mean = x0 + mean_d  # (saved: the backward's x - mean is 0 on a row of equal values too)
     var = tl.sum(xc * xc, axis=1) / N
     rstd = 1.0 / tl.sqrt(var + eps)  # (ROWS,)
     w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)

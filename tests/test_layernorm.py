@@ -306,6 +306,36 @@ def _assert_bit_equal_backwards(inputs, gouts, runs: int = 20):
             assert torch.equal(g0, g)
 
 
+@pytest.mark.parametrize("d,eps", [(64, 1e-5), (130, 1e-6), (768, 1e-6), (257, 1e-12)])
+def test_rows_of_equal_values_normalize_to_exactly_b(device, d, eps, launches):
+    """fp32 rows whose values are all equal (so that an fp32 sum / N is not exact): y = b exactly for layer_norm
+    and add_layer_norm (x + residual equal per row), as PyTorch gives; rows of large offset and small spread
+    beside them: y, dx, dw, db vs float64 no worse than 3x PyTorch's own fp32 error."""
+    g = torch.Generator().manual_seed(d)
+    c = torch.randn(6, 1, generator=g, dtype=torch.float64) * 3
+    x = c.expand(6, d).float().contiguous()
+    x[3:] = (1e4 + torch.randn(3, d, generator=g) * 0.05)  # offset rows beside the constant ones
+    w, b = randn(d, device=device), randn(d, device=device)
+    gy = randn(6, d, device=device)
+    x = x.to(device)
+    y = L.layer_norm(x, w, b, eps, backend=TRITON)
+    assert torch.equal(y[:3], b.expand(3, d))
+    r = x - 0.5  # h = x + r: still one value a row in the first three
+    yh, h = L.add_layer_norm(x, r, w, b, eps, backend=TRITON)
+    assert torch.equal(yh[:3], b.expand(3, d)) and torch.equal(h, x + r)
+    # ill-conditioned in fp32 (the offset rows' x - mean keeps ~3 of its digits): PyTorch's own error is the scale
+    def run(fn, dtype=None):
+        leaves = _leaves([x, w, b], dtype)
+        out = fn(*leaves, eps)
+        out.backward(gy.to(out.dtype))
+        return [out.detach()] + [t.grad for t in leaves]
+
+    ours = run(lambda *a: L.layer_norm(*a, backend=TRITON))
+    ref, pt = run(L.layer_norm_reference, torch.float64), run(L.layer_norm_reference)
+    for name, a, r_, t in zip(("y", "dx", "dw", "db"), ours, ref, pt):
+        assert max_err(a, r_) <= 3.0 * max_err(t, r_) + 1e-5, (name, max_err(a, r_), max_err(t, r_))
+
+
 def test_empty_rows(device):
     x = torch.empty(0, 5, 16, device=device, requires_grad=True)
     w, b = randn(16, device=device, requires_grad=True), randn(16, device=device, requires_grad=True)
