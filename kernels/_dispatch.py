@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any, Callable, ContextManager, Iterator, List, Optional, Sequence
 
@@ -383,9 +384,15 @@ def check_shape(name: str, t: torch.Tensor, expected: Sequence[int]) -> None:
         raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(expected)}")
 
 
+def flat2d(t: torch.Tensor) -> torch.Tensor:
+    """(..., D) -> (M, D), M the product of the leading dims (a view when strides allow); D = 0 too, where
+    reshape(-1, 0) is ambiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def rows2d(t: torch.Tensor) -> torch.Tensor:
     """(..., D) -> (M, D) with a unit-stride last dim and one row stride (a view when strides allow, else a copy)."""
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = flat2d(t)
     if t2.stride(-1) != 1 and t2.shape[-1] > 1:
         t2 = t2.contiguous()
     return t2

@@ -67,6 +67,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    flat2d,
     needs_grad,
     next_pow2,
     pushed,
@@ -968,6 +969,8 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     if M == 0 or N == 0:
         return
     k_split, m_pad, c = K, M, out
+    if splits > 1 and K == 0:  # nothing to split (out gets the epilogue of an empty sum)
+        splits = 1
     if splits > 1:
         if bias is not None or residual is not None or act or z is not None or dact:
             raise ValueError("a split-K GEMM takes no epilogue (bias, activation, residual, z)")
@@ -1424,7 +1427,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     weight, bias = _fold_layer_scale(weight, bias, layer_scale)
     dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
     N = weight.shape[0]
-    args = (x.reshape(-1, x.shape[-1]), weight, bias, residual.reshape(-1, N) if residual is not None else None,
+    args = (flat2d(x), weight, bias, flat2d(residual) if residual is not None else None,
             activation, _call_gemm(gemm, training), allow_tf32,
             activation is not None and needs_z)
     y = _apply_uncast(dt, x.device, LinearFn, args).reshape(*x.shape[:-1], N)
@@ -1546,7 +1549,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
         x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual,
         ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
     N = w2.shape[0]
-    args = (x.reshape(-1, x.shape[-1]), w1, b1, w2, b2, residual.reshape(-1, N) if residual is not None else None,
+    args = (flat2d(x), w1, b1, w2, b2, flat2d(residual) if residual is not None else None,
             activation, _call_gemm(gemm, training), allow_tf32, needs_z, recompute)
     y = _apply_uncast(dt, x.device, MLPFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual

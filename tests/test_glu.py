@@ -94,6 +94,9 @@ def test_large_logits_and_zero_rows():
     h = G.swiglu_packed(x, backend="triton")
     h.sum().backward()
     assert h.shape == (0, 4) and x.grad.shape == (0, 8)
+    z = torch.empty(3, 0, device=DEVICE, requires_grad=True)  # a zero-width hidden layer
+    G.swiglu_packed(z, backend="triton").sum().backward()
+    assert G.swiglu(z, z, backend="triton").shape == (3, 0) and z.grad.shape == (3, 0)
 
 
 def test_bad_inputs():

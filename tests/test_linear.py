@@ -870,6 +870,28 @@ def test_empty_rows(device):
     assert y.shape == (0, 8)
     y.sum().backward()
     assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    w.grad = b.grad = None
+    with L.use_split_k(3):  # a forced split of the weight grad's empty sum: zeros, not a division by zero
+        linear(x, w, b, gemm="triton", backend="triton").sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_zero_input_features(device):
+    """K = 0 (x (..., 0)): y = act(b) (+ residual), as the reference; linear and the fused MLP, with grads."""
+    x = torch.empty(2, 3, 0, device=device, requires_grad=True)
+    ps = [randn(*s, device=device, requires_grad=True) for s in ((16, 0), (16,), (8, 16), (8,))]
+    r = randn(2, 3, 8, device=device)
+    outs = []
+    for be in ("torch", "triton"):
+        y = L.mlp(x, *ps, residual=r, backend=be)
+        y2 = linear(x, ps[0], ps[1], "gelu", backend=be)
+        (y.square().sum() + y2.sum()).backward()
+        outs.append([y.detach(), y2.detach()] + [t.grad for t in (x, *ps)])
+        for t in (x, *ps):
+            t.grad = None
+    assert outs[1][0].shape == (2, 3, 8) and outs[1][1].shape == (2, 3, 16)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_bad_inputs(device):
