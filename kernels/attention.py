@@ -4,8 +4,8 @@ Layouts: ``attention`` takes (B, N, H, D) tensors with any strides; ``qkv_attent
 packed qkv Linear output (B, N, 3·H·D) in place and writes (B, N, H·D) for the output projection.
 One set of stride-parameterized kernels serves both: q/k/v are strided views, never copies.
 
-Kernels: forward (online softmax in fp32, exp2 with the scale folded into log2(e)·scale, saves the
-natural-log LSE of the scaled logits, (B, H, Nq) fp32); backward FA2-style: delta = rowsum(dO·O), a dK/dV
+Kernels: forward (online softmax in fp32, exp2 with the scale folded into log2(e)·scale, saves each row's
+softmax statistics, (B, H, 2, Nq) fp32: see STATS); backward FA2-style: delta = rowsum(dO·O), a dK/dV
 kernel looping over query blocks and a dQ kernel looping over key blocks — no atomics, deterministic.
 Any N is masked; head dims 8..256 (multiples of 8) are padded to BLOCK_D = next power of two and masked,
 or, in the backward (``use_head_split("split")``), split into two power-of-two chunks, 80 = 64 + 32, so the
@@ -55,6 +55,10 @@ else:  # pragma: no cover - non-Linux platforms run the reference path only
     tl = None
 
 LOG2E = 1.4426950408889634
+# STATS: what the forward saves for the backward, a row's max logit m and log2 of its sum of exp2(logit - m)
+# (log2 units, the scale folded in), as two planes (B, H, 2, Nq), not their sum, the LSE: the backward's
+# P = exp2((logit - m) - log2 l) then loses nothing where logits are large (an additive mask of -1e4 or -1e7 on a
+# whole row, scale·q·k ~ 1e4), where one fp32 LSE rounds by up to an ulp of the logit (1 at 1.4e7: P off 2x).
 # The dropout seed a caller passes: the int64 one-element device tensor the op draws, an int, or None (seed 0).
 Seed = Union[int, torch.Tensor, None]
 MAX_HEAD_DIM = 256
@@ -98,14 +102,14 @@ if HAS_TRITON:
         # -> the scaled logits in log2 units with an attention mask applied, its element (row, key) at
         # Mask + row·mask_r + key·mask_c. MASK_KIND 1: additive (natural-log units, as SDPA's); values at or
         # below -1e30 (HF's finfo.min, -inf) mask the key out, so a row masked everywhere is 0 in the forward and
-        # in the backward alike. 2: boolean (nonzero: attend).
+        # in the backward alike (a NaN is not masked: it reaches its row, as in SDPA). 2: boolean (nonzero: attend).
         # Scores out of range (rows past Nq, keys past Nkv) come out masked too.
         ok = r_ok & c_ok
         am = tl.load(Mask + rows.to(tl.int64) * mask_r + cols * mask_c, mask=ok, other=0)
         if MASK_KIND == 1:
             bias = am.to(tl.float32)
-            t = tl.where(ok & (bias > -1.0e30), s * qk_scale + tl.maximum(bias, -1.0e30) * 1.4426950408889634,
-                         float("-inf"))
+            big = bias <= -1.0e30  # (NaN: False, so it reaches its row; the clamp keeps bias·log2e finite)
+            t = tl.where(ok & ~big, s * qk_scale + tl.where(big, -1.0e30, bias) * 1.4426950408889634, float("-inf"))
         else:
             t = tl.where(am != 0, s * qk_scale, float("-inf"))
         return t
@@ -158,7 +162,8 @@ if HAS_TRITON:
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
-        # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, Nq) fp32.
+        # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, 2, Nq) fp32, each row's softmax
+        # statistics in log2 units (see STATS).
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
         # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
         # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
@@ -166,7 +171,7 @@ if HAS_TRITON:
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
         # This launch owns query rows [row0, row0 + n_rows) (see use_fwd_rows), BLOCK_M of them a program.
         # DROPOUT: probabilities dropped with probability dropout_p (Philox, seed; see _dev_keep) and the kept
-        # ones scaled by 1 / (1 - dropout_p), as F.dropout; the LSE is the undropped softmax's.
+        # ones scaled by 1 / (1 - dropout_p), as F.dropout; the stats are the undropped softmax's.
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
@@ -226,8 +231,9 @@ if HAS_TRITON:
             out = out * (1.0 / (1.0 - dropout_p))  # (a scalar reciprocal: no division a value)
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
-        tl.store(LSE + pid_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_ok)
+        stats = LSE + pid_bh.to(tl.int64) * 2 * N_Q + offs_m
+        tl.store(stats, m_i, mask=m_ok)
+        tl.store(stats + N_Q, tl.log2(l_safe), mask=m_ok)
 
     @triton.jit
     def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -297,17 +303,19 @@ if HAS_TRITON:
         m_ok = offs_m < N_Q
         qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
                        MASK_M, MASK_D)  # (BD, BM)
-        lse2 = _dev_load(LSE + offs_m, m_ok, m_ok, MASK_M, False) * 1.4426950408889634  # (BM,)
+        m2 = _dev_load(LSE + offs_m, m_ok, m_ok, MASK_M, False)  # (BM,) the forward's row max (log2 units)
+        lg = _dev_load(LSE + N_Q + offs_m, m_ok, m_ok, MASK_M, False)  # (BM,) log2 of its row sum
         st = tl.dot(k, qt, input_precision=PRECISION)  # (BN, BM)
         if BLOCK_D2 > 0:
             qt2 = _dev_load(Q + offs_m[None, :] * sqn + offs_d2[:, None] * sqd, m_ok[None, :], d2_ok[:, None],
                             MASK_M, True)  # (BD2, BM)
             st = tl.dot(k2, qt2, st, input_precision=PRECISION)
         if MASK_KIND != 0:  # the forward's masked logits (see _dev_masked), transposed
-            pt = tl.exp2(_dev_masked(st, Mask, offs_m[None, :], offs_n[:, None], m_ok[None, :], (offs_n < N_KV)[:, None],
-                                     mask_m, mask_n, qk_scale, MASK_KIND) - lse2[None, :])
+            pt = tl.exp2((_dev_masked(st, Mask, offs_m[None, :], offs_n[:, None], m_ok[None, :],
+                                      (offs_n < N_KV)[:, None], mask_m, mask_n, qk_scale, MASK_KIND) - m2[None, :])
+                         - lg[None, :])
         else:
-            pt = tl.exp2(st * qk_scale - lse2[None, :])  # Pᵀ (BN, BM), log2 units
+            pt = tl.exp2((st * qk_scale - m2[None, :]) - lg[None, :])  # Pᵀ (BN, BM), log2 units
         if MASK_M:
             keep = m_ok[None, :]
             if CAUSAL:
@@ -433,7 +441,7 @@ if HAS_TRITON:
         h = (pid_bh % H).to(tl.int64)
         bh = pid_bh.to(tl.int64)
         _dev_dkdv_block(Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, DO + b * sdb + h * sdh,
-                        LSE + bh * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
+                        LSE + bh * 2 * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
                         LSE, row0 + pid_n * BLOCK_N, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd, sdn, sdd, skn_g, skd_g,
                         svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM, BLOCK_D, BLOCK_D2, CAUSAL,
                         PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False, Mask + b * mask_b + h * mask_h,
@@ -489,7 +497,7 @@ if HAS_TRITON:
         DK += b * skb_g + h * skh_g
         DV += b * svb_g + h * svh_g
         DQ += b * sqb_g + h * sqh_g
-        LSE += bh * N_Q
+        LSE += bh * 2 * N_Q
         DELTA += bh * N_Q
         DQ_ACC += bh * N_Q * HEAD_DIM
         Mask += b * mask_b + h * mask_h
@@ -517,7 +525,7 @@ if HAS_TRITON:
             _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, BLOCK_D, HEAD_DIM, BLOCK_D2, BLOCK_M, False)
 
     @triton.jit
-    def _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
+    def _dev_dq_step(K, V, q, do, q2, do2, m2, lg, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d, d_ok, offs_d2,
                      d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
                      DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
@@ -539,10 +547,10 @@ if HAS_TRITON:
             s = tl.dot(q2, kt2, s, input_precision=PRECISION)
             dp = tl.dot(do2, vt2, dp, input_precision=PRECISION)
         if MASK_KIND != 0:  # the forward's masked logits (see _dev_masked)
-            p = tl.exp2(_dev_masked(s, Mask, offs_m[:, None], offs_n[None, :], (offs_m < N_Q)[:, None], n_ok[None, :],
-                                    mask_m, mask_n, qk_scale, MASK_KIND) - lse2[:, None])
+            p = tl.exp2((_dev_masked(s, Mask, offs_m[:, None], offs_n[None, :], (offs_m < N_Q)[:, None], n_ok[None, :],
+                                     mask_m, mask_n, qk_scale, MASK_KIND) - m2[:, None]) - lg[:, None])
         else:
-            p = tl.exp2(s * qk_scale - lse2[:, None])  # log2 units
+            p = tl.exp2((s * qk_scale - m2[:, None]) - lg[:, None])  # log2 units
         if MASK_N:
             keep = n_ok[None, :]
             if CAUSAL:
@@ -581,7 +589,7 @@ if HAS_TRITON:
         V += b * svb + h * svh
         DO += b * sdb + h * sdh
         DQ += b * sqb_g + h * sqh_g
-        LSE += pid_bh.to(tl.int64) * N_Q
+        LSE += pid_bh.to(tl.int64) * 2 * N_Q
         DELTA += pid_bh.to(tl.int64) * N_Q
         Mask += b * mask_b + h * mask_h
 
@@ -594,7 +602,8 @@ if HAS_TRITON:
         q_mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=q_mask, other=0.0)  # (BM, BD)
         do = tl.load(DO + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=q_mask, other=0.0)  # (BM, BD)
-        lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        m2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0)  # (BM,) row max, log2 of the row sum: see STATS
+        lg = tl.load(LSE + N_Q + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if BLOCK_D2 > 0:
@@ -610,12 +619,12 @@ if HAS_TRITON:
         if SPLIT_TAIL and not CAUSAL:
             full = (N_KV // BLOCK_N) * BLOCK_N
             for start_n in range(0, full, BLOCK_N):
-                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, m2, lg, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
                                        BLOCK_D2, False, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
                                        Mask, mask_m, mask_n, MASK_KIND)
             for start_n in range(full, N_KV, BLOCK_N):  # at most one block
-                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, m2, lg, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
                                        BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
                                        Mask, mask_m, mask_n, MASK_KIND)
@@ -624,7 +633,7 @@ if HAS_TRITON:
             if CAUSAL:
                 hi = tl.minimum(start_m + BLOCK_M, N_KV)
             for start_n in range(0, hi, BLOCK_N):
-                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, lse2, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
+                dq, dq2 = _dev_dq_step(K, V, q, do, q2, do2, m2, lg, delta, dq, dq2, start_n, offs_m, offs_n0, offs_d,
                                        d_ok, offs_d2, d2_ok, N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION,
                                        BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT,
                                        Mask, mask_m, mask_n, MASK_KIND)
@@ -1051,10 +1060,10 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   allow_tf32: bool = False, out: Optional[torch.Tensor] = None,
                   lse: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                   seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward kernel launch: returns (o (B, Nq, H, D), lse (B, H, Nq) fp32, natural log). ``dropout_p`` > 0:
+    """Forward kernel launch: returns (o (B, Nq, H, D), stats (B, H, 2, Nq) fp32: see STATS). ``dropout_p`` > 0:
     attention dropout with the mask ``seed`` draws (dropout_mask gives it; see _seed_arg). ``mask``: an
     attention mask as a (B, H, Nq, Nkv) view (stride 0 where it broadcasts), bool (True: attend) or float
-    (added to the scaled logits); the LSE then is the masked softmax's."""
+    (added to the scaled logits); the stats then are the masked softmax's."""
     if not _kernel_scale(softmax_scale):
         raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
     _check_dropout(dropout_p)
@@ -1063,7 +1072,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
-        lse = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
+        lse = torch.empty((B, H, 2, NQ), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
@@ -1074,6 +1083,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
     _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
     return out, lse
+
+
+def stats_lse(stats: torch.Tensor) -> torch.Tensor:
+    """The natural-log LSE of the scaled logits, (B, H, Nq), from the forward's stats (B, H, 2, Nq) (see STATS)."""
+    return (stats[:, :, 0] + stats[:, :, 1]) / LOG2E
 
 
 _MASK_BLOCK = (32, 32)
@@ -1176,7 +1190,8 @@ def _mask_view(mask: Optional[torch.Tensor], B: int, H: int, NQ: int, NKV: int) 
 def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
                       out: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
                       seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Packed forward: returns (o (B, N, H·D), lse (B, H, N) fp32). ``mask``: broadcastable to (B, H, N, N)."""
+    """Packed forward: returns (o (B, N, H·D), its softmax stats (B, H, 2, N) fp32, see STATS). ``mask``: broadcastable
+    to (B, H, N, N)."""
     B, N, C3 = qkv.shape
     q, k, v = _split_qkv(qkv, num_heads)
     if out is None:
@@ -1206,7 +1221,8 @@ def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                            seed: Seed = None, mask: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Packed forward with rotary q, k: one RoPE pass writes (B, N, 2, H, D) rotated q and k, the kernel reads them
-    and v in place. Returns (o (B, N, H·D), lse (B, H, N) fp32, the rotated qk the backward reads)."""
+    and v in place. Returns (o (B, N, H·D), its softmax stats (B, H, 2, N) fp32, the rotated qk the backward
+    reads)."""
     B, N, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     qkv5 = qkv.view(B, N, 3, num_heads, D)
@@ -1252,7 +1268,7 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 @_attention_fwd_op.register_fake
 def _(q, k, v, softmax_scale, causal, allow_tf32, dropout_p, seed):
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, 2, N), dtype=torch.float32)
 
 
 @custom_op("masked_attention_fwd")
@@ -1268,7 +1284,7 @@ def _masked_attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 @_masked_attention_fwd_op.register_fake
 def _(q, k, v, mask, softmax_scale, allow_tf32, dropout_p, seed):
     B, N, H, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, N), dtype=torch.float32)
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((B, H, 2, N), dtype=torch.float32)
 
 
 @custom_op("masked_attention_bwd")
@@ -1312,7 +1328,7 @@ def _qkv_attention_fwd_op(qkv: torch.Tensor, num_heads: int, softmax_scale: floa
 @_qkv_attention_fwd_op.register_fake
 def _(qkv, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask):
     B, N, C3 = qkv.shape
-    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+    return qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, 2, N), dtype=torch.float32)
 
 
 @custom_op("qkv_attention_bwd")
@@ -1340,7 +1356,7 @@ def _qkv_rope_attention_fwd_op(qkv: torch.Tensor, rope: torch.Tensor, num_heads:
 @_qkv_rope_attention_fwd_op.register_fake
 def _(qkv, rope, num_heads, rope_prefix, rope_half, softmax_scale, allow_tf32, dropout_p, seed, mask):
     B, N, C3 = qkv.shape
-    return (qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32),
+    return (qkv.new_empty((B, N, C3 // 3)), qkv.new_empty((B, num_heads, 2, N), dtype=torch.float32),
             qkv.new_empty((B, N, 2, num_heads, C3 // (3 * num_heads))))
 
 
@@ -1441,6 +1457,8 @@ def _validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q, k, v must be (B, N, H, D) with matching B, H, D and k/v lengths; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"the head dim D must be at least 1, got q of shape {tuple(q.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_same_device(q=q, k=k, v=v)
@@ -1471,9 +1489,10 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
     return o.transpose(1, 2)
 
 
-def _check_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+def _checked_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
     """An SDPA-style attention mask for (B, N, H, D) q, k: bool (True: attend) or float (added to the scaled
-    logits), broadcastable to (B, H, Nq, Nkv), on q's device, and not together with ``causal``."""
+    logits), broadcastable to (B, H, Nq, Nkv), on q's device, and not together with ``causal``. Returns it as a
+    4-D view (leading size-1 dims added: SDPA's math path refuses a 1-D mask that broadcasts)."""
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True: attend) or float (added to the logits), got {mask.dtype}")
     check_tensor("attn_mask", mask, min_ndim=1, dtypes=(torch.bool, *REFERENCE_DTYPES))
@@ -1486,6 +1505,7 @@ def _check_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causa
         raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nkv) = {want}")
     if causal:
         raise ValueError("give attn_mask or causal=True, not both (as scaled_dot_product_attention)")
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None,
@@ -1542,7 +1562,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if attn_mask is not None:
-        _check_attn_mask(attn_mask, q, k, causal)
+        attn_mask = _checked_attn_mask(attn_mask, q, k, causal)
         if needs_grad(attn_mask) or not _triton_for(q, backend, dropout_p, scale):
             return attention_reference(q, k, v, scale, False, dropout_p, attn_mask)
         check_triton_dtypes(q=q, k=k, v=v)
@@ -1586,8 +1606,9 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     relative-position bias); the kernels apply it forward and backward and the gradient stays one packed tensor.
     """
     check_tensor("qkv", qkv, ndim=3)
-    if num_heads < 1 or qkv.shape[-1] % (3 * num_heads):
-        raise ValueError(f"qkv last dim {qkv.shape[-1]} must be divisible by 3 * num_heads = {3 * num_heads}")
+    if num_heads < 1 or qkv.shape[-1] < 3 * num_heads or qkv.shape[-1] % (3 * num_heads):
+        raise ValueError(f"qkv last dim {qkv.shape[-1]} must be positive and divisible by 3 * num_heads = "
+                         f"{3 * num_heads}")
     B, N = qkv.shape[:2]
     head_dim = qkv.shape[-1] // (3 * num_heads)
     scale = head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -1597,7 +1618,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     mask = attn_mask
     if mask is not None:
         q, k, _ = _split_qkv(qkv, num_heads)
-        _check_attn_mask(mask, q, k, False)
+        mask = attn_mask = _checked_attn_mask(mask, q, k, False)
         if needs_grad(mask):  # a learned bias: the reference differentiates it
             return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, mask)
         mask = mask.float() if mask.dtype == torch.float64 else mask

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_ref, fresh_seed, poison, randn
+from tests.helpers import assert_close_to_ref, fresh_seed, max_err, poison, randn
 
 A = importlib.import_module("flashvit.kernels.attention")  # the module (the package re-exports the function)
 attention, qkv_attention = A.attention, A.qkv_attention
@@ -368,6 +368,51 @@ def test_qkv_attention_mask_equals_attention_on_views():
         qkv_attention(qkv, H, attn_mask=torch.ones(N, N, dtype=torch.int64, device=DEVICE))
 
 
+def test_attention_mask_1d_and_nan():
+    """A 1-D key mask (Nkv,) broadcasts on every path (the reference gets it as (1, 1, 1, Nkv): SDPA's math path
+    refuses 1-D); a NaN in an additive mask reaches its query row (NaN there, as SDPA), the other rows as usual."""
+    q, k, v = (t.detach() for t in _inputs(1, 4, 5, 2, 16, torch.float32))
+    keep = torch.tensor([True, False, True, True, False], device=DEVICE)
+    want = A.attention_reference(q, k, v, attn_mask=keep[None, None, None, :])
+    for backend in ("triton", "torch", None):
+        assert_close_to_ref(attention(q, k, v, attn_mask=keep, backend=backend), want, name=str(backend))
+    qkv = torch.cat([t.flatten(-2) for t in (q, q, q)], -1)  # (1, 4, 3·H·D), self-attention
+    assert_close_to_ref(qkv_attention(qkv[:, :, :], 2, attn_mask=torch.ones(4, dtype=torch.bool, device=DEVICE)),
+                        A.qkv_attention_reference(qkv, 2), name="qkv 1-D")
+    bias = torch.zeros(4, 5, device=DEVICE)
+    bias[1, 2] = float("nan")
+    got = attention(q, k, v, attn_mask=bias, backend="triton")
+    ref = attention(q, k, v, attn_mask=bias, backend="torch")
+    assert torch.isnan(got[:, 1]).all() and torch.isnan(ref[:, 1]).all()
+    rows = [0, 2, 3]
+    assert_close_to_ref(got[:, rows], A.attention_reference(q, k, v)[:, rows], name="other rows")
+
+
+@pytest.mark.parametrize("variant", ["split", "fused"])
+def test_attention_mask_large_finite_bias_backward(variant):
+    """A query row whose every key carries one large finite negative bias (BERT-style -1e4, -1e7, -1e12: above the
+    -1e30 that masks): the backward rebuilds P from the forward's row max and log2 row sum (STATS), not from one
+    rounded LSE, which at |logit| ~ 1.4e7 is off by an ulp of 1 (P off 2x). Output and grads vs float64 no worse
+    than 3x PyTorch's own fp32 error (exact where the row has one key)."""
+    torch.manual_seed(fresh_seed())
+    use = A.use_bwd_fused(variant == "fused")
+    with use:
+        for nkv in (1, 4):
+            q, k, v, g = (randn(1, n, 1, 16, device=DEVICE) for n in (3, nkv, nkv, 3))
+            for val in (-1e4, -1e7, -1e12):
+                m = torch.zeros(3, nkv, device=DEVICE)
+                m[1] = val
+                res = {}
+                for name, dt, be in (("ours", torch.float32, "triton"), ("torch", torch.float32, "torch"),
+                                     ("f64", torch.float64, "torch")):
+                    lv = [_leaf(t.to(dt)) for t in (q, k, v)]
+                    o = attention(*lv, attn_mask=m.to(dt), backend=be)
+                    res[name] = [o.detach(), *torch.autograd.grad(o, lv, g.to(dt))]
+                for i, name in enumerate(("out", "dq", "dk", "dv")):
+                    err, terr = max_err(res["ours"][i], res["f64"][i]), max_err(res["torch"][i], res["f64"][i])
+                    assert err <= 3 * terr + 1e-5, (nkv, val, name, err, terr)
+
+
 def test_attention_mask_bad_inputs():
     q, k, v = (t.detach() for t in _inputs(2, 5, 5, 2, 8, torch.float32))
     with pytest.raises(TypeError, match="attn_mask must be bool"):
@@ -380,6 +425,12 @@ def test_attention_mask_bad_inputs():
         attention(q, k, v, causal=True, attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="at most 4 dims"):
         attention(q, k, v, attn_mask=torch.ones(1, 2, 1, 5, 5, dtype=torch.bool, device=DEVICE))
+    empty = torch.randn(1, 3, 1, 0, device=DEVICE)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="head dim D must be at least 1"):
+            attention(empty, empty, empty, backend=backend)
+        with pytest.raises(ValueError, match="positive and divisible by 3"):
+            qkv_attention(torch.randn(1, 3, 0, device=DEVICE), 1, backend=backend)
 
 
 @pytest.mark.gpu
@@ -752,10 +803,11 @@ def test_lse_and_poisoned_outputs():
     B, Nq, Nkv, H, D = 2, 23, 23, 3, 40
     q, k, v = (t.detach() for t in _inputs(B, Nq, Nkv, H, D, torch.float32))
     scale = D ** -0.5
-    out, lse = poison(torch.empty_like(q)), poison(torch.empty(B, H, Nq, device=DEVICE))
+    out, lse = poison(torch.empty_like(q)), poison(torch.empty(B, H, 2, Nq, device=DEVICE))
     A.attention_fwd(q, k, v, scale, False, out=out, lse=lse)
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale
-    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(A.stats_lse(lse).double(), torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:, :, 0].double(), s.amax(-1) * A.LOG2E, atol=1e-5, rtol=1e-5)  # the row max
     assert_close_to_ref(out, A.attention_reference(q.double(), k.double(), v.double()), name="out")
     do = randn(B, Nq, H, D, device=DEVICE)
     grads = [poison(torch.empty_like(t)) for t in (q, k, v)]
