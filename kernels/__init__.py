@@ -8,7 +8,7 @@ from flashvit.kernels.attention import (
     qkv_attention,
     qkv_attention_reference,
 )
-from flashvit.kernels.glu import swiglu, swiglu_packed, swiglu_reference
+from flashvit.kernels.glu import swiglu, swiglu_fc2, swiglu_packed, swiglu_reference
 from flashvit.kernels.layernorm import (
     LayerNorm,
     add_layer_norm,
@@ -22,6 +22,7 @@ from flashvit.kernels.linear import (
     linear,
     linear_reference,
     mlp,
+    mlp_recompute_mode,
     qkv_rope_linear,
     use_mlp_recompute,
 )
@@ -35,7 +36,7 @@ __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",
     "attention", "attention_reference", "dropout_mask", "qkv_attention", "qkv_attention_reference",
     "LayerNorm", "layer_norm", "layer_norm_reference", "add_layer_norm", "add_layer_norm_reference",
-    "FusedMLP", "MLP_RECOMPUTE", "linear", "linear_reference", "mlp", "use_mlp_recompute",
-    "swiglu", "swiglu_packed", "swiglu_reference",
+    "FusedMLP", "MLP_RECOMPUTE", "linear", "linear_reference", "mlp", "mlp_recompute_mode", "use_mlp_recompute",
+    "swiglu", "swiglu_fc2", "swiglu_packed", "swiglu_reference",
     "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "qkv_rope_linear", "rope_reference",
 ]

@@ -9,7 +9,8 @@ straight into the (M, 2H) gradient of fc1's output when the gate and up were its
 silu(g) = g·σ(g); d/dg = σ(g)·(1 + g·(1 - σ(g))), in fp32.
 
 Anatomy (DESIGN.md §2): Triton kernels -> launchers -> torch.library custom ops -> SwiGLUFn / SwiGLUPackedFn
--> swiglu_reference -> swiglu() / swiglu_packed().
+-> swiglu_reference -> swiglu() / swiglu_packed(). And the MLP's second half that keeps no h (the 'act' recompute
+of the SwiGLU MLPs): SwiGLUFc2Fn -> swiglu_fc2().
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from flashvit.kernels import linear as _lin
 from flashvit.kernels._aot import AotSpec, runtime_spec
 from flashvit.kernels._dispatch import (
     HAS_TRITON,
@@ -29,6 +31,8 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    flat2d,
+    needs_grad,
     once_differentiable,
     row_stride,
     rows2d,
@@ -184,6 +188,37 @@ class SwiGLUPackedFn(torch.autograd.Function):
         return _swiglu_packed_bwd_op(rows2d(dh), x, ctx.gate_last), None
 
 
+class SwiGLUFc2Fn(torch.autograd.Function):
+    """y = fc2(silu(gate)·up) (+ residual) on 2-D tensors, saving fc1's output (z (M, 2H) packed, or gate and up
+    (M, H)) and not h: the backward rebuilds h with one pass for fc2's weight grad (kernels/linear.py's 'act'
+    recompute, for SwiGLU MLPs). ``up`` None: ``z`` is packed (halves by ``gate_last``), else ``z`` is the gate."""
+
+    @staticmethod
+    def forward(ctx, z, up, gate_last: bool, w2, b2, residual, gemm: str, allow_tf32: Optional[bool]):
+        gate_up = _halves(z, gate_last) if up is None else (z, up)
+        y, _ = _lin._linear_fwd_op(_swiglu_fwd_op(*gate_up), w2, b2, residual, "", False, gemm, allow_tf32)
+        ctx.save_for_backward(z, up, w2)
+        ctx.args = (gate_last, b2 is not None, gemm, allow_tf32)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, up, w2 = ctx.saved_tensors
+        gate_last, has_b2, gemm, tf32 = ctx.args
+        need_z, need_up, _, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
+        gate_up = _halves(z, gate_last) if up is None else (z, up)
+        need_h = need_z or need_up
+        h = _swiglu_fwd_op(*gate_up) if need_w2 else gate_up[0]  # (gate: h's shape, unread, where W2 is frozen)
+        dh, dw2, db2 = _lin._linear_bwd_op(dy, h, w2, None, "", has_b2 and need_b2, need_h, need_w2, gemm, tf32)
+        dz = dup = None
+        if need_h and up is None:
+            dz = _swiglu_packed_bwd_op(dh, z, gate_last)
+        elif need_h:
+            dz, dup = _swiglu_bwd_op(dh, z, up)
+        return (dz, dup, None, dw2 if need_w2 else None, db2 if has_b2 and need_b2 else None,
+                dy if need_r else None, None, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reference, validation, public functionals
 
@@ -223,6 +258,46 @@ def swiglu_packed(x: torch.Tensor, gate_last: bool = False, *, backend: Optional
     check_triton_dtypes(x=x)
     h = apply(SwiGLUPackedFn, rows2d(x), bool(gate_last))
     return h.reshape(*x.shape[:-1], x.shape[-1] // 2)
+
+
+def swiglu_fc2(z: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None, *,
+               up: Optional[torch.Tensor] = None, gate_last: bool = False, residual: Optional[torch.Tensor] = None,
+               layer_scale: Optional[torch.Tensor] = None, backend: Optional[str] = None, gemm: Optional[str] = None,
+               allow_tf32: Optional[bool] = None) -> torch.Tensor:
+    """y = fc2(silu(gate)·up) (+ residual): a SwiGLU MLP's gate and fc2 (weights in nn.Linear's layout, any leading
+    shape), keeping fc1's output but not the hidden activation h for the backward, which rebuilds h with one
+    elementwise pass for fc2's weight grad: 'act' of :func:`flashvit.kernels.use_mlp_recompute` for the SwiGLU
+    MLPs (a third less saved there). ``z``: fc1's packed output (..., 2H) (halves as in :func:`swiglu_packed`),
+    or the gate (..., H) with ``up`` the other projection. ``residual``, ``layer_scale``, ``backend``, ``gemm``
+    and ``allow_tf32`` as in :func:`flashvit.kernels.linear`; the 'auto' backend runs it in training too (it is
+    asked for), the eager fallback (CPU) keeps h as PyTorch does."""
+    if up is None:
+        check_tensor("z", z, min_ndim=1)
+        if z.shape[-1] % 2:
+            raise ValueError(f"z's last dim {z.shape[-1]} is odd: it must hold gate and up halves")
+        gate, upv = _halves(z, bool(gate_last))
+    else:
+        check_tensor("gate", z, min_ndim=1)
+        check_tensor("up", up, min_ndim=1)
+        if z.shape != up.shape:
+            raise ValueError(f"gate has shape {tuple(z.shape)} and up {tuple(up.shape)}; they must match")
+        check_same_device(gate=z, up=up)
+        gate, upv = z, up
+    check_tensor("fc2_weight", fc2_weight, ndim=2)
+    if fc2_weight.shape[1] != gate.shape[-1]:
+        raise ValueError(f"fc2_weight has {fc2_weight.shape[1]} input features; expected {gate.shape[-1]} (h's)")
+    _lin._validate(gate, fc2_weight, fc2_bias, None, residual, layer_scale)
+    training = needs_grad(z, up, fc2_weight, fc2_bias, residual, layer_scale)
+    if not use_triton(z, backend, auto=training or _lin.AUTO_INFERENCE, auto_compiled=_lin.AUTO_COMPILED):
+        return _lin.linear_reference(swiglu_reference(gate, upv), fc2_weight, fc2_bias, None, residual, layer_scale)
+    w2, b2 = _lin._fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
+    dt, (z, up, w2, b2), residual, late = _lin._cast_inputs(z, (up, w2, b2), residual,
+                                                            ("up", "fc2_weight", "fc2_bias"))
+    lead = z.shape[:-1]
+    args = (flat2d(z), None if up is None else flat2d(up), bool(gate_last), w2, b2,
+            None if residual is None else flat2d(residual), _lin._call_gemm(gemm, training), allow_tf32)
+    y = _lin._apply_uncast(dt, z.device, SwiGLUFc2Fn, args).reshape(*lead, w2.shape[0])
+    return y if late is None else y + late
 
 
 # ---------------------------------------------------------------------------------------------

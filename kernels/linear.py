@@ -764,6 +764,12 @@ _check_recompute = _RECOMPUTE.check
 _recompute_name = _RECOMPUTE.resolve
 
 
+def mlp_recompute_mode(mode: Optional[str] = None) -> str:
+    """The recompute mode in effect: ``mode`` when given, else ``use_mlp_recompute``'s, else
+    FLASHVIT_MLP_RECOMPUTE's, else 'none'."""
+    return _recompute_name(mode)
+
+
 def use_mlp_recompute(mode: str) -> ContextManager[None]:
     """What fused MLPs (``mlp``, ``FusedMLP``, flashvit's ViT, patched models) save for the backward inside a
     ``with`` block: 'none' | 'act' | 'fc1' (see ``MLP_RECOMPUTE``). An explicit ``recompute`` argument wins."""

@@ -135,3 +135,72 @@ def test_swiglu_bf16_gpu(M, N):
     _check(lambda x: G.swiglu_packed(x, backend="triton"), ref, [x], (M, N), torch.bfloat16)
     gate, up = randn(M, N, dtype=torch.bfloat16, device="cuda"), randn(M, N, dtype=torch.bfloat16, device="cuda")
     _check(lambda g, u: G.swiglu(g, u, backend="triton"), G.swiglu_reference, [gate, up], (M, N), torch.bfloat16)
+
+
+def _fc2_case(packed, gate_last, dtype, seed, frozen_w2=False):
+    """Inputs of one SwiGLU MLP's second half: (z, up or None, w2, b2, residual, γ) drawn from ``seed``."""
+    M, H, N = 29, 40, 24
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, scale=1.0, grad=True):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype).requires_grad_(grad)
+    z = t(3, M, 2 * H if packed else H, scale=2.0)
+    up = None if packed else t(3, M, H)
+    return z, up, t(N, H, scale=H ** -0.5, grad=not frozen_w2), t(N), t(3, M, N), t(N)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("packed,gate_last", [(True, False), (True, True), (False, False)],
+                         ids=["packed", "packed_gate_last", "two_tensors"])
+def test_swiglu_fc2_keeps_no_h(dtype, packed, gate_last, launches):
+    """fc2(silu(gate)·up) + residual with γ: output and every grad vs float64 (2x/3x PyTorch's own error), the
+    same values as swiglu then linear (bit for bit in fp32: h is rebuilt by the same kernel), and autograd holds
+    exactly h's M·H elements less; one gate pass each way plus the rebuild."""
+    seed = 1234 + 7 * packed + gate_last
+    L = importlib.import_module("flashvit.kernels.linear")
+
+    def fused(z, up, w2, b2, r, gm):
+        return G.swiglu_fc2(z, w2, b2, up=up, gate_last=gate_last, residual=r, layer_scale=gm, backend="triton")
+
+    def composed(z, up, w2, b2, r, gm, be="triton"):
+        h = G.swiglu_packed(z, gate_last, backend=be) if up is None else G.swiglu(z, up, backend=be)
+        return L.linear(h, w2, b2, residual=r, layer_scale=gm, backend=be)
+
+    def run(fn, dt=dtype, **kw):
+        ins = [t for t in _fc2_case(packed, gate_last, dt, seed) if t is not None]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda v: saved.append(v.numel()) or v, lambda v: v):
+            y = fn(*(ins[:1] + ([None] if packed else ins[1:2]) + ins[1 + (not packed):]), **kw)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 99), dtype=torch.float64)
+        y.backward(dy.to(y.device, y.dtype))
+        return y.detach(), [t.grad for t in ins], sum(saved)
+
+    y, grads, saved = run(fused)
+    assert launches == {"fwd": 2, "bwd": 1}  # the forward's gate pass and the backward's rebuild
+    y_c, grads_c, saved_c = run(composed)
+    assert saved_c - saved == 3 * 29 * 40
+    if dtype == torch.float32:
+        assert torch.equal(y, y_c) and all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+    y64, grads64, _ = run(lambda *a: composed(*a, be="torch"), torch.float64)
+    yt, gradst, _ = run(lambda *a: composed(*a, be="torch")) if dtype != torch.float32 else (None, [None] * 6, 0)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-3)
+    assert_close_to_ref(y, y64, yt, factor=2.0, name="y", **tol)
+    for i, (a, b, c) in enumerate(zip(grads, grads64, gradst)):
+        assert_close_to_ref(a, b, c, factor=3.0, name=f"grad[{i}]", **tol)
+
+
+def test_swiglu_fc2_frozen_fc2_and_bad_inputs(launches):
+    """fc2 frozen: no rebuild (h is needed for dW2 only); the CPU default ('auto') runs the reference; bad shapes."""
+    z, up, w2, b2, r, gm = _fc2_case(True, False, torch.float32, 5, frozen_w2=True)
+    b2.requires_grad_(False)
+    G.swiglu_fc2(z, w2, b2, residual=r, backend="triton").sum().backward()
+    assert launches == {"fwd": 1, "bwd": 1} and z.grad is not None
+    z2 = z.detach().requires_grad_()
+    ref = G.swiglu_fc2(z2, w2, b2, residual=r, backend="torch")
+    assert_close_to_ref(G.swiglu_fc2(z, w2, b2, residual=r, backend="triton"), ref.detach(), name="y")
+    with pytest.raises(ValueError, match="odd"):
+        G.swiglu_fc2(z[..., 1:], w2, backend="triton")
+    with pytest.raises(ValueError, match="input features"):
+        G.swiglu_fc2(z, w2[:, 1:], backend="triton")
+    with pytest.raises(ValueError, match="must match"):
+        G.swiglu_fc2(z[..., :40], w2, up=z[..., :39], backend="triton")

@@ -45,7 +45,7 @@ def calls(monkeypatch):
         monkeypatch.setattr(mod, name, counted)
 
     for name in ("linear", "qkv_attention", "attention", "patch_embed_op", "swiglu", "swiglu_packed", "apply_rope",
-                 "qkv_rope_linear"):
+                 "qkv_rope_linear", "swiglu_fc2"):
         wrap(patch_mod, name, name)
     wrap(linear_mod, "mlp", "mlp")  # FusedMLP: one fused MLP call per block
     wrap(patch_mod, "mlp_op", "mlp")  # transformers' DINOv3 MLP: the same op
@@ -831,6 +831,42 @@ def test_hf_dinov2_swiglu_ffn_is_fused(calls):
     report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).last_hidden_state)
     assert report.counts()["Dinov2SwiGLUFFN"] == 2
     assert calls["swiglu"] == 2 and calls["linear"] == 6  # gate_proj, up_proj, down_proj
+
+
+@pytest.mark.parametrize("case", ["timm_packed", "timm_two_tensors", "hf_dinov2"])
+def test_swiglu_mlps_under_recompute_keep_no_h(case, calls):
+    """use_mlp_recompute('act') reaches the patched SwiGLU MLPs (timm's GluMlp / SwiGLU, transformers' Dinov2
+    SwiGLUFFN): swiglu_fc2 runs (fc1's output kept, h rebuilt in the backward), same logits and grads as the
+    unpatched model; with the kernels forced (the interpreter on CPU), against a float64 copy."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=3)
+    if case == "hf_dinov2":
+        transformers = pytest.importorskip("transformers")
+        cfg = transformers.Dinov2Config(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, mlp_ratio=2, use_swiglu_ffn=True)
+        make = lambda: _randomize(transformers.Dinov2Model(cfg)).train()  # noqa: E731
+        call = lambda m, x: m(pixel_values=x).last_hidden_state  # noqa: E731
+    else:
+        name = "vit_giant_patch14_dinov2" if case == "timm_packed" else "aimv2_large_patch14_224"
+        make = lambda: _randomize(timm.create_model(name, pretrained=False, **kw)).train()  # noqa: E731
+        call = None
+    model = make()
+    if case == "timm_packed":
+        model.blocks[1].mlp.gate_last = True
+    with flashvit.use_mlp_recompute("act"):
+        _check_patched_same(model, _images((16, 16)), call=call)
+        assert calls["swiglu_fc2"] == 2 and "swiglu" not in calls and "swiglu_packed" not in calls
+        if torch.cuda.is_available() or INTERPRET:  # (else only the eager fallback above)
+            n = calls["swiglu_fc2"]
+            _check_forced_vs_float64(make(), _images((16, 16)), call)
+            assert calls["swiglu_fc2"] == n + 2  # one a block (the float64 copy runs unpatched)
+    if case != "hf_dinov2":  # 'fc1' keeps fc1's output too here; a module's own recompute attribute wins
+        flashvit.patch(model)
+        model.blocks[0].mlp.recompute = "none"
+        n = calls["swiglu_fc2"]
+        with flashvit.use_mlp_recompute("fc1"):
+            _run(model, _images((16, 16)), call)
+        assert calls["swiglu_fc2"] == n + 1
 
 
 def test_hf_layer_with_an_unchecked_source_is_left(monkeypatch):

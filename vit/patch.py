@@ -33,9 +33,9 @@ from torch import nn
 
 from flashvit.kernels._dispatch import needs_grad
 from flashvit.kernels.attention import MAX_HEAD_DIM, attention, qkv_attention
-from flashvit.kernels.glu import swiglu, swiglu_packed
+from flashvit.kernels.glu import swiglu, swiglu_fc2, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
-from flashvit.kernels.linear import FusedMLP, linear, qkv_rope_linear
+from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_rope_linear
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
@@ -258,11 +258,24 @@ class _FusedTimmRopeAttention(nn.Module):
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
+def _inactive(drop: Optional[nn.Module]) -> bool:
+    """A dropout that passes its input through (absent, in eval mode or p = 0)."""
+    return drop is None or not drop.training or getattr(drop, "p", 0.0) == 0.0
+
+
+def _glu_keeps_no_h(mod: nn.Module, *between: Optional[nn.Module]) -> bool:
+    """A SwiGLU MLP whose gate output h goes straight into fc2 (``between``: its dropouts / norm, all inert) and whose
+    recompute mode (its ``recompute`` attribute, else use_mlp_recompute's) is not 'none': it runs swiglu_fc2,
+    keeping fc1's output but not h (both 'act' and 'fc1' keep fc1's output here: the gate's input)."""
+    return mlp_recompute_mode(getattr(mod, "recompute", None)) != "none" and all(
+        m is None or isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and _inactive(m)) for m in between)
+
+
 def _fc2(fc2: nn.Linear, drop2: Optional[nn.Module], h: torch.Tensor, residual: Optional[torch.Tensor],
          layer_scale: Optional[torch.Tensor]) -> torch.Tensor:
     """drop2(γ ⊙ fc2(h)) (+ residual): γ and the residual in the GEMM's epilogue (the residual only where drop2
     is None or inactive: dropout acts before the add)."""
-    if drop2 is None or not drop2.training or drop2.p == 0.0:
+    if _inactive(drop2):
         return linear(h, fc2.weight, fc2.bias, residual=residual, layer_scale=layer_scale)
     y = drop2(linear(h, fc2.weight, fc2.bias, layer_scale=layer_scale))
     return y if residual is None else y + residual
@@ -275,6 +288,9 @@ class _FusedTimmGluMlp(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         z = linear(x, self.fc1.weight, self.fc1.bias)  # (..., 2H): gate and up halves, read in place
+        if _glu_keeps_no_h(self, self.drop1, self.norm, self.drop2):
+            return swiglu_fc2(z, self.fc2.weight, self.fc2.bias, gate_last=self.gate_last, residual=residual,
+                              layer_scale=layer_scale)
         h = self.norm(self.drop1(swiglu_packed(z, self.gate_last)))
         return _fc2(self.fc2, self.drop2, h, residual, layer_scale)
 
@@ -285,8 +301,10 @@ class _FusedTimmSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = swiglu(linear(x, self.fc1_g.weight, self.fc1_g.bias), linear(x, self.fc1_x.weight, self.fc1_x.bias))
-        return _fc2(self.fc2, self.drop2, self.norm(self.drop1(h)), residual, layer_scale)
+        gate, up = linear(x, self.fc1_g.weight, self.fc1_g.bias), linear(x, self.fc1_x.weight, self.fc1_x.bias)
+        if _glu_keeps_no_h(self, self.drop1, self.norm, self.drop2):
+            return swiglu_fc2(gate, self.fc2.weight, self.fc2.bias, up=up, residual=residual, layer_scale=layer_scale)
+        return _fc2(self.fc2, self.drop2, self.norm(self.drop1(swiglu(gate, up))), residual, layer_scale)
 
 
 class _FusedHFSwiGLUFFN(nn.Module):
@@ -295,9 +313,12 @@ class _FusedHFSwiGLUFFN(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = swiglu(linear(x, self.gate_proj.weight, self.gate_proj.bias), linear(x, self.up_proj.weight,
-                                                                                  self.up_proj.bias))
-        return _fc2(self.down_proj, None, h, residual, layer_scale)
+        gate, up = linear(x, self.gate_proj.weight, self.gate_proj.bias), linear(x, self.up_proj.weight,
+                                                                                 self.up_proj.bias)
+        if _glu_keeps_no_h(self):
+            return swiglu_fc2(gate, self.down_proj.weight, self.down_proj.bias, up=up, residual=residual,
+                              layer_scale=layer_scale)
+        return _fc2(self.down_proj, None, swiglu(gate, up), residual, layer_scale)
 
 
 class _FusedHFDinov3Attention(nn.Module):
