@@ -59,6 +59,7 @@ LOG2E = 1.4426950408889634
 # (log2 units, the scale folded in), as two planes (B, H, 2, Nq), not their sum, the LSE: the backward's
 # P = exp2((logit - m) - log2 l) then loses nothing where logits are large (an additive mask of -1e4 or -1e7 on a
 # whole row, scale·q·k ~ 1e4), where one fp32 LSE rounds by up to an ulp of the logit (1 at 1.4e7: P off 2x).
+# Its cost: one add a score in the backward kernels (not yet timed on a GPU).
 # The dropout seed a caller passes: the int64 one-element device tensor the op draws, an int, or None (seed 0).
 Seed = Union[int, torch.Tensor, None]
 MAX_HEAD_DIM = 256

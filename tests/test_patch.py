@@ -1172,3 +1172,150 @@ def test_timm_patched_bf16_on_cuda(name, kw):
     assert set(grads) == set(ref_grads)
     for n in ref_grads:
         _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a fused forward would bypass, and patched state across unpatch / pickling (found by fuzzing)
+
+def _tiny_vit():
+    torch.manual_seed(fresh_seed())
+    return _randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=8,
+                                        embed_dim=32, depth=1, num_heads=2, num_classes=3)).eval()
+
+
+@pytest.mark.parametrize("where", ["blocks.0.attn.qkv", "blocks.0.mlp.fc1", "blocks.0.mlp.act", "patch_embed.proj",
+                                   "blocks.0.ls1", "blocks.0.norm2"])
+def test_hooks_inside_a_module_leave_it(where):
+    """A forward hook anywhere inside a module whose fused forward would not call it (reads its weights, folds
+    it, fuses its add + LayerNorm): that module is left, named in the report; the hook fires and the output is
+    the unpatched one."""
+    model = _tiny_vit()
+    x = _images((16, 16))
+    fired = []
+    model.get_submodule(where).register_forward_hook(lambda m, i, o: fired.append(1) or o * 2)
+    with torch.no_grad():
+        ref = model(x)
+        flashvit.patch(model)
+        out = model(x)
+    assert len(fired) == 2 and torch.equal(out, ref)
+    inner = where.split(".", 2)[-1] if where.startswith("blocks") else "proj"
+    assert any(why == f"has hooks registered on {inner} inside it" for _, _, why in model.flashvit_report.left), \
+        model.flashvit_report.left
+
+
+class _ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 1.5
+
+
+class _Adapter(nn.Module):  # a peft-style wrapper: base_layer + a low-rank update, weight/bias exposed
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer, self.down, self.up = base, nn.Linear(base.in_features, 2), nn.Linear(2, base.out_features)
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.up(self.down(x))
+
+
+@pytest.mark.parametrize("kind", ["subclass", "adapter"])
+def test_layers_with_their_own_forward_are_not_fused_over(kind):
+    """qkv / fc2 replaced by an nn.Linear subclass with its own forward (quantized, LoRA) or by a peft-style wrapper
+    (base_layer + update, exposing weight): the attention / MLP / block around them are left, with the reason; the
+    output is the unpatched one. Inside nn.Sequential subclasses with a forward of their own, linear_gelu fuses
+    nothing."""
+    model = _tiny_vit()
+    attn, mlp = model.blocks[0].attn, model.blocks[0].mlp
+    if kind == "subclass":
+        q = _ScaledLinear(32, 96)
+        q.load_state_dict(attn.qkv.state_dict())
+        attn.qkv = q
+    else:
+        attn.qkv, mlp.fc2 = _Adapter(attn.qkv), _Adapter(mlp.fc2)
+    x = _images((16, 16))
+    with torch.no_grad():
+        ref = model(x)
+        flashvit.patch(model)
+        out = model(x)
+    assert torch.equal(out, ref)
+    left = {path for path, _, _ in model.flashvit_report.left}
+    assert {"blocks.0", "blocks.0.attn"} <= left and (kind == "subclass" or "blocks.0.mlp" in left), left
+
+    class Skip(nn.Sequential):
+        def forward(self, x):
+            h = self[0](x)
+            return self[1](h) + h
+
+    seq = nn.Sequential(Skip(nn.Linear(8, 8), nn.GELU()))
+    xs = torch.randn(3, 8)
+    want = seq(xs)
+    flashvit.patch(seq, linear_gelu=True)
+    assert torch.equal(seq(xs), want) and not seq.flashvit_report.replaced
+
+
+def test_unpatch_keeps_what_changed_while_patched():
+    """set_input_size and load_state_dict(assign=True) on a patched model, then unpatch: the original modules hold
+    the new sizes and parameters (outputs equal the patched model's); the training flag of modules the fused MLP
+    did not hold follows too."""
+    model = _tiny_vit()
+    flashvit.patch(model)
+    model.set_input_size(img_size=24)
+    sd = {k: v + 0.01 for k, v in model.state_dict().items()}
+    model.load_state_dict(sd, assign=True)
+    x = _images((24, 24))
+    with torch.no_grad():
+        patched = model(x)
+    model.train()
+    flashvit.unpatch(model)
+    assert model.patch_embed.img_size == (24, 24) and model.blocks[0].mlp.act.training
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), patched, atol=1e-5, rtol=1e-4)
+
+
+def test_patched_model_pickles_and_deepcopies(tmp_path):
+    """torch.save / torch.load of a whole patched model (its fused classes are made at run time) and
+    copy.deepcopy: same outputs; the loaded copy unpatches to timm's classes."""
+    model = _tiny_vit()
+    flashvit.patch(model)
+    x = _images((16, 16))
+    with torch.no_grad():
+        want = model(x)
+    torch.save(model, tmp_path / "m.pt")
+    for m in (torch.load(tmp_path / "m.pt", weights_only=False), copy.deepcopy(model)):
+        with torch.no_grad():
+            assert torch.equal(m(x), want)
+        assert type(m.blocks[0]).__name__ == "FlashvitBlock"
+        flashvit.unpatch(m)
+        assert type(m.blocks[0]) is type(timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                                           depth=1).blocks[0])
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), want, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_output_attentions_returns_the_maps():
+    """transformers' ViT with output_attentions=True, patched: the attention maps come back (transformers' eager
+    math runs for them) with the unpatched model's values, and the hidden states match."""
+    model = _hf_model("ViTModel", attn_implementation="eager").eval()
+    x = _images((32, 32))
+    with torch.no_grad():
+        ref = model(pixel_values=x, output_attentions=True)
+        flashvit.patch(model)
+        out = model(pixel_values=x, output_attentions=True)
+    assert len(out.attentions) == len(ref.attentions) > 0
+    for a, b in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, atol=1e-5, rtol=1e-4)
+
+
+def test_hf_dinov3_without_registers_keeps_them_in_the_graph():
+    """DINOv3 with num_register_tokens=0: the (1, 0, D) register Parameter still gets its (empty) gradient, as
+    unpatched (else DDP without find_unused_parameters would count it unused)."""
+    model = _hf_dinov3(False, num_register_tokens=0).train()
+    flashvit.patch(model)
+    model(pixel_values=_images((32, 32))).last_hidden_state.sum().backward()
+    g = model.embeddings.register_tokens.grad
+    assert g is not None and g.shape == model.embeddings.register_tokens.shape

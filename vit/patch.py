@@ -453,8 +453,8 @@ class _FusedHFDinov3Embeddings(nn.Module):
             return super().forward(pixel_values, bool_masked_pos)
         conv = self.patch_embeddings
         x = _whole_patches(pixel_values.to(dtype=conv.weight.dtype), conv)
-        reg = self.register_tokens if self.register_tokens.shape[1] else None
-        return patch_embed_op(x, conv.weight, conv.bias, None, self.cls_token, reg)
+        # (no registers: a (1, 0, D) Parameter, passed all the same so that it stays in the graph, as unpatched)
+        return patch_embed_op(x, conv.weight, conv.bias, None, self.cls_token, self.register_tokens)
 
 
 def _whole_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -631,13 +631,33 @@ class _FusedLinearGelu(nn.Linear):
 _CLASS_CACHE: Dict[Tuple[type, type], type] = {}
 
 
+def _clone_class(base: type, mixin: type) -> type:
+    """The class (mixin, base), made once. Its instances pickle as (base, mixin, state): the class itself is made at
+    run time, so pickle (torch.save of a patched model, copy.deepcopy) could not find it by name."""
+    key = (base, mixin)
+    if key not in _CLASS_CACHE:
+        name = "Flashvit" + base.__name__
+        _CLASS_CACHE[key] = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name,
+                                                       "__reduce__": _reduce_clone})
+    return _CLASS_CACHE[key]
+
+
+def _reduce_clone(self: nn.Module) -> tuple:
+    mixin, base = type(self).__bases__
+    return _unpickle_clone, (base, mixin, self.__dict__)
+
+
+def _unpickle_clone(base: type, mixin: type, state: dict) -> nn.Module:
+    cls = _clone_class(base, mixin)
+    new = cls.__new__(cls)
+    new.__dict__.update(state)
+    return new
+
+
 def _clone_as(orig: nn.Module, mixin: type) -> nn.Module:
     """A new module of class (mixin, type(orig)) sharing orig's parameters, buffers, children and attributes."""
-    key = (type(orig), mixin)
-    if key not in _CLASS_CACHE:
-        name = "Flashvit" + type(orig).__name__
-        _CLASS_CACHE[key] = type(name, (mixin, type(orig)), {"__module__": __name__, "__qualname__": name})
-    new = _CLASS_CACHE[key].__new__(_CLASS_CACHE[key])
+    cls = _clone_class(type(orig), mixin)
+    new = cls.__new__(cls)
     for k, v in orig.__dict__.items():  # own containers, same objects inside
         new.__dict__[k] = type(v)(v) if isinstance(v, (dict, set, list)) else v
     return new
@@ -774,8 +794,8 @@ def _head_dim_reason(head_dim: int) -> Optional[str]:
 def _decide_timm_attention(m: nn.Module) -> Decision:
     if getattr(m, "gate", None) is not None:
         return None, "gated attention (sigmoid gate) is not fused"
-    if not (isinstance(m.qkv, nn.Linear) and isinstance(m.proj, nn.Linear)):
-        return None, "qkv/proj are not nn.Linear"
+    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
+        return None, "qkv/proj are not plain nn.Linear"
     attn_dim = m.num_heads * m.head_dim
     if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
         return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
@@ -788,13 +808,13 @@ def _decide_timm_rope_attention(m: nn.Module) -> Decision:
         return None, "grouped-query attention (num_kv_heads < num_heads) is not fused"
     H, Dh = m.num_heads, m.head_dim
     projs = (m.qkv,) if m.qkv is not None else (m.q_proj, m.k_proj, m.v_proj)
-    if not all(isinstance(x, nn.Linear) for x in projs + (m.proj,)):
-        return None, "qkv (or q/k/v) and proj are not nn.Linear"
+    if not all(type(x) is nn.Linear for x in projs + (m.proj,)):
+        return None, "qkv (or q/k/v) and proj are not plain nn.Linear"
     if sum(x.out_features for x in projs) != 3 * H * Dh or m.proj.in_features != H * Dh:
         return None, f"qkv/proj widths do not match 3·{H}·{Dh}"
     gate = getattr(m, "gate", None)
-    if gate is not None and not isinstance(gate, nn.Linear):
-        return None, "the attention gate is not an nn.Linear"
+    if gate is not None and type(gate) is not nn.Linear:
+        return None, "the attention gate is not a plain nn.Linear"
     why = _head_dim_reason(Dh)  # (multiples of 8: even, as RoPE's pairs need)
     return (None, why) if why else (_clone_as(m, _FusedTimmRopeAttention), None)
 
@@ -894,14 +914,17 @@ def _is_layernorm(m: nn.Module) -> bool:
 def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                            scaling: Optional[float] = None, is_causal: Optional[bool] = None,
-                           **kwargs) -> Tuple[torch.Tensor, None]:
-    """transformers attention function: (B, H, N, D) q/k/v -> ((B, N, H, D) output, None).
+                           **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """transformers attention function: (B, H, N, D) q/k/v -> ((B, N, H, D) output, None; the attention maps
+    (B, H, N, N) where output_attentions asks for them: transformers' eager math then).
 
     Soft-capping, sliding windows, position biases, GQA, cross-length attention and masks that are no tensor go to
     transformers' own SDPA function (the same function); the plain case runs flashvit's attention, and a mask
     tensor (SDPA's form, bool or additive) its masked kernels.
     """
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
+    if kwargs.get("output_attentions", False):  # the maps asked for: transformers' eager math, which returns them
+        return _hf_eager_attention(module, query, key, value, attention_mask, dropout, scaling, bool(causal))
     special = (query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
                or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))
                or any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
@@ -917,6 +940,23 @@ def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     o = attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), scaling, causal=bool(causal),
                   dropout_p=dropout, attn_mask=attention_mask)  # strided (B, N, H, D) views in, (B, N, H, D) out
     return o, None
+
+
+def _hf_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: Optional[torch.Tensor], dropout: float, scaling: Optional[float],
+                        causal: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (softmax in fp32, then the input dtype; dropout in training) on (B, H, N, D):
+    ((B, N, H, D) output, (B, H, N, N) attention maps), for output_attentions=True."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    w = torch.matmul(query, key.transpose(2, 3)) * scale
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, : key.shape[-2]] if attention_mask.dim() == 4 else attention_mask
+        w = w.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else w + mask
+    elif causal:
+        w = w.masked_fill(torch.ones(w.shape[-2:], dtype=torch.bool, device=w.device).triu(1), float("-inf"))
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    w = torch.nn.functional.dropout(w, p=dropout, training=module.training)
+    return torch.matmul(w, value).transpose(1, 2).contiguous(), w
 
 
 def register_hf_attention() -> None:
@@ -1016,14 +1056,15 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
                         and not type(child).__module__.startswith("flashvit.")):  # ours are fused already
                     report.left.append((path, type(child).__name__, "no flashvit replacement for this class"))
             nxt_name, nxt = children[i + 1] if i + 1 < len(children) else ("", None)
-            if (new is None and linear_gelu and isinstance(parent, nn.Sequential) and type(child) is nn.Linear
-                    and nxt is not None and _gelu_kind(nxt) is not None
+            if (new is None and linear_gelu and type(parent).forward is nn.Sequential.forward
+                    and type(child) is nn.Linear and nxt is not None and _gelu_kind(nxt) is not None
                     and not _has_hooks(child) and not _has_hooks(nxt)):
                 new = _clone_as(child, _FusedLinearGelu)
                 new.flashvit_activation = _gelu_kind(nxt)
                 _swap(state, parent, nxt_name, nxt, nn.Identity(), f"{prefix}{nxt_name}")  # GELU now in the epilogue
-            if new is not None and _has_hooks(child):
-                report.left.append((path, type(child).__name__, "has hooks registered on it"))
+            why = _bypassed(child) if new is not None else None
+            if why:
+                report.left.append((path, type(child).__name__, why))
                 new = None
             if new is not None:
                 _swap(state, parent, name, child, new, path)
@@ -1075,6 +1116,24 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
 
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv2d.forward)
+
+
+def _bypassed(m: nn.Module) -> Optional[str]:
+    """Why a fused replacement of ``m`` would be a different function: its forward reads its children's weights
+    (and folds LayerScales) without calling them, so hooks anywhere inside ``m`` would not run, and a layer with a
+    forward of its own inside (an nn.Linear / nn.Conv2d subclass that overrides it: quantized or LoRA layers; a
+    wrapper around a ``base_layer``: peft's adapters) would lose it. None: safe to replace."""
+    for name, sub in m.named_modules():
+        where = "on it" if not name else f"on {name} inside it"
+        if _has_hooks(sub):
+            return f"has hooks registered {where}"
+        if ((isinstance(sub, (nn.Linear, nn.Conv2d)) and type(sub).forward not in _PLAIN_FORWARDS)
+                or isinstance(getattr(sub, "base_layer", None), nn.Module)):
+            return f"{_qualname(sub)} {where[3:]} has a forward of its own that the fused one would skip"
+    return None
+
+
 def _swap(state: _PatchState, parent: nn.Module, name: str, orig: nn.Module, new: nn.Module, path: str) -> None:
     setattr(parent, name, new)
     state.swaps.append((parent, name, orig, new))
@@ -1110,6 +1169,31 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
         state.report.replaced.append((n, cls, f"{cls}[attn_implementation={HF_ATTN_IMPLEMENTATION}]"))
 
 
+def _sync_back(orig: nn.Module, new: nn.Module) -> None:
+    """What changed on a replacement while patched goes back to its original: a clone's own state (its copy of
+    orig's __dict__: set_input_size's sizes, parameters that load_state_dict(assign=True) replaced, flags, hooks),
+    a shared LayerNorm's parameters and eps, a shared MLP's children; the training flag to what orig holds
+    alone."""
+    if type(new) in _CLASS_CACHE.values():
+        for k, v in new.__dict__.items():
+            if not k.startswith("flashvit_"):
+                orig.__dict__[k] = type(v)(v) if isinstance(v, (dict, set, list)) else v
+        return
+    shared = {id(m) for m in new.modules()}
+    for sub in orig.modules():  # (orig and what the replacement does not hold: an MLP's act, say)
+        if id(sub) not in shared:
+            sub.training = new.training
+    if isinstance(new, FlashLayerNorm):
+        for k in ("weight", "bias"):
+            if k in orig._parameters:
+                orig._parameters[k] = new._parameters.get(k)
+        orig.eps = new.eps
+    elif isinstance(new, FusedMLP):
+        for k in ("fc1", "fc2", "drop1", "drop2"):
+            if k in orig._modules and orig._modules[k] is not new._modules[k]:
+                orig._modules[k] = new._modules[k]
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo :func:`patch`: put the exact original module objects back (and the HF attn implementation)."""
     state: Optional[_PatchState] = model.__dict__.get(_STATE_ATTR)
@@ -1118,7 +1202,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for parent, name, orig, new in reversed(state.swaps):
         if parent._modules.get(name) is not new:
             raise RuntimeError(f"{type(parent).__name__}.{name} was changed after patching; cannot restore it")
-        orig.training = new.training  # children are shared; only this flag may have drifted
+        _sync_back(orig, new)
         setattr(parent, name, orig)
     if state.hf_attn_previous is not None:
         model.set_attn_implementation(state.hf_attn_previous)
