@@ -1509,6 +1509,11 @@ def _checked_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cau
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
+def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels read it: bool, 16-bit or fp32 (a float64 one in fp32; the reference keeps it)."""
+    return mask.float() if mask.dtype == torch.float64 else mask
+
+
 def qkv_attention_reference(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[float] = None,
                             dropout_p: float = 0.0, rope: Optional[torch.Tensor] = None, rope_prefix: int = 0,
                             rope_half: bool = False, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1568,9 +1573,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
             return attention_reference(q, k, v, scale, False, dropout_p, attn_mask)
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
-        mask = attn_mask.float() if attn_mask.dtype == torch.float64 else attn_mask
-        return apply(MaskedAttentionFn, q, k, v, mask, scale, _resolve_tf32(q.dtype, allow_tf32), float(dropout_p),
-                     _draw_seed(dropout_p, q.device))
+        return apply(MaskedAttentionFn, q, k, v, _kernel_mask(attn_mask), scale, _resolve_tf32(q.dtype, allow_tf32),
+                     float(dropout_p), _draw_seed(dropout_p, q.device))
     if _triton_for(q, backend, dropout_p, scale):
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
@@ -1616,13 +1620,13 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     if rope is not None:
         check_rope_args((B, N, num_heads, head_dim), rope, rope_prefix, where="qkv")
         check_same_device(qkv=qkv, rope=rope)
-    mask = attn_mask
-    if mask is not None:
+    mask = None  # the kernels' copy of attn_mask
+    if attn_mask is not None:
         q, k, _ = _split_qkv(qkv, num_heads)
-        mask = attn_mask = _checked_attn_mask(mask, q, k, False)
-        if needs_grad(mask):  # a learned bias: the reference differentiates it
-            return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, mask)
-        mask = mask.float() if mask.dtype == torch.float64 else mask
+        attn_mask = _checked_attn_mask(attn_mask, q, k, False)
+        if needs_grad(attn_mask):  # a learned bias: the reference differentiates it
+            return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, attn_mask)
+        mask = _kernel_mask(attn_mask)
     if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
         _check_head_dim(head_dim)
