@@ -1159,9 +1159,7 @@ def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optio
             if dw.dtype != weight.dtype:
                 dw = dw.to(weight.dtype)
         else:  # dW (N, K) = dZᵀ (N, M) · X (M, K), split over M (the tokens) when its few tiles leave SMs idle
-            dw = _empty((N, K), dev, weight.dtype)
-            if M == 0:
-                dw.zero_()
+            dw = _empty((N, K), dev, weight.dtype)  # (M = 0: the GEMM's empty sum writes its zeros)
             _launch_gemm(dz, True, x, False, N, K, M, dw, tf32=_resolve_tf32(allow_tf32), tma=path == "tma",
                          splits=split_k(N, K, M, _sms(dev)))
     if dx is None or dw is None or db is None:
