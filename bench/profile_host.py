@@ -61,6 +61,7 @@ def host_profiles(out: str, calls: int) -> None:
 
 def launch_costs(out: str, calls: int) -> None:
     from flashvit.kernels import layernorm as L
+    from flashvit.kernels._dispatch import launch
     x = torch.randn(2 * 17, 64, device="cuda", dtype=torch.bfloat16)
     w, b = torch.ones(64, device="cuda", dtype=torch.bfloat16), torch.zeros(64, device="cuda", dtype=torch.bfloat16)
     y, mean, rstd = torch.empty_like(x), torch.empty(34, device="cuda"), torch.empty(34, device="cuda")
@@ -73,11 +74,11 @@ def launch_costs(out: str, calls: int) -> None:
         return (L.cdiv(m, meta["ROWS"]),)
 
     def tuned():  # Triton's own path: the autotuner, then JITFunction.run
-        return L._ln_fwd_tuned.kernel[grid](*args, BLOCK_N=block_n, HAS_RES=False)
+        return launch(L._ln_fwd_tuned.kernel, grid, *args, BLOCK_N=block_n, HAS_RES=False)
 
     def bare():
-        return L._ln_fwd_kernel[(L.cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=False,
-                                                     num_warps=warps, num_stages=1)
+        return launch(L._ln_fwd_kernel, (L.cdiv(m, rows),), *args, BLOCK_N=block_n, ROWS=rows, HAS_RES=False,
+                      num_warps=warps, num_stages=1)
 
     def launcher():  # flashvit's Launcher (kernels/_dispatch.py): the compiled kernel's own launcher
         L._ln_fwd_tuned(grid, args, dict(BLOCK_N=block_n, HAS_RES=False))

@@ -68,29 +68,38 @@ def compile_spec(spec: AotSpec, cc: int) -> Dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from flashvit.kernels._dispatch import LAUNCH_OPTIONS
+
     fn = jit_function(spec.kernel)
     src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
     k = triton.compile(
         src,
         target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
+        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS},
     )
     info = {"kernel": spec.label(), "cc": cc, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
-            "shared": int(k.metadata.shared), "compiled": k}
+            "shared": int(k.metadata.shared), "fp_fusion": getattr(k.metadata, "enable_fp_fusion", None), "compiled": k}
     info.update(ptxas_stats(k.asm["ptx"], cc))
     return info
 
 
-def _ptxas() -> Optional[str]:
+def _ptxas(cc: int) -> Optional[str]:
+    """The ptxas Triton itself assembles sm_<cc> with (3.9 takes its newer one, "ptxas-blackwell", from sm_90 on:
+    the older cannot read the PTX version it writes there), else the bundled one."""
     import triton
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return path if os.path.exists(path) else None
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        path = get_ptxas(cc).path
+    except Exception:  # a Triton without get_ptxas, or no usable tool: the bundled one, if any
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if path and os.path.exists(path) else None
 
 
 def ptxas_stats(ptx: str, cc: int) -> Dict[str, Optional[int]]:
     """Registers and spill bytes as ``ptxas -v`` reports them (None when ptxas is not at hand)."""
-    exe = _ptxas()
+    exe = _ptxas(cc)
     out: Dict[str, Optional[int]] = {"registers": None, "spill_stores": None, "spill_loads": None}
     if exe is None:
         return out

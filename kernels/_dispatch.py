@@ -198,6 +198,18 @@ try:  # host-side TMA descriptors (Triton >= 3.4): the compiled launcher encodes
 except Exception:  # pragma: no cover - depends on the Triton version
     _TensorDescriptor = None
 
+# Compile options every launch (and the ahead-of-time gate) passes. FMA contraction on: Triton's default up to
+# 3.9, which warns on each kernel that does not ask, and whose default turns it off in 3.10; the kernels are
+# tuned, timed and tested with it.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **consts: Any) -> Any:
+    """``kernel[grid](*args, **consts)`` with LAUNCH_OPTIONS: every direct launch goes through here (a
+    ``Launcher`` adds them itself). Returns what Triton returns (the compiled kernel)."""
+    return kernel[grid](*args, **consts, **LAUNCH_OPTIONS)
+
+
 FAST_LAUNCH = os.environ.get("FLASHVIT_FAST_LAUNCH", "1").strip() != "0"
 
 # The current CUDA device without torch.cuda.current_device()'s Python wrapper (the C call lazy-inits too).
@@ -215,7 +227,7 @@ def _hooks_active() -> bool:
 
 
 class Launcher:
-    """``Launcher(kernel)(grid, args, consts)``: ``kernel[grid](*args, **consts)`` at a fraction of the host cost.
+    """``Launcher(kernel)(grid, args, consts)``: ``launch(kernel, grid, *args, **consts)`` at a fraction of the host cost.
 
     ``kernel`` is a ``@triton.jit`` function or a ``triton.autotune`` of one; ``args`` fill its leading
     parameters positionally and ``consts`` (plus, for an autotuner, the chosen config) name the rest;
@@ -245,7 +257,7 @@ class Launcher:
 
     def __call__(self, grid: Any, args: Sequence[Any], consts: dict) -> None:
         if not self.enabled or _hooks_active():
-            self.kernel[grid](*args, **consts)
+            launch(self.kernel, grid, *args, **consts)
             return
         device = _current_device()
         # The key, flat (no tuple per argument: ~1 us less per 15-argument launch): the counts, the
@@ -272,7 +284,7 @@ class Launcher:
                 if self.pre_hook is None:
                     add(tuple(a.block_shape))
             else:
-                self.kernel[grid](*args, **consts)
+                launch(self.kernel, grid, *args, **consts)
                 return
         if self.key_pos:
             n = len(args)
@@ -294,10 +306,10 @@ class Launcher:
                 torch._C._cuda_getCurrentRawStream(device), function, packed, None, None, None, *args, *tail)
         except TypeError:  # a Triton whose launcher takes other arguments (refused before launching)
             self.enabled = False
-            self.kernel[grid](*args, **consts)
+            launch(self.kernel, grid, *args, **consts)
 
     def _first(self, key: tuple, grid: Any, args: Sequence[Any], consts: dict) -> None:
-        compiled = self.kernel[grid](*args, **consts)
+        compiled = launch(self.kernel, grid, *args, **consts)
         meta = dict(consts)
         if self.tuner is not None:
             meta.update(self.tuner.best_config.kwargs)

@@ -41,6 +41,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     get_backend,
+    launch,
     needs_grad,
     pushed,
     use_triton,
@@ -996,8 +997,8 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
             consts["SPLIT_TAIL"] = False
     if fixed:
         cfg = _fixed_config(kind, consts, args[0].element_size())
-        _kernel(kind)[(cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,)](
-            *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+        launch(_kernel(kind), (cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,),
+               *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
         return
 
     def grid(meta):
@@ -1105,8 +1106,8 @@ def dropout_mask(batch: int, heads: int, n_q: int, n_kv: int, dropout_p: float, 
     mask = torch.empty((batch, heads, n_q, n_kv), dtype=torch.int8, device=device)
     if mask.numel():
         bm, bn = _MASK_BLOCK
-        _dropout_mask_kernel[(cdiv(n_q, bm) * cdiv(n_kv, bn) * batch * heads,)](
-            mask, n_q, n_kv, float(dropout_p), _seed_arg(seed, mask.device), BLOCK_M=bm, BLOCK_N=bn)
+        launch(_dropout_mask_kernel, (cdiv(n_q, bm) * cdiv(n_kv, bn) * batch * heads,),
+               mask, n_q, n_kv, float(dropout_p), _seed_arg(seed, mask.device), BLOCK_M=bm, BLOCK_N=bn)
     return mask.bool()
 
 

@@ -33,6 +33,7 @@ from flashvit.kernels._dispatch import (
     custom_op,
     get_backend,
     in_graph_step,
+    launch,
     needs_grad,
     next_pow2,
     once_differentiable,
@@ -517,8 +518,8 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     block_n, rows, warps, _ = _config(d)
     args = (x2, r2, w, b, y2, h2, mean, rstd, m, d, sx, sr, d, d, eps)
     if INTERPRET:
-        _ln_fwd_kernel[(cdiv(m, rows),)](*args, BLOCK_N=block_n, ROWS=rows, HAS_RES=has_res,
-                                         num_warps=warps, num_stages=FWD_STAGES)
+        launch(_ln_fwd_kernel, (cdiv(m, rows),), *args, BLOCK_N=block_n, ROWS=rows, HAS_RES=has_res,
+               num_warps=warps, num_stages=FWD_STAGES)
     else:
         _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=has_res))
     return y, h, mean, rstd
@@ -556,8 +557,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, row_stride(x2), sdho, d, rows_per_prog)
     prefetch = _bwd_prefetch()
     if INTERPRET:
-        _ln_bwd_kernel[(g,)](*args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
-                             PREFETCH=bool(prefetch), num_warps=warps, num_stages=BWD_STAGES)
+        launch(_ln_bwd_kernel, (g,), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
+               PREFETCH=bool(prefetch), num_warps=warps, num_stages=BWD_STAGES)
     elif prefetch is None and _bwd_chunks_on() is None:  # every choice's ROWS divides rows_per_prog: same grid
         _ln_bwd_tuned_auto((g,), args, dict(HAS_DHO=dh_out is not None))
     else:

@@ -68,6 +68,7 @@ from flashvit.kernels._dispatch import (
     check_triton_dtypes,
     custom_op,
     flat2d,
+    launch,
     needs_grad,
     next_pow2,
     pushed,
@@ -948,9 +949,9 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
         bm, bn, bk, w, st = cfg
         _tma_block_shapes(dict(flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, a_desc=args[0], b_desc=args[1],
                                c_desc=args[2], z_desc=args[3]))
-        _gemm_tma_kernel[(min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),)](
-            *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
-            PREFETCH=prefetch and (residual is not None or dact != 0), num_warps=w, num_stages=st)
+        launch(_gemm_tma_kernel, (min(sms, cdiv(M, bm) * cdiv(N, bn) * splits),),
+               *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=sms, FLATTEN=flatten,
+               PREFETCH=prefetch and (residual is not None or dact != 0), num_warps=w, num_stages=st)
         return
 
     def grid(meta):
@@ -1029,8 +1030,8 @@ def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M
                 SM90_CONFIGS_16 if _arch(a.device) == 90 else SM80_CONFIGS_16)
         cfg = next((c for c in cfgs if rope is None or rope_config_fits(c)), cfgs[-1])
     bm, bn, bk, w, s = cfg
-    _gemm_kernel[(cdiv(M, bm) * cdiv(N, bn), splits)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                       GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
+    launch(_gemm_kernel, (cdiv(M, bm) * cdiv(N, bn), splits), *args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+           GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
 
 
 def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from flashvit.kernels._dispatch import (
     check_tensor,
     check_triton_dtypes,
     custom_op,
+    launch,
     once_differentiable,
     triton,
     use_triton,
@@ -321,9 +322,9 @@ def patch_embed_fwd(images: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
-        _pe_fwd_kernel[grid](*args, **_INTERPRET_FWD, IEEE=ieee, VEC=_vec(images, p))
+        launch(_pe_fwd_kernel, grid, *args, **_INTERPRET_FWD, IEEE=ieee, VEC=_vec(images, p))
     elif ieee:
-        _pe_fwd_kernel[grid](*args, **_fixed("fwd", ("BM", "BN", "BK")), IEEE=True, VEC=1)
+        launch(_pe_fwd_kernel, grid, *args, **_fixed("fwd", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
         _pe_fwd_tuned(grid, args, dict(IEEE=ieee, VEC=_vec(images, p)))
     return out
@@ -347,9 +348,9 @@ def patch_embed_bwd_weight(grad: torch.Tensor, images: torch.Tensor, patch: int,
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
-        _pe_bwd_dw_kernel[grid](*args, **_INTERPRET_DW, IEEE=ieee, VEC=_vec(images, patch))
+        launch(_pe_bwd_dw_kernel, grid, *args, **_INTERPRET_DW, IEEE=ieee, VEC=_vec(images, patch))
     elif ieee:
-        _pe_bwd_dw_kernel[grid](*args, **_fixed("dw", ("BM", "BN", "BK")), IEEE=True, VEC=1)
+        launch(_pe_bwd_dw_kernel, grid, *args, **_fixed("dw", ("BM", "BN", "BK")), IEEE=True, VEC=1)
     else:
         _pe_bwd_dw_tuned(grid, args, dict(IEEE=ieee, VEC=_vec(images, patch)))
     return (part[0] if splits == 1 else part.sum(0))[:, :K].contiguous()
@@ -370,9 +371,9 @@ def patch_embed_bwd_images(grad: torch.Tensor, weight: torch.Tensor, images: tor
 
     ieee = images.dtype == torch.float32
     if INTERPRET:
-        _pe_bwd_dx_kernel[grid](*args, **_INTERPRET_DX, IEEE=ieee)
+        launch(_pe_bwd_dx_kernel, grid, *args, **_INTERPRET_DX, IEEE=ieee)
     elif ieee:
-        _pe_bwd_dx_kernel[grid](*args, **_fixed("dx", ("BM", "BK", "BD")), IEEE=True)
+        launch(_pe_bwd_dx_kernel, grid, *args, **_fixed("dx", ("BM", "BK", "BD")), IEEE=True)
     else:
         _pe_bwd_dx_tuned(grid, args, dict(IEEE=ieee))
     return dx
@@ -386,7 +387,7 @@ def patch_embed_bwd_tokens(grad: torch.Tensor) -> torch.Tensor:
     if N == 0:
         return s
     block = _INTERPRET_TOKENS_BLOCK if INTERPRET else _TOKENS_BLOCK
-    _pe_bwd_tokens_kernel[(cdiv(N, block),)](grad, s, B, N, BLOCK=block, num_warps=_TOKENS_WARPS)
+    launch(_pe_bwd_tokens_kernel, (cdiv(N, block),), grad, s, B, N, BLOCK=block, num_warps=_TOKENS_WARPS)
     return s
 
 

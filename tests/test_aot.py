@@ -44,3 +44,17 @@ def test_all_configs_compile_for_sm80_and_sm90(gate):
     failed = [f"{r['op']}/{r['kernel']} sm_{r['cc']}: {r['error']}" for r in gate["results"] if r["error"]]
     assert not failed, "\n".join(failed)
     assert {r["cc"] for r in gate["results"]} == {80, 90}
+
+
+def test_every_config_compiles_with_fp_fusion(gate):
+    """The gate compiles what launches run: LAUNCH_OPTIONS' FMA contraction, whatever this Triton's default."""
+    off = [f"{r['op']}/{r['kernel']} sm_{r['cc']}" for r in gate["results"] if not r["error"] and r["fp_fusion"] is not True]
+    assert not off, "\n".join(off)
+
+
+def test_ptxas_reports_every_config(gate):
+    """Registers and spills come from the ptxas Triton assembles with for that target: none missing (Triton 3.9's
+    bundled older ptxas cannot read the PTX it writes for sm_90, so a wrong pick reads as no numbers)."""
+    missing = [f"{r['op']}/{r['kernel']} sm_{r['cc']}" for r in gate["results"] if not r["error"]
+               and (r["registers"] is None or r["spill_stores"] is None)]
+    assert not missing, "\n".join(missing[:20])

@@ -363,3 +363,44 @@ def test_cuda_context_lost_tells_fatal_errors_apart():
     assert cuda_context_lost(RuntimeError("Triton Error [CUDA]: an illegal memory access was encountered"))
     assert not cuda_context_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not cuda_context_lost(AssertionError("out-of-bounds kernel memory access: ..."))  # the interpreter's checker
+
+
+def test_launcher_passes_the_launch_options(monkeypatch):
+    """Triton's path, every time: the compile options ride along (FMA contraction, whatever Triton's default)."""
+    kern, launcher = _fake_launcher(monkeypatch)
+    for n in (16, 16, 33):
+        launcher((1,), (torch.zeros(4), n, 0.5, True), dict(BLOCK=16))
+    slow = [e for e in kern.log if e[0] == "slow"]
+    assert len(slow) == 2 and all(e[3] == dict(BLOCK=16, **_dispatch.LAUNCH_OPTIONS) for e in slow)
+    assert _dispatch.LAUNCH_OPTIONS == {"enable_fp_fusion": True}
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRET, reason="records the launches the Triton interpreter receives (on a GPU "
+                    "the Launcher's fast path bypasses Triton's entry point; the AOT gate checks the compiled option)")
+def test_every_kernel_launch_asks_for_fp_fusion(monkeypatch):
+    """A ViT's forward and backward, SwiGLU, RoPE and the dropout mask on the kernels: each launch passes
+    LAUNCH_OPTIONS (Triton 3.9 warns on a kernel that does not ask; 3.10 turns FMA contraction off there)."""
+    from triton.runtime import interpreter
+
+    from flashvit.kernels.attention import dropout_mask
+    from flashvit.kernels.glu import swiglu
+    from flashvit.kernels.rope import apply_rope
+    seen = []
+    call = interpreter.GridExecutor.__call__
+
+    def record(self, *args, **kwargs):
+        seen.append((getattr(self.fn, "__name__", "?"), kwargs.get("enable_fp_fusion")))
+        return call(self, *args, **kwargs)
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", record)
+    torch.manual_seed(0)
+    model = flashvit.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, embed_dim=32, depth=1,
+                                  num_heads=2, num_classes=3)
+    g, u = (torch.randn(3, 16, requires_grad=True) for _ in range(2))
+    q = torch.randn(1, 5, 2, 8, requires_grad=True)
+    with flashvit.use_backend("triton"):
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+        (swiglu(g, u).sum() + apply_rope(q, torch.randn(5, 16)).sum()).backward()
+    dropout_mask(1, 2, 5, 5, 0.5, 1, torch.device("cpu"))
+    names = {n for n, _ in seen}
+    assert {"_ln_fwd_kernel", "_ln_bwd_kernel", "_dropout_mask_kernel"} <= names and len(names) >= 10, names
+    assert [n for n, opt in seen if opt is not True] == []
