@@ -34,6 +34,48 @@ except Exception:  # pragma: no cover - depends on the platform
 # Decided when kernels are decorated, so it is read once at import.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _interpreter_bool_masks() -> bool:
+    """Make the Triton interpreter's loads, stores and atomics take any integer mask as the compiler does (nonzero:
+    on). Triton 3.9's interpreter gives ``ok & (j < P)`` (a tensor and a scalar comparison) an int32 mask (it
+    splats the scalar's bool in its operands' integer type) and its loads and stores refuse any mask but bool;
+    3.6 - 3.8 took it. Idempotent; False where this Triton has no interpreter to adjust."""
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as _interp
+    except Exception:  # pragma: no cover - no Triton, or one without an interpreter
+        return False
+    builder = _interp.InterpreterBuilder
+    if getattr(builder, "_flashvit_bool_masks", False):
+        return True
+
+    def as_bool(mask: Any) -> Any:
+        data = getattr(mask, "data", None)
+        if isinstance(data, np.ndarray) and data.dtype != np.bool_:
+            return _interp.TensorHandle(data != 0, tl.int1)
+        return mask
+
+    def wrap(name: str, pos: int) -> None:  # the mask: positional argument ``pos`` (after self)
+        orig = getattr(builder, name)
+
+        @functools.wraps(orig)
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if len(args) > pos:
+                args = args[:pos] + (as_bool(args[pos]),) + args[pos + 1:]
+            return orig(self, *args, **kwargs)
+        setattr(builder, name, call)
+    # create_masked_load(ptrs, mask, other, ...), create_masked_store(ptrs, value, mask, ...),
+    # create_atomic_rmw(op, ptr, val, mask, ...)
+    for name, pos in (("create_masked_load", 1), ("create_masked_store", 2), ("create_atomic_rmw", 3)):
+        if hasattr(builder, name):
+            wrap(name, pos)
+    builder._flashvit_bool_masks = True
+    return True
+
+
+if INTERPRET and HAS_TRITON:
+    _interpreter_bool_masks()
+
 BACKENDS = ("auto", "torch", "triton")
 # Innermost ``use_backend`` last. A plain module-level list (not a ContextVar) so that torch.compile
 # guards on it: a compiled model recompiles when the forced backend changes.

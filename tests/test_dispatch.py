@@ -5,6 +5,7 @@ import torch
 
 import flashvit
 from flashvit.kernels import _dispatch
+from flashvit.kernels._dispatch import launch
 from tests.conftest import DEVICE
 
 
@@ -404,3 +405,31 @@ def test_every_kernel_launch_asks_for_fp_fusion(monkeypatch):
     names = {n for n, _ in seen}
     assert {"_ln_fwd_kernel", "_ln_bwd_kernel", "_dropout_mask_kernel"} <= names and len(names) >= 10, names
     assert [n for n, opt in seen if opt is not True] == []
+
+
+@pytest.mark.skipif(not _dispatch.INTERPRET, reason="the Triton interpreter's mask handling (compiled kernels take "
+                    "i1 masks as they are)")
+def test_interpreter_takes_masks_joined_with_a_scalar_comparison():
+    """``ok & (pid < P)``: Triton 3.9's interpreter makes it int32 and its loads, stores and atomics refused it
+    (_interpreter_bool_masks); the kernels use such masks (linear's column sums, ...)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(X, Y, Z, N, P, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        m = (offs < N) & (pid + 1 < P)  # rows 0 .. P-2 only
+        x = tl.load(X + pid * BLOCK + offs, mask=m, other=-1.0)
+        tl.store(Y + pid * BLOCK + offs, x * 2, mask=m)
+        tl.atomic_add(Z + offs, x, mask=m)
+
+    assert _dispatch._interpreter_bool_masks()
+    x = torch.randn(3, 8)
+    y, z = torch.full((3, 8), 7.0), torch.zeros(8)
+    launch(kernel, (3,), x, y, z, 5, 3, BLOCK=8)
+    want = torch.full((3, 8), 7.0)
+    want[:2, :5] = 2 * x[:2, :5]
+    assert torch.equal(y, want)
+    torch.testing.assert_close(z[:5], x[:2, :5].sum(0))
+    assert torch.equal(z[5:], torch.zeros(3))
