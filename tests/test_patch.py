@@ -337,6 +337,69 @@ def test_timm_rope_models_inference_rotates_in_the_qkv_gemm(case, calls):
         assert modes == [model.blocks[0].attn.head_dim if case == "dinov3" else 1] * depth, modes
 
 
+BEIT_SMALL = dict(SMALL, embed_dim=64, num_heads=4)
+BEIT_CASES = {  # timm's BEiT: Attention with q/v biases and a relative position bias, Block with gamma_1 / gamma_2
+    "beit": ("beit_base_patch16_224", BEIT_SMALL),  # the layer's own bias table, LayerScale
+    "beitv2": ("beitv2_base_patch16_224", dict(BEIT_SMALL, img_size=48)),
+    "shared_bias": ("beit_base_patch16_224", dict(BEIT_SMALL, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)),
+    "both_biases": ("beit_base_patch16_224", dict(BEIT_SMALL, use_shared_rel_pos_bias=True)),
+    "no_bias_no_ls": ("beit_base_patch16_224", dict(BEIT_SMALL, use_rel_pos_bias=False, init_values=None,
+                                                     qkv_bias=False)),
+}
+
+
+def _beit(case):
+    name, kw = BEIT_CASES[case]
+    model = _randomize(timm.create_model(name, pretrained=False, **kw))
+    with torch.no_grad():  # the bias tables start at zero: make them matter
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(fresh_seed())))
+    return model
+
+
+@pytest.mark.parametrize("case", list(BEIT_CASES))
+def test_timm_beit_patched_match_unpatched(case, calls):
+    """BEiT / BEiT v2: the qkv GEMM with the q/v biases, attention from the packed qkv with the relative position
+    bias (the layer's table and / or the model's shared bias) as its additive mask, the Block's residual adds fused
+    and gamma_1 / gamma_2 folded into the proj / fc2 GEMMs; logits and every gradient (the bias tables' included)
+    as timm's."""
+    torch.manual_seed(fresh_seed())
+    model = _beit(case).train()
+    depth = BEIT_CASES[case][1]["depth"]
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    counts = report.counts()
+    assert counts["Attention"] == depth and counts["Block"] == depth and not report.left, report
+    assert calls["qkv_attention"] == depth and calls["add_layer_norm"] == depth and "attention" not in calls
+    folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
+    assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["beit", "both_biases", "no_bias_no_ls"])
+def test_timm_beit_on_the_kernels_vs_float64(case):
+    """BEiT training with the kernels forced (the bias tables learn: SDPA differentiates the attention, the GEMMs,
+    LayerNorms and patch embedding run the kernels): logits and every gradient vs a float64 unpatched copy."""
+    torch.manual_seed(fresh_seed())
+    model = _beit(case).train()
+    report = _check_forced_vs_float64(model, _images(model.patch_embed.img_size))
+    assert not report.left, report
+
+
+@pytest.mark.parametrize("case", ["beit", "shared_bias"])
+def test_timm_beit_inference_runs_the_masked_kernel(case, calls):
+    """Without autograd the relative position bias is a constant: the masked attention kernels take it (the
+    interpreter on CPU, against a float64 copy)."""
+    torch.manual_seed(fresh_seed())
+    model = _beit(case).eval()
+    depth = BEIT_CASES[case][1]["depth"]
+    seen = _check_inference_patched(model, lambda m, x: m.forward_features(x), _images(model.patch_embed.img_size),
+                                    lambda: calls.get("qkv_attention") == depth,
+                                    importlib.import_module("flashvit.kernels.attention"), "attention_fwd",
+                                    lambda k: k.get("mask") is not None)
+    assert seen in (None, [True] * depth), seen
+
+
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
     attention hands to qkv_attention (packed), whose kernels apply it (here without autograd). Same features as the
@@ -1155,7 +1218,9 @@ def _bf16_rule(out, ref, torch_out, factor, name, atol):
 @pytest.mark.parametrize("name,kw", [("vit_small_patch16_224", dict(img_size=64, depth=2, num_classes=10)),
                                      ("vit_small_patch16_224", dict(img_size=64, depth=2, qk_norm=True,
                                                                     init_values=0.1, num_classes=10)),
-                                     ("vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=10))])
+                                     ("vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=10)),
+                                     ("beit_base_patch16_224", dict(img_size=64, depth=2, embed_dim=384, num_heads=6,
+                                                                    use_shared_rel_pos_bias=True, num_classes=10))])
 def test_timm_patched_bf16_on_cuda(name, kw):
     torch.manual_seed(fresh_seed())
     base = _randomize(timm.create_model(name, pretrained=False, **kw), scale=0.05).train()

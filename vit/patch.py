@@ -67,6 +67,10 @@ _HF_SWIGLU_FFN = {"transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTG
 _TIMM_PATCH_EMBED = {"timm.layers.patch_embed.PatchEmbed"}
 _TIMM_BLOCK = {"timm.models.vision_transformer.Block"}
 _TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_1 / gamma_2 Parameters (or None)
+# BEiT / BEiT v2: attention with q/v biases and a relative position bias (its own table, the model's shared one);
+# forward(x, shared_rel_pos_bias). Its Block: pre-norm with gamma_1 / gamma_2 as EvaBlock.
+_TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
+_TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
 # (checked per class: a version that changes one is seen and the class is left, with that reason).
@@ -539,19 +543,32 @@ class _FusedTimmBlock(nn.Module):
         return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
 
 
+def _gamma_block(block: nn.Module, x: torch.Tensor, fused_attn: type, **attn_kwargs) -> torch.Tensor:
+    """A pre-norm block whose LayerScales are gamma_1 / gamma_2 Parameters (or None), residual adds fused:
+    gamma_1 folds into proj's GEMM where the attention is ``fused_attn``, gamma_2 and the residual into fc2's,
+    (x + a, norm2(x + a)) in one pass."""
+    if isinstance(block.attn, fused_attn):
+        a = block.attn(block.norm1(x), layer_scale=block.gamma_1, **attn_kwargs)
+    else:
+        a = block.attn(block.norm1(x), **attn_kwargs)
+        a = a if block.gamma_1 is None else block.gamma_1 * a
+    y, x = _add_norm(block.norm2, block.drop_path1(a), x)
+    return _mlp_add(block.mlp, block.gamma_2, block.drop_path2, y, x)
+
+
 class _FusedTimmEvaBlock(nn.Module):
-    """timm EvaBlock (pre-norm; EVA-02, DINOv3, the RoPE ViTs) with the residual adds fused as in Block: its
-    gamma_1 / gamma_2 fold into the proj and fc2 GEMMs, (x + a, norm2(x + a)) in one pass."""
+    """timm EvaBlock (pre-norm; EVA-02, DINOv3, the RoPE ViTs) with the residual adds fused (_gamma_block)."""
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False) -> torch.Tensor:
-        if isinstance(self.attn, _FusedTimmRopeAttention):
-            a = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal, layer_scale=self.gamma_1)
-        else:
-            a = self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-            a = a if self.gamma_1 is None else self.gamma_1 * a
-        y, x = _add_norm(self.norm2, self.drop_path1(a), x)
-        return _mlp_add(self.mlp, self.gamma_2, self.drop_path2, y, x)
+        return _gamma_block(self, x, _FusedTimmRopeAttention, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+
+
+class _FusedTimmBeitBlock(nn.Module):
+    """timm BEiT Block with the residual adds fused (_gamma_block)."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _gamma_block(self, x, _FusedTimmBeitAttention, shared_rel_pos_bias=shared_rel_pos_bias)
 
 
 class _FusedHFLayer(nn.Module):
@@ -785,6 +802,26 @@ def _decide_hf_encoder(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _HF_ENCODER_MIXINS[role]), None)
 
 
+class _FusedTimmBeitAttention(nn.Module):
+    """timm BEiT Attention: qkv GEMM (q/v biases in its epilogue) -> flash attention from the packed qkv, the
+    relative position bias (the layer's table, plus the model's shared bias) its additive mask -> proj GEMM. A bias
+    that requires grad (its table in training) makes the attention the op's SDPA path, which differentiates it; the
+    GEMMs stay fused. Without any bias: the unmasked kernels."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's forward; ``layer_scale``: the block's gamma_1 after it, folded into proj's GEMM."""
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
+        mask = shared_rel_pos_bias  # (1 | B, H, N, N), additive
+        if self.relative_position_bias_table is not None:
+            own = self._get_rel_pos_bias()  # (1, H, N, N)
+            mask = own if mask is None else own + mask
+        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
+                          attn_mask=mask)  # (B, N, H·Dh)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
 def _head_dim_reason(head_dim: int) -> Optional[str]:
     if head_dim < 8 or head_dim > MAX_HEAD_DIM or head_dim % 8:
         return f"head dim {head_dim}: the kernels take multiples of 8 up to {MAX_HEAD_DIM}"
@@ -817,6 +854,17 @@ def _decide_timm_rope_attention(m: nn.Module) -> Decision:
         return None, "the attention gate is not a plain nn.Linear"
     why = _head_dim_reason(Dh)  # (multiples of 8: even, as RoPE's pairs need)
     return (None, why) if why else (_clone_as(m, _FusedTimmRopeAttention), None)
+
+
+def _decide_timm_beit_attention(m: nn.Module) -> Decision:
+    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear) or m.qkv.bias is not None:
+        return None, "qkv/proj are not plain nn.Linear (qkv without its own bias)"
+    H = m.num_heads
+    Dh = m.qkv.out_features // (3 * H)
+    if m.qkv.out_features != 3 * H * Dh or m.proj.in_features != H * Dh:
+        return None, f"qkv/proj widths do not match 3·{H}·head dim"
+    why = _head_dim_reason(Dh)
+    return (None, why) if why else (_clone_as(m, _FusedTimmBeitAttention), None)
 
 
 def _decide_mha(m: nn.Module) -> Decision:
@@ -978,7 +1026,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     Args:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
             timm ``EvaAttention`` / ``AttentionRope`` (EVA-02, DINOv3, RoPE ViTs: RoPE of q, k fused before the
-            flash kernels; grouped-query attention left); transformers' ``DINOv3ViTAttention`` (q/k/v as one
+            flash kernels; grouped-query attention left); timm BEiT ``Attention`` (q/v biases in the qkv GEMM, the
+            relative position bias the kernels' additive mask; a learned bias in training: SDPA differentiates it);
+            transformers' ``DINOv3ViTAttention`` (q/k/v as one
             GEMM, RoPE + flash attention; source checked) and CLIP / SigLIP attention (q/k/v as one GEMM;
             masked calls run theirs);
             Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
@@ -995,9 +1045,9 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             patchify GEMM (timm's cls/register-token concat and pos_embed add stay in ``_pos_embed``); HF
             ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
             conv (+ class token) + positions, each in the same op.
-        residual: timm ``Block`` / ``EvaBlock`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``DINOv3ViTLayer`` / CLIP and
-            SigLIP encoder layers: fuse the residual adds (add + LayerNorm in one pass, fc2 + residual in the
-            GEMM epilogue) and fold LayerScales into the GEMM before them.
+        residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / HF ``ViTLayer`` / ``Dinov2Layer`` /
+            ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers: fuse the residual adds (add + LayerNorm in one
+            pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -1014,10 +1064,12 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     rules: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], Decision], bool]] = [
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
         (lambda m: _qualname(m) in _TIMM_EVA_BLOCK, lambda m: (_clone_as(m, _FusedTimmEvaBlock), None), residual),
+        (lambda m: _qualname(m) in _TIMM_BEIT_BLOCK, lambda m: (_clone_as(m, _FusedTimmBeitBlock), None), residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_timm_beit_attention, attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
@@ -1073,7 +1125,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 
     visit(model, "")
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
-            or _qualname(model) in _TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_MLP | _TIMM_BLOCK | _TIMM_EVA_BLOCK
+            or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
+                                    | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK)
             or _hf_role(model) is not None or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
@@ -1101,8 +1154,9 @@ def _folded_scales(m: nn.Module) -> int:
     if isinstance(m, _FusedTimmBlock):
         return (int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention))
                 + int(ls(m.ls2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
-    if isinstance(m, _FusedTimmEvaBlock):  # gamma_1 / gamma_2: Parameters or None
-        return (int(m.gamma_1 is not None and isinstance(m.attn, _FusedTimmRopeAttention))
+    if isinstance(m, (_FusedTimmEvaBlock, _FusedTimmBeitBlock)):  # gamma_1 / gamma_2: Parameters or None
+        fused = _FusedTimmRopeAttention if isinstance(m, _FusedTimmEvaBlock) else _FusedTimmBeitAttention
+        return (int(m.gamma_1 is not None and isinstance(m.attn, fused))
                 + int(m.gamma_2 is not None and isinstance(m.mlp, _RESIDUAL_MLPS)))
     if isinstance(m, _FusedHFDinov3Layer):
         return (int(ls(m.layer_scale1) and isinstance(m.attention, _FusedHFDinov3Attention))
