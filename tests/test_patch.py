@@ -696,6 +696,61 @@ def test_hf_vit_patched_matches_unpatched(cls_name, act, calls):
     assert model.config._attn_implementation == impl  # unpatch restored it
 
 
+def _hf_beit(**kw):
+    transformers = pytest.importorskip("transformers")
+    cfg = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
+               num_attention_heads=3, intermediate_size=80, num_labels=5, use_relative_position_bias=True,
+               drop_path_rate=0.0)  # (stochastic depth: two runs would differ)
+    cfg.update(kw)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(transformers.BeitForImageClassification(transformers.BeitConfig(**cfg)))
+    if type(model.beit.layers[0].attention).__name__ != "BeitAttention":
+        pytest.skip("another transformers' BEiT")
+    return model
+
+
+def _beit_checked() -> bool:
+    from transformers.models.beit import modeling_beit as M
+
+    from flashvit.vit.patch import _HF_INTERFACE_ATTENTION, _source_fingerprint
+    return _source_fingerprint(M.BeitAttention.forward) in next(iter(_HF_INTERFACE_ATTENTION.values()))
+
+
+@pytest.mark.parametrize("bias", ["own", "shared", "none"])
+def test_hf_beit_attention_routed_to_flashvit(bias, calls):
+    """transformers' BEiT: its attention calls the AttentionInterface with the relative position bias as the mask;
+    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it). Logits and
+    every gradient, the bias tables' included, as transformers' (sdpa); the report names the routing."""
+    kw = {"own": {}, "shared": dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
+          "none": dict(use_relative_position_bias=False)}[bias]
+    model = _hf_beit(**kw).train()
+    impl = model.config._attn_implementation
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    if not _beit_checked():
+        assert any("BeitAttention is not the source flashvit checked" in r[2] for r in report.left), report
+        return
+    assert report.counts()["BeitAttention"] == 2 and calls["attention"] == 2, report
+    assert model.config._attn_implementation == impl
+
+
+@needs_kernels
+def test_hf_beit_on_the_kernels_vs_float64(calls):
+    """transformers' BEiT training with the kernels forced (the learned bias takes the attention's SDPA path; the
+    LayerNorms run the kernels) against a float64 unpatched copy; then inference, where the bias is a constant:
+    the masked attention kernels."""
+    model = _hf_beit(use_shared_relative_position_bias=True).train()
+    if not _beit_checked():
+        pytest.skip("another transformers' BEiT: left unpatched")
+    x = _images((32, 32))
+    _check_forced_vs_float64(model, x, call=lambda m, x: m(pixel_values=x).logits)
+    flashvit.unpatch(model)
+    seen = _check_inference_patched(model.eval(), lambda m, x: m(pixel_values=x).logits, x,
+                                    lambda: calls.get("attention", 0) >= 2,
+                                    importlib.import_module("flashvit.kernels.attention"), "attention_fwd",
+                                    lambda k: k.get("mask") is not None)
+    assert seen in (None, [True, True]), seen
+
+
 def test_hf_vit_image_not_a_multiple_of_the_patch(calls):
     """36 px at patch 8: the patchify conv drops the last 4 rows and columns; so does the fused patch embedding."""
     model = _hf_model("ViTModel", image_size=36).train()

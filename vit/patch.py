@@ -77,6 +77,10 @@ _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2",
                   "dinov2_with_registers": "Dinov2WithRegisters"}
 _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
+# Other transformers attention classes that call the AttentionInterface with q, k, v (B, H, N, D) and an additive mask
+# (BEiT's: its relative position bias), routed to flashvit's attention function like the ViT family where their
+# forward is the source checked (sha256 fingerprint, transformers 5.24).
+_HF_INTERFACE_ATTENTION = {"transformers.models.beit.modeling_beit.BeitAttention": {"a9fcf5fbaaba5042"}}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -1032,7 +1036,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             GEMM, RoPE + flash attention; source checked) and CLIP / SigLIP attention (q/k/v as one GEMM;
             masked calls run theirs);
             Hugging Face ViT attention through ``AttentionInterface`` (``attn_implementation="fvit_attention"``;
-            likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's);
+            likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's, and BEiT,
+            whose relative position bias arrives as the mask; source checked);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
@@ -1198,13 +1203,20 @@ def _swap(state: _PatchState, parent: nn.Module, name: str, orig: nn.Module, new
 def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
     hf_attn, others = [], []
     for n, m in model.named_modules():
+        checked = _HF_INTERFACE_ATTENTION.get(_qualname(m))
         if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
             hf_attn.append((n, type(m).__name__))
+        elif checked is not None:
+            why = _unchecked(type(m).__name__, type(m).forward, checked)
+            if why:
+                state.report.left.append((n, type(m).__name__, why))
+            else:
+                hf_attn.append((n, type(m).__name__))
         elif (type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
               and type(m).__module__ != _HF_DINOV3 and _hf_encoder_role(m) is None):  # (by module replacement)
             others.append((n, type(m).__name__))
     for n, cls in others:
-        state.report.left.append((n, cls, "only transformers' ViT-family attention is routed to flashvit"))
+        state.report.left.append((n, cls, "only transformers' ViT-family and BEiT attention is routed to flashvit"))
     if not hf_attn:
         return
     config = getattr(model, "config", None)
