@@ -719,8 +719,8 @@ def _beit_checked() -> bool:
 @pytest.mark.parametrize("bias", ["own", "shared", "none"])
 def test_hf_beit_attention_routed_to_flashvit(bias, calls):
     """transformers' BEiT: its attention calls the AttentionInterface with the relative position bias as the mask;
-    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it). Logits and
-    every gradient, the bias tables' included, as transformers' (sdpa); the report names the routing."""
+    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it), and its MLP
+    is a FusedMLP. Logits and every gradient, the bias tables' included, as transformers' (sdpa)."""
     kw = {"own": {}, "shared": dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
           "none": dict(use_relative_position_bias=False)}[bias]
     model = _hf_beit(**kw).train()
@@ -730,6 +730,7 @@ def test_hf_beit_attention_routed_to_flashvit(bias, calls):
         assert any("BeitAttention is not the source flashvit checked" in r[2] for r in report.left), report
         return
     assert report.counts()["BeitAttention"] == 2 and calls["attention"] == 2, report
+    assert report.counts()["BeitMLP"] == 2 and calls["mlp"] == 2, report  # fc1 + GELU + fc2: FusedMLP
     assert model.config._attn_implementation == impl
 
 

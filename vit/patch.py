@@ -81,6 +81,8 @@ _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # (BEiT's: its relative position bias), routed to flashvit's attention function like the ViT family where their
 # forward is the source checked (sha256 fingerprint, transformers 5.24).
 _HF_INTERFACE_ATTENTION = {"transformers.models.beit.modeling_beit.BeitAttention": {"a9fcf5fbaaba5042"}}
+# transformers MLPs outside the ViT family that are fc1 -> activation_fn -> fc2 (source checked as above).
+_HF_CHECKED_MLP = {"transformers.models.beit.modeling_beit.BeitMLP": {"6abb4e9c77ac9ce1"}}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -916,6 +918,11 @@ def _decide_hf_swiglu_ffn(m: nn.Module) -> Decision:
 
 
 def _decide_hf_mlp(m: nn.Module) -> Decision:
+    checked = _HF_CHECKED_MLP.get(_qualname(m))
+    if checked is not None:
+        why = _unchecked(type(m).__name__, type(m).forward, checked)
+        if why:
+            return None, why
     kind, why = _mlp_reason(m, "activation_fn")
     return (None, why) if kind is None else (_share_mlp(m, kind, nn.Dropout(0.0), nn.Dropout(0.0)), None)
 
@@ -1041,7 +1048,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
             returned weights (others run its own forward).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
-        mlp: timm ``Mlp`` / HF ``ViTMLP`` / CLIP / SigLIP MLPs with an exact or tanh GELU and no inner norm ->
+        mlp: timm ``Mlp`` / HF ``ViTMLP`` / BEiT / CLIP / SigLIP MLPs with an exact or tanh GELU and no inner norm ->
             ``FusedMLP`` (HF ``DINOv3ViTMLP``: the same op on its up/down projections); timm
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
@@ -1088,6 +1095,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTMLP", _decide_hf_dinov3, mlp),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTEmbeddings", _decide_hf_dinov3, patch_embed),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
+        (lambda m: _qualname(m) in _HF_CHECKED_MLP, _decide_hf_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
          patch_embed),
