@@ -717,12 +717,13 @@ def _beit_checked() -> bool:
 
 
 @pytest.mark.parametrize("bias", ["own", "shared", "none"])
-def test_hf_beit_attention_routed_to_flashvit(bias, calls):
+def test_hf_beit_patched_matches_unpatched(bias, calls):
     """transformers' BEiT: its attention calls the AttentionInterface with the relative position bias as the mask;
-    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it), and its MLP
-    is a FusedMLP. Logits and every gradient, the bias tables' included, as transformers' (sdpa)."""
+    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it), its MLP
+    is a FusedMLP and its layer's residual adds are fused. Logits and every gradient, the bias tables' and the
+    lambdas' included, as transformers' (sdpa)."""
     kw = {"own": {}, "shared": dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
-          "none": dict(use_relative_position_bias=False)}[bias]
+          "none": dict(use_relative_position_bias=False, layer_scale_init_value=0.0)}[bias]  # (lambdas: 1.0)
     model = _hf_beit(**kw).train()
     impl = model.config._attn_implementation
     report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
@@ -731,7 +732,27 @@ def test_hf_beit_attention_routed_to_flashvit(bias, calls):
         return
     assert report.counts()["BeitAttention"] == 2 and calls["attention"] == 2, report
     assert report.counts()["BeitMLP"] == 2 and calls["mlp"] == 2, report  # fc1 + GELU + fc2: FusedMLP
+    # the layers: layernorm_after with the first residual add, lambda_2 and the second in fc2's GEMM
+    assert report.counts()["BeitLayer"] == 2 and calls["add_layer_norm"] == 2, report
+    assert ("2 LayerScale modules fold" in str(report)) == (bias != "none"), report
     assert model.config._attn_implementation == impl
+
+
+def test_hf_beit_layer_with_dropout_runs_it_in_order():
+    """hidden_dropout_prob > 0 in training: the fused layer keeps transformers' order (dropout, lambda, residual),
+    so the same seed draws the same masks: logits and gradients as transformers'."""
+    model = _hf_beit(hidden_dropout_prob=0.3).train()
+    ref = copy.deepcopy(model)
+    x = _images((32, 32))
+    torch.manual_seed(7)
+    want, want_grads = _run(ref, x, call=lambda m, x: m(pixel_values=x).logits)
+    flashvit.patch(model)
+    assert model.flashvit_report.counts()["BeitLayer"] == 2
+    torch.manual_seed(7)
+    out, grads = _run(model, x, call=lambda m, x: m(pixel_values=x).logits)
+    torch.testing.assert_close(out, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+    for n, g in want_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-4 * g.abs().max().item() + 1e-7, rtol=1e-3, msg=n)
 
 
 @needs_kernels

@@ -83,6 +83,8 @@ _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 _HF_INTERFACE_ATTENTION = {"transformers.models.beit.modeling_beit.BeitAttention": {"a9fcf5fbaaba5042"}}
 # transformers MLPs outside the ViT family that are fc1 -> activation_fn -> fc2 (source checked as above).
 _HF_CHECKED_MLP = {"transformers.models.beit.modeling_beit.BeitMLP": {"6abb4e9c77ac9ce1"}}
+_HF_BEIT_LAYER = "transformers.models.beit.modeling_beit.BeitLayer"
+_HF_BEIT_LAYER_CHECKED = {"c439d77a7d631dba"}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -621,6 +623,27 @@ class _FusedHFDinov3Layer(nn.Module):
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
+class _FusedHFBeitLayer(nn.Module):
+    """transformers' BeitLayer with the residual adds fused: (x + a, layernorm_after(x + a)) in one pass, lambda_2
+    (a Parameter, or 1.0 without LayerScale) and the second residual add in fc2's GEMM where the MLP is fused and
+    the layer's dropout passes through; the relative position bias built as transformers' forward builds it."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                interpolate_pos_encoding: bool = False, resolution: Optional[Tuple[int, int]] = None,
+                **kwargs) -> torch.Tensor:
+        if self.relative_position_bias is not None:
+            height, width = resolution
+            bias = self.relative_position_bias((height // self.patch_size, width // self.patch_size),
+                                               interpolate_pos_encoding, dim_size=hidden_states.shape[1])
+            attention_mask = bias if attention_mask is None else bias + attention_mask
+        a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask=attention_mask, **kwargs)
+        y, h = _add_norm(self.layernorm_after, self.drop_path(self.lambda_1 * self.dropout(a)), hidden_states)
+        if not _inactive(self.dropout):
+            return h + self.drop_path(self.lambda_2 * self.dropout(self.mlp(y)))
+        return _mlp_add(self.mlp, self.lambda_2 if isinstance(self.lambda_2, torch.Tensor) else None,
+                        self.drop_path, y, h)
+
+
 class _FusedMultiheadAttention(nn.Module):
     """nn.MultiheadAttention whose self-attention calls (query is key is value, no masks, need_weights=False:
     torchvision's ViT, open_clip) run the packed in-projection GEMM -> flash attention from the packed qkv
@@ -787,6 +810,11 @@ _HF_ENCODER_CHECKED = {"Attention": {"fd3665cb6de19877", "01a49675aa59e186"}, "M
                        "VisionEmbeddings": {"6269a5fa175cd572", "9ee336d848e26fca"}}
 _HF_ENCODER_MIXINS = {"Attention": _FusedHFEncoderAttention, "EncoderLayer": _FusedHFEncoderLayer,
                       "VisionEmbeddings": _FusedHFEncoderEmbeddings}
+
+
+def _decide_hf_beit_layer(m: nn.Module) -> Decision:
+    why = _unchecked("BeitLayer.forward", type(m).forward, _HF_BEIT_LAYER_CHECKED)
+    return (None, why) if why else (_clone_as(m, _FusedHFBeitLayer), None)
 
 
 def _hf_encoder_role(m: nn.Module) -> Optional[str]:
@@ -1057,7 +1085,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             patchify GEMM (timm's cls/register-token concat and pos_embed add stay in ``_pos_embed``); HF
             ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
             conv (+ class token) + positions, each in the same op.
-        residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / HF ``ViTLayer`` / ``Dinov2Layer`` /
+        residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``BeitLayer`` /
             ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers: fuse the residual adds (add + LayerNorm in one
             pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
@@ -1079,6 +1107,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_BEIT_BLOCK, lambda m: (_clone_as(m, _FusedTimmBeitBlock), None), residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
+        (lambda m: _qualname(m) == _HF_BEIT_LAYER, _decide_hf_beit_layer, residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
         (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_timm_beit_attention, attention),
@@ -1140,7 +1169,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK)
-            or _hf_role(model) is not None or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
+            or _hf_role(model) is not None or _qualname(model) == _HF_BEIT_LAYER
+            or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
                                                         "patch its parent"))
@@ -1174,6 +1204,8 @@ def _folded_scales(m: nn.Module) -> int:
     if isinstance(m, _FusedHFDinov3Layer):
         return (int(ls(m.layer_scale1) and isinstance(m.attention, _FusedHFDinov3Attention))
                 + int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
+    if isinstance(m, _FusedHFBeitLayer):  # lambda_2: a Parameter or 1.0 (its lambda_1 stays a multiply)
+        return int(isinstance(m.lambda_2, torch.Tensor) and isinstance(m.mlp, _RESIDUAL_MLPS))
     if isinstance(m, _FusedHFDinov2Layer):  # (its layer_scale1 stays a multiply)
         return int(ls(m.layer_scale2) and isinstance(m.mlp, _RESIDUAL_MLPS))
     return 0
