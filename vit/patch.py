@@ -270,6 +270,26 @@ class _FusedTimmRopeAttention(nn.Module):
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
+class _FusedTimmBeitAttention(nn.Module):
+    """timm BEiT Attention: qkv GEMM (q/v biases in its epilogue) -> flash attention from the packed qkv, the
+    relative position bias (the layer's table, plus the model's shared bias) its additive mask -> proj GEMM. A bias
+    that requires grad (its table in training) makes the attention the op's SDPA path, which differentiates it; the
+    GEMMs stay fused. Without any bias: the unmasked kernels."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """timm's forward; ``layer_scale``: the block's gamma_1 after it, folded into proj's GEMM."""
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
+        mask = shared_rel_pos_bias  # (1 | B, H, N, N), additive
+        if self.relative_position_bias_table is not None:
+            own = self._get_rel_pos_bias()  # (1, H, N, N)
+            mask = own if mask is None else own + mask
+        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
+                          attn_mask=mask)  # (B, N, H·Dh)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
 def _inactive(drop: Optional[nn.Module]) -> bool:
     """A dropout that passes its input through (absent, in eval mode or p = 0)."""
     return drop is None or not drop.training or getattr(drop, "p", 0.0) == 0.0
@@ -834,26 +854,6 @@ def _decide_hf_encoder(m: nn.Module) -> Decision:
     if role == "VisionEmbeddings":
         why = _conv_is_patchify(m.patch_embedding)
     return (None, why) if why else (_clone_as(m, _HF_ENCODER_MIXINS[role]), None)
-
-
-class _FusedTimmBeitAttention(nn.Module):
-    """timm BEiT Attention: qkv GEMM (q/v biases in its epilogue) -> flash attention from the packed qkv, the
-    relative position bias (the layer's table, plus the model's shared bias) its additive mask -> proj GEMM. A bias
-    that requires grad (its table in training) makes the attention the op's SDPA path, which differentiates it; the
-    GEMMs stay fused. Without any bias: the unmasked kernels."""
-
-    def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
-                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """timm's forward; ``layer_scale``: the block's gamma_1 after it, folded into proj's GEMM."""
-        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
-        mask = shared_rel_pos_bias  # (1 | B, H, N, N), additive
-        if self.relative_position_bias_table is not None:
-            own = self._get_rel_pos_bias()  # (1, H, N, N)
-            mask = own if mask is None else own + mask
-        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
-                          attn_mask=mask)  # (B, N, H·Dh)
-        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
 
 def _head_dim_reason(head_dim: int) -> Optional[str]:
