@@ -77,14 +77,12 @@ _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2",
                   "dinov2_with_registers": "Dinov2WithRegisters"}
 _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
-# Other transformers attention classes that call the AttentionInterface with q, k, v (B, H, N, D) and an additive mask
-# (BEiT's: its relative position bias), routed to flashvit's attention function like the ViT family where their
-# forward is the source checked (sha256 fingerprint, transformers 5.24).
-_HF_INTERFACE_ATTENTION = {"transformers.models.beit.modeling_beit.BeitAttention": {"a9fcf5fbaaba5042"}}
-# transformers MLPs outside the ViT family that are fc1 -> activation_fn -> fc2 (source checked as above).
-_HF_CHECKED_MLP = {"transformers.models.beit.modeling_beit.BeitMLP": {"6abb4e9c77ac9ce1"}}
-_HF_BEIT_LAYER = "transformers.models.beit.modeling_beit.BeitLayer"
-_HF_BEIT_LAYER_CHECKED = {"c439d77a7d631dba"}
+# transformers' BEiT, fused class by class where its forward is the source checked (sha256 fingerprint, transformers
+# 5.24): the attention calls the AttentionInterface with the relative position bias as an additive mask (routed to
+# flashvit's attention function like the ViT family's), the MLP is fc1 -> activation_fn -> fc2, the layer pre-norm.
+_HF_BEIT = "transformers.models.beit.modeling_beit"
+_HF_BEIT_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
+                    f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -126,6 +124,19 @@ def _hf_forward_differs(cls: type, role: str) -> Optional[str]:
     except (ImportError, AttributeError, OSError, TypeError) as e:
         return f"cannot compare its forward with transformers' ViT{role} ({type(e).__name__})"
     return None if same else f"its forward differs from transformers' ViT{role}"
+
+
+def _source_checked(decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Module], Decision]:
+    """``decide`` for a class whose forward has a checked source in _HF_BEIT_CHECKED, else leave it, saying why."""
+    def run(m: nn.Module) -> Decision:
+        why = _source_reason(m)
+        return (None, why) if why else decide(m)
+    return run
+
+
+def _source_reason(m: nn.Module) -> Optional[str]:
+    """None when type(m).forward is the source checked (_HF_BEIT_CHECKED), else why it is left."""
+    return _unchecked(type(m).__name__, type(m).forward, _HF_BEIT_CHECKED[_qualname(m)])
 
 
 def _hf_decide(role: str, decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Module], Decision]:
@@ -832,11 +843,6 @@ _HF_ENCODER_MIXINS = {"Attention": _FusedHFEncoderAttention, "EncoderLayer": _Fu
                       "VisionEmbeddings": _FusedHFEncoderEmbeddings}
 
 
-def _decide_hf_beit_layer(m: nn.Module) -> Decision:
-    why = _unchecked("BeitLayer.forward", type(m).forward, _HF_BEIT_LAYER_CHECKED)
-    return (None, why) if why else (_clone_as(m, _FusedHFBeitLayer), None)
-
-
 def _hf_encoder_role(m: nn.Module) -> Optional[str]:
     """'Attention' / 'MLP' / 'EncoderLayer' / 'VisionEmbeddings' for a CLIP-style transformers class, else None."""
     return _family_role(m, _HF_ENCODER_FAMILY, _HF_ENCODER_CHECKED)
@@ -946,11 +952,6 @@ def _decide_hf_swiglu_ffn(m: nn.Module) -> Decision:
 
 
 def _decide_hf_mlp(m: nn.Module) -> Decision:
-    checked = _HF_CHECKED_MLP.get(_qualname(m))
-    if checked is not None:
-        why = _unchecked(type(m).__name__, type(m).forward, checked)
-        if why:
-            return None, why
     kind, why = _mlp_reason(m, "activation_fn")
     return (None, why) if kind is None else (_share_mlp(m, kind, nn.Dropout(0.0), nn.Dropout(0.0)), None)
 
@@ -1107,7 +1108,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_BEIT_BLOCK, lambda m: (_clone_as(m, _FusedTimmBeitBlock), None), residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
-        (lambda m: _qualname(m) == _HF_BEIT_LAYER, _decide_hf_beit_layer, residual),
+        (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitLayer",
+         _source_checked(lambda m: (_clone_as(m, _FusedHFBeitLayer), None)), residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
         (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_timm_beit_attention, attention),
@@ -1124,7 +1126,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTMLP", _decide_hf_dinov3, mlp),
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTEmbeddings", _decide_hf_dinov3, patch_embed),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
-        (lambda m: _qualname(m) in _HF_CHECKED_MLP, _decide_hf_mlp, mlp),
+        (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitMLP", _source_checked(_decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
          patch_embed),
@@ -1169,7 +1171,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK)
-            or _hf_role(model) is not None or _qualname(model) == _HF_BEIT_LAYER
+            or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
         report.left.append(("", type(model).__name__, "the root module itself cannot be swapped in place; "
@@ -1243,11 +1245,10 @@ def _swap(state: _PatchState, parent: nn.Module, name: str, orig: nn.Module, new
 def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
     hf_attn, others = [], []
     for n, m in model.named_modules():
-        checked = _HF_INTERFACE_ATTENTION.get(_qualname(m))
         if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
             hf_attn.append((n, type(m).__name__))
-        elif checked is not None:
-            why = _unchecked(type(m).__name__, type(m).forward, checked)
+        elif _qualname(m) == f"{_HF_BEIT}.BeitAttention":
+            why = _source_reason(m)
             if why:
                 state.report.left.append((n, type(m).__name__, why))
             else:
