@@ -102,19 +102,25 @@ if HAS_TRITON:
     def _dev_masked(s, Mask, rows, cols, r_ok, c_ok, mask_r, mask_c, qk_scale, MASK_KIND: tl.constexpr):
         # Scores s (unscaled logits) at query rows x keys (rows, cols broadcast to s's shape; r_ok, c_ok in range)
         # -> the scaled logits in log2 units with an attention mask applied, its element (row, key) at
-        # Mask + row·mask_r + key·mask_c. MASK_KIND 1: additive (natural-log units, as SDPA's); values at or
-        # below -1e30 (HF's finfo.min, -inf) mask the key out, so a row masked everywhere is 0 in the forward and
-        # in the backward alike (a NaN is not masked: it reaches its row, as in SDPA). 2: boolean (nonzero: attend).
-        # Scores out of range (rows past Nq, keys past Nkv) come out masked too.
+        # Mask + row·mask_r + key·mask_c. MASK_KIND 1 (and 3: its gradient wanted): additive (natural-log units,
+        # as SDPA's); values at or below -1e30 (HF's finfo.min, -inf) mask the key out, so a row masked everywhere
+        # is 0 in the forward and in the backward alike (a NaN is not masked: it reaches its row, as in SDPA).
+        # 2: boolean (nonzero: attend). Scores out of range (rows past Nq, keys past Nkv) come out masked too.
         ok = r_ok & c_ok
         am = tl.load(Mask + rows.to(tl.int64) * mask_r + cols * mask_c, mask=ok, other=0)
-        if MASK_KIND == 1:
+        if MASK_KIND != 2:
             bias = am.to(tl.float32)
             big = bias <= -1.0e30  # (NaN: False, so it reaches its row; the clamp keeps bias·log2e finite)
             t = tl.where(ok & ~big, s * qk_scale + tl.where(big, -1.0e30, bias) * 1.4426950408889634, float("-inf"))
         else:
             t = tl.where(am != 0, s * qk_scale, float("-inf"))
         return t
+
+    @triton.jit
+    def _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h):
+        # The (Nq, Nkv) mask of batch b, head h: batches come in groups of N_WIN windows (Swin's), batch b at
+        # window b % N_WIN of group b // N_WIN (N_WIN = 1, mask_w = 0: a plain (B, H, Nq, Nkv) mask).
+        return Mask + (b // N_WIN) * mask_b + (b % N_WIN) * mask_w + h * mask_h
 
     @triton.jit
     def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
@@ -160,7 +166,7 @@ if HAS_TRITON:
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
-                  Mask, mask_b, mask_h, mask_m, mask_n,
+                  Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -188,7 +194,7 @@ if HAS_TRITON:
         K += b * skb + h * skh
         V += b * svb + h * svh
         Out += b * sob + h * soh
-        Mask += b * mask_b + h * mask_h  # (Nq, Nkv) at this head (MASK_KIND: an attention mask; else unused)
+        Mask = _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h)  # (Nq, Nkv) (MASK_KIND != 0; else unused)
 
         start_m = row0 + pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -290,7 +296,8 @@ if HAS_TRITON:
                        offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd, qk_scale, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
                        N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr, DQ_ACC, ACC_STRIDE: tl.constexpr,
-                       ACC_DQ: tl.constexpr, MASK_N: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
+                       ACC_DQ: tl.constexpr, MASK_N: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr,
+                       DMASK):
         # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
         # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
         # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
@@ -301,6 +308,7 @@ if HAS_TRITON:
         # in every key block (a static layout), so the adds land in key-block order: deterministic. MASK_N: the
         # block has keys past N_KV, whose dS rows are dropped from the share (their k rows are 0, but their
         # logits are 0 too, so P there is unbounded: inf·0 would be NaN).
+        # MASK_KIND 3: the additive mask's gradient, dS itself, stored at this head's (Nq, Nkv) rows at DMASK.
         offs_m = start_m + offs_m0
         m_ok = offs_m < N_Q
         qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
@@ -342,6 +350,9 @@ if HAS_TRITON:
             dpt = tl.where(kept, dpt * keep_scale, 0.0)
         delta = _dev_load(DELTA + offs_m, m_ok, m_ok, MASK_M, False)
         dst = pt * (dpt - delta[None, :])
+        if MASK_KIND == 3:  # each (row, key) of the head stored once: no atomics
+            tl.store(DMASK + offs_m[None, :].to(tl.int64) * N_KV + offs_n[:, None], dst.to(DMASK.dtype.element_ty),
+                     mask=m_ok[None, :] & (offs_n < N_KV)[:, None])
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
@@ -363,7 +374,7 @@ if HAS_TRITON:
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr, MASK_N: tl.constexpr,
-                        Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
+                        Mask, mask_m, mask_n, MASK_KIND: tl.constexpr, DMASK):
         # dK, dV of keys start_n .. start_n + BLOCK_N of one head (pointers at the head): loops over query blocks,
         # writes them once. ACC_DQ: dQ's shares into DQ_ACC on the way, MASK_N: keys past N_KV in the block
         # (see _dev_dkdv_step).
@@ -396,13 +407,13 @@ if HAS_TRITON:
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
             for start_m in range(full, N_Q, BLOCK_M):  # at most one block
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
         else:
             lo = 0
             if CAUSAL:
@@ -412,7 +423,7 @@ if HAS_TRITON:
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -422,11 +433,11 @@ if HAS_TRITON:
             tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
 
     @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
-    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+    def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DMASK,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
                        H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
-                       Mask, mask_b, mask_h, mask_m, mask_n,
+                       Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -434,6 +445,7 @@ if HAS_TRITON:
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
+        # MASK_KIND 3: dS also goes to DMASK (B·H, Nq, Nkv), the additive mask's gradient before its broadcast sum.
         pid = tl.program_id(0)
         seed = _dev_seed(SEED, DROPOUT)
         num_n = tl.cdiv(n_rows, BLOCK_N)
@@ -446,8 +458,9 @@ if HAS_TRITON:
                         LSE + bh * 2 * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
                         LSE, row0 + pid_n * BLOCK_N, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd, sdn, sdd, skn_g, skd_g,
                         svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM, BLOCK_D, BLOCK_D2, CAUSAL,
-                        PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False, Mask + b * mask_b + h * mask_h,
-                        mask_m, mask_n, MASK_KIND)
+                        PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False,
+                        _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h), mask_m, mask_n, MASK_KIND,
+                        DMASK + bh * N_Q * N_KV)
 
     @triton.jit
     def _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, col0, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
@@ -470,12 +483,12 @@ if HAS_TRITON:
                          mask=mask)
 
     @triton.jit
-    def _attn_bwd_fused(Q, K, V, DO, Out, LSE, DELTA, DK, DV, DQ, DQ_ACC,
+    def _attn_bwd_fused(Q, K, V, DO, Out, LSE, DELTA, DK, DV, DQ, DQ_ACC, DMASK,
                         sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                         sob, son, soh, sod,
                         skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g, sqb_g, sqn_g, sqh_g, sqd_g,
                         H, N_Q, N_KV, N_BUCKET, sm_scale, qk_scale, dropout_p, SEED,
-                        Mask, mask_b, mask_h, mask_m, mask_n,
+                        Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -502,7 +515,8 @@ if HAS_TRITON:
         LSE += bh * 2 * N_Q
         DELTA += bh * N_Q
         DQ_ACC += bh * N_Q * HEAD_DIM
-        Mask += b * mask_b + h * mask_h
+        DMASK += bh * N_Q * N_KV  # (MASK_KIND 3: the mask's gradient, (B·H, Nq, Nkv); else unused)
+        Mask = _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h)
         for start_m in range(0, N_Q, BLOCK_M):
             _dev_delta_block(Out, DO, DELTA, start_m, N_Q, son, sod, sdn, sdd, HEAD_DIM, BLOCK_D, BLOCK_D2, BLOCK_M)
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, True)
@@ -514,13 +528,13 @@ if HAS_TRITON:
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
                             BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, False, Mask,
-                            mask_m, mask_n, MASK_KIND)
+                            mask_m, mask_n, MASK_KIND, DMASK)
         tl.debug_barrier()  # the last block's adds come from other code (maybe other threads): after the rest
         for start_n in range(full, N_KV, BLOCK_N):  # at most one block: the keys past the last full one
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
                             BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, True, Mask,
-                            mask_m, mask_n, MASK_KIND)
+                            mask_m, mask_n, MASK_KIND, DMASK)
         tl.debug_barrier()
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, False)
         if BLOCK_D2 > 0:
@@ -572,7 +586,7 @@ if HAS_TRITON:
                      sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                      sqb_g, sqn_g, sqh_g, sqd_g,
                      H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
-                     Mask, mask_b, mask_h, mask_m, mask_n,
+                     Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
@@ -593,7 +607,7 @@ if HAS_TRITON:
         DQ += b * sqb_g + h * sqh_g
         LSE += pid_bh.to(tl.int64) * 2 * N_Q
         DELTA += pid_bh.to(tl.int64) * N_Q
-        Mask += b * mask_b + h * mask_h
+        Mask = _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h)
 
         start_m = row0 + pid_m * BLOCK_M
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -1054,8 +1068,13 @@ def _mask_kind(mask: Optional[torch.Tensor]) -> int:
 
 
 def _mask_args(mask: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple:
-    """The kernels' (Mask, mask_b, mask_h, mask_m, mask_n) for a (B, H, Nq, Nkv) mask view, or placeholders."""
-    return (placeholder, 0, 0, 0, 0) if mask is None else (mask, *mask.stride())
+    """The kernels' (Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n) for a (B, H, Nq, Nkv) mask view or a
+    windowed (B / W, W, H, Nq, Nkv) one (see _dev_mask_head), or placeholders."""
+    if mask is None:
+        return placeholder, 0, 0, 1, 0, 0, 0
+    if mask.dim() == 5:
+        return (mask, mask.stride(0), mask.stride(1), mask.shape[1], *mask.stride()[2:])
+    return (mask, mask.stride(0), 0, 1, *mask.stride()[1:])
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -1064,8 +1083,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
                   seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward kernel launch: returns (o (B, Nq, H, D), stats (B, H, 2, Nq) fp32: see STATS). ``dropout_p`` > 0:
     attention dropout with the mask ``seed`` draws (dropout_mask gives it; see _seed_arg). ``mask``: an
-    attention mask as a (B, H, Nq, Nkv) view (stride 0 where it broadcasts), bool (True: attend) or float
-    (added to the scaled logits); the stats then are the masked softmax's."""
+    attention mask as a (B, H, Nq, Nkv) view (stride 0 where it broadcasts) or a windowed (B / W, W, H, Nq,
+    Nkv) one (batch b at window b % W), bool (True: attend) or float (added to the scaled logits); the stats
+    then are the masked softmax's."""
     if not _kernel_scale(softmax_scale):
         raise ValueError(f"the attention kernels take a finite softmax_scale > 0, got {softmax_scale}")
     _check_dropout(dropout_p)
@@ -1140,16 +1160,24 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   lse: torch.Tensor, softmax_scale: float, causal: bool, allow_tf32: bool = False,
                   dq: Optional[torch.Tensor] = None, dk: Optional[torch.Tensor] = None,
                   dv: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                  seed: Seed = None, mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  seed: Seed = None, mask: Optional[torch.Tensor] = None, dmask: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel alone: use_bwd_fused).
-    Returns (dq, dk, dv). ``dropout_p``, ``seed`` and ``mask`` (a (B, H, Nq, Nkv) view): the forward's."""
+    Returns (dq, dk, dv). ``dropout_p``, ``seed`` and ``mask`` (a view as attention_fwd takes it): the forward's.
+    ``dmask`` (a float mask's gradient wanted): a contiguous (B, H, Nq, Nkv) buffer the dK/dV kernel writes dS
+    into, every element (the gradient of the mask before its broadcast dims are summed: _mask_grad)."""
     _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if dmask is not None:
+        if mask is None or mask.dtype == torch.bool or dmask.shape != (B, H, NQ, NKV) or not dmask.is_contiguous():
+            raise ValueError("dmask is a float mask's gradient: a contiguous (B, H, Nq, Nkv) buffer")
     if q.numel() == 0 or k.numel() == 0:
+        if dmask is not None:
+            dmask.zero_()
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, NQ), dtype=torch.float32, device=q.device)
     bd, bd2 = _split_dims(D, () if INTERPRET or not q.is_cuda else (q, k, v, do, dq, dk, dv))
@@ -1159,18 +1187,21 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     scale = float(softmax_scale)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     tail = (scale, scale * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
+    grad_consts = consts if dmask is None else dict(consts, MASK_KIND=3)  # the dK/dV kernels store dS
+    dm = q if dmask is None else dmask
     if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
         acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
-        _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, *common, *_strides(o), *_strides(dk),
-                                    *_strides(dv), *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail), consts)
+        _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, dm, *common, *_strides(o),
+                                    *_strides(dk), *_strides(dv), *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail),
+                grad_consts)
         return dq, dk, dv
     block_d = _block_d(D)
     rows = _pre_block_m(block_d) if not INTERPRET else _INTERPRET_CONFIG[0]
     _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
                 dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
-    _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, *common, *_strides(dk), *_strides(dv),
-                                      H, NQ, NKV, _bucket(NKV)), tail, consts, split)
+    _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, dm, *common, *_strides(dk), *_strides(dv),
+                                      H, NQ, NKV, _bucket(NKV)), tail, grad_consts, split)
     _launch_rows("dq", NQ, B * H, (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NKV, _bucket(NKV)),
                  tail, consts, split)
     return dq, dk, dv
@@ -1184,9 +1215,31 @@ def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.T
 
 
 def _mask_view(mask: Optional[torch.Tensor], B: int, H: int, NQ: int, NKV: int) -> Optional[torch.Tensor]:
-    """An attention mask broadcastable to (B, H, Nq, Nkv) as the kernels' (B, H, Nq, Nkv) view (stride 0 where it
-    broadcasts, no copy); None stays None."""
-    return None if mask is None else mask.expand(B, H, NQ, NKV)
+    """An attention mask broadcastable to (B, H, Nq, Nkv) as the kernels' (B, H, Nq, Nkv) view, a windowed one
+    (B / W or 1, W, H or 1, Nq, Nkv) as their (B / W, W, H, Nq, Nkv) view (stride 0 where it broadcasts, no
+    copy); None stays None."""
+    if mask is None:
+        return None
+    if mask.dim() == 5:
+        return mask.expand(B // mask.shape[1], mask.shape[1], H, NQ, NKV)
+    return mask.expand(B, H, NQ, NKV)
+
+
+def _mask_grad_buffer(mask: torch.Tensor, want: bool, B: int, H: int, NQ: int, NKV: int) -> Optional[torch.Tensor]:
+    """The (B, H, Nq, Nkv) buffer (the mask's dtype) the dK/dV kernels write dS into when the mask's gradient is
+    wanted (``want``), else None."""
+    return torch.empty((B, H, NQ, NKV), dtype=mask.dtype, device=mask.device) if want else None
+
+
+def _mask_grad(ds: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``mask`` (4-D, or windowed 5-D, as the ops take it) from dS at every (B, H, Nq, Nkv) score
+    (``ds``: summed over the dims where the mask broadcasts), or an empty tensor where ``ds`` is None (the op's
+    output when no gradient is wanted)."""
+    if ds is None:
+        return mask.new_empty(0)
+    d = ds if mask.dim() == 4 else ds.view(-1, mask.shape[1], *ds.shape[1:])
+    dims = [i for i, (m, n) in enumerate(zip(mask.shape, d.shape)) if m == 1 and n != 1]
+    return (d.sum(dims, keepdim=True) if dims else d).to(mask.dtype)
 
 
 def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, allow_tf32: bool = False,
@@ -1205,8 +1258,9 @@ def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, a
 
 def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       softmax_scale: float, allow_tf32: bool = False, dqkv: Optional[torch.Tensor] = None,
-                      dropout_p: float = 0.0, seed: Seed = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient."""
+                      dropout_p: float = 0.0, seed: Seed = None, mask: Optional[torch.Tensor] = None,
+                      dmask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Packed backward: dq, dk, dv written straight into one (B, N, 3·H·D) gradient (``dmask``: see attention_bwd)."""
     q, k, v = _split_qkv(qkv, num_heads)
     if dqkv is None:
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -1214,7 +1268,7 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
     B, N = qkv.shape[:2]
     attention_bwd(do.reshape(q.shape), q, k, v, o.unflatten(-1, (num_heads, -1)), lse, softmax_scale, False,
                   allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
-                  mask=_mask_view(mask, B, num_heads, N, N))
+                  mask=_mask_view(mask, B, num_heads, N, N), dmask=dmask)
     return dqkv
 
 
@@ -1241,9 +1295,11 @@ def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
 def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
                            softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
-                           seed: Seed = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           seed: Seed = None, mask: Optional[torch.Tensor] = None,
+                           dmask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed backward with rotary q, k: dq, dk (of the rotated q, k) and dv land in one (B, N, 3·H·D) gradient,
-    then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k."""
+    then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k (``dmask``: see
+    attention_bwd)."""
     B, N, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -1251,7 +1307,7 @@ def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor
     q, k = qk.unbind(2)
     attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], o.unflatten(-1, (num_heads, -1)), lse,
                   softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
-                  mask=_mask_view(mask, B, num_heads, N, N))
+                  mask=_mask_view(mask, B, num_heads, N, N), dmask=dmask)
     dqk = dqkv.view(B, N, 3, num_heads, D)[:, :, :2]
     rope_apply(dqk, dqk, rope_table(rope, B, num_heads, N - rope_prefix, D), rope_prefix, rope_half, backward=True)
     return dqkv
@@ -1292,18 +1348,22 @@ def _(q, k, v, mask, softmax_scale, allow_tf32, dropout_p, seed):
 @custom_op("masked_attention_bwd")
 def _masked_attention_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                              lse: torch.Tensor, mask: torch.Tensor, softmax_scale: float, allow_tf32: bool,
-                             dropout_p: float, seed: Optional[torch.Tensor]
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             dropout_p: float, seed: Optional[torch.Tensor], mask_grad: bool
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, the mask's gradient: its shape with ``mask_grad``, else empty)."""
     B, NQ, H, _ = q.shape
-    return attention_bwd(do, q, k, v, o, lse, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed,
-                         mask=_mask_view(mask, B, H, NQ, k.shape[1]))
+    ds = _mask_grad_buffer(mask, mask_grad, B, H, NQ, k.shape[1])
+    dq, dk, dv = attention_bwd(do, q, k, v, o, lse, softmax_scale, False, allow_tf32, dropout_p=dropout_p, seed=seed,
+                               mask=_mask_view(mask, B, H, NQ, k.shape[1]), dmask=ds)
+    return dq, dk, dv, _mask_grad(ds, mask)
 
 
 @_masked_attention_bwd_op.register_fake
-def _(do, q, k, v, o, lse, mask, softmax_scale, allow_tf32, dropout_p, seed):
+def _(do, q, k, v, o, lse, mask, softmax_scale, allow_tf32, dropout_p, seed, mask_grad):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            mask.new_empty(mask.shape if mask_grad else (0,)))
 
 
 @custom_op("attention_bwd")
@@ -1344,6 +1404,24 @@ def _qkv_attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, 
 @_qkv_attention_bwd_op.register_fake
 def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@custom_op("qkv_attention_bwd_mask_grad")
+def _qkv_attention_bwd_mask_grad_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                                    num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float,
+                                    seed: Optional[torch.Tensor], mask: torch.Tensor
+                                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The packed backward of a float mask that wants its gradient: (dqkv, the mask's gradient, its shape)."""
+    B, N, C3 = qkv.shape
+    ds = _mask_grad_buffer(mask, True, B, num_heads, N, N)
+    dqkv = qkv_attention_bwd(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p=dropout_p, seed=seed,
+                             mask=mask, dmask=ds)
+    return dqkv, _mask_grad(ds, mask)
+
+
+@_qkv_attention_bwd_mask_grad_op.register_fake
+def _(do, qkv, o, lse, num_heads, softmax_scale, allow_tf32, dropout_p, seed, mask):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format), mask.new_empty(mask.shape)
 
 
 @custom_op("qkv_rope_attention_fwd")
@@ -1395,7 +1473,8 @@ class AttentionFn(torch.autograd.Function):
 
 
 class MaskedAttentionFn(torch.autograd.Function):
-    """AttentionFn with an attention mask (a constant: no gradient), applied by the forward and backward kernels."""
+    """AttentionFn with an attention mask, applied by the forward and backward kernels; a float mask that requires
+    grad (a learned bias) gets its gradient from the dK/dV kernel's dS (summed where it broadcasts)."""
 
     @staticmethod
     def forward(ctx, q, k, v, mask, softmax_scale: float, allow_tf32: bool, dropout_p: float,
@@ -1408,13 +1487,15 @@ class MaskedAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, mask, seed = ctx.saved_tensors
-        dq, dk, dv = _masked_attention_bwd_op(do, q, k, v, o, lse, mask, *ctx.args, seed)
-        return dq, dk, dv, None, None, None, None, None
+        want = ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = _masked_attention_bwd_op(do, q, k, v, o, lse, mask, *ctx.args, seed, want)
+        return dq, dk, dv, dmask if want else None, None, None, None, None
 
 
 class QkvAttentionFn(torch.autograd.Function):
     """(B, N, 3·H·D) packed qkv -> (B, N, H·D); the gradient is one packed (B, N, 3·H·D) tensor. ``mask``: an
-    attention mask broadcastable to (B, H, N, N) (a constant) or None."""
+    attention mask broadcastable to (B, H, N, N) (or windowed, see _mask_view) or None; a float one that requires
+    grad gets it as in MaskedAttentionFn."""
 
     @staticmethod
     def forward(ctx, qkv, num_heads: int, softmax_scale: float, allow_tf32: bool, dropout_p: float,
@@ -1427,12 +1508,15 @@ class QkvAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qkv, o, lse, seed, mask = ctx.saved_tensors
+        if ctx.needs_input_grad[6]:
+            dqkv, dmask = _qkv_attention_bwd_mask_grad_op(do, qkv, o, lse, *ctx.args, seed, mask)
+            return dqkv, None, None, None, None, None, dmask
         return _qkv_attention_bwd_op(do, qkv, o, lse, *ctx.args, seed, mask), None, None, None, None, None, None
 
 
 class QkvRopeAttentionFn(torch.autograd.Function):
     """qkv_attention with rotary q, k (rope a constant): saves qkv and the rotated q, k (B, N, 2, H, D). ``mask``
-    as in QkvAttentionFn."""
+    as in QkvAttentionFn, a constant (qkv_attention sends a learned one to MaskedAttentionFn)."""
 
     @staticmethod
     def forward(ctx, qkv, rope, num_heads: int, rope_prefix: int, rope_half: bool, softmax_scale: float,
@@ -1482,10 +1566,14 @@ def _resolve_tf32(dtype: torch.dtype, allow_tf32: Optional[bool]) -> bool:
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: Optional[float] = None,
                         causal: bool = False, dropout_p: float = 0.0,
                         attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """SDPA on (B, N, H, D) tensors (``attn_mask`` as SDPA takes it, (B, H, Nq, Nkv) broadcast; a float one in
-    another dtype than q's is cast to it); returns (B, N, H, D)."""
+    """SDPA on (B, N, H, D) tensors (``attn_mask`` as SDPA takes it, (B, H, Nq, Nkv) broadcast, or windowed as
+    :func:`attention` takes it; a float one in another dtype than q's is cast to it); returns (B, N, H, D)."""
     if attn_mask is not None and attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
         attn_mask = attn_mask.to(q.dtype)
+    if attn_mask is not None and attn_mask.dim() == 5:  # windowed: batch b at window b % W
+        B, NQ, H, _ = q.shape
+        attn_mask = attn_mask.expand(B // attn_mask.shape[1], attn_mask.shape[1], H, NQ, k.shape[1]).reshape(
+            B, H, NQ, k.shape[1])
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
                                        dropout_p=dropout_p, is_causal=causal, scale=softmax_scale)
     return o.transpose(1, 2)
@@ -1493,21 +1581,30 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softm
 
 def _checked_attn_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor, causal: bool) -> torch.Tensor:
     """An SDPA-style attention mask for (B, N, H, D) q, k: bool (True: attend) or float (added to the scaled
-    logits), broadcastable to (B, H, Nq, Nkv), on q's device, and not together with ``causal``. Returns it as a
-    4-D view (leading size-1 dims added: SDPA's math path refuses a 1-D mask that broadcasts)."""
+    logits), broadcastable to (B, H, Nq, Nkv), or windowed (5-D, see :func:`attention`), on q's device, and not
+    together with ``causal``. Returns it as a 4-D view (leading size-1 dims added: SDPA's math path refuses a
+    1-D mask that broadcasts), a windowed one as given."""
     if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True: attend) or float (added to the logits), got {mask.dtype}")
     check_tensor("attn_mask", mask, min_ndim=1, dtypes=(torch.bool, *REFERENCE_DTYPES))
-    if mask.dim() > 4:
-        raise ValueError(f"attn_mask must have at most 4 dims (B, H, Nq, Nkv), got shape {tuple(mask.shape)}")
+    if mask.dim() > 5:
+        raise ValueError(f"attn_mask must have at most 4 dims (B, H, Nq, Nkv), or 5 windowed (B / W, W, H, Nq, "
+                         f"Nkv), got shape {tuple(mask.shape)}")
     check_same_device(q=q, attn_mask=mask)
     B, NQ, H, _ = q.shape
     want = (B, H, NQ, k.shape[1])
+    if mask.dim() == 5:
+        W = mask.shape[1]
+        if W < 1 or B % W:
+            raise ValueError(f"a windowed attn_mask (B / W, W, H, Nq, Nkv) needs W dividing the batch B = {B}, "
+                             f"got shape {tuple(mask.shape)}")
+        want = (B // W, W, H, NQ, k.shape[1])
     if not all(m in (1, w) for m, w in zip(reversed(mask.shape), reversed(want))):  # (it broadcasts to want)
-        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Nq, Nkv) = {want}")
+        raise ValueError(f"attn_mask of shape {tuple(mask.shape)} does not broadcast to "
+                         f"{'(B / W, W, H, Nq, Nkv)' if len(want) == 5 else '(B, H, Nq, Nkv)'} = {want}")
     if causal:
         raise ValueError("give attn_mask or causal=True, not both (as scaled_dot_product_attention)")
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask if mask.dim() == 5 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def _kernel_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -1564,13 +1661,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     key-padding (B, 1, 1, Nkv), a NaFlex / HF (B, 1, Nq, Nkv), a relative-position bias (1, H, Nq, Nkv)): bool
     (True: attend) or float (added to the scaled logits; values at or below -1e30, such as HF's finfo.min,
     mask the key out). The forward and backward kernels apply it; a row masked everywhere gives zeros (and zero
-    gradients). A mask that requires grad (a learned bias) runs the reference, which differentiates it.
+    gradients). A float mask that requires grad (a learned relative-position bias) gets its gradient from the
+    backward kernel (dS at every score, (B, H, Nq, Nkv) in the mask's dtype, summed where the mask broadcasts).
+    Windowed (Swin's shifted windows): a 5-D (B / W or 1, W, H or 1, Nq, Nkv) mask, batch b taking window
+    b % W, as ``scores.view(B // W, W, H, Nq, Nkv) + mask`` does, with no (B, H, Nq, Nkv) copy of it.
     """
     _validate_qkv(q, k, v)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if attn_mask is not None:
         attn_mask = _checked_attn_mask(attn_mask, q, k, causal)
-        if needs_grad(attn_mask) or not _triton_for(q, backend, dropout_p, scale):
+        if not _triton_for(q, backend, dropout_p, scale):
             return attention_reference(q, k, v, scale, False, dropout_p, attn_mask)
         check_triton_dtypes(q=q, k=k, v=v)
         _check_head_dim(q.shape[-1])
@@ -1606,10 +1706,12 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     :func:`flashvit.kernels.rope.apply_rope` takes them: cat(sin, cos) broadcastable to (B, H, N - P, 2·D), the
     first ``rope_prefix`` (P) tokens not rotated, ``rope_half`` pairs (i, i + D/2). One pass writes the rotated
     q and k (saved for the backward), whose packed gradient is rotated back in place. A rope that requires grad
-    (learned frequencies) is rotated by the reference, which differentiates it; attention still runs the kernels.
+    (learned frequencies), or a rope with a mask that requires grad, is rotated by the reference, which
+    differentiates it; attention still runs the kernels.
 
     ``attn_mask``: as :func:`attention` takes it, broadcastable to (B, H, N, N) (NaFlex / SigLIP2 padding, a
-    relative-position bias); the kernels apply it forward and backward and the gradient stays one packed tensor.
+    relative-position bias, learned or not) or windowed; the kernels apply it forward and backward and qkv's
+    gradient stays one packed tensor.
     """
     check_tensor("qkv", qkv, ndim=3)
     if num_heads < 1 or qkv.shape[-1] < 3 * num_heads or qkv.shape[-1] % (3 * num_heads):
@@ -1625,8 +1727,6 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
     if attn_mask is not None:
         q, k, _ = _split_qkv(qkv, num_heads)
         attn_mask = _checked_attn_mask(attn_mask, q, k, False)
-        if needs_grad(attn_mask):  # a learned bias: the reference differentiates it
-            return qkv_attention_reference(qkv, num_heads, scale, dropout_p, rope, rope_prefix, rope_half, attn_mask)
         mask = _kernel_mask(attn_mask)
     if _triton_for(qkv, backend, dropout_p, scale):
         check_triton_dtypes(qkv=qkv)
@@ -1634,7 +1734,7 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, softmax_scale: Optional[flo
         tf32, seed = _resolve_tf32(qkv.dtype, allow_tf32), _draw_seed(dropout_p, qkv.device)
         if rope is None:
             return apply(QkvAttentionFn, qkv, num_heads, scale, tf32, float(dropout_p), seed, mask)
-        if rope.dtype == torch.float64 or (torch.is_grad_enabled() and rope.requires_grad):
+        if rope.dtype == torch.float64 or needs_grad(rope) or (mask is not None and needs_grad(mask)):
             q, k, v = _split_qkv(qkv, num_heads)
             q, k = rope_reference(q, rope, rope_prefix, rope_half), rope_reference(k, rope, rope_prefix, rope_half)
             if mask is None:
@@ -1675,7 +1775,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
             sig[name] = "*fp32"
         elif name == "SEED":
             sig[name] = "*i64"
-        elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET"):
+        elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET", "N_WIN"):
             sig[name] = ptr
         elif name in _CONSTEXPRS:
             sig[name] = "constexpr"
@@ -1736,9 +1836,13 @@ def _aot_specs() -> List[AotSpec]:
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
                                           div16=_row_strides(sig)))
                 if i == 0 and not part and ty == "bf16" and d in (64, 80) and not causal:
-                    for mk, mty in ((1, "*bf16"), (1, "*fp32"), (2, "*i1")):  # attention masks: HF's, a bias, bool
+                    masks = [(1, "*bf16"), (1, "*fp32"), (2, "*i1")]  # attention masks: HF's, a bias, bool
+                    if "DMASK" in sig:  # a learned bias, its gradient stored (MASK_KIND 3)
+                        masks += [(3, "*fp32"), (3, "*bf16")]
+                    for mk, mty in masks:
                         specs.append(runtime_spec(
-                            kern, dict(sig, Mask=mty), dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,
+                            kern, dict(sig, Mask=mty, **({"DMASK": mty} if "DMASK" in sig else {})),
+                            dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,
                             f"attn_{kind}[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},mask={mk}:{mty[1:]}]",
                             div16=_row_strides(sig)))
                 if i == 0 and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):

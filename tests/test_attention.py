@@ -294,17 +294,105 @@ def test_attention_mask_rows_masked_everywhere():
             assert_close_to_ref(a, b, name=name)
 
 
-def test_attention_mask_that_requires_grad_runs_the_reference(monkeypatch):
-    """A learned bias (a mask that requires grad) runs SDPA, which differentiates it; grads flow and match."""
-    monkeypatch.setattr(A, "attention_fwd", lambda *a, **k: pytest.fail("the kernel ran with a learned mask"))
-    q, k, v = _inputs(2, 11, 11, 2, 16, torch.float32)
-    bias = _leaf(_masks("bias_fp32", 2, 11, 11, 2, torch.float32, fresh_seed()))
-    g = randn(2, 11, 2, 16, device=DEVICE)
-    out = attention(q, k, v, attn_mask=bias, backend="triton")
-    out.backward(g)
-    b64 = _leaf(bias.detach().double())
-    A.attention_reference(*(t.detach().double() for t in (q, k, v)), attn_mask=b64).backward(g.double())
-    assert_close_to_ref(bias.grad, b64.grad, name="dbias")
+_LEARNED_SHAPES = {  # mask shape for (B, N, H): SDPA-broadcast and windowed (Swin's (1, W, 1, N, N) + its bias)
+    "bias_1hnn": lambda B, N, H: (1, H, N, N), "keys_b1nn": lambda B, N, H: (B, 1, N, N),
+    "nn": lambda B, N, H: (N, N), "full": lambda B, N, H: (B, H, N, N), "win_1w1nn": lambda B, N, H: (1, 2, 1, N, N),
+    "win_1whnn": lambda B, N, H: (1, 2, H, N, N), "win_gw1nn": lambda B, N, H: (B // 2, 2, 1, N, N),
+}
+
+
+@pytest.mark.parametrize("variant", ["split", "fused", "headsplit"])
+@pytest.mark.parametrize("shape", list(_LEARNED_SHAPES))
+def test_attention_learned_mask_gradient_in_the_kernels(shape, variant, monkeypatch):
+    """A float mask that requires grad (BEiT's, Swin's relative-position bias): the kernels run forward and
+    backward, the dK/dV kernel writes dS into a (B, H, Nq, Nkv) buffer (poisoned first: every element must be
+    written), summed where the mask broadcasts; out, dq, dk, dv and dmask vs float64, every backward form. Some
+    keys carry -inf (Swin's shifted-window mask): their gradient is 0, as SDPA's."""
+    B, N, H, D = 4, 11, 2, 80 if variant == "headsplit" else 16
+    q, k, v = _inputs(B, N, N, H, D, torch.float32)
+    mshape = _LEARNED_SHAPES[shape](B, N, H)
+    m = randn(*mshape, device=DEVICE, scale=2.0)
+    m[..., 3] = torch.where(torch.rand(m[..., 3].shape, device=DEVICE) < 0.5, float("-inf"), m[..., 3])
+    m = _leaf(m)
+    bufs = []
+    make = A._mask_grad_buffer
+
+    def poisoned(*a):
+        t = make(*a)
+        bufs.append(t)
+        return None if t is None else poison(t)
+    monkeypatch.setattr(A, "_mask_grad_buffer", poisoned)
+    g = randn(B, N, H, D, device=DEVICE)
+    use = {"split": A.use_bwd_fused(False), "fused": A.use_bwd_fused(True), "headsplit": A.use_head_split("split")}
+    with use[variant]:
+        got = _fwd_bwd(lambda *t: attention(*t[:3], attn_mask=t[3], backend="triton"), (q, k, v, m), g)
+    assert len(bufs) == 1 and bufs[0] is not None and bufs[0].shape == (B, H, N, N)
+    ref = _fwd_bwd(lambda *t: A.attention_reference(*t[:3], attn_mask=t[3]), [_leaf(t.double()) for t in (q, k, v, m)],
+                   g.double())
+    assert got[4].shape == mshape
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
+        assert_close_to_ref(a, b, name=name)
+
+
+@pytest.mark.parametrize("mdtype", [torch.float16, torch.float32], ids=["fp16-mask", "fp32-mask"])
+def test_attention_learned_mask_fp16(mdtype):
+    """fp16 q, k, v with a learned bias in fp16 (a model cast to half) or fp32 (a bias kept in fp32): dmask in the
+    mask's dtype, within 3x PyTorch's own error in that dtype."""
+    B, N, H, D = 2, 13, 2, 32
+    q, k, v = _inputs(B, N, N, H, D, torch.float16)
+    m = _leaf(randn(1, H, N, N, device=DEVICE, dtype=mdtype))
+    g = randn(B, N, H, D, dtype=torch.float16, device=DEVICE)
+    got = _fwd_bwd(lambda *t: attention(*t[:3], attn_mask=t[3], backend="triton"), (q, k, v, m), g)
+    ref = _fwd_bwd(lambda *t: A.attention_reference(*t[:3], attn_mask=t[3]), [_leaf(t.double()) for t in (q, k, v, m)],
+                   g.double())
+    same = _fwd_bwd(lambda *t: A.attention_reference(*t[:3], attn_mask=t[3]), [_leaf(t) for t in (q, k, v, m)], g)
+    assert got[4].dtype == mdtype
+    for name, a, b, c in zip(("out", "dq", "dk", "dv", "dmask"), got, ref, same):
+        if a.dtype == torch.float32:  # an fp32 mask's gradient: against float64 by the 16-bit inputs' rule
+            a, c = a, c.float()
+            assert max_err(a, b) <= 3 * max_err(c, b) + FP_ATOL[torch.float16], name
+        else:
+            assert_close_to_ref(a, b, c, factor=3.0, atol=FP_ATOL[torch.float16], name=name)
+
+
+@pytest.mark.parametrize("rope", [None, "interleaved"])
+def test_qkv_attention_learned_and_windowed_mask(rope):
+    """Packed qkv with Swin's mask, a learned (1, H, N, N) bias plus a windowed (1, W, 1, N, N) 0 / -inf mask (one
+    (1, W, H, N, N) tensor): out, the packed gradient and the bias's gradient vs float64; with RoPE too."""
+    B, N, H, D, W = 6, 9, 2, 16, 3
+    qkv = _leaf(randn(B, N, 3 * H * D, device=DEVICE))
+    bias = _leaf(randn(1, H, N, N, device=DEVICE))
+    win = torch.zeros(1, W, 1, N, N, device=DEVICE)
+    win[0, 1, :, :, 4:] = float("-inf")
+    win[0, 1, :, 4:, :4] = float("-inf")
+    kw = {}
+    if rope:
+        ang = randn(N - 1, D, dtype=torch.float64, device=DEVICE, scale=3.0)
+        kw = dict(rope=torch.cat([ang.sin(), ang.cos()], -1).float(), rope_prefix=1)
+    g = randn(B, N, H * D, device=DEVICE)
+    got = _fwd_bwd(lambda t, b: qkv_attention(t, H, attn_mask=b.unsqueeze(1) + win, backend="triton", **kw),
+                   (qkv, bias), g)
+    kw64 = {k_: (v_.double() if isinstance(v_, torch.Tensor) else v_) for k_, v_ in kw.items()}
+    ref = _fwd_bwd(lambda t, b: A.qkv_attention_reference(t, H, attn_mask=b.unsqueeze(1) + win.double(), **kw64),
+                   (_leaf(qkv.double()), _leaf(bias.double())), g.double())
+    for name, a, b in zip(("out", "dqkv", "dbias"), got, ref):
+        assert_close_to_ref(a, b, name=name)
+    # the same as Swin's eager math on (B / W, W, H, N, N) scores
+    q, k, v = qkv.detach().view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+    if not rope:
+        s = (q @ k.transpose(-1, -2) * D ** -0.5 + bias.detach()).view(B // W, W, H, N, N) + win.squeeze(0)
+        swin = (s.view(B, H, N, N).softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * D)
+        assert_close_to_ref(got[0], swin.double(), name="swin eager")
+
+
+def test_windowed_mask_bad_inputs():
+    q, k, v = (t.detach() for t in _inputs(4, 5, 5, 2, 8, torch.float32))
+    with pytest.raises(ValueError, match="W dividing the batch"):
+        attention(q, k, v, attn_mask=torch.zeros(1, 3, 1, 5, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="does not broadcast to"):
+        attention(q, k, v, attn_mask=torch.zeros(3, 2, 1, 5, 5, device=DEVICE))  # 3 groups, B / W = 2
+    with pytest.raises(ValueError, match="at most 4 dims"):
+        attention(q, k, v, attn_mask=torch.zeros(1, 1, 2, 1, 5, 5, device=DEVICE))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -347,7 +435,7 @@ def test_qkv_attention_mask_matches_float64(B, N, H, D, kind, rope, dtype, monke
 
 def test_qkv_attention_mask_equals_attention_on_views():
     """qkv_attention(attn_mask=) = attention on the strided q, k, v views with the same mask, bit for bit (dropout
-    too: the same seed draws the same keep mask); a learned mask takes the reference (its gradient flows)."""
+    too: the same seed draws the same keep mask); a learned mask's gradient flows (from the kernels)."""
     B, N, H, D = 2, 19, 2, 16
     qkv = randn(B, N, 3 * H * D, device=DEVICE)
     mask = _masks("bool_keys", B, N, N, H, torch.float32, fresh_seed())
@@ -424,7 +512,7 @@ def test_attention_mask_bad_inputs():
     with pytest.raises(ValueError, match="not both"):
         attention(q, k, v, causal=True, attn_mask=torch.ones(5, 5, dtype=torch.bool, device=DEVICE))
     with pytest.raises(ValueError, match="at most 4 dims"):
-        attention(q, k, v, attn_mask=torch.ones(1, 2, 1, 5, 5, dtype=torch.bool, device=DEVICE))
+        attention(q, k, v, attn_mask=torch.ones(1, 1, 2, 1, 5, 5, dtype=torch.bool, device=DEVICE))
     empty = torch.randn(1, 3, 1, 0, device=DEVICE)
     for backend in ("triton", "torch"):
         with pytest.raises(ValueError, match="head dim D must be at least 1"):
@@ -1176,3 +1264,27 @@ def test_qkv_attention_mask_bf16_gpu(kind, autotuned):
     ref = _fwd_bwd(lambda t: A.qkv_attention_reference(t, H, attn_mask=m64), (_leaf(qkv.double()),), g.double())
     for name, a, b, c, f in zip(("out", "dqkv"), got, ref, same, (2.0, 3.0)):
         assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[torch.bfloat16], name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mdtype", [torch.float32, torch.bfloat16], ids=["fp32-bias", "bf16-bias"])
+@pytest.mark.parametrize("shape", ["beit", "swin"])
+def test_learned_mask_bf16_gpu(shape, mdtype, autotuned):
+    """A learned bias in bf16 training, autotuned: BEiT-B's (1, H, N, N) at N = 197, Swin-T's windowed (1, nW, H,
+    N, N) at 49-token windows (the shifted-window 0 / -100 mask added). out, the packed gradient and the bias's
+    gradient, 2x/3x SDPA's own error with the mask in the same dtype."""
+    B, N, H, D, W = (8, 197, 12, 64, 1) if shape == "beit" else (8 * 64, 49, 3, 32, 64)
+    qkv = _leaf(randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE))
+    bias = _leaf(randn(1, H, N, N, dtype=mdtype, device=DEVICE))
+    win = torch.where(torch.rand(1, W, 1, N, N, device=DEVICE) < 0.3, -100.0, 0.0).to(mdtype)
+    mk = (lambda b, w: b) if shape == "beit" else (lambda b, w: b.unsqueeze(1) + w)  # noqa: E731
+    g = randn(B, N, H * D, dtype=torch.bfloat16, device=DEVICE)
+    got = _fwd_bwd(lambda t, b: qkv_attention(t, H, attn_mask=mk(b, win), backend="triton"), (qkv, bias), g)
+    same = _fwd_bwd(lambda t, b: A.qkv_attention_reference(t, H, attn_mask=mk(b, win)), (_leaf(qkv), _leaf(bias)), g)
+    ref = _fwd_bwd(lambda t, b: A.qkv_attention_reference(t, H, attn_mask=mk(b, win.double())),
+                   (_leaf(qkv.double()), _leaf(bias.double())), g.double())
+    for name, a, b, c, f in zip(("out", "dqkv", "dbias"), got, ref, same, (2.0, 3.0, 3.0)):
+        if a.dtype == torch.float32:  # an fp32 bias's gradient: against SDPA's, the inputs being bf16
+            assert max_err(a, b) <= f * max_err(c, b) + FP_ATOL[torch.bfloat16], name
+        else:
+            assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[torch.bfloat16], name=name)

@@ -131,27 +131,34 @@ def test_rope_qkv_gemm_inside_a_compiled_inference_graph():
 
 
 @needs_kernels
+@pytest.mark.parametrize("learned", [False, True], ids=["bool", "learned"])
 @pytest.mark.parametrize("packed", [False, True], ids=["views", "packed"])
-def test_masked_attention_kernels_inside_a_compiled_graph(packed):
+def test_masked_attention_kernels_inside_a_compiled_graph(packed, learned):
     """attention(attn_mask=...) on q, k, v and qkv_attention(attn_mask=...) on packed qkv, with grads: the masked
-    forward and backward ops trace into one graph (fakes, autograd), same output and grads as eager."""
+    forward and backward ops trace into one graph (fakes, autograd), same output and grads as eager. ``learned``:
+    a relative-position bias that requires grad, windowed as Swin's (its gradient from the backward op too)."""
     from flashvit.kernels import attention, qkv_attention
     g = torch.Generator().manual_seed(fresh_seed())
-    keep = torch.rand(2, 1, 9, 9, generator=g) > 0.3
+    keep = torch.rand(4, 1, 9, 9, generator=g) > 0.3
     keep[..., 0] = True
     keep = keep.to(KERNEL_DEV)
+    win = torch.where(torch.rand(1, 2, 1, 9, 9, generator=g) > 0.2, 0.0, float("-inf")).to(KERNEL_DEV)
+    extra = (torch.randn(1, 2, 9, 9, generator=g).to(KERNEL_DEV).requires_grad_(),) if learned else ()
+
+    def mask(*bias):
+        return bias[0].unsqueeze(1) + win if learned else keep
     if packed:
-        inputs = (torch.randn(2, 9, 3 * 2 * 16, generator=g).to(KERNEL_DEV).requires_grad_(),)
+        inputs = (torch.randn(4, 9, 3 * 2 * 16, generator=g).to(KERNEL_DEV).requires_grad_(), *extra)
         op = "qkv_attention"
 
-        def f(qkv):
-            return qkv_attention(qkv, 2, attn_mask=keep, backend="triton")
+        def f(qkv, *bias):
+            return qkv_attention(qkv, 2, attn_mask=mask(*bias), backend="triton")
     else:
-        inputs = tuple(torch.randn(2, 9, 2, 16, generator=g).to(KERNEL_DEV).requires_grad_() for _ in range(3))
+        inputs = (*(torch.randn(4, 9, 2, 16, generator=g).to(KERNEL_DEV).requires_grad_() for _ in range(3)), *extra)
         op = "masked_attention"
 
-        def f(q, k, v):
-            return attention(q, k, v, attn_mask=keep, backend="triton")
+        def f(q, k, v, *bias):
+            return attention(q, k, v, attn_mask=mask(*bias), backend="triton")
 
     explained = torch._dynamo.explain(f)(*inputs)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -165,7 +172,7 @@ def test_masked_attention_kernels_inside_a_compiled_graph(packed):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     bodies = [str(m.graph) for m in explained.graphs[0].modules() if isinstance(m, torch.fx.GraphModule)]
     assert any(f"flashvit.{op}_fwd" in b for b in bodies)
-    assert any(f"flashvit.{op}_bwd" in b for b in bodies)
+    assert any(f"flashvit.{op}_bwd{'_mask_grad' if learned and packed else ''}" in b for b in bodies)
 
 
 @needs_kernels
