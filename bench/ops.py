@@ -56,8 +56,13 @@ ROPE_SHAPES = (("eva02_b14", 256, 12, 257, 64, 1, False), ("dinov3_b16", 256, 12
 QUICK_ROPE_SHAPES = (("tiny", 2, 3, 17, 16, 1, False), ("tiny_half", 1, 2, 21, 24, 5, True))
 # --ops mask: attention with a padding mask, (label, B, H, N, D, kind): NaFlex / SigLIP2-style batches where a
 # quarter of the images carry padding (bool key-padding (B, 1, 1, N), HF's additive (B, 1, N, N) in bf16)
-MASK_SHAPES = (("vit_b_pad", 128, 12, 197, 64, "bool"), ("siglip2_b_pad", 64, 12, 256, 64, "additive"))
-QUICK_MASK_SHAPES = (("tiny_pad", 2, 2, 19, 16, "bool"), ("tiny_hf", 2, 2, 13, 32, "additive"))
+# ... and learned relative-position biases (fp32 (1, H, N, N), its gradient wanted): BEiT-B's; Swin-T's first stage
+# (batch 128 x 64 windows of 7 x 7 tokens), the bias plus its shifted-window mask as one windowed (1, 64, H, N, N)
+# mask, which SDPA (the baseline) takes as the (B·64, H, N, N) tensor timm's fused path builds.
+MASK_SHAPES = (("vit_b_pad", 128, 12, 197, 64, "bool"), ("siglip2_b_pad", 64, 12, 256, 64, "additive"),
+               ("beit_b_bias", 128, 12, 197, 64, "learned"), ("swin_t_s1", 128 * 64, 3, 49, 32, "window"))
+QUICK_MASK_SHAPES = (("tiny_pad", 2, 2, 19, 16, "bool"), ("tiny_hf", 2, 2, 13, 32, "additive"),
+                     ("tiny_bias", 2, 2, 11, 16, "learned"), ("tiny_win", 2 * 4, 2, 9, 16, "window"))
 
 # gemm-configs (a sweep, only when asked for): the plain GEMM of ViT-B's fc1 and fc2 through each tile config of
 # our two GEMM kernels alone, against torch.matmul. (name, M, N, K)
@@ -844,15 +849,19 @@ def rope_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
 
 def masked_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
-    """Attention with a padding mask (timm's NaFlexViT, transformers' SigLIP2 on padded batches): ours (the mask
-    in the flash kernels) vs SDPA with the mask (its own backend choice; the baseline) and torch.compile of it, in
-    attention TFLOP/s (of the full N x N, masked scores included)."""
+    """Attention with a padding mask (timm's NaFlexViT, transformers' SigLIP2 on padded batches) or a learned bias
+    (BEiT's; Swin's with its window mask): ours (the mask in the flash kernels, a bias's gradient from the backward
+    kernel) vs SDPA with the mask (its own backend choice; the baseline) and torch.compile of it, in attention
+    TFLOP/s (of the full N x N, masked scores included)."""
     from flashvit.kernels import attention, attention_reference
     knote = kernel_note("attention")
     main: List[Job] = []
     late: List[Job] = []
     for label_, B, H, N, D, kind in QUICK_MASK_SHAPES if ctx.quick else MASK_SHAPES:
         sd = {"model": label_, "B": B, "H": H, "N": N, "D": D, "mask": kind}
+        if kind in ("learned", "window"):
+            _learned_bias_modes(main, late, sd, B, H, N, D, kind, ctx, knote)
+            continue
         lens = torch.full((B,), N, device=ctx.device)
         lens[: max(1, B // 4)] = max(1, N * 2 // 3)  # a quarter of the images: a third of their tokens padding
         keep = torch.arange(N, device=ctx.device)[None, :] < lens[:, None]
@@ -870,6 +879,30 @@ def masked_attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
 
         _attention_modes(main, late, "masked_attention", sd, B, H, N, D, ours, eager, args, ctx, knote)
     return main, late
+
+
+def _learned_bias_modes(main: List[Job], late: List[Job], sd: Dict[str, Any], B: int, H: int, N: int, D: int,
+                        kind: str, ctx: Ctx, knote: str) -> None:
+    """masked_attention_jobs' rows for a learned fp32 (1, H, N, N) bias (an input that gets its gradient), alone
+    ("learned") or plus a 64-window 0 / -100 mask ("window", B a multiple of 64: Swin's (1, 64, H, N, N))."""
+    from flashvit.kernels import attention, attention_reference
+    nw = 64 if kind == "window" and B % 64 == 0 else 4
+    win = torch.where(torch.rand(1, nw, 1, N, N, device=ctx.device) < 0.3, -100.0, 0.0)
+
+    def args(grad: bool) -> Tuple[torch.Tensor, ...]:
+        bias = torch.randn(1, H, N, N, device=ctx.device).requires_grad_(grad)
+        return (*(_randn((B, N, H, D), ctx, grad=grad) for _ in range(3)), bias)
+
+    def mask(bias: torch.Tensor) -> torch.Tensor:
+        return bias if kind == "learned" else bias.unsqueeze(1) + win
+
+    def ours(q, k, v, bias):
+        return attention(q, k, v, attn_mask=mask(bias), backend="triton")
+
+    def eager(q, k, v, bias):
+        return attention_reference(q, k, v, attn_mask=mask(bias))
+
+    _attention_modes(main, late, "masked_attention", sd, B, H, N, D, ours, eager, args, ctx, knote)
 
 
 BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {

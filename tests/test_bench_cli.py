@@ -359,7 +359,7 @@ def test_masked_attention_rows():
                                                 for i in ("flashvit", "eager", "compile(eager)")}
     assert len(rows) == 6 * len(ops.QUICK_MASK_SHAPES) and "mask" not in ops.OPS
     assert all(r.name == "masked_attention" and r.flops for r in rows)
-    assert {r.shape["mask"] for r in rows} == {"bool", "additive"}
+    assert {r.shape["mask"] for r in rows} == {"bool", "additive", "learned", "window"}
 
 
 def test_experimental_rows_order():
