@@ -348,14 +348,26 @@ BEIT_CASES = {  # timm's BEiT: Attention with q/v biases and a relative position
 }
 
 
-def _beit(case):
-    name, kw = BEIT_CASES[case]
-    model = _randomize(timm.create_model(name, pretrained=False, **kw))
-    with torch.no_grad():  # the bias tables start at zero: make them matter
+def _random_bias_tables(model):
+    """The relative position bias tables start at zero (BEiT) or near it (Swin): make them matter."""
+    with torch.no_grad():
         for n, p in model.named_parameters():
             if "relative_position_bias_table" in n:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(fresh_seed())))
     return model
+
+
+def _beit(case):
+    name, kw = BEIT_CASES[case]
+    return _random_bias_tables(_randomize(timm.create_model(name, pretrained=False, **kw)))
+
+
+def _spy_mask_grads(monkeypatch):
+    """Record, for each attention backward launch, whether the mask's gradient was asked of the kernels."""
+    A = importlib.import_module("flashvit.kernels.attention")
+    bwd, seen = A.attention_bwd, []
+    monkeypatch.setattr(A, "attention_bwd", lambda *a, **k: seen.append(k.get("dmask") is not None) or bwd(*a, **k))
+    return seen
 
 
 @pytest.mark.parametrize("case", list(BEIT_CASES))
@@ -377,13 +389,17 @@ def test_timm_beit_patched_match_unpatched(case, calls):
 
 @needs_kernels
 @pytest.mark.parametrize("case", ["beit", "both_biases", "no_bias_no_ls"])
-def test_timm_beit_on_the_kernels_vs_float64(case):
-    """BEiT training with the kernels forced (the bias tables learn: SDPA differentiates the attention, the GEMMs,
-    LayerNorms and patch embedding run the kernels): logits and every gradient vs a float64 unpatched copy."""
+def test_timm_beit_on_the_kernels_vs_float64(case, monkeypatch):
+    """BEiT training with the kernels forced (the bias tables learn: the attention's backward kernel gives their
+    gradient; the GEMMs, LayerNorms and patch embedding run the kernels too): logits and every gradient vs a
+    float64 unpatched copy."""
     torch.manual_seed(fresh_seed())
     model = _beit(case).train()
+    seen = _spy_mask_grads(monkeypatch)
     report = _check_forced_vs_float64(model, _images(model.patch_embed.img_size))
     assert not report.left, report
+    learned = model.blocks[0].attn.relative_position_bias_table is not None or model.rel_pos_bias is not None
+    assert seen == [learned] * BEIT_CASES[case][1]["depth"], seen
 
 
 @pytest.mark.parametrize("case", ["beit", "shared_bias"])
@@ -398,6 +414,89 @@ def test_timm_beit_inference_runs_the_masked_kernel(case, calls):
                                     importlib.import_module("flashvit.kernels.attention"), "attention_fwd",
                                     lambda k: k.get("mask") is not None)
     assert seen in (None, [True] * depth), seen
+
+
+SWIN_SMALL = dict(img_size=32, window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10,
+                  drop_path_rate=0.0)  # (stochastic depth: two runs would differ)
+
+
+SWIN_NAMES = {"v1": "swin_tiny_patch4_window7_224", "v2": "swinv2_tiny_window8_256"}  # v2: cosine attention
+
+
+def _swin(version="v1"):
+    return _random_bias_tables(_randomize(timm.create_model(SWIN_NAMES[version], pretrained=False, **SWIN_SMALL)))
+
+
+@pytest.mark.parametrize("version", list(SWIN_NAMES))
+def test_timm_swin_patched_match_unpatched(version, calls):
+    """timm's Swin: WindowAttention as the qkv GEMM, attention with the relative position bias plus, in shifted
+    blocks, the window mask as one windowed mask, and the proj GEMM (v1: from the packed qkv; v2's cosine attention:
+    q, k normalized, q scaled by the head's logit scale, the bias from its cpb MLP); the Mlp and LayerNorms fused
+    too. Logits and every gradient (the bias tables', the cpb MLP's, the logit scales') as timm's; a block with a
+    shifted window is among them."""
+    torch.manual_seed(fresh_seed())
+    model = _swin(version).train()
+    assert model.layers[0].blocks[1].attn_mask is not None  # a shifted block: its window mask is used
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    counts = report.counts()
+    assert counts["WindowAttention"] == 4 and counts["Mlp"] == 4 and not report.left, report
+    assert calls["qkv_attention" if version == "v1" else "attention"] == 4, calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", list(SWIN_NAMES))
+def test_timm_swin_on_the_kernels_vs_float64(version, monkeypatch):
+    """Swin training with the kernels forced: the learned bias and the shifted-window mask in the attention
+    kernels (the bias's gradient from the backward kernel's dS), against a float64 unpatched copy."""
+    torch.manual_seed(fresh_seed())
+    model = _swin(version).train()
+    seen = _spy_mask_grads(monkeypatch)
+    _check_forced_vs_float64(model, _images(model.patch_embed.img_size))
+    assert seen == [True] * 4, seen
+
+
+RELPOS_SMALL = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5, drop_path_rate=0.0)
+RELPOS_CASES = {  # timm's vit_relpos: RelPosAttention with a RelPosMlp (default) or RelPosBias, or the shared one
+    "mlp": ("vit_relpos_small_patch16_224", {}), "cls": ("vit_relpos_medium_patch16_cls_224", {}),
+    "bias": ("vit_relpos_small_patch16_224", dict(rel_pos_type="bias")),
+    "shared": ("vit_relpos_small_patch16_224", dict(shared_rel_pos=True)),
+    "rpn_qk_norm": ("vit_relpos_small_patch16_rpn_224", dict(qk_norm=True)),
+}
+
+
+def _relpos(case):
+    name, kw = RELPOS_CASES[case]
+    model = _random_bias_tables(_randomize(timm.create_model(name, pretrained=False, **RELPOS_SMALL, **kw)))
+    for m in model.modules():  # RelPosMlp's own dropout (p = 0.125): two training runs would differ
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("case", list(RELPOS_CASES))
+def test_timm_relpos_patched_match_unpatched(case, calls):
+    """timm's vit_relpos: RelPosAttention as the qkv GEMM, attention with the relative position bias (RelPosMlp's,
+    RelPosBias's, or the model's shared one) as its additive mask (q/k norms on the views), and the proj GEMM.
+    Logits and every gradient (the bias MLP's and tables') as timm's. The bias MLP itself (ReLU) is left, named."""
+    torch.manual_seed(fresh_seed())
+    model = _relpos(case).train()
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    assert report.counts()["RelPosAttention"] == 2, report
+    op = "attention" if case == "rpn_qk_norm" else "qkv_attention"
+    assert calls[op] == 2, calls
+    assert all(r[0].endswith("rel_pos.mlp") for r in report.left), report
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["mlp", "shared"])
+def test_timm_relpos_on_the_kernels_vs_float64(case, monkeypatch):
+    """vit_relpos training with the kernels forced: the bias (from RelPosMlp, or shared) learns through the attention
+    kernels' dS, against a float64 unpatched copy."""
+    torch.manual_seed(fresh_seed())
+    model = _relpos(case).train()
+    seen = _spy_mask_grads(monkeypatch)
+    _check_forced_vs_float64(model, _images(model.patch_embed.img_size))
+    assert seen == [True, True], seen
 
 
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
@@ -712,14 +811,14 @@ def _hf_beit(**kw):
 def _beit_checked() -> bool:
     from transformers.models.beit import modeling_beit as M
 
-    from flashvit.vit.patch import _HF_BEIT_CHECKED, _source_fingerprint
-    return _source_fingerprint(M.BeitAttention.forward) in _HF_BEIT_CHECKED[f"{M.__name__}.BeitAttention"]
+    from flashvit.vit.patch import _HF_CHECKED, _source_fingerprint
+    return _source_fingerprint(M.BeitAttention.forward) in _HF_CHECKED[f"{M.__name__}.BeitAttention"]
 
 
 @pytest.mark.parametrize("bias", ["own", "shared", "none"])
 def test_hf_beit_patched_matches_unpatched(bias, calls):
     """transformers' BEiT: its attention calls the AttentionInterface with the relative position bias as the mask;
-    patched, that goes to flashvit's attention (a learned bias: its SDPA path, which differentiates it), its MLP
+    patched, that goes to flashvit's attention (a learned bias: its gradient from the backward kernel), its MLP
     is a FusedMLP and its layer's residual adds are fused. Logits and every gradient, the bias tables' and the
     lambdas' included, as transformers' (sdpa)."""
     kw = {"own": {}, "shared": dict(use_relative_position_bias=False, use_shared_relative_position_bias=True),
@@ -756,22 +855,71 @@ def test_hf_beit_layer_with_dropout_runs_it_in_order():
 
 
 @needs_kernels
-def test_hf_beit_on_the_kernels_vs_float64(calls):
-    """transformers' BEiT training with the kernels forced (the learned bias takes the attention's SDPA path; the
-    LayerNorms run the kernels) against a float64 unpatched copy; then inference, where the bias is a constant:
-    the masked attention kernels."""
+def test_hf_beit_on_the_kernels_vs_float64(calls, monkeypatch):
+    """transformers' BEiT training with the kernels forced (the learned bias in the attention kernels, its gradient
+    from the backward kernel; the LayerNorms run the kernels) against a float64 unpatched copy; then inference,
+    where the bias is a constant: the masked attention kernels."""
     model = _hf_beit(use_shared_relative_position_bias=True).train()
     if not _beit_checked():
         pytest.skip("this transformers' BeitAttention is not the source flashvit checked: patch() leaves it (the "
                     "routing test checks the report says so), so there is nothing of it on the kernels to compare")
     x = _images((32, 32))
+    grads = _spy_mask_grads(monkeypatch)
     _check_forced_vs_float64(model, x, call=lambda m, x: m(pixel_values=x).logits)
+    assert grads == [True, True], grads
     flashvit.unpatch(model)
     seen = _check_inference_patched(model.eval(), lambda m, x: m(pixel_values=x).logits, x,
                                     lambda: calls.get("attention", 0) >= 2,
                                     importlib.import_module("flashvit.kernels.attention"), "attention_fwd",
                                     lambda k: k.get("mask") is not None)
     assert seen in (None, [True, True]), seen
+
+
+def _hf_swin():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=32, depths=[2, 2],
+                                  num_heads=[2, 4], window_size=4, num_labels=5, drop_path_rate=0.0)
+    torch.manual_seed(fresh_seed())
+    model = _random_bias_tables(_randomize(transformers.SwinForImageClassification(cfg)))
+    attn = model.swin.encoder.layers[0].blocks[0].attention
+    if type(attn).__name__ != "SwinAttention" or not hasattr(attn, "q_proj"):
+        pytest.skip("this transformers' Swin has no SwinAttention with q/k/v_proj (an older layout, not the one "
+                    "these tests build on)")
+    return model
+
+
+def _hf_swin_checked(model):
+    from flashvit.vit.patch import _source_reason
+    return _source_reason(model.swin.encoder.layers[0].blocks[0].attention)
+
+
+def test_hf_swin_patched_matches_unpatched(calls):
+    """transformers' Swin: its attention as one module (q/k/v as one GEMM, attention from the packed qkv with the
+    relative position bias plus the shifted-window mask as one windowed mask, o_proj's GEMM), its MLP a FusedMLP.
+    Logits and every gradient, the bias tables' included, as transformers'; a shifted block is among them."""
+    model = _hf_swin().train()
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    why = _hf_swin_checked(model)
+    if why:
+        assert any("SwinAttention is not the source flashvit checked" in r[2] for r in report.left), report
+        return
+    counts = report.counts()
+    assert counts["SwinAttention"] == 4 and calls["qkv_attention"] == 4, report
+    assert counts["SwinMLP"] == 4 and calls["mlp"] == 4, report
+    assert not any("Attention" in r[1] for r in report.left), report
+
+
+@needs_kernels
+def test_hf_swin_on_the_kernels_vs_float64(monkeypatch):
+    """transformers' Swin training with the kernels forced: the learned bias and the window mask in the attention
+    kernels (the tables' gradients from the backward kernel), against a float64 unpatched copy."""
+    model = _hf_swin().train()
+    if _hf_swin_checked(model):
+        pytest.skip("this transformers' SwinAttention is not the source flashvit checked: patch() leaves it (the "
+                    "test above checks the report says so)")
+    seen = _spy_mask_grads(monkeypatch)
+    _check_forced_vs_float64(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    assert seen == [True] * 4, seen
 
 
 def test_hf_vit_image_not_a_multiple_of_the_patch(calls):
@@ -1298,7 +1446,10 @@ def _bf16_rule(out, ref, torch_out, factor, name, atol):
                                                                     init_values=0.1, num_classes=10)),
                                      ("vit_small_patch16_dinov3", dict(img_size=64, depth=2, num_classes=10)),
                                      ("beit_base_patch16_224", dict(img_size=64, depth=2, embed_dim=384, num_heads=6,
-                                                                    use_shared_rel_pos_bias=True, num_classes=10))])
+                                                                    use_shared_rel_pos_bias=True, num_classes=10)),
+                                     *[(n, dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(3, 6),
+                                                num_classes=10, drop_path_rate=0.0))
+                                       for n in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")]])
 def test_timm_patched_bf16_on_cuda(name, kw):
     torch.manual_seed(fresh_seed())
     base = _randomize(timm.create_model(name, pretrained=False, **kw), scale=0.05).train()

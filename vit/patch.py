@@ -24,11 +24,13 @@ import hashlib
 import importlib
 import inspect
 import io
+import math
 import textwrap
 import tokenize
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flashvit.kernels._dispatch import needs_grad
@@ -71,6 +73,9 @@ _TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_
 # forward(x, shared_rel_pos_bias). Its Block: pre-norm with gamma_1 / gamma_2 as EvaBlock.
 _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
+_TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
+_TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
+_TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
 # (checked per class: a version that changes one is seen and the class is left, with that reason).
@@ -80,9 +85,13 @@ _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # transformers' BEiT, fused class by class where its forward is the source checked (sha256 fingerprint, transformers
 # 5.24): the attention calls the AttentionInterface with the relative position bias as an additive mask (routed to
 # flashvit's attention function like the ViT family's), the MLP is fc1 -> activation_fn -> fc2, the layer pre-norm.
+# Swin likewise: its attention (q/k/v, the relative position bias plus the shifted-window mask, o_proj) is replaced
+# by one module, the MLP as BEiT's.
 _HF_BEIT = "transformers.models.beit.modeling_beit"
-_HF_BEIT_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
-                    f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}}
+_HF_SWIN = "transformers.models.swin.modeling_swin"
+_HF_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
+               f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}, f"{_HF_SWIN}.SwinAttention": {"c5a0d2c956f7cafd"},
+               f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -127,7 +136,7 @@ def _hf_forward_differs(cls: type, role: str) -> Optional[str]:
 
 
 def _source_checked(decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Module], Decision]:
-    """``decide`` for a class whose forward has a checked source in _HF_BEIT_CHECKED, else leave it, saying why."""
+    """``decide`` for a class whose forward has a checked source in _HF_CHECKED, else leave it, saying why."""
     def run(m: nn.Module) -> Decision:
         why = _source_reason(m)
         return (None, why) if why else decide(m)
@@ -135,8 +144,8 @@ def _source_checked(decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Mod
 
 
 def _source_reason(m: nn.Module) -> Optional[str]:
-    """None when type(m).forward is the source checked (_HF_BEIT_CHECKED), else why it is left."""
-    return _unchecked(type(m).__name__, type(m).forward, _HF_BEIT_CHECKED[_qualname(m)])
+    """None when type(m).forward is the source checked (_HF_CHECKED), else why it is left."""
+    return _unchecked(type(m).__name__, type(m).forward, _HF_CHECKED[_qualname(m)])
 
 
 def _hf_decide(role: str, decide: Callable[[nn.Module], Decision]) -> Callable[[nn.Module], Decision]:
@@ -224,20 +233,33 @@ class _FusedTimmAttention(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """timm's forward; ``layer_scale``: γ of the block's LayerScale after it, folded into proj's GEMM."""
-        B, N, _ = x.shape
-        H, Dh = self.num_heads, self.head_dim
-        p = self.attn_drop.p if self.training else 0.0
-        qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, N, 3·H·Dh)
-        plain = isinstance(self.q_norm, nn.Identity) and isinstance(self.k_norm, nn.Identity)
-        if plain and not is_causal:  # (a mask, NaFlex's padding: the masked kernels)
-            o = qkv_attention(qkv, H, self.scale, dropout_p=p, attn_mask=attn_mask)  # (B, N, H·Dh)
-        else:  # q/k norms, causal
-            q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
-            q, k = self.q_norm(q), self.k_norm(k)  # per-head norms over Dh: layout-agnostic
-            o = attention(q, k, v, self.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask)
-            o = o.reshape(B, N, H * Dh)
-        o = self.norm(o)
+        o = self.norm(_timm_attend(self, linear(x, self.qkv.weight, self.qkv.bias), attn_mask, is_causal))
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
+def _timm_attend(m: nn.Module, qkv: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                 is_causal: bool = False) -> torch.Tensor:
+    """Attention of a timm attention module ``m`` (num_heads, head_dim, scale, q_norm, k_norm, attn_drop) from its
+    packed qkv (B, N, 3·H·Dh) -> (B, N, H·Dh): read in place without q/k norms, else on the normed views."""
+    B, N, _ = qkv.shape
+    H, Dh = m.num_heads, m.head_dim
+    p = m.attn_drop.p if m.training else 0.0
+    if isinstance(m.q_norm, nn.Identity) and isinstance(m.k_norm, nn.Identity) and not is_causal:
+        return qkv_attention(qkv, H, m.scale, dropout_p=p, attn_mask=attn_mask)  # (a mask: the masked kernels)
+    q, k, v = qkv.view(B, N, 3, H, Dh).unbind(2)  # (B, N, H, Dh) strided views, no copy
+    q, k = m.q_norm(q), m.k_norm(k)  # per-head norms over Dh: layout-agnostic
+    return attention(q, k, v, m.scale, causal=is_causal, dropout_p=p, attn_mask=attn_mask).reshape(B, N, H * Dh)
+
+
+class _FusedTimmRelPosAttention(nn.Module):
+    """timm's RelPosAttention (vit_relpos_*): qkv GEMM -> flash attention with the relative position bias (the
+    layer's RelPosBias / RelPosMlp, else the model's shared one; as timm's, the layer's wins) as its additive mask,
+    its gradient from the backward kernel -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N) or None
+        o = _timm_attend(self, linear(x, self.qkv.weight, self.qkv.bias), bias)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
 
 
 class _FusedTimmRopeAttention(nn.Module):
@@ -284,8 +306,8 @@ class _FusedTimmRopeAttention(nn.Module):
 class _FusedTimmBeitAttention(nn.Module):
     """timm BEiT Attention: qkv GEMM (q/v biases in its epilogue) -> flash attention from the packed qkv, the
     relative position bias (the layer's table, plus the model's shared bias) its additive mask -> proj GEMM. A bias
-    that requires grad (its table in training) makes the attention the op's SDPA path, which differentiates it; the
-    GEMMs stay fused. Without any bias: the unmasked kernels."""
+    that requires grad (its table in training) gets its gradient from the attention's backward kernel. Without any
+    bias: the unmasked kernels."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -299,6 +321,63 @@ class _FusedTimmBeitAttention(nn.Module):
         o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
                           attn_mask=mask)  # (B, N, H·Dh)
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
+def _swin_mask(bias: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Swin's additive attention mask: the relative position bias (1, H, N, N) plus, in shifted blocks, the window
+    mask (nW, N, N) (0 / -100) as one windowed (1, nW, H, N, N) mask (row b of the (B·nW) batch takes window
+    b % nW, as Swin's view of its scores does), never a (B·nW, H, N, N) copy."""
+    if mask is None:
+        return bias
+    return bias.unsqueeze(1) + mask.view(1, -1, 1, *mask.shape[-2:])
+
+
+class _FusedTimmWindowAttention(nn.Module):
+    """timm Swin WindowAttention on (B·nW, N, C) windows: qkv GEMM -> flash attention from the packed qkv with
+    _swin_mask -> proj GEMM. The bias table's gradient comes from the attention's backward kernel."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B·nW, N, 3·H·Dh)
+        o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
+                          attn_mask=_swin_mask(self._get_rel_pos_bias(), mask))  # (B·nW, N, H·Dh)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+class _FusedTimmWindowAttentionV2(nn.Module):
+    """timm Swin v2 WindowAttention (cosine attention): qkv GEMM (q/v biases in its epilogue) -> q, k normalized per
+    head, q scaled by the head's clamped exp(logit_scale) -> flash attention (softmax scale 1) with _swin_mask of
+    the continuous position bias 16·sigmoid(cpb_mlp(coords)) -> proj GEMM. The logit scale's and the cpb MLP's
+    gradients flow through the scale (autograd) and the bias (the backward kernel's dS)."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        H = self.num_heads
+        bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = linear(x, self.qkv.weight, bias).view(B_, N, 3, H, -1).unbind(2)  # (B·nW, N, H, Dh) views
+        scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp().view(1, 1, H, 1)  # (H, 1, 1) table
+        q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, H)
+        rel = table[self.relative_position_index.view(-1)].view(N, N, H).permute(2, 0, 1)  # (H, N, N)
+        o = attention(q, k, v, 1.0, dropout_p=self.attn_drop.p if self.training else 0.0,
+                      attn_mask=_swin_mask(16 * torch.sigmoid(rel).unsqueeze(0), mask))
+        return self.proj_drop(linear(o.reshape(B_, N, -1), self.proj.weight, self.proj.bias))
+
+
+class _FusedHFSwinAttention(nn.Module):
+    """transformers' SwinAttention on (B·nW, N, C) windows: q/k/v as one GEMM -> flash attention from the packed
+    qkv with _swin_mask -> o_proj GEMM. output_attentions (or a mask that is no tensor) runs transformers'
+    forward."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                **kwargs) -> Tuple[torch.Tensor, None]:
+        if kwargs.get("output_attentions", False) or not (attention_mask is None
+                                                          or isinstance(attention_mask, torch.Tensor)):
+            return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
+        qkv = _packed_qkv(hidden_states, self.q_proj, self.k_proj, self.v_proj)
+        o = qkv_attention(qkv, self.num_attention_heads, self.scaling,
+                          dropout_p=self.attention_dropout if self.training else 0.0,
+                          attn_mask=_swin_mask(self.relative_position_bias(), attention_mask))
+        return linear(o, self.o_proj.weight, self.o_proj.bias), None
 
 
 def _inactive(drop: Optional[nn.Module]) -> bool:
@@ -868,7 +947,7 @@ def _head_dim_reason(head_dim: int) -> Optional[str]:
     return None
 
 
-def _decide_timm_attention(m: nn.Module) -> Decision:
+def _decide_timm_attention(m: nn.Module, mixin: type = _FusedTimmAttention) -> Decision:
     if getattr(m, "gate", None) is not None:
         return None, "gated attention (sigmoid gate) is not fused"
     if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
@@ -877,7 +956,7 @@ def _decide_timm_attention(m: nn.Module) -> Decision:
     if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
         return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
     why = _head_dim_reason(m.head_dim)
-    return (None, why) if why else (_clone_as(m, _FusedTimmAttention), None)
+    return (None, why) if why else (_clone_as(m, mixin), None)
 
 
 def _decide_timm_rope_attention(m: nn.Module) -> Decision:
@@ -896,15 +975,32 @@ def _decide_timm_rope_attention(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _FusedTimmRopeAttention), None)
 
 
-def _decide_timm_beit_attention(m: nn.Module) -> Decision:
-    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear) or m.qkv.bias is not None:
-        return None, "qkv/proj are not plain nn.Linear (qkv without its own bias)"
-    H = m.num_heads
-    Dh = m.qkv.out_features // (3 * H)
-    if m.qkv.out_features != 3 * H * Dh or m.proj.in_features != H * Dh:
-        return None, f"qkv/proj widths do not match 3·{H}·head dim"
-    why = _head_dim_reason(Dh)
-    return (None, why) if why else (_clone_as(m, _FusedTimmBeitAttention), None)
+def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Module], Decision]:
+    """The decider for timm attention classes with a packed ``qkv`` and a ``proj`` Linear and ``num_heads`` (BEiT's,
+    Swin's): plain nn.Linear (``own_qkv_bias`` False: qkv without a bias of its own, the module adds q/v biases),
+    widths 3·H·Dh and H·Dh, a head dim the kernels take; then a clone as ``mixin``."""
+    def decide(m: nn.Module) -> Decision:
+        if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear) or (
+                not own_qkv_bias and m.qkv.bias is not None):
+            return None, "qkv/proj are not plain nn.Linear" + ("" if own_qkv_bias else " (qkv without its own bias)")
+        H = m.num_heads
+        Dh = m.qkv.out_features // (3 * H)
+        if m.qkv.out_features != 3 * H * Dh or m.proj.in_features != H * Dh:
+            return None, f"qkv/proj widths do not match 3·{H}·head dim"
+        why = _head_dim_reason(Dh)
+        return (None, why) if why else (_clone_as(m, mixin), None)
+    return decide
+
+
+def _decide_hf_swin_attention(m: nn.Module) -> Decision:
+    projs = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
+    if not all(type(x) is nn.Linear for x in projs):
+        return None, "q/k/v/o projections are not plain nn.Linear"
+    width = m.num_attention_heads * m.head_dim
+    if any(x.out_features != width for x in projs[:3]) or m.o_proj.in_features != width:
+        return None, f"q/k/v/o widths do not match {m.num_attention_heads}·{m.head_dim}"
+    why = _head_dim_reason(m.head_dim)
+    return (None, why) if why else (_clone_as(m, _FusedHFSwinAttention), None)
 
 
 def _decide_mha(m: nn.Module) -> Decision:
@@ -1112,7 +1208,12 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
          _source_checked(lambda m: (_clone_as(m, _FusedHFBeitLayer), None)), residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
-        (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_timm_beit_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_qkv_proj(_FusedTimmBeitAttention, False), attention),
+        (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION, _decide_qkv_proj(_FusedTimmWindowAttention), attention),
+        (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION_V2, _decide_qkv_proj(_FusedTimmWindowAttentionV2, False),
+         attention),
+        (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
+         lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
@@ -1127,6 +1228,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_DINOV3}.DINOv3ViTEmbeddings", _decide_hf_dinov3, patch_embed),
         (lambda m: _hf_role(m) == "MLP", _hf_decide("MLP", _decide_hf_mlp), mlp),
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitMLP", _source_checked(_decide_hf_mlp), mlp),
+        (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinAttention", _source_checked(_decide_hf_swin_attention), attention),
+        (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinMLP", _source_checked(_decide_hf_mlp), mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
          patch_embed),
@@ -1170,7 +1273,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     visit(model, "")
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
-                                    | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK)
+                                    | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
+                                    | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
@@ -1254,10 +1358,11 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
             else:
                 hf_attn.append((n, type(m).__name__))
         elif (type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
-              and type(m).__module__ != _HF_DINOV3 and _hf_encoder_role(m) is None):  # (by module replacement)
+              and type(m).__module__ != _HF_DINOV3 and _hf_encoder_role(m) is None
+              and _qualname(m) not in _HF_CHECKED):  # (by module replacement)
             others.append((n, type(m).__name__))
     for n, cls in others:
-        state.report.left.append((n, cls, "only transformers' ViT-family and BEiT attention is routed to flashvit"))
+        state.report.left.append((n, cls, "only transformers' ViT-family, BEiT and Swin attention is fused by flashvit"))
     if not hf_attn:
         return
     config = getattr(model, "config", None)
