@@ -102,6 +102,20 @@ def test_patched_timm_compiles_fullgraph_with_triton_forced(name):
 
 
 @needs_kernels
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_patched_timm_swin_compiles_fullgraph_with_triton_forced(name):
+    """A patched Swin (v1; v2's cosine attention) in training, the kernels forced: the windowed mask and the learned
+    bias's gradient op trace into one graph, with the eager result and gradients."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=32, window_size=4, embed_dim=16, depths=(2,), num_heads=(2,), num_classes=3, drop_path_rate=0.0)
+    model = flashvit.patch(timm.create_model(name, pretrained=False, **kw).to(KERNEL_DEV).train())
+    assert model.flashvit_report.counts()["WindowAttention"] == 2
+    assert model.layers[0].blocks[1].attn_mask is not None  # 4 windows, the second block shifted
+    with flashvit.use_backend("triton"):
+        _assert_one_graph_same_result(model, _inputs((2, 3, 32, 32)).to(KERNEL_DEV))
+
+
+@needs_kernels
 @pytest.mark.parametrize("mode", ["act", "fc1"])
 def test_mlp_recompute_inside_a_compiled_graph(mode):
     """The MLP backward's recompute (the activation op, or fc1's forward op again) traces into the one graph."""
