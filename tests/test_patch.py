@@ -499,6 +499,52 @@ def test_timm_relpos_on_the_kernels_vs_float64(case, monkeypatch):
     assert seen == [True, True], seen
 
 
+MAXVIT_CASES = {"bias": "maxvit_pico_rw_256", "mlp": "maxvit_rmlp_pico_rw_256",  # head_first, RelPosBias / Mlp
+                "tf": "maxvit_tiny_tf_224"}  # packed (3, H, Dh) qkv, RelPosBiasTf
+
+
+def _maxvit(case):
+    model = timm.create_model(MAXVIT_CASES[case], pretrained=False, img_size=64, num_classes=5, drop_path_rate=0.0)
+    model = _random_bias_tables(_randomize(model, scale=0.05))
+    for m in model.modules():  # RelPosMlp's own dropout: two training runs would differ
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("case", list(MAXVIT_CASES))
+def test_timm_maxvit_patched_match_unpatched(case, calls):
+    """timm's MaxViT: AttentionCl (block and grid partitions) as the qkv GEMM, attention on strided q/k/v views of its
+    output (either qkv layout) with the relative position bias as its additive mask, and the proj GEMM; the Mlp and
+    channels-last LayerNorms fused. Logits and every gradient as timm's (its MBConv stages stay timm's)."""
+    torch.manual_seed(fresh_seed())
+    model = _maxvit(case).train()
+    report = _check_patched_same(model, _images((64, 64)))
+    assert report.counts()["AttentionCl"] == 22 and calls["attention"] == 22, report
+    assert all(r[1] in ("LayerNorm2d", "Mlp") for r in report.left), report  # (the bias MLP's ReLU, NCHW norms)
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", list(MAXVIT_CASES))
+def test_timm_maxvit_attention_on_the_kernels_vs_float64(case, monkeypatch):
+    """One MaxViT AttentionCl (its first block partition) in training with the kernels forced, on the input it
+    sees in the model, against a float64 copy of the unpatched module: output and every gradient, the bias's
+    parameters' from the backward kernel's dS."""
+    torch.manual_seed(fresh_seed())
+    model = _maxvit(case).train()
+    seen_x = []
+    attn = model.stages[0].blocks[0].attn_block.attn
+    hook = attn.register_forward_hook(lambda m, i, o: seen_x.append(i[0].detach()))
+    with torch.no_grad():
+        model(_images((64, 64)))
+    hook.remove()
+    x = seen_x[0][:4]  # (windows, ph, pw, C)
+    wrapper = nn.Sequential(attn)  # patch() swaps children: give the module a parent
+    seen = _spy_mask_grads(monkeypatch)
+    _check_forced_vs_float64(wrapper, x)
+    assert seen == [True], seen
+
+
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
     attention hands to qkv_attention (packed), whose kernels apply it (here without autograd). Same features as the
@@ -1449,7 +1495,8 @@ def _bf16_rule(out, ref, torch_out, factor, name, atol):
                                                                     use_shared_rel_pos_bias=True, num_classes=10)),
                                      *[(n, dict(img_size=64, window_size=4, depths=(2, 2), num_heads=(3, 6),
                                                 num_classes=10, drop_path_rate=0.0))
-                                       for n in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")]])
+                                       for n in ("swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256")],
+                                     ("maxvit_pico_rw_256", dict(img_size=64, num_classes=10, drop_path_rate=0.0))])
 def test_timm_patched_bf16_on_cuda(name, kw):
     torch.manual_seed(fresh_seed())
     base = _randomize(timm.create_model(name, pretrained=False, **kw), scale=0.05).train()

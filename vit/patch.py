@@ -73,6 +73,7 @@ _TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_
 # forward(x, shared_rel_pos_bias). Its Block: pre-norm with gamma_1 / gamma_2 as EvaBlock.
 _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
+_TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
 _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
@@ -341,6 +342,21 @@ class _FusedTimmWindowAttention(nn.Module):
         o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
                           attn_mask=_swin_mask(self._get_rel_pos_bias(), mask))  # (B·nW, N, H·Dh)
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+class _FusedTimmAttentionCl(nn.Module):
+    """timm MaxViT's AttentionCl (channels-last windows and grids, (B, ..., C)): qkv GEMM -> flash attention on
+    q, k, v strided views of its output (head_first: [q | k | v] within each head, else packed (3, H, Dh)) with
+    the relative position bias (RelPosBias / RelPosMlp / RelPosBiasTf, else the shared one) as its additive mask,
+    its gradient from the backward kernel -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, H, Dh = x.shape[0], self.num_heads, self.dim_head
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, -1, 3 * H * Dh)  # (B, N, 3·H·Dh)
+        parts = qkv.view(B, -1, H, 3, Dh).unbind(3) if self.head_first else qkv.view(B, -1, 3, H, Dh).unbind(2)
+        bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N) or None
+        o = attention(*parts, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0, attn_mask=bias)
+        return self.proj_drop(linear(o.reshape(*x.shape[:-1], H * Dh), self.proj.weight, self.proj.bias))
 
 
 class _FusedTimmWindowAttentionV2(nn.Module):
@@ -992,6 +1008,16 @@ def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Mod
     return decide
 
 
+def _decide_timm_attention_cl(m: nn.Module) -> Decision:
+    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
+        return None, "qkv/proj are not plain nn.Linear"
+    width = m.num_heads * m.dim_head
+    if m.qkv.out_features != 3 * width or m.proj.in_features != width:
+        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.dim_head}"
+    why = _head_dim_reason(m.dim_head)
+    return (None, why) if why else (_clone_as(m, _FusedTimmAttentionCl), None)
+
+
 def _decide_hf_swin_attention(m: nn.Module) -> Decision:
     projs = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
     if not all(type(x) is nn.Linear for x in projs):
@@ -1212,6 +1238,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION, _decide_qkv_proj(_FusedTimmWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION_V2, _decide_qkv_proj(_FusedTimmWindowAttentionV2, False),
          attention),
+        (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_timm_attention_cl, attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
          lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
@@ -1274,7 +1301,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
-                                    | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION)
+                                    | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
