@@ -968,6 +968,49 @@ def test_hf_swin_on_the_kernels_vs_float64(monkeypatch):
     assert seen == [True] * 4, seen
 
 
+def _hf_segformer():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[4, 2],
+                                       hidden_sizes=[16, 32], patch_sizes=[7, 3], strides=[4, 2],
+                                       num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=5, drop_path_rate=0.0)
+    torch.manual_seed(fresh_seed())
+    model = _randomize(transformers.SegformerForImageClassification(cfg))
+    if not hasattr(model.segformer.stages[0].blocks[0].attention, "q_proj"):
+        pytest.skip("this transformers' SegFormer has no SegformerAttention with q/k/v_proj (an older layout)")
+    return model
+
+
+def test_hf_segformer_patched_matches_unpatched(calls):
+    """transformers' SegFormer: its attention (keys and values from the spatially reduced sequence, Nkv < Nq) goes
+    through the AttentionInterface to flashvit's attention (source checked); its Mix-FFN (a depthwise conv between
+    the GEMMs) is left, named. Logits and every gradient as transformers'."""
+    model = _hf_segformer().train()
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    from flashvit.vit.patch import _source_reason
+    if _source_reason(model.segformer.stages[0].blocks[0].attention):
+        assert any("SegformerAttention is not the source flashvit checked" in r[2] for r in report.left), report
+        return
+    assert report.counts()["SegformerAttention"] == 2 and calls["attention"] == 2, report
+    assert {r[1] for r in report.left} == {"SegformerMixMLP"}, report
+
+
+@needs_kernels
+def test_hf_segformer_on_the_kernels_vs_float64(monkeypatch):
+    """SegFormer training with the kernels forced: the cross-length attention (Nq = 64, Nkv = 4; Nq = 16, Nkv = 4)
+    in the kernels, against a float64 unpatched copy."""
+    model = _hf_segformer().train()
+    from flashvit.vit.patch import _source_reason
+    if _source_reason(model.segformer.stages[0].blocks[0].attention):
+        pytest.skip("this transformers' SegformerAttention is not the source flashvit checked (the test above checks "
+                    "the report says so)")
+    A = importlib.import_module("flashvit.kernels.attention")
+    fwd, lengths = A.attention_fwd, []
+    monkeypatch.setattr(A, "attention_fwd", lambda q, k, *a, **kw: lengths.append((q.shape[1], k.shape[1]))
+                        or fwd(q, k, *a, **kw))
+    _check_forced_vs_float64(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    assert lengths == [(64, 4), (16, 4)], lengths
+
+
 def test_hf_vit_image_not_a_multiple_of_the_patch(calls):
     """36 px at patch 8: the patchify conv drops the last 4 rows and columns; so does the fused patch embedding."""
     model = _hf_model("ViTModel", image_size=36).train()
@@ -1471,6 +1514,35 @@ def test_hf_attention_function_is_registered_and_used():
     assert AttentionInterface._global_mapping[patch_mod.HF_ATTN_IMPLEMENTATION] is patch_mod._hf_flashvit_attention
     assert set(model.flashvit_report.counts()) == {"ViTAttention"}
     flashvit.unpatch(model)
+
+
+@pytest.mark.parametrize("case", ["plain", "cross_length", "cross_length_masked", "causal_cross_length", "gqa"])
+def test_hf_attention_function_routes_what_the_kernels_do_not_cover(case, calls, monkeypatch):
+    """The registered attention function on (B, H, N, D): keys of another length run flashvit's attention (SegFormer's
+    reduced sequence), with or without a mask; GQA (fewer key heads) and a causal cross-length call without a mask
+    go to transformers' SDPA function. Every case equals transformers' SDPA function."""
+    pytest.importorskip("transformers")
+    from transformers.integrations import sdpa_attention as sdpa_mod
+
+    B, H, D = 2, 4, 16
+    nq, nkv, hkv = {"plain": (9, 9, H), "cross_length": (9, 5, H), "cross_length_masked": (9, 5, H),
+                    "causal_cross_length": (9, 5, H), "gqa": (9, 9, 2)}[case]
+    g = torch.Generator().manual_seed(fresh_seed())
+    q = torch.randn(B, H, nq, D, generator=g)
+    k, v = (torch.randn(B, hkv, nkv, D, generator=g) for _ in range(2))
+    mask = torch.randn(B, 1, nq, nkv, generator=g) if case == "cross_length_masked" else None
+    module = nn.Module()
+    module.is_causal = case == "causal_cross_length"
+    module.num_key_value_groups = H // hkv
+    module.training = False
+    sdpa_calls = []
+    fn = sdpa_mod.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_mod, "sdpa_attention_forward", lambda *a, **k: sdpa_calls.append(1) or fn(*a, **k))
+    out, _ = patch_mod._hf_flashvit_attention(module, q, k, v, mask, scaling=D ** -0.5)
+    want, _ = fn(module, q, k, v, mask, scaling=D ** -0.5, is_causal=module.is_causal)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    ours = case in ("plain", "cross_length", "cross_length_masked")
+    assert (calls.get("attention", 0), len(sdpa_calls)) == ((1, 0) if ours else (0, 1)), (calls, sdpa_calls)
 
 
 def test_hf_unsupported_activation_is_left():

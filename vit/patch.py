@@ -87,12 +87,15 @@ _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # 5.24): the attention calls the AttentionInterface with the relative position bias as an additive mask (routed to
 # flashvit's attention function like the ViT family's), the MLP is fc1 -> activation_fn -> fc2, the layer pre-norm.
 # Swin likewise: its attention (q/k/v, the relative position bias plus the shifted-window mask, o_proj) is replaced
-# by one module, the MLP as BEiT's.
+# by one module, the MLP as BEiT's. SegFormer's attention (keys and values from the spatially reduced sequence:
+# Nkv < Nq) calls the AttentionInterface as BEiT's does.
 _HF_BEIT = "transformers.models.beit.modeling_beit"
 _HF_SWIN = "transformers.models.swin.modeling_swin"
+_HF_SEGFORMER = "transformers.models.segformer.modeling_segformer"
+_HF_ROUTED = {f"{_HF_BEIT}.BeitAttention", f"{_HF_SEGFORMER}.SegformerAttention"}  # through attn_implementation
 _HF_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
                f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}, f"{_HF_SWIN}.SwinAttention": {"c5a0d2c956f7cafd"},
-               f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}}
+               f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}, f"{_HF_SEGFORMER}.SegformerAttention": {"fa126e71eea0d3d8"}}
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -1128,14 +1131,16 @@ def _hf_flashvit_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     """transformers attention function: (B, H, N, D) q/k/v -> ((B, N, H, D) output, None; the attention maps
     (B, H, N, N) where output_attentions asks for them: transformers' eager math then).
 
-    Soft-capping, sliding windows, position biases, GQA, cross-length attention and masks that are no tensor go to
-    transformers' own SDPA function (the same function); the plain case runs flashvit's attention, and a mask
-    tensor (SDPA's form, bool or additive) its masked kernels.
+    Soft-capping, sliding windows, position biases, GQA, causal cross-length attention without a mask and masks that
+    are no tensor go to transformers' own SDPA function (the same function); the plain case (keys and values of
+    another length too: SegFormer's reduced sequence) runs flashvit's attention, and a mask tensor (SDPA's form,
+    bool or additive) its masked kernels.
     """
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
     if kwargs.get("output_attentions", False):  # the maps asked for: transformers' eager math, which returns them
         return _hf_eager_attention(module, query, key, value, attention_mask, dropout, scaling, bool(causal))
-    special = (query.shape[1] != key.shape[1] or query.shape[2] != key.shape[2]
+    special = (query.shape[1] != key.shape[1]
+               or query.shape[2] != key.shape[2] and causal and attention_mask is None
                or not (attention_mask is None or isinstance(attention_mask, torch.Tensor))
                or any(kwargs.get(k) is not None for k in ("softcap", "sliding_window", "position_bias", "s_aux")))
     if special:
@@ -1378,7 +1383,7 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
     for n, m in model.named_modules():
         if _hf_role(m) == "Attention" and _hf_forward_differs(type(m), "Attention") is None:
             hf_attn.append((n, type(m).__name__))
-        elif _qualname(m) == f"{_HF_BEIT}.BeitAttention":
+        elif _qualname(m) in _HF_ROUTED:
             why = _source_reason(m)
             if why:
                 state.report.left.append((n, type(m).__name__, why))
