@@ -524,6 +524,33 @@ def test_timm_maxvit_patched_match_unpatched(case, calls):
     assert all(r[1] in ("LayerNorm2d", "Mlp") for r in report.left), report  # (the bias MLP's ReLU, NCHW norms)
 
 
+class _Call(nn.Module):
+    """``module(x, *rest)`` as a one-input model with the module as its child (patch() swaps children)."""
+
+    def __init__(self, module, rest):
+        super().__init__()
+        self.module, self.rest = module, rest
+
+    def forward(self, x):
+        return self.module(x, *self.rest)
+
+
+def _module_on_kernels_vs_float64(model, path, images, monkeypatch, rows=4):
+    """The module at ``path`` of ``model``, on the first ``rows`` of the input it sees in the model (its other
+    positional inputs as seen), in training with the kernels forced against a float64 copy of it unpatched: output
+    and every gradient. Returns, per attention backward launch, whether the mask's gradient was asked of it."""
+    seen_in = []
+    module = model.get_submodule(path)
+    hook = module.register_forward_hook(lambda m, i, o: seen_in.append(i))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    x, *rest = seen_in[0]
+    grads = _spy_mask_grads(monkeypatch)
+    _check_forced_vs_float64(_Call(module, rest), x.detach()[:rows])
+    return grads
+
+
 @needs_kernels
 @pytest.mark.parametrize("case", list(MAXVIT_CASES))
 def test_timm_maxvit_attention_on_the_kernels_vs_float64(case, monkeypatch):
@@ -532,17 +559,41 @@ def test_timm_maxvit_attention_on_the_kernels_vs_float64(case, monkeypatch):
     parameters' from the backward kernel's dS."""
     torch.manual_seed(fresh_seed())
     model = _maxvit(case).train()
-    seen_x = []
-    attn = model.stages[0].blocks[0].attn_block.attn
-    hook = attn.register_forward_hook(lambda m, i, o: seen_x.append(i[0].detach()))
-    with torch.no_grad():
-        model(_images((64, 64)))
-    hook.remove()
-    x = seen_x[0][:4]  # (windows, ph, pw, C)
-    wrapper = nn.Sequential(attn)  # patch() swaps children: give the module a parent
-    seen = _spy_mask_grads(monkeypatch)
-    _check_forced_vs_float64(wrapper, x)
+    seen = _module_on_kernels_vs_float64(model, "stages.0.blocks.0.attn_block.attn", _images((64, 64)), monkeypatch)
     assert seen == [True], seen
+
+
+PVT_CASES = {"sr": "pvt_v2_b0", "linear": "pvt_v2_b2_li"}  # sr conv + norm; linear: pool to 7 x 7, 1x1 conv, act
+
+
+@pytest.mark.parametrize("case", list(PVT_CASES))
+def test_timm_pvt_v2_patched_match_unpatched(case, calls):
+    """timm's PVT v2: Attention as the q GEMM, the kv GEMM over the spatially reduced sequence (timm's sr conv /
+    pool, norm, act) and attention with Nkv < N on strided views, then the proj GEMM. Logits and every gradient as
+    timm's; the Mix-FFN (depthwise conv) and the overlapping patch embedding are left, named."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(PVT_CASES[case], pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    depth = sum(len(st.blocks) for st in model.stages)
+    report = _check_patched_same(model, _images((64, 64)))
+    assert report.counts()["Attention"] == depth and calls["attention"] == depth, report
+    assert {r[1] for r in report.left} == {"OverlapPatchEmbed", "MlpWithDepthwiseConv"}, report
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", list(PVT_CASES))
+def test_timm_pvt_v2_attention_on_the_kernels_vs_float64(case, monkeypatch):
+    """One PVT v2 Attention of the first stage (N = 256 queries; 4 keys and values, sr 8, or 49, pooled) in
+    training with the kernels forced, on its input in the model, against a float64 copy of it unpatched."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(PVT_CASES[case], pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    A = importlib.import_module("flashvit.kernels.attention")
+    fwd, lengths = A.attention_fwd, []
+    monkeypatch.setattr(A, "attention_fwd", lambda q, k, *a, **kw: lengths.append((q.shape[1], k.shape[1]))
+                        or fwd(q, k, *a, **kw))
+    _module_on_kernels_vs_float64(model, "stages.0.blocks.0.attn", _images((64, 64)), monkeypatch, rows=2)
+    assert lengths == [(256, 4 if case == "sr" else 49)], lengths
 
 
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):

@@ -74,6 +74,7 @@ _TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_
 _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
+_TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention"}  # spatial-reduction attention (PVT v2)
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
 _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
@@ -360,6 +361,25 @@ class _FusedTimmAttentionCl(nn.Module):
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N) or None
         o = attention(*parts, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0, attn_mask=bias)
         return self.proj_drop(linear(o.reshape(*x.shape[:-1], H * Dh), self.proj.weight, self.proj.bias))
+
+
+class _FusedTimmPvtAttention(nn.Module):
+    """timm PVT v2 Attention (spatial-reduction attention): q GEMM over the N tokens; keys and values by the kv GEMM
+    from the reduced sequence (timm's sr conv / pool, norm, act run as timm's), Nkv < N -> flash attention on
+    strided views -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, feat_size: List[int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H = self.num_heads
+        q = linear(x, self.q.weight, self.q.bias).view(B, N, H, -1)  # (B, N, H, Dh)
+        if self.sr is not None:  # (B, N, C) -> (B, C, h, w) -> reduced -> (B, N', C)
+            r = x.permute(0, 2, 1).reshape(B, C, *feat_size)
+            r = self.sr(r if self.pool is None else self.pool(r)).reshape(B, C, -1).permute(0, 2, 1)
+            r = self.norm(r)
+            x = r if self.act is None else self.act(r)
+        k, v = linear(x, self.kv.weight, self.kv.bias).view(B, x.shape[1], 2, H, -1).unbind(2)  # (B, N', H, Dh)
+        o = attention(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(linear(o.reshape(B, N, C), self.proj.weight, self.proj.bias))
 
 
 class _FusedTimmWindowAttentionV2(nn.Module):
@@ -1021,6 +1041,16 @@ def _decide_timm_attention_cl(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _FusedTimmAttentionCl), None)
 
 
+def _decide_timm_pvt_attention(m: nn.Module) -> Decision:
+    if not all(type(x) is nn.Linear for x in (m.q, m.kv, m.proj)):
+        return None, "q/kv/proj are not plain nn.Linear"
+    width = m.num_heads * m.head_dim
+    if m.q.out_features != width or m.kv.out_features != 2 * width or m.proj.in_features != width:
+        return None, f"q/kv/proj widths do not match {m.num_heads}·{m.head_dim}"
+    why = _head_dim_reason(m.head_dim)
+    return (None, why) if why else (_clone_as(m, _FusedTimmPvtAttention), None)
+
+
 def _decide_hf_swin_attention(m: nn.Module) -> Decision:
     projs = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
     if not all(type(x) is nn.Linear for x in projs):
@@ -1244,6 +1274,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION_V2, _decide_qkv_proj(_FusedTimmWindowAttentionV2, False),
          attention),
         (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_timm_attention_cl, attention),
+        (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
          lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
@@ -1306,7 +1337,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if (_is_layernorm(model) or type(model) is nn.MultiheadAttention
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
-                                    | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL)
+                                    | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL
+                                    | _TIMM_PVT_ATTENTION)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
