@@ -13,8 +13,9 @@ Implementations (same config, same dtype, same batch):
   graph(IMPL)         IMPL's whole step (forward, loss, backward, optimizer step) captured in one CUDA graph and
                       replayed: no host time per kernel, so host-bound shapes (ViT-S) show their device time
 
-Models: flashvit's presets (s, b, l, ...: every impl), or any timm ViT name (deit_small_patch16_224,
-vit_base_patch14_dinov2, ...): its timm rows only, i.e. what flashvit.patch gives that model.
+Models: flashvit's presets (s, b, l, ...: every impl), or any timm model name (deit_small_patch16_224,
+vit_base_patch14_dinov2, swin_tiny_patch4_window7_224, maxvit_tiny_tf_224, pvt_v2_b2, ...): its timm rows only,
+i.e. what flashvit.patch gives that model.
 
 The model runs in pure ``dtype`` (bf16 on GPU: parameters and activations, no autocast) for every impl.
 A training step is forward + cross-entropy + backward + SGD step. FLOPs per image are counted with
@@ -72,6 +73,9 @@ VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "trito
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
+# ... for timm models that take no ``depth`` (Swin, MaxViT, PVT v2: stages of their own): the whole model at the
+# smallest image their four stages of windows and strides take (given as img_size where the model takes one)
+QUICK_STAGED_IMG = 64
 NUM_CLASSES = 1000
 
 
@@ -190,7 +194,7 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
         if impl.startswith("flashvit"):
             m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides)
         else:
-            m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **ctx.overrides)
+            m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **overrides_for(name, ctx))
     m = m.to(ctx.dtype)
     if impl == "timm+flashvit.patch":
         m = flashvit.patch(m) or m
@@ -201,12 +205,33 @@ def backend_for(impl: str) -> str:
     return {"flashvit-triton": "triton", "flashvit-eager": "torch"}.get(base_impl(impl), "auto")
 
 
+def overrides_for(name: str, ctx: MCtx) -> Dict[str, Any]:
+    """The model keywords a run gives ``name``: ctx.overrides, but in quick runs a timm model that takes no
+    ``depth`` (its stages are its own: Swin, MaxViT, PVT v2) gets img_size=QUICK_STAGED_IMG, or nothing where it
+    takes no img_size either (its image is still QUICK_STAGED_IMG: image_shape)."""
+    if ctx.overrides != QUICK_OVERRIDES or _ours(name):
+        return ctx.overrides
+    for kw in (ctx.overrides, {"img_size": QUICK_STAGED_IMG}):
+        try:
+            with torch.device("meta"):
+                _timm().create_model(name, pretrained=False, **kw)
+            return kw
+        except TypeError:  # (an unexpected keyword argument)
+            continue
+    return {}
+
+
 def image_shape(name: str, ctx: MCtx) -> Tuple[int, int, int]:
     import flashvit
-    if not _ours(name):  # a timm-only name: its patch embedding's, from a parameterless (meta) build
+    if not _ours(name):  # a timm-only name: from a parameterless (meta) build
+        kw = overrides_for(name, ctx)
         with torch.device("meta"):
-            pe = _timm().create_model(name, pretrained=False, **ctx.overrides).patch_embed
-        return (pe.proj.in_channels, *tuple(pe.img_size))
+            m = _timm().create_model(name, pretrained=False, **kw)
+        pe = getattr(m, "patch_embed", None)
+        if hasattr(pe, "img_size") and hasattr(getattr(pe, "proj", None), "in_channels"):  # a ViT patch embedding
+            return (pe.proj.in_channels, *tuple(pe.img_size))
+        c, h, w = m.pretrained_cfg["input_size"]  # others (MaxViT's stem, PVT's overlapping patches): timm's config
+        return (c, h, w) if not ctx.overrides else (c, QUICK_STAGED_IMG, QUICK_STAGED_IMG)
     cfg = dict(flashvit.vit.MODEL_CONFIGS[name])
     cfg.update(ctx.overrides)
     s = cfg.get("img_size", 224)
@@ -351,7 +376,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
         for mode in modes:
             c, h, w = image_shape(name, ctx)
             sd = {"batch": ctx.batch[mode], "img": h if h == w else f"{h}x{w}"}
-            sd.update({k: v for k, v in ctx.overrides.items() if k != "img_size"})
+            sd.update({k: v for k, v in overrides_for(name, ctx).items() if k != "img_size"})
             for impl in which:
                 row = Row("model", name, sd, dtype_name(ctx.dtype), mode, impl, baseline=impl == "timm")
                 why = unavailable(impl, ctx, name)

@@ -455,6 +455,22 @@ def test_model_rows_for_a_timm_only_name():
             assert j.row.img_per_s > 0 and j.row.flops > 0
 
 
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0"])
+def test_model_rows_for_a_staged_timm_model(name):
+    """timm models with stages of their own (Swin, MaxViT, PVT v2: no ``depth``, no ViT patch embedding for PVT):
+    the quick run builds them whole at 64 x 64 (img_size where the model takes one), the full run at timm's
+    input size; the patched training row runs and counts its FLOPs."""
+    quick = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, False, "off", None)
+    full = model.MCtx(torch.device("cpu"), torch.float32, False, 2, 2, 0, 1, False, "off", None)
+    assert model.image_shape(name, quick) == (3, 64, 64) and model.image_shape(name, full) == (3, 224, 224)
+    assert "depth" not in model.overrides_for(name, quick)
+    jobs = model.model_jobs(quick, [name], ["timm+flashvit.patch"])
+    train = [j for j in jobs if j.row.mode == "train"]
+    assert len(train) == 1 and not train[0].unavailable
+    train[0].run(train[0].row)
+    assert train[0].row.img_per_s > 0 and train[0].row.flops > 0, train[0].row
+
+
 def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     """IMPL[key=value]: the row runs with those 'auto' verdicts flipped (LayerNorm's kernels, the fused linears in
     training on a given GEMM path) and everything is as before afterwards; bad tags are refused."""
