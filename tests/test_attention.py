@@ -244,32 +244,38 @@ def test_attention_mask_matches_float64(B, Nq, Nkv, H, D, dtype, kind, monkeypat
         assert_close_to_ref(a, b, c, factor=f, atol=FP_ATOL[dtype], name=name)
 
 
+@pytest.mark.parametrize("learned", [False, True], ids=["const", "learned"])
 @pytest.mark.parametrize("variant", ["fused", "split", "rows", "tail", "dropout"])
-def test_attention_mask_backward_variants(variant):
+def test_attention_mask_backward_variants(variant, learned):
     """Every backward form takes the mask: the one-kernel backward, split head dims (80 = 64 + 16), the row
-    splits, the split loops; and with dropout (the keep mask the op's seed draws, on the masked reference)."""
+    splits, the split loops; and with dropout (the keep mask the op's seed draws, on the masked reference).
+    ``learned``: the mask requires grad, its gradient (the kernels' dS, dropout's keep mask in it) vs float64."""
     B, N, H, D = 2, 37, 2, 80 if variant == "split" else 32
     q, k, v = _inputs(B, N, N, H, D, torch.float32)
     mask = _masks("hf_additive", B, N, N, H, torch.float32, fresh_seed())
+    if learned:
+        mask = _leaf(mask + randn(*mask.shape, device=DEVICE))
     g = randn(B, N, H, D, device=DEVICE)
     uses = {"fused": [A.use_bwd_fused(True)], "split": [A.use_head_split("split")],
             "rows": [A.use_bwd_rows(True), A.use_fwd_rows(True)], "tail": [A.use_bwd_tail(True), A.use_fwd_tail(True)],
             "dropout": []}[variant]
     p = 0.3 if variant == "dropout" else 0.0
+    inputs = (q, k, v, mask) if learned else (q, k, v)
     torch.manual_seed(1234)
     with contextlib.ExitStack() as stack:
         for use in uses:
             stack.enter_context(use)
-        got = _fwd_bwd(lambda *t: attention(*t, attn_mask=mask, dropout_p=p, backend="triton"), (q, k, v), g)
+        got = _fwd_bwd(lambda *t: attention(*t[:3], attn_mask=t[3] if learned else mask, dropout_p=p,
+                                            backend="triton"), inputs, g)
     torch.manual_seed(1234)
     keep = A.dropout_mask(B, H, N, N, p, A._draw_seed(p, torch.device(DEVICE)), torch.device(DEVICE)) if p else 1.0
 
-    def ref_fn(q_, k_, v_):
-        s_ = torch.einsum("bnhd,bmhd->bhnm", q_, k_) * D ** -0.5 + mask.double()
+    def ref_fn(q_, k_, v_, m_=None):
+        s_ = torch.einsum("bnhd,bmhd->bhnm", q_, k_) * D ** -0.5 + (mask.detach().double() if m_ is None else m_)
         return torch.einsum("bhnm,bmhd->bnhd", torch.softmax(s_, -1) * keep / (1 - p), v_)
 
-    ref = _fwd_bwd(ref_fn, [_leaf(t.double()) for t in (q, k, v)], g.double())
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+    ref = _fwd_bwd(ref_fn, [_leaf(t.double()) for t in inputs], g.double())
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dmask"), got, ref):
         assert_close_to_ref(a, b, name=name)
 
 
