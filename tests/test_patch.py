@@ -596,6 +596,39 @@ def test_timm_pvt_v2_attention_on_the_kernels_vs_float64(case, monkeypatch):
     assert lengths == [(256, 4 if case == "sr" else 49)], lengths
 
 
+def _tiny_vit_windows():
+    """timm's TinyViT-5M at 64 x 64 with 4 x 4 windows, its learned attention biases random (they start at 0)."""
+    model = _randomize(timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=5, window_sizes=(4, 4, 4, 4),
+                                         drop_path_rate=0.0), scale=0.05)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "attention_biases" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(fresh_seed())))
+    return model
+
+
+def test_timm_tiny_vit_patched_match_unpatched(calls):
+    """timm's TinyViT: its window Attention as norm -> qkv GEMM -> attention on strided q/k/v views with the learned
+    attention biases as the mask -> proj GEMM. Logits and every gradient (the biases' included) as timm's; its conv
+    stage, patch embedding, NormMlp (a norm inside) and the head's LayerNorm2d are left, named."""
+    torch.manual_seed(fresh_seed())
+    model = _tiny_vit_windows().train()
+    report = _check_patched_same(model, _images((64, 64)))
+    assert report.counts()["Attention"] == 10 and calls["attention"] == 10, report
+    assert {r[1] for r in report.left} == {"PatchEmbed", "NormMlp", "LayerNorm2d"}, report
+
+
+@needs_kernels
+def test_timm_tiny_vit_attention_on_the_kernels_vs_float64(monkeypatch):
+    """One TinyViT window Attention (second stage) in training with the kernels forced, on its input in the model,
+    against a float64 copy of it unpatched: output and every gradient, the attention biases' from the backward
+    kernel's dS."""
+    torch.manual_seed(fresh_seed())
+    model = _tiny_vit_windows().train()
+    seen = _module_on_kernels_vs_float64(model, "stages.1.blocks.0.attn", _images((64, 64)), monkeypatch)
+    assert seen == [True], seen
+
+
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
     attention hands to qkv_attention (packed), whose kernels apply it (here without autograd). Same features as the

@@ -75,6 +75,7 @@ _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
 _TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention"}  # spatial-reduction attention (PVT v2)
+_TIMM_TINYVIT_ATTENTION = {"timm.models.tiny_vit.Attention"}  # window attention with learned attention biases
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
 _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
@@ -380,6 +381,19 @@ class _FusedTimmPvtAttention(nn.Module):
         k, v = linear(x, self.kv.weight, self.kv.bias).view(B, x.shape[1], 2, H, -1).unbind(2)  # (B, N', H, Dh)
         o = attention(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
         return self.proj_drop(linear(o.reshape(B, N, C), self.proj.weight, self.proj.bias))
+
+
+class _FusedTimmTinyVitAttention(nn.Module):
+    """timm TinyViT's window Attention (values as wide as keys): norm -> qkv GEMM -> flash attention on strided
+    q/k/v views ([q | k | v] within each head) with its learned attention biases (H, N, N) as the additive mask,
+    their gradient from the backward kernel -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.get_attention_biases(x.device)  # (H, N, N)
+        B, N, _ = x.shape
+        qkv = linear(self.norm(x), self.qkv.weight, self.qkv.bias).view(B, N, self.num_heads, 3, self.key_dim)
+        o = attention(*qkv.unbind(3), self.scale, attn_mask=bias)  # (B, N, H, Dh)
+        return linear(o.reshape(B, N, self.out_dim), self.proj.weight, self.proj.bias)
 
 
 class _FusedTimmWindowAttentionV2(nn.Module):
@@ -1051,6 +1065,15 @@ def _decide_timm_pvt_attention(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _FusedTimmPvtAttention), None)
 
 
+def _decide_timm_tinyvit_attention(m: nn.Module) -> Decision:
+    if m.val_dim != m.key_dim:
+        return None, f"values {m.val_dim} wide, keys {m.key_dim}: the kernels take one head dim"
+    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
+        return None, "qkv/proj are not plain nn.Linear"
+    why = _head_dim_reason(m.key_dim)
+    return (None, why) if why else (_clone_as(m, _FusedTimmTinyVitAttention), None)
+
+
 def _decide_hf_swin_attention(m: nn.Module) -> Decision:
     projs = (m.q_proj, m.k_proj, m.v_proj, m.o_proj)
     if not all(type(x) is nn.Linear for x in projs):
@@ -1275,6 +1298,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
          attention),
         (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_timm_attention_cl, attention),
         (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_TINYVIT_ATTENTION, _decide_timm_tinyvit_attention, attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
          lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
@@ -1338,7 +1362,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
                                     | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL
-                                    | _TIMM_PVT_ATTENTION)
+                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
