@@ -441,6 +441,9 @@ def test_timm_swin_patched_match_unpatched(version, calls):
     counts = report.counts()
     assert counts["WindowAttention"] == 4 and counts["Mlp"] == 4 and not report.left, report
     assert calls["qkv_attention" if version == "v1" else "attention"] == 4, calls
+    # v1's pre-norm blocks: the first residual add with norm2 in one pass, the second in fc2's GEMM
+    assert counts.get("SwinTransformerBlock", 0) == (4 if version == "v1" else 0), report
+    assert calls.get("add_layer_norm", 0) == (4 if version == "v1" else 0), calls
 
 
 @needs_kernels

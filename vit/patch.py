@@ -78,6 +78,7 @@ _TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention"}  # spatial-reduction atte
 _TIMM_TINYVIT_ATTENTION = {"timm.models.tiny_vit.Attention"}  # window attention with learned attention biases
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
+_TIMM_SWIN_BLOCK = {"timm.models.swin_transformer.SwinTransformerBlock"}  # (v2's post-norm block: left)
 _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
@@ -714,6 +715,17 @@ class _FusedTimmBlock(nn.Module):
         return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
 
 
+class _FusedTimmSwinBlock(nn.Module):
+    """timm SwinTransformerBlock (v1, pre-norm) with the residual adds fused: its window attention as timm runs it
+    (shift, partition, attention, merge), then (x + a, norm2(x + a)) in one pass and fc2 + residual in one GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        a = self.drop_path1(self._attn(self.norm1(x)))  # (B, H, W, C)
+        y, x = _add_norm(self.norm2, a.reshape(B, -1, C), x.reshape(B, -1, C))
+        return _mlp_add(self.mlp, None, self.drop_path2, y, x).reshape(B, H, W, C)
+
+
 def _gamma_block(block: nn.Module, x: torch.Tensor, fused_attn: type, **attn_kwargs) -> torch.Tensor:
     """A pre-norm block whose LayerScales are gamma_1 / gamma_2 Parameters (or None), residual adds fused:
     gamma_1 folds into proj's GEMM where the attention is ``fused_attn``, gamma_2 and the residual into fc2's,
@@ -1266,9 +1278,10 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             patchify GEMM (timm's cls/register-token concat and pos_embed add stay in ``_pos_embed``); HF
             ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
             conv (+ class token) + positions, each in the same op.
-        residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / HF ``ViTLayer`` / ``Dinov2Layer`` / ``BeitLayer`` /
-            ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers: fuse the residual adds (add + LayerNorm in one
-            pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the GEMM before them.
+        residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / ``SwinTransformerBlock`` / HF ``ViTLayer`` /
+            ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers: fuse the residual
+            adds (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the
+            GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -1286,6 +1299,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
         (lambda m: _qualname(m) in _TIMM_EVA_BLOCK, lambda m: (_clone_as(m, _FusedTimmEvaBlock), None), residual),
         (lambda m: _qualname(m) in _TIMM_BEIT_BLOCK, lambda m: (_clone_as(m, _FusedTimmBeitBlock), None), residual),
+        (lambda m: _qualname(m) in _TIMM_SWIN_BLOCK, lambda m: (_clone_as(m, _FusedTimmSwinBlock), None), residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitLayer",
@@ -1362,7 +1376,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
                                     | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL
-                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION)
+                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION | _TIMM_SWIN_BLOCK)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
