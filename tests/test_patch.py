@@ -1119,6 +1119,12 @@ HF_FAMILY = {  # model class, config class, extra config, classes fused, classes
     "dinov2_reg": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(mlp_ratio=2, num_register_tokens=3),
                    {"LayerNorm": 5, "Dinov2WithRegistersAttention": 2, "Dinov2WithRegistersMLP": 2,
                     "Dinov2WithRegistersLayer": 2}, {"Dinov2WithRegistersPatchEmbeddings"}),
+    "ijepa": ("IJepaModel", "IJepaConfig", {},
+              {"LayerNorm": 5, "IJepaAttention": 2, "IJepaMLP": 2, "IJepaPatchEmbeddings": 1, "IJepaLayer": 2}, set()),
+    "pixio": ("PixioModel", "PixioConfig", {},
+              {"LayerNorm": 5, "PixioAttention": 2, "PixioMLP": 2, "PixioPatchEmbeddings": 1}, {"PixioLayer"}),
+    "vivit": ("VivitForVideoClassification", "VivitConfig", dict(num_frames=4, tubelet_size=[2, 8, 8]),  # gelu_fast
+              {"LayerNorm": 5, "VivitAttention": 2, "VivitMLP": 2, "VivitLayer": 2}, set()),
 }
 
 
@@ -1135,9 +1141,10 @@ def _dinov2_layer_checked(family: str = "dinov2") -> bool:
 
 @pytest.mark.parametrize("family", list(HF_FAMILY))
 def test_hf_vit_family_patched_matches_unpatched(family, calls):
-    """transformers classes generated from ViT's (DeiT, ViT-MSN, ViT-MAE's encoder, DINOv2) are fused where
-    their forward is ViT's (source compared); DINOv2's layer (layer scale) and patch embeddings (a dtype cast)
-    differ and are left, with that reason. Logits / hidden states and gradients unchanged."""
+    """transformers classes generated from ViT's (DeiT, ViT-MSN, ViT-MAE's encoder, DINOv2, I-JEPA, Pixio, ViViT's
+    encoder) are fused where their forward is ViT's (source compared); DINOv2's layer (layer scale) and patch
+    embeddings (a dtype cast) and Pixio's layer differ and are left, with that reason. Logits / hidden states and
+    gradients unchanged."""
     transformers = pytest.importorskip("transformers")
     model_cls, cfg_cls, extra, fused, left = HF_FAMILY[family]
     cfg = dict(dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2,
@@ -1151,7 +1158,8 @@ def test_hf_vit_family_patched_matches_unpatched(family, calls):
         out = m(pixel_values=x, **({"noise": noise} if family == "vit_mae" else {}))
         return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
-    report = _check_patched_same(model, _images((32, 32)), call=call)
+    x = _images((32, 32), batch=8).view(2, 4, 3, 32, 32) if family == "vivit" else _images((32, 32))  # (video)
+    report = _check_patched_same(model, x, call=call)
     layer = next((k for k in fused if k.startswith("Dinov2") and k.endswith("Layer")), None)
     if layer and not _dinov2_layer_checked(family):  # a transformers release changed it: left, and said
         fused = {k: v for k, v in fused.items() if k != layer}
@@ -1160,7 +1168,7 @@ def test_hf_vit_family_patched_matches_unpatched(family, calls):
     differ = {cls for _, cls, why in report.left if "forward differs from transformers' ViT" in why}
     assert differ == left, report.left
     assert calls["attention"] == 2 and calls["mlp"] == 2
-    assert calls.get("add_layer_norm", 0) == (2 if "Layer" in "".join(fused) else 0)
+    assert calls.get("add_layer_norm", 0) == (2 if any(k.endswith("Layer") for k in fused) else 0)
 
 
 def _count_calls(monkeypatch, cls) -> dict:

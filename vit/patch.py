@@ -84,7 +84,7 @@ _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"} 
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
 # (checked per class: a version that changes one is seen and the class is left, with that reason).
 _HF_VIT_FAMILY = {"vit": "ViT", "deit": "DeiT", "vit_msn": "ViTMSN", "vit_mae": "ViTMAE", "dinov2": "Dinov2",
-                  "dinov2_with_registers": "Dinov2WithRegisters"}
+                  "dinov2_with_registers": "Dinov2WithRegisters", "ijepa": "IJepa", "vivit": "Vivit", "pixio": "Pixio"}
 _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 # transformers' BEiT, fused class by class where its forward is the source checked (sha256 fingerprint, transformers
 # 5.24): the attention calls the AttentionInterface with the relative position bias as an additive mask (routed to
@@ -107,6 +107,7 @@ _GELUS = {
     "transformers.activations.GELUActivation": "gelu",  # erf GELU (python or torch form)
     "transformers.activations.GELUTanh": "gelu_tanh",
     "transformers.activations.NewGELUActivation": "gelu_tanh",  # the tanh formula written out
+    "transformers.activations.FastGELUActivation": "gelu_tanh",  # the same, sqrt(2/π) to 10 digits (3e-12 off)
 }
 
 
