@@ -348,11 +348,12 @@ BEIT_CASES = {  # timm's BEiT: Attention with q/v biases and a relative position
 }
 
 
-def _random_bias_tables(model):
-    """The relative position bias tables start at zero (BEiT) or near it (Swin): make them matter."""
+def _random_bias_tables(model, name="relative_position_bias_table"):
+    """The relative position bias tables start at zero (BEiT, TinyViT's attention_biases) or near it (Swin): make
+    them matter."""
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "relative_position_bias_table" in n:
+            if name in n:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(fresh_seed())))
     return model
 
@@ -603,11 +604,7 @@ def _tiny_vit_windows():
     """timm's TinyViT-5M at 64 x 64 with 4 x 4 windows, its learned attention biases random (they start at 0)."""
     model = _randomize(timm.create_model("tiny_vit_5m_224", pretrained=False, num_classes=5, window_sizes=(4, 4, 4, 4),
                                          drop_path_rate=0.0), scale=0.05)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "attention_biases" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(fresh_seed())))
-    return model
+    return _random_bias_tables(model, "attention_biases")
 
 
 def test_timm_tiny_vit_patched_match_unpatched(calls):

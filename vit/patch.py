@@ -1014,14 +1014,16 @@ def _head_dim_reason(head_dim: int) -> Optional[str]:
 
 
 def _decide_timm_attention(m: nn.Module, mixin: type = _FusedTimmAttention) -> Decision:
+    """timm attention classes with a packed qkv and a proj Linear, num_heads and head_dim (MaxViT's: dim_head)."""
     if getattr(m, "gate", None) is not None:
         return None, "gated attention (sigmoid gate) is not fused"
     if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
         return None, "qkv/proj are not plain nn.Linear"
-    attn_dim = m.num_heads * m.head_dim
+    head_dim = m.head_dim if hasattr(m, "head_dim") else m.dim_head
+    attn_dim = m.num_heads * head_dim
     if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
-        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.head_dim}"
-    why = _head_dim_reason(m.head_dim)
+        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{head_dim}"
+    why = _head_dim_reason(head_dim)
     return (None, why) if why else (_clone_as(m, mixin), None)
 
 
@@ -1056,16 +1058,6 @@ def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Mod
         why = _head_dim_reason(Dh)
         return (None, why) if why else (_clone_as(m, mixin), None)
     return decide
-
-
-def _decide_timm_attention_cl(m: nn.Module) -> Decision:
-    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
-        return None, "qkv/proj are not plain nn.Linear"
-    width = m.num_heads * m.dim_head
-    if m.qkv.out_features != 3 * width or m.proj.in_features != width:
-        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{m.dim_head}"
-    why = _head_dim_reason(m.dim_head)
-    return (None, why) if why else (_clone_as(m, _FusedTimmAttentionCl), None)
 
 
 def _decide_timm_pvt_attention(m: nn.Module) -> Decision:
@@ -1311,7 +1303,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION, _decide_qkv_proj(_FusedTimmWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION_V2, _decide_qkv_proj(_FusedTimmWindowAttentionV2, False),
          attention),
-        (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_timm_attention_cl, attention),
+        (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, lambda m: _decide_timm_attention(m, _FusedTimmAttentionCl),
+         attention),
         (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
         (lambda m: _qualname(m) in _TIMM_TINYVIT_ATTENTION, _decide_timm_tinyvit_attention, attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
