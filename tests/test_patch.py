@@ -629,6 +629,27 @@ def test_timm_tiny_vit_attention_on_the_kernels_vs_float64(monkeypatch):
     assert seen == [True], seen
 
 
+def test_timm_davit_patched_match_unpatched(calls):
+    """timm's DaViT: its WindowAttention as qkv GEMM -> attention from the packed qkv -> proj GEMM, its Mlps fused;
+    its ChannelAttention (attention over channels) and LayerNorm2d are left, named. Logits and every gradient as
+    timm's; then one window attention on the kernels (the interpreter) vs float64."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("davit_tiny", pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    report = _check_patched_same(model, _images((64, 64)))
+    assert report.counts()["WindowAttention"] == 6 and calls["qkv_attention"] == 6, report
+    assert {r[1] for r in report.left} == {"ChannelAttention", "LayerNorm2d"}, report
+
+
+@needs_kernels
+def test_timm_davit_window_attention_on_the_kernels_vs_float64(monkeypatch):
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("davit_tiny", pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    seen = _module_on_kernels_vs_float64(model, "stages.1.blocks.0.0.attn", _images((64, 64)), monkeypatch)
+    assert seen == [False], seen  # one backward launch of the kernels, no mask
+
+
 def test_timm_naflex_padded_batch_inference_runs_the_masked_kernel(calls):
     """timm's NaFlexViT with a padded batch (patch_valid): its blocks pass a padding mask, which the patched
     attention hands to qkv_attention (packed), whose kernels apply it (here without autograd). Same features as the

@@ -76,6 +76,7 @@ _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
 _TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention"}  # spatial-reduction attention (PVT v2)
 _TIMM_TINYVIT_ATTENTION = {"timm.models.tiny_vit.Attention"}  # window attention with learned attention biases
+_TIMM_DAVIT_ATTENTION = {"timm.models.davit.WindowAttention"}  # (its ChannelAttention: attention over channels, left)
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
 _TIMM_SWIN_BLOCK = {"timm.models.swin_transformer.SwinTransformerBlock"}  # (v2's post-norm block: left)
@@ -396,6 +397,14 @@ class _FusedTimmTinyVitAttention(nn.Module):
         qkv = linear(self.norm(x), self.qkv.weight, self.qkv.bias).view(B, N, self.num_heads, 3, self.key_dim)
         o = attention(*qkv.unbind(3), self.scale, attn_mask=bias)  # (B, N, H, Dh)
         return linear(o.reshape(B, N, self.out_dim), self.proj.weight, self.proj.bias)
+
+
+class _FusedTimmDavitWindowAttention(nn.Module):
+    """timm DaViT's WindowAttention (no bias, no mask): qkv GEMM -> flash attention from the packed qkv -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = qkv_attention(linear(x, self.qkv.weight, self.qkv.bias), self.num_heads, self.scale)  # (B·nW, N, C)
+        return linear(o, self.proj.weight, self.proj.bias)
 
 
 class _FusedTimmWindowAttentionV2(nn.Module):
@@ -1307,6 +1316,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
          attention),
         (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
         (lambda m: _qualname(m) in _TIMM_TINYVIT_ATTENTION, _decide_timm_tinyvit_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_DAVIT_ATTENTION, _decide_qkv_proj(_FusedTimmDavitWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
          lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
@@ -1370,7 +1380,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
                                     | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL
-                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION | _TIMM_SWIN_BLOCK)
+                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION | _TIMM_SWIN_BLOCK
+                                    | _TIMM_DAVIT_ATTENTION)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
             and type(model).__name__ in _DINOV3_CHECKED):
