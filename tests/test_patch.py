@@ -629,6 +629,29 @@ def test_timm_tiny_vit_attention_on_the_kernels_vs_float64(monkeypatch):
     assert seen == [True], seen
 
 
+@pytest.mark.parametrize("name", ["twins_pcpvt_small", "twins_svt_small"])
+def test_timm_twins_patched_match_unpatched(name, calls):
+    """timm's Twins: GlobalSubSampleAttn as PVT v2's attention (q GEMM, kv GEMM over the sr-reduced sequence,
+    Nkv < N); SVT's LocallyGroupedAttn (windows partitioned inside its forward) is left, named. Logits and every
+    gradient as timm's."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model(name, pretrained=False, num_classes=5, drop_path_rate=0.0), scale=0.05).train()
+    n_global = sum(type(m).__name__ == "GlobalSubSampleAttn" for m in model.modules())
+    report = _check_patched_same(model, _images((64, 64)))
+    assert report.counts()["GlobalSubSampleAttn"] == n_global and calls["attention"] == n_global, report
+    assert {r[1] for r in report.left} == ({"LocallyGroupedAttn"} if "svt" in name else set()), report
+
+
+@needs_kernels
+def test_timm_twins_global_attention_on_the_kernels_vs_float64(monkeypatch):
+    """One Twins GlobalSubSampleAttn (first stage: 256 queries, sr 8: 4 keys) with the kernels forced vs float64."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("twins_pcpvt_small", pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    seen = _module_on_kernels_vs_float64(model, "blocks.0.0.attn", _images((64, 64)), monkeypatch, rows=2)
+    assert seen == [False], seen  # one backward launch of the kernels, no mask
+
+
 def test_timm_davit_patched_match_unpatched(calls):
     """timm's DaViT: its WindowAttention as qkv GEMM -> attention from the packed qkv -> proj GEMM, its Mlps fused;
     its ChannelAttention (attention over channels) and LayerNorm2d are left, named. Logits and every gradient as

@@ -74,7 +74,7 @@ _TIMM_EVA_BLOCK = {"timm.models.eva.EvaBlock"}  # pre-norm, LayerScale as gamma_
 _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
-_TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention"}  # spatial-reduction attention (PVT v2)
+_TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention", "timm.models.twins.GlobalSubSampleAttn"}  # spatial reduction
 _TIMM_TINYVIT_ATTENTION = {"timm.models.tiny_vit.Attention"}  # window attention with learned attention biases
 _TIMM_DAVIT_ATTENTION = {"timm.models.davit.WindowAttention"}  # (its ChannelAttention: attention over channels, left)
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
@@ -368,9 +368,9 @@ class _FusedTimmAttentionCl(nn.Module):
 
 
 class _FusedTimmPvtAttention(nn.Module):
-    """timm PVT v2 Attention (spatial-reduction attention): q GEMM over the N tokens; keys and values by the kv GEMM
-    from the reduced sequence (timm's sr conv / pool, norm, act run as timm's), Nkv < N -> flash attention on
-    strided views -> proj GEMM."""
+    """timm PVT v2 Attention and Twins' GlobalSubSampleAttn (spatial-reduction attention): q GEMM over the N tokens;
+    keys and values by the kv GEMM from the reduced sequence (timm's sr conv / pool, norm, act run as timm's),
+    Nkv < N -> flash attention on strided views -> proj GEMM."""
 
     def forward(self, x: torch.Tensor, feat_size: List[int]) -> torch.Tensor:
         B, N, C = x.shape
@@ -378,9 +378,10 @@ class _FusedTimmPvtAttention(nn.Module):
         q = linear(x, self.q.weight, self.q.bias).view(B, N, H, -1)  # (B, N, H, Dh)
         if self.sr is not None:  # (B, N, C) -> (B, C, h, w) -> reduced -> (B, N', C)
             r = x.permute(0, 2, 1).reshape(B, C, *feat_size)
-            r = self.sr(r if self.pool is None else self.pool(r)).reshape(B, C, -1).permute(0, 2, 1)
+            pool, act = getattr(self, "pool", None), getattr(self, "act", None)  # (PVT v2's linear mode only)
+            r = self.sr(r if pool is None else pool(r)).reshape(B, C, -1).permute(0, 2, 1)
             r = self.norm(r)
-            x = r if self.act is None else self.act(r)
+            x = r if act is None else act(r)
         k, v = linear(x, self.kv.weight, self.kv.bias).view(B, x.shape[1], 2, H, -1).unbind(2)  # (B, N', H, Dh)
         o = attention(q, k, v, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0)
         return self.proj_drop(linear(o.reshape(B, N, C), self.proj.weight, self.proj.bias))
@@ -1072,10 +1073,11 @@ def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Mod
 def _decide_timm_pvt_attention(m: nn.Module) -> Decision:
     if not all(type(x) is nn.Linear for x in (m.q, m.kv, m.proj)):
         return None, "q/kv/proj are not plain nn.Linear"
-    width = m.num_heads * m.head_dim
+    head_dim = getattr(m, "head_dim", m.q.out_features // m.num_heads)  # (Twins': not kept)
+    width = m.num_heads * head_dim
     if m.q.out_features != width or m.kv.out_features != 2 * width or m.proj.in_features != width:
-        return None, f"q/kv/proj widths do not match {m.num_heads}·{m.head_dim}"
-    why = _head_dim_reason(m.head_dim)
+        return None, f"q/kv/proj widths do not match {m.num_heads}·{head_dim}"
+    why = _head_dim_reason(head_dim)
     return (None, why) if why else (_clone_as(m, _FusedTimmPvtAttention), None)
 
 
