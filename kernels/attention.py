@@ -297,7 +297,7 @@ if HAS_TRITON:
                        PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_M: tl.constexpr, MASK_D: tl.constexpr,
                        N_KV, bh, dropout_p, seed, DROPOUT: tl.constexpr, DQ_ACC, ACC_STRIDE: tl.constexpr,
                        ACC_DQ: tl.constexpr, MASK_N: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr,
-                       DMASK):
+                       DMASK, acc_ds):
         # One query block of the dK/dV loop: (dk, dv (BN, BD), dk2, dv2 (BN, BD2)) updated with queries
         # start_m .. start_m + BLOCK_M. MASK_M: the block may run past N_Q (or CAUSAL cuts it); without it, no
         # query mask at all. MASK_D: the first head-dim chunk is padded. With BLOCK_D2 = 0, k2, v2, dk2, dv2,
@@ -308,7 +308,8 @@ if HAS_TRITON:
         # in every key block (a static layout), so the adds land in key-block order: deterministic. MASK_N: the
         # block has keys past N_KV, whose dS rows are dropped from the share (their k rows are 0, but their
         # logits are 0 too, so P there is unbounded: inf·0 would be NaN).
-        # MASK_KIND 3: the additive mask's gradient, dS itself, stored at this head's (Nq, Nkv) rows at DMASK.
+        # MASK_KIND 3: the additive mask's gradient, dS itself, stored at this head's (Nq, Nkv) fp32 rows at DMASK
+        # (acc_ds: added to what is there, which the launch before stored for another batch of its chunk).
         offs_m = start_m + offs_m0
         m_ok = offs_m < N_Q
         qt = _dev_load(Q + offs_m[None, :] * sqn + offs_d[:, None] * sqd, m_ok[None, :], d_ok[:, None],
@@ -350,9 +351,11 @@ if HAS_TRITON:
             dpt = tl.where(kept, dpt * keep_scale, 0.0)
         delta = _dev_load(DELTA + offs_m, m_ok, m_ok, MASK_M, False)
         dst = pt * (dpt - delta[None, :])
-        if MASK_KIND == 3:  # each (row, key) of the head stored once: no atomics
-            tl.store(DMASK + offs_m[None, :].to(tl.int64) * N_KV + offs_n[:, None], dst.to(DMASK.dtype.element_ty),
-                     mask=m_ok[None, :] & (offs_n < N_KV)[:, None])
+        if MASK_KIND == 3:  # each (row, key) of a chunk's head in one program, in batch order: no atomics
+            ds_ptrs = DMASK + offs_m[None, :].to(tl.int64) * N_KV + offs_n[:, None]
+            ds_ok = m_ok[None, :] & (offs_n < N_KV)[:, None]
+            prev = tl.load(ds_ptrs, mask=ds_ok & acc_ds, other=0.0)  # (nothing read for a chunk's first batch)
+            tl.store(ds_ptrs, dst + prev, mask=ds_ok)
         dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
         if BLOCK_D2 > 0:
             dk2 += tl.dot(dst.to(qt2.dtype), tl.trans(qt2), input_precision=PRECISION)
@@ -374,7 +377,7 @@ if HAS_TRITON:
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                         PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC_DQ: tl.constexpr, MASK_N: tl.constexpr,
-                        Mask, mask_m, mask_n, MASK_KIND: tl.constexpr, DMASK):
+                        Mask, mask_m, mask_n, MASK_KIND: tl.constexpr, DMASK, acc_ds):
         # dK, dV of keys start_n .. start_n + BLOCK_N of one head (pointers at the head): loops over query blocks,
         # writes them once. ACC_DQ: dQ's shares into DQ_ACC on the way, MASK_N: keys past N_KV in the block
         # (see _dev_dkdv_step).
@@ -407,13 +410,13 @@ if HAS_TRITON:
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK, acc_ds)
             for start_m in range(full, N_Q, BLOCK_M):  # at most one block
                 dk, dv, dk2, dv2 = _dev_dkdv_step(Q, DO, LSE, DELTA, k, v, k2, v2, dk, dv, dk2, dv2, start_m, offs_m0,
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK, acc_ds)
         else:
             lo = 0
             if CAUSAL:
@@ -423,7 +426,7 @@ if HAS_TRITON:
                                                   offs_n, offs_d, d_ok, offs_d2, d2_ok, N_Q, sqn, sqd, sdn, sdd,
                                                   qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_KV,
                                                   bh, dropout_p, seed, DROPOUT, DQ_ACC, HEAD_DIM, ACC_DQ, MASK_N,
-                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK)
+                                                  Mask, mask_m, mask_n, MASK_KIND, DMASK, acc_ds)
         dk = dk * sm_scale
         tl.store(DK + offs_n[:, None] * skn_g + offs_d[None, :] * skd_g, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + offs_n[:, None] * svn_g + offs_d[None, :] * svd_g, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -432,11 +435,11 @@ if HAS_TRITON:
                      mask=kv2_mask)
             tl.store(DV + offs_n[:, None] * svn_g + offs_d2[None, :] * svd_g, dv2.to(DV.dtype.element_ty), mask=kv2_mask)
 
-    @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
+    @triton.jit(do_not_specialize=["row0", "n_rows", "N_CHUNK", "CHUNK_I"])  # per-call ints: one build for any value
     def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DMASK,
                        sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sdb, sdn, sdh, sdd,
                        skb_g, skn_g, skh_g, skd_g, svb_g, svn_g, svh_g, svd_g,
-                       H, N_Q, N_KV, N_BUCKET, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
+                       H, N_Q, N_KV, N_BUCKET, N_CHUNK, CHUNK_I, row0, n_rows, sm_scale, qk_scale, dropout_p, SEED,
                        Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
@@ -445,22 +448,28 @@ if HAS_TRITON:
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
-        # MASK_KIND 3: dS also goes to DMASK (B·H, Nq, Nkv), the additive mask's gradient before its broadcast sum.
+        # MASK_KIND 3: dS also goes to DMASK, fp32 (B / N_CHUNK, H, Nq, Nkv), the additive mask's gradient before
+        # its broadcast sum: batches come in chunks of N_CHUNK (of one window, with windowed masks: batches w,
+        # w + N_WIN, ...), this launch takes member CHUNK_I of each and adds its dS to the chunk's rows, which
+        # launch CHUNK_I - 1 wrote (stream order; CHUNK_I = 0 stores): a mask that broadcasts over the batch gets a
+        # buffer N_CHUNK times smaller, re-read from L2. (A loop over the chunk inside one program spilled: ptxas,
+        # sm_90, 240 bytes at D = 64, against none.) Programs: (B / N_CHUNK)·H a key block; without dS N_CHUNK = 1.
         pid = tl.program_id(0)
         seed = _dev_seed(SEED, DROPOUT)
         num_n = tl.cdiv(n_rows, BLOCK_N)
         pid_n = pid % num_n
-        pid_bh = pid // num_n
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        bh = pid_bh.to(tl.int64)
+        pid_rh = pid // num_n
+        h = (pid_rh % H).to(tl.int64)
+        r = (pid_rh // H).to(tl.int64)  # chunk row: group chunk r // N_WIN, window r % N_WIN
+        b = ((r // N_WIN) * N_CHUNK + CHUNK_I) * N_WIN + r % N_WIN
+        bh = b * H + h
         _dev_dkdv_block(Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, DO + b * sdb + h * sdh,
                         LSE + bh * 2 * N_Q, DELTA + bh * N_Q, DK + b * skb_g + h * skh_g, DV + b * svb_g + h * svh_g,
                         LSE, row0 + pid_n * BLOCK_N, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd, sdn, sdd, skn_g, skd_g,
                         svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM, BLOCK_D, BLOCK_D2, CAUSAL,
                         PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, False, False,
                         _dev_mask_head(Mask, b, h, mask_b, mask_w, N_WIN, mask_h), mask_m, mask_n, MASK_KIND,
-                        DMASK + bh * N_Q * N_KV)
+                        DMASK + (r * H + h) * N_Q * N_KV, CHUNK_I > 0)
 
     @triton.jit
     def _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, col0, HEAD_DIM: tl.constexpr, WIDTH: tl.constexpr,
@@ -528,13 +537,13 @@ if HAS_TRITON:
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
                             BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, False, Mask,
-                            mask_m, mask_n, MASK_KIND, DMASK)
+                            mask_m, mask_n, MASK_KIND, DMASK, False)
         tl.debug_barrier()  # the last block's adds come from other code (maybe other threads): after the rest
         for start_n in range(full, N_KV, BLOCK_N):  # at most one block: the keys past the last full one
             _dev_dkdv_block(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, start_n, N_Q, N_KV, sqn, sqd, skn, skd, svn, svd,
                             sdn, sdd, skn_g, skd_g, svn_g, svd_g, sm_scale, qk_scale, bh, dropout_p, seed, HEAD_DIM,
                             BLOCK_D, BLOCK_D2, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, True, True, Mask,
-                            mask_m, mask_n, MASK_KIND, DMASK)
+                            mask_m, mask_n, MASK_KIND, DMASK, False)
         tl.debug_barrier()
         _dev_dq_acc_pass(DQ_ACC, DQ, N_Q, sqn_g, sqd_g, sm_scale, 0, HEAD_DIM, BLOCK_D, BLOCK_M, False)
         if BLOCK_D2 > 0:
@@ -1164,17 +1173,25 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward kernel launches: preprocess delta, then dK/dV and dQ (or the fused kernel alone: use_bwd_fused).
     Returns (dq, dk, dv). ``dropout_p``, ``seed`` and ``mask`` (a view as attention_fwd takes it): the forward's.
-    ``dmask`` (a float mask's gradient wanted): a contiguous (B, H, Nq, Nkv) buffer the dK/dV kernel writes dS
-    into, every element (the gradient of the mask before its broadcast dims are summed: _mask_grad)."""
+    ``dmask`` (a float mask's gradient wanted): a contiguous fp32 (B / C, H, Nq, Nkv) buffer the dK/dV kernel
+    writes dS into, every element, summed over chunks of C batches (C dividing the batch, or the groups of a
+    windowed mask, where the mask broadcasts over them: _mask_grad_buffer; the split backward then) before
+    _mask_grad sums the rest."""
     _check_dropout(dropout_p)
     B, NQ, H, D = q.shape
     NKV = k.shape[1]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    chunk = 1
     if dmask is not None:
-        if mask is None or mask.dtype == torch.bool or dmask.shape != (B, H, NQ, NKV) or not dmask.is_contiguous():
-            raise ValueError("dmask is a float mask's gradient: a contiguous (B, H, Nq, Nkv) buffer")
+        groups = B // mask.shape[1] if mask is not None and mask.dim() == 5 else B
+        if (mask is None or mask.dtype == torch.bool or dmask.dtype != torch.float32 or not dmask.is_contiguous()
+                or dmask.dim() != 4 or dmask.shape[1:] != (H, NQ, NKV) or dmask.shape[0] < 1
+                or B % dmask.shape[0] or groups % (B // dmask.shape[0])):
+            raise ValueError("dmask is a float mask's gradient: a contiguous fp32 (B / C, H, Nq, Nkv) buffer, C "
+                             "dividing the batch (a windowed mask's groups)")
+        chunk = B // dmask.shape[0]
     if q.numel() == 0 or k.numel() == 0:
         if dmask is not None:
             dmask.zero_()
@@ -1188,8 +1205,9 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do))
     tail = (scale, scale * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
     grad_consts = consts if dmask is None else dict(consts, MASK_KIND=3)  # the dK/dV kernels store dS
-    dm = q if dmask is None else dmask
-    if (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
+    dm = lse if dmask is None else dmask  # (an fp32 placeholder)
+    fused = (_bwd_fused[-1] if _bwd_fused else BWD_FUSED) and chunk == 1  # (dS chunks: the split kernels)
+    if fused and (INTERPRET or _configs_for("fused", bd + bd2, q.element_size())):
         acc = torch.empty((B * H, NQ, D), dtype=torch.float32, device=q.device)  # dQ, fp32, before the scale
         _launch("fused", 1, B * H, (q, k, v, do, o, lse, delta, dk, dv, dq, acc, dm, *common, *_strides(o),
                                     *_strides(dk), *_strides(dv), *_strides(dq), H, NQ, NKV, _bucket(NKV), *tail),
@@ -1200,8 +1218,10 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     _PREPROCESS((cdiv(NQ, rows) * B * H,), (o, do, delta, *_strides(o), *_strides(do), H, NQ),
                 dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4))
     split = _bwd_rows[-1] if _bwd_rows else BWD_ROW_SPLIT
-    _launch_rows("dkdv", NKV, B * H, (q, k, v, do, lse, delta, dk, dv, dm, *common, *_strides(dk), *_strides(dv),
-                                      H, NQ, NKV, _bucket(NKV)), tail, grad_consts, split)
+    for member in range(chunk):  # (dS chunks: each launch adds its batches' dS to the launch before's)
+        _launch_rows("dkdv", NKV, B // chunk * H, (q, k, v, do, lse, delta, dk, dv, dm, *common, *_strides(dk),
+                                                   *_strides(dv), H, NQ, NKV, _bucket(NKV), chunk, member), tail,
+                     grad_consts, split)
     _launch_rows("dq", NQ, B * H, (q, k, v, do, lse, delta, dq, *common, *_strides(dq), H, NQ, NKV, _bucket(NKV)),
                  tail, consts, split)
     return dq, dk, dv
@@ -1225,16 +1245,39 @@ def _mask_view(mask: Optional[torch.Tensor], B: int, H: int, NQ: int, NKV: int) 
     return mask.expand(B, H, NQ, NKV)
 
 
+_SM_COUNT: Dict[torch.device, int] = {}
+
+
+def _ds_chunk(mask: torch.Tensor, B: int, H: int, NKV: int) -> int:
+    """Batches whose dS the dK/dV launches sum in one row of attention_bwd's dmask (one launch a member): 1
+    unless the mask broadcasts over the batch (over a windowed mask's groups); then the largest divisor of those
+    B (B / W) up to 16 that leaves about 4 programs an SM a launch (with 64-key blocks), so the buffer shrinks
+    that much; 2 in the interpreter (tests)."""
+    groups = B // mask.shape[1] if mask.dim() == 5 else B
+    if mask.shape[0] != 1 or groups == 1:
+        return 1
+    if INTERPRET or mask.device.type != "cuda":
+        want = 2
+    else:
+        if mask.device not in _SM_COUNT:
+            _SM_COUNT[mask.device] = torch.cuda.get_device_properties(mask.device).multi_processor_count
+        programs = B * H * cdiv(NKV, 64)
+        want = programs // (4 * _SM_COUNT[mask.device])
+    return max(c for c in range(1, min(want, 16, groups) + 1) if groups % c == 0)
+
+
 def _mask_grad_buffer(mask: torch.Tensor, want: bool, B: int, H: int, NQ: int, NKV: int) -> Optional[torch.Tensor]:
-    """The (B, H, Nq, Nkv) buffer (the mask's dtype) the dK/dV kernels write dS into when the mask's gradient is
-    wanted (``want``), else None."""
-    return torch.empty((B, H, NQ, NKV), dtype=mask.dtype, device=mask.device) if want else None
+    """The fp32 (B / C, H, Nq, Nkv) buffer the dK/dV kernels write dS into, summed over chunks of C batches
+    (_ds_chunk), when the mask's gradient is wanted (``want``), else None."""
+    if not want:
+        return None
+    return torch.empty((B // _ds_chunk(mask, B, H, NKV), H, NQ, NKV), dtype=torch.float32, device=mask.device)
 
 
 def _mask_grad(ds: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``mask`` (4-D, or windowed 5-D, as the ops take it) from dS at every (B, H, Nq, Nkv) score
-    (``ds``: summed over the dims where the mask broadcasts), or an empty tensor where ``ds`` is None (the op's
-    output when no gradient is wanted)."""
+    """The gradient of ``mask`` (4-D, or windowed 5-D, as the ops take it) from dS at every score, fp32
+    (B / C, H, Nq, Nkv) with chunks of C batches summed (``ds``: summed over the dims where the mask broadcasts,
+    in the mask's dtype), or an empty tensor where ``ds`` is None (the op's output when no gradient is wanted)."""
     if ds is None:
         return mask.new_empty(0)
     d = ds if mask.dim() == 4 else ds.view(-1, mask.shape[1], *ds.shape[1:])
@@ -1662,7 +1705,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: 
     (True: attend) or float (added to the scaled logits; values at or below -1e30, such as HF's finfo.min,
     mask the key out). The forward and backward kernels apply it; a row masked everywhere gives zeros (and zero
     gradients). A float mask that requires grad (a learned relative-position bias) gets its gradient from the
-    backward kernel (dS at every score, (B, H, Nq, Nkv) in the mask's dtype, summed where the mask broadcasts).
+    backward kernel (dS at every score, summed over chunks of batches in the kernel where the mask broadcasts over
+    the batch, then by torch over the rest of its broadcast dims: _mask_grad_buffer, _mask_grad).
     Windowed (Swin's shifted windows): a 5-D (B / W or 1, W, H or 1, Nq, Nkv) mask, batch b taking window
     b % W, as ``scores.view(B // W, W, H, Nq, Nkv) + mask`` does, with no (B, H, Nq, Nkv) copy of it.
     """
@@ -1771,11 +1815,11 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     sig: Dict[str, str] = {}
     consts: Dict[str, object] = {}
     for name in kern.arg_names:
-        if name in ("LSE", "DELTA", "DQ_ACC"):
+        if name in ("LSE", "DELTA", "DQ_ACC", "DMASK"):  # (DMASK: the mask's gradient rows, fp32)
             sig[name] = "*fp32"
         elif name == "SEED":
             sig[name] = "*i64"
-        elif name[0].isupper() and name not in _CONSTEXPRS and name not in ("H", "N_Q", "N_KV", "N_BUCKET", "N_WIN"):
+        elif name[0].isupper() and name not in _CONSTEXPRS and name not in _INT_ARGS:
             sig[name] = ptr
         elif name in _CONSTEXPRS:
             sig[name] = "constexpr"
@@ -1789,6 +1833,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     return sig, consts
 
 
+_INT_ARGS = ("H", "N_Q", "N_KV", "N_BUCKET", "N_WIN", "N_CHUNK", "CHUNK_I")
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "BLOCK_M",
                "BLOCK_N", "MASK_KIND")
 
@@ -1841,8 +1886,7 @@ def _aot_specs() -> List[AotSpec]:
                         masks += [(3, "*fp32"), (3, "*bf16")]
                     for mk, mty in masks:
                         specs.append(runtime_spec(
-                            kern, dict(sig, Mask=mty, **({"DMASK": mty} if "DMASK" in sig else {})),
-                            dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,
+                            kern, dict(sig, Mask=mty), dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk), w, s,
                             f"attn_{kind}[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},mask={mk}:{mty[1:]}]",
                             div16=_row_strides(sig)))
                 if i == 0 and not part and ty in ("bf16", "fp16") and d in (64, 80, 128):

@@ -307,13 +307,15 @@ _LEARNED_SHAPES = {  # mask shape for (B, N, H): SDPA-broadcast and windowed (Sw
 }
 
 
-@pytest.mark.parametrize("variant", ["split", "fused", "headsplit"])
+@pytest.mark.parametrize("variant", ["split", "unchunked", "fused", "headsplit"])
 @pytest.mark.parametrize("shape", list(_LEARNED_SHAPES))
 def test_attention_learned_mask_gradient_in_the_kernels(shape, variant, monkeypatch):
     """A float mask that requires grad (BEiT's, Swin's relative-position bias): the kernels run forward and
-    backward, the dK/dV kernel writes dS into a (B, H, Nq, Nkv) buffer (poisoned first: every element must be
-    written), summed where the mask broadcasts; out, dq, dk, dv and dmask vs float64, every backward form. Some
-    keys carry -inf (Swin's shifted-window mask): their gradient is 0, as SDPA's."""
+    backward, the dK/dV kernel writes dS into an fp32 (B / C, H, Nq, Nkv) buffer (poisoned first: every element
+    must be written), each program summing C = 2 batches where the mask broadcasts over them (``unchunked`` and
+    the one-kernel backward: C = 1), the rest summed where the mask broadcasts; out, dq, dk, dv and dmask vs
+    float64, every backward form. Some keys carry -inf (Swin's shifted-window mask): their gradient is 0, as
+    SDPA's."""
     B, N, H, D = 4, 11, 2, 80 if variant == "headsplit" else 16
     q, k, v = _inputs(B, N, N, H, D, torch.float32)
     mshape = _LEARNED_SHAPES[shape](B, N, H)
@@ -328,11 +330,15 @@ def test_attention_learned_mask_gradient_in_the_kernels(shape, variant, monkeypa
         bufs.append(t)
         return None if t is None else poison(t)
     monkeypatch.setattr(A, "_mask_grad_buffer", poisoned)
+    if variant in ("unchunked", "fused"):
+        monkeypatch.setattr(A, "_ds_chunk", lambda *a: 1)
+    broadcast = len(mshape) < 4 or mshape[0] == 1  # over the batch (a windowed mask's groups)
+    chunk = 2 if variant not in ("unchunked", "fused") and broadcast else 1  # (groups here: 4 or 2)
     g = randn(B, N, H, D, device=DEVICE)
-    use = {"split": A.use_bwd_fused(False), "fused": A.use_bwd_fused(True), "headsplit": A.use_head_split("split")}
-    with use[variant]:
+    use = {"fused": A.use_bwd_fused(True), "headsplit": A.use_head_split("split")}.get(variant, A.use_bwd_fused(False))
+    with use:
         got = _fwd_bwd(lambda *t: attention(*t[:3], attn_mask=t[3], backend="triton"), (q, k, v, m), g)
-    assert len(bufs) == 1 and bufs[0] is not None and bufs[0].shape == (B, H, N, N)
+    assert len(bufs) == 1 and bufs[0] is not None and bufs[0].shape == (B // chunk, H, N, N), bufs[0].shape
     ref = _fwd_bwd(lambda *t: A.attention_reference(*t[:3], attn_mask=t[3]), [_leaf(t.double()) for t in (q, k, v, m)],
                    g.double())
     assert got[4].shape == mshape
