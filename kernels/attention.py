@@ -1250,20 +1250,23 @@ _SM_COUNT: Dict[torch.device, int] = {}
 
 def _ds_chunk(mask: torch.Tensor, B: int, H: int, NKV: int) -> int:
     """Batches whose dS the dK/dV launches sum in one row of attention_bwd's dmask (one launch a member): 1
-    unless the mask broadcasts over the batch (over a windowed mask's groups); then the largest divisor of those
-    B (B / W) up to 16 that leaves about 4 programs an SM a launch (with 64-key blocks), so the buffer shrinks
-    that much; 2 in the interpreter (tests)."""
+    unless the mask broadcasts over the batch (over a windowed mask's groups); then _chunk_for's pick on a GPU,
+    2 in the interpreter (tests)."""
     groups = B // mask.shape[1] if mask.dim() == 5 else B
     if mask.shape[0] != 1 or groups == 1:
         return 1
     if INTERPRET or mask.device.type != "cuda":
-        want = 2
-    else:
-        if mask.device not in _SM_COUNT:
-            _SM_COUNT[mask.device] = torch.cuda.get_device_properties(mask.device).multi_processor_count
-        programs = B * H * cdiv(NKV, 64)
-        want = programs // (4 * _SM_COUNT[mask.device])
-    return max(c for c in range(1, min(want, 16, groups) + 1) if groups % c == 0)
+        return _chunk_for(groups, 2)
+    if mask.device not in _SM_COUNT:
+        _SM_COUNT[mask.device] = torch.cuda.get_device_properties(mask.device).multi_processor_count
+    return _chunk_for(groups, B * H * cdiv(NKV, 64) // (4 * _SM_COUNT[mask.device]))
+
+
+def _chunk_for(groups: int, want: int) -> int:
+    """The largest divisor of ``groups`` up to ``want`` (``programs // (4·SMs)``: about 4 programs an SM a launch,
+    64-key blocks) and 16, at least 1."""
+    top = max(1, min(want, 16, groups))
+    return max(c for c in range(1, top + 1) if groups % c == 0)
 
 
 def _mask_grad_buffer(mask: torch.Tensor, want: bool, B: int, H: int, NQ: int, NKV: int) -> Optional[torch.Tensor]:

@@ -346,6 +346,16 @@ def test_attention_learned_mask_gradient_in_the_kernels(shape, variant, monkeypa
         assert_close_to_ref(a, b, name=name)
 
 
+def test_learned_mask_chunk_pick():
+    """The batches a dS row sums (_chunk_for): a divisor of the groups, at most 16 and the launch's share, at least 1
+    (a batch of 2 on a big GPU: 1; BEiT-B's batch 128 on 132 SMs: 8; Swin-T's 128 groups of 64 windows: 16)."""
+    assert A._chunk_for(2, 0) == 1 and A._chunk_for(7, 5) == 1 and A._chunk_for(12, 5) == 4
+    assert A._chunk_for(128, 128 * 12 * 4 // (4 * 132)) == 8 and A._chunk_for(128, 8192 * 3 // (4 * 132)) == 16
+    m = torch.zeros(1, 2, 5, 5, device=DEVICE)
+    assert A._ds_chunk(m, 4, 2, 5) == 2 and A._ds_chunk(m.expand(4, 2, 5, 5), 4, 2, 5) == 1
+    assert A._ds_chunk(torch.zeros(1, 4, 1, 5, 5, device=DEVICE), 4, 2, 5) == 1  # one group: nothing to sum
+
+
 @pytest.mark.parametrize("mdtype", [torch.float16, torch.float32], ids=["fp16-mask", "fp32-mask"])
 def test_attention_learned_mask_fp16(mdtype):
     """fp16 q, k, v with a learned bias in fp16 (a model cast to half) or fp32 (a bias kept in fp32): dmask in the
