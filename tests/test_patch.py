@@ -442,9 +442,21 @@ def test_timm_swin_patched_match_unpatched(version, calls):
     counts = report.counts()
     assert counts["WindowAttention"] == 4 and counts["Mlp"] == 4 and not report.left, report
     assert calls["qkv_attention" if version == "v1" else "attention"] == 4, calls
-    # v1's pre-norm blocks: the first residual add with norm2 in one pass, the second in fc2's GEMM
+    # v1's pre-norm blocks (their forward the source checked): the first residual add with norm2 in one pass, the
+    # second in fc2's GEMM
     assert counts.get("SwinTransformerBlock", 0) == (4 if version == "v1" else 0), report
     assert calls.get("add_layer_norm", 0) == (4 if version == "v1" else 0), calls
+
+
+def test_timm_swin_block_of_another_source_is_left(monkeypatch):
+    """A SwinTransformerBlock whose forward is not the source checked (a timm release that changed it) keeps its own
+    forward, named in the report; its attention and MLP are still fused and the logits are timm's."""
+    monkeypatch.setattr(patch_mod, "_TIMM_SWIN_BLOCK_CHECKED", {"0" * 16})
+    torch.manual_seed(fresh_seed())
+    model = _swin("v1").train()
+    report = _check_patched_same(model, _images(model.patch_embed.img_size))
+    assert "SwinTransformerBlock" not in report.counts() and report.counts()["WindowAttention"] == 4, report
+    assert [c for _, c, w in report.left if "is not the source flashvit checked" in w] == ["SwinTransformerBlock"] * 4
 
 
 @needs_kernels

@@ -80,6 +80,7 @@ _TIMM_DAVIT_ATTENTION = {"timm.models.davit.WindowAttention"}  # (its ChannelAtt
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
 _TIMM_WINDOW_ATTENTION = {"timm.models.swin_transformer.WindowAttention"}  # Swin v1
 _TIMM_SWIN_BLOCK = {"timm.models.swin_transformer.SwinTransformerBlock"}  # (v2's post-norm block: left)
+_TIMM_SWIN_BLOCK_CHECKED = {"fd1bed56ca8efa1a"}  # its forward's source (timm 1.0.31): the fused one redoes it
 _TIMM_WINDOW_ATTENTION_V2 = {"timm.models.swin_transformer_v2.WindowAttention"}  # cosine attention
 # transformers model folders whose ViT-style classes (<Prefix>Layer, Attention, MLP, PatchEmbeddings) are generated
 # from ViT's; such a class is fused as ViT's only where its forward's source is ViT's with the prefix swapped
@@ -1070,6 +1071,11 @@ def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Mod
     return decide
 
 
+def _decide_timm_swin_block(m: nn.Module) -> Decision:
+    why = _unchecked(type(m).__name__ + ".forward", type(m).forward, _TIMM_SWIN_BLOCK_CHECKED)
+    return (None, why) if why else (_clone_as(m, _FusedTimmSwinBlock), None)
+
+
 def _decide_timm_pvt_attention(m: nn.Module) -> Decision:
     if not all(type(x) is nn.Linear for x in (m.q, m.kv, m.proj)):
         return None, "q/kv/proj are not plain nn.Linear"
@@ -1303,7 +1309,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_BLOCK, lambda m: (_clone_as(m, _FusedTimmBlock), None), residual),
         (lambda m: _qualname(m) in _TIMM_EVA_BLOCK, lambda m: (_clone_as(m, _FusedTimmEvaBlock), None), residual),
         (lambda m: _qualname(m) in _TIMM_BEIT_BLOCK, lambda m: (_clone_as(m, _FusedTimmBeitBlock), None), residual),
-        (lambda m: _qualname(m) in _TIMM_SWIN_BLOCK, lambda m: (_clone_as(m, _FusedTimmSwinBlock), None), residual),
+        (lambda m: _qualname(m) in _TIMM_SWIN_BLOCK, _decide_timm_swin_block, residual),
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitLayer",
