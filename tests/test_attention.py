@@ -312,10 +312,10 @@ _LEARNED_SHAPES = {  # mask shape for (B, N, H): SDPA-broadcast and windowed (Sw
 def test_attention_learned_mask_gradient_in_the_kernels(shape, variant, monkeypatch):
     """A float mask that requires grad (BEiT's, Swin's relative-position bias): the kernels run forward and
     backward, the dK/dV kernel writes dS into an fp32 (B / C, H, Nq, Nkv) buffer (poisoned first: every element
-    must be written), each program summing C = 2 batches where the mask broadcasts over them (``unchunked`` and
-    the one-kernel backward: C = 1), the rest summed where the mask broadcasts; out, dq, dk, dv and dmask vs
-    float64, every backward form. Some keys carry -inf (Swin's shifted-window mask): their gradient is 0, as
-    SDPA's."""
+    must be written), C = 2 launches each adding one batch of every chunk of 2 where the mask broadcasts over them
+    (``unchunked`` and the one-kernel backward: C = 1), the rest summed where the mask broadcasts; out, dq, dk, dv
+    and dmask vs float64, every backward form. Some keys carry -inf (Swin's shifted-window mask): their gradient is
+    0, as SDPA's."""
     B, N, H, D = 4, 11, 2, 80 if variant == "headsplit" else 16
     q, k, v = _inputs(B, N, N, H, D, torch.float32)
     mshape = _LEARNED_SHAPES[shape](B, N, H)
