@@ -1341,11 +1341,9 @@ def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
 def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor, o: torch.Tensor,
                            lse: torch.Tensor, rope: torch.Tensor, num_heads: int, rope_prefix: int, rope_half: bool,
                            softmax_scale: float, allow_tf32: bool = False, dropout_p: float = 0.0,
-                           seed: Seed = None, mask: Optional[torch.Tensor] = None,
-                           dmask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           seed: Seed = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Packed backward with rotary q, k: dq, dk (of the rotated q, k) and dv land in one (B, N, 3·H·D) gradient,
-    then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k (``dmask``: see
-    attention_bwd)."""
+    then one in-place RoPE pass turns dq, dk into the gradients of the unrotated q, k."""
     B, N, C3 = qkv.shape
     D = C3 // (3 * num_heads)
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
@@ -1353,7 +1351,7 @@ def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor
     q, k = qk.unbind(2)
     attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], o.unflatten(-1, (num_heads, -1)), lse,
                   softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
-                  mask=_mask_view(mask, B, num_heads, N, N), dmask=dmask)
+                  mask=_mask_view(mask, B, num_heads, N, N))
     dqk = dqkv.view(B, N, 3, num_heads, D)[:, :, :2]
     rope_apply(dqk, dqk, rope_table(rope, B, num_heads, N - rope_prefix, D), rope_prefix, rope_half, backward=True)
     return dqkv
