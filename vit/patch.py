@@ -354,17 +354,20 @@ class _FusedTimmWindowAttention(nn.Module):
 
 
 class _FusedTimmAttentionCl(nn.Module):
-    """timm MaxViT's AttentionCl (channels-last windows and grids, (B, ..., C)): qkv GEMM -> flash attention on
-    q, k, v strided views of its output (head_first: [q | k | v] within each head, else packed (3, H, Dh)) with
+    """timm MaxViT's AttentionCl (channels-last windows and grids, (B, ..., C)): qkv GEMM -> flash attention with
     the relative position bias (RelPosBias / RelPosMlp / RelPosBiasTf, else the shared one) as its additive mask,
-    its gradient from the backward kernel -> proj GEMM."""
+    its gradient from the backward kernel -> proj GEMM. The packed (3, H, Dh) layout is read in place
+    (qkv_attention: one packed gradient); head_first's ([q | k | v] within each head) as strided views."""
 
     def forward(self, x: torch.Tensor, shared_rel_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, H, Dh = x.shape[0], self.num_heads, self.dim_head
         qkv = linear(x, self.qkv.weight, self.qkv.bias).view(B, -1, 3 * H * Dh)  # (B, N, 3·H·Dh)
-        parts = qkv.view(B, -1, H, 3, Dh).unbind(3) if self.head_first else qkv.view(B, -1, 3, H, Dh).unbind(2)
         bias = self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos  # (1, H, N, N) or None
-        o = attention(*parts, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0, attn_mask=bias)
+        p = self.attn_drop.p if self.training else 0.0
+        if self.head_first:
+            o = attention(*qkv.view(B, -1, H, 3, Dh).unbind(3), self.scale, dropout_p=p, attn_mask=bias)
+        else:
+            o = qkv_attention(qkv, H, self.scale, dropout_p=p, attn_mask=bias)  # (B, N, H·Dh)
         return self.proj_drop(linear(o.reshape(*x.shape[:-1], H * Dh), self.proj.weight, self.proj.bias))
 
 
@@ -1024,18 +1027,10 @@ def _head_dim_reason(head_dim: int) -> Optional[str]:
     return None
 
 
-def _decide_timm_attention(m: nn.Module, mixin: type = _FusedTimmAttention) -> Decision:
-    """timm attention classes with a packed qkv and a proj Linear, num_heads and head_dim (MaxViT's: dim_head)."""
+def _decide_timm_attention(m: nn.Module) -> Decision:
     if getattr(m, "gate", None) is not None:
         return None, "gated attention (sigmoid gate) is not fused"
-    if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear):
-        return None, "qkv/proj are not plain nn.Linear"
-    head_dim = m.head_dim if hasattr(m, "head_dim") else m.dim_head
-    attn_dim = m.num_heads * head_dim
-    if m.qkv.out_features != 3 * attn_dim or m.proj.in_features != attn_dim:
-        return None, f"qkv/proj widths do not match 3·{m.num_heads}·{head_dim}"
-    why = _head_dim_reason(head_dim)
-    return (None, why) if why else (_clone_as(m, mixin), None)
+    return _decide_qkv_proj(_FusedTimmAttention)(m)
 
 
 def _decide_timm_rope_attention(m: nn.Module) -> Decision:
@@ -1055,9 +1050,9 @@ def _decide_timm_rope_attention(m: nn.Module) -> Decision:
 
 
 def _decide_qkv_proj(mixin: type, own_qkv_bias: bool = True) -> Callable[[nn.Module], Decision]:
-    """The decider for timm attention classes with a packed ``qkv`` and a ``proj`` Linear and ``num_heads`` (BEiT's,
-    Swin's): plain nn.Linear (``own_qkv_bias`` False: qkv without a bias of its own, the module adds q/v biases),
-    widths 3·H·Dh and H·Dh, a head dim the kernels take; then a clone as ``mixin``."""
+    """The decider for timm attention classes with a packed ``qkv`` and a ``proj`` Linear and ``num_heads`` (ViT's,
+    BEiT's, Swin's, MaxViT's, ...): plain nn.Linear (``own_qkv_bias`` False: qkv without a bias of its own, the
+    module adds q/v biases), widths 3·H·Dh and H·Dh, a head dim the kernels take; then a clone as ``mixin``."""
     def decide(m: nn.Module) -> Decision:
         if not (type(m.qkv) is nn.Linear and type(m.proj) is nn.Linear) or (
                 not own_qkv_bias and m.qkv.bias is not None):
@@ -1269,7 +1264,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         attention: timm ``Attention`` (qkv GEMM -> flash attention -> proj GEMM; q/k norms kept exactly);
             timm ``EvaAttention`` / ``AttentionRope`` (EVA-02, DINOv3, RoPE ViTs: RoPE of q, k fused before the
             flash kernels; grouped-query attention left); timm BEiT ``Attention`` (q/v biases in the qkv GEMM, the
-            relative position bias the kernels' additive mask; a learned bias in training: SDPA differentiates it);
+            relative position bias the kernels' additive mask, a learned one's gradient from the backward kernel),
+            Swin v1 / v2, vit_relpos, MaxViT, TinyViT, DaViT, PVT v2 and Twins attention (README's table);
             transformers' ``DINOv3ViTAttention`` (q/k/v as one
             GEMM, RoPE + flash attention; source checked) and CLIP / SigLIP attention (q/k/v as one GEMM;
             masked calls run theirs);
@@ -1320,13 +1316,11 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION, _decide_qkv_proj(_FusedTimmWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_WINDOW_ATTENTION_V2, _decide_qkv_proj(_FusedTimmWindowAttentionV2, False),
          attention),
-        (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, lambda m: _decide_timm_attention(m, _FusedTimmAttentionCl),
-         attention),
+        (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_qkv_proj(_FusedTimmAttentionCl), attention),
         (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
         (lambda m: _qualname(m) in _TIMM_TINYVIT_ATTENTION, _decide_timm_tinyvit_attention, attention),
         (lambda m: _qualname(m) in _TIMM_DAVIT_ATTENTION, _decide_qkv_proj(_FusedTimmDavitWindowAttention), attention),
-        (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION,
-         lambda m: _decide_timm_attention(m, _FusedTimmRelPosAttention), attention),
+        (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION, _decide_qkv_proj(_FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
