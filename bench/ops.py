@@ -357,6 +357,52 @@ def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+DROP_PATH_P = 0.1  # DeiT-B's stochastic depth rate
+
+
+def drop_path_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """Stochastic depth's residual add in training: add_layer_norm with the factor per sample (x_scale) vs eager's
+    drop_path (a multiply) + add + LayerNorm, and torch.compile of that; rows 256x197 (B = 256 samples)."""
+    from flashvit.kernels import add_layer_norm
+    rows, dims = (QUICK_LN_ROWS, QUICK_LN_DIMS) if ctx.quick else (LN_ROWS, LN_DIMS[:2])
+    dt, e = dtype_name(ctx.dtype), torch.empty((), dtype=ctx.dtype).element_size()
+    knote = kernel_note("layernorm")
+    main: List[Job] = []
+    late: List[Job] = []
+    for D in dims:
+        shape = (*rows, D)
+        M = rows[0] * rows[1]
+        sd = {"rows": f"{rows[0]}x{rows[1]}", "D": D, "p": DROP_PATH_P}
+
+        def args(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
+            keep = 1.0 - DROP_PATH_P
+            s = (torch.rand(shape[0], device=ctx.device) < keep).to(ctx.dtype) / keep  # (B,), no grad
+            return (_randn(shape, ctx, grad=grad), _randn(shape, ctx, grad=grad),
+                    _randn((D,), ctx, 0.1, grad, offset=1.0), _randn((D,), ctx, 0.1, grad), s)
+
+        def eager(x, r, w, b, s, D=D):
+            h = r + x * s.view(-1, 1, 1)  # timm: x + drop_path(a)
+            return F.layer_norm(h, (D,), w, b, LN_EPS), h
+
+        def ours(x, r, w, b, s):
+            return add_layer_norm(x, r, w, b, LN_EPS, x_scale=s, backend="triton")
+
+        for mode in ("fwd", "fwd+bwd"):
+            nbytes = 4 * M * D * e + (4 * M * D * e if mode == "fwd+bwd" else 0)  # x, r in, y, h out; dy, dh, h in,
+            # dx out (dr = dh: no copy)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", mode=mode, nbytes=nbytes, sd=sd) -> Row:
+                return Row("ops", "add_layer_norm+drop_path", dict(sd), dt, mode, impl, baseline=baseline,
+                           bytes=float(nbytes), note=note)
+
+            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
 def ln_chunks_note(d: int) -> str:
     """'' where LayerNorm's backward splits width ``d`` into two column chunks (use_ln_chunks), else why not."""
     L = importlib.import_module("flashvit.kernels.layernorm")
@@ -913,6 +959,7 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "swiglu": swiglu_jobs,
     "rope": rope_attention_jobs,
     "mask": masked_attention_jobs,
+    "droppath": drop_path_jobs,
     "gemm-configs": gemm_config_jobs,
 }
 

@@ -81,10 +81,12 @@ else:  # pragma: no cover - no triton on this platform; the kernels are never la
 
 @_jit
 def _ln_fwd_kernel(
-    X, R, W, B, Y, H, Mean, Rstd,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
-    M, N, stride_x, stride_r, stride_y, stride_h, eps,
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr,
+    X, R, W, B, Y, H, Mean, Rstd, S,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
+    M, N, stride_x, stride_r, stride_y, stride_h, eps, T,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
+    # HAS_SCALE (with HAS_RES): h = x·s + r, S (M / T,) one factor for each sample's T rows (stochastic depth:
+    # 0 or 1 / keep_prob); x·s rounds to x's dtype first, as eager's drop_path(x) + r.
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -97,6 +99,10 @@ def _ln_fwd_kernel(
     # sums below: a row of equal values gives x - x0 = 0 exactly, so y = b exactly (an fp32 sum / N is off by
     # ulps there, which rstd ~ eps^-1/2 magnifies), and large offsets cancel before the sums.
     x0 = tl.load(X + rows.to(tl.int64) * stride_x, mask=row_mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(S + rows // T, mask=row_mask, other=0.0).to(tl.float32)  # (ROWS,)
+        x = (x * sc[:, None]).to(X.dtype.element_ty).to(tl.float32)
+        x0 = (x0 * sc).to(X.dtype.element_ty).to(tl.float32)
     if HAS_RES:
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         # h rounds to its storage dtype first, as eager `x + residual` does; LN reads the stored h.
@@ -489,13 +495,16 @@ def _h_dtype(x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.dtype:
 
 
 def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], eps: float
+                   bias: Optional[torch.Tensor], eps: float, x_scale: Optional[torch.Tensor] = None
                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Launch the forward: returns (y, h or None, mean (M,), rstd (M,)); y and h are contiguous, h's dtype."""
+    """Launch the forward: returns (y, h or None, mean (M,), rstd (M,)); y and h are contiguous, h's dtype.
+    ``x_scale`` (with a residual): (B,), x.shape[0] == B, h = x·x_scale[b] + residual."""
     shape, dev = x.shape, x.device
     d = shape[-1]
     has_res = residual is not None
     hd = _h_dtype(x, residual)
+    if x_scale is not None and has_res:  # (B,) in x's dtype, as drop_path's mask (a few bytes)
+        x_scale = x_scale.reshape(-1).to(x.dtype).contiguous()
     if has_res and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
         x, residual = x.float(), residual.float()  # fp16 + bf16: both to the promoted fp32
     x2 = rows2d(x)
@@ -516,12 +525,15 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     else:
         r2, h2, sr = x2, y2, sx
     block_n, rows, warps, _ = _config(d)
-    args = (x2, r2, w, b, y2, h2, mean, rstd, m, d, sx, sr, d, d, eps)
+    has_scale = x_scale is not None and has_res
+    sc = x_scale if has_scale else mean  # (B,) (a placeholder without)
+    args = (x2, r2, w, b, y2, h2, mean, rstd, sc, m, d, sx, sr, d, d, eps, m // sc.shape[0] if has_scale else 1)
     if INTERPRET:
         launch(_ln_fwd_kernel, (cdiv(m, rows),), *args, BLOCK_N=block_n, ROWS=rows, HAS_RES=has_res,
-               num_warps=warps, num_stages=FWD_STAGES)
+               HAS_SCALE=has_scale, num_warps=warps, num_stages=FWD_STAGES)
     else:
-        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=has_res))
+        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=has_res,
+                                                                         HAS_SCALE=has_scale))
     return y, h, mean, rstd
 
 
@@ -592,14 +604,14 @@ def _(x, weight, bias, eps):
 
 @custom_op("add_layer_norm_fwd")
 def _add_layer_norm_fwd_op(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                           bias: Optional[torch.Tensor], eps: float
+                           bias: Optional[torch.Tensor], eps: float, x_scale: Optional[torch.Tensor] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    y, h, mean, rstd = layer_norm_fwd(x, residual, weight, bias, eps)
+    y, h, mean, rstd = layer_norm_fwd(x, residual, weight, bias, eps, x_scale)
     return y, h, mean, rstd
 
 
 @_add_layer_norm_fwd_op.register_fake
-def _(x, residual, weight, bias, eps):
+def _(x, residual, weight, bias, eps, x_scale=None):
     hd = _h_dtype(x, residual)
     return (x.new_empty(x.shape, dtype=hd), x.new_empty(x.shape, dtype=hd), *_fake_stats(x))
 
@@ -656,12 +668,13 @@ class LayerNormFn(torch.autograd.Function):
 
 
 class AddLayerNormFn(torch.autograd.Function):
-    """(y, h) = (LN(x + residual), x + residual) through the Triton kernels."""
+    """(y, h) = (LN(x·s + residual), x·s + residual) through the Triton kernels; s = x_scale per sample, or 1."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, h, mean, rstd = _add_layer_norm_fwd_op(x, residual, weight, bias, eps)
-        ctx.save_for_backward(h, weight, bias, mean, rstd)
+    def forward(ctx, x, residual, weight, bias, eps, x_scale=None):
+        y, h, mean, rstd = _add_layer_norm_fwd_op(x, residual, weight, bias, eps, x_scale)
+        need_ds = x_scale is not None and x_scale.requires_grad
+        ctx.save_for_backward(h, weight, bias, mean, rstd, x_scale, x if need_ds else None)
         ctx.w_index = 2
         ctx.dtypes = (x.dtype, residual.dtype)
         return y, h
@@ -669,12 +682,22 @@ class AddLayerNormFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, dh_out):
-        h, weight, bias, mean, rstd = ctx.saved_tensors
+        h, weight, bias, mean, rstd, x_scale, x = ctx.saved_tensors
         dh, dwdb = _layer_norm_bwd_op(dy, h, weight, bias, mean, rstd, dh_out)
         dx_dtype, dr_dtype = ctx.dtypes
-        dx = _as(dh, dx_dtype) if ctx.needs_input_grad[0] else None
+        dx = ds = None
+        if ctx.needs_input_grad[0]:
+            dx = _as(dh, dx_dtype) if x_scale is None else (dh * _per_sample(x_scale, dh)).to(dx_dtype)
+        if x is not None:  # x_scale takes grads: the sum over each sample's elements of dh ⊙ x
+            ds = (dh.float() * x.float()).reshape(x.shape[0], -1).sum(1).to(x_scale.dtype).view(x_scale.shape)
         dr = _as(dh, dr_dtype) if ctx.needs_input_grad[1] else None
-        return (dx, dr, *_param_grads(ctx, weight, bias, dwdb), None)
+        return (dx, dr, *_param_grads(ctx, weight, bias, dwdb), None, ds)
+
+
+def _per_sample(x_scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x_scale (B,) or (B, 1, ..., 1) as (B, 1, ..., 1) in ``like``'s dtype, to broadcast over ``like`` (B, ...)
+    (as drop_path's mask, drawn in its input's dtype: x·s keeps x's dtype)."""
+    return x_scale.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -726,9 +749,10 @@ def layer_norm_reference(x: torch.Tensor, weight: Optional[torch.Tensor], bias: 
 
 
 def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                             bias: Optional[torch.Tensor], eps: float = 1e-5) -> Tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual; return (LN(h), h)."""
-    h = x + residual
+                             bias: Optional[torch.Tensor], eps: float = 1e-5, x_scale: Optional[torch.Tensor] = None
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual, or x·x_scale[b] + residual (rounded as eager's drop_path(x) + residual); (LN(h), h)."""
+    h = x + residual if x_scale is None else x * _per_sample(x_scale, x) + residual
     return layer_norm_reference(h, weight, bias, eps), h
 
 
@@ -746,16 +770,31 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[t
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                   bias: Optional[torch.Tensor], eps: float = 1e-5, *,
+                   bias: Optional[torch.Tensor], eps: float = 1e-5, *, x_scale: Optional[torch.Tensor] = None,
                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pre-norm fusion: ``h = x + residual``; returns ``(LN(h), h)`` in one pass.
 
+    ``x_scale``: (B,) or (B, 1, ..., 1) for x of shape (B, ...), a factor per sample on x before the add,
+    ``h = x·x_scale[b] + residual``: stochastic depth's ``residual + drop_path(x)`` (x_scale = keep mask /
+    keep_prob, see ``flashvit.vit.drop_path_scale``) in the same pass. x·x_scale rounds to x's dtype first, as
+    eager's does. Gradients flow to x_scale too where it takes them.
     ``h`` (and so ``y``) has the promoted dtype of x and residual; both outputs take gradients.
     """
     _validate(x, weight, bias, eps, residual)
-    if _run_triton(x, backend, residual=residual, weight=weight, bias=bias):
-        return apply(AddLayerNormFn, x, residual, weight, bias, float(eps))
-    return add_layer_norm_reference(x, residual, weight, bias, eps)
+    if x_scale is not None:
+        _validate_scale(x_scale, x)
+    if _run_triton(x, backend, residual=residual, weight=weight, bias=bias, x_scale=x_scale):
+        return apply(AddLayerNormFn, x, residual, weight, bias, float(eps), x_scale)
+    return add_layer_norm_reference(x, residual, weight, bias, eps, x_scale)
+
+
+def _validate_scale(x_scale: torch.Tensor, x: torch.Tensor) -> None:
+    check_tensor("x_scale", x_scale)
+    b = x.shape[0]
+    if x.dim() < 2 or tuple(x_scale.shape) not in ((b,), (b,) + (1,) * (x.dim() - 1)):
+        raise ValueError(f"x_scale has shape {tuple(x_scale.shape)}; expected one factor per sample of x "
+                         f"{tuple(x.shape)}: ({b},) or ({b}{', 1' * (x.dim() - 1)})")
+    check_same_device(x=x, x_scale=x_scale)
 
 
 class LayerNorm(nn.LayerNorm):
@@ -766,12 +805,13 @@ class LayerNorm(nn.LayerNorm):
             return super().forward(x)
         return layer_norm(x, self.weight, self.bias, self.eps)
 
-    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(LN(x + residual), x + residual)."""
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor, x_scale: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(LN(h), h), h = x + residual, or x·x_scale[b] + residual (see :func:`add_layer_norm`)."""
         if len(self.normalized_shape) != 1:
-            h = x + residual
+            h = x + residual if x_scale is None else x * _per_sample(x_scale, x) + residual
             return super().forward(h), h
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, x_scale=x_scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,13 +835,17 @@ def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, t
 
 
 def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dtype, pd: torch.dtype,
-              has_res: bool, tag: str = "") -> AotSpec:
+              has_res: bool, tag: str = "", has_scale: bool = False) -> AotSpec:
     hd = torch.promote_types(xd, rd)
+    # S: the per-sample factor in x's dtype (drawn from the branch output, as drop_path draws), else mean's
     sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}", "Y": f"*{_TT[hd]}",
-           "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "M": "i32", "N": "i32", "stride_x": "i32",
-           "stride_r": "i32", "stride_y": "i32", "stride_h": "i32", "eps": "fp32",
-           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr"}
-    return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res}, warps, FWD_STAGES,
+           "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "S": f"*{_TT[xd]}" if has_scale else "*fp32",
+           "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_h": "i32",
+           "eps": "fp32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr",
+           "HAS_SCALE": "constexpr"}
+    tag += ",scale" if has_scale else ""
+    return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res,
+                                              "HAS_SCALE": has_scale}, warps, FWD_STAGES,
                         f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]",
                         div16=("N", "stride_x", "stride_r", "stride_y", "stride_h"))  # ViT widths: 16 | D
 
@@ -830,6 +874,9 @@ def _aot_specs() -> List[AotSpec]:
         _, rows, fwd_warps, bwd_warps = _config(block_n)
         for has_res in (False, True):
             specs += [_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, has_res) for xd, rd, pd in _dtype_combos(has_res)]
+        # stochastic depth's factor per sample (x_scale): bf16 branch + bf16 or fp32 (autocast) stream, and fp32
+        for xd, rd, pd in ((bf, bf, bf), (bf, torch.float32, torch.float32), (torch.float32,) * 3):
+            specs.append(_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, True, has_scale=True))
         for has_dho in (False, True):
             specs += [_bwd_spec(block_n, rows, bwd_warps, xd, pd, has_dho) for xd, _, pd in _dtype_combos(False)]
         for r, w in _fwd_choices(block_n)[1:]:

@@ -335,6 +335,21 @@ def test_swiglu_rows():
     assert all(r.name == "swiglu" and r.bytes for r in rows) and "swiglu" not in ops.OPS
 
 
+def test_drop_path_rows():
+    """--ops droppath: ours (add_layer_norm with the factor per sample), eager and torch.compile's per mode and width,
+    not among the default families; the eager row times here (ours needs a GPU)."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    jobs = ops.op_jobs(ctx, ["droppath"])
+    rows = [j.row for j in jobs]
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                for i in ("flashvit", "eager", "compile(eager)")}
+    assert len(rows) == 6 * len(ops.QUICK_LN_DIMS) and "droppath" not in ops.OPS
+    assert all(r.name == "add_layer_norm+drop_path" and r.bytes and r.shape["p"] == ops.DROP_PATH_P for r in rows)
+    eager = next(j for j in jobs if j.row.impl == "eager" and j.row.mode == "fwd")
+    eager.run(eager.row)  # the eager form runs (the flashvit rows need a GPU here)
+    assert eager.row.median_ms > 0
+
+
 def test_rope_attention_rows():
     """--ops rope: ours, eager (timm's steps) and torch.compile's per mode and shape from packed qkv; from the
     block's x (inference, the qkv GEMM included) also the RoPE pass after the GEMM; not a default family."""

@@ -116,6 +116,34 @@ def test_patched_timm_swin_compiles_fullgraph_with_triton_forced(name):
 
 
 @needs_kernels
+@pytest.mark.parametrize("which", ["ours", "timm"])
+def test_stochastic_depth_inside_a_compiled_graph(which):
+    """Drop path in training on the kernels: the factor per sample's draw, add + LayerNorm's custom op taking it and
+    the MLP branch's addcmul trace into one graph; under one seed the compiled model drops what eager drops."""
+    torch.manual_seed(fresh_seed())
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=3, drop_path_rate=0.5)
+    if which == "ours":
+        model = flashvit.create_model("vit_tiny_patch16_224", **kw)
+    else:
+        model = flashvit.patch(timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw))
+    model = model.to(KERNEL_DEV).train()
+    x = _inputs((4, 3, 16, 16)).to(KERNEL_DEV)
+    with flashvit.use_backend("triton"):
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+        torch._dynamo.reset()
+        torch.manual_seed(7)
+        ref_out, ref_grads = _fwd_bwd(model, model, x)
+        compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+        torch.manual_seed(7)
+        out, grads = _fwd_bwd(compiled, model, x)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n in ref_grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5 * scale, rtol=1e-4, msg=n)
+
+
+@needs_kernels
 @pytest.mark.parametrize("mode", ["act", "fc1"])
 def test_mlp_recompute_inside_a_compiled_graph(mode):
     """The MLP backward's recompute (the activation op, or fc1's forward op again) traces into the one graph."""

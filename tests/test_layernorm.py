@@ -6,7 +6,7 @@ Every output buffer the launchers allocate is NaN-poisoned first, so an unwritte
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, max_err, randn
+from helpers import assert_close_to_ref, fresh_seed, max_err, randn
 
 import flashvit
 from flashvit.kernels import layernorm as L
@@ -112,6 +112,65 @@ def test_add_layer_norm(device, dtype, lead, d, launches):
     _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, 1e-6, backend=TRITON),
              lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b, 1e-6), [x, r, w, b], [gy, gh], "xrwb")
     assert launches == {"fwd": 1, "bwd": 1}
+
+
+def _sample_scale(b, dtype, device):
+    """(B,) factors per sample: a dropped sample (0), the rest distinct (0.5 .. 2), so a row that reads another
+    sample's factor shows."""
+    s = torch.rand(b, generator=torch.Generator().manual_seed(fresh_seed())) * 1.5 + 0.5
+    s[b // 2] = 0.0
+    return s.to(device=device, dtype=dtype)
+
+
+# x_scale: stochastic depth's factor per sample on x (h = x·s[b] + r). Leading shapes (B, T...): T rows a sample,
+# T = 1 included; the factor's own gradient too.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lead,d", [((3, 5), 7), ((4, 37), 192), ((3, 2, 3), 384), ((2,), 1000), ((5, 3), 1)])
+def test_add_layer_norm_sample_scale(device, dtype, lead, d, launches):
+    x = randn(*lead, d, dtype=dtype, device=device)
+    r = randn(*lead, d, dtype=dtype, device=device, scale=3.0)
+    w = randn(d, dtype=dtype, device=device)
+    b = randn(d, dtype=dtype, device=device)
+    s = _sample_scale(lead[0], dtype, device)
+    gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
+
+    _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
+             lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
+             "xrwbs")
+    assert launches == {"fwd": 1, "bwd": 1}
+
+
+def test_sample_scale_shapes_and_errors(device, launches):
+    """x_scale as (B,) or (B, 1, ..., 1) gives one result; a factor that takes no grad gives the others' grads;
+    a wrong shape, an integer dtype or another device raise; the module's forward_add takes it too."""
+    x, r = randn(3, 4, 16, device=device), randn(3, 4, 16, device=device)
+    w, b = randn(16, device=device), randn(16, device=device)
+    s = _sample_scale(3, torch.float32, device)
+    y1, h1 = L.add_layer_norm(x, r, w, b, x_scale=s, backend=TRITON)
+    y2, h2 = L.add_layer_norm(x, r, w, b, x_scale=s.view(3, 1, 1), backend=TRITON)
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+    assert torch.equal(h1[1], r[1]) and not torch.equal(h1[0], r[0])  # sample 1 dropped (s[1] = 0)
+    ln = L.LayerNorm(16).to(device)
+    y3, h3 = ln.forward_add(x, r, s)
+    yr, hr = L.add_layer_norm_reference(x, r, ln.weight, ln.bias, ln.eps, s)
+    torch.testing.assert_close(y3, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h3, hr, atol=1e-6, rtol=1e-6)
+    # an fp32 factor on fp16 x and residual: x·s stays fp16 (as drop_path's mask, drawn in x's dtype) on both paths
+    outs = [L.add_layer_norm(x.half(), r.half(), w, b, x_scale=s, backend=be) for be in ("torch", TRITON)]
+    assert all(t.dtype == torch.float16 for pair in outs for t in pair)
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=0, rtol=0)  # h: the same roundings
+    xg = x.clone().requires_grad_()
+    L.add_layer_norm(xg, r, w, b, x_scale=s, backend=TRITON)[0].sum().backward()
+    assert torch.equal(xg.grad[1], torch.zeros_like(xg.grad[1])) and xg.grad[0].abs().sum() > 0
+    for bad in (s[:2], s.view(3, 1), s.view(1, 3, 1)):
+        with pytest.raises(ValueError, match="x_scale has shape"):
+            L.add_layer_norm(x, r, w, b, x_scale=bad, backend=TRITON)
+    with pytest.raises(ValueError, match="x_scale has shape"):
+        L.add_layer_norm(x[0, 0], r[0, 0], w, b, x_scale=s[:1], backend=TRITON)  # 1-D x: no samples
+    with pytest.raises(TypeError, match="x_scale has dtype torch.int64"):
+        L.add_layer_norm(x, r, w, b, x_scale=torch.ones(3, dtype=torch.int64, device=device), backend=TRITON)
+    with pytest.raises(ValueError, match="one device"):
+        L.add_layer_norm(x, r, w, b, x_scale=s.to("meta"), backend=TRITON)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -486,6 +545,20 @@ def test_bf16_autocast_mix_gpu():
     gy, gh = randn(*lead, d, device="cuda"), randn(*lead, d, device="cuda")
     _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
              lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+
+
+@pytest.mark.gpu
+def test_sample_scale_bf16_gpu():
+    """Stochastic depth in training: a bf16 branch and its bf16 factor per sample (drop_path's draw), the fp32
+    residual stream and parameters; ViT-B rows (197 a sample)."""
+    lead, d = (8, 197), 768
+    x, r = randn(*lead, d, dtype=torch.bfloat16, device="cuda"), randn(*lead, d, device="cuda")
+    w, b = randn(d, device="cuda"), randn(d, device="cuda")
+    s = _sample_scale(lead[0], torch.bfloat16, "cuda")
+    gy, gh = randn(*lead, d, device="cuda"), randn(*lead, d, device="cuda")
+    _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, x_scale=s, backend=TRITON),
+             lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-5, s), [x, r, w, b, s], [gy, gh],
+             "xrwbs")
 
 
 @pytest.mark.gpu

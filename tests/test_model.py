@@ -283,6 +283,41 @@ def test_layer_scale_on_the_kernels_matches_timm():
         torch.testing.assert_close(grads[n], g, atol=1e-4 * scale, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_depth_drops_the_samples_timm_drops(backend, monkeypatch):
+    """Training with drop path on timm's weights: each block draws its factor per sample as timm's DropPath
+    draws its mask, so under one seed the same samples drop; logits and every gradient equal timm's (float64).
+    The attention branch's factor runs inside the add + LayerNorm pass (triton: the kernel, on a GPU or in the
+    interpreter), the MLP branch's in one addcmul with the residual."""
+    if backend == "triton" and KERNEL_DEV is None:
+        pytest.skip("the kernels need a GPU or, on CPU tensors, the Triton interpreter")
+    dev = KERNEL_DEV if backend == "triton" else "cpu"
+    model_mod = sys.modules["flashvit.vit.model"]
+    drawn = []
+    draw = model_mod.drop_path_scale
+    monkeypatch.setattr(model_mod, "drop_path_scale", lambda x, p: drawn.append(draw(x, p)) or drawn[-1])
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3, drop_path_rate=0.6)
+    ours, ref = _timm_pair("vit_tiny_patch16_224", **kw)
+    ours, ref = ours.to(dev).train(), ref.double().train()
+    x = torch.randn(6, 3, 16, 16)
+    results = []
+    for model, inp, be in ((ours, x.to(dev), backend), (ref, x.double(), "torch")):
+        torch.manual_seed(11)
+        with flashvit.use_backend(be):
+            out = model(inp)
+        out.square().sum().backward()
+        results.append((out.detach().double().cpu(), {n: p.grad.double().cpu() for n, p in model.named_parameters()}))
+    # blocks 1 and 2 (rates 0.3, 0.6; block 0's is 0): two factors each, some samples dropped, some kept
+    assert len(drawn) == 4
+    drawn = torch.cat(drawn)
+    assert (drawn == 0).any() and (drawn > 1).any()
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, atol=1e-4 * ref_out.abs().max().item(), rtol=1e-4)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-4 * scale, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("name,src,dst", [
     ("vit_small_patch14_dinov2", dict(img_size=56), dict(img_size=42, num_classes=5)),  # no head -> a new one
     ("vit_small_patch14_reg4_dinov2", dict(img_size=28), dict(img_size=70)),  # registers, no_embed_class

@@ -1269,6 +1269,69 @@ def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
     torch.testing.assert_close(out2, ref_out, atol=1e-5, rtol=1e-4)
 
 
+def _drop_path_model(case):
+    """A timm model in training with drop path at high rates (samples drop under one seed)."""
+    if case == "swin":
+        return _random_bias_tables(_randomize(timm.create_model(
+            SWIN_NAMES["v1"], pretrained=False, **dict(SWIN_SMALL, drop_path_rate=0.6)))).train()
+    name = {"vit": "vit_tiny_patch16_224", "vit_unscaled": "vit_tiny_patch16_224", "eva02": "eva02_tiny_patch14_224",
+            "ls": "vit_small_patch14_dinov2"}[case]
+    kw = dict(img_size=16, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=3, drop_path_rate=0.6)
+    model = _randomize(timm.create_model(name, pretrained=False, **kw)).train()
+    if case == "vit_unscaled":  # timm's scale_by_keep=False: kept samples unscaled
+        for blk in model.blocks:
+            blk.drop_path1.scale_by_keep = blk.drop_path2.scale_by_keep = False
+    return model
+
+
+@pytest.mark.parametrize("case", ["vit", "vit_unscaled", "eva02", "ls", "swin"])
+def test_timm_stochastic_depth_folds_into_the_residual_adds(case, monkeypatch, calls):
+    """timm's DropPath in training: a patched block draws the mask itself, as DropPath draws it (under one seed the
+    same samples drop), and applies it as a factor per sample inside the add + LayerNorm pass (the attention
+    branch) and in one addcmul with the residual (the MLP branch): DropPath.forward no longer runs. Logits and every
+    gradient equal the unpatched model's, on CPU's path and with the kernels forced (the interpreter or a GPU);
+    a hook on a DropPath keeps that one's call (the hook sees it)."""
+    from timm.layers import DropPath
+
+    torch.manual_seed(fresh_seed())
+    model = _drop_path_model(case)
+    x = _images(model.patch_embed.img_size, batch=6)
+    ref_out, ref_grads = _run(model, x, _reseeded)
+    flashvit.patch(model)
+    scales, addcmuls = [], []
+    add_ln = ln_mod.add_layer_norm  # (the calls fixture's counter)
+    monkeypatch.setattr(ln_mod, "add_layer_norm", lambda *a, x_scale=None, **k: scales.append(x_scale)
+                        or add_ln(*a, x_scale=x_scale, **k))
+    scaled = patch_mod.add_scaled
+    monkeypatch.setattr(patch_mod, "add_scaled", lambda h, z, s: addcmuls.append(s) or scaled(h, z, s))
+    n = _count_calls(monkeypatch, DropPath)
+    for backend in ("auto", "triton"):
+        if backend == "triton" and not (torch.cuda.is_available() or INTERPRET):
+            continue
+        scales.clear()
+        addcmuls.clear()
+        with flashvit.use_backend(backend):
+            out, grads = _run(model, x, _reseeded)
+        assert n["calls"] == 0
+        blocks = 4 if case == "swin" else 3  # (the first block's rate is 0: an Identity, fc2 adds the residual)
+        assert len(scales) == blocks and len(addcmuls) == blocks - 1, (scales, addcmuls)
+        drawn = torch.cat([s for s in scales + addcmuls if s is not None])
+        assert (drawn == 0).any() and (drawn != 0).any()
+        kept = drawn[drawn != 0]
+        assert (kept == 1).all() if case == "vit_unscaled" else (kept > 1).all()  # (1 / keep_prob)
+        tol = 1e-5 if backend == "auto" else 1e-4
+        torch.testing.assert_close(out, ref_out, atol=tol * ref_out.abs().max().item(), rtol=tol * 10)
+        assert set(grads) == set(ref_grads)
+        scale = max(g.abs().max().item() for g in ref_grads.values())
+        for k in ref_grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=tol * scale, rtol=tol * 10, msg=k)
+    blk = model.layers[0].blocks[1] if case == "swin" else model.blocks[2]
+    blk.drop_path1.register_forward_hook(lambda *a: None)
+    out2, _ = _run(model, x, _reseeded)
+    assert n["calls"] == 1
+    torch.testing.assert_close(out2, ref_out, atol=1e-5 * ref_out.abs().max().item(), rtol=1e-4)
+
+
 def test_hf_dinov2_layer_scale_folds_into_fc2(monkeypatch, calls):
     """transformers' Dinov2Layer: norm2 fused with the first residual add, layer_scale2 and the second add in
     fc2's GEMM; layer_scale1 still runs (once per layer). Drop path active, same draws: logits and grads equal."""

@@ -7,7 +7,7 @@ kernel on CUDA and eager PyTorch elsewhere (see flashvit.kernels._dispatch).
 Per block (pre-norm), with T tokens of width D:
     y = LN1(x)                                       (B, T, D)
     a = proj(attention(qkv(y)))                      qkv read in place, no permutes
-    h = x + a ; y = LN2(h)                           one fused add + LayerNorm pass
+    h = x + a ; y = LN2(h)                           one fused add + LayerNorm pass (drop path: x + s_b·a in it)
     x = fc2(GELU(fc1(y))) + h                        bias/GELU and bias/residual in the GEMM epilogues
 """
 
@@ -30,12 +30,27 @@ def _pair(v: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def drop_path_scale(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Stochastic depth's factor per sample of x (B, ...): (B,) in x's dtype, 0 with probability p, else
+    1 / (1 - p) (0 everywhere at p = 1). Drawn as timm's drop_path draws its mask (one Bernoulli draw a sample,
+    divided in place), so under one seed both drop the same samples."""
+    keep = 1.0 - p
+    s = x.new_empty((x.shape[0],)).bernoulli_(keep)
+    return s.div_(keep) if keep > 0.0 else s
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability p (rescaled)."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
-    return x * keep / (1.0 - p)
+    return x * drop_path_scale(x, p).view((-1,) + (1,) * (x.dim() - 1))
+
+
+def add_scaled(residual: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """residual + x·scale[b] (scale (B,), one factor per sample; None: 1) in one pass: residual + drop_path(x)."""
+    if scale is None:
+        return residual + x
+    return torch.addcmul(residual, x, scale.view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype))
 
 
 class DropPath(nn.Module):
@@ -45,6 +60,10 @@ class DropPath(nn.Module):
 
     def active(self) -> bool:
         return self.training and self.drop_prob > 0
+
+    def scale(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """A fresh factor per sample of x (drop_path_scale) where active, else None (the identity)."""
+        return drop_path_scale(x, self.drop_prob) if self.active() else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return drop_path(x, self.drop_prob, self.training)
@@ -102,12 +121,15 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
-        # LayerScales fold into proj's / fc2's GEMM (γ scales their weights): no pass over the activations
-        a = self.drop_path1(self.attn(self.norm1(x), layer_scale=_gamma(self.ls1)))
-        y, x = self.norm2.forward_add(a, x)  # x <- x + a; y = LN2(x)
+        # LayerScales fold into proj's / fc2's GEMM (γ scales their weights): no pass over the activations.
+        # Stochastic depth: a factor per sample inside the add + LN pass, and fc2's output and the residual
+        # in one addcmul (eager: a multiply, then the add).
+        a = self.attn(self.norm1(x), layer_scale=_gamma(self.ls1))
+        y, x = self.norm2.forward_add(a, x, self.drop_path1.scale(a))  # x <- x + drop_path(a); y = LN2(x)
         if not self.drop_path2.active():
             return self.mlp(y, residual=x, layer_scale=_gamma(self.ls2))  # residual add in fc2's epilogue
-        return x + self.drop_path2(self.mlp(y, layer_scale=_gamma(self.ls2)))
+        z = self.mlp(y, layer_scale=_gamma(self.ls2))
+        return add_scaled(x, z, self.drop_path2.scale(z))
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:

@@ -41,6 +41,7 @@ from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_ro
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
+from flashvit.vit.model import DropPath, add_scaled, drop_path_scale
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
 
@@ -664,11 +665,44 @@ def _drop_path_inactive(m: nn.Module) -> bool:
     return p is not None and (not m.training or p == 0.0)
 
 
-def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + a), x + a): one pass (add_layer_norm) where ``norm`` is ours, else the add then the norm."""
+_TIMM_DROP_PATH = "timm.layers.drop.DropPath"
+
+
+def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor]]:
+    """Stochastic depth ``m`` on x (B, ...) as a factor per sample: (True, None) where m is the identity now,
+    (True, s (B,)) for an active flashvit or timm DropPath (s drawn as it draws its mask: same samples dropped
+    under one seed), (False, None) for another module or one with hooks (the caller runs m itself)."""
+    if _drop_path_inactive(m):
+        return True, None
+    if _has_hooks(m):
+        return False, None
+    if isinstance(m, DropPath):
+        return True, m.scale(x)
+    if _qualname(m) == _TIMM_DROP_PATH:
+        if m.scale_by_keep:
+            return True, drop_path_scale(x, m.drop_prob)
+        return True, x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)
+    return False, None
+
+
+def _residual(h: torch.Tensor, z: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+    """h + drop_path(z): one addcmul pass where drop_path is a DropPath (_drop_scale), else eager's."""
+    ok, s = _drop_scale(drop_path, z)
+    return add_scaled(h, z, s) if ok else h + drop_path(z)
+
+
+def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor, drop_path: Optional[nn.Module] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(norm(h), h), h = x + drop_path(a): one pass (add_layer_norm, stochastic depth's factor per sample inside)
+    where ``norm`` is ours, else the add then the norm."""
+    s = None
+    if drop_path is not None:
+        ok, s = _drop_scale(drop_path, a)
+        if not ok:
+            a = drop_path(a)
     if isinstance(norm, FlashLayerNorm):
-        return norm.forward_add(a, x)
-    h = x + a
+        return norm.forward_add(a, x, s)
+    h = add_scaled(x, a, s)
     return norm(h), h
 
 
@@ -709,10 +743,10 @@ def _mlp_add(mlp: nn.Module, gamma: Optional[torch.Tensor], drop_path: nn.Module
     """h + drop_path(γ ⊙ mlp(y)) (γ None: none): γ and the residual add in fc2's GEMM where mlp is fused (else eager)."""
     if not isinstance(mlp, _RESIDUAL_MLPS):
         z = mlp(y)
-        return h + drop_path(z if gamma is None else gamma * z)
+        return _residual(h, z if gamma is None else gamma * z, drop_path)
     if _drop_path_inactive(drop_path):
         return mlp(y, residual=h, layer_scale=gamma)  # FusedMLP falls back to y + h itself when its dropout is active
-    return h + drop_path(mlp(y, layer_scale=gamma))
+    return _residual(h, mlp(y, layer_scale=gamma), drop_path)
 
 
 class _FusedTimmBlock(nn.Module):
@@ -725,8 +759,7 @@ class _FusedTimmBlock(nn.Module):
             a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, layer_scale=gamma)
         else:
             a = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
-        a = self.drop_path1(a)
-        y, x = _add_norm(self.norm2, a, x)
+        y, x = _add_norm(self.norm2, a, x, self.drop_path1)
         return _mlp_residual(self.mlp, self.ls2, self.drop_path2, y, x)
 
 
@@ -736,8 +769,8 @@ class _FusedTimmSwinBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        a = self.drop_path1(self._attn(self.norm1(x)))  # (B, H, W, C)
-        y, x = _add_norm(self.norm2, a.reshape(B, -1, C), x.reshape(B, -1, C))
+        a = self._attn(self.norm1(x))  # (B, H, W, C)
+        y, x = _add_norm(self.norm2, a.reshape(B, -1, C), x.reshape(B, -1, C), self.drop_path1)
         return _mlp_add(self.mlp, None, self.drop_path2, y, x).reshape(B, H, W, C)
 
 
@@ -750,7 +783,7 @@ def _gamma_block(block: nn.Module, x: torch.Tensor, fused_attn: type, **attn_kwa
     else:
         a = block.attn(block.norm1(x), **attn_kwargs)
         a = a if block.gamma_1 is None else block.gamma_1 * a
-    y, x = _add_norm(block.norm2, block.drop_path1(a), x)
+    y, x = _add_norm(block.norm2, a, x, block.drop_path1)
     return _mlp_add(block.mlp, block.gamma_2, block.drop_path2, y, x)
 
 
