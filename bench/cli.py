@@ -57,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ms", type=float, default=None)
     p.add_argument("--rep-ms", type=float, default=None, help="timing window per op row")
     p.add_argument("--batch-train", type=int, default=None)
+    p.add_argument("--drop-path", type=float, default=0.0, metavar="RATE",
+                   help="model: build every model with stochastic depth at this rate (timm's drop_path_rate; DeiT-B "
+                        "trains at 0.1); the training rows then drop samples (their shape names the rate)")
     p.add_argument("--batch-infer", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per model row")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
@@ -151,7 +154,9 @@ def _model_ctx(args: argparse.Namespace, device: torch.device, peak: Optional[fl
     bi = args.batch_infer or (256 if gpu and not quick else 8 if gpu else 2 if quick else 8)
     iters = 1 if warm else args.steps or (10 if gpu and not quick else 2 if quick else 3)
     warmup = 0 if warm or quick else 3 if gpu else 1  # plus one untimed first step
-    return M.MCtx(device, dtype, quick, bt, bi, warmup, iters, compile_ok, compile_note, peak)
+    ctx = M.MCtx(device, dtype, quick, bt, bi, warmup, iters, compile_ok, compile_note, peak)
+    ctx.drop_path = args.drop_path
+    return ctx
 
 
 def _model_jobs(args: argparse.Namespace, ctx: Any) -> Tuple[List[str], List[H.Job]]:

@@ -92,6 +92,7 @@ class MCtx:
         self.compile_note = compile_note
         self.peak_tflops = peak_tflops
         self.overrides: Dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
+        self.drop_path = 0.0  # stochastic depth rate every model is built with (--drop-path)
         self._flops: Dict[Tuple[str, str], float] = {}
 
 
@@ -190,11 +191,12 @@ def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     """A fresh model for ``impl`` on the device, in ctx.dtype (parameters created on the device: fast init)."""
     import flashvit
     impl = model_impl(impl)
+    kw = {"drop_path_rate": ctx.drop_path} if ctx.drop_path else {}
     with torch.device(ctx.device):
         if impl.startswith("flashvit"):
-            m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides)
+            m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides, **kw)
         else:
-            m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **overrides_for(name, ctx))
+            m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **overrides_for(name, ctx), **kw)
     m = m.to(ctx.dtype)
     if impl == "timm+flashvit.patch":
         m = flashvit.patch(m) or m
@@ -377,6 +379,8 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
             c, h, w = image_shape(name, ctx)
             sd = {"batch": ctx.batch[mode], "img": h if h == w else f"{h}x{w}"}
             sd.update({k: v for k, v in overrides_for(name, ctx).items() if k != "img_size"})
+            if ctx.drop_path and mode == "train":  # (inference rows: the identity)
+                sd["drop_path"] = ctx.drop_path
             for impl in which:
                 row = Row("model", name, sd, dtype_name(ctx.dtype), mode, impl, baseline=impl == "timm")
                 why = unavailable(impl, ctx, name)

@@ -470,6 +470,24 @@ def test_model_rows_for_a_timm_only_name():
             assert j.row.img_per_s > 0 and j.row.flops > 0
 
 
+def test_model_rows_with_drop_path():
+    """--drop-path: every model built with that stochastic depth rate (ours and timm's, patched too); the training
+    rows name it in their shape and drop samples, the inference rows do not name it."""
+    ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, False, "off", None)
+    ctx.drop_path = 0.25
+    m = model.build("timm+flashvit.patch", "vit_small_patch16_224", ctx)
+    ours = model.build("flashvit", "vit_small_patch16_224", ctx)
+    assert m.blocks[-1].drop_path1.drop_prob == ours.blocks[-1].drop_path2.drop_prob == 0.25
+    jobs = model.model_jobs(ctx, ["vit_small_patch16_224"], ["flashvit", "timm", "timm+flashvit.patch"])
+    assert {j.row.mode for j in jobs if j.row.shape.get("drop_path") == 0.25} == {"train"}
+    assert all("drop_path" not in j.row.shape for j in jobs if j.row.mode == "infer")
+    for j in jobs:
+        if j.row.impl == "timm+flashvit.patch" and j.row.mode == "train":
+            j.run(j.row)
+            assert j.row.img_per_s > 0
+    assert cli.parser().parse_args(["model", "--drop-path", "0.1"]).drop_path == 0.1
+
+
 @pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0"])
 def test_model_rows_for_a_staged_timm_model(name):
     """timm models with stages of their own (Swin, MaxViT, PVT v2: no ``depth``, no ViT patch embedding for PVT):
