@@ -116,6 +116,24 @@ def test_patched_timm_swin_compiles_fullgraph_with_triton_forced(name):
 
 
 @needs_kernels
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_patched_torchvision_swin_compiles_fullgraph_with_triton_forced(version):
+    """torchvision's Swin patched (its shifted_window_attention redone: padding, shift, window mask built in the
+    forward), the kernels forced: one graph, the eager patched model's result."""
+    tv = pytest.importorskip("torchvision")
+    S = tv.models.swin_transformer
+    torch.manual_seed(fresh_seed())
+    kw = dict(patch_size=[4, 4], embed_dim=16, depths=[2], num_heads=[2], window_size=[4, 4], num_classes=3,
+              stochastic_depth_prob=0.0)  # (two runs would draw differently)
+    if version == "v2":
+        kw.update(block=S.SwinTransformerBlockV2, downsample_layer=S.PatchMergingV2)
+    model = flashvit.patch(S.SwinTransformer(**kw).to(KERNEL_DEV).train())
+    assert model.flashvit_report.counts()[f"ShiftedWindowAttention{'V2' if version == 'v2' else ''}"] == 2
+    with flashvit.use_backend("triton"):
+        _assert_one_graph_same_result(model, _inputs((2, 3, 20, 24)).to(KERNEL_DEV))
+
+
+@needs_kernels
 @pytest.mark.parametrize("which", ["ours", "timm"])
 def test_stochastic_depth_inside_a_compiled_graph(which):
     """Drop path in training on the kernels: the factor per sample's draw, add + LayerNorm's custom op taking it and

@@ -884,16 +884,89 @@ def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
 
 
 def test_torchvision_vit_patched_matches_unpatched(calls):
-    """torchvision's VisionTransformer: nn.MultiheadAttention (self-attention, need_weights=False), its
-    LayerNorms and the Linear -> GELU of its MLP blocks (linear_gelu) fused; logits and gradients unchanged."""
+    """torchvision's VisionTransformer: nn.MultiheadAttention (self-attention, need_weights=False), its LayerNorms,
+    its MLPBlocks (the fused MLP op) and its EncoderBlocks' residual adds (ln_2 with the first add in one pass, fc2
+    with the second in one GEMM) fused; logits and gradients unchanged; an EncoderBlock of another source is left."""
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(fresh_seed())
     model = _randomize(tv.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
                                                     hidden_dim=32, mlp_dim=64, num_classes=5)).train()
-    report = _check_patched_same(model, _images((16, 16)), linear_gelu=True)
+    report = _check_patched_same(model, _images((16, 16)))
     counts = report.counts()
-    assert counts["MultiheadAttention"] == 2 and counts["LayerNorm"] == 5 and counts["Linear"] == 2, counts
-    assert calls["qkv_attention"] == 2
+    assert counts == {"MultiheadAttention": 2, "LayerNorm": 5, "MLPBlock": 2, "EncoderBlock": 2}, counts
+    assert calls["qkv_attention"] == calls["add_layer_norm"] == calls["mlp"] == 2, calls
+
+
+def _tv_swin(version, drop_path=0.0):
+    tv = pytest.importorskip("torchvision")
+    S = tv.models.swin_transformer
+    kw = dict(patch_size=[4, 4], embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4], num_classes=5,
+              stochastic_depth_prob=drop_path)
+    if version == "v2":
+        kw.update(block=S.SwinTransformerBlockV2, downsample_layer=S.PatchMergingV2)
+    return _randomize(S.SwinTransformer(**kw), scale=0.1)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("drop_path", [0.0, 0.5])
+def test_torchvision_swin_patched_matches_unpatched(version, drop_path, calls, monkeypatch):
+    """torchvision's Swin (swin_t's classes; v2: cosine attention and the cpb MLP's bias): ShiftedWindowAttention as
+    its shifted_window_attention with the qkv GEMM, flash attention with the relative position bias plus the shifted
+    blocks' window mask as one windowed mask, the proj GEMM; MLPs as the fused MLP op; v1's blocks with their residual
+    adds fused, stochastic depth drawn as StochasticDepth draws it (same samples dropped under one seed). An image
+    that does not fill whole windows (40 x 44: padded) and a map smaller than a window (no shift) are among them;
+    logits and every gradient (the bias tables', the cpb MLP's, the logit scales') as torchvision's, on CPU's path
+    and with the kernels forced (the interpreter or a GPU)."""
+    torch.manual_seed(fresh_seed())
+    model = _tv_swin(version, drop_path).train()
+    x = _images((40, 44), batch=4)
+    draws = []
+    draw = patch_mod.drop_path_scale
+    monkeypatch.setattr(patch_mod, "drop_path_scale", lambda x, p: draws.append(draw(x, p)) or draws[-1])
+    ref_out, ref_grads = _run(model, x, _reseeded)
+    report = _check_patched_same(model, x, call=_reseeded)
+    counts = report.counts()
+    assert counts[f"ShiftedWindowAttention{'V2' if version == 'v2' else ''}"] == 4 and counts["MLP"] == 4, counts
+    assert counts.get("SwinTransformerBlock", 0) == (4 if version == "v1" else 0) and not report.left, report
+    assert calls["qkv_attention" if version == "v1" else "attention"] == 4 and calls["mlp"] == 4, calls
+    assert calls.get("add_layer_norm", 0) == (4 if version == "v1" else 0), calls
+    if version == "v1" and drop_path:  # blocks 1-3 (block 0's rate is 0), both branches: samples dropped and kept
+        assert len(draws) == 6 and (torch.cat(draws) == 0).any() and (torch.cat(draws) != 0).any()
+    if not drop_path or not (torch.cuda.is_available() or INTERPRET):
+        return  # (without drop path: test_torchvision_swin_on_the_kernels_vs_float64)
+    x = x[:3, :, :32, :36]  # (fewer windows for the interpreter; still padded)
+    ref_out, ref_grads = _run(model, x, _reseeded)
+    flashvit.patch(model)
+    with flashvit.use_backend("triton"):
+        out, grads = _run(model, x, _reseeded)
+    torch.testing.assert_close(out, ref_out, atol=1e-4 * ref_out.abs().max().item(), rtol=1e-3)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-4 * scale, rtol=1e-3, msg=k)
+
+
+def test_torchvision_swin_of_another_source_is_left(monkeypatch):
+    """A torchvision whose shifted_window_attention (or a checked forward) differs from the sources checked: its
+    attentions and blocks are left, and the report says why; its MLPs and LayerNorms still fuse."""
+    tv = pytest.importorskip("torchvision")
+    S = tv.models.swin_transformer
+    orig = S.shifted_window_attention
+    monkeypatch.setattr(S, "shifted_window_attention", lambda *a, **k: orig(*a, **k))
+    monkeypatch.setattr(S.SwinTransformerBlock, "forward", lambda self, x: x + self.attn(self.norm1(x)))
+    model = flashvit.patch(_tv_swin("v1"))
+    whys = {cls: why for _, cls, why in model.flashvit_report.left}
+    assert "shifted_window_attention is not the source flashvit checked" in whys["ShiftedWindowAttention"]
+    assert "SwinTransformerBlock.forward is not the source flashvit checked" in whys["SwinTransformerBlock"]
+    assert model.flashvit_report.counts()["MLP"] == 4
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torchvision_swin_on_the_kernels_vs_float64(version):
+    """torchvision's Swin patched, the kernels forced (the interpreter or a GPU), against the unpatched model in
+    float64: logits and every gradient fp32-tight."""
+    torch.manual_seed(fresh_seed())
+    _check_forced_vs_float64(_tv_swin(version).train(), _images((32, 36), batch=2))
 
 
 @pytest.mark.parametrize("batch_first,bias,backend", [(True, True, "auto"), (False, True, "auto"),
@@ -1793,6 +1866,27 @@ def test_timm_patched_bf16_on_cuda(name, kw):
     out, grads = _run(patched, x.bfloat16())
     _bf16_rule(out, ref_out, eager_out, 2, "logits", atol=1e-3 * ref_out.abs().max().item())
     # one atol for all grads: some are exactly zero in exact math (k_norm.bias), bf16 noise on both sides
+    gscale = max(g.abs().max().item() for g in ref_grads.values())
+    assert set(grads) == set(ref_grads)
+    for n in ref_grads:
+        _bf16_rule(grads[n], ref_grads[n], eager_grads[n], 3, n, atol=1e-3 * gscale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_torchvision_swin_patched_bf16_on_cuda(version):
+    """torchvision's Swin patched, bf16 on the GPU's kernels (64 x 72 images: padded windows) against float64, held to
+    eager bf16's own error: logits and every gradient."""
+    torch.manual_seed(fresh_seed())
+    base = _tv_swin(version).train()
+    x = _images((64, 72), batch=4, device="cuda")
+    oracle = copy.deepcopy(base).cuda().double()
+    ref_out, ref_grads = _run(oracle, x.double())
+    eager = copy.deepcopy(base).cuda().bfloat16()
+    eager_out, eager_grads = _run(eager, x.bfloat16())
+    patched = flashvit.patch(copy.deepcopy(base).cuda().bfloat16())
+    out, grads = _run(patched, x.bfloat16())
+    _bf16_rule(out, ref_out, eager_out, 2, "logits", atol=1e-3 * ref_out.abs().max().item())
     gscale = max(g.abs().max().item() for g in ref_grads.values())
     assert set(grads) == set(ref_grads)
     for n in ref_grads:

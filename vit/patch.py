@@ -102,6 +102,18 @@ _HF_ROUTED = {f"{_HF_BEIT}.BeitAttention", f"{_HF_SEGFORMER}.SegformerAttention"
 _HF_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
                f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}, f"{_HF_SWIN}.SwinAttention": {"c5a0d2c956f7cafd"},
                f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}, f"{_HF_SEGFORMER}.SegformerAttention": {"fa126e71eea0d3d8"}}
+# torchvision's Swin (v1; v2's cosine attention with its continuous position bias) and ViT blocks, fused where their
+# forwards are the sources checked (sha256 fingerprints, torchvision 0.29): both window attentions call the module
+# function shifted_window_attention, checked too; StochasticDepth's draw is stochastic_depth()'s, checked too.
+_TV_SWIN = "torchvision.models.swin_transformer"
+_TV_VIT = "torchvision.models.vision_transformer"
+_TV_CHECKED = {f"{_TV_SWIN}.ShiftedWindowAttention": {"a8e6b4183ce1c71a"},
+               f"{_TV_SWIN}.ShiftedWindowAttentionV2": {"4b22352957ba2cad"},
+               f"{_TV_SWIN}.SwinTransformerBlock": {"de8b83f8033a7a57"}, f"{_TV_VIT}.EncoderBlock": {"3c28a839e014829e"}}
+_TV_WINDOW_FN_CHECKED = {"867178e391172efe"}  # shifted_window_attention
+_TV_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.StochasticDepth"
+_TV_STOCHASTIC_DEPTH_CHECKED = {"33e86bcab74f9fe5"}  # stochastic_depth()
+_TV_MLPS = {"torchvision.ops.misc.MLP", f"{_TV_VIT}.MLPBlock"}  # nn.Sequential: Linear, GELU, Dropout, Linear, Dropout
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
 _GELUS = {
@@ -420,17 +432,76 @@ class _FusedTimmWindowAttentionV2(nn.Module):
     gradients flow through the scale (autograd) and the bias (the backward kernel's dS)."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B_, N, _ = x.shape
-        H = self.num_heads
+        N, H = x.shape[1], self.num_heads
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        q, k, v = linear(x, self.qkv.weight, bias).view(B_, N, 3, H, -1).unbind(2)  # (B·nW, N, H, Dh) views
-        scale = torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp().view(1, 1, H, 1)  # (H, 1, 1) table
-        q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
         table = self.cpb_mlp(self.relative_coords_table).view(-1, H)
         rel = table[self.relative_position_index.view(-1)].view(N, N, H).permute(2, 0, 1)  # (H, N, N)
-        o = attention(q, k, v, 1.0, dropout_p=self.attn_drop.p if self.training else 0.0,
-                      attn_mask=_swin_mask(16 * torch.sigmoid(rel).unsqueeze(0), mask))
-        return self.proj_drop(linear(o.reshape(B_, N, -1), self.proj.weight, self.proj.bias))
+        o = _cosine_attention(linear(x, self.qkv.weight, bias), H, self.logit_scale,
+                              _swin_mask(16 * torch.sigmoid(rel).unsqueeze(0), mask),
+                              self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+def _cosine_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor, attn_mask: torch.Tensor,
+                      dropout_p: float) -> torch.Tensor:
+    """Swin v2's cosine attention from the packed qkv (B, N, 3·H·Dh): q, k normalized per head, q scaled by the
+    head's exp(logit_scale) (H, 1, 1) clamped at 100 -> flash attention (softmax scale 1) with ``attn_mask`` ->
+    (B, N, H·Dh). The logit scale's gradient flows through the scale (autograd)."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.view(B, N, 3, num_heads, -1).unbind(2)  # (B, N, H, Dh) views
+    scale = torch.clamp(logit_scale, max=math.log(100.0)).exp().view(1, 1, num_heads, 1)
+    q, k = F.normalize(q, dim=-1) * scale, F.normalize(k, dim=-1)
+    return attention(q, k, v, 1.0, dropout_p=dropout_p, attn_mask=attn_mask).reshape(B, N, -1)
+
+
+def _tv_window_mask(ph: int, pw: int, window: Tuple[int, int], shift: Tuple[int, int], like: torch.Tensor
+                    ) -> torch.Tensor:
+    """torchvision's shifted-window mask for a padded (ph, pw) map: (nW, N, N) in ``like``'s dtype, 0 between tokens
+    of one region of the shifted map, -100 across regions (the regions as its slices make them)."""
+    (wh, ww), (sh, sw) = window, shift
+    region = like.new_zeros((ph, pw))
+    for i, (rows, cols) in enumerate((r, c) for r in (slice(0, -wh), slice(-wh, -sh), slice(-sh, None))
+                                     for c in (slice(0, -ww), slice(-ww, -sw), slice(-sw, None))):
+        region[rows, cols] = i
+    region = region.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)  # (nW, N)
+    diff = region.unsqueeze(1) - region.unsqueeze(2)
+    return diff.masked_fill(diff != 0, -100.0)
+
+
+class _FusedTvWindowAttention(nn.Module):
+    """torchvision Swin's ShiftedWindowAttention / ShiftedWindowAttentionV2 on (B, H, W, C): its shifted_window_attention
+    (pad to whole windows, cyclic shift, partition) with the qkv GEMM -> flash attention from the packed qkv (v2:
+    cosine attention, k's bias zeroed as it zeroes it) with the relative position bias plus, in shifted blocks, the
+    window mask as one windowed mask (_swin_mask) -> proj GEMM, then the windows merged, shifted back, unpadded. The
+    bias's gradient (v1's table, v2's cpb MLP) comes from the backward kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        wh, ww = self.window_size
+        ph, pw = H + (wh - H % wh) % wh, W + (ww - W % ww) % ww
+        x = F.pad(x, (0, 0, 0, pw - W, 0, ph - H))
+        sh, sw = (0 if wh >= ph else self.shift_size[0]), (0 if ww >= pw else self.shift_size[1])
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        nh, nw = ph // wh, pw // ww
+        x = x.view(B, nh, wh, nw, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B * nh * nw, wh * ww, C)  # (B·nW, N, C)
+        mask = _swin_mask(self.get_relative_position_bias(),
+                          _tv_window_mask(ph, pw, (wh, ww), (sh, sw), x) if sh or sw else None)
+        p = self.attention_dropout if self.training else 0.0
+        logit_scale = getattr(self, "logit_scale", None)
+        if logit_scale is None:
+            o = qkv_attention(linear(x, self.qkv.weight, self.qkv.bias), self.num_heads, (C // self.num_heads) ** -0.5,
+                              dropout_p=p, attn_mask=mask)
+        else:
+            b = self.qkv.bias
+            if b is not None:  # (v2 zeroes k's third of the bias for the call)
+                b = torch.cat((b[:C], torch.zeros_like(b[C:2 * C]), b[2 * C:]))
+            o = _cosine_attention(linear(x, self.qkv.weight, b), self.num_heads, logit_scale, mask, p)
+        o = F.dropout(linear(o, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training)
+        o = o.view(B, nh, nw, wh, ww, C).permute(0, 1, 3, 2, 4, 5).reshape(B, ph, pw, C)
+        if sh or sw:
+            o = torch.roll(o, shifts=(sh, sw), dims=(1, 2))
+        return o[:, :H, :W, :].contiguous()
 
 
 class _FusedHFSwinAttention(nn.Module):
@@ -658,10 +729,13 @@ def _whole_patches(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
 
 def _drop_path_inactive(m: nn.Module) -> bool:
-    """True when timm's drop_path module is the identity right now (Identity, eval mode, or p == 0)."""
+    """True when a drop-path module is the identity right now (Identity, eval mode, or p == 0): timm's / flashvit's
+    DropPath (drop_prob) and torchvision's StochasticDepth (p)."""
     if isinstance(m, nn.Identity):
         return True
     p = getattr(m, "drop_prob", None)
+    if p is None and _qualname(m) == _TV_STOCHASTIC_DEPTH:
+        p = m.p
     return p is not None and (not m.training or p == 0.0)
 
 
@@ -682,6 +756,8 @@ def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Ten
         if m.scale_by_keep:
             return True, drop_path_scale(x, m.drop_prob)
         return True, x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)
+    if _qualname(m) == _TV_STOCHASTIC_DEPTH and m.mode == "row" and 0.0 <= m.p <= 1.0:  # (its source: _decide_tv)
+        return True, drop_path_scale(x, m.p)  # (its draw: one Bernoulli a row, divided by the survival rate)
     return False, None
 
 
@@ -725,8 +801,26 @@ def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
     return True, getattr(ls, attr)
 
 
+class _FusedTvMLP(nn.Module):
+    """torchvision's MLP / ViT's MLPBlock (an nn.Sequential: Linear, GELU, Dropout, Linear, Dropout): the fused MLP op
+    (GELU in fc1's epilogue, a residual in fc2's) where both dropouts pass through, else its own layers (then γ and
+    the residual after). ``flashvit_activation``: 'gelu' / 'gelu_tanh'."""
+
+    flashvit_activation: str = "gelu"
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        fc1, fc2 = self[0], self[3]
+        if _inactive(self[2]) and _inactive(self[4]):
+            return mlp_op(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, self.flashvit_activation, residual,
+                          layer_scale=layer_scale)
+        z = nn.Sequential.forward(self, x)
+        z = z if layer_scale is None else z * layer_scale
+        return z if residual is None else z + residual
+
+
 # Fused MLPs whose forward takes (y, residual, layer_scale): fc2's GEMM adds the residual and folds the LayerScale.
-_RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN, _FusedHFDinov3MLP)
+_RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN, _FusedHFDinov3MLP, _FusedTvMLP)
 
 
 def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
@@ -772,6 +866,28 @@ class _FusedTimmSwinBlock(nn.Module):
         a = self._attn(self.norm1(x))  # (B, H, W, C)
         y, x = _add_norm(self.norm2, a.reshape(B, -1, C), x.reshape(B, -1, C), self.drop_path1)
         return _mlp_add(self.mlp, None, self.drop_path2, y, x).reshape(B, H, W, C)
+
+
+class _FusedTvSwinBlock(nn.Module):
+    """torchvision's SwinTransformerBlock (v1, pre-norm; its one StochasticDepth draws for each branch): the window
+    attention, then (x + a, norm2(x + a)) in one pass and fc2 + the residual in one GEMM (stochastic depth folded in
+    as timm's DropPath)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, x = _add_norm(self.norm2, self.attn(self.norm1(x)), x, self.stochastic_depth)
+        return _mlp_add(self.mlp, None, self.stochastic_depth, y, x)
+
+
+class _FusedTvEncoderBlock(nn.Module):
+    """torchvision ViT's EncoderBlock: its self-attention, then (x + a, ln_2(x + a)) in one pass and fc2 + the
+    residual in one GEMM."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
+        x = self.ln_1(input)
+        a, _ = self.self_attention(x, x, x, need_weights=False)
+        y, x = _add_norm(self.ln_2, self.dropout(a), input)
+        return _mlp_add(self.mlp, None, _NO_DROP_PATH, y, x)
 
 
 def _gamma_block(block: nn.Module, x: torch.Tensor, fused_attn: type, **attn_kwargs) -> torch.Tensor:
@@ -1135,6 +1251,40 @@ def _decide_hf_swin_attention(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _FusedHFSwinAttention), None)
 
 
+def _decide_tv(mixin: type, then: Optional[Callable[[nn.Module], Decision]] = None
+               ) -> Callable[[nn.Module], Decision]:
+    """The decider for a torchvision class whose forward's source is checked (_TV_CHECKED; its window attentions'
+    shifted_window_attention too): a clone as ``mixin``, or ``then``'s decision."""
+    def decide(m: nn.Module) -> Decision:
+        qual = _qualname(m)
+        why = _unchecked(f"{type(m).__name__}.forward", type(m).forward, _TV_CHECKED[qual])
+        if why is None and "WindowAttention" in qual:
+            why = _unchecked("shifted_window_attention",
+                             getattr(importlib.import_module(_TV_SWIN), "shifted_window_attention", None),
+                             _TV_WINDOW_FN_CHECKED)
+        if why is None and isinstance(getattr(m, "stochastic_depth", None), nn.Module):  # (its draw is redone)
+            why = _unchecked("stochastic_depth", getattr(importlib.import_module("torchvision.ops.stochastic_depth"),
+                                                         "stochastic_depth", None), _TV_STOCHASTIC_DEPTH_CHECKED)
+        if why:
+            return None, why
+        return then(m) if then is not None else (_clone_as(m, mixin), None)
+    return decide
+
+
+def _decide_tv_mlp(m: nn.Module) -> Decision:
+    layers = list(m)
+    kinds = [type(x) for x in layers]
+    if type(m).forward is not nn.Sequential.forward or kinds[:1] + kinds[2:] != [nn.Linear, nn.Dropout, nn.Linear,
+                                                                                   nn.Dropout]:
+        return None, "not Linear -> activation -> Dropout -> Linear -> Dropout run as an nn.Sequential"
+    kind = _gelu_kind(layers[1])
+    if kind is None:
+        return None, f"its activation {_qualname(layers[1])} is not GELU"
+    new = _clone_as(m, _FusedTvMLP)
+    new.flashvit_activation = kind
+    return new, None
+
+
 def _decide_mha(m: nn.Module) -> Decision:
     if not m._qkv_same_embed_dim:
         return None, "kdim/vdim differ from embed_dim (separate q/k/v projections)"
@@ -1306,10 +1456,12 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's, and BEiT,
             whose relative position bias arrives as the mask; source checked);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
-            returned weights (others run its own forward).
+            returned weights (others run its own forward); torchvision's Swin ``ShiftedWindowAttention`` (v1, v2;
+            source checked).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
         mlp: timm ``Mlp`` / HF ``ViTMLP`` / BEiT / CLIP / SigLIP MLPs with an exact or tanh GELU and no inner norm ->
-            ``FusedMLP`` (HF ``DINOv3ViTMLP``: the same op on its up/down projections); timm
+            ``FusedMLP`` (HF ``DINOv3ViTMLP``, torchvision's ``MLP`` / ``MLPBlock``: the same op on their
+            projections); timm
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
             and residual.
@@ -1318,9 +1470,10 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
             conv (+ class token) + positions, each in the same op.
         residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / ``SwinTransformerBlock`` / HF ``ViTLayer`` /
-            ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers: fuse the residual
-            adds (add + LayerNorm in one pass, fc2 + residual in the GEMM epilogue) and fold LayerScales into the
-            GEMM before them.
+            ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers / torchvision's
+            ``SwinTransformerBlock`` and ViT ``EncoderBlock``: fuse the residual adds (add + LayerNorm in one pass,
+            stochastic depth's factor per sample inside it; fc2 + residual in the GEMM epilogue) and fold LayerScales
+            into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -1355,6 +1508,11 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_DAVIT_ATTENTION, _decide_qkv_proj(_FusedTimmDavitWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION, _decide_qkv_proj(_FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
+        (lambda m: _qualname(m) == f"{_TV_SWIN}.SwinTransformerBlock", _decide_tv(_FusedTvSwinBlock), residual),
+        (lambda m: _qualname(m) == f"{_TV_VIT}.EncoderBlock", _decide_tv(_FusedTvEncoderBlock), residual),
+        (lambda m: _qualname(m) in (f"{_TV_SWIN}.ShiftedWindowAttention", f"{_TV_SWIN}.ShiftedWindowAttentionV2"),
+         _decide_tv(None, _decide_qkv_proj(_FusedTvWindowAttention)), attention),
+        (lambda m: _qualname(m) in _TV_MLPS, _decide_tv_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
         (lambda m: _qualname(m) in _HF_SWIGLU_FFN, _decide_hf_swiglu_ffn, mlp),
