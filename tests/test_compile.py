@@ -128,6 +128,8 @@ def test_patched_torchvision_swin_compiles_fullgraph_with_triton_forced(version)
     if version == "v2":
         kw.update(block=S.SwinTransformerBlockV2, downsample_layer=S.PatchMergingV2)
     model = flashvit.patch(S.SwinTransformer(**kw).to(KERNEL_DEV).train())
+    if any("not the source flashvit checked" in why for _, _, why in model.flashvit_report.left):
+        pytest.skip(f"torchvision {tv.__version__} is not the source flashvit checked: {model.flashvit_report.left}")
     assert model.flashvit_report.counts()[f"ShiftedWindowAttention{'V2' if version == 'v2' else ''}"] == 2
     with flashvit.use_backend("triton"):
         _assert_one_graph_same_result(model, _inputs((2, 3, 20, 24)).to(KERNEL_DEV))
