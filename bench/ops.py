@@ -294,11 +294,15 @@ def optional_layernorms() -> List[Tuple[str, Callable[..., torch.Tensor]]]:
     return out
 
 
+def _ln_setting(ctx: Ctx, dims: Sequence[int]) -> Tuple[Tuple[int, int], Sequence[int], str, int, str]:
+    """LayerNorm rows' (rows, widths, dtype name, element size, kernel note); quick runs: tiny ones."""
+    rows, dims = (QUICK_LN_ROWS, QUICK_LN_DIMS) if ctx.quick else (LN_ROWS, dims)
+    return rows, dims, dtype_name(ctx.dtype), torch.empty((), dtype=ctx.dtype).element_size(), kernel_note("layernorm")
+
+
 def layernorm_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     from flashvit.kernels import add_layer_norm, layer_norm
-    rows, dims = (QUICK_LN_ROWS, QUICK_LN_DIMS) if ctx.quick else (LN_ROWS, LN_DIMS)
-    dt, e = dtype_name(ctx.dtype), torch.empty((), dtype=ctx.dtype).element_size()
-    knote = kernel_note("layernorm")
+    rows, dims, dt, e, knote = _ln_setting(ctx, LN_DIMS)
     main: List[Job] = []
     late: List[Job] = []
     for D in dims:
@@ -364,15 +368,13 @@ def drop_path_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     """Stochastic depth's residual add in training: add_layer_norm with the factor per sample (x_scale) vs eager's
     drop_path (a multiply) + add + LayerNorm, and torch.compile of that; rows 256x197 (B = 256 samples)."""
     from flashvit.kernels import add_layer_norm
-    rows, dims = (QUICK_LN_ROWS, QUICK_LN_DIMS) if ctx.quick else (LN_ROWS, LN_DIMS[:2])
-    dt, e = dtype_name(ctx.dtype), torch.empty((), dtype=ctx.dtype).element_size()
-    knote = kernel_note("layernorm")
+    rows, dims, dt, e, knote = _ln_setting(ctx, LN_DIMS[:2])
     main: List[Job] = []
     late: List[Job] = []
     for D in dims:
         shape = (*rows, D)
-        M = rows[0] * rows[1]
         sd = {"rows": f"{rows[0]}x{rows[1]}", "D": D, "p": DROP_PATH_P}
+        M = rows[0] * rows[1]
 
         def args(grad: bool, shape=shape, D=D) -> Tuple[torch.Tensor, ...]:
             keep = 1.0 - DROP_PATH_P
