@@ -1204,6 +1204,54 @@ def test_hf_swin_on_the_kernels_vs_float64(monkeypatch):
     assert seen == [True] * 4, seen
 
 
+def _hf_swinv2():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Swinv2Config(image_size=32, patch_size=4, num_channels=3, embed_dim=32, depths=[2, 2],
+                                    num_heads=[2, 4], window_size=4, num_labels=5, drop_path_rate=0.0)
+    torch.manual_seed(fresh_seed())
+    return _randomize(transformers.Swinv2ForImageClassification(cfg), scale=0.1)
+
+
+def test_hf_swinv2_patched_matches_unpatched(calls):
+    """transformers' Swinv2 (sources checked): its attention as one module (query/key/value as one GEMM, cosine
+    attention with the continuous position bias plus the shifted blocks' window mask, added twice as transformers
+    adds it, as one windowed mask, the output dense GEMM), its Intermediate as one GEMM with the GELU epilogue.
+    Logits and every gradient (the cpb MLP's, the logit scales') as transformers'; a shifted block is among them.
+    Another source is left, named."""
+    model = _hf_swinv2().train()
+    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    why = patch_mod._hf_swinv2_unchecked("Swinv2Attention", "Swinv2SelfAttention", "Swinv2SelfOutput",
+                                         "Swinv2Intermediate")
+    if why:
+        assert any(why == r[2] for r in report.left), report
+        return
+    assert model.swinv2.encoder.layers[0].blocks[1].shift_size > 0  # (a shifted block: its window mask is used)
+    counts = report.counts()
+    assert counts["Swinv2Attention"] == 4 and calls["attention"] == 4, report
+    assert counts["Swinv2Intermediate"] == 4 and calls["linear"] == 3 * 4, report  # qkv, dense, intermediate
+    assert not report.left, report
+
+
+def test_hf_swinv2_of_another_source_is_left(monkeypatch):
+    """A Swinv2SelfAttention whose forward differs from the source checked: its Swinv2Attention is left, named."""
+    pytest.importorskip("transformers")
+    hf = importlib.import_module("transformers.models.swinv2.modeling_swinv2")
+    orig = hf.Swinv2SelfAttention.forward
+    monkeypatch.setattr(hf.Swinv2SelfAttention, "forward", lambda self, *a, **k: orig(self, *a, **k))
+    model = flashvit.patch(_hf_swinv2())
+    assert any("Swinv2SelfAttention.forward is not the source flashvit checked" in r[2]
+               for r in model.flashvit_report.left), model.flashvit_report
+
+
+@needs_kernels
+def test_hf_swinv2_on_the_kernels_vs_float64():
+    """transformers' Swinv2 training with the kernels forced, against a float64 unpatched copy."""
+    model = _hf_swinv2().train()
+    if patch_mod._hf_swinv2_unchecked("Swinv2Attention", "Swinv2SelfAttention", "Swinv2SelfOutput"):
+        pytest.skip("this transformers' Swinv2 is not the source flashvit checked (the test above checks it is left)")
+    _check_forced_vs_float64(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+
+
 def _hf_segformer():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.SegformerConfig(num_channels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[4, 2],

@@ -98,6 +98,10 @@ _HF_ROLES = ("Layer", "Attention", "MLP", "PatchEmbeddings")
 _HF_BEIT = "transformers.models.beit.modeling_beit"
 _HF_SWIN = "transformers.models.swin.modeling_swin"
 _HF_SEGFORMER = "transformers.models.segformer.modeling_segformer"
+_HF_SWINV2 = "transformers.models.swinv2.modeling_swinv2"
+# Swinv2's attention is fused as one module where it and the SelfAttention / SelfOutput inside are the sources checked
+_HF_SWINV2_CHECKED = {"Swinv2Attention": {"ebdb353be1267c18"}, "Swinv2SelfAttention": {"9facc59005911000"},
+                      "Swinv2SelfOutput": {"ec81b7be3dcf57c3"}, "Swinv2Intermediate": {"c9e595207da43768"}}
 _HF_ROUTED = {f"{_HF_BEIT}.BeitAttention", f"{_HF_SEGFORMER}.SegformerAttention"}  # through attn_implementation
 _HF_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
                f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}, f"{_HF_SWIN}.SwinAttention": {"c5a0d2c956f7cafd"},
@@ -432,14 +436,48 @@ class _FusedTimmWindowAttentionV2(nn.Module):
     gradients flow through the scale (autograd) and the bias (the backward kernel's dS)."""
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        N, H = x.shape[1], self.num_heads
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
-        table = self.cpb_mlp(self.relative_coords_table).view(-1, H)
-        rel = table[self.relative_position_index.view(-1)].view(N, N, H).permute(2, 0, 1)  # (H, N, N)
-        o = _cosine_attention(linear(x, self.qkv.weight, bias), H, self.logit_scale,
-                              _swin_mask(16 * torch.sigmoid(rel).unsqueeze(0), mask),
+        rel = _cpb_bias(self.cpb_mlp, self.relative_coords_table, self.relative_position_index, x.shape[1])
+        o = _cosine_attention(linear(x, self.qkv.weight, bias), self.num_heads, self.logit_scale, _swin_mask(rel, mask),
                               self.attn_drop.p if self.training else 0.0)
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias))
+
+
+def _cpb_bias(cpb_mlp: nn.Module, coords: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Swin v2's continuous position bias over a window of ``n`` tokens: 16·sigmoid(cpb_mlp(coords)) gathered by
+    the relative position index, (1, H, n, n)."""
+    table = cpb_mlp(coords)
+    table = table.view(-1, table.shape[-1])  # (positions, H)
+    return 16 * torch.sigmoid(table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0))
+
+
+class _FusedHFSwinv2Attention(nn.Module):
+    """transformers' Swinv2Attention on (B·nW, N, C) windows: query/key/value as one GEMM (key without a bias) ->
+    cosine attention (_cosine_attention) with the continuous position bias and, in shifted blocks, the window mask
+    added twice, as its SelfAttention adds it, as one windowed mask -> the output dense GEMM. output_attentions runs
+    transformers' forward."""
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                output_attentions: Optional[bool] = False) -> Tuple[torch.Tensor]:
+        if output_attentions or not (attention_mask is None or isinstance(attention_mask, torch.Tensor)):
+            return super().forward(hidden_states, attention_mask, output_attentions)
+        a = self.self
+        rel = _cpb_bias(a.continuous_position_bias_mlp, a.relative_coords_table, a.relative_position_index,
+                        a.window_size[0] * a.window_size[1])
+        o = _cosine_attention(_packed_qkv(hidden_states, a.query, a.key, a.value), a.num_attention_heads,
+                              a.logit_scale, _swin_mask(rel, None if attention_mask is None else 2 * attention_mask),
+                              a.dropout.p if a.training else 0.0)
+        return (self.output.dropout(linear(o, self.output.dense.weight, self.output.dense.bias)),)
+
+
+class _FusedHFIntermediate(nn.Module):
+    """transformers' Swinv2Intermediate (dense -> GELU): one GEMM with the GELU in its epilogue
+    (``flashvit_activation``: 'gelu' / 'gelu_tanh')."""
+
+    flashvit_activation: str = "gelu"
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return linear(hidden_states, self.dense.weight, self.dense.bias, activation=self.flashvit_activation)
 
 
 def _cosine_attention(qkv: torch.Tensor, num_heads: int, logit_scale: torch.Tensor, attn_mask: torch.Tensor,
@@ -1285,6 +1323,34 @@ def _decide_tv_mlp(m: nn.Module) -> Decision:
     return new, None
 
 
+def _hf_swinv2_unchecked(*classes: str) -> Optional[str]:
+    hf = importlib.import_module(_HF_SWINV2)
+    return next((why for c in classes if (why := _unchecked(f"{c}.forward", getattr(getattr(hf, c, None), "forward", None),
+                                                             _HF_SWINV2_CHECKED[c]))), None)
+
+
+def _decide_hf_swinv2_attention(m: nn.Module) -> Decision:
+    why = _hf_swinv2_unchecked("Swinv2Attention", "Swinv2SelfAttention", "Swinv2SelfOutput")
+    a = m.self
+    if why is None and not all(type(x) is nn.Linear for x in (a.query, a.key, a.value, m.output.dense)):
+        why = "query/key/value/dense are not plain nn.Linear"
+    if why is None:
+        why = _head_dim_reason(a.attention_head_size)
+    return (None, why) if why else (_clone_as(m, _FusedHFSwinv2Attention), None)
+
+
+def _decide_hf_intermediate(m: nn.Module) -> Decision:
+    why = _hf_swinv2_unchecked("Swinv2Intermediate")
+    kind = _gelu_kind(m.intermediate_act_fn)
+    if why is None and (type(m.dense) is not nn.Linear or kind is None):
+        why = "not a plain nn.Linear followed by a GELU"
+    if why:
+        return None, why
+    new = _clone_as(m, _FusedHFIntermediate)
+    new.flashvit_activation = kind
+    return new, None
+
+
 def _decide_mha(m: nn.Module) -> Decision:
     if not m._qkv_same_embed_dim:
         return None, "kdim/vdim differ from embed_dim (separate q/k/v projections)"
@@ -1456,12 +1522,12 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             likewise DeiT, ViT-MSN, ViT-MAE and DINOv2, whose classes transformers generates from ViT's, and BEiT,
             whose relative position bias arrives as the mask; source checked);
             ``nn.MultiheadAttention`` (torchvision's ViT, open_clip): its self-attention calls without masks or
-            returned weights (others run its own forward); torchvision's Swin ``ShiftedWindowAttention`` (v1, v2;
-            source checked).
+            returned weights (others run its own forward); torchvision's Swin ``ShiftedWindowAttention`` (v1, v2)
+            and transformers' ``Swinv2Attention`` (cosine attention; sources checked).
         layernorm: every ``nn.LayerNorm`` (and timm's ``LayerNorm``) over the last dim -> flashvit LayerNorm.
         mlp: timm ``Mlp`` / HF ``ViTMLP`` / BEiT / CLIP / SigLIP MLPs with an exact or tanh GELU and no inner norm ->
             ``FusedMLP`` (HF ``DINOv3ViTMLP``, torchvision's ``MLP`` / ``MLPBlock``: the same op on their
-            projections); timm
+            projections; HF ``Swinv2Intermediate``: one GEMM with the GELU epilogue); timm
             ``GluMlp`` / ``SwiGLU`` with SiLU (SwiGLUPacked; EVA-02's) and HF ``Dinov2SwiGLUFFN`` -> fc1
             GEMM(s), silu(gate)·up in one pass (``swiglu``), (its norm,) fc2 GEMM taking the block's LayerScale
             and residual.
@@ -1528,6 +1594,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitMLP", _source_checked(_decide_hf_mlp), mlp),
         (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinAttention", _source_checked(_decide_hf_swin_attention), attention),
         (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinMLP", _source_checked(_decide_hf_mlp), mlp),
+        (lambda m: _qualname(m) == f"{_HF_SWINV2}.Swinv2Attention", _decide_hf_swinv2_attention, attention),
+        (lambda m: _qualname(m) == f"{_HF_SWINV2}.Swinv2Intermediate", _decide_hf_intermediate, mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
         (lambda m: _hf_role(m) == "PatchEmbeddings", _hf_decide("PatchEmbeddings", _decide_hf_patch_embed),
          patch_embed),
@@ -1658,11 +1726,12 @@ def _patch_hf_attention(model: nn.Module, state: _PatchState) -> None:
             else:
                 hf_attn.append((n, type(m).__name__))
         elif (type(m).__name__.endswith("Attention") and type(m).__module__.startswith("transformers.")
-              and type(m).__module__ != _HF_DINOV3 and _hf_encoder_role(m) is None
+              and type(m).__module__ not in (_HF_DINOV3, _HF_SWINV2) and _hf_encoder_role(m) is None
               and _qualname(m) not in _HF_CHECKED):  # (by module replacement)
             others.append((n, type(m).__name__))
     for n, cls in others:
-        state.report.left.append((n, cls, "only transformers' ViT-family, BEiT and Swin attention is fused by flashvit"))
+        state.report.left.append((n, cls, "only transformers' ViT-family, BEiT, Swin and Swinv2 attention is fused "
+                                          "by flashvit"))
     if not hf_attn:
         return
     config = getattr(model, "config", None)
