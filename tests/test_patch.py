@@ -1157,10 +1157,10 @@ def test_hf_beit_on_the_kernels_vs_float64(calls, monkeypatch):
     assert seen in (None, [True, True]), seen
 
 
-def _hf_swin():
+def _hf_swin(drop_path=0.0):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.SwinConfig(image_size=32, patch_size=4, num_channels=3, embed_dim=32, depths=[2, 2],
-                                  num_heads=[2, 4], window_size=4, num_labels=5, drop_path_rate=0.0)
+                                  num_heads=[2, 4], window_size=4, num_labels=5, drop_path_rate=drop_path)
     torch.manual_seed(fresh_seed())
     model = _random_bias_tables(_randomize(transformers.SwinForImageClassification(cfg)))
     attn = model.swin.encoder.layers[0].blocks[0].attention
@@ -1175,12 +1175,17 @@ def _hf_swin_checked(model):
     return _source_reason(model.swin.encoder.layers[0].blocks[0].attention)
 
 
-def test_hf_swin_patched_matches_unpatched(calls):
+@pytest.mark.parametrize("case", ["plain", "padded_drop_path"])
+def test_hf_swin_patched_matches_unpatched(case, calls):
     """transformers' Swin: its attention as one module (q/k/v as one GEMM, attention from the packed qkv with the
-    relative position bias plus the shifted-window mask as one windowed mask, o_proj's GEMM), its MLP a FusedMLP.
-    Logits and every gradient, the bias tables' included, as transformers'; a shifted block is among them."""
-    model = _hf_swin().train()
-    report = _check_patched_same(model, _images((32, 32)), call=lambda m, x: m(pixel_values=x).logits)
+    relative position bias plus the shifted-window mask as one windowed mask, o_proj's GEMM), its MLP a FusedMLP, its
+    layers' residual adds fused (layernorm_after with the first add in one pass, fc2 with the second in one GEMM).
+    Logits and every gradient, the bias tables' included, as transformers'; a shifted block is among them; an image
+    whose map does not fill whole windows (36 x 44: padded) with drop path (its own draws, under one seed)."""
+    padded = case == "padded_drop_path"
+    model = _hf_swin(drop_path=0.5 if padded else 0.0).train()
+    report = _check_patched_same(model, _images((36, 44) if padded else (32, 32)),
+                                 call=lambda m, x: _reseeded(m, x, lambda m, x: m(pixel_values=x).logits))
     why = _hf_swin_checked(model)
     if why:
         assert any("SwinAttention is not the source flashvit checked" in r[2] for r in report.left), report
@@ -1188,6 +1193,12 @@ def test_hf_swin_patched_matches_unpatched(calls):
     counts = report.counts()
     assert counts["SwinAttention"] == 4 and calls["qkv_attention"] == 4, report
     assert counts["SwinMLP"] == 4 and calls["mlp"] == 4, report
+    from flashvit.vit.patch import _source_reason
+    layer_why = _source_reason(model.swin.encoder.layers[0].blocks[0])
+    if layer_why:  # (another transformers' SwinLayer: left, named; its attention and MLP still fused)
+        assert any(layer_why == r[2] for r in report.left), report
+    else:
+        assert counts["SwinLayer"] == 4 and calls["add_layer_norm"] == 4, report
     assert not any("Attention" in r[1] for r in report.left), report
 
 

@@ -105,7 +105,8 @@ _HF_SWINV2_CHECKED = {"Swinv2Attention": {"ebdb353be1267c18"}, "Swinv2SelfAttent
 _HF_ROUTED = {f"{_HF_BEIT}.BeitAttention", f"{_HF_SEGFORMER}.SegformerAttention"}  # through attn_implementation
 _HF_CHECKED = {f"{_HF_BEIT}.BeitAttention": {"a9fcf5fbaaba5042"}, f"{_HF_BEIT}.BeitMLP": {"6abb4e9c77ac9ce1"},
                f"{_HF_BEIT}.BeitLayer": {"c439d77a7d631dba"}, f"{_HF_SWIN}.SwinAttention": {"c5a0d2c956f7cafd"},
-               f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}, f"{_HF_SEGFORMER}.SegformerAttention": {"fa126e71eea0d3d8"}}
+               f"{_HF_SWIN}.SwinMLP": {"6abb4e9c77ac9ce1"}, f"{_HF_SWIN}.SwinLayer": {"dc30599fd3cb15f7"},
+               f"{_HF_SEGFORMER}.SegformerAttention": {"fa126e71eea0d3d8"}}
 # torchvision's Swin (v1; v2's cosine attention with its continuous position bias) and ViT blocks, fused where their
 # forwards are the sources checked (sha256 fingerprints, torchvision 0.29): both window attentions call the module
 # function shifted_window_attention, checked too; StochasticDepth's draw is stochastic_depth()'s, checked too.
@@ -916,6 +917,42 @@ class _FusedTvSwinBlock(nn.Module):
         return _mlp_add(self.mlp, None, self.stochastic_depth, y, x)
 
 
+class _FusedHFSwinLayer(nn.Module):
+    """transformers' SwinLayer (pre-norm) with its residual adds fused: its window attention as it runs it (its own
+    padding, shift, mask and its module's window_partition / window_reverse, ``flashvit_windows``), then
+    (x + a, layernorm_after(x + a)) in one pass and the MLP's fc2 + the residual in one GEMM."""
+
+    def forward(self, hidden_states: torch.Tensor, input_dimensions: Tuple[int, int], always_partition: bool = False,
+                **kwargs) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        partition, reverse = self.flashvit_windows
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        height, width = input_dimensions
+        batch_size, _, channels = hidden_states.size()
+        w = self.window_size
+        x = self.layernorm_before(hidden_states).view(batch_size, height, width, channels)
+        x, pad_values = self.maybe_pad(x, height, width)
+        _, height_pad, width_pad, _ = x.shape
+        windows = partition(self.cyclic_shift(x), w).view(-1, w * w, channels)
+        attn_mask = self.get_attn_mask(height_pad, width_pad, dtype=x.dtype, device=windows.device)
+        a, attn_weights = self.attention(windows, attn_mask, **kwargs)
+        a = self.cyclic_shift(reverse(self.dropout(a).view(-1, w, w, channels), w, height_pad, width_pad), reverse=True)
+        if pad_values[3] > 0 or pad_values[5] > 0:
+            a = a[:, :height, :width, :].contiguous()
+        y, h = _add_norm(self.layernorm_after, a.view(batch_size, height * width, channels), hidden_states,
+                         self.drop_path)
+        if _inactive(self.dropout):
+            return _mlp_add(self.mlp, None, _NO_DROP_PATH, y, h), attn_weights
+        return self.dropout(self.mlp(y)) + h, attn_weights
+
+
+def _decide_hf_swin_layer(m: nn.Module) -> Decision:
+    hf = importlib.import_module(_HF_SWIN)
+    new = _clone_as(m, _FusedHFSwinLayer)
+    new.flashvit_windows = (hf.window_partition, hf.window_reverse)
+    return new, None
+
+
 class _FusedTvEncoderBlock(nn.Module):
     """torchvision ViT's EncoderBlock: its self-attention, then (x + a, ln_2(x + a)) in one pass and fc2 + the
     residual in one GEMM."""
@@ -1536,10 +1573,10 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             ``DINOv3ViTEmbeddings`` -> conv + [cls, registers, patches] and CLIP / SigLIP vision embeddings ->
             conv (+ class token) + positions, each in the same op.
         residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / ``SwinTransformerBlock`` / HF ``ViTLayer`` /
-            ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / CLIP and SigLIP encoder layers / torchvision's
-            ``SwinTransformerBlock`` and ViT ``EncoderBlock``: fuse the residual adds (add + LayerNorm in one pass,
-            stochastic depth's factor per sample inside it; fc2 + residual in the GEMM epilogue) and fold LayerScales
-            into the GEMM before them.
+            ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / ``SwinLayer`` / CLIP and SigLIP encoder layers /
+            torchvision's ``SwinTransformerBlock`` and ViT ``EncoderBlock``: fuse the residual adds (add + LayerNorm
+            in one pass, stochastic depth's factor per sample inside it; fc2 + residual in the GEMM epilogue) and fold
+            LayerScales into the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -1594,6 +1631,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitMLP", _source_checked(_decide_hf_mlp), mlp),
         (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinAttention", _source_checked(_decide_hf_swin_attention), attention),
         (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinMLP", _source_checked(_decide_hf_mlp), mlp),
+        (lambda m: _qualname(m) == f"{_HF_SWIN}.SwinLayer", _source_checked(_decide_hf_swin_layer), residual),
         (lambda m: _qualname(m) == f"{_HF_SWINV2}.Swinv2Attention", _decide_hf_swinv2_attention, attention),
         (lambda m: _qualname(m) == f"{_HF_SWINV2}.Swinv2Intermediate", _decide_hf_intermediate, mlp),
         (lambda m: _qualname(m) in _TIMM_PATCH_EMBED, _decide_timm_patch_embed, patch_embed),
