@@ -645,14 +645,18 @@ def test_timm_tiny_vit_attention_on_the_kernels_vs_float64(monkeypatch):
 @pytest.mark.parametrize("name", ["twins_pcpvt_small", "twins_svt_small"])
 def test_timm_twins_patched_match_unpatched(name, calls):
     """timm's Twins: GlobalSubSampleAttn as PVT v2's attention (q GEMM, kv GEMM over the sr-reduced sequence,
-    Nkv < N); SVT's LocallyGroupedAttn (windows partitioned inside its forward) is left, named. Logits and every
+    Nkv < N); SVT's LocallyGroupedAttn as the qkv GEMM over its ws x ws groups (a 72 x 72 image: the first stage's
+    18 x 18 map pads to three 7 x 7 groups a side) -> attention from the packed qkv -> proj. Logits and every
     gradient as timm's."""
     torch.manual_seed(fresh_seed())
     model = _randomize(timm.create_model(name, pretrained=False, num_classes=5, drop_path_rate=0.0), scale=0.05).train()
     n_global = sum(type(m).__name__ == "GlobalSubSampleAttn" for m in model.modules())
-    report = _check_patched_same(model, _images((64, 64)))
+    n_grouped = sum(type(m).__name__ == "LocallyGroupedAttn" for m in model.modules())
+    assert (n_grouped > 0) == ("svt" in name)
+    report = _check_patched_same(model, _images((72, 72)))
     assert report.counts()["GlobalSubSampleAttn"] == n_global and calls["attention"] == n_global, report
-    assert {r[1] for r in report.left} == ({"LocallyGroupedAttn"} if "svt" in name else set()), report
+    assert report.counts().get("LocallyGroupedAttn", 0) == n_grouped == calls.get("qkv_attention", 0), report
+    assert not report.left, report
 
 
 @needs_kernels
@@ -663,6 +667,17 @@ def test_timm_twins_global_attention_on_the_kernels_vs_float64(monkeypatch):
                        scale=0.05).train()
     seen = _module_on_kernels_vs_float64(model, "blocks.0.0.attn", _images((64, 64)), monkeypatch, rows=2)
     assert seen == [False], seen  # one backward launch of the kernels, no mask
+
+
+@needs_kernels
+def test_timm_twins_grouped_attention_on_the_kernels_vs_float64(monkeypatch):
+    """One Twins-SVT LocallyGroupedAttn (a 9 x 9 map padded to 14 x 14: four 7 x 7 groups) with the kernels forced
+    vs float64."""
+    torch.manual_seed(fresh_seed())
+    model = _randomize(timm.create_model("twins_svt_small", pretrained=False, num_classes=5, drop_path_rate=0.0),
+                       scale=0.05).train()
+    seen = _module_on_kernels_vs_float64(model, "blocks.0.0.attn", _images((36, 36)), monkeypatch, rows=2)
+    assert seen == [False], seen
 
 
 def test_timm_davit_patched_match_unpatched(calls):

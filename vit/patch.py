@@ -76,6 +76,7 @@ _TIMM_BEIT_ATTENTION = {"timm.models.beit.Attention"}
 _TIMM_BEIT_BLOCK = {"timm.models.beit.Block"}
 _TIMM_ATTENTION_CL = {"timm.models.maxxvit.AttentionCl"}  # MaxViT's window / grid attention (channels last)
 _TIMM_PVT_ATTENTION = {"timm.models.pvt_v2.Attention", "timm.models.twins.GlobalSubSampleAttn"}  # spatial reduction
+_TIMM_GROUPED_ATTENTION = {"timm.models.twins.LocallyGroupedAttn"}  # Twins-SVT: attention inside ws x ws groups
 _TIMM_TINYVIT_ATTENTION = {"timm.models.tiny_vit.Attention"}  # window attention with learned attention biases
 _TIMM_DAVIT_ATTENTION = {"timm.models.davit.WindowAttention"}  # (its ChannelAttention: attention over channels, left)
 _TIMM_RELPOS_ATTENTION = {"timm.models.vision_transformer_relpos.RelPosAttention"}
@@ -349,6 +350,25 @@ class _FusedTimmBeitAttention(nn.Module):
         o = qkv_attention(qkv, self.num_heads, self.scale, dropout_p=self.attn_drop.p if self.training else 0.0,
                           attn_mask=mask)  # (B, N, H·Dh)
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
+
+
+class _FusedTimmLocallyGroupedAttn(nn.Module):
+    """timm Twins-SVT's LocallyGroupedAttn on (B, H·W, C): the map padded to whole ws x ws groups (the padded tokens
+    attend, as in timm's), the qkv GEMM over the groups -> flash attention from the packed qkv, one group a batch
+    row -> the groups merged, unpadded -> proj GEMM."""
+
+    def forward(self, x: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        H, W = size
+        ws = self.ws
+        Hp, Wp = H + (ws - H % ws) % ws, W + (ws - W % ws) % ws
+        x = F.pad(x.view(B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H))
+        gh, gw = Hp // ws, Wp // ws
+        x = x.view(B, gh, ws, gw, ws, C).transpose(2, 3).reshape(B * gh * gw, ws * ws, C)  # (B·G, ws², C) groups
+        o = qkv_attention(linear(x, self.qkv.weight, self.qkv.bias), self.num_heads, self.scale,
+                          dropout_p=self.attn_drop.p if self.training else 0.0)
+        o = o.view(B, gh, gw, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)[:, :H, :W]
+        return self.proj_drop(linear(o.reshape(B, N, C), self.proj.weight, self.proj.bias))
 
 
 def _swin_mask(bias: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1607,6 +1627,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
          attention),
         (lambda m: _qualname(m) in _TIMM_ATTENTION_CL, _decide_qkv_proj(_FusedTimmAttentionCl), attention),
         (lambda m: _qualname(m) in _TIMM_PVT_ATTENTION, _decide_timm_pvt_attention, attention),
+        (lambda m: _qualname(m) in _TIMM_GROUPED_ATTENTION, _decide_qkv_proj(_FusedTimmLocallyGroupedAttn), attention),
         (lambda m: _qualname(m) in _TIMM_TINYVIT_ATTENTION, _decide_timm_tinyvit_attention, attention),
         (lambda m: _qualname(m) in _TIMM_DAVIT_ATTENTION, _decide_qkv_proj(_FusedTimmDavitWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION, _decide_qkv_proj(_FusedTimmRelPosAttention), attention),
@@ -1679,7 +1700,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             or _qualname(model) in (_TIMM_ATTENTION | _TIMM_ROPE_ATTENTION | _TIMM_BEIT_ATTENTION | _TIMM_MLP | _TIMM_BLOCK
                                     | _TIMM_EVA_BLOCK | _TIMM_BEIT_BLOCK | _TIMM_WINDOW_ATTENTION
                                     | _TIMM_WINDOW_ATTENTION_V2 | _TIMM_RELPOS_ATTENTION | _TIMM_ATTENTION_CL
-                                    | _TIMM_PVT_ATTENTION | _TIMM_TINYVIT_ATTENTION | _TIMM_SWIN_BLOCK
+                                    | _TIMM_PVT_ATTENTION | _TIMM_GROUPED_ATTENTION | _TIMM_TINYVIT_ATTENTION
+                                    | _TIMM_SWIN_BLOCK
                                     | _TIMM_DAVIT_ATTENTION)
             or _hf_role(model) is not None or _qualname(model) == f"{_HF_BEIT}.BeitLayer"
             or _qualname(model).startswith(f"{_HF_DINOV3}.DINOv3ViT")
