@@ -67,13 +67,14 @@ def _keep_strides(t64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out.copy_(t64)
 
 
-def _grads(fn, tensors, outs_grad_seed):
-    """Run fn on leaf copies of ``tensors``; backprop fresh random grads; return (outputs, grads)."""
+def _grads(fn, tensors, outs_grad_seed, gdtype):
+    """Run fn on leaf copies of ``tensors``; backprop fresh random grads, rounded to ``gdtype`` (the op's dtype: the
+    float64 reference sees the grads the op sees, so its error is the op's own); return (outputs, grads)."""
     leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in tensors]
     outs = fn(*leaves)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(outs_grad_seed)
-    gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(o) for o in outs]
+    gouts = [torch.randn(o.shape, generator=g, dtype=torch.float64).to(gdtype).to(o) for o in outs]
     torch.autograd.backward(outs, gouts)
     return [o.detach() for o in outs], [t.grad if t is not None else None for t in leaves]
 
@@ -99,9 +100,9 @@ def check_op(fn_triton, fn_ref, tensors, dtype, grad_seed, backward=True):
     """Triton path vs float64 reference (fp32: tight; fp16: <= 2x/3x PyTorch's own fp16 error)."""
     t64 = [t.double() if t is not None else None for t in tensors]
     if backward:
-        out, grads = _grads(fn_triton, tensors, grad_seed)
-        out64, grads64 = _grads(fn_ref, t64, grad_seed)
-        outt, gradst = _grads(fn_ref, tensors, grad_seed)
+        out, grads = _grads(fn_triton, tensors, grad_seed, dtype)
+        out64, grads64 = _grads(fn_ref, t64, grad_seed, dtype)
+        outt, gradst = _grads(fn_ref, tensors, grad_seed, dtype)
     else:
         with torch.no_grad():
             wrap = lambda r: list(r) if isinstance(r, tuple) else [r]  # noqa: E731
@@ -136,8 +137,17 @@ def test_fuzz_layer_norm(data):
     with LN.use_ln_chunks(chunks), LN.use_ln_prefetch(prefetch):
         if draw(st.booleans()):
             r = _tensor(draw, (*lead, d), dtype, scale)
-            check_op(lambda x, r, w, b: add_layer_norm(x, r, w, b, eps, backend="triton"),
-                     lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, eps), [x, r, w, b], dtype, seed)
+            if len(lead) >= 1 and draw(st.booleans()):  # stochastic depth's factor per sample (lead[0] samples)
+                keep = draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+                g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+                s = ((torch.rand(lead[0], generator=g) < keep).double() / max(keep, 1e-3)).to(device=DEVICE,
+                                                                                            dtype=dtype)
+                check_op(lambda x, r, w, b, s: add_layer_norm(x, r, w, b, eps, x_scale=s, backend="triton"),
+                         lambda x, r, w, b, s: add_layer_norm_reference(x, r, w, b, eps, s), [x, r, w, b, s], dtype,
+                         seed)
+            else:
+                check_op(lambda x, r, w, b: add_layer_norm(x, r, w, b, eps, backend="triton"),
+                         lambda x, r, w, b: add_layer_norm_reference(x, r, w, b, eps), [x, r, w, b], dtype, seed)
         else:
             check_op(lambda x, w, b: layer_norm(x, w, b, eps, backend="triton"),
                      lambda x, w, b: layer_norm_reference(x, w, b, eps), [x, w, b], dtype, seed)
