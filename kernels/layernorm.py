@@ -776,7 +776,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
 
     ``x_scale``: (B,) or (B, 1, ..., 1) for x of shape (B, ...), a factor per sample on x before the add,
     ``h = x·x_scale[b] + residual``: stochastic depth's ``residual + drop_path(x)`` (x_scale = keep mask /
-    keep_prob, see ``flashvit.vit.drop_path_scale``) in the same pass. x·x_scale rounds to x's dtype first, as
+    keep_prob, see ``flashvit.vit.model.drop_path_scale``) in the same pass. x·x_scale rounds to x's dtype first, as
     eager's does. Gradients flow to x_scale too where it takes them.
     ``h`` (and so ``y``) has the promoted dtype of x and residual; both outputs take gradients.
     """
