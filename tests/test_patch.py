@@ -1430,8 +1430,9 @@ def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
     assert n["calls"] == 0 and calls["mlp"] == kw["depth"]
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-4)
     assert {k for k in grads if k.endswith("gamma")} == {k for k in ref_grads if k.endswith("gamma")} != set()
+    scale = max(g.abs().max().item() for g in ref_grads.values())  # (fp32 rounding of the fused adds: scale-relative)
     for k in ref_grads:
-        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-5 * scale, rtol=1e-4, msg=k)
     model.blocks[1].ls2.register_forward_hook(lambda *a: None)
     out2, _ = _run(model, x, _reseeded)
     assert n["calls"] == 1
