@@ -803,8 +803,9 @@ _TIMM_DROP_PATH = "timm.layers.drop.DropPath"
 
 def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor]]:
     """Stochastic depth ``m`` on x (B, ...) as a factor per sample: (True, None) where m is the identity now,
-    (True, s (B,)) for an active flashvit or timm DropPath (s drawn as it draws its mask: same samples dropped
-    under one seed), (False, None) for another module or one with hooks (the caller runs m itself)."""
+    (True, s (B,)) for an active flashvit or timm DropPath or torchvision StochasticDepth ('row') (s drawn as it
+    draws its mask: same samples dropped under one seed), (False, None) for another module or one with hooks (the
+    caller runs m itself)."""
     if _drop_path_inactive(m):
         return True, None
     if _has_hooks(m):
