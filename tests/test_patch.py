@@ -981,6 +981,31 @@ def test_torchvision_swin_patched_matches_unpatched(version, drop_path, calls, m
         torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-4 * scale, rtol=1e-3, msg=k)
 
 
+@pytest.mark.parametrize("name", ["swin_t", "swin_v2_t", "vit_b_16"])
+def test_torchvision_full_size_models_patch_and_match(name):
+    """torchvision's own constructors at full size (swin_t: 7 x 7 windows shifted by 3 on 56 x 56 maps; swin_v2_t:
+    8 x 8 on 64 x 64; vit_b_16), random weights, one image on CPU's path: every attention, MLP and LayerNorm
+    replaced (Swin v1's and ViT's blocks too), nothing left, the logits unchanged."""
+    tv = pytest.importorskip("torchvision")
+    if _tv_unchecked(tv.models.swin_transformer.SwinTransformerBlock, tv.models.vision_transformer.EncoderBlock):
+        pytest.skip(_tv_unchecked(tv.models.swin_transformer.SwinTransformerBlock,
+                                  tv.models.vision_transformer.EncoderBlock))
+    torch.manual_seed(fresh_seed())
+    model = _randomize(tv.models.get_model(name), scale=0.02).eval()
+    x = _images((256, 256) if name == "swin_v2_t" else (224, 224), batch=1)
+    with torch.no_grad():
+        ref = model(x)
+        flashvit.patch(model)
+        out = model(x)
+    counts = model.flashvit_report.counts()
+    blocks = 12
+    expected = {"swin_t": {"ShiftedWindowAttention": blocks, "MLP": blocks, "SwinTransformerBlock": blocks},
+                "swin_v2_t": {"ShiftedWindowAttentionV2": blocks, "MLP": blocks},
+                "vit_b_16": {"MultiheadAttention": blocks, "MLPBlock": blocks, "EncoderBlock": blocks}}[name]
+    assert {k: counts.get(k) for k in expected} == expected and not model.flashvit_report.left, model.flashvit_report
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-4)
+
+
 def test_torchvision_swin_of_another_source_is_left(monkeypatch):
     """A torchvision whose shifted_window_attention (or a checked forward) differs from the sources checked: its
     attentions and blocks are left, and the report says why; its MLPs and LayerNorms still fuse."""
