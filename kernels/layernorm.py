@@ -86,7 +86,7 @@ def _ln_fwd_kernel(
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     # HAS_SCALE (with HAS_RES): h = x·s + r, S (M / T,) one factor for each sample's T rows (stochastic depth:
-    # 0 or 1 / keep_prob); x·s rounds to x's dtype first, as eager's drop_path(x) + r.
+    # 0 or 1 / keep_prob); x·s in fp32, rounded to x's dtype first, as eager's drop_path(x) + r.
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -503,8 +503,8 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     d = shape[-1]
     has_res = residual is not None
     hd = _h_dtype(x, residual)
-    if x_scale is not None and has_res:  # (B,) in x's dtype, as drop_path's mask (a few bytes)
-        x_scale = x_scale.reshape(-1).to(x.dtype).contiguous()
+    if x_scale is not None and has_res:  # (B,), its own dtype (a few bytes)
+        x_scale = x_scale.reshape(-1).contiguous()
     if has_res and x.dtype != residual.dtype and torch.float32 not in (x.dtype, residual.dtype):
         x, residual = x.float(), residual.float()  # fp16 + bf16: both to the promoted fp32
     x2 = rows2d(x)
@@ -695,9 +695,14 @@ class AddLayerNormFn(torch.autograd.Function):
 
 
 def _per_sample(x_scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """x_scale (B,) or (B, 1, ..., 1) as (B, 1, ..., 1) in ``like``'s dtype, to broadcast over ``like`` (B, ...)
-    (as drop_path's mask, drawn in its input's dtype: x·s keeps x's dtype)."""
-    return x_scale.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
+    """x_scale (B,) or (B, 1, ..., 1) as (B, 1, ..., 1), to broadcast over ``like`` (B, ...)."""
+    return x_scale.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _scaled(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """x·x_scale[b] in the wider of the two dtypes, rounded to x's: eager's drop_path(x) (timm's mask in x's dtype:
+    the same; transformers' x / keep_prob: an fp32 factor, not rounded to x's dtype first)."""
+    return (x * _per_sample(x_scale, x)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -752,7 +757,7 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: Op
                              bias: Optional[torch.Tensor], eps: float = 1e-5, x_scale: Optional[torch.Tensor] = None
                              ) -> Tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual, or x·x_scale[b] + residual (rounded as eager's drop_path(x) + residual); (LN(h), h)."""
-    h = x + residual if x_scale is None else x * _per_sample(x_scale, x) + residual
+    h = x + residual if x_scale is None else _scaled(x, x_scale) + residual
     return layer_norm_reference(h, weight, bias, eps), h
 
 
@@ -776,8 +781,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
 
     ``x_scale``: (B,) or (B, 1, ..., 1) for x of shape (B, ...), a factor per sample on x before the add,
     ``h = x·x_scale[b] + residual``: stochastic depth's ``residual + drop_path(x)`` (x_scale = keep mask /
-    keep_prob, see ``flashvit.vit.model.drop_path_scale``) in the same pass. x·x_scale rounds to x's dtype first, as
-    eager's does. Gradients flow to x_scale too where it takes them.
+    keep_prob, see ``flashvit.vit.model.drop_path_scale``) in the same pass. x·x_scale is computed in fp32 and
+    rounded to x's dtype first, as eager's drop_path(x) is (a factor in x's dtype, timm's mask, gives x * s; an
+    fp32 one, transformers' x / keep_prob). Gradients flow to x_scale too where it takes them.
     ``h`` (and so ``y``) has the promoted dtype of x and residual; both outputs take gradients.
     """
     _validate(x, weight, bias, eps, residual)
@@ -809,7 +815,7 @@ class LayerNorm(nn.LayerNorm):
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(LN(h), h), h = x + residual, or x·x_scale[b] + residual (see :func:`add_layer_norm`)."""
         if len(self.normalized_shape) != 1:
-            h = x + residual if x_scale is None else x * _per_sample(x_scale, x) + residual
+            h = x + residual if x_scale is None else _scaled(x, x_scale) + residual
             return super().forward(h), h
         return add_layer_norm(x, residual, self.weight, self.bias, self.eps, x_scale=x_scale)
 
@@ -835,15 +841,15 @@ def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, t
 
 
 def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dtype, pd: torch.dtype,
-              has_res: bool, tag: str = "", has_scale: bool = False) -> AotSpec:
+              has_res: bool, tag: str = "", scale: Optional[torch.dtype] = None) -> AotSpec:
     hd = torch.promote_types(xd, rd)
-    # S: the per-sample factor in x's dtype (drawn from the branch output, as drop_path draws), else mean's
+    has_scale = scale is not None  # S: the per-sample factor's dtype (timm's mask: x's; transformers': fp32)
     sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}", "Y": f"*{_TT[hd]}",
-           "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "S": f"*{_TT[xd]}" if has_scale else "*fp32",
+           "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "S": f"*{_TT[scale]}" if has_scale else "*fp32",
            "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_h": "i32",
            "eps": "fp32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr",
            "HAS_SCALE": "constexpr"}
-    tag += ",scale" if has_scale else ""
+    tag += (",scale" if scale == xd else f",scale={_TT[scale]}") if has_scale else ""
     return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res,
                                               "HAS_SCALE": has_scale}, warps, FWD_STAGES,
                         f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]",
@@ -874,9 +880,11 @@ def _aot_specs() -> List[AotSpec]:
         _, rows, fwd_warps, bwd_warps = _config(block_n)
         for has_res in (False, True):
             specs += [_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, has_res) for xd, rd, pd in _dtype_combos(has_res)]
-        # stochastic depth's factor per sample (x_scale): bf16 branch + bf16 or fp32 (autocast) stream, and fp32
-        for xd, rd, pd in ((bf, bf, bf), (bf, torch.float32, torch.float32), (torch.float32,) * 3):
-            specs.append(_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, True, has_scale=True))
+        # stochastic depth's factor per sample (x_scale): bf16 branch + bf16 or fp32 (autocast) stream, and fp32;
+        # the factor in x's dtype (timm's mask) and, for a bf16 branch, in fp32 (transformers' 1 / keep_prob)
+        f32 = torch.float32
+        for xd, rd, pd, sd in ((bf, bf, bf, bf), (bf, f32, f32, bf), (f32, f32, f32, f32), (bf, f32, f32, f32)):
+            specs.append(_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, True, scale=sd))
         for has_dho in (False, True):
             specs += [_bwd_spec(block_n, rows, bwd_warps, xd, pd, has_dho) for xd, _, pd in _dtype_combos(False)]
         for r, w in _fwd_choices(block_n)[1:]:

@@ -47,10 +47,13 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 def add_scaled(residual: torch.Tensor, x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """residual + x·scale[b] (scale (B,), one factor per sample; None: 1) in one pass: residual + drop_path(x)."""
+    """residual + x·scale[b] (scale (B,), one factor per sample; None: 1): residual + drop_path(x), in one pass
+    (addcmul) where the factor has x's dtype (timm's mask); an fp32 factor on a 16-bit x (transformers' x / keep_prob)
+    rounds x·scale to x's dtype first, as eager's does."""
     if scale is None:
         return residual + x
-    return torch.addcmul(residual, x, scale.view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype))
+    s = scale.view((-1,) + (1,) * (x.dim() - 1))
+    return torch.addcmul(residual, x, s) if s.dtype == x.dtype else residual + (x * s).to(x.dtype)
 
 
 class DropPath(nn.Module):

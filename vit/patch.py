@@ -799,13 +799,26 @@ def _drop_path_inactive(m: nn.Module) -> bool:
 
 
 _TIMM_DROP_PATH = "timm.layers.drop.DropPath"
+# transformers' drop-path classes (one per model: Dinov2DropPath, BeitDropPath, SwinDropPath, ...) whose forward is the
+# source checked: floor(rand + keep_prob) a sample in x's dtype, then x / keep_prob times it. Their classes are
+# checked when patch() fuses a layer holding one; the fused layers then draw that mask themselves.
+_HF_DROP_PATH_CHECKED = {"aa92bccc7644851b"}
+_HF_DROP_PATHS: set = set()  # classes found to be that source
+
+
+def _note_hf_drop_path(layer: nn.Module) -> None:
+    """Check the class of ``layer.drop_path`` (patch time: its source is read once, not in the forward)."""
+    cls = type(getattr(layer, "drop_path", None))
+    if (cls.__module__.startswith("transformers.") and cls.__name__.endswith("DropPath") and cls not in _HF_DROP_PATHS
+            and _source_fingerprint(cls.forward) in _HF_DROP_PATH_CHECKED):
+        _HF_DROP_PATHS.add(cls)
 
 
 def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor]]:
     """Stochastic depth ``m`` on x (B, ...) as a factor per sample: (True, None) where m is the identity now,
-    (True, s (B,)) for an active flashvit or timm DropPath or torchvision StochasticDepth ('row') (s drawn as it
-    draws its mask: same samples dropped under one seed), (False, None) for another module or one with hooks (the
-    caller runs m itself)."""
+    (True, s (B,)) for an active flashvit or timm DropPath, torchvision StochasticDepth ('row') or a checked
+    transformers drop path (s drawn as it draws its mask: same samples dropped under one seed), (False, None) for
+    another module or one with hooks (the caller runs m itself)."""
     if _drop_path_inactive(m):
         return True, None
     if _has_hooks(m):
@@ -818,6 +831,10 @@ def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Ten
         return True, x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)
     if _qualname(m) == _TV_STOCHASTIC_DEPTH and m.mode == "row" and 0.0 <= m.p <= 1.0:  # (its source: _decide_tv)
         return True, drop_path_scale(x, m.p)  # (its draw: one Bernoulli a row, divided by the survival rate)
+    if type(m) in _HF_DROP_PATHS:  # floor(rand + keep) in x's dtype, as it draws; x / keep: an fp32 factor
+        keep = 1.0 - m.drop_prob
+        mask = torch.floor(torch.rand((x.shape[0],), dtype=x.dtype, device=x.device) + keep)
+        return True, mask.float() / keep
     return False, None
 
 
@@ -968,6 +985,7 @@ class _FusedHFSwinLayer(nn.Module):
 
 
 def _decide_hf_swin_layer(m: nn.Module) -> Decision:
+    _note_hf_drop_path(m)
     hf = importlib.import_module(_HF_SWIN)
     new = _clone_as(m, _FusedHFSwinLayer)
     new.flashvit_windows = (hf.window_partition, hf.window_reverse)
@@ -1035,8 +1053,7 @@ class _FusedHFDinov2Layer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
         a, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
-        a = self.drop_path(self.layer_scale1(a))
-        y, h = _add_norm(self.norm2, a, hidden_states)
+        y, h = _add_norm(self.norm2, self.layer_scale1(a), hidden_states, self.drop_path)
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
@@ -1054,7 +1071,7 @@ class _FusedHFDinov3Layer(nn.Module):
         else:
             a, _ = self.attention(x, attention_mask=attention_mask, position_embeddings=position_embeddings, **kwargs)
             a = self.layer_scale1(a)
-        y, h = _add_norm(self.norm2, self.drop_path(a), hidden_states)
+        y, h = _add_norm(self.norm2, a, hidden_states, self.drop_path)
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
 
 
@@ -1072,7 +1089,7 @@ class _FusedHFBeitLayer(nn.Module):
                                                interpolate_pos_encoding, dim_size=hidden_states.shape[1])
             attention_mask = bias if attention_mask is None else bias + attention_mask
         a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask=attention_mask, **kwargs)
-        y, h = _add_norm(self.layernorm_after, self.drop_path(self.lambda_1 * self.dropout(a)), hidden_states)
+        y, h = _add_norm(self.layernorm_after, self.lambda_1 * self.dropout(a), hidden_states, self.drop_path)
         if not _inactive(self.dropout):
             return h + self.drop_path(self.lambda_2 * self.dropout(self.mlp(y)))
         return _mlp_add(self.mlp, self.lambda_2 if isinstance(self.lambda_2, torch.Tensor) else None,
@@ -1198,6 +1215,7 @@ def _dinov3_unchecked(*names: str) -> Optional[str]:
 def _decide_hf_dinov3(m: nn.Module) -> Decision:
     name = type(m).__name__
     if name == "DINOv3ViTLayer":
+        _note_hf_drop_path(m)
         why = _dinov3_unchecked(name, "DINOv3ViTLayerScale")
         return (None, why) if why else (_clone_as(m, _FusedHFDinov3Layer), None)
     if name == "DINOv3ViTAttention":
@@ -1216,6 +1234,7 @@ def _decide_hf_dinov3(m: nn.Module) -> Decision:
 
 
 def _decide_hf_layer(m: nn.Module) -> Decision:
+    _note_hf_drop_path(m)
     why = _hf_forward_differs(type(m), "Layer")
     if why is None:
         return _clone_as(m, _FusedHFLayer), None
@@ -1619,7 +1638,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _hf_role(m) == "Layer", _decide_hf_layer,
          residual),
         (lambda m: _qualname(m) == f"{_HF_BEIT}.BeitLayer",
-         _source_checked(lambda m: (_clone_as(m, _FusedHFBeitLayer), None)), residual),
+         _source_checked(lambda m: _note_hf_drop_path(m) or (_clone_as(m, _FusedHFBeitLayer), None)), residual),
         (lambda m: _qualname(m) in _TIMM_ATTENTION, _decide_timm_attention, attention),
         (lambda m: _qualname(m) in _TIMM_ROPE_ATTENTION, _decide_timm_rope_attention, attention),
         (lambda m: _qualname(m) in _TIMM_BEIT_ATTENTION, _decide_qkv_proj(_FusedTimmBeitAttention, False), attention),
