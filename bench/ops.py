@@ -390,8 +390,8 @@ def drop_path_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             return add_layer_norm(x, r, w, b, LN_EPS, x_scale=s, backend="triton")
 
         for mode in ("fwd", "fwd+bwd"):
-            nbytes = 4 * M * D * e + (4 * M * D * e if mode == "fwd+bwd" else 0)  # x, r in, y, h out; dy, dh, h in,
-            # dx out (dr = dh: no copy)
+            # forward: x, r in, y, h out; backward: dy, dh, h in, dr and dx (= s·dr) out
+            nbytes = 4 * M * D * e + (5 * M * D * e if mode == "fwd+bwd" else 0)
 
             def mk(impl: str, baseline: bool = False, note: str = "", mode=mode, nbytes=nbytes, sd=sd) -> Row:
                 return Row("ops", "add_layer_norm+drop_path", dict(sd), dt, mode, impl, baseline=baseline,
