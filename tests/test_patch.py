@@ -901,7 +901,7 @@ def test_timm_patched_with_grad_checkpointing_and_dropout(calls):
 def test_torchvision_vit_patched_matches_unpatched(calls):
     """torchvision's VisionTransformer: nn.MultiheadAttention (self-attention, need_weights=False), its LayerNorms,
     its MLPBlocks (the fused MLP op) and its EncoderBlocks' residual adds (ln_2 with the first add in one pass, fc2
-    with the second in one GEMM) fused; logits and gradients unchanged; an EncoderBlock of another source is left."""
+    with the second in one GEMM) fused; logits and gradients unchanged."""
     tv = pytest.importorskip("torchvision")
     why = _tv_unchecked(tv.models.vision_transformer.EncoderBlock)
     if why:
