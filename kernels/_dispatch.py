@@ -179,6 +179,16 @@ def next_pow2(n: int) -> int:
     return 1 << (max(int(n), 1) - 1).bit_length()
 
 
+@functools.cache
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The CUDA device's SM count (read once per device)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # pragma: no cover - private helper; without it every call takes the op path

@@ -44,6 +44,7 @@ from flashvit.kernels._dispatch import (
     launch,
     needs_grad,
     pushed,
+    sm_count,
     use_triton,
 )
 from flashvit.kernels.rope import check_rope_args, rope_apply, rope_reference, rope_table
@@ -1245,9 +1246,6 @@ def _mask_view(mask: Optional[torch.Tensor], B: int, H: int, NQ: int, NKV: int) 
     return mask.expand(B, H, NQ, NKV)
 
 
-_SM_COUNT: Dict[torch.device, int] = {}
-
-
 def _ds_chunk(mask: torch.Tensor, B: int, H: int, NKV: int) -> int:
     """Batches whose dS the dK/dV launches sum in one row of attention_bwd's dmask (one launch a member): 1
     unless the mask broadcasts over the batch (over a windowed mask's groups); then _chunk_for's pick on a GPU,
@@ -1257,9 +1255,7 @@ def _ds_chunk(mask: torch.Tensor, B: int, H: int, NKV: int) -> int:
         return 1
     if INTERPRET or mask.device.type != "cuda":
         return _chunk_for(groups, 2)
-    if mask.device not in _SM_COUNT:
-        _SM_COUNT[mask.device] = torch.cuda.get_device_properties(mask.device).multi_processor_count
-    return _chunk_for(groups, B * H * cdiv(NKV, 64) // (4 * _SM_COUNT[mask.device]))
+    return _chunk_for(groups, B * H * cdiv(NKV, 64) // (4 * sm_count(mask.device)))
 
 
 def _chunk_for(groups: int, want: int) -> int:

@@ -72,6 +72,7 @@ from flashvit.kernels._dispatch import (
     needs_grad,
     next_pow2,
     pushed,
+    sm_count,
     use_triton,
 )
 
@@ -886,16 +887,11 @@ def _empty(shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> 
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sms(device: torch.device) -> int:
     """SMs our persistent kernels and split-K plan for (the interpreter: a few, so its loops run)."""
     if INTERPRET or device.type != "cuda":
         return TMA_INTERPRET_SMS
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device)
 
 
 def _tma_ok(*ts: Optional[torch.Tensor]) -> bool:
