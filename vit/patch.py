@@ -119,6 +119,9 @@ _TV_CHECKED = {f"{_TV_SWIN}.ShiftedWindowAttention": {"a8e6b4183ce1c71a"},
 _TV_WINDOW_FN_CHECKED = {"867178e391172efe"}  # shifted_window_attention
 _TV_STOCHASTIC_DEPTH = "torchvision.ops.stochastic_depth.StochasticDepth"
 _TV_STOCHASTIC_DEPTH_CHECKED = {"33e86bcab74f9fe5"}  # stochastic_depth()
+# (module, function, fingerprints): the functions a fused class's forward redoes besides its own forward
+_TV_WINDOW_FN = (_TV_SWIN, "shifted_window_attention", _TV_WINDOW_FN_CHECKED)
+_TV_STOCHASTIC_DEPTH_FN = ("torchvision.ops.stochastic_depth", "stochastic_depth", _TV_STOCHASTIC_DEPTH_CHECKED)
 _TV_MLPS = {"torchvision.ops.misc.MLP", f"{_TV_VIT}.MLPBlock"}  # nn.Sequential: Linear, GELU, Dropout, Linear, Dropout
 # LayerNorms whose forward is plain layer_norm over the last dim (timm's may take a "fast norm" path: same math).
 _PLAIN_LAYERNORMS = {"torch.nn.modules.normalization.LayerNorm", "timm.layers.norm.LayerNorm"}
@@ -1366,20 +1369,15 @@ def _decide_hf_swin_attention(m: nn.Module) -> Decision:
     return (None, why) if why else (_clone_as(m, _FusedHFSwinAttention), None)
 
 
-def _decide_tv(mixin: type, then: Optional[Callable[[nn.Module], Decision]] = None
-               ) -> Callable[[nn.Module], Decision]:
-    """The decider for a torchvision class whose forward's source is checked (_TV_CHECKED; its window attentions'
-    shifted_window_attention too): a clone as ``mixin``, or ``then``'s decision."""
+def _decide_tv(mixin: Optional[type], then: Optional[Callable[[nn.Module], Decision]] = None,
+               functions: Tuple[Tuple[str, str, set], ...] = ()) -> Callable[[nn.Module], Decision]:
+    """The decider for a torchvision class whose forward's source is checked (_TV_CHECKED), and the module
+    ``functions`` (module, name, fingerprints) its fused forward redoes: a clone as ``mixin``, or ``then``'s
+    decision."""
     def decide(m: nn.Module) -> Decision:
-        qual = _qualname(m)
-        why = _unchecked(f"{type(m).__name__}.forward", type(m).forward, _TV_CHECKED[qual])
-        if why is None and "WindowAttention" in qual:
-            why = _unchecked("shifted_window_attention",
-                             getattr(importlib.import_module(_TV_SWIN), "shifted_window_attention", None),
-                             _TV_WINDOW_FN_CHECKED)
-        if why is None and isinstance(getattr(m, "stochastic_depth", None), nn.Module):  # (its draw is redone)
-            why = _unchecked("stochastic_depth", getattr(importlib.import_module("torchvision.ops.stochastic_depth"),
-                                                         "stochastic_depth", None), _TV_STOCHASTIC_DEPTH_CHECKED)
+        why = _unchecked(f"{type(m).__name__}.forward", type(m).forward, _TV_CHECKED[_qualname(m)])
+        for module, name, prints in functions:
+            why = why or _unchecked(name, getattr(importlib.import_module(module), name, None), prints)
         if why:
             return None, why
         return then(m) if then is not None else (_clone_as(m, mixin), None)
@@ -1652,10 +1650,11 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         (lambda m: _qualname(m) in _TIMM_DAVIT_ATTENTION, _decide_qkv_proj(_FusedTimmDavitWindowAttention), attention),
         (lambda m: _qualname(m) in _TIMM_RELPOS_ATTENTION, _decide_qkv_proj(_FusedTimmRelPosAttention), attention),
         (lambda m: type(m) is nn.MultiheadAttention, _decide_mha, attention),
-        (lambda m: _qualname(m) == f"{_TV_SWIN}.SwinTransformerBlock", _decide_tv(_FusedTvSwinBlock), residual),
+        (lambda m: _qualname(m) == f"{_TV_SWIN}.SwinTransformerBlock",
+         _decide_tv(_FusedTvSwinBlock, functions=(_TV_STOCHASTIC_DEPTH_FN,)), residual),
         (lambda m: _qualname(m) == f"{_TV_VIT}.EncoderBlock", _decide_tv(_FusedTvEncoderBlock), residual),
         (lambda m: _qualname(m) in (f"{_TV_SWIN}.ShiftedWindowAttention", f"{_TV_SWIN}.ShiftedWindowAttentionV2"),
-         _decide_tv(None, _decide_qkv_proj(_FusedTvWindowAttention)), attention),
+         _decide_tv(None, _decide_qkv_proj(_FusedTvWindowAttention), functions=(_TV_WINDOW_FN,)), attention),
         (lambda m: _qualname(m) in _TV_MLPS, _decide_tv_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_MLP, _decide_timm_mlp, mlp),
         (lambda m: _qualname(m) in _TIMM_GLU_MLP | _TIMM_SWIGLU, _decide_timm_glu_mlp, mlp),
