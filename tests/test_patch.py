@@ -987,9 +987,9 @@ def test_torchvision_full_size_models_patch_and_match(name):
     8 x 8 on 64 x 64; vit_b_16), random weights, one image on CPU's path: every attention, MLP and LayerNorm
     replaced (Swin v1's and ViT's blocks too), nothing left, the logits unchanged."""
     tv = pytest.importorskip("torchvision")
-    if _tv_unchecked(tv.models.swin_transformer.SwinTransformerBlock, tv.models.vision_transformer.EncoderBlock):
-        pytest.skip(_tv_unchecked(tv.models.swin_transformer.SwinTransformerBlock,
-                                  tv.models.vision_transformer.EncoderBlock))
+    why = _tv_unchecked(tv.models.swin_transformer.SwinTransformerBlock, tv.models.vision_transformer.EncoderBlock)
+    if why:
+        pytest.skip(why)
     torch.manual_seed(fresh_seed())
     model = _randomize(tv.models.get_model(name), scale=0.02).eval()
     x = _images((256, 256) if name == "swin_v2_t" else (224, 224), batch=1)
