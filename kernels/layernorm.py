@@ -687,7 +687,11 @@ class AddLayerNormFn(torch.autograd.Function):
         dx_dtype, dr_dtype = ctx.dtypes
         dx = ds = None
         if ctx.needs_input_grad[0]:
-            dx = _as(dh, dx_dtype) if x_scale is None else (dh * _per_sample(x_scale, dh)).to(dx_dtype)
+            dx = _as(dh, dx_dtype)
+            if x_scale is not None:  # x's dtype first, then the factor (eager's order: the add's cast, drop_path's
+                # multiply); in place on a cast copy, out of place where dx is dh (dr's too)
+                s = _per_sample(x_scale, dx)
+                dx = (dx * s).to(dx_dtype) if dx is dh else dx.mul_(s)
         if x is not None:  # x_scale takes grads: the sum over each sample's elements of dh ⊙ x
             ds = (dh.float() * x.float()).reshape(x.shape[0], -1).sum(1).to(x_scale.dtype).view(x_scale.shape)
         dr = _as(dh, dr_dtype) if ctx.needs_input_grad[1] else None
