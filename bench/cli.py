@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=None,
                    help="op families: layernorm attention mlp patch_embed (the default: all four), swiglu "
                         "(SwiGLU's gate), rope (RoPE attention, EVA-02 / DINOv3), mask (attention with a padding mask: "
-                        "NaFlex / SigLIP2), droppath (stochastic depth's residual add + LayerNorm), gemm-configs "
+                        "NaFlex / SigLIP2), droppath (stochastic depth's residual add + LayerNorm), layerscale "
+                        "(a LayerScale block's proj: γ and the residual in the GEMM's epilogue), gemm-configs "
                         "(a per-config GEMM sweep)")
     p.add_argument("--models", nargs="+", default=None, help="s b l or flashvit/timm names (first = priority)")
     p.add_argument("--impls", nargs="+", default=None, help="model impls to run (default: all)")

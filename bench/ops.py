@@ -405,6 +405,43 @@ def drop_path_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
     return main, late
 
 
+def layer_scale_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
+    """A LayerScale block's proj: x + γ ⊙ (o·Wᵀ + b) with γ (and the residual) in the GEMM's epilogue vs eager's
+    linear, multiply and add, and torch.compile of that; proj's shape (M = 256·197 tokens, D -> D) at ViT-B/L."""
+    from flashvit.kernels import linear
+    shapes = QUICK_MLP_SHAPES if ctx.quick else MLP_SHAPES
+    dt = dtype_name(ctx.dtype)
+    knote = kernel_note("linear")
+    main: List[Job] = []
+    late: List[Job] = []
+    for label_, M, D, _ in shapes:
+        sd = {"model": label_, "M": M, "N": D, "K": D}
+
+        def args(grad: bool, M=M, D=D) -> Tuple[torch.Tensor, ...]:
+            return (_randn((M, D), ctx, grad=grad), _randn((D, D), ctx, D ** -0.5, grad), _randn((D,), ctx, 0.1, grad),
+                    _randn((D,), ctx, 0.1, grad), _randn((M, D), ctx, grad=grad))
+
+        def ours(o, w, b, g, x):
+            return linear(o, w, b, residual=x, layer_scale=g, backend="triton")
+
+        def eager(o, w, b, g, x):
+            return x + F.linear(o, w, b) * g  # timm's x + ls1(proj(o))
+
+        for mode in ("fwd", "fwd+bwd"):
+            flops = 2.0 * M * D * D * (3 if mode == "fwd+bwd" else 1)
+
+            def mk(impl: str, baseline: bool = False, note: str = "", sd=sd, mode=mode, flops=flops) -> Row:
+                return Row("ops", "linear+layerscale", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
+                           note=note)
+
+            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
+                            unavailable=ctx.triton_reason))
+            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
+            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
+                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+    return main, late
+
+
 def ln_chunks_note(d: int) -> str:
     """'' where LayerNorm's backward splits width ``d`` into two column chunks (use_ln_chunks), else why not."""
     L = importlib.import_module("flashvit.kernels.layernorm")
@@ -962,6 +999,7 @@ BUILDERS: Dict[str, Callable[[Ctx], Tuple[List[Job], List[Job]]]] = {
     "rope": rope_attention_jobs,
     "mask": masked_attention_jobs,
     "droppath": drop_path_jobs,
+    "layerscale": layer_scale_jobs,
     "gemm-configs": gemm_config_jobs,
 }
 

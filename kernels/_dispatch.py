@@ -375,8 +375,17 @@ class Launcher:
             self.enabled = False
 
 
+class _NoGrads:
+    """``needs_input_grad`` of a call with no gradients: False at every index."""
+
+    def __getitem__(self, index: int) -> bool:
+        return False
+
+
 class _NoGradCtx:
     """Stands in for autograd's ctx when nothing needs a gradient: the forward's bookkeeping is dropped."""
+
+    needs_input_grad = _NoGrads()
 
     def save_for_backward(self, *tensors: Any) -> None:
         pass

@@ -194,29 +194,31 @@ class SwiGLUFc2Fn(torch.autograd.Function):
     recompute, for SwiGLU MLPs). ``up`` None: ``z`` is packed (halves by ``gate_last``), else ``z`` is the gate."""
 
     @staticmethod
-    def forward(ctx, z, up, gate_last: bool, w2, b2, residual, gemm: str, allow_tf32: Optional[bool]):
+    def forward(ctx, z, up, gate_last: bool, w2, b2, residual, scale, gemm: str, allow_tf32: Optional[bool]):
         gate_up = _halves(z, gate_last) if up is None else (z, up)
-        y, _ = _lin._linear_fwd_op(_swiglu_fwd_op(*gate_up), w2, b2, residual, "", False, gemm, allow_tf32)
-        ctx.save_for_backward(z, up, w2)
-        ctx.args = (gate_last, b2 is not None, gemm, allow_tf32)
+        keep_z2 = _lin._keeps_z(z, scale, ctx.needs_input_grad[6])
+        y, z2 = _lin._linear_fwd_op(_swiglu_fwd_op(*gate_up), w2, b2, residual, "", keep_z2, gemm, allow_tf32, scale)
+        ctx.save_for_backward(z, up, w2, b2, scale, z2 if keep_z2 else None)
+        ctx.args = (gate_last, gemm, allow_tf32)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        z, up, w2 = ctx.saved_tensors
-        gate_last, has_b2, gemm, tf32 = ctx.args
-        need_z, need_up, _, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
+        z, up, w2, b2, scale, z2 = ctx.saved_tensors
+        gate_last, gemm, tf32 = ctx.args
+        need_z, need_up, _, need_w2, need_b2, need_r, need_s = ctx.needs_input_grad[:7]
         gate_up = _halves(z, gate_last) if up is None else (z, up)
         need_h = need_z or need_up
-        h = _swiglu_fwd_op(*gate_up) if need_w2 else gate_up[0]  # (gate: h's shape, unread, where W2 is frozen)
-        dh, dw2, db2 = _lin._linear_bwd_op(dy, h, w2, None, "", has_b2 and need_b2, need_h, need_w2, gemm, tf32)
+        # (the gate: h's shape, unread, where neither W2 nor γ takes a grad)
+        h = _swiglu_fwd_op(*gate_up) if need_w2 or need_s else gate_up[0]
+        dh, dw2, db2, ds = _lin._out_linear_bwd(dy, h, w2, b2, scale, z2, "", need_h, need_w2, need_b2, need_s,
+                                                gemm, tf32)
         dz = dup = None
         if need_h and up is None:
             dz = _swiglu_packed_bwd_op(dh, z, gate_last)
         elif need_h:
             dz, dup = _swiglu_bwd_op(dh, z, up)
-        return (dz, dup, None, dw2 if need_w2 else None, db2 if has_b2 and need_b2 else None,
-                dy if need_r else None, None, None)
+        return dz, dup, None, dw2, db2, (dy if need_r else None), ds, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,12 +292,12 @@ def swiglu_fc2(z: torch.Tensor, fc2_weight: torch.Tensor, fc2_bias: Optional[tor
     training = needs_grad(z, up, fc2_weight, fc2_bias, residual, layer_scale)
     if not use_triton(z, backend, auto=training or _lin.AUTO_INFERENCE, auto_compiled=_lin.AUTO_COMPILED):
         return _lin.linear_reference(swiglu_reference(gate, upv), fc2_weight, fc2_bias, None, residual, layer_scale)
-    w2, b2 = _lin._fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
-    dt, (z, up, w2, b2), residual, late = _lin._cast_inputs(z, (up, w2, b2), residual,
+    _lin._check_layer_scale(fc2_weight, layer_scale)
+    dt, (z, up, w2, b2), residual, late = _lin._cast_inputs(z, (up, fc2_weight, fc2_bias), residual,
                                                             ("up", "fc2_weight", "fc2_bias"))
     lead = z.shape[:-1]
     args = (flat2d(z), None if up is None else flat2d(up), bool(gate_last), w2, b2,
-            None if residual is None else flat2d(residual), _lin._call_gemm(gemm, training), allow_tf32)
+            None if residual is None else flat2d(residual), layer_scale, _lin._call_gemm(gemm, training), allow_tf32)
     y = _lin._apply_uncast(dt, z.device, SwiGLUFc2Fn, args).reshape(*lead, w2.shape[0])
     return y if late is None else y + late
 

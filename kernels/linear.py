@@ -181,10 +181,10 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _dev_epilogue(acc, pre, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+    def _dev_epilogue(acc, pre, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr, P,
                       stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                      DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                      SAVE_Z: tl.constexpr, DACT: tl.constexpr, BLOCK_M: tl.constexpr, DESC: tl.constexpr, PRE: tl.constexpr,
                       ROPE: tl.constexpr, WIDTH: tl.constexpr):
         # acc (BM, BNe) fp32: the output tile's columns offs_n (rows offs_m; (om, on) its corner). c_out and z_io
         # are TMA descriptors with DESC (block (BM, BNe)), else pointers with the C strides. PRE: ``pre`` is the
@@ -213,6 +213,8 @@ if HAS_TRITON:
                 tl.store(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_io.dtype.element_ty),
                          mask=mask)
         y = _dev_act(acc, ACT)
+        if HAS_SCALE:  # LayerScale's γ (N,) on the fp32 result: W and b stay unscaled (no fp16 underflow of γ·W)
+            y = y * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
             if PRE:
                 r = pre
@@ -230,11 +232,11 @@ if HAS_TRITON:
         return tl.split(tl.permute(tl.reshape(t, (BLOCK_M, 2, WIDTH // 2)), (0, 2, 1)))
 
     @triton.jit
-    def _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+    def _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr, P,
                              stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
-                             HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                             DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, DESC: tl.constexpr,
-                             PRE: tl.constexpr, ROPE: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                             SAVE_Z: tl.constexpr, DACT: tl.constexpr, BLOCK_M: tl.constexpr, WIDTH: tl.constexpr,
+                             DESC: tl.constexpr, PRE: tl.constexpr, ROPE: tl.constexpr):
         # acc, pre (BM, WIDTH) at columns on .. on + WIDTH: _dev_epilogue on each column half.
         a0, a1 = _dev_halves(acc, BLOCK_M, WIDTH)
         if PRE:
@@ -242,20 +244,19 @@ if HAS_TRITON:
         else:
             p0, p1 = a0, a1
         offs_n = on + tl.arange(0, WIDTH // 2)
-        _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                      stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
-                      HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, WIDTH // 2)
-        _dev_epilogue(a1, p1, offs_m, offs_n + WIDTH // 2, om, on + WIDTH // 2, M, N, pid_m, bias_ptr, res_ptr,
-                      c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P,
-                      R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE,
-                      WIDTH // 2)
+        _dev_epilogue(a0, p0, offs_m, offs_n, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                      stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt, HAS_BIAS,
+                      HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, WIDTH // 2)
+        _dev_epilogue(a1, p1, offs_m, offs_n + WIDTH // 2, om, on + WIDTH // 2, M, N, pid_m, bias_ptr, scale_ptr, res_ptr,
+                      c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
+                      R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, WIDTH // 2)
 
     @triton.jit
-    def _dev_epilogue_tile(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
+    def _dev_epilogue_tile(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr, P,
                            stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
-                           HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
-                           DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DESC: tl.constexpr,
-                           PRE: tl.constexpr, ROPE: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr,
+                           SAVE_Z: tl.constexpr, DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DESC: tl.constexpr, PRE: tl.constexpr, ROPE: tl.constexpr):
         # Tiles 128+ wide run the epilogue on two column halves: half the fp32 values live at once (the
         # whole-tile form spilled ~1-2.5 KB per thread at sm_90 with GELU + z + residual; ptxas via kernels/_aot).
         # TMA tiles 256 wide whose epilogue reads a residual or z tile, or stores z, go by quarters: the staged
@@ -268,30 +269,29 @@ if HAS_TRITON:
                 q0, q1 = _dev_halves(pre, BLOCK_M, BLOCK_N)
             else:
                 q0, q1 = h0, h1
-            _dev_epilogue_halves(h0, q0, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                                 stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D,
-                                 stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE,
-                                 ROPE)
-            _dev_epilogue_halves(h1, q1, offs_m, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io,
-                                 part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
-                                 R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE,
-                                 ROPE)
+            _dev_epilogue_halves(h0, q0, offs_m, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr, P,
+                                 stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
+                                 HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2, DESC, PRE, ROPE)
+            _dev_epilogue_halves(h1, q1, offs_m, om, on + BLOCK_N // 2, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out,
+                                 z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
+                                 R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N // 2,
+                                 DESC, PRE, ROPE)
         elif BLOCK_N >= EPI_SPLIT_N:
-            _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, res_ptr, c_out, z_io, part_ptr, P,
-                                 stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D,
-                                 stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, DESC, PRE, ROPE)
+            _dev_epilogue_halves(acc, pre, offs_m, om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr, c_out, z_io, part_ptr,
+                                 P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS, R_D, stride_rt,
+                                 HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, DESC, PRE, ROPE)
         else:
-            _dev_epilogue(acc, pre, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, res_ptr, c_out,
-                          z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
-                          R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, BLOCK_N)
+            _dev_epilogue(acc, pre, offs_m, on + tl.arange(0, BLOCK_N), om, on, M, N, pid_m, bias_ptr, scale_ptr, res_ptr,
+                          c_out, z_io, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P, R_COLS,
+                          R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, DESC, PRE, ROPE, BLOCK_N)
 
     @triton.jit(do_not_specialize=["M", "N", "M_KEY"])
     def _gemm_kernel(
-        a_ptr, b_ptr, bias_ptr, res_ptr, c_ptr, z_ptr, part_ptr, rope_ptr,
+        a_ptr, b_ptr, bias_ptr, scale_ptr, res_ptr, c_ptr, z_ptr, part_ptr, rope_ptr,
         M, N, K, M_KEY, P, K_SPLIT, stride_cs,
         stride_am, stride_ak, stride_bk, stride_bn,
         stride_rm, stride_rn, stride_cm, stride_cn, R_TOK, R_P, R_COLS, R_D, stride_rt,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
@@ -340,17 +340,17 @@ if HAS_TRITON:
             b_ptrs += BLOCK_K * stride_bk
 
         c_out = c_ptr + tl.program_id(1).to(tl.int64) * stride_cs
-        _dev_epilogue_tile(acc, acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, res_ptr, c_out,
-                           z_ptr, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P,
-                           R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, False,
+        _dev_epilogue_tile(acc, acc, offs_m, pid_m * BLOCK_M, pid_n * BLOCK_N, M, N, pid_m, bias_ptr, scale_ptr, res_ptr,
+                           c_out, z_ptr, part_ptr, P, stride_rm, stride_rn, stride_cm, stride_cn, rope_ptr, R_TOK, R_P,
+                           R_COLS, R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M, BLOCK_N, False,
                            False, ROPE)
 
     @triton.jit
     def _gemm_tma_kernel(
-        a_desc, b_desc, c_desc, z_desc, bias_ptr, res_ptr, part_ptr, z_ptr, rope_ptr,
+        a_desc, b_desc, c_desc, z_desc, bias_ptr, scale_ptr, res_ptr, part_ptr, z_ptr, rope_ptr,
         M, N, K, M_KEY, P, SPLITS, K_SPLIT, M_PAD, stride_rm, stride_rn, R_TOK, R_P, R_COLS, R_D, stride_rt,
         A_T: tl.constexpr, B_T: tl.constexpr,
-        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, ACT: tl.constexpr, HAS_RES: tl.constexpr, SAVE_Z: tl.constexpr,
         DACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_SMS: tl.constexpr, FLATTEN: tl.constexpr, PREFETCH: tl.constexpr, ROPE: tl.constexpr,
     ):
@@ -400,19 +400,20 @@ if HAS_TRITON:
                 else:
                     b = b_desc.load([ok, on])
                 acc = tl.dot(a, b, acc)
-            _dev_epilogue_tile(acc, pre, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m,
-                               bias_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, rope_ptr,
-                               R_TOK, R_P, R_COLS, R_D, stride_rt, HAS_BIAS, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
+            _dev_epilogue_tile(acc, pre, om + tl.arange(0, BLOCK_M), om + (item % SPLITS) * M_PAD, on, M, N, pid_m, bias_ptr,
+                               scale_ptr, res_ptr, c_desc, z_desc, part_ptr, P, stride_rm, stride_rn, 0, 0, rope_ptr, R_TOK,
+                               R_P, R_COLS, R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
                                BLOCK_N, True, PREFETCH, ROPE)
 
     @triton.jit(do_not_specialize=["M"])
     def _epilogue_kernel(
-        c_ptr, res_ptr, y_ptr,
+        c_ptr, scale_ptr, res_ptr, y_ptr,
         M, N, stride_cm, stride_rm, stride_rn, stride_ym,
-        ACT: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         # cuBLAS path: C (M, N) = x·Wᵀ + b from torch.addmm (the bias rides in cuBLAS's epilogue);
-        # y = act(C) + R in one pass. C is the saved pre-activation z as it is.
+        # y = act(C)·γ + R in one pass (γ (N,) with HAS_SCALE). C is the saved pre-activation z as it is.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -421,6 +422,8 @@ if HAS_TRITON:
         rows = offs_m[:, None].to(tl.int64)
         z = tl.load(c_ptr + rows * stride_cm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
         y = _dev_act(z, ACT)
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
             y = y + tl.load(res_ptr + rows * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
                             other=0.0).to(tl.float32)
@@ -918,18 +921,20 @@ def _rope_args(rope: Optional[RopeEpilogue], out: torch.Tensor) -> Tuple[tuple, 
 def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                      out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
                      z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], splits: int, k_split: int,
-                     m_pad: int, rope: Optional[RopeEpilogue] = None) -> None:
+                     m_pad: int, rope: Optional[RopeEpilogue] = None, scale: Optional[torch.Tensor] = None) -> None:
     # out: the (M, N) output, or with splits > 1 the (splits·m_pad, N) fp32 partials
     c_desc = _desc(out)
     rope_ptr, rope_ints = _rope_args(rope, out)
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
-            bias if bias is not None else out, residual if residual is not None else out,
+            bias if bias is not None else out, scale if scale is not None else out,
+            residual if residual is not None else out,
             part if part is not None else out, z if z is not None else out, *rope_ptr, M, N, K, max(16, next_pow2(M)),
             part.shape[0] if part is not None else 0, splits, k_split, m_pad,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
             *rope_ints)
-    flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, ACT=act, HAS_RES=_res_mode(residual),
-                 SAVE_Z=z is not None and not dact, DACT=dact, ROPE=rope[5] if rope is not None else 0)
+    flags = dict(A_T=a_t, B_T=b_t, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act,
+                 HAS_RES=_res_mode(residual), SAVE_Z=z is not None and not dact, DACT=dact,
+                 ROPE=rope[5] if rope is not None else 0)
     interp = INTERPRET or not a.is_cuda
     sms = _sms(a.device)
     # a z or residual tile; an fp32 C tile (split-K); the residual's alignment
@@ -958,8 +963,10 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                  out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                  act: int = 0, z: Optional[torch.Tensor] = None, dact: int = 0, part: Optional[torch.Tensor] = None,
-                 tf32: bool = False, tma: bool = False, splits: int = 1, rope: Optional[RopeEpilogue] = None) -> None:
-    """out (M, N) contiguous = act(A·B + bias) + residual, z (M, N) = the pre-activation when given.
+                 tf32: bool = False, tma: bool = False, splits: int = 1, rope: Optional[RopeEpilogue] = None,
+                 scale: Optional[torch.Tensor] = None) -> None:
+    """out (M, N) contiguous = act(A·B + bias)·scale + residual, z (M, N) = the pre-activation when given;
+    ``scale`` (N,): LayerScale's γ, any float dtype, applied to the fp32 result.
     ``rope`` (bias only besides it; see ``RopeEpilogue``): RoPE of q and k in a packed qkv output, in the epilogue.
 
     A (M, K) is the 2-D tensor ``a``, or ``a``ᵀ when ``a_t`` (a stored (K, M)); B (K, N) is ``b``, or ``b``ᵀ
@@ -975,8 +982,8 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     if splits > 1 and K == 0:  # nothing to split (out gets the epilogue of an empty sum)
         splits = 1
     if splits > 1:
-        if bias is not None or residual is not None or act or z is not None or dact:
-            raise ValueError("a split-K GEMM takes no epilogue (bias, activation, residual, z)")
+        if bias is not None or scale is not None or residual is not None or act or z is not None or dact:
+            raise ValueError("a split-K GEMM takes no epilogue (bias, scale, activation, residual, z)")
         k_split = cdiv(cdiv(K, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN  # a multiple of every BLOCK_K
         splits = cdiv(K, k_split)  # every split has work
     if splits > 1:
@@ -986,10 +993,10 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     if tma and K > 0 and (not a.is_cuda or _arch(a.device) >= 90) and _tma_ok(a, b, out, z) and \
             (c.stride(0) * c.element_size()) % 16 == 0:  # bias, residual: plain loads
         _launch_gemm_tma(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, splits, k_split, m_pad,
-                         rope)
+                         rope, scale)
     else:
         _launch_gemm_tiled(a, a_t, b, b_t, M, N, K, c, bias, residual, act, z, dact, part, tf32, splits, k_split,
-                           m_pad * N, rope)
+                           m_pad * N, rope, scale)
     if splits > 1:
         out.copy_(acc[:, :M].sum(0))
 
@@ -997,18 +1004,21 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
 def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                        out: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor], act: int,
                        z: Optional[torch.Tensor], dact: int, part: Optional[torch.Tensor], tf32: bool, splits: int,
-                       k_split: int, stride_cs: int, rope: Optional[RopeEpilogue] = None) -> None:
+                       k_split: int, stride_cs: int, rope: Optional[RopeEpilogue] = None,
+                       scale: Optional[torch.Tensor] = None) -> None:
     a_strides = (a.stride(1), a.stride(0)) if a_t else (a.stride(0), a.stride(1))
     b_strides = (b.stride(1), b.stride(0)) if b_t else (b.stride(0), b.stride(1))
     res_strides = (residual.stride(0), residual.stride(1)) if residual is not None else (0, 0)
     rope_ptr, rope_ints = _rope_args(rope, out)
-    args = (a, b, bias if bias is not None else out, residual if residual is not None else out, out,
+    args = (a, b, bias if bias is not None else out, scale if scale is not None else out,
+            residual if residual is not None else out, out,
             z if z is not None else out, part if part is not None else out, *rope_ptr, M, N, K,
             max(16, next_pow2(M)), part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1), *rope_ints)
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
-    flags = dict(HAS_BIAS=bias is not None, ACT=act, HAS_RES=residual is not None, SAVE_Z=z is not None and not dact,
+    flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, ACT=act, HAS_RES=residual is not None,
+                 SAVE_Z=z is not None and not dact,
                  DACT=dact, ALLOW_TF32=tf32 or a.dtype != torch.float32, ROPE=rope[5] if rope is not None else 0)
     forced = _forced_config("triton")
     interp = INTERPRET or not a.is_cuda
@@ -1030,42 +1040,46 @@ def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M
            GROUP_M=4 if interp else GROUP_M, num_warps=w, num_stages=s)
 
 
-def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor) -> None:
-    """y (M, N) = act(c) + residual, one pass."""
+def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int, y: torch.Tensor,
+                     scale: Optional[torch.Tensor] = None) -> None:
+    """y (M, N) = act(c)·scale + residual, one pass (scale (N,) or None)."""
     M, N = c.shape
     if M == 0 or N == 0:
         return
     bm, bn, w = EPILOGUE_BLOCK
     grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y
-    _EPILOGUE(grid, (c, res, y, M, N, c.stride(0), res.stride(0), res.stride(1), y.stride(0)),
-              dict(ACT=act, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
+    _EPILOGUE(grid, (c, scale if scale is not None else y, res, y, M, N, c.stride(0), res.stride(0), res.stride(1),
+                     y.stride(0)),
+              dict(ACT=act, HAS_SCALE=scale is not None, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn,
+                   num_warps=w))
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
-               activation: Optional[str], save_z: bool, gemm: str = "", allow_tf32: Optional[bool] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K), weight (N, K), bias (N,), residual (M, N) -> y (M, N), z (M, N) pre-activation or empty."""
+               activation: Optional[str], save_z: bool, gemm: str = "", allow_tf32: Optional[bool] = None,
+               scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K), weight (N, K), bias (N,), residual (M, N), scale (N,) -> y (M, N) = act(x·Wᵀ + b)·scale +
+    residual, z (M, N) pre-activation or empty."""
     M, K = x.shape
     N = weight.shape[0]
     act = _ACT_CODE[activation]
-    save_z = save_z and act != 0
+    save_z = save_z and (act != 0 or scale is not None)  # (with γ: x·Wᵀ + b, for dγ in fp16)
     # (hybrid: y and z, (M, N) contiguous, are TMA-stored too: their rows must be 16-byte multiples)
-    path = _choose_path(gemm, x.device, M, N, K, epilogue=(act != 0 or residual is not None)
+    path = _choose_path(gemm, x.device, M, N, K, epilogue=(act != 0 or residual is not None or scale is not None)
                         and N * x.element_size() % 16 == 0, operands=(x, weight))
     if path == "cublas":
         # z = x·Wᵀ + b with the bias in cuBLAS's own epilogue; then one pass for the activation and residual
         # (as many bytes as eager's addmm + GELU, with the residual add folded in).
         c = torch.matmul(x, weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
-        if act == 0 and residual is None:
+        if act == 0 and residual is None and scale is None:
             return c, x.new_empty(0)
         y = _empty((M, N), x.device, x.dtype)
-        _launch_epilogue(c, residual, act, y)
+        _launch_epilogue(c, residual, act, y, scale)
         return y, (c if save_z else x.new_empty(0))
     y = _empty((M, N), x.device, x.dtype)
     z = _empty((M, N), x.device, x.dtype) if save_z else None
     _launch_gemm(x, False, weight, True, M, N, K, y, bias=bias, residual=residual, act=act, z=z,
-                 tf32=_resolve_tf32(allow_tf32), tma=path == "tma")
+                 tf32=_resolve_tf32(allow_tf32), tma=path == "tma", scale=scale)
     return y, (z if z is not None else x.new_empty(0))
 
 
@@ -1200,13 +1214,14 @@ def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act
 @custom_op("linear_fwd")
 def _linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor], activation: str, save_z: bool, gemm: str,
-                   allow_tf32: Optional[bool]) -> Tuple[torch.Tensor, torch.Tensor]:
-    y, z = linear_fwd(x, weight, bias, residual, activation or None, save_z, gemm, allow_tf32)
+                   allow_tf32: Optional[bool], scale: Optional[torch.Tensor] = None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    y, z = linear_fwd(x, weight, bias, residual, activation or None, save_z, gemm, allow_tf32, scale)
     return y, z
 
 
 @_linear_fwd_op.register_fake
-def _(x, weight, bias, residual, activation, save_z, gemm, allow_tf32):
+def _(x, weight, bias, residual, activation, save_z, gemm, allow_tf32, scale=None):
     M, N = x.shape[0], weight.shape[0]
     y = x.new_empty((M, N))
     z = x.new_empty((M, N)) if (save_z and activation) else x.new_empty(0)
@@ -1269,35 +1284,98 @@ def _(dy, weight, z, activation, colsum, gemm, allow_tf32):
     return dy.new_empty((dy.shape[0], H)), dy.new_empty((H,) if colsum else (0,), dtype=torch.float32)
 
 
+# LayerScale (y = (x·Wᵀ + b)·γ + residual): γ (N,) is applied in the forward GEMM's epilogue, to the fp32
+# result. Folding it into the weights instead (one GEMM with γ·W) loses fp16 outright: its normal range ends
+# at 6.1e-5, and γ·W for LayerScale's small γ (init 1e-5 .. 1e-6; W ~ 0.02) is subnormal, a few significant
+# bits a weight (y 36x eager's error at γ = 1e-5). The backward, bf16 and fp32 (whose range holds γ·W and
+# dy·x): dX's GEMM reads γ·W, rounded once; dW and db of the effective weights (γ·W, γ·b) come from the
+# unscaled dy, then the chain rule in fp32 (_dx_weight, _scale_chain). fp16 (_DY_SCALED_DTYPES) takes eager's form: the
+# unscaled dyᵀ·x of a loss-scaled dy overflows 65504 where γ is small, so the GEMMs run on dz = dy·γ, and
+# dγ = Σ_m dy ⊙ z reads z = x·Wᵀ + b, which the forward keeps (as eager's autograd keeps it) (_scale_dy).
+_DY_SCALED_DTYPES = (torch.float16,)
+
+
+def _keeps_z(x: torch.Tensor, scale: Optional[torch.Tensor], need_s: bool) -> bool:
+    """The forward keeps z = x·Wᵀ + b for dγ (fp16 with a γ that takes a grad; see above)."""
+    return scale is not None and need_s and x.dtype in _DY_SCALED_DTYPES
+
+
+def _scale_dy(dy: torch.Tensor, scale: Optional[torch.Tensor], z: Optional[torch.Tensor], need_s: bool
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dy, γ, dγ) for the GEMMs of y's backward: fp16 with γ, (dy·γ rounded to fp16, None, Σ_m dy ⊙ z or None)
+    and the GEMMs run unscaled; otherwise (dy, γ, None) as given (the GEMMs fold γ)."""
+    if scale is None or dy.dtype not in _DY_SCALED_DTYPES:
+        return dy, scale, None
+    ds = (dy.float() * z.float()).sum(0).to(scale.dtype) if need_s else None
+    return (dy * scale).to(dy.dtype), None, ds
+
+
+def _dx_weight(weight: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """The weight dX's GEMM reads for y = (x·Wᵀ + b)·γ: W, or with γ (what _scale_dy left) γ·W in W's dtype."""
+    return weight if scale is None else (weight * scale[:, None]).to(weight.dtype)
+
+
+def _scale_chain(gw: Optional[torch.Tensor], gb: Optional[torch.Tensor], weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], scale: Optional[torch.Tensor], need_w: bool, need_b: bool,
+                 need_s: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(dW, db, dγ) from gw, gb, the grads of the effective weight and bias (γ·W, γ·b; W and b without γ):
+    dW = γ ⊙ gw, db = γ ⊙ gb, dγ = Σ_k gw ⊙ W + gb ⊙ b (= Σ_m dy ⊙ (x·Wᵀ + b)), in fp32."""
+    if scale is None:
+        return (gw if need_w else None), (gb if need_b else None), None
+    s = scale.float()
+    dw = (gw.float() * s[:, None]).to(weight.dtype) if need_w else None
+    db = (gb.float() * s).to(bias.dtype) if need_b and bias is not None else None
+    ds = None
+    if need_s:
+        ds = (gw.float() * weight.float()).sum(1)
+        if bias is not None:
+            ds = ds.addcmul_(gb.float(), bias.float())
+        ds = ds.to(scale.dtype)
+    return dw, db, ds
+
+
+def _out_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    scale: Optional[torch.Tensor], z: Optional[torch.Tensor], activation: str, need_x: bool,
+                    need_w: bool, need_b: bool, need_s: bool, gemm: str, tf32: Optional[bool]
+                    ) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dx, dW, db, dγ) of y = act(x·Wᵀ + b)·γ + residual (γ only without act; None: not needed / absent).
+    z: the pre-activation (with act), or x·Wᵀ + b kept for dγ (_keeps_z), or None."""
+    dy, scale, ds = _scale_dy(dy, scale, z, need_s)
+    need_wf = need_w or (need_s and scale is not None)  # the effective weights' grads
+    need_bf = bias is not None and (need_b or (need_s and scale is not None))
+    if not (need_x or need_wf or need_bf):
+        return None, None, None, ds
+    w_x = _dx_weight(weight, scale) if need_x else weight
+    gx, gw, gb = _linear_bwd_op(dy, x, w_x, z if activation else None, activation, need_bf, need_x, need_wf, gemm,
+                                tf32)
+    dw, db, ds_chain = _scale_chain(gw, gb, weight, bias, scale, need_w, need_b, need_s)
+    return (gx if need_x else None), dw, db, (ds if ds is not None else ds_chain)
+
+
 class LinearFn(torch.autograd.Function):
-    """2-D y = act(x·Wᵀ + b) + residual on the Triton kernels (x (M, K), residual (M, N))."""
+    """2-D y = act(x·Wᵀ + b)·γ + residual on the Triton kernels (x (M, K), residual (M, N), γ = scale (N,) or
+    None; not with act)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, activation, gemm, allow_tf32, save_z):
-        y, z = _linear_fwd_op(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32)
-        ctx.save_for_backward(x, weight, z if save_z else None)
+    def forward(ctx, x, weight, bias, residual, scale, activation, gemm, allow_tf32, save_z):
+        save_z = save_z or _keeps_z(x, scale, ctx.needs_input_grad[4])
+        y, z = _linear_fwd_op(x, weight, bias, residual, activation or "", save_z, gemm, allow_tf32, scale)
+        ctx.save_for_backward(x, weight, z if save_z else None, bias, scale)
         ctx.activation, ctx.gemm, ctx.allow_tf32 = activation or "", gemm, allow_tf32
-        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, z = ctx.saved_tensors
-        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-        dx = dw = db = dres = None
-        if need_x or need_w or need_b:
-            gx, gw, gb = _linear_bwd_op(dy, x, weight, z, ctx.activation, ctx.has_bias and need_b,
-                                                       need_x, need_w, ctx.gemm, ctx.allow_tf32)
-            dx = gx if need_x else None
-            dw = gw if need_w else None
-            db = gb if (ctx.has_bias and need_b) else None
-        if need_r:
-            dres = dy
-        return dx, dw, db, dres, None, None, None, None
+        x, weight, z, bias, scale = ctx.saved_tensors
+        need_x, need_w, need_b, need_r, need_s = ctx.needs_input_grad[:5]
+        dx, dw, db, ds = _out_linear_bwd(dy, x, weight, bias, scale, z, ctx.activation, need_x, need_w, need_b,
+                                         need_s, ctx.gemm, ctx.allow_tf32)
+        return dx, dw, db, (dy if need_r else None), ds, None, None, None, None
 
 
 class MLPFn(torch.autograd.Function):
-    """2-D y = act(x·W1ᵀ + b1)·W2ᵀ + b2 + residual on the Triton kernels (x (M, K), residual (M, N)).
+    """2-D y = (act(x·W1ᵀ + b1)·W2ᵀ + b2)·γ + residual on the Triton kernels (x (M, K), residual (M, N), γ =
+    scale (N,) or None).
 
     Backward: fc2's grads; then dZ = (dY·W2) ⊙ act'(z) and db1 from one GEMM whose epilogue applies act'
     (linear_dact_bwd); then fc1's dX and dW from dZ. Saves x and the weights, and by ``recompute``
@@ -1306,39 +1384,42 @@ class MLPFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, residual, activation, gemm, allow_tf32, save_z, recompute="none"):
+    def forward(ctx, x, w1, b1, w2, b2, residual, scale, activation, gemm, allow_tf32, save_z, recompute="none"):
         h, z = _linear_fwd_op(x, w1, b1, None, activation, save_z and recompute != "fc1", gemm, allow_tf32)
-        y, _ = _linear_fwd_op(h, w2, b2, residual, "", False, gemm, allow_tf32)
+        keep_z2 = _keeps_z(x, scale, ctx.needs_input_grad[6])
+        y, z2 = _linear_fwd_op(h, w2, b2, residual, "", keep_z2, gemm, allow_tf32, scale)
         keep_h = recompute == "none" or (recompute == "act" and not save_z)
         ctx.save_for_backward(x, w1, b1 if recompute == "fc1" else None,
-                              z if save_z and recompute != "fc1" else None, h if keep_h else None, w2)
+                              z if save_z and recompute != "fc1" else None, h if keep_h else None, w2, b2, scale,
+                              z2 if keep_z2 else None)
         ctx.activation, ctx.gemm, ctx.allow_tf32 = activation, gemm, allow_tf32
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
+        ctx.has_b1 = b1 is not None
         ctx.recompute, ctx.save_z = recompute, save_z
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w1, b1, z, h, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2, need_r = ctx.needs_input_grad[:6]
+        x, w1, b1, z, h, w2, b2, scale, z2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, need_r, need_s = ctx.needs_input_grad[:7]
         gemm, tf32 = ctx.gemm, ctx.allow_tf32
-        dx = dw1 = db1 = dw2 = db2 = None
+        dx = dw1 = db1 = None
         if ctx.recompute == "fc1":  # h and z again from fc1's fused GEMM (z only where fc1 takes grads)
             h, z = _linear_fwd_op(x, w1, b1, None, ctx.activation, ctx.save_z, gemm, tf32)
-        elif h is None and (need_w2 or need_b2):  # "act": h = act(z), one pass, for fc2's grads
+        elif h is None and (need_w2 or need_b2 or need_s):  # "act": h = act(z), one pass, for fc2's grads
             h = _activation_op(z, ctx.activation)
-        if need_w2 or need_b2:
-            _, gw2, gb2 = _linear_bwd_op(dy, h, w2, None, "", ctx.has_b2 and need_b2, False, need_w2, gemm, tf32)
-            dw2 = gw2 if need_w2 else None
-            db2 = gb2 if ctx.has_b2 and need_b2 else None
+        dy, scale, ds = _scale_dy(dy, scale, z2, need_s)  # (fp16: dy·γ, and dγ)
+        _, dw2, db2, ds_chain = _out_linear_bwd(dy, h, w2, b2, scale, None, "", False, need_w2, need_b2,
+                                                need_s and scale is not None, gemm, tf32)
+        ds = ds if ds is not None else ds_chain
         if need_x or need_w1 or need_b1:
-            dz, gb1 = _linear_dact_op(dy, w2, z, ctx.activation, ctx.has_b1 and need_b1, gemm, tf32)
+            dz, gb1 = _linear_dact_op(dy, _dx_weight(w2, scale), z, ctx.activation, ctx.has_b1 and need_b1, gemm,
+                                      tf32)
             db1 = gb1.to(w1.dtype) if ctx.has_b1 and need_b1 else None
             if need_x or need_w1:
                 gx, gw1, _ = _linear_bwd_op(dz, x, w1, None, "", False, need_x, need_w1, gemm, tf32)
                 dx = gx if need_x else None
                 dw1 = gw1 if need_w1 else None
-        return dx, dw1, db1, dw2, db2, (dy if need_r else None), None, None, None, None, None
+        return dx, dw1, db1, dw2, db2, (dy if need_r else None), ds, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1367,21 +1448,17 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         if layer_scale.shape[0] != weight.shape[0]:
             raise ValueError(f"layer_scale has shape {tuple(layer_scale.shape)}; expected ({weight.shape[0]},)")
         if activation is not None:
-            raise ValueError("layer_scale folds into the weights, which needs activation=None "
+            raise ValueError("layer_scale scales the GEMM's output, which needs activation=None "
                              f"(got {activation!r}): scale the activation's output separately")
     check_same_device(x=x, weight=weight, bias=bias, residual=residual, layer_scale=layer_scale)
 
 
-def _fold_layer_scale(weight: torch.Tensor, bias: Optional[torch.Tensor], layer_scale: Optional[torch.Tensor]
-                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(diag(γ)·W, γ ⊙ b): γ ⊙ (x·Wᵀ + b) as one GEMM, at the cost of weight-sized (N, K) work instead of
-    passes over the (M, N) output; autograd gives dW = γ ⊙ dW' and dγ = Σ_k dW' ⊙ W + db' ⊙ b (= Σ_m dy ⊙ z)."""
-    if layer_scale is None:
-        return weight, bias
-    if autocast_dtype(weight.device) is None and layer_scale.dtype != weight.dtype:
+def _check_layer_scale(weight: torch.Tensor, layer_scale: Optional[torch.Tensor]) -> None:
+    """γ in the weight's dtype (eager's y·γ keeps y's dtype then); under autocast any float dtype (kept: the
+    epilogue reads it in fp32, as eager's fp32 γ multiplies the autocast output)."""
+    if layer_scale is not None and autocast_dtype(weight.device) is None and layer_scale.dtype != weight.dtype:
         raise TypeError(f"layer_scale has dtype {layer_scale.dtype}; the Triton path needs the weight's "
                         f"({weight.dtype})")
-    return weight * layer_scale[:, None], (bias * layer_scale if bias is not None else None)
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -1408,8 +1485,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
     activation: None, "gelu" (exact erf, timm/HF default) or "gelu_tanh".
     layer_scale: (N,) γ of a LayerScale right after the layer (timm's ls1/ls2, DINOv2's lambda1), with
-    activation None: y = γ ⊙ (x·Wᵀ + b) (+ residual) in one GEMM epilogue; the Triton path folds γ into W and
-    b (weight-sized work), the reference path multiplies.
+    activation None: y = γ ⊙ (x·Wᵀ + b) (+ residual) in one GEMM epilogue (γ on the fp32 result; the
+    backward's extra work is weight-sized, or in fp16 one pass for dy·γ, as eager's), the reference path
+    multiplies.
     backend: "auto" | "torch" | "triton" (see flashvit.kernels._dispatch).
     gemm (Triton backend only): "triton" (our GEMM + fused epilogue), "tma" (the same on TMA, sm_90),
     "cublas" (torch.matmul + one fused elementwise kernel), "hybrid" (tma where an epilogue beyond the bias
@@ -1425,10 +1503,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     training = needs_z or needs_grad(residual, layer_scale)
     if not use_triton(x, backend, auto=AUTO_TRAINING if training else AUTO_INFERENCE, auto_compiled=AUTO_COMPILED):
         return linear_reference(x, weight, bias, activation, residual, layer_scale)
-    weight, bias = _fold_layer_scale(weight, bias, layer_scale)
+    _check_layer_scale(weight, layer_scale)
     dt, (x, weight, bias), residual, late_residual = _cast_inputs(x, (weight, bias), residual)
     N = weight.shape[0]
-    args = (flat2d(x), weight, bias, flat2d(residual) if residual is not None else None,
+    args = (flat2d(x), weight, bias, flat2d(residual) if residual is not None else None, layer_scale,
             activation, _call_gemm(gemm, training), allow_tf32,
             activation is not None and needs_z)
     y = _apply_uncast(dt, x.device, LinearFn, args).reshape(*x.shape[:-1], N)
@@ -1521,7 +1599,7 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     Two fused GEMMs forward (bias + GELU, bias + residual). Backward: the GELU derivative is applied in the
     epilogue of fc2's dX GEMM, which also yields fc1's bias grad, so the hidden-size gradient is written once
     (``linear_dact_bwd``). ``layer_scale`` (γ of a LayerScale after the MLP) scales fc2's output before the
-    residual, folded into fc2 as in :func:`linear`. ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
+    residual, in fc2's epilogue as in :func:`linear`. ``backend``, ``gemm`` and ``allow_tf32`` as for :func:`linear`.
     ``recompute`` ('none' | 'act' | 'fc1'; default: ``use_mlp_recompute``'s, else FLASHVIT_MLP_RECOMPUTE's, else
     'none'): the hidden activations the backward recomputes instead of keeping (see ``MLP_RECOMPUTE``). Asking for
     'act' or 'fc1' makes the 'auto' backend run this op in training too (eager PyTorch keeps both); the eager
@@ -1545,12 +1623,12 @@ def mlp(x: torch.Tensor, fc1_weight: torch.Tensor, fc1_bias: Optional[torch.Tens
     if not use_triton(x, backend, auto=auto, auto_compiled=AUTO_COMPILED):
         h = linear_reference(x, fc1_weight, fc1_bias, activation)
         return linear_reference(h, fc2_weight, fc2_bias, None, residual, layer_scale)
-    fc2_weight, fc2_bias = _fold_layer_scale(fc2_weight, fc2_bias, layer_scale)
+    _check_layer_scale(fc2_weight, layer_scale)
     dt, (x, w1, b1, w2, b2), residual, late_residual = _cast_inputs(
         x, (fc1_weight, fc1_bias, fc2_weight, fc2_bias), residual,
         ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"))
     N = w2.shape[0]
-    args = (flat2d(x), w1, b1, w2, b2, flat2d(residual) if residual is not None else None,
+    args = (flat2d(x), w1, b1, w2, b2, flat2d(residual) if residual is not None else None, layer_scale,
             activation, _call_gemm(gemm, training), allow_tf32, needs_z, recompute)
     y = _apply_uncast(dt, x.device, MLPFn, args).reshape(*x.shape[:-1], N)
     return y if late_residual is None else y + late_residual
@@ -1578,7 +1656,7 @@ class FusedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """γ ⊙ fc2(GELU(fc1(x))) (+ residual), γ = ``layer_scale`` (a LayerScale after the MLP, folded into fc2):
+        """γ ⊙ fc2(GELU(fc1(x))) (+ residual), γ = ``layer_scale`` (a LayerScale after the MLP, in fc2's epilogue):
         one :func:`mlp` call, or two linears when a dropout is active (dropout commutes with γ)."""
         act = "gelu" if self.act.approximate == "none" else "gelu_tanh"
         if not (self.training and (self.drop1.p > 0 or self.drop2.p > 0)):
@@ -1607,25 +1685,35 @@ _UNIT_STRIDES = {"fwd": ("stride_ak", "stride_bk", "stride_rn", "stride_cn"),
 _ROPE_INTS = ("R_TOK", "R_P", "R_COLS", "R_D", "stride_rt")
 
 
+def _scale_flags(ty: str, epilogue: bool, rope: int, scale: str, has_res: int) -> Dict[str, object]:
+    """The epilogue constexprs of a spec: the heaviest (bias + GELU + residual + z) with ``epilogue``; with
+    ``scale`` (γ's type), LayerScale's: bias + γ + residual (no activation), + z in fp16 (kept for dγ)."""
+    if scale:
+        return dict(HAS_BIAS=True, HAS_SCALE=True, ACT=0, HAS_RES=has_res, SAVE_Z=ty == "fp16")
+    return dict(HAS_BIAS=epilogue or rope, HAS_SCALE=False, ACT=1 if epilogue else 0,
+                HAS_RES=has_res if epilogue else 0, SAVE_Z=epilogue)
+
+
 def _gemm_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool, tf32: bool,
-               dact: int = 0, split: bool = False, rope: int = 0) -> AotSpec:
+               dact: int = 0, split: bool = False, rope: int = 0, scale: str = "") -> AotSpec:
     bm, bn, bk, w, s = cfg
     strides = ("stride_am", "stride_ak", "stride_bk", "stride_bn", "stride_rm", "stride_rn", "stride_cm", "stride_cn")
     sig = {p: f"*{ty}" for p in ("a_ptr", "b_ptr", "bias_ptr", "res_ptr", "c_ptr", "z_ptr")}
+    sig["scale_ptr"] = f"*{scale or ty}"
     sig["part_ptr"] = "*fp32"
     sig["rope_ptr"] = "*fp32" if rope else f"*{ty}"
     if split:  # split-K: fp32 partials
         sig["c_ptr"] = "*fp32"
     sig.update({n: "i32" for n in ("M", "N", "K", "M_KEY", "P", "K_SPLIT", "stride_cs") + strides + _ROPE_INTS})
     # rope: the qkv GEMM's epilogue (bias + RoPE, nothing else)
-    cx = dict(HAS_BIAS=epilogue or rope, ACT=1 if epilogue else 0, HAS_RES=epilogue, SAVE_Z=epilogue, DACT=dact,
-              ALLOW_TF32=tf32, ROPE=rope, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
+    cx = dict(**_scale_flags(ty, epilogue, rope, scale, True), DACT=dact, ALLOW_TF32=tf32, ROPE=rope, BLOCK_M=bm,
+              BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M)
     sig.update({n: "constexpr" for n in cx})
     ones = _UNIT_STRIDES[layout]  # M, N, M_KEY: never specialized; K and the other strides: ViT sizes, % 16 == 0
     return runtime_spec(_gemm_kernel, sig, cx, w, s,
                         f"gemm_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',tf32' if tf32 and ty == 'fp32' else ''}"
                         f"{',epi' if epilogue else ''}{f',dact={dact}' if dact else ''}{',splitk' if split else ''}"
-                        f"{f',rope={rope}' if rope else ''}]",
+                        f"{f',rope={rope}' if rope else ''}{f',scale={scale}' if scale else ''}]",
                         div16=("K", "K_SPLIT", "stride_cs") + tuple(n for n in strides if n not in ones), ones=ones)
 
 
@@ -1634,29 +1722,29 @@ _TMA_LAYOUTS = {"fwd": (False, True), "dx": (False, False), "dw": (True, False)}
 
 def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, epilogue: bool,
                    dact: int = 0, flatten: bool = TMA_FLATTEN, split: bool = False, prefetch: bool = False,
-                   res_aligned: bool = True, rope: int = 0) -> AotSpec:
+                   res_aligned: bool = True, rope: int = 0, scale: str = "") -> AotSpec:
     bm, bn, bk, w, s = cfg
     a_t, b_t = _TMA_LAYOUTS[layout]
     cty = "fp32" if split else ty  # split-K: fp32 partials
+    staged = epilogue or dact != 0 or bool(scale)  # (scale: with a residual)
     sig = {"a_desc": f"tensordesc<{ty}[{bk}, {bm}]>" if a_t else f"tensordesc<{ty}[{bm}, {bk}]>",
            "b_desc": f"tensordesc<{ty}[{bn}, {bk}]>" if b_t else f"tensordesc<{ty}[{bk}, {bn}]>",
-           "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
-           "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, epilogue or dact != 0)}]>",
-           "bias_ptr": f"*{ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32", "z_ptr": f"*{cty}",
-           "rope_ptr": "*fp32" if rope else f"*{cty}", "M": "i32",
+           "c_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, staged)}]>",
+           "z_desc": f"tensordesc<{cty}[{bm}, {_epi_n(bn, staged)}]>",
+           "bias_ptr": f"*{ty}", "scale_ptr": f"*{scale or ty}", "res_ptr": f"*{ty}", "part_ptr": "*fp32",
+           "z_ptr": f"*{cty}", "rope_ptr": "*fp32" if rope else f"*{cty}", "M": "i32",
            "N": "i32", "K": "i32", "M_KEY": "i32", "P": "i32", "SPLITS": "i32", "K_SPLIT": "i32", "M_PAD": "i32",
            "stride_rm": "i32"}
     sig.update({n: "i32" for n in _ROPE_INTS})
-    has_res = (1 if res_aligned else 2) if epilogue else 0
-    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, HAS_BIAS=epilogue or rope, ACT=1 if epilogue else 0, HAS_RES=has_res,
-              SAVE_Z=epilogue, DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132,
-              FLATTEN=flatten, PREFETCH=prefetch, ROPE=rope)
+    cx = dict(stride_rn=1, A_T=a_t, B_T=b_t, **_scale_flags(ty, epilogue, rope, scale, 1 if res_aligned else 2),
+              DACT=dact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=GROUP_M, NUM_SMS=132, FLATTEN=flatten,
+              PREFETCH=prefetch, ROPE=rope)
     sig.update({n: "constexpr" for n in cx})
     return runtime_spec(_gemm_tma_kernel, sig, cx, w, s,
                         f"gemm_tma_{layout}[{ty},{bm}x{bn}x{bk},w{w},s{s}{',epi' if epilogue else ''}"
                         f"{f',dact={dact}' if dact else ''}{'' if flatten else ',noflat'}{',splitk' if split else ''}"
                         f"{',prefetch' if prefetch else ''}{'' if res_aligned else ',res_unaligned'}"
-                        f"{f',rope={rope}' if rope else ''}]",
+                        f"{f',rope={rope}' if rope else ''}{f',scale={scale}' if scale else ''}]",
                         div16=("K", "K_SPLIT", "M_PAD") + (("stride_rm",) if res_aligned else ()),
                         ones=() if split else ("SPLITS",), min_cc=90)
 
@@ -1687,6 +1775,16 @@ def _aot_specs() -> List[AotSpec]:
               if tma_config_fits(c, True) and _prefetch_ok(c)]
     specs += [_gemm_tma_spec("bf16", c, "dx", False, 1, prefetch=True) for c in TMA_CONFIGS_16
               if tma_config_fits(c, True) and _prefetch_ok(c)]
+    # LayerScale's γ in the epilogue (bias + γ + residual): every TMA config forward, γ in the operands' dtype
+    # (bf16, fp16) and fp32 (autocast); our GEMM's first config of each list
+    staged_cfgs = [c for c in TMA_CONFIGS_16 if tma_config_fits(c, True)]
+    specs += [_gemm_tma_spec("bf16", c, "fwd", False, scale="bf16") for c in staged_cfgs]
+    specs += [_gemm_tma_spec(ty, staged_cfgs[0], "fwd", False, scale=sc) for ty, sc in (("bf16", "fp32"),
+                                                                                      ("fp16", "fp16"))]
+    firsts = {"fp32": [FP32_CONFIGS[0]], "16": list(dict.fromkeys((SM80_CONFIGS_16[0], SM90_CONFIGS_16[0])))}
+    specs += [_gemm_spec(ty, c, "fwd", False, ty == "fp32", scale=sc)
+              for ty, sc in (("bf16", "bf16"), ("bf16", "fp32"), ("fp16", "fp16"), ("fp32", "fp32"))
+              for c in firsts["fp32" if ty == "fp32" else "16"]]
     # split-K weight gradients: fp32 partials (a C tile twice as big: the first config that fits one)
     specs.append(_gemm_tma_spec("bf16", next(c for c in TMA_CONFIGS_16 if tma_config_fits(c, False, True)), "dw",
                                 False, split=True))
@@ -1707,12 +1805,15 @@ def _aot_specs() -> List[AotSpec]:
                 specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
                 specs.extend(_gemm_spec(ty, cfg, "dx", False, tf32, act) for act in (1, 2))  # MLP backward
         bm, bn, w = EPILOGUE_BLOCK
-        for act in (1, 2):  # the erf and tanh forms; ACT=0 is a subset of either
+        # erf and tanh GELU (ACT=0 is a subset of either); LayerScale's γ, in the dtype and in fp32 (autocast)
+        for act, sc in dict.fromkeys(((1, ""), (2, ""), (0, ty), (0, "fp32"))):
             sig = {p: f"*{ty}" for p in ("c_ptr", "res_ptr", "y_ptr")}
+            sig["scale_ptr"] = f"*{sc or ty}"
             sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
-            sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_RES", "BLOCK_M", "BLOCK_N")})
-            cx = dict(stride_rn=1, ACT=act, HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append(runtime_spec(_epilogue_kernel, sig, cx, w, 1, f"gemm_epilogue[{ty},act={act}]",
+            sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_SCALE", "HAS_RES", "BLOCK_M", "BLOCK_N")})
+            cx = dict(stride_rn=1, ACT=act, HAS_SCALE=bool(sc), HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
+            specs.append(runtime_spec(_epilogue_kernel, sig, cx, w, 1,
+                                      f"gemm_epilogue[{ty},act={act}{f',scale={sc}' if sc else ''}]",
                                       div16=("N", "stride_cm", "stride_rm", "stride_ym")))
             sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
             sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})

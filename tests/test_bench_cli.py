@@ -350,6 +350,21 @@ def test_drop_path_rows():
     assert eager.row.median_ms > 0
 
 
+def test_layer_scale_rows():
+    """--ops layerscale: ours (γ and the residual in proj's epilogue), eager and torch.compile's per mode and shape,
+    not among the default families; the eager fwd+bwd row times here (the flashvit rows need a GPU)."""
+    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
+    jobs = ops.op_jobs(ctx, ["layerscale"])
+    rows = [j.row for j in jobs]
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
+                                                for i in ("flashvit", "eager", "compile(eager)")}
+    assert len(rows) == 6 * len(ops.QUICK_MLP_SHAPES) and "layerscale" not in ops.OPS
+    assert all(r.name == "linear+layerscale" and r.flops and r.shape["N"] == r.shape["K"] for r in rows)
+    eager = next(j for j in jobs if j.row.impl == "eager" and j.row.mode == "fwd+bwd")
+    eager.run(eager.row)
+    assert eager.row.median_ms > 0
+
+
 def test_rope_attention_rows():
     """--ops rope: ours, eager (timm's steps) and torch.compile's per mode and shape from packed qkv; from the
     block's x (inference, the qkv GEMM included) also the RoPE pass after the GEMM; not a default family."""

@@ -743,9 +743,9 @@ def test_linear_and_mlp_pass_the_inference_gemm(monkeypatch):
     seen = []
     fwd = L.linear_fwd
 
-    def spy(x, weight, bias, residual, activation, save_z, gemm="", allow_tf32=None):
+    def spy(x, weight, bias, residual, activation, save_z, gemm="", allow_tf32=None, scale=None):
         seen.append(gemm)
-        return fwd(x, weight, bias, residual, activation, save_z, gemm, allow_tf32)
+        return fwd(x, weight, bias, residual, activation, save_z, gemm, allow_tf32, scale)
     monkeypatch.setattr(L, "linear_fwd", spy)
     x, w, b, r = _make(5, 16, 16, torch.float32, "cpu", True, True)
     with torch.no_grad():
@@ -777,10 +777,10 @@ def test_no_grad_skips_z_and_partial_grads(device):
     (20, 32, 16, torch.float32, True, False, "cublas"),
 ], ids=lambda v: str(v).replace("torch.", ""))
 def test_linear_layer_scale(M, K, N, dtype, bias, res, gemm, device, launches):
-    """y = γ ⊙ (x·Wᵀ + b) + residual with γ folded into W and b: y and every grad, dγ included, vs float64
+    """y = γ ⊙ (x·Wᵀ + b) + residual with γ in the GEMM's epilogue: y and every grad, dγ included, vs float64
     (the reference multiplies the output by γ)."""
     x, w, b, r = _make(M, K, N, dtype, device, bias, res)
-    gamma = randn(N, dtype=dtype, device=device)  # both signs, |γ| ~ 1: a wrong fold shows in y and dγ
+    gamma = randn(N, dtype=dtype, device=device)  # both signs, |γ| ~ 1: a wrong γ shows in y and dγ
     g = randn(M, N, dtype=dtype, device=device)
 
     def run(fn, ts):
@@ -804,6 +804,52 @@ def test_linear_layer_scale(M, K, N, dtype, bias, res, gemm, device, launches):
         assert got is not None and got.dtype == dtype, name
         assert_close_to_ref(got, want, same, factor=3.0, name=name, **tol)
     assert launches["gemm"] == (0 if gemm == "cublas" else 3), launches  # forward, dX, dW on our GEMM
+
+
+@pytest.mark.parametrize("op,gemm", [("linear", "triton"), ("linear", "tma"), ("linear", "cublas"),
+                                     ("mlp", "triton"), ("mlp", "cublas"), ("swiglu_fc2", "triton")])
+def test_layer_scale_small_gamma_fp16(op, gemm, device):
+    """fp16 with LayerScale's small γ (1e-6 .. 1e-4, CaiT / DeiT-III init values, both signs): γ·W would be
+    subnormal in fp16 (W ~ 0.1: a few significant bits a weight), so γ must scale the GEMM's result, not its
+    weights. y and every grad, dγ included, by the 2x/3x rule vs float64 against eager fp16; the absolute
+    slack is 1e-3 of each tensor's own scale (an atol fixed at 1 would hide errors of 1e-6-sized outputs)."""
+    G = importlib.import_module("flashvit.kernels.glu")
+    M, K, H, N = 29, 48, 40, 24
+    dt = torch.float16
+    x = randn(M, K, dtype=dt, device=device)
+    w1, b1 = randn(H, K, dtype=dt, device=device, scale=K ** -0.5), randn(H, dtype=dt, device=device)
+    k2 = H // 2 if op == "swiglu_fc2" else (H if op == "mlp" else K)
+    w2, b2 = randn(N, k2, dtype=dt, device=device, scale=k2 ** -0.5), randn(N, dtype=dt, device=device)
+    mag = torch.pow(10.0, torch.empty(N).uniform_(-6, -4, generator=torch.Generator().manual_seed(fresh_seed())))
+    gamma = (mag * torch.randn(N).sign()).to(device, dt)
+    g = randn(M, N, dtype=torch.float64, device=device, scale=1e3)  # loss-scaled, as fp16 training runs
+
+    def fn(be):
+        def f(x, w1, b1, w2, b2, gm):
+            if op == "linear":
+                return linear(x, w2, b2, layer_scale=gm, backend=be, gemm=gemm)
+            if op == "mlp":
+                return L.mlp(x, w1, b1, w2, b2, layer_scale=gm, backend=be, gemm=gemm)
+            return G.swiglu_fc2(linear(x, w1, b1, backend=be), w2, b2, layer_scale=gm, backend=be, gemm=gemm)
+        return f
+
+    def run(f, ts):
+        leaves = [t.detach().requires_grad_() for t in ts]
+        y = f(*leaves)
+        y.backward(g.to(y.dtype))
+        return y.detach(), [t.grad for t in leaves]
+
+    ts = (x, w1, b1, w2, b2, gamma)
+    y, grads = run(fn("triton"), ts)
+    yt, gt = run(fn("torch"), ts)
+    y64, g64 = run(fn("torch"), [t.double() for t in ts])
+    names = ("y", "dx", "dW1", "db1", "dW2", "db2", "dgamma")
+    for name, got, want, same in zip(names, [y, *grads], [y64, *g64], [yt, *gt]):
+        if op == "linear" and name in ("dW1", "db1"):
+            assert got is None, name
+            continue
+        assert_close_to_ref(got, want, same, factor=2.0 if name == "y" else 3.0, name=name,
+                            atol=1e-3 * want.abs().max().item())
 
 
 @pytest.mark.parametrize("gemm,dropout", [("triton", False), ("triton", True)])
@@ -1150,9 +1196,9 @@ def test_gpu_mlp_bf16(M, K, H, N, gemm, dact_launches):
 @pytest.mark.gpu
 @pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
 def test_gpu_layer_scale_under_autocast(gemm):
-    """fp32 x, weights, γ and residual under bf16 autocast (the trainer's case): γ folds into the fp32 weights
-    before the cast; output fp32 like eager's (bf16 GEMM * fp32 γ + fp32 residual), every grad by the 2x/3x rule
-    against float64 vs eager autocast."""
+    """fp32 x, weights, γ and residual under bf16 autocast (the trainer's case): γ stays fp32 (the epilogue reads
+    it; the backward forms γ·W of the cast weights in fp32, then rounds it); output fp32 like eager's (bf16 GEMM *
+    fp32 γ + fp32 residual), every grad by the 2x/3x rule against float64 vs eager autocast."""
     L.set_autotune(True)
     M, K, N = 394, 384, 384
     x, w, b, r = _make(M, K, N, torch.float32, "cuda", True, True)

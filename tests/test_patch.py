@@ -315,7 +315,7 @@ def test_timm_rope_models_patched_match_unpatched(name, kw, calls):
     else:
         assert calls["qkv_attention"] == depth and "attention" not in calls and "apply_rope" not in calls
     folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
-    assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
+    assert (f"{folded} LayerScale modules run in the epilogue" in str(report)) == bool(folded), report
     assert mixed == (name.endswith("mixed_224"))
 
 
@@ -385,7 +385,7 @@ def test_timm_beit_patched_match_unpatched(case, calls):
     assert counts["Attention"] == depth and counts["Block"] == depth and not report.left, report
     assert calls["qkv_attention"] == depth and calls["add_layer_norm"] == depth and "attention" not in calls
     folded = 2 * depth if model.blocks[0].gamma_1 is not None else 0
-    assert (f"{folded} LayerScale modules fold" in str(report)) == bool(folded), report
+    assert (f"{folded} LayerScale modules run in the epilogue" in str(report)) == bool(folded), report
 
 
 @needs_kernels
@@ -1155,7 +1155,7 @@ def test_hf_beit_patched_matches_unpatched(bias, calls):
     assert report.counts()["BeitMLP"] == 2 and calls["mlp"] == 2, report  # fc1 + GELU + fc2: FusedMLP
     # the layers: layernorm_after with the first residual add, lambda_2 and the second in fc2's GEMM
     assert report.counts()["BeitLayer"] == 2 and calls["add_layer_norm"] == 2, report
-    assert ("2 LayerScale modules fold" in str(report)) == (bias != "none"), report
+    assert ("2 LayerScale modules run in the epilogue" in str(report)) == (bias != "none"), report
     assert model.config._attn_implementation == impl
 
 
@@ -1436,8 +1436,8 @@ def _reseeded(m, x, fn=lambda m, x: m(x)):
     return fn(m, x)
 
 
-def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
-    """timm's ls1 / ls2 fold into the proj and fc2 GEMMs (γ scales their weights): LayerScale.forward no longer
+def test_timm_layer_scale_in_proj_and_fc2(monkeypatch, calls):
+    """timm's ls1 / ls2 run in the proj and fc2 GEMMs' epilogues: LayerScale.forward no longer
     runs; logits and every grad (γ's included) equal the unpatched model's, with drop path active. A hook on one
     LayerScale keeps that one's call (the hook sees it)."""
     from timm.layers import LayerScale
@@ -1449,7 +1449,7 @@ def test_timm_layer_scale_folds_into_proj_and_fc2(monkeypatch, calls):
     ref_out, ref_grads = _run(model, x, _reseeded)
     assert n["calls"] == 2 * kw["depth"]
     flashvit.patch(model)
-    assert f"{2 * kw['depth']} LayerScale modules fold" in str(model.flashvit_report)
+    assert f"{2 * kw['depth']} LayerScale modules run in the epilogue" in str(model.flashvit_report)
     n["calls"] = 0
     out, grads = _run(model, x, _reseeded)
     assert n["calls"] == 0 and calls["mlp"] == kw["depth"]
@@ -1548,7 +1548,7 @@ def test_hf_dinov2_layer_scale_folds_into_fc2(monkeypatch, calls):
     ref_out, ref_grads = _run(model, x, call)
     flashvit.patch(model)
     assert model.flashvit_report.counts()["Dinov2Layer"] == 2
-    assert "2 LayerScale modules fold" in str(model.flashvit_report)  # layer_scale2 of each layer
+    assert "2 LayerScale modules run in the epilogue" in str(model.flashvit_report)  # layer_scale2 of each layer
     n = _count_calls(monkeypatch, hf.Dinov2LayerScale)  # after patching: its source is checked there
     out, grads = _run(model, x, call)
     assert n["calls"] == 2  # layer_scale1 of each layer
@@ -1751,7 +1751,7 @@ def test_hf_dinov3_patched_matches_unpatched(gated, calls):
     mlp_cls = "DINOv3ViTGatedMLP" if gated else "DINOv3ViTMLP"
     assert report.counts() == {"LayerNorm": 5, "DINOv3ViTAttention": 2, mlp_cls: 2, "DINOv3ViTLayer": 2,
                                "DINOv3ViTEmbeddings": 1}, report
-    assert not report.left and "4 LayerScale modules fold" in str(report)
+    assert not report.left and "4 LayerScale modules run in the epilogue" in str(report)
     assert calls["qkv_attention"] == 2 and calls["add_layer_norm"] == 2 and calls["patch_embed_op"] == 1
     assert calls["swiglu" if gated else "mlp"] == 2
 

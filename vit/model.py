@@ -100,7 +100,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Attention of x (B, T, D); ``layer_scale`` = γ of the LayerScale after it, folded into proj's GEMM."""
+        """Attention of x (B, T, D); ``layer_scale`` = γ of the LayerScale after it, in proj's GEMM epilogue."""
         qkv = linear(x, self.qkv.weight, self.qkv.bias)  # (B, T, 3·H·Dh), read in place below
         o = qkv_attention(qkv, self.num_heads, self.scale,
                           dropout_p=self.attn_drop.p if self.training else 0.0)  # (B, T, H·Dh)
@@ -124,7 +124,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
-        # LayerScales fold into proj's / fc2's GEMM (γ scales their weights): no pass over the activations.
+        # LayerScales in proj's / fc2's GEMM epilogue (γ on the fp32 result): no pass over the activations.
         # Stochastic depth: a factor per sample inside the add + LN pass, and fc2's output and the residual
         # in one addcmul (eager: a multiply, then the add).
         a = self.attn(self.norm1(x), layer_scale=_gamma(self.ls1))

@@ -264,7 +264,7 @@ class _FusedTimmAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """timm's forward; ``layer_scale``: γ of the block's LayerScale after it, folded into proj's GEMM."""
+        """timm's forward; ``layer_scale``: γ of the block's LayerScale after it, in proj's GEMM epilogue."""
         o = self.norm(_timm_attend(self, linear(x, self.qkv.weight, self.qkv.bias), attn_mask, is_causal))
         return self.proj_drop(linear(o, self.proj.weight, self.proj.bias, layer_scale=layer_scale))
 
@@ -301,7 +301,7 @@ class _FusedTimmRopeAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
                 is_causal: bool = False, layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """timm's forward; ``layer_scale``: the block's γ after it (EvaBlock's gamma_1), folded into proj's GEMM."""
+        """timm's forward; ``layer_scale``: the block's γ after it (EvaBlock's gamma_1), in proj's GEMM epilogue."""
         B, N, _ = x.shape
         H, Dh = self.num_heads, self.head_dim
         p = self.attn_drop.p if self.training else 0.0
@@ -343,7 +343,7 @@ class _FusedTimmBeitAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: Optional[torch.Tensor] = None,
                 layer_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """timm's forward; ``layer_scale``: the block's gamma_1 after it, folded into proj's GEMM."""
+        """timm's forward; ``layer_scale``: the block's gamma_1 after it, in proj's GEMM epilogue."""
         bias = None if self.q_bias is None else torch.cat((self.q_bias, self.k_bias, self.v_bias))
         qkv = linear(x, self.qkv.weight, bias)  # (B, N, 3·H·Dh)
         mask = shared_rel_pos_bias  # (1 | B, H, N, N), additive
@@ -870,8 +870,8 @@ _LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vis
                  "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale": "lambda1"}
 
 
-def _foldable_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
-    """(True, γ) for a LayerScale that may fold into the GEMM before it, (True, None) for the identity,
+def _gemm_layer_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
+    """(True, γ) for a LayerScale the GEMM before it may apply (in its epilogue), (True, None) for the identity,
     (False, None) otherwise (another module, or hooks on it that must see its call)."""
     if isinstance(ls, nn.Identity):
         return True, None
@@ -899,15 +899,15 @@ class _FusedTvMLP(nn.Module):
         return z if residual is None else z + residual
 
 
-# Fused MLPs whose forward takes (y, residual, layer_scale): fc2's GEMM adds the residual and folds the LayerScale.
+# Fused MLPs whose forward takes (y, residual, layer_scale): fc2's GEMM applies the LayerScale and adds the residual.
 _RESIDUAL_MLPS = (FusedMLP, _FusedTimmGluMlp, _FusedTimmSwiGLU, _FusedHFSwiGLUFFN, _FusedHFDinov3MLP, _FusedTvMLP)
 
 
 def _mlp_residual(mlp: nn.Module, ls: nn.Module, drop_path: nn.Module, y: torch.Tensor, h: torch.Tensor
                   ) -> torch.Tensor:
     """h + drop_path(ls(mlp(y))): γ and the residual add in fc2's GEMM where the parts allow."""
-    foldable, gamma = _foldable_scale(ls)
-    if not (isinstance(mlp, _RESIDUAL_MLPS) and foldable):
+    in_gemm, gamma = _gemm_layer_scale(ls)
+    if not (isinstance(mlp, _RESIDUAL_MLPS) and in_gemm):
         return h + drop_path(ls(mlp(y)))
     return _mlp_add(mlp, gamma, drop_path, y, h)
 
@@ -925,11 +925,11 @@ def _mlp_add(mlp: nn.Module, gamma: Optional[torch.Tensor], drop_path: nn.Module
 
 class _FusedTimmBlock(nn.Module):
     """timm Block with the residual adds fused: (x + a, LN2(x + a)) in one pass, fc2 + residual in one GEMM,
-    LayerScales (ls1, ls2) folded into the proj and fc2 GEMMs."""
+    LayerScales (ls1, ls2) in the proj and fc2 GEMMs' epilogues."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        foldable, gamma = _foldable_scale(self.ls1)
-        if foldable and isinstance(self.attn, _FusedTimmAttention):
+        in_gemm, gamma = _gemm_layer_scale(self.ls1)
+        if in_gemm and isinstance(self.attn, _FusedTimmAttention):
             a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, layer_scale=gamma)
         else:
             a = self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal))
@@ -1009,7 +1009,7 @@ class _FusedTvEncoderBlock(nn.Module):
 
 def _gamma_block(block: nn.Module, x: torch.Tensor, fused_attn: type, **attn_kwargs) -> torch.Tensor:
     """A pre-norm block whose LayerScales are gamma_1 / gamma_2 Parameters (or None), residual adds fused:
-    gamma_1 folds into proj's GEMM where the attention is ``fused_attn``, gamma_2 and the residual into fc2's,
+    gamma_1 in proj's GEMM epilogue where the attention is ``fused_attn``, gamma_2 and the residual in fc2's,
     (x + a, norm2(x + a)) in one pass."""
     if isinstance(block.attn, fused_attn):
         a = block.attn(block.norm1(x), layer_scale=block.gamma_1, **attn_kwargs)
@@ -1050,8 +1050,8 @@ class _FusedHFLayer(nn.Module):
 
 class _FusedHFDinov2Layer(nn.Module):
     """transformers Dinov2Layer (MLP FFN) with the second residual fused: drop_path(ls1(attention)) + x and
-    norm2 in one pass, ls2 and the residual add in fc2's GEMM. (ls1 stays a multiply: folding it would reach
-    into transformers' attention module.)"""
+    norm2 in one pass, ls2 and the residual add in fc2's GEMM. (ls1 stays a multiply: its GEMM is inside
+    transformers' attention module.)"""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
@@ -1061,14 +1061,14 @@ class _FusedHFDinov2Layer(nn.Module):
 
 
 class _FusedHFDinov3Layer(nn.Module):
-    """transformers' DINOv3ViTLayer with both residuals fused: layer_scale1 folded into o_proj's GEMM (where the
+    """transformers' DINOv3ViTLayer with both residuals fused: layer_scale1 in o_proj's GEMM epilogue (where the
     attention is ours), (x + a, norm2(x + a)) in one pass, layer_scale2 and the residual add in the MLP's last GEMM."""
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 position_embeddings: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, **kwargs) -> torch.Tensor:
-        foldable, gamma = _foldable_scale(self.layer_scale1)
+        in_gemm, gamma = _gemm_layer_scale(self.layer_scale1)
         x = self.norm1(hidden_states)
-        if foldable and isinstance(self.attention, _FusedHFDinov3Attention):
+        if in_gemm and isinstance(self.attention, _FusedHFDinov3Attention):
             a, _ = self.attention(x, attention_mask=attention_mask, position_embeddings=position_embeddings,
                                   layer_scale=gamma, **kwargs)
         else:
@@ -1613,8 +1613,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
         residual: timm ``Block`` / ``EvaBlock`` / BEiT ``Block`` / ``SwinTransformerBlock`` / HF ``ViTLayer`` /
             ``Dinov2Layer`` / ``BeitLayer`` / ``DINOv3ViTLayer`` / ``SwinLayer`` / CLIP and SigLIP encoder layers /
             torchvision's ``SwinTransformerBlock`` and ViT ``EncoderBlock``: fuse the residual adds (add + LayerNorm
-            in one pass, stochastic depth's factor per sample inside it; fc2 + residual in the GEMM epilogue) and fold
-            LayerScales into the GEMM before them.
+            in one pass, stochastic depth's factor per sample inside it; fc2 + residual in the GEMM epilogue) and apply
+            LayerScales in the epilogue of the GEMM before them.
         linear_gelu: any ``nn.Sequential`` holding ``nn.Linear`` then a GELU -> one GEMM with the GELU epilogue.
         verbose: print the report.
 
@@ -1732,10 +1732,10 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     if _qualname(model).startswith("timm.models.vision_transformer.VisionTransformer") and patch_embed:
         report.notes.append("timm VisionTransformer._pos_embed (cls/register concat + pos_embed add) runs as "
                             "timm wrote it; only the patch conv is fused")
-    folded = sum(_folded_scales(new) for _, _, _, new in state.swaps)
-    if folded:
-        report.notes.append(f"{folded} LayerScale modules fold into the GEMM before them (proj's, fc2's) at run "
-                            "time, unless hooks are registered on them")
+    in_gemm = sum(_gemm_scales(new) for _, _, _, new in state.swaps)
+    if in_gemm:
+        report.notes.append(f"{in_gemm} LayerScale modules run in the epilogue of the GEMM before them (proj's, "
+                            "fc2's), unless hooks are registered on them")
     model.__dict__[_STATE_ATTR] = state
     model.__dict__["flashvit_report"] = report
     if verbose:
@@ -1743,8 +1743,8 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
     return model
 
 
-def _folded_scales(m: nn.Module) -> int:
-    """How many LayerScales a fused block folds into its GEMMs (where its attention / MLP are fused too)."""
+def _gemm_scales(m: nn.Module) -> int:
+    """How many LayerScales a fused block applies in its GEMMs (where its attention / MLP are fused too)."""
     def ls(x: nn.Module) -> bool:
         return _qualname(x) in _LAYER_SCALES
     if isinstance(m, _FusedTimmBlock):
