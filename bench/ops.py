@@ -397,11 +397,7 @@ def drop_path_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 return Row("ops", "add_layer_norm+drop_path", dict(sd), dt, mode, impl, baseline=baseline,
                            bytes=float(nbytes), note=note)
 
-            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
-                            unavailable=ctx.triton_reason))
-            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
-            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
-                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
     return main, late
 
 
@@ -434,11 +430,7 @@ def layer_scale_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 return Row("ops", "linear+layerscale", dict(sd), dt, mode, impl, baseline=baseline, flops=flops,
                            note=note)
 
-            main.append(Job(mk("flashvit", note=knote), timed(const(ours), args, mode, ctx),
-                            unavailable=ctx.triton_reason))
-            main.append(Job(mk("eager", baseline=True), timed(const(eager), args, mode, ctx)))
-            late.append(Job(mk("compile(eager)"), timed(compile_of(eager), args, mode, ctx, compiled=True),
-                            unavailable="" if ctx.compile_ok else ctx.compile_note, min_s=ctx.compile_min_s))
+            _ours_eager_compiled(main, late, mk, ours, eager, args, mode, ctx, knote)
     return main, late
 
 

@@ -337,32 +337,33 @@ def test_swiglu_rows():
 
 def test_drop_path_rows():
     """--ops droppath: ours (add_layer_norm with the factor per sample), eager and torch.compile's per mode and width,
-    not among the default families; the eager row times here (ours needs a GPU)."""
+    not among the default families."""
+    rows = _trio_rows("droppath", "fwd")
+    assert len(rows) == 6 * len(ops.QUICK_LN_DIMS)
+    assert all(r.name == "add_layer_norm+drop_path" and r.bytes and r.shape["p"] == ops.DROP_PATH_P for r in rows)
+
+
+def _trio_rows(family: str, timed_mode: str) -> list:
+    """A non-default family's rows: ours, eager and torch.compile's for each mode; the eager row of ``timed_mode``
+    runs here (the flashvit rows need a GPU)."""
     ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
-    jobs = ops.op_jobs(ctx, ["droppath"])
+    jobs = ops.op_jobs(ctx, [family])
     rows = [j.row for j in jobs]
     assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
                                                 for i in ("flashvit", "eager", "compile(eager)")}
-    assert len(rows) == 6 * len(ops.QUICK_LN_DIMS) and "droppath" not in ops.OPS
-    assert all(r.name == "add_layer_norm+drop_path" and r.bytes and r.shape["p"] == ops.DROP_PATH_P for r in rows)
-    eager = next(j for j in jobs if j.row.impl == "eager" and j.row.mode == "fwd")
-    eager.run(eager.row)  # the eager form runs (the flashvit rows need a GPU here)
+    assert family not in ops.OPS
+    eager = next(j for j in jobs if j.row.impl == "eager" and j.row.mode == timed_mode)
+    eager.run(eager.row)
     assert eager.row.median_ms > 0
+    return rows
 
 
 def test_layer_scale_rows():
     """--ops layerscale: ours (γ and the residual in proj's epilogue), eager and torch.compile's per mode and shape,
-    not among the default families; the eager fwd+bwd row times here (the flashvit rows need a GPU)."""
-    ctx = ops.Ctx(torch.device("cpu"), torch.float32, 1, 1, False, "off", quick=True)
-    jobs = ops.op_jobs(ctx, ["layerscale"])
-    rows = [j.row for j in jobs]
-    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("fwd", "fwd+bwd")
-                                                for i in ("flashvit", "eager", "compile(eager)")}
-    assert len(rows) == 6 * len(ops.QUICK_MLP_SHAPES) and "layerscale" not in ops.OPS
+    not among the default families."""
+    rows = _trio_rows("layerscale", "fwd+bwd")
+    assert len(rows) == 6 * len(ops.QUICK_MLP_SHAPES)
     assert all(r.name == "linear+layerscale" and r.flops and r.shape["N"] == r.shape["K"] for r in rows)
-    eager = next(j for j in jobs if j.row.impl == "eager" and j.row.mode == "fwd+bwd")
-    eager.run(eager.row)
-    assert eager.row.median_ms > 0
 
 
 def test_rope_attention_rows():
