@@ -960,6 +960,11 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     _GEMM_TMA_TUNED(grid, args, dict(flags, NUM_SMS=sms))  # (a Launcher: the descriptors' pre_hook runs per call)
 
 
+def _unit_stride(v: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A (N,) vector the epilogues read at unit stride (bias, γ): a strided view (a slice of a packed one) copied."""
+    return v if v is None or v.stride(0) == 1 else v.contiguous()
+
+
 def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int, N: int, K: int,
                  out: torch.Tensor, *, bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
                  act: int = 0, z: Optional[torch.Tensor] = None, dact: int = 0, part: Optional[torch.Tensor] = None,
@@ -978,6 +983,7 @@ def _launch_gemm(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: int,
     """
     if M == 0 or N == 0:
         return
+    bias, scale = _unit_stride(bias), _unit_stride(scale)
     k_split, m_pad, c = K, M, out
     if splits > 1 and K == 0:  # nothing to split (out gets the epilogue of an empty sum)
         splits = 1
@@ -1046,6 +1052,7 @@ def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int
     M, N = c.shape
     if M == 0 or N == 0:
         return
+    scale = _unit_stride(scale)
     bm, bn, w = EPILOGUE_BLOCK
     grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y

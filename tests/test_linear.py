@@ -806,6 +806,30 @@ def test_linear_layer_scale(M, K, N, dtype, bias, res, gemm, device, launches):
     assert launches["gemm"] == (0 if gemm == "cublas" else 3), launches  # forward, dX, dW on our GEMM
 
 
+@pytest.mark.parametrize("gemm", ["triton", "tma", "cublas"])
+def test_strided_bias_and_layer_scale(gemm, device):
+    """bias and γ given as strided views (slices of packed vectors): y and every grad as the reference's. The
+    epilogues read them at unit stride; before the copy they read the wrong elements (silently)."""
+    x = randn(7, 16, device=device)
+    w = randn(8, 16, device=device, scale=0.25)
+    b_all, g_all, r = randn(16, device=device), randn(24, device=device), randn(7, 8, device=device)
+
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b_all, g_all, r)]
+        xx, ww, bb, gg, rr = leaves
+        y = fn(xx, ww, bb[::2], gg[1::3], rr)
+        y.backward(torch.ones_like(y))
+        return y.detach(), [t.grad for t in leaves]
+
+    y, grads = run(lambda *a: linear(*a[:3], None, a[4], layer_scale=a[3], backend="triton", gemm=gemm))
+    y_ref, grads_ref = run(lambda *a: linear_reference(*a[:3], None, a[4], a[3]))
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    for name, got, want in zip(("dx", "dW", "db", "dgamma", "dres"), grads, grads_ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)
+    y2 = linear(x, w, b_all[1::2], "gelu", backend="triton", gemm=gemm)  # the bias alone, with an activation
+    torch.testing.assert_close(y2, linear_reference(x, w, b_all[1::2], "gelu"), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("op,gemm", [("linear", "triton"), ("linear", "tma"), ("linear", "cublas"),
                                      ("mlp", "triton"), ("mlp", "cublas"), ("swiglu_fc2", "triton")])
 def test_layer_scale_small_gamma_fp16(op, gemm, device):
