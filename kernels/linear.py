@@ -1414,12 +1414,12 @@ class MLPFn(torch.autograd.Function):
             h, z = _linear_fwd_op(x, w1, b1, None, ctx.activation, ctx.save_z, gemm, tf32)
         elif h is None and (need_w2 or need_b2 or need_s):  # "act": h = act(z), one pass, for fc2's grads
             h = _activation_op(z, ctx.activation)
-        dy, scale, ds = _scale_dy(dy, scale, z2, need_s)  # (fp16: dy·γ, and dγ)
-        _, dw2, db2, ds_chain = _out_linear_bwd(dy, h, w2, b2, scale, None, "", False, need_w2, need_b2,
+        dy2, scale, ds = _scale_dy(dy, scale, z2, need_s)  # fc2's output grad for its GEMMs (fp16: dy·γ; and dγ)
+        _, dw2, db2, ds_chain = _out_linear_bwd(dy2, h, w2, b2, scale, None, "", False, need_w2, need_b2,
                                                 need_s and scale is not None, gemm, tf32)
         ds = ds if ds is not None else ds_chain
         if need_x or need_w1 or need_b1:
-            dz, gb1 = _linear_dact_op(dy, _dx_weight(w2, scale), z, ctx.activation, ctx.has_b1 and need_b1, gemm,
+            dz, gb1 = _linear_dact_op(dy2, _dx_weight(w2, scale), z, ctx.activation, ctx.has_b1 and need_b1, gemm,
                                       tf32)
             db1 = gb1.to(w1.dtype) if ctx.has_b1 and need_b1 else None
             if need_x or need_w1:

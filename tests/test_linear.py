@@ -835,8 +835,8 @@ def test_strided_bias_and_layer_scale(gemm, device):
 def test_layer_scale_small_gamma_fp16(op, gemm, device):
     """fp16 with LayerScale's small γ (1e-6 .. 1e-4, CaiT / DeiT-III init values, both signs): γ·W would be
     subnormal in fp16 (W ~ 0.1: a few significant bits a weight), so γ must scale the GEMM's result, not its
-    weights. y and every grad, dγ included, by the 2x/3x rule vs float64 against eager fp16; the absolute
-    slack is 1e-3 of each tensor's own scale (an atol fixed at 1 would hide errors of 1e-6-sized outputs)."""
+    weights. y and every grad, dγ and the residual's included, by the 2x/3x rule vs float64 against eager fp16;
+    the absolute slack is 1e-3 of each tensor's own scale (a fixed atol would hide errors of 1e-5-sized outputs)."""
     G = importlib.import_module("flashvit.kernels.glu")
     M, K, H, N = 29, 48, 40, 24
     dt = torch.float16
@@ -846,15 +846,17 @@ def test_layer_scale_small_gamma_fp16(op, gemm, device):
     w2, b2 = randn(N, k2, dtype=dt, device=device, scale=k2 ** -0.5), randn(N, dtype=dt, device=device)
     mag = torch.pow(10.0, torch.empty(N).uniform_(-6, -4, generator=torch.Generator().manual_seed(fresh_seed())))
     gamma = (mag * torch.randn(N).sign()).to(device, dt)
+    r = randn(M, N, dtype=dt, device=device, scale=1e-5)  # a residual of γ·z's size: y's error stays visible
     g = randn(M, N, dtype=torch.float64, device=device, scale=1e3)  # loss-scaled, as fp16 training runs
 
     def fn(be):
-        def f(x, w1, b1, w2, b2, gm):
+        def f(x, w1, b1, w2, b2, gm, r):
             if op == "linear":
-                return linear(x, w2, b2, layer_scale=gm, backend=be, gemm=gemm)
+                return linear(x, w2, b2, residual=r, layer_scale=gm, backend=be, gemm=gemm)
             if op == "mlp":
-                return L.mlp(x, w1, b1, w2, b2, layer_scale=gm, backend=be, gemm=gemm)
-            return G.swiglu_fc2(linear(x, w1, b1, backend=be), w2, b2, layer_scale=gm, backend=be, gemm=gemm)
+                return L.mlp(x, w1, b1, w2, b2, residual=r, layer_scale=gm, backend=be, gemm=gemm)
+            return G.swiglu_fc2(linear(x, w1, b1, backend=be), w2, b2, residual=r, layer_scale=gm, backend=be,
+                                gemm=gemm)
         return f
 
     def run(f, ts):
@@ -863,11 +865,12 @@ def test_layer_scale_small_gamma_fp16(op, gemm, device):
         y.backward(g.to(y.dtype))
         return y.detach(), [t.grad for t in leaves]
 
-    ts = (x, w1, b1, w2, b2, gamma)
+    ts = (x, w1, b1, w2, b2, gamma, r)
     y, grads = run(fn("triton"), ts)
     yt, gt = run(fn("torch"), ts)
     y64, g64 = run(fn("torch"), [t.double() for t in ts])
-    names = ("y", "dx", "dW1", "db1", "dW2", "db2", "dgamma")
+    assert torch.equal(grads[-1], g.to(dt))  # the residual's grad is dy itself (not dy·γ)
+    names = ("y", "dx", "dW1", "db1", "dW2", "db2", "dgamma", "dres")
     for name, got, want, same in zip(names, [y, *grads], [y64, *g64], [yt, *gt]):
         if op == "linear" and name in ("dW1", "db1"):
             assert got is None, name
