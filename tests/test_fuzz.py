@@ -47,13 +47,15 @@ DTYPES = st.sampled_from([torch.float32, torch.float16])
 
 
 def _tensor(draw, shape, dtype, scale=1.0):
-    """A fresh random tensor of ``shape`` with a drawn memory layout (contiguous, sliced or transposed)."""
+    """A fresh random tensor of ``shape`` with a drawn memory layout (contiguous, sliced, strided or transposed)."""
     seed = draw(st.integers(0, 2**31 - 1))
-    layout = draw(st.sampled_from(["contiguous", "sliced", "transposed"]))
+    layout = draw(st.sampled_from(["contiguous", "sliced", "strided", "transposed"]))
     g = torch.Generator().manual_seed(seed)
     if layout == "sliced" and len(shape) >= 1:  # last dim is a slice of a wider row
         big = torch.randn(*shape[:-1], shape[-1] + 3, generator=g, dtype=torch.float64)
         t = big[..., 1:1 + shape[-1]]
+    elif layout == "strided" and len(shape) >= 1:  # every other element of a row twice as wide: no unit stride
+        t = torch.randn(*shape[:-1], 2 * shape[-1], generator=g, dtype=torch.float64)[..., ::2]
     elif layout == "transposed" and len(shape) >= 3:  # two leading dims swapped in memory
         t = torch.randn(shape[1], shape[0], *shape[2:], generator=g, dtype=torch.float64).transpose(0, 1)
     else:
