@@ -1,6 +1,6 @@
 """Property fuzzing: every public op's Triton path (the interpreter on CPU) vs its float64 reference.
 
-Hypothesis draws shapes, strides (contiguous, sliced, transposed), dtypes (fp32/fp16; bf16 dots are
+Hypothesis draws shapes, strides (contiguous, sliced, strided, transposed), dtypes (fp32/fp16; bf16 dots are
 broken in the interpreter) and value scales. CI: 200 examples per op with a fixed seed;
 `pytest tests/test_fuzz.py --deep` runs 2000 random ones.
 """
@@ -179,6 +179,60 @@ def test_fuzz_attention(data):
             q, k, v = (_tensor(draw, (B, N, H, D), dtype) for _ in range(3))
             check_op(lambda q, k, v: attention(q, k, v, scale, causal, backend="triton"),
                      lambda q, k, v: attention_reference(q, k, v, scale, causal), [q, k, v], dtype, seed, backward)
+
+
+@given(data=st.data())
+def test_fuzz_masked_attention(data):
+    """attention(attn_mask=...): bool or float masks in every broadcast (key padding (B, 1, 1, Nkv), per query
+    (B, 1, Nq, Nkv), a head bias (1, H, Nq, Nkv), full, 2-D) and windowed 5-D (Swin's); keys masked out (-inf, or
+    finfo.min with key 0 kept: SDPA averages a row masked everywhere with finite values) up to whole rows; learned
+    float masks (their gradient); cross-attention lengths; from (B, N, H, D) or packed qkv."""
+    draw = data.draw
+    dtype = draw(DTYPES)
+    W = draw(st.sampled_from([0, 0, 2, 3]))  # windows of a 5-D mask (0: a 4-D one)
+    B, H = max(W, 1) * draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    NQ = draw(st.one_of(st.integers(1, 20), st.sampled_from([33, 50])))
+    packed = draw(st.booleans())
+    NK = NQ if packed else draw(st.one_of(st.just(NQ), st.integers(1, 40)))
+    D = draw(st.sampled_from([16, 32, 40, 64]))
+    kind = draw(st.sampled_from(["bool", "float", "learned"]))
+    if W:
+        mshape = (draw(st.sampled_from([1, B // W])), W, draw(st.sampled_from([1, H])), NQ, NK)
+    else:
+        mshape = draw(st.sampled_from([(B, 1, 1, NK), (B, 1, NQ, NK), (1, H, NQ, NK), (B, H, NQ, NK), (NQ, NK)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    drop = torch.rand(mshape, generator=g) < draw(st.sampled_from([0.0, 0.3, 0.9]))  # keys masked out
+    if draw(st.booleans()):
+        drop[..., 0, :] = True  # a query row masked everywhere (zeros out, zero grads)
+    if kind == "bool":
+        mask = (~drop).to(DEVICE)
+    else:
+        neg = draw(st.sampled_from([float("-inf"), torch.finfo(dtype).min]))
+        if neg != float("-inf"):
+            drop[..., 0] = False  # finite "masked" logits: SDPA averages a row masked everywhere
+        vals = torch.randn(mshape, generator=g, dtype=torch.float64) * draw(st.sampled_from([0.1, 1.0, 5.0]))
+        if kind == "float":
+            vals = vals.masked_fill(drop, neg)
+        mask = vals.to(device=DEVICE, dtype=draw(st.sampled_from([dtype, torch.float32])))
+    scale = draw(st.sampled_from([None, 0.5]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    backward = draw(st.booleans())
+    learned = kind == "learned"  # the mask among the inputs: its gradient is compared too
+
+    def with_mask(f):
+        return (lambda *t: f(*t[:-1], t[-1])) if learned else (lambda *t: f(*t, mask))
+    extra = [mask] if learned else []
+    if packed:
+        qkv = _tensor(draw, (B, NQ, 3 * H * D), dtype)
+        check_op(with_mask(lambda t, m: qkv_attention(t, H, scale, attn_mask=m, backend="triton")),
+                 with_mask(lambda t, m: qkv_attention_reference(t, H, scale, attn_mask=m)), [qkv, *extra], dtype,
+                 seed, backward)
+    else:
+        q = _tensor(draw, (B, NQ, H, D), dtype)
+        k, v = (_tensor(draw, (B, NK, H, D), dtype) for _ in range(2))
+        check_op(with_mask(lambda q, k, v, m: attention(q, k, v, scale, attn_mask=m, backend="triton")),
+                 with_mask(lambda q, k, v, m: attention_reference(q, k, v, scale, attn_mask=m)), [q, k, v, *extra],
+                 dtype, seed, backward)
 
 
 @given(data=st.data())
