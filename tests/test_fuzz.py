@@ -32,6 +32,7 @@ from flashvit.kernels import (  # noqa: E402
     patch_embed_reference,
     qkv_attention,
     qkv_attention_reference,
+    qkv_rope_linear,
     rope_reference,
     swiglu,
     swiglu_packed,
@@ -265,6 +266,37 @@ def test_fuzz_rope(data):
         x = _tensor(draw, (B, N, H, D), dtype, draw(st.sampled_from([0.1, 1.0, 30.0])))
         check_op(lambda t: apply_rope(t, r32, P, half, backend="triton"),
                  lambda t: rope_reference(t, table(t), P, half), [x], dtype, seed, backward)
+
+
+@given(data=st.data())
+def test_fuzz_qkv_rope_linear(data):
+    """The qkv GEMM with RoPE of q and k (inference): in the epilogue (one table for every image and head;
+    rotate_half at D a power of two up to 64) or as a pass after it (other tables, D, the cuBLAS path)."""
+    draw = data.draw
+    dtype = draw(DTYPES)
+    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    N = draw(st.one_of(st.integers(1, 20), st.just(33)))
+    P = draw(st.integers(0, min(N - 1, 3)))
+    D = draw(st.sampled_from([2, 8, 16, 24, 32, 64, 80]))
+    C = draw(st.integers(1, 40))
+    half = draw(st.booleans())
+    lead = draw(st.sampled_from([(), (1, 1), (H,), (B, 1)]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    ang = torch.randn(*lead, N - P, D // 2, generator=g, dtype=torch.float64) * 4
+    rope = torch.cat([ang.sin(), ang.cos()] * 2, dim=-1).to(device=DEVICE)
+    r32 = rope.float()
+    x = _tensor(draw, (B, N, C), dtype)
+    w = _tensor(draw, (3 * H * D, C), dtype, C ** -0.5)
+    b = _tensor(draw, (3 * H * D,), dtype) if draw(st.booleans()) else None
+    gemm = draw(st.sampled_from(["auto", "tma", "cublas"]))
+
+    def reference(x, w, b):
+        q, k, v = linear_reference(x, w, b).view(B, N, 3, H, D).unbind(2)
+        table = rope if x.dtype == torch.float64 else r32
+        q, k = (rope_reference(t, table, P, half) for t in (q, k))
+        return torch.stack((q, k, v), dim=2).reshape(B, N, 3 * H * D)
+    check_op(lambda x, w, b: qkv_rope_linear(x, w, b, H, r32, P, half, backend="triton", gemm=gemm), reference,
+             [x, w, b], dtype, 0, backward=False)
 
 
 @given(data=st.data())
