@@ -35,6 +35,7 @@ from flashvit.kernels import (  # noqa: E402
     qkv_rope_linear,
     rope_reference,
     swiglu,
+    swiglu_fc2,
     swiglu_packed,
     swiglu_reference,
 )
@@ -334,8 +335,9 @@ def test_fuzz_mlp(data):
     ls = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None  # LayerScale γ (folded into fc2)
     seed = draw(st.integers(0, 2**31 - 1))
     gemm = draw(st.sampled_from(["auto", "tma", "cublas"]))
+    recompute = draw(st.sampled_from(["none", "act", "fc1"]))  # what the backward rebuilds instead of keeping
     check_op(lambda x, w1, b1, w2, b2, r, ls: mlp(x, w1, b1, w2, b2, act, r, layer_scale=ls, backend="triton",
-                                                  gemm=gemm),
+                                                  gemm=gemm, recompute=recompute),
              lambda x, w1, b1, w2, b2, r, ls: linear_reference(linear_reference(x, w1, b1, act), w2, b2, None, r, ls),
              [x, w1, b1, w2, b2, r, ls], dtype, seed, draw(st.booleans()))
 
@@ -360,6 +362,34 @@ def test_fuzz_swiglu(data):
         gate, up = _tensor(draw, (*lead, n), dtype, scale), _tensor(draw, (*lead, n), dtype)
         check_op(lambda g, u: swiglu(g, u, backend="triton"), swiglu_reference, [gate, up], dtype, seed,
                  draw(st.booleans()))
+
+
+@given(data=st.data())
+def test_fuzz_swiglu_fc2(data):
+    """fc2(silu(gate)·up) (+ residual, LayerScale γ), keeping no h: gate and up packed (either order) or apart."""
+    draw = data.draw
+    dtype = draw(DTYPES)
+    lead = draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    H, N = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    packed, gate_last = draw(st.booleans()), draw(st.booleans())
+    z = _tensor(draw, (*lead, 2 * H if packed else H), dtype, draw(st.sampled_from([0.1, 1.0, 4.0])))
+    up = None if packed else _tensor(draw, (*lead, H), dtype)
+    w2 = _tensor(draw, (N, H), dtype, H ** -0.5)
+    b2 = _tensor(draw, (N,), dtype) if draw(st.booleans()) else None
+    r = _tensor(draw, (*lead, N), dtype) if draw(st.booleans()) else None
+    ls = _tensor(draw, (N,), dtype, draw(st.sampled_from([1e-3, 1.0]))) if draw(st.booleans()) else None
+    gemm = draw(st.sampled_from(["auto", "tma", "cublas"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+
+    def halves(z, u):
+        if u is not None:
+            return z, u
+        a, b = z.chunk(2, dim=-1)
+        return (b, a) if gate_last else (a, b)
+    check_op(lambda z, u, w, b, r, ls: swiglu_fc2(z, w, b, up=u, gate_last=gate_last, residual=r, layer_scale=ls,
+                                                  backend="triton", gemm=gemm),
+             lambda z, u, w, b, r, ls: linear_reference(swiglu_reference(*halves(z, u)), w, b, None, r, ls),
+             [z, up, w2, b2, r, ls], dtype, seed, draw(st.booleans()))
 
 
 @given(data=st.data())
