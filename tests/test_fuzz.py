@@ -66,6 +66,13 @@ def _tensor(draw, shape, dtype, scale=1.0):
     return t.to(device=DEVICE, dtype=dtype) if t.is_contiguous() else _keep_strides(t, dtype)
 
 
+def _begin(data, most: int = 9) -> tuple:
+    """(draw, dtype, leading dims) of one example of an op that takes any leading shape: one or two dims (batch,
+    tokens), each 1 .. most."""
+    draw = data.draw
+    return draw, draw(DTYPES), draw(st.lists(st.integers(1, most), min_size=1, max_size=2))
+
+
 def _keep_strides(t64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty_strided(t64.shape, t64.stride(), dtype=dtype, device=DEVICE)
     return out.copy_(t64)
@@ -302,9 +309,7 @@ def test_fuzz_qkv_rope_linear(data):
 
 @given(data=st.data())
 def test_fuzz_linear(data):
-    draw = data.draw
-    dtype = draw(DTYPES)
-    lead = draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    draw, dtype, lead = _begin(data)
     K, N = draw(st.integers(1, 70)), draw(st.integers(1, 70))
     act = draw(st.sampled_from([None, "gelu", "gelu_tanh"]))
     scale = draw(st.sampled_from([0.1, 1.0, 4.0]))
@@ -322,9 +327,7 @@ def test_fuzz_linear(data):
 
 @given(data=st.data())
 def test_fuzz_mlp(data):
-    draw = data.draw
-    dtype = draw(DTYPES)
-    lead = draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    draw, dtype, lead = _begin(data)
     K, H, N = draw(st.integers(1, 40)), draw(st.integers(1, 70)), draw(st.integers(1, 40))
     act = draw(st.sampled_from(["gelu", "gelu_tanh"]))
     x = _tensor(draw, (*lead, K), dtype, draw(st.sampled_from([0.1, 1.0, 4.0])))
@@ -344,9 +347,7 @@ def test_fuzz_mlp(data):
 
 @given(data=st.data())
 def test_fuzz_swiglu(data):
-    draw = data.draw
-    dtype = draw(DTYPES)
-    lead = draw(st.lists(st.integers(1, 40), min_size=1, max_size=2))
+    draw, dtype, lead = _begin(data, 40)
     n = draw(st.integers(1, 300))
     scale = draw(st.sampled_from([0.1, 1.0, 8.0]))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -367,9 +368,7 @@ def test_fuzz_swiglu(data):
 @given(data=st.data())
 def test_fuzz_swiglu_fc2(data):
     """fc2(silu(gate)·up) (+ residual, LayerScale γ), keeping no h: gate and up packed (either order) or apart."""
-    draw = data.draw
-    dtype = draw(DTYPES)
-    lead = draw(st.lists(st.integers(1, 9), min_size=1, max_size=2))
+    draw, dtype, lead = _begin(data)
     H, N = draw(st.integers(1, 40)), draw(st.integers(1, 40))
     packed, gate_last = draw(st.booleans()), draw(st.booleans())
     z = _tensor(draw, (*lead, 2 * H if packed else H), dtype, draw(st.sampled_from([0.1, 1.0, 4.0])))
