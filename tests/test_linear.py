@@ -1076,11 +1076,13 @@ def test_gpu_fp32_tf32_flag():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
+    """Our kernels (forced: under 'auto' a compiled graph leaves linear to Inductor, whose fused GELU + add rounds
+    differently from eager's ops: 1 bf16 ulp at 1.6% of y, H100 run 7) traced whole: the same values as eager."""
     x, w, b, r = _make(None, 192, 768, torch.bfloat16, "cuda", True, True, lead=(2, 197))
     w.requires_grad_()
 
     def f(x, w, b, r):
-        return linear(x, w, b, "gelu", r)
+        return linear(x, w, b, "gelu", r, backend="triton")
 
     cf = torch.compile(f, fullgraph=True)
     y = cf(x, w, b, r)
@@ -1126,9 +1128,11 @@ def test_gpu_split_k_bf16(gemm, splits):
 @pytest.mark.parametrize("M,K,N,act,bias,res", [(197, 588, 768, "gelu", True, True), (394, 768, 3072, None, True, False),
                                                 (7, 3072, 768, "gelu_tanh", False, True), (1000, 200, 72, None, True, True)])
 def test_gpu_tma_bf16(M, K, N, act, bias, res, tma_launches):
+    """gemm='tma' forward, dX and dW vs float64; each GEMM on TMA where its operands meet TMA's rule (16-byte
+    row strides): K = 588 in bf16 (1176-byte rows) touches every GEMM, which all fall back to our tiled kernel."""
     x, w, b, r = _make(M, K, N, torch.bfloat16, "cuda", bias, res)
     _check(x, w, b, r, act, gemm="tma")
-    assert tma_launches["tma"] == 3
+    assert tma_launches["tma"] == (3 if K * 2 % 16 == 0 and N * 2 % 16 == 0 else 0)
 
 
 def _gpu_arch() -> int:
