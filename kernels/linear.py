@@ -1313,7 +1313,7 @@ def _scale_dy(dy: torch.Tensor, scale: Optional[torch.Tensor], z: Optional[torch
     and the GEMMs run unscaled; otherwise (dy, γ, None) as given (the GEMMs fold γ)."""
     if scale is None or dy.dtype not in _DY_SCALED_DTYPES:
         return dy, scale, None
-    ds = (dy.float() * z.float()).sum(0).to(scale.dtype) if need_s else None
+    ds = (dy.float() * z).sum(0).to(scale.dtype) if need_s else None  # (z promoted in the product: no fp32 copy)
     return (dy * scale).to(dy.dtype), None, ds
 
 
@@ -1334,9 +1334,9 @@ def _scale_chain(gw: Optional[torch.Tensor], gb: Optional[torch.Tensor], weight:
     db = (gb.float() * s).to(bias.dtype) if need_b and bias is not None else None
     ds = None
     if need_s:
-        ds = (gw.float() * weight.float()).sum(1)
+        ds = (gw.float() * weight).sum(1)
         if bias is not None:
-            ds = ds.addcmul_(gb.float(), bias.float())
+            ds = ds.addcmul_(gb.float(), bias)
         ds = ds.to(scale.dtype)
     return dw, db, ds
 
