@@ -63,6 +63,10 @@ def parser() -> argparse.ArgumentParser:
                         "trains at 0.1); the training rows then drop samples (their shape names the rate)")
     p.add_argument("--batch-infer", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps per model row")
+    p.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                   help="model: after timing a row (not graph(...)), N more steps under torch.profiler: the GPU's "
+                        "busy share of the step, its idle gaps by size, the host's blocking CUDA calls -> the row's "
+                        "note, and the whole report (largest gaps, device time by kernel) in OUT/profile/")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile rows (auto: off for --quick on CPU, where inductor builds C++ for minutes)")
     p.add_argument("--ceilings-from", default=None, help="reuse the ceilings of an earlier JSON of this run")
@@ -157,6 +161,9 @@ def _model_ctx(args: argparse.Namespace, device: torch.device, peak: Optional[fl
     warmup = 0 if warm or quick else 3 if gpu else 1  # plus one untimed first step
     ctx = M.MCtx(device, dtype, quick, bt, bi, warmup, iters, compile_ok, compile_note, peak)
     ctx.drop_path = args.drop_path
+    if not warm:
+        ctx.profile_steps = max(args.profile_steps, 0)
+        ctx.profile_dir = os.path.join(args.out, "profile")
     return ctx
 
 
@@ -370,7 +377,7 @@ def _f(v: Optional[float], fmt: str) -> str:
 
 def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plots: bool = True,
            notes: Sequence[str] = ()) -> int:
-    from flashvit.bench.model import eager_vs_timm_lines
+    from flashvit.bench.model import eager_vs_timm_lines, profile_lines
     lines: List[str] = []
     found = False
     tl = _tests_line(tests_log)
@@ -399,7 +406,7 @@ def report(out: str, tests_log: Optional[str], summary_path: Optional[str], plot
                          "x base = eager's host time / ours")
         lines.append(model_summary(rows) if suite == "model" else ops_summary(rows))
         if suite == "model":
-            lines += eager_vs_timm_lines(rows)
+            lines += eager_vs_timm_lines(rows) + profile_lines(rows)
         not_run = [H.label(r) + f" ({r.status})" for r in rows if r.status in ("skipped", "pending")]
         if not_run:
             more = f"; ... ({len(not_run) - 12} more in {suite}.json)" if len(not_run) > 12 else ""

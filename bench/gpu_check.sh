@@ -15,6 +15,7 @@
 #   4. measures host (CPU) time per op call and per train step                -> OUTDIR/overhead.{json,csv,png}
 #      and profiles it (cProfile per op, one launch's cost, kernel tables)      -> OUTDIR/profile/
 #   5. runs the model benchmarks (ViT-B first, then S and L as time allows)   -> OUTDIR/model.{json,csv,png}
+#      each row's steps then profiled (GPU busy share, idle gaps, blocking calls) -> OUTDIR/profile/steps_*.txt
 #   6. judges the issues' speed targets from those files (met / not met / not measured) -> OUTDIR/targets.txt
 #      and prints a short summary last                                        -> OUTDIR/summary.txt
 #
@@ -30,8 +31,8 @@
 # a follow-up call where the full check's tests ran out of time (run 5: 6 of 109 gpu-marked tests in 47 s).
 # --targets: no tests; only the rows the issues' speed targets read (python -m flashvit.bench targets), each
 # compiling row first run once in 4 processes (Triton's and Inductor's caches), then attention and MLP/GEMM rows
-# (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 training timm vs patched (model.json), then
-# targets.txt. GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little
+# (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 timm vs patched (model.json; the patched
+# step from a CUDA graph too, and each row's steps profiled), then targets.txt. GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little
 # device time can split them over two calls). Default budget 540 s.
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
@@ -48,10 +49,12 @@
 # EVERY: the share of the tests that run every autotune config alone),
 # GPU_CHECK_MODELS (default "b s l"), GPU_CHECK_TESTS (test paths, default "tests bench"), GPU_CHECK_XDIST
 # (pytest-xdist workers, default 6), GPU_CHECK_OPS (op families, default all), GPU_CHECK_PREWARM (processes
-# for the compile warm-up, default 4), GPU_CHECK_PRETEST (a test run alone first with a full traceback).
+# for the compile warm-up, default 4), GPU_CHECK_PRETEST (a test run alone first with a full traceback),
+# GPU_CHECK_PROFILE_STEPS (steps profiled after each model row, default 3; 0: none).
 set -uo pipefail
 
 DRY=${GPU_CHECK_DRY_RUN:-0}
+PROFILE_STEPS=${GPU_CHECK_PROFILE_STEPS:-3}
 TRAIN=0  # 1: --train (training only), 2: --with-train (training beside the tests, then the rest)
 PACK=0
 SWEEP=0
@@ -412,7 +415,8 @@ if has_part model; then
   else
     say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
     timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" "${CEIL[@]}" \
-      "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --impls timm timm+flashvit.patch > "$SHIM/.model.log" 2>&1
+      "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --profile-steps "$PROFILE_STEPS" \
+      --impls timm timm+flashvit.patch "graph(timm+flashvit.patch)" > "$SHIM/.model.log" 2>&1
     rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
     grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
     [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"
@@ -466,7 +470,8 @@ if [ "$MODEL_B" -lt 10 ]; then
 else
   say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
   timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" \
-    --ceilings-from "$OUT/ops.json" "${BENCH_COMMON[@]}" "${MODEL_EXTRA[@]}" > "$SHIM/.model.log" 2>&1
+    --ceilings-from "$OUT/ops.json" "${BENCH_COMMON[@]}" "${MODEL_EXTRA[@]}" --profile-steps "$PROFILE_STEPS" \
+    > "$SHIM/.model.log" 2>&1
   rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
   grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
   [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"

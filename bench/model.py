@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -93,6 +94,8 @@ class MCtx:
         self.peak_tflops = peak_tflops
         self.overrides: Dict[str, Any] = dict(QUICK_OVERRIDES) if quick else {}
         self.drop_path = 0.0  # stochastic depth rate every model is built with (--drop-path)
+        self.profile_steps = 0  # --profile-steps: steps profiled after each timed row (not graph(...))
+        self.profile_dir: Optional[str] = None  # where those rows' step reports go
         self._flops: Dict[Tuple[str, str], float] = {}
 
 
@@ -305,6 +308,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
+        profile_note = ""
         with flashvit.use_backend(backend_for(impl)), _verdicts(impl):
             t0 = time.perf_counter()
             step()  # first step: compile / autotune / allocate, outside the timer
@@ -314,6 +318,8 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
                 torch.cuda.synchronize(dev)
             first = time.perf_counter() - t0
             row.median_ms, row.p20_ms, row.p80_ms = time_steps(step, dev, ctx.warmup, ctx.iters)
+            if ctx.profile_steps and impl not in GRAPHED:
+                profile_note = _profile(step, dev, ctx, f"{name}_{mode}_{impl}")
         row.img_per_s = B / (row.median_ms * 1e-3)
         if ctx.peak_tflops:
             row.mfu = 100.0 * row.img_per_s * row.flops / (ctx.peak_tflops * 1e12)
@@ -321,10 +327,26 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
             row.peak_mem_mb = torch.cuda.max_memory_allocated(dev) / 2**20
         if first > 5:
             row.note = f"first step {first:.0f} s"
+        if profile_note:
+            row.note = "; ".join(filter(None, (row.note, profile_note)))
         if dev.type == "cuda":  # the configs this row's first step picked (rows share a process and its picks)
             note_new_picks(row, before)
 
     return run
+
+
+def _profile(step: Callable[[], None], dev: torch.device, ctx: MCtx, label: str) -> str:
+    """``ctx.profile_steps`` more steps under torch.profiler (profile_host.profile_steps): the row's note line, and
+    the whole report in ctx.profile_dir/steps_<label>.txt."""
+    from flashvit.bench.profile_host import profile_steps, timeline_note, timeline_text
+    t = profile_steps(step, dev, ctx.profile_steps)
+    if ctx.profile_dir:
+        os.makedirs(ctx.profile_dir, exist_ok=True)
+        safe = "".join(c if c.isalnum() or c in "._-=" else "_" for c in label)
+        with open(os.path.join(ctx.profile_dir, f"steps_{safe}.txt"), "w") as f:
+            f.write(timeline_text(f"{label}: {dev}, {ctx.dtype}, batch {ctx.batch['train']} (train) / "
+                                  f"{ctx.batch['infer']} (infer)", t))
+    return timeline_note(t)
 
 
 def _graphed(step: Callable[[], None], model: Optional[torch.nn.Module]) -> Callable[[], None]:
@@ -426,3 +448,11 @@ def eager_vs_timm_lines(rows: List[Row]) -> List[str]:
             out.append(f"flashvit eager vs timm eager, {name} {mode}: not measured ({why})")
     return out
 
+
+
+def profile_lines(rows: List[Row], limit: int = 12) -> List[str]:
+    """The step profiles (--profile-steps) of the first model's rows, a line each (at most ``limit``)."""
+    prof = [r for r in rows if r.suite == "model" and r.status == "ok" and "profiled " in r.note]
+    first = prof[0].name if prof else None
+    return [f"model steps: {r.name} {r.mode} {r.impl}: profiled {r.note.split('profiled ', 1)[1]}"
+            for r in prof if r.name == first][:limit]

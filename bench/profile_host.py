@@ -2,6 +2,9 @@
 
     python -m flashvit.bench.profile_host OUTDIR [--calls 300]
 
+(``step_timeline`` / ``profile_steps`` below: where a whole training step's time goes on the GPU, for the model
+benchmark's ``--profile-steps``.)
+
 Writes, per op of bench/overhead.py (tiny shapes, fwd+bwd on the Triton path):
   * OUTDIR/host_<op>.txt      cProfile of ``calls`` calls, the top functions by own time and by cumulative time;
   * OUTDIR/launch.txt         host microseconds per launch of one LayerNorm forward kernel: through the
@@ -20,7 +23,7 @@ import io
 import os
 import pstats
 import time
-from typing import Callable
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -186,6 +189,139 @@ def kernel_tables(out: str) -> None:
             print(text[:3000], flush=True)
     finally:
         lin.set_autotune(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole steps: the GPU's busy time, its idle gaps, and the host calls that wait for the device
+
+# CUDA runtime / driver calls during which the host may wait for the device (synchronizations, blocking copies,
+# allocations outside the caching allocator's pool): a step that makes them cannot run ahead of the GPU.
+BLOCKING_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+                  "cudaMalloc", "cudaFree", "cudaHostAlloc", "cudaMallocHost", "cuCtxSynchronize",
+                  "cuStreamSynchronize", "cuEventSynchronize", "cuMemAlloc", "cuMemFree", "cuMemcpy")
+GAP_EDGES_US = (10.0, 100.0)  # idle gaps: launch latency | the host a little behind | far behind (or waiting)
+GAP_LABELS = ("<10us", "10-100us", ">=100us")
+
+
+def step_timeline(device_events: Sequence[Tuple[float, float, str]], host_calls: Sequence[Tuple[float, float, str]],
+                  windows: Sequence[Tuple[float, float]], top: int = 10) -> Dict[str, Any]:
+    """Where the time of the steps in ``windows`` went on the device, per step (ms unless named otherwise).
+
+    ``device_events``: (start_us, end_us, name) of the kernels, copies and fills; ``host_calls``: (start_us,
+    duration_us, name) of the CUDA runtime / driver calls; ``windows``: (start_us, end_us) of each step, every step
+    ending with a synchronize (as the model benchmark times it); one clock for all three. An event belongs to the
+    window its start falls in. Per step: wall; busy (the union of the device intervals); idle = wall - busy, as the
+    ramp (step start to its first device event: the host has issued nothing yet), the gaps between device events
+    by size (GAP_LABELS) and the tail (last event to the step's end); the device events and the host's launch
+    calls; the blocking calls (BLOCKING_CALLS, by prefix: cudaMemcpyAsync too, as a copy from or to pageable memory waits:
+    its time says whether it did);
+    the ``top`` largest gaps (µs, the events before and after); device time by event name (top 15).
+    """
+    n = max(len(windows), 1)
+    busy = ramp = tail = wall = 0.0
+    gap_ms = [0.0] * len(GAP_LABELS)
+    gap_n = [0] * len(GAP_LABELS)
+    gaps: List[Tuple[float, str, str]] = []
+    by_name: Dict[str, List[float]] = {}
+    events = 0
+    for w0, w1 in windows:
+        wall += w1 - w0
+        evs = sorted(e for e in device_events if w0 <= e[0] < w1)
+        events += len(evs)
+        if not evs:
+            ramp += w1 - w0
+            continue
+        ramp += evs[0][0] - w0
+        end, last = evs[0][1], evs[0][2]
+        busy += evs[0][1] - evs[0][0]
+        for s, e, name in evs[1:]:
+            if s > end:  # an idle gap
+                g = s - end
+                k = sum(g >= edge for edge in GAP_EDGES_US)
+                gap_ms[k] += g
+                gap_n[k] += 1
+                gaps.append((g, last, name))
+                busy += e - s
+            elif e > end:
+                busy += e - end
+            if e >= end:
+                end, last = e, name
+        tail += max(w1 - end, 0.0)
+    for s, e, name in device_events:
+        if any(w0 <= s < w1 for w0, w1 in windows):
+            acc = by_name.setdefault(name, [0, 0.0])
+            acc[0] += 1
+            acc[1] += e - s
+    blocking: Dict[str, List[float]] = {}
+    launches = 0
+    for s, d, name in host_calls:
+        if not any(w0 <= s < w1 for w0, w1 in windows):
+            continue
+        launches += "LaunchKernel" in name
+        if name.startswith(BLOCKING_CALLS):
+            acc = blocking.setdefault(name, [0, 0.0])
+            acc[0] += 1
+            acc[1] += d
+    gaps.sort(key=lambda g: -g[0])
+    ms = 1e-3 / n
+    return {
+        "steps": len(windows), "wall_ms": wall * ms, "busy_ms": busy * ms,
+        "busy_pct": 100.0 * busy / wall if wall > 0 else 0.0, "ramp_ms": ramp * ms, "tail_ms": tail * ms,
+        "gap_ms": dict(zip(GAP_LABELS, (g * ms for g in gap_ms))), "gaps": dict(zip(GAP_LABELS, (g / n for g in gap_n))),
+        "device_events": events / n, "launch_calls": launches / n,
+        "blocking": {k: (c / n, t * ms) for k, (c, t) in sorted(blocking.items(), key=lambda kv: -kv[1][1])},
+        "top_gaps": gaps[:top],
+        "by_name": sorted(((k, c / n, t * ms) for k, (c, t) in by_name.items()), key=lambda r: -r[2])[:15],
+    }
+
+
+def timeline_note(t: Dict[str, Any]) -> str:
+    """One line of ``step_timeline``'s result for a benchmark row's note."""
+    gaps = ", ".join(f"{t['gap_ms'][k]:.2f} ms in {t['gaps'][k]:.1f} gaps {k}" for k in GAP_LABELS)
+    blocking = sum(c for c, _ in t["blocking"].values())
+    return (f"profiled {t['steps']} steps: device busy {t['busy_pct']:.1f}% of {t['wall_ms']:.2f} ms/step; idle: ramp "
+            f"{t['ramp_ms']:.2f} ms, {gaps}, tail {t['tail_ms']:.2f} ms; {t['device_events']:.0f} device events, "
+            f"{t['launch_calls']:.0f} launch calls, {blocking:.1f} blocking calls a step")
+
+
+def timeline_text(title: str, t: Dict[str, Any]) -> str:
+    """``step_timeline``'s result as a report."""
+    lines = [title, timeline_note(t), "", "blocking host calls a step (count, ms):"]
+    lines += [f"  {k:40s} {c:8.1f} {ms:9.3f}" for k, (c, ms) in t["blocking"].items()] or ["  none"]
+    lines += ["", "largest idle gaps (us, device event before -> after):"]
+    lines += [f"  {g:9.1f}  {a[:70]} -> {b[:70]}" for g, a, b in t["top_gaps"]] or ["  none"]
+    lines += ["", "device time a step by event (count, ms):"]
+    lines += [f"  {c:7.1f} {ms:9.3f}  {k[:110]}" for k, c, ms in t["by_name"]]
+    return "\n".join(lines) + "\n"
+
+
+def profile_steps(step: Callable[[], Any], device: torch.device, steps: int = 3) -> Dict[str, Any]:
+    """Run ``step`` ``steps`` times under torch.profiler (CPU + CUDA), each step ending with a synchronize as the
+    model benchmark times it, and return ``step_timeline`` of them (on CPU: no device events, busy 0%)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    cuda = device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            with record_function("flashvit.step"):
+                step()
+                sync()
+    dev_events, host_calls, windows = [], [], []
+    for e in prof.events():
+        r = e.time_range
+        if e.device_type == DeviceType.CUDA:
+            dev_events.append((float(r.start), float(r.end), e.name))
+        elif e.name == "flashvit.step":
+            windows.append((float(r.start), float(r.end)))
+        elif e.name.startswith(("cuda", "cu")):
+            host_calls.append((float(r.start), float(r.end - r.start), e.name))
+    windows.sort()
+    return step_timeline(dev_events, host_calls, windows)
 
 
 def main() -> None:

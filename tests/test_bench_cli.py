@@ -655,8 +655,9 @@ def test_gpu_check_dry_run(tmp_path):
     names = sorted(os.listdir(out))
     expected = {"gpu_tests.log", "ops.json", "ops.csv", "ops-experimental.json", "ops-experimental.csv",
                 "gemm-configs.json", "gemm-configs.csv", "ops-graph.json", "ops-graph.csv", "model.json", "model.csv",
-                "overhead.json", "overhead.csv", "targets.txt", "summary.txt", "train"}
-    assert expected <= set(names) and len(names) <= 22, names
+                "overhead.json", "overhead.csv", "targets.txt", "summary.txt", "train", "profile"}
+    assert expected <= set(names) and len(names) <= 23, names
+    assert any(n.startswith("steps_") for n in os.listdir(out / "profile"))  # the model rows' step profiles
     if HAS_MPL:
         assert {"ops.png", "ops-experimental.png", "ops-graph.png", "model.png", "overhead.png"} <= set(names)
     train = set(os.listdir(out / "train"))
@@ -694,10 +695,14 @@ def test_gpu_check_targets_dry_run(tmp_path):
         assert rows and all(targets.wanted(r, tq) or r.baseline for r in rows), suite
     assert {r.name for r in rows} == {"layer_norm", "add_layer_norm"}
     mrows = json.loads((out / "model.json").read_text())["rows"]
-    assert {r["impl"] for r in mrows} == {"timm", "timm+flashvit.patch"}
+    assert {r["impl"] for r in mrows} == {"timm", "timm+flashvit.patch", "graph(timm+flashvit.patch)"}
+    profiled = [r for r in mrows if r["status"] == "ok"]  # (CPU: no graph row) each with its step profile
+    assert profiled and all("profiled 3 steps: device busy" in r["note"] for r in profiled)
+    assert len(os.listdir(out / "profile")) == len(profiled)
+    summary = (out / "summary.txt").read_text()
+    assert sum(ln.startswith("model steps: ") for ln in summary.splitlines()) == len(profiled)
     text = (out / "targets.txt").read_text().splitlines()
     assert len(text) == 1 + len(tq) + 4 and text[-4].startswith("targets: issue #3: ")
-    summary = (out / "summary.txt").read_text()
     assert "\ntargets: issue #9: 1 targets: " in summary and "targets.txt" in summary
 
 
@@ -837,3 +842,58 @@ def test_graph_timer_after_a_failed_capture_and_with_bench_inputs_gpu():
     with pytest.raises((RuntimeError, torch.AcceleratorError) if hasattr(torch, "AcceleratorError") else RuntimeError):
         harness.time_fn(bad, dev, 1, 5, timer="graph")
     assert torch.randn(4, device=dev).isfinite().all()
+
+
+def test_step_timeline_splits_a_steps_idle_time():
+    """profile_host.step_timeline on a hand-made trace: busy is the union of overlapping device intervals, each
+    window's idle time is its ramp + gaps by size + tail, events and host calls outside every window are left out,
+    blocking calls are told by name, the largest gap first."""
+    from flashvit.bench.profile_host import step_timeline, timeline_note, timeline_text
+    dev = [(10, 20, "a"), (25, 40, "b"), (30, 35, "c"), (200, 300, "d"),  # step 1: gaps 5 us, 160 us
+           (1000, 1010, "e"), (1020, 1030, "e"),                             # step 2: gap 10 us
+           (500, 900, "between steps")]
+    host = [(5, 3.0, "cudaLaunchKernel"), (100, 50.0, "cudaStreamSynchronize"), (1001, 1.0, "cuLaunchKernelEx"),
+            (1002, 7.0, "cudaMemcpyAsync"), (600, 9.0, "cudaFree")]
+    t = step_timeline(dev, host, [(0, 400), (990, 1100)])
+    assert t["steps"] == 2
+    assert t["wall_ms"] == pytest.approx((400 + 110) / 2e3)
+    assert t["busy_ms"] == pytest.approx((10 + 15 + 100 + 20) / 2e3)  # c inside b counts once
+    assert t["ramp_ms"] == pytest.approx((10 + 10) / 2e3) and t["tail_ms"] == pytest.approx((100 + 70) / 2e3)
+    assert t["gap_ms"] == pytest.approx({"<10us": 5 / 2e3, "10-100us": 10 / 2e3, ">=100us": 160 / 2e3})
+    idle = t["ramp_ms"] + sum(t["gap_ms"].values()) + t["tail_ms"]
+    assert idle + t["busy_ms"] == pytest.approx(t["wall_ms"])
+    assert t["device_events"] == 3 and t["launch_calls"] == 1
+    assert t["blocking"] == {"cudaStreamSynchronize": (0.5, 0.025), "cudaMemcpyAsync": (0.5, 0.0035)}
+    assert t["top_gaps"][0] == (160, "b", "d") and [g[0] for g in t["top_gaps"]] == [160, 10, 5]
+    assert t["by_name"][0] == ("d", 0.5, 0.05) and ("e", 1.0, 0.01) in t["by_name"]
+    assert "between steps" not in timeline_text("x", t)
+    assert timeline_note(t).startswith("profiled 2 steps: device busy 28.4% of 0.26 ms/step")
+
+
+def test_model_rows_profile_steps(tmp_path):
+    """--profile-steps: each timed model row gets the profile's line in its note and a report file; graph rows
+    and the default (0) do not."""
+    args = cli.parser().parse_args(["model", "--quick", "--device", "cpu", "--out", str(tmp_path),
+                                    "--profile-steps", "2"])
+    ctx = cli._model_ctx(args, torch.device("cpu"), None)
+    assert ctx.profile_steps == 2 and ctx.profile_dir == os.path.join(str(tmp_path), "profile")
+    assert cli._model_ctx(args, torch.device("cpu"), None, warm=True).profile_steps == 0  # prewarm: no profile
+    assert cli._model_ctx(cli.parser().parse_args(["model"]), torch.device("cpu"), None).profile_steps == 0
+    row = harness.Row("model", "vit_small_patch16_224", {"batch": 2}, "float32", "train", "flashvit-eager")
+    model.run_row("flashvit-eager", "vit_small_patch16_224", "train", ctx)(row)
+    assert "profiled 2 steps: device busy 0.0% of" in row.note
+    files = os.listdir(ctx.profile_dir)
+    assert files == ["steps_vit_small_patch16_224_train_flashvit-eager.txt"]
+    with open(os.path.join(ctx.profile_dir, files[0]), encoding="utf-8") as f:
+        assert "largest idle gaps" in f.read()
+
+
+@pytest.mark.gpu
+def test_profile_steps_sees_the_kernels_gpu():
+    """On CUDA the step profile finds the device's kernels and a step's synchronize-free launches."""
+    from flashvit.bench.profile_host import profile_steps
+    x = torch.randn(1024, 1024, device="cuda")
+    t = profile_steps(lambda: (x @ x).relu_(), torch.device("cuda"), 3)
+    assert t["steps"] == 3 and t["device_events"] >= 2 and 0 < t["busy_pct"] <= 100
+    assert t["launch_calls"] >= 1
+    assert t["busy_ms"] <= t["wall_ms"]
