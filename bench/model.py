@@ -45,7 +45,8 @@ MODEL_ALIASES = {
     "dino3_s": "vit_small_patch16_dinov3", "dino3_b": "vit_base_patch16_dinov3", "eva02_b": "eva02_base_patch14_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",
+IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "flashvit[attn=fused]",
+         "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",
          "flashvit[ln=triton]",
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
          "flashvit[mlp=hybrid]",
@@ -66,11 +67,13 @@ IMPLS = ("flashvit", "flashvit[attn=fused]", "flashvit[attn=split]", "flashvit[a
 #                use_bwd_tail; the op rows' [fused+tail]: the fewest instructions a score by ptxas's count) on
 #   attn=masked  kernels/attention.py: the masked loops forced (use_fwd_tail, use_bwd_tail off: the default
 #                before the autotuner picked the loop form; the op rows' [masked])
+#   block=off    kernels/block.py use_fused_block(False): each layer its own autograd node and op call (the default
+#                before plain blocks trained as one node); training rows only
 #   recompute=M  kernels/linear.py use_mlp_recompute(M) (act | fc1): the fused MLP in training (its 'auto' takes
 #                it when a recompute is asked) keeping z alone (act) or nothing (fc1): peak memory and its cost
 #                (training rows only)
 VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"),
-            "attn": ("split", "fused", "masked"), "recompute": ("act", "fc1")}
+            "attn": ("split", "fused", "masked"), "recompute": ("act", "fc1"), "block": ("off",)}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
@@ -178,6 +181,8 @@ def _verdicts(impl: str) -> Iterator[None]:
                 stack.enter_context(lin.use_gemm(tags["mlp"]))
             if "recompute" in tags:
                 stack.enter_context(lin.use_mlp_recompute(tags["recompute"]))
+            if "block" in tags:
+                stack.enter_context(importlib.import_module("flashvit.kernels.block").use_fused_block(False))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
                 uses = {"fused": (attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail),
@@ -378,20 +383,21 @@ def unavailable(impl: str, ctx: MCtx, name: str = "") -> str:
 
 
 def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] = None) -> List[Job]:
-    """Rows in priority order, for the budget: the first model's eager and graph(...) rows (train, infer), the
-    other models' training rows timm, flashvit and graph(...) (whether a model the host holds back, ViT-S in
-    run 6, runs faster from a CUDA graph), the first model's mlp= verdict rows (their first step may autotune
-    many GEMM shapes), its torch.compile training rows, the other models' remaining eager rows, the first
-    model's compile inference rows, the other models' compile rows, then the other models' mlp= verdict rows.
-    The recompute= rows (memory for time in the MLP's backward) are training rows: the first model's after its
-    torch.compile training rows, the others' after their mlp= rows."""
+    """Rows in priority order, for the budget: the first model's eager and graph(...) rows (train with the block=
+    rows, infer), the other models' training rows timm, flashvit, graph(...) and block= (whether a model the host
+    holds back, ViT-S in run 6, runs faster from a CUDA graph or with one node a block), the first model's mlp=
+    verdict rows (their first step may autotune many GEMM shapes), its torch.compile training rows, the other
+    models' remaining eager rows, the first model's compile inference rows, the other models' compile rows, then
+    the other models' mlp= verdict rows. The recompute= rows (memory for time in the MLP's backward) are training
+    rows: the first model's after its torch.compile training rows, the others' after their mlp= rows."""
     impls = list(impls or IMPLS)
     for i in impls:
         if i not in IMPLS:
             raise ValueError(f"unknown impl {i!r}; choose from {', '.join(IMPLS)}")
     mlp_impls = [i for i in impls if "mlp" in verdict_tags(i)]
     rec_impls = [i for i in impls if "recompute" in verdict_tags(i) and i not in mlp_impls]  # training rows only
-    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls and i not in rec_impls]
+    block_impls = [i for i in impls if "block" in verdict_tags(i) and i not in mlp_impls + rec_impls]  # (training)
+    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls + rec_impls + block_impls]
     comp_impls = [i for i in impls if i in COMPILED]
     compile_min_s = 45.0 if ctx.device.type == "cuda" else 10.0
 
@@ -414,9 +420,10 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     first, rest = names[0], list(names[1:])
     early = [i for i in eager_impls if i in GRAPHED or i in ("timm", "flashvit")]
     order: List[Job] = []
-    order += jobs(first, ("train", "infer"), eager_impls)
+    order += jobs(first, ("train",), eager_impls + block_impls)
+    order += jobs(first, ("infer",), eager_impls)
     for n in rest:
-        order += jobs(n, ("train",), early)
+        order += jobs(n, ("train",), early + block_impls)
     order += jobs(first, ("train", "infer"), mlp_impls)
     order += jobs(first, ("train",), comp_impls)
     order += jobs(first, ("train",), rec_impls)

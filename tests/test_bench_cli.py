@@ -460,10 +460,11 @@ def test_model_rows_priority_order():
                       ("small", "train", "compile"), ("small", "infer", "compile"),
                       ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute")]
     # the second model's timm, flashvit and graph(...) training rows early (ViT-S: host-bound in run 6)
-    early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:5]
-    assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)"], early
+    early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:7]
+    assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
+                     "flashvit[block=off]", "timm+flashvit.patch[block=off]"], early
     keys = [(j.row.name, j.row.mode, j.row.impl) for j in jobs]
-    n_rec = sum("recompute" in model.verdict_tags(i) for i in model.IMPLS)  # (training rows only)
+    n_rec = sum(bool({"recompute", "block"} & set(model.verdict_tags(i))) for i in model.IMPLS)  # (training only)
     assert len(keys) == len(set(keys)) == 2 * (2 * len(model.IMPLS) - n_rec)  # every row once
     assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
     with pytest.raises(ValueError, match="unknown model"):
@@ -549,8 +550,12 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     with model._verdicts("flashvit[recompute=fc1]"):
         assert state() == before and lin._recompute_name(None) == "fc1"
     assert lin._recompute_name(None) == "none"
-    for bad in ("flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]", "flashvit[ln=triton",
-                "flashvit[recompute=all]"):
+    block = importlib.import_module("flashvit.kernels.block")
+    with model._verdicts("timm+flashvit.patch[block=off]"):
+        assert state() == before and block._setting.get() is False
+    assert block._setting.get() is None
+    for bad in ("flashvit[block=on]", "flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]",
+                "flashvit[ln=triton", "flashvit[recompute=all]"):
         with pytest.raises(ValueError, match="bad"):
             model.verdict_tags(bad)
     assert all(model.verdict_tags(i) is not None for i in model.IMPLS)  # every listed impl parses

@@ -21,8 +21,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashvit.kernels.attention import qkv_attention
+from flashvit.kernels.block import block_args_ok, fused_block_on, vit_block
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
+from flashvit.kernels.linear import mlp_recompute_mode as _mlp_recompute
 from flashvit.kernels.patch_embed import PatchEmbed, resample_pos_embed
 
 
@@ -124,6 +126,9 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
+        out = fused_block(self, x, (Attention.forward,))  # training a plain block: one node (kernels/block.py)
+        if out is not None:
+            return out
         # LayerScales in proj's / fc2's GEMM epilogue (γ on the fp32 result): no pass over the activations.
         # Stochastic depth: a factor per sample inside the add + LN pass, and fc2's output and the residual
         # in one addcmul (eager: a multiply, then the add).
@@ -133,6 +138,71 @@ class Block(nn.Module):
             return self.mlp(y, residual=x, layer_scale=_gamma(self.ls2))  # residual add in fc2's epilogue
         z = self.mlp(y, layer_scale=_gamma(self.ls2))
         return add_scaled(x, z, self.drop_path2.scale(z))
+
+
+_TIMM_DROP_PATH = "timm.layers.drop.DropPath"
+
+
+def _passes(m: nn.Module) -> bool:
+    """A LayerScale / drop path / dropout slot that is the identity now: nn.Identity, an nn.Dropout in eval mode or
+    at p = 0, flashvit's or timm's DropPath in eval mode or at rate 0. Anything else: False."""
+    if type(m) is nn.Identity:
+        return True
+    if type(m) is nn.Dropout:
+        return not m.training or m.p == 0.0
+    if isinstance(m, DropPath) or f"{type(m).__module__}.{type(m).__qualname__}" == _TIMM_DROP_PATH:
+        return not m.training or m.drop_prob == 0.0
+    return False
+
+
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
+def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...]) -> Optional[torch.Tensor]:
+    """``blk``'s output from kernels/block.py's one-node block where it applies (training, see fused_block_on), else
+    None. ``blk``: flashvit's Block or a patched timm Block (timm's names), whose attention's forward is one of
+    ``attn_forwards`` (the plain qkv -> attention -> proj); it must be the plain pre-norm block: our LayerNorms
+    (weights, one normalized dim) and FusedMLP (a GELU, nothing to recompute) with their own forwards, no
+    LayerScale, identities for every dropout and drop path, no q/k norms, no hooks on its layers (the op calls
+    none of them). Submodules and parameters are read from their dicts (nn.Module's __getattr__ would cost this
+    check, made per block and step, tens of microseconds)."""
+    if not fused_block_on(x):
+        return None
+    mods = blk._modules
+    attn, mlp, n1, n2 = mods.get("attn"), mods.get("mlp"), mods.get("norm1"), mods.get("norm2")
+    if (type(attn).forward not in attn_forwards or type(mlp).forward is not FusedMLP.forward
+            or type(n1).forward is not LayerNorm.forward or type(n2).forward is not LayerNorm.forward
+            or len(n1.normalized_shape) != 1 or len(n2.normalized_shape) != 1):
+        return None
+    am, mm = attn._modules, mlp._modules
+    act = mm.get("act")
+    approx = getattr(act, "approximate", None)
+    if approx not in ("none", "tanh") or _mlp_recompute(mlp.recompute) != "none":
+        return None
+    slots = (mods.get("ls1"), mods.get("ls2"), mods.get("drop_path1"), mods.get("drop_path2"), am.get("attn_drop"),
+             am.get("proj_drop"), mm.get("drop1"), mm.get("drop2"))
+    for m in slots:
+        if m is None or not _passes(m):
+            return None
+    for name in ("q_norm", "k_norm", "norm"):
+        if am.get(name) is not None and type(am[name]) is not nn.Identity:
+            return None
+    if mm.get("norm") is not None and type(mm["norm"]) is not nn.Identity:
+        return None
+    qkv, proj, fc1, fc2 = am.get("qkv"), am.get("proj"), mm.get("fc1"), mm.get("fc2")
+    for m in (n1, attn, qkv, proj, n2, mlp, fc1, act, fc2, *slots):
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return None
+    if any(getattr(nn.modules.module, g) for g in _GLOBAL_HOOKS):
+        return None
+    pn1, pn2, pq, pp, p1, p2 = (n1._parameters, n2._parameters, qkv._parameters, proj._parameters, fc1._parameters,
+                                fc2._parameters)
+    params = (pn1.get("weight"), pn1.get("bias"), pq["weight"], pq.get("bias"), pp["weight"], pp.get("bias"),
+              pn2.get("weight"), pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
+    if not block_args_ok(x, params, attn.num_heads, attn.scale):
+        return None
+    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx)
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:

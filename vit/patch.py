@@ -41,7 +41,7 @@ from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_ro
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
-from flashvit.vit.model import DropPath, add_scaled, drop_path_scale
+from flashvit.vit.model import DropPath, add_scaled, drop_path_scale, fused_block
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
 
@@ -928,6 +928,10 @@ class _FusedTimmBlock(nn.Module):
     LayerScales (ls1, ls2) in the proj and fc2 GEMMs' epilogues."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is None and not is_causal:  # training a plain block: one autograd node (kernels/block.py)
+            out = fused_block(self, x, (_FusedTimmAttention.forward,))
+            if out is not None:
+                return out
         in_gemm, gamma = _gemm_layer_scale(self.ls1)
         if in_gemm and isinstance(self.attn, _FusedTimmAttention):
             a = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal, layer_scale=gamma)

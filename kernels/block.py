@@ -1,0 +1,209 @@
+"""A whole pre-norm ViT encoder block in training as one autograd node, its backward written out.
+
+    y1 = LN1(x); qkv = y1·Wqkvᵀ + bqkv; o = attention(qkv); h = x + o·Wprojᵀ + bproj
+    y2 = LN2(h); z = y2·W1ᵀ + b1; out = h + GELU(z)·W2ᵀ + b2            x, h, out: (B, N, C)
+
+Why: a training step is issued by the host, and on an H100 the host's time per step decides ViT-S's speed and,
+with one autograd node, one Python wrapper and one module call per layer, ViT-B's too (bench/results/
+2026-11-27-h100-run7/model.csv: the graph(...) rows, the same steps replayed from a CUDA graph with no host
+time per kernel, against the eager rows). This op runs the same kernels as the per-layer path ('auto' in
+training: the LayerNorm kernels at the widths where they are its verdict, torch's LayerNorm below, the
+attention kernels from the packed qkv, cuBLAS through F.linear for the four linears) with one node, one
+forward and one backward function, and keeps what eager keeps for the backward.
+
+Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block_params) in plain eager training
+(grads on, no torch.compile, no autocast, one dtype for x and every parameter) when the block is the plain one:
+no LayerScale, no active drop path or dropout, exact or tanh GELU, no hooks on its layers.
+``use_fused_block(False)`` turns it off, ``True`` forces it (the interpreter's tests); the reference is
+``vit_block_reference``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from flashvit.kernels import layernorm as _ln
+from flashvit.kernels import linear as _lin
+from flashvit.kernels._dispatch import (
+    FLOAT_DTYPES,
+    HAS_TRITON,
+    INTERPRET,
+    _plain_eager,
+    autocast_dtype,
+    check_tensor,
+    get_backend,
+    once_differentiable,
+)
+from flashvit.kernels.attention import (
+    _check_head_dim,
+    _kernel_scale,
+    _resolve_tf32,
+    qkv_attention_bwd,
+    qkv_attention_fwd,
+    qkv_attention_reference,
+)
+
+# (norm1 w, b, qkv w, b, proj w, b, norm2 w, b, fc1 w, b, fc2 w, b): LayerNorm biases and linear biases may be None
+BlockParams = Tuple[Optional[torch.Tensor], ...]
+
+_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_fused_block", default=None)
+
+
+@contextlib.contextmanager
+def use_fused_block(on: Optional[bool]) -> Iterator[None]:
+    """Inside a ``with`` block: True runs plain blocks in training as one node wherever the conditions hold (also on
+    CPU in the Triton interpreter: tests), False never, None (the default) on CUDA under the 'auto' backend."""
+    token = _setting.set(on)
+    try:
+        yield
+    finally:
+        _setting.reset(token)
+
+
+def fused_block_on(x: torch.Tensor) -> bool:
+    """Whether a plain block called on ``x`` runs as one node: grads on, plain eager (no torch.compile, tracing or
+    dispatch mode), autocast off, and use_fused_block's setting (default: CUDA, the 'auto' backend, and the
+    linears' 'auto' training verdict eager, as this op runs them)."""
+    on = _setting.get()
+    if on is False or not torch.is_grad_enabled() or not _plain_eager(x) or autocast_dtype(x.device) is not None:
+        return False
+    if on is None:
+        return (x.is_cuda and HAS_TRITON and not INTERPRET and get_backend() == "auto" and not _lin.AUTO_TRAINING
+                and _lin._gemm_name("") == "auto")
+    return HAS_TRITON and (x.is_cuda or INTERPRET)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def block_args_ok(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float) -> bool:
+    """The tensors this op takes: x (B, N, C) on the params' device, one float dtype for all, LayerNorm weights
+    present, a head dim and softmax scale the attention kernels take."""
+    if x.dim() != 3 or x.dtype not in FLOAT_DTYPES or x.dtype == torch.float64 or params[0] is None \
+            or params[6] is None or not _kernel_scale(scale):
+        return False
+    for p in params:  # (a tensor subclass, e.g. a sharded DTensor parameter, takes the per-layer path)
+        if p is not None and (p.dtype != x.dtype or p.device != x.device or type(p) not in _PLAIN_TENSORS):
+            return False
+    C = x.shape[-1]
+    return C % num_heads == 0 and (C // num_heads) % 8 == 0 and C // num_heads <= 256
+
+
+def _ln_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w: torch.Tensor, b: Optional[torch.Tensor],
+            eps: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd): y = LN(h), h = x + residual (x without); the kernel's stats or torch's."""
+    if kernel:
+        y, h, mean, rstd = _ln.layer_norm_fwd(x, residual, w, b, eps)
+        return y, (x if h is None else h), mean, rstd
+    h = x if residual is None else x + residual
+    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
+    return y, h, mean, rstd
+
+
+def _ln_bwd(dy: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], mean: torch.Tensor,
+            rstd: torch.Tensor, dres: Optional[torch.Tensor], kernel: bool
+            ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(dh + dres, dw, db) of y = LN(h) (db None without a bias)."""
+    if kernel:
+        dh, dwdb = _ln.layer_norm_bwd(dy, h, w, b, mean, rstd, dres)
+        dw, db = dwdb.to(w.dtype).unbind(0)
+        return dh, dw, (db if b is not None else None)
+    dh, dw, db = torch.ops.aten.native_layer_norm_backward(dy, h, [h.shape[-1]], mean, rstd, w, b,
+                                                           [True, True, b is not None])
+    return (dh if dres is None else dh.add_(dres)), dw, db
+
+
+def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, bias: Optional[torch.Tensor]
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dW, db) of y = x·Wᵀ + b from dy (M, N) and x (M, K), as autograd's addmm backward forms them."""
+    return dy2.t().mm(x2), (dy2.sum(0) if bias is not None else None)
+
+
+class BlockFn(torch.autograd.Function):
+    """The block's forward with its one backward (see the module docstring); cfg = (num_heads, softmax scale, eps1,
+    eps2, GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention)."""
+
+    @staticmethod
+    def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, cfg):
+        heads, scale, eps1, eps2, approx, ln_kernel, tf32 = cfg
+        y1, _, mean1, rstd1 = _ln_fwd(x, None, n1w, n1b, eps1, ln_kernel)
+        qkv = F.linear(y1, qw, qb)  # (B, N, 3C), read in place by the attention kernels
+        o, stats = qkv_attention_fwd(qkv, heads, scale, tf32)  # (B, N, C), (B, H, 2, N) fp32
+        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw, pb), x, n2w, n2b, eps2, ln_kernel)  # h = x + proj(o)
+        z = F.linear(y2, f1w, f1b)
+        g = F.gelu(z, approximate=approx)
+        out = F.linear(g, f2w, f2b).add_(h)  # (its own fresh buffer)
+        ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2,
+                              n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b)
+        ctx.cfg = cfg
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2,
+         n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b) = ctx.saved_tensors
+        heads, scale, _, _, approx, ln_kernel, tf32 = ctx.cfg
+        need = ctx.needs_input_grad
+        B, N, C = x.shape
+        M = B * N
+        dout = dout.contiguous()
+        d2 = dout.view(M, C)
+        # out = h + fc2(g); g = GELU(z); z = fc1(y2)
+        df2w, df2b = _wgrad(d2, g.view(M, -1), f2b) if need[11] or need[12] else (None, None)
+        dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
+        df1w, df1b = _wgrad(dz, y2.view(M, C), f1b) if need[9] or need[10] else (None, None)
+        # y2 = LN2(h); h also goes straight to out: dh = LN2'(dy2) + dout
+        dh, dn2w, dn2b = _ln_bwd(dz.mm(f1w).view(B, N, C), h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
+        dh2 = dh.view(M, C)
+        # h = x + proj(o); o = attention(qkv); qkv = qkv-linear(y1)
+        dpw, dpb = _wgrad(dh2, o.view(M, C), pb) if need[5] or need[6] else (None, None)
+        dqkv = qkv_attention_bwd(dh2.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
+        dq2 = dqkv.view(M, 3 * C)
+        dqw, dqb = _wgrad(dq2, y1.view(M, C), qb) if need[3] or need[4] else (None, None)
+        # y1 = LN1(x); x also goes straight to h: dx = LN1'(dy1) + dh
+        dx, dn1w, dn1b = _ln_bwd(dq2.mm(qw).view(B, N, C), x, n1w, n1b, mean1, rstd1, dh, ln_kernel)
+        grads = (dx, dn1w, dn1b, dqw, dqb, dpw, dpb, dn2w, dn2b, df1w, df1b, df2w, df2b)
+        return (*(gr if need[i] else None for i, gr in enumerate(grads)), None)
+
+
+def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float, eps2: float,
+              approximate: str = "none") -> torch.Tensor:
+    """One plain pre-norm block, forward and backward as one autograd node (see the module docstring).
+
+    ``x`` (B, N, C); ``params`` = (norm1 weight, bias, qkv weight (3C, C), bias, proj weight (C, C), bias, norm2
+    weight, bias, fc1 weight (Hd, C), bias, fc2 weight (C, Hd), bias), biases may be None; ``approximate``: the
+    GELU's ('none' | 'tanh'). The caller checks ``fused_block_on`` and ``block_args_ok``; this checks shapes.
+    """
+    check_tensor("x", x, ndim=3)
+    C = x.shape[-1]
+    n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b = params
+    hidden = f1w.shape[0]
+    for name, t, shape in (("norm1 weight", n1w, (C,)), ("norm1 bias", n1b, (C,)), ("qkv weight", qw, (3 * C, C)),
+                           ("qkv bias", qb, (3 * C,)), ("proj weight", pw, (C, C)), ("proj bias", pb, (C,)),
+                           ("norm2 weight", n2w, (C,)), ("norm2 bias", n2b, (C,)), ("fc1 weight", f1w, (hidden, C)),
+                           ("fc1 bias", f1b, (hidden,)), ("fc2 weight", f2w, (C, hidden)), ("fc2 bias", f2b, (C,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"vit_block: {name} has shape {tuple(t.shape)}, expected {shape} (width {C})")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    _check_head_dim(C // num_heads)
+    ln_kernel = _ln._run_triton(x, None, weight=n1w, bias=n1b) and _ln._run_triton(x, None, weight=n2w, bias=n2b)
+    cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(x.dtype, None))
+    return BlockFn.apply(x.contiguous(), *params, cfg)
+
+
+def vit_block_reference(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float,
+                        eps2: float, approximate: str = "none") -> torch.Tensor:
+    """The same block in plain PyTorch (F.layer_norm, F.linear, SDPA, F.gelu)."""
+    n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b = params
+    C = x.shape[-1]
+    o = qkv_attention_reference(F.linear(F.layer_norm(x, (C,), n1w, n1b, eps1), qw, qb), num_heads, scale)
+    h = x + F.linear(o, pw, pb)
+    return h + F.linear(F.gelu(F.linear(F.layer_norm(h, (C,), n2w, n2b, eps2), f1w, f1b), approximate=approximate),
+                        f2w, f2b)

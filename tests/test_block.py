@@ -1,0 +1,236 @@
+"""kernels/block.py: a plain pre-norm ViT block in training as one autograd node, against the float64 reference;
+where flashvit's Block and patched timm Blocks take it, and where they must not."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import flashvit
+from flashvit.kernels.block import fused_block_on, use_fused_block, vit_block, vit_block_reference
+from tests.helpers import assert_close_to_ref, poisoned_empty, randn
+
+BK = importlib.import_module("flashvit.kernels.block")
+L = importlib.import_module("flashvit.kernels.layernorm")
+GPU = torch.cuda.is_available()
+DEV = "cuda" if GPU else "cpu"
+needs_kernels = pytest.mark.skipif(not (GPU or flashvit.kernels.INTERPRET),
+                                   reason="needs CUDA or TRITON_INTERPRET=1 (the kernels)")
+NAMES = ("norm1.weight", "norm1.bias", "qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "norm2.weight",
+         "norm2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+
+
+def _params(C: int, hidden: int, dtype: torch.dtype, bias: bool = True, ln_bias: bool = True):
+    """Random block parameters (grads on); LayerNorm weights near 1, linears at 1/sqrt(fan_in)."""
+    def lin(n, k):
+        return randn(n, k, dtype=dtype, device=DEV, scale=k ** -0.5, requires_grad=True)
+
+    def vec(n, mean=0.0, on=True):
+        if not on:
+            return None
+        return (randn(n, dtype=dtype, device=DEV, scale=0.2) + mean).detach().requires_grad_(True)
+    return (vec(C, 1.0), vec(C, on=ln_bias), lin(3 * C, C), vec(3 * C, on=bias), lin(C, C), vec(C, on=bias),
+            vec(C, 1.0), vec(C, on=ln_bias), lin(hidden, C), vec(hidden, on=bias), lin(C, hidden), vec(C, on=bias))
+
+
+def _run(fn, x, params, dout, **kw):
+    out = fn(x, params, **kw)
+    leaves = [t for t in (x, *params) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, dout)
+    return out.detach(), grads
+
+
+def _as(ts, dtype):
+    return tuple(None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts)
+
+
+CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias)
+    (2, 5, 64, 4, 256, True, True),
+    (1, 17, 96, 2, 136, False, True),   # head dim 48, odd tokens, a hidden size not a power of two, no linear biases
+    (3, 7, 40, 5, 64, True, False),     # head dim 8, LayerNorms without bias
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["triton", "auto"])  # LayerNorm on its kernels / torch's (attention: kernels)
+@pytest.mark.parametrize("case", CASES)
+def test_block_matches_float64(case, backend, dtype, monkeypatch):
+    B, N, C, H, hidden, bias, ln_bias = case
+    if dtype == torch.float16 and not GPU and N > 8:
+        pytest.skip("one fp16 case per backend in the interpreter (time)")
+    monkeypatch.setattr(L, "_empty", poisoned_empty)  # LayerNorm outputs the kernels must write
+    params = _params(C, hidden, dtype, bias, ln_bias)
+    x = randn(B, N, C, dtype=dtype, device=DEV, requires_grad=True)
+    dout = randn(B, N, C, dtype=dtype, device=DEV)
+    kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-5, approximate="tanh" if ln_bias else "none")
+    calls = []
+    real = BK.BlockFn.apply
+    monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    with flashvit.use_backend(backend), use_fused_block(True):
+        assert fused_block_on(x)
+        out, grads = _run(vit_block, x, params, dout, **kw)
+    assert len(calls) == 1 and calls[0][5] == (backend == "triton")  # cfg's LayerNorm-kernel flag
+    ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
+                          dout.double(), **kw)
+    same, same_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, dtype), dout, **kw)
+    tol = dict(atol=2e-4, rtol=2e-3)
+    assert_close_to_ref(out, ref, same, name="out", **tol)
+    names = ["x"] + [n for n, p in zip(NAMES, params) if p is not None]
+    for name, g, r, s in zip(names, grads, ref_grads, same_grads):
+        assert_close_to_ref(g, r, s, factor=3.0, name=f"d{name}", **tol)
+
+
+@needs_kernels
+def test_block_grads_only_where_asked(monkeypatch):
+    """Frozen parameters and an input without grad get None; the others match the reference."""
+    C, H = 32, 2
+    params = list(_params(C, 64, torch.float32))
+    for i in (2, 3, 10):  # qkv weight and bias, fc2 weight frozen
+        params[i] = params[i].detach()
+    x = randn(2, 3, C, device=DEV)
+    dout = randn(2, 3, C, device=DEV)
+    kw = dict(num_heads=H, scale=0.3, eps1=1e-6, eps2=1e-6)
+    with flashvit.use_backend("triton"), use_fused_block(True):
+        out = vit_block(x, tuple(params), **kw)
+    out.backward(dout)
+    ref_params = _as(params, torch.float64)
+    vit_block_reference(x.double(), ref_params, **kw).backward(dout.double())
+    for i, (p, r) in enumerate(zip(params, ref_params)):
+        if i in (2, 3, 10):
+            assert p.grad is None and not p.requires_grad
+        else:
+            assert_close_to_ref(p.grad, r.grad, atol=2e-4, rtol=2e-3, name=NAMES[i])
+
+
+def test_block_refuses_wrong_shapes():
+    params = list(_params(16, 32, torch.float32))
+    params[2] = torch.zeros(40, 16)  # qkv weight not (3C, C)
+    with pytest.raises(ValueError, match="qkv weight has shape"):
+        vit_block(torch.zeros(1, 2, 16), tuple(params), 2, 0.5, 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="approximate"):
+        vit_block(torch.zeros(1, 2, 16), _params(16, 32, torch.float32), 2, 0.5, 1e-6, 1e-6, approximate="x")
+
+
+def _spy(monkeypatch):
+    calls = []
+    real = BK.BlockFn.apply
+    monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
+                                 num_classes=10).to(DEV).train()
+    models = [("flashvit", ours)]
+    try:
+        import timm
+    except Exception:
+        return models
+    torch.manual_seed(0)
+    t = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=64, num_heads=4,
+                          depth=2, num_classes=10).to(DEV).train()
+    models.append(("timm+flashvit.patch", flashvit.patch(t)))
+    return models
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["flashvit", "timm+flashvit.patch"])
+def test_models_train_through_the_block(which, monkeypatch):
+    """Every block of flashvit's ViT and of a patched timm ViT runs as one node when asked; logits and every
+    parameter's gradient match the per-layer path (same kernels but the linears)."""
+    models = dict(_tiny_models())
+    if which not in models:
+        pytest.skip("timm is not installed")
+    model = models[which]
+    x = randn(2, 3, 32, 32, device=DEV)
+    calls = _spy(monkeypatch)
+    with flashvit.use_backend("triton"):
+        with use_fused_block(True):
+            out, grads = _step(model, x)
+        assert len(calls) == 2
+        with use_fused_block(False):
+            ref, ref_grads = _step(model, x)
+    assert len(calls) == 2 and grads.keys() == ref_grads.keys()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+
+
+@needs_kernels
+def test_blocks_that_must_not_take_it(monkeypatch):
+    """The per-layer path wherever the one node would skip something: hooks on a layer, an active drop path or
+    dropout, a LayerScale, no grads, autocast, the default setting off CUDA."""
+    calls = _spy(monkeypatch)
+    x = randn(2, 3, 32, 32, device=DEV)
+
+    def runs_block(model, ctx=None) -> bool:
+        before = len(calls)
+        with flashvit.use_backend("triton"), use_fused_block(True), (ctx or torch.enable_grad()):
+            model(x).float().sum().backward()
+        return len(calls) > before
+
+    for name, model in _tiny_models():
+        assert runs_block(model), name
+        seen: list = []
+        h = model.blocks[0].mlp.register_forward_hook(lambda *a, seen=seen: seen.append(1))
+        assert runs_block(model) and seen == [1], name  # block 0 per layer (its hook ran), block 1 fused
+        h.remove()
+        model.blocks[1].attn.proj_drop.p = 0.1
+        model.blocks[0].attn.proj_drop.p = 0.1
+        assert not runs_block(model), name
+        model.eval()
+        assert runs_block(model), name  # eval: dropout is the identity, grads still on
+        model.train()
+        model.blocks[0].attn.proj_drop.p = model.blocks[1].attn.proj_drop.p = 0.0
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            assert not fused_block_on(x.requires_grad_(True))
+        x.requires_grad_(False)
+        with torch.no_grad():
+            before = len(calls)
+            with flashvit.use_backend("triton"), use_fused_block(True):
+                model(x)
+            assert len(calls) == before, name
+    ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=1,
+                                 init_values=1e-5, drop_path_rate=0.0).to(DEV).train()
+    assert not runs_block(ours)  # LayerScale
+    ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
+                                 drop_path_rate=0.5).to(DEV).train()  # rates 0 and 0.5
+    before = len(calls)
+    assert runs_block(ours) and len(calls) == before + 1  # only block 0: block 1 drops paths
+    if not GPU:
+        with use_fused_block(None):
+            assert not fused_block_on(x.requires_grad_(True))  # the default: CUDA only
+
+
+@pytest.mark.gpu
+def test_block_bf16_vit_b_gpu(monkeypatch):
+    """ViT-B's block in bf16 on the GPU (N = 197, head dim 64) by the 2x/3x rule, and the default setting runs it."""
+    B, N, C, H = 4, 197, 768, 12
+    params = _params(C, 4 * C, torch.bfloat16)
+    x = randn(B, N, C, dtype=torch.bfloat16, device=DEV, requires_grad=True)
+    dout = randn(B, N, C, dtype=torch.bfloat16, device=DEV)
+    kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6)
+    assert fused_block_on(x)
+    out, grads = _run(vit_block, x, params, dout, **kw)
+    ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
+                          dout.double(), **kw)
+    same, same_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, torch.bfloat16),
+                            dout, **kw)
+    assert_close_to_ref(out, ref, same, atol=1e-2, name="out")
+    for name, g, r, s in zip(("x",) + NAMES, grads, ref_grads, same_grads):
+        assert_close_to_ref(g, r, s, factor=3.0, atol=1e-2, name=f"d{name}")
+    calls = _spy(monkeypatch)
+    model = flashvit.create_model("vit_small_patch16_224", img_size=64, depth=2).to(DEV, torch.bfloat16).train()
+    model(randn(2, 3, 64, 64, dtype=torch.bfloat16, device=DEV)).float().sum().backward()
+    assert len(calls) == 2
