@@ -11,9 +11,9 @@ training: the LayerNorm kernels at the widths where they are its verdict, torch'
 attention kernels from the packed qkv, cuBLAS through F.linear for the four linears) with one node, one
 forward and one backward function, and keeps what eager keeps for the backward.
 
-Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block_params) in plain eager training
-(grads on, no torch.compile, no autocast, one dtype for x and every parameter) when the block is the plain one:
-no LayerScale, no active drop path or dropout, exact or tanh GELU, no hooks on its layers.
+Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block) in plain eager training (grads
+on, no torch.compile; one dtype for x and every parameter, or AMP's autocast over fp32 ones) when the block is the
+plain one: no LayerScale, no active drop path or dropout, exact or tanh GELU, no hooks on its layers.
 ``use_fused_block(False)`` turns it off, ``True`` forces it (the interpreter's tests); the reference is
 ``vit_block_reference``.
 """
@@ -67,10 +67,10 @@ def use_fused_block(on: Optional[bool]) -> Iterator[None]:
 
 def fused_block_on(x: torch.Tensor) -> bool:
     """Whether a plain block called on ``x`` runs as one node: grads on, plain eager (no torch.compile, tracing or
-    dispatch mode), autocast off, and use_fused_block's setting (default: CUDA, the 'auto' backend, and the
-    linears' 'auto' training verdict eager, as this op runs them)."""
+    dispatch mode), and use_fused_block's setting (default: CUDA, the 'auto' backend, and the linears' 'auto'
+    training verdict eager, as this op runs them). The tensors decide the rest (block_dtype)."""
     on = _setting.get()
-    if on is False or not torch.is_grad_enabled() or not _plain_eager(x) or autocast_dtype(x.device) is not None:
+    if on is False or not torch.is_grad_enabled() or not _plain_eager(x):
         return False
     if on is None:
         return (x.is_cuda and HAS_TRITON and not INTERPRET and get_backend() == "auto" and not _lin.AUTO_TRAINING
@@ -81,17 +81,30 @@ def fused_block_on(x: torch.Tensor) -> bool:
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def block_args_ok(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float) -> bool:
-    """The tensors this op takes: x (B, N, C) on the params' device, one float dtype for all, LayerNorm weights
-    present, a head dim and softmax scale the attention kernels take."""
-    if x.dim() != 3 or x.dtype not in FLOAT_DTYPES or x.dtype == torch.float64 or params[0] is None \
-            or params[6] is None or not _kernel_scale(scale):
-        return False
-    for p in params:  # (a tensor subclass, e.g. a sharded DTensor parameter, takes the per-layer path)
-        if p is not None and (p.dtype != x.dtype or p.device != x.device or type(p) not in _PLAIN_TENSORS):
-            return False
+def block_dtype(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float) -> Optional[torch.dtype]:
+    """The dtype the block's linears and attention run in, or None where this op does not take the call.
+
+    Without autocast: x (B, N, C) and every parameter in one float dtype, that one. Under autocast (bf16 / fp16,
+    AMP's mixed precision): an fp32 x and fp32 parameters, the autocast dtype, as autocast runs them (LayerNorms
+    and the residual stream in fp32, the linears' inputs and weights cast). Also: plain tensors on x's device (a
+    subclass, e.g. a sharded DTensor parameter, takes the per-layer path), LayerNorm weights present, a head dim
+    and softmax scale the attention kernels take."""
+    if x.dim() != 3 or params[0] is None or params[6] is None or not _kernel_scale(scale):
+        return None
     C = x.shape[-1]
-    return C % num_heads == 0 and (C // num_heads) % 8 == 0 and C // num_heads <= 256
+    if C % num_heads or (C // num_heads) % 8 or C // num_heads > 256:
+        return None
+    amp = autocast_dtype(x.device)
+    want = x.dtype if amp is None else torch.float32
+    if want not in FLOAT_DTYPES or x.dtype != want or (amp is not None and amp not in _AMP_DTYPES):
+        return None
+    for p in params:
+        if p is not None and (p.dtype != want or p.device != x.device or type(p) not in _PLAIN_TENSORS):
+            return None
+    return want if amp is None else amp
+
+
+_AMP_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _ln_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w: torch.Tensor, b: Optional[torch.Tensor],
@@ -118,67 +131,88 @@ def _ln_bwd(dy: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torc
     return (dh if dres is None else dh.add_(dres)), dw, db
 
 
-def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, bias: Optional[torch.Tensor]
+def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, dtypes: Tuple[torch.dtype, Optional[torch.dtype]]
            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(dW, db) of y = x·Wᵀ + b from dy (M, N) and x (M, K), as autograd's addmm backward forms them."""
-    return dy2.t().mm(x2), (dy2.sum(0) if bias is not None else None)
+    """(dW, db) of y = x·Wᵀ + b from dy (M, N) and x (M, K) as autograd's addmm backward forms them, in the
+    parameters' ``dtypes`` (weight, bias or None: no bias)."""
+    return _to(dy2.t().mm(x2), dtypes[0]), (_to(dy2.sum(0), dtypes[1]) if dtypes[1] is not None else None)
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else _to(t, dtype)
 
 
 class BlockFn(torch.autograd.Function):
     """The block's forward with its one backward (see the module docstring); cfg = (num_heads, softmax scale, eps1,
-    eps2, GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention)."""
+    eps2, GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention, the linears' dtype). The linears'
+    weights and inputs are cast to that dtype where they differ (autocast: as autocast casts them), and their
+    gradients back, as autograd's casts do."""
 
     @staticmethod
     def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, cfg):
-        heads, scale, eps1, eps2, approx, ln_kernel, tf32 = cfg
-        y1, _, mean1, rstd1 = _ln_fwd(x, None, n1w, n1b, eps1, ln_kernel)
-        qkv = F.linear(y1, qw, qb)  # (B, N, 3C), read in place by the attention kernels
+        heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt = cfg
+        lin = [_cast(t, dt) for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b)]
+        qw_, qb_, pw_, pb_, f1w_, f1b_, f2w_, f2b_ = lin
+        y1, _, mean1, rstd1 = _ln_fwd(x, None, n1w, n1b, eps1, ln_kernel)  # x's dtype
+        y1 = _to(y1, dt)
+        qkv = F.linear(y1, qw_, qb_)  # (B, N, 3C), read in place by the attention kernels
         o, stats = qkv_attention_fwd(qkv, heads, scale, tf32)  # (B, N, C), (B, H, 2, N) fp32
-        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw, pb), x, n2w, n2b, eps2, ln_kernel)  # h = x + proj(o)
-        z = F.linear(y2, f1w, f1b)
+        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw_, pb_), x, n2w, n2b, eps2, ln_kernel)  # h = x + proj(o)
+        y2 = _to(y2, dt)
+        z = F.linear(y2, f1w_, f1b_)
         g = F.gelu(z, approximate=approx)
-        out = F.linear(g, f2w, f2b).add_(h)  # (its own fresh buffer)
-        ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2,
-                              n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b)
+        out = F.linear(g, f2w_, f2b_)
+        out = out.add_(h) if out.dtype == h.dtype else h + out  # (eager's promotion: fp32 under autocast)
+        ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b,
+                              qw_, pw_, f1w_, f2w_)
         ctx.cfg = cfg
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b))
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2,
-         n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b) = ctx.saved_tensors
-        heads, scale, _, _, approx, ln_kernel, tf32 = ctx.cfg
+        x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w = \
+            ctx.saved_tensors
+        heads, scale, _, _, approx, ln_kernel, tf32, dt = ctx.cfg
+        qd, pd, f1d, f2d = (ctx.dtypes[i:i + 2] for i in range(0, 8, 2))
         need = ctx.needs_input_grad
         B, N, C = x.shape
         M = B * N
-        dout = dout.contiguous()
-        d2 = dout.view(M, C)
+        dout = dout.contiguous()  # h's dtype
+        d2 = _to(dout, dt).view(M, C)  # into fc2's output
         # out = h + fc2(g); g = GELU(z); z = fc1(y2)
-        df2w, df2b = _wgrad(d2, g.view(M, -1), f2b) if need[11] or need[12] else (None, None)
+        df2w, df2b = _wgrad(d2, g.view(M, -1), f2d) if need[11] or need[12] else (None, None)
         dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
-        df1w, df1b = _wgrad(dz, y2.view(M, C), f1b) if need[9] or need[10] else (None, None)
+        df1w, df1b = _wgrad(dz, y2.view(M, C), f1d) if need[9] or need[10] else (None, None)
         # y2 = LN2(h); h also goes straight to out: dh = LN2'(dy2) + dout
-        dh, dn2w, dn2b = _ln_bwd(dz.mm(f1w).view(B, N, C), h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
-        dh2 = dh.view(M, C)
+        dy2 = _to(dz.mm(f1w), h.dtype).view(B, N, C)
+        dh, dn2w, dn2b = _ln_bwd(dy2, h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
+        da = _to(dh, dt).view(M, C)  # into proj's output
         # h = x + proj(o); o = attention(qkv); qkv = qkv-linear(y1)
-        dpw, dpb = _wgrad(dh2, o.view(M, C), pb) if need[5] or need[6] else (None, None)
-        dqkv = qkv_attention_bwd(dh2.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
+        dpw, dpb = _wgrad(da, o.view(M, C), pd) if need[5] or need[6] else (None, None)
+        dqkv = qkv_attention_bwd(da.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
         dq2 = dqkv.view(M, 3 * C)
-        dqw, dqb = _wgrad(dq2, y1.view(M, C), qb) if need[3] or need[4] else (None, None)
+        dqw, dqb = _wgrad(dq2, y1.view(M, C), qd) if need[3] or need[4] else (None, None)
         # y1 = LN1(x); x also goes straight to h: dx = LN1'(dy1) + dh
-        dx, dn1w, dn1b = _ln_bwd(dq2.mm(qw).view(B, N, C), x, n1w, n1b, mean1, rstd1, dh, ln_kernel)
+        dy1 = _to(dq2.mm(qw), x.dtype).view(B, N, C)
+        dx, dn1w, dn1b = _ln_bwd(dy1, x, n1w, n1b, mean1, rstd1, dh, ln_kernel)
         grads = (dx, dn1w, dn1b, dqw, dqb, dpw, dpb, dn2w, dn2b, df1w, df1b, df2w, df2b)
         return (*(gr if need[i] else None for i, gr in enumerate(grads)), None)
 
 
 def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float, eps2: float,
-              approximate: str = "none") -> torch.Tensor:
+              approximate: str = "none", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """One plain pre-norm block, forward and backward as one autograd node (see the module docstring).
 
     ``x`` (B, N, C); ``params`` = (norm1 weight, bias, qkv weight (3C, C), bias, proj weight (C, C), bias, norm2
     weight, bias, fc1 weight (Hd, C), bias, fc2 weight (C, Hd), bias), biases may be None; ``approximate``: the
-    GELU's ('none' | 'tanh'). The caller checks ``fused_block_on`` and ``block_args_ok``; this checks shapes.
+    GELU's ('none' | 'tanh'); ``dtype``: the linears' (block_dtype's; default: x's). The caller checks
+    ``fused_block_on`` and ``block_dtype``; this checks shapes.
     """
     check_tensor("x", x, ndim=3)
     C = x.shape[-1]
@@ -193,9 +227,13 @@ def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_head_dim(C // num_heads)
+    dt = x.dtype if dtype is None else dtype
     ln_kernel = _ln._run_triton(x, None, weight=n1w, bias=n1b) and _ln._run_triton(x, None, weight=n2w, bias=n2b)
-    cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(x.dtype, None))
-    return BlockFn.apply(x.contiguous(), *params, cfg)
+    cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(dt, None), dt)
+    if autocast_dtype(x.device) is None:
+        return BlockFn.apply(x.contiguous(), *params, cfg)
+    with torch.autocast(x.device.type, enabled=False):  # the op casts as autocast would; nothing to recast
+        return BlockFn.apply(x.contiguous(), *params, cfg)
 
 
 def vit_block_reference(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float,

@@ -170,7 +170,8 @@ def test_models_train_through_the_block(which, monkeypatch):
 @needs_kernels
 def test_blocks_that_must_not_take_it(monkeypatch):
     """The per-layer path wherever the one node would skip something: hooks on a layer, an active drop path or
-    dropout, a LayerScale, no grads, autocast, the default setting off CUDA."""
+    dropout, a LayerScale, no grads, the default setting off CUDA; and where the dtypes are not one, nor fp32
+    under autocast."""
     calls = _spy(monkeypatch)
     x = randn(2, 3, 32, 32, device=DEV)
 
@@ -193,9 +194,6 @@ def test_blocks_that_must_not_take_it(monkeypatch):
         assert runs_block(model), name  # eval: dropout is the identity, grads still on
         model.train()
         model.blocks[0].attn.proj_drop.p = model.blocks[1].attn.proj_drop.p = 0.0
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            assert not fused_block_on(x.requires_grad_(True))
-        x.requires_grad_(False)
         with torch.no_grad():
             before = len(calls)
             with flashvit.use_backend("triton"), use_fused_block(True):
@@ -211,11 +209,51 @@ def test_blocks_that_must_not_take_it(monkeypatch):
     if not GPU:
         with use_fused_block(None):
             assert not fused_block_on(x.requires_grad_(True))  # the default: CUDA only
+    xb = randn(2, 3, 32, device=DEV)
+    params = _params(32, 64, torch.float32)
+    assert BK.block_dtype(xb, params, 2, 0.25) == torch.float32
+    assert BK.block_dtype(xb.half(), params, 2, 0.25) is None  # mixed dtypes without autocast
+    assert BK.block_dtype(xb, params, 3, 0.25) is None and BK.block_dtype(xb, params, 2, -1.0) is None
+    with torch.autocast(xb.device.type, dtype=torch.float16):
+        assert BK.block_dtype(xb, params, 2, 0.25) == torch.float16  # AMP: fp32 in, the linears in fp16
+        assert BK.block_dtype(xb.half(), _as(params, torch.float16), 2, 0.25) is None
+
+
+def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref.double()).abs().max().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_block_under_autocast(backend, monkeypatch):
+    """AMP: fp32 x and parameters under fp16 autocast. The op casts as autocast does (LayerNorms and the residual
+    stream fp32, linears and attention fp16) and returns fp32 gradients; out and every gradient within 2x / 3x
+    eager AMP's error against float64 (+ a small atol), each a tensor of autocast's dtypes."""
+    B, N, C, H = 2, 5, 64, 4
+    params = _params(C, 128, torch.float32)
+    x = randn(B, N, C, device=DEV, requires_grad=True)
+    dout = randn(B, N, C, device=DEV)
+    kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6)
+    calls = _spy(monkeypatch)
+    with torch.autocast(x.device.type, dtype=torch.float16), flashvit.use_backend(backend), use_fused_block(True):
+        dt = BK.block_dtype(x, params, H, kw["scale"])
+        assert dt == torch.float16
+        out, grads = _run(lambda x, p, **k: vit_block(x, p, **k, dtype=dt), x, params, dout, **kw)
+        amp, amp_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, torch.float32), dout,
+                              **kw)
+    assert len(calls) == 1 and out.dtype == amp.dtype == torch.float32
+    ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
+                          dout.double(), **kw)
+    assert _err(out, ref) <= 2 * _err(amp, ref) + 1e-3
+    for name, g, r, a in zip(("x",) + NAMES, grads, ref_grads, amp_grads):
+        assert g.dtype == a.dtype == torch.float32, name
+        assert _err(g, r) <= 3 * _err(a, r) + 1e-3 * r.abs().max().item(), name
 
 
 @pytest.mark.gpu
 def test_block_bf16_vit_b_gpu(monkeypatch):
-    """ViT-B's block in bf16 on the GPU (N = 197, head dim 64) by the 2x/3x rule, and the default setting runs it."""
+    """ViT-B's block in bf16 on the GPU (N = 197, head dim 64) by the 2x/3x rule, and the default setting runs it,
+    in bf16 and under bf16 autocast."""
     B, N, C, H = 4, 197, 768, 12
     params = _params(C, 4 * C, torch.bfloat16)
     x = randn(B, N, C, dtype=torch.bfloat16, device=DEV, requires_grad=True)
@@ -234,3 +272,7 @@ def test_block_bf16_vit_b_gpu(monkeypatch):
     model = flashvit.create_model("vit_small_patch16_224", img_size=64, depth=2).to(DEV, torch.bfloat16).train()
     model(randn(2, 3, 64, 64, dtype=torch.bfloat16, device=DEV)).float().sum().backward()
     assert len(calls) == 2
+    model = model.float()  # AMP: fp32 parameters under bf16 autocast (train.py's default)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(randn(2, 3, 64, 64, device=DEV)).float().sum().backward()
+    assert len(calls) == 4 and all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)

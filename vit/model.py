@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashvit.kernels.attention import qkv_attention
-from flashvit.kernels.block import block_args_ok, fused_block_on, vit_block
+from flashvit.kernels.block import block_dtype, fused_block_on, vit_block
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
 from flashvit.kernels.linear import mlp_recompute_mode as _mlp_recompute
@@ -200,9 +200,10 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
                                 fc2._parameters)
     params = (pn1.get("weight"), pn1.get("bias"), pq["weight"], pq.get("bias"), pp["weight"], pp.get("bias"),
               pn2.get("weight"), pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
-    if not block_args_ok(x, params, attn.num_heads, attn.scale):
+    dt = block_dtype(x, params, attn.num_heads, attn.scale)
+    if dt is None:
         return None
-    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx)
+    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt)
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
