@@ -14,7 +14,8 @@ runtime. This suite measures that cost with the device work made negligible:
 
 Rows: each op's forward and forward+backward on flashvit's Triton path vs its eager reference (the
 baseline), and one training step (forward + backward, no optimizer) of a ViT-B-depth model (12 blocks,
-width 64, 32 px) for flashvit (Triton), flashvit (eager), timm (the baseline) and timm + flashvit.patch.
+width 64, 32 px) for flashvit and timm + flashvit.patch (every kernel forced; and [auto]: the 'auto' backend's
+CUDA decisions, blocks as one node each, [auto,block=off]: per layer), flashvit (eager), timm (the baseline).
 ``median_ms`` is host milliseconds per call or per step.
 """
 
@@ -157,6 +158,13 @@ def _run_op(fwd: Callable, inputs: list, mode: str, device: torch.device, calls:
 # Model rows
 
 
+# The train-step rows: flashvit / timm+flashvit.patch with every kernel forced ('triton'), flashvit-eager and timm
+# (PyTorch), and IMPL[auto] / IMPL[auto,block=off]: the 'auto' backend as it decides on CUDA (on CPU emulated:
+# emulate_cuda_auto), the blocks as one autograd node each (kernels/block.py) or per layer.
+MODEL_IMPLS = ("flashvit", "flashvit[auto]", "flashvit[auto,block=off]", "flashvit-eager", "timm",
+               "timm+flashvit.patch", "timm+flashvit.patch[auto]", "timm+flashvit.patch[auto,block=off]")
+
+
 def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torch.nn.Module]:
     import flashvit
     with torch.device(device):
@@ -165,14 +173,17 @@ def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torc
         else:
             import timm
             m = timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KW)
-            if impl == "timm+flashvit.patch":
+            if impl.startswith("timm+flashvit.patch"):
                 m = flashvit.patch(m)
     return m.to(dtype).train()
 
 
 def _run_model(impl: str, device: torch.device, dtype: torch.dtype, calls: int, reps: int) -> Callable[[Row], None]:
     import flashvit
-    backend = "torch" if impl in ("flashvit-eager", "timm") else "triton"
+    from flashvit.kernels._dispatch import emulate_cuda_auto
+    from flashvit.kernels.block import use_fused_block
+    auto = "[auto" in impl
+    backend = "torch" if impl in ("flashvit-eager", "timm") else "auto" if auto else "triton"
 
     def run(row: Row) -> None:
         model = _build(impl, device, dtype)
@@ -183,7 +194,11 @@ def _run_model(impl: str, device: torch.device, dtype: torch.dtype, calls: int, 
                 model(x).float().sum().backward()
             model.zero_grad(set_to_none=True)
 
-        with stub_launches(device):
+        with stub_launches(device), contextlib.ExitStack() as stack:
+            if auto:
+                stack.enter_context(emulate_cuda_auto())
+            if "block=off" in impl:
+                stack.enter_context(use_fused_block(False))
             row.median_ms, row.p20_ms, row.p80_ms = host_time(step, device, calls, reps)
     return run
 
@@ -208,9 +223,9 @@ def overhead_jobs(device: torch.device, dtype: torch.dtype, quick: bool) -> List
         no_timm = "timm is not installed"
     mcalls, mreps = (2, 3) if quick else (10, 9)
     shape = {"model": "vit_b depth, width 64", "batch": MODEL_BATCH, "img": MODEL_KW["img_size"]}
-    for impl in ("flashvit", "flashvit-eager", "timm", "timm+flashvit.patch"):
+    for impl in MODEL_IMPLS:
         row = Row("overhead", "vit train step", dict(shape), dtype_name(dtype), "train", impl, baseline=impl == "timm",
                   note=note.replace("per call", "per step"))
-        un = (why if impl in ("flashvit", "timm+flashvit.patch") else "") or (no_timm if "timm" in impl else "")
+        un = (why if impl not in ("flashvit-eager", "timm") else "") or (no_timm if "timm" in impl else "")
         jobs.append(Job(row, _run_model(impl, device, dtype, mcalls, mreps), unavailable=un))
     return jobs

@@ -117,6 +117,21 @@ def use_backend(name: str) -> ContextManager[None]:
     return pushed(_overrides, _check_backend_name(name))
 
 
+_cuda_auto: List[bool] = []  # non-empty inside emulate_cuda_auto()
+
+
+def emulate_cuda_auto() -> ContextManager[None]:
+    """Inside: the 'auto' backend takes CPU tensors as it takes CUDA ones (in the Triton interpreter: the kernels
+    where CUDA would run them). For host-time measurements on CPU with launches stubbed (bench overhead): the
+    calls a GPU's 'auto' step makes, without a GPU."""
+    return pushed(_cuda_auto, True)
+
+
+def cuda_auto(x: torch.Tensor) -> bool:
+    """x is on CUDA, or its 'auto' decisions are emulated as CUDA's (emulate_cuda_auto, the interpreter)."""
+    return x.is_cuda or (bool(_cuda_auto) and INTERPRET)
+
+
 _graph_steps: List[bool] = []  # non-empty inside graph_step()
 
 
@@ -147,7 +162,7 @@ def use_triton(x: torch.Tensor, backend: Optional[str] = None, auto: bool = True
     if name == "auto":
         if auto_compiled is not None and torch.compiler.is_compiling():
             auto = auto_compiled
-        return auto and HAS_TRITON and x.is_cuda
+        return auto and HAS_TRITON and cuda_auto(x)
     if not HAS_TRITON:
         raise RuntimeError("flashvit backend 'triton' was forced but triton is not importable on this machine")
     if not x.is_cuda and not INTERPRET:

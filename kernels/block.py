@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from flashvit.kernels import layernorm as _ln
-from flashvit.kernels import linear as _lin
 from flashvit.kernels._dispatch import (
     FLOAT_DTYPES,
     HAS_TRITON,
@@ -36,6 +36,7 @@ from flashvit.kernels._dispatch import (
     _plain_eager,
     autocast_dtype,
     check_tensor,
+    cuda_auto,
     get_backend,
     once_differentiable,
 )
@@ -51,6 +52,7 @@ from flashvit.kernels.attention import (
 # (norm1 w, b, qkv w, b, proj w, b, norm2 w, b, fc1 w, b, fc2 w, b): LayerNorm biases and linear biases may be None
 BlockParams = Tuple[Optional[torch.Tensor], ...]
 
+_lin = importlib.import_module("flashvit.kernels.linear")  # (the package's ``linear`` attribute is the op)
 _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_fused_block", default=None)
 
 
@@ -73,7 +75,7 @@ def fused_block_on(x: torch.Tensor) -> bool:
     if on is False or not torch.is_grad_enabled() or not _plain_eager(x):
         return False
     if on is None:
-        return (x.is_cuda and HAS_TRITON and not INTERPRET and get_backend() == "auto" and not _lin.AUTO_TRAINING
+        return (cuda_auto(x) and HAS_TRITON and get_backend() == "auto" and not _lin.AUTO_TRAINING
                 and _lin._gemm_name("") == "auto")
     return HAS_TRITON and (x.is_cuda or INTERPRET)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import flashvit
+from flashvit.kernels._dispatch import emulate_cuda_auto
 from flashvit.kernels.block import fused_block_on, use_fused_block, vit_block, vit_block_reference
 from tests.helpers import assert_close_to_ref, poisoned_empty, randn
 
@@ -209,6 +210,23 @@ def test_blocks_that_must_not_take_it(monkeypatch):
     if not GPU:
         with use_fused_block(None):
             assert not fused_block_on(x.requires_grad_(True))  # the default: CUDA only
+            with emulate_cuda_auto():  # ... as CUDA decides (bench overhead's [auto] rows)
+                assert fused_block_on(x)
+                with flashvit.use_backend("triton"):
+                    assert not fused_block_on(x)  # 'auto' only
+                lin = importlib.import_module("flashvit.kernels.linear")
+                with lin.use_gemm("cublas"):
+                    assert not fused_block_on(x)  # a GEMM path asked for: the per-layer ops take it
+                monkeypatch.setattr(lin, "AUTO_TRAINING", True)
+                assert not fused_block_on(x)  # the fused linears in training: theirs
+                monkeypatch.undo()
+                calls = _spy(monkeypatch)
+                for name, model in _tiny_models():
+                    model(x.detach()).sum().backward()
+                    assert len(calls) == 2, name
+                    calls.clear()
+                with torch.no_grad():
+                    assert not fused_block_on(x)
     xb = randn(2, 3, 32, device=DEV)
     params = _params(32, 64, torch.float32)
     assert BK.block_dtype(xb, params, 2, 0.25) == torch.float32
