@@ -1228,10 +1228,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return dq, dk, dv
 
 
+def _heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, H·D) -> (B, N, H, D), a view (Tensor.unflatten's Python wrapper costs microseconds a call)."""
+    return t.view(t.shape[0], t.shape[1], num_heads, t.shape[2] // num_heads)
+
+
 def _split_qkv(qkv: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, N, 3·H·D) -> three (B, N, H, D) strided views, no copy."""
     B, N, C3 = qkv.shape
-    q, k, v = qkv.unflatten(-1, (3, num_heads, C3 // (3 * num_heads))).unbind(2)
+    q, k, v = qkv.view(B, N, 3, num_heads, C3 // (3 * num_heads)).unbind(2)  # (a split dim: always a view)
     return q, k, v
 
 
@@ -1293,7 +1298,7 @@ def qkv_attention_fwd(qkv: torch.Tensor, num_heads: int, softmax_scale: float, a
     q, k, v = _split_qkv(qkv, num_heads)
     if out is None:
         out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
-    _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=out.unflatten(-1, (num_heads, -1)),
+    _, lse = attention_fwd(q, k, v, softmax_scale, False, allow_tf32, out=_heads(out, num_heads),
                            dropout_p=dropout_p, seed=seed, mask=_mask_view(mask, B, num_heads, N, N))
     return out, lse
 
@@ -1308,7 +1313,7 @@ def qkv_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse:
         dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     B, N = qkv.shape[:2]
-    attention_bwd(do.reshape(q.shape), q, k, v, o.unflatten(-1, (num_heads, -1)), lse, softmax_scale, False,
+    attention_bwd(do.reshape(q.shape), q, k, v, _heads(o, num_heads), lse, softmax_scale, False,
                   allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
                   mask=_mask_view(mask, B, num_heads, N, N), dmask=dmask)
     return dqkv
@@ -1329,7 +1334,7 @@ def qkv_rope_attention_fwd(qkv: torch.Tensor, rope: torch.Tensor, num_heads: int
                backward=False)
     out = torch.empty((B, N, C3 // 3), dtype=qkv.dtype, device=qkv.device)
     _, lse = attention_fwd(qk[:, :, 0], qk[:, :, 1], qkv5[:, :, 2], softmax_scale, False, allow_tf32,
-                           out=out.unflatten(-1, (num_heads, -1)), dropout_p=dropout_p, seed=seed,
+                           out=_heads(out, num_heads), dropout_p=dropout_p, seed=seed,
                            mask=_mask_view(mask, B, num_heads, N, N))
     return out, lse, qk
 
@@ -1345,7 +1350,7 @@ def qkv_rope_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, qk: torch.Tensor
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     dq, dk, dv = _split_qkv(dqkv, num_heads)
     q, k = qk.unbind(2)
-    attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], o.unflatten(-1, (num_heads, -1)), lse,
+    attention_bwd(do.reshape(q.shape), q, k, _split_qkv(qkv, num_heads)[2], _heads(o, num_heads), lse,
                   softmax_scale, False, allow_tf32, dq=dq, dk=dk, dv=dv, dropout_p=dropout_p, seed=seed,
                   mask=_mask_view(mask, B, num_heads, N, N))
     dqk = dqkv.view(B, N, 3, num_heads, D)[:, :, :2]
