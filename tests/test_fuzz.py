@@ -38,7 +38,9 @@ from flashvit.kernels import (  # noqa: E402
     swiglu_fc2,
     swiglu_packed,
     swiglu_reference,
+    use_backend,  # noqa: E402
 )
+from flashvit.kernels.block import use_fused_block, vit_block, vit_block_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (Linux) to run the kernels")
 ATTN = importlib.import_module("flashvit.kernels.attention")  # the module (the package re-exports the function)
@@ -392,6 +394,35 @@ def test_fuzz_swiglu_fc2(data):
                                                   backend="triton", gemm=gemm),
              lambda z, u, w, b, r, ls: linear_reference(swiglu_reference(*halves(z, u)), w, b, None, r, ls),
              [z, up, w2, b2, r, ls], dtype, seed, draw(st.booleans()))
+
+
+@given(data=st.data())
+def test_fuzz_block(data):
+    """A plain pre-norm block as one autograd node (kernels/block.py), forced: LayerNorms on their kernels or on
+    torch's, attention on its kernels, the linears through cuBLAS / torch; biases drawn, any hidden size."""
+    draw = data.draw
+    dtype = draw(DTYPES)
+    B, N, H = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
+    C = H * draw(st.sampled_from([8, 16, 24]))
+    hidden = draw(st.integers(1, 48))
+    biased, ln_biased = draw(st.booleans()), draw(st.booleans())
+
+    def vec(n, on=True, mean=0.0):
+        return (_tensor(draw, (n,), dtype, 0.3) + mean) if on else None
+    x = _tensor(draw, (B, N, C), dtype)
+    params = [vec(C, mean=1.0), vec(C, ln_biased), _tensor(draw, (3 * C, C), dtype, C ** -0.5), vec(3 * C, biased),
+              _tensor(draw, (C, C), dtype, C ** -0.5), vec(C, biased), vec(C, mean=1.0), vec(C, ln_biased),
+              _tensor(draw, (hidden, C), dtype, C ** -0.5), vec(hidden, biased),
+              _tensor(draw, (C, hidden), dtype, hidden ** -0.5), vec(C, biased)]
+    kw = dict(num_heads=H, scale=draw(st.sampled_from([(C // H) ** -0.5, 1.0])),
+              eps1=draw(st.sampled_from([1e-6, 1e-5])), eps2=1e-6, approximate=draw(st.sampled_from(["none", "tanh"])))
+    backend = draw(st.sampled_from(["triton", "auto"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+
+    def ours(x, *p):
+        with use_fused_block(True), use_backend(backend):
+            return vit_block(x, p, **kw)
+    check_op(ours, lambda x, *p: vit_block_reference(x, p, **kw), [x, *params], dtype, seed)
 
 
 @given(data=st.data())
