@@ -314,8 +314,9 @@ def profile_steps(step: Callable[[], Any], device: torch.device, steps: int = 3)
     dev_events, host_calls, windows = [], [], []
     for e in prof.events():
         r = e.time_range
-        if e.device_type == DeviceType.CUDA:
-            dev_events.append((float(r.start), float(r.end), e.name))
+        if e.device_type == DeviceType.CUDA:  # kernels, copies, fills (not the ranges record_function marks there)
+            if not getattr(e, "is_user_annotation", False) and e.name != "flashvit.step":
+                dev_events.append((float(r.start), float(r.end), e.name))
         elif e.name == "flashvit.step":
             windows.append((float(r.start), float(r.end)))
         elif e.name.startswith(("cuda", "cu")):
