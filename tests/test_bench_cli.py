@@ -900,6 +900,8 @@ def test_profile_steps_sees_the_kernels_gpu():
     from flashvit.bench.profile_host import profile_steps
     x = torch.randn(1024, 1024, device="cuda")
     t = profile_steps(lambda: (x @ x).relu_(), torch.device("cuda"), 3)
-    assert t["steps"] == 3 and t["device_events"] >= 2 and 0 < t["busy_pct"] <= 100
+    # (a step marker's range on the device timeline counted as busy would read ~100%: a tiny step is mostly idle)
+    assert t["steps"] == 3 and t["device_events"] >= 2 and 0 < t["busy_pct"] < 95
+    assert not any(name == "flashvit.step" for name, _, _ in t["by_name"])
     assert t["launch_calls"] >= 1
     assert t["busy_ms"] <= t["wall_ms"]
