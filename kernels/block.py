@@ -13,7 +13,8 @@ forward and one backward function, and keeps what eager keeps for the backward.
 
 Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block) in plain eager training (grads
 on, no torch.compile; one dtype for x and every parameter, or AMP's autocast over fp32 ones) when the block is the
-plain one: no LayerScale, no active drop path or dropout, exact or tanh GELU, no hooks on its layers.
+plain one: no LayerScale, no active dropout, exact or tanh GELU, no hooks on its layers; stochastic depth (timm's
+or flashvit's DropPath) as a factor a sample on each branch.
 ``use_fused_block(False)`` turns it off, ``True`` forces it (the interpreter's tests); the reference is
 ``vit_block_reference``.
 """
@@ -110,12 +111,16 @@ _AMP_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _ln_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w: torch.Tensor, b: Optional[torch.Tensor],
-            eps: float, kernel: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, h, mean, rstd): y = LN(h), h = x + residual (x without); the kernel's stats or torch's."""
+            eps: float, kernel: bool, x_scale: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, h, mean, rstd): y = LN(h), h = x + residual (x without), or x·x_scale[b] + residual (stochastic depth:
+    x·s rounded to x's dtype, as eager's drop_path); the kernel's stats or torch's."""
     if kernel:
-        y, h, mean, rstd = _ln.layer_norm_fwd(x, residual, w, b, eps)
+        y, h, mean, rstd = _ln.layer_norm_fwd(x, residual, w, b, eps, x_scale)
         return y, (x if h is None else h), mean, rstd
-    h = x if residual is None else x + residual
+    if x_scale is not None:
+        x = x * x_scale.view(-1, 1, 1)
+    h = x if residual is None else residual + x
     y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), w, b, eps)
     return y, h, mean, rstd
 
@@ -155,7 +160,7 @@ class BlockFn(torch.autograd.Function):
     gradients back, as autograd's casts do."""
 
     @staticmethod
-    def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, cfg):
+    def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, s1, s2, cfg):
         heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt = cfg
         lin = [_cast(t, dt) for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b)]
         qw_, qb_, pw_, pb_, f1w_, f1b_, f2w_, f2b_ = lin
@@ -163,14 +168,17 @@ class BlockFn(torch.autograd.Function):
         y1 = _to(y1, dt)
         qkv = F.linear(y1, qw_, qb_)  # (B, N, 3C), read in place by the attention kernels
         o, stats = qkv_attention_fwd(qkv, heads, scale, tf32)  # (B, N, C), (B, H, 2, N) fp32
-        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw_, pb_), x, n2w, n2b, eps2, ln_kernel)  # h = x + proj(o)
+        # h = x + s1·proj(o) (s1: stochastic depth's factor a sample, or none)
+        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw_, pb_), x, n2w, n2b, eps2, ln_kernel, s1)
         y2 = _to(y2, dt)
         z = F.linear(y2, f1w_, f1b_)
         g = F.gelu(z, approximate=approx)
         out = F.linear(g, f2w_, f2b_)
+        if s2 is not None:
+            out = out.mul_(s2.view(-1, 1, 1))  # (in place on its own fresh buffer)
         out = out.add_(h) if out.dtype == h.dtype else h + out  # (eager's promotion: fp32 under autocast)
         ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b,
-                              qw_, pw_, f1w_, f2w_)
+                              qw_, pw_, f1w_, f2w_, s1, s2)
         ctx.cfg = cfg
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b))
         return out
@@ -178,15 +186,16 @@ class BlockFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w = \
-            ctx.saved_tensors
+        (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w, s1,
+         s2) = ctx.saved_tensors
         heads, scale, _, _, approx, ln_kernel, tf32, dt = ctx.cfg
         qd, pd, f1d, f2d = (ctx.dtypes[i:i + 2] for i in range(0, 8, 2))
         need = ctx.needs_input_grad
         B, N, C = x.shape
         M = B * N
         dout = dout.contiguous()  # h's dtype
-        d2 = _to(dout, dt).view(M, C)  # into fc2's output
+        d2 = _to(dout, dt)  # into s2·fc2's output, then fc2's
+        d2 = (d2 if s2 is None else d2 * s2.view(-1, 1, 1)).view(M, C)
         # out = h + fc2(g); g = GELU(z); z = fc1(y2)
         df2w, df2b = _wgrad(d2, g.view(M, -1), f2d) if need[11] or need[12] else (None, None)
         dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
@@ -194,7 +203,8 @@ class BlockFn(torch.autograd.Function):
         # y2 = LN2(h); h also goes straight to out: dh = LN2'(dy2) + dout
         dy2 = _to(dz.mm(f1w), h.dtype).view(B, N, C)
         dh, dn2w, dn2b = _ln_bwd(dy2, h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
-        da = _to(dh, dt).view(M, C)  # into proj's output
+        da = _to(dh, dt)  # into s1·proj's output, then proj's
+        da = (da if s1 is None else da * s1.view(-1, 1, 1)).view(M, C)
         # h = x + proj(o); o = attention(qkv); qkv = qkv-linear(y1)
         dpw, dpb = _wgrad(da, o.view(M, C), pd) if need[5] or need[6] else (None, None)
         dqkv = qkv_attention_bwd(da.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
@@ -204,16 +214,19 @@ class BlockFn(torch.autograd.Function):
         dy1 = _to(dq2.mm(qw), x.dtype).view(B, N, C)
         dx, dn1w, dn1b = _ln_bwd(dy1, x, n1w, n1b, mean1, rstd1, dh, ln_kernel)
         grads = (dx, dn1w, dn1b, dqw, dqb, dpw, dpb, dn2w, dn2b, df1w, df1b, df2w, df2b)
-        return (*(gr if need[i] else None for i, gr in enumerate(grads)), None)
+        return (*(gr if need[i] else None for i, gr in enumerate(grads)), None, None, None)
 
 
 def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float, eps2: float,
-              approximate: str = "none", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              approximate: str = "none", dtype: Optional[torch.dtype] = None,
+              drop_scales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)) -> torch.Tensor:
     """One plain pre-norm block, forward and backward as one autograd node (see the module docstring).
 
     ``x`` (B, N, C); ``params`` = (norm1 weight, bias, qkv weight (3C, C), bias, proj weight (C, C), bias, norm2
     weight, bias, fc1 weight (Hd, C), bias, fc2 weight (C, Hd), bias), biases may be None; ``approximate``: the
-    GELU's ('none' | 'tanh'); ``dtype``: the linears' (block_dtype's; default: x's). The caller checks
+    GELU's ('none' | 'tanh'); ``dtype``: the linears' (block_dtype's; default: x's); ``drop_scales``: stochastic
+    depth's factors a sample (B,) in that dtype for the attention and the MLP branch (h = x + s1·a, out = h + s2·m:
+    flashvit.vit.model.drop_path_scale draws them as timm's DropPath), or None. The caller checks
     ``fused_block_on`` and ``block_dtype``; this checks shapes.
     """
     check_tensor("x", x, ndim=3)
@@ -230,20 +243,28 @@ def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_head_dim(C // num_heads)
     dt = x.dtype if dtype is None else dtype
+    for i, f in enumerate(drop_scales):
+        if f is not None and (f.shape != (x.shape[0],) or f.dtype != dt or f.device != x.device):
+            raise ValueError(f"vit_block: drop_scales[{i}] must be ({x.shape[0]},) {dt} on {x.device}, got "
+                             f"{tuple(f.shape)} {f.dtype} on {f.device}")
     ln_kernel = _ln._run_triton(x, None, weight=n1w, bias=n1b) and _ln._run_triton(x, None, weight=n2w, bias=n2b)
     cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(dt, None), dt)
     if autocast_dtype(x.device) is None:
-        return BlockFn.apply(x.contiguous(), *params, cfg)
+        return BlockFn.apply(x.contiguous(), *params, *drop_scales, cfg)
     with torch.autocast(x.device.type, enabled=False):  # the op casts as autocast would; nothing to recast
-        return BlockFn.apply(x.contiguous(), *params, cfg)
+        return BlockFn.apply(x.contiguous(), *params, *drop_scales, cfg)
 
 
 def vit_block_reference(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float,
-                        eps2: float, approximate: str = "none") -> torch.Tensor:
-    """The same block in plain PyTorch (F.layer_norm, F.linear, SDPA, F.gelu)."""
+                        eps2: float, approximate: str = "none",
+                        drop_scales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+                        ) -> torch.Tensor:
+    """The same block in plain PyTorch (F.layer_norm, F.linear, SDPA, F.gelu; drop path as timm's: x + a·s)."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b = params
+    s1, s2 = (None if f is None else f.view(-1, 1, 1) for f in drop_scales)
     C = x.shape[-1]
     o = qkv_attention_reference(F.linear(F.layer_norm(x, (C,), n1w, n1b, eps1), qw, qb), num_heads, scale)
-    h = x + F.linear(o, pw, pb)
-    return h + F.linear(F.gelu(F.linear(F.layer_norm(h, (C,), n2w, n2b, eps2), f1w, f1b), approximate=approximate),
-                        f2w, f2b)
+    a = F.linear(o, pw, pb)
+    h = x + (a if s1 is None else a * s1)
+    m = F.linear(F.gelu(F.linear(F.layer_norm(h, (C,), n2w, n2b, eps2), f1w, f1b), approximate=approximate), f2w, f2b)
+    return h + (m if s2 is None else m * s2)

@@ -47,10 +47,10 @@ def _as(ts, dtype):
     return tuple(None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts)
 
 
-CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias)
-    (2, 5, 64, 4, 256, True, True),
-    (1, 17, 96, 2, 136, False, True),   # head dim 48, odd tokens, a hidden size not a power of two, no linear biases
-    (3, 7, 40, 5, 64, True, False),     # head dim 8, LayerNorms without bias
+CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias, stochastic depth)
+    (2, 5, 64, 4, 256, True, True, False),
+    (1, 17, 96, 2, 136, False, True, False),  # head dim 48, odd tokens, hidden not a power of two, no linear biases
+    (3, 7, 40, 5, 64, True, False, True),     # head dim 8, LayerNorms without bias, a drop-path factor a sample
 ]
 
 
@@ -59,7 +59,7 @@ CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias)
 @pytest.mark.parametrize("backend", ["triton", "auto"])  # LayerNorm on its kernels / torch's (attention: kernels)
 @pytest.mark.parametrize("case", CASES)
 def test_block_matches_float64(case, backend, dtype, monkeypatch):
-    B, N, C, H, hidden, bias, ln_bias = case
+    B, N, C, H, hidden, bias, ln_bias, drop = case
     if dtype == torch.float16 and not GPU and N > 8:
         pytest.skip("one fp16 case per backend in the interpreter (time)")
     monkeypatch.setattr(L, "_empty", poisoned_empty)  # LayerNorm outputs the kernels must write
@@ -67,6 +67,9 @@ def test_block_matches_float64(case, backend, dtype, monkeypatch):
     x = randn(B, N, C, dtype=dtype, device=DEV, requires_grad=True)
     dout = randn(B, N, C, dtype=dtype, device=DEV)
     kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-5, approximate="tanh" if ln_bias else "none")
+    if drop:  # samples 0 and 2 dropped from the attention branch, 1 from the MLP's; the rest scaled by 1 / keep
+        kw["drop_scales"] = (torch.tensor([0.0, 2.0, 0.0], dtype=dtype, device=DEV),
+                             torch.tensor([2.0, 0.0, 2.0], dtype=dtype, device=DEV))
     calls = []
     real = BK.BlockFn.apply
     monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(a[-1]) or real(*a))
@@ -122,10 +125,10 @@ def _spy(monkeypatch):
     return calls
 
 
-def _tiny_models():
+def _tiny_models(drop_path: float = 0.0):
     torch.manual_seed(0)
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
-                                 num_classes=10).to(DEV).train()
+                                 num_classes=10, drop_path_rate=drop_path).to(DEV).train()
     models = [("flashvit", ours)]
     try:
         import timm
@@ -133,7 +136,7 @@ def _tiny_models():
         return models
     torch.manual_seed(0)
     t = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=64, num_heads=4,
-                          depth=2, num_classes=10).to(DEV).train()
+                          depth=2, num_classes=10, drop_path_rate=drop_path).to(DEV).train()
     models.append(("timm+flashvit.patch", flashvit.patch(t)))
     return models
 
@@ -146,22 +149,32 @@ def _step(model, x):
 
 
 @needs_kernels
+@pytest.mark.parametrize("drop_path", [0.0, 0.6])
 @pytest.mark.parametrize("which", ["flashvit", "timm+flashvit.patch"])
-def test_models_train_through_the_block(which, monkeypatch):
+def test_models_train_through_the_block(which, drop_path, monkeypatch):
     """Every block of flashvit's ViT and of a patched timm ViT runs as one node when asked; logits and every
-    parameter's gradient match the per-layer path (same kernels but the linears)."""
-    models = dict(_tiny_models())
+    parameter's gradient match the per-layer path (same kernels but the linears), with stochastic depth too
+    (one seed: the same samples dropped)."""
+    models = dict(_tiny_models(drop_path))
     if which not in models:
         pytest.skip("timm is not installed")
     model = models[which]
-    x = randn(2, 3, 32, 32, device=DEV)
+    x = randn(4, 3, 32, 32, device=DEV)
     calls = _spy(monkeypatch)
     with flashvit.use_backend("triton"):
+        torch.manual_seed(7)
         with use_fused_block(True):
             out, grads = _step(model, x)
         assert len(calls) == 2
+        torch.manual_seed(7)
         with use_fused_block(False):
             ref, ref_grads = _step(model, x)
+        if drop_path:  # the draws matter: another seed drops other samples
+            torch.manual_seed(8)
+            with use_fused_block(True):
+                other, _ = _step(model, x)
+            assert not torch.allclose(other, out)
+            del calls[2:]
     assert len(calls) == 2 and grads.keys() == ref_grads.keys()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for n in grads:
@@ -206,7 +219,7 @@ def test_blocks_that_must_not_take_it(monkeypatch):
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
                                  drop_path_rate=0.5).to(DEV).train()  # rates 0 and 0.5
     before = len(calls)
-    assert runs_block(ours) and len(calls) == before + 1  # only block 0: block 1 drops paths
+    assert runs_block(ours) and len(calls) == before + 2  # stochastic depth: a factor a sample in the op
     if not GPU:
         with use_fused_block(None):
             assert not fused_block_on(x.requires_grad_(True))  # the default: CUDA only

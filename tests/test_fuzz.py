@@ -399,7 +399,8 @@ def test_fuzz_swiglu_fc2(data):
 @given(data=st.data())
 def test_fuzz_block(data):
     """A plain pre-norm block as one autograd node (kernels/block.py), forced: LayerNorms on their kernels or on
-    torch's, attention on its kernels, the linears through cuBLAS / torch; biases drawn, any hidden size."""
+    torch's, attention on its kernels, the linears through cuBLAS / torch; biases, stochastic depth's factors and
+    hidden sizes drawn."""
     draw = data.draw
     dtype = draw(DTYPES)
     B, N, H = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
@@ -416,6 +417,10 @@ def test_fuzz_block(data):
               _tensor(draw, (C, hidden), dtype, hidden ** -0.5), vec(C, biased)]
     kw = dict(num_heads=H, scale=draw(st.sampled_from([(C // H) ** -0.5, 1.0])),
               eps1=draw(st.sampled_from([1e-6, 1e-5])), eps2=1e-6, approximate=draw(st.sampled_from(["none", "tanh"])))
+    if draw(st.booleans()):  # stochastic depth: a factor a sample a branch, 0 or 1 / keep
+        keep = draw(st.sampled_from([0.5, 0.9]))
+        kw["drop_scales"] = tuple(torch.tensor([draw(st.sampled_from([0.0, 1.0 / keep])) for _ in range(B)],
+                                               dtype=dtype, device=DEVICE) for _ in range(2))
     backend = draw(st.sampled_from(["triton", "auto"]))
     seed = draw(st.integers(0, 2**31 - 1))
 

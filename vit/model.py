@@ -143,6 +143,21 @@ class Block(nn.Module):
 _TIMM_DROP_PATH = "timm.layers.drop.DropPath"
 
 
+def _is_drop_path(m: nn.Module) -> bool:
+    return isinstance(m, DropPath) or f"{type(m).__module__}.{type(m).__qualname__}" == _TIMM_DROP_PATH
+
+
+def drop_path_factor(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """Stochastic depth's factor a sample, (B,) in x's dtype, for flashvit's or timm's DropPath ``m`` (x: (B, ...)),
+    drawn as the module draws its mask (same samples dropped under one seed); None where m is the identity now
+    (an nn.Identity too)."""
+    if _passes(m):
+        return None
+    if isinstance(m, DropPath) or m.scale_by_keep:
+        return drop_path_scale(x, m.drop_prob)
+    return x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)  # timm's scale_by_keep=False: the mask alone
+
+
 def _passes(m: nn.Module) -> bool:
     """A LayerScale / drop path / dropout slot that is the identity now: nn.Identity, an nn.Dropout in eval mode or
     at p = 0, flashvit's or timm's DropPath in eval mode or at rate 0. Anything else: False."""
@@ -150,7 +165,7 @@ def _passes(m: nn.Module) -> bool:
         return True
     if type(m) is nn.Dropout:
         return not m.training or m.p == 0.0
-    if isinstance(m, DropPath) or f"{type(m).__module__}.{type(m).__qualname__}" == _TIMM_DROP_PATH:
+    if _is_drop_path(m):
         return not m.training or m.drop_prob == 0.0
     return False
 
@@ -164,9 +179,10 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     None. ``blk``: flashvit's Block or a patched timm Block (timm's names), whose attention's forward is one of
     ``attn_forwards`` (the plain qkv -> attention -> proj); it must be the plain pre-norm block: our LayerNorms
     (weights, one normalized dim) and FusedMLP (a GELU, nothing to recompute) with their own forwards, no
-    LayerScale, identities for every dropout and drop path, no q/k norms, no hooks on its layers (the op calls
-    none of them). Submodules and parameters are read from their dicts (nn.Module's __getattr__ would cost this
-    check, made per block and step, tens of microseconds)."""
+    LayerScale, identities for every dropout, drop paths that are the identity or flashvit's / timm's DropPath
+    (a factor a sample), no q/k norms, no hooks on its layers (the op calls none of them). Submodules and
+    parameters are read from their dicts (nn.Module's __getattr__ would cost this check, made per block and
+    step, tens of microseconds)."""
     if not fused_block_on(x):
         return None
     mods = blk._modules
@@ -180,10 +196,14 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     approx = getattr(act, "approximate", None)
     if approx not in ("none", "tanh") or _mlp_recompute(mlp.recompute) != "none":
         return None
-    slots = (mods.get("ls1"), mods.get("ls2"), mods.get("drop_path1"), mods.get("drop_path2"), am.get("attn_drop"),
-             am.get("proj_drop"), mm.get("drop1"), mm.get("drop2"))
-    for m in slots:
+    paths = (mods.get("drop_path1"), mods.get("drop_path2"))
+    slots = (mods.get("ls1"), mods.get("ls2"), am.get("attn_drop"), am.get("proj_drop"), mm.get("drop1"),
+             mm.get("drop2"), *paths)
+    for m in slots[:-2]:
         if m is None or not _passes(m):
+            return None
+    for m in paths:  # stochastic depth: a factor a sample, drawn below
+        if m is None or not (_passes(m) or _is_drop_path(m)):
             return None
     for name in ("q_norm", "k_norm", "norm"):
         if am.get(name) is not None and type(am[name]) is not nn.Identity:
@@ -203,7 +223,10 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     dt = block_dtype(x, params, attn.num_heads, attn.scale)
     if dt is None:
         return None
-    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt)
+    # the factors drawn as the per-layer path draws them: the attention branch's, then the MLP's, in its dtype
+    like = x if dt == x.dtype else x.new_empty((x.shape[0],), dtype=dt)
+    scales = (drop_path_factor(paths[0], like), drop_path_factor(paths[1], like))
+    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt, scales)
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:

@@ -41,7 +41,7 @@ from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_ro
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
-from flashvit.vit.model import DropPath, add_scaled, drop_path_scale, fused_block
+from flashvit.vit.model import _TIMM_DROP_PATH, DropPath, add_scaled, drop_path_factor, drop_path_scale, fused_block
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
 
@@ -801,7 +801,6 @@ def _drop_path_inactive(m: nn.Module) -> bool:
     return p is not None and (not m.training or p == 0.0)
 
 
-_TIMM_DROP_PATH = "timm.layers.drop.DropPath"
 # transformers' drop-path classes (one per model: Dinov2DropPath, BeitDropPath, SwinDropPath, ...) whose forward is the
 # source checked: floor(rand + keep_prob) a sample in x's dtype, then x / keep_prob times it. Their classes are
 # checked when patch() fuses a layer holding one; the fused layers then draw that mask themselves.
@@ -826,12 +825,8 @@ def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Ten
         return True, None
     if _has_hooks(m):
         return False, None
-    if isinstance(m, DropPath):
-        return True, m.scale(x)
-    if _qualname(m) == _TIMM_DROP_PATH:
-        if m.scale_by_keep:
-            return True, drop_path_scale(x, m.drop_prob)
-        return True, x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)
+    if isinstance(m, DropPath) or _qualname(m) == _TIMM_DROP_PATH:
+        return True, drop_path_factor(m, x)
     if _qualname(m) == _TV_STOCHASTIC_DEPTH and m.mode == "row" and 0.0 <= m.p <= 1.0:  # (its source: _decide_tv)
         return True, drop_path_scale(x, m.p)  # (its draw: one Bernoulli a row, divided by the survival rate)
     if type(m) in _HF_DROP_PATHS:  # floor(rand + keep) in x's dtype, as it draws; x / keep: an fp32 factor
