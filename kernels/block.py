@@ -13,8 +13,8 @@ forward and one backward function, and keeps what eager keeps for the backward.
 
 Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block) in plain eager training (grads
 on, no torch.compile; one dtype for x and every parameter, or AMP's autocast over fp32 ones) when the block is the
-plain one: no LayerScale, no active dropout, exact or tanh GELU, no hooks on its layers; stochastic depth (timm's
-or flashvit's DropPath) as a factor a sample on each branch.
+plain one: no active dropout, exact or tanh GELU, no hooks on its layers; LayerScale (timm's or flashvit's) and
+stochastic depth (timm's or flashvit's DropPath: a factor a sample) on each branch.
 ``use_fused_block(False)`` turns it off, ``True`` forces it (the interpreter's tests); the reference is
 ``vit_block_reference``.
 """
@@ -160,25 +160,28 @@ class BlockFn(torch.autograd.Function):
     gradients back, as autograd's casts do."""
 
     @staticmethod
-    def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, s1, s2, cfg):
-        heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt = cfg
+    def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, g1, g2, s1, s2, cfg):
+        heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt, inplace = cfg
         lin = [_cast(t, dt) for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b)]
         qw_, qb_, pw_, pb_, f1w_, f1b_, f2w_, f2b_ = lin
         y1, _, mean1, rstd1 = _ln_fwd(x, None, n1w, n1b, eps1, ln_kernel)  # x's dtype
         y1 = _to(y1, dt)
         qkv = F.linear(y1, qw_, qb_)  # (B, N, 3C), read in place by the attention kernels
         o, stats = qkv_attention_fwd(qkv, heads, scale, tf32)  # (B, N, C), (B, H, 2, N) fp32
-        # h = x + s1·proj(o) (s1: stochastic depth's factor a sample, or none)
-        y2, h, mean2, rstd2 = _ln_fwd(F.linear(o, pw_, pb_), x, n2w, n2b, eps2, ln_kernel, s1)
+        a = F.linear(o, pw_, pb_)
+        # h = x + s1·γ1·proj(o) (γ1: LayerScale, s1: stochastic depth's factor a sample; either may be absent)
+        y2, h, mean2, rstd2 = _ln_fwd(_layer_scale(a, g1, inplace[0]), x, n2w, n2b, eps2, ln_kernel, s1)
         y2 = _to(y2, dt)
         z = F.linear(y2, f1w_, f1b_)
         g = F.gelu(z, approximate=approx)
-        out = F.linear(g, f2w_, f2b_)
+        m = F.linear(g, f2w_, f2b_)
+        out = _layer_scale(m, g2, inplace[1])  # (m itself without γ2: not saved then, free to reuse)
         if s2 is not None:
-            out = out.mul_(s2.view(-1, 1, 1))  # (in place on its own fresh buffer)
+            out = out * s2.view(-1, 1, 1)
         out = out.add_(h) if out.dtype == h.dtype else h + out  # (eager's promotion: fp32 under autocast)
         ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b,
-                              qw_, pw_, f1w_, f2w_, s1, s2)
+                              qw_, pw_, f1w_, f2w_, g1, g2, s1, s2, a if g1 is not None else None,
+                              m if g2 is not None else None)
         ctx.cfg = cfg
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b))
         return out
@@ -186,26 +189,26 @@ class BlockFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w, s1,
-         s2) = ctx.saved_tensors
-        heads, scale, _, _, approx, ln_kernel, tf32, dt = ctx.cfg
+        (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w, g1,
+         g2, s1, s2, a, m) = ctx.saved_tensors
+        heads, scale, _, _, approx, ln_kernel, tf32, dt, inplace = ctx.cfg
         qd, pd, f1d, f2d = (ctx.dtypes[i:i + 2] for i in range(0, 8, 2))
         need = ctx.needs_input_grad
         B, N, C = x.shape
         M = B * N
         dout = dout.contiguous()  # h's dtype
-        d2 = _to(dout, dt)  # into s2·fc2's output, then fc2's
-        d2 = (d2 if s2 is None else d2 * s2.view(-1, 1, 1)).view(M, C)
-        # out = h + fc2(g); g = GELU(z); z = fc1(y2)
+        # out = h + s2·γ2·fc2(g); g = GELU(z); z = fc1(y2)
+        d2, dg2 = _branch_bwd(dout, m, g2, s2, dt, inplace[1], need[14])
+        d2 = d2.view(M, C)
         df2w, df2b = _wgrad(d2, g.view(M, -1), f2d) if need[11] or need[12] else (None, None)
         dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
         df1w, df1b = _wgrad(dz, y2.view(M, C), f1d) if need[9] or need[10] else (None, None)
         # y2 = LN2(h); h also goes straight to out: dh = LN2'(dy2) + dout
         dy2 = _to(dz.mm(f1w), h.dtype).view(B, N, C)
         dh, dn2w, dn2b = _ln_bwd(dy2, h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
-        da = _to(dh, dt)  # into s1·proj's output, then proj's
-        da = (da if s1 is None else da * s1.view(-1, 1, 1)).view(M, C)
-        # h = x + proj(o); o = attention(qkv); qkv = qkv-linear(y1)
+        # h = x + s1·γ1·proj(o); o = attention(qkv); qkv = qkv-linear(y1)
+        da, dg1 = _branch_bwd(dh, a, g1, s1, dt, inplace[0], need[13])
+        da = da.view(M, C)
         dpw, dpb = _wgrad(da, o.view(M, C), pd) if need[5] or need[6] else (None, None)
         dqkv = qkv_attention_bwd(da.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
         dq2 = dqkv.view(M, 3 * C)
@@ -213,21 +216,56 @@ class BlockFn(torch.autograd.Function):
         # y1 = LN1(x); x also goes straight to h: dx = LN1'(dy1) + dh
         dy1 = _to(dq2.mm(qw), x.dtype).view(B, N, C)
         dx, dn1w, dn1b = _ln_bwd(dy1, x, n1w, n1b, mean1, rstd1, dh, ln_kernel)
-        grads = (dx, dn1w, dn1b, dqw, dqb, dpw, dpb, dn2w, dn2b, df1w, df1b, df2w, df2b)
+        grads = (dx, dn1w, dn1b, dqw, dqb, dpw, dpb, dn2w, dn2b, df1w, df1b, df2w, df2b, dg1, dg2)
         return (*(gr if need[i] else None for i, gr in enumerate(grads)), None, None, None)
 
 
+def _layer_scale(y: torch.Tensor, gamma: Optional[torch.Tensor], inplace: bool) -> torch.Tensor:
+    """y·γ as timm's LayerScale computes it: eager's promotion (fp32 for a 16-bit y and an fp32 γ under autocast),
+    or in y's dtype for its in-place variant; y without γ."""
+    if gamma is None:
+        return y
+    return (y * gamma).to(y.dtype) if inplace else y * gamma  # (y itself stays: the backward reads it)
+
+
+def _branch_bwd(d: torch.Tensor, pre: Optional[torch.Tensor], gamma: Optional[torch.Tensor],
+                s: Optional[torch.Tensor], dt: torch.dtype, inplace: bool, need_gamma: bool
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A residual branch r = s·γ·pre (pre: the linear's output in dtype dt) from d, the gradient of the stream it
+    is added to: (the gradient of pre, of γ or None), with eager's casts: into the branch's dtype (pre's, or
+    promoted by an fp32 γ), times s, then γ's product (in γ's dtype) and pre's (cast to dt)."""
+    bd = dt if gamma is None or inplace else torch.promote_types(dt, gamma.dtype)
+    d = _to(d, bd)
+    if s is not None:
+        d = d * s.view(-1, 1, 1)
+    if gamma is None:
+        return _to(d, dt), None
+    dgamma = (d * pre).to(gamma.dtype).sum((0, 1)) if need_gamma else None  # (eager's order)
+    return _to(d * gamma, dt), dgamma
+
+
+Pair = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def branch_dtype(dt: torch.dtype, gamma: Optional[torch.Tensor], inplace: bool = False) -> torch.dtype:
+    """The dtype of a residual branch γ·y with y in dt: dt, or eager's promotion with an fp32 γ (timm's in-place
+    LayerScale keeps y's)."""
+    return dt if gamma is None or inplace else torch.promote_types(dt, gamma.dtype)
+
+
 def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float, eps2: float,
-              approximate: str = "none", dtype: Optional[torch.dtype] = None,
-              drop_scales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)) -> torch.Tensor:
+              approximate: str = "none", dtype: Optional[torch.dtype] = None, drop_scales: Pair = (None, None),
+              layer_scales: Pair = (None, None), layer_scale_inplace: Tuple[bool, bool] = (False, False)
+              ) -> torch.Tensor:
     """One plain pre-norm block, forward and backward as one autograd node (see the module docstring).
 
     ``x`` (B, N, C); ``params`` = (norm1 weight, bias, qkv weight (3C, C), bias, proj weight (C, C), bias, norm2
     weight, bias, fc1 weight (Hd, C), bias, fc2 weight (C, Hd), bias), biases may be None; ``approximate``: the
-    GELU's ('none' | 'tanh'); ``dtype``: the linears' (block_dtype's; default: x's); ``drop_scales``: stochastic
-    depth's factors a sample (B,) in that dtype for the attention and the MLP branch (h = x + s1·a, out = h + s2·m:
-    flashvit.vit.model.drop_path_scale draws them as timm's DropPath), or None. The caller checks
-    ``fused_block_on`` and ``block_dtype``; this checks shapes.
+    GELU's ('none' | 'tanh'); ``dtype``: the linears' (block_dtype's; default: x's); ``layer_scales``: LayerScale's
+    γ (C,) of the attention and the MLP branch, or None (``layer_scale_inplace``: timm's in-place variant, which
+    keeps the branch's dtype); ``drop_scales``: stochastic depth's factors a sample (B,) in the branch's dtype
+    (branch_dtype), or None: h = x + s1·γ1·a, out = h + s2·γ2·m (flashvit.vit.model.drop_path_factor draws them
+    as timm's DropPath). The caller checks ``fused_block_on`` and ``block_dtype``; this checks shapes.
     """
     check_tensor("x", x, ndim=3)
     C = x.shape[-1]
@@ -243,28 +281,38 @@ def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     _check_head_dim(C // num_heads)
     dt = x.dtype if dtype is None else dtype
-    for i, f in enumerate(drop_scales):
-        if f is not None and (f.shape != (x.shape[0],) or f.dtype != dt or f.device != x.device):
-            raise ValueError(f"vit_block: drop_scales[{i}] must be ({x.shape[0]},) {dt} on {x.device}, got "
+    for i, (gamma, f) in enumerate(zip(layer_scales, drop_scales)):
+        if gamma is not None and (tuple(gamma.shape) != (C,) or gamma.device != x.device):
+            raise ValueError(f"vit_block: layer_scales[{i}] must be ({C},) on {x.device}, got {tuple(gamma.shape)} "
+                             f"on {gamma.device}")
+        bd = branch_dtype(dt, gamma, layer_scale_inplace[i])
+        if f is not None and (f.shape != (x.shape[0],) or f.dtype != bd or f.device != x.device):
+            raise ValueError(f"vit_block: drop_scales[{i}] must be ({x.shape[0]},) {bd} on {x.device}, got "
                              f"{tuple(f.shape)} {f.dtype} on {f.device}")
     ln_kernel = _ln._run_triton(x, None, weight=n1w, bias=n1b) and _ln._run_triton(x, None, weight=n2w, bias=n2b)
-    cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(dt, None), dt)
+    cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(dt, None), dt,
+           tuple(bool(i) for i in layer_scale_inplace))
     if autocast_dtype(x.device) is None:
-        return BlockFn.apply(x.contiguous(), *params, *drop_scales, cfg)
+        return BlockFn.apply(x.contiguous(), *params, *layer_scales, *drop_scales, cfg)
     with torch.autocast(x.device.type, enabled=False):  # the op casts as autocast would; nothing to recast
-        return BlockFn.apply(x.contiguous(), *params, *drop_scales, cfg)
+        return BlockFn.apply(x.contiguous(), *params, *layer_scales, *drop_scales, cfg)
 
 
 def vit_block_reference(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float, eps1: float,
-                        eps2: float, approximate: str = "none",
-                        drop_scales: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
+                        eps2: float, approximate: str = "none", drop_scales: Pair = (None, None),
+                        layer_scales: Pair = (None, None), layer_scale_inplace: Tuple[bool, bool] = (False, False)
                         ) -> torch.Tensor:
-    """The same block in plain PyTorch (F.layer_norm, F.linear, SDPA, F.gelu; drop path as timm's: x + a·s)."""
+    """The same block in plain PyTorch (F.layer_norm, F.linear, SDPA, F.gelu; LayerScale and drop path as timm's:
+    x + (a·γ)·s)."""
     n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b = params
-    s1, s2 = (None if f is None else f.view(-1, 1, 1) for f in drop_scales)
+
+    def branch(y, i):  # timm's LayerScale (in place: y.mul_(γ)), then its DropPath
+        gamma = layer_scales[i]
+        if gamma is not None:
+            y = y.mul_(gamma) if layer_scale_inplace[i] else y * gamma
+        return y if drop_scales[i] is None else y * drop_scales[i].view(-1, 1, 1)
     C = x.shape[-1]
     o = qkv_attention_reference(F.linear(F.layer_norm(x, (C,), n1w, n1b, eps1), qw, qb), num_heads, scale)
-    a = F.linear(o, pw, pb)
-    h = x + (a if s1 is None else a * s1)
+    h = x + branch(F.linear(o, pw, pb), 0)
     m = F.linear(F.gelu(F.linear(F.layer_norm(h, (C,), n2w, n2b, eps2), f1w, f1b), approximate=approximate), f2w, f2b)
-    return h + (m if s2 is None else m * s2)
+    return h + branch(m, 1)

@@ -37,7 +37,10 @@ def _params(C: int, hidden: int, dtype: torch.dtype, bias: bool = True, ln_bias:
 
 
 def _run(fn, x, params, dout, **kw):
-    out = fn(x, params, **kw)
+    """fn's output and the gradients of x and every parameter that takes one; params[12:]: LayerScale's γs."""
+    if len(params) > 12:
+        kw = dict(kw, layer_scales=tuple(params[12:]))
+    out = fn(x, tuple(params[:12]), **kw)
     leaves = [t for t in (x, *params) if t is not None and t.requires_grad]
     grads = torch.autograd.grad(out, leaves, dout)
     return out.detach(), grads
@@ -47,10 +50,10 @@ def _as(ts, dtype):
     return tuple(None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in ts)
 
 
-CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias, stochastic depth)
-    (2, 5, 64, 4, 256, True, True, False),
-    (1, 17, 96, 2, 136, False, True, False),  # head dim 48, odd tokens, hidden not a power of two, no linear biases
-    (3, 7, 40, 5, 64, True, False, True),     # head dim 8, LayerNorms without bias, a drop-path factor a sample
+CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias, stochastic depth, LayerScale)
+    (2, 5, 64, 4, 256, True, True, False, False),
+    (1, 17, 96, 2, 136, False, True, False, True),  # head dim 48, odd tokens, odd hidden, no linear biases, γ
+    (3, 7, 40, 5, 64, True, False, True, True),     # head dim 8, LayerNorms without bias, drop-path factors, γ
 ]
 
 
@@ -59,7 +62,7 @@ CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias, stochastic depth)
 @pytest.mark.parametrize("backend", ["triton", "auto"])  # LayerNorm on its kernels / torch's (attention: kernels)
 @pytest.mark.parametrize("case", CASES)
 def test_block_matches_float64(case, backend, dtype, monkeypatch):
-    B, N, C, H, hidden, bias, ln_bias, drop = case
+    B, N, C, H, hidden, bias, ln_bias, drop, ls = case
     if dtype == torch.float16 and not GPU and N > 8:
         pytest.skip("one fp16 case per backend in the interpreter (time)")
     monkeypatch.setattr(L, "_empty", poisoned_empty)  # LayerNorm outputs the kernels must write
@@ -70,6 +73,11 @@ def test_block_matches_float64(case, backend, dtype, monkeypatch):
     if drop:  # samples 0 and 2 dropped from the attention branch, 1 from the MLP's; the rest scaled by 1 / keep
         kw["drop_scales"] = (torch.tensor([0.0, 2.0, 0.0], dtype=dtype, device=DEV),
                              torch.tensor([2.0, 0.0, 2.0], dtype=dtype, device=DEV))
+    gammas = ()
+    if ls:  # LayerScale's γ a branch, near its small init (and one in-place, timm's variant)
+        gammas = tuple(randn(C, dtype=dtype, device=DEV, scale=0.05, requires_grad=True) for _ in range(2))
+        kw["layer_scale_inplace"] = (False, drop)
+    params = params + gammas
     calls = []
     real = BK.BlockFn.apply
     monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(a[-1]) or real(*a))
@@ -82,7 +90,7 @@ def test_block_matches_float64(case, backend, dtype, monkeypatch):
     same, same_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, dtype), dout, **kw)
     tol = dict(atol=2e-4, rtol=2e-3)
     assert_close_to_ref(out, ref, same, name="out", **tol)
-    names = ["x"] + [n for n, p in zip(NAMES, params) if p is not None]
+    names = ["x"] + [n for n, p in zip(NAMES + ("ls1.gamma", "ls2.gamma"), params) if p is not None]
     for name, g, r, s in zip(names, grads, ref_grads, same_grads):
         assert_close_to_ref(g, r, s, factor=3.0, name=f"d{name}", **tol)
 
@@ -125,10 +133,10 @@ def _spy(monkeypatch):
     return calls
 
 
-def _tiny_models(drop_path: float = 0.0):
+def _tiny_models(drop_path: float = 0.0, init_values=None):
     torch.manual_seed(0)
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
-                                 num_classes=10, drop_path_rate=drop_path).to(DEV).train()
+                                 num_classes=10, drop_path_rate=drop_path, init_values=init_values).to(DEV).train()
     models = [("flashvit", ours)]
     try:
         import timm
@@ -136,7 +144,7 @@ def _tiny_models(drop_path: float = 0.0):
         return models
     torch.manual_seed(0)
     t = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, embed_dim=64, num_heads=4,
-                          depth=2, num_classes=10, drop_path_rate=drop_path).to(DEV).train()
+                          depth=2, num_classes=10, drop_path_rate=drop_path, init_values=init_values).to(DEV).train()
     models.append(("timm+flashvit.patch", flashvit.patch(t)))
     return models
 
@@ -149,13 +157,13 @@ def _step(model, x):
 
 
 @needs_kernels
-@pytest.mark.parametrize("drop_path", [0.0, 0.6])
+@pytest.mark.parametrize("drop_path,init_values", [(0.0, None), (0.6, None), (0.6, 0.1)])
 @pytest.mark.parametrize("which", ["flashvit", "timm+flashvit.patch"])
-def test_models_train_through_the_block(which, drop_path, monkeypatch):
+def test_models_train_through_the_block(which, drop_path, init_values, monkeypatch):
     """Every block of flashvit's ViT and of a patched timm ViT runs as one node when asked; logits and every
-    parameter's gradient match the per-layer path (same kernels but the linears), with stochastic depth too
-    (one seed: the same samples dropped)."""
-    models = dict(_tiny_models(drop_path))
+    parameter's gradient match the per-layer path (same kernels but the linears), with stochastic depth (one
+    seed: the same samples dropped) and LayerScale too."""
+    models = dict(_tiny_models(drop_path, init_values))
     if which not in models:
         pytest.skip("timm is not installed")
     model = models[which]
@@ -184,7 +192,8 @@ def test_models_train_through_the_block(which, drop_path, monkeypatch):
 @needs_kernels
 def test_blocks_that_must_not_take_it(monkeypatch):
     """The per-layer path wherever the one node would skip something: hooks on a layer, an active drop path or
-    dropout, a LayerScale, no grads, the default setting off CUDA; and where the dtypes are not one, nor fp32
+    dropout, another module where a LayerScale goes, no grads, the default setting off CUDA; and where the dtypes
+    are not one, nor fp32
     under autocast."""
     calls = _spy(monkeypatch)
     x = randn(2, 3, 32, 32, device=DEV)
@@ -215,7 +224,9 @@ def test_blocks_that_must_not_take_it(monkeypatch):
             assert len(calls) == before, name
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=1,
                                  init_values=1e-5, drop_path_rate=0.0).to(DEV).train()
-    assert not runs_block(ours)  # LayerScale
+    assert runs_block(ours)  # LayerScale: γ in the op
+    ours.blocks[0].ls1 = torch.nn.Dropout(0.0)  # a module in a LayerScale slot that is no LayerScale
+    assert not runs_block(ours)
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
                                  drop_path_rate=0.5).to(DEV).train()  # rates 0 and 0.5
     before = len(calls)
@@ -261,10 +272,11 @@ def test_block_under_autocast(backend, monkeypatch):
     stream fp32, linears and attention fp16) and returns fp32 gradients; out and every gradient within 2x / 3x
     eager AMP's error against float64 (+ a small atol), each a tensor of autocast's dtypes."""
     B, N, C, H = 2, 5, 64, 4
-    params = _params(C, 128, torch.float32)
+    params = _params(C, 128, torch.float32) + tuple(  # + LayerScale γs, fp32; the MLP's in place (timm's)
+        randn(C, device=DEV, scale=0.1, requires_grad=True) for _ in range(2))
     x = randn(B, N, C, device=DEV, requires_grad=True)
     dout = randn(B, N, C, device=DEV)
-    kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6)
+    kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6, layer_scale_inplace=(False, True))
     calls = _spy(monkeypatch)
     with torch.autocast(x.device.type, dtype=torch.float16), flashvit.use_backend(backend), use_fused_block(True):
         dt = BK.block_dtype(x, params, H, kw["scale"])
@@ -276,7 +288,7 @@ def test_block_under_autocast(backend, monkeypatch):
     ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
                           dout.double(), **kw)
     assert _err(out, ref) <= 2 * _err(amp, ref) + 1e-3
-    for name, g, r, a in zip(("x",) + NAMES, grads, ref_grads, amp_grads):
+    for name, g, r, a in zip(("x",) + NAMES + ("ls1.gamma", "ls2.gamma"), grads, ref_grads, amp_grads):
         assert g.dtype == a.dtype == torch.float32, name
         assert _err(g, r) <= 3 * _err(a, r) + 1e-3 * r.abs().max().item(), name
 

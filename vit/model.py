@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashvit.kernels.attention import qkv_attention
-from flashvit.kernels.block import block_dtype, fused_block_on, vit_block
+from flashvit.kernels.block import block_dtype, branch_dtype, fused_block_on, vit_block
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
 from flashvit.kernels.linear import mlp_recompute_mode as _mlp_recompute
@@ -158,6 +158,15 @@ def drop_path_factor(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     return x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)  # timm's scale_by_keep=False: the mask alone
 
 
+_TIMM_LAYER_SCALES = ("timm.layers.layer_scale.LayerScale", "timm.models.vision_transformer.LayerScale")
+
+
+def _is_layer_scale(m: nn.Module) -> bool:
+    """flashvit's or timm's LayerScale (y·γ, timm's in place or not) with a γ parameter."""
+    return ((isinstance(m, LayerScale) or f"{type(m).__module__}.{type(m).__qualname__}" in _TIMM_LAYER_SCALES)
+            and isinstance(m._parameters.get("gamma"), torch.Tensor))
+
+
 def _passes(m: nn.Module) -> bool:
     """A LayerScale / drop path / dropout slot that is the identity now: nn.Identity, an nn.Dropout in eval mode or
     at p = 0, flashvit's or timm's DropPath in eval mode or at rate 0. Anything else: False."""
@@ -178,9 +187,10 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     """``blk``'s output from kernels/block.py's one-node block where it applies (training, see fused_block_on), else
     None. ``blk``: flashvit's Block or a patched timm Block (timm's names), whose attention's forward is one of
     ``attn_forwards`` (the plain qkv -> attention -> proj); it must be the plain pre-norm block: our LayerNorms
-    (weights, one normalized dim) and FusedMLP (a GELU, nothing to recompute) with their own forwards, no
-    LayerScale, identities for every dropout, drop paths that are the identity or flashvit's / timm's DropPath
-    (a factor a sample), no q/k norms, no hooks on its layers (the op calls none of them). Submodules and
+    (weights, one normalized dim) and FusedMLP (a GELU, nothing to recompute) with their own forwards, identities
+    for every dropout, LayerScales that are the identity or flashvit's / timm's LayerScale (γ), drop paths that
+    are the identity or flashvit's / timm's DropPath (a factor a sample), no q/k norms, no hooks on its layers
+    (the op calls none of them). Submodules and
     parameters are read from their dicts (nn.Module's __getattr__ would cost this check, made per block and
     step, tens of microseconds)."""
     if not fused_block_on(x):
@@ -196,11 +206,13 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     approx = getattr(act, "approximate", None)
     if approx not in ("none", "tanh") or _mlp_recompute(mlp.recompute) != "none":
         return None
-    paths = (mods.get("drop_path1"), mods.get("drop_path2"))
-    slots = (mods.get("ls1"), mods.get("ls2"), am.get("attn_drop"), am.get("proj_drop"), mm.get("drop1"),
-             mm.get("drop2"), *paths)
-    for m in slots[:-2]:
+    paths, scales = (mods.get("drop_path1"), mods.get("drop_path2")), (mods.get("ls1"), mods.get("ls2"))
+    slots = (am.get("attn_drop"), am.get("proj_drop"), mm.get("drop1"), mm.get("drop2"), *scales, *paths)
+    for m in slots[:4]:
         if m is None or not _passes(m):
+            return None
+    for m in scales:  # LayerScale: its γ in the op
+        if m is None or not (type(m) is nn.Identity or _is_layer_scale(m)):
             return None
     for m in paths:  # stochastic depth: a factor a sample, drawn below
         if m is None or not (_passes(m) or _is_drop_path(m)):
@@ -220,13 +232,18 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
                                 fc2._parameters)
     params = (pn1.get("weight"), pn1.get("bias"), pq["weight"], pq.get("bias"), pp["weight"], pp.get("bias"),
               pn2.get("weight"), pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
-    dt = block_dtype(x, params, attn.num_heads, attn.scale)
+    gammas = tuple(None if type(m) is nn.Identity else m._parameters["gamma"] for m in scales)
+    inplace = tuple(bool(getattr(m, "inplace", False)) for m in scales)
+    dt = block_dtype(x, (*params, *gammas), attn.num_heads, attn.scale)
     if dt is None:
         return None
     # the factors drawn as the per-layer path draws them: the attention branch's, then the MLP's, in its dtype
-    like = x if dt == x.dtype else x.new_empty((x.shape[0],), dtype=dt)
-    scales = (drop_path_factor(paths[0], like), drop_path_factor(paths[1], like))
-    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt, scales)
+    factors = []
+    for path, gamma, ip in zip(paths, gammas, inplace):
+        bd = branch_dtype(dt, gamma, ip)
+        factors.append(drop_path_factor(path, x if bd == x.dtype else x.new_empty((x.shape[0],), dtype=bd)))
+    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt, tuple(factors), gammas,
+                     inplace)
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:
