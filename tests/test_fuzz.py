@@ -399,8 +399,8 @@ def test_fuzz_swiglu_fc2(data):
 @given(data=st.data())
 def test_fuzz_block(data):
     """A plain pre-norm block as one autograd node (kernels/block.py), forced: LayerNorms on their kernels or on
-    torch's, attention on its kernels, the linears through cuBLAS / torch; biases, stochastic depth's factors and
-    hidden sizes drawn."""
+    torch's, attention on its kernels, the linears through cuBLAS / torch; biases, LayerScale, stochastic depth's
+    factors and hidden sizes drawn."""
     draw = data.draw
     dtype = draw(DTYPES)
     B, N, H = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
@@ -421,13 +421,21 @@ def test_fuzz_block(data):
         keep = draw(st.sampled_from([0.5, 0.9]))
         kw["drop_scales"] = tuple(torch.tensor([draw(st.sampled_from([0.0, 1.0 / keep])) for _ in range(B)],
                                                dtype=dtype, device=DEVICE) for _ in range(2))
+    n_ls = 0
+    if draw(st.booleans()):  # LayerScale on both branches (timm's in-place variant drawn)
+        params += [vec(C) for _ in range(2)]
+        kw["layer_scale_inplace"] = (draw(st.booleans()), draw(st.booleans()))
+        n_ls = 2
     backend = draw(st.sampled_from(["triton", "auto"]))
     seed = draw(st.integers(0, 2**31 - 1))
 
+    def split(p):
+        return dict(kw, layer_scales=tuple(p[12:])) if n_ls else kw
+
     def ours(x, *p):
         with use_fused_block(True), use_backend(backend):
-            return vit_block(x, p, **kw)
-    check_op(ours, lambda x, *p: vit_block_reference(x, p, **kw), [x, *params], dtype, seed)
+            return vit_block(x, p[:12], **split(p))
+    check_op(ours, lambda x, *p: vit_block_reference(x, p[:12], **split(p)), [x, *params], dtype, seed)
 
 
 @given(data=st.data())
