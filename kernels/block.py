@@ -154,10 +154,11 @@ def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tenso
 
 
 class BlockFn(torch.autograd.Function):
-    """The block's forward with its one backward (see the module docstring); cfg = (num_heads, softmax scale, eps1,
-    eps2, GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention, the linears' dtype). The linears'
-    weights and inputs are cast to that dtype where they differ (autocast: as autocast casts them), and their
-    gradients back, as autograd's casts do."""
+    """The block's forward with its one backward (see the module docstring). Inputs: x, the 12 parameters, the
+    LayerScale γs and the drop-path factors (each None where absent), cfg = (num_heads, softmax scale, eps1, eps2,
+    GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention, the linears' dtype, the γs' in-place
+    flags). The linears' weights and inputs are cast to that dtype where they differ (autocast: as autocast casts
+    them), and their gradients back, as autograd's casts do."""
 
     @staticmethod
     def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, g1, g2, s1, s2, cfg):
