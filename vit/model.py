@@ -126,7 +126,7 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D) residual stream
-        out = fused_block(self, x, (Attention.forward,))  # training a plain block: one node (kernels/block.py)
+        out = fused_block(self, x, (Attention.forward,))  # in training: one autograd node (kernels/block.py)
         if out is not None:
             return out
         # LayerScales in proj's / fc2's GEMM epilogue (γ on the fp32 result): no pass over the activations.
@@ -186,13 +186,12 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...]) -> Optional[torch.Tensor]:
     """``blk``'s output from kernels/block.py's one-node block where it applies (training, see fused_block_on), else
     None. ``blk``: flashvit's Block or a patched timm Block (timm's names), whose attention's forward is one of
-    ``attn_forwards`` (the plain qkv -> attention -> proj); it must be the plain pre-norm block: our LayerNorms
+    ``attn_forwards`` (the plain qkv -> attention -> proj); it must be the pre-norm block with our LayerNorms
     (weights, one normalized dim) and FusedMLP (a GELU, nothing to recompute) with their own forwards, identities
     for every dropout, LayerScales that are the identity or flashvit's / timm's LayerScale (γ), drop paths that
     are the identity or flashvit's / timm's DropPath (a factor a sample), no q/k norms, no hooks on its layers
-    (the op calls none of them). Submodules and
-    parameters are read from their dicts (nn.Module's __getattr__ would cost this check, made per block and
-    step, tens of microseconds)."""
+    (the op calls none of them). Submodules and parameters are read from their dicts (nn.Module's __getattr__
+    would cost this check, made per block and step, tens of microseconds)."""
     if not fused_block_on(x):
         return None
     mods = blk._modules

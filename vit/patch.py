@@ -923,7 +923,7 @@ class _FusedTimmBlock(nn.Module):
     LayerScales (ls1, ls2) in the proj and fc2 GEMMs' epilogues."""
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
-        if attn_mask is None and not is_causal:  # training a plain block: one autograd node (kernels/block.py)
+        if attn_mask is None and not is_causal:  # in training: one autograd node (kernels/block.py)
             out = fused_block(self, x, (_FusedTimmAttention.forward,))
             if out is not None:
                 return out
