@@ -1,7 +1,8 @@
 """A whole pre-norm ViT encoder block in training as one autograd node, its backward written out.
 
-    y1 = LN1(x); qkv = y1·Wqkvᵀ + bqkv; o = attention(qkv); h = x + o·Wprojᵀ + bproj
-    y2 = LN2(h); z = y2·W1ᵀ + b1; out = h + GELU(z)·W2ᵀ + b2            x, h, out: (B, N, C)
+    y1 = LN1(x); qkv = y1·Wqkvᵀ + bqkv; o = attention(qkv); h = x + s1·γ1·(o·Wprojᵀ + bproj)
+    y2 = LN2(h); z = y2·W1ᵀ + b1; out = h + s2·γ2·(GELU(z)·W2ᵀ + b2)        x, h, out: (B, N, C)
+    (γ: LayerScale (C,), s: stochastic depth's factor a sample (B,); either may be absent)
 
 Why: a training step is issued by the host, and on an H100 the host's time per step decides ViT-S's speed and,
 with one autograd node, one Python wrapper and one module call per layer, ViT-B's too (bench/results/
@@ -12,9 +13,9 @@ attention kernels from the packed qkv, cuBLAS through F.linear for the four line
 forward and one backward function, and keeps what eager keeps for the backward.
 
 Used by flashvit's Block and patched timm Blocks (flashvit.vit.model.fused_block) in plain eager training (grads
-on, no torch.compile; one dtype for x and every parameter, or AMP's autocast over fp32 ones) when the block is the
-plain one: no active dropout, exact or tanh GELU, no hooks on its layers; LayerScale (timm's or flashvit's) and
-stochastic depth (timm's or flashvit's DropPath: a factor a sample) on each branch.
+on, no torch.compile; one dtype for x and every parameter, or AMP's autocast over fp32 ones) when the block is
+this one: no active dropout, exact or tanh GELU, no q/k norm, no hooks on its layers; LayerScale and stochastic
+depth (timm's or flashvit's) as above.
 ``use_fused_block(False)`` turns it off, ``True`` forces it (the interpreter's tests); the reference is
 ``vit_block_reference``.
 """
@@ -59,8 +60,8 @@ _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flash
 
 @contextlib.contextmanager
 def use_fused_block(on: Optional[bool]) -> Iterator[None]:
-    """Inside a ``with`` block: True runs plain blocks in training as one node wherever the conditions hold (also on
-    CPU in the Triton interpreter: tests), False never, None (the default) on CUDA under the 'auto' backend."""
+    """Inside a ``with`` block: True runs blocks in training as one node wherever the conditions hold (also on CPU
+    in the Triton interpreter: tests), False never, None (the default) on CUDA under the 'auto' backend."""
     token = _setting.set(on)
     try:
         yield
@@ -69,7 +70,7 @@ def use_fused_block(on: Optional[bool]) -> Iterator[None]:
 
 
 def fused_block_on(x: torch.Tensor) -> bool:
-    """Whether a plain block called on ``x`` runs as one node: grads on, plain eager (no torch.compile, tracing or
+    """Whether a block called on ``x`` runs as one node: grads on, plain eager (no torch.compile, tracing or
     dispatch mode), and use_fused_block's setting (default: CUDA, the 'auto' backend, and the linears' 'auto'
     training verdict eager, as this op runs them). The tensors decide the rest (block_dtype)."""
     on = _setting.get()
@@ -258,7 +259,7 @@ def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float
               approximate: str = "none", dtype: Optional[torch.dtype] = None, drop_scales: Pair = (None, None),
               layer_scales: Pair = (None, None), layer_scale_inplace: Tuple[bool, bool] = (False, False)
               ) -> torch.Tensor:
-    """One plain pre-norm block, forward and backward as one autograd node (see the module docstring).
+    """One pre-norm block, forward and backward as one autograd node (see the module docstring).
 
     ``x`` (B, N, C); ``params`` = (norm1 weight, bias, qkv weight (3C, C), bias, proj weight (C, C), bias, norm2
     weight, bias, fc1 weight (Hd, C), bias, fc2 weight (C, Hd), bias), biases may be None; ``approximate``: the
