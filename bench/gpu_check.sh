@@ -32,8 +32,9 @@
 # --targets: no tests; only the rows the issues' speed targets read (python -m flashvit.bench targets), each
 # compiling row first run once in 4 processes (Triton's and Inductor's caches), then attention and MLP/GEMM rows
 # (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 timm vs patched (model.json; the patched
-# step from a CUDA graph and with its blocks per layer too, each row's steps profiled), then targets.txt. GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little
-# device time can split them over two calls). Default budget 540 s.
+# step from a CUDA graph and with its blocks per layer too, each row's steps profiled), then targets.txt.
+# GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little device time can
+# split them over two calls). Default budget 540 s.
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
 # --pack: at the end (also when stopped early), every file under OUTDIR goes into OUTDIR/gpu_check.tar.gz
 # and only that and summary.txt stay beside it (the device tool brings back at most 8 files: run 4 lost
