@@ -122,8 +122,18 @@ def test_block_refuses_wrong_shapes():
     params[2] = torch.zeros(40, 16)  # qkv weight not (3C, C)
     with pytest.raises(ValueError, match="qkv weight has shape"):
         vit_block(torch.zeros(1, 2, 16), tuple(params), 2, 0.5, 1e-6, 1e-6)
+    good = _params(16, 32, torch.float32)
+    x = torch.zeros(3, 2, 16, device=DEV)
     with pytest.raises(ValueError, match="approximate"):
-        vit_block(torch.zeros(1, 2, 16), _params(16, 32, torch.float32), 2, 0.5, 1e-6, 1e-6, approximate="x")
+        vit_block(x, good, 2, 0.5, 1e-6, 1e-6, approximate="x")
+    with pytest.raises(ValueError, match=r"layer_scales\[1\] must be \(16,\)"):
+        vit_block(x, good, 2, 0.5, 1e-6, 1e-6, layer_scales=(None, torch.ones(8, device=DEV)))
+    with pytest.raises(ValueError, match=r"drop_scales\[0\] must be \(3,\) torch.float32"):
+        vit_block(x, good, 2, 0.5, 1e-6, 1e-6, drop_scales=(torch.ones(2, device=DEV), None))
+    with pytest.raises(ValueError, match=r"drop_scales\[1\] must be \(3,\) torch.float32"):
+        vit_block(x, good, 2, 0.5, 1e-6, 1e-6, drop_scales=(None, torch.ones(3, dtype=torch.float16, device=DEV)))
+    with pytest.raises(ValueError, match="head"):
+        vit_block(torch.zeros(1, 2, 20), _params(20, 8, torch.float32), 2, 0.5, 1e-6, 1e-6)  # head dim 10
 
 
 def _spy(monkeypatch):
