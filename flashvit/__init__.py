@@ -7,7 +7,7 @@
 """
 
 from flashvit import kernels as ops
-from flashvit.kernels import HAS_TRITON, get_backend, use_backend, use_mlp_recompute
+from flashvit.kernels import HAS_TRITON, get_backend, use_backend, use_fused_block, use_mlp_recompute
 from flashvit.vit import VisionTransformer, create_model, list_models
 from flashvit.vit.cuda_graph import capture_cuda_graph
 from flashvit.vit.patch import PatchReport, patch, unpatch
@@ -15,4 +15,5 @@ from flashvit.vit.patch import PatchReport, patch, unpatch
 __version__ = "0.1.0"
 
 __all__ = ["HAS_TRITON", "PatchReport", "VisionTransformer", "__version__", "capture_cuda_graph", "create_model",
-           "get_backend", "list_models", "ops", "patch", "unpatch", "use_backend", "use_mlp_recompute"]
+           "get_backend", "list_models", "ops", "patch", "unpatch", "use_backend", "use_fused_block",
+           "use_mlp_recompute"]

@@ -8,6 +8,7 @@ from flashvit.kernels.attention import (
     qkv_attention,
     qkv_attention_reference,
 )
+from flashvit.kernels.block import use_fused_block, vit_block, vit_block_reference
 from flashvit.kernels.glu import swiglu, swiglu_fc2, swiglu_packed, swiglu_reference
 from flashvit.kernels.layernorm import (
     LayerNorm,
@@ -39,4 +40,5 @@ __all__ = [
     "FusedMLP", "MLP_RECOMPUTE", "linear", "linear_reference", "mlp", "mlp_recompute_mode", "use_mlp_recompute",
     "swiglu", "swiglu_fc2", "swiglu_packed", "swiglu_reference",
     "PatchEmbed", "patch_embed", "patch_embed_reference", "apply_rope", "qkv_rope_linear", "rope_reference",
+    "use_fused_block", "vit_block", "vit_block_reference",
 ]
