@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import os
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -55,13 +56,18 @@ from flashvit.kernels.attention import (
 BlockParams = Tuple[Optional[torch.Tensor], ...]
 
 _lin = importlib.import_module("flashvit.kernels.linear")  # (the package's ``linear`` attribute is the op)
-_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_fused_block", default=None)
+# FLASHVIT_FUSED_BLOCK=0 / 1 (read at import): the default of use_fused_block's setting (unset: None, see there).
+_ENV_DEFAULT = {"0": False, "off": False, "1": True, "on": True}.get(
+    os.environ.get("FLASHVIT_FUSED_BLOCK", "").strip().lower())
+_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_fused_block",
+                                                                          default=_ENV_DEFAULT)
 
 
 @contextlib.contextmanager
 def use_fused_block(on: Optional[bool]) -> Iterator[None]:
     """Inside a ``with`` block: True runs blocks in training as one node wherever the conditions hold (also on CPU
-    in the Triton interpreter: tests), False never, None (the default) on CUDA under the 'auto' backend."""
+    in the Triton interpreter: tests), False never, None on CUDA under the 'auto' backend. Outside any block:
+    FLASHVIT_FUSED_BLOCK=0 / 1 in the environment at import, else None."""
     token = _setting.set(on)
     try:
         yield

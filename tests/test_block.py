@@ -329,3 +329,15 @@ def test_block_bf16_vit_b_gpu(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(randn(2, 3, 64, 64, device=DEV)).float().sum().backward()
     assert len(calls) == 4 and all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+
+
+def test_environment_sets_the_default():
+    """FLASHVIT_FUSED_BLOCK=0 / 1 at import is use_fused_block's default; unset: None (CUDA under 'auto')."""
+    import os
+    import subprocess
+    import sys
+    code = "from flashvit.kernels import block; print(block._setting.get())"
+    for value, want in (("0", "False"), ("on", "True"), ("", "None")):
+        env = dict(os.environ, FLASHVIT_FUSED_BLOCK=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip() == want, (value, out.stdout, out.stderr[-500:])
