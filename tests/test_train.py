@@ -262,6 +262,30 @@ def test_mlp_recompute_trains_as_the_default_does(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="emulates CUDA's 'auto' in the interpreter")
+def test_main_job_trains_through_the_one_node_block(tmp_path, monkeypatch):
+    """The GPU's default path, emulated on CPU (kernels/_dispatch.emulate_cuda_auto): train.py's blocks train as
+    one autograd node each (kernels/block.py) and follow the run with the blocks per layer (same kernels, the
+    linears' gradients formed in another order)."""
+    D = importlib.import_module("flashvit.kernels._dispatch")
+    BK = importlib.import_module("flashvit.kernels.block")
+    calls = []
+    real = BK.BlockFn.apply
+    monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(D, "_cuda_auto", [True])
+    args = [*SYN, *TINY, "--epochs", "1", "--max-steps", "3", "--backend", "auto", "--synthetic-train", "160"]
+    one = _inproc([*args, "--run-dir", str(tmp_path / "one")])[0]
+    assert one.returncode == 0, one.stderr
+    assert len(calls) == 3  # depth 1, three steps
+    with BK.use_fused_block(False):
+        per_layer = _inproc([*args, "--run-dir", str(tmp_path / "per-layer")])[0]
+    assert per_layer.returncode == 0 and len(calls) == 3, per_layer.stderr
+    logs = [json.loads((tmp_path / r / "log.json").read_text())["metrics"]["training_losses"]
+            for r in ("one", "per-layer")]
+    assert len(logs[0]) == len(logs[1]) > 0
+    torch.testing.assert_close(torch.tensor(logs[0]), torch.tensor(logs[1]), rtol=1e-4, atol=1e-5)
+
+
 def test_evaluate_runs_without_autograd():
     """evaluate builds no autograd graph (its outputs need no gradient: no activations kept)."""
     seen = []
