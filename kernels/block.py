@@ -89,6 +89,7 @@ def fused_block_on(x: torch.Tensor) -> bool:
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_AMP_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def block_dtype(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float) -> Optional[torch.dtype]:
@@ -112,9 +113,6 @@ def block_dtype(x: torch.Tensor, params: BlockParams, num_heads: int, scale: flo
         if p is not None and (p.dtype != want or p.device != x.device or type(p) not in _PLAIN_TENSORS):
             return None
     return want if amp is None else amp
-
-
-_AMP_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _ln_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], w: torch.Tensor, b: Optional[torch.Tensor],
@@ -185,7 +183,7 @@ class BlockFn(torch.autograd.Function):
         m = F.linear(g, f2w_, f2b_)
         out = _layer_scale(m, g2, inplace[1])  # (m itself without γ2: not saved then, free to reuse)
         if s2 is not None:
-            out = out * s2.view(-1, 1, 1)
+            out = out.mul_(s2.view(-1, 1, 1))  # (out: m or γ2·m's fresh buffer; s2 in its dtype)
         out = out.add_(h) if out.dtype == h.dtype else h + out  # (eager's promotion: fp32 under autocast)
         ctx.save_for_backward(x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b,
                               qw_, pw_, f1w_, f2w_, g1, g2, s1, s2, a if g1 is not None else None,

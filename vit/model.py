@@ -179,6 +179,11 @@ def _passes(m: nn.Module) -> bool:
     return False
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Forward or backward hooks (pre or post) registered on ``m`` itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
                  "_global_backward_pre_hooks")
 
@@ -222,9 +227,8 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     if mm.get("norm") is not None and type(mm["norm"]) is not nn.Identity:
         return None
     qkv, proj, fc1, fc2 = am.get("qkv"), am.get("proj"), mm.get("fc1"), mm.get("fc2")
-    for m in (n1, attn, qkv, proj, n2, mlp, fc1, act, fc2, *slots):
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
-            return None
+    if any(has_hooks(m) for m in (n1, attn, qkv, proj, n2, mlp, fc1, act, fc2, *slots)):
+        return None
     if any(getattr(nn.modules.module, g) for g in _GLOBAL_HOOKS):
         return None
     pn1, pn2, pq, pp, p1, p2 = (n1._parameters, n2._parameters, qkv._parameters, proj._parameters, fc1._parameters,

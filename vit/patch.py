@@ -41,7 +41,16 @@ from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_ro
 from flashvit.kernels.linear import mlp as mlp_op
 from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
-from flashvit.vit.model import _TIMM_DROP_PATH, DropPath, add_scaled, drop_path_factor, drop_path_scale, fused_block
+from flashvit.vit.model import (
+    _TIMM_DROP_PATH,
+    _TIMM_LAYER_SCALES,
+    DropPath,
+    add_scaled,
+    drop_path_factor,
+    drop_path_scale,
+    fused_block,
+    has_hooks,
+)
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
 
@@ -823,7 +832,7 @@ def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Ten
     another module or one with hooks (the caller runs m itself)."""
     if _drop_path_inactive(m):
         return True, None
-    if _has_hooks(m):
+    if has_hooks(m):
         return False, None
     if isinstance(m, DropPath) or _qualname(m) == _TIMM_DROP_PATH:
         return True, drop_path_factor(m, x)
@@ -858,7 +867,7 @@ def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor, drop_path: Opti
 
 
 # LayerScale classes (y = x * γ) and their γ attribute; timm's ``inplace`` variant computes the same values.
-_LAYER_SCALES = {"timm.layers.layer_scale.LayerScale": "gamma", "timm.models.vision_transformer.LayerScale": "gamma",
+_LAYER_SCALES = {**dict.fromkeys(_TIMM_LAYER_SCALES, "gamma"),
                  "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
                  "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers."
                  "Dinov2WithRegistersLayerScale": "lambda1",
@@ -871,7 +880,7 @@ def _gemm_layer_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
     if isinstance(ls, nn.Identity):
         return True, None
     attr = _LAYER_SCALES.get(_qualname(ls))
-    if attr is None or _has_hooks(ls):
+    if attr is None or has_hooks(ls):
         return False, None
     return True, getattr(ls, attr)
 
@@ -1700,7 +1709,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
             nxt_name, nxt = children[i + 1] if i + 1 < len(children) else ("", None)
             if (new is None and linear_gelu and type(parent).forward is nn.Sequential.forward
                     and type(child) is nn.Linear and nxt is not None and _gelu_kind(nxt) is not None
-                    and not _has_hooks(child) and not _has_hooks(nxt)):
+                    and not has_hooks(child) and not has_hooks(nxt)):
                 new = _clone_as(child, _FusedLinearGelu)
                 new.flashvit_activation = _gelu_kind(nxt)
                 _swap(state, parent, nxt_name, nxt, nn.Identity(), f"{prefix}{nxt_name}")  # GELU now in the epilogue
@@ -1763,10 +1772,6 @@ def _gemm_scales(m: nn.Module) -> int:
     return 0
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
-
 _PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv2d.forward)
 
 
@@ -1777,7 +1782,7 @@ def _bypassed(m: nn.Module) -> Optional[str]:
     wrapper around a ``base_layer``: peft's adapters) would lose it. None: safe to replace."""
     for name, sub in m.named_modules():
         where = "on it" if not name else f"on {name} inside it"
-        if _has_hooks(sub):
+        if has_hooks(sub):
             return f"has hooks registered {where}"
         if ((isinstance(sub, (nn.Linear, nn.Conv2d)) and type(sub).forward not in _PLAIN_FORWARDS)
                 or isinstance(getattr(sub, "base_layer", None), nn.Module)):
