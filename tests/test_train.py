@@ -262,7 +262,9 @@ def test_mlp_recompute_trains_as_the_default_does(tmp_path, monkeypatch):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="emulates CUDA's 'auto' in the interpreter")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="emulates CUDA's 'auto' in the Triton interpreter (CPU); on a GPU the real path trains in "
+                           "test_gpu_smoke (bench/gpu_check.sh)")
 def test_main_job_trains_through_the_one_node_block(tmp_path, monkeypatch):
     """The GPU's default path, emulated on CPU (kernels/_dispatch.emulate_cuda_auto): train.py's blocks train as
     one autograd node each (kernels/block.py) and follow the run with the blocks per layer (same kernels, the
