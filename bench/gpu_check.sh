@@ -32,7 +32,8 @@
 # --targets: no tests; only the rows the issues' speed targets read (python -m flashvit.bench targets), each
 # compiling row first run once in 4 processes (Triton's and Inductor's caches), then attention and MLP/GEMM rows
 # (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 timm vs patched (model.json; the patched
-# step from a CUDA graph and with its blocks per layer too, each row's steps profiled), then targets.txt.
+# step from a CUDA graph, with its blocks' bias grads fused and with its blocks per layer too, each row's steps
+# profiled), then targets.txt.
 # GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little device time can
 # split them over two calls). Default budget 540 s.
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
@@ -417,7 +418,8 @@ if has_part model; then
     say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
     timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" "${CEIL[@]}" \
       "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --profile-steps "$PROFILE_STEPS" \
-      --impls timm timm+flashvit.patch "graph(timm+flashvit.patch)" "timm+flashvit.patch[block=off]" \
+      --impls timm timm+flashvit.patch "graph(timm+flashvit.patch)" "timm+flashvit.patch[block=bias]" \
+      "timm+flashvit.patch[block=off]" \
       > "$SHIM/.model.log" 2>&1
     rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
     grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400

@@ -45,7 +45,8 @@ MODEL_ALIASES = {
     "dino3_s": "vit_small_patch16_dinov3", "dino3_b": "vit_base_patch16_dinov3", "eva02_b": "eva02_base_patch14_224",
 }
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
-IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "flashvit[attn=fused]",
+IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "flashvit[block=bias]",
+         "timm+flashvit.patch[block=bias]", "flashvit[attn=fused]",
          "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",
          "flashvit[ln=triton]",
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
@@ -69,11 +70,13 @@ IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "f
 #                before the autotuner picked the loop form; the op rows' [masked])
 #   block=off    kernels/block.py use_fused_block(False): each layer its own autograd node and op call (the default
 #                before plain blocks trained as one node); training rows only
+#   block=bias   kernels/block.py use_fused_bias_grads(True): the one-node block's bias grads summed in the passes
+#                its backward makes anyway (GELU's backward, LN2's) instead of torch's column sums; training rows
 #   recompute=M  kernels/linear.py use_mlp_recompute(M) (act | fc1): the fused MLP in training (its 'auto' takes
 #                it when a recompute is asked) keeping z alone (act) or nothing (fc1): peak memory and its cost
 #                (training rows only)
 VERDICTS = {"ln": ("triton", "torch"), "mlp": ("hybrid", "cublas", "tma", "triton"),
-            "attn": ("split", "fused", "masked"), "recompute": ("act", "fc1"), "block": ("off",)}
+            "attn": ("split", "fused", "masked"), "recompute": ("act", "fc1"), "block": ("off", "bias")}
 COMPILED = ("compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
 GRAPHED = ("graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)")
 QUICK_OVERRIDES = dict(img_size=32, depth=2)  # 4 patches + cls, 2 blocks: a smoke test of the real width
@@ -182,7 +185,9 @@ def _verdicts(impl: str) -> Iterator[None]:
             if "recompute" in tags:
                 stack.enter_context(lin.use_mlp_recompute(tags["recompute"]))
             if "block" in tags:
-                stack.enter_context(importlib.import_module("flashvit.kernels.block").use_fused_block(False))
+                blk = importlib.import_module("flashvit.kernels.block")
+                stack.enter_context(blk.use_fused_block(False) if tags["block"] == "off" else
+                                    blk.use_fused_bias_grads(True))
             if "attn" in tags:
                 attn = importlib.import_module("flashvit.kernels.attention")
                 uses = {"fused": (attn.use_bwd_fused, attn.use_fwd_tail, attn.use_bwd_tail),

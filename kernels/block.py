@@ -63,6 +63,34 @@ _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flash
                                                                           default=_ENV_DEFAULT)
 
 
+# The backward's bias gradients: torch's column sum of each linear's output gradient (False, as autograd's addmm
+# backward forms them: one more pass over each) or summed in passes the backward makes anyway (True): fc1's in
+# the GELU backward's pass (kernels/linear.py's dact + column-sum kernel), proj's and fc2's in LN2's backward
+# kernel (the column sums of its dx and of the residual's gradient; where the block runs the LayerNorm kernels).
+# In H100 run 8's profile of patched ViT-B/16 training (bench/results/2026-11-28-h100-run8/profile/
+# steps_vit_base_patch16_224_train_timm_flashvit.patch.txt) torch's bf16 column sums took 2.79 of 41.24 ms a
+# step. Not yet timed on a GPU: the model rows [block=bias] measure it; off until they do.
+FUSED_BIAS_GRADS = False
+_bias_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_block_bias_grads",
+                                                                               default=None)
+
+
+@contextlib.contextmanager
+def use_fused_bias_grads(on: bool) -> Iterator[None]:
+    """Inside a ``with`` block: the one-node block's backward sums its bias gradients in its other passes (True)
+    or as autograd does (False); outside, FUSED_BIAS_GRADS. Read when the block's forward runs."""
+    token = _bias_setting.set(bool(on))
+    try:
+        yield
+    finally:
+        _bias_setting.reset(token)
+
+
+def _fused_bias_grads() -> bool:
+    on = _bias_setting.get()
+    return FUSED_BIAS_GRADS if on is None else on
+
+
 @contextlib.contextmanager
 def use_fused_block(on: Optional[bool]) -> Iterator[None]:
     """Inside a ``with`` block: True runs blocks in training as one node wherever the conditions hold (also on CPU
@@ -88,6 +116,7 @@ def fused_block_on(x: torch.Tensor) -> bool:
     return HAS_TRITON and (x.is_cuda or INTERPRET)
 
 
+_GELU_ACT = {"none": "gelu", "tanh": "gelu_tanh"}  # F.gelu's approximate -> kernels/linear.py's activation
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _AMP_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -136,18 +165,34 @@ def _ln_bwd(dy: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: Optional[torc
     """(dh + dres, dw, db) of y = LN(h) (db None without a bias)."""
     if kernel:
         dh, dwdb = _ln.layer_norm_bwd(dy, h, w, b, mean, rstd, dres)
-        dw, db = dwdb.to(w.dtype).unbind(0)
-        return dh, dw, (db if b is not None else None)
+        return (dh, *_ln_param_grads(dwdb, w, b))
     dh, dw, db = torch.ops.aten.native_layer_norm_backward(dy, h, [h.shape[-1]], mean, rstd, w, b,
                                                            [True, True, b is not None])
     return (dh if dres is None else dh.add_(dres)), dw, db
 
 
-def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, dtypes: Tuple[torch.dtype, Optional[torch.dtype]]
-           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _ln_param_grads(dwdb: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dw, db or None without a bias) from the LayerNorm kernel's stacked (2, C) grads."""
+    dw, db = dwdb.to(w.dtype).unbind(0)
+    return dw, (db if b is not None else None)
+
+
+def _wgrad(dy2: torch.Tensor, x2: torch.Tensor, dtypes: Tuple[torch.dtype, Optional[torch.dtype]],
+           bias: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(dW, db) of y = x·Wᵀ + b from dy (M, N) and x (M, K) as autograd's addmm backward forms them, in the
-    parameters' ``dtypes`` (weight, bias or None: no bias)."""
-    return _to(dy2.t().mm(x2), dtypes[0]), (_to(dy2.sum(0), dtypes[1]) if dtypes[1] is not None else None)
+    parameters' ``dtypes`` (weight, bias or None: no bias); db None where not ``bias`` (summed elsewhere)."""
+    db = _to(dy2.sum(0), dtypes[1]) if bias and dtypes[1] is not None else None
+    return _to(dy2.t().mm(x2), dtypes[0]), db
+
+
+def _bias_grad(colsum: torch.Tensor, gamma: Optional[torch.Tensor], dtype: Optional[torch.dtype]
+               ) -> Optional[torch.Tensor]:
+    """A linear's bias gradient from the fp32 column sum (C,) of the stream gradient times the drop-path factor:
+    times LayerScale's γ where the branch has one (d·γ's column sums are γ times d's), in the bias's dtype."""
+    if dtype is None:
+        return None
+    return _to(colsum if gamma is None else colsum * gamma.float(), dtype)
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -162,12 +207,12 @@ class BlockFn(torch.autograd.Function):
     """The block's forward with its one backward (see the module docstring). Inputs: x, the 12 parameters, the
     LayerScale γs and the drop-path factors (each None where absent), cfg = (num_heads, softmax scale, eps1, eps2,
     GELU approximate, LayerNorm kernels or not, TF32 for fp32 attention, the linears' dtype, the γs' in-place
-    flags). The linears' weights and inputs are cast to that dtype where they differ (autocast: as autocast casts
-    them), and their gradients back, as autograd's casts do."""
+    flags, the bias grads fused or not: FUSED_BIAS_GRADS). The linears' weights and inputs are cast to that dtype
+    where they differ (autocast: as autocast casts them), and their gradients back, as autograd's casts do."""
 
     @staticmethod
     def forward(ctx, x, n1w, n1b, qw, qb, pw, pb, n2w, n2b, f1w, f1b, f2w, f2b, g1, g2, s1, s2, cfg):
-        heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt, inplace = cfg
+        heads, scale, eps1, eps2, approx, ln_kernel, tf32, dt, inplace, _ = cfg
         lin = [_cast(t, dt) for t in (qw, qb, pw, pb, f1w, f1b, f2w, f2b)]
         qw_, qb_, pw_, pb_, f1w_, f1b_, f2w_, f2b_ = lin
         y1, _, mean1, rstd1 = _ln_fwd(x, None, n1w, n1b, eps1, ln_kernel)  # x's dtype
@@ -197,25 +242,41 @@ class BlockFn(torch.autograd.Function):
     def backward(ctx, dout):
         (x, y1, qkv, o, stats, h, y2, z, g, mean1, rstd1, mean2, rstd2, n1w, n1b, n2w, n2b, qw, pw, f1w, f2w, g1,
          g2, s1, s2, a, m) = ctx.saved_tensors
-        heads, scale, _, _, approx, ln_kernel, tf32, dt, inplace = ctx.cfg
+        heads, scale, _, _, approx, ln_kernel, tf32, dt, inplace, fused_bias = ctx.cfg
         qd, pd, f1d, f2d = (ctx.dtypes[i:i + 2] for i in range(0, 8, 2))
         need = ctx.needs_input_grad
         B, N, C = x.shape
         M = B * N
         dout = dout.contiguous()  # h's dtype
+        ln_sums = fused_bias and ln_kernel  # proj's and fc2's bias grads from LN2's backward pass
         # out = h + s2·γ2·fc2(g); g = GELU(z); z = fc1(y2)
         d2, dg2 = _branch_bwd(dout, m, g2, s2, dt, inplace[1], need[14])
         d2 = d2.view(M, C)
-        df2w, df2b = _wgrad(d2, g.view(M, -1), f2d) if need[11] or need[12] else (None, None)
-        dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
-        df1w, df1b = _wgrad(dz, y2.view(M, C), f1d) if need[9] or need[10] else (None, None)
+        df2w, df2b = _wgrad(d2, g.view(M, -1), f2d, not ln_sums) if need[11] or (need[12] and not ln_sums) \
+            else (None, None)
+        if fused_bias:  # dz = dH·GELU'(z) and fc1's bias grad in one pass over dH and z
+            dz, sum1 = _lin._dact_colsum(d2.mm(f2w), z.view(M, -1), _lin._ACT_CODE[_GELU_ACT[approx]], True,
+                                         need[10] and f1d[1] is not None)
+            df1w, _ = _wgrad(dz, y2.view(M, C), f1d, False) if need[9] else (None, None)
+            df1b = _bias_grad(sum1, None, f1d[1]) if sum1 is not None else None
+        else:
+            dz = torch.ops.aten.gelu_backward(d2.mm(f2w), z.view(M, -1), approximate=approx)
+            df1w, df1b = _wgrad(dz, y2.view(M, C), f1d) if need[9] or need[10] else (None, None)
         # y2 = LN2(h); h also goes straight to out: dh = LN2'(dy2) + dout
         dy2 = _to(dz.mm(f1w), h.dtype).view(B, N, C)
-        dh, dn2w, dn2b = _ln_bwd(dy2, h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
+        if ln_sums:  # and the column sums of dh·s1 (proj's bias grad) and dout·s2 (fc2's)
+            dh, dwdb, sums = _ln.layer_norm_bwd_colsums(dy2, h, n2w, n2b, mean2, rstd2, dout, s1, s2)
+            dn2w, dn2b = _ln_param_grads(dwdb, n2w, n2b)
+            df2b = _bias_grad(sums[1], g2, f2d[1])
+        else:
+            dh, dn2w, dn2b = _ln_bwd(dy2, h, n2w, n2b, mean2, rstd2, dout, ln_kernel)
         # h = x + s1·γ1·proj(o); o = attention(qkv); qkv = qkv-linear(y1)
         da, dg1 = _branch_bwd(dh, a, g1, s1, dt, inplace[0], need[13])
         da = da.view(M, C)
-        dpw, dpb = _wgrad(da, o.view(M, C), pd) if need[5] or need[6] else (None, None)
+        dpw, dpb = _wgrad(da, o.view(M, C), pd, not ln_sums) if need[5] or (need[6] and not ln_sums) \
+            else (None, None)
+        if ln_sums:
+            dpb = _bias_grad(sums[0], g1, pd[1])
         dqkv = qkv_attention_bwd(da.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
         dq2 = dqkv.view(M, 3 * C)
         dqw, dqb = _wgrad(dq2, y1.view(M, C), qd) if need[3] or need[4] else (None, None)
@@ -297,7 +358,7 @@ def vit_block(x: torch.Tensor, params: BlockParams, num_heads: int, scale: float
                              f"{tuple(f.shape)} {f.dtype} on {f.device}")
     ln_kernel = _ln._run_triton(x, None, weight=n1w, bias=n1b) and _ln._run_triton(x, None, weight=n2w, bias=n2b)
     cfg = (num_heads, float(scale), float(eps1), float(eps2), approximate, ln_kernel, _resolve_tf32(dt, None), dt,
-           tuple(bool(i) for i in layer_scale_inplace))
+           tuple(bool(i) for i in layer_scale_inplace), _fused_bias_grads())
     if autocast_dtype(x.device) is None:
         return BlockFn.apply(x.contiguous(), *params, *layer_scales, *drop_scales, cfg)
     with torch.autocast(x.device.type, enabled=False):  # the op casts as autocast would; nothing to recast

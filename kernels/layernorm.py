@@ -186,22 +186,42 @@ def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, m
 def _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho,
                       HAS_DHO: tl.constexpr, dho, DHO_LOADED: tl.constexpr):
     # dx of one column chunk: (w·dy - (xhat·c1 + c2))·rstd, plus the h output's own gradient (HAS_DHO), loaded
-    # here or, DHO_LOADED, given (``dho``, as stored; else a placeholder).
+    # here or, DHO_LOADED, given (``dho``, as stored; else a placeholder). Returns (dx as stored, dho) in fp32
+    # (dho 0.0 without HAS_DHO) for COLSUMS.
     dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
     if HAS_DHO:  # h was also an output: its own gradient joins the one through LN
         if DHO_LOADED:
-            dx += dho.to(tl.float32)
+            dho = dho.to(tl.float32)
         else:
-            dx += tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + r64 * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dho = tl.load(DHO + r64 * stride_dho + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dx += dho
+    else:
+        dho = 0.0
+    dx = dx.to(DX.dtype.element_ty)
+    tl.store(DX + r64 * stride_dx + cols[None, :], dx, mask=mask)
+    return dx.to(tl.float32), dho
+
+
+@_jit
+def _dev_ln_bwd_sums(dxs, hos, dx, dho, S_DX, S_HO, rows, row_mask, T, HAS_S_DX: tl.constexpr,
+                     HAS_S_HO: tl.constexpr):
+    # COLSUMS: the (ROWS, C) running sums of dx·s_dx and dh_out·s_ho, s one factor for each sample's T rows
+    # (stochastic depth's; 1 without). Rows past M hold dx = 0 (rstd and dh_out read 0); columns past N are
+    # never stored.
+    if HAS_S_DX:
+        dx = dx * tl.load(S_DX + rows // T, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if HAS_S_HO:
+        dho = dho * tl.load(S_HO + rows // T, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    return dxs + dx, hos + dho
 
 
 @_jit
 def _ln_bwd_kernel(
     DY, X, W, Mean, Rstd, DHO, DX, DWP, DBP,  # DY, X, DHO, DX: (M, N) row-strided; W: (N,); DWP, DBP: (G, N) fp32
-    M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog,
+    DXP, DHP, S_DX, S_HO,  # COLSUMS: DXP, DHP (G, N) fp32; S_DX, S_HO (M / T,) per-sample factors (or placeholders)
+    M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog, T,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr, BLOCK_N2: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, COLSUMS: tl.constexpr, HAS_S_DX: tl.constexpr, HAS_S_HO: tl.constexpr,
 ):
     # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
     # BLOCK_N2 > 0 (use_ln_chunks): a row is two column chunks, BLOCK_N + BLOCK_N2 (768 = 512 + 256), not one
@@ -209,16 +229,23 @@ def _ln_bwd_kernel(
     # PREFETCH (use_ln_prefetch): each step loads the next ROWS rows' x, dy, dh, mean, rstd before its cross-warp
     # sums and stores, so a program's loads stay in flight through them (the loop is not pipelined otherwise:
     # ptxas, Triton 3.6, no LDGSTS); the next rows past the program's own are masked off, no traffic.
+    # COLSUMS: also the column sums of dx (as stored) and of dh_out over the program's rows, each row scaled by
+    # its sample's factor (HAS_S_DX, HAS_S_HO): in a pre-norm block the bias gradients of the linears whose
+    # outputs join the residual stream there (proj: dx, fc2: dh_out), without another pass over either.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
     dw_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     db_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    dxs_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # (COLSUMS; else unused)
+    hos_acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     if BLOCK_N2 > 0:
         cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
         col_mask2 = cols2 < N
         dw_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
         db_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
+        dxs_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
+        hos_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
     else:  # placeholders (a second chunk's names, unused)
         cols2, col_mask2 = cols, col_mask
     row0 = pid * rows_per_prog
@@ -259,21 +286,33 @@ def _ln_bwd_kernel(
                                                             stride_x, mean, rstd)
                 sums += sums2
         c1, c2 = tl.split(sums / N)  # (ROWS,) each
-        _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO, dho,
-                          PREFETCH)
+        dx, dho = _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho,
+                                    HAS_DHO, dho, PREFETCH)
         dw_acc += dy * xhat
         db_acc += dy
+        if COLSUMS:
+            dxs_acc, hos_acc = _dev_ln_bwd_sums(dxs_acc, hos_acc, dx, dho, S_DX, S_HO, rows, row_mask, T, HAS_S_DX,
+                                                HAS_S_HO)
         if BLOCK_N2 > 0:
-            _dev_ln_bwd_store(DX, DHO, r64, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dx, stride_dho, HAS_DHO,
-                              dho2, PREFETCH)
+            dx2, dho2 = _dev_ln_bwd_store(DX, DHO, r64, cols2, mask2, xhat2, wdy2, c1, c2, rstd, stride_dx,
+                                          stride_dho, HAS_DHO, dho2, PREFETCH)
             dw_acc2 += dy2 * xhat2
             db_acc2 += dy2
+            if COLSUMS:
+                dxs_acc2, hos_acc2 = _dev_ln_bwd_sums(dxs_acc2, hos_acc2, dx2, dho2, S_DX, S_HO, rows, row_mask, T,
+                                                      HAS_S_DX, HAS_S_HO)
     poff = pid.to(tl.int64) * N
     tl.store(DWP + poff + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
     tl.store(DBP + poff + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+    if COLSUMS:
+        tl.store(DXP + poff + cols, tl.sum(dxs_acc, axis=0), mask=col_mask)
+        tl.store(DHP + poff + cols, tl.sum(hos_acc, axis=0), mask=col_mask)
     if BLOCK_N2 > 0:
         tl.store(DWP + poff + cols2, tl.sum(dw_acc2, axis=0), mask=col_mask2)
         tl.store(DBP + poff + cols2, tl.sum(db_acc2, axis=0), mask=col_mask2)
+        if COLSUMS:
+            tl.store(DXP + poff + cols2, tl.sum(dxs_acc2, axis=0), mask=col_mask2)
+            tl.store(DHP + poff + cols2, tl.sum(hos_acc2, axis=0), mask=col_mask2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,10 +488,10 @@ if HAS_TRITON and not INTERPRET:
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
     _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
-                                                                               "PREFETCH"]))
+                                                                               "PREFETCH", "COLSUMS"]))
 
     # LN_BWD_CHUNKS and LN_BWD_PREFETCH None: the layout (padded block or column chunks) and the prefetch too
-    _ln_bwd_tuned_auto = Launcher(triton.autotune(_auto_bwd_configs(), key=["N", "HAS_DHO"],
+    _ln_bwd_tuned_auto = Launcher(triton.autotune(_auto_bwd_configs(), key=["N", "HAS_DHO", "COLSUMS"],
                                                   prune_configs_by={"early_config_prune": _auto_bwd_prune})(
         _ln_bwd_kernel))
 
@@ -545,40 +584,72 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     ``x`` is the LN input (h for the fused add). dx has x's dtype; dwdb has the kernel's parameter dtype
     (see ``_param_dtype``) and is computed even when weight/bias are absent (callers drop it).
     """
+    dx, sums = _ln_bwd_launch(dy, x, weight, bias, mean, rstd, dh_out, False, None, None)
+    pd = _param_dtype(x.dtype, weight, bias)
+    return dx, sums if pd == torch.float32 else sums.to(pd)
+
+
+def layer_norm_bwd_colsums(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                           bias: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                           dh_out: torch.Tensor, dx_scale: Optional[torch.Tensor] = None,
+                           dh_out_scale: Optional[torch.Tensor] = None
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer_norm_bwd`` with dh_out, plus colsums (2, D) fp32: the column sums of dx (as stored) and of dh_out
+    over x's rows, each row times its sample's factor where ``dx_scale`` / ``dh_out_scale`` (B,) is given (x
+    (B, ..., D): the factor of row r is scale[r // (rows / B)]). In a pre-norm block's LN2 these are the bias
+    gradients of proj (dx) and fc2 (dh_out), summed in the pass that writes dx."""
+    dx, sums = _ln_bwd_launch(dy, x, weight, bias, mean, rstd, dh_out, True, dx_scale, dh_out_scale)
+    pd = _param_dtype(x.dtype, weight, bias)
+    return dx, _as(sums[:2], pd), sums[2:]
+
+
+def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   mean: torch.Tensor, rstd: torch.Tensor, dh_out: Optional[torch.Tensor], colsums: bool,
+                   dx_scale: Optional[torch.Tensor], dh_out_scale: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, sums (2 or 4 with ``colsums``, D) fp32: dweight, dbias[, sum of dx·s, sum of dh_out·s])."""
     shape, dev, xd = x.shape, x.device, x.dtype
     d = shape[-1]
-    pd = _param_dtype(xd, weight, bias)
     x2, dy2 = rows2d(x), rows2d(dy)
     m = x2.shape[0]
     dx = _empty(shape, xd, dev)
+    n_sums = 4 if colsums else 2
     if m == 0 or d == 0:
-        return dx, torch.zeros((2, d), dtype=pd, device=dev)
-    w = _param(weight, d, pd, dev, 1.0)
+        return dx, torch.zeros((n_sums, d), dtype=torch.float32, device=dev)
+    w = _param(weight, d, _param_dtype(xd, weight, bias), dev, 1.0)
     sdy = row_stride(dy2)
     if dh_out is not None:
         dho2 = rows2d(dh_out)
         sdho = row_stride(dho2)
     else:
         dho2, sdho = dy2, sdy
+    samples = shape[0] if len(shape) > 1 else m
+    for s in (dx_scale, dh_out_scale):
+        if s is not None and (s.shape != (samples,) or m % samples):
+            raise ValueError(f"a per-sample factor must be ({samples},) over {m} rows, got {tuple(s.shape)}")
     block_n, rows, _, warps = _config(d)
     bn1, bn2 = _bwd_chunks(d, block_n)  # (where the autotuner does not pick the layout)
     rows_per_prog = _rows_per_prog(dev, rows, m)
     g = cdiv(m, rows_per_prog)
-    partial = _empty((2, g, d), torch.float32, dev)
-    dwp, dbp = partial.unbind(0)  # (G, D) each, one call for both views
-    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), dwp, dbp, m, d, sdy, row_stride(x2), sdho, d, rows_per_prog)
+    partial = _empty((n_sums, g, d), torch.float32, dev)
+    parts = partial.unbind(0)  # (G, D) each, one call for every view
+    dxp, dhp = parts[2:] if colsums else parts
+    s_dx = dx_scale.contiguous() if dx_scale is not None else mean  # (placeholders without)
+    s_ho = dh_out_scale.contiguous() if dh_out_scale is not None else mean
+    args = (dy2, x2, w, mean, rstd, dho2, dx.view(m, d), parts[0], parts[1], dxp, dhp, s_dx, s_ho, m, d, sdy,
+            row_stride(x2), sdho, d, rows_per_prog, m // samples)
+    consts = dict(HAS_DHO=dh_out is not None, COLSUMS=colsums, HAS_S_DX=dx_scale is not None,
+                  HAS_S_HO=dh_out_scale is not None)
     prefetch = _bwd_prefetch()
     if INTERPRET:
-        launch(_ln_bwd_kernel, (g,), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, HAS_DHO=dh_out is not None,
-               PREFETCH=bool(prefetch), num_warps=warps, num_stages=BWD_STAGES)
+        launch(_ln_bwd_kernel, (g,), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PREFETCH=bool(prefetch),
+               num_warps=warps, num_stages=BWD_STAGES, **consts)
     elif prefetch is None and _bwd_chunks_on() is None:  # every choice's ROWS divides rows_per_prog: same grid
-        _ln_bwd_tuned_auto((g,), args, dict(HAS_DHO=dh_out is not None))
+        _ln_bwd_tuned_auto((g,), args, consts)
     else:
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, HAS_DHO=dh_out is not None,
-                                       PREFETCH=bool(prefetch)))
-    # (2, G, D) fp32 partials -> (2, D): torch's CUDA sum has a fixed reduction order (deterministic).
-    dwdb = partial.sum(dim=1)
-    return dx, dwdb if pd == torch.float32 else dwdb.to(pd)
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), **consts))
+    # (n, G, D) fp32 partials -> (n, D): torch's CUDA sum has a fixed reduction order (deterministic).
+    return dx, partial.sum(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,17 +932,24 @@ def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dt
 
 
 def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
-              tag: str = "", block_n2: int = 0, prefetch: bool = False) -> AotSpec:
+              tag: str = "", block_n2: int = 0, prefetch: bool = False, colsums: bool = False,
+              scale: Optional[torch.dtype] = None) -> AotSpec:
+    """A backward config; ``colsums`` (layer_norm_bwd_colsums) with both per-sample factors in ``scale``'s dtype
+    (None: without factors)."""
     t = _TT[xd]
+    st = _TT[scale] if scale is not None else "fp32"  # (the placeholder: mean)
     sig = {"DY": f"*{t}", "X": f"*{t}", "W": f"*{_TT[pd]}", "Mean": "*fp32", "Rstd": "*fp32", "DHO": f"*{t}",
-           "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "M": "i32", "N": "i32", "stride_dy": "i32",
-           "stride_x": "i32", "stride_dho": "i32", "stride_dx": "i32", "rows_per_prog": "i32",
-           "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr",
-           "PREFETCH": "constexpr"}
+           "DX": f"*{t}", "DWP": "*fp32", "DBP": "*fp32", "DXP": "*fp32", "DHP": "*fp32", "S_DX": f"*{st}",
+           "S_HO": f"*{st}", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dho": "i32",
+           "stride_dx": "i32", "rows_per_prog": "i32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr",
+           "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr", "PREFETCH": "constexpr", "COLSUMS": "constexpr",
+           "HAS_S_DX": "constexpr", "HAS_S_HO": "constexpr"}
     chunks = f"+{block_n2}" if block_n2 else ""
     tag += ",prefetch" if prefetch else ""
+    tag += (f",colsums{'*' + st if scale is not None else ''}") if colsums else ""
     return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho,
-                                              "BLOCK_N2": block_n2, "PREFETCH": prefetch}, warps,
+                                              "BLOCK_N2": block_n2, "PREFETCH": prefetch, "COLSUMS": colsums,
+                                              "HAS_S_DX": scale is not None, "HAS_S_HO": scale is not None}, warps,
                         BWD_STAGES, f"ln_bwd[BLOCK_N={block_n}{chunks},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
                         div16=("N", "stride_dy", "stride_x", "stride_dho", "stride_dx"))
 
@@ -898,6 +976,10 @@ def _aot_specs() -> List[AotSpec]:
         for has_dho in (False, True):  # the prefetch the autotuner may pick (LN_BWD_PREFETCH None)
             if block_n <= PREFETCH_MAX_BLOCK:
                 specs.append(_bwd_spec(block_n, rows, bwd_warps, bf, bf, has_dho, "", 0, True))
+        # the block's LN2 with the column sums (layer_norm_bwd_colsums): bf16, and fp32 (autocast's stream), without
+        # and with per-sample factors in either dtype
+        for xd, sd in ((bf, None), (bf, bf), (f32, None), (f32, f32), (f32, bf)):
+            specs.append(_bwd_spec(block_n, rows, bwd_warps, xd, xd, True, "", 0, False, True, sd))
     with use_ln_chunks(True):  # the column chunks (use_ln_chunks) at ViT's widths, every backward choice in bf16
         for d in (192, 384, 768, 1280):
             block_n = _config(d)[0]
@@ -907,7 +989,15 @@ def _aot_specs() -> List[AotSpec]:
                     specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, prefetch))
                     if prefetch:
                         specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}", 0, True))
-    return specs
+    # the column sums' autotuner choices in bf16 at the ViT widths the block runs the LayerNorm kernels at
+    sums = {}  # (768's padded block is 1024's)
+    for d in (768, 1024, 1280):
+        for c in _auto_bwd_prune(_auto_bwd_configs(), {"N": d}):
+            k = c.kwargs
+            spec = _bwd_spec(k["BLOCK_N"], k["ROWS"], c.num_warps, bf, bf, True, f",ROWS={k['ROWS']},w{c.num_warps}",
+                             k["BLOCK_N2"], k["PREFETCH"], True)
+            sums[spec.name] = spec
+    return specs + list(sums.values())
 
 
 AOT_SPECS: List[AotSpec] = _aot_specs() if HAS_TRITON else []

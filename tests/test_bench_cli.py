@@ -460,9 +460,10 @@ def test_model_rows_priority_order():
                       ("small", "train", "compile"), ("small", "infer", "compile"),
                       ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute")]
     # the second model's timm, flashvit and graph(...) training rows early (ViT-S: host-bound in run 6)
-    early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:7]
+    early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:9]
     assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
-                     "flashvit[block=off]", "timm+flashvit.patch[block=off]"], early
+                     "flashvit[block=off]", "timm+flashvit.patch[block=off]", "flashvit[block=bias]",
+                     "timm+flashvit.patch[block=bias]"], early
     keys = [(j.row.name, j.row.mode, j.row.impl) for j in jobs]
     n_rec = sum(bool({"recompute", "block"} & set(model.verdict_tags(i))) for i in model.IMPLS)  # (training only)
     assert len(keys) == len(set(keys)) == 2 * (2 * len(model.IMPLS) - n_rec)  # every row once
@@ -552,8 +553,10 @@ def test_model_verdict_rows_flip_the_auto_verdicts_and_restore_them():
     assert lin._recompute_name(None) == "none"
     block = importlib.import_module("flashvit.kernels.block")
     with model._verdicts("timm+flashvit.patch[block=off]"):
-        assert state() == before and block._setting.get() is False
-    assert block._setting.get() is None
+        assert state() == before and block._setting.get() is False and not block._fused_bias_grads()
+    with model._verdicts("flashvit[block=bias]"):
+        assert state() == before and block._setting.get() is None and block._fused_bias_grads()
+    assert block._setting.get() is None and not block._fused_bias_grads()
     for bad in ("flashvit[block=on]", "flashvit[ln=eager]", "flashvit[mlp=cudnn]", "flashvit[gemm=tma]",
                 "flashvit[ln=triton", "flashvit[recompute=all]"):
         with pytest.raises(ValueError, match="bad"):
@@ -701,7 +704,7 @@ def test_gpu_check_targets_dry_run(tmp_path):
     assert {r.name for r in rows} == {"layer_norm", "add_layer_norm"}
     mrows = json.loads((out / "model.json").read_text())["rows"]
     assert {r["impl"] for r in mrows} == {"timm", "timm+flashvit.patch", "graph(timm+flashvit.patch)",
-                                          "timm+flashvit.patch[block=off]"}
+                                          "timm+flashvit.patch[block=bias]", "timm+flashvit.patch[block=off]"}
     profiled = [r for r in mrows if r["status"] == "ok"]  # (CPU: no graph row) each with its step profile
     assert profiled and all("profiled 3 steps: device busy" in r["note"] for r in profiled)
     assert len(os.listdir(out / "profile")) == len(profiled)

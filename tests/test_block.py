@@ -15,6 +15,7 @@ from tests.helpers import assert_close_to_ref, poisoned_empty, randn
 
 BK = importlib.import_module("flashvit.kernels.block")
 L = importlib.import_module("flashvit.kernels.layernorm")
+LIN = importlib.import_module("flashvit.kernels.linear")
 GPU = torch.cuda.is_available()
 DEV = "cuda" if GPU else "cpu"
 needs_kernels = pytest.mark.skipif(not (GPU or flashvit.kernels.INTERPRET),
@@ -58,12 +59,14 @@ CASES = [  # (B, N, C, heads, hidden, bias, LayerNorm bias, stochastic depth, La
 
 
 @needs_kernels
+@pytest.mark.parametrize("fused_bias", [False, True])  # the bias grads summed apart / in the backward's passes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("backend", ["triton", "auto"])  # LayerNorm on its kernels / torch's (attention: kernels)
 @pytest.mark.parametrize("case", CASES)
-def test_block_matches_float64(case, backend, dtype, monkeypatch):
+def test_block_matches_float64(case, backend, dtype, fused_bias, monkeypatch):
     B, N, C, H, hidden, bias, ln_bias, drop, ls = case
     monkeypatch.setattr(L, "_empty", poisoned_empty)  # LayerNorm outputs the kernels must write
+    monkeypatch.setattr(LIN, "_empty", lambda shape, device, dtype: poisoned_empty(shape, dtype, device))  # (linear's)
     params = _params(C, hidden, dtype, bias, ln_bias)
     x = randn(B, N, C, dtype=dtype, device=DEV, requires_grad=True)
     dout = randn(B, N, C, dtype=dtype, device=DEV)
@@ -79,10 +82,11 @@ def test_block_matches_float64(case, backend, dtype, monkeypatch):
     calls = []
     real = BK.BlockFn.apply
     monkeypatch.setattr(BK.BlockFn, "apply", lambda *a: calls.append(a[-1]) or real(*a))
-    with flashvit.use_backend(backend), use_fused_block(True):
+    with flashvit.use_backend(backend), use_fused_block(True), BK.use_fused_bias_grads(fused_bias):
         assert fused_block_on(x)
         out, grads = _run(vit_block, x, params, dout, **kw)
     assert len(calls) == 1 and calls[0][5] == (backend == "triton")  # cfg's LayerNorm-kernel flag
+    assert calls[0][-1] is fused_bias and BK._fused_bias_grads() is BK.FUSED_BIAS_GRADS is False
     ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
                           dout.double(), **kw)
     same, same_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, dtype), dout, **kw)
@@ -94,22 +98,24 @@ def test_block_matches_float64(case, backend, dtype, monkeypatch):
 
 
 @needs_kernels
-def test_block_grads_only_where_asked(monkeypatch):
-    """Frozen parameters and an input without grad get None; the others match the reference."""
+@pytest.mark.parametrize("fused_bias,frozen", [(False, (2, 3, 10)), (True, (2, 3, 10)), (True, (5, 9, 11))])
+def test_block_grads_only_where_asked(fused_bias, frozen, monkeypatch):
+    """Frozen parameters and an input without grad get None; the others match the reference (with the fused bias
+    grads also where a bias is frozen and its weight is not: proj's, fc1's, fc2's)."""
     C, H = 32, 2
     params = list(_params(C, 64, torch.float32))
-    for i in (2, 3, 10):  # qkv weight and bias, fc2 weight frozen
+    for i in frozen:
         params[i] = params[i].detach()
     x = randn(2, 3, C, device=DEV)
     dout = randn(2, 3, C, device=DEV)
     kw = dict(num_heads=H, scale=0.3, eps1=1e-6, eps2=1e-6)
-    with flashvit.use_backend("triton"), use_fused_block(True):
+    with flashvit.use_backend("triton"), use_fused_block(True), BK.use_fused_bias_grads(fused_bias):
         out = vit_block(x, tuple(params), **kw)
     out.backward(dout)
     ref_params = _as(params, torch.float64)
     vit_block_reference(x.double(), ref_params, **kw).backward(dout.double())
     for i, (p, r) in enumerate(zip(params, ref_params)):
-        if i in (2, 3, 10):
+        if i in frozen:
             assert p.grad is None and not p.requires_grad
         else:
             assert_close_to_ref(p.grad, r.grad, atol=2e-4, rtol=2e-3, name=NAMES[i])
@@ -274,8 +280,9 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @needs_kernels
+@pytest.mark.parametrize("fused_bias", [False, True])
 @pytest.mark.parametrize("backend", ["triton", "auto"])
-def test_block_under_autocast(backend, monkeypatch):
+def test_block_under_autocast(backend, fused_bias, monkeypatch):
     """AMP: fp32 x and parameters under fp16 autocast. The op casts as autocast does (LayerNorms and the residual
     stream fp32, linears and attention fp16) and returns fp32 gradients; out and every gradient within 2x / 3x
     eager AMP's error against float64 (+ a small atol), each a tensor of autocast's dtypes."""
@@ -286,7 +293,8 @@ def test_block_under_autocast(backend, monkeypatch):
     dout = randn(B, N, C, device=DEV)
     kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6, layer_scale_inplace=(False, True))
     calls = _spy(monkeypatch)
-    with torch.autocast(x.device.type, dtype=torch.float16), flashvit.use_backend(backend), use_fused_block(True):
+    with torch.autocast(x.device.type, dtype=torch.float16), flashvit.use_backend(backend), use_fused_block(True), \
+            BK.use_fused_bias_grads(fused_bias):
         dt = BK.block_dtype(x, params, H, kw["scale"])
         assert dt == torch.float16
         out, grads = _run(lambda x, p, **k: vit_block(x, p, **k, dtype=dt), x, params, dout, **kw)
@@ -302,16 +310,19 @@ def test_block_under_autocast(backend, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_block_bf16_vit_b_gpu(monkeypatch):
-    """ViT-B's block in bf16 on the GPU (N = 197, head dim 64) by the 2x/3x rule, and the default setting runs it,
-    in bf16 and under bf16 autocast."""
+@pytest.mark.parametrize("fused_bias", [False, True])
+def test_block_bf16_vit_b_gpu(fused_bias, monkeypatch):
+    """ViT-B's block in bf16 on the GPU (N = 197, head dim 64) by the 2x/3x rule (its bias grads summed apart or
+    in the backward's passes: LN2's kernel at width 768), and the default setting runs it, in bf16 and under bf16
+    autocast."""
     B, N, C, H = 4, 197, 768, 12
     params = _params(C, 4 * C, torch.bfloat16)
     x = randn(B, N, C, dtype=torch.bfloat16, device=DEV, requires_grad=True)
     dout = randn(B, N, C, dtype=torch.bfloat16, device=DEV)
     kw = dict(num_heads=H, scale=(C // H) ** -0.5, eps1=1e-6, eps2=1e-6)
     assert fused_block_on(x)
-    out, grads = _run(vit_block, x, params, dout, **kw)
+    with BK.use_fused_bias_grads(fused_bias):
+        out, grads = _run(vit_block, x, params, dout, **kw)
     ref, ref_grads = _run(vit_block_reference, *_as((x,), torch.float64), _as(params, torch.float64),
                           dout.double(), **kw)
     same, same_grads = _run(vit_block_reference, x.detach().requires_grad_(True), _as(params, torch.bfloat16),

@@ -227,6 +227,39 @@ def test_backward_prefetch(device, lead, d, chunks, launches, monkeypatch):
     assert L._bwd_prefetch() is None and L._ln_prefetch == []  # the autotuner's again
 
 
+@pytest.mark.parametrize("prefetch,chunks", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("scale", [None, "x", "fp32"])  # per-sample factors: none, in x's dtype, fp32
+@pytest.mark.parametrize("dtype,lead,d", [(torch.float32, (2, 9), 768), (torch.float16, (3, 11), 384),
+                                          (torch.float32, (3, 50), 7), (torch.float16, (2, 13), 1000)])
+def test_backward_column_sums(device, dtype, lead, d, scale, prefetch, chunks):
+    """layer_norm_bwd_colsums (the one-node block's LN2): dx and dweight/dbias exactly as layer_norm_bwd gives
+    them, and the column sums of dx (as stored) and of dh_out, each row times its sample's factor, against float64
+    sums of the same terms; with the prefetch (dh_out loaded ahead) and the column chunks too."""
+    B = lead[0]
+    x, gy, gh = (randn(*lead, d, dtype=dtype, device=device, scale=s) for s in (2.0, 1.0, 1.0))
+    w, b = randn(d, dtype=dtype, device=device), randn(d, dtype=dtype, device=device)
+    _, mean, rstd = L._layer_norm_fwd_op(x, w, b, 1e-5)
+    sd = {None: None, "x": dtype, "fp32": torch.float32}[scale]
+    s_dx = s_ho = None
+    if sd is not None:  # drop path's factors: 0 (dropped) or 1 / keep
+        s_dx = (torch.arange(B, device=device) % 2 * 1.25).to(sd)
+        s_ho = (torch.arange(1, B + 1, device=device) % 2 * 2.0).to(sd)
+    with L.use_ln_prefetch(prefetch), L.use_ln_chunks(chunks):
+        dx, dwdb, sums = L.layer_norm_bwd_colsums(gy, x, w, b, mean, rstd, gh, s_dx, s_ho)
+        dx0, dwdb0 = L.layer_norm_bwd(gy, x, w, b, mean, rstd, gh)
+    assert sums.shape == (2, d) and sums.dtype == torch.float32 and dwdb.dtype == w.dtype
+    exact = dict(rtol=0, atol=0) if device == "cpu" else {}  # (a GPU's autotuner may pick other tiles for each)
+    torch.testing.assert_close(dx, dx0, **exact)
+    torch.testing.assert_close(dwdb, dwdb0, **exact)
+    for got, t, s in ((sums[0], dx, s_dx), (sums[1], gh, s_ho)):
+        terms = t.double().reshape(B, -1, d) * (1.0 if s is None else s.double().view(B, 1, 1))
+        want = terms.sum((0, 1))
+        tol = 1e-6 * terms.abs().sum((0, 1)) + 1e-7  # fp32 accumulation of the same terms
+        assert torch.all((got.double() - want).abs() <= tol), (got - want).abs().max()
+    with pytest.raises(ValueError, match="per-sample factor"):
+        L.layer_norm_bwd_colsums(gy, x, w, b, mean, rstd, gh, torch.ones(B + 1, device=device))
+
+
 @pytest.mark.skipif(not L.HAS_TRITON, reason="builds triton.Config objects")
 def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     """LN_BWD_CHUNKS and LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner whose configs carry
