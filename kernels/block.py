@@ -66,7 +66,8 @@ _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flash
 # The backward's bias gradients: torch's column sum of each linear's output gradient (False, as autograd's addmm
 # backward forms them: one more pass over each) or summed in passes the backward makes anyway (True): fc1's in
 # the GELU backward's pass (kernels/linear.py's dact + column-sum kernel), proj's and fc2's in LN2's backward
-# kernel (the column sums of its dx and of the residual's gradient; where the block runs the LayerNorm kernels).
+# kernel (the column sums of its dx and of the residual's gradient; where the block runs the LayerNorm kernels),
+# qkv's by that column-sum kernel alone (the attention kernels write dqkv in tiles of one head each).
 # In H100 run 8's profile of patched ViT-B/16 training (bench/results/2026-11-28-h100-run8/profile/
 # steps_vit_base_patch16_224_train_timm_flashvit.patch.txt) torch's bf16 column sums took 2.79 of 41.24 ms a
 # step. Not yet timed on a GPU: the model rows [block=bias] measure it; off until they do.
@@ -279,7 +280,10 @@ class BlockFn(torch.autograd.Function):
             dpb = _bias_grad(sums[0], g1, pd[1])
         dqkv = qkv_attention_bwd(da.mm(pw).view(B, N, C), qkv, o, stats, heads, scale, tf32)
         dq2 = dqkv.view(M, 3 * C)
-        dqw, dqb = _wgrad(dq2, y1.view(M, C), qd) if need[3] or need[4] else (None, None)
+        dqw, dqb = _wgrad(dq2, y1.view(M, C), qd, not fused_bias) if need[3] or (need[4] and not fused_bias) \
+            else (None, None)
+        if fused_bias and need[4]:  # (the column sums of dqkv: linear's column-sum kernel, no other pass to join)
+            dqb = _bias_grad(_lin._dact_colsum(dq2, None, 0, False, True)[1], None, qd[1])
         # y1 = LN1(x); x also goes straight to h: dx = LN1'(dy1) + dh
         dy1 = _to(dq2.mm(qw), x.dtype).view(B, N, C)
         dx, dn1w, dn1b = _ln_bwd(dy1, x, n1w, n1b, mean1, rstd1, dh, ln_kernel)

@@ -98,10 +98,11 @@ def test_block_matches_float64(case, backend, dtype, fused_bias, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fused_bias,frozen", [(False, (2, 3, 10)), (True, (2, 3, 10)), (True, (5, 9, 11))])
+@pytest.mark.parametrize("fused_bias,frozen", [(False, (2, 3, 10)), (True, (2, 3, 10)), (True, (5, 9, 11)),
+                                              (True, (2, 4, 8, 10))])
 def test_block_grads_only_where_asked(fused_bias, frozen, monkeypatch):
     """Frozen parameters and an input without grad get None; the others match the reference (with the fused bias
-    grads also where a bias is frozen and its weight is not: proj's, fc1's, fc2's)."""
+    grads also where a bias is frozen and its weight is not, and where a weight is and its bias is not)."""
     C, H = 32, 2
     params = list(_params(C, 64, torch.float32))
     for i in frozen:
