@@ -32,8 +32,8 @@
 # --targets: no tests; only the rows the issues' speed targets read (python -m flashvit.bench targets), each
 # compiling row first run once in 4 processes (Triton's and Inductor's caches), then attention and MLP/GEMM rows
 # (ops.json), LayerNorm's as device time (ops-graph.json), ViT-B/16 timm vs patched (model.json; the patched
-# step from a CUDA graph, with its blocks' bias grads fused and with its blocks per layer too, each row's steps
-# profiled), then targets.txt.
+# step from a CUDA graph, with attention's split loops, with its blocks' bias grads fused and with its blocks per
+# layer too, each row's steps profiled; GPU_CHECK_MODEL_IMPLS: other rows), then targets.txt.
 # GPU_CHECK_TARGETS picks parts (default "attention mlp layernorm model"; a session with little device time can
 # split them over two calls). Default budget 540 s.
 # --sweep: the GEMM config sweep too (settled by run 4; its 40 s come out of the tests').
@@ -386,6 +386,9 @@ else
   T_TIMING=(--warmup-ms 15 --rep-ms 60); T_PW=${GPU_CHECK_PREWARM_MAX:-110}; T_OPS_MAX=${GPU_CHECK_OPS_MAX:-180}
   T_GRAPH_MAX=${GPU_CHECK_GRAPH_MAX:-130}; T_MODEL_MAX=${GPU_CHECK_MODEL_MAX:-70}; T_MODEL=(--models b --steps 12)
 fi
+# the model rows, in the budget's order (bench model runs the eager ones, then the block= ones): GPU_CHECK_MODEL_IMPLS
+read -r -a T_MODEL_IMPLS <<< "${GPU_CHECK_MODEL_IMPLS:-timm timm+flashvit.patch graph(timm+flashvit.patch) \
+timm+flashvit.patch[attn=split] timm+flashvit.patch[block=bias] timm+flashvit.patch[block=off]}"  # (no globbing)
 # what each later step keeps back: the caps of the steps after it (those asked for) and 20 s for the report
 T_R_MODEL=20; T_R_GRAPH=$T_R_MODEL; has_part model && T_R_GRAPH=$(( T_R_MODEL + T_MODEL_MAX ))
 T_R_OPS=$T_R_GRAPH; has_part layernorm && T_R_OPS=$(( T_R_GRAPH + T_GRAPH_MAX ))
@@ -418,9 +421,7 @@ if has_part model; then
     say "model: budget ${MODEL_B}s (timeout $(( MODEL_B + GRACE ))s)"
     timeout -k 10 $(( MODEL_B + GRACE )) "$PY" -m flashvit.bench model --out "$OUT" --budget "$MODEL_B" "${CEIL[@]}" \
       "${BENCH_COMMON[@]}" "${T_MODEL[@]}" --profile-steps "$PROFILE_STEPS" \
-      --impls timm timm+flashvit.patch "graph(timm+flashvit.patch)" "timm+flashvit.patch[block=bias]" \
-      "timm+flashvit.patch[block=off]" \
-      > "$SHIM/.model.log" 2>&1
+      --impls "${T_MODEL_IMPLS[@]}" > "$SHIM/.model.log" 2>&1
     rc=$?; [ "$rc" -eq 0 ] || { BENCH_RC=1; note "model: exit code $rc$( [ "$rc" -ge 124 ] && echo ' (timeout)')"; }
     grep -E '^model: ' "$SHIM/.model.log" | cut -c1-400
     [ "$rc" -eq 0 ] || tail -n 15 "$SHIM/.model.log"

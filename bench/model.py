@@ -47,7 +47,8 @@ MODEL_ALIASES = {
 DEFAULT_MODELS = ("vit_base_patch16_224", "vit_small_patch16_224", "vit_large_patch16_224")
 IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "flashvit[block=bias]",
          "timm+flashvit.patch[block=bias]", "flashvit[attn=fused]",
-         "flashvit[attn=split]", "flashvit[attn=masked]", "flashvit[ln=torch]",
+         "flashvit[attn=split]", "flashvit[attn=masked]", "timm+flashvit.patch[attn=split]",
+         "timm+flashvit.patch[attn=fused]", "flashvit[ln=torch]",
          "flashvit[ln=triton]",
          "flashvit-triton", "flashvit-eager", "timm", "timm+flashvit.patch", "timm+flashvit.patch[ln=torch]",
          "flashvit[mlp=hybrid]",

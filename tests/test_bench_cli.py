@@ -704,7 +704,8 @@ def test_gpu_check_targets_dry_run(tmp_path):
     assert {r.name for r in rows} == {"layer_norm", "add_layer_norm"}
     mrows = json.loads((out / "model.json").read_text())["rows"]
     assert {r["impl"] for r in mrows} == {"timm", "timm+flashvit.patch", "graph(timm+flashvit.patch)",
-                                          "timm+flashvit.patch[block=bias]", "timm+flashvit.patch[block=off]"}
+                                          "timm+flashvit.patch[attn=split]", "timm+flashvit.patch[block=bias]",
+                                          "timm+flashvit.patch[block=off]"}
     profiled = [r for r in mrows if r["status"] == "ok"]  # (CPU: no graph row) each with its step profile
     assert profiled and all("profiled 3 steps: device busy" in r["note"] for r in profiled)
     assert len(os.listdir(out / "profile")) == len(profiled)
