@@ -204,6 +204,60 @@ def test_models_train_through_the_block(which, drop_path, init_values, monkeypat
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
 
 
+def _hf_vit(family: str = "vit", qkv_bias: bool = True, drop: float = 0.0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=136, image_size=32,
+               patch_size=16, num_labels=10, qkv_bias=qkv_bias, attention_probs_dropout_prob=drop)
+    cls = {"vit": transformers.ViTForImageClassification, "deit": transformers.DeiTForImageClassification}[family]
+    config = {"vit": transformers.ViTConfig, "deit": transformers.DeiTConfig}[family](**cfg)
+    return flashvit.patch(cls(config).to(DEV).train())
+
+
+@needs_kernels
+@pytest.mark.parametrize("family,qkv_bias", [("vit", True), ("vit", False), ("deit", True)])
+def test_hf_vits_train_through_the_block(family, qkv_bias, monkeypatch):
+    """Every layer of a patched transformers ViT / DeiT runs as one node when asked (q, k, v as one GEMM: their
+    weights concatenated, autograd splitting the gradient back); logits and every parameter's gradient match the
+    per-layer path. Not where the layer gets a mask, attention dropout is active in training, or
+    transformers records outputs (its hooks on the attention)."""
+    model = _hf_vit(family, qkv_bias)
+    layers = model.vit.layers if family == "vit" else model.deit.layers
+    assert all(type(layer).flashvit_block_attn is None and layer.flashvit_block_attn is not None
+               for layer in layers)  # (set on each patched layer, where its attention's forward was checked)
+    x = randn(3, 3, 32, 32, device=DEV)
+    calls = _spy(monkeypatch)
+
+    def step(**kw):
+        model.zero_grad(set_to_none=True)
+        out = model(x, **kw).logits
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with flashvit.use_backend("triton"):
+        with use_fused_block(True):
+            out, grads = step()
+        assert len(calls) == 2
+        with use_fused_block(False):
+            ref, ref_grads = step()
+        assert len(calls) == 2 and grads.keys() == ref_grads.keys()
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+        with use_fused_block(True):
+            layers[0].attention.attention_dropout = 0.1
+            step()
+            assert len(calls) == 3  # layer 0 per layer (dropout in its attention), layer 1 one node
+            layers[0].attention.attention_dropout = 0.0
+            model.eval()
+            with torch.no_grad():
+                model(x)
+            assert len(calls) == 3  # no grads: per layer
+            model.train()
+            step(output_attentions=True)  # transformers' output-capturing hooks on the attentions
+            assert len(calls) == 3
+
+
 @needs_kernels
 def test_blocks_that_must_not_take_it(monkeypatch):
     """The per-layer path wherever the one node would skip something: hooks on a layer, an active drop path or

@@ -200,19 +200,39 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     if not fused_block_on(x):
         return None
     mods = blk._modules
-    attn, mlp, n1, n2 = mods.get("attn"), mods.get("mlp"), mods.get("norm1"), mods.get("norm2")
-    if (type(attn).forward not in attn_forwards or type(mlp).forward is not FusedMLP.forward
-            or type(n1).forward is not LayerNorm.forward or type(n2).forward is not LayerNorm.forward
-            or len(n1.normalized_shape) != 1 or len(n2.normalized_shape) != 1):
+    attn = mods.get("attn")
+    if type(attn).forward not in attn_forwards:
         return None
-    am, mm = attn._modules, mlp._modules
+    am = attn._modules
+    for name in ("q_norm", "k_norm", "norm"):
+        if am.get(name) is not None and type(am[name]) is not nn.Identity:
+            return None
+    return one_node_block(x, mods.get("norm1"), mods.get("norm2"), mods.get("mlp"), attn, (am.get("qkv"),),
+                          am.get("proj"), attn.num_heads, attn.scale, (mods.get("ls1"), mods.get("ls2")),
+                          (mods.get("drop_path1"), mods.get("drop_path2")), (am.get("attn_drop"), am.get("proj_drop")))
+
+
+def one_node_block(x: torch.Tensor, n1: Optional[nn.Module], n2: Optional[nn.Module], mlp: Optional[nn.Module],
+                   attn: nn.Module, qkv: Tuple[Optional[nn.Module], ...], proj: Optional[nn.Module], num_heads: int,
+                   scale: float, scales: Tuple[Optional[nn.Module], ...], paths: Tuple[Optional[nn.Module], ...],
+                   dropouts: Tuple[Optional[nn.Module], ...]) -> Optional[torch.Tensor]:
+    """The checks and the call every caller of the one-node block shares (fused_block_on(x) already true): a
+    pre-norm block's LayerNorms ``n1``, ``n2`` (ours), MLP (our FusedMLP), attention module ``attn`` with its
+    projections ``qkv`` (one packed Linear, or q, k, v: their weights and biases concatenated, as autograd tracks
+    it) and ``proj``, LayerScale and drop-path slots, and the ``dropouts`` that must pass; None where any of it
+    is not the block the op computes or a layer has hooks."""
+    if (mlp is None or type(mlp).forward is not FusedMLP.forward or type(n1).forward is not LayerNorm.forward
+            or type(n2).forward is not LayerNorm.forward or len(n1.normalized_shape) != 1
+            or len(n2.normalized_shape) != 1):
+        return None
+    mm = mlp._modules
     act = mm.get("act")
     approx = getattr(act, "approximate", None)
     if approx not in ("none", "tanh") or _mlp_recompute(mlp.recompute) != "none":
         return None
-    paths, scales = (mods.get("drop_path1"), mods.get("drop_path2")), (mods.get("ls1"), mods.get("ls2"))
-    slots = (am.get("attn_drop"), am.get("proj_drop"), mm.get("drop1"), mm.get("drop2"), *scales, *paths)
-    for m in slots[:4]:
+    if mm.get("norm") is not None and type(mm["norm"]) is not nn.Identity:
+        return None
+    for m in (*dropouts, mm.get("drop1"), mm.get("drop2")):
         if m is None or not _passes(m):
             return None
     for m in scales:  # LayerScale: its γ in the op
@@ -221,23 +241,29 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     for m in paths:  # stochastic depth: a factor a sample, drawn below
         if m is None or not (_passes(m) or _is_drop_path(m)):
             return None
-    for name in ("q_norm", "k_norm", "norm"):
-        if am.get(name) is not None and type(am[name]) is not nn.Identity:
-            return None
-    if mm.get("norm") is not None and type(mm["norm"]) is not nn.Identity:
+    fc1, fc2 = mm.get("fc1"), mm.get("fc2")
+    lins = (*qkv, proj, fc1, fc2)
+    if any(type(m) is not nn.Linear for m in lins):
         return None
-    qkv, proj, fc1, fc2 = am.get("qkv"), am.get("proj"), mm.get("fc1"), mm.get("fc2")
-    if any(has_hooks(m) for m in (n1, attn, qkv, proj, n2, mlp, fc1, act, fc2, *slots)):
+    C = x.shape[-1]  # the block's widths: qkv (C -> 3C), proj (C -> C), fc1 (C -> hidden), fc2 (hidden -> C)
+    if (any(m.out_features != 3 * C // len(qkv) for m in qkv) or any(m.in_features != C for m in (*qkv, proj, fc1))
+            or proj.out_features != C or fc2.in_features != fc1.out_features or fc2.out_features != C):
+        return None
+    if any(has_hooks(m) for m in (n1, attn, *lins, n2, mlp, act, *dropouts, *scales, *paths)):
         return None
     if any(getattr(nn.modules.module, g) for g in _GLOBAL_HOOKS):
         return None
-    pn1, pn2, pq, pp, p1, p2 = (n1._parameters, n2._parameters, qkv._parameters, proj._parameters, fc1._parameters,
-                                fc2._parameters)
-    params = (pn1.get("weight"), pn1.get("bias"), pq["weight"], pq.get("bias"), pp["weight"], pp.get("bias"),
-              pn2.get("weight"), pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
+    pn1, pn2, pp, p1, p2 = n1._parameters, n2._parameters, proj._parameters, fc1._parameters, fc2._parameters
+    qw, qb = qkv[0]._parameters["weight"], qkv[0]._parameters.get("bias")
+    if len(qkv) > 1:  # separate q, k, v (transformers' ViTs): one GEMM's weight and bias, cat tracked by autograd
+        if not all(type(q._parameters["weight"]) in _PLAIN_PARAMS for q in qkv):
+            return None
+        qw, qb = qkv_params(*qkv)
+    params = (pn1.get("weight"), pn1.get("bias"), qw, qb, pp["weight"], pp.get("bias"), pn2.get("weight"),
+              pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
     gammas = tuple(None if type(m) is nn.Identity else m._parameters["gamma"] for m in scales)
     inplace = tuple(bool(getattr(m, "inplace", False)) for m in scales)
-    dt = block_dtype(x, (*params, *gammas), attn.num_heads, attn.scale)
+    dt = block_dtype(x, (*params, *gammas), num_heads, scale)
     if dt is None:
         return None
     # the factors drawn as the per-layer path draws them: the attention branch's, then the MLP's, in its dtype
@@ -245,8 +271,19 @@ def fused_block(blk: nn.Module, x: torch.Tensor, attn_forwards: Tuple[Any, ...])
     for path, gamma, ip in zip(paths, gammas, inplace):
         bd = branch_dtype(dt, gamma, ip)
         factors.append(drop_path_factor(path, x if bd == x.dtype else x.new_empty((x.shape[0],), dtype=bd)))
-    return vit_block(x, params, attn.num_heads, attn.scale, n1.eps, n2.eps, approx, dt, tuple(factors), gammas,
-                     inplace)
+    return vit_block(x, params, num_heads, scale, n1.eps, n2.eps, approx, dt, tuple(factors), gammas, inplace)
+
+
+_PLAIN_PARAMS = (torch.Tensor, nn.Parameter)  # (a subclass, e.g. a sharded DTensor, takes the per-layer path)
+
+
+def qkv_params(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Separate q/k/v projections as one GEMM's weight (3·H·Dh, C) and bias (concatenated: weight-sized work; a
+    missing bias among present ones is zeros)."""
+    bias = None
+    if any(m.bias is not None for m in (q, k, v)):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
+    return torch.cat((q.weight, k.weight, v.weight)), bias
 
 
 def _gamma(ls: nn.Module) -> Optional[torch.Tensor]:

@@ -35,6 +35,7 @@ from torch import nn
 
 from flashvit.kernels._dispatch import needs_grad
 from flashvit.kernels.attention import MAX_HEAD_DIM, attention, qkv_attention
+from flashvit.kernels.block import fused_block_on
 from flashvit.kernels.glu import swiglu, swiglu_fc2, swiglu_packed
 from flashvit.kernels.layernorm import LayerNorm as FlashLayerNorm
 from flashvit.kernels.linear import FusedMLP, linear, mlp_recompute_mode, qkv_rope_linear
@@ -50,6 +51,8 @@ from flashvit.vit.model import (
     drop_path_scale,
     fused_block,
     has_hooks,
+    one_node_block,
+    qkv_params,
 )
 
 __all__ = ["PatchReport", "patch", "unpatch", "HF_ATTN_IMPLEMENTATION"]
@@ -322,7 +325,7 @@ class _FusedTimmRopeAttention(nn.Module):
             if getattr(self, "q_bias", None) is not None:  # EVA: (q_bias, zeros, v_bias)
                 bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
         else:  # separate q/k/v projections (qkv_fused=False): one GEMM all the same
-            weight, bias = _qkv_params(self.q_proj, self.k_proj, self.v_proj)
+            weight, bias = qkv_params(self.q_proj, self.k_proj, self.v_proj)
         fast = plain and not is_causal  # (a mask: the masked kernels)
         if fast and rope is not None and not needs_grad(x, weight, bias, rope):
             o = qkv_attention(qkv_rope_linear(x, weight, bias, H, rope, npt, half), H, self.scale, dropout_p=p,
@@ -668,7 +671,7 @@ class _FusedHFDinov3Attention(nn.Module):
                                            position_embeddings=position_embeddings, **kwargs)
             return (out if layer_scale is None else out * layer_scale), weights
         N = hidden_states.shape[1]
-        weight, bias = _qkv_params(self.q_proj, self.k_proj, self.v_proj)
+        weight, bias = qkv_params(self.q_proj, self.k_proj, self.v_proj)
         cos, sin = position_embeddings  # (..., N - prefix, Dh) each
         rope, prefix, p = torch.cat((sin, cos), dim=-1), N - sin.shape[-2], self.dropout if self.training else 0.0
         if needs_grad(hidden_states, weight, bias, rope):
@@ -680,17 +683,9 @@ class _FusedHFDinov3Attention(nn.Module):
         return linear(o, self.o_proj.weight, self.o_proj.bias, layer_scale=layer_scale), None
 
 
-def _qkv_params(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Separate q/k/v projections as one GEMM's weight (3·H·Dh, C) and bias (concatenated: weight-sized work)."""
-    bias = None
-    if any(m.bias is not None for m in (q, k, v)):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in (q, k, v)])
-    return torch.cat((q.weight, k.weight, v.weight)), bias
-
-
 def _packed_qkv(x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear) -> torch.Tensor:
     """Separate q/k/v projections as one GEMM -> (B, N, 3·H·Dh)."""
-    return linear(x, *_qkv_params(q, k, v))
+    return linear(x, *qkv_params(q, k, v))
 
 
 class _FusedHFEncoderAttention(nn.Module):
@@ -1044,16 +1039,47 @@ class _FusedTimmBeitBlock(nn.Module):
 
 
 class _FusedHFLayer(nn.Module):
-    """transformers ViTLayer with the residual adds fused (add + layernorm_after in one pass, fc2 + residual)."""
+    """transformers ViTLayer with the residual adds fused (add + layernorm_after in one pass, fc2 + residual); in
+    training, where it is the plain block, one autograd node (kernels/block.py, q/k/v as one GEMM)."""
+
+    flashvit_block_attn: Optional[type] = None  # the attention class whose forward _hf_block computes (patch time)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
+        if attention_mask is None and not kwargs:
+            out = _hf_block(self, hidden_states)
+            if out is not None:
+                return out
         a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         a = self.dropout(a)
         y, h = _add_norm(self.layernorm_after, a, hidden_states)
         if isinstance(self.mlp, FusedMLP) and (not self.training or self.dropout.p == 0.0):
             return self.mlp(y, residual=h)
         return self.dropout(self.mlp(y)) + h
+
+
+# transformers' ViT-family attention forward (q_proj, k_proj, v_proj -> the AttentionInterface at ``scaling``, no
+# mask -> o_proj) as checked (transformers 5.24; BEiT's has the same source): what the one-node block computes.
+_HF_VIT_ATTENTION_CHECKED = {"a9fcf5fbaaba5042"}
+
+
+def _hf_block(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A patched ViT-family layer's output from the one-node block (vit.model.one_node_block), or None: not in
+    training (fused_block_on), its attention another class than the one checked at patch time, causal, with
+    attention dropout in training, gradient checkpointing on, or its widths not the block's (C = heads·head_dim)."""
+    if not fused_block_on(x) or layer.__dict__.get("gradient_checkpointing"):
+        return None
+    mods = layer._modules
+    attn = mods.get("attention")
+    if type(attn) is not layer.flashvit_block_attn or attn.is_causal or (attn.training and attn.attention_dropout):
+        return None
+    if attn.num_attention_heads * attn.head_dim != x.shape[-1]:
+        return None
+    am = attn._modules
+    return one_node_block(x, mods.get("layernorm_before"), mods.get("layernorm_after"), mods.get("mlp"), attn,
+                          (am.get("q_proj"), am.get("k_proj"), am.get("v_proj")), am.get("o_proj"),
+                          attn.num_attention_heads, attn.scaling, (_NO_DROP_PATH, _NO_DROP_PATH),
+                          (_NO_DROP_PATH, _NO_DROP_PATH), (mods.get("dropout"),))
 
 
 class _FusedHFDinov2Layer(nn.Module):
@@ -1248,7 +1274,12 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
     _note_hf_drop_path(m)
     why = _hf_forward_differs(type(m), "Layer")
     if why is None:
-        return _clone_as(m, _FusedHFLayer), None
+        new = _clone_as(m, _FusedHFLayer)
+        attn = getattr(m, "attention", None)
+        if attn is not None and _hf_role(attn) == "Attention" and _unchecked(
+                "", type(attn).forward, _HF_VIT_ATTENTION_CHECKED) is None:
+            new.flashvit_block_attn = type(attn)
+        return new, None
     own = _HF_OWN_LAYERS.get(type(m).__name__)
     if own is None:
         return None, why
