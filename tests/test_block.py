@@ -395,6 +395,29 @@ def test_block_bf16_vit_b_gpu(fused_bias, monkeypatch):
     assert len(calls) == 4 and all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.gpu
+def test_hf_vit_default_gpu(monkeypatch):
+    """On CUDA under the default settings a patched transformers ViT trains through the one-node block, in bf16
+    and under bf16 autocast, and its gradients match the per-layer path's (bf16: the 2x rule's scale of error)."""
+    model = _hf_vit().to(torch.bfloat16)
+    x = randn(2, 3, 32, 32, dtype=torch.bfloat16, device=DEV)
+    calls = _spy(monkeypatch)
+    model(x).logits.float().square().mean().backward()
+    assert len(calls) == 2
+    grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with use_fused_block(False):
+        model(x).logits.float().square().mean().backward()
+    assert len(calls) == 2
+    for n, p in model.named_parameters():
+        ref = p.grad.float()
+        assert (grads[n] - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3, n
+    model = model.float()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x.float()).logits.float().sum().backward()
+    assert len(calls) == 4
+
+
 def test_environment_sets_the_default():
     """FLASHVIT_FUSED_BLOCK=0 / 1 at import is use_fused_block's default; unset: None (CUDA under 'auto')."""
     import os
