@@ -15,13 +15,15 @@ runtime. This suite measures that cost with the device work made negligible:
 Rows: each op's forward and forward+backward on flashvit's Triton path vs its eager reference (the
 baseline), and one training step (forward + backward, no optimizer) of a ViT-B-depth model (12 blocks,
 width 64, 32 px) for flashvit and timm + flashvit.patch (every kernel forced; and [auto]: the 'auto' backend's
-CUDA decisions, blocks as one node each, [auto,block=off]: per layer), flashvit (eager), timm (the baseline).
+CUDA decisions, blocks as one node each, [auto,block=off]: per layer), flashvit (eager), timm (the baseline), and
+transformers' ViT at the same widths: hf (eager) and hf+flashvit.patch[auto] / [auto,block=off].
 ``median_ms`` is host milliseconds per call or per step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import statistics
 import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
@@ -160,9 +162,11 @@ def _run_op(fwd: Callable, inputs: list, mode: str, device: torch.device, calls:
 
 # The train-step rows: flashvit / timm+flashvit.patch with every kernel forced ('triton'), flashvit-eager and timm
 # (PyTorch), and IMPL[auto] / IMPL[auto,block=off]: the 'auto' backend as it decides on CUDA (on CPU emulated:
-# emulate_cuda_auto), the blocks as one autograd node each (kernels/block.py) or per layer.
+# emulate_cuda_auto), the blocks as one autograd node each (kernels/block.py) or per layer; hf: transformers' ViT
+# (the same widths, eager) and patched.
 MODEL_IMPLS = ("flashvit", "flashvit[auto]", "flashvit[auto,block=off]", "flashvit-eager", "timm",
-               "timm+flashvit.patch", "timm+flashvit.patch[auto]", "timm+flashvit.patch[auto,block=off]")
+               "timm+flashvit.patch", "timm+flashvit.patch[auto]", "timm+flashvit.patch[auto,block=off]", "hf",
+               "hf+flashvit.patch[auto]", "hf+flashvit.patch[auto,block=off]")
 
 
 def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torch.nn.Module]:
@@ -170,6 +174,14 @@ def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torc
     with torch.device(device):
         if impl.startswith("flashvit"):
             m = flashvit.create_model(MODEL_NAME, **MODEL_KW)
+        elif impl.startswith("hf"):
+            import transformers
+            cfg = transformers.ViTConfig(hidden_size=MODEL_KW["embed_dim"], num_attention_heads=MODEL_KW["num_heads"],
+                                         intermediate_size=4 * MODEL_KW["embed_dim"], image_size=MODEL_KW["img_size"],
+                                         num_hidden_layers=12, patch_size=16, num_labels=1000)
+            m = _Logits(transformers.ViTForImageClassification(cfg))
+            if impl.startswith("hf+flashvit.patch"):
+                flashvit.patch(m.model)
         else:
             import timm
             m = timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KW)
@@ -178,12 +190,23 @@ def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torc
     return m.to(dtype).train()
 
 
+class _Logits(torch.nn.Module):
+    """A transformers classifier's logits (its output is a dataclass)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
 def _run_model(impl: str, device: torch.device, dtype: torch.dtype, calls: int, reps: int) -> Callable[[Row], None]:
     import flashvit
     from flashvit.kernels._dispatch import emulate_cuda_auto
     from flashvit.kernels.block import use_fused_block
     auto = "[auto" in impl
-    backend = "torch" if impl in ("flashvit-eager", "timm") else "auto" if auto else "triton"
+    backend = "torch" if impl in ("flashvit-eager", "timm", "hf") else "auto" if auto else "triton"
 
     def run(row: Row) -> None:
         model = _build(impl, device, dtype)
@@ -216,16 +239,18 @@ def overhead_jobs(device: torch.device, dtype: torch.dtype, quick: bool) -> List
                           note=note)
                 jobs.append(Job(row, _run_op(forward(be), inputs, mode, device, calls, reps),
                                 unavailable=why if impl == "flashvit" else ""))
-    try:
-        import timm  # noqa: F401
-        no_timm = ""
-    except Exception:
-        no_timm = "timm is not installed"
+    missing = {}
+    for lib in ("timm", "transformers"):
+        try:
+            importlib.import_module(lib)
+        except Exception:
+            missing[lib] = f"{lib} is not installed"
     mcalls, mreps = (2, 3) if quick else (10, 9)
     shape = {"model": "vit_b depth, width 64", "batch": MODEL_BATCH, "img": MODEL_KW["img_size"]}
     for impl in MODEL_IMPLS:
         row = Row("overhead", "vit train step", dict(shape), dtype_name(dtype), "train", impl, baseline=impl == "timm",
                   note=note.replace("per call", "per step"))
-        un = (why if impl not in ("flashvit-eager", "timm") else "") or (no_timm if "timm" in impl else "")
+        lib = "timm" if "timm" in impl else "transformers" if impl.startswith("hf") else ""
+        un = (why if impl not in ("flashvit-eager", "timm", "hf") else "") or missing.get(lib, "")
         jobs.append(Job(row, _run_model(impl, device, dtype, mcalls, mreps), unavailable=un))
     return jobs
