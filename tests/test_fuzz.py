@@ -40,7 +40,7 @@ from flashvit.kernels import (  # noqa: E402
     swiglu_reference,
     use_backend,  # noqa: E402
 )
-from flashvit.kernels.block import use_fused_block, vit_block, vit_block_reference  # noqa: E402
+from flashvit.kernels.block import use_fused_bias_grads, use_fused_block, vit_block, vit_block_reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (Linux) to run the kernels")
 ATTN = importlib.import_module("flashvit.kernels.attention")  # the module (the package re-exports the function)
@@ -400,7 +400,7 @@ def test_fuzz_swiglu_fc2(data):
 def test_fuzz_block(data):
     """A plain pre-norm block as one autograd node (kernels/block.py), forced: LayerNorms on their kernels or on
     torch's, attention on its kernels, the linears through cuBLAS / torch; biases, LayerScale, stochastic depth's
-    factors and hidden sizes drawn."""
+    factors, hidden sizes and the bias grads' form (torch's sums or the backward's passes) drawn."""
     draw = data.draw
     dtype = draw(DTYPES)
     B, N, H = draw(st.integers(1, 3)), draw(st.integers(1, 12)), draw(st.integers(1, 3))
@@ -427,13 +427,14 @@ def test_fuzz_block(data):
         kw["layer_scale_inplace"] = (draw(st.booleans()), draw(st.booleans()))
         n_ls = 2
     backend = draw(st.sampled_from(["triton", "auto"]))
+    fused_bias = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
 
     def split(p):
         return dict(kw, layer_scales=tuple(p[12:])) if n_ls else kw
 
     def ours(x, *p):
-        with use_fused_block(True), use_backend(backend):
+        with use_fused_block(True), use_backend(backend), use_fused_bias_grads(fused_bias):
             return vit_block(x, p[:12], **split(p))
     check_op(ours, lambda x, *p: vit_block_reference(x, p[:12], **split(p)), [x, *params], dtype, seed)
 
