@@ -204,25 +204,36 @@ def test_models_train_through_the_block(which, drop_path, init_values, monkeypat
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
 
 
-def _hf_vit(family: str = "vit", qkv_bias: bool = True, drop: float = 0.0):
+def _hf_vit(family: str = "vit", qkv_bias: bool = True, drop_path: float = 0.0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=136, image_size=32,
-               patch_size=16, num_labels=10, qkv_bias=qkv_bias, attention_probs_dropout_prob=drop)
-    cls = {"vit": transformers.ViTForImageClassification, "deit": transformers.DeiTForImageClassification}[family]
-    config = {"vit": transformers.ViTConfig, "deit": transformers.DeiTConfig}[family](**cfg)
-    return flashvit.patch(cls(config).to(DEV).train())
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=16,
+               num_labels=10, qkv_bias=qkv_bias)
+    if family == "dinov2":  # LayerScale (λ) and stochastic depth
+        cfg.update(mlp_ratio=2, layerscale_value=0.5, drop_path_rate=drop_path)
+    else:
+        cfg.update(intermediate_size=136)
+    cls, config = {"vit": (transformers.ViTForImageClassification, transformers.ViTConfig),
+                   "deit": (transformers.DeiTForImageClassification, transformers.DeiTConfig),
+                   "dinov2": (transformers.Dinov2ForImageClassification, transformers.Dinov2Config)}[family]
+    return flashvit.patch(cls(config(**cfg)).to(DEV).train())
+
+
+def _hf_layers(model):
+    inner = getattr(model, "vit", None) or getattr(model, "deit", None) or model.dinov2.encoder
+    return inner.layers if hasattr(inner, "layers") else inner.layer
 
 
 @needs_kernels
-@pytest.mark.parametrize("family,qkv_bias", [("vit", True), ("vit", False), ("deit", True)])
-def test_hf_vits_train_through_the_block(family, qkv_bias, monkeypatch):
-    """Every layer of a patched transformers ViT / DeiT runs as one node when asked (q, k, v as one GEMM: their
-    weights concatenated, autograd splitting the gradient back); logits and every parameter's gradient match the
-    per-layer path. Not where the layer gets a mask, attention dropout is active in training, or
-    transformers records outputs (its hooks on the attention)."""
-    model = _hf_vit(family, qkv_bias)
-    layers = model.vit.layers if family == "vit" else model.deit.layers
+@pytest.mark.parametrize("family,qkv_bias,drop_path", [("vit", True, 0.0), ("vit", False, 0.0), ("deit", True, 0.0),
+                                                       ("dinov2", True, 0.0), ("dinov2", False, 0.6)])
+def test_hf_vits_train_through_the_block(family, qkv_bias, drop_path, monkeypatch):
+    """Every layer of a patched transformers ViT / DeiT / DINOv2 (LayerScale λ, stochastic depth) runs as one node
+    when asked (q, k, v as one GEMM: their weights concatenated, autograd splitting the gradient back); logits and
+    every parameter's gradient match the per-layer path (one seed: the same samples dropped). Not where attention
+    dropout is active in training, nor where transformers records outputs (its hooks on the attention)."""
+    model = _hf_vit(family, qkv_bias, drop_path)
+    layers = _hf_layers(model)
     assert all(type(layer).flashvit_block_attn is None and layer.flashvit_block_attn is not None
                for layer in layers)  # (set on each patched layer, where its attention's forward was checked)
     x = randn(3, 3, 32, 32, device=DEV)
@@ -235,9 +246,11 @@ def test_hf_vits_train_through_the_block(family, qkv_bias, monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     with flashvit.use_backend("triton"):
+        torch.manual_seed(5)
         with use_fused_block(True):
             out, grads = step()
         assert len(calls) == 2
+        torch.manual_seed(5)
         with use_fused_block(False):
             ref, ref_grads = step()
         assert len(calls) == 2 and grads.keys() == ref_grads.keys()
@@ -245,6 +258,10 @@ def test_hf_vits_train_through_the_block(family, qkv_bias, monkeypatch):
         for n in grads:
             torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
         with use_fused_block(True):
+            if drop_path:  # the draws matter: another seed drops other samples
+                torch.manual_seed(6)
+                assert not torch.allclose(step()[0], out)
+                del calls[2:]
             layers[0].attention.attention_dropout = 0.1
             step()
             assert len(calls) == 3  # layer 0 per layer (dropout in its attention), layer 1 one node

@@ -14,7 +14,7 @@ Per block (pre-norm), with T tokens of width D:
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -143,8 +143,14 @@ class Block(nn.Module):
 _TIMM_DROP_PATH = "timm.layers.drop.DropPath"
 
 
+# Other libraries' drop-path classes checked by flashvit.patch (their sources read at patch time): class -> how it
+# draws its factor a sample, (module, x (B, ...)) -> (B,) fp32, the samples the module would drop on x.
+DROP_PATH_DRAWS: Dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {}
+
+
 def _is_drop_path(m: nn.Module) -> bool:
-    return isinstance(m, DropPath) or f"{type(m).__module__}.{type(m).__qualname__}" == _TIMM_DROP_PATH
+    return (isinstance(m, DropPath) or f"{type(m).__module__}.{type(m).__qualname__}" == _TIMM_DROP_PATH
+            or type(m) in DROP_PATH_DRAWS)
 
 
 def drop_path_factor(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -153,6 +159,9 @@ def drop_path_factor(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     (an nn.Identity too)."""
     if _passes(m):
         return None
+    draw = DROP_PATH_DRAWS.get(type(m))
+    if draw is not None:
+        return draw(m, x).to(x.dtype)
     if isinstance(m, DropPath) or m.scale_by_keep:
         return drop_path_scale(x, m.drop_prob)
     return x.new_empty((x.shape[0],)).bernoulli_(1.0 - m.drop_prob)  # timm's scale_by_keep=False: the mask alone
@@ -161,10 +170,22 @@ def drop_path_factor(m: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
 _TIMM_LAYER_SCALES = ("timm.layers.layer_scale.LayerScale", "timm.models.vision_transformer.LayerScale")
 
 
-def _is_layer_scale(m: nn.Module) -> bool:
-    """flashvit's or timm's LayerScale (y·γ, timm's in place or not) with a γ parameter."""
-    return ((isinstance(m, LayerScale) or f"{type(m).__module__}.{type(m).__qualname__}" in _TIMM_LAYER_SCALES)
-            and isinstance(m._parameters.get("gamma"), torch.Tensor))
+# Other libraries' LayerScale classes (y = x·γ; timm's ``inplace`` variant computes the same values) and γ's
+# parameter name. transformers' are taken inside the layers flashvit.patch fuses, whose LayerScale's source it checks.
+LAYER_SCALE_ATTRS = {**dict.fromkeys(_TIMM_LAYER_SCALES, "gamma"),
+                     "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
+                     "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers."
+                     "Dinov2WithRegistersLayerScale": "lambda1",
+                     "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale": "lambda1"}
+
+
+def _layer_scale_gamma(m: nn.Module) -> Optional[torch.Tensor]:
+    """γ of flashvit's LayerScale or of a class in LAYER_SCALE_ATTRS; None for another module or one without its γ
+    parameter."""
+    name = "gamma" if isinstance(m, LayerScale) else LAYER_SCALE_ATTRS.get(
+        f"{type(m).__module__}.{type(m).__qualname__}")
+    gamma = m._parameters.get(name) if name is not None else None
+    return gamma if isinstance(gamma, torch.Tensor) else None
 
 
 def _passes(m: nn.Module) -> bool:
@@ -235,9 +256,12 @@ def one_node_block(x: torch.Tensor, n1: Optional[nn.Module], n2: Optional[nn.Mod
     for m in (*dropouts, mm.get("drop1"), mm.get("drop2")):
         if m is None or not _passes(m):
             return None
+    gammas = []
     for m in scales:  # LayerScale: its γ in the op
-        if m is None or not (type(m) is nn.Identity or _is_layer_scale(m)):
+        gamma = None if m is None or type(m) is nn.Identity else _layer_scale_gamma(m)
+        if m is None or (gamma is None and type(m) is not nn.Identity):
             return None
+        gammas.append(gamma)
     for m in paths:  # stochastic depth: a factor a sample, drawn below
         if m is None or not (_passes(m) or _is_drop_path(m)):
             return None
@@ -261,7 +285,7 @@ def one_node_block(x: torch.Tensor, n1: Optional[nn.Module], n2: Optional[nn.Mod
         qw, qb = qkv_params(*qkv)
     params = (pn1.get("weight"), pn1.get("bias"), qw, qb, pp["weight"], pp.get("bias"), pn2.get("weight"),
               pn2.get("bias"), p1["weight"], p1.get("bias"), p2["weight"], p2.get("bias"))
-    gammas = tuple(None if type(m) is nn.Identity else m._parameters["gamma"] for m in scales)
+    gammas = tuple(gammas)
     inplace = tuple(bool(getattr(m, "inplace", False)) for m in scales)
     dt = block_dtype(x, (*params, *gammas), num_heads, scale)
     if dt is None:

@@ -44,7 +44,8 @@ from flashvit.kernels.patch_embed import patch_embed as patch_embed_op
 from flashvit.kernels.rope import apply_rope
 from flashvit.vit.model import (
     _TIMM_DROP_PATH,
-    _TIMM_LAYER_SCALES,
+    DROP_PATH_DRAWS,
+    LAYER_SCALE_ATTRS,
     DropPath,
     add_scaled,
     drop_path_factor,
@@ -809,15 +810,21 @@ def _drop_path_inactive(m: nn.Module) -> bool:
 # source checked: floor(rand + keep_prob) a sample in x's dtype, then x / keep_prob times it. Their classes are
 # checked when patch() fuses a layer holding one; the fused layers then draw that mask themselves.
 _HF_DROP_PATH_CHECKED = {"aa92bccc7644851b"}
-_HF_DROP_PATHS: set = set()  # classes found to be that source
 
 
 def _note_hf_drop_path(layer: nn.Module) -> None:
     """Check the class of ``layer.drop_path`` (patch time: its source is read once, not in the forward)."""
     cls = type(getattr(layer, "drop_path", None))
-    if (cls.__module__.startswith("transformers.") and cls.__name__.endswith("DropPath") and cls not in _HF_DROP_PATHS
+    if (cls.__module__.startswith("transformers.") and cls.__name__.endswith("DropPath") and cls not in DROP_PATH_DRAWS
             and _source_fingerprint(cls.forward) in _HF_DROP_PATH_CHECKED):
-        _HF_DROP_PATHS.add(cls)
+        DROP_PATH_DRAWS[cls] = _hf_drop_draw
+
+
+def _hf_drop_draw(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A checked transformers drop path's factor a sample (B,), fp32: floor(rand + keep) in x's dtype, as it draws
+    its mask, over keep (it divides x by keep)."""
+    keep = 1.0 - m.drop_prob
+    return torch.floor(torch.rand((x.shape[0],), dtype=x.dtype, device=x.device) + keep).float() / keep
 
 
 def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Tensor]]:
@@ -833,10 +840,9 @@ def _drop_scale(m: nn.Module, x: torch.Tensor) -> Tuple[bool, Optional[torch.Ten
         return True, drop_path_factor(m, x)
     if _qualname(m) == _TV_STOCHASTIC_DEPTH and m.mode == "row" and 0.0 <= m.p <= 1.0:  # (its source: _decide_tv)
         return True, drop_path_scale(x, m.p)  # (its draw: one Bernoulli a row, divided by the survival rate)
-    if type(m) in _HF_DROP_PATHS:  # floor(rand + keep) in x's dtype, as it draws; x / keep: an fp32 factor
-        keep = 1.0 - m.drop_prob
-        mask = torch.floor(torch.rand((x.shape[0],), dtype=x.dtype, device=x.device) + keep)
-        return True, mask.float() / keep
+    draw = DROP_PATH_DRAWS.get(type(m))  # (a checked transformers drop path: its fp32 factor)
+    if draw is not None:
+        return True, draw(m, x)
     return False, None
 
 
@@ -861,20 +867,12 @@ def _add_norm(norm: nn.Module, a: torch.Tensor, x: torch.Tensor, drop_path: Opti
     return norm(h), h
 
 
-# LayerScale classes (y = x * γ) and their γ attribute; timm's ``inplace`` variant computes the same values.
-_LAYER_SCALES = {**dict.fromkeys(_TIMM_LAYER_SCALES, "gamma"),
-                 "transformers.models.dinov2.modeling_dinov2.Dinov2LayerScale": "lambda1",
-                 "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers."
-                 "Dinov2WithRegistersLayerScale": "lambda1",
-                 "transformers.models.dinov3_vit.modeling_dinov3_vit.DINOv3ViTLayerScale": "lambda1"}
-
-
 def _gemm_layer_scale(ls: nn.Module) -> Tuple[bool, Optional[torch.Tensor]]:
     """(True, γ) for a LayerScale the GEMM before it may apply (in its epilogue), (True, None) for the identity,
     (False, None) otherwise (another module, or hooks on it that must see its call)."""
     if isinstance(ls, nn.Identity):
         return True, None
-    attr = _LAYER_SCALES.get(_qualname(ls))
+    attr = LAYER_SCALE_ATTRS.get(_qualname(ls))
     if attr is None or has_hooks(ls):
         return False, None
     return True, getattr(ls, attr)
@@ -1047,7 +1045,7 @@ class _FusedHFLayer(nn.Module):
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
         if attention_mask is None and not kwargs:
-            out = _hf_block(self, hidden_states)
+            out = _hf_block(self, hidden_states, _HF_VIT_NAMES)
             if out is not None:
                 return out
         a, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
@@ -1063,10 +1061,18 @@ class _FusedHFLayer(nn.Module):
 _HF_VIT_ATTENTION_CHECKED = {"a9fcf5fbaaba5042"}
 
 
-def _hf_block(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+# A patched transformers layer's submodule names: (norm before attention, norm before MLP, LayerScale after each
+# branch, drop path, dropout after each branch), None where the layer has none (ViT's: no LayerScale, no drop path;
+# DINOv2's: no dropout, one drop path module drawn for each branch).
+_HF_VIT_NAMES = ("layernorm_before", "layernorm_after", None, None, None, "dropout")
+_HF_DINOV2_NAMES = ("norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", None)
+
+
+def _hf_block(layer: nn.Module, x: torch.Tensor, names: Tuple[Optional[str], ...]) -> Optional[torch.Tensor]:
     """A patched ViT-family layer's output from the one-node block (vit.model.one_node_block), or None: not in
     training (fused_block_on), its attention another class than the one checked at patch time, causal, with
-    attention dropout in training, gradient checkpointing on, or its widths not the block's (C = heads·head_dim)."""
+    attention dropout in training, gradient checkpointing on, or its widths not the block's (C = heads·head_dim).
+    ``names``: its submodules' (_HF_VIT_NAMES)."""
     if not fused_block_on(x) or layer.__dict__.get("gradient_checkpointing"):
         return None
     mods = layer._modules
@@ -1076,10 +1082,9 @@ def _hf_block(layer: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     if attn.num_attention_heads * attn.head_dim != x.shape[-1]:
         return None
     am = attn._modules
-    return one_node_block(x, mods.get("layernorm_before"), mods.get("layernorm_after"), mods.get("mlp"), attn,
-                          (am.get("q_proj"), am.get("k_proj"), am.get("v_proj")), am.get("o_proj"),
-                          attn.num_attention_heads, attn.scaling, (_NO_DROP_PATH, _NO_DROP_PATH),
-                          (_NO_DROP_PATH, _NO_DROP_PATH), (mods.get("dropout"),))
+    n1, n2, ls1, ls2, path, drop = (mods.get(n) if n else _NO_DROP_PATH for n in names)
+    return one_node_block(x, n1, n2, mods.get("mlp"), attn, (am.get("q_proj"), am.get("k_proj"), am.get("v_proj")),
+                          am.get("o_proj"), attn.num_attention_heads, attn.scaling, (ls1, ls2), (path, path), (drop,))
 
 
 class _FusedHFDinov2Layer(nn.Module):
@@ -1087,8 +1092,14 @@ class _FusedHFDinov2Layer(nn.Module):
     norm2 in one pass, ls2 and the residual add in fc2's GEMM. (ls1 stays a multiply: its GEMM is inside
     transformers' attention module.)"""
 
+    flashvit_block_attn: Optional[type] = None  # as _FusedHFLayer's
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
+        if attention_mask is None and not kwargs:
+            out = _hf_block(self, hidden_states, _HF_DINOV2_NAMES)
+            if out is not None:
+                return out
         a, _ = self.attention(self.norm1(hidden_states), attention_mask=attention_mask, **kwargs)
         y, h = _add_norm(self.norm2, self.layer_scale1(a), hidden_states, self.drop_path)
         return _mlp_residual(self.mlp, self.layer_scale2, self.drop_path, y, h)
@@ -1274,12 +1285,7 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
     _note_hf_drop_path(m)
     why = _hf_forward_differs(type(m), "Layer")
     if why is None:
-        new = _clone_as(m, _FusedHFLayer)
-        attn = getattr(m, "attention", None)
-        if attn is not None and _hf_role(attn) == "Attention" and _unchecked(
-                "", type(attn).forward, _HF_VIT_ATTENTION_CHECKED) is None:
-            new.flashvit_block_attn = type(attn)
-        return new, None
+        return _with_block_attn(m, _clone_as(m, _FusedHFLayer)), None
     own = _HF_OWN_LAYERS.get(type(m).__name__)
     if own is None:
         return None, why
@@ -1289,7 +1295,19 @@ def _decide_hf_layer(m: nn.Module) -> Decision:
         why = _unchecked(f"{type(owner).__name__}.forward", getattr(type(owner), "forward", None), prints)
         if why:
             return None, why
-    return _clone_as(m, mixin), None
+    new = _clone_as(m, mixin)
+    same_scales = type(getattr(m, "layer_scale1", None)) is type(getattr(m, "layer_scale2", None))
+    return (_with_block_attn(m, new) if mixin is _FusedHFDinov2Layer and same_scales else new), None
+
+
+def _with_block_attn(orig: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` (orig's clone) with flashvit_block_attn set where orig's attention is a ViT-family attention whose
+    forward is the source the one-node block computes (_HF_VIT_ATTENTION_CHECKED)."""
+    attn = getattr(orig, "attention", None)
+    if attn is not None and _hf_role(attn) == "Attention" and _unchecked(
+            "", type(attn).forward, _HF_VIT_ATTENTION_CHECKED) is None:
+        new.flashvit_block_attn = type(attn)
+    return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1785,7 +1803,7 @@ def patch(model: nn.Module, attention: bool = True, layernorm: bool = True, mlp:
 def _gemm_scales(m: nn.Module) -> int:
     """How many LayerScales a fused block applies in its GEMMs (where its attention / MLP are fused too)."""
     def ls(x: nn.Module) -> bool:
-        return _qualname(x) in _LAYER_SCALES
+        return _qualname(x) in LAYER_SCALE_ATTRS
     if isinstance(m, _FusedTimmBlock):
         return (int(ls(m.ls1) and isinstance(m.attn, _FusedTimmAttention))
                 + int(ls(m.ls2) and isinstance(m.mlp, _RESIDUAL_MLPS)))
