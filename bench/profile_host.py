@@ -70,21 +70,22 @@ def launch_costs(out: str, calls: int) -> None:
     y, mean, rstd = torch.empty_like(x), torch.empty(34, device="cuda"), torch.empty(34, device="cuda")
     m, d = x.shape
     block_n, rows, warps, _ = L._config(d)
-    args = (x, x, w, b, y, y, mean, rstd, m, d, d, d, d, d, 1e-5)
+    args = (x, x, w, b, y, y, mean, rstd, mean, m, d, d, d, d, d, 1e-5, 1)  # (S: mean, a placeholder; T = 1)
+    consts = dict(BLOCK_N=block_n, BLOCK_N2=0, HAS_RES=False, HAS_SCALE=False)
     lines = []
 
     def grid(meta):
         return (L.cdiv(m, meta["ROWS"]),)
 
     def tuned():  # Triton's own path: the autotuner, then JITFunction.run
-        return launch(L._ln_fwd_tuned.kernel, grid, *args, BLOCK_N=block_n, HAS_RES=False)
+        return launch(L._ln_fwd_tuned.kernel, grid, *args, **consts)
 
     def bare():
-        return launch(L._ln_fwd_kernel, (L.cdiv(m, rows),), *args, BLOCK_N=block_n, ROWS=rows, HAS_RES=False,
-                      num_warps=warps, num_stages=1)
+        return launch(L._ln_fwd_kernel, (L.cdiv(m, rows),), *args, ROWS=rows, num_warps=warps, num_stages=1,
+                      **consts)
 
     def launcher():  # flashvit's Launcher (kernels/_dispatch.py): the compiled kernel's own launcher
-        L._ln_fwd_tuned(grid, args, dict(BLOCK_N=block_n, HAS_RES=False))
+        L._ln_fwd_tuned(grid, args, consts)
 
     def empty4():
         torch.empty((m, d), device="cuda", dtype=torch.bfloat16)

@@ -80,13 +80,41 @@ else:  # pragma: no cover - no triton on this platform; the kernels are never la
 
 
 @_jit
+def _dev_ln_fwd_load(X, R, H, r64, cols, mask, stride_x, stride_r, stride_h, sc, HAS_RES: tl.constexpr,
+                     HAS_SCALE: tl.constexpr):
+    # One column chunk (ROWS, C) of the LN input in fp32: x (times sc (ROWS,) with HAS_SCALE, rounded to x's
+    # dtype), or h = that + r (HAS_RES), rounded to h's dtype and stored, as eager `x + residual` does.
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        x = (x * sc[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(H.dtype.element_ty)
+        tl.store(H + r64 * stride_h + cols[None, :], h, mask=mask)
+        x = h.to(tl.float32)
+    return x
+
+
+@_jit
+def _dev_ln_fwd_store(Y, W, B, r64, cols, col_mask, mask, xc, rstd, stride_y):
+    # y = xc·rstd·w + b of one column chunk.
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@_jit
 def _ln_fwd_kernel(
     X, R, W, B, Y, H, Mean, Rstd, S,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
     M, N, stride_x, stride_r, stride_y, stride_h, eps, T,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_N2: tl.constexpr,
 ):
     # HAS_SCALE (with HAS_RES): h = x·s + r, S (M / T,) one factor for each sample's T rows (stochastic depth:
     # 0 or 1 / keep_prob); x·s in fp32, rounded to x's dtype first, as eager's drop_path(x) + r.
+    # BLOCK_N2 > 0: a row is two column chunks, BLOCK_N + BLOCK_N2 (384 = 256 + 128), not one padded power of two
+    # (the backward's layout; see LN_BWD_CHUNKS).
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -94,33 +122,40 @@ def _ln_fwd_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]  # (ROWS, BLOCK_N)
     r64 = rows.to(tl.int64)[:, None]  # int64: M * stride can pass 2^31
-    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        sc = tl.load(S + rows // T, mask=row_mask, other=0.0).to(tl.float32)  # (ROWS,)
+    else:
+        sc = 1.0  # (unused)
+    x = _dev_ln_fwd_load(X, R, H, r64, cols, mask, stride_x, stride_r, stride_h, sc, HAS_RES, HAS_SCALE)
     # x0 (ROWS,): each row's first element (what the tile holds at column 0; a cached reload), the shift of the
     # sums below: a row of equal values gives x - x0 = 0 exactly, so y = b exactly (an fp32 sum / N is off by
     # ulps there, which rstd ~ eps^-1/2 magnifies), and large offsets cancel before the sums.
     x0 = tl.load(X + rows.to(tl.int64) * stride_x, mask=row_mask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        sc = tl.load(S + rows // T, mask=row_mask, other=0.0).to(tl.float32)  # (ROWS,)
-        x = (x * sc[:, None]).to(X.dtype.element_ty).to(tl.float32)
         x0 = (x0 * sc).to(X.dtype.element_ty).to(tl.float32)
     if HAS_RES:
-        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        # h rounds to its storage dtype first, as eager `x + residual` does; LN reads the stored h.
-        h = (x + r).to(H.dtype.element_ty)
-        tl.store(H + r64 * stride_h + cols[None, :], h, mask=mask)
-        x = h.to(tl.float32)
         r0 = tl.load(R + rows.to(tl.int64) * stride_r, mask=row_mask, other=0.0).to(tl.float32)
         x0 = (x0 + r0).to(H.dtype.element_ty).to(tl.float32)  # h's first element, the same rounding
     d = tl.where(mask, x - x0[:, None], 0.0)
-    mean_d = tl.sum(d, axis=1) / N  # (ROWS,) mean - x0
+    sum_d = tl.sum(d, axis=1)
+    if BLOCK_N2 > 0:
+        cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+        col_mask2 = cols2 < N
+        mask2 = row_mask[:, None] & col_mask2[None, :]
+        x2 = _dev_ln_fwd_load(X, R, H, r64, cols2, mask2, stride_x, stride_r, stride_h, sc, HAS_RES, HAS_SCALE)
+        d2 = tl.where(mask2, x2 - x0[:, None], 0.0)
+        sum_d += tl.sum(d2, axis=1)
+    mean_d = sum_d / N  # (ROWS,) mean - x0
     xc = tl.where(mask, d - mean_d[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1)
+    if BLOCK_N2 > 0:
+        xc2 = tl.where(mask2, d2 - mean_d[:, None], 0.0)
+        var += tl.sum(xc2 * xc2, axis=1)
     mean = x0 + mean_d  # (saved: the backward's x - mean is 0 on a row of equal values too)
-    var = tl.sum(xc * xc, axis=1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)  # (ROWS,)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w[None, :] + b[None, :]
-    tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    rstd = 1.0 / tl.sqrt(var / N + eps)  # (ROWS,)
+    _dev_ln_fwd_store(Y, W, B, r64, cols, col_mask, mask, xc, rstd, stride_y)
+    if BLOCK_N2 > 0:
+        _dev_ln_fwd_store(Y, W, B, r64, cols2, col_mask2, mask2, xc2, rstd, stride_y)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -397,6 +432,25 @@ def _bwd_chunks(d: int, block_n: int) -> Tuple[int, int]:
     return _chunk_layout(d, block_n) if _bwd_chunks_on() else (block_n, 0)
 
 
+# The forward's rows as column chunks too (BLOCK_N2 in _ln_fwd_kernel). Run 8's backward autotuner picked them at D =
+# 384 (2026-11-28-h100-run8/ops-graph.json, its rows' notes: BLOCK_N=256, BLOCK_N2=128), the width whose forward
+# ran furthest from copy bandwidth there (82%, 0.90x torch.compile; targets.txt). Not yet timed in the forward, so
+# by default (None) the GPU's autotuner decides between the padded block and the chunks (_ln_fwd_tuned_auto);
+# True / False force one; the interpreter runs the padded block.
+LN_FWD_CHUNKS: Optional[bool] = None
+_ln_fwd_chunks: List[bool] = []  # innermost use_ln_fwd_chunks() last
+
+
+def use_ln_fwd_chunks(on: bool) -> ContextManager[None]:
+    """Force the forward's column chunks (LN_FWD_CHUNKS) on or off inside a ``with`` block."""
+    return pushed(_ln_fwd_chunks, bool(on))
+
+
+def _fwd_chunks_on() -> Optional[bool]:
+    """The forward's forced column chunks, or None: the autotuner's choice."""
+    return _ln_fwd_chunks[-1] if _ln_fwd_chunks else LN_FWD_CHUNKS
+
+
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
 # on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements, and TILE
 # and 2·TILE with half the warps (~16 elements a thread: twice the bytes in flight per thread). Run 5's
@@ -467,14 +521,36 @@ def _auto_bwd_prune(configs, named_args, **kwargs):
             and not (c.kwargs["PREFETCH"] and block > PREFETCH_MAX_BLOCK)]
 
 
+def _layouts(block: int) -> List[Tuple[int, int]]:
+    """A padded block's layout and every two-chunk layout under it: half the block + a power of two from MIN_CHUNK
+    to a quarter (the autotuners' candidates; each width prunes them to its own two)."""
+    seconds = [MIN_CHUNK << i for i in range(block.bit_length()) if MIN_CHUNK << i <= block // 4]
+    return [(block, 0)] + [(block // 2, c2) for c2 in seconds]
+
+
+def _auto_fwd_prune(configs, named_args, **kwargs):
+    """The forward's configs for width N where the autotuner picks the layout: N's padded block and its column
+    chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices."""
+    n = named_args["N"]
+    block = _config(n)[0]
+    layouts, want = {(block, 0), _chunk_layout(n, block)}, set(_fwd_choices(block))
+    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+            and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts]
+
+
+def _auto_fwd_configs() -> list:
+    """Every block's layouts (_layouts) times its (ROWS, warps) choices."""
+    return [triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r}, num_warps=w, num_stages=FWD_STAGES)
+            for block in _block_sizes() for (bn1, bn2), (r, w) in itertools.product(_layouts(block),
+                                                                                    _fwd_choices(block))]
+
+
 def _auto_bwd_configs() -> list:
     """Every block's padded layout and every two-chunk layout under it (half the block + a power of two from
     MIN_CHUNK to a quarter), times its (ROWS, warps) choices, times the prefetch off / on."""
     out = []
     for block in _block_sizes():
-        seconds = [MIN_CHUNK << i for i in range(block.bit_length()) if MIN_CHUNK << i <= block // 4]
-        layouts = [(block, 0)] + [(block // 2, c2) for c2 in seconds]
-        for (bn1, bn2), (r, w), pf in itertools.product(layouts, _bwd_choices(block), (False, True)):
+        for (bn1, bn2), (r, w), pf in itertools.product(_layouts(block), _bwd_choices(block), (False, True)):
             out.append(triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PREFETCH": pf}, num_warps=w,
                                      num_stages=BWD_STAGES))
     return out
@@ -486,7 +562,11 @@ if HAS_TRITON and not INTERPRET:
         return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
                                key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
 
-    _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES"]))
+    _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES", "BLOCK_N2"]))
+    # LN_FWD_CHUNKS None: the layout (padded block or column chunks) too
+    _ln_fwd_tuned_auto = Launcher(triton.autotune(_auto_fwd_configs(), key=["N", "HAS_RES"],
+                                                  prune_configs_by={"early_config_prune": _auto_fwd_prune})(
+        _ln_fwd_kernel))
     _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
                                                                                "PREFETCH", "COLSUMS"]))
 
@@ -567,12 +647,16 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     has_scale = x_scale is not None and has_res
     sc = x_scale if has_scale else mean  # (B,) (a placeholder without)
     args = (x2, r2, w, b, y2, h2, mean, rstd, sc, m, d, sx, sr, d, d, eps, m // sc.shape[0] if has_scale else 1)
+    forced = _fwd_chunks_on()
+    bn1, bn2 = _chunk_layout(d, block_n) if forced else (block_n, 0)  # (where the autotuner does not pick it)
+    consts = dict(HAS_RES=has_res, HAS_SCALE=has_scale)
     if INTERPRET:
-        launch(_ln_fwd_kernel, (cdiv(m, rows),), *args, BLOCK_N=block_n, ROWS=rows, HAS_RES=has_res,
-               HAS_SCALE=has_scale, num_warps=warps, num_stages=FWD_STAGES)
+        launch(_ln_fwd_kernel, (cdiv(m, rows),), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, num_warps=warps,
+               num_stages=FWD_STAGES, **consts)
+    elif forced is None:
+        _ln_fwd_tuned_auto(lambda meta: (cdiv(m, meta["ROWS"]),), args, consts)
     else:
-        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=block_n, HAS_RES=has_res,
-                                                                         HAS_SCALE=has_scale))
+        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, **consts))
     return y, h, mean, rstd
 
 
@@ -916,18 +1000,20 @@ def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, t
 
 
 def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dtype, pd: torch.dtype,
-              has_res: bool, tag: str = "", scale: Optional[torch.dtype] = None) -> AotSpec:
+              has_res: bool, tag: str = "", scale: Optional[torch.dtype] = None, block_n2: int = 0) -> AotSpec:
     hd = torch.promote_types(xd, rd)
     has_scale = scale is not None  # S: the per-sample factor's dtype (timm's mask: x's; transformers': fp32)
     sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}", "Y": f"*{_TT[hd]}",
            "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "S": f"*{_TT[scale]}" if has_scale else "*fp32",
            "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_h": "i32",
            "eps": "fp32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr",
-           "HAS_SCALE": "constexpr"}
+           "HAS_SCALE": "constexpr", "BLOCK_N2": "constexpr"}
     tag += (",scale" if scale == xd else f",scale={_TT[scale]}") if has_scale else ""
+    chunks = f"+{block_n2}" if block_n2 else ""
     return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res,
-                                              "HAS_SCALE": has_scale}, warps, FWD_STAGES,
-                        f"ln_fwd[BLOCK_N={block_n},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}{tag}]",
+                                              "HAS_SCALE": has_scale, "BLOCK_N2": block_n2}, warps, FWD_STAGES,
+                        f"ln_fwd[BLOCK_N={block_n}{chunks},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}"
+                        f"{tag}]",
                         div16=("N", "stride_x", "stride_r", "stride_y", "stride_h"))  # ViT widths: 16 | D
 
 
@@ -957,14 +1043,13 @@ def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dt
 def _aot_specs() -> List[AotSpec]:
     """The default config (_config) for every dtype combination; the autotuner's alternatives in bf16."""
     specs: List[AotSpec] = []
-    bf = torch.bfloat16
+    bf, f32 = torch.bfloat16, torch.float32
     for block_n in _block_sizes():
         _, rows, fwd_warps, bwd_warps = _config(block_n)
         for has_res in (False, True):
             specs += [_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, has_res) for xd, rd, pd in _dtype_combos(has_res)]
         # stochastic depth's factor per sample (x_scale): bf16 branch + bf16 or fp32 (autocast) stream, and fp32;
         # the factor in x's dtype (timm's mask) and, for a bf16 branch, in fp32 (transformers' 1 / keep_prob)
-        f32 = torch.float32
         for xd, rd, pd, sd in ((bf, bf, bf, bf), (bf, f32, f32, bf), (f32, f32, f32, f32), (bf, f32, f32, f32)):
             specs.append(_fwd_spec(block_n, rows, fwd_warps, xd, rd, pd, True, scale=sd))
         for has_dho in (False, True):
@@ -989,6 +1074,16 @@ def _aot_specs() -> List[AotSpec]:
                     specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, prefetch))
                     if prefetch:
                         specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}", 0, True))
+    # the forward's column chunks, every autotuner choice in bf16 (with and without the add) at ViT's widths, and
+    # the default tile with stochastic depth's factor and in fp32 (autocast's residual stream)
+    for d in (192, 384, 768, 1280, 1536):
+        block_n = _config(d)[0]
+        bn1, bn2 = _chunk_layout(d, block_n)
+        for (r, w), has_res in itertools.product(_fwd_choices(block_n), (False, True)):
+            specs.append(_fwd_spec(bn1, r, w, bf, bf, bf, has_res, f",ROWS={r},w{w}", None, bn2))
+        _, rows, fwd_warps, _ = _config(d)
+        specs.append(_fwd_spec(bn1, rows, fwd_warps, bf, bf, bf, True, "", bf, bn2))
+        specs.append(_fwd_spec(bn1, rows, fwd_warps, bf, f32, f32, True, "", None, bn2))
     # the column sums' autotuner choices in bf16 at the ViT widths the block runs the LayerNorm kernels at
     sums = {}  # (768's padded block is 1024's)
     for d in (768, 1024, 1280):

@@ -124,9 +124,10 @@ def _sample_scale(b, dtype, device):
 
 # x_scale: stochastic depth's factor per sample on x (h = x·s[b] + r). Leading shapes (B, T...): T rows a sample,
 # T = 1 included; the factor's own gradient too.
+@pytest.mark.parametrize("chunks", [False, True])  # (use_ln_fwd_chunks and use_ln_chunks: forward and backward)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lead,d", [((3, 5), 7), ((4, 37), 192), ((3, 2, 3), 384), ((2,), 1000), ((5, 3), 1)])
-def test_add_layer_norm_sample_scale(device, dtype, lead, d, launches):
+def test_add_layer_norm_sample_scale(device, dtype, lead, d, chunks, launches):
     x = randn(*lead, d, dtype=dtype, device=device)
     r = randn(*lead, d, dtype=dtype, device=device, scale=3.0)
     w = randn(d, dtype=dtype, device=device)
@@ -134,9 +135,10 @@ def test_add_layer_norm_sample_scale(device, dtype, lead, d, launches):
     s = _sample_scale(lead[0], dtype, device)
     gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
 
-    _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
-             lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
-             "xrwbs")
+    with L.use_ln_fwd_chunks(chunks), L.use_ln_chunks(chunks):
+        _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
+                 lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
+                 "xrwbs")
     assert launches == {"fwd": 1, "bwd": 1}
 
 
@@ -177,9 +179,10 @@ def test_sample_scale_shapes_and_errors(device, launches):
 @pytest.mark.parametrize("lead,d", [((3,), 384), ((1, 2), 768), ((2,), 1280), ((2, 3, 37), 192), ((4,), 96),
                                     ((2,), 1000), ((3,), 7), ((2,), 65)])
 def test_backward_column_chunks(device, dtype, lead, d, launches):
-    """use_ln_chunks(True): the backward's rows in two column chunks (768 = 512 + 256, ...) where that covers fewer
-    lanes than one padded block (1000 and 7 keep one block); LN and the fused add, all gradients."""
-    with L.use_ln_chunks(True):
+    """use_ln_chunks(True), use_ln_fwd_chunks(True): the backward's and the forward's rows in two column chunks (768
+    = 512 + 256, ...) where that covers fewer lanes than one padded block (1000 and 7 keep one block); LN and the
+    fused add, all outputs and gradients."""
+    with L.use_ln_chunks(True), L.use_ln_fwd_chunks(True):
         block_n = L._config(d)[0]
         first, second = L._bwd_chunks(d, block_n)
         assert first + second >= d and (second == 0) == (d in (1000, 7)) and first + second <= block_n
@@ -298,6 +301,51 @@ def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     with L.use_ln_chunks(True):
         bwd()
     assert calls == [("auto", "tuned", "tuned"), ("plain", 0, True), ("plain", 256, False)]
+
+
+def test_forward_layout_autotuned_or_forced(monkeypatch):
+    """LN_FWD_CHUNKS None (the default): on a GPU the forward's autotuner whose configs carry the layout runs,
+    pruned per width to its padded block's choices and its two layouts; forced: the plain autotuner with that
+    layout. The interpreter launches the layout asked for (padded by default)."""
+    configs = L._auto_fwd_configs()
+    for d in (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192):
+        block = L._config(d)[0]
+        kept = L._auto_fwd_prune(configs, {"N": d})
+        layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
+        assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
+        choices = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
+        assert choices == set(L._fwd_choices(block)) and len(kept) == len(layouts) * len(choices), d
+    assert L.LN_FWD_CHUNKS is None
+    seen = []
+    kernel = L._ln_fwd_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append((k["BLOCK_N"], k["BLOCK_N2"]))
+                return kernel[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(L, "_ln_fwd_kernel", Spy())
+    x = torch.randn(3, 384)
+    with L.use_ln_fwd_chunks(True):
+        L.layer_norm_fwd(x, None, None, None, 1e-5)
+    L.layer_norm_fwd(x, None, None, None, 1e-5)
+    assert seen == [(256, 128), (512, 0)] and L._fwd_chunks_on() is None
+    monkeypatch.undo()
+    calls = []
+
+    def rec(name):
+        return lambda grid, args, consts: calls.append((name, consts.get("BLOCK_N2", "tuned")))
+    monkeypatch.setattr(L, "INTERPRET", False)
+    monkeypatch.setattr(L, "_ln_fwd_tuned", rec("plain"), raising=False)
+    monkeypatch.setattr(L, "_ln_fwd_tuned_auto", rec("auto"), raising=False)
+    L.layer_norm_fwd(x, None, None, None, 1e-5)
+    with L.use_ln_fwd_chunks(True):
+        L.layer_norm_fwd(x, None, None, None, 1e-5)
+    with L.use_ln_fwd_chunks(False):
+        L.layer_norm_fwd(x, None, None, None, 1e-5)
+    assert calls == [("auto", "tuned"), ("plain", 128), ("plain", 0)]
 
 
 def test_auto_trains_on_the_kernels_at_every_width_inside_a_graph_step(monkeypatch):
@@ -636,6 +684,28 @@ def test_backward_layout_and_prefetch_autotuned_gpu(d):
     tuner = L._ln_bwd_tuned_auto.tuner
     width = {id(c) for c in L._auto_bwd_prune(tuner.configs, {"N": d})}
     assert any(id(c) in width for c in tuner.cache.values())
+    tuner = L._ln_fwd_tuned_auto.tuner  # (LN_FWD_CHUNKS None: the forward's layout autotuned too)
+    width = {id(c) for c in L._auto_fwd_prune(tuner.configs, {"N": d})}
+    assert any(id(c) in width for c in tuner.cache.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [192, 384, 768, 1280])
+def test_forward_column_chunks_gpu(d):
+    """The forward's column chunks forced (use_ln_fwd_chunks) in bf16, autotuned: LN and the fused add (with
+    stochastic depth's factor too) against float64."""
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    s = _sample_scale(lead[0], dt, "cuda")
+    with L.use_ln_fwd_chunks(True):
+        assert L._chunk_layout(d, L._config(d)[0])[1] > 0
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
+        _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
+                 lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
+                 "xrwbs")
 
 
 @pytest.mark.gpu
