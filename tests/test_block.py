@@ -311,6 +311,13 @@ def test_blocks_that_must_not_take_it(monkeypatch):
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=1,
                                  init_values=1e-5, drop_path_rate=0.0).to(DEV).train()
     assert runs_block(ours)  # LayerScale: γ in the op
+    qkv = ours.blocks[0].attn.qkv
+
+    class Adapted(torch.nn.Linear):  # a projection with a forward of its own (an adapter's shape)
+        pass
+    ours.blocks[0].attn.qkv = Adapted(64, 192).to(DEV)
+    assert not runs_block(ours)  # not a plain nn.Linear: per layer
+    ours.blocks[0].attn.qkv = qkv
     ours.blocks[0].ls1 = torch.nn.Dropout(0.0)  # a module in a LayerScale slot that is no LayerScale
     assert not runs_block(ours)
     ours = flashvit.create_model("vit_small_patch16_224", img_size=32, embed_dim=64, num_heads=4, depth=2,
