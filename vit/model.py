@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from flashvit.kernels.attention import qkv_attention
-from flashvit.kernels.block import block_dtype, branch_dtype, fused_block_on, vit_block
+from flashvit.kernels.block import _PLAIN_TENSORS, block_dtype, branch_dtype, fused_block_on, vit_block
 from flashvit.kernels.layernorm import LayerNorm
 from flashvit.kernels.linear import FusedMLP, linear
 from flashvit.kernels.linear import mlp_recompute_mode as _mlp_recompute
@@ -280,7 +280,7 @@ def one_node_block(x: torch.Tensor, n1: Optional[nn.Module], n2: Optional[nn.Mod
     pn1, pn2, pp, p1, p2 = n1._parameters, n2._parameters, proj._parameters, fc1._parameters, fc2._parameters
     qw, qb = qkv[0]._parameters["weight"], qkv[0]._parameters.get("bias")
     if len(qkv) > 1:  # separate q, k, v (transformers' ViTs): one GEMM's weight and bias, cat tracked by autograd
-        if not all(type(q._parameters["weight"]) in _PLAIN_PARAMS for q in qkv):
+        if not all(type(q._parameters["weight"]) in _PLAIN_TENSORS for q in qkv):  # (before the copies)
             return None
         qw, qb = qkv_params(*qkv)
     params = (pn1.get("weight"), pn1.get("bias"), qw, qb, pp["weight"], pp.get("bias"), pn2.get("weight"),
@@ -296,9 +296,6 @@ def one_node_block(x: torch.Tensor, n1: Optional[nn.Module], n2: Optional[nn.Mod
         bd = branch_dtype(dt, gamma, ip)
         factors.append(drop_path_factor(path, x if bd == x.dtype else x.new_empty((x.shape[0],), dtype=bd)))
     return vit_block(x, params, num_heads, scale, n1.eps, n2.eps, approx, dt, tuple(factors), gammas, inplace)
-
-
-_PLAIN_PARAMS = (torch.Tensor, nn.Parameter)  # (a subclass, e.g. a sharded DTensor, takes the per-layer path)
 
 
 def qkv_params(q: nn.Linear, k: nn.Linear, v: nn.Linear) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
