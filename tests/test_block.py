@@ -276,6 +276,46 @@ def test_hf_vits_train_through_the_block(family, qkv_bias, drop_path, monkeypatc
 
 
 @needs_kernels
+@pytest.mark.parametrize("family", ["siglip", "clip"])
+def test_hf_encoders_train_through_the_block(family, monkeypatch):
+    """A patched transformers SigLIP / CLIP vision tower (GELU MLPs) trains with one node a layer; its output and
+    every gradient match the per-layer path's. CLIP's default quick GELU keeps its MLP and so its layers per layer."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=136, image_size=32,
+               patch_size=16)
+    if family == "clip":
+        cfg["hidden_act"] = "gelu"
+    cls, config = {"siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig),
+                   "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig)}[family]
+    model = flashvit.patch(cls(config(**cfg)).to(DEV).train())
+    x = randn(3, 3, 32, 32, device=DEV)
+    calls = _spy(monkeypatch)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        out = model(x).last_hidden_state
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with flashvit.use_backend("triton"):
+        with use_fused_block(True):
+            out, grads = step()
+        assert len(calls) == 2
+        with use_fused_block(False):
+            ref, ref_grads = step()
+    assert len(calls) == 2 and grads.keys() == ref_grads.keys()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+    if family == "clip":
+        model = flashvit.patch(cls(config(**dict(cfg, hidden_act="quick_gelu"))).to(DEV).train())
+        with flashvit.use_backend("triton"), use_fused_block(True):
+            step()
+        assert len(calls) == 2
+
+
+@needs_kernels
 def test_blocks_that_must_not_take_it(monkeypatch):
     """The per-layer path wherever the one node would skip something: hooks on a layer, an active drop path or
     dropout, another module where a LayerScale goes, no grads, the default setting off CUDA; and where the dtypes

@@ -713,10 +713,17 @@ _NO_DROP_PATH = nn.Identity()  # (one instance: building a module each call cost
 
 class _FusedHFEncoderLayer(nn.Module):
     """transformers' CLIP / SigLIP encoder layer (pre-norm): (x + a, layer_norm2(x + a)) in one pass, fc2 + the
-    residual in one GEMM where the MLP is fused."""
+    residual in one GEMM where the MLP is fused; in training, where its attention and MLP are ours, one autograd
+    node (kernels/block.py)."""
+
+    flashvit_block_attn: Optional[type] = None  # (its attention is taken where it is ours: see _hf_block)
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 **kwargs) -> torch.Tensor:
+        if attention_mask is None and not kwargs:
+            out = _hf_block(self, hidden_states, _HF_ENCODER_NAMES)
+            if out is not None:
+                return out
         a, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask, **kwargs)
         y, h = _add_norm(self.layer_norm2, a, hidden_states)
         return _mlp_add(self.mlp, None, _NO_DROP_PATH, y, h)
@@ -1061,30 +1068,35 @@ class _FusedHFLayer(nn.Module):
 _HF_VIT_ATTENTION_CHECKED = {"a9fcf5fbaaba5042"}
 
 
-# A patched transformers layer's submodule names: (norm before attention, norm before MLP, LayerScale after each
-# branch, drop path, dropout after each branch), None where the layer has none (ViT's: no LayerScale, no drop path;
-# DINOv2's: no dropout, one drop path module drawn for each branch).
-_HF_VIT_NAMES = ("layernorm_before", "layernorm_after", None, None, None, "dropout")
-_HF_DINOV2_NAMES = ("norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", None)
+# A patched transformers layer's submodule names: (attention, norm before it, norm before the MLP, LayerScale after
+# each branch, drop path, dropout after each branch), None where the layer has none (ViT's: no LayerScale, no drop
+# path; DINOv2's: no dropout, one drop path module drawn for each branch; CLIP's / SigLIP's: neither).
+_HF_VIT_NAMES = ("attention", "layernorm_before", "layernorm_after", None, None, None, "dropout")
+_HF_DINOV2_NAMES = ("attention", "norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", None)
+_HF_ENCODER_NAMES = ("self_attn", "layer_norm1", "layer_norm2", None, None, None, None)
 
 
 def _hf_block(layer: nn.Module, x: torch.Tensor, names: Tuple[Optional[str], ...]) -> Optional[torch.Tensor]:
-    """A patched ViT-family layer's output from the one-node block (vit.model.one_node_block), or None: not in
-    training (fused_block_on), its attention another class than the one checked at patch time, causal, with
-    attention dropout in training, gradient checkpointing on, or its widths not the block's (C = heads·head_dim).
-    ``names``: its submodules' (_HF_VIT_NAMES)."""
+    """A patched transformers layer's output from the one-node block (vit.model.one_node_block), or None: not in
+    training (fused_block_on), its attention neither ours (CLIP's / SigLIP's, patched) nor the ViT-family class
+    whose source was checked at patch time, causal, with attention dropout in training, gradient checkpointing on,
+    or its widths not the block's (C = heads·head_dim). ``names``: its submodules' (_HF_VIT_NAMES)."""
     if not fused_block_on(x) or layer.__dict__.get("gradient_checkpointing"):
         return None
     mods = layer._modules
-    attn = mods.get("attention")
-    if type(attn) is not layer.flashvit_block_attn or attn.is_causal or (attn.training and attn.attention_dropout):
+    attn = mods.get(names[0])
+    if type(attn).forward is _FusedHFEncoderAttention.forward:
+        heads, scale, p, out = attn.num_heads, attn.scale, attn.dropout, "out_proj"
+    elif type(attn) is layer.flashvit_block_attn:
+        heads, scale, p, out = attn.num_attention_heads, attn.scaling, attn.attention_dropout, "o_proj"
+    else:
         return None
-    if attn.num_attention_heads * attn.head_dim != x.shape[-1]:
+    if attn.is_causal or (attn.training and p) or heads * attn.head_dim != x.shape[-1]:
         return None
     am = attn._modules
-    n1, n2, ls1, ls2, path, drop = (mods.get(n) if n else _NO_DROP_PATH for n in names)
+    n1, n2, ls1, ls2, path, drop = (mods.get(n) if n else _NO_DROP_PATH for n in names[1:])
     return one_node_block(x, n1, n2, mods.get("mlp"), attn, (am.get("q_proj"), am.get("k_proj"), am.get("v_proj")),
-                          am.get("o_proj"), attn.num_attention_heads, attn.scaling, (ls1, ls2), (path, path), (drop,))
+                          am.get(out), heads, scale, (ls1, ls2), (path, path), (drop,))
 
 
 class _FusedHFDinov2Layer(nn.Module):
