@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import time
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -55,7 +56,8 @@ IMPLS = ("flashvit", "flashvit[block=off]", "timm+flashvit.patch[block=off]", "f
          "timm+flashvit.patch[mlp=hybrid]", "flashvit[mlp=cublas]", "timm+flashvit.patch[mlp=cublas]",
          "timm+flashvit.patch[mlp=tma]", "flashvit[recompute=act]", "flashvit[recompute=fc1]",
          "timm+flashvit.patch[recompute=act]", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
-         "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)")
+         "compile(timm)", "compile(flashvit)", "compile(timm+flashvit.patch)", "hf", "hf+flashvit.patch")
+HF_IMPLS = ("hf", "hf+flashvit.patch")  # transformers' ViTForImageClassification at the preset's widths: eager, patched
 # Verdict rows, IMPL[key=value,...]: the 'auto' policy with per-op verdicts flipped, so that one GPU run measures
 # end to end what a change of verdict would give (or gave) against the defaults:
 #   ln=triton    kernels/layernorm.py: LayerNorm on its kernels at every width, in training too
@@ -201,19 +203,61 @@ def _verdicts(impl: str) -> Iterator[None]:
         ln.AUTO_TRITON, ln.AUTO_MIN_D_TRAINING, lin.AUTO_TRAINING, lin.AUTO_INFERENCE = old
 
 
+class HFLogits(torch.nn.Module):
+    """A transformers classifier's logits (its forward returns a dataclass)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).logits
+
+
+_HF_PRESET_KEYS = {"patch_size", "embed_dim", "depth", "num_heads", "img_size", "mlp_ratio"}
+
+
+def hf_vit(embed_dim: int, depth: int, num_heads: int, img_size: int, patch_size: int, mlp_ratio: float = 4.0,
+           num_classes: int = NUM_CLASSES) -> torch.nn.Module:
+    """transformers' ViT classifier with these widths (class token, exact GELU, eps 1e-6 as timm's), its logits."""
+    import transformers
+    cfg = transformers.ViTConfig(hidden_size=embed_dim, num_hidden_layers=depth, num_attention_heads=num_heads,
+                                 intermediate_size=int(embed_dim * mlp_ratio), image_size=img_size,
+                                 patch_size=patch_size, num_labels=num_classes, layer_norm_eps=1e-6)
+    return HFLogits(transformers.ViTForImageClassification(cfg))
+
+
+def _hf_preset(name: str, ctx: MCtx) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(hf_vit's keywords for flashvit preset ``name`` with the run's overrides, "") or (None, why not)."""
+    import flashvit
+    cfg = dict(flashvit.vit.MODEL_CONFIGS.get(name, {}))
+    if not cfg or set(cfg) - _HF_PRESET_KEYS:
+        return None, f"{name}: transformers' ViT has no such preset (a flashvit preset of class token, patches, depth)"
+    if ctx.drop_path:
+        return None, "transformers' ViT has no stochastic depth"
+    cfg.update(ctx.overrides)
+    return dict(embed_dim=cfg["embed_dim"], depth=cfg["depth"], num_heads=cfg["num_heads"],
+                img_size=cfg.get("img_size", 224), patch_size=cfg["patch_size"],
+                mlp_ratio=cfg.get("mlp_ratio", 4.0)), ""
+
+
 def build(impl: str, name: str, ctx: MCtx) -> torch.nn.Module:
     """A fresh model for ``impl`` on the device, in ctx.dtype (parameters created on the device: fast init)."""
     import flashvit
     impl = model_impl(impl)
     kw = {"drop_path_rate": ctx.drop_path} if ctx.drop_path else {}
     with torch.device(ctx.device):
-        if impl.startswith("flashvit"):
+        if impl.startswith("hf"):
+            m = hf_vit(**_hf_preset(name, ctx)[0])
+        elif impl.startswith("flashvit"):
             m = flashvit.create_model(name, num_classes=NUM_CLASSES, **ctx.overrides, **kw)
         else:
             m = _timm().create_model(name, pretrained=False, num_classes=NUM_CLASSES, **overrides_for(name, ctx), **kw)
     m = m.to(ctx.dtype)
     if impl == "timm+flashvit.patch":
         m = flashvit.patch(m) or m
+    if impl == "hf+flashvit.patch":
+        flashvit.patch(m.model)  # (the transformers model: its attention implementation is set there)
     return m
 
 
@@ -379,6 +423,12 @@ def unavailable(impl: str, ctx: MCtx, name: str = "") -> str:
     if "timm" in impl:
         if _timm() is None:
             return "timm not installed"
+    if model_impl(impl) in HF_IMPLS:
+        if importlib.util.find_spec("transformers") is None:
+            return "transformers not installed"
+        why = _hf_preset(name, ctx)[1] if name else ""
+        if why:
+            return why
     if "flashvit.patch" in impl and not hasattr(flashvit, "patch"):
         return "flashvit.patch is not in this build"
     if impl in COMPILED and not ctx.compile_ok:
@@ -395,7 +445,8 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     verdict rows (their first step may autotune many GEMM shapes), its torch.compile training rows, the other
     models' remaining eager rows, the first model's compile inference rows, the other models' compile rows, then
     the other models' mlp= verdict rows. The recompute= rows (memory for time in the MLP's backward) are training
-    rows: the first model's after its torch.compile training rows, the others' after their mlp= rows."""
+    rows: the first model's after its torch.compile training rows, the others' after their mlp= rows; the hf rows
+    (transformers' ViT, eager and patched) after those."""
     impls = list(impls or IMPLS)
     for i in impls:
         if i not in IMPLS:
@@ -403,7 +454,8 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     mlp_impls = [i for i in impls if "mlp" in verdict_tags(i)]
     rec_impls = [i for i in impls if "recompute" in verdict_tags(i) and i not in mlp_impls]  # training rows only
     block_impls = [i for i in impls if "block" in verdict_tags(i) and i not in mlp_impls + rec_impls]  # (training)
-    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls + rec_impls + block_impls]
+    hf_impls = [i for i in impls if i in HF_IMPLS]
+    eager_impls = [i for i in impls if i not in COMPILED and i not in mlp_impls + rec_impls + block_impls + hf_impls]
     comp_impls = [i for i in impls if i in COMPILED]
     compile_min_s = 45.0 if ctx.device.type == "cuda" else 10.0
 
@@ -433,6 +485,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     order += jobs(first, ("train", "infer"), mlp_impls)
     order += jobs(first, ("train",), comp_impls)
     order += jobs(first, ("train",), rec_impls)
+    order += jobs(first, ("train", "infer"), hf_impls)
     for n in rest:
         order += jobs(n, ("train",), [i for i in eager_impls if i not in early])
         order += jobs(n, ("infer",), eager_impls)
@@ -442,6 +495,7 @@ def model_jobs(ctx: MCtx, names: Sequence[str], impls: Optional[Sequence[str]] =
     for n in rest:
         order += jobs(n, ("train", "infer"), mlp_impls)
         order += jobs(n, ("train",), rec_impls)
+        order += jobs(n, ("train", "infer"), hf_impls)
     return order
 
 

@@ -175,11 +175,8 @@ def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torc
         if impl.startswith("flashvit"):
             m = flashvit.create_model(MODEL_NAME, **MODEL_KW)
         elif impl.startswith("hf"):
-            import transformers
-            cfg = transformers.ViTConfig(hidden_size=MODEL_KW["embed_dim"], num_attention_heads=MODEL_KW["num_heads"],
-                                         intermediate_size=4 * MODEL_KW["embed_dim"], image_size=MODEL_KW["img_size"],
-                                         num_hidden_layers=12, patch_size=16, num_labels=1000)
-            m = _Logits(transformers.ViTForImageClassification(cfg))
+            from flashvit.bench.model import hf_vit
+            m = hf_vit(MODEL_KW["embed_dim"], 12, MODEL_KW["num_heads"], MODEL_KW["img_size"], 16)
             if impl.startswith("hf+flashvit.patch"):
                 flashvit.patch(m.model)
         else:
@@ -188,17 +185,6 @@ def _build(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[torc
             if impl.startswith("timm+flashvit.patch"):
                 m = flashvit.patch(m)
     return m.to(dtype).train()
-
-
-class _Logits(torch.nn.Module):
-    """A transformers classifier's logits (its output is a dataclass)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).logits
 
 
 def _run_model(impl: str, device: torch.device, dtype: torch.dtype, calls: int, reps: int) -> Callable[[Row], None]:

@@ -447,7 +447,8 @@ def test_model_rows_priority_order():
     ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, True, "", None)
     jobs = model.model_jobs(ctx, model.resolve(["b", "s"]))
     kind = lambda i: ("compile" if i in model.COMPILED else "mlp" if "mlp" in model.verdict_tags(i)  # noqa: E731
-                      else "recompute" if "recompute" in model.verdict_tags(i) else "eager")
+                      else "recompute" if "recompute" in model.verdict_tags(i) else "hf" if i in model.HF_IMPLS
+                      else "eager")
     order = [(j.row.name.split("_")[1], j.row.mode, kind(j.row.impl)) for j in jobs]
     firsts = []
     for key in order:
@@ -455,10 +456,11 @@ def test_model_rows_priority_order():
             firsts.append(key)
     assert firsts == [("base", "train", "eager"), ("base", "infer", "eager"), ("small", "train", "eager"),
                       ("base", "train", "mlp"), ("base", "infer", "mlp"), ("base", "train", "compile"),
-                      ("base", "train", "recompute"),
+                      ("base", "train", "recompute"), ("base", "train", "hf"), ("base", "infer", "hf"),
                       ("small", "train", "eager"), ("small", "infer", "eager"), ("base", "infer", "compile"),
                       ("small", "train", "compile"), ("small", "infer", "compile"),
-                      ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute")]
+                      ("small", "train", "mlp"), ("small", "infer", "mlp"), ("small", "train", "recompute"),
+                      ("small", "train", "hf"), ("small", "infer", "hf")]
     # the second model's timm, flashvit and graph(...) training rows early (ViT-S: host-bound in run 6)
     early = [j.row.impl for j in jobs if j.row.name.startswith("vit_small")][:9]
     assert early == ["flashvit", "timm", "graph(flashvit)", "graph(timm)", "graph(timm+flashvit.patch)",
@@ -470,6 +472,32 @@ def test_model_rows_priority_order():
     assert sum(j.row.baseline for j in jobs) == 4  # timm eager, per model and mode
     with pytest.raises(ValueError, match="unknown model"):
         model.resolve(["vit_nope"])
+
+
+def test_model_rows_for_transformers_vits():
+    """hf / hf+flashvit.patch: transformers' ViT at a flashvit preset's widths (the quick overrides too), its logits;
+    patched, its layers train as one node each; presets transformers' ViT cannot build, and stochastic depth, say
+    why."""
+    pytest.importorskip("transformers")
+    ctx = model.MCtx(torch.device("cpu"), torch.float32, True, 2, 2, 0, 1, False, "off", None)
+    torch.manual_seed(0)
+    m = model.build("hf+flashvit.patch", "vit_small_patch16_224", ctx).eval()
+    cfg = m.model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.image_size) == (384, 2, 6, 32)
+    assert type(m.model.vit.layers[0]).__name__ == "FlashvitViTLayer"
+    torch.manual_seed(0)
+    plain = model.build("hf", "vit_small_patch16_224", ctx).eval()  # the same weights (one seed), unpatched
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = m(x)
+        assert out.shape == (2, model.NUM_CLASSES)
+        torch.testing.assert_close(out, plain(x), atol=1e-4, rtol=1e-4)
+    jobs = model.model_jobs(ctx, ["vit_small_patch16_reg4_gap_256", "vit_small_patch16_224"], ["hf"])
+    why = {(j.row.name, j.row.mode): j.unavailable for j in jobs}
+    assert "no such preset" in why[("vit_small_patch16_reg4_gap_256", "train")]
+    assert not why[("vit_small_patch16_224", "train")]
+    ctx.drop_path = 0.1
+    assert "stochastic depth" in model.unavailable("hf", ctx, "vit_small_patch16_224")
 
 
 def test_model_rows_for_a_timm_only_name():
