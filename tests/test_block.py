@@ -204,6 +204,23 @@ def test_models_train_through_the_block(which, drop_path, init_values, monkeypat
         torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
 
 
+def _same_as_per_layer(step, calls, seed: int = 5) -> torch.Tensor:
+    """``step()`` -> (output, {name: grad}) with one node a block (two blocks: two calls) and per layer, one seed
+    each (the same samples dropped): the output and every gradient match; returns the one-node output."""
+    torch.manual_seed(seed)
+    with use_fused_block(True):
+        out, grads = step()
+    assert len(calls) == 2
+    torch.manual_seed(seed)
+    with use_fused_block(False):
+        ref, ref_grads = step()
+    assert len(calls) == 2 and grads.keys() == ref_grads.keys()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+    return out
+
+
 def _hf_vit(family: str = "vit", qkv_bias: bool = True, drop_path: float = 0.0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -246,17 +263,7 @@ def test_hf_vits_train_through_the_block(family, qkv_bias, drop_path, monkeypatc
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     with flashvit.use_backend("triton"):
-        torch.manual_seed(5)
-        with use_fused_block(True):
-            out, grads = step()
-        assert len(calls) == 2
-        torch.manual_seed(5)
-        with use_fused_block(False):
-            ref, ref_grads = step()
-        assert len(calls) == 2 and grads.keys() == ref_grads.keys()
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-        for n in grads:
-            torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+        out = _same_as_per_layer(step, calls)
         with use_fused_block(True):
             if drop_path:  # the draws matter: another seed drops other samples
                 torch.manual_seed(6)
@@ -299,15 +306,7 @@ def test_hf_encoders_train_through_the_block(family, monkeypatch):
         return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     with flashvit.use_backend("triton"):
-        with use_fused_block(True):
-            out, grads = step()
-        assert len(calls) == 2
-        with use_fused_block(False):
-            ref, ref_grads = step()
-    assert len(calls) == 2 and grads.keys() == ref_grads.keys()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    for n in grads:
-        torch.testing.assert_close(grads[n], ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+        _same_as_per_layer(step, calls)
     if family == "clip":
         model = flashvit.patch(cls(config(**dict(cfg, hidden_act="quick_gelu"))).to(DEV).train())
         with flashvit.use_backend("triton"), use_fused_block(True):

@@ -263,6 +263,21 @@ def test_backward_column_sums(device, dtype, lead, d, scale, prefetch, chunks):
         L.layer_norm_bwd_colsums(gy, x, w, b, mean, rstd, gh, torch.ones(B + 1, device=device))
 
 
+WIDTHS = (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192)
+
+
+def _pruned(prune, configs, choices, d):
+    """An autotuner's configs kept for width d: its padded block's layout and column chunks, each with the padded
+    block's (ROWS, warps) choices; -> (kept, layouts, choices)."""
+    block = L._config(d)[0]
+    kept = prune(configs, {"N": d})
+    layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
+    assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
+    tiles = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
+    assert tiles == set(choices(block)), d
+    return kept, layouts, tiles
+
+
 @pytest.mark.skipif(not L.HAS_TRITON, reason="builds triton.Config objects")
 def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     """LN_BWD_CHUNKS and LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner whose configs carry
@@ -270,14 +285,10 @@ def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     choices, its two layouts (one where the width fills its block) and no prefetch past PREFETCH_MAX_BLOCK;
     either flag forced: the other autotuner, the other flag off. The interpreter: padded, no prefetch."""
     configs = L._auto_bwd_configs()
-    for d in (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192):
+    for d in WIDTHS:
         block = L._config(d)[0]
-        kept = L._auto_bwd_prune(configs, {"N": d})
-        layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
-        assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
+        kept, layouts, choices = _pruned(L._auto_bwd_prune, configs, L._bwd_choices, d)
         assert (L._chunk_layout(d, block)[1] > 0) == (d in (65, 192, 384, 768, 1280)), d  # 100: 64 + 64 fills 128
-        choices = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
-        assert choices == set(L._bwd_choices(block)), d
         prefetch = {c.kwargs["PREFETCH"] for c in kept}
         assert prefetch == ({False} if block > L.PREFETCH_MAX_BLOCK else {False, True}), d
         assert len(kept) == len(layouts) * len(choices) * len(prefetch)
@@ -308,13 +319,9 @@ def test_forward_layout_autotuned_or_forced(monkeypatch):
     pruned per width to its padded block's choices and its two layouts; forced: the plain autotuner with that
     layout. The interpreter launches the layout asked for (padded by default)."""
     configs = L._auto_fwd_configs()
-    for d in (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192):
-        block = L._config(d)[0]
-        kept = L._auto_fwd_prune(configs, {"N": d})
-        layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
-        assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
-        choices = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
-        assert choices == set(L._fwd_choices(block)) and len(kept) == len(layouts) * len(choices), d
+    for d in WIDTHS:
+        kept, layouts, choices = _pruned(L._auto_fwd_prune, configs, L._fwd_choices, d)
+        assert len(kept) == len(layouts) * len(choices), d
     assert L.LN_FWD_CHUNKS is None
     seen = []
     kernel = L._ln_fwd_kernel
