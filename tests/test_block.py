@@ -14,6 +14,7 @@ from flashvit.kernels.block import fused_block_on, use_fused_block, vit_block, v
 from tests.helpers import assert_close_to_ref, poisoned_empty, randn
 
 BK = importlib.import_module("flashvit.kernels.block")
+PATCH = importlib.import_module("flashvit.vit.patch")
 L = importlib.import_module("flashvit.kernels.layernorm")
 LIN = importlib.import_module("flashvit.kernels.linear")
 GPU = torch.cuda.is_available()
@@ -221,6 +222,16 @@ def _same_as_per_layer(step, calls, seed: int = 5) -> torch.Tensor:
     return out
 
 
+def _skip_unless_checked(fused: bool) -> None:
+    """flashvit.patch leaves transformers' classes whose sources are not the ones it checked (transformers 5.24):
+    another version's layers then take no one-node block, by design (the patch report says why)."""
+    import transformers
+    if not fused and transformers.__version__ != "5.24.0":
+        pytest.skip(f"transformers {transformers.__version__}: flashvit.patch left these attentions (it checked "
+                    f"5.24's sources)")
+    assert fused, "flashvit.patch left the attentions of transformers 5.24, whose sources it checked"
+
+
 def _hf_vit(family: str = "vit", qkv_bias: bool = True, drop_path: float = 0.0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
@@ -251,8 +262,8 @@ def test_hf_vits_train_through_the_block(family, qkv_bias, drop_path, monkeypatc
     dropout is active in training, nor where transformers records outputs (its hooks on the attention)."""
     model = _hf_vit(family, qkv_bias, drop_path)
     layers = _hf_layers(model)
-    assert all(type(layer).flashvit_block_attn is None and layer.flashvit_block_attn is not None
-               for layer in layers)  # (set on each patched layer, where its attention's forward was checked)
+    _skip_unless_checked(all(layer.flashvit_block_attn is not None for layer in layers))
+    assert all(type(layer).flashvit_block_attn is None for layer in layers)  # (set on each patched layer)
     x = randn(3, 3, 32, 32, device=DEV)
     calls = _spy(monkeypatch)
 
@@ -296,6 +307,8 @@ def test_hf_encoders_train_through_the_block(family, monkeypatch):
     cls, config = {"siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig),
                    "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig)}[family]
     model = flashvit.patch(cls(config(**cfg)).to(DEV).train())
+    layers = model.vision_model.encoder.layers
+    _skip_unless_checked(all(isinstance(layer.self_attn, PATCH._FusedHFEncoderAttention) for layer in layers))
     x = randn(3, 3, 32, 32, device=DEV)
     calls = _spy(monkeypatch)
 
