@@ -70,7 +70,9 @@ _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flash
 # qkv's by that column-sum kernel alone (the attention kernels write dqkv in tiles of one head each).
 # In H100 run 8's profile of patched ViT-B/16 training (bench/results/2026-11-28-h100-run8/profile/
 # steps_vit_base_patch16_224_train_timm_flashvit.patch.txt) torch's bf16 column sums took 2.79 of 41.24 ms a
-# step. Not yet timed on a GPU: the model rows [block=bias] measure it; off until they do.
+# step. Timed once (H200 run 3, bench/results/2026-11-28-h200-run3/: model rows timm+flashvit.patch and [block=bias],
+# their step profiles): the step ran faster, but the device time of the passes it replaces hardly moved (the
+# column-sum kernel and its partial sums untuned), so it stays off until more runs decide.
 FUSED_BIAS_GRADS = False
 _bias_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_block_bias_grads",
                                                                                default=None)
