@@ -9,6 +9,7 @@ forgotten by the gate.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -49,9 +50,10 @@ def runtime_spec(kernel: Any, sig: Dict[str, str], constexprs: Dict[str, Any], n
     for n in ones:
         sig[n] = "constexpr"
         constexprs[n] = 1
-    names = list(sig)
-    attrs = {(names.index(n),): [["tt.divisibility", 16]]
-             for n in names if n in div16 or (sig[n].startswith("*") and n not in ones)}
+    fn = jit_function(kernel)  # attrs go by the parameter's index in the kernel, not in sig
+    params = list(getattr(fn, "arg_names", None) or inspect.signature(fn).parameters)  # (interpreter: a function)
+    attrs = {(params.index(n),): [["tt.divisibility", 16]]
+             for n in sig if n in div16 or (sig[n].startswith("*") and n not in ones)}
     return AotSpec(kernel, sig, constexprs, num_warps, num_stages, name, attrs=attrs, min_cc=min_cc)
 
 

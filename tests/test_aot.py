@@ -58,3 +58,22 @@ def test_ptxas_reports_every_config(gate):
     missing = [f"{r['op']}/{r['kernel']} sm_{r['cc']}" for r in gate["results"] if not r["error"]
                and (r["registers"] is None or r["spill_stores"] is None)]
     assert not missing, "\n".join(missing[:20])
+
+
+def test_runtime_spec_hints_go_by_kernel_parameter():
+    """A spec's divisibility hints are keyed by the parameter's index in the kernel, whatever its signature's
+    order (stride_dyn, a constant there, comes last in the dZ pass's): hints on the wrong parameters compiled
+    builds unlike the JIT's (that pass's stores went scalar in the gate, not at run time)."""
+    import importlib
+    import inspect
+
+    from flashvit.kernels._aot import jit_function
+
+    lin = importlib.import_module("flashvit.kernels.linear")
+    spec = next(s for s in lin.AOT_SPECS if s.label().startswith("dact_colsum[bf16,act=1,"))
+    fn = jit_function(spec.kernel)
+    params = list(getattr(fn, "arg_names", None) or inspect.signature(fn).parameters)
+    assert list(spec.signature) != [p for p in params if p in spec.signature]  # the case in point
+    hinted = {params[i] for (i,) in spec.attrs}
+    assert hinted == {"dy_ptr", "z_ptr", "dz_ptr", "part_ptr", "N", "rows_per_prog", "stride_dym", "stride_zm",
+                      "stride_dzm"}
