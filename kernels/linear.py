@@ -103,10 +103,29 @@ if HAS_TRITON:
     EPI_QUARTER_N = tl.constexpr(_EPI_QUARTER_N)
 
     @triton.jit
-    def _dev_act(z, ACT: tl.constexpr):
-        # fp32 z -> act(z): 1 = exact erf GELU, 2 = tanh GELU, 0 = identity. A device function, compiled
-        # into each kernel that calls it (the AOT gate skips _dev_* names).
-        if ACT == 1:
+    def _dev_gelu_cdf(z):
+        # fp32 z -> (Φ(z), exp(−z²/2)) for exact GELU where the result is stored in 16 bits: Φ by Abramowitz &
+        # Stegun 7.1.26, which reuses that exponential (|error| of Φ + z·φ <= 2.6e-7, as torch's own fp32
+        # gelu_backward on CPU; 16-bit rounding is 1e3 times that), in about half the instructions of libdevice's
+        # erf + exp: with those the elementwise passes were compute-bound (sm_90 SASS of the bf16 dZ pass at 8x256
+        # w4: 952 instructions for a thread's 16 elements; 584 with this).
+        e = tl.exp2(z * z * -0.7213475204444817)  # exp(−z²/2)
+        u = 1.0 + 0.2316418883 * tl.abs(z)  # 0.3275911 / √2: A&S's 1 + p·x at x = |z| / √2
+        t = tl.math.rsqrt(u * u)  # 1 / u on one MUFU op (a division adds range fix-ups); u² = inf gives t = 0
+        q = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        q = q * e  # erfc(|z| / √2)
+        return tl.where(z >= 0.0, 1.0 - 0.5 * q, 0.5 * q), e
+
+    @triton.jit
+    def _dev_act(zin, ACT: tl.constexpr, OUT16: tl.constexpr):
+        # z (any float dtype) -> fp32 act(z): 1 = exact erf GELU (OUT16, a result stored in 16 bits:
+        # _dev_gelu_cdf; else libdevice's erf), 2 = tanh GELU, 0 = identity. A device function, compiled into each
+        # kernel that calls it (the AOT gate skips _dev_* names).
+        z = zin.to(tl.float32)
+        if ACT == 1 and OUT16:
+            cdf, _ = _dev_gelu_cdf(z)
+            y = z * cdf
+        elif ACT == 1:
             y = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
         elif ACT == 2:
             u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
@@ -116,9 +135,14 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def _dev_dact(z, ACT: tl.constexpr):
-        # fp32 z -> act'(z): 1 = exact GELU, Φ(z) + z·φ(z); 2 = tanh GELU, ½(1 + t) + ½·z·(1 − t²)·du/dz.
-        if ACT == 1:
+    def _dev_dact(zin, ACT: tl.constexpr):
+        # z in its stored dtype -> fp32 act'(z): 1 = exact GELU, Φ(z) + z·φ(z) (z stored in 16 bits, as dZ then is:
+        # _dev_gelu_cdf); 2 = tanh GELU, ½(1 + t) + ½·z·(1 − t²)·du/dz.
+        z = zin.to(tl.float32)
+        if ACT == 1 and zin.dtype != tl.float32:
+            cdf, e = _dev_gelu_cdf(z)
+            d = cdf + z * e * 0.3989422804014327
+        elif ACT == 1:
             d = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
         else:
             u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
@@ -199,7 +223,7 @@ if HAS_TRITON:
                 zt = z_io.load([om, on])
             else:
                 zt = tl.load(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, mask=mask, other=0.0)
-            acc = acc * _dev_dact(zt.to(tl.float32), DACT)
+            acc = acc * _dev_dact(zt, DACT)
             if P > 0:
                 _dev_colsum(part_ptr, acc, mask, pid_m, offs_n, N, P, BLOCK_M)
         if HAS_BIAS:
@@ -212,7 +236,10 @@ if HAS_TRITON:
             else:
                 tl.store(z_io + rows * stride_cm + offs_n[None, :] * stride_cn, acc.to(z_io.dtype.element_ty),
                          mask=mask)
-        y = _dev_act(acc, ACT)
+        if DESC:  # (the output's dtype: GELU's cheaper form where y is stored in 16 bits)
+            y = _dev_act(acc, ACT, c_out.dtype != tl.float32)
+        else:
+            y = _dev_act(acc, ACT, c_out.dtype.element_ty != tl.float32)
         if HAS_SCALE:  # LayerScale's γ (N,) on the fp32 result: W and b stay unscaled (no fp16 underflow of γ·W)
             y = y * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -405,23 +432,24 @@ if HAS_TRITON:
                                R_P, R_COLS, R_D, stride_rt, HAS_BIAS, HAS_SCALE, ACT, HAS_RES, SAVE_Z, DACT, BLOCK_M,
                                BLOCK_N, True, PREFETCH, ROPE)
 
-    @triton.jit(do_not_specialize=["M"])
+    @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _epilogue_kernel(
         c_ptr, scale_ptr, res_ptr, y_ptr,
-        M, N, stride_cm, stride_rm, stride_rn, stride_ym,
+        M, N, M_KEY, stride_cm, stride_rm, stride_rn, stride_ym,
         ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         # cuBLAS path: C (M, N) = x·Wᵀ + b from torch.addmm (the bias rides in cuBLAS's epilogue);
         # y = act(C)·γ + R in one pass (γ (N,) with HAS_SCALE). C is the saved pre-activation z as it is.
+        # M_KEY only feeds the autotuning key (M rounded up to a power of two).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         rows = offs_m[:, None].to(tl.int64)
-        z = tl.load(c_ptr + rows * stride_cm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-        y = _dev_act(z, ACT)
+        z = tl.load(c_ptr + rows * stride_cm + offs_n[None, :], mask=mask, other=0.0)
+        y = _dev_act(z, ACT, y_ptr.dtype.element_ty != tl.float32)
         if HAS_SCALE:
             y = y * tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
         if HAS_RES:
@@ -429,31 +457,31 @@ if HAS_TRITON:
                             other=0.0).to(tl.float32)
         tl.store(y_ptr + rows * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["M", "blocks_per_prog"])
+    @triton.jit(do_not_specialize=["M", "M_KEY"])
     def _dact_colsum_kernel(
         dy_ptr, z_ptr, dz_ptr, part_ptr,
-        M, N, blocks_per_prog, stride_dym, stride_dyn, stride_zm, stride_dzm,
+        M, N, rows_per_prog, M_KEY, stride_dym, stride_dyn, stride_zm, stride_dzm,
         ACT: tl.constexpr, WRITE_DZ: tl.constexpr, COLSUM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        # dZ (M, N) = dY · act'(Z); part (P, N) fp32 = column sums of dZ over this program's rows.
-        # Fixed partition of rows per program -> the same sums in the same order every run. The sums build up
-        # in a (BLOCK_M, BLOCK_N) tile and reduce across rows once, at the end, not with a cross-warp reduction
-        # per iteration (that form ran at about half of eager's bandwidth: bench/results/2026-11-26-h100-diag/
-        # kernels.txt; this one is not measured yet).
+        # dZ (M, N) = dY · act'(Z); part (P, N) fp32 = column sums of dZ over this program's rows_per_prog rows
+        # (a multiple of BLOCK_M, the same for every config: the partition does not move with the tile).
+        # The sums build up in a (BLOCK_M, BLOCK_N) tile and reduce across rows once, at the end, not with a
+        # cross-warp reduction per iteration (that form ran at about half of eager's bandwidth:
+        # bench/results/2026-11-26-h100-diag/kernels.txt). M_KEY: the autotuning key only.
         pid_p = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
+        row0 = pid_p.to(tl.int64) * rows_per_prog
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(0, blocks_per_prog):
-            offs_m = (pid_p * blocks_per_prog + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-            mask = (offs_m[:, None] < M) & nmask[None, :]
-            rows = offs_m[:, None].to(tl.int64)
+        for r in range(0, rows_per_prog, BLOCK_M):
+            rows = row0 + r + tl.arange(0, BLOCK_M)[:, None]
+            mask = (rows < M) & nmask[None, :]
             g = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
             g = g.to(tl.float32)
             if ACT != 0:
-                z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + rows * stride_zm + offs_n[None, :], mask=mask, other=0.0)
                 g = g * _dev_dact(z, ACT)
             if WRITE_DZ:
                 tl.store(dz_ptr + rows * stride_dzm + offs_n[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -484,11 +512,21 @@ TMA_INTERPRET_CONFIG = (32, 64, 32, 4, 1)
 # The nested tile / K loops (FLATTEN=False) ran at 0.81-0.99x of the flattened loop, config for config, there.
 TMA_FLATTEN = True
 TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises the persistent loop
-# Elementwise kernels: (BLOCK_M, BLOCK_N, num_warps). 16 elements a thread: with erf GELU, ptxas gives the
-# epilogue 70 registers here (28 warps a Hopper SM can hold) against 205 at 32x128 (8 warps): a memory-bound
-# pass needs the occupancy to keep loads in flight.
-EPILOGUE_BLOCK = (8, 256, 4)
-_COLSUM_PROGRAMS = 1024  # max row chunks for the db partial sums (fixed per M -> deterministic; fills the GPU)
+# Elementwise kernels (the cuBLAS path's epilogue pass and the dZ / bias-grad pass): (BLOCK_M, BLOCK_N,
+# num_warps), autotuned per (M bucket, N, flags, dtypes); the first is the one run without autotuning. 16 or 8
+# elements a thread: a memory-bound pass needs the occupancy to keep loads in flight (ptxas, sm_90, bf16 with erf
+# GELU's derivative: 66 registers for the dZ pass at 8x256 w4, 40 at 8 elements a thread; 205 for the epilogue at
+# 32x128 w8 once). The dZ pass at 8x256 w4 alone ran at about 55% of an H200's copy bandwidth
+# (bench/results/2026-11-28-h200-run3: 24 calls, 3.081 ms a step of ViT-B training, by my estimate of their
+# bytes), hence a choice.
+ELEMENTWISE_CONFIGS = [(8, 256, 4), (4, 256, 4), (8, 256, 8), (8, 128, 4), (16, 256, 8), (4, 512, 8)]
+# The dZ pass's partition: each program sums a fixed run of rows (a multiple of _DACT_ROWS, which every config's
+# BLOCK_M divides), sized so that about _DACT_PROGRAMS programs cover M x N in 256-column blocks, whatever tile the
+# autotuner picks. Fewer, longer runs than one row block a program: fewer fp32 partial rows for torch to sum
+# (run 3's fp32 reduce_kernel calls took 21 us each with up to 1024 partial rows).
+_DACT_ROWS = 32
+_DACT_PROGRAMS = 4096
+assert all(_DACT_ROWS % c[0] == 0 for c in ELEMENTWISE_CONFIGS), "every elementwise BLOCK_M must divide _DACT_ROWS"
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT", "ROPE"]  # the epilogue shifts the best tile
 # The RoPE epilogue holds its chunk's pairs and four table tiles at once: tiles with more than this many fp32
 # accumulator values a thread spilled at sm_80/sm_90 (ptxas via kernels/_aot: 128x256 w8 and 128x128 w4 did;
@@ -626,8 +664,13 @@ if HAS_TRITON:
 
 _autotune = True
 if HAS_TRITON:
+    _ELEMENTWISE_KEY = ["M_KEY", "N", "ACT", "HAS_SCALE", "HAS_RES", "WRITE_DZ", "COLSUM"]
     _EPILOGUE = Launcher(_epilogue_kernel)
     _DACT_COLSUM = Launcher(_dact_colsum_kernel)
+    _EPILOGUE_TUNED, _DACT_COLSUM_TUNED = (Launcher(triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in ELEMENTWISE_CONFIGS],
+        key=[k for k in _ELEMENTWISE_KEY if k in kernel.arg_names])(kernel))
+        for kernel in (_epilogue_kernel, _dact_colsum_kernel))
 
 
 def set_autotune(enabled: bool) -> None:
@@ -1053,13 +1096,21 @@ def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int
     if M == 0 or N == 0:
         return
     scale = _unit_stride(scale)
-    bm, bn, w = EPILOGUE_BLOCK
-    grid = (cdiv(M, bm), cdiv(N, bn))
     res = residual if residual is not None else y
-    _EPILOGUE(grid, (c, scale if scale is not None else y, res, y, M, N, c.stride(0), res.stride(0), res.stride(1),
-                     y.stride(0)),
-              dict(ACT=act, HAS_SCALE=scale is not None, HAS_RES=residual is not None, BLOCK_M=bm, BLOCK_N=bn,
-                   num_warps=w))
+    _launch_elementwise(_EPILOGUE, _EPILOGUE_TUNED, lambda bm, bn: (cdiv(M, bm), cdiv(N, bn)),
+                        (c, scale if scale is not None else y, res, y, M, N, max(16, next_pow2(M)), c.stride(0),
+                         res.stride(0), res.stride(1), y.stride(0)),
+                        dict(ACT=act, HAS_SCALE=scale is not None, HAS_RES=residual is not None))
+
+
+def _launch_elementwise(plain: Launcher, tuned: Launcher, grid, args: tuple, consts: Dict[str, object]) -> None:
+    """An elementwise kernel at the autotuner's tile (ELEMENTWISE_CONFIGS), or at the first config without
+    autotuning (set_autotune(False), the interpreter). ``grid(BLOCK_M, BLOCK_N)``: the launch grid of a tile."""
+    if _autotune and not INTERPRET:
+        tuned(lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"]), args, consts)
+        return
+    bm, bn, w = ELEMENTWISE_CONFIGS[0]
+    plain(grid(bm, bn), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -1135,19 +1186,26 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
     dz = _empty((M, N), dy.device, dy.dtype) if write_dz else dy
     if not colsum and not write_dz:
         return dz, None
-    bm, bn, w = EPILOGUE_BLOCK
-    n_blocks = cdiv(M, bm)
-    per_prog = max(1, cdiv(n_blocks, _COLSUM_PROGRAMS))
-    progs = max(1, cdiv(n_blocks, per_prog))
+    rows, progs = dact_partition(M, N)
     part = _empty((progs, N), dy.device, torch.float32)
     if M > 0 and N > 0:
         zz = z if z is not None else dy
-        _DACT_COLSUM((progs, cdiv(N, bn)),
-                     (dy, zz, dz, part, M, N, per_prog, dy.stride(0), dy.stride(1), zz.stride(0), dz.stride(0)),
-                     dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
+        _launch_elementwise(_DACT_COLSUM, _DACT_COLSUM_TUNED, lambda bm, bn: (progs, cdiv(N, bn)),
+                            (dy, zz, dz, part, M, N, rows, max(16, next_pow2(M)), dy.stride(0), dy.stride(1), zz.stride(0),
+                             dz.stride(0)),
+                            dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum))
     else:
         part.zero_()
     return dz, (part.sum(0) if colsum else None)
+
+
+def dact_partition(M: int, N: int) -> Tuple[int, int]:
+    """(rows a program, programs) of the dZ / bias-grad pass over an (M, N) gradient: a fixed partition of the
+    rows (the column sums' order does not depend on the autotuner's tile), about _DACT_PROGRAMS programs in all
+    at 256-column blocks."""
+    want = max(1, _DACT_PROGRAMS // cdiv(N, 256))
+    rows = max(_DACT_ROWS, cdiv(cdiv(M, want), _DACT_ROWS) * _DACT_ROWS)
+    return rows, max(1, cdiv(M, rows))
 
 
 def linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor],
@@ -1756,6 +1814,27 @@ def _gemm_tma_spec(ty: str, cfg: Tuple[int, int, int, int, int], layout: str, ep
                         ones=() if split else ("SPLITS",), min_cc=90)
 
 
+def _elementwise_specs(ty: str, act: int, sc: str, cfg: Tuple[int, int, int]) -> List[AotSpec]:
+    """The epilogue pass (with a residual; γ of type ``sc`` if any) and the dZ / bias-grad pass (once an act)."""
+    bm, bn, w = cfg
+    tile = f"{bm}x{bn},w{w}"
+    sig = {p: f"*{ty}" for p in ("c_ptr", "res_ptr", "y_ptr")}
+    sig["scale_ptr"] = f"*{sc or ty}"
+    sig.update({n: "i32" for n in ("M", "N", "M_KEY", "stride_cm", "stride_rm", "stride_ym")})
+    sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_SCALE", "HAS_RES", "BLOCK_M", "BLOCK_N")})
+    cx = dict(stride_rn=1, ACT=act, HAS_SCALE=bool(sc), HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
+    specs = [runtime_spec(_epilogue_kernel, sig, cx, w, 3, f"gemm_epilogue[{ty},act={act}"
+                          f"{f',scale={sc}' if sc else ''},{tile}]", div16=("N", "stride_cm", "stride_rm", "stride_ym"))]
+    if not sc or act == 0 and sc == ty:  # (act 0: the bias grad alone, dZ = dY not written)
+        sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
+        sig.update({n: "i32" for n in ("M", "N", "rows_per_prog", "M_KEY", "stride_dym", "stride_zm", "stride_dzm")})
+        sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
+        cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=act != 0, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
+        specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 3, f"dact_colsum[{ty},act={act},{tile}]",
+                                  div16=("N", "rows_per_prog", "stride_dym", "stride_zm", "stride_dzm")))
+    return specs
+
+
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
@@ -1811,23 +1890,11 @@ def _aot_specs() -> List[AotSpec]:
             for cfg in {cfgs[0] for cfgs in lists}:
                 specs.extend(_gemm_spec(ty, cfg, layout, False, tf32) for layout in ("dx", "dw"))
                 specs.extend(_gemm_spec(ty, cfg, "dx", False, tf32, act) for act in (1, 2))  # MLP backward
-        bm, bn, w = EPILOGUE_BLOCK
-        # erf and tanh GELU (ACT=0 is a subset of either); LayerScale's γ, in the dtype and in fp32 (autocast)
+        # erf and tanh GELU (ACT=0 is a subset of either); LayerScale's γ, in the dtype and in fp32 (autocast): at
+        # the first elementwise config; bf16 with erf GELU at every config the autotuner tries
         for act, sc in dict.fromkeys(((1, ""), (2, ""), (0, ty), (0, "fp32"))):
-            sig = {p: f"*{ty}" for p in ("c_ptr", "res_ptr", "y_ptr")}
-            sig["scale_ptr"] = f"*{sc or ty}"
-            sig.update({n: "i32" for n in ("M", "N", "stride_cm", "stride_rm", "stride_ym")})
-            sig.update({f: "constexpr" for f in ("stride_rn", "ACT", "HAS_SCALE", "HAS_RES", "BLOCK_M", "BLOCK_N")})
-            cx = dict(stride_rn=1, ACT=act, HAS_SCALE=bool(sc), HAS_RES=True, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append(runtime_spec(_epilogue_kernel, sig, cx, w, 1,
-                                      f"gemm_epilogue[{ty},act={act}{f',scale={sc}' if sc else ''}]",
-                                      div16=("N", "stride_cm", "stride_rm", "stride_ym")))
-            sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
-            sig.update({n: "i32" for n in ("M", "N", "blocks_per_prog", "stride_dym", "stride_zm", "stride_dzm")})
-            sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
-            cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=True, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
-            specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 1, f"dact_colsum[{ty},act={act}]",
-                                      div16=("N", "stride_dym", "stride_zm", "stride_dzm")))
+            for cfg in ELEMENTWISE_CONFIGS if (ty, act) == ("bf16", 1) else ELEMENTWISE_CONFIGS[:1]:
+                specs += _elementwise_specs(ty, act, sc, cfg)
     return specs
 
 

@@ -643,19 +643,50 @@ def test_determinism(device):
             assert torch.equal(a, c)
 
 
+def _dact_want(dy: torch.Tensor, z: torch.Tensor, act) -> torch.Tensor:
+    """float64 dY·act'(z) by autograd through torch's GELU (the reference's activation)."""
+    if act is None:
+        return dy.double()
+    z64 = z.double().requires_grad_()
+    y = torch.nn.functional.gelu(z64, approximate="tanh" if act == "gelu_tanh" else "none")
+    return torch.autograd.grad(y, z64, dy.double())[0]
+
+
+@pytest.mark.parametrize("cfg", L.ELEMENTWISE_CONFIGS)
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
-def test_dact_colsum_many_blocks_per_program(act, device, monkeypatch):
-    """The dZ / bias-grad pass with several row blocks per program and a ragged last one, vs float64."""
-    monkeypatch.setattr(L, "_COLSUM_PROGRAMS", 3)  # M = 61 rows in blocks of 8: 8 blocks over 3 programs
+def test_dact_colsum_many_blocks_per_program(act, cfg, device, monkeypatch):
+    """The dZ / bias-grad pass at each tile the autotuner may pick, with several row blocks per program and a
+    ragged last one, vs float64."""
+    monkeypatch.setattr(L, "ELEMENTWISE_CONFIGS", [cfg])  # (the first config runs without autotuning)
+    monkeypatch.setattr(L, "_DACT_PROGRAMS", 4)  # 2 programs a 256-column block: 32 rows each
     M, N = 61, 300  # N: a partial second column block
+    assert L.dact_partition(M, N) == (32, 2)
     dy = randn(M, N, dtype=torch.float32, device=device)
     z = randn(M, N, dtype=torch.float32, device=device) * 2
     dz, db = L._dact_colsum(dy, z if act else None, L._ACT_CODE[act], write_dz=act is not None, colsum=True)
-    z64 = z.double().requires_grad_()
-    y = linear_reference(z64, torch.eye(N, dtype=torch.float64, device=device), None, act)
-    want = torch.autograd.grad(y, z64, dy.double())[0]
+    want = _dact_want(dy, z, act)
     torch.testing.assert_close(dz.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(db.double(), want.sum(0), atol=1e-4, rtol=1e-5)
+    y = L._empty((M, N), device, torch.float32)
+    L._launch_epilogue(z, dy, L._ACT_CODE[act], y)  # the forward's epilogue pass at the same tile
+    torch.testing.assert_close(y.double(), linear_reference(z.double(), torch.eye(N, dtype=torch.float64,
+                               device=device), None, act, dy.double()), atol=1e-5, rtol=1e-5)
+
+
+def test_dact_gelu_from_16bit_z(device):
+    """Exact GELU and its derivative from a 16-bit z (_dev_gelu_cdf's erfc approximation) within 3e-7 of float64
+    over the whole range, tails and the derivative's zero crossing included: written in fp32 (dY's, y's dtype)."""
+    z = torch.cat([torch.linspace(-12, 12, 2400), randn(600) * 3]).to(device=device, dtype=torch.float16)
+    z = z.view(-1, 100)
+    dy = torch.ones(z.shape, device=device)
+    dz, db = L._dact_colsum(dy, z, L._ACT_CODE["gelu"], write_dz=True, colsum=True)
+    want = _dact_want(dy, z, "gelu")
+    assert dz.dtype == torch.float32
+    torch.testing.assert_close(dz.double(), want, atol=3e-7, rtol=0)
+    torch.testing.assert_close(db.double(), want.sum(0), atol=1e-5, rtol=1e-6)
+    y = L._empty(z.shape, device, torch.float32)
+    L._launch_epilogue(z, None, L._ACT_CODE["gelu"], y)  # the forward's GELU from the same 16-bit z, into fp32
+    torch.testing.assert_close(y.double(), torch.nn.functional.gelu(z.double()), atol=3e-7, rtol=3e-7)
 
 
 def test_auto_verdict_depends_on_autograd(monkeypatch):
@@ -1062,6 +1093,29 @@ def test_gpu_mlp_recompute_bf16(gemm, recompute):
     """ViT-B's MLP at batch 2 in bf16 with h (and z) rebuilt in the backward, vs float64 on the 2x/3x rule."""
     L.set_autotune(gemm != "cublas")
     _check_mlp(394, 768, 3072, 768, torch.bfloat16, "gelu", True, True, True, gemm, "cuda", recompute=recompute)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [None] + L.ELEMENTWISE_CONFIGS)
+def test_gpu_elementwise_passes_bf16(cfg, monkeypatch):
+    """The cuBLAS path's epilogue and dZ / bias-grad passes in bf16 at ViT-B's fc1 width, M = 25216 (batch 128):
+    autotuned (None) and at each tile, vs float64 (bf16's rounding of dZ and y; db summed in fp32)."""
+    L.set_autotune(cfg is None)
+    if cfg is not None:
+        monkeypatch.setattr(L, "ELEMENTWISE_CONFIGS", [cfg])
+    M, N = 128 * 197, 3072
+    z = randn(M, N, dtype=torch.bfloat16, device="cuda") * 2
+    dy = randn(M, N, dtype=torch.bfloat16, device="cuda", scale=0.1)
+    dz, db = L._dact_colsum(dy, z, L._ACT_CODE["gelu"], write_dz=True, colsum=True)
+    want = _dact_want(dy, z, "gelu")
+    assert max_err(dz, want) <= 2 ** -8 * want.abs().max().item()
+    torch.testing.assert_close(db.double(), want.sum(0), atol=1e-3, rtol=1e-4)
+    _, db0 = L._dact_colsum(dy, None, 0, write_dz=False, colsum=True)
+    torch.testing.assert_close(db0.double(), dy.double().sum(0), atol=1e-3, rtol=1e-4)
+    y = L._empty((M, N), "cuda", torch.bfloat16)
+    L._launch_epilogue(z, dy, L._ACT_CODE["gelu"], y)
+    ref = torch.nn.functional.gelu(z.double()) + dy.double()
+    assert max_err(y, ref) <= 2 ** -8 * ref.abs().max().item()
 
 
 @pytest.mark.gpu
