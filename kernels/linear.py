@@ -971,7 +971,7 @@ def _launch_gemm_tma(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M: 
     args = (_desc(a), _desc(b), c_desc, _desc(z) if z is not None else c_desc,
             bias if bias is not None else out, scale if scale is not None else out,
             residual if residual is not None else out,
-            part if part is not None else out, z if z is not None else out, *rope_ptr, M, N, K, max(16, next_pow2(M)),
+            part if part is not None else out, z if z is not None else out, *rope_ptr, M, N, K, _m_key(M),
             part.shape[0] if part is not None else 0, splits, k_split, m_pad,
             residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
             *rope_ints)
@@ -1062,7 +1062,7 @@ def _launch_gemm_tiled(a: torch.Tensor, a_t: bool, b: torch.Tensor, b_t: bool, M
     args = (a, b, bias if bias is not None else out, scale if scale is not None else out,
             residual if residual is not None else out, out,
             z if z is not None else out, part if part is not None else out, *rope_ptr, M, N, K,
-            max(16, next_pow2(M)), part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
+            _m_key(M), part.shape[0] if part is not None else 0, k_split, stride_cs if splits > 1 else 0,
             a_strides[0], a_strides[1], b_strides[0], b_strides[1], res_strides[0], res_strides[1],
             out.stride(0), out.stride(1), *rope_ints)
     # ALLOW_TF32 selects tl.dot's default precision, which is what 16-bit operands always use
@@ -1098,9 +1098,14 @@ def _launch_epilogue(c: torch.Tensor, residual: Optional[torch.Tensor], act: int
     scale = _unit_stride(scale)
     res = residual if residual is not None else y
     _launch_elementwise(_EPILOGUE, _EPILOGUE_TUNED, lambda bm, bn: (cdiv(M, bm), cdiv(N, bn)),
-                        (c, scale if scale is not None else y, res, y, M, N, max(16, next_pow2(M)), c.stride(0),
+                        (c, scale if scale is not None else y, res, y, M, N, _m_key(M), c.stride(0),
                          res.stride(0), res.stride(1), y.stride(0)),
                         dict(ACT=act, HAS_SCALE=scale is not None, HAS_RES=residual is not None))
+
+
+def _m_key(m: int) -> int:
+    """The autotuning key's M (M_KEY): M rounded up to a power of two, at least 16 (one tuning a bucket)."""
+    return max(16, next_pow2(m))
 
 
 def _launch_elementwise(plain: Launcher, tuned: Launcher, grid, args: tuple, consts: Dict[str, object]) -> None:
@@ -1191,7 +1196,7 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
     if M > 0 and N > 0:
         zz = z if z is not None else dy
         _launch_elementwise(_DACT_COLSUM, _DACT_COLSUM_TUNED, lambda bm, bn: (progs, cdiv(N, bn)),
-                            (dy, zz, dz, part, M, N, rows, max(16, next_pow2(M)), dy.stride(0), dy.stride(1), zz.stride(0),
+                            (dy, zz, dz, part, M, N, rows, _m_key(M), dy.stride(0), dy.stride(1), zz.stride(0),
                              dz.stride(0)),
                             dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum))
     else:
