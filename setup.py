@@ -25,7 +25,7 @@ setup(
     package_data={"flashvit.bench": ["*.sh"]},
     install_requires=["torch>=2.4", "numpy", _TRITON],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "timm", "transformers", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "timm", "transformers", "ruff"],
         "train": ["tqdm", "matplotlib"],
     },
 )

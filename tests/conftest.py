@@ -18,6 +18,22 @@ import pytest  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# pytest-xdist (README's `-n auto`): the interpreter runs a kernel on one core, so the cores go to workers; each
+# worker's torch takes its share of them, not all (workers x threads > cores only adds contention).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and DEVICE == "cpu":
+    torch.set_num_threads(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist's: unknown to a run without it
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 8 (each holds torch and the interpreter: 1.2 GB resident in one serial run)."""
+    return max(1, min(_cores(), 8))
+
+
 @pytest.fixture
 def device() -> str:
     return DEVICE
@@ -57,6 +73,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 dots, speed); runs in bench/gpu_check.sh")
     config.addinivalue_line("markers", "slow: longer CPU tests")
     config.addinivalue_line("markers", "aot: ahead-of-time compile gate (CPU-side; compiles for sm_80/sm_90)")
+    # pytest-xdist's own marker, named here too so that a run without xdist does not warn of it.
+    config.addinivalue_line("markers", "xdist_group(name): with --dist loadgroup, tests run on one worker")
 
 
 def pytest_collection_modifyitems(config, items):

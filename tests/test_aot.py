@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("triton", reason="the AOT gate needs triton (Linux wheels only)")
 
-pytestmark = pytest.mark.aot
+# One worker runs the gate (a module fixture) and every check on it (README's `--dist loadgroup`).
+pytestmark = [pytest.mark.aot, pytest.mark.xdist_group("aot_gate")]
 
 
 @pytest.fixture(scope="module")
