@@ -40,6 +40,14 @@ def device() -> str:
 
 
 @pytest.fixture(autouse=True)
+def _seeds(request):
+    """fresh_seed's inputs a function of the test alone, not of the tests before it in the process."""
+    from tests import helpers
+
+    helpers.reset_seeds(request.node.nodeid)
+
+
+@pytest.fixture(autouse=True)
 def memcheck():
     """In the interpreter, every kernel load and store must land inside a tensor argument (tests/sanitizer.py)."""
     if os.environ.get("TRITON_INTERPRET") != "1":

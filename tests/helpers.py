@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import zlib
 from typing import Optional
 
 import torch
@@ -13,6 +14,13 @@ _counter = itertools.count()
 def fresh_seed() -> int:
     """A different seed for every call, so no two cases share inputs (reproducible run to run)."""
     return 1234 + next(_counter)
+
+
+def reset_seeds(test_id: str) -> None:
+    """Start fresh_seed's sequence at a point fixed by the test's id (conftest, before each test): a test gets the
+    same inputs whichever tests ran before it in its process (pytest-xdist's workers, -k, a single test)."""
+    global _counter
+    _counter = itertools.count(zlib.crc32(test_id.encode()) % 1_000_003 * 1000)
 
 
 # Where tests run by default: the GPU when there is one (kernels need CUDA tensors there), else the CPU.
