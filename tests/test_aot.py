@@ -14,8 +14,7 @@ import pytest
 
 pytest.importorskip("triton", reason="the AOT gate needs triton (Linux wheels only)")
 
-# One worker runs the gate (a module fixture) and every check on it (README's `--dist loadgroup`).
-pytestmark = [pytest.mark.aot, pytest.mark.xdist_group("aot_gate")]
+pytestmark = pytest.mark.aot
 
 
 @pytest.fixture(scope="module")

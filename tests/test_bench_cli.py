@@ -32,10 +32,6 @@ def _env() -> dict:
     return env
 
 
-# The fixture runs once a worker: its users go to one worker (README's `--dist loadgroup`).
-QUICK_RUN = pytest.mark.xdist_group("bench_quick_run")
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """One CPU run of `python -m flashvit.bench all --quick`, shared by the checks below."""
@@ -51,7 +47,6 @@ def _load(out, suite):
         return json.load(f)
 
 
-@QUICK_RUN
 def test_quick_run_writes_its_files(quick_run):
     out, res, _ = quick_run
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -66,7 +61,6 @@ def test_quick_run_writes_its_files(quick_run):
 
 
 @pytest.mark.parametrize("suite", ["ops", "model"])
-@QUICK_RUN
 def test_json_schema(quick_run, suite):
     out, res, _ = quick_run
     assert res.returncode == 0, res.stderr[-3000:]
@@ -104,7 +98,6 @@ def test_json_schema(quick_run, suite):
         assert {r["mode"] for r in rows} == {"train", "infer"}
 
 
-@QUICK_RUN
 def test_csv_matches_json(quick_run):
     out, res, _ = quick_run
     assert res.returncode == 0, res.stderr[-3000:]
@@ -122,7 +115,6 @@ def test_csv_matches_json(quick_run):
 
 
 @pytest.mark.skipif(not HAS_TIMM, reason="timm not installed")
-@QUICK_RUN
 def test_cpu_eager_vs_timm_comparison_in_output(quick_run):
     out, res, _ = quick_run
     assert res.returncode == 0, res.stderr[-3000:]
@@ -138,7 +130,6 @@ def test_cpu_eager_vs_timm_comparison_in_output(quick_run):
             timm["median_ms"] / ours["median_ms"])
 
 
-@QUICK_RUN
 def test_quick_run_is_quick(quick_run):
     _, res, seconds = quick_run
     assert res.returncode == 0
@@ -146,7 +137,6 @@ def test_quick_run_is_quick(quick_run):
     assert seconds < 240, seconds
 
 
-@QUICK_RUN
 def test_report_summarises_a_folder(quick_run, tmp_path, capsys):
     out, res, _ = quick_run
     assert res.returncode == 0

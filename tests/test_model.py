@@ -133,18 +133,20 @@ def test_eager_cpu_not_slower_than_timm():
         m.zero_grad(set_to_none=True)
         m(x).sum().backward()
 
-    def best(m, n=5):
-        step(m)
-        ts = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            step(m)
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
+    def best(n=7):  # (timm, ours): each one's fastest step, taken in turns so both see the same load
+        ts = {ref: [], ours: []}
+        for i in range(n + 1):
+            for m in (ref, ours):
+                t0 = time.perf_counter()
+                step(m)
+                if i:  # the first round warms up
+                    ts[m].append(time.perf_counter() - t0)
+        return min(ts[ref]), min(ts[ours])
 
     with flashvit.use_backend("torch"):
-        t_ref, t_ours = best(ref), best(ours)
-        t_ours = min(t_ours, best(ours))  # one retry against noise on a busy 2-core box
+        t_ref, t_ours = best()
+        if t_ours > 1.15 * t_ref:  # one retry against noise on a busy 2-core box (the other xdist worker)
+            t_ref, t_ours = best()
     assert t_ours <= 1.15 * t_ref, f"ours {t_ours * 1e3:.1f} ms vs timm {t_ref * 1e3:.1f} ms"
 
 

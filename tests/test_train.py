@@ -180,10 +180,6 @@ def _tiny_fashion_dir(root, n_train=480, n_test=200):
         fd.write_idx(os.path.join(root, f"{split}-labels-idx1-ubyte.gz"), y)
 
 
-# The fixture runs once a worker: its users go to one worker (README's `--dist loadgroup`).
-TINY_RUN = pytest.mark.xdist_group("train_tiny_run")
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
@@ -303,7 +299,6 @@ def test_evaluate_runs_without_autograd():
     assert seen == [False] * 3 and 0.0 <= acc <= 100.0
 
 
-@TINY_RUN
 def test_tiny_end_to_end_run(tiny_run):
     run, proc, seconds = tiny_run
     assert proc.returncode == 0, proc.stderr
@@ -417,7 +412,6 @@ def test_init_from_end_to_end(tmp_path):
     assert rc == 0
 
 
-@TINY_RUN
 def test_checkpoints_load_weights_only(tiny_run):
     run, proc, _ = tiny_run
     assert proc.returncode == 0, proc.stderr
@@ -445,7 +439,6 @@ class _Evil:
         return (print, ("unpickled arbitrary code",))
 
 
-@TINY_RUN
 def test_eval_only_reproduces_test_accuracy(tiny_run, capsys):
     run, proc, _ = tiny_run
     assert proc.returncode == 0, proc.stderr
@@ -455,7 +448,6 @@ def test_eval_only_reproduces_test_accuracy(tiny_run, capsys):
     assert rc == 0 and f"test accuracy {acc:.2f}%" in out
 
 
-@TINY_RUN
 def test_plot_compares_runs_and_seed_logs(tiny_run, tmp_path, capsys):
     run, proc, _ = tiny_run
     seed_log = tmp_path / "seed.json"  # the seed's log format
@@ -468,7 +460,6 @@ def test_plot_compares_runs_and_seed_logs(tiny_run, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
-@TINY_RUN
 def test_existing_run_dir_needs_resume(tiny_run, capsys):
     run, proc, _ = tiny_run
     before = (run / "last.pt").stat().st_mtime_ns
