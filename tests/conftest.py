@@ -81,8 +81,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (bf16 dots, speed); runs in bench/gpu_check.sh")
     config.addinivalue_line("markers", "slow: longer CPU tests")
     config.addinivalue_line("markers", "aot: ahead-of-time compile gate (CPU-side; compiles for sm_80/sm_90)")
-    # pytest-xdist's own marker, named here too so that a run without xdist does not warn of it.
-    config.addinivalue_line("markers", "xdist_group(name): with --dist loadgroup, tests run on one worker")
 
 
 def pytest_collection_modifyitems(config, items):
