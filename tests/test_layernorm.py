@@ -6,10 +6,10 @@ Every output buffer the launchers allocate is NaN-poisoned first, so an unwritte
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, fresh_seed, max_err, randn
 
 import flashvit
 from flashvit.kernels import layernorm as L
+from tests.helpers import assert_close_to_ref, fresh_seed, max_err, randn
 
 TRITON = "triton"
 pytestmark = pytest.mark.skipif(not flashvit.HAS_TRITON, reason="triton not importable on this platform")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, randn
 
 from flashvit.kernels import (
     HAS_TRITON,
@@ -24,6 +23,7 @@ from flashvit.kernels import (
     qkv_attention,
     qkv_attention_reference,
 )
+from tests.helpers import assert_close_to_ref, randn
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="needs triton (Linux) to run the kernels")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

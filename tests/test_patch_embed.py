@@ -6,9 +6,9 @@ import importlib
 
 import pytest
 import torch
-from helpers import assert_close_to_ref, max_err, poison, randn
 
 from flashvit.kernels._aot import jit_function
+from tests.helpers import assert_close_to_ref, max_err, poison, randn
 
 pe = importlib.import_module("flashvit.kernels.patch_embed")
 
