@@ -96,30 +96,33 @@ def _dev_ln_fwd_load(X, R, H, r64, cols, mask, stride_x, stride_r, stride_h, sc,
 
 
 @_jit
-def _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y):
+def _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y, w, b, WB_LOADED: tl.constexpr):
     # y = xc·rstd·w + b of one column chunk. w and b are loaded at x's shape (ROWS, C), each row its copy (L1
     # hits): loaded as (C,), they took x's layout through shared memory, two conversions a program (sm_90 SASS,
-    # D = 768 at 2 rows, 8 warps: 11 barriers and 40 registers that way, 7 and 32 this way).
-    wb = cols[None, :] + 0 * r64.to(tl.int32)  # (ROWS, C)
-    w = tl.load(W + wb, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + wb, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd[:, None] * w + b
+    # D = 768 at 2 rows, 8 warps: 11 barriers and 40 registers that way, 7 and 32 this way). WB_LOADED: given
+    # (``w``, ``b``: the persistent loop's, loaded once a program), else loaded here.
+    if not WB_LOADED:
+        wb = cols[None, :] + 0 * r64.to(tl.int32)  # (ROWS, C)
+        w = tl.load(W + wb, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(B + wb, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w.to(tl.float32) + b.to(tl.float32)
     tl.store(Y + r64 * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @_jit
-def _ln_fwd_kernel(
-    X, R, W, B, Y, H, Mean, Rstd, S,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
-    M, N, stride_x, stride_r, stride_y, stride_h, eps, T,
-    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_N2: tl.constexpr,
-):
-    # HAS_SCALE (with HAS_RES): h = x·s + r, S (M / T,) one factor for each sample's T rows (stochastic depth:
-    # 0 or 1 / keep_prob); x·s in fp32, rounded to x's dtype first, as eager's drop_path(x) + r.
-    # BLOCK_N2 > 0: a row is two column chunks, BLOCK_N + BLOCK_N2 (384 = 256 + 128), not one padded power of two
-    # (the backward's layout; see LN_BWD_CHUNKS).
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,)
+def _dev_ln_fwd_wb(W, B, cols, col_mask, ROWS: tl.constexpr):
+    # The persistent loop's w and b (ROWS, C) as stored, loaded once a program: a load in the loop would be
+    # pipelined too (cp.async, past L1) and read them from L2 again every tile.
+    wb = cols[None, :] + 0 * tl.arange(0, ROWS)[:, None]
+    mask = col_mask[None, :] & (tl.arange(0, ROWS) >= 0)[:, None]
+    return tl.load(W + wb, mask=mask, other=0.0), tl.load(B + wb, mask=mask, other=0.0)
+
+
+@_jit
+def _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, rows, M, N, stride_x, stride_r, stride_y, stride_h, eps, T,
+                     w, b, w2, b2, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     BLOCK_N2: tl.constexpr, WB_LOADED: tl.constexpr):
+    # LN (and the add) of rows (ROWS,); w, b, w2, b2: WB_LOADED's (else placeholders).
     cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     row_mask = rows < M
     col_mask = cols < N
@@ -156,11 +159,46 @@ def _ln_fwd_kernel(
         var += tl.sum(xc2 * xc2, axis=1)
     mean = x0 + mean_d  # (saved: the backward's x - mean is 0 on a row of equal values too)
     rstd = 1.0 / tl.sqrt(var / N + eps)  # (ROWS,)
-    _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y)
+    _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y, w, b, WB_LOADED)
     if BLOCK_N2 > 0:
-        _dev_ln_fwd_store(Y, W, B, r64, cols2, mask2, xc2, rstd, stride_y)
+        _dev_ln_fwd_store(Y, W, B, r64, cols2, mask2, xc2, rstd, stride_y, w2, b2, WB_LOADED)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
+
+
+@_jit
+def _ln_fwd_kernel(
+    X, R, W, B, Y, H, Mean, Rstd, S,  # X, R: (M, N) row-strided; W, B: (N,); Y, H: (M, N) row-strided; Mean, Rstd: (M,)
+    M, N, stride_x, stride_r, stride_y, stride_h, eps, T,
+    BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_N2: tl.constexpr, PIPE: tl.constexpr, TILES: tl.constexpr,
+):
+    # HAS_SCALE (with HAS_RES): h = x·s + r, S (M / T,) one factor for each sample's T rows (stochastic depth:
+    # 0 or 1 / keep_prob); x·s in fp32, rounded to x's dtype first, as eager's drop_path(x) + r.
+    # BLOCK_N2 > 0: a row is two column chunks, BLOCK_N + BLOCK_N2 (384 = 256 + 128), not one padded power of two
+    # (the backward's layout; see LN_BWD_CHUNKS).
+    # PIPE = 0: a program LNs one tile of ROWS rows. PIPE > 0 (LN_PIPE): TILES consecutive tiles a program, in a
+    # loop Triton pipelines PIPE stages deep: the next tiles' loads go to shared memory (cp.async) while this one
+    # reduces, so an SM keeps reads in flight through the reductions without more registers (a one-tile program
+    # has none in flight there). (Not persistent programs: a grid sized to fill the SMs would need each build's
+    # occupancy, and ptxas gives the same tile 40 to 80 registers a thread.)
+    pid = tl.program_id(0)
+    if PIPE > 0:
+        cols = tl.arange(0, BLOCK_N)
+        w, b = _dev_ln_fwd_wb(W, B, cols, cols < N, ROWS)
+        if BLOCK_N2 > 0:
+            cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
+            w2, b2 = _dev_ln_fwd_wb(W, B, cols2, cols2 < N, ROWS)
+        else:
+            w2, b2 = w, b  # (placeholders)
+        for t in tl.range(0, TILES, num_stages=PIPE):  # (rows past M: masked, no traffic)
+            _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, (pid * TILES + t) * ROWS + tl.arange(0, ROWS), M, N, stride_x,
+                             stride_r, stride_y, stride_h, eps, T, w, b, w2, b2, BLOCK_N, HAS_RES, HAS_SCALE,
+                             BLOCK_N2, True)
+    else:
+        _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, pid * ROWS + tl.arange(0, ROWS), M, N, stride_x,
+                         stride_r, stride_y, stride_h, eps, T, 0.0, 0.0, 0.0, 0.0, BLOCK_N, HAS_RES, HAS_SCALE,
+                         BLOCK_N2, False)
 
 
 @_jit
@@ -201,23 +239,25 @@ def _dev_ln_bwd_ahead(DY, X, DHO, Mean, Rstd, rows, ok, cols, col_mask, cols2, c
 
 
 @_jit
-def _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd):
+def _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd, w, W_LOADED: tl.constexpr):
     # (xhat, w·dy, dy) (ROWS, C) fp32 and the chunk's two row sums (ROWS, 2), sum(xhat·w·dy) and sum(w·dy),
-    # joined: one cross-warp exchange for both.
+    # joined: one cross-warp exchange for both. W_LOADED: w (C,) given (the pipelined loop's, loaded once).
     x = x.to(tl.float32)
     dy = dy.to(tl.float32)
     # masked lanes: x, dy, w read 0, so xhat there (finite) meets a zero in every product that uses it
     xhat = (x - mean[:, None]) * rstd[:, None]
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)  # (C,) reloaded: fewer live registers
-    wdy = dy * w[None, :]
+    if not W_LOADED:
+        w = tl.load(W + cols, mask=col_mask, other=0.0)  # (C,) reloaded: fewer live registers
+    wdy = dy * w.to(tl.float32)[None, :]
     return xhat, wdy, dy, tl.sum(tl.join(xhat * wdy, wdy), axis=1)
 
 
 @_jit
-def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd):
+def _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean, rstd, w,
+                     W_LOADED: tl.constexpr):
     # One column chunk of ROWS rows loaded, then _dev_ln_bwd_math's values.
     x, dy = _dev_ln_bwd_raw(DY, X, r64, cols, mask, stride_dy, stride_x)
-    return _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd)
+    return _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd, w, W_LOADED)
 
 
 @_jit
@@ -260,6 +300,7 @@ def _ln_bwd_kernel(
     M, N, stride_dy, stride_x, stride_dho, stride_dx, rows_per_prog, T,
     BLOCK_N: tl.constexpr, ROWS: tl.constexpr, HAS_DHO: tl.constexpr, BLOCK_N2: tl.constexpr,
     PREFETCH: tl.constexpr, COLSUMS: tl.constexpr, HAS_S_DX: tl.constexpr, HAS_S_HO: tl.constexpr,
+    PIPE: tl.constexpr,
 ):
     # Program g owns rows [g * rows_per_prog, (g + 1) * rows_per_prog): a fixed order, so dw/db are deterministic.
     # BLOCK_N2 > 0 (use_ln_chunks): a row is two column chunks, BLOCK_N + BLOCK_N2 (768 = 512 + 256), not one
@@ -270,6 +311,8 @@ def _ln_bwd_kernel(
     # COLSUMS: also the column sums of dx (as stored) and of dh_out over the program's rows, each row scaled by
     # its sample's factor (HAS_S_DX, HAS_S_HO): in a pre-norm block the bias gradients of the linears whose
     # outputs join the residual stream there (proj: dx, fc2: dh_out), without another pass over either.
+    # PIPE > 0 (LN_PIPE; without PREFETCH): Triton pipelines the loop PIPE stages deep, the next steps' x, dy,
+    # dh, mean, rstd loaded into shared memory (cp.async) while this one reduces; w loaded once a program.
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -286,6 +329,11 @@ def _ln_bwd_kernel(
         hos_acc2 = tl.zeros((ROWS, BLOCK_N2), dtype=tl.float32)
     else:  # placeholders (a second chunk's names, unused)
         cols2, col_mask2 = cols, col_mask
+    if PIPE > 0:  # (in the loop, a load of w would be pipelined too: from L2 again every step)
+        w_pre = tl.load(W + cols, mask=col_mask, other=0.0)
+        w2_pre = tl.load(W + cols2, mask=col_mask2, other=0.0) if BLOCK_N2 > 0 else w_pre
+    else:
+        w_pre, w2_pre = 0.0, 0.0  # (placeholders)
     row0 = pid * rows_per_prog
     if PREFETCH:  # the first step's rows
         rows_n = row0 + tl.arange(0, ROWS)
@@ -294,7 +342,7 @@ def _ln_bwd_kernel(
             stride_dho, HAS_DHO, BLOCK_N2)
     else:  # placeholders: the stores load dho themselves
         dho_n, dho2_n = 0.0, 0.0
-    for i in range(0, rows_per_prog, ROWS):
+    for i in tl.range(0, rows_per_prog, ROWS, num_stages=PIPE if PIPE > 0 else None):
         rows = row0 + i + tl.arange(0, ROWS)  # (ROWS,)
         row_mask = rows < M
         mask = row_mask[:, None] & col_mask[None, :]
@@ -310,18 +358,18 @@ def _ln_bwd_kernel(
             x_n, dy_n, dho_n, x2_n, dy2_n, dho2_n, mean_n, rstd_n = _dev_ln_bwd_ahead(
                 DY, X, DHO, Mean, Rstd, rows_n, (rows_n < M) & (i + ROWS < rows_per_prog), cols, col_mask, cols2,
                 col_mask2, stride_dy, stride_x, stride_dho, HAS_DHO, BLOCK_N2)
-            xhat, wdy, dy, sums = _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd)
+            xhat, wdy, dy, sums = _dev_ln_bwd_math(x, dy, W, cols, col_mask, mean, rstd, 0.0, False)
             if BLOCK_N2 > 0:
-                xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_math(x2, dy2, W, cols2, col_mask2, mean, rstd)
+                xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_math(x2, dy2, W, cols2, col_mask2, mean, rstd, 0.0, False)
                 sums += sums2
         else:
             mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
             rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
             xhat, wdy, dy, sums = _dev_ln_bwd_load(DY, X, W, r64, cols, mask, col_mask, stride_dy, stride_x, mean,
-                                                   rstd)
+                                                   rstd, w_pre, PIPE > 0)
             if BLOCK_N2 > 0:
                 xhat2, wdy2, dy2, sums2 = _dev_ln_bwd_load(DY, X, W, r64, cols2, mask2, col_mask2, stride_dy,
-                                                            stride_x, mean, rstd)
+                                                            stride_x, mean, rstd, w2_pre, PIPE > 0)
                 sums += sums2
         c1, c2 = tl.split(sums / N)  # (ROWS,) each
         dx, dho = _dev_ln_bwd_store(DX, DHO, r64, cols, mask, xhat, wdy, c1, c2, rstd, stride_dx, stride_dho,
@@ -454,6 +502,46 @@ def _fwd_chunks_on() -> Optional[bool]:
     return _ln_fwd_chunks[-1] if _ln_fwd_chunks else LN_FWD_CHUNKS
 
 
+# The loops' software pipeline (PIPE in both kernels). A one-tile forward program has no reads in flight while it
+# reduces, nor has a backward step without the prefetch. H200 run 3 put LayerNorm's forward furthest from copy
+# bandwidth at the widths with the fewest bytes a tile, while the fused add's forward, twice the bytes a tile,
+# met the bound at the same tiles (2026-11-28-h200-run3/ops-graph.json, H100 run 8's likewise less so): too few
+# bytes in flight. Triton 3.6 and 3.8 (sm_80, sm_90) pipeline every load of a `tl.range(num_stages=k)` loop
+# through shared memory (cp.async): the forward as persistent programs looping over tiles, the backward's step
+# loop. Not yet timed, so by default (None) the GPU's autotuners decide (FWD_PIPES, BWD_PIPES among their
+# configs); 0 or k forces it; the interpreter runs without unless forced.
+LN_PIPE: Optional[int] = None
+# Depths the autotuners try: a forward program keeps (depth - 1) tiles in flight (3 KB at D = 768: 2 rows, bf16);
+# a backward step is 2-3 tensors of a tile.
+FWD_PIPES = (3, 5)
+BWD_PIPES = (3,)
+PIPE_TILES = 8  # the pipelined forward's tiles a program: the loop's first loads wait, the rest overlap
+_ln_pipe: List[int] = []  # innermost use_ln_pipe() last
+
+
+def use_ln_pipe(stages: int) -> ContextManager[None]:
+    """Force the loops' pipeline depth (LN_PIPE: 0 off, else ``stages`` >= 2) inside a ``with`` block."""
+    if stages != 0 and stages < 2:
+        raise ValueError(f"use_ln_pipe: stages must be 0 (off) or >= 2, got {stages}")
+    return pushed(_ln_pipe, int(stages))
+
+
+def _pipe() -> Optional[int]:
+    """The forced pipeline depth, or None: the autotuner's choice."""
+    return _ln_pipe[-1] if _ln_pipe else LN_PIPE
+
+
+def _pipe_at(block: int, pipe: Optional[int]) -> int:
+    """The pipeline depth a launch that is not the autotuner's takes for padded block ``block``: the forced one
+    (0 unless forced, or past PIPE_MAX_BLOCK)."""
+    return pipe if pipe and block <= PIPE_MAX_BLOCK else 0
+
+
+def _fwd_grid(m: int, meta: dict) -> Tuple[int]:
+    """The forward's grid for ``m`` rows: a program a tile, or (PIPE) TILES tiles a program."""
+    return (cdiv(m, meta["ROWS"] * (meta["TILES"] if meta["PIPE"] else 1)),)
+
+
 # On a GPU an autotuner also tries a few alternatives to _config's (ROWS, num_warps), per BLOCK_N, keyed
 # on D, the dtypes and the fused add: tiles of TILE (the default, first), 2·TILE and TILE/2 elements, and TILE
 # and 2·TILE with half the warps (~16 elements a thread: twice the bytes in flight per thread). Run 5's
@@ -477,6 +565,15 @@ def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
         rows = max(1, tile // block_n)
         out.append((rows, _warps(rows, block_n // 2, 16)))
     return list(dict.fromkeys(out))
+
+
+def _pipe_choices(fwd: bool, block_n: int) -> List[Tuple[int, int]]:
+    """(ROWS, warps) of the pipelined loops (PIPE): a TILE-element step at ~8 elements a thread, and for the
+    backward (not persistent: no grid to fit) ~16 too."""
+    rows = max(1, TILE // block_n)
+    if fwd:  # (at ~16 a thread, 72-96 registers: fewer programs fit an SM than the grid's)
+        return [(rows, _warps(rows, block_n, 16))]
+    return list(dict.fromkeys([(rows, _warps(rows, block_n, 32)), (rows, _warps(rows, block_n // 2, 32))]))
 
 
 def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
@@ -503,11 +600,21 @@ def _block_sizes() -> List[int]:
 # Padded blocks above this take no prefetch: ptxas (Triton 3.6 and 3.8, sm_80 / sm_90, bf16) spills 8-60 bytes a
 # thread at 8192 with it (64 registers a thread there), none up to 4096.
 PREFETCH_MAX_BLOCK = 4096
+# and no pipelined loop (PIPE): its stages' shared memory at 8192 (fp32, the add's two inputs) leaves room for
+# fewer programs than the persistent forward's grid puts on an SM.
+PIPE_MAX_BLOCK = 4096
 
 
-def _prune(choices):
+def _choices(fwd: bool, block: int, pipe: int) -> List[Tuple[int, int]]:
+    """The (ROWS, warps) choices of the forward or the backward for padded block ``block``, pipelined or not."""
+    if pipe:
+        return _pipe_choices(fwd, block) if block <= PIPE_MAX_BLOCK else []
+    return _fwd_choices(block) if fwd else _bwd_choices(block)
+
+
+def _prune(fwd: bool):
     def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
-        want = set(choices(next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))))
+        want = set(_choices(fwd, next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0)), kwargs["PIPE"]))
         return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
     return prune
 
@@ -518,8 +625,8 @@ def _auto_bwd_prune(configs, named_args, **kwargs):
     to PREFETCH_MAX_BLOCK."""
     n = named_args["N"]
     block = _config(n)[0]
-    layouts, want = {(block, 0), _chunk_layout(n, block)}, set(_bwd_choices(block))
-    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+    layouts = {(block, 0), _chunk_layout(n, block)}
+    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in _choices(False, block, c.kwargs["PIPE"])
             and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts
             and not (c.kwargs["PREFETCH"] and block > PREFETCH_MAX_BLOCK)]
 
@@ -532,48 +639,54 @@ def _layouts(block: int) -> List[Tuple[int, int]]:
 
 
 def _auto_fwd_prune(configs, named_args, **kwargs):
-    """The forward's configs for width N where the autotuner picks the layout: N's padded block and its column
-    chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices."""
+    """The forward's configs for width N where the autotuner picks the layout and the pipeline: N's padded block
+    and its column chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices, one-tile and
+    (up to PIPE_MAX_BLOCK) persistent."""
     n = named_args["N"]
     block = _config(n)[0]
-    layouts, want = {(block, 0), _chunk_layout(n, block)}, set(_fwd_choices(block))
-    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+    layouts = {(block, 0), _chunk_layout(n, block)}
+    return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in _choices(True, block, c.kwargs["PIPE"])
             and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts]
 
 
 def _auto_fwd_configs() -> list:
-    """Every block's layouts (_layouts) times its (ROWS, warps) choices."""
-    return [triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r}, num_warps=w, num_stages=FWD_STAGES)
-            for block in _block_sizes() for (bn1, bn2), (r, w) in itertools.product(_layouts(block),
-                                                                                    _fwd_choices(block))]
+    """Every block's layouts (_layouts) times its (ROWS, warps) choices, one-tile and persistent (PIPE)."""
+    return [triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PIPE": pipe,
+                           "TILES": PIPE_TILES if pipe else 1}, num_warps=w, num_stages=FWD_STAGES)
+            for block in _block_sizes() for (bn1, bn2), pipe in itertools.product(_layouts(block), (0, *FWD_PIPES))
+            for r, w in _choices(True, block, pipe)]
 
 
 def _auto_bwd_configs() -> list:
     """Every block's padded layout and every two-chunk layout under it (half the block + a power of two from
-    MIN_CHUNK to a quarter), times its (ROWS, warps) choices, times the prefetch off / on."""
+    MIN_CHUNK to a quarter), times its (ROWS, warps) choices, times the prefetch off / on; and the pipelined
+    loop's choices (PIPE, without the prefetch)."""
     out = []
     for block in _block_sizes():
-        for (bn1, bn2), (r, w), pf in itertools.product(_layouts(block), _bwd_choices(block), (False, True)):
-            out.append(triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PREFETCH": pf}, num_warps=w,
-                                     num_stages=BWD_STAGES))
+        forms = ((False, 0), (True, 0), *((False, k) for k in BWD_PIPES))  # (prefetch, pipe): not both
+        for (bn1, bn2), (pf, pipe) in itertools.product(_layouts(block), forms):
+            for r, w in _choices(False, block, pipe):
+                out.append(triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PREFETCH": pf, "PIPE": pipe},
+                                         num_warps=w, num_stages=BWD_STAGES))
     return out
 
 
 if HAS_TRITON and not INTERPRET:
-    def _tuned(kernel, choices, stages: int, key: List[str]):
-        every = sorted({c for bn in _block_sizes() for c in choices(bn)})
+    def _tuned(kernel, fwd: bool, stages: int, key: List[str]):
+        every = sorted({c for bn in _block_sizes() for c in (_fwd_choices(bn) if fwd else _bwd_choices(bn))})
         return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
-                               key=key, prune_configs_by={"early_config_prune": _prune(choices)})(kernel)
+                               key=key, prune_configs_by={"early_config_prune": _prune(fwd)})(kernel)
 
-    _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, _fwd_choices, FWD_STAGES, ["N", "HAS_RES", "BLOCK_N2"]))
+    _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, True, FWD_STAGES, ["N", "HAS_RES", "BLOCK_N2", "PIPE"]))
     # LN_FWD_CHUNKS None: the layout (padded block or column chunks) too
     _ln_fwd_tuned_auto = Launcher(triton.autotune(_auto_fwd_configs(), key=["N", "HAS_RES"],
                                                   prune_configs_by={"early_config_prune": _auto_fwd_prune})(
         _ln_fwd_kernel))
-    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, _bwd_choices, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2",
-                                                                               "PREFETCH", "COLSUMS"]))
+    _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, False, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2", "PREFETCH",
+                                                                        "COLSUMS", "PIPE"]))
 
-    # LN_BWD_CHUNKS and LN_BWD_PREFETCH None: the layout (padded block or column chunks) and the prefetch too
+    # LN_BWD_CHUNKS, LN_BWD_PREFETCH and LN_PIPE None: the layout (padded block or column chunks), the prefetch and
+    # the pipeline too
     _ln_bwd_tuned_auto = Launcher(triton.autotune(_auto_bwd_configs(), key=["N", "HAS_DHO", "COLSUMS"],
                                                   prune_configs_by={"early_config_prune": _auto_bwd_prune})(
         _ln_bwd_kernel))
@@ -650,16 +763,20 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
     has_scale = x_scale is not None and has_res
     sc = x_scale if has_scale else mean  # (B,) (a placeholder without)
     args = (x2, r2, w, b, y2, h2, mean, rstd, sc, m, d, sx, sr, d, d, eps, m // sc.shape[0] if has_scale else 1)
-    forced = _fwd_chunks_on()
-    bn1, bn2 = _chunk_layout(d, block_n) if forced else (block_n, 0)  # (where the autotuner does not pick it)
+    forced, pipe = _fwd_chunks_on(), _pipe()
+    bn1, bn2 = _chunk_layout(d, block_n) if forced else (block_n, 0)  # (where the autotuner does not pick them)
     consts = dict(HAS_RES=has_res, HAS_SCALE=has_scale)
+
+    def grid(meta):
+        return _fwd_grid(m, meta)
     if INTERPRET:
-        launch(_ln_fwd_kernel, (cdiv(m, rows),), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, num_warps=warps,
-               num_stages=FWD_STAGES, **consts)
-    elif forced is None:
-        _ln_fwd_tuned_auto(lambda meta: (cdiv(m, meta["ROWS"]),), args, consts)
+        meta = dict(BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES)
+        launch(_ln_fwd_kernel, grid(meta), *args, num_warps=warps, num_stages=FWD_STAGES, **meta, **consts)
+    elif forced is None and pipe is None:
+        _ln_fwd_tuned_auto(grid, args, consts)
     else:
-        _ln_fwd_tuned(lambda meta: (cdiv(m, meta["ROWS"]),), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, **consts))
+        _ln_fwd_tuned(grid, args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES,
+                                       **consts))
     return y, h, mean, rstd
 
 
@@ -727,14 +844,15 @@ def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
             row_stride(x2), sdho, d, rows_per_prog, m // samples)
     consts = dict(HAS_DHO=dh_out is not None, COLSUMS=colsums, HAS_S_DX=dx_scale is not None,
                   HAS_S_HO=dh_out_scale is not None)
-    prefetch = _bwd_prefetch()
+    prefetch, pipe = _bwd_prefetch(), _pipe()
+    pipe = 0 if prefetch else _pipe_at(block_n, pipe)  # (not both: the prefetch's loads are the pipeline's)
     if INTERPRET:
         launch(_ln_bwd_kernel, (g,), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PREFETCH=bool(prefetch),
-               num_warps=warps, num_stages=BWD_STAGES, **consts)
-    elif prefetch is None and _bwd_chunks_on() is None:  # every choice's ROWS divides rows_per_prog: same grid
-        _ln_bwd_tuned_auto((g,), args, consts)
+               PIPE=pipe, num_warps=warps, num_stages=BWD_STAGES, **consts)
+    elif prefetch is None and _bwd_chunks_on() is None and _pipe() is None:  # every choice's ROWS divides
+        _ln_bwd_tuned_auto((g,), args, consts)  # rows_per_prog: the same grid
     else:
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), **consts))
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), PIPE=pipe, **consts))
     # (n, G, D) fp32 partials -> (n, D): torch's CUDA sum has a fixed reduction order (deterministic).
     return dx, partial.sum(dim=1)
 
@@ -1003,18 +1121,21 @@ def _dtype_combos(with_residual: bool) -> List[Tuple[torch.dtype, torch.dtype, t
 
 
 def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dtype, pd: torch.dtype,
-              has_res: bool, tag: str = "", scale: Optional[torch.dtype] = None, block_n2: int = 0) -> AotSpec:
+              has_res: bool, tag: str = "", scale: Optional[torch.dtype] = None, block_n2: int = 0,
+              pipe: int = 0) -> AotSpec:
     hd = torch.promote_types(xd, rd)
     has_scale = scale is not None  # S: the per-sample factor's dtype (timm's mask: x's; transformers': fp32)
     sig = {"X": f"*{_TT[xd]}", "R": f"*{_TT[rd]}", "W": f"*{_TT[pd]}", "B": f"*{_TT[pd]}", "Y": f"*{_TT[hd]}",
            "H": f"*{_TT[hd]}", "Mean": "*fp32", "Rstd": "*fp32", "S": f"*{_TT[scale]}" if has_scale else "*fp32",
            "M": "i32", "N": "i32", "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_h": "i32",
            "eps": "fp32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr", "HAS_RES": "constexpr",
-           "HAS_SCALE": "constexpr", "BLOCK_N2": "constexpr"}
+           "HAS_SCALE": "constexpr", "BLOCK_N2": "constexpr", "PIPE": "constexpr", "TILES": "constexpr"}
     tag += (",scale" if scale == xd else f",scale={_TT[scale]}") if has_scale else ""
+    tag += f",pipe{pipe}" if pipe else ""
     chunks = f"+{block_n2}" if block_n2 else ""
     return runtime_spec(_ln_fwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_RES": has_res,
-                                              "HAS_SCALE": has_scale, "BLOCK_N2": block_n2}, warps, FWD_STAGES,
+                                              "HAS_SCALE": has_scale, "BLOCK_N2": block_n2, "PIPE": pipe,
+                                              "TILES": PIPE_TILES if pipe else 1}, warps, FWD_STAGES,
                         f"ln_fwd[BLOCK_N={block_n}{chunks},x={_TT[xd]},r={_TT[rd]},w={_TT[pd]},res={int(has_res)}"
                         f"{tag}]",
                         div16=("N", "stride_x", "stride_r", "stride_y", "stride_h"))  # ViT widths: 16 | D
@@ -1022,7 +1143,7 @@ def _fwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, rd: torch.dt
 
 def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dtype, has_dho: bool,
               tag: str = "", block_n2: int = 0, prefetch: bool = False, colsums: bool = False,
-              scale: Optional[torch.dtype] = None) -> AotSpec:
+              scale: Optional[torch.dtype] = None, pipe: int = 0) -> AotSpec:
     """A backward config; ``colsums`` (layer_norm_bwd_colsums) with both per-sample factors in ``scale``'s dtype
     (None: without factors)."""
     t = _TT[xd]
@@ -1032,13 +1153,15 @@ def _bwd_spec(block_n: int, rows: int, warps: int, xd: torch.dtype, pd: torch.dt
            "S_HO": f"*{st}", "M": "i32", "N": "i32", "stride_dy": "i32", "stride_x": "i32", "stride_dho": "i32",
            "stride_dx": "i32", "rows_per_prog": "i32", "T": "i32", "BLOCK_N": "constexpr", "ROWS": "constexpr",
            "HAS_DHO": "constexpr", "BLOCK_N2": "constexpr", "PREFETCH": "constexpr", "COLSUMS": "constexpr",
-           "HAS_S_DX": "constexpr", "HAS_S_HO": "constexpr"}
+           "HAS_S_DX": "constexpr", "HAS_S_HO": "constexpr", "PIPE": "constexpr"}
     chunks = f"+{block_n2}" if block_n2 else ""
     tag += ",prefetch" if prefetch else ""
+    tag += f",pipe{pipe}" if pipe else ""
     tag += (f",colsums{'*' + st if scale is not None else ''}") if colsums else ""
     return runtime_spec(_ln_bwd_kernel, sig, {"BLOCK_N": block_n, "ROWS": rows, "HAS_DHO": has_dho,
                                               "BLOCK_N2": block_n2, "PREFETCH": prefetch, "COLSUMS": colsums,
-                                              "HAS_S_DX": scale is not None, "HAS_S_HO": scale is not None}, warps,
+                                              "HAS_S_DX": scale is not None, "HAS_S_HO": scale is not None,
+                                              "PIPE": pipe}, warps,
                         BWD_STAGES, f"ln_bwd[BLOCK_N={block_n}{chunks},x={t},w={_TT[pd]},dh={int(has_dho)}{tag}]",
                         div16=("N", "stride_dy", "stride_x", "stride_dho", "stride_dx"))
 
@@ -1087,15 +1210,40 @@ def _aot_specs() -> List[AotSpec]:
         _, rows, fwd_warps, _ = _config(d)
         specs.append(_fwd_spec(bn1, rows, fwd_warps, bf, bf, bf, True, "", bf, bn2))
         specs.append(_fwd_spec(bn1, rows, fwd_warps, bf, f32, f32, True, "", None, bn2))
+    # the pipelined loops (PIPE) in bf16: every padded block up to PIPE_MAX_BLOCK at its first choice and depth,
+    # and every choice and depth of both layouts at ViT's widths
+    for block_n in _block_sizes():
+        if block_n <= PIPE_MAX_BLOCK:
+            r, w = _pipe_choices(True, block_n)[0]
+            specs += [_fwd_spec(block_n, r, w, bf, bf, bf, res, f",ROWS={r},w{w}", pipe=FWD_PIPES[0])
+                      for res in (False, True)]
+            r, w = _pipe_choices(False, block_n)[0]
+            specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}", pipe=BWD_PIPES[0]))
+    for d in (384, 768, 1280):
+        block_n = _config(d)[0]
+        for bn1, bn2 in dict.fromkeys(((block_n, 0), _chunk_layout(d, block_n))):
+            for (r, w), res, pipe in itertools.product(_pipe_choices(True, block_n), (False, True), FWD_PIPES):
+                specs.append(_fwd_spec(bn1, r, w, bf, bf, bf, res, f",ROWS={r},w{w}", None, bn2, pipe))
+            for (r, w), pipe in itertools.product(_pipe_choices(False, block_n), BWD_PIPES):
+                specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, pipe=pipe))
+    # and ViT-B's width at the first choice and deepest depth in the other dtypes the autotuners see: fp16, fp32,
+    # autocast's (a bf16 branch, an fp32 residual stream and parameters); the backward's column sums in fp32
+    block_n, f16 = _config(768)[0], torch.float16
+    (rf, wf), (rb, wb) = _pipe_choices(True, block_n)[0], _pipe_choices(False, block_n)[0]
+    for xd, rd, pd in ((f16, f16, f16), (f32, f32, f32), (bf, f32, f32)):
+        specs.append(_fwd_spec(block_n, rf, wf, xd, rd, pd, True, f",ROWS={rf},w{wf}", pipe=FWD_PIPES[-1]))
+    for xd in (f16, f32):  # (the backward's x is h: fp32 under autocast's)
+        specs.append(_bwd_spec(block_n, rb, wb, xd, xd, True, f",ROWS={rb},w{wb}", pipe=BWD_PIPES[-1]))
+    specs.append(_bwd_spec(block_n, rb, wb, f32, f32, True, f",ROWS={rb},w{wb}", 0, False, True, f32, BWD_PIPES[-1]))
     # the column sums' autotuner choices in bf16 at the ViT widths the block runs the LayerNorm kernels at
     sums = {}  # (768's padded block is 1024's)
     for d in (768, 1024, 1280):
         for c in _auto_bwd_prune(_auto_bwd_configs(), {"N": d}):
             k = c.kwargs
             spec = _bwd_spec(k["BLOCK_N"], k["ROWS"], c.num_warps, bf, bf, True, f",ROWS={k['ROWS']},w{c.num_warps}",
-                             k["BLOCK_N2"], k["PREFETCH"], True)
+                             k["BLOCK_N2"], k["PREFETCH"], True, pipe=k["PIPE"])
             sums[spec.name] = spec
-    return specs + list(sums.values())
+    return list({sp.name: sp for sp in specs + list(sums.values())}.values())  # (each once: the lists overlap)
 
 
 AOT_SPECS: List[AotSpec] = _aot_specs() if HAS_TRITON else []

@@ -143,13 +143,14 @@ def test_fuzz_layer_norm(data):
                           st.lists(st.integers(20, 90), min_size=1, max_size=1)))
     d = draw(st.one_of(st.integers(1, 70), st.sampled_from([128, 192, 257, 384])))
     chunks, prefetch = draw(st.booleans()), draw(st.booleans())  # the backward's forms (use_ln_*)
+    pipe = draw(st.sampled_from([0, *LN.FWD_PIPES]))  # the loops' pipeline (use_ln_pipe: both kernels)
     scale = draw(st.sampled_from([1e-2, 1.0, 30.0]))
     x = _tensor(draw, (*lead, d), dtype, scale)
     w = _tensor(draw, (d,), dtype) if draw(st.booleans()) else None
     b = _tensor(draw, (d,), dtype) if draw(st.booleans()) else None
     eps = draw(st.sampled_from([1e-6, 1e-5, 1e-2]))
     seed = draw(st.integers(0, 2**31 - 1))
-    with LN.use_ln_chunks(chunks), LN.use_ln_prefetch(prefetch):
+    with LN.use_ln_chunks(chunks), LN.use_ln_prefetch(prefetch), LN.use_ln_fwd_chunks(chunks), LN.use_ln_pipe(pipe):
         if draw(st.booleans()):
             r = _tensor(draw, (*lead, d), dtype, scale)
             if len(lead) >= 1 and draw(st.booleans()):  # stochastic depth's factor per sample (lead[0] samples)

@@ -4,6 +4,8 @@ On CPU the kernels run in the Triton interpreter (backend='triton' forced); on C
 Every output buffer the launchers allocate is NaN-poisoned first, so an unwritten element fails.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -263,19 +265,115 @@ def test_backward_column_sums(device, dtype, lead, d, scale, prefetch, chunks):
         L.layer_norm_bwd_colsums(gy, x, w, b, mean, rstd, gh, torch.ones(B + 1, device=device))
 
 
+class _Spy:
+    """Stands in for a kernel: records (grid, constexprs) of each launch, then launches the kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.seen = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*a, **k):
+            self.seen.append((grid, k))
+            return self.kernel[grid](*a, **k)
+        return launch
+
+
+@pytest.mark.parametrize("pipe", L.FWD_PIPES)  # (the backward's loop forced to the same depth)
+@pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("dtype,lead,d", [(torch.float32, (3, 90), 7), (torch.float16, (2, 41), 192),
+                                          (torch.float32, (5, 37), 384), (torch.float16, (2, 19), 1000)])
+def test_pipelined_loops(device, dtype, lead, d, chunks, pipe, launches, monkeypatch):
+    """use_ln_pipe(k): the forward's programs loop over PIPE_TILES tiles each (the last one's partly past M), the
+    backward's step loop pipelined k deep, w and b loaded once a program; LN and the fused add with stochastic
+    depth's factor, all outputs and gradients against float64. In the interpreter, both kernels were launched
+    with PIPE = k and the forward's grid had fewer programs than tiles."""
+    fwd, bwd = _Spy(L._ln_fwd_kernel), _Spy(L._ln_bwd_kernel)
+    monkeypatch.setattr(L, "_ln_fwd_kernel", fwd)
+    monkeypatch.setattr(L, "_ln_bwd_kernel", bwd)
+    x, r = randn(*lead, d, dtype=dtype, device=device, scale=2.0) + 1.0, randn(*lead, d, dtype=dtype, device=device)
+    w, b = randn(d, dtype=dtype, device=device), randn(d, dtype=dtype, device=device)
+    s = _sample_scale(lead[0], dtype, device)
+    gy, gh = randn(*lead, d, dtype=dtype, device=device), randn(*lead, d, dtype=dtype, device=device)
+    with L.use_ln_pipe(pipe), L.use_ln_fwd_chunks(chunks), L.use_ln_chunks(chunks):
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, 1e-5, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b, 1e-5), [x, w, b], [gy], "xwb")
+        _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
+                 lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
+                 "xrwbs")
+    assert launches == {"fwd": 2, "bwd": 2} and L._pipe() is None and L._ln_pipe == []
+    if L.INTERPRET:
+        m, rows = x.numel() // d, L._config(d)[1]
+        assert m % (rows * L.PIPE_TILES) and m > rows * L.PIPE_TILES  # several programs, the last one partial
+        assert [(g, k["PIPE"], k["TILES"]) for g, k in fwd.seen] == [((L.cdiv(m, rows * L.PIPE_TILES),), pipe,
+                                                                     L.PIPE_TILES)] * 2
+        assert [k["PIPE"] for _, k in bwd.seen] == [pipe] * 2
+
+
+def test_pipelined_loops_not_with_the_prefetch(monkeypatch):
+    """The backward's prefetch forced with a pipeline forced: the prefetch alone (its loads are the pipeline's);
+    a depth of 1 is refused; on a GPU a forced depth goes to the plain autotuners with PIPE (and the forward's
+    TILES) in their constants, none past PIPE_MAX_BLOCK, and the default to the autotuners that pick it."""
+    bwd = _Spy(L._ln_bwd_kernel)
+    monkeypatch.setattr(L, "_ln_bwd_kernel", bwd)
+    x, dy = torch.randn(5, 37, 96), torch.randn(5, 37, 96)
+    _, mean, rstd = L._layer_norm_fwd_op(x, None, None, 1e-5)
+    with L.use_ln_pipe(3), L.use_ln_prefetch(True):
+        dx, _ = L.layer_norm_bwd(dy, x, None, None, mean, rstd, None)
+    with L.use_ln_pipe(3):
+        dx3, _ = L.layer_norm_bwd(dy, x, None, None, mean, rstd, None)
+    assert [(k["PREFETCH"], k["PIPE"]) for _, k in bwd.seen] == [(True, 0), (False, 3)]
+    torch.testing.assert_close(dx, dx3, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="stages must be 0"):
+        L.use_ln_pipe(1)
+    monkeypatch.undo()
+    calls = []
+
+    def rec(name):
+        return lambda grid, args, consts: calls.append((name, consts.get("PIPE", "tuned"), consts.get("TILES")))
+    monkeypatch.setattr(L, "INTERPRET", False)
+    for name in ("_ln_fwd_tuned", "_ln_fwd_tuned_auto", "_ln_bwd_tuned", "_ln_bwd_tuned_auto"):
+        monkeypatch.setattr(L, name, rec(name), raising=False)
+    for d in (768, 8192):
+        x, dy = torch.randn(3, d), torch.randn(3, d)
+        mean, rstd = torch.zeros(3), torch.ones(3)
+        for forced in (None, 5, 0):
+            with L.use_ln_pipe(forced) if forced is not None else contextlib.nullcontext():
+                L.layer_norm_fwd(x, None, None, None, 1e-5)
+                L.layer_norm_bwd(dy, x, None, None, mean, rstd, None)
+    big = L._config(8192)[0] > L.PIPE_MAX_BLOCK
+    assert big and calls == [
+        ("_ln_fwd_tuned_auto", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
+        ("_ln_fwd_tuned", 5, L.PIPE_TILES), ("_ln_bwd_tuned", 5, None),
+        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),
+        ("_ln_fwd_tuned_auto", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
+        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),  # (8192: past PIPE_MAX_BLOCK)
+        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None)]
+
+
 WIDTHS = (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192)
 
 
-def _pruned(prune, configs, choices, d):
+def _pruned(prune, configs, fwd, d):
     """An autotuner's configs kept for width d: its padded block's layout and column chunks, each with the padded
-    block's (ROWS, warps) choices; -> (kept, layouts, choices)."""
+    block's (ROWS, warps) choices, and the pipelined loops' (PIPE: FWD_PIPES / BWD_PIPES up to PIPE_MAX_BLOCK, at
+    their own choices); -> (kept without PIPE, layouts, choices)."""
     block = L._config(d)[0]
     kept = prune(configs, {"N": d})
     layouts = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) for c in kept}
     assert layouts == {(block, 0), L._chunk_layout(d, block)}, (d, layouts)
-    tiles = {(c.kwargs["ROWS"], c.num_warps) for c in kept}
-    assert tiles == set(choices(block)), d
-    return kept, layouts, tiles
+    plain = [c for c in kept if not c.kwargs["PIPE"]]
+    tiles = {(c.kwargs["ROWS"], c.num_warps) for c in plain}
+    assert tiles == set(L._fwd_choices(block) if fwd else L._bwd_choices(block)), d
+    piped = [c for c in kept if c.kwargs["PIPE"]]
+    depths = (L.FWD_PIPES if fwd else L.BWD_PIPES) if block <= L.PIPE_MAX_BLOCK else ()
+    want = {(lay, rw, k) for lay in layouts for rw in L._pipe_choices(fwd, block) for k in depths}
+    got = [((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]), (c.kwargs["ROWS"], c.num_warps), c.kwargs["PIPE"])
+           for c in piped]
+    assert sorted(got) == sorted(want), d  # (each once)
+    assert all(not c.kwargs.get("PREFETCH") for c in piped)
+    if fwd:
+        assert {c.kwargs["TILES"] for c in plain} <= {1} and {c.kwargs["TILES"] for c in piped} <= {L.PIPE_TILES}
+    return plain, layouts, tiles
 
 
 @pytest.mark.skipif(not L.HAS_TRITON, reason="builds triton.Config objects")
@@ -287,7 +385,7 @@ def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     configs = L._auto_bwd_configs()
     for d in WIDTHS:
         block = L._config(d)[0]
-        kept, layouts, choices = _pruned(L._auto_bwd_prune, configs, L._bwd_choices, d)
+        kept, layouts, choices = _pruned(L._auto_bwd_prune, configs, False, d)
         assert (L._chunk_layout(d, block)[1] > 0) == (d in (65, 192, 384, 768, 1280)), d  # 100: 64 + 64 fills 128
         prefetch = {c.kwargs["PREFETCH"] for c in kept}
         assert prefetch == ({False} if block > L.PREFETCH_MAX_BLOCK else {False, True}), d
@@ -320,7 +418,7 @@ def test_forward_layout_autotuned_or_forced(monkeypatch):
     layout. The interpreter launches the layout asked for (padded by default)."""
     configs = L._auto_fwd_configs()
     for d in WIDTHS:
-        kept, layouts, choices = _pruned(L._auto_fwd_prune, configs, L._fwd_choices, d)
+        kept, layouts, choices = _pruned(L._auto_fwd_prune, configs, True, d)
         assert len(kept) == len(layouts) * len(choices), d
     assert L.LN_FWD_CHUNKS is None
     seen = []
@@ -729,6 +827,27 @@ def test_backward_prefetch_gpu(d, chunks):
                  lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
         _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
                  lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
+        _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pipe", [*L.FWD_PIPES, 0])
+@pytest.mark.parametrize("d,chunks", [(384, True), (768, False), (768, True), (1024, False), (1280, True)])
+def test_pipelined_loops_gpu(d, chunks, pipe):
+    """The pipelined loops (use_ln_pipe: the forward's TILES-tile programs, the backward's steps; 0: both off) in
+    bf16, autotuned, with the column chunks or not: LN and the fused add (with stochastic depth's factor) against
+    float64, rows not a multiple of a program's, and 20 backward runs bit-equal."""
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    s = _sample_scale(lead[0], dt, "cuda")
+    with L.use_ln_pipe(pipe), L.use_ln_fwd_chunks(chunks), L.use_ln_chunks(chunks):
+        _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+                 lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
+        _compare(lambda x, r, w, b, s: L.add_layer_norm(x, r, w, b, 1e-6, x_scale=s, backend=TRITON),
+                 lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
+                 "xrwbs")
         _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
 
 
