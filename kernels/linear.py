@@ -462,20 +462,22 @@ if HAS_TRITON:
         dy_ptr, z_ptr, dz_ptr, part_ptr,
         M, N, rows_per_prog, M_KEY, stride_dym, stride_dyn, stride_zm, stride_dzm,
         ACT: tl.constexpr, WRITE_DZ: tl.constexpr, COLSUM: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr,
     ):
         # dZ (M, N) = dY · act'(Z); part (P, N) fp32 = column sums of dZ over this program's rows_per_prog rows
         # (a multiple of BLOCK_M, the same for every config: the partition does not move with the tile).
         # The sums build up in a (BLOCK_M, BLOCK_N) tile and reduce across rows once, at the end, not with a
         # cross-warp reduction per iteration (that form ran at about half of eager's bandwidth:
-        # bench/results/2026-11-26-h100-diag/kernels.txt). M_KEY: the autotuning key only.
+        # bench/results/2026-11-26-h100-diag/kernels.txt). M_KEY: the autotuning key only. PIPE > 0 (DACT_PIPES):
+        # Triton pipelines the row loop PIPE stages deep, the next blocks' dY and Z loaded into shared memory
+        # (cp.async) while this one computes; 0: each block's loads wait (ptxas: no asynchronous copies).
         pid_p = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = offs_n < N
         row0 = pid_p.to(tl.int64) * rows_per_prog
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r in range(0, rows_per_prog, BLOCK_M):
+        for r in tl.range(0, rows_per_prog, BLOCK_M, num_stages=PIPE if PIPE > 0 else None):
             rows = row0 + r + tl.arange(0, BLOCK_M)[:, None]
             mask = (rows < M) & nmask[None, :]
             g = tl.load(dy_ptr + rows * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
@@ -527,6 +529,12 @@ ELEMENTWISE_CONFIGS = [(8, 256, 4), (4, 256, 4), (8, 256, 8), (8, 128, 4), (16, 
 _DACT_ROWS = 32
 _DACT_PROGRAMS = 4096
 assert all(_DACT_ROWS % c[0] == 0 for c in ELEMENTWISE_CONFIGS), "every elementwise BLOCK_M must divide _DACT_ROWS"
+# The dZ pass's row loop pipelined (PIPE in _dact_colsum_kernel), as LayerNorm's loops (kernels/layernorm.py,
+# LN_PIPE): not yet timed, so its autotuner also tries these depths at the first DACT_PIPE_TILES tiles.
+# DACT_PIPE_PLAIN: the depth of a launch that is not autotuned (the interpreter's, set_autotune(False)).
+DACT_PIPES = (3,)
+DACT_PIPE_TILES = 2
+DACT_PIPE_PLAIN = 0
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT", "ROPE"]  # the epilogue shifts the best tile
 # The RoPE epilogue holds its chunk's pairs and four table tiles at once: tiles with more than this many fp32
 # accumulator values a thread spilled at sm_80/sm_90 (ptxas via kernels/_aot: 128x256 w8 and 128x128 w4 did;
@@ -667,10 +675,14 @@ if HAS_TRITON:
     _ELEMENTWISE_KEY = ["M_KEY", "N", "ACT", "HAS_SCALE", "HAS_RES", "WRITE_DZ", "COLSUM"]
     _EPILOGUE = Launcher(_epilogue_kernel)
     _DACT_COLSUM = Launcher(_dact_colsum_kernel)
-    _EPILOGUE_TUNED, _DACT_COLSUM_TUNED = (Launcher(triton.autotune(
+    _EPILOGUE_TUNED = Launcher(triton.autotune(
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in ELEMENTWISE_CONFIGS],
-        key=[k for k in _ELEMENTWISE_KEY if k in kernel.arg_names])(kernel))
-        for kernel in (_epilogue_kernel, _dact_colsum_kernel))
+        key=[k for k in _ELEMENTWISE_KEY if k in _epilogue_kernel.arg_names])(_epilogue_kernel))
+    _DACT_COLSUM_TUNED = Launcher(triton.autotune(
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PIPE": pipe}, num_warps=w) for bm, bn, w, pipe in
+         [(*c, 0) for c in ELEMENTWISE_CONFIGS] + [(*c, k) for k in DACT_PIPES
+                                                   for c in ELEMENTWISE_CONFIGS[:DACT_PIPE_TILES]]],
+        key=[k for k in _ELEMENTWISE_KEY if k in _dact_colsum_kernel.arg_names])(_dact_colsum_kernel))
 
 
 def set_autotune(enabled: bool) -> None:
@@ -1108,14 +1120,16 @@ def _m_key(m: int) -> int:
     return max(16, next_pow2(m))
 
 
-def _launch_elementwise(plain: Launcher, tuned: Launcher, grid, args: tuple, consts: Dict[str, object]) -> None:
+def _launch_elementwise(plain: Launcher, tuned: Launcher, grid, args: tuple, consts: Dict[str, object],
+                        plain_consts: Optional[Dict[str, object]] = None) -> None:
     """An elementwise kernel at the autotuner's tile (ELEMENTWISE_CONFIGS), or at the first config without
-    autotuning (set_autotune(False), the interpreter). ``grid(BLOCK_M, BLOCK_N)``: the launch grid of a tile."""
+    autotuning (set_autotune(False), the interpreter), with ``plain_consts`` (what the autotuner's configs set
+    besides the tile). ``grid(BLOCK_M, BLOCK_N)``: the launch grid of a tile."""
     if _autotune and not INTERPRET:
         tuned(lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"]), args, consts)
         return
     bm, bn, w = ELEMENTWISE_CONFIGS[0]
-    plain(grid(bm, bn), args, dict(consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
+    plain(grid(bm, bn), args, dict(consts, **(plain_consts or {}), BLOCK_M=bm, BLOCK_N=bn, num_warps=w))
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
@@ -1198,7 +1212,7 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
         _launch_elementwise(_DACT_COLSUM, _DACT_COLSUM_TUNED, lambda bm, bn: (progs, cdiv(N, bn)),
                             (dy, zz, dz, part, M, N, rows, _m_key(M), dy.stride(0), dy.stride(1), zz.stride(0),
                              dz.stride(0)),
-                            dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum))
+                            dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum), dict(PIPE=DACT_PIPE_PLAIN))
     else:
         part.zero_()
     return dz, (part.sum(0) if colsum else None)
@@ -1833,10 +1847,13 @@ def _elementwise_specs(ty: str, act: int, sc: str, cfg: Tuple[int, int, int]) ->
     if not sc or act == 0 and sc == ty:  # (act 0: the bias grad alone, dZ = dY not written)
         sig = {"dy_ptr": f"*{ty}", "z_ptr": f"*{ty}", "dz_ptr": f"*{ty}", "part_ptr": "*fp32"}
         sig.update({n: "i32" for n in ("M", "N", "rows_per_prog", "M_KEY", "stride_dym", "stride_zm", "stride_dzm")})
-        sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N")})
-        cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=act != 0, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn)
-        specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 3, f"dact_colsum[{ty},act={act},{tile}]",
-                                  div16=("N", "rows_per_prog", "stride_dym", "stride_zm", "stride_dzm")))
+        sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N",
+                                             "PIPE")})
+        for pipe in (0, *DACT_PIPES) if cfg in ELEMENTWISE_CONFIGS[:DACT_PIPE_TILES] else (0,):
+            cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=act != 0, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn, PIPE=pipe)
+            specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 3, f"dact_colsum[{ty},act={act},{tile}"
+                                      f"{f',pipe{pipe}' if pipe else ''}]",
+                                      div16=("N", "rows_per_prog", "stride_dym", "stride_zm", "stride_dzm")))
     return specs
 
 

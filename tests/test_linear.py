@@ -652,18 +652,25 @@ def _dact_want(dy: torch.Tensor, z: torch.Tensor, act) -> torch.Tensor:
     return torch.autograd.grad(y, z64, dy.double())[0]
 
 
-@pytest.mark.parametrize("cfg", L.ELEMENTWISE_CONFIGS)
+@pytest.mark.parametrize("cfg,pipe", [(c, 0) for c in L.ELEMENTWISE_CONFIGS]
+                         + [(c, k) for k in L.DACT_PIPES for c in L.ELEMENTWISE_CONFIGS[:L.DACT_PIPE_TILES]])
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
-def test_dact_colsum_many_blocks_per_program(act, cfg, device, monkeypatch):
-    """The dZ / bias-grad pass at each tile the autotuner may pick, with several row blocks per program and a
-    ragged last one, vs float64."""
+def test_dact_colsum_many_blocks_per_program(act, cfg, pipe, device, monkeypatch):
+    """The dZ / bias-grad pass at each tile (and pipelined loop: PIPE) the autotuner may pick, with several row
+    blocks per program and a ragged last one, vs float64."""
     monkeypatch.setattr(L, "ELEMENTWISE_CONFIGS", [cfg])  # (the first config runs without autotuning)
+    monkeypatch.setattr(L, "DACT_PIPE_PLAIN", pipe)
     monkeypatch.setattr(L, "_DACT_PROGRAMS", 4)  # 2 programs a 256-column block: 32 rows each
+    seen = []
+    plain = L._DACT_COLSUM
+    monkeypatch.setattr(L, "_DACT_COLSUM", lambda grid, args, consts: (seen.append(consts["PIPE"]),
+                                                                        plain(grid, args, consts)))
     M, N = 61, 300  # N: a partial second column block
     assert L.dact_partition(M, N) == (32, 2)
     dy = randn(M, N, dtype=torch.float32, device=device)
     z = randn(M, N, dtype=torch.float32, device=device) * 2
     dz, db = L._dact_colsum(dy, z if act else None, L._ACT_CODE[act], write_dz=act is not None, colsum=True)
+    assert seen == ([pipe] if L.INTERPRET else [])  # (a GPU autotunes: test_gpu_elementwise_passes_bf16)
     want = _dact_want(dy, z, act)
     torch.testing.assert_close(dz.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(db.double(), want.sum(0), atol=1e-4, rtol=1e-5)
@@ -671,6 +678,18 @@ def test_dact_colsum_many_blocks_per_program(act, cfg, device, monkeypatch):
     L._launch_epilogue(z, dy, L._ACT_CODE[act], y)  # the forward's epilogue pass at the same tile
     torch.testing.assert_close(y.double(), linear_reference(z.double(), torch.eye(N, dtype=torch.float64,
                                device=device), None, act, dy.double()), atol=1e-5, rtol=1e-5)
+
+
+def test_dact_autotuner_tries_the_pipelined_loop():
+    """The dZ pass's autotuner: every elementwise tile unpipelined, and the first DACT_PIPE_TILES at each depth of
+    DACT_PIPES (each once); the epilogue pass (no loop) its tiles alone."""
+    got = sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.kwargs["PIPE"])
+                 for c in L._DACT_COLSUM_TUNED.tuner.configs)
+    want = sorted([(*c, 0) for c in L.ELEMENTWISE_CONFIGS]
+                  + [(*c, k) for k in L.DACT_PIPES for c in L.ELEMENTWISE_CONFIGS[:L.DACT_PIPE_TILES]])
+    assert got == want and L.DACT_PIPES and all(k >= 2 for k in L.DACT_PIPES) and L.DACT_PIPE_PLAIN == 0
+    assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in L._EPILOGUE_TUNED.tuner.configs) \
+        == sorted(L.ELEMENTWISE_CONFIGS)
 
 
 def test_dact_gelu_from_16bit_z(device):
@@ -1096,13 +1115,16 @@ def test_gpu_mlp_recompute_bf16(gemm, recompute):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [None] + L.ELEMENTWISE_CONFIGS)
+@pytest.mark.parametrize("cfg", [None] + [(*c, 0) for c in L.ELEMENTWISE_CONFIGS]
+                         + [(*c, k) for k in L.DACT_PIPES for c in L.ELEMENTWISE_CONFIGS[:L.DACT_PIPE_TILES]])
 def test_gpu_elementwise_passes_bf16(cfg, monkeypatch):
     """The cuBLAS path's epilogue and dZ / bias-grad passes in bf16 at ViT-B's fc1 width, M = 25216 (batch 128):
-    autotuned (None) and at each tile, vs float64 (bf16's rounding of dZ and y; db summed in fp32)."""
+    autotuned (None) and at each tile (the dZ pass's row loop pipelined too, DACT_PIPES, at the tiles the autotuner
+    tries it at), vs float64 (bf16's rounding of dZ and y; db summed in fp32)."""
     L.set_autotune(cfg is None)
     if cfg is not None:
-        monkeypatch.setattr(L, "ELEMENTWISE_CONFIGS", [cfg])
+        monkeypatch.setattr(L, "ELEMENTWISE_CONFIGS", [cfg[:3]])
+        monkeypatch.setattr(L, "DACT_PIPE_PLAIN", cfg[3])
     M, N = 128 * 197, 3072
     z = randn(M, N, dtype=torch.bfloat16, device="cuda") * 2
     dy = randn(M, N, dtype=torch.bfloat16, device="cuda", scale=0.1)
