@@ -505,11 +505,11 @@ def _fwd_chunks_on() -> Optional[bool]:
 # The loops' software pipeline (PIPE in both kernels). A one-tile forward program has no reads in flight while it
 # reduces, nor has a backward step without the prefetch. H200 run 3 put LayerNorm's forward furthest from copy
 # bandwidth at the widths with the fewest bytes a tile, while the fused add's forward, twice the bytes a tile,
-# met the bound at the same tiles (2026-11-28-h200-run3/ops-graph.json, H100 run 8's likewise less so): too few
+# met the bound at the same tiles (2026-11-28-h200-run3/ops-graph.json; H100 run 8's likewise, by less): too few
 # bytes in flight. Triton 3.6 and 3.8 (sm_80, sm_90) pipeline every load of a `tl.range(num_stages=k)` loop
-# through shared memory (cp.async): the forward as persistent programs looping over tiles, the backward's step
-# loop. Not yet timed, so by default (None) the GPU's autotuners decide (FWD_PIPES, BWD_PIPES among their
-# configs); 0 or k forces it; the interpreter runs without unless forced.
+# through shared memory (cp.async): the forward as programs of PIPE_TILES tiles each, the backward's step loop.
+# Not yet timed, so by default (None) the GPU's autotuners decide (FWD_PIPES, BWD_PIPES among their configs); 0 or
+# k forces it; the interpreter runs without unless forced.
 LN_PIPE: Optional[int] = None
 # Depths the autotuners try: a forward program keeps (depth - 1) tiles in flight (3 KB at D = 768: 2 rows, bf16);
 # a backward step is 2-3 tensors of a tile.
