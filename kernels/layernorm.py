@@ -516,6 +516,11 @@ LN_PIPE: Optional[int] = None
 FWD_PIPES = (3, 5)
 BWD_PIPES = (3,)
 PIPE_TILES = 8  # the pipelined forward's tiles a program: the loop's first loads wait, the rest overlap
+# The forward's autotuner is keyed on the width, not on M, while the pipelined grid is 8x smaller: its configs are
+# tried (by _ln_fwd_tuned_auto) only from this many rows on (ViT training: 128-256 images of 197 tokens), and
+# fewer rows take the one-tile configs alone (_ln_fwd_tuned_auto_one; at ViT-B inference batch 1, 99 tiles at
+# D = 768 would make 13 programs), so a pick made at one M is not run at a very different one.
+PIPE_MIN_ROWS = 16384
 _ln_pipe: List[int] = []  # innermost use_ln_pipe() last
 
 
@@ -649,11 +654,12 @@ def _auto_fwd_prune(configs, named_args, **kwargs):
             and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts]
 
 
-def _auto_fwd_configs() -> list:
-    """Every block's layouts (_layouts) times its (ROWS, warps) choices, one-tile and persistent (PIPE)."""
+def _auto_fwd_configs(pipes: Tuple[int, ...] = (0, *FWD_PIPES)) -> list:
+    """Every block's layouts (_layouts) times its (ROWS, warps) choices, one-tile (PIPE 0) and pipelined (PIPE_TILES
+    tiles a program) at each of ``pipes``."""
     return [triton.Config({"BLOCK_N": bn1, "BLOCK_N2": bn2, "ROWS": r, "PIPE": pipe,
                            "TILES": PIPE_TILES if pipe else 1}, num_warps=w, num_stages=FWD_STAGES)
-            for block in _block_sizes() for (bn1, bn2), pipe in itertools.product(_layouts(block), (0, *FWD_PIPES))
+            for block in _block_sizes() for (bn1, bn2), pipe in itertools.product(_layouts(block), pipes)
             for r, w in _choices(True, block, pipe)]
 
 
@@ -679,9 +685,9 @@ if HAS_TRITON and not INTERPRET:
 
     _ln_fwd_tuned = Launcher(_tuned(_ln_fwd_kernel, True, FWD_STAGES, ["N", "HAS_RES", "BLOCK_N2", "PIPE"]))
     # LN_FWD_CHUNKS None: the layout (padded block or column chunks) too
-    _ln_fwd_tuned_auto = Launcher(triton.autotune(_auto_fwd_configs(), key=["N", "HAS_RES"],
-                                                  prune_configs_by={"early_config_prune": _auto_fwd_prune})(
-        _ln_fwd_kernel))
+    _ln_fwd_tuned_auto, _ln_fwd_tuned_auto_one = (Launcher(triton.autotune(
+        _auto_fwd_configs(pipes), key=["N", "HAS_RES"], prune_configs_by={"early_config_prune": _auto_fwd_prune})(
+        _ln_fwd_kernel)) for pipes in ((0, *FWD_PIPES), (0,)))  # (from PIPE_MIN_ROWS rows on; below)
     _ln_bwd_tuned = Launcher(_tuned(_ln_bwd_kernel, False, BWD_STAGES, ["N", "HAS_DHO", "BLOCK_N2", "PREFETCH",
                                                                         "COLSUMS", "PIPE"]))
 
@@ -773,7 +779,7 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
         meta = dict(BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES)
         launch(_ln_fwd_kernel, grid(meta), *args, num_warps=warps, num_stages=FWD_STAGES, **meta, **consts)
     elif forced is None and pipe is None:
-        _ln_fwd_tuned_auto(grid, args, consts)
+        (_ln_fwd_tuned_auto if m >= PIPE_MIN_ROWS else _ln_fwd_tuned_auto_one)(grid, args, consts)
     else:
         _ln_fwd_tuned(grid, args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES,
                                        **consts))

@@ -275,7 +275,7 @@ def test_launcher_falls_back_for_unknown_arguments(monkeypatch):
 @pytest.mark.gpu
 def test_launcher_fast_path_gpu():
     from flashvit.kernels import layernorm as L
-    if not L._ln_fwd_tuned_auto.enabled:
+    if not L._ln_fwd_tuned_auto_one.enabled:
         pytest.skip("fast launches are off (FLASHVIT_FAST_LAUNCH=0 or an unsupported Triton)")
     for _ in range(4):  # the first call fills the cache; the others launch through it, with new data
         x = torch.randn(3, 77, 384, device="cuda", dtype=torch.bfloat16)
@@ -283,7 +283,7 @@ def test_launcher_fast_path_gpu():
         y = L.layer_norm(x, w, b, backend="triton")
         ref = L.layer_norm_reference(x.double(), w.double(), b.double(), 1e-5)
         assert (y.double() - ref).abs().max().item() < 0.1
-    assert L._ln_fwd_tuned_auto._cache, "the fast path's cache stayed empty"  # (the default: the layout autotuned)
+    assert L._ln_fwd_tuned_auto_one._cache, "the fast path's cache stayed empty"  # (the default at 231 rows)
 
 
 def test_launcher_key_tells_bools_ints_and_floats_apart(monkeypatch):

@@ -312,7 +312,8 @@ def test_pipelined_loops(device, dtype, lead, d, chunks, pipe, launches, monkeyp
 def test_pipelined_loops_not_with_the_prefetch(monkeypatch):
     """The backward's prefetch forced with a pipeline forced: the prefetch alone (its loads are the pipeline's);
     a depth of 1 is refused; on a GPU a forced depth goes to the plain autotuners with PIPE (and the forward's
-    TILES) in their constants, none past PIPE_MAX_BLOCK, and the default to the autotuners that pick it."""
+    TILES) in their constants, none past PIPE_MAX_BLOCK, and the default to the autotuners that pick it: the
+    forward's with the pipelined configs from PIPE_MIN_ROWS rows on, the one-tile configs' below."""
     bwd = _Spy(L._ln_bwd_kernel)
     monkeypatch.setattr(L, "_ln_bwd_kernel", bwd)
     x, dy = torch.randn(5, 37, 96), torch.randn(5, 37, 96)
@@ -331,7 +332,8 @@ def test_pipelined_loops_not_with_the_prefetch(monkeypatch):
     def rec(name):
         return lambda grid, args, consts: calls.append((name, consts.get("PIPE", "tuned"), consts.get("TILES")))
     monkeypatch.setattr(L, "INTERPRET", False)
-    for name in ("_ln_fwd_tuned", "_ln_fwd_tuned_auto", "_ln_bwd_tuned", "_ln_bwd_tuned_auto"):
+    for name in ("_ln_fwd_tuned", "_ln_fwd_tuned_auto", "_ln_fwd_tuned_auto_one", "_ln_bwd_tuned",
+                 "_ln_bwd_tuned_auto"):
         monkeypatch.setattr(L, name, rec(name), raising=False)
     for d in (768, 8192):
         x, dy = torch.randn(3, d), torch.randn(3, d)
@@ -342,12 +344,18 @@ def test_pipelined_loops_not_with_the_prefetch(monkeypatch):
                 L.layer_norm_bwd(dy, x, None, None, mean, rstd, None)
     big = L._config(8192)[0] > L.PIPE_MAX_BLOCK
     assert big and calls == [
-        ("_ln_fwd_tuned_auto", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
+        ("_ln_fwd_tuned_auto_one", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),  # (3 rows)
         ("_ln_fwd_tuned", 5, L.PIPE_TILES), ("_ln_bwd_tuned", 5, None),
         ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),
-        ("_ln_fwd_tuned_auto", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
+        ("_ln_fwd_tuned_auto_one", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
         ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),  # (8192: past PIPE_MAX_BLOCK)
         ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None)]
+    calls.clear()
+    for m in (L.PIPE_MIN_ROWS - 1, L.PIPE_MIN_ROWS):
+        L.layer_norm_fwd(torch.randn(m, 16), None, None, None, 1e-5)
+    assert calls == [("_ln_fwd_tuned_auto_one", "tuned", None), ("_ln_fwd_tuned_auto", "tuned", None)]
+    assert {c.kwargs["PIPE"] for c in L._auto_fwd_configs((0,))} == {0}
+    assert {c.kwargs["PIPE"] for c in L._auto_fwd_configs()} == {0, *L.FWD_PIPES}
 
 
 WIDTHS = (7, 65, 100, 192, 384, 768, 1000, 1024, 1280, 8192)
@@ -444,7 +452,7 @@ def test_forward_layout_autotuned_or_forced(monkeypatch):
         return lambda grid, args, consts: calls.append((name, consts.get("BLOCK_N2", "tuned")))
     monkeypatch.setattr(L, "INTERPRET", False)
     monkeypatch.setattr(L, "_ln_fwd_tuned", rec("plain"), raising=False)
-    monkeypatch.setattr(L, "_ln_fwd_tuned_auto", rec("auto"), raising=False)
+    monkeypatch.setattr(L, "_ln_fwd_tuned_auto_one", rec("auto"), raising=False)  # (3 rows: the one-tile configs)
     L.layer_norm_fwd(x, None, None, None, 1e-5)
     with L.use_ln_fwd_chunks(True):
         L.layer_norm_fwd(x, None, None, None, 1e-5)
@@ -789,7 +797,7 @@ def test_backward_layout_and_prefetch_autotuned_gpu(d):
     tuner = L._ln_bwd_tuned_auto.tuner
     width = {id(c) for c in L._auto_bwd_prune(tuner.configs, {"N": d})}
     assert any(id(c) in width for c in tuner.cache.values())
-    tuner = L._ln_fwd_tuned_auto.tuner  # (LN_FWD_CHUNKS None: the forward's layout autotuned too)
+    tuner = L._ln_fwd_tuned_auto_one.tuner  # (LN_FWD_CHUNKS None: the layout autotuned too; 1576 rows: one-tile)
     width = {id(c) for c in L._auto_fwd_prune(tuner.configs, {"N": d})}
     assert any(id(c) in width for c in tuner.cache.values())
 
@@ -849,6 +857,24 @@ def test_pipelined_loops_gpu(d, chunks, pipe):
                  lambda x, r, w, b, s: L.add_layer_norm_reference(x, r, w, b, 1e-6, s), [x, r, w, b, s], [gy, gh],
                  "xrwbs")
         _assert_bit_equal_backwards([x, r, w, b], [gy, gh])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [384, 768])
+def test_forward_pipelined_configs_autotuned_gpu(d):
+    """The default forward from PIPE_MIN_ROWS rows on: the autotuner with the pipelined configs too runs and picks
+    one of the width's configs; LN and the fused add, outputs and gradients, against float64."""
+    lead, dt = (L.PIPE_MIN_ROWS // 197 + 1, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+             lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
+    _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+             lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+    tuner = L._ln_fwd_tuned_auto.tuner
+    width = {id(c) for c in L._auto_fwd_prune(tuner.configs, {"N": d})}
+    assert any(id(c) in width for c in tuner.cache.values())
 
 
 @pytest.mark.gpu
