@@ -1238,6 +1238,8 @@ def _aot_specs() -> List[AotSpec]:
     (rf, wf), (rb, wb) = _pipe_choices(True, block_n)[0], _pipe_choices(False, block_n)[0]
     for xd, rd, pd in ((f16, f16, f16), (f32, f32, f32), (bf, f32, f32)):
         specs.append(_fwd_spec(block_n, rf, wf, xd, rd, pd, True, f",ROWS={rf},w{wf}", pipe=FWD_PIPES[-1]))
+    for rd, sd in ((bf, bf), (f32, f32)):  # stochastic depth's factor (x's dtype; fp32 on an fp32 stream)
+        specs.append(_fwd_spec(block_n, rf, wf, bf, rd, rd, True, f",ROWS={rf},w{wf}", sd, pipe=FWD_PIPES[-1]))
     for xd in (f16, f32):  # (the backward's x is h: fp32 under autocast's)
         specs.append(_bwd_spec(block_n, rb, wb, xd, xd, True, f",ROWS={rb},w{wb}", pipe=BWD_PIPES[-1]))
     specs.append(_bwd_spec(block_n, rb, wb, f32, f32, True, f",ROWS={rb},w{wb}", 0, False, True, f32, BWD_PIPES[-1]))
