@@ -100,7 +100,7 @@ def _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y, w, b, WB_LOA
     # y = xc·rstd·w + b of one column chunk. w and b are loaded at x's shape (ROWS, C), each row its copy (L1
     # hits): loaded as (C,), they took x's layout through shared memory, two conversions a program (sm_90 SASS,
     # D = 768 at 2 rows, 8 warps: 11 barriers and 40 registers that way, 7 and 32 this way). WB_LOADED: given
-    # (``w``, ``b``: the persistent loop's, loaded once a program), else loaded here.
+    # (``w``, ``b``: the pipelined loop's, loaded once a program), else loaded here.
     if not WB_LOADED:
         wb = cols[None, :] + 0 * r64.to(tl.int32)  # (ROWS, C)
         w = tl.load(W + wb, mask=mask, other=0.0).to(tl.float32)
@@ -111,7 +111,7 @@ def _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y, w, b, WB_LOA
 
 @_jit
 def _dev_ln_fwd_wb(W, B, cols, col_mask, ROWS: tl.constexpr):
-    # The persistent loop's w and b (ROWS, C) as stored, loaded once a program: a load in the loop would be
+    # The pipelined loop's w and b (ROWS, C) as stored, loaded once a program: a load in the loop would be
     # pipelined too (cp.async, past L1) and read them from L2 again every tile.
     wb = cols[None, :] + 0 * tl.arange(0, ROWS)[:, None]
     mask = col_mask[None, :] & (tl.arange(0, ROWS) >= 0)[:, None]
@@ -192,9 +192,9 @@ def _ln_fwd_kernel(
         else:
             w2, b2 = w, b  # (placeholders)
         for t in tl.range(0, TILES, num_stages=PIPE):  # (rows past M: masked, no traffic)
-            _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, (pid * TILES + t) * ROWS + tl.arange(0, ROWS), M, N, stride_x,
-                             stride_r, stride_y, stride_h, eps, T, w, b, w2, b2, BLOCK_N, HAS_RES, HAS_SCALE,
-                             BLOCK_N2, True)
+            rows = (pid * TILES + t) * ROWS + tl.arange(0, ROWS)
+            _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, rows, M, N, stride_x, stride_r, stride_y, stride_h,
+                             eps, T, w, b, w2, b2, BLOCK_N, HAS_RES, HAS_SCALE, BLOCK_N2, True)
     else:
         _dev_ln_fwd_rows(X, R, W, B, Y, H, Mean, Rstd, S, pid * ROWS + tl.arange(0, ROWS), M, N, stride_x,
                          stride_r, stride_y, stride_h, eps, T, 0.0, 0.0, 0.0, 0.0, BLOCK_N, HAS_RES, HAS_SCALE,
@@ -574,9 +574,9 @@ def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
 
 def _pipe_choices(fwd: bool, block_n: int) -> List[Tuple[int, int]]:
     """(ROWS, warps) of the pipelined loops (PIPE): a TILE-element step at ~8 elements a thread, and for the
-    backward (not persistent: no grid to fit) ~16 too."""
+    backward ~16 too (the forward tries two depths instead)."""
     rows = max(1, TILE // block_n)
-    if fwd:  # (at ~16 a thread, 72-96 registers: fewer programs fit an SM than the grid's)
+    if fwd:  # (ptxas, sm_90, bf16: ~16 elements a thread took 72-96 registers in the pipelined forward)
         return [(rows, _warps(rows, block_n, 16))]
     return list(dict.fromkeys([(rows, _warps(rows, block_n, 32)), (rows, _warps(rows, block_n // 2, 32))]))
 
@@ -605,8 +605,8 @@ def _block_sizes() -> List[int]:
 # Padded blocks above this take no prefetch: ptxas (Triton 3.6 and 3.8, sm_80 / sm_90, bf16) spills 8-60 bytes a
 # thread at 8192 with it (64 registers a thread there), none up to 4096.
 PREFETCH_MAX_BLOCK = 4096
-# and no pipelined loop (PIPE): its stages' shared memory at 8192 (fp32, the add's two inputs) leaves room for
-# fewer programs than the persistent forward's grid puts on an SM.
+# and no pipelined loop (PIPE): at 8192 a depth-5 forward's stages (fp32, the add's two inputs: 4 x 64 KiB) do not
+# fit in an SM's shared memory.
 PIPE_MAX_BLOCK = 4096
 
 
@@ -646,7 +646,7 @@ def _layouts(block: int) -> List[Tuple[int, int]]:
 def _auto_fwd_prune(configs, named_args, **kwargs):
     """The forward's configs for width N where the autotuner picks the layout and the pipeline: N's padded block
     and its column chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices, one-tile and
-    (up to PIPE_MAX_BLOCK) persistent."""
+    (up to PIPE_MAX_BLOCK) pipelined."""
     n = named_args["N"]
     block = _config(n)[0]
     layouts = {(block, 0), _chunk_layout(n, block)}
@@ -775,14 +775,15 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
 
     def grid(meta):
         return _fwd_grid(m, meta)
+    p = _pipe_at(block_n, pipe)  # (where the autotuner does not pick it)
+    fixed = dict(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=p, TILES=PIPE_TILES if p else 1)
     if INTERPRET:
-        meta = dict(BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES)
-        launch(_ln_fwd_kernel, grid(meta), *args, num_warps=warps, num_stages=FWD_STAGES, **meta, **consts)
+        launch(_ln_fwd_kernel, grid(dict(fixed, ROWS=rows)), *args, ROWS=rows, num_warps=warps,
+               num_stages=FWD_STAGES, **fixed, **consts)
     elif forced is None and pipe is None:
         (_ln_fwd_tuned_auto if m >= PIPE_MIN_ROWS else _ln_fwd_tuned_auto_one)(grid, args, consts)
     else:
-        _ln_fwd_tuned(grid, args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=_pipe_at(block_n, pipe), TILES=PIPE_TILES,
-                                       **consts))
+        _ln_fwd_tuned(grid, args, dict(fixed, **consts))
     return y, h, mean, rstd
 
 

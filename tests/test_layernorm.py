@@ -346,10 +346,10 @@ def test_pipelined_loops_not_with_the_prefetch(monkeypatch):
     assert big and calls == [
         ("_ln_fwd_tuned_auto_one", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),  # (3 rows)
         ("_ln_fwd_tuned", 5, L.PIPE_TILES), ("_ln_bwd_tuned", 5, None),
-        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),
+        ("_ln_fwd_tuned", 0, 1), ("_ln_bwd_tuned", 0, None),
         ("_ln_fwd_tuned_auto_one", "tuned", None), ("_ln_bwd_tuned_auto", "tuned", None),
-        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None),  # (8192: past PIPE_MAX_BLOCK)
-        ("_ln_fwd_tuned", 0, L.PIPE_TILES), ("_ln_bwd_tuned", 0, None)]
+        ("_ln_fwd_tuned", 0, 1), ("_ln_bwd_tuned", 0, None),  # (8192: past PIPE_MAX_BLOCK)
+        ("_ln_fwd_tuned", 0, 1), ("_ln_bwd_tuned", 0, None)]
     calls.clear()
     for m in (L.PIPE_MIN_ROWS - 1, L.PIPE_MIN_ROWS):
         L.layer_norm_fwd(torch.randn(m, 16), None, None, None, 1e-5)
