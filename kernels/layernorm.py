@@ -110,12 +110,11 @@ def _dev_ln_fwd_store(Y, W, B, r64, cols, mask, xc, rstd, stride_y, w, b, WB_LOA
 
 
 @_jit
-def _dev_ln_fwd_wb(W, B, cols, col_mask, ROWS: tl.constexpr):
+def _dev_ln_fwd_wb(W, B, cols, N, ROWS: tl.constexpr):
     # The pipelined loop's w and b (ROWS, C) as stored, loaded once a program: a load in the loop would be
     # pipelined too (cp.async, past L1) and read them from L2 again every tile.
     wb = cols[None, :] + 0 * tl.arange(0, ROWS)[:, None]
-    mask = col_mask[None, :] & (tl.arange(0, ROWS) >= 0)[:, None]
-    return tl.load(W + wb, mask=mask, other=0.0), tl.load(B + wb, mask=mask, other=0.0)
+    return tl.load(W + wb, mask=wb < N, other=0.0), tl.load(B + wb, mask=wb < N, other=0.0)
 
 
 @_jit
@@ -185,10 +184,10 @@ def _ln_fwd_kernel(
     pid = tl.program_id(0)
     if PIPE > 0:
         cols = tl.arange(0, BLOCK_N)
-        w, b = _dev_ln_fwd_wb(W, B, cols, cols < N, ROWS)
+        w, b = _dev_ln_fwd_wb(W, B, cols, N, ROWS)
         if BLOCK_N2 > 0:
             cols2 = BLOCK_N + tl.arange(0, BLOCK_N2)
-            w2, b2 = _dev_ln_fwd_wb(W, B, cols2, cols2 < N, ROWS)
+            w2, b2 = _dev_ln_fwd_wb(W, B, cols2, N, ROWS)
         else:
             w2, b2 = w, b  # (placeholders)
         for t in tl.range(0, TILES, num_stages=PIPE):  # (rows past M: masked, no traffic)
@@ -679,7 +678,7 @@ def _auto_bwd_configs() -> list:
 
 if HAS_TRITON and not INTERPRET:
     def _tuned(kernel, fwd: bool, stages: int, key: List[str]):
-        every = sorted({c for bn in _block_sizes() for c in (_fwd_choices(bn) if fwd else _bwd_choices(bn))})
+        every = sorted({c for bn in _block_sizes() for c in _choices(fwd, bn, 0)})
         return triton.autotune([triton.Config({"ROWS": r}, num_warps=w, num_stages=stages) for r, w in every],
                                key=key, prune_configs_by={"early_config_prune": _prune(fwd)})(kernel)
 
@@ -775,15 +774,16 @@ def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Op
 
     def grid(meta):
         return _fwd_grid(m, meta)
-    p = _pipe_at(block_n, pipe)  # (where the autotuner does not pick it)
-    fixed = dict(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=p, TILES=PIPE_TILES if p else 1)
-    if INTERPRET:
-        launch(_ln_fwd_kernel, grid(dict(fixed, ROWS=rows)), *args, ROWS=rows, num_warps=warps,
-               num_stages=FWD_STAGES, **fixed, **consts)
-    elif forced is None and pipe is None:
+    if not INTERPRET and forced is None and pipe is None:
         (_ln_fwd_tuned_auto if m >= PIPE_MIN_ROWS else _ln_fwd_tuned_auto_one)(grid, args, consts)
+        return y, h, mean, rstd
+    p = _pipe_at(block_n, pipe)  # (where the autotuner does not pick the layout or the pipeline)
+    consts.update(BLOCK_N=bn1, BLOCK_N2=bn2, PIPE=p, TILES=PIPE_TILES if p else 1)
+    if INTERPRET:
+        launch(_ln_fwd_kernel, grid(dict(consts, ROWS=rows)), *args, ROWS=rows, num_warps=warps,
+               num_stages=FWD_STAGES, **consts)
     else:
-        _ln_fwd_tuned(grid, args, dict(fixed, **consts))
+        _ln_fwd_tuned(grid, args, consts)
     return y, h, mean, rstd
 
 
@@ -852,14 +852,15 @@ def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     consts = dict(HAS_DHO=dh_out is not None, COLSUMS=colsums, HAS_S_DX=dx_scale is not None,
                   HAS_S_HO=dh_out_scale is not None)
     prefetch, pipe = _bwd_prefetch(), _pipe()
-    pipe = 0 if prefetch else _pipe_at(block_n, pipe)  # (not both: the prefetch's loads are the pipeline's)
+    fixed_pipe = 0 if prefetch else _pipe_at(block_n, pipe)  # (not both: the prefetch's loads are the pipeline's)
     if INTERPRET:
         launch(_ln_bwd_kernel, (g,), *args, BLOCK_N=bn1, BLOCK_N2=bn2, ROWS=rows, PREFETCH=bool(prefetch),
-               PIPE=pipe, num_warps=warps, num_stages=BWD_STAGES, **consts)
-    elif prefetch is None and _bwd_chunks_on() is None and _pipe() is None:  # every choice's ROWS divides
+               PIPE=fixed_pipe, num_warps=warps, num_stages=BWD_STAGES, **consts)
+    elif prefetch is None and _bwd_chunks_on() is None and pipe is None:  # every choice's ROWS divides
         _ln_bwd_tuned_auto((g,), args, consts)  # rows_per_prog: the same grid
     else:
-        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), PIPE=pipe, **consts))
+        _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), PIPE=fixed_pipe,
+                                       **consts))
     # (n, G, D) fp32 partials -> (n, D): torch's CUDA sum has a fixed reduction order (deterministic).
     return dx, partial.sum(dim=1)
 

@@ -535,6 +535,9 @@ assert all(_DACT_ROWS % c[0] == 0 for c in ELEMENTWISE_CONFIGS), "every elementw
 DACT_PIPES = (3,)
 DACT_PIPE_TILES = 2
 DACT_PIPE_PLAIN = 0
+# The dZ pass's autotuner configs: (BLOCK_M, BLOCK_N, num_warps, PIPE)
+DACT_CONFIGS = [(*c, 0) for c in ELEMENTWISE_CONFIGS] + [(*c, k) for k in DACT_PIPES
+                                                        for c in ELEMENTWISE_CONFIGS[:DACT_PIPE_TILES]]
 _AUTOTUNE_KEY = ["M_KEY", "N", "K", "ACT", "HAS_RES", "SAVE_Z", "DACT", "ROPE"]  # the epilogue shifts the best tile
 # The RoPE epilogue holds its chunk's pairs and four table tiles at once: tiles with more than this many fp32
 # accumulator values a thread spilled at sm_80/sm_90 (ptxas via kernels/_aot: 128x256 w8 and 128x128 w4 did;
@@ -679,9 +682,7 @@ if HAS_TRITON:
         [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w) for bm, bn, w in ELEMENTWISE_CONFIGS],
         key=[k for k in _ELEMENTWISE_KEY if k in _epilogue_kernel.arg_names])(_epilogue_kernel))
     _DACT_COLSUM_TUNED = Launcher(triton.autotune(
-        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PIPE": pipe}, num_warps=w) for bm, bn, w, pipe in
-         [(*c, 0) for c in ELEMENTWISE_CONFIGS] + [(*c, k) for k in DACT_PIPES
-                                                   for c in ELEMENTWISE_CONFIGS[:DACT_PIPE_TILES]]],
+        [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "PIPE": pipe}, num_warps=w) for bm, bn, w, pipe in DACT_CONFIGS],
         key=[k for k in _ELEMENTWISE_KEY if k in _dact_colsum_kernel.arg_names])(_dact_colsum_kernel))
 
 
@@ -1849,7 +1850,7 @@ def _elementwise_specs(ty: str, act: int, sc: str, cfg: Tuple[int, int, int]) ->
         sig.update({n: "i32" for n in ("M", "N", "rows_per_prog", "M_KEY", "stride_dym", "stride_zm", "stride_dzm")})
         sig.update({f: "constexpr" for f in ("stride_dyn", "ACT", "WRITE_DZ", "COLSUM", "BLOCK_M", "BLOCK_N",
                                              "PIPE")})
-        for pipe in (0, *DACT_PIPES) if cfg in ELEMENTWISE_CONFIGS[:DACT_PIPE_TILES] else (0,):
+        for pipe in [c[3] for c in DACT_CONFIGS if c[:3] == cfg]:
             cx = dict(stride_dyn=1, ACT=act, WRITE_DZ=act != 0, COLSUM=True, BLOCK_M=bm, BLOCK_N=bn, PIPE=pipe)
             specs.append(runtime_spec(_dact_colsum_kernel, sig, cx, w, 3, f"dact_colsum[{ty},act={act},{tile}"
                                       f"{f',pipe{pipe}' if pipe else ''}]",

@@ -652,8 +652,7 @@ def _dact_want(dy: torch.Tensor, z: torch.Tensor, act) -> torch.Tensor:
     return torch.autograd.grad(y, z64, dy.double())[0]
 
 
-@pytest.mark.parametrize("cfg,pipe", [(c, 0) for c in L.ELEMENTWISE_CONFIGS]
-                         + [(c, k) for k in L.DACT_PIPES for c in L.ELEMENTWISE_CONFIGS[:L.DACT_PIPE_TILES]])
+@pytest.mark.parametrize("cfg,pipe", [(c[:3], c[3]) for c in L.DACT_CONFIGS])
 @pytest.mark.parametrize("act", [None, "gelu", "gelu_tanh"])
 def test_dact_colsum_many_blocks_per_program(act, cfg, pipe, device, monkeypatch):
     """The dZ / bias-grad pass at each tile (and pipelined loop: PIPE) the autotuner may pick, with several row
@@ -1115,8 +1114,7 @@ def test_gpu_mlp_recompute_bf16(gemm, recompute):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", [None] + [(*c, 0) for c in L.ELEMENTWISE_CONFIGS]
-                         + [(*c, k) for k in L.DACT_PIPES for c in L.ELEMENTWISE_CONFIGS[:L.DACT_PIPE_TILES]])
+@pytest.mark.parametrize("cfg", [None] + L.DACT_CONFIGS)
 def test_gpu_elementwise_passes_bf16(cfg, monkeypatch):
     """The cuBLAS path's epilogue and dZ / bias-grad passes in bf16 at ViT-B's fc1 width, M = 25216 (batch 128):
     autotuned (None) and at each tile (the dZ pass's row loop pipelined too, DACT_PIPES, at the tiles the autotuner
