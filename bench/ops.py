@@ -80,15 +80,16 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 # torch.compile's rows at D = 384 only before the graph step's budget ran out)
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
-# [tail], [masked] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5 and
-# 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before) first,
+# [tail], [lag], [masked] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5
+# and 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before; [lag]:
+# the split loop with P·V one block late, forced) first,
 # [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
 # training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
 # attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch], [chunks+prefetch]
 # and [padded] (LayerNorm's backward; the default lets the autotuner pick the layout and the prefetch, [padded]
 # is the default before: one padded block, no prefetch) exist with the graph timer only, whose step runs every
 # row (device time: the host hides LayerNorm's kernels there)
-EXPERIMENTAL = ("[tail]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
+EXPERIMENTAL = ("[tail]", "[lag]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
                 "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]", "[padded]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
@@ -471,6 +472,12 @@ def _tail_context(rows: bool = False, on: bool = True) -> Any:
     return _stacked(attn.use_fwd_tail(on), attn.use_bwd_tail(on), attn.use_fwd_rows(rows), attn.use_bwd_rows(rows))
 
 
+def _lag_context() -> Any:
+    """The forward's lagged P·V (use_fwd_lag: the split loop, each full key block's P·V one block late) forced
+    on; the backward as the default's."""
+    return importlib.import_module("flashvit.kernels.attention").use_fwd_lag(True)
+
+
 def _sdpa_backends() -> List[Tuple[str, Any]]:
     try:
         from torch.nn.attention import SDPBackend
@@ -557,6 +564,10 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
             main.append(Job(mk("flashvit-qkv[tail]", note=knote),
                             timed(const(ours_packed), args, mode, ctx, context=_tail_context),
                             unavailable=ctx.triton_reason))
+            if mode == "fwd":  # the split loop with each full block's P·V one block late (use_fwd_lag), forced
+                main.append(Job(mk("flashvit-qkv[lag]", note=knote),
+                                timed(const(ours_packed), args, mode, ctx, context=_lag_context),
+                                unavailable=ctx.triton_reason))
             main.append(Job(mk("flashvit-qkv[masked]", note=knote),
                             timed(const(ours_packed), args, mode, ctx,
                                   context=functools.partial(_tail_context, on=False)),

@@ -14,6 +14,8 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
 Loops whose full blocks run unmasked (``use_fwd_tail``, ``use_bwd_tail``): by default the GPU's autotuner
 times them against the masked loops (the form is part of its configs) and keeps the faster per shape key.
+The forward's split loop can issue each key block's P·V one block late, so that it overlaps the next block's
+softmax on Hopper (``use_fwd_lag``; by default among the autotuner's configs).
 Off by default until timed on a GPU: row splits that give the rows past the last full 64-row block to 16-row
 blocks (``use_fwd_rows``, ``use_bwd_rows``), and the backward in one kernel a head (``use_bwd_fused``: dQ's
 shares added in a fixed order into fp32 rows, still deterministic).
@@ -124,21 +126,27 @@ if HAS_TRITON:
         return Mask + (b // N_WIN) * mask_b + (b % N_WIN) * mask_w + h * mask_h
 
     @triton.jit
-    def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
-                           skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                           MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
-                           DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
-        # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
-        # start_n .. start_n + BLOCK_N. MASK_N: the block may run past N_KV (or CAUSAL cuts it); without it,
-        # no key mask at all (full blocks of a split loop). MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
-        # DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at the end).
-        # MASK_KIND (an attention mask at this head, element (row, key) at Mask + row·mask_m + key·mask_n): see
-        # _dev_masked.
+    def _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION: tl.constexpr,
+                             MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        # q·kᵀ of key block start_n .. start_n + BLOCK_N: (BLOCK_M, BLOCK_N) unscaled logits. MASK_N: the block may
+        # run past N_KV (its keys read 0); MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
+        cols = start_n + offs_n
+        kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, (cols < N_KV)[None, :], d_ok[:, None],
+                       MASK_N, MASK_D)  # (BD, BN)
+        return tl.dot(q, kt, input_precision=PRECISION)
+
+    @triton.jit
+    def _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, CAUSAL: tl.constexpr,
+                              MASK_N: tl.constexpr, N_Q, bh, dropout_p, seed, DROPOUT: tl.constexpr, Mask, mask_m,
+                              mask_n, MASK_KIND: tl.constexpr):
+        # The online softmax over key block start_n's logits s: -> (p (BM, BN) fp32, the probabilities P·V takes
+        # (dropped ones 0), m_new, alpha = exp2(m_i - m_new) (acc's and l_i's rescale), l_i updated).
+        # MASK_N: keys past N_KV (and CAUSAL's) masked; without it, no key mask at all (full blocks of a split
+        # loop). DROPOUT: l_i sums the kept and the dropped probabilities, acc only the kept ones (1/(1-p) at
+        # the end). MASK_KIND (an attention mask at this head, element (row, key) at Mask + row·mask_m +
+        # key·mask_n): see _dev_masked.
         cols = start_n + offs_n
         n_ok = cols < N_KV
-        kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
-                       MASK_N, MASK_D)  # (BD, BN)
-        s = tl.dot(q, kt, input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled logits
         if MASK_KIND != 0:  # the scaled logits in log2 units with the mask applied; then a scale of 1
             s = _dev_masked(s, Mask, offs_m[:, None], cols[None, :], (offs_m < N_Q)[:, None], n_ok[None, :], mask_m,
                             mask_n, qk_scale, MASK_KIND)
@@ -158,10 +166,56 @@ if HAS_TRITON:
         l_i = l_i * alpha + tl.sum(p, 1)
         if DROPOUT:
             p = tl.where(_dev_keep(seed, bh, offs_m[:, None], cols[None, :], N_Q, N_KV, dropout_p), p, 0.0)
-        v = _dev_load(V + cols[:, None] * svn + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :],
+        return p, m_new, alpha, l_i
+
+    @triton.jit
+    def _dev_attn_fwd_pv(acc, alpha, p, V, start_n, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION: tl.constexpr,
+                         MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        # acc (BM, BD) rescaled by alpha plus p·v of key block start_n (p from _dev_attn_fwd_softmax).
+        cols = start_n + offs_n
+        v = _dev_load(V + cols[:, None] * svn + offs_d[None, :] * svd, (cols < N_KV)[:, None], d_ok[None, :],
                       MASK_N, MASK_D)  # (BN, BD)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+
+    @triton.jit
+    def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
+                           skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                           MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
+                           DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
+        # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
+        # start_n .. start_n + BLOCK_N: scores, softmax, then P·V (see the three functions above).
+        s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
+        p, m_new, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, CAUSAL,
+                                                     MASK_N, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
+                                                     mask_n, MASK_KIND)
+        acc = _dev_attn_fwd_pv(acc, alpha, p, V, start_n, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION, MASK_N,
+                               MASK_D)
         return acc, m_new, l_i
+
+    @triton.jit
+    def _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok, N_KV,
+                             skn, skd, svn, svd, qk_scale, PRECISION: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh,
+                             dropout_p, seed, DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+        # The full key blocks [0, full) (full >= BLOCK_N, none masked) with each block's P·V issued one block
+        # late: block j's scores, then block j-1's P·V, then block j's softmax. On Hopper the P·V wgmma then
+        # runs while the softmax's exp2 run (Triton keeps that dot in flight: its A operand, p, is converted
+        # right at the dot and its accumulator is read only after the next scores' wait); p (BM, BN) fp32 and
+        # alpha carry over. Same sums in the same order as _dev_attn_fwd_step's loop.
+        s = _dev_attn_fwd_scores(q, K, 0, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, False, MASK_D)
+        p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, 0, offs_m, offs_n, N_KV, qk_scale, False, False,
+                                                   N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m, mask_n,
+                                                   MASK_KIND)
+        for start_n in range(BLOCK_N, full, BLOCK_N):
+            s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, False, MASK_D)
+            acc = _dev_attn_fwd_pv(acc, alpha, p, V, start_n - BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn, svd,
+                                   PRECISION, False, MASK_D)
+            p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, False,
+                                                       False, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
+                                                       mask_n, MASK_KIND)
+        acc = _dev_attn_fwd_pv(acc, alpha, p, V, full - BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION,
+                               False, MASK_D)
+        return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
     def _attn_fwd(Q, K, V, Out, LSE,
@@ -170,7 +224,7 @@ if HAS_TRITON:
                   Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
+                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, LAG_PV: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, 2, Nq) fp32, each row's softmax
         # statistics in log2 units (see STATS).
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
@@ -184,6 +238,7 @@ if HAS_TRITON:
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
+        # LAG_PV (with SPLIT_TAIL, non-causal): the full blocks' P·V one block late (_dev_attn_fwd_lagged).
         pid = tl.program_id(0)
         seed = _dev_seed(SEED, DROPOUT)
         num_m = tl.cdiv(n_rows, BLOCK_M)
@@ -212,11 +267,18 @@ if HAS_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         if SPLIT_TAIL and not CAUSAL:
             full = (N_KV // BLOCK_N) * BLOCK_N
-            for start_n in range(0, full, BLOCK_N):
-                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
-                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
-                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
-                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
+            if LAG_PV:
+                if full > 0:
+                    acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok,
+                                                         N_KV, skn, skd, svn, svd, qk_scale, PRECISION,
+                                                         BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p,
+                                                         seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND, BLOCK_N)
+            else:
+                for start_n in range(0, full, BLOCK_N):
+                    acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                       N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
+                                                       BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                       DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
             TAIL_N: tl.constexpr = BLOCK_N if BLOCK_N < 32 else 32
             offs_t = tl.arange(0, TAIL_N)
             for start_n in range(full, N_KV, TAIL_N):  # fewer than BLOCK_N / TAIL_N blocks
@@ -768,6 +830,26 @@ def use_fwd_tail(on: bool) -> ContextManager[None]:
     return pushed(_fwd_tail, bool(on))
 
 
+# The forward's full key blocks with each block's P·V issued one block late (LAG_PV in _attn_fwd): block j's
+# scores, block j-1's P·V, block j's softmax, so that on Hopper the P·V wgmma runs while the softmax's exp2 do
+# (FA3's overlap within a warpgroup). Same sums in the same order: bit-equal to the plain loop. ptxas
+# (Triton 3.6 and 3.8, sm_90, bf16, D = 64, 64x64 w4): the loop's P·V wgmmas interleaved with its MUFU.EX2s and
+# waited for at the next block's scores; without the lag each block's softmax runs between two waits. Costs a
+# (BLOCK_M, BLOCK_N) fp32 p carried a block. With an attention mask or dropout both Triton versions make the
+# lagged loop's wgmmas synchronous (each waited right away), so the autotuner leaves it out there (_make_prune).
+# Not yet timed on a GPU. None (the default): where the autotuner also picks the loop form (SPLIT_TAIL None,
+# _attn_tuned_auto) its configs carry it (_auto_forms); elsewhere off.
+# True forces it with the split loop; False keeps it off. Non-causal only (a causal forward ignores it).
+FWD_LAG_PV: Optional[bool] = None
+_fwd_lag: List[bool] = []  # innermost use_fwd_lag() last
+LAG_MAX_BLOCK_N = 64  # wider key blocks carry a p of 64+ fp32 a thread next to the scores: left to the plain loop
+
+
+def use_fwd_lag(on: bool) -> ContextManager[None]:
+    """Force the forward's lagged P·V (FWD_LAG_PV, with the split key loop) on or off inside a ``with`` block."""
+    return pushed(_fwd_lag, bool(on))
+
+
 # The backward's loops likewise (non-causal): dK/dV's over query blocks and dQ's over key blocks run their full
 # blocks without row masks and the partial last one apart. ptxas (Triton 3.6, sm_90, bf16, D = 64) counts
 # 298 instructions a thread for dK/dV's masked 32x64 query block (w4s2), about 70 of them masks. Not yet timed
@@ -901,9 +983,14 @@ def _make_prune(kind: str, ptr_name: str):
         elsize = named_args[ptr_name].element_size()
         want = set(_configs_for(kind, block_d, elsize))
         causal = kwargs.get("CAUSAL", named_args.get("CAUSAL"))
+        # the lagged P·V compiles to synchronous wgmmas with a mask or dropout (Triton 3.6, 3.8): nothing to gain
+        lag_ok = not kwargs.get("MASK_KIND", named_args.get("MASK_KIND")) and \
+            not kwargs.get("DROPOUT", named_args.get("DROPOUT"))
         kept, tiles = [], set()
         for c in configs:
             tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if c.kwargs.get("LAG_PV") and not lag_ok:
+                continue
             if tile in want and not (causal and tile in tiles):  # causal kernels ignore SPLIT_TAIL: one form a tile
                 kept.append(c)
                 tiles.add(tile)
@@ -933,21 +1020,34 @@ def _auto_tails(kind: str, cfg: Tuple[int, int, int, int]) -> Tuple[bool, ...]:
     return (False, True) if cfg in _RUN6_BWD_PICKS[kind] else (True,)
 
 
+def _auto_forms(kind: str, cfg: Tuple[int, int, int, int]) -> List[Dict[str, bool]]:
+    """The loop forms the autotuner tries at a tile: SPLIT_TAIL (_auto_tails), and for the forward LAG_PV too
+    (split loops with key blocks up to LAG_MAX_BLOCK_N, lagged and not; FWD_LAG_PV)."""
+    forms: List[Dict[str, bool]] = []
+    for t in _auto_tails(kind, cfg):
+        if kind != "fwd":
+            forms.append({"SPLIT_TAIL": t})
+            continue
+        forms += [{"SPLIT_TAIL": t, "LAG_PV": lag} for lag in ((False, True) if t and cfg[1] <= LAG_MAX_BLOCK_N
+                                                               else (False,))]
+    return forms
+
+
 def _triton_auto_configs(kind: str) -> list:
-    """``kind``'s configs with SPLIT_TAIL among their parameters (_auto_tails; the fallback masked only)."""
+    """``kind``'s configs with the loop form among their parameters (_auto_forms; the fallback masked only)."""
     configs, fallback = _table(kind)
-    forms = [(c, t) for c in configs for t in _auto_tails(kind, c)]
+    forms = [(c, f) for c in configs for f in _auto_forms(kind, c)]
     if fallback and fallback not in configs:
-        forms.append((fallback, False))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_TAIL": t}, num_warps=w, num_stages=s)
-            for (bm, bn, w, s), t in forms]
+        forms.append((fallback, {"SPLIT_TAIL": False, **({"LAG_PV": False} if kind == "fwd" else {})}))
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **f}, num_warps=w, num_stages=s)
+            for (bm, bn, w, s), f in forms]
 
 
 # The autotuner adds the tensor dtypes itself. SPLIT_TAIL and DROPOUT are in the key: each form of the kernels
 # gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked); where SPLIT_TAIL is
 # the autotuner's own choice (_attn_tuned_auto), it is in the configs instead.
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "MASK_KIND"]
-_FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"]  # the forward never splits: it has no BLOCK_D2
+_FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"] + ["LAG_PV"]  # the forward never splits: it has no BLOCK_D2
 KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows")) + ("fused",)
 
 
@@ -965,7 +1065,8 @@ if HAS_TRITON and not INTERPRET:
 _attn_tuned_auto: Dict[str, Launcher] = {}  # kind -> the autotuner that also picks the loop form (SPLIT_TAIL)
 if HAS_TRITON and not INTERPRET:
     _attn_tuned_auto = {kind: Launcher(triton.autotune(
-        _triton_auto_configs(kind), key=[k for k in (_FWD_KEY if kind == "fwd" else _KEY) if k != "SPLIT_TAIL"],
+        _triton_auto_configs(kind),
+        key=[k for k in (_FWD_KEY if kind == "fwd" else _KEY) if k not in ("SPLIT_TAIL", "LAG_PV")],
         prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_kernel(kind))) for kind in AUTO_TAIL_KINDS}
 
 if HAS_TRITON:
@@ -1011,7 +1112,8 @@ def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[in
 def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
     """Launch a kernel ``kind`` (KINDS) over ``grid_rows`` program rows (keys for dK/dV) of ``bh`` heads, with
     the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config).
-    ``consts["SPLIT_TAIL"]`` None: the autotuner picks the loop form too (AUTO_TAIL_KINDS), else the masked one."""
+    ``consts["SPLIT_TAIL"]`` None: the autotuner picks the loop form too (AUTO_TAIL_KINDS), else the masked one;
+    ``consts["LAG_PV"]`` (forward kinds) None likewise, else off."""
     fixed = INTERPRET or _forced_tiles or not _autotune
     if consts["SPLIT_TAIL"] is None:
         consts = dict(consts)
@@ -1019,6 +1121,12 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
             del consts["SPLIT_TAIL"]
         else:
             consts["SPLIT_TAIL"] = False
+    if consts.get("LAG_PV", False) is None:
+        consts = dict(consts)
+        if "SPLIT_TAIL" in consts:
+            consts["LAG_PV"] = False
+        else:
+            del consts["LAG_PV"]
     if fixed:
         cfg = _fixed_config(kind, consts, args[0].element_size())
         launch(_kernel(kind), (cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,),
@@ -1108,9 +1216,14 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     if out.numel() == 0:
         return out, lse
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
+    split_tail = _fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL
+    lag = _fwd_lag[-1] if _fwd_lag else FWD_LAG_PV
+    if lag:
+        split_tail = True  # the lag runs in the split loop
+    elif lag is None and split_tail is not None:
+        lag = False  # a forced loop form: the autotuner's configs do not carry the lag
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=_fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL, DROPOUT=dropout_p > 0.0,
-                  MASK_KIND=_mask_kind(mask))
+                  SPLIT_TAIL=split_tail, DROPOUT=dropout_p > 0.0, MASK_KIND=_mask_kind(mask), LAG_PV=lag)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
     tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
     _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
@@ -1837,7 +1950,7 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
 
 _INT_ARGS = ("H", "N_Q", "N_KV", "N_BUCKET", "N_WIN", "N_CHUNK", "CHUNK_I")
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "BLOCK_M",
-               "BLOCK_N", "MASK_KIND")
+               "BLOCK_N", "MASK_KIND", "LAG_PV")
 
 
 def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
@@ -1867,6 +1980,8 @@ def _aot_specs() -> List[AotSpec]:
             if not fwd:
                 consts["BLOCK_D2"] = bd2
             consts["MASK_KIND"] = 0
+            if fwd:
+                consts["LAG_PV"] = False  # the lagged P·V: below
             tail = False  # the masked loop here, the split one below (the autotuner tries both: _auto_tails)
             consts["SPLIT_TAIL"] = tail
             consts["DROPOUT"] = False
@@ -1902,6 +2017,15 @@ def _aot_specs() -> List[AotSpec]:
                         kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not tail), w, s,
                         f"attn_{kind}[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not tail)}]",
                         div16=_row_strides(sig)))
+                if kind == "fwd" and not causal and ty in ("bf16", "fp16") and (bm, bn, w, s) in _FWD_CONFIGS \
+                        and bn <= LAG_MAX_BLOCK_N:
+                    lag_consts = dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=True, LAG_PV=True)
+                    for lag_sig, mk, drop in [(sig, 0, False)] + ([(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)]
+                                                                  if i == 0 and ty == "bf16" else []):
+                        specs.append(runtime_spec(  # the lagged P·V (FWD_LAG_PV), with a mask and dropout once
+                            kern, lag_sig, dict(lag_consts, MASK_KIND=mk, DROPOUT=drop), w, s,
+                            f"attn_fwd[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},lag,mask={mk},dropout={int(drop)}]",
+                            div16=_row_strides(sig)))
         if not seen.issuperset({"mask"}):
             seen.add("mask")
             sig, consts = _aot_signature(_dropout_mask_kernel, "*i8")

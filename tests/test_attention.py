@@ -198,6 +198,45 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
     assert A._fwd_tail == [] and A.FWD_SPLIT_TAIL is None  # restored; by default the autotuner's choice
 
 
+@pytest.mark.parametrize("Nq,Nkv,D,dtype", [(17, 50, 64, torch.float32), (33, 64, 32, torch.float16),
+                                             (5, 31, 40, torch.float32), (9, 32, 16, torch.float16),
+                                             (40, 97, 80, torch.float32)])
+def test_forward_lagged_pv(Nq, Nkv, D, dtype):
+    """use_fwd_lag(True): each full key block's P·V one block late (no full block: Nkv < 32, the interpreter's
+    BLOCK_N; one; several, with and without a remainder). Same results as the reference, and bit-equal to the
+    plain split loop (same sums in the same order), also with an attention mask and with dropout."""
+    with A.use_fwd_lag(True):
+        _check_attention(1, Nq, Nkv, 2, D, False, dtype)
+    assert A._fwd_lag == [] and A.FWD_LAG_PV is None  # restored; by default the autotuner's choice
+    q, k, v = _inputs(2, Nq, Nkv, 2, D, dtype)
+    mask = _masks("bias_fp32", 2, Nq, Nkv, 2, dtype, fresh_seed()).expand(2, -1, -1, -1)  # (B, H, Nq, Nkv) view
+    for kw in ({}, {"mask": mask}, {"dropout_p": 0.25, "seed": 1234}):
+        outs = []
+        for use in (A.use_fwd_tail(True), A.use_fwd_lag(True)):
+            with use:
+                outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b), (kw.keys(), (a - b).abs().max().item())
+
+
+def test_forward_lag_needs_the_split_loop(monkeypatch):
+    """A forced lag launches the split loop with LAG_PV; a forced loop form without it keeps LAG_PV off; by
+    default (None) the launch leaves it to _launch (the autotuner's configs, or off)."""
+    seen = []
+    monkeypatch.setattr(A, "_launch_rows", lambda kind, n, bh, head, tail, consts, split: seen.append(dict(consts)))
+    q = torch.zeros(1, 3, 1, 16, device=DEVICE)
+    for uses, want in (((), (None, None)), ((A.use_fwd_lag(True),), (True, True)),
+                       ((A.use_fwd_lag(True), A.use_fwd_tail(False)), (True, True)),
+                       ((A.use_fwd_tail(False),), (False, False)), ((A.use_fwd_tail(True),), (True, False)),
+                       ((A.use_fwd_lag(False),), (None, False))):
+        with contextlib.ExitStack() as stack:
+            for use in uses:
+                stack.enter_context(use)
+            A.attention_fwd(q, q, q, 0.25, False)
+        got = seen.pop()
+        assert (got["SPLIT_TAIL"], got["LAG_PV"]) == want, (uses, got)
+
+
 def _masks(kind, B, Nq, Nkv, H, dtype, seed):
     """Attention masks as timm, HF and BEiT give them (SDPA's (B, H, Nq, Nkv) order, broadcast)."""
     g = torch.Generator().manual_seed(seed)
@@ -572,6 +611,7 @@ def test_default_autotunes_the_loop_form_gpu(B, N, H, D, autotuned):
     for kind in A.AUTO_TAIL_KINDS:
         picks = list(A._attn_tuned_auto[kind].tuner.cache.values())
         assert picks and all(isinstance(c.kwargs["SPLIT_TAIL"], bool) for c in picks), kind
+        assert kind != "fwd" or all(isinstance(c.kwargs["LAG_PV"], bool) for c in picks)
 
 
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
@@ -585,6 +625,10 @@ def test_autotuner_picks_the_loop_form():
 
     fwd = forms("fwd")
     assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
+    lags = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
+            for c in A._triton_auto_configs("fwd") if c.kwargs["LAG_PV"]]
+    assert sorted(lags) == sorted((c, True) for c in A._FWD_CONFIGS if c[1] <= A.LAG_MAX_BLOCK_N)
+    assert len(fwd) == len(set(fwd)) + len(lags)  # each (tile, form) once, plus its lagged twin
     for tile, tail in fwd:
         assert tail or tile[1] < 64 or tile == A._FWD_FALLBACK, tile
     assert {t for t, tail in fwd if not tail} == {c for c in A._FWD_CONFIGS if c[1] < 64} | {A._FWD_FALLBACK}
@@ -600,6 +644,10 @@ def test_autotuner_picks_the_loop_form():
     one = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=True)
     assert len(both) > len(one) == len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                         for c in both})
+    assert not any(c.kwargs["LAG_PV"] for c in one) and sum(c.kwargs["LAG_PV"] for c in both) == len(lags)
+    for extra in ({"MASK_KIND": 1}, {"DROPOUT": True}):  # the lag's wgmmas come out synchronous there: left out
+        kept = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=False, **extra)
+        assert not any(c.kwargs["LAG_PV"] for c in kept) and len(kept) == len(both) - len(lags)
 
 
 def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
@@ -631,6 +679,14 @@ def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
     A._launch("dq", 10, 2, args, dict(consts, SPLIT_TAIL=True))
     assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True))
     assert consts["SPLIT_TAIL"] is None
+    lag = dict(consts, LAG_PV=None)  # the forward's lag: the auto tuner's too, else off; a forced one stays
+    A._launch("fwd", 10, 2, args, lag)
+    assert calls.pop() == ("auto", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
+    A._launch("fwd_rows", 10, 2, args, lag)
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False, LAG_PV=False))
+    A._launch("fwd", 10, 2, args, dict(lag, SPLIT_TAIL=True, LAG_PV=True))
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True, LAG_PV=True))
+    assert lag["LAG_PV"] is None
     launched = []
 
     class Kern:
@@ -1261,7 +1317,7 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
         if c not in A._configs_for(kind, bd, 2):
             continue  # the pruner drops it at this head dim
         monkeypatch.setitem(tuned, kind, Launcher(triton.autotune(
-            [cfg], key=[k for k in key if k != "SPLIT_TAIL"] if auto else key)(kern)))
+            [cfg], key=[k for k in key if k not in ("SPLIT_TAIL", "LAG_PV")] if auto else key)(kern)))
         ran += 1
         rows = kind.endswith("_rows")
         with A.use_head_split(mode), A.use_fwd_rows(rows and fwd), A.use_bwd_rows(rows and not fwd), \
