@@ -614,6 +614,25 @@ def test_default_autotunes_the_loop_form_gpu(B, N, H, D, autotuned):
         assert kind != "fwd" or all(isinstance(c.kwargs["LAG_PV"], bool) for c in picks)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [None, (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)])
+@pytest.mark.parametrize("B,N,H,D", [(4, 197, 12, 64), (2, 257, 16, 80), (2, 577, 6, 64)])
+def test_forward_lagged_pv_gpu(B, N, H, D, cfg, autotuned):
+    """use_fwd_lag(True) on a GPU at ViT shapes in bf16, where the lagged loop runs several key blocks (the per-config
+    test's N = 97 runs one 64-wide block, no loop): packed qkv output and gradient vs float64 (2x/3x rule),
+    autotuned (cfg None); the output alone at the lag's tiles the autotuner tries (forced tiles would force the
+    backward's too)."""
+    if cfg is None:
+        with A.use_fwd_lag(True):
+            _check_qkv(B, N, H, D, torch.bfloat16)
+        return
+    qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
+    with A.use_fwd_lag(True), A.use_tile_config(cfg), torch.no_grad():
+        out = qkv_attention(qkv, H, backend="triton")
+    assert_close_to_ref(out, A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H),
+                        atol=FP_ATOL[torch.bfloat16], name="out")
+
+
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
 def test_autotuner_picks_the_loop_form():
     """Where the loop form is left to the autotuner: the forward tries the split form alone at 64/128-wide key
