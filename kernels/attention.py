@@ -193,28 +193,29 @@ if HAS_TRITON:
         return acc, m_new, l_i
 
     @triton.jit
-    def _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok, N_KV,
-                             skn, skd, svn, svd, qk_scale, PRECISION: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh,
-                             dropout_p, seed, DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
-        # The full key blocks [0, full) (full >= BLOCK_N, none masked) with each block's P·V issued one block
-        # late: block j's scores, then block j-1's P·V, then block j's softmax. On Hopper the P·V wgmma then
-        # runs while the softmax's exp2 run (Triton keeps that dot in flight: its A operand, p, is converted
-        # right at the dot and its accumulator is read only after the next scores' wait); p (BM, BN) fp32 and
-        # alpha carry over. Same sums in the same order as _dev_attn_fwd_step's loop.
-        s = _dev_attn_fwd_scores(q, K, 0, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, False, MASK_D)
-        p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, 0, offs_m, offs_n, N_KV, qk_scale, False, False,
+    def _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, hi, offs_m, offs_n, offs_d, d_ok, N_KV,
+                             skn, skd, svn, svd, qk_scale, PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+                             MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed, DROPOUT: tl.constexpr, Mask, mask_m,
+                             mask_n, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr):
+        # The key blocks over [0, hi) (hi >= 1; MASK_N: each masked, else full blocks only, hi a multiple of
+        # BLOCK_N) with each block's P·V issued one block late: block j's scores, then block j-1's P·V, then
+        # block j's softmax. On Hopper the P·V wgmma then runs while the softmax's exp2 run (Triton keeps that dot
+        # in flight: its A operand, p, is converted right at the dot and its accumulator is read only after the
+        # next scores' wait); p (BM, BN) fp32 and alpha carry over. Same sums in the same order as
+        # _dev_attn_fwd_step's loop.
+        s = _dev_attn_fwd_scores(q, K, 0, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
+        p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, 0, offs_m, offs_n, N_KV, qk_scale, False, MASK_N,
                                                    N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m, mask_n,
                                                    MASK_KIND)
-        for start_n in range(BLOCK_N, full, BLOCK_N):
-            s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, False, MASK_D)
+        for start_n in range(BLOCK_N, hi, BLOCK_N):
+            s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
             acc = _dev_attn_fwd_pv(acc, alpha, p, V, start_n - BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn, svd,
-                                   PRECISION, False, MASK_D)
+                                   PRECISION, MASK_N, MASK_D)
             p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, False,
-                                                       False, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
+                                                       MASK_N, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
                                                        mask_n, MASK_KIND)
-        acc = _dev_attn_fwd_pv(acc, alpha, p, V, full - BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION,
-                               False, MASK_D)
+        acc = _dev_attn_fwd_pv(acc, alpha, p, V, ((hi - 1) // BLOCK_N) * BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn,
+                               svd, PRECISION, MASK_N, MASK_D)
         return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
@@ -238,7 +239,8 @@ if HAS_TRITON:
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
         # apart in masked blocks of TAIL_N <= 32, so a wide BLOCK_N (less rescaling of acc a key) pads little:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
-        # LAG_PV (with SPLIT_TAIL, non-causal): the full blocks' P·V one block late (_dev_attn_fwd_lagged).
+        # LAG_PV (non-causal): the full blocks' P·V (SPLIT_TAIL), or every block's, one block late
+        # (_dev_attn_fwd_lagged).
         pid = tl.program_id(0)
         seed = _dev_seed(SEED, DROPOUT)
         num_m = tl.cdiv(n_rows, BLOCK_M)
@@ -270,7 +272,7 @@ if HAS_TRITON:
             if LAG_PV:
                 if full > 0:
                     acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok,
-                                                         N_KV, skn, skd, svn, svd, qk_scale, PRECISION,
+                                                         N_KV, skn, skd, svn, svd, qk_scale, PRECISION, False,
                                                          BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p,
                                                          seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND, BLOCK_N)
             else:
@@ -286,6 +288,11 @@ if HAS_TRITON:
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
                                                    BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
                                                    DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
+        elif LAG_PV and not CAUSAL:  # every key block masked (N_KV >= 1), P·V one block late
+            acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, N_KV, offs_m, offs_n, offs_d, d_ok, N_KV, skn,
+                                                 skd, svn, svd, qk_scale, PRECISION, True, BLOCK_D != HEAD_DIM, N_Q,
+                                                 pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m, mask_n,
+                                                 MASK_KIND, BLOCK_N)
         else:
             hi = N_KV
             if CAUSAL:
@@ -830,23 +837,26 @@ def use_fwd_tail(on: bool) -> ContextManager[None]:
     return pushed(_fwd_tail, bool(on))
 
 
-# The forward's full key blocks with each block's P·V issued one block late (LAG_PV in _attn_fwd): block j's
-# scores, block j-1's P·V, block j's softmax, so that on Hopper the P·V wgmma runs while the softmax's exp2 do
-# (FA3's overlap within a warpgroup). Same sums in the same order: bit-equal to the plain loop. ptxas
+# The forward's key loop (the split loop's full blocks, or the masked loop's every block) with each block's P·V
+# issued one block late (LAG_PV in _attn_fwd): block j's scores, block j-1's P·V, block j's softmax, so that on
+# Hopper the P·V wgmma runs while the softmax's exp2 do (FA3's overlap within a warpgroup). Same sums in the same
+# order: bit-equal to the plain loop. ptxas
 # (Triton 3.6 and 3.8, sm_90, bf16, D = 64, 64x64 w4): the loop's P·V wgmmas interleaved with its MUFU.EX2s and
 # waited for at the next block's scores; without the lag each block's softmax runs between two waits. Costs a
 # (BLOCK_M, BLOCK_N) fp32 p carried a block. With an attention mask or dropout both Triton versions make the
 # lagged loop's wgmmas synchronous (each waited right away), so the autotuner leaves it out there (_make_prune).
 # Not yet timed on a GPU. None (the default): where the autotuner also picks the loop form (SPLIT_TAIL None,
 # _attn_tuned_auto) its configs carry it (_auto_forms); elsewhere off.
-# True forces it with the split loop; False keeps it off. Non-causal only (a causal forward ignores it).
+# True forces it (with the split loop unless use_fwd_tail forces a form); False keeps it off. Non-causal only (a
+# causal forward ignores it).
 FWD_LAG_PV: Optional[bool] = None
 _fwd_lag: List[bool] = []  # innermost use_fwd_lag() last
 LAG_MAX_BLOCK_N = 64  # wider key blocks carry a p of 64+ fp32 a thread next to the scores: left to the plain loop
 
 
 def use_fwd_lag(on: bool) -> ContextManager[None]:
-    """Force the forward's lagged P·V (FWD_LAG_PV, with the split key loop) on or off inside a ``with`` block."""
+    """Force the forward's lagged P·V (FWD_LAG_PV; in the split key loop unless use_fwd_tail forces the masked one)
+    on or off inside a ``with`` block."""
     return pushed(_fwd_lag, bool(on))
 
 
@@ -1022,15 +1032,11 @@ def _auto_tails(kind: str, cfg: Tuple[int, int, int, int]) -> Tuple[bool, ...]:
 
 def _auto_forms(kind: str, cfg: Tuple[int, int, int, int]) -> List[Dict[str, bool]]:
     """The loop forms the autotuner tries at a tile: SPLIT_TAIL (_auto_tails), and for the forward LAG_PV too
-    (split loops with key blocks up to LAG_MAX_BLOCK_N, lagged and not; FWD_LAG_PV)."""
-    forms: List[Dict[str, bool]] = []
-    for t in _auto_tails(kind, cfg):
-        if kind != "fwd":
-            forms.append({"SPLIT_TAIL": t})
-            continue
-        forms += [{"SPLIT_TAIL": t, "LAG_PV": lag} for lag in ((False, True) if t and cfg[1] <= LAG_MAX_BLOCK_N
-                                                               else (False,))]
-    return forms
+    (each form lagged and not at key blocks up to LAG_MAX_BLOCK_N; FWD_LAG_PV)."""
+    if kind != "fwd":
+        return [{"SPLIT_TAIL": t} for t in _auto_tails(kind, cfg)]
+    lags = (False, True) if cfg[1] <= LAG_MAX_BLOCK_N else (False,)
+    return [{"SPLIT_TAIL": t, "LAG_PV": lag} for t in _auto_tails(kind, cfg) for lag in lags]
 
 
 def _triton_auto_configs(kind: str) -> list:
@@ -1218,8 +1224,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
     split_tail = _fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL
     lag = _fwd_lag[-1] if _fwd_lag else FWD_LAG_PV
-    if lag:
-        split_tail = True  # the lag runs in the split loop
+    if lag and split_tail is None:
+        split_tail = True  # a forced lag, the loop form not forced: the split loop
     elif lag is None and split_tail is not None:
         lag = False  # a forced loop form: the autotuner's configs do not carry the lag
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
@@ -2019,13 +2025,14 @@ def _aot_specs() -> List[AotSpec]:
                         div16=_row_strides(sig)))
                 if kind == "fwd" and not causal and ty in ("bf16", "fp16") and (bm, bn, w, s) in _FWD_CONFIGS \
                         and bn <= LAG_MAX_BLOCK_N:
-                    lag_consts = dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=True, LAG_PV=True)
-                    for lag_sig, mk, drop in [(sig, 0, False)] + ([(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)]
-                                                                  if i == 0 and ty == "bf16" else []):
-                        specs.append(runtime_spec(  # the lagged P·V (FWD_LAG_PV), with a mask and dropout once
-                            kern, lag_sig, dict(lag_consts, MASK_KIND=mk, DROPOUT=drop), w, s,
-                            f"attn_fwd[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},lag,mask={mk},dropout={int(drop)}]",
-                            div16=_row_strides(sig)))
+                    extra = [(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)] if i == 0 and ty == "bf16" else []
+                    for split_tail in _auto_tails("fwd", (bm, bn, w, s)):  # the lagged P·V in each loop form
+                        for lag_sig, mk, drop in [(sig, 0, False)] + (extra if split_tail else []):
+                            specs.append(runtime_spec(  # (FWD_LAG_PV; with a mask and dropout once)
+                                kern, lag_sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=split_tail, LAG_PV=True,
+                                                    MASK_KIND=mk, DROPOUT=drop), w, s,
+                                f"attn_fwd[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},lag,tail={int(split_tail)},"
+                                f"mask={mk},dropout={int(drop)}]", div16=_row_strides(sig)))
         if not seen.issuperset({"mask"}):
             seen.add("mask")
             sig, consts = _aot_signature(_dropout_mask_kernel, "*i8")

@@ -202,31 +202,36 @@ def test_forward_split_tail_loop(Nq, Nkv, D, causal):
                                              (5, 31, 40, torch.float32), (9, 32, 16, torch.float16),
                                              (40, 97, 80, torch.float32)])
 def test_forward_lagged_pv(Nq, Nkv, D, dtype):
-    """use_fwd_lag(True): each full key block's P·V one block late (no full block: Nkv < 32, the interpreter's
-    BLOCK_N; one; several, with and without a remainder). Same results as the reference, and bit-equal to the
-    plain split loop (same sums in the same order), also with an attention mask and with dropout."""
+    """use_fwd_lag(True): each key block's P·V one block late, in the split loop (its full blocks: none at
+    Nkv < 32, the interpreter's BLOCK_N; one; several, with and without a remainder) and in the masked one (every
+    block). Same results as the reference, and bit-equal to the same loop without the lag (same sums in the same
+    order), also with an attention mask and with dropout."""
     with A.use_fwd_lag(True):
         _check_attention(1, Nq, Nkv, 2, D, False, dtype)
+    with A.use_fwd_lag(True), A.use_fwd_tail(False):
+        _check_attention(1, Nq, Nkv, 1, D, False, dtype)
     assert A._fwd_lag == [] and A.FWD_LAG_PV is None  # restored; by default the autotuner's choice
     q, k, v = _inputs(2, Nq, Nkv, 2, D, dtype)
     mask = _masks("bias_fp32", 2, Nq, Nkv, 2, dtype, fresh_seed()).expand(2, -1, -1, -1)  # (B, H, Nq, Nkv) view
-    for kw in ({}, {"mask": mask}, {"dropout_p": 0.25, "seed": 1234}):
-        outs = []
-        for use in (A.use_fwd_tail(True), A.use_fwd_lag(True)):
-            with use:
-                outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw))
-        for a, b in zip(*outs):
-            assert torch.equal(a, b), (kw.keys(), (a - b).abs().max().item())
+    for tail in (True, False):
+        for kw in ({}, {"mask": mask}, {"dropout_p": 0.25, "seed": 1234}):
+            outs = []
+            for lag in (False, True):
+                with A.use_fwd_tail(tail), A.use_fwd_lag(lag):
+                    outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw))
+            for a, b in zip(*outs):
+                assert torch.equal(a, b), (tail, kw.keys(), (a - b).abs().max().item())
 
 
-def test_forward_lag_needs_the_split_loop(monkeypatch):
-    """A forced lag launches the split loop with LAG_PV; a forced loop form without it keeps LAG_PV off; by
-    default (None) the launch leaves it to _launch (the autotuner's configs, or off)."""
+def test_forward_lag_routing(monkeypatch):
+    """A forced lag launches LAG_PV in the split loop, or in the masked one where that is forced too; a forced loop
+    form without it keeps LAG_PV off; by default (None) the launch leaves both to _launch (the autotuner's
+    configs, or off)."""
     seen = []
     monkeypatch.setattr(A, "_launch_rows", lambda kind, n, bh, head, tail, consts, split: seen.append(dict(consts)))
     q = torch.zeros(1, 3, 1, 16, device=DEVICE)
     for uses, want in (((), (None, None)), ((A.use_fwd_lag(True),), (True, True)),
-                       ((A.use_fwd_lag(True), A.use_fwd_tail(False)), (True, True)),
+                       ((A.use_fwd_lag(True), A.use_fwd_tail(False)), (False, True)),
                        ((A.use_fwd_tail(False),), (False, False)), ((A.use_fwd_tail(True),), (True, False)),
                        ((A.use_fwd_lag(False),), (None, False))):
         with contextlib.ExitStack() as stack:
@@ -646,7 +651,8 @@ def test_autotuner_picks_the_loop_form():
     assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
     lags = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
             for c in A._triton_auto_configs("fwd") if c.kwargs["LAG_PV"]]
-    assert sorted(lags) == sorted((c, True) for c in A._FWD_CONFIGS if c[1] <= A.LAG_MAX_BLOCK_N)
+    assert sorted(lags) == sorted((c, t) for c in A._FWD_CONFIGS if c[1] <= A.LAG_MAX_BLOCK_N
+                                  for t in A._auto_tails("fwd", c))
     assert len(fwd) == len(set(fwd)) + len(lags)  # each (tile, form) once, plus its lagged twin
     for tile, tail in fwd:
         assert tail or tile[1] < 64 or tile == A._FWD_FALLBACK, tile
