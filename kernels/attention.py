@@ -14,7 +14,7 @@ Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot
 Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
 Loops whose full blocks run unmasked (``use_fwd_tail``, ``use_bwd_tail``): by default the GPU's autotuner
 times them against the masked loops (the form is part of its configs) and keeps the faster per shape key.
-The forward's split loop can issue each key block's P·V one block late, so that it overlaps the next block's
+The forward's key loops can issue each key block's P·V one block late, so that it overlaps the next block's
 softmax on Hopper (``use_fwd_lag``; by default among the autotuner's configs).
 Off by default until timed on a GPU: row splits that give the rows past the last full 64-row block to 16-row
 blocks (``use_fwd_rows``, ``use_bwd_rows``), and the backward in one kernel a head (``use_bwd_fused``: dQ's
@@ -288,11 +288,12 @@ if HAS_TRITON:
                                                    N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
                                                    BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
                                                    DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
-        elif LAG_PV and not CAUSAL:  # every key block masked (N_KV >= 1), P·V one block late
-            acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, N_KV, offs_m, offs_n, offs_d, d_ok, N_KV, skn,
-                                                 skd, svn, svd, qk_scale, PRECISION, True, BLOCK_D != HEAD_DIM, N_Q,
-                                                 pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m, mask_n,
-                                                 MASK_KIND, BLOCK_N)
+        elif LAG_PV and not CAUSAL:  # every key block masked, P·V one block late
+            if N_KV > 0:
+                acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, N_KV, offs_m, offs_n, offs_d, d_ok, N_KV,
+                                                     skn, skd, svn, svd, qk_scale, PRECISION, True, BLOCK_D != HEAD_DIM,
+                                                     N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m,
+                                                     mask_n, MASK_KIND, BLOCK_N)
         else:
             hi = N_KV
             if CAUSAL:
@@ -840,13 +841,12 @@ def use_fwd_tail(on: bool) -> ContextManager[None]:
 # The forward's key loop (the split loop's full blocks, or the masked loop's every block) with each block's P·V
 # issued one block late (LAG_PV in _attn_fwd): block j's scores, block j-1's P·V, block j's softmax, so that on
 # Hopper the P·V wgmma runs while the softmax's exp2 do (FA3's overlap within a warpgroup). Same sums in the same
-# order: bit-equal to the plain loop. ptxas
-# (Triton 3.6 and 3.8, sm_90, bf16, D = 64, 64x64 w4): the loop's P·V wgmmas interleaved with its MUFU.EX2s and
-# waited for at the next block's scores; without the lag each block's softmax runs between two waits. Costs a
-# (BLOCK_M, BLOCK_N) fp32 p carried a block. With an attention mask or dropout both Triton versions make the
-# lagged loop's wgmmas synchronous (each waited right away), so the autotuner leaves it out there (_make_prune).
-# Not yet timed on a GPU. None (the default): where the autotuner also picks the loop form (SPLIT_TAIL None,
-# _attn_tuned_auto) its configs carry it (_auto_forms); elsewhere off.
+# order: bit-equal to the plain loop. ptxas (Triton 3.6 and 3.8, sm_90, bf16, D = 64, 64x64 w4): the loop's P·V
+# wgmmas interleaved with its MUFU.EX2s and waited for at the next block's scores; without the lag each block's
+# softmax runs between two waits. Costs a (BLOCK_M, BLOCK_N) fp32 p carried a block. With an attention mask or
+# dropout both Triton versions make the lagged loop's wgmmas synchronous (each waited right away), so the
+# autotuner leaves it out there (_make_prune). Not yet timed on a GPU. None (the default): where the autotuner
+# also picks the loop form (SPLIT_TAIL None, _attn_tuned_auto) its configs carry it (_auto_forms); elsewhere off.
 # True forces it (with the split loop unless use_fwd_tail forces a form); False keeps it off. Non-causal only (a
 # causal forward ignores it).
 FWD_LAG_PV: Optional[bool] = None

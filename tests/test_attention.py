@@ -221,6 +221,10 @@ def test_forward_lagged_pv(Nq, Nkv, D, dtype):
                     outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw))
             for a, b in zip(*outs):
                 assert torch.equal(a, b), (tail, kw.keys(), (a - b).abs().max().item())
+        with A.use_fwd_tail(tail), A.use_fwd_lag(True):  # no keys at all: no block to load, zero rows
+            none = torch.zeros(2, 0, 2, D, dtype=dtype, device=DEVICE)
+            out, _ = A.attention_fwd(q, none, none, D ** -0.5, False, out=poison(torch.empty_like(q)))
+            assert torch.equal(out, torch.zeros_like(q)), tail
 
 
 def test_forward_lag_routing(monkeypatch):
