@@ -246,6 +246,35 @@ def test_forward_lag_routing(monkeypatch):
         assert (got["SPLIT_TAIL"], got["LAG_PV"]) == want, (uses, got)
 
 
+@pytest.mark.parametrize("D,dtype,Nq,Nkv", [(80, torch.float32, 37, 45), (72, torch.float16, 9, 70),
+                                             (96, torch.float32, 20, 31)])
+def test_forward_split_head_dim(D, dtype, Nq, Nkv, monkeypatch):
+    """use_head_split("split") splits the forward's head dim too (64 + 32: BLOCK_D2 > 0 at its launch; 'auto'
+    pads it): vs float64 in each loop form, lagged or not; with a mask and with dropout against the padded
+    forward (same probabilities, the dots summed in two chunks)."""
+    seen = []
+    launch_rows = A._launch_rows
+    monkeypatch.setattr(A, "_launch_rows", lambda kind, *a: seen.append((kind, a[4])) or launch_rows(kind, *a))
+    for tail, lag in ((False, False), (True, False), (False, True), (True, True)):
+        with A.use_head_split("split"), A.use_fwd_tail(tail), A.use_fwd_lag(lag):
+            _check_attention(1, Nq, Nkv, 2, D, False, dtype)
+    fwd = [c for kind, c in seen if kind == "fwd"]
+    assert fwd and all((c["BLOCK_D"], c["BLOCK_D2"]) == (64, 32) for c in fwd), fwd
+    q, k, v = _inputs(2, Nq, Nkv, 2, D, dtype)
+    mask = _masks("bias_fp32", 2, Nq, Nkv, 2, dtype, fresh_seed()).expand(2, -1, -1, -1)
+    for kw in ({"mask": mask}, {"dropout_p": 0.25, "seed": 99}):
+        outs = []
+        for mode in ("pad", "split"):
+            with A.use_head_split(mode):
+                outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw)[0])
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        assert torch.allclose(outs[0], outs[1], rtol=tol, atol=tol), (kw.keys(), (outs[0] - outs[1]).abs().max())
+    seen.clear()
+    with A.use_head_split("auto"):
+        A.attention_fwd(q, k, v, D ** -0.5, False)
+    assert seen[-1][1]["BLOCK_D2"] == 0  # 'auto': the forward pads
+
+
 def _masks(kind, B, Nq, Nkv, H, dtype, seed):
     """Attention masks as timm, HF and BEiT give them (SDPA's (B, H, Nq, Nkv) order, broadcast)."""
     g = torch.Generator().manual_seed(seed)
@@ -642,6 +671,16 @@ def test_forward_lagged_pv_gpu(B, N, H, D, cfg, autotuned):
                         atol=FP_ATOL[torch.bfloat16], name="out")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("lag", [False, True])
+@pytest.mark.parametrize("B,N,H,D", [(2, 257, 16, 80), (4, 197, 6, 72)])
+def test_forward_split_head_dim_gpu(B, N, H, D, lag, autotuned):
+    """The forward's head-dim split (use_head_split("split"): 64 + 32) on a GPU in bf16, with and without the
+    lagged P·V: packed qkv output and gradient vs float64 (2x/3x rule)."""
+    with A.use_head_split("split"), A.use_fwd_lag(lag):
+        _check_qkv(B, N, H, D, torch.bfloat16)
+
+
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
 def test_autotuner_picks_the_loop_form():
     """Where the loop form is left to the autotuner: the forward tries the split form alone at 64/128-wide key
@@ -961,6 +1000,9 @@ def test_split_dims_policy():
                                                                         (16, 0), (64, 0)]
         with A.use_head_split("pad"):
             assert A._split_dims(80) == (128, 0)
+        assert A._split_dims(80, forward=True) == (64, 32)
+    # the forward: under 'auto' FWD_SPLIT_HEAD_DIMS (none until timed), forced 'split' as the backward
+    assert A.FWD_SPLIT_HEAD_DIMS == () and A._split_dims(80, forward=True) == (128, 0)
     with pytest.raises(ValueError, match="unknown head-dim mode"):
         with A.use_head_split("halve"):
             pass
@@ -1321,7 +1363,8 @@ def test_qkv_attention_speed_sanity_gpu(autotuned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
+@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("fwd", 80, "split"),
+                                         ("fwd_rows", 80, "split"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dq", 80, "split"),
                                          ("dq", 96, "split"), ("fwd_rows", 64, "pad"), ("fwd_rows", 80, "pad"),
                                          ("dkdv_rows", 64, "pad"), ("dkdv_rows", 80, "split"), ("dq_rows", 64, "pad"),
@@ -1336,7 +1379,7 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
     kern = A._kernel(kind)
     fwd = kind.startswith("fwd")
     with A.use_head_split(mode):
-        bd = sum(A._split_dims(D)) if not fwd else A._block_d(D)
+        bd = sum(A._split_dims(D, forward=fwd))
     bad, ran = [], 0
     key = A._FWD_KEY if fwd else A._KEY
     auto = kind in A.AUTO_TAIL_KINDS  # the default launch: tile and loop form from one autotuner
