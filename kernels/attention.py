@@ -848,10 +848,11 @@ def _block_d(head_dim: int, gpu_operands: Sequence[torch.Tensor] = ()) -> int:
 # The interpreter keeps any strides (our indexing is right there).
 SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
 # The forward splits the same way (_attn_fwd, BLOCK_D2) under 'split' only, none under 'auto' until timed: its older
-# 64 + 16 split ran slower. ptxas (Triton 3.6 and 3.8, sm_90, bf16, D = 80, a loop like _attn_fwd's): 64 + 32
-# builds take fewer registers (134 vs 144 at 64x64 w4s2, 112 vs 126 at 64x32 w4s3), less shared memory (61440 vs
-# 81920 bytes; 49152 vs 65536) and fewer instructions than padding to 128; no layout conversions in the loop.
-# The bench's `[split]` rows at D = 80 time it against the default's padded forward.
+# 64 + 16 split ran slower. ptxas (Triton 3.8, sm_90, bf16, D = 80, the split key loop): 64 + 32 builds take fewer
+# registers (168 vs 177 at 64x64 w4s2, 128 vs 140 at 64x32 w4s3) and less shared memory (61440 vs 81920 bytes;
+# 49152 vs 65536) than padding to 128, no spills; a toy loop's SASS (Triton 3.6 and 3.8) has the padded one's
+# shared-memory accesses in its loop, no more. The bench's `[split]` rows at D = 80 time it against the default's
+# padded forward.
 FWD_SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
 MIN_SPLIT_CHUNK = 32
 HEAD_DIM_MODES = ("auto", "split", "pad")

@@ -182,7 +182,7 @@ def test_fuzz_attention(data):
     backward = draw(st.booleans())
     tail, rows = draw(st.booleans()), draw(st.booleans())  # the split loops and row splits (off by default)
     fused = draw(st.booleans())  # the one-kernel backward (off by default)
-    lag = draw(st.booleans())  # the forward's lagged P·V (the split loop with it)
+    lag = draw(st.booleans())  # the forward's lagged P·V (in the loop form drawn)
     with ATTN.use_head_split(head_mode), ATTN.use_fwd_tail(tail), ATTN.use_bwd_tail(tail), \
             ATTN.use_fwd_rows(rows), ATTN.use_bwd_rows(rows), ATTN.use_bwd_fused(fused), ATTN.use_fwd_lag(lag):
         if draw(st.booleans()):
