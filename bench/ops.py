@@ -84,7 +84,7 @@ GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # and 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before; [lag]:
 # the split loop with P·V one block late, forced) first,
 # [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
-# training rows ran in run 6), [split] is attention's backward default at D=80 and the forward's split, forced, [dropout]
+# training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
 # attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch], [chunks+prefetch]
 # and [padded] (LayerNorm's backward; the default lets the autotuner pick the layout and the prefetch, [padded]
 # is the default before: one padded block, no prefetch) exist with the graph timer only, whose step runs every

@@ -8,8 +8,8 @@ Kernels: forward (online softmax in fp32, exp2 with the scale folded into log2(e
 softmax statistics, (B, H, 2, Nq) fp32: see STATS); backward FA2-style: delta = rowsum(dO·O), a dK/dV
 kernel looping over query blocks and a dQ kernel looping over key blocks — no atomics, deterministic.
 Any N is masked; head dims 8..256 (multiples of 8) are padded to BLOCK_D = next power of two and masked,
-or split into two power-of-two chunks, 80 = 64 + 32, so the dots do less padded work (``use_head_split``; by
-default the backward splits 80, the forward none until timed).
+or, in the backward (``use_head_split("split")``), split into two power-of-two chunks, 80 = 64 + 32, so the
+dots do less padded work.
 Causal masking is top-left aligned (query i sees keys j <= i), as ``F.scaled_dot_product_attention``.
 Attention dropout runs in the kernels (one Philox draw per score: the three kernels draw the same mask).
 Loops whose full blocks run unmasked (``use_fwd_tail``, ``use_bwd_tail``): by default the GPU's autotuner
@@ -126,23 +126,14 @@ if HAS_TRITON:
         return Mask + (b // N_WIN) * mask_b + (b % N_WIN) * mask_w + h * mask_h
 
     @triton.jit
-    def _dev_attn_fwd_scores(q, q2, K, start_n, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, skn, skd,
-                             PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr,
-                             MASK_D: tl.constexpr):
+    def _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION: tl.constexpr,
+                             MASK_N: tl.constexpr, MASK_D: tl.constexpr):
         # q·kᵀ of key block start_n .. start_n + BLOCK_N: (BLOCK_M, BLOCK_N) unscaled logits. MASK_N: the block may
-        # run past N_KV (its keys read 0); MASK_D: BLOCK_D > HEAD_DIM (padded head dim). BLOCK_D2 > 0: the head
-        # dim's second chunk (q2, columns offs_d2, d2_ok in range) adds its share; else q2, offs_d2, d2_ok are
-        # placeholders.
+        # run past N_KV (its keys read 0); MASK_D: BLOCK_D > HEAD_DIM (padded head dim).
         cols = start_n + offs_n
-        n_ok = cols < N_KV
-        kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, n_ok[None, :], d_ok[:, None],
+        kt = _dev_load(K + cols[None, :] * skn + offs_d[:, None] * skd, (cols < N_KV)[None, :], d_ok[:, None],
                        MASK_N, MASK_D)  # (BD, BN)
-        s = tl.dot(q, kt, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            kt2 = _dev_load(K + cols[None, :] * skn + offs_d2[:, None] * skd, n_ok[None, :], d2_ok[:, None],
-                            MASK_N, True)  # (BD2, BN)
-            s = tl.dot(q2, kt2, s, input_precision=PRECISION)
-        return s
+        return tl.dot(q, kt, input_precision=PRECISION)
 
     @triton.jit
     def _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, CAUSAL: tl.constexpr,
@@ -178,83 +169,70 @@ if HAS_TRITON:
         return p, m_new, alpha, l_i
 
     @triton.jit
-    def _dev_attn_fwd_pv(acc, acc2, alpha, p, V, start_n, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, svn, svd,
-                         PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr,
-                         MASK_D: tl.constexpr):
-        # acc (BM, BD) rescaled by alpha plus p·v of key block start_n (p from _dev_attn_fwd_softmax); acc2
-        # (BM, BD2), the head dim's second chunk, likewise (BLOCK_D2 > 0; else a placeholder, returned as it came).
+    def _dev_attn_fwd_pv(acc, alpha, p, V, start_n, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION: tl.constexpr,
+                         MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+        # acc (BM, BD) rescaled by alpha plus p·v of key block start_n (p from _dev_attn_fwd_softmax).
         cols = start_n + offs_n
-        n_ok = cols < N_KV
-        v = _dev_load(V + cols[:, None] * svn + offs_d[None, :] * svd, n_ok[:, None], d_ok[None, :],
+        v = _dev_load(V + cols[:, None] * svn + offs_d[None, :] * svd, (cols < N_KV)[:, None], d_ok[None, :],
                       MASK_N, MASK_D)  # (BN, BD)
-        pv = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            v2 = _dev_load(V + cols[:, None] * svn + offs_d2[None, :] * svd, n_ok[:, None], d2_ok[None, :],
-                           MASK_N, True)  # (BN, BD2)
-            acc2 = acc2 * alpha[:, None] + tl.dot(pv, v2, input_precision=PRECISION)
-        return acc, acc2
+        return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
 
     @triton.jit
-    def _dev_attn_fwd_step(q, q2, K, V, acc, acc2, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok,
-                           N_KV, skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_D2: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p,
-                           seed, DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
-        # One key block of the online softmax: (acc (BM, BD), acc2 (BM, BD2), m_i, l_i (BM,)) updated with keys
+    def _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, N_KV,
+                           skn, skd, svn, svd, qk_scale, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                           MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
+                           DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr):
+        # One key block of the online softmax: (acc (BM, BD), m_i, l_i (BM,)) updated with keys
         # start_n .. start_n + BLOCK_N: scores, softmax, then P·V (see the three functions above).
-        s = _dev_attn_fwd_scores(q, q2, K, start_n, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, skn, skd, PRECISION,
-                                 BLOCK_D2, MASK_N, MASK_D)
+        s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
         p, m_new, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, CAUSAL,
                                                      MASK_N, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
                                                      mask_n, MASK_KIND)
-        acc, acc2 = _dev_attn_fwd_pv(acc, acc2, alpha, p, V, start_n, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, svn,
-                                     svd, PRECISION, BLOCK_D2, MASK_N, MASK_D)
-        return acc, acc2, m_new, l_i
+        acc = _dev_attn_fwd_pv(acc, alpha, p, V, start_n, offs_n, offs_d, d_ok, N_KV, svn, svd, PRECISION, MASK_N,
+                               MASK_D)
+        return acc, m_new, l_i
 
     @triton.jit
-    def _dev_attn_fwd_lagged(q, q2, K, V, acc, acc2, m_i, l_i, hi, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok,
-                             N_KV, skn, skd, svn, svd, qk_scale, PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr,
-                             MASK_N: tl.constexpr, MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed,
-                             DROPOUT: tl.constexpr, Mask, mask_m, mask_n, MASK_KIND: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
+    def _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, hi, offs_m, offs_n, offs_d, d_ok, N_KV,
+                             skn, skd, svn, svd, qk_scale, PRECISION: tl.constexpr, MASK_N: tl.constexpr,
+                             MASK_D: tl.constexpr, N_Q, bh, dropout_p, seed, DROPOUT: tl.constexpr, Mask, mask_m,
+                             mask_n, MASK_KIND: tl.constexpr, BLOCK_N: tl.constexpr):
         # The key blocks over [0, hi) (hi >= 1; MASK_N: each masked, else full blocks only, hi a multiple of
         # BLOCK_N) with each block's P·V issued one block late: block j's scores, then block j-1's P·V, then
         # block j's softmax. On Hopper the P·V wgmma then runs while the softmax's exp2 run (Triton keeps that dot
         # in flight: its A operand, p, is converted right at the dot and its accumulator is read only after the
         # next scores' wait); p (BM, BN) fp32 and alpha carry over. Same sums in the same order as
         # _dev_attn_fwd_step's loop.
-        s = _dev_attn_fwd_scores(q, q2, K, 0, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, skn, skd, PRECISION, BLOCK_D2,
-                                 MASK_N, MASK_D)
+        s = _dev_attn_fwd_scores(q, K, 0, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
         p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, 0, offs_m, offs_n, N_KV, qk_scale, False, MASK_N,
                                                    N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m, mask_n,
                                                    MASK_KIND)
         for start_n in range(BLOCK_N, hi, BLOCK_N):
-            s = _dev_attn_fwd_scores(q, q2, K, start_n, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, skn, skd, PRECISION,
-                                     BLOCK_D2, MASK_N, MASK_D)
-            acc, acc2 = _dev_attn_fwd_pv(acc, acc2, alpha, p, V, start_n - BLOCK_N, offs_n, offs_d, d_ok, offs_d2,
-                                         d2_ok, N_KV, svn, svd, PRECISION, BLOCK_D2, MASK_N, MASK_D)
+            s = _dev_attn_fwd_scores(q, K, start_n, offs_n, offs_d, d_ok, N_KV, skn, skd, PRECISION, MASK_N, MASK_D)
+            acc = _dev_attn_fwd_pv(acc, alpha, p, V, start_n - BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn, svd,
+                                   PRECISION, MASK_N, MASK_D)
             p, m_i, alpha, l_i = _dev_attn_fwd_softmax(s, m_i, l_i, start_n, offs_m, offs_n, N_KV, qk_scale, False,
                                                        MASK_N, N_Q, bh, dropout_p, seed, DROPOUT, Mask, mask_m,
                                                        mask_n, MASK_KIND)
-        acc, acc2 = _dev_attn_fwd_pv(acc, acc2, alpha, p, V, ((hi - 1) // BLOCK_N) * BLOCK_N, offs_n, offs_d, d_ok,
-                                     offs_d2, d2_ok, N_KV, svn, svd, PRECISION, BLOCK_D2, MASK_N, MASK_D)
-        return acc, acc2, m_i, l_i
+        acc = _dev_attn_fwd_pv(acc, alpha, p, V, ((hi - 1) // BLOCK_N) * BLOCK_N, offs_n, offs_d, d_ok, N_KV, svn,
+                               svd, PRECISION, MASK_N, MASK_D)
+        return acc, m_i, l_i
 
     @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
     def _attn_fwd(Q, K, V, Out, LSE,
                   sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
                   H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
                   Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, LAG_PV: tl.constexpr):
         # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, 2, Nq) fp32, each row's softmax
         # statistics in log2 units (see STATS).
-        # Head dims pad to BLOCK_D (masked; BLOCK_D2 = 0), or split as the backward's (BLOCK_D2 > 0, see
-        # SPLIT_HEAD_DIMS): columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2), the second masked, each dot
-        # in two (80 = 64 + 32: 96 columns of work instead of 128). Only under use_head_split("split") until timed
-        # (FWD_SPLIT_HEAD_DIMS): an older 64 + 16 split ran slower (H100, D = 80: 0.306 vs 0.166 ms) and 32 + 16
-        # gave wrong results at BLOCK_N >= 64 on Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt).
+        # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
+        # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
+        # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt). A 64 + 32 split, tried again, gave wrong
+        # results at D = 80 at every 64-wide key block on an H200 with Triton 3.6 (max error 0.79-1.48, right in the
+        # interpreter: bench/results/2026-11-28-h200-run4-tests/gpu_tests.log), so it was taken out again.
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
         # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
         # This launch owns query rows [row0, row0 + n_rows) (see use_fwd_rows), BLOCK_M of them a program.
@@ -291,51 +269,42 @@ if HAS_TRITON:
         m_i = tl.full([BLOCK_M], -1.0e38, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if BLOCK_D2 > 0:  # the head dim's second chunk
-            offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-            d2_ok = offs_d2 < HEAD_DIM
-            q2 = tl.load(Q + offs_m[:, None] * sqn + offs_d2[None, :] * sqd,
-                         mask=m_ok[:, None] & d2_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D2)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
-        else:  # placeholders (see _dev_attn_fwd_scores)
-            offs_d2, d2_ok, q2, acc2 = offs_d, d_ok, q, acc
-        MASK_D: tl.constexpr = BLOCK_D2 == 0 and BLOCK_D != HEAD_DIM
         if SPLIT_TAIL and not CAUSAL:
             full = (N_KV // BLOCK_N) * BLOCK_N
             if LAG_PV:
                 if full > 0:
-                    acc, acc2, m_i, l_i = _dev_attn_fwd_lagged(
-                        q, q2, K, V, acc, acc2, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV,
-                        skn, skd, svn, svd, qk_scale, PRECISION, BLOCK_D2, False, MASK_D, N_Q, pid_bh.to(tl.int64),
-                        dropout_p, seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND, BLOCK_N)
+                    acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, full, offs_m, offs_n, offs_d, d_ok,
+                                                         N_KV, skn, skd, svn, svd, qk_scale, PRECISION, False,
+                                                         BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p,
+                                                         seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND, BLOCK_N)
             else:
                 for start_n in range(0, full, BLOCK_N):
-                    acc, acc2, m_i, l_i = _dev_attn_fwd_step(
-                        q, q2, K, V, acc, acc2, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV,
-                        skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, BLOCK_D2, False, MASK_D, N_Q,
-                        pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
+                    acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                       N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, False,
+                                                       BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                       DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
             TAIL_N: tl.constexpr = BLOCK_N if BLOCK_N < 32 else 32
             offs_t = tl.arange(0, TAIL_N)
             for start_n in range(full, N_KV, TAIL_N):  # fewer than BLOCK_N / TAIL_N blocks
-                acc, acc2, m_i, l_i = _dev_attn_fwd_step(
-                    q, q2, K, V, acc, acc2, m_i, l_i, start_n, offs_m, offs_t, offs_d, d_ok, offs_d2, d2_ok, N_KV,
-                    skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_Q,
-                    pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_t, offs_d, d_ok,
+                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
+                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
         elif LAG_PV and not CAUSAL:  # every key block masked, P·V one block late
             if N_KV > 0:
-                acc, acc2, m_i, l_i = _dev_attn_fwd_lagged(
-                    q, q2, K, V, acc, acc2, m_i, l_i, N_KV, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV, skn,
-                    skd, svn, svd, qk_scale, PRECISION, BLOCK_D2, True, MASK_D, N_Q, pid_bh.to(tl.int64), dropout_p,
-                    seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND, BLOCK_N)
+                acc, m_i, l_i = _dev_attn_fwd_lagged(q, K, V, acc, m_i, l_i, N_KV, offs_m, offs_n, offs_d, d_ok, N_KV,
+                                                     skn, skd, svn, svd, qk_scale, PRECISION, True, BLOCK_D != HEAD_DIM,
+                                                     N_Q, pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m,
+                                                     mask_n, MASK_KIND, BLOCK_N)
         else:
             hi = N_KV
             if CAUSAL:
                 hi = tl.minimum(start_m + BLOCK_M, N_KV)
             for start_n in range(0, hi, BLOCK_N):
-                acc, acc2, m_i, l_i = _dev_attn_fwd_step(
-                    q, q2, K, V, acc, acc2, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok, offs_d2, d2_ok, N_KV,
-                    skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, BLOCK_D2, True, MASK_D, N_Q,
-                    pid_bh.to(tl.int64), dropout_p, seed, DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
+                acc, m_i, l_i = _dev_attn_fwd_step(q, K, V, acc, m_i, l_i, start_n, offs_m, offs_n, offs_d, d_ok,
+                                                   N_KV, skn, skd, svn, svd, qk_scale, CAUSAL, PRECISION, True,
+                                                   BLOCK_D != HEAD_DIM, N_Q, pid_bh.to(tl.int64), dropout_p, seed,
+                                                   DROPOUT, Mask, mask_m, mask_n, MASK_KIND)
 
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -343,12 +312,6 @@ if HAS_TRITON:
             out = out * (1.0 / (1.0 - dropout_p))  # (a scalar reciprocal: no division a value)
         tl.store(Out + offs_m[:, None] * son + offs_d[None, :] * sod, out.to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok[None, :])
-        if BLOCK_D2 > 0:
-            out2 = acc2 / l_safe[:, None]
-            if DROPOUT:
-                out2 = out2 * (1.0 / (1.0 - dropout_p))
-            tl.store(Out + offs_m[:, None] * son + offs_d2[None, :] * sod, out2.to(Out.dtype.element_ty),
-                     mask=m_ok[:, None] & d2_ok[None, :])
         stats = LSE + pid_bh.to(tl.int64) * 2 * N_Q + offs_m
         tl.store(stats, m_i, mask=m_ok)
         tl.store(stats + N_Q, tl.log2(l_safe), mask=m_ok)
@@ -847,21 +810,14 @@ def _block_d(head_dim: int, gpu_operands: Sequence[torch.Tensor] = ()) -> int:
 # dots in kernels of several dots, so padded head-dim blocks narrower than 64 follow the same rule (else 64).
 # The interpreter keeps any strides (our indexing is right there).
 SPLIT_HEAD_DIMS: Tuple[int, ...] = (80,)
-# The forward splits the same way (_attn_fwd, BLOCK_D2) under 'split' only, none under 'auto' until timed: its older
-# 64 + 16 split ran slower. ptxas (Triton 3.8, sm_90, bf16, D = 80, the split key loop): 64 + 32 builds take fewer
-# registers (168 vs 177 at 64x64 w4s2, 128 vs 140 at 64x32 w4s3) and less shared memory (61440 vs 81920 bytes;
-# 49152 vs 65536) than padding to 128, no spills; a toy loop's SASS (Triton 3.6 and 3.8) has the padded one's
-# shared-memory accesses in its loop, no more. The bench's `[split]` rows at D = 80 time it against the default's
-# padded forward.
-FWD_SPLIT_HEAD_DIMS: Tuple[int, ...] = ()
 MIN_SPLIT_CHUNK = 32
 HEAD_DIM_MODES = ("auto", "split", "pad")
 _head_mode: List[str] = []  # innermost use_head_split() last (a plain list: torch.compile guards on it)
 
 
 def use_head_split(mode: str) -> ContextManager[None]:
-    """Force how the kernels handle non-power-of-two head dims: 'split', 'pad' or 'auto' (the backward's
-    SPLIT_HEAD_DIMS, the forward's FWD_SPLIT_HEAD_DIMS) inside a ``with`` block."""
+    """Force how the backward kernels handle non-power-of-two head dims: 'split', 'pad' or 'auto'
+    (SPLIT_HEAD_DIMS) inside a ``with`` block. The forward always pads."""
     if mode not in HEAD_DIM_MODES:
         raise ValueError(f"unknown head-dim mode {mode!r}; expected one of {HEAD_DIM_MODES}")
     return pushed(_head_mode, mode)
@@ -969,13 +925,12 @@ def _split_aligned(*ts: torch.Tensor) -> bool:
                and t.data_ptr() % 16 == 0 for t in ts)
 
 
-def _split_dims(head_dim: int, gpu_operands: Sequence[torch.Tensor] = (), forward: bool = False) -> Tuple[int, int]:
-    """The backward's (``forward``: the forward's) (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force:
-    BLOCK_D2 = 0 means padded. ``gpu_operands``: the kernel's tensors on a GPU; a split needs them aligned
-    (_split_aligned)."""
+def _split_dims(head_dim: int, gpu_operands: Sequence[torch.Tensor] = ()) -> Tuple[int, int]:
+    """Backward (BLOCK_D, BLOCK_D2) for ``head_dim`` under the mode in force: BLOCK_D2 = 0 means padded.
+    ``gpu_operands``: the backward's tensors on a GPU; a split needs them aligned (_split_aligned)."""
     full = _block_d(head_dim, gpu_operands)
     mode = _head_mode[-1] if _head_mode else "auto"
-    if mode == "pad" or (mode == "auto" and head_dim not in (FWD_SPLIT_HEAD_DIMS if forward else SPLIT_HEAD_DIMS)):
+    if mode == "pad" or (mode == "auto" and head_dim not in SPLIT_HEAD_DIMS):
         return full, 0
     if gpu_operands and not _split_aligned(*gpu_operands):
         return full, 0
@@ -1100,7 +1055,7 @@ def _triton_auto_configs(kind: str) -> list:
 # gets its own tile (runs 5 and 6 timed [tail] with the tile the default loop had picked); where SPLIT_TAIL is
 # the autotuner's own choice (_attn_tuned_auto), it is in the configs instead.
 _KEY = ["N_BUCKET", "HEAD_DIM", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "MASK_KIND"]
-_FWD_KEY = _KEY + ["LAG_PV"]
+_FWD_KEY = [k for k in _KEY if k != "BLOCK_D2"] + ["LAG_PV"]  # the forward never splits: it has no BLOCK_D2
 KINDS = tuple(f"{base}{part}" for base in ("fwd", "dkdv", "dq") for part in ("", "_main", "_rows")) + ("fused",)
 
 
@@ -1121,6 +1076,15 @@ if HAS_TRITON and not INTERPRET:
         _triton_auto_configs(kind),
         key=[k for k in (_FWD_KEY if kind == "fwd" else _KEY) if k not in ("SPLIT_TAIL", "LAG_PV")],
         prune_configs_by={"early_config_prune": _make_prune(kind, "Q")})(_kernel(kind))) for kind in AUTO_TAIL_KINDS}
+# The forward's loop form picked without the lag (use_fwd_lag(False) with the form left to the autotuner): the
+# same configs less the lagged ones, LAG_PV (False) passed by the launch.
+_attn_tuned_auto_nolag: Dict[str, Launcher] = {}
+if HAS_TRITON and not INTERPRET:
+    _attn_tuned_auto_nolag = {"fwd": Launcher(triton.autotune(
+        [triton.Config({k: v for k, v in c.kwargs.items() if k != "LAG_PV"}, num_warps=c.num_warps,
+                       num_stages=c.num_stages) for c in _triton_auto_configs("fwd") if not c.kwargs["LAG_PV"]],
+        key=[k for k in _FWD_KEY if k != "SPLIT_TAIL"],
+        prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))}
 
 if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
@@ -1166,7 +1130,8 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
     """Launch a kernel ``kind`` (KINDS) over ``grid_rows`` program rows (keys for dK/dV) of ``bh`` heads, with
     the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config).
     ``consts["SPLIT_TAIL"]`` None: the autotuner picks the loop form too (AUTO_TAIL_KINDS), else the masked one;
-    ``consts["LAG_PV"]`` (forward kinds) None likewise, else off."""
+    ``consts["LAG_PV"]`` (forward kinds) None likewise, else off; forced off with the form the autotuner's: its
+    configs without the lag (_attn_tuned_auto_nolag)."""
     fixed = INTERPRET or _forced_tiles or not _autotune
     if consts["SPLIT_TAIL"] is None:
         consts = dict(consts)
@@ -1189,7 +1154,13 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
     def grid(meta):
         return (cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh,)
 
-    (_attn_tuned if "SPLIT_TAIL" in consts else _attn_tuned_auto)[kind](grid, args, consts)
+    if "SPLIT_TAIL" in consts:
+        tuned = _attn_tuned
+    elif consts.get("LAG_PV") is False:  # the lag forced off, the loop form the autotuner's
+        tuned = _attn_tuned_auto_nolag
+    else:
+        tuned = _attn_tuned_auto
+    tuned[kind](grid, args, consts)
 
 
 def _launch_rows(kind: str, n: int, bh: int, head: tuple, tail: tuple, consts: Dict[str, object],
@@ -1275,8 +1246,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
         split_tail = True  # a forced lag, the loop form not forced: the split loop
     elif lag is None and split_tail is not None:
         lag = False  # a forced loop form: the autotuner's configs do not carry the lag
-    bd, bd2 = _split_dims(D, gpu, forward=True)
-    consts = dict(HEAD_DIM=D, BLOCK_D=bd, BLOCK_D2=bd2, CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
+    consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
                   SPLIT_TAIL=split_tail, DROPOUT=dropout_p > 0.0, MASK_KIND=_mask_kind(mask), LAG_PV=lag)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
     tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
@@ -2025,10 +1995,14 @@ def _aot_specs() -> List[AotSpec]:
         for kind in ("fwd", "fwd_rows", "dkdv", "dkdv_rows", "dq", "dq_rows", "fused"):  # (_main: theirs)
             kern = _kernel(kind)
             fwd = kind.startswith("fwd")
-            bd1, bd2 = split
+            if fwd and mode == "split":
+                continue  # the forward always pads: its specs come from the 'pad' cases
+            bd1, bd2 = split if not fwd else (_block_d(d), 0)
             tag = f"D={d}{'=' + str(bd1) + '+' + str(bd2) if bd2 else ''}"
             sig, consts = _aot_signature(kern, "*" + ty)
-            consts.update(HEAD_DIM=d, BLOCK_D=bd1, BLOCK_D2=bd2, CAUSAL=causal, PRECISION=prec)
+            consts.update(HEAD_DIM=d, BLOCK_D=bd1, CAUSAL=causal, PRECISION=prec)
+            if not fwd:
+                consts["BLOCK_D2"] = bd2
             consts["MASK_KIND"] = 0
             if fwd:
                 consts["LAG_PV"] = False  # the lagged P·V: below

@@ -246,35 +246,6 @@ def test_forward_lag_routing(monkeypatch):
         assert (got["SPLIT_TAIL"], got["LAG_PV"]) == want, (uses, got)
 
 
-@pytest.mark.parametrize("D,dtype,Nq,Nkv", [(80, torch.float32, 37, 45), (72, torch.float16, 9, 70),
-                                             (96, torch.float32, 20, 31)])
-def test_forward_split_head_dim(D, dtype, Nq, Nkv, monkeypatch):
-    """use_head_split("split") splits the forward's head dim too (64 + 32: BLOCK_D2 > 0 at its launch; 'auto'
-    pads it): vs float64 in each loop form, lagged or not; with a mask and with dropout against the padded
-    forward (same probabilities, the dots summed in two chunks)."""
-    seen = []
-    launch_rows = A._launch_rows
-    monkeypatch.setattr(A, "_launch_rows", lambda kind, *a: seen.append((kind, a[4])) or launch_rows(kind, *a))
-    for tail, lag in ((False, False), (True, False), (False, True), (True, True)):
-        with A.use_head_split("split"), A.use_fwd_tail(tail), A.use_fwd_lag(lag):
-            _check_attention(1, Nq, Nkv, 2, D, False, dtype)
-    fwd = [c for kind, c in seen if kind == "fwd"]
-    assert fwd and all((c["BLOCK_D"], c["BLOCK_D2"]) == (64, 32) for c in fwd), fwd
-    q, k, v = _inputs(2, Nq, Nkv, 2, D, dtype)
-    mask = _masks("bias_fp32", 2, Nq, Nkv, 2, dtype, fresh_seed()).expand(2, -1, -1, -1)
-    for kw in ({"mask": mask}, {"dropout_p": 0.25, "seed": 99}):
-        outs = []
-        for mode in ("pad", "split"):
-            with A.use_head_split(mode):
-                outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=poison(torch.empty_like(q)), **kw)[0])
-        tol = 1e-5 if dtype == torch.float32 else 2e-3
-        assert torch.allclose(outs[0], outs[1], rtol=tol, atol=tol), (kw.keys(), (outs[0] - outs[1]).abs().max())
-    seen.clear()
-    with A.use_head_split("auto"):
-        A.attention_fwd(q, k, v, D ** -0.5, False)
-    assert seen[-1][1]["BLOCK_D2"] == 0  # 'auto': the forward pads
-
-
 def _masks(kind, B, Nq, Nkv, H, dtype, seed):
     """Attention masks as timm, HF and BEiT give them (SDPA's (B, H, Nq, Nkv) order, broadcast)."""
     g = torch.Generator().manual_seed(seed)
@@ -663,22 +634,14 @@ def test_forward_lagged_pv_gpu(B, N, H, D, cfg, autotuned):
     if cfg is None:
         with A.use_fwd_lag(True):
             _check_qkv(B, N, H, D, torch.bfloat16)
+        with A.use_fwd_lag(False):  # forced off, the loop form the autotuner's (_attn_tuned_auto_nolag)
+            _check_qkv(B, N, H, D, torch.bfloat16)
         return
     qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
     with A.use_fwd_lag(True), A.use_tile_config(cfg), torch.no_grad():
         out = qkv_attention(qkv, H, backend="triton")
     assert_close_to_ref(out, A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H),
                         atol=FP_ATOL[torch.bfloat16], name="out")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("lag", [False, True])
-@pytest.mark.parametrize("B,N,H,D", [(2, 257, 16, 80), (4, 197, 6, 72)])
-def test_forward_split_head_dim_gpu(B, N, H, D, lag, autotuned):
-    """The forward's head-dim split (use_head_split("split"): 64 + 32) on a GPU in bf16, with and without the
-    lagged P·V: packed qkv output and gradient vs float64 (2x/3x rule)."""
-    with A.use_head_split("split"), A.use_fwd_lag(lag):
-        _check_qkv(B, N, H, D, torch.bfloat16)
 
 
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
@@ -755,6 +718,9 @@ def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
     A._launch("fwd", 10, 2, args, dict(lag, SPLIT_TAIL=True, LAG_PV=True))
     assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True, LAG_PV=True))
     assert lag["LAG_PV"] is None
+    monkeypatch.setattr(A, "_attn_tuned_auto_nolag", {"fwd": Rec("nolag")})  # use_fwd_lag(False), the form left
+    A._launch("fwd", 10, 2, args, dict(lag, LAG_PV=False))  # to the autotuner: its configs without the lag
+    assert calls.pop() == ("nolag", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False, LAG_PV=False))
     launched = []
 
     class Kern:
@@ -1000,9 +966,6 @@ def test_split_dims_policy():
                                                                         (16, 0), (64, 0)]
         with A.use_head_split("pad"):
             assert A._split_dims(80) == (128, 0)
-        assert A._split_dims(80, forward=True) == (64, 32)
-    # the forward: under 'auto' FWD_SPLIT_HEAD_DIMS (none until timed), forced 'split' as the backward
-    assert A.FWD_SPLIT_HEAD_DIMS == () and A._split_dims(80, forward=True) == (128, 0)
     with pytest.raises(ValueError, match="unknown head-dim mode"):
         with A.use_head_split("halve"):
             pass
@@ -1363,8 +1326,7 @@ def test_qkv_attention_speed_sanity_gpu(autotuned):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("fwd", 80, "split"),
-                                         ("fwd_rows", 80, "split"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
+@pytest.mark.parametrize("kind,D,mode", [("fwd", 40, "pad"), ("fwd", 80, "pad"), ("dkdv", 80, "pad"), ("dq", 80, "pad"),
                                          ("dkdv", 80, "split"), ("dkdv", 96, "split"), ("dq", 80, "split"),
                                          ("dq", 96, "split"), ("fwd_rows", 64, "pad"), ("fwd_rows", 80, "pad"),
                                          ("dkdv_rows", 64, "pad"), ("dkdv_rows", 80, "split"), ("dq_rows", 64, "pad"),
@@ -1379,7 +1341,7 @@ def test_every_config_gpu(kind, D, mode, monkeypatch, autotuned):
     kern = A._kernel(kind)
     fwd = kind.startswith("fwd")
     with A.use_head_split(mode):
-        bd = sum(A._split_dims(D, forward=fwd))
+        bd = sum(A._split_dims(D)) if not fwd else A._block_d(D)
     bad, ran = [], 0
     key = A._FWD_KEY if fwd else A._KEY
     auto = kind in A.AUTO_TAIL_KINDS  # the default launch: tile and loop form from one autotuner
