@@ -702,6 +702,7 @@ def test_aot_specs_cover_launch_configs():
     # ~16 elements a thread among them, where the default has ~8 (more bytes in flight per thread)
     assert (4, 4) in L._fwd_choices(512) and (1, 4) in L._fwd_choices(2048) and (1, 4) in L._bwd_choices(2048)
     assert (8, 8) in L._fwd_choices(512) and (8, 8) in L._bwd_choices(512)  # and twice the tile at D = 384
+    assert (4, 4) in L._fwd_choices(1024) and (8, 4) in L._fwd_choices(512)  # and ~32 in the forward
     # the backward's column chunks (use_ln_chunks) at ViT's widths: every choice of the padded block
     with L.use_ln_chunks(True):
         for d in (192, 384, 768, 1280):
