@@ -552,14 +552,13 @@ def _fwd_grid(m: int, meta: dict) -> Tuple[int]:
 # device-time rows (2026-11-26-h100-run5/ops-graph.csv) put the widths that pad most, D = 384 and 1280,
 # furthest from copy bandwidth; in run 6 (-run6/ops-graph.csv) the half-warp TILE was picked there and the
 # forward reached 85-99%, the backward (fwd+bwd 62-88%) not, hence 2·TILE at half the warps too. The forward
-# tries 2·TILE at a quarter of the warps too (~32 elements a thread): H200 run 4 put plain LayerNorm's forward at
-# 68-72% of copy bandwidth at D = 384, 768 and 1280, where the fused add, twice the bytes a tile, met 90-98% at
-# the same tiles (2026-11-28-h200-run4/targets.txt; ops-graph.json's notes: D = 768's pick 2 rows of 1024 lanes
-# at 4 warps both), and its D = 768 took 1.07x D = 1024's time for 0.75x the bytes: bound by bytes in flight an
-# SM, which registers cap (ptxas, sm_90, bf16, D = 768: 42 registers a thread at 2 rows, ~10 programs an SM,
-# 30 KB of x in flight; 70 at 4 rows, 7 programs, 43 KB). The backward
-# keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend on the choice), so its
-# ROWS must divide that. The interpreter runs the default.
+# tries 2·TILE at a quarter of the warps too (~32 elements a thread): H200 run 4 put plain LayerNorm's forward
+# further from copy bandwidth than the fused add (twice the bytes a tile) at every width, at D = 768 and 1280 on
+# the same tile (2026-11-28-h200-run4/targets.txt; the picks in ops-graph.json's notes), and its D = 768 took
+# about D = 1024's time for 3/4 of the bytes: bound by bytes in flight an SM, which registers cap (ptxas, sm_90,
+# bf16, D = 768: 42 registers a thread at 2 rows, ~10 programs an SM, 30 KB of x in flight; 70 at 4 rows, 7
+# programs, 43 KB). The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not
+# depend on the choice), so its ROWS must divide that. The interpreter runs the default.
 
 def _gpu_rows_per_prog(rows: int) -> int:
     """Backward rows per program on a GPU for the default ROWS ``rows`` (the grid does not depend on the config)."""
