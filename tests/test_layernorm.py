@@ -823,6 +823,34 @@ def test_forward_column_chunks_gpu(d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("d", [384, 768])
+def test_every_forward_tile_gpu(d, monkeypatch):
+    """Each one-tile config of the forward's autotuner at this width (both layouts, every (ROWS, warps) choice),
+    launched alone in bf16: LN and the fused add against float64."""
+    import triton
+
+    from flashvit.kernels._dispatch import Launcher
+    lead, dt = (8, 197), torch.bfloat16  # (below PIPE_MIN_ROWS: the one-tile autotuner)
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    configs = L._auto_fwd_prune(L._auto_fwd_configs((0,)), {"N": d})
+    assert {(c.kwargs["ROWS"], c.num_warps) for c in configs} == set(L._fwd_choices(L._config(d)[0]))
+    bad = []
+    for cfg in configs:
+        monkeypatch.setattr(L, "_ln_fwd_tuned_auto_one", Launcher(triton.autotune([cfg], key=["N", "HAS_RES"])(
+            L._ln_fwd_kernel)))
+        try:
+            _compare(lambda x, w, b: L.layer_norm(x, w, b, backend=TRITON),
+                     lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
+            _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+                     lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+        except AssertionError as e:
+            bad.append((str(cfg), str(e).splitlines()[0][:160]))
+    assert configs and not bad, bad
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("d,chunks", [(384, False), (768, False), (768, True), (1024, False), (1280, True)])
 def test_backward_prefetch_gpu(d, chunks):
     """The backward's next-rows prefetch (use_ln_prefetch, the graph bench's [prefetch] rows) in bf16, autotuned,
