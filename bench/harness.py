@@ -607,9 +607,13 @@ def table(rows: List[Row], suite: str) -> str:
     return format_table(head, body)
 
 
+TIMED_NOTE = "timed "  # the part of a note listing every config an autotuner timed (ops.note_new_picks): files only
+
+
 def _status_cell(r: Row) -> str:
     if r.status == "ok":
-        return "ok" + (f" ({r.note})" if r.note else "")
+        note = r.note.split("; " + TIMED_NOTE, 1)[0] if not r.note.startswith(TIMED_NOTE) else ""
+        return "ok" + (f" ({note})" if note else "")
     why = r.error or r.note
     return r.status + (f": {why[:90]}" if why else "")
 

@@ -385,7 +385,7 @@ def run_row(impl: str, name: str, mode: str, ctx: MCtx) -> Callable[[Row], None]
         if profile_note:
             row.note = "; ".join(filter(None, (row.note, profile_note)))
         if dev.type == "cuda":  # the configs this row's first step picked (rows share a process and its picks)
-            note_new_picks(row, before)
+            note_new_picks(row, before, timings=False)  # (the op rows time the alternatives)
 
     return run
 

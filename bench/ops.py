@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashvit.bench.harness import Job, Row, dtype_name, time_fn
+from flashvit.bench.harness import TIMED_NOTE, Job, Row, dtype_name, time_fn
 
 ATTN_FWD_BWD_FACTOR = 3.5  # fwd (1) + bwd (2.5)
 # the default families; also: swiglu (SwiGLU's gate) and rope (RoPE attention), out of the default so GPU runs
@@ -223,18 +223,68 @@ def _tuners() -> List[Tuple[str, Any]]:
     return out
 
 
+_TIMINGS = "timings"  # autotune_picks()'s entry (name, _TIMINGS): which timings its autotuner holds now
+MAX_TIMED_NOTED = 24  # a tuning note's alternatives at most (the fastest)
+
+
+def _fmt_config(c: Any) -> str:
+    return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
+
+
 def autotune_picks() -> Dict[Tuple[str, Any], str]:
-    """{(autotuner, key): the config it picked}, for every key our autotuners have seen in this process."""
-    def fmt(c: Any) -> str:
-        return ",".join(f"{k}={v}" for k, v in c.kwargs.items()) + f",w{c.num_warps},s{c.num_stages}"
-    return {(name, key): fmt(cfg) for name, t in _tuners() for key, cfg in list(t.cache.items())}
+    """{(autotuner, key): the config it picked}, for every key our autotuners have seen in this process; and
+    {(autotuner, _TIMINGS): the identity of its last tuning's timings} (a tuning makes a new dict)."""
+    out: Dict[Tuple[str, Any], str] = {}
+    for name, t in _tuners():
+        out.update({(name, key): _fmt_config(cfg) for key, cfg in list(t.cache.items())})
+        out[(name, _TIMINGS)] = str(id(getattr(t, "configs_timings", None)))
+    return out
 
 
-def note_new_picks(row: Row, before: Dict[Tuple[str, Any], str]) -> None:
-    """Add to ``row.note`` what the autotuners picked for keys first seen since ``before`` (autotune_picks())."""
-    picks = sorted({f"{name}: {cfg}" for (name, key), cfg in autotune_picks().items() if (name, key) not in before})
+def _median_ms(t: Any) -> float:
+    """An autotuner timing as one number: do_bench's (median, p20, p80) list, or a float."""
+    v = t[0] if isinstance(t, (list, tuple)) and t else t
+    return float(v) if isinstance(v, (int, float)) else float("inf")
+
+
+def tuning_note(name: str, tuner: Any, pick: str) -> str:
+    """Every config the autotuner timed in its last tuning, slowest last, as its time over the best's and the
+    parameters it differs in from the best (the best must be ``pick``); "" without two timings."""
+    timings = getattr(tuner, "configs_timings", None)  # (a list where Triton read it from its disk cache)
+    ms = {c: _median_ms(t) for c, t in timings.items()} if isinstance(timings, dict) else {}
+    ok = sorted((c for c in ms if ms[c] < float("inf")), key=ms.get)
+    if len(ok) < 2 or _fmt_config(ok[0]) != pick or ms[ok[0]] <= 0:
+        return ""
+
+    def items(c: Any) -> Dict[str, str]:
+        return {**{k: f"{k}={v}" for k, v in c.kwargs.items()}, "w": f"w{c.num_warps}", "s": f"s{c.num_stages}"}
+    best = items(ok[0])
+    alts = [f"+{100 * (ms[c] / ms[ok[0]] - 1):.1f}% " + (",".join(v for k, v in items(c).items() if best.get(k) != v)
+                                                      or "(same)") for c in ok[1:MAX_TIMED_NOTED + 1]]
+    if len(ok) > MAX_TIMED_NOTED + 1:
+        alts.append(f"{len(ok) - 1 - MAX_TIMED_NOTED} slower not listed")
+    failed = f", {len(ms) - len(ok)} failed" if len(ms) > len(ok) else ""
+    return f"{name}: {len(ok)} timed{failed}, best {ms[ok[0]]:.4g} ms; " + "; ".join(alts)
+
+
+def note_new_picks(row: Row, before: Dict[Tuple[str, Any], str], timings: bool = True) -> None:
+    """Add to ``row.note`` what the autotuners picked for keys first seen since ``before`` (autotune_picks()),
+    and (``timings``) for each autotuner that timed configs since then, how the others it timed compared
+    (tuning_note; with several new keys, its last one's)."""
+    now = autotune_picks()
+    new = {k: cfg for k, cfg in now.items() if k[1] != _TIMINGS and k not in before}
+    picks = sorted({f"{name}: {cfg}" for (name, _), cfg in new.items()})
+    parts = [row.note] if row.note else []
     if picks:
-        row.note = "; ".join(([row.note] if row.note else []) + ["autotuned " + " | ".join(picks)])
+        parts.append("autotuned " + " | ".join(picks))
+    timed_ = []
+    for name, tuner in _tuners() if timings else ():
+        last = [cfg for (n, _), cfg in new.items() if n == name]  # (insertion order: the last tuned last)
+        if last and now.get((name, _TIMINGS)) != before.get((name, _TIMINGS)):
+            timed_.append(tuning_note(name, tuner, last[-1]))
+    if any(timed_):
+        parts.append(TIMED_NOTE + " | ".join(t for t in timed_ if t))
+    row.note = "; ".join(parts)
 
 
 def timed(forward_factory: Callable[[], Tuple[Callable[..., Any], Sequence[torch.Tensor]]],

@@ -613,6 +613,58 @@ def test_autotune_picks_name_our_tuners_and_their_configs():
         del tuner.cache[key]
 
 
+def test_tuning_note_ranks_every_timed_config():
+    """A row that tuned a key also notes how every other config the autotuner timed compared: its time over the
+    best's and the parameters it differs in; failed configs counted; stale or foreign timings ignored."""
+    import triton
+
+    def cfg(bn, w, lag=False):
+        return triton.Config({"BLOCK_N": bn, "LAG_PV": lag}, num_warps=w, num_stages=3)
+    a, b, c, d = cfg(64, 4), cfg(64, 4, True), cfg(32, 8), cfg(128, 8)
+    tuner = type("T", (), {})()
+    tuner.configs_timings = {b: [0.0105, 0.0104, 0.0106], a: [0.01, 0.0099, 0.0101], c: 0.0123,
+                             d: [float("inf")] * 3}
+    note = ops.tuning_note("attn", tuner, "BLOCK_N=64,LAG_PV=False,w4,s3")
+    assert note == ("attn: 3 timed, 1 failed, best 0.01 ms; +5.0% LAG_PV=True; +23.0% BLOCK_N=32,w8")
+    assert ops.tuning_note("attn", tuner, "BLOCK_N=32,LAG_PV=False,w8,s3") == ""  # not these timings' best
+    tuner.configs_timings = [({"kwargs": {}}, [0.01] * 3)]  # (Triton's disk cache: a list) no note
+    assert ops.tuning_note("attn", tuner, "BLOCK_N=64,LAG_PV=False,w4,s3") == ""
+    tuner.configs_timings = {a: [0.01] * 3}
+    assert ops.tuning_note("attn", tuner, "BLOCK_N=64,LAG_PV=False,w4,s3") == ""  # nothing to compare
+    many = {cfg(16 * (i + 1), 4): [0.01 * (1 + i / 100)] * 3 for i in range(ops.MAX_TIMED_NOTED + 3)}
+    tuner.configs_timings = many
+    note = ops.tuning_note("attn", tuner, "BLOCK_N=16,LAG_PV=False,w4,s3")
+    assert note.count("%") == ops.MAX_TIMED_NOTED and note.endswith("; 2 slower not listed")
+    # through note_new_picks: only a tuner whose timings changed since `before`, for its new key's pick
+    names = dict(ops._tuners())
+    gemm = names["GEMM_TUNED[90,16]"]
+    key, saved = ("test-only key",), getattr(gemm, "configs_timings", None)
+    before = ops.autotune_picks()
+    pick = triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3)
+    other = triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_warps=4, num_stages=4)
+    gemm.cache[key] = pick
+    gemm.configs_timings = {pick: [0.5] * 3, other: [0.6] * 3}
+    try:
+        row = harness.Row("ops", "gemm", {"M": 1}, "bf16", "fwd", "flashvit")
+        ops.note_new_picks(row, before)
+        assert row.note == ("autotuned GEMM_TUNED[90,16]: BLOCK_M=128,BLOCK_N=256,w8,s3; "
+                            "timed GEMM_TUNED[90,16]: 2 timed, best 0.5 ms; +20.0% BLOCK_M=64,w4,s4")
+        row2 = harness.Row("ops", "gemm", {"M": 1}, "bf16", "fwd", "flashvit")
+        ops.note_new_picks(row2, ops.autotune_picks())  # nothing tuned since: no note
+        assert row2.note == ""
+        row.status = "ok"  # the printed table leaves the timings to the files
+        assert harness._status_cell(row) == "ok (autotuned GEMM_TUNED[90,16]: BLOCK_M=128,BLOCK_N=256,w8,s3)"
+        row3 = harness.Row("model", "m", {"batch": 1}, "bf16", "train", "flashvit")
+        ops.note_new_picks(row3, before, timings=False)  # (model rows: the picks alone)
+        assert row3.note == "autotuned GEMM_TUNED[90,16]: BLOCK_M=128,BLOCK_N=256,w8,s3"
+    finally:
+        del gemm.cache[key]
+        if saved is None:
+            del gemm.configs_timings
+        else:
+            gemm.configs_timings = saved
+
+
 def test_gemm_variants_cover_every_gemm_path():
     lin = importlib.import_module("flashvit.kernels.linear")
     labels = [label for label, _ in ops.gemm_variants()]
