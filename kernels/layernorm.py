@@ -579,12 +579,13 @@ def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
 
 
 def _pipe_choices(fwd: bool, block_n: int) -> List[Tuple[int, int]]:
-    """(ROWS, warps) of the pipelined loops (PIPE): a TILE-element step at ~8 elements a thread, and for the
-    backward ~16 too (the forward tries two depths instead)."""
-    rows = max(1, TILE // block_n)
-    if fwd:  # (ptxas, sm_90, bf16: ~16 elements a thread took 72-96 registers in the pipelined forward)
-        return [(rows, _warps(rows, block_n, 16))]
-    return list(dict.fromkeys([(rows, _warps(rows, block_n, 32)), (rows, _warps(rows, block_n // 2, 32))]))
+    """(ROWS, warps) of the pipelined loops (PIPE): a TILE-element step at ~8 and at ~16 elements a thread."""
+    # The forward's ~16 since H200 run 4, whose autotuner never picked the pipelined forward (its notes in
+    # 2026-11-28-h200-run4/ops-graph.json), then only at ~8: D = 768's 2 rows at 8 warps (ptxas and SASS, Triton
+    # 3.8, sm_90, bf16, depth 3: 48 registers a thread, 5 programs an SM, 10 barriers a tile); at 4 warps 72
+    # registers, 7 programs, 6 barriers (depth 5: 80, 6, 8), so more tiles in flight an SM. Not yet timed.
+    rows, cap = max(1, TILE // block_n), 16 if fwd else 32
+    return list(dict.fromkeys([(rows, _warps(rows, block_n, cap)), (rows, _warps(rows, block_n // 2, cap))]))
 
 
 def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
