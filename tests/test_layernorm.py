@@ -823,10 +823,11 @@ def test_forward_column_chunks_gpu(d):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("d", [384, 768])
-def test_every_forward_tile_gpu(d, monkeypatch):
+@pytest.mark.parametrize("d,pipes", [(384, False), (768, True)])
+def test_every_forward_tile_gpu(d, pipes, monkeypatch):
     """Each one-tile config of the forward's autotuner at this width (both layouts, every (ROWS, warps) choice),
-    launched alone in bf16: LN and the fused add against float64."""
+    and (``pipes``) each pipelined one, launched alone in bf16 (rows not a multiple of a program's): LN and the
+    fused add against float64."""
     import triton
 
     from flashvit.kernels._dispatch import Launcher
@@ -834,8 +835,11 @@ def test_every_forward_tile_gpu(d, monkeypatch):
     x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
     w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
     gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
-    configs = L._auto_fwd_prune(L._auto_fwd_configs((0,)), {"N": d})
-    assert {(c.kwargs["ROWS"], c.num_warps) for c in configs} == set(L._fwd_choices(L._config(d)[0]))
+    configs = L._auto_fwd_prune(L._auto_fwd_configs() if pipes else L._auto_fwd_configs((0,)), {"N": d})
+    block = L._config(d)[0]
+    assert {(c.kwargs["ROWS"], c.num_warps) for c in configs if not c.kwargs["PIPE"]} == set(L._fwd_choices(block))
+    assert {(c.kwargs["ROWS"], c.num_warps) for c in configs if c.kwargs["PIPE"]} == (
+        set(L._pipe_choices(True, block)) if pipes else set())
     bad = []
     for cfg in configs:
         monkeypatch.setattr(L, "_ln_fwd_tuned_auto_one", Launcher(triton.autotune([cfg], key=["N", "HAS_RES"])(
