@@ -612,7 +612,7 @@ TIMED_NOTE = "timed "  # the part of a note listing every config an autotuner ti
 
 def _status_cell(r: Row) -> str:
     if r.status == "ok":
-        note = r.note.split("; " + TIMED_NOTE, 1)[0] if not r.note.startswith(TIMED_NOTE) else ""
+        note = r.note.split("; " + TIMED_NOTE, 1)[0]  # (the picks come first: a timed part follows them)
         return "ok" + (f" ({note})" if note else "")
     why = r.error or r.note
     return r.status + (f": {why[:90]}" if why else "")
