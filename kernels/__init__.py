@@ -31,7 +31,7 @@ from flashvit.kernels.patch_embed import PatchEmbed, patch_embed, patch_embed_re
 from flashvit.kernels.rope import apply_rope, rope_reference
 
 # The op modules whose kernels the ahead-of-time compile gate covers.
-OP_MODULES = ("layernorm", "attention", "linear", "patch_embed", "glu", "rope")
+OP_MODULES = ("layernorm", "attention", "linear", "patch_embed", "glu", "rope", "colsum")
 
 __all__ = [
     "BACKENDS", "HAS_TRITON", "INTERPRET", "get_backend", "use_backend",

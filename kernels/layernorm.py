@@ -6,7 +6,7 @@ PyTorch reference -> public functionals and an ``nn.LayerNorm``-compatible modul
 Kernels work on a (M, D) view: M = prod(leading dims), rows addressed by a row stride, last dim unit-stride.
 Statistics are fp32; mean and rstd (M,) are saved for the backward. dweight/dbias are reduced
 deterministically: each backward program sums its own contiguous block of rows into a (G, D) fp32 partial,
-then torch.sum adds the G partials in a fixed order (no atomics: bit-equal run to run).
+then kernels/colsum.py adds the G partials in a fixed order (no atomics: bit-equal run to run).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from flashvit.kernels._dispatch import (
     triton,
     use_triton,
 )
+from flashvit.kernels.colsum import colsum_partials
 
 # Under the 'auto' backend on CUDA, run these kernels or eager PyTorch? Earlier runs (H200 run1/run2, H100
 # run3 + diag) found the calls host-bound (~55 us of CPU per Triton launch); launches now go through
@@ -869,8 +870,7 @@ def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     else:
         _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), PIPE=fixed_pipe,
                                        **consts))
-    # (n, G, D) fp32 partials -> (n, D): torch's CUDA sum has a fixed reduction order (deterministic).
-    return dx, partial.sum(dim=1)
+    return dx, colsum_partials(partial)  # (n, G, D) fp32 partials -> (n, D), in a fixed order
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from flashvit.kernels._dispatch import (
     sm_count,
     use_triton,
 )
+from flashvit.kernels.colsum import colsum_partials
 
 if HAS_TRITON:
     import triton
@@ -1216,7 +1217,7 @@ def _dact_colsum(dy: torch.Tensor, z: Optional[torch.Tensor], act: int, write_dz
                             dict(ACT=act, WRITE_DZ=write_dz, COLSUM=colsum), dict(PIPE=DACT_PIPE_PLAIN))
     else:
         part.zero_()
-    return dz, (part.sum(0) if colsum else None)
+    return dz, (colsum_partials(part) if colsum else None)
 
 
 def dact_partition(M: int, N: int) -> Tuple[int, int]:
@@ -1289,7 +1290,7 @@ def linear_dact_bwd(dy: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, act
                  tma=path == "tma")
     if part is None:
         return dz, dy.new_empty(0, dtype=torch.float32)
-    return dz, part.sum(0)  # M = 0: part has no rows, the sums are zeros
+    return dz, colsum_partials(part)  # M = 0: part has no rows, the sums are zeros
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""Column sums of fp32 partial rows, in a fixed order: the second half of our deterministic weight reductions.
+
+The LayerNorm backward (dweight, dbias) and the MLP's dZ pass (fc1's bias gradient) write one fp32 row of column
+sums per program, (B, G, N), and need their sum over G without atomics, bit-equal run to run. torch's sum over
+that middle dim was slow for a few MB a call: in patched ViT-B/16 training at batch 128, H100 run 8
+(bench/results/2026-11-28-h100-run8/profile/steps_vit_base_patch16_224_train_timm_flashvit.patch.txt), 27 fp32
+reduce_kernel calls took 0.429 ms a step next to 1.439 ms for the 25 LayerNorm backward kernels whose partials
+they summed; H200 run 3 with the dZ pass's sums too (-h200-run3/profile/..._block=bias_.txt): 51 calls, 1.085 ms.
+Here each program owns BLOCK_N columns of one of the B sums and streams all G rows through a pipelined loop
+(cp.async on sm_80+), so many rows are in flight a program.
+
+Order: a program adds row g into accumulator row g mod BLOCK_G, in increasing g, then reduces the BLOCK_G
+accumulator rows with one tl.sum. The order depends on (BLOCK_G, BLOCK_N, num_warps), which depend only on the
+shape (_config), so the same shape sums the same way every call.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from flashvit.kernels._aot import AotSpec, runtime_spec
+from flashvit.kernels._dispatch import HAS_TRITON, INTERPRET, Launcher, cdiv, tl, triton
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _colsum_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        # P: (B, G, N) fp32, contiguous; OUT: (B, N) fp32. Program (j, b): columns [j·BLOCK_N, (j+1)·BLOCK_N) of
+        # sum b. 64-bit offsets: B·G·N may pass 2^31 where G·N does not.
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c_ok = cols < N
+        base = P + b * G * N
+        acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+        for g0 in tl.range(0, G, BLOCK_G, num_stages=STAGES):
+            rows = g0 + tl.arange(0, BLOCK_G)
+            acc += tl.load(base + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                           mask=(rows < G)[:, None] & c_ok[None, :], other=0.0)
+        tl.store(OUT + b * N + cols, tl.sum(acc, axis=0), mask=c_ok)
+
+
+# (BLOCK_G, BLOCK_N, num_warps, stages). GPU: 16 columns (64-byte row pieces) so that even ViT-S's LayerNorm sums
+# (B = 2, N = 384) make 48 programs; 128 x 16 x 4 B = 8 KiB a stage, 4 stages in flight a program (~32 KiB of
+# shared memory). The interpreter: wider blocks, fewer programs (its cost is per program and per step).
+GPU_CONFIG = (128, 16, 4, 4)
+INTERPRET_CONFIG = (64, 128, 4, 1)
+
+
+def _config() -> Tuple[int, int, int, int]:
+    return INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
+
+
+if HAS_TRITON:
+    _COLSUM = Launcher(_colsum_kernel)
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output allocation (tests swap it for a NaN-filled one to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def colsum_reference(part: torch.Tensor) -> torch.Tensor:
+    """``part.sum(-2)``: the same sums in torch's order (CPU without Triton; the tests' oracle in float64)."""
+    return part.sum(-2)
+
+
+def colsum_partials(part: torch.Tensor) -> torch.Tensor:
+    """Sum (G, N) or (B, G, N) fp32 partial rows over G: (N,) or (B, N) fp32, deterministically (module doc).
+
+    ``part`` must be contiguous fp32. On CUDA (and under TRITON_INTERPRET) the Triton kernel runs; elsewhere
+    torch's sum. G = 0 gives zeros."""
+    if not isinstance(part, torch.Tensor) or part.dtype != torch.float32 or part.dim() not in (2, 3):
+        raise TypeError("colsum_partials takes a (G, N) or (B, G, N) float32 tensor, got "
+                        f"{type(part).__name__ if not isinstance(part, torch.Tensor) else (part.dtype, tuple(part.shape))}")
+    if not part.is_contiguous():
+        raise ValueError(f"colsum_partials needs contiguous partial rows, got strides {part.stride()}")
+    if not HAS_TRITON or not (part.is_cuda or INTERPRET):
+        return colsum_reference(part)
+    p3 = part if part.dim() == 3 else part.unsqueeze(0)
+    b, g, n = p3.shape
+    out = _empty((b, n), torch.float32, part.device)
+    if b and n:
+        bg, bn, warps, stages = _config()
+        _COLSUM((cdiv(n, bn), b), (p3, out, g, n), dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages, num_warps=warps,
+                                                        num_stages=stages))
+    return out if part.dim() == 3 else out[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile gate: the GPU config, with N divisible by 16 (every ViT width) and not.
+
+
+def _aot_specs() -> List[AotSpec]:
+    if not HAS_TRITON:
+        return []
+    bg, bn, warps, stages = GPU_CONFIG
+    sig = {"P": "*fp32", "OUT": "*fp32", "G": "i32", "N": "i32", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr",
+           "STAGES": "constexpr"}
+    consts = dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages)
+    return [runtime_spec(_colsum_kernel, sig, consts, warps, stages, f"colsum[N{'%16' if div else ''}]",
+                         div16=("N",) if div else ()) for div in (True, False)]
+
+
+AOT_SPECS: List[AotSpec] = _aot_specs()
