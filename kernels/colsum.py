@@ -27,8 +27,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _colsum_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-        # P: (B, G, N) fp32, contiguous; OUT: (B, N) fp32. Program (j, b): columns [j·BLOCK_N, (j+1)·BLOCK_N) of
-        # sum b. 64-bit offsets: B·G·N may pass 2^31 where G·N does not.
+        # P: (B, G, N) fp32, contiguous; OUT: (B, N), fp32 or the caller's dtype (the sums rounded once, at the
+        # store). Program (j, b): columns [j·BLOCK_N, (j+1)·BLOCK_N) of sum b. 64-bit offsets: B·G·N may pass 2^31
+        # where G·N does not.
         pid_n = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -39,7 +40,7 @@ if HAS_TRITON:
             rows = g0 + tl.arange(0, BLOCK_G)
             acc += tl.load(base + rows.to(tl.int64)[:, None] * N + cols[None, :],
                            mask=(rows < G)[:, None] & c_ok[None, :], other=0.0)
-        tl.store(OUT + b * N + cols, tl.sum(acc, axis=0), mask=c_ok)
+        tl.store(OUT + b * N + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=c_ok)
 
 
 # (BLOCK_G, BLOCK_N, num_warps, stages). GPU: 16 columns (64-byte row pieces) so that even ViT-S's LayerNorm sums
@@ -47,6 +48,10 @@ if HAS_TRITON:
 # shared memory). The interpreter: wider blocks, fewer programs (its cost is per program and per step).
 GPU_CONFIG = (128, 16, 4, 4)
 INTERPRET_CONFIG = (64, 128, 4, 1)
+
+
+OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def _config() -> Tuple[int, int, int, int]:
@@ -67,8 +72,9 @@ def colsum_reference(part: torch.Tensor) -> torch.Tensor:
     return part.sum(-2)
 
 
-def colsum_partials(part: torch.Tensor) -> torch.Tensor:
-    """Sum (G, N) or (B, G, N) fp32 partial rows over G: (N,) or (B, N) fp32, deterministically (module doc).
+def colsum_partials(part: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sum (G, N) or (B, G, N) fp32 partial rows over G: (N,) or (B, N), deterministically (module doc), summed in
+    fp32 and stored in ``out_dtype`` (a parameter's dtype: no separate cast).
 
     ``part`` must be contiguous fp32. On CUDA (and under TRITON_INTERPRET) the Triton kernel runs; elsewhere
     torch's sum. G = 0 gives zeros."""
@@ -77,11 +83,15 @@ def colsum_partials(part: torch.Tensor) -> torch.Tensor:
                         f"{type(part).__name__ if not isinstance(part, torch.Tensor) else (part.dtype, tuple(part.shape))}")
     if not part.is_contiguous():
         raise ValueError(f"colsum_partials needs contiguous partial rows, got strides {part.stride()}")
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"colsum_partials stores float32, float16 or bfloat16 sums, got {out_dtype}")
     if not HAS_TRITON or not (part.is_cuda or INTERPRET):
-        return colsum_reference(part)
+        return colsum_reference(part).to(out_dtype)
+    if INTERPRET and out_dtype == torch.bfloat16:  # the interpreter (Triton 3.8) truncates fp32 -> bf16 stores,
+        return colsum_partials(part).to(out_dtype)  # a GPU rounds to nearest even, as torch: torch's cast here
     p3 = part if part.dim() == 3 else part.unsqueeze(0)
     b, g, n = p3.shape
-    out = _empty((b, n), torch.float32, part.device)
+    out = _empty((b, n), out_dtype, part.device)
     if b and n:
         bg, bn, warps, stages = _config()
         _COLSUM((cdiv(n, bn), b), (p3, out, g, n), dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages, num_warps=warps,
@@ -90,18 +100,21 @@ def colsum_partials(part: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ahead-of-time compile gate: the GPU config, with N divisible by 16 (every ViT width) and not.
+# Ahead-of-time compile gate: the GPU config, with N divisible by 16 (every ViT width) and not, every output dtype.
 
 
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
     bg, bn, warps, stages = GPU_CONFIG
-    sig = {"P": "*fp32", "OUT": "*fp32", "G": "i32", "N": "i32", "BLOCK_G": "constexpr", "BLOCK_N": "constexpr",
-           "STAGES": "constexpr"}
     consts = dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages)
-    return [runtime_spec(_colsum_kernel, sig, consts, warps, stages, f"colsum[N{'%16' if div else ''}]",
-                         div16=("N",) if div else ()) for div in (True, False)]
+    specs = []
+    for div, out in [(True, torch.float32), (False, torch.float32), (True, torch.float16), (True, torch.bfloat16)]:
+        sig = {"P": "*fp32", "OUT": f"*{_TT[out]}", "G": "i32", "N": "i32", "BLOCK_G": "constexpr",
+               "BLOCK_N": "constexpr", "STAGES": "constexpr"}
+        specs.append(runtime_spec(_colsum_kernel, sig, consts, warps, stages,
+                                  f"colsum[N{'%16' if div else ''},out={_TT[out]}]", div16=("N",) if div else ()))
+    return specs
 
 
 AOT_SPECS: List[AotSpec] = _aot_specs()

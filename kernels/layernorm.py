@@ -804,9 +804,8 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     ``x`` is the LN input (h for the fused add). dx has x's dtype; dwdb has the kernel's parameter dtype
     (see ``_param_dtype``) and is computed even when weight/bias are absent (callers drop it).
     """
-    dx, sums = _ln_bwd_launch(dy, x, weight, bias, mean, rstd, dh_out, False, None, None)
-    pd = _param_dtype(x.dtype, weight, bias)
-    return dx, sums if pd == torch.float32 else sums.to(pd)
+    return _ln_bwd_launch(dy, x, weight, bias, mean, rstd, dh_out, False, None, None,
+                          _param_dtype(x.dtype, weight, bias))
 
 
 def layer_norm_bwd_colsums(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
@@ -825,9 +824,9 @@ def layer_norm_bwd_colsums(dy: torch.Tensor, x: torch.Tensor, weight: Optional[t
 
 def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                    mean: torch.Tensor, rstd: torch.Tensor, dh_out: Optional[torch.Tensor], colsums: bool,
-                   dx_scale: Optional[torch.Tensor], dh_out_scale: Optional[torch.Tensor]
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(dx, sums (2 or 4 with ``colsums``, D) fp32: dweight, dbias[, sum of dx·s, sum of dh_out·s])."""
+                   dx_scale: Optional[torch.Tensor], dh_out_scale: Optional[torch.Tensor],
+                   sums_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(dx, sums (2 or 4 with ``colsums``, D) in ``sums_dtype``: dweight, dbias[, sum of dx·s, sum of dh_out·s])."""
     shape, dev, xd = x.shape, x.device, x.dtype
     d = shape[-1]
     x2, dy2 = rows2d(x), rows2d(dy)
@@ -835,7 +834,7 @@ def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     dx = _empty(shape, xd, dev)
     n_sums = 4 if colsums else 2
     if m == 0 or d == 0:
-        return dx, torch.zeros((n_sums, d), dtype=torch.float32, device=dev)
+        return dx, torch.zeros((n_sums, d), dtype=sums_dtype, device=dev)
     w = _param(weight, d, _param_dtype(xd, weight, bias), dev, 1.0)
     sdy = row_stride(dy2)
     if dh_out is not None:
@@ -870,7 +869,7 @@ def _ln_bwd_launch(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
     else:
         _ln_bwd_tuned((g,), args, dict(BLOCK_N=bn1, BLOCK_N2=bn2, PREFETCH=bool(prefetch), PIPE=fixed_pipe,
                                        **consts))
-    return dx, colsum_partials(partial)  # (n, G, D) fp32 partials -> (n, D), in a fixed order
+    return dx, colsum_partials(partial, sums_dtype)  # (n, G, D) fp32 partials -> (n, D), in a fixed order
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,15 @@ def test_colsum_matches_float64(device, monkeypatch, g, n, b):
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6 * g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_colsum_rounds_once_to_the_output_dtype(device, monkeypatch, dtype):
+    """A 16-bit output is the fp32 sum rounded at the store: bit-equal to rounding the fp32 result."""
+    _kernel_only(monkeypatch)
+    part = randn(2, 97, 45, device=device, scale=5.0)
+    out = C.colsum_partials(part, dtype)
+    assert out.dtype == dtype and torch.equal(out, C.colsum_partials(part).to(dtype))
+
+
 def test_colsum_empty_rows_give_zeros(device, monkeypatch):
     _kernel_only(monkeypatch)
     out = C.colsum_partials(torch.empty((2, 0, 9), dtype=torch.float32, device=device))
@@ -59,6 +68,8 @@ def test_colsum_rejects_bad_inputs(device):
         C.colsum_partials(torch.zeros(4, device=device))
     with pytest.raises(TypeError, match="float32"):
         C.colsum_partials([[1.0]])
+    with pytest.raises(TypeError, match="stores float32, float16 or bfloat16"):
+        C.colsum_partials(torch.zeros(3, 4, device=device), torch.int32)
     with pytest.raises(ValueError, match="contiguous"):
         C.colsum_partials(torch.zeros(4, 6, device=device).t())
 
