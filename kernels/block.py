@@ -72,7 +72,9 @@ _setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flash
 # steps_vit_base_patch16_224_train_timm_flashvit.patch.txt) torch's bf16 column sums took 2.79 of 41.24 ms a
 # step. Timed once (H200 run 3, bench/results/2026-11-28-h200-run3/: model rows timm+flashvit.patch and [block=bias],
 # their step profiles): the step ran faster, but the device time of the passes it replaces hardly moved (the
-# column-sum kernel and its partial sums untuned), so it stays off until more runs decide.
+# column-sum kernel and its partial sums untuned), so it stays off until more runs decide. Since then (not timed)
+# the partial sums go through kernels/colsum.py, not torch's sum (that profile: 51 fp32 reduce_kernel calls,
+# 1.085 ms a step).
 FUSED_BIAS_GRADS = False
 _bias_setting: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("flashvit_block_bias_grads",
                                                                                default=None)
