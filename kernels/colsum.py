@@ -10,8 +10,8 @@ Here each program owns BLOCK_N columns of one of the B sums and streams all G ro
 (cp.async on sm_80+), so many rows are in flight a program.
 
 Order: a program adds row g into accumulator row g mod BLOCK_G, in increasing g, then reduces the BLOCK_G
-accumulator rows with one tl.sum. The order depends on (BLOCK_G, BLOCK_N, num_warps), which depend only on the
-shape (_config), so the same shape sums the same way every call.
+accumulator rows with one tl.sum; past SPLIT_ROWS rows, the splits' fp32 sums are added the same way by a second
+pass. The order depends on the config and the shape only, so the same shape sums the same way every call.
 """
 
 from __future__ import annotations
@@ -26,35 +26,43 @@ from flashvit.kernels._dispatch import HAS_TRITON, INTERPRET, Launcher, cdiv, tl
 if HAS_TRITON:
 
     @triton.jit
-    def _colsum_kernel(P, OUT, G, N, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
-        # P: (B, G, N) fp32, contiguous; OUT: (B, N), fp32 or the caller's dtype (the sums rounded once, at the
-        # store). Program (j, b): columns [j·BLOCK_N, (j+1)·BLOCK_N) of sum b. 64-bit offsets: B·G·N may pass 2^31
-        # where G·N does not.
+    def _colsum_kernel(P, OUT, G, N, SPAN, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, STAGES: tl.constexpr):
+        # P: (B, G, N) fp32, contiguous; OUT: (B, S, N), S = cdiv(G, SPAN) splits of SPAN rows (S = 1: the sums,
+        # fp32 or the caller's dtype, rounded once at the store; else fp32 partials for a second pass). Program
+        # (j, b, s): columns [j·BLOCK_N, (j+1)·BLOCK_N) of sum b over split s's rows. 64-bit offsets: B·G·N may
+        # pass 2^31 where G·N does not.
         pid_n = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
+        s = tl.program_id(2)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = cols < N
         base = P + b * G * N
+        lo = s * SPAN
+        hi = tl.minimum(G, lo + SPAN)
         acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
-        for g0 in tl.range(0, G, BLOCK_G, num_stages=STAGES):
+        for g0 in tl.range(lo, hi, BLOCK_G, num_stages=STAGES):
             rows = g0 + tl.arange(0, BLOCK_G)
             acc += tl.load(base + rows.to(tl.int64)[:, None] * N + cols[None, :],
-                           mask=(rows < G)[:, None] & c_ok[None, :], other=0.0)
-        tl.store(OUT + b * N + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=c_ok)
+                           mask=(rows < hi)[:, None] & c_ok[None, :], other=0.0)
+        out = OUT + (b * tl.num_programs(2) + s) * N
+        tl.store(out + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=c_ok)
 
 
-# (BLOCK_G, BLOCK_N, num_warps, stages). GPU: 16 columns (64-byte row pieces) so that even ViT-S's LayerNorm sums
-# (B = 2, N = 384) make 48 programs; 128 x 16 x 4 B = 8 KiB a stage, 4 stages in flight a program (~32 KiB of
-# shared memory). The interpreter: wider blocks, fewer programs (its cost is per program and per step).
-GPU_CONFIG = (128, 16, 4, 4)
-INTERPRET_CONFIG = (64, 128, 4, 1)
+# (BLOCK_G, BLOCK_N, num_warps, stages, SPLIT_ROWS). GPU: 16 columns (64-byte row pieces) so that even ViT-S's
+# LayerNorm sums (B = 2, N = 384) make 48 programs; 128 x 16 x 4 B = 8 KiB a stage, 4 stages (3 in flight, 24 KiB of
+# shared memory). Past SPLIT_ROWS rows (LayerNorm past 131072 rows of 32 a program; narrow N, where the programs
+# are few) a column block's rows are split across programs, whose fp32 sums a second pass adds: no program loops
+# more than SPLIT_ROWS / BLOCK_G = 32 steps. The interpreter: wider blocks, fewer programs (its cost is per program
+# and per step), a short split so that small tests take both passes.
+GPU_CONFIG = (128, 16, 4, 4, 4096)
+INTERPRET_CONFIG = (64, 128, 4, 1, 128)
 
 
 OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def _config() -> Tuple[int, int, int, int]:
+def _config() -> Tuple[int, int, int, int, int]:
     return INTERPRET_CONFIG if INTERPRET else GPU_CONFIG
 
 
@@ -91,11 +99,14 @@ def colsum_partials(part: torch.Tensor, out_dtype: torch.dtype = torch.float32) 
         return colsum_partials(part).to(out_dtype)  # a GPU rounds to nearest even, as torch: torch's cast here
     p3 = part if part.dim() == 3 else part.unsqueeze(0)
     b, g, n = p3.shape
-    out = _empty((b, n), out_dtype, part.device)
+    bg, bn, warps, stages, split_rows = _config()
+    splits = max(1, cdiv(g, split_rows))
+    out = _empty((b, n) if splits == 1 else (b, splits, n), out_dtype if splits == 1 else torch.float32, part.device)
     if b and n:
-        bg, bn, warps, stages = _config()
-        _COLSUM((cdiv(n, bn), b), (p3, out, g, n), dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages, num_warps=warps,
-                                                        num_stages=stages))
+        _COLSUM((cdiv(n, bn), b, splits), (p3, out, g, n, split_rows),
+                dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages, num_warps=warps, num_stages=stages))
+    if splits > 1:  # (B, S, N) fp32 -> (B, N)
+        out = colsum_partials(out, out_dtype)
     return out if part.dim() == 3 else out[0]
 
 
@@ -106,11 +117,11 @@ def colsum_partials(part: torch.Tensor, out_dtype: torch.dtype = torch.float32) 
 def _aot_specs() -> List[AotSpec]:
     if not HAS_TRITON:
         return []
-    bg, bn, warps, stages = GPU_CONFIG
+    bg, bn, warps, stages, _ = GPU_CONFIG
     consts = dict(BLOCK_G=bg, BLOCK_N=bn, STAGES=stages)
     specs = []
     for div, out in [(True, torch.float32), (False, torch.float32), (True, torch.float16), (True, torch.bfloat16)]:
-        sig = {"P": "*fp32", "OUT": f"*{_TT[out]}", "G": "i32", "N": "i32", "BLOCK_G": "constexpr",
+        sig = {"P": "*fp32", "OUT": f"*{_TT[out]}", "G": "i32", "N": "i32", "SPAN": "i32", "BLOCK_G": "constexpr",
                "BLOCK_N": "constexpr", "STAGES": "constexpr"}
         specs.append(runtime_spec(_colsum_kernel, sig, consts, warps, stages,
                                   f"colsum[N{'%16' if div else ''},out={_TT[out]}]", div16=("N",) if div else ()))
