@@ -558,8 +558,24 @@ def _fwd_grid(m: int, meta: dict) -> Tuple[int]:
 # the same tile (2026-11-28-h200-run4/targets.txt; the picks in ops-graph.json's notes), and its D = 768 took
 # about D = 1024's time for 3/4 of the bytes: bound by bytes in flight an SM, which registers cap (ptxas, sm_90,
 # bf16, D = 768: 42 registers a thread at 2 rows, ~10 programs an SM, 30 KB of x in flight; 70 at 4 rows, 7
-# programs, 43 KB). The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not
-# depend on the choice), so its ROWS must divide that. The interpreter runs the default.
+# programs, 43 KB). And tiles of one warp (ONE_WARP_MAX_BLOCK: min(1024 / BLOCK_N, 8) rows, 16-32 elements a
+# thread): the row sums are then warp shuffles alone, no shared memory and no barrier. That is torch.compile's own
+# LayerNorm (Inductor's persistent inner reductions up to 1024 wide: one warp, since pytorch/pytorch#168981), ahead
+# of ours at D = 384-1024 in H200 run 4 (compile(eager) rows of 2026-11-28-h200-run4/ops-graph.json) and behind at
+# 1280 (2048 lanes: not one warp there). ptxas (Triton 3.8, sm_90, bf16, D = 768): one warp, 1 row, 64 registers,
+# no barrier, 552 instructions a thread (17.7K a row), against the default's 2 rows at 8 warps, 32 registers, 7
+# barriers, 31.7K a row; an SM holds 32 such programs (its block limit), 48 KB of x in flight. The backward tries
+# one warp (no prefetch: 255 registers there) and two (~16 elements a thread; ptxas at D = 768: 208 and 122
+# registers, 0 and 10 barriers a step, 34K and 35K instructions a row against the default's 55K).
+# The backward keeps BWD_ROWS_PER_PROG rows per program (its grid and partial buffer do not depend on the choice),
+# so its ROWS must divide that. The interpreter runs the default.
+ONE_WARP_MAX_BLOCK = 1024
+
+
+def _one_warp_rows(block_n: int) -> int:
+    """ROWS of a one-warp tile (Inductor's): 1024 lanes, at most 8 rows."""
+    return max(1, min(ONE_WARP_MAX_BLOCK // block_n, 8))
+
 
 def _gpu_rows_per_prog(rows: int) -> int:
     """Backward rows per program on a GPU for the default ROWS ``rows`` (the grid does not depend on the config)."""
@@ -576,6 +592,8 @@ def _fwd_choices(block_n: int) -> List[Tuple[int, int]]:
         out.append((rows, _warps(rows, block_n // 2, 16)))
     rows = max(1, 2 * TILE // block_n)  # (~32 elements a thread)
     out.append((rows, _warps(rows, block_n // 4, 16)))
+    if block_n <= ONE_WARP_MAX_BLOCK:
+        out.append((_one_warp_rows(block_n), 1))
     return list(dict.fromkeys(out))
 
 
@@ -586,7 +604,10 @@ def _pipe_choices(fwd: bool, block_n: int) -> List[Tuple[int, int]]:
     # 3.8, sm_90, bf16, depth 3: 48 registers a thread, 5 programs an SM, 10 barriers a tile); at 4 warps 72
     # registers, 7 programs, 6 barriers (depth 5: 80, 6, 8), so more tiles in flight an SM. Not yet timed.
     rows, cap = max(1, TILE // block_n), 16 if fwd else 32
-    return list(dict.fromkeys([(rows, _warps(rows, block_n, cap)), (rows, _warps(rows, block_n // 2, cap))]))
+    out = [(rows, _warps(rows, block_n, cap)), (rows, _warps(rows, block_n // 2, cap))]
+    if not fwd and block_n <= ONE_WARP_MAX_BLOCK:  # (the backward's one-warp step: see _bwd_choices)
+        out.append((_one_warp_rows(block_n), 1))
+    return list(dict.fromkeys(out))
 
 
 def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
@@ -599,6 +620,9 @@ def _bwd_choices(block_n: int) -> List[Tuple[int, int]]:
         rows = max(1, tile // block_n)
         if per_prog % rows == 0:
             out.append((rows, _warps(rows, block_n // 2, 32)))
+    if block_n <= ONE_WARP_MAX_BLOCK:  # one and two warps (the row sums without or with one exchange)
+        rows = _one_warp_rows(block_n)
+        out += [(rows, 1), (rows, 2)]
     return list(dict.fromkeys(out))
 
 
@@ -618,6 +642,13 @@ PREFETCH_MAX_BLOCK = 4096
 PIPE_MAX_BLOCK = 4096
 
 
+def _prefetch_ok(block: int, warps: int) -> bool:
+    """Whether the backward's prefetch compiles without spills for padded block ``block`` at ``warps``: not past
+    PREFETCH_MAX_BLOCK, nor on one warp (ptxas, Triton 3.8, sm_90, bf16: 255 registers a thread at D = 768, spills
+    at D = 384's padded 512 lanes)."""
+    return block <= PREFETCH_MAX_BLOCK and warps > 1
+
+
 def _choices(fwd: bool, block: int, pipe: int) -> List[Tuple[int, int]]:
     """The (ROWS, warps) choices of the forward or the backward for padded block ``block``, pipelined or not."""
     if pipe:
@@ -627,21 +658,25 @@ def _choices(fwd: bool, block: int, pipe: int) -> List[Tuple[int, int]]:
 
 def _prune(fwd: bool):
     def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
-        want = set(_choices(fwd, next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0)), kwargs["PIPE"]))
-        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want]
+        block = next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))
+        want = set(_choices(fwd, block, kwargs["PIPE"]))
+        return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
+                and not (kwargs.get("PREFETCH") and c.num_warps == 1)]  # (forced past 4096: as asked)
     return prune
 
 
 def _auto_bwd_prune(configs, named_args, **kwargs):
     """The backward's configs for width N where the autotuner picks the layout and the prefetch: N's padded block
-    and its column chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices; the prefetch up
-    to PREFETCH_MAX_BLOCK."""
+    and its column chunks (_chunk_layout), each with the padded block's (ROWS, warps) choices; the prefetch where
+    _prefetch_ok; with the column sums (COLSUMS), no pipelined one-warp step (ptxas, Triton 3.8, sm_90, bf16: 255
+    registers and a spill at D = 1024)."""
     n = named_args["N"]
     block = _config(n)[0]
     layouts = {(block, 0), _chunk_layout(n, block)}
     return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in _choices(False, block, c.kwargs["PIPE"])
             and (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_N2"]) in layouts
-            and not (c.kwargs["PREFETCH"] and block > PREFETCH_MAX_BLOCK)]
+            and not (c.kwargs["PREFETCH"] and not _prefetch_ok(block, c.num_warps))
+            and not (kwargs.get("COLSUMS") and c.kwargs["PIPE"] and c.num_warps == 1)]
 
 
 def _layouts(block: int) -> List[Tuple[int, int]]:
@@ -1211,8 +1246,8 @@ def _aot_specs() -> List[AotSpec]:
             block_n = _config(d)[0]
             bn1, bn2 = _bwd_chunks(d, block_n)
             for r, w in _bwd_choices(block_n):
-                for prefetch in (False, True):  # (use_ln_prefetch, alone and with the chunks)
-                    specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, prefetch))
+                for prefetch in (False, True) if _prefetch_ok(block_n, w) else (False,):  # (use_ln_prefetch, alone
+                    specs.append(_bwd_spec(bn1, r, w, bf, bf, True, f",ROWS={r},w{w}", bn2, prefetch))  # and w/ chunks)
                     if prefetch:
                         specs.append(_bwd_spec(block_n, r, w, bf, bf, True, f",ROWS={r},w{w}", 0, True))
     # the forward's column chunks, every autotuner choice in bf16 (with and without the add) at ViT's widths, and
@@ -1255,7 +1290,7 @@ def _aot_specs() -> List[AotSpec]:
     # the column sums' autotuner choices in bf16 at the ViT widths the block runs the LayerNorm kernels at
     sums = {}  # (768's padded block is 1024's)
     for d in (768, 1024, 1280):
-        for c in _auto_bwd_prune(_auto_bwd_configs(), {"N": d}):
+        for c in _auto_bwd_prune(_auto_bwd_configs(), {"N": d}, COLSUMS=True):
             k = c.kwargs
             spec = _bwd_spec(k["BLOCK_N"], k["ROWS"], c.num_warps, bf, bf, True, f",ROWS={k['ROWS']},w{c.num_warps}",
                              k["BLOCK_N2"], k["PREFETCH"], True, pipe=k["PIPE"])

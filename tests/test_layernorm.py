@@ -388,7 +388,8 @@ def _pruned(prune, configs, fwd, d):
 def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
     """LN_BWD_CHUNKS and LN_BWD_PREFETCH None (the default): on a GPU the backward's autotuner whose configs carry
     the layout (padded block or column chunks) and the prefetch runs, pruned per width to its padded block's
-    choices, its two layouts (one where the width fills its block) and no prefetch past PREFETCH_MAX_BLOCK;
+    choices, its two layouts (one where the width fills its block) and no prefetch past PREFETCH_MAX_BLOCK nor on
+    one warp (_prefetch_ok), nor, with the column sums, a pipelined one-warp step;
     either flag forced: the other autotuner, the other flag off. The interpreter: padded, no prefetch."""
     configs = L._auto_bwd_configs()
     for d in WIDTHS:
@@ -397,7 +398,14 @@ def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
         assert (L._chunk_layout(d, block)[1] > 0) == (d in (65, 192, 384, 768, 1280)), d  # 100: 64 + 64 fills 128
         prefetch = {c.kwargs["PREFETCH"] for c in kept}
         assert prefetch == ({False} if block > L.PREFETCH_MAX_BLOCK else {False, True}), d
-        assert len(kept) == len(layouts) * len(choices) * len(prefetch)
+        fetched = {(c.kwargs["ROWS"], c.num_warps) for c in kept if c.kwargs["PREFETCH"]}
+        assert fetched == {rw for rw in choices if L._prefetch_ok(block, rw[1])}, d
+        assert all(w > 1 for _, w in fetched) and ((block <= L.ONE_WARP_MAX_BLOCK) == any(w == 1 for _, w in choices))
+        assert len(kept) == len(layouts) * (len(choices) + len(fetched))
+        piped = {(c.kwargs["ROWS"], c.num_warps) for c in L._auto_bwd_prune(configs, {"N": d}) if c.kwargs["PIPE"]}
+        summed = {(c.kwargs["ROWS"], c.num_warps)
+                  for c in L._auto_bwd_prune(configs, {"N": d}, COLSUMS=True) if c.kwargs["PIPE"]}
+        assert summed == {rw for rw in piped if rw[1] > 1}, d
     assert L.LN_BWD_PREFETCH is None and L.LN_BWD_CHUNKS is None
     calls = []
 
@@ -703,6 +711,10 @@ def test_aot_specs_cover_launch_configs():
     assert (4, 4) in L._fwd_choices(512) and (1, 4) in L._fwd_choices(2048) and (1, 4) in L._bwd_choices(2048)
     assert (8, 8) in L._fwd_choices(512) and (8, 8) in L._bwd_choices(512)  # and twice the tile at D = 384
     assert (4, 4) in L._fwd_choices(1024) and (8, 4) in L._fwd_choices(512)  # and ~32 in the forward
+    # and one-warp tiles up to 1024 lanes (Inductor's: min(1024 / BLOCK_N, 8) rows), two warps in the backward too
+    assert (1, 1) in L._fwd_choices(1024) and (2, 1) in L._fwd_choices(512) and (8, 1) in L._fwd_choices(64)
+    assert {(1, 1), (1, 2)} <= set(L._bwd_choices(1024)) and (1, 1) in L._pipe_choices(False, 1024)
+    assert all(w > 1 for _, w in L._fwd_choices(2048) + L._bwd_choices(2048) + L._pipe_choices(True, 1024))
     # the backward's column chunks (use_ln_chunks) at ViT's widths: every choice of the padded block
     with L.use_ln_chunks(True):
         for d in (192, 384, 768, 1280):
@@ -849,6 +861,39 @@ def test_every_forward_tile_gpu(d, pipes, monkeypatch):
                      lambda x, w, b: L.layer_norm_reference(x, w, b), [x, w, b], [gy], "xwb")
             _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
                      lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+        except AssertionError as e:
+            bad.append((str(cfg), str(e).splitlines()[0][:160]))
+    assert configs and not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [384, 768])
+def test_every_backward_tile_gpu(d, monkeypatch):
+    """Each config of the backward's autotuner at this width (both layouts; every (ROWS, warps) choice plain, with
+    the prefetch and pipelined; one and two warps among them), launched alone in bf16 on rows not a multiple of a
+    program's: the fused add's gradients against float64, and LN2's column sums (COLSUMS) against torch's."""
+    import triton
+
+    from flashvit.kernels._dispatch import Launcher
+    lead, dt = (8, 197), torch.bfloat16
+    x, r = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    w, b = randn(d, dtype=dt, device="cuda"), randn(d, dtype=dt, device="cuda")
+    gy, gh = randn(*lead, d, dtype=dt, device="cuda"), randn(*lead, d, dtype=dt, device="cuda")
+    configs = L._auto_bwd_prune(L._auto_bwd_configs(), {"N": d})
+    assert {c.num_warps for c in configs} >= {1, 2}
+    bad = []
+    for cfg in configs:
+        monkeypatch.setattr(L, "_ln_bwd_tuned_auto", Launcher(triton.autotune([cfg], key=["N", "HAS_DHO", "COLSUMS"])(
+            L._ln_bwd_kernel)))
+        try:
+            _compare(lambda x, r, w, b: L.add_layer_norm(x, r, w, b, backend=TRITON),
+                     lambda x, r, w, b: L.add_layer_norm_reference(x, r, w, b), [x, r, w, b], [gy, gh], "xrwb")
+            if not (cfg.kwargs["PIPE"] and cfg.num_warps == 1):  # (not a COLSUMS config: see _auto_bwd_prune)
+                h = x + r
+                _, _, mean, rstd = L.layer_norm_fwd(h, None, w, b, 1e-5)
+                dx, _, sums = L.layer_norm_bwd_colsums(gy, h, w, b, mean, rstd, gh)
+                want = torch.stack([dx.float().sum((0, 1)), gh.float().sum((0, 1))])
+                torch.testing.assert_close(sums, want, rtol=1e-3, atol=1e-2)
         except AssertionError as e:
             bad.append((str(cfg), str(e).splitlines()[0][:160]))
     assert configs and not bad, bad
