@@ -204,6 +204,16 @@ def sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.cache
+def _major_of(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def cuda_major(device: torch.device) -> int:
+    """The CUDA device's compute capability major, 8 (Ampere) or 9 (Hopper) and up (read once per device)."""
+    return _major_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # pragma: no cover - private helper; without it every call takes the op path

@@ -41,6 +41,7 @@ from flashvit.kernels._dispatch import (
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    cuda_major,
     custom_op,
     get_backend,
     launch,
@@ -748,8 +749,16 @@ if HAS_TRITON:
 
 # BLOCK_N = 32 rows: N = 197 = 3·64 + 5 pads its last key block 59 wide at BLOCK_N = 64, 27 wide at 32
 # (the autotuner weighs that against the longer loop).
+# 128 query rows on one warpgroup (4 warps, two m64 wgmmas a dot): FlexAttention's own H100 default for bf16/fp16 at
+# head dim 64 is 128 x 128 x 4 warps x 3 stages (torch/_inductor's h100_default_flex_config); half the programs a
+# head of BLOCK_M = 64 (at N = 197: K and V read twice a head from L2, not four times). ptxas (sm_90, bf16, D = 64,
+# the split tail loop): 254 registers at 128 x 128 (Triton 3.6 and 3.8; no spills), 255 at 128 x 64 (3.6; 254 on
+# 3.8): two programs an SM. Their lagged P·V spills (56-784 bytes): no lag twin (_lag_ok); at 128 x 128, more than
+# 64 fp32 scores a thread, head-dim blocks other than 64 are left out (_fits: fp16 at D = 32 spills 36 bytes); and
+# sm_80, whose mma.sync keeps the accumulators in registers too, does not take them (_hopper_only: ptxas spills
+# 12-284 bytes there). Not yet timed.
 _FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3),
-                (128, 32, 8, 2)]
+                (128, 32, 8, 2), (128, 128, 4, 3), (128, 64, 4, 3)]
 _DKDV_CONFIGS = [(32, 64, 4, 2), (64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2)]
 _DQ_CONFIGS = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3)]
 # The fused backward (use_bwd_fused): dK/dV's tiles (BLOCK_M queries streamed past BLOCK_N resident keys); wide key
@@ -856,6 +865,14 @@ _fwd_lag: List[bool] = []  # innermost use_fwd_lag() last
 LAG_MAX_BLOCK_N = 64  # wider key blocks carry a p of 64+ fp32 a thread next to the scores: left to the plain loop
 
 
+def _lag_ok(cfg: Tuple[int, int, int, int]) -> bool:
+    """Whether the autotuner tries the lagged P·V at forward tile ``cfg``: key blocks up to LAG_MAX_BLOCK_N and at
+    most 32 fp32 probabilities a thread carried over (ptxas, Triton 3.6 and 3.8, sm_90: 128 x 64 on 4 warps, 64 a
+    thread, spills 56-76 bytes)."""
+    bm, bn, warps, _ = cfg
+    return bn <= LAG_MAX_BLOCK_N and bm * bn <= 32 * 32 * warps
+
+
 def use_fwd_lag(on: bool) -> ContextManager[None]:
     """Force the forward's lagged P·V (FWD_LAG_PV; in the split key loop unless use_fwd_tail forces the masked one)
     on or off inside a ``with`` block."""
@@ -952,6 +969,8 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
         return False  # fp32 (one warp's dots on FMAs, tiles in registers) or wide heads on one warp: spills (ptxas)
     if kind == "fused" and (elsize == 4 or block_d > 64):
         return False  # ptxas (Triton 3.6, sm_90): fp32 and wider heads spill (80 = 64 + 32 at 32x128 w8: 24 B)
+    if kind == "fwd" and bm * bn > 64 * 32 * warps and block_d != 64:
+        return False  # over 64 fp32 scores a thread (128 x 128 on 4 warps): measured clean at D = 64 only
     if kind.startswith("fwd"):  # q resident; k, v streamed; acc (BM, BD) fp32
         smem = elsize * block_d * (bm + 2 * stages * bn) + elsize * bm * bn
         regs = bm * block_d * (4 + elsize) // 4
@@ -962,6 +981,11 @@ def _fits(kind: str, cfg: Tuple[int, int, int, int], block_d: int, elsize: int) 
         smem = elsize * block_d * (2 * bm + 2 * stages * bn) + elsize * bm * bn
         regs = bm * block_d * (4 + 2 * elsize) // 4
     return smem <= _SMEM_BUDGET and regs // (warps * 32) <= 160
+
+
+def _hopper_only(kind: str, cfg: Tuple[int, int, int, int]) -> bool:
+    """A forward tile only sm_90+ takes: more than 16 query rows a warp (a warpgroup's m64 wgmmas; _FWD_CONFIGS)."""
+    return kind == "fwd" and cfg[0] > 16 * cfg[2]
 
 
 def _prog_rows(kind: str, cfg: Tuple[int, int, int, int]) -> int:
@@ -992,8 +1016,9 @@ def _configs_for(kind: str, block_d: int, elsize: int) -> List[Tuple[int, int, i
 def _make_prune(kind: str, ptr_name: str):
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2", 0))
-        elsize = named_args[ptr_name].element_size()
-        want = set(_configs_for(kind, block_d, elsize))
+        t = named_args[ptr_name]
+        hopper = t.device.type != "cuda" or cuda_major(t.device) >= 9
+        want = {c for c in _configs_for(kind, block_d, t.element_size()) if hopper or not _hopper_only(kind, c)}
         causal = kwargs.get("CAUSAL", named_args.get("CAUSAL"))
         # the lagged P·V compiles to synchronous wgmmas with a mask or dropout (Triton 3.6, 3.8): nothing to gain
         lag_ok = not kwargs.get("MASK_KIND", named_args.get("MASK_KIND")) and \
@@ -1037,7 +1062,7 @@ def _auto_forms(kind: str, cfg: Tuple[int, int, int, int]) -> List[Dict[str, boo
     (each form lagged and not at key blocks up to LAG_MAX_BLOCK_N; FWD_LAG_PV)."""
     if kind != "fwd":
         return [{"SPLIT_TAIL": t} for t in _auto_tails(kind, cfg)]
-    lags = (False, True) if cfg[1] <= LAG_MAX_BLOCK_N else (False,)
+    lags = (False, True) if _lag_ok(cfg) else (False,)
     return [{"SPLIT_TAIL": t, "LAG_PV": lag} for t in _auto_tails(kind, cfg) for lag in lags]
 
 
@@ -2020,7 +2045,7 @@ def _aot_specs() -> List[AotSpec]:
                 seen.add(key)
                 specs.append(runtime_spec(kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn), w, s,
                                           f"attn_{kind}[{tag},{ty},causal={causal},{prec},{bm}x{bn},w{w}s{s}]",
-                                          div16=_row_strides(sig)))
+                                          div16=_row_strides(sig), min_cc=90 if _hopper_only(kind, (bm, bn, w, s)) else 0))
                 if i == 0 and not part and ty == "bf16" and d in (64, 80) and not causal:
                     masks = [(1, "*bf16"), (1, "*fp32"), (2, "*i1")]  # attention masks: HF's, a bias, bool
                     if "DMASK" in sig:  # a learned bias, its gradient stored (MASK_KIND 3)
@@ -2040,9 +2065,9 @@ def _aot_specs() -> List[AotSpec]:
                     specs.append(runtime_spec(
                         kern, sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, SPLIT_TAIL=not tail), w, s,
                         f"attn_{kind}[{tag},{ty},causal=False,{prec},{bm}x{bn},w{w}s{s},tail={int(not tail)}]",
-                        div16=_row_strides(sig)))
+                        div16=_row_strides(sig), min_cc=90 if _hopper_only(kind, (bm, bn, w, s)) else 0))
                 if kind == "fwd" and not causal and ty in ("bf16", "fp16") and (bm, bn, w, s) in _FWD_CONFIGS \
-                        and bn <= LAG_MAX_BLOCK_N:
+                        and _lag_ok((bm, bn, w, s)):
                     extra = [(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)] if i == 0 and ty == "bf16" else []
                     for split_tail in _auto_tails("fwd", (bm, bn, w, s)):  # the lagged P·V in each loop form
                         for lag_sig, mk, drop in [(sig, 0, False)] + (extra if split_tail else []):

@@ -644,8 +644,32 @@ def test_forward_lagged_pv_gpu(B, N, H, D, cfg, autotuned):
                         atol=FP_ATOL[torch.bfloat16], name="out")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [197, 577])
+def test_every_forward_tile_gpu(N):
+    """Each forward tile the autotuner may pick at ViT's head dim 64 in bf16 (_configs_for: 128-row tiles on one
+    warpgroup among them), in each loop form it tries there (_auto_forms), forced alone: packed qkv output vs
+    float64 (2x rule)."""
+    B, H, D = 2, 6, 64
+    qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
+    ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
+    tiles = A._configs_for("fwd", 64, 2)
+    assert (128, 128, 4, 3) in tiles and (128, 64, 4, 3) in tiles
+    bad = []
+    for cfg in tiles:
+        for form in A._auto_forms("fwd", cfg):
+            with A.use_tile_config(cfg), A.use_fwd_tail(form["SPLIT_TAIL"]), A.use_fwd_lag(form["LAG_PV"]), \
+                    torch.no_grad():
+                out = qkv_attention(qkv, H, backend="triton")
+            try:
+                assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=f"{cfg} {form}")
+            except AssertionError as e:
+                bad.append(str(e).splitlines()[0][:200])
+    assert not bad, bad
+
+
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
-def test_autotuner_picks_the_loop_form():
+def test_autotuner_picks_the_loop_form(monkeypatch):
     """Where the loop form is left to the autotuner: the forward tries the split form alone at 64/128-wide key
     blocks (the masked one has more instructions there) and both at 32; the backward both at run 6's picks, the
     split form elsewhere; every tile of the plain lists is in; causal launches keep one form a tile."""
@@ -657,8 +681,8 @@ def test_autotuner_picks_the_loop_form():
     assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
     lags = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
             for c in A._triton_auto_configs("fwd") if c.kwargs["LAG_PV"]]
-    assert sorted(lags) == sorted((c, t) for c in A._FWD_CONFIGS if c[1] <= A.LAG_MAX_BLOCK_N
-                                  for t in A._auto_tails("fwd", c))
+    assert sorted(lags) == sorted((c, t) for c in A._FWD_CONFIGS if A._lag_ok(c) for t in A._auto_tails("fwd", c))
+    assert (64, 64, 4, 3) in [c for c, _ in lags] and not any(c[:3] == (128, 64, 4) for c, _ in lags)
     assert len(fwd) == len(set(fwd)) + len(lags)  # each (tile, form) once, plus its lagged twin
     for tile, tail in fwd:
         assert tail or tile[1] < 64 or tile == A._FWD_FALLBACK, tile
@@ -679,6 +703,18 @@ def test_autotuner_picks_the_loop_form():
     for extra in ({"MASK_KIND": 1}, {"DROPOUT": True}):  # the lag's wgmmas come out synchronous there: left out
         kept = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=False, **extra)
         assert not any(c.kwargs["LAG_PV"] for c in kept) and len(kept) == len(both) - len(lags)
+
+    class CudaQ:  # a bf16 operand on a CUDA device, as the prune sees it
+        device = torch.device("cuda", 0)
+
+        def element_size(self):
+            return 2
+    for major in (9, 8):  # the 128-row tiles on one warpgroup (m64 wgmmas): Hopper only
+        monkeypatch.setattr(A, "cuda_major", lambda dev, major=major: major)
+        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                 for c in prune(configs, {"Q": CudaQ()}, BLOCK_D=64, CAUSAL=False)}
+        assert ({(128, 128, 4, 3), (128, 64, 4, 3)} <= tiles) == (major == 9), major
+        assert tiles >= {(64, 64, 4, 3), (128, 64, 8, 3)} and all(A._hopper_only("fwd", t) <= (major == 9) for t in tiles)
 
 
 def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
