@@ -658,10 +658,10 @@ def _choices(fwd: bool, block: int, pipe: int) -> List[Tuple[int, int]]:
 
 def _prune(fwd: bool):
     def prune(configs, named_args, **kwargs):  # the choices of the padded block (the chunks' sum, rounded up)
-        block = next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0))
-        want = set(_choices(fwd, block, kwargs["PIPE"]))
+        want = set(_choices(fwd, next_pow2(kwargs["BLOCK_N"] + kwargs.get("BLOCK_N2", 0)), kwargs["PIPE"]))
+        # a forced prefetch: not on one warp (_prefetch_ok); past PREFETCH_MAX_BLOCK it runs as asked
         return [c for c in configs if (c.kwargs["ROWS"], c.num_warps) in want
-                and not (kwargs.get("PREFETCH") and c.num_warps == 1)]  # (forced past 4096: as asked)
+                and not (kwargs.get("PREFETCH") and c.num_warps == 1)]
     return prune
 
 
