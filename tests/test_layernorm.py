@@ -406,6 +406,13 @@ def test_autotuner_picks_the_backward_layout_and_prefetch(monkeypatch):
         summed = {(c.kwargs["ROWS"], c.num_warps)
                   for c in L._auto_bwd_prune(configs, {"N": d}, COLSUMS=True) if c.kwargs["PIPE"]}
         assert summed == {rw for rw in piped if rw[1] > 1}, d
+    # the fixed-layout autotuner (a flag forced): a forced prefetch is not run on one warp
+    import triton
+    every = [triton.Config({"ROWS": r}, num_warps=w) for r, w in {rw for b in L._block_sizes() for rw in
+                                                                     L._bwd_choices(b)}]
+    for pf in (False, True):
+        kept = {(c.kwargs["ROWS"], c.num_warps) for c in L._prune(False)(every, {}, BLOCK_N=1024, PIPE=0, PREFETCH=pf)}
+        assert kept == {rw for rw in L._bwd_choices(1024) if not (pf and rw[1] == 1)}, pf
     assert L.LN_BWD_PREFETCH is None and L.LN_BWD_CHUNKS is None
     calls = []
 
