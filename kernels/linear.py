@@ -525,8 +525,8 @@ TMA_INTERPRET_SMS = 3  # fewer programs than tiles: the interpreter exercises th
 ELEMENTWISE_CONFIGS = [(8, 256, 4), (4, 256, 4), (8, 256, 8), (8, 128, 4), (16, 256, 8), (4, 512, 8)]
 # The dZ pass's partition: each program sums a fixed run of rows (a multiple of _DACT_ROWS, which every config's
 # BLOCK_M divides), sized so that about _DACT_PROGRAMS programs cover M x N in 256-column blocks, whatever tile the
-# autotuner picks. Fewer, longer runs than one row block a program: fewer fp32 partial rows for torch to sum
-# (run 3's fp32 reduce_kernel calls took 21 us each with up to 1024 partial rows).
+# autotuner picks. Fewer, longer runs than one row block a program: fewer fp32 partial rows to sum (run 3's torch
+# reduce_kernel calls took 21 us each with up to 1024 partial rows; kernels/colsum.py sums them since).
 _DACT_ROWS = 32
 _DACT_PROGRAMS = 4096
 assert all(_DACT_ROWS % c[0] == 0 for c in ELEMENTWISE_CONFIGS), "every elementwise BLOCK_M must divide _DACT_ROWS"
