@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from typing import ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -66,6 +65,7 @@ from flashvit.kernels._dispatch import (
     check_same_device,
     check_tensor,
     check_triton_dtypes,
+    cuda_major,
     custom_op,
     flat2d,
     launch,
@@ -880,13 +880,7 @@ def use_split_k(splits: int) -> ContextManager[None]:
 def _arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 80  # interpreter: any list works
-    return _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_arch(index: int) -> int:
-    major, _ = torch.cuda.get_device_capability(index)
-    return 90 if major >= 9 else 80
+    return 90 if cuda_major(device) >= 9 else 80
 
 
 def shape_class(M: int, N: int, K: int) -> str:
