@@ -8,13 +8,15 @@ forgotten by the gate.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import io
 import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 # sm_80 (A100) and sm_90 (H100/H200) shared memory per block, opt-in maximum.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -74,15 +76,46 @@ def compile_spec(spec: AotSpec, cc: int) -> Dict[str, Any]:
 
     fn = jit_function(spec.kernel)
     src = ASTSource(fn=fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
-    k = triton.compile(
-        src,
-        target=GPUTarget("cuda", cc, 32),
-        options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS},
-    )
+    with _ptxas_log() as log:
+        k = triton.compile(
+            src,
+            target=GPUTarget("cuda", cc, 32),
+            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages, **LAUNCH_OPTIONS},
+        )
     info = {"kernel": spec.label(), "cc": cc, "num_warps": spec.num_warps, "num_stages": spec.num_stages,
             "shared": int(k.metadata.shared), "fp_fusion": getattr(k.metadata, "enable_fp_fusion", None), "compiled": k}
-    info.update(ptxas_stats(k.asm["ptx"], cc))
+    stats = _parse_ptxas(log.getvalue())
+    info.update(stats if stats["registers"] is not None else ptxas_stats(k.asm["ptx"], cc))
     return info
+
+
+@contextlib.contextmanager
+def _ptxas_log() -> Iterator[io.StringIO]:
+    """Collect the ``ptxas -v`` report of the compile inside: Triton prints its own assembler run's log (the build
+    that ships, with its options: 3.8 adds --regAllocOptLevel=2) when asked, so the gate does not run ptxas a
+    second time; the cache is bypassed, else a cached kernel would skip ptxas and print nothing."""
+    from triton import knobs
+
+    saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    buf = io.StringIO()
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield buf
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+
+
+def _parse_ptxas(text: str) -> Dict[str, Optional[int]]:
+    """Registers and spill bytes from a ``ptxas -v`` report (None where it has no such line)."""
+    out: Dict[str, Optional[int]] = {"registers": None, "spill_stores": None, "spill_loads": None}
+    m = re.search(r"Used (\d+) registers", text)
+    if m:
+        out["registers"] = int(m.group(1))
+    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    if m:
+        out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
+    return out
 
 
 def _ptxas(cc: int) -> Optional[str]:
@@ -100,11 +133,11 @@ def _ptxas(cc: int) -> Optional[str]:
 
 
 def ptxas_stats(ptx: str, cc: int) -> Dict[str, Optional[int]]:
-    """Registers and spill bytes as ``ptxas -v`` reports them (None when ptxas is not at hand)."""
+    """Registers and spill bytes as ``ptxas -v`` reports them for ``ptx`` (None when ptxas is not at hand): a
+    second assembler run, for a Triton that does not print its own (see _ptxas_log)."""
     exe = _ptxas(cc)
-    out: Dict[str, Optional[int]] = {"registers": None, "spill_stores": None, "spill_loads": None}
     if exe is None:
-        return out
+        return _parse_ptxas("")
     arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
@@ -112,14 +145,7 @@ def ptxas_stats(ptx: str, cc: int) -> Dict[str, Optional[int]]:
             f.write(ptx)
         res = subprocess.run([exe, "-v", f"--gpu-name={arch}", src, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True)
-    text = res.stdout + res.stderr
-    m = re.search(r"Used (\d+) registers", text)
-    if m:
-        out["registers"] = int(m.group(1))
-    m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    if m:
-        out["spill_stores"], out["spill_loads"] = int(m.group(1)), int(m.group(2))
-    return out
+    return _parse_ptxas(res.stdout + res.stderr)
 
 
 def op_modules() -> list:
