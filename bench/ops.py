@@ -80,17 +80,18 @@ LATE_PRIORITY = ("mlp", "layer_norm", "add_layer_norm")  # row names whose torch
 # torch.compile's rows at D = 384 only before the graph step's budget ran out)
 GRAPH_LN_DIMS_ORDER = (768, 1024, 1280, 384)
 # impl tags of paths not yet run on a GPU (and diagnostics), in the order their groups run (a budget cuts the last):
-# [tail], [lag], [masked] and [tail+rows] (attention's forward, the op's open gap: its forward rows never fit runs 5
-# and 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before; [lag]:
-# the split loop with P·V one block late, forced) first,
+# [tail], [lag], [persist], [masked] and [tail+rows] (attention's forward, the op's open gap: its forward rows never
+# fit runs 5 and 6's budgets; the default now lets the autotuner pick the loop form, [masked] is the default before;
+# [lag]: the split loop with P·V one block late, forced; [persist]: the persistent forward, forced) first,
 # [fused] and [fused+tail] (attention's one-kernel backward) in the same groups, then the GEMM paths (hybrid's
 # training rows ran in run 6), [split] is attention's default at D=80 (a check), [dropout]
 # attention's in-kernel dropout against SDPA's (ViT-B's shape, training); [chunks], [prefetch], [chunks+prefetch]
 # and [padded] (LayerNorm's backward; the default lets the autotuner pick the layout and the prefetch, [padded]
 # is the default before: one padded block, no prefetch) exist with the graph timer only, whose step runs every
 # row (device time: the host hides LayerNorm's kernels there)
-EXPERIMENTAL = ("[tail]", "[lag]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]", "[gemm=tma]",
-                "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]", "[padded]")
+EXPERIMENTAL = ("[tail]", "[lag]", "[persist]", "[masked]", "[tail+rows]", "[fused]", "[fused+tail]", "[gemm=hybrid]",
+                "[gemm=tma]", "[nosplit]", "[split]", "[dropout]", "[chunks]", "[prefetch]", "[chunks+prefetch]",
+                "[padded]")
 MATH_MAX_SCORES = 2 ** 26  # B·H·N² above which the MATH SDPA backend is left out (slow, N² memory)
 
 
@@ -528,6 +529,12 @@ def _lag_context() -> Any:
     return importlib.import_module("flashvit.kernels.attention").use_fwd_lag(True)
 
 
+def _persist_context() -> Any:
+    """The persistent forward (use_fwd_persist: programs looping over tiles, the key loop masked) forced on; the
+    backward as the default's."""
+    return importlib.import_module("flashvit.kernels.attention").use_fwd_persist(True)
+
+
 def _sdpa_backends() -> List[Tuple[str, Any]]:
     try:
         from torch.nn.attention import SDPBackend
@@ -618,6 +625,12 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk("flashvit-qkv[lag]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_lag_context),
                                 unavailable=ctx.triton_reason))
+                # the persistent forward (use_fwd_persist), forced; where it has no form, the default runs
+                fits = importlib.import_module("flashvit.kernels.attention").persistent_forward_fits(D, ctx.dtype)
+                main.append(Job(mk("flashvit-qkv[persist]", note=knote),
+                                timed(const(ours_packed), args, mode, ctx, context=_persist_context),
+                                unavailable=ctx.triton_reason or ("" if fits else
+                                                                  f"no persistent forward at D={D}, {dt}")))
             main.append(Job(mk("flashvit-qkv[masked]", note=knote),
                             timed(const(ours_packed), args, mode, ctx,
                                   context=functools.partial(_tail_context, on=False)),

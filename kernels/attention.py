@@ -219,24 +219,23 @@ if HAS_TRITON:
                                svd, PRECISION, MASK_N, MASK_D)
         return acc, m_i, l_i
 
-    @triton.jit(do_not_specialize=["row0", "n_rows"])  # per-call ints: one build for any value
-    def _attn_fwd(Q, K, V, Out, LSE,
-                  sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
-                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
-                  Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, LAG_PV: tl.constexpr):
-        # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, 2, Nq) fp32, each row's softmax
-        # statistics in log2 units (see STATS).
+    @triton.jit
+    def _dev_attn_fwd_tile(Q, K, V, Out, LSE,
+                           sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
+                           H, N_Q, N_KV, row0, pid_m, pid_bh, qk_scale, dropout_p, seed,
+                           Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                           PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr,
+                           LAG_PV: tl.constexpr):
+        # Query rows row0 + pid_m·BLOCK_M ... of head pid_bh. Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any
+        # strides; LSE: (B·H, 2, Nq) fp32, each row's softmax statistics in log2 units (see STATS).
         # Head dims pad to BLOCK_D (masked). The forward does not split them as the backward can: split,
         # it measured slower (H100, D=80) and gave wrong results at D=40 (32 + 16) with BLOCK_N >= 64 on
         # Triton 3.6 (bench/results/2026-11-26-h100-diag/split40.txt). A 64 + 32 split, tried again, gave wrong
         # results at D = 80 at every 64-wide key block on an H200 with Triton 3.6 (max error 0.79-1.48, right in the
         # interpreter: bench/results/2026-11-28-h200-run4-tests/gpu_tests.log), so it was taken out again.
         # qk_scale = softmax_scale·log2(e), so exp2 of the scaled logits is the softmax numerator.
-        # N_BUCKET is unused in the body: it is the autotune key (next power of two of Nkv).
-        # This launch owns query rows [row0, row0 + n_rows) (see use_fwd_rows), BLOCK_M of them a program.
         # DROPOUT: probabilities dropped with probability dropout_p (Philox, seed; see _dev_keep) and the kept
         # ones scaled by 1 / (1 - dropout_p), as F.dropout; the stats are the undropped softmax's.
         # SPLIT_TAIL (non-causal): the full key blocks run without key masks, the remainder (< BLOCK_N keys)
@@ -244,11 +243,6 @@ if HAS_TRITON:
         # N = 197 at BLOCK_N = 64 runs 3 full blocks and one of 32 (224 keys computed) instead of 4 (256).
         # LAG_PV (non-causal): the full blocks' P·V (SPLIT_TAIL), or every block's, one block late
         # (_dev_attn_fwd_lagged).
-        pid = tl.program_id(0)
-        seed = _dev_seed(SEED, DROPOUT)
-        num_m = tl.cdiv(n_rows, BLOCK_M)
-        pid_m = pid % num_m
-        pid_bh = pid // num_m
         b = (pid_bh // H).to(tl.int64)
         h = (pid_bh % H).to(tl.int64)
         Q += b * sqb + h * sqh
@@ -316,6 +310,38 @@ if HAS_TRITON:
         stats = LSE + pid_bh.to(tl.int64) * 2 * N_Q + offs_m
         tl.store(stats, m_i, mask=m_ok)
         tl.store(stats + N_Q, tl.log2(l_safe), mask=m_ok)
+
+    @triton.jit(do_not_specialize=["row0", "n_rows", "BH"])  # per-call ints: one build for any value
+    def _attn_fwd(Q, K, V, Out, LSE,
+                  sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd, sob, son, soh, sod,
+                  H, N_Q, N_KV, N_BUCKET, row0, n_rows, qk_scale, dropout_p, SEED,
+                  Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n, BH,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                  PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr, LAG_PV: tl.constexpr, PERSIST: tl.constexpr):
+        # Q, Out: (B, Nq, H, D); K, V: (B, Nkv, H, D), any strides; LSE: (B·H, 2, Nq) fp32; BH = B·H. This launch
+        # owns query rows [row0, row0 + n_rows) (see use_fwd_rows). N_BUCKET is unused in the body: it is the
+        # autotune key (next power of two of Nkv). A program owns one (BLOCK_M query rows, head) tile (PERSIST 0),
+        # or (PERSIST > 0: the programs an SM the host launched, see FWD_PERSIST) tiles pid, pid + programs, ... in
+        # one loop flattened with the key loop, so the next tile's q, k and v loads are in flight while this
+        # tile's last key block and its stores run (short ViT sequences have 3-4 key blocks a tile). The
+        # persistent form runs the masked key loop (one inner loop: Triton flattens no more).
+        tl.static_assert(PERSIST == 0 or not (CAUSAL or SPLIT_TAIL or LAG_PV),
+                         "the persistent forward runs the masked, non-causal key loop")
+        seed = _dev_seed(SEED, DROPOUT)
+        num_m = tl.cdiv(n_rows, BLOCK_M)
+        if PERSIST:
+            for tile in tl.range(tl.program_id(0), num_m * BH, tl.num_programs(0), flatten=True):
+                _dev_attn_fwd_tile(Q, K, V, Out, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                                   sob, son, soh, sod, H, N_Q, N_KV, row0, tile % num_m, tile // num_m, qk_scale,
+                                   dropout_p, seed, Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n, HEAD_DIM,
+                                   BLOCK_D, False, PRECISION, False, DROPOUT, BLOCK_M, BLOCK_N, MASK_KIND, False)
+        else:
+            pid = tl.program_id(0)
+            _dev_attn_fwd_tile(Q, K, V, Out, LSE, sqb, sqn, sqh, sqd, skb, skn, skh, skd, svb, svn, svh, svd,
+                               sob, son, soh, sod, H, N_Q, N_KV, row0, pid % num_m, pid // num_m, qk_scale,
+                               dropout_p, seed, Mask, mask_b, mask_w, N_WIN, mask_h, mask_m, mask_n, HEAD_DIM,
+                               BLOCK_D, CAUSAL, PRECISION, SPLIT_TAIL, DROPOUT, BLOCK_M, BLOCK_N, MASK_KIND, LAG_PV)
 
     @triton.jit
     def _dropout_mask_kernel(Mask, N_Q, N_KV, dropout_p, SEED, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -879,6 +905,42 @@ def use_fwd_lag(on: bool) -> ContextManager[None]:
     return pushed(_fwd_lag, bool(on))
 
 
+# The persistent forward (PERSIST in _attn_fwd): programs-an-SM x SMs programs, each looping over tiles with the
+# next tile's loads in flight (Triton flattens the tile and key loops into one pipelined loop, as the TMA GEMM's
+# FLATTEN). For short sequences, where a tile's 3-4 key blocks leave each program's first loads exposed: at N = 197
+# the row split, which cut the padded rows, ran slower (2026-11-27-h100-run7: [tail+rows] 0.2164 ms, the default
+# 0.1813), so a tile's fixed costs, not its FLOPs, look like the gap to cuDNN (0.1684). PERSIST_TILES: tile -> the
+# programs an SM starts, as many as ptxas's registers and shared memory let an SM hold at once; more would leave
+# programs waiting for a whole earlier one (a tail of one program's share of the tiles). ptxas, sm_90, bf16,
+# D = 64, Triton 3.8 / 3.6: 64x64 w4s2 137 / 148 registers, 56 KiB (3 an SM by registers), 64x64 w4s3 168 / 166,
+# 80 KiB (2 by shared memory), 128x64 w4s3 246 / 254, 104 KiB (2); 128x64 w8s2 is left out (3.6: 175 registers
+# on 256 threads, one an SM). Each loads q into registers at its tile's start (Triton does not stream that load
+# ahead in the flattened loop: the other programs on the SM cover it). With an attention mask 64x64 w4s2 takes 231
+# registers on 3.6 (two fit, three start): the autotuner times it like the rest. Hopper only: on sm_80 the same
+# tile takes 232 registers (168 for one tile a program) and spills 96 bytes with a mask. Head-dim blocks up to
+# PERSIST_MAX_BLOCK_D (wider ones take more of both: fewer would fit), 16-bit inputs, non-causal.
+# None (the default): where the autotuner picks the loop form (SPLIT_TAIL None) these tiles' persistent form is
+# among its configs; True forces it (autotuned among PERSIST_TILES; the interpreter: _INTERPRET_PERSIST programs);
+# False leaves it out. Not yet timed on a GPU.
+FWD_PERSIST: Optional[bool] = None
+_fwd_persist: List[bool] = []  # innermost use_fwd_persist() last
+PERSIST_TILES: Dict[Tuple[int, int, int, int], int] = {(64, 64, 4, 3): 2, (64, 64, 4, 2): 3, (128, 64, 4, 3): 2}
+PERSIST_MAX_BLOCK_D = 64
+_INTERPRET_PERSIST = 2  # the interpreter's programs in all: each loops over several tiles
+
+
+def use_fwd_persist(on: bool) -> ContextManager[None]:
+    """Force the persistent forward (FWD_PERSIST) on or off inside a ``with`` block. On it takes over the loop form
+    (the masked one) and the row split; on a GPU it runs where ``persistent_forward_fits``, elsewhere the default."""
+    return pushed(_fwd_persist, bool(on))
+
+
+def persistent_forward_fits(head_dim: int, dtype: torch.dtype, causal: bool = False) -> bool:
+    """Whether a Hopper GPU may run the persistent forward (use_fwd_persist) at ``head_dim``, ``dtype``: 16-bit
+    inputs, head-dim blocks up to PERSIST_MAX_BLOCK_D, non-causal. The interpreter runs it at any."""
+    return not causal and dtype in (torch.float16, torch.bfloat16) and _block_d(head_dim) <= PERSIST_MAX_BLOCK_D
+
+
 # The backward's loops likewise (non-causal): dK/dV's over query blocks and dQ's over key blocks run their full
 # blocks without row masks and the partial last one apart. ptxas (Triton 3.6, sm_90, bf16, D = 64) counts
 # 298 instructions a thread for dK/dV's masked 32x64 query block (w4s2), about 70 of them masks. Not yet timed
@@ -1023,10 +1085,13 @@ def _make_prune(kind: str, ptr_name: str):
         # the lagged P·V compiles to synchronous wgmmas with a mask or dropout (Triton 3.6, 3.8): nothing to gain
         lag_ok = not kwargs.get("MASK_KIND", named_args.get("MASK_KIND")) and \
             not kwargs.get("DROPOUT", named_args.get("DROPOUT"))
+        # the persistent forward: non-causal, at head-dim blocks and dtypes where its programs an SM hold
+        persist_ok = not causal and (t.device.type != "cuda" or (
+            hopper and t.element_size() == 2 and block_d <= PERSIST_MAX_BLOCK_D))
         kept, tiles = [], set()
         for c in configs:
             tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            if c.kwargs.get("LAG_PV") and not lag_ok:
+            if c.kwargs.get("LAG_PV") and not lag_ok or c.kwargs.get("PERSIST") and not persist_ok:
                 continue
             if tile in want and not (causal and tile in tiles):  # causal kernels ignore SPLIT_TAIL: one form a tile
                 kept.append(c)
@@ -1059,11 +1124,15 @@ def _auto_tails(kind: str, cfg: Tuple[int, int, int, int]) -> Tuple[bool, ...]:
 
 def _auto_forms(kind: str, cfg: Tuple[int, int, int, int]) -> List[Dict[str, bool]]:
     """The loop forms the autotuner tries at a tile: SPLIT_TAIL (_auto_tails), and for the forward LAG_PV too
-    (each form lagged and not at key blocks up to LAG_MAX_BLOCK_N; FWD_LAG_PV)."""
+    (each form lagged and not at key blocks up to LAG_MAX_BLOCK_N; FWD_LAG_PV) and the persistent form at
+    PERSIST_TILES (FWD_PERSIST; PERSIST its programs an SM, else 0)."""
     if kind != "fwd":
         return [{"SPLIT_TAIL": t} for t in _auto_tails(kind, cfg)]
     lags = (False, True) if _lag_ok(cfg) else (False,)
-    return [{"SPLIT_TAIL": t, "LAG_PV": lag} for t in _auto_tails(kind, cfg) for lag in lags]
+    forms = [{"SPLIT_TAIL": t, "LAG_PV": lag, "PERSIST": 0} for t in _auto_tails(kind, cfg) for lag in lags]
+    if cfg in PERSIST_TILES:
+        forms.append({"SPLIT_TAIL": False, "LAG_PV": False, "PERSIST": PERSIST_TILES[cfg]})
+    return forms
 
 
 def _triton_auto_configs(kind: str) -> list:
@@ -1071,7 +1140,7 @@ def _triton_auto_configs(kind: str) -> list:
     configs, fallback = _table(kind)
     forms = [(c, f) for c in configs for f in _auto_forms(kind, c)]
     if fallback and fallback not in configs:
-        forms.append((fallback, {"SPLIT_TAIL": False, **({"LAG_PV": False} if kind == "fwd" else {})}))
+        forms.append((fallback, {"SPLIT_TAIL": False, **({"LAG_PV": False, "PERSIST": 0} if kind == "fwd" else {})}))
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **f}, num_warps=w, num_stages=s)
             for (bm, bn, w, s), f in forms]
 
@@ -1110,6 +1179,22 @@ if HAS_TRITON and not INTERPRET:
                        num_stages=c.num_stages) for c in _triton_auto_configs("fwd") if not c.kwargs["LAG_PV"]],
         key=[k for k in _FWD_KEY if k != "SPLIT_TAIL"],
         prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))}
+
+_attn_tuned_fwd: Dict[Tuple[bool, bool], Launcher] = {}  # (lag allowed, persistent) -> the forward's tuner
+
+
+def _fwd_persist_tuner(lag: bool, persist: bool) -> Launcher:
+    """The forward autotuner over _auto_forms' configs with the persistent form forced on (``persist``: those
+    alone) or off (the others; ``lag`` False: without the lagged ones), built on first use."""
+    tuner = _attn_tuned_fwd.get((lag, persist))
+    if tuner is None:
+        cfgs = [c for c in _triton_auto_configs("fwd")
+                if bool(c.kwargs["PERSIST"]) == persist and (lag or not c.kwargs["LAG_PV"])]
+        tuner = _attn_tuned_fwd[(lag, persist)] = Launcher(triton.autotune(
+            cfgs, key=[k for k in _FWD_KEY if k not in ("SPLIT_TAIL", "LAG_PV")],
+            prune_configs_by={"early_config_prune": _make_prune("fwd", "Q")})(_attn_fwd))
+    return tuner
+
 
 if HAS_TRITON:
     _PREPROCESS = Launcher(_attn_bwd_preprocess)
@@ -1151,41 +1236,64 @@ def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[in
     return _configs_for(kind, block_d, elsize)[0]
 
 
+def _persist_programs(cfg: Tuple[int, int, int, int]) -> int:
+    """Programs an SM of a forced persistent forward at fixed tile ``cfg`` (the interpreter: in all)."""
+    return _INTERPRET_PERSIST if INTERPRET else PERSIST_TILES.get(cfg, 1)
+
+
 def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
     """Launch a kernel ``kind`` (KINDS) over ``grid_rows`` program rows (keys for dK/dV) of ``bh`` heads, with
     the autotuner on a GPU, or with one fixed config (the interpreter, set_autotune(False), use_tile_config).
     ``consts["SPLIT_TAIL"]`` None: the autotuner picks the loop form too (AUTO_TAIL_KINDS), else the masked one;
     ``consts["LAG_PV"]`` (forward kinds) None likewise, else off; forced off with the form the autotuner's: its
-    configs without the lag (_attn_tuned_auto_nolag)."""
+    configs without the lag (_attn_tuned_auto_nolag). ``consts["PERSIST"]`` (forward kinds) None likewise (the
+    'fwd' kind only), True / False: the persistent form forced on / off (use_fwd_persist)."""
     fixed = INTERPRET or _forced_tiles or not _autotune
+    consts = dict(consts)
+    persist = consts.pop("PERSIST", None) if kind == "fwd" else False
+    consts.pop("PERSIST", None)
+    if persist:  # the persistent form runs the masked loop, its configs carry the rest
+        consts["SPLIT_TAIL"], consts["LAG_PV"] = False, False
     if consts["SPLIT_TAIL"] is None:
-        consts = dict(consts)
         if not fixed and kind in _attn_tuned_auto:
             del consts["SPLIT_TAIL"]
         else:
             consts["SPLIT_TAIL"] = False
     if consts.get("LAG_PV", False) is None:
-        consts = dict(consts)
         if "SPLIT_TAIL" in consts:
             consts["LAG_PV"] = False
         else:
             del consts["LAG_PV"]
+    sms = sm_count(args[0].device) if args[0].is_cuda and not INTERPRET else 1
     if fixed:
         cfg = _fixed_config(kind, consts, args[0].element_size())
-        launch(_kernel(kind), (cdiv(grid_rows, _prog_rows(kind, cfg)) * bh,),
-               *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+        progs = cdiv(grid_rows, _prog_rows(kind, cfg)) * bh
+        if kind.startswith("fwd"):
+            consts["PERSIST"] = _persist_programs(cfg) if persist else 0
+            progs = min(progs, consts["PERSIST"] * sms) if persist else progs
+        launch(_kernel(kind), (progs,), *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2],
+               num_stages=cfg[3])
         return
 
     def grid(meta):
-        return (cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh,)
+        progs = cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh
+        return (min(progs, meta["PERSIST"] * sms) if meta.get("PERSIST") else progs,)
 
-    if "SPLIT_TAIL" in consts:
-        tuned = _attn_tuned
+    if persist:
+        tuned = _fwd_persist_tuner(False, True)
+        del consts["SPLIT_TAIL"], consts["LAG_PV"]
+    elif "SPLIT_TAIL" in consts:
+        tuned = _attn_tuned[kind]
+        if kind.startswith("fwd"):
+            consts["PERSIST"] = 0
+    elif persist is False and kind == "fwd":  # the persistent form forced off, the loop form the autotuner's
+        tuned = _fwd_persist_tuner("LAG_PV" not in consts, False)
+        consts.pop("LAG_PV", None)
     elif consts.get("LAG_PV") is False:  # the lag forced off, the loop form the autotuner's
-        tuned = _attn_tuned_auto_nolag
+        tuned = _attn_tuned_auto_nolag[kind]
     else:
-        tuned = _attn_tuned_auto
-    tuned[kind](grid, args, consts)
+        tuned = _attn_tuned_auto[kind]
+    tuned(grid, args, consts)
 
 
 def _launch_rows(kind: str, n: int, bh: int, head: tuple, tail: tuple, consts: Dict[str, object],
@@ -1267,15 +1375,22 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     gpu = () if INTERPRET or not q.is_cuda else (q, k, v, out)
     split_tail = _fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL
     lag = _fwd_lag[-1] if _fwd_lag else FWD_LAG_PV
-    if lag and split_tail is None:
+    persist = _fwd_persist[-1] if _fwd_persist else FWD_PERSIST
+    if persist and (causal or (gpu and (cuda_major(q.device) < 9 or not persistent_forward_fits(D, q.dtype)))):
+        persist = None  # no persistent form here: the default's (the autotuner's prune leaves it out too)
+    if persist:
+        split_tail, lag = False, False  # the persistent form's loop (see _attn_fwd)
+    elif lag and split_tail is None:
         split_tail = True  # a forced lag, the loop form not forced: the split loop
     elif lag is None and split_tail is not None:
         lag = False  # a forced loop form: the autotuner's configs do not carry the lag
     consts = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, gpu), CAUSAL=bool(causal), PRECISION=_precision(q.dtype, allow_tf32),
-                  SPLIT_TAIL=split_tail, DROPOUT=dropout_p > 0.0, MASK_KIND=_mask_kind(mask), LAG_PV=lag)
+                  SPLIT_TAIL=split_tail, DROPOUT=dropout_p > 0.0, MASK_KIND=_mask_kind(mask), LAG_PV=lag,
+                  PERSIST=persist)
     head = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out), H, NQ, NKV, _bucket(NKV))
-    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q))
-    _launch_rows("fwd", NQ, B * H, head, tail, consts, _fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT)
+    tail = (float(softmax_scale) * LOG2E, float(dropout_p), _seed_arg(seed, q.device), *_mask_args(mask, q), B * H)
+    rows = (_fwd_rows[-1] if _fwd_rows else FWD_ROW_SPLIT) and not persist  # (the persistent form takes over)
+    _launch_rows("fwd", NQ, B * H, head, tail, consts, rows)
     return out, lse
 
 
@@ -1997,9 +2112,9 @@ def _aot_signature(kern, ptr: str) -> Tuple[Dict[str, str], Dict[str, object]]:
     return sig, consts
 
 
-_INT_ARGS = ("H", "N_Q", "N_KV", "N_BUCKET", "N_WIN", "N_CHUNK", "CHUNK_I")
+_INT_ARGS = ("H", "BH", "N_Q", "N_KV", "N_BUCKET", "N_WIN", "N_CHUNK", "CHUNK_I")
 _CONSTEXPRS = ("HEAD_DIM", "BLOCK_D", "BLOCK_D2", "CAUSAL", "PRECISION", "SPLIT_TAIL", "DROPOUT", "BLOCK_M",
-               "BLOCK_N", "MASK_KIND", "LAG_PV")
+               "BLOCK_N", "MASK_KIND", "LAG_PV", "PERSIST")
 
 
 def _row_strides(sig: Dict[str, str]) -> Tuple[str, ...]:
@@ -2031,6 +2146,7 @@ def _aot_specs() -> List[AotSpec]:
             consts["MASK_KIND"] = 0
             if fwd:
                 consts["LAG_PV"] = False  # the lagged P·V: below
+                consts["PERSIST"] = 0  # the persistent form: below
             tail = False  # the masked loop here, the split one below (the autotuner tries both: _auto_tails)
             consts["SPLIT_TAIL"] = tail
             consts["DROPOUT"] = False
@@ -2076,6 +2192,21 @@ def _aot_specs() -> List[AotSpec]:
                                                     MASK_KIND=mk, DROPOUT=drop), w, s,
                                 f"attn_fwd[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},lag,tail={int(split_tail)},"
                                 f"mask={mk},dropout={int(drop)}]", div16=_row_strides(sig)))
+        if d <= PERSIST_MAX_BLOCK_D and not causal and ty in ("bf16", "fp16"):  # the persistent forward's tiles
+            kern = _kernel("fwd")  # (FWD_PERSIST; with a mask and dropout once, at ViT's head dim 64 in bf16)
+            sig, consts = _aot_signature(kern, "*" + ty)
+            consts.update(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=False, PRECISION=prec, SPLIT_TAIL=False,
+                          LAG_PV=False, DROPOUT=False, MASK_KIND=0)
+            for i, cfg in enumerate(c for c in _configs_for("fwd", _block_d(d), es) if c in PERSIST_TILES):
+                bm, bn, w, st = cfg
+                extra = [(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)] if i == 0 and (d, ty) == (64, "bf16") \
+                    else []
+                for p_sig, mk, drop in [(sig, 0, False)] + extra:
+                    specs.append(runtime_spec(
+                        kern, p_sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk, DROPOUT=drop,
+                                          PERSIST=PERSIST_TILES[cfg]), w, st,
+                        f"attn_fwd[D={d},{ty},{prec},{bm}x{bn},w{w}s{st},persist={PERSIST_TILES[cfg]},mask={mk},"
+                        f"dropout={int(drop)}]", div16=_row_strides(sig), min_cc=90))
         if not seen.issuperset({"mask"}):
             seen.add("mask")
             sig, consts = _aot_signature(_dropout_mask_kernel, "*i8")

@@ -246,6 +246,28 @@ def test_forward_lag_routing(monkeypatch):
         assert (got["SPLIT_TAIL"], got["LAG_PV"]) == want, (uses, got)
 
 
+def test_forward_persist_routing(monkeypatch):
+    """use_fwd_persist(True) launches PERSIST with the masked loop, no lag and no row split, whatever else is forced,
+    and passes B·H (the persistent loop's tile count); causal has no persistent form (the default's None); the
+    default leaves it to _launch (None), False keeps it off."""
+    seen = []
+    monkeypatch.setattr(A, "_launch_rows", lambda kind, n, bh, head, tail, consts, split:
+                        seen.append((dict(consts), split, tail[-1])))
+    q = torch.zeros(2, 3, 5, 16, device=DEVICE)
+    with A.use_fwd_persist(True), A.use_fwd_tail(True), A.use_fwd_lag(True), A.use_fwd_rows(True):
+        A.attention_fwd(q, q, q, 0.25, False)
+    consts, split, bh = seen.pop()
+    assert (consts["PERSIST"], consts["SPLIT_TAIL"], consts["LAG_PV"], split, bh) == (True, False, False, False, 10)
+    with A.use_fwd_persist(True):
+        A.attention_fwd(q, q, q, 0.25, True)
+    assert seen.pop()[0]["PERSIST"] is None
+    A.attention_fwd(q, q, q, 0.25, False)
+    assert seen.pop()[0]["PERSIST"] is None and A._fwd_persist == [] and A.FWD_PERSIST is None
+    with A.use_fwd_persist(False):
+        A.attention_fwd(q, q, q, 0.25, False)
+    assert seen.pop()[0]["PERSIST"] is False
+
+
 def _masks(kind, B, Nq, Nkv, H, dtype, seed):
     """Attention masks as timm, HF and BEiT give them (SDPA's (B, H, Nq, Nkv) order, broadcast)."""
     g = torch.Generator().manual_seed(seed)
@@ -648,8 +670,8 @@ def test_forward_lagged_pv_gpu(B, N, H, D, cfg, autotuned):
 @pytest.mark.parametrize("N", [197, 577])
 def test_every_forward_tile_gpu(N):
     """Each forward tile the autotuner may pick at ViT's head dim 64 in bf16 (_configs_for: 128-row tiles on one
-    warpgroup among them), in each loop form it tries there (_auto_forms), forced alone: packed qkv output vs
-    float64 (2x rule)."""
+    warpgroup among them), in each loop form it tries there (_auto_forms, the persistent one included), forced
+    alone: packed qkv output vs float64 (2x rule)."""
     B, H, D = 2, 6, 64
     qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
     ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
@@ -659,13 +681,38 @@ def test_every_forward_tile_gpu(N):
     for cfg in tiles:
         for form in A._auto_forms("fwd", cfg):
             with A.use_tile_config(cfg), A.use_fwd_tail(form["SPLIT_TAIL"]), A.use_fwd_lag(form["LAG_PV"]), \
-                    torch.no_grad():
+                    A.use_fwd_persist(bool(form["PERSIST"])), torch.no_grad():
                 out = qkv_attention(qkv, H, backend="triton")
             try:
                 assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=f"{cfg} {form}")
             except AssertionError as e:
                 bad.append(str(e).splitlines()[0][:200])
     assert not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [50, 197, 577])
+def test_persistent_forward_gpu(N, autotuned):
+    """use_fwd_persist(True) on a Hopper GPU with several tiles a program (B·H·tiles > SMs x PERSIST): each
+    persistent tile forced alone (packed qkv output vs float64, 2x rule), then autotuned among them with the
+    gradients through the default backward (2x/3x rule)."""
+    if A.cuda_major(torch.device(DEVICE)) < 9:
+        pytest.skip("the persistent forward runs on sm_90+ (PERSIST_TILES)")
+    B, H, D = 48 if N < 128 else 24, 12, 64
+    assert B * H * -(-N // 128) > 3 * torch.cuda.get_device_properties(0).multi_processor_count
+    qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
+    ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
+    bad = []
+    for cfg in A.PERSIST_TILES:
+        with A.use_tile_config(cfg), A.use_fwd_persist(True), torch.no_grad():
+            out = qkv_attention(qkv, H, backend="triton")
+        try:
+            assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=f"{cfg}")
+        except AssertionError as e:
+            bad.append(str(e).splitlines()[0][:200])
+    assert not bad, bad
+    with A.use_fwd_persist(True):
+        _check_qkv(B, N, H, D, torch.bfloat16)
 
 
 @pytest.mark.skipif(not A.HAS_TRITON, reason="builds triton.Config objects")
@@ -675,12 +722,17 @@ def test_autotuner_picks_the_loop_form(monkeypatch):
     split form elsewhere; every tile of the plain lists is in; causal launches keep one form a tile."""
     def forms(kind):
         return [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
-                for c in A._triton_auto_configs(kind)]
+                for c in A._triton_auto_configs(kind) if not c.kwargs.get("PERSIST")]
 
     fwd = forms("fwd")
     assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
     lags = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
             for c in A._triton_auto_configs("fwd") if c.kwargs["LAG_PV"]]
+    persist = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c.kwargs
+               for c in A._triton_auto_configs("fwd") if c.kwargs["PERSIST"]}
+    assert persist.keys() == A.PERSIST_TILES.keys() <= set(A._FWD_CONFIGS)  # (the persistent form: masked loop)
+    assert all(kw["PERSIST"] == A.PERSIST_TILES[t] and not kw["SPLIT_TAIL"] and not kw["LAG_PV"]
+               for t, kw in persist.items())
     assert sorted(lags) == sorted((c, t) for c in A._FWD_CONFIGS if A._lag_ok(c) for t in A._auto_tails("fwd", c))
     assert (64, 64, 4, 3) in [c for c, _ in lags] and not any(c[:3] == (128, 64, 4) for c, _ in lags)
     assert len(fwd) == len(set(fwd)) + len(lags)  # each (tile, form) once, plus its lagged twin
@@ -699,22 +751,30 @@ def test_autotuner_picks_the_loop_form(monkeypatch):
     one = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=True)
     assert len(both) > len(one) == len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                         for c in both})
-    assert not any(c.kwargs["LAG_PV"] for c in one) and sum(c.kwargs["LAG_PV"] for c in both) == len(lags)
+    assert not any(c.kwargs["LAG_PV"] or c.kwargs["PERSIST"] for c in one)  # (no causal persistent form)
+    assert sum(c.kwargs["LAG_PV"] for c in both) == len(lags) and sum(bool(c.kwargs["PERSIST"]) for c in both) \
+        == len(persist)
     for extra in ({"MASK_KIND": 1}, {"DROPOUT": True}):  # the lag's wgmmas come out synchronous there: left out
         kept = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=False, **extra)
         assert not any(c.kwargs["LAG_PV"] for c in kept) and len(kept) == len(both) - len(lags)
 
-    class CudaQ:  # a bf16 operand on a CUDA device, as the prune sees it
+    class CudaQ:  # an operand of ``size`` bytes an element on a CUDA device, as the prune sees it
         device = torch.device("cuda", 0)
 
+        def __init__(self, size=2):
+            self.size = size
+
         def element_size(self):
-            return 2
-    for major in (9, 8):  # the 128-row tiles on one warpgroup (m64 wgmmas): Hopper only
+            return self.size
+    for major in (9, 8):  # the 128-row tiles on one warpgroup (m64 wgmmas), the persistent form: Hopper only
         monkeypatch.setattr(A, "cuda_major", lambda dev, major=major: major)
-        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                 for c in prune(configs, {"Q": CudaQ()}, BLOCK_D=64, CAUSAL=False)}
+        kept = prune(configs, {"Q": CudaQ()}, BLOCK_D=64, CAUSAL=False)
+        tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert ({(128, 128, 4, 3), (128, 64, 4, 3)} <= tiles) == (major == 9), major
         assert tiles >= {(64, 64, 4, 3), (128, 64, 8, 3)} and all(A._hopper_only("fwd", t) <= (major == 9) for t in tiles)
+        assert sum(bool(c.kwargs["PERSIST"]) for c in kept) == (len(persist) if major == 9 else 0)
+    for size, block_d in ((4, 64), (2, 128)):  # fp32, wider heads: no persistent form (PERSIST_MAX_BLOCK_D)
+        assert not any(c.kwargs["PERSIST"] for c in prune(configs, {"Q": CudaQ(size)}, BLOCK_D=block_d, CAUSAL=False))
 
 
 def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
@@ -740,7 +800,7 @@ def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
         A._launch(kind, 10, 2, args, consts)
         assert calls.pop() == ("auto", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
     A._launch("fwd_rows", 10, 2, args, consts)
-    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False))
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False, PERSIST=0))
     A._launch("fused", 1, 2, args, consts)
     assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False))
     A._launch("dq", 10, 2, args, dict(consts, SPLIT_TAIL=True))
@@ -750,13 +810,23 @@ def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
     A._launch("fwd", 10, 2, args, lag)
     assert calls.pop() == ("auto", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
     A._launch("fwd_rows", 10, 2, args, lag)
-    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False, LAG_PV=False))
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=False, LAG_PV=False, PERSIST=0))
     A._launch("fwd", 10, 2, args, dict(lag, SPLIT_TAIL=True, LAG_PV=True))
-    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True, LAG_PV=True))
+    assert calls.pop() == ("plain", dict(consts, SPLIT_TAIL=True, LAG_PV=True, PERSIST=0))
     assert lag["LAG_PV"] is None
     monkeypatch.setattr(A, "_attn_tuned_auto_nolag", {"fwd": Rec("nolag")})  # use_fwd_lag(False), the form left
     A._launch("fwd", 10, 2, args, dict(lag, LAG_PV=False))  # to the autotuner: its configs without the lag
     assert calls.pop() == ("nolag", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False, LAG_PV=False))
+    persist = {}  # use_fwd_persist: on, its configs alone (the form theirs); off, the others (the lag as asked)
+    monkeypatch.setattr(A, "_fwd_persist_tuner", lambda lag, on: persist.setdefault((lag, on), Rec(f"persist{lag}{on}")))
+    A._launch("fwd", 10, 2, args, dict(lag, PERSIST=True, LAG_PV=True))
+    assert calls.pop() == ("persistFalseTrue", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
+    A._launch("fwd", 10, 2, args, dict(lag, PERSIST=False))
+    assert calls.pop() == ("persistTrueFalse", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
+    A._launch("fwd", 10, 2, args, dict(lag, PERSIST=False, LAG_PV=False))
+    assert calls.pop() == ("persistFalseFalse", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
+    A._launch("fwd", 10, 2, args, dict(lag, PERSIST=None))
+    assert calls.pop() == ("auto", dict(HEAD_DIM=64, BLOCK_D=64, CAUSAL=False))
     launched = []
 
     class Kern:
@@ -770,6 +840,69 @@ def test_launch_leaves_the_loop_form_to_the_autotuner(monkeypatch):
         monkeypatch.setattr(A, "_autotune", True)
         A._launch("dkdv", 10, 2, args, consts)
     assert launched == [False, False] and not calls
+
+
+def _spy_persist(monkeypatch) -> list:
+    """(programs, PERSIST) of each forward launch from here on."""
+    seen, real = [], A.launch
+
+    def spy(kernel, grid, *args, **consts):
+        if "PERSIST" in consts:
+            seen.append((grid[0], consts["PERSIST"]))
+        return real(kernel, grid, *args, **consts)
+    monkeypatch.setattr(A, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("B,Nq,Nkv,H,D,dtype,noncontig", [
+    (2, 70, 97, 3, 40, torch.float32, False),  # 18 tiles of the interpreter's 32 rows for 2 programs, partial ones
+    (1, 5, 31, 2, 64, torch.float16, True),    # one partial tile a head, one partial key block, strided inputs
+    (3, 33, 1, 1, 16, torch.float32, False),   # one key
+])
+def test_persistent_forward(B, Nq, Nkv, H, D, dtype, noncontig, monkeypatch):
+    """use_fwd_persist(True): _INTERPRET_PERSIST programs in all loop over every (query block, head) tile, the key
+    loop masked (PERSIST in _attn_fwd): output and gradients vs float64 (2x/3x rule)."""
+    seen = _spy_persist(monkeypatch)
+    with A.use_fwd_persist(True):
+        _check_attention(B, Nq, Nkv, H, D, False, dtype, noncontig)
+    tiles = -(-Nq // A._INTERPRET_CONFIG[0]) * B * H
+    assert seen == [(min(tiles, A._INTERPRET_PERSIST), A._INTERPRET_PERSIST)]
+    seen.clear()
+    with A.use_fwd_persist(True):  # causal: no persistent form, the default runs
+        _check_attention(1, 17, 17, 2, 32, True, torch.float32)
+    assert seen == [(2 * -(-17 // A._INTERPRET_CONFIG[0]), 0)]
+    q, _, _ = _inputs(B, Nq, 1, H, D, dtype)
+    none = torch.zeros(B, 0, H, D, dtype=dtype, device=DEVICE)
+    with A.use_fwd_persist(True):  # no keys at all: an empty key loop a tile, zero rows
+        out, _ = A.attention_fwd(q, none, none, D ** -0.5, False, out=poison(torch.empty_like(q)))
+    assert torch.equal(out, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("kind", ["bool_full", "hf_additive", "dropout"])
+def test_persistent_forward_same_as_one_tile_a_program(kind, monkeypatch):
+    """The persistent forward with an attention mask or dropout (the keep mask is drawn by each score's place):
+    bit-equal outputs and stats to one tile a program (the same masked loop, tile for tile), poisoned outputs
+    all written."""
+    B, N, H, D = 2, 45, 3, 32
+    q, k, v = (randn(B, N, H, D, dtype=torch.float16, device=DEVICE) for _ in range(3))
+    mask = None if kind == "dropout" else _masks(kind, B, N, N, H, torch.float16, fresh_seed()).expand(B, H, N, N)
+    p, seed = (0.3, 1234) if kind == "dropout" else (0.0, None)
+    seen = _spy_persist(monkeypatch)
+    outs = []
+    for on in (False, True):
+        out = torch.full((B, N, H, D), float("nan"), dtype=torch.float16, device=DEVICE)
+        lse = torch.full((B, H, 2, N), float("nan"), device=DEVICE)
+        with A.use_fwd_persist(on):
+            outs.append(A.attention_fwd(q, k, v, D ** -0.5, False, out=out, lse=lse, dropout_p=p, seed=seed,
+                                        mask=mask))
+    assert [s[1] for s in seen] == [0, A._INTERPRET_PERSIST]
+    for a, b in zip(*outs):
+        assert not a.isnan().any() and torch.equal(a, b)
+    if kind != "dropout":
+        ref = A.attention_reference(q.double(), k.double(), v.double(), attn_mask=mask if mask.dtype == torch.bool
+                                    else mask.double())
+        assert_close_to_ref(outs[1][0], ref, A.attention_reference(q, k, v, attn_mask=mask), atol=FP_ATOL[torch.float16],
+                            name="out")
 
 
 @pytest.mark.parametrize("cfg,Nkv", [((32, 64, 4, 1), 97), ((16, 128, 4, 1), 130), ((16, 128, 4, 1), 31),

@@ -402,7 +402,8 @@ def test_experimental_rows_order():
     groups = list(dict.fromkeys(j.row.group() for j in jobs))
     first = [j.row for j in jobs if j.row.group() == groups[0]]
     assert first[0].name == "attention" and first[0].mode == "fwd" and first[0].baseline, first[0]
-    assert {"flashvit-qkv[tail]", "flashvit-qkv[lag]", "flashvit-qkv[masked]"} <= {r.impl for r in first}
+    assert {"flashvit-qkv[tail]", "flashvit-qkv[lag]", "flashvit-qkv[persist]", "flashvit-qkv[masked]"} \
+        <= {r.impl for r in first}
     second = [j.row for j in jobs if j.row.group() == groups[1]]  # the same shape's fwd+bwd
     assert second[0].shape == first[0].shape and second[0].mode == "fwd+bwd", second[0]
     assert {"flashvit-qkv[fused]", "flashvit-qkv[fused+tail]"} <= {r.impl for r in second}
