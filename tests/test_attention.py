@@ -674,20 +674,30 @@ def test_every_forward_tile_gpu(N):
     alone: packed qkv output vs float64 (2x rule)."""
     B, H, D = 2, 6, 64
     qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
-    ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
     tiles = A._configs_for("fwd", 64, 2)
     assert (128, 128, 4, 3) in tiles and (128, 64, 4, 3) in tiles
-    bad = []
-    for cfg in tiles:
-        for form in A._auto_forms("fwd", cfg):
-            with A.use_tile_config(cfg), A.use_fwd_tail(form["SPLIT_TAIL"]), A.use_fwd_lag(form["LAG_PV"]), \
-                    A.use_fwd_persist(bool(form["PERSIST"])), torch.no_grad():
-                out = qkv_attention(qkv, H, backend="triton")
-            try:
-                assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=f"{cfg} {form}")
-            except AssertionError as e:
-                bad.append(str(e).splitlines()[0][:200])
+    runs = [(f"{cfg} {form}", lambda cfg=cfg, form=form: (
+        A.use_tile_config(cfg), A.use_fwd_tail(form["SPLIT_TAIL"]), A.use_fwd_lag(form["LAG_PV"]),
+        A.use_fwd_persist(bool(form["PERSIST"])))) for cfg in tiles for form in A._auto_forms("fwd", cfg)]
+    bad = _bad_forward_runs(qkv, H, runs)
     assert not bad, bad
+
+
+def _bad_forward_runs(qkv, H, runs) -> list:
+    """The failures of ``runs``, (name, a function giving the context managers to run under): each the packed qkv
+    forward in bf16 vs float64 (2x rule)."""
+    ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
+    bad = []
+    for name, uses in runs:
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for use in uses():
+                stack.enter_context(use)
+            out = qkv_attention(qkv, H, backend="triton")
+        try:
+            assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=name)
+        except AssertionError as e:
+            bad.append(str(e).splitlines()[0][:200])
+    return bad
 
 
 @pytest.mark.gpu
@@ -701,15 +711,8 @@ def test_persistent_forward_gpu(N, autotuned):
     B, H, D = 48 if N < 128 else 24, 12, 64
     assert B * H * -(-N // 128) > 3 * torch.cuda.get_device_properties(0).multi_processor_count
     qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
-    ref64, ref = A.qkv_attention_reference(qkv.double(), H), A.qkv_attention_reference(qkv, H)
-    bad = []
-    for cfg in A.PERSIST_TILES:
-        with A.use_tile_config(cfg), A.use_fwd_persist(True), torch.no_grad():
-            out = qkv_attention(qkv, H, backend="triton")
-        try:
-            assert_close_to_ref(out, ref64, ref, atol=FP_ATOL[torch.bfloat16], name=f"{cfg}")
-        except AssertionError as e:
-            bad.append(str(e).splitlines()[0][:200])
+    bad = _bad_forward_runs(qkv, H, [(f"{cfg}", lambda cfg=cfg: (A.use_tile_config(cfg), A.use_fwd_persist(True)))
+                                     for cfg in A.PERSIST_TILES])
     assert not bad, bad
     with A.use_fwd_persist(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
