@@ -909,23 +909,26 @@ def use_fwd_lag(on: bool) -> ContextManager[None]:
 # next tile's loads in flight (Triton flattens the tile and key loops into one pipelined loop, as the TMA GEMM's
 # FLATTEN). For short sequences, where a tile's 3-4 key blocks leave each program's first loads exposed: at N = 197
 # the row split, which cut the padded rows, ran slower (2026-11-27-h100-run7: [tail+rows] 0.2164 ms, the default
-# 0.1813), so a tile's fixed costs, not its FLOPs, look like the gap to cuDNN (0.1684). PERSIST_TILES: tile -> the
-# programs an SM starts, as many as ptxas's registers and shared memory let an SM hold at once; more would leave
-# programs waiting for a whole earlier one (a tail of one program's share of the tiles). ptxas, sm_90, bf16,
-# D = 64, Triton 3.8 / 3.6: 64x64 w4s2 137 / 148 registers, 56 KiB (3 an SM by registers), 64x64 w4s3 168 / 166,
-# 80 KiB (2 by shared memory), 128x64 w4s3 246 / 254, 104 KiB (2); 128x64 w8s2 is left out (3.6: 175 registers
-# on 256 threads, one an SM). Each loads q into registers at its tile's start (Triton does not stream that load
-# ahead in the flattened loop: the other programs on the SM cover it). With an attention mask 64x64 w4s2 takes 231
-# registers on 3.6 (two fit, three start): the autotuner times it like the rest. Hopper only: on sm_80 the same
-# tile takes 232 registers (168 for one tile a program) and spills 96 bytes with a mask. Head-dim blocks up to
-# PERSIST_MAX_BLOCK_D (wider ones take more of both: fewer would fit), 16-bit inputs, non-causal.
+# 0.1813), so a tile's fixed costs, not its FLOPs, look like the gap to cuDNN (0.1684).
+# PERSIST_TILES: head-dim block -> tile -> the programs an SM starts, as many as ptxas's registers and shared memory
+# let an SM hold at once; more would leave programs waiting for a whole earlier one (a tail of one program's share
+# of the tiles). ptxas, sm_90, bf16, D = 64, Triton 3.8 / 3.6: 64x64 w4s2 137 / 148 registers, 56 KiB (3 an SM by
+# registers), 64x64 w4s3 168 / 166, 80 KiB (2 by shared memory), 128x64 w4s3 246 / 254, 104 KiB (2); 128x64 w8s2 is
+# left out (3.6: 175 registers on 256 threads, one an SM). Head-dim block 128 (D = 80, ViT-H): 64x64 w4s2 180 / 244,
+# 104 KiB, 64x32 w4s3 168 / 228, 104 KiB: 2 an SM each; 64x64 w4s3 (152 KiB) and 128x64 w4s3 (spills 560-628
+# bytes) left out there. Blocks under 64 take the 64 table (fewer registers: no more programs than fit), wider ones
+# none. Each program loads q into registers at its tile's start (Triton does not stream that load ahead in the
+# flattened loop: the other programs on the SM cover it). With an attention mask 64x64 w4s2 takes 231 registers on
+# 3.6 at D = 64 (two fit, three start): the autotuner times it like the rest. Hopper only: on sm_80 the same tile
+# takes 232 registers (168 for one tile a program) and spills 96 bytes with a mask. 16-bit inputs, non-causal.
 # None (the default): where the autotuner picks the loop form (SPLIT_TAIL None) these tiles' persistent form is
 # among its configs; True forces it (autotuned among PERSIST_TILES; the interpreter: _INTERPRET_PERSIST programs);
 # False leaves it out. Not yet timed on a GPU.
 FWD_PERSIST: Optional[bool] = None
 _fwd_persist: List[bool] = []  # innermost use_fwd_persist() last
-PERSIST_TILES: Dict[Tuple[int, int, int, int], int] = {(64, 64, 4, 3): 2, (64, 64, 4, 2): 3, (128, 64, 4, 3): 2}
-PERSIST_MAX_BLOCK_D = 64
+PERSIST_TILES: Dict[int, Dict[Tuple[int, int, int, int], int]] = {
+    64: {(64, 64, 4, 3): 2, (64, 64, 4, 2): 3, (128, 64, 4, 3): 2},
+    128: {(64, 64, 4, 2): 2, (64, 32, 4, 3): 2}}
 _INTERPRET_PERSIST = 2  # the interpreter's programs in all: each loops over several tiles
 
 
@@ -935,10 +938,16 @@ def use_fwd_persist(on: bool) -> ContextManager[None]:
     return pushed(_fwd_persist, bool(on))
 
 
+def persist_tiles(block_d: int) -> Dict[Tuple[int, int, int, int], int]:
+    """The persistent forward's tiles -> programs an SM at head-dim block ``block_d`` (PERSIST_TILES; blocks under
+    64 take its 64 table)."""
+    return PERSIST_TILES.get(max(block_d, 64), {})
+
+
 def persistent_forward_fits(head_dim: int, dtype: torch.dtype, causal: bool = False) -> bool:
     """Whether a Hopper GPU may run the persistent forward (use_fwd_persist) at ``head_dim``, ``dtype``: 16-bit
-    inputs, head-dim blocks up to PERSIST_MAX_BLOCK_D, non-causal. The interpreter runs it at any."""
-    return not causal and dtype in (torch.float16, torch.bfloat16) and _block_d(head_dim) <= PERSIST_MAX_BLOCK_D
+    inputs, a head-dim block PERSIST_TILES has, non-causal. The interpreter runs it at any."""
+    return not causal and dtype in (torch.float16, torch.bfloat16) and bool(persist_tiles(_block_d(head_dim)))
 
 
 # The backward's loops likewise (non-causal): dK/dV's over query blocks and dQ's over key blocks run their full
@@ -1085,13 +1094,16 @@ def _make_prune(kind: str, ptr_name: str):
         # the lagged P·V compiles to synchronous wgmmas with a mask or dropout (Triton 3.6, 3.8): nothing to gain
         lag_ok = not kwargs.get("MASK_KIND", named_args.get("MASK_KIND")) and \
             not kwargs.get("DROPOUT", named_args.get("DROPOUT"))
-        # the persistent forward: non-causal, at head-dim blocks and dtypes where its programs an SM hold
-        persist_ok = not causal and (t.device.type != "cuda" or (
-            hopper and t.element_size() == 2 and block_d <= PERSIST_MAX_BLOCK_D))
+        # the persistent forward: non-causal, 16-bit on Hopper, each tile at its programs an SM for this head-dim
+        # block (persist_tiles)
+        persist_ok = not causal and (t.device.type != "cuda" or (hopper and t.element_size() == 2))
+        progs = persist_tiles(block_d)
         kept, tiles = [], set()
         for c in configs:
             tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-            if c.kwargs.get("LAG_PV") and not lag_ok or c.kwargs.get("PERSIST") and not persist_ok:
+            if c.kwargs.get("LAG_PV") and not lag_ok:
+                continue
+            if c.kwargs.get("PERSIST") and not (persist_ok and progs.get(tile) == c.kwargs["PERSIST"]):
                 continue
             if tile in want and not (causal and tile in tiles):  # causal kernels ignore SPLIT_TAIL: one form a tile
                 kept.append(c)
@@ -1125,13 +1137,13 @@ def _auto_tails(kind: str, cfg: Tuple[int, int, int, int]) -> Tuple[bool, ...]:
 def _auto_forms(kind: str, cfg: Tuple[int, int, int, int]) -> List[Dict[str, bool]]:
     """The loop forms the autotuner tries at a tile: SPLIT_TAIL (_auto_tails), and for the forward LAG_PV too
     (each form lagged and not at key blocks up to LAG_MAX_BLOCK_N; FWD_LAG_PV) and the persistent form at
-    PERSIST_TILES (FWD_PERSIST; PERSIST its programs an SM, else 0)."""
+    PERSIST_TILES (FWD_PERSIST; PERSIST its programs an SM, one form for each head-dim block's count, else 0)."""
     if kind != "fwd":
         return [{"SPLIT_TAIL": t} for t in _auto_tails(kind, cfg)]
     lags = (False, True) if _lag_ok(cfg) else (False,)
     forms = [{"SPLIT_TAIL": t, "LAG_PV": lag, "PERSIST": 0} for t in _auto_tails(kind, cfg) for lag in lags]
-    if cfg in PERSIST_TILES:
-        forms.append({"SPLIT_TAIL": False, "LAG_PV": False, "PERSIST": PERSIST_TILES[cfg]})
+    for progs in sorted({table[cfg] for table in PERSIST_TILES.values() if cfg in table}):
+        forms.append({"SPLIT_TAIL": False, "LAG_PV": False, "PERSIST": progs})
     return forms
 
 
@@ -1236,9 +1248,9 @@ def _fixed_config(kind: str, consts: Dict[str, object], elsize: int) -> Tuple[in
     return _configs_for(kind, block_d, elsize)[0]
 
 
-def _persist_programs(cfg: Tuple[int, int, int, int]) -> int:
+def _persist_programs(cfg: Tuple[int, int, int, int], block_d: int) -> int:
     """Programs an SM of a forced persistent forward at fixed tile ``cfg`` (the interpreter: in all)."""
-    return _INTERPRET_PERSIST if INTERPRET else PERSIST_TILES.get(cfg, 1)
+    return _INTERPRET_PERSIST if INTERPRET else persist_tiles(block_d).get(cfg, 1)
 
 
 def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, object]) -> None:
@@ -1269,7 +1281,7 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
         cfg = _fixed_config(kind, consts, args[0].element_size())
         progs = cdiv(grid_rows, _prog_rows(kind, cfg)) * bh
         if kind.startswith("fwd"):
-            consts["PERSIST"] = _persist_programs(cfg) if persist else 0
+            consts["PERSIST"] = _persist_programs(cfg, int(consts["BLOCK_D"])) if persist else 0
             progs = min(progs, consts["PERSIST"] * sms) if persist else progs
         launch(_kernel(kind), (progs,), *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2],
                num_stages=cfg[3])
@@ -2192,20 +2204,21 @@ def _aot_specs() -> List[AotSpec]:
                                                     MASK_KIND=mk, DROPOUT=drop), w, s,
                                 f"attn_fwd[{tag},{ty},{prec},{bm}x{bn},w{w}s{s},lag,tail={int(split_tail)},"
                                 f"mask={mk},dropout={int(drop)}]", div16=_row_strides(sig)))
-        if d <= PERSIST_MAX_BLOCK_D and not causal and ty in ("bf16", "fp16"):  # the persistent forward's tiles
-            kern = _kernel("fwd")  # (FWD_PERSIST; with a mask and dropout once, at ViT's head dim 64 in bf16)
+        progs = persist_tiles(_block_d(d))
+        if progs and not causal and ty in ("bf16", "fp16"):  # the persistent forward's tiles (FWD_PERSIST; with a
+            kern = _kernel("fwd")  # mask and dropout once, at ViT's head dim 64 in bf16)
             sig, consts = _aot_signature(kern, "*" + ty)
             consts.update(HEAD_DIM=d, BLOCK_D=_block_d(d), CAUSAL=False, PRECISION=prec, SPLIT_TAIL=False,
                           LAG_PV=False, DROPOUT=False, MASK_KIND=0)
-            for i, cfg in enumerate(c for c in _configs_for("fwd", _block_d(d), es) if c in PERSIST_TILES):
+            for i, cfg in enumerate(c for c in _configs_for("fwd", _block_d(d), es) if c in progs):
                 bm, bn, w, st = cfg
                 extra = [(dict(sig, Mask="*bf16"), 1, False), (sig, 0, True)] if i == 0 and (d, ty) == (64, "bf16") \
                     else []
                 for p_sig, mk, drop in [(sig, 0, False)] + extra:
                     specs.append(runtime_spec(
                         kern, p_sig, dict(consts, BLOCK_M=bm, BLOCK_N=bn, MASK_KIND=mk, DROPOUT=drop,
-                                          PERSIST=PERSIST_TILES[cfg]), w, st,
-                        f"attn_fwd[D={d},{ty},{prec},{bm}x{bn},w{w}s{st},persist={PERSIST_TILES[cfg]},mask={mk},"
+                                          PERSIST=progs[cfg]), w, st,
+                        f"attn_fwd[D={d},{ty},{prec},{bm}x{bn},w{w}s{st},persist={progs[cfg]},mask={mk},"
                         f"dropout={int(drop)}]", div16=_row_strides(sig), min_cc=90))
         if not seen.issuperset({"mask"}):
             seen.add("mask")

@@ -701,18 +701,18 @@ def _bad_forward_runs(qkv, H, runs) -> list:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [50, 197, 577])
-def test_persistent_forward_gpu(N, autotuned):
+@pytest.mark.parametrize("N,D", [(50, 64), (197, 64), (577, 64), (257, 80)])
+def test_persistent_forward_gpu(N, D, autotuned):
     """use_fwd_persist(True) on a Hopper GPU with several tiles a program (B·H·tiles > SMs x PERSIST): each
     persistent tile forced alone (packed qkv output vs float64, 2x rule), then autotuned among them with the
     gradients through the default backward (2x/3x rule)."""
     if A.cuda_major(torch.device(DEVICE)) < 9:
         pytest.skip("the persistent forward runs on sm_90+ (PERSIST_TILES)")
-    B, H, D = 48 if N < 128 else 24, 12, 64
+    B, H = 48 if N < 128 else 24, 12
     assert B * H * -(-N // 128) > 3 * torch.cuda.get_device_properties(0).multi_processor_count
     qkv = randn(B, N, 3 * H * D, dtype=torch.bfloat16, device=DEVICE)
     bad = _bad_forward_runs(qkv, H, [(f"{cfg}", lambda cfg=cfg: (A.use_tile_config(cfg), A.use_fwd_persist(True)))
-                                     for cfg in A.PERSIST_TILES])
+                                     for cfg in A.persist_tiles(A._block_d(D))])
     assert not bad, bad
     with A.use_fwd_persist(True):
         _check_qkv(B, N, H, D, torch.bfloat16)
@@ -731,11 +731,11 @@ def test_autotuner_picks_the_loop_form(monkeypatch):
     assert {t for t, _ in fwd} == set(A._FWD_CONFIGS) | {A._FWD_FALLBACK}
     lags = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["SPLIT_TAIL"])
             for c in A._triton_auto_configs("fwd") if c.kwargs["LAG_PV"]]
-    persist = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c.kwargs
-               for c in A._triton_auto_configs("fwd") if c.kwargs["PERSIST"]}
-    assert persist.keys() == A.PERSIST_TILES.keys() <= set(A._FWD_CONFIGS)  # (the persistent form: masked loop)
-    assert all(kw["PERSIST"] == A.PERSIST_TILES[t] and not kw["SPLIT_TAIL"] and not kw["LAG_PV"]
-               for t, kw in persist.items())
+    persist = [((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["PERSIST"])
+               for c in A._triton_auto_configs("fwd") if c.kwargs["PERSIST"]]  # each (tile, programs an SM) once
+    assert sorted(persist) == sorted({(t, p) for table in A.PERSIST_TILES.values() for t, p in table.items()})
+    assert {t for t, _ in persist} <= set(A._FWD_CONFIGS) and not any(  # (the persistent form: the masked loop)
+        c.kwargs["SPLIT_TAIL"] or c.kwargs["LAG_PV"] for c in A._triton_auto_configs("fwd") if c.kwargs["PERSIST"])
     assert sorted(lags) == sorted((c, t) for c in A._FWD_CONFIGS if A._lag_ok(c) for t in A._auto_tails("fwd", c))
     assert (64, 64, 4, 3) in [c for c, _ in lags] and not any(c[:3] == (128, 64, 4) for c, _ in lags)
     assert len(fwd) == len(set(fwd)) + len(lags)  # each (tile, form) once, plus its lagged twin
@@ -755,8 +755,12 @@ def test_autotuner_picks_the_loop_form(monkeypatch):
     assert len(both) > len(one) == len({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                                         for c in both})
     assert not any(c.kwargs["LAG_PV"] or c.kwargs["PERSIST"] for c in one)  # (no causal persistent form)
-    assert sum(c.kwargs["LAG_PV"] for c in both) == len(lags) and sum(bool(c.kwargs["PERSIST"]) for c in both) \
-        == len(persist)
+    assert sum(c.kwargs["LAG_PV"] for c in both) == len(lags)
+    for block_d in (16, 64, 128, 256):  # each tile of the head-dim block's table at its programs an SM, once
+        kept = prune(configs, {"Q": q}, BLOCK_D=block_d, CAUSAL=False)
+        assert sorted(((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages), c.kwargs["PERSIST"])
+                      for c in kept if c.kwargs["PERSIST"]) == sorted(A.persist_tiles(block_d).items()), block_d
+    assert not A.persist_tiles(256) and A.persist_tiles(32) == A.PERSIST_TILES[64]
     for extra in ({"MASK_KIND": 1}, {"DROPOUT": True}):  # the lag's wgmmas come out synchronous there: left out
         kept = prune(configs, {"Q": q}, BLOCK_D=64, CAUSAL=False, **extra)
         assert not any(c.kwargs["LAG_PV"] for c in kept) and len(kept) == len(both) - len(lags)
@@ -775,8 +779,8 @@ def test_autotuner_picks_the_loop_form(monkeypatch):
         tiles = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept}
         assert ({(128, 128, 4, 3), (128, 64, 4, 3)} <= tiles) == (major == 9), major
         assert tiles >= {(64, 64, 4, 3), (128, 64, 8, 3)} and all(A._hopper_only("fwd", t) <= (major == 9) for t in tiles)
-        assert sum(bool(c.kwargs["PERSIST"]) for c in kept) == (len(persist) if major == 9 else 0)
-    for size, block_d in ((4, 64), (2, 128)):  # fp32, wider heads: no persistent form (PERSIST_MAX_BLOCK_D)
+        assert sum(bool(c.kwargs["PERSIST"]) for c in kept) == (len(A.PERSIST_TILES[64]) if major == 9 else 0)
+    for size, block_d in ((4, 64), (2, 256)):  # fp32, wider heads than PERSIST_TILES has: no persistent form
         assert not any(c.kwargs["PERSIST"] for c in prune(configs, {"Q": CudaQ(size)}, BLOCK_D=block_d, CAUSAL=False))
 
 
