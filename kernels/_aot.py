@@ -92,18 +92,19 @@ def compile_spec(spec: AotSpec, cc: int) -> Dict[str, Any]:
 @contextlib.contextmanager
 def _ptxas_log() -> Iterator[io.StringIO]:
     """Collect the ``ptxas -v`` report of the compile inside: Triton prints its own assembler run's log (the build
-    that ships, with its options: 3.8 adds --regAllocOptLevel=2) when asked, so the gate does not run ptxas a
-    second time; the cache is bypassed, else a cached kernel would skip ptxas and print nothing."""
+    that ships, with its options: 3.8 adds --regAllocOptLevel=2) when asked, so a compile does not run ptxas a
+    second time. A kernel from Triton's cache prints nothing (compile_spec then runs ptxas itself): the cache stays
+    on, since bypassing it recompiles every spec of a warm machine and each duplicate of a cold one."""
     from triton import knobs
 
-    saved = (knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile)
+    saved = knobs.nvidia.dump_ptxas_log
     buf = io.StringIO()
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    knobs.nvidia.dump_ptxas_log = True
     try:
         with contextlib.redirect_stdout(buf):
             yield buf
     finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+        knobs.nvidia.dump_ptxas_log = saved
 
 
 def _parse_ptxas(text: str) -> Dict[str, Optional[int]]:
@@ -134,7 +135,8 @@ def _ptxas(cc: int) -> Optional[str]:
 
 def ptxas_stats(ptx: str, cc: int) -> Dict[str, Optional[int]]:
     """Registers and spill bytes as ``ptxas -v`` reports them for ``ptx`` (None when ptxas is not at hand): a
-    second assembler run, for a Triton that does not print its own (see _ptxas_log)."""
+    second assembler run, for a kernel Triton took from its cache or a Triton that prints no log (_ptxas_log),
+    without Triton's own extra options."""
     exe = _ptxas(cc)
     if exe is None:
         return _parse_ptxas("")
