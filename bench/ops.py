@@ -625,12 +625,14 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk("flashvit-qkv[lag]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_lag_context),
                                 unavailable=ctx.triton_reason))
-                # the persistent forward (use_fwd_persist), forced; where it has no form, the default runs
-                fits = importlib.import_module("flashvit.kernels.attention").persistent_forward_fits(D, ctx.dtype)
+                # the persistent forward (use_fwd_persist), forced: sm_90+, where persistent_forward_fits
+                attn = importlib.import_module("flashvit.kernels.attention")
+                fits = attn.persistent_forward_fits(D, ctx.dtype) and (
+                    ctx.device.type != "cuda" or attn.cuda_major(ctx.device) >= 9)
                 main.append(Job(mk("flashvit-qkv[persist]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_persist_context),
                                 unavailable=ctx.triton_reason or ("" if fits else
-                                                                  f"no persistent forward at D={D}, {dt}")))
+                                                                  f"no persistent forward at D={D}, {dt} here")))
             main.append(Job(mk("flashvit-qkv[masked]", note=knote),
                             timed(const(ours_packed), args, mode, ctx,
                                   context=functools.partial(_tail_context, on=False)),
