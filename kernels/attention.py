@@ -1262,8 +1262,9 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
     'fwd' kind only), True / False: the persistent form forced on / off (use_fwd_persist)."""
     fixed = INTERPRET or _forced_tiles or not _autotune
     consts = dict(consts)
-    persist = consts.pop("PERSIST", None) if kind == "fwd" else False
-    consts.pop("PERSIST", None)
+    persist = consts.pop("PERSIST", None)
+    if kind != "fwd":  # (the row split's launches and the backward's: no persistent form)
+        persist = False
     if persist:  # the persistent form runs the masked loop, its configs carry the rest
         consts["SPLIT_TAIL"], consts["LAG_PV"] = False, False
     if consts["SPLIT_TAIL"] is None:
@@ -1276,20 +1277,22 @@ def _launch(kind: str, grid_rows: int, bh: int, args: tuple, consts: Dict[str, o
             consts["LAG_PV"] = False
         else:
             del consts["LAG_PV"]
-    sms = sm_count(args[0].device) if args[0].is_cuda and not INTERPRET else 1
+    def sms() -> int:  # read only for a persistent launch (a cached read, but not on every launch's path)
+        return sm_count(args[0].device) if args[0].is_cuda and not INTERPRET else 1
+
     if fixed:
         cfg = _fixed_config(kind, consts, args[0].element_size())
         progs = cdiv(grid_rows, _prog_rows(kind, cfg)) * bh
         if kind.startswith("fwd"):
             consts["PERSIST"] = _persist_programs(cfg, int(consts["BLOCK_D"])) if persist else 0
-            progs = min(progs, consts["PERSIST"] * sms) if persist else progs
+            progs = min(progs, consts["PERSIST"] * sms()) if persist else progs
         launch(_kernel(kind), (progs,), *args, **consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2],
                num_stages=cfg[3])
         return
 
     def grid(meta):
         progs = cdiv(grid_rows, meta["BLOCK_N"] if kind.startswith("dkdv") else meta["BLOCK_M"]) * bh
-        return (min(progs, meta["PERSIST"] * sms) if meta.get("PERSIST") else progs,)
+        return (min(progs, meta["PERSIST"] * sms()) if meta.get("PERSIST") else progs,)
 
     if persist:
         tuned = _fwd_persist_tuner(False, True)
