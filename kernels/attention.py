@@ -544,7 +544,8 @@ if HAS_TRITON:
                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, CAUSAL: tl.constexpr,
                        PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
-        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk).
+        # Head dims padded to BLOCK_D, or split into two chunks (BLOCK_D2 > 0, names ending in 2: the second;
+        # see SPLIT_HEAD_DIMS).
         # One program owns one key block (BLOCK_N keys of one head) and loops over query blocks:
         # dV = Pᵀ·dO, dK = scale·dSᵀ·Q with dS = P ⊙ (dP − delta). Written once, no atomics.
         # This launch owns keys [row0, row0 + n_rows) (see use_bwd_rows), BLOCK_N of them a program.
@@ -700,7 +701,7 @@ if HAS_TRITON:
                      PRECISION: tl.constexpr, SPLIT_TAIL: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK_KIND: tl.constexpr):
         # One program owns one query block and loops over key blocks: dQ = scale·dS·K.
-        # Head-dim chunks as in _attn_fwd (names ending in 2: the second chunk); SPLIT_TAIL as in _dev_dkdv_block.
+        # Head-dim chunks as in _attn_bwd_dkdv (BLOCK_D2); SPLIT_TAIL as in _dev_dkdv_block.
         # This launch owns query rows [row0, row0 + n_rows), BLOCK_M of them a program.
         pid = tl.program_id(0)
         seed = _dev_seed(SEED, DROPOUT)
