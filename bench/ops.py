@@ -625,10 +625,9 @@ def attention_jobs(ctx: Ctx) -> Tuple[List[Job], List[Job]]:
                 main.append(Job(mk("flashvit-qkv[lag]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_lag_context),
                                 unavailable=ctx.triton_reason))
-                # the persistent forward (use_fwd_persist), forced: sm_90+, where persistent_forward_fits
-                attn = importlib.import_module("flashvit.kernels.attention")
-                fits = attn.persistent_forward_fits(D, ctx.dtype) and (
-                    ctx.device.type != "cuda" or attn.cuda_major(ctx.device) >= 9)
+                # the persistent forward (use_fwd_persist), forced, where persistent_forward_fits (sm_90+)
+                fits = importlib.import_module("flashvit.kernels.attention").persistent_forward_fits(
+                    D, ctx.dtype, device=ctx.device)
                 main.append(Job(mk("flashvit-qkv[persist]", note=knote),
                                 timed(const(ours_packed), args, mode, ctx, context=_persist_context),
                                 unavailable=ctx.triton_reason or ("" if fits else

@@ -945,9 +945,13 @@ def persist_tiles(block_d: int) -> Dict[Tuple[int, int, int, int], int]:
     return PERSIST_TILES.get(max(block_d, 64), {})
 
 
-def persistent_forward_fits(head_dim: int, dtype: torch.dtype, causal: bool = False) -> bool:
-    """Whether a Hopper GPU may run the persistent forward (use_fwd_persist) at ``head_dim``, ``dtype``: 16-bit
-    inputs, a head-dim block PERSIST_TILES has, non-causal. The interpreter runs it at any."""
+def persistent_forward_fits(head_dim: int, dtype: torch.dtype, causal: bool = False,
+                            device: Optional[torch.device] = None) -> bool:
+    """Whether a GPU may run the persistent forward (use_fwd_persist) at ``head_dim``, ``dtype``: 16-bit inputs, a
+    head-dim block PERSIST_TILES has, non-causal, and (``device`` a CUDA device) sm_90 or later. The interpreter
+    runs it at any."""
+    if device is not None and device.type == "cuda" and cuda_major(device) < 9:
+        return False
     return not causal and dtype in (torch.float16, torch.bfloat16) and bool(persist_tiles(_block_d(head_dim)))
 
 
@@ -1392,7 +1396,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_sca
     split_tail = _fwd_tail[-1] if _fwd_tail else FWD_SPLIT_TAIL
     lag = _fwd_lag[-1] if _fwd_lag else FWD_LAG_PV
     persist = _fwd_persist[-1] if _fwd_persist else FWD_PERSIST
-    if persist and (causal or (gpu and (cuda_major(q.device) < 9 or not persistent_forward_fits(D, q.dtype)))):
+    if persist and (causal or (gpu and not persistent_forward_fits(D, q.dtype, device=q.device))):
         persist = None  # no persistent form here: the default's (the autotuner's prune leaves it out too)
     if persist:
         split_tail, lag = False, False  # the persistent form's loop (see _attn_fwd)
